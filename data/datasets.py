@@ -1,0 +1,525 @@
+"""Dataset readers: list the images (and ground-truth masks) of an anomaly-detection dataset on disk.
+
+Supported layouts (``layout=`` argument; ``"auto"`` detects it, see :func:`detect_layout`):
+
+``mvtec`` (MVTec AD)
+    ``<root>/<cls>/train/good/*``, ``<root>/<cls>/test/<good|defect>/*`` and masks
+    ``<root>/<cls>/ground_truth/<defect>/<stem>_mask.png``. ``root`` may also be one class folder (it has
+    ``train/`` and ``test/``); the class name is then the folder name.
+``goodsad`` (GoodsAD)
+    Same folders as MVTec AD but masks are ``ground_truth/<defect>/<stem>.png`` (no ``_mask`` suffix). MVTec AD and
+    GoodsAD share one reader, which looks for ``<stem>_mask.*`` first and then ``<stem>.*``.
+``visa`` (VisA)
+    ``<root>/split_csv/1cls.csv`` with columns ``object,split,label,image,mask``; ``split`` is train/test,
+    ``label`` is normal/anomaly, paths are relative to ``root`` and ``mask`` is empty for normal images. Raw
+    VisA masks store defects as small non-zero values, so VisA samples carry ``mask_threshold=0``.
+``folder`` (any folder of good/defect images)
+    ``<root>/<cls>/good/*`` normal images, ``<root>/<cls>/defect/*`` anomalous images (files directly in
+    ``defect/`` get defect type ``"defect"``, files in ``defect/<type>/`` get ``<type>``), optional masks
+    ``<root>/<cls>/masks/[<type>/]<stem>[_mask].*``. ``root`` may also be one class folder (it has ``good/``).
+
+    Split rule: if ``<root>/<cls>/test/`` exists it is the test split, read like MVTec AD (``test/<good|defect>``,
+    masks in ``ground_truth/<defect>/`` or ``masks/``) and all of ``good/`` is training data. Otherwise the
+    files of ``good/`` sorted by name are split deterministically: every 5th file (1-based positions 5, 10,
+    15, ...) goes to test, the rest to train; all of ``defect/`` is test.
+
+Image files: ``.png .jpg .jpeg .bmp .tif .tiff`` (any case); hidden files and folders (name starting with ``.``)
+are ignored; files are sorted by name so the order is deterministic. A defect image without a mask file is not
+an error: its ``mask_path`` is ``None`` (one warning per class). Every other problem raises
+:class:`gradad.errors.DatasetError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradad.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+#: Recognised image file extensions (compared lower-case).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: Concrete layouts, in the order auto-detection reports them.
+LAYOUTS: tuple[str, ...] = ("mvtec", "visa", "goodsad", "folder")
+#: Valid ``split`` values.
+SPLITS: tuple[str, ...] = ("train", "test")
+#: In the ``folder`` layout without a ``test/`` folder, every FOLDER_TEST_EVERY-th sorted good image is test.
+FOLDER_TEST_EVERY = 5
+#: Relative path of the VisA split file.
+VISA_CSV = Path("split_csv") / "1cls.csv"
+
+_GOOD = "good"
+_VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+_VISA_NORMAL = {"normal", "good", "ok", "0"}
+_VISA_ANOMALY = {"anomaly", "abnormal", "bad", "defect", "ng", "1"}
+_TRIED = (
+    "mvtec/goodsad (<cls>/train/good + <cls>/test, or a class folder with train/ and test/), "
+    "visa (split_csv/1cls.csv), folder (<cls>/good, or a class folder with good/)"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset split.
+
+    Attributes:
+        image_path: the image file.
+        class_name: object / texture class.
+        split: ``"train"`` or ``"test"``.
+        label: 0 normal, 1 anomalous.
+        defect_type: ``"good"`` for normal images, otherwise the defect folder name (``"anomaly"`` for VisA).
+        mask_path: ground-truth mask, ``None`` for normal images or when no mask file exists.
+        mask_threshold: the mask file is binarised with ``value > mask_threshold`` (127, or 0 for VisA).
+    """
+
+    image_path: Path
+    class_name: str
+    split: str
+    label: int
+    defect_type: str
+    mask_path: Path | None
+    mask_threshold: int = 127
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a visible regular file with a recognised image extension."""
+    return not _is_hidden(path) and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def _entries(d: Path) -> list[Path]:
+    """Visible entries of a folder sorted by name ([] when the folder does not exist)."""
+    if not d.is_dir():
+        return []
+    try:
+        return sorted((p for p in d.iterdir() if not _is_hidden(p)), key=lambda p: p.name)
+    except OSError as exc:
+        raise DatasetError(f"cannot list folder ({exc.strerror or exc}): {d}") from None
+
+
+def _subdirs(d: Path) -> list[Path]:
+    return [p for p in _entries(d) if p.is_dir()]
+
+
+def _images(d: Path) -> list[Path]:
+    return [p for p in _entries(d) if is_image_file(p)]
+
+
+def _mask_index(d: Path) -> dict[str, Path]:
+    """Map file stem -> mask file for the image files of a folder (``.png`` wins over other extensions)."""
+    index: dict[str, Path] = {}
+    for p in _images(d):
+        if p.stem not in index or p.suffix.lower() == ".png":
+            index[p.stem] = p
+    return index
+
+
+def _find_mask(stem: str, indexes: Iterable[dict[str, Path]], loose: bool = False) -> Path | None:
+    """Find the mask of image ``stem``: ``<stem>_mask.*`` then ``<stem>.*`` in each index in turn.
+
+    With ``loose`` (generic folder layout) a unique file named ``<stem>_*`` / ``<stem>-*`` is also accepted.
+    """
+    for index in indexes:
+        for key in (f"{stem}_mask", stem, f"{stem}-mask"):
+            if key in index:
+                return index[key]
+        if loose:
+            hits = [p for k, p in index.items() if k.startswith((f"{stem}_", f"{stem}-"))]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
+def _warn_missing_masks(class_name: str, missing: list[Path], n_defect: int) -> None:
+    if missing:
+        logger.warning(
+            "class '%s': %d of %d defect images have no mask file (e.g. %s); they stay anomalous for image "
+            "metrics and get an empty ground-truth mask",
+            class_name,
+            len(missing),
+            n_defect,
+            missing[0],
+        )
+
+
+def _check_root(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"dataset root does not exist: {root}")
+    if not root.is_dir():
+        raise DatasetError(f"dataset root is not a folder: {root}")
+    return root
+
+
+def _check_layout(layout: str) -> str:
+    if layout != "auto" and layout not in LAYOUTS:
+        raise DatasetError(f"unknown dataset layout '{layout}'; choose one of auto, {', '.join(LAYOUTS)}")
+    return layout
+
+
+def _is_mvtec_class(d: Path) -> bool:
+    return (d / "train").is_dir() or ((d / "test").is_dir() and not (d / _GOOD).is_dir())
+
+
+def _is_single_mvtec_class(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "test").is_dir()
+
+
+def _is_folder_class(d: Path) -> bool:
+    return (d / _GOOD).is_dir()
+
+
+def _mvtec_class_dirs(root: Path) -> dict[str, Path]:
+    if _is_single_mvtec_class(root):
+        return {root.name: root}
+    return {d.name: d for d in _subdirs(root) if _is_mvtec_class(d)}
+
+
+def _folder_class_dirs(root: Path) -> dict[str, Path]:
+    if _is_folder_class(root):
+        return {root.name: root}
+    return {d.name: d for d in _subdirs(root) if _is_folder_class(d)}
+
+
+def _mvtec_or_goodsad(class_dirs: Iterable[Path]) -> str:
+    """Tell MVTec AD (``*_mask.png``) from GoodsAD (same stem) by the mask file names; MVTec when unsure."""
+    saw_plain = False
+    for cdir in class_dirs:
+        for ddir in _subdirs(cdir / "ground_truth"):
+            for p in _images(ddir):
+                if p.stem.endswith("_mask"):
+                    return "mvtec"
+                saw_plain = True
+    return "goodsad" if saw_plain else "mvtec"
+
+
+# ------------------------------------------------------------------------------------------------ detection
+
+
+def detect_layout(root: str | Path) -> str:
+    """Detect the layout of a dataset folder: ``"mvtec"``, ``"visa"``, ``"goodsad"`` or ``"folder"``.
+
+    Order: ``split_csv/1cls.csv`` -> visa; a class folder with ``train/`` and ``test/`` or class sub-folders with
+    ``train/`` (or only ``test/``) -> mvtec or goodsad (told apart by mask names: ``<stem>_mask.png`` is MVTec AD,
+    ``<stem>.png`` GoodsAD); a ``good/`` folder or class sub-folders with ``good/`` -> folder.
+
+    Raises:
+        DatasetError: the root does not exist or matches none of the layouts.
+    """
+    root = _check_root(root)
+    if (root / VISA_CSV).is_file():
+        return "visa"
+    if root.name in ("train", "test", "ground_truth") and _is_single_mvtec_class(root.parent):
+        # e.g. <cls>/test has good/ and would otherwise pass for a generic folder class named "test"
+        raise DatasetError(
+            f"dataset root points inside the class folder {root.parent}: {root} (pass the class folder or the "
+            "dataset root)"
+        )
+    if _is_single_mvtec_class(root):
+        return _mvtec_or_goodsad([root])
+    subdirs = _subdirs(root)
+    if any((d / "train").is_dir() for d in subdirs):
+        return _mvtec_or_goodsad(_mvtec_class_dirs(root).values())
+    if _is_folder_class(root) or any(_is_folder_class(d) for d in subdirs):
+        return "folder"
+    if any((d / "test").is_dir() for d in subdirs):
+        return _mvtec_or_goodsad(_mvtec_class_dirs(root).values())
+    raise DatasetError(f"not a recognised dataset layout: {root} (tried {_TRIED})")
+
+
+def _resolve_layout(root: Path, layout: str) -> str:
+    layout = _check_layout(layout)
+    return detect_layout(root) if layout == "auto" else layout
+
+
+# ------------------------------------------------------------------------------------------------------ VisA
+
+
+def _visa_rows(root: Path) -> list[dict[str, str]]:
+    csv_path = root / VISA_CSV
+    if not csv_path.is_file():
+        raise DatasetError(f"VisA split file not found: {csv_path}")
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+            missing = [c for c in _VISA_COLUMNS if c not in fields]
+            if missing:
+                raise DatasetError(
+                    f"VisA split file lacks column(s) {', '.join(missing)} (expected {','.join(_VISA_COLUMNS)}): "
+                    f"{csv_path}"
+                )
+            rows = []
+            for raw in reader:
+                row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+                if row.get("object"):
+                    rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read VisA split file ({exc}): {csv_path}") from None
+    return rows
+
+
+def _visa_classes(root: Path) -> list[str]:
+    return sorted({r["object"] for r in _visa_rows(root)})
+
+
+def _visa_samples(root: Path, split: str, classes: list[str]) -> list[Sample]:
+    csv_path = root / VISA_CSV
+    wanted = set(classes)
+    per_class: dict[str, list[Sample]] = {c: [] for c in classes}
+    missing_masks: dict[str, list[Path]] = {c: [] for c in classes}
+    for row in _visa_rows(root):
+        cls = row["object"]
+        if cls not in wanted or row["split"].lower() != split:
+            continue
+        lab = row["label"].lower()
+        if lab in _VISA_NORMAL:
+            label = 0
+        elif lab in _VISA_ANOMALY:
+            label = 1
+        else:
+            raise DatasetError(
+                f"unknown label '{row['label']}' for {row['image']} (expected normal/anomaly): {csv_path}"
+            )
+        image_path = root / row["image"]
+        if not image_path.is_file():
+            raise DatasetError(f"image listed in {csv_path} not found: {image_path}")
+        mask_path: Path | None = None
+        if label == 1:
+            if row["mask"] and (root / row["mask"]).is_file():
+                mask_path = root / row["mask"]
+            else:
+                missing_masks[cls].append(image_path)
+        per_class[cls].append(
+            Sample(
+                image_path=image_path,
+                class_name=cls,
+                split=split,
+                label=label,
+                defect_type="anomaly" if label else _GOOD,
+                mask_path=mask_path,
+                mask_threshold=0,
+            )
+        )
+    out: list[Sample] = []
+    for cls in classes:
+        samples = sorted(per_class[cls], key=lambda s: (s.label, str(s.image_path)))
+        if not samples:
+            _raise_empty(cls, split, csv_path)
+        if split == "train" and any(s.label for s in samples):
+            logger.warning("class '%s': %s lists anomalous images in the train split", cls, csv_path)
+        _warn_missing_masks(cls, missing_masks[cls], sum(s.label for s in samples))
+        out.extend(samples)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ MVTec / GoodsAD
+
+
+def _raise_empty(cls: str, split: str, where: Path) -> None:
+    if split == "train":
+        raise DatasetError(f"empty class '{cls}': no training images in {where}")
+    raise DatasetError(f"class '{cls}' has no test images in {where}")
+
+
+def _test_dir_samples(
+    cls: str, cdir: Path, mask_dirs: Sequence[Path], missing: list[Path], loose: bool
+) -> list[Sample]:
+    """Samples of an MVTec-style ``<cdir>/test/<good|defect>/`` folder; masks searched in ``<mask_dir>/<defect>/``."""
+    out: list[Sample] = []
+    defect_dirs = _subdirs(cdir / "test")
+    defect_dirs.sort(key=lambda d: (d.name != _GOOD, d.name))
+    for ddir in defect_dirs:
+        label = 0 if ddir.name == _GOOD else 1
+        indexes = [_mask_index(m / ddir.name) for m in mask_dirs] if label else []
+        if label and loose:
+            indexes += [_mask_index(m) for m in mask_dirs]
+        for img in _images(ddir):
+            mask_path = _find_mask(img.stem, indexes, loose=loose) if label else None
+            if label and mask_path is None:
+                missing.append(img)
+            out.append(Sample(img, cls, "test", label, ddir.name, mask_path))
+    return out
+
+
+def _mvtec_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
+    if split == "train":
+        train_dir = cdir / "train" / _GOOD
+        imgs = _images(train_dir) if train_dir.is_dir() else _images(cdir / "train")
+        if not imgs:
+            _raise_empty(cls, split, train_dir)
+        return [Sample(p, cls, "train", 0, _GOOD, None) for p in imgs]
+    missing: list[Path] = []
+    out = _test_dir_samples(cls, cdir, [cdir / "ground_truth"], missing, loose=False)
+    if not out:
+        _raise_empty(cls, split, cdir / "test")
+    _warn_missing_masks(cls, missing, sum(s.label for s in out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- generic folder
+
+
+def _folder_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
+    good = _images(cdir / _GOOD)
+    has_test_dir = (cdir / "test").is_dir()
+    if not good:
+        # no normal images at all: nothing to train on, whatever split was asked for
+        _raise_empty(cls, "train", cdir / _GOOD)
+    if has_test_dir:
+        train_good, test_good = good, []
+    else:
+        train_good = [p for i, p in enumerate(good) if i % FOLDER_TEST_EVERY != FOLDER_TEST_EVERY - 1]
+        test_good = [p for i, p in enumerate(good) if i % FOLDER_TEST_EVERY == FOLDER_TEST_EVERY - 1]
+    if split == "train":
+        return [Sample(p, cls, "train", 0, _GOOD, None) for p in train_good]
+
+    missing: list[Path] = []
+    if has_test_dir:
+        out = _test_dir_samples(cls, cdir, [cdir / "ground_truth", cdir / "masks"], missing, loose=True)
+    else:
+        out = [Sample(p, cls, "test", 0, _GOOD, None) for p in test_good]
+        defect_root = cdir / "defect"
+        masks_root = cdir / "masks"
+        root_index = _mask_index(masks_root)
+        groups: list[tuple[str, list[Path], list[dict[str, Path]]]] = [
+            ("defect", _images(defect_root), [root_index])
+        ]
+        for sub in _subdirs(defect_root):
+            groups.append((sub.name, _images(sub), [_mask_index(masks_root / sub.name), root_index]))
+        for dtype, imgs, indexes in groups:
+            for img in imgs:
+                mask_path = _find_mask(img.stem, indexes, loose=True)
+                if mask_path is None:
+                    missing.append(img)
+                out.append(Sample(img, cls, "test", 1, dtype, mask_path))
+    if not out:
+        _raise_empty(cls, split, cdir / ("test" if has_test_dir else _GOOD))
+    _warn_missing_masks(cls, missing, sum(s.label for s in out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- public
+
+
+def _class_dirs(root: Path, layout: str) -> dict[str, Path]:
+    if layout in ("mvtec", "goodsad"):
+        return _mvtec_class_dirs(root)
+    return _folder_class_dirs(root)
+
+
+def list_classes(root: str | Path, layout: str = "auto") -> list[str]:
+    """Sorted class names of the dataset at ``root``.
+
+    Raises:
+        DatasetError: the root does not exist, the layout is unknown / not recognised, or it holds no class.
+    """
+    root = _check_root(root)
+    layout = _resolve_layout(root, layout)
+    names = _visa_classes(root) if layout == "visa" else sorted(_class_dirs(root, layout))
+    if not names:
+        raise DatasetError(f"no classes found in {root} for layout '{layout}' (tried {_TRIED})")
+    return names
+
+
+def load_samples(
+    root: str | Path,
+    split: str,
+    classes: Sequence[str] | None = None,
+    layout: str = "auto",
+) -> list[Sample]:
+    """List the samples of one split of a dataset.
+
+    Args:
+        root: dataset root (or a single class folder for the mvtec/goodsad and folder layouts).
+        split: ``"train"`` or ``"test"``.
+        classes: class names to load (in this order); ``None`` loads all classes in sorted order.
+        layout: ``"auto"`` or one of ``mvtec``, ``visa``, ``goodsad``, ``folder`` (see the module docstring,
+            which also documents the deterministic train/test split of the ``folder`` layout).
+
+    Returns:
+        Samples grouped by class; within a class normal images first, then defect types by name, files sorted.
+
+    Raises:
+        DatasetError: bad split or layout setting, missing root, unrecognised layout, unknown class (the message
+            lists the available ones), a class without training images (``empty class``) or without test images,
+            an image listed in a VisA CSV that does not exist.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split '{split}'; expected 'train' or 'test'")
+    root = _check_root(root)
+    layout = _resolve_layout(root, layout)
+    available = list_classes(root, layout)
+    if classes is None:
+        wanted = available
+    else:
+        if isinstance(classes, str):
+            classes = [classes]
+        wanted = list(dict.fromkeys(classes))
+        unknown = [c for c in wanted if c not in available]
+        if unknown:
+            raise DatasetError(
+                f"class {', '.join(repr(c) for c in unknown)} not found in {root} (layout {layout}); "
+                f"available: {', '.join(available)}"
+            )
+    if layout == "visa":
+        samples = _visa_samples(root, split, wanted)
+    else:
+        dirs = _class_dirs(root, layout)
+        reader = _folder_samples if layout == "folder" else _mvtec_samples
+        samples = [s for cls in wanted for s in reader(cls, dirs[cls], split)]
+    logger.debug("loaded %d %s samples from %s (layout %s)", len(samples), split, root, layout)
+    return samples
+
+
+def summarize(samples: Iterable[Sample]) -> dict[str, Any]:
+    """Count samples per class, split, label and defect type (JSON-serialisable).
+
+    Returns a dict like::
+
+        {"total": 866, "normal": 856, "anomalous": 10, "with_mask": 10,
+         "splits": {"train": {"total": ..., "normal": ..., "anomalous": ..., "with_mask": ...,
+                              "defect_types": {"good": ...}}, ...},
+         "classes": {"bottle": {"train": {...same keys as a split...}, "test": {...}}, ...}}
+    """
+
+    def new() -> dict[str, Any]:
+        return {"total": 0, "normal": 0, "anomalous": 0, "with_mask": 0, "defect_types": Counter()}
+
+    def add(bucket: dict[str, Any], s: Sample) -> None:
+        bucket["total"] += 1
+        bucket["anomalous" if s.label else "normal"] += 1
+        bucket["with_mask"] += int(s.mask_path is not None)
+        bucket["defect_types"][s.defect_type] += 1
+
+    overall = {"total": 0, "normal": 0, "anomalous": 0, "with_mask": 0}
+    splits: dict[str, dict[str, Any]] = {}
+    classes: dict[str, dict[str, dict[str, Any]]] = {}
+    for s in samples:
+        overall["total"] += 1
+        overall["anomalous" if s.label else "normal"] += 1
+        overall["with_mask"] += int(s.mask_path is not None)
+        add(splits.setdefault(s.split, new()), s)
+        add(classes.setdefault(s.class_name, {}).setdefault(s.split, new()), s)
+
+    def finish(bucket: dict[str, Any]) -> dict[str, Any]:
+        bucket["defect_types"] = dict(sorted(bucket["defect_types"].items(), key=lambda kv: (kv[0] != _GOOD, kv[0])))
+        return bucket
+
+    return {
+        **overall,
+        "splits": {k: finish(v) for k, v in sorted(splits.items())},
+        "classes": {c: {k: finish(v) for k, v in sorted(d.items())} for c, d in sorted(classes.items())},
+    }

@@ -1,0 +1,178 @@
+"""Image and mask I/O and resizing (numpy + OpenCV only; shared by training, evaluation and the lean runtime).
+
+Conventions:
+- images are ``uint8`` arrays of shape ``(H, W, 3)`` in **RGB** order;
+- masks are ``bool`` arrays of shape ``(H, W)``; a ground-truth mask file is binarised with ``value > threshold``
+  (default 127, so the grey anti-aliased edges of MVTec-style masks count as background);
+- every failure caused by a file (missing, unreadable, corrupt, wrong size) raises
+  :class:`gradad.errors.DatasetError` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from gradad.errors import DatasetError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from gradad.data.datasets import Sample
+
+logger = logging.getLogger(__name__)
+
+#: Threshold used to binarise 8-bit ground-truth masks (``mask > MASK_THRESHOLD``).
+MASK_THRESHOLD = 127
+
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_INTER_NEAREST = getattr(cv2, "INTER_NEAREST_EXACT", cv2.INTER_NEAREST)
+
+
+def _read_bytes(path: Path, what: str) -> np.ndarray:
+    """Read a whole file into a uint8 buffer (works with non-ASCII paths on every OS)."""
+    if not path.exists():
+        raise DatasetError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise DatasetError(f"{what} path is not a file: {path}")
+    try:
+        return np.fromfile(str(path), dtype=np.uint8)
+    except OSError as exc:
+        raise DatasetError(f"cannot read {what} file ({exc.strerror or exc}): {path}") from None
+
+
+def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
+    if buf.size == 0:
+        return None
+    try:
+        return cv2.imdecode(buf, flags)
+    except cv2.error:
+        return None
+
+
+def read_image_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale images are expanded to three channels, an alpha channel is dropped and 16-bit images are scaled to
+    8 bits (OpenCV ``IMREAD_COLOR`` semantics).
+
+    Raises:
+        DatasetError: the file is missing, unreadable, or cannot be decoded as an image.
+    """
+    path = Path(path)
+    buf = _read_bytes(path, "image")
+    if _IMREAD_RGB is not None:
+        img = _decode(buf, _IMREAD_RGB)
+    else:  # older OpenCV: decode BGR then swap
+        img = _decode(buf, cv2.IMREAD_COLOR)
+        if img is not None:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
+        raise DatasetError(f"cannot decode image (corrupt or not an image): {path}")
+    if img.dtype != np.uint8:  # defensive; IMREAD_COLOR already yields uint8
+        img = cv2.convertScaleAbs(img)
+    return np.ascontiguousarray(img)
+
+
+def read_mask(
+    path: str | Path,
+    expected_hw: tuple[int, int] | None = None,
+    threshold: int = MASK_THRESHOLD,
+) -> np.ndarray:
+    """Read a ground-truth mask file as an ``(H, W)`` bool array (``True`` = anomalous pixel).
+
+    The file is binarised with ``value > threshold`` (8-bit scale; 16-bit and float masks are rescaled). A colour
+    mask counts a pixel as anomalous when any of its colour channels passes the threshold (for grey masks this
+    is the same as reading them as grayscale). Use ``threshold=0`` for label masks whose defect pixels hold small
+    non-zero values (raw VisA masks).
+
+    Args:
+        path: the mask file.
+        expected_hw: ``(height, width)`` of the image the mask belongs to; a different mask size is an error.
+        threshold: binarisation threshold on the 0-255 scale.
+
+    Raises:
+        DatasetError: the file is missing, unreadable, not decodable, or its size differs from ``expected_hw``.
+    """
+    path = Path(path)
+    buf = _read_bytes(path, "mask")
+    raw = _decode(buf, cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.size == 0 or raw.ndim not in (2, 3):
+        raise DatasetError(f"cannot decode mask (corrupt or not an image): {path}")
+    if raw.ndim == 3:
+        raw = raw[:, :, :3].max(axis=2) if raw.shape[2] >= 3 else raw[:, :, 0]
+    if raw.dtype == np.uint8:
+        mask = raw > threshold
+    elif raw.dtype == np.uint16:
+        mask = raw > threshold * 257
+    elif np.issubdtype(raw.dtype, np.floating):
+        mask = raw > (threshold / 255.0)
+    else:
+        mask = raw > threshold
+    if expected_hw is not None:
+        eh, ew = int(expected_hw[0]), int(expected_hw[1])
+        mh, mw = mask.shape
+        if (mh, mw) != (eh, ew):
+            raise DatasetError(
+                f"mask size {mh}x{mw} (HxW) does not match its image size {eh}x{ew}: {path}"
+            )
+    return np.ascontiguousarray(mask, dtype=bool)
+
+
+def _check_size(size: int) -> int:
+    size = int(size)
+    if size <= 0:
+        raise ValueError(f"resize size must be a positive integer, got {size}")
+    return size
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+    """Resize an image to ``size x size`` (aspect ratio is not kept).
+
+    Uses ``cv2.INTER_AREA`` when the image shrinks in both dimensions (anti-aliased downscaling) and
+    ``cv2.INTER_LINEAR`` otherwise (enlarging, or enlarging one side while shrinking the other). An image that
+    already has the target size is returned unchanged (same array).
+    """
+    size = _check_size(size)
+    h, w = img.shape[:2]
+    if (h, w) == (size, size):
+        return img
+    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """Resize a mask to ``size x size`` with nearest-neighbour interpolation and return a bool array.
+
+    Note that shrinking a mask a lot can drop defects thinner than the sampling step.
+    """
+    size = _check_size(size)
+    m = np.asarray(mask)
+    if m.shape[:2] == (size, size):
+        return m.astype(bool, copy=True)
+    out = cv2.resize(m.astype(np.uint8), (size, size), interpolation=_INTER_NEAREST)
+    return out.astype(bool)
+
+
+def load_sample_arrays(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Load one dataset sample as model-ready arrays.
+
+    Reads the image, reads its mask (checked against the image's original size; an all-``False`` mask when
+    ``sample.mask_path`` is ``None``), and resizes both to ``size x size``.
+
+    Returns:
+        ``(image, mask)``: uint8 ``(size, size, 3)`` RGB image and bool ``(size, size)`` mask.
+
+    Raises:
+        DatasetError: the image or mask cannot be read, or the mask size differs from the image size.
+    """
+    image = read_image_rgb(sample.image_path)
+    hw = (int(image.shape[0]), int(image.shape[1]))
+    if sample.mask_path is not None:
+        threshold = getattr(sample, "mask_threshold", MASK_THRESHOLD)
+        mask = read_mask(sample.mask_path, expected_hw=hw, threshold=threshold)
+    else:
+        mask = np.zeros(hw, dtype=bool)
+    return resize_image(image, size), resize_mask(mask, size)

@@ -1,0 +1,1 @@
+"""Metrics (image/pixel AUROC, AUPR, PRO), reports and figures (numpy + OpenCV only)."""

@@ -1,0 +1,77 @@
+"""``grad-eval``: per-class image/pixel AUROC, AUPR and PRO of a trained model, with figures."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+
+log = logging.getLogger("gradad.eval")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model_path", type=click.Path())
+@click.option("--data", "data_root", type=click.Path(), help="Dataset root [default: the one the model was "
+              "trained on].")
+@click.option("--classes", help="Comma-separated classes [default: the model's classes].")
+@click.option("--layout", default=None, help="Dataset layout: auto, mvtec, visa, goodsad, folder.")
+@click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False),
+              help="Output folder [default: <model dir>/eval].")
+@click.option("--name", default="metrics", help="Base name of the JSON/markdown result files.")
+@click.option("--figures", "figures_per_class", type=int, default=5, help="Figures per class (0 = none).")
+@click.option("--device", default="auto", help="cpu, cuda or auto.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def main(model_path, data_root, classes, layout, out_dir, name, figures_per_class, device, batch_size,
+         verbose) -> None:
+    """Evaluate MODEL_PATH (a grad-train model.pt) on a test split, class by class.
+
+    Writes OUT/NAME.json and OUT/NAME.md (per class and mean: image AUROC/AUPR, pixel AUROC/AUPR, PRO up to
+    30% FPR, and the same per defect type) and OUT/figures/*.png (image | ground truth | heat map).
+    """
+    setup_logging(verbose)
+    from gradad.data.datasets import load_samples
+    from gradad.evaluation.evaluate import evaluate_predictions, save_figures, write_evaluation
+    from gradad.evaluation.report import markdown_table
+    from gradad.training.checkpoint import load_detector
+    from gradad.training.inference import predict
+    from gradad.training.trainer import resolve_device
+
+    dev = resolve_device(device)
+    detector, payload = load_detector(model_path, dev)
+    cfg = payload["resolved_config"]
+    root = data_root or cfg.data.root
+    wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
+    samples = load_samples(root, "test", wanted, layout or cfg.data.layout)
+    t0 = time.perf_counter()
+    norm = payload["normalisation"]
+    preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)
+    seconds = time.perf_counter() - t0
+    metrics = evaluate_predictions(samples, preds.scores, preds.maps, preds.masks)
+    out = Path(out_dir) if out_dir else Path(model_path).parent / "eval"
+    meta = {
+        "model": str(model_path),
+        "data_root": str(root),
+        "preset": cfg.preset,
+        "backbone": cfg.backbone.name,
+        "image_size": cfg.data.image_size,
+        "n_test_images": len(samples),
+        "inference_seconds": round(seconds, 2),
+        "device": str(dev),
+        "command": " ".join(["grad-eval", *sys.argv[1:]]),
+    }
+    json_path, md_path = write_evaluation(out, name, metrics, meta)
+    if figures_per_class > 0:
+        save_figures(out, samples, preds.scores, preds.maps, preds.images, preds.masks, figures_per_class)
+    click.echo(markdown_table(metrics))
+    click.echo(f"results: {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()

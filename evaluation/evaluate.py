@@ -1,0 +1,83 @@
+"""Turn predictions on a test set into the metrics JSON/markdown and per-class figures (numpy + OpenCV only)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gradad.data.datasets import Sample
+from gradad.evaluation.figures import save_overlay_figure
+from gradad.evaluation.metrics import per_class_metrics
+from gradad.evaluation.report import write_results
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_predictions(
+    samples: Sequence[Sample],
+    scores: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Per-class and mean metrics (unified protocol: one model, metrics class by class)."""
+    return per_class_metrics(
+        [s.class_name for s in samples],
+        [s.defect_type for s in samples],
+        np.array([s.label for s in samples]),
+        scores,
+        masks,
+        maps,
+        threshold=threshold,
+    )
+
+
+def pick_figure_indices(samples: Sequence[Sample], scores: np.ndarray, per_class: int) -> list[int]:
+    """A few images per class for figures: the highest-scoring good image and one image per defect type."""
+    chosen: list[int] = []
+    by_class: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_class.setdefault(s.class_name, []).append(i)
+    for idx in by_class.values():
+        picks: list[int] = []
+        good = [i for i in idx if samples[i].label == 0]
+        if good:
+            picks.append(max(good, key=lambda i: scores[i]))
+        seen: set[str] = set()
+        for i in idx:
+            if samples[i].label == 1 and samples[i].defect_type not in seen:
+                seen.add(samples[i].defect_type)
+                picks.append(i)
+        chosen += picks[:per_class]
+    return chosen
+
+
+def save_figures(
+    out_dir: Path,
+    samples: Sequence[Sample],
+    scores: np.ndarray,
+    maps: np.ndarray,
+    images: np.ndarray,
+    masks: np.ndarray,
+    per_class: int = 5,
+) -> list[Path]:
+    """Write image | ground truth | heat-map PNGs; maps share one colour range per class so they compare."""
+    paths = []
+    for i in pick_figure_indices(samples, scores, per_class):
+        s = samples[i]
+        cls_idx = [j for j, t in enumerate(samples) if t.class_name == s.class_name]
+        vmin = float(np.min(maps[cls_idx]))
+        vmax = float(np.percentile(maps[cls_idx], 99.9))
+        name = f"{s.class_name}_{s.defect_type}_{s.image_path.stem}.png"
+        title = f"{s.class_name}/{s.defect_type}/{s.image_path.name}  score {scores[i]:.3f}"
+        paths.append(save_overlay_figure(out_dir / "figures" / name, images[i],
+                                         masks[i] if s.label else None, maps[i], title, vmin, vmax))
+    return paths
+
+
+def write_evaluation(out_dir: str | Path, name: str, metrics: dict[str, Any], meta: dict[str, Any]) -> tuple[Path, Path]:
+    """metrics.json/.md with run metadata in front of the per-class results."""
+    return write_results({**meta, "per_class": metrics}, out_dir, name)

@@ -1,0 +1,473 @@
+"""Anomaly-detection metrics: image/pixel AUROC and AUPR, PRO (AUPRO to 30% FPR), F1.
+
+numpy + OpenCV only (no torch, sklearn or scipy) so that the lean runtime can import this module.
+
+Conventions
+-----------
+* ``labels`` / ``masks``: 1 (True) = anomalous, 0 (False) = normal. ``scores`` / ``maps``: higher = more anomalous.
+* A metric that is undefined because only one class is present (no anomalous images of a class in a test split,
+  no defect pixels, no normal pixels, no ground-truth regions) returns ``nan`` instead of raising; aggregates
+  (:func:`per_class_metrics`) skip nan values. Non-finite scores (nan/inf… nan only) raise ``ValueError``.
+* AUROC/AUPR are exact (no subsampling, no binning) and match ``sklearn.metrics.roc_auc_score`` and
+  ``sklearn.metrics.average_precision_score`` including ties (to floating-point summation order, ~1e-12).
+* Pixel metrics pool all pixels of all images. They accept an (N,H,W) array or a sequence of 2-D maps (sizes may
+  differ between images); a mask entry may be ``None`` for an image without defects.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "auroc",
+    "aupr",
+    "auroc_aupr",
+    "pixel_auroc",
+    "pixel_aupr",
+    "pixel_auroc_aupr",
+    "pro_curve",
+    "pro_auc",
+    "f1_at_threshold",
+    "best_f1",
+    "compute_metrics",
+    "per_class_metrics",
+    "METRIC_KEYS",
+]
+
+#: Metric keys produced by :func:`compute_metrics` (in report order); counts are extra.
+METRIC_KEYS: tuple[str, ...] = ("image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "pro")
+
+_NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# input handling
+# --------------------------------------------------------------------------------------------------------------
+def _as_scores(scores: Any, name: str = "scores") -> np.ndarray:
+    """1-D floating array (float32 kept as is to save memory, everything else float64); rejects nan."""
+    a = np.asarray(scores)
+    if a.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be numeric, got dtype {a.dtype}")
+    if a.dtype.kind != "f" or a.dtype.itemsize < 4:
+        a = a.astype(np.float64)
+    a = a.reshape(-1)
+    if a.size and np.isnan(a).any():
+        raise ValueError(f"{name} contain NaN values")
+    return a
+
+
+def _as_labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
+    a = np.asarray(labels).reshape(-1)
+    if a.size != n:
+        raise ValueError(f"{name} has {a.size} entries but scores has {n}")
+    if a.dtype == np.bool_:
+        return a
+    if a.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be 0/1 or boolean, got dtype {a.dtype}")
+    if a.size and not np.isin(a, (0, 1)).all():
+        raise ValueError(f"{name} must contain only 0/1 (or booleans)")
+    return a.astype(bool)
+
+
+def _pixel_pairs(masks: Any, maps: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """List of (mask bool 2-D, map float 2-D) per image; maps may be (N,H,W), (N,1,H,W) or a list of 2-D arrays."""
+    if isinstance(maps, np.ndarray):
+        arr = maps
+        if arr.ndim == 4 and arr.shape[1] == 1:
+            arr = arr[:, 0]
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise ValueError(f"maps must be (N,H,W) or (N,1,H,W), got shape {maps.shape}")
+        map_list: list[np.ndarray] = list(arr)
+    else:
+        map_list = [np.squeeze(np.asarray(m)) for m in maps]
+    n = len(map_list)
+    if masks is None:
+        raise ValueError("masks is None")
+    if isinstance(masks, np.ndarray):
+        marr = masks
+        if marr.ndim == 4 and marr.shape[1] == 1:
+            marr = marr[:, 0]
+        if marr.ndim == 2:
+            marr = marr[None]
+        mask_list: list[Any] = list(marr)
+    else:
+        mask_list = list(masks)
+    if len(mask_list) != n:
+        raise ValueError(f"{len(mask_list)} masks but {n} anomaly maps")
+    pairs = []
+    for i, (m, a) in enumerate(zip(mask_list, map_list)):
+        a = np.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"anomaly map {i} must be 2-D, got shape {a.shape}")
+        if a.dtype.kind != "f" or a.dtype.itemsize < 4:
+            a = a.astype(np.float64)
+        if m is None:
+            m = np.zeros(a.shape, dtype=bool)
+        else:
+            m = np.squeeze(np.asarray(m))
+            if m.shape != a.shape:
+                raise ValueError(f"mask {i} has shape {m.shape} but its anomaly map has shape {a.shape}")
+            m = m.astype(bool) if m.dtype != np.bool_ else m
+        pairs.append((m, a))
+    return pairs
+
+
+def _flat_pixels(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(labels bool 1-D, scores 1-D) over all pixels; avoids copies for a contiguous (N,H,W) array."""
+    if isinstance(maps, np.ndarray) and isinstance(masks, np.ndarray) and masks.size == maps.size:
+        m = masks.reshape(-1)
+        labels = m if m.dtype == np.bool_ else m.astype(bool)
+        return labels, _as_scores(maps, "maps")
+    pairs = _pixel_pairs(masks, maps)
+    if not pairs:
+        return np.zeros(0, bool), np.zeros(0, np.float64)
+    labels = np.concatenate([m.reshape(-1) for m, _ in pairs])
+    scores = np.concatenate([a.reshape(-1) for _, a in pairs])
+    return labels, _as_scores(scores, "maps")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ranking metrics
+# --------------------------------------------------------------------------------------------------------------
+def _rank_stats(labels: np.ndarray, scores: np.ndarray):
+    """Per distinct positive score u_j: count c_j, #neg < u_j, #neg <= u_j; plus P and N.
+
+    Sorts only the negatives (in place on a copy) and the positives; O(n log n), memory ~ one copy of the scores.
+    """
+    pos = scores[labels]
+    neg = scores[~labels]
+    neg.sort()
+    u, c = np.unique(pos, return_counts=True)
+    lt = np.searchsorted(neg, u, side="left").astype(np.int64)
+    le = np.searchsorted(neg, u, side="right").astype(np.int64)
+    return u, c.astype(np.int64), lt, le, int(pos.size), int(neg.size)
+
+
+def _auroc_aupr_flat(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    if scores.size == 0:
+        return _NAN, _NAN
+    u, c, lt, le, n_pos, n_neg = _rank_stats(labels, scores)
+    if n_pos == 0:
+        return _NAN, _NAN
+    ap = _ap_from_stats(c, lt, n_pos, n_neg)
+    if n_neg == 0:
+        return _NAN, ap
+    # Mann-Whitney U with ties counted 1/2 == trapezoidal ROC AUC (sklearn); exact integer arithmetic.
+    u2 = 2 * int(np.dot(c, lt)) + int(np.dot(c, le - lt))
+    return u2 / (2.0 * n_pos * n_neg), ap
+
+
+def _ap_from_stats(c: np.ndarray, lt: np.ndarray, n_pos: int, n_neg: int) -> float:
+    # Thresholds at each distinct positive score u_j (only those change recall): predict score >= u_j.
+    tp = np.cumsum(c[::-1])[::-1]  # #pos >= u_j
+    fp = n_neg - lt  # #neg >= u_j
+    precision = tp / (tp + fp)
+    return float(np.sum(c * precision) / n_pos)
+
+
+def auroc_aupr(labels: Any, scores: Any) -> tuple[float, float]:
+    """Image-level (AUROC, average precision) in one pass; see :func:`auroc` and :func:`aupr`."""
+    s = _as_scores(scores)
+    return _auroc_aupr_flat(_as_labels(labels, s.size), s)
+
+
+def auroc(labels: Any, scores: Any) -> float:
+    """Area under the ROC curve, identical to ``sklearn.metrics.roc_auc_score`` (ties count 1/2).
+
+    Returns ``nan`` (rather than raising) when only one class is present, e.g. a class whose test split has no
+    defective images; aggregates skip nan.
+    """
+    return auroc_aupr(labels, scores)[0]
+
+
+def aupr(labels: Any, scores: Any) -> float:
+    """Average precision, identical to ``sklearn.metrics.average_precision_score``.
+
+    AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds (no interpolation). Returns ``nan`` when
+    there are no positive labels (AP is undefined); with only positives it is 1.0, as in sklearn.
+    """
+    return auroc_aupr(labels, scores)[1]
+
+
+def pixel_auroc_aupr(masks: Any, maps: Any) -> tuple[float, float]:
+    """Pixel-level (AUROC, AP) pooled over all pixels of all images (exact, sort-based, no subsampling).
+
+    ``masks``: (N,H,W) bool (or a sequence of 2-D masks / ``None`` for defect-free images);
+    ``maps``: (N,H,W) float anomaly maps of the same size. float32 maps stay float32 (≈20M pixels sort in ~1-2 s
+    with ~2 extra copies of the data).
+    """
+    labels, scores = _flat_pixels(masks, maps)
+    if labels.size != scores.size:
+        raise ValueError(f"masks have {labels.size} pixels but maps have {scores.size}")
+    return _auroc_aupr_flat(labels, scores)
+
+
+def pixel_auroc(masks: Any, maps: Any) -> float:
+    """Pixel-level AUROC pooled over all images (see :func:`pixel_auroc_aupr`)."""
+    return pixel_auroc_aupr(masks, maps)[0]
+
+
+def pixel_aupr(masks: Any, maps: Any) -> float:
+    """Pixel-level average precision pooled over all images (see :func:`pixel_auroc_aupr`)."""
+    return pixel_auroc_aupr(masks, maps)[1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PRO
+# --------------------------------------------------------------------------------------------------------------
+def pro_curve(masks: Any, maps: Any, num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-region-overlap curve at ``num_thresholds`` thresholds evenly spaced in [min(maps), max(maps)].
+
+    A pixel is predicted anomalous when ``map >= threshold``. Ground-truth regions are the 8-connected components
+    (``cv2.connectedComponents``) of each image's mask; images with empty masks contribute no regions.
+    PRO(t) = mean over all regions of all images of (region pixels >= t) / (region size), each region weighted
+    equally; FPR(t) = (normal pixels >= t) / (all normal pixels of all images).
+
+    Exact counting per threshold through one ``searchsorted`` + ``bincount`` pass per image (no per-threshold
+    loop over pixels). Returns ``(thresholds, fpr, pro)`` with thresholds ascending (so fpr/pro non-increasing);
+    fpr is nan without normal pixels, pro is nan without regions.
+    """
+    if num_thresholds < 2:
+        raise ValueError("num_thresholds must be >= 2")
+    pairs = _pixel_pairs(masks, maps)
+    if not pairs:
+        raise ValueError("no images")
+    lo = min(float(a.min()) for _, a in pairs if a.size)
+    hi = max(float(a.max()) for _, a in pairs if a.size)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("maps contain NaN or infinite values")
+    th = np.linspace(lo, hi, num_thresholds)
+    nb = num_thresholds + 1
+    normal_hist = np.zeros(nb, np.int64)
+    region_keys = []
+    n_regions = 0
+    for m, a in pairs:
+        # b = number of thresholds <= value, i.e. value >= th[j] for exactly j < b
+        b = np.searchsorted(th, a.reshape(-1), side="right")
+        mf = m.reshape(-1)
+        if not mf.any():
+            normal_hist += np.bincount(b, minlength=nb)
+            continue
+        normal_hist += np.bincount(b[~mf], minlength=nb)
+        n_lab, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        region = lab.reshape(-1)[mf].astype(np.int64) - 1 + n_regions
+        region_keys.append(region * nb + b[mf])
+        n_regions += n_lab - 1
+    n_normal = int(normal_hist.sum())
+    # count >= th[j] = sum_{k > j} hist[k]
+    normal_ge = np.cumsum(normal_hist[::-1])[::-1][1:]
+    fpr = normal_ge / n_normal if n_normal else np.full(num_thresholds, _NAN)
+    if n_regions:
+        hist = np.bincount(np.concatenate(region_keys), minlength=n_regions * nb).reshape(n_regions, nb)
+        sizes = hist.sum(axis=1)
+        ge = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]
+        pro = (ge / sizes[:, None]).mean(axis=0)
+    else:
+        pro = np.full(num_thresholds, _NAN)
+    return th, fpr, pro
+
+
+def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
+    """Trapezoid area under pro(fpr) for fpr in [0, limit]; points ordered with fpr non-decreasing."""
+    area = 0.0
+    for i in range(1, fpr.size):
+        x0, x1, y0, y1 = float(fpr[i - 1]), float(fpr[i]), float(pro[i - 1]), float(pro[i])
+        if x0 >= limit:
+            break
+        if x1 > limit:  # interpolate the curve at exactly fpr == limit
+            y1 = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
+            x1 = limit
+        area += (x1 - x0) * (y0 + y1) / 2.0
+    return area
+
+
+def pro_auc(masks: Any, maps: Any, fpr_limit: float = 0.3, num_thresholds: int = 200) -> float:
+    """MVTec AD AUPRO: area under the PRO-vs-FPR curve for FPR in [0, fpr_limit], divided by fpr_limit.
+
+    Threshold choice (stated, as it changes results slightly): ``num_thresholds`` thresholds evenly spaced between
+    the global min and max of the maps (the common anomalib / MVTec-style evaluation), pixel anomalous when
+    ``map >= t``; see :func:`pro_curve` for PRO and FPR. The curve, ordered by decreasing threshold, is anchored at
+    (FPR 0, PRO 0) (a threshold above every value) and (1, 1); it is integrated with the trapezoid rule and
+    linearly interpolated at exactly ``fpr_limit``. A perfect detector (all defect pixels above all normal pixels)
+    scores 1.0, a random one about ``fpr_limit / 2``.
+
+    Returns ``nan`` when there are no ground-truth regions or no normal pixels.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError("fpr_limit must be in (0, 1]")
+    _, fpr, pro = pro_curve(masks, maps, num_thresholds)
+    if np.isnan(fpr).any() or np.isnan(pro).any():
+        return _NAN
+    # decreasing threshold -> non-decreasing fpr and pro
+    x = np.concatenate([[0.0], fpr[::-1], [1.0]])
+    y = np.concatenate([[0.0], pro[::-1], [1.0]])
+    return _area_to_limit(x, y, fpr_limit) / fpr_limit
+
+
+# --------------------------------------------------------------------------------------------------------------
+# F1
+# --------------------------------------------------------------------------------------------------------------
+def _f1(tp: float, fp: float, fn: float) -> float:
+    den = 2 * tp + fp + fn
+    return 2 * tp / den if den else 0.0
+
+
+def f1_at_threshold(labels: Any, scores: Any, threshold: float) -> float:
+    """F1 of the rule ``score >= threshold`` → anomalous. 0.0 when undefined (no positives and no predictions),
+    as ``sklearn.metrics.f1_score`` with ``zero_division=0``."""
+    s = _as_scores(scores)
+    y = _as_labels(labels, s.size)
+    pred = s >= threshold
+    tp = int(np.count_nonzero(pred & y))
+    fp = int(np.count_nonzero(pred & ~y))
+    fn = int(np.count_nonzero(~pred & y))
+    return _f1(tp, fp, fn)
+
+
+def best_f1(labels: Any, scores: Any) -> tuple[float, float]:
+    """Maximum F1 over all thresholds and the threshold achieving it.
+
+    Candidate thresholds are the distinct score values (rule ``score >= threshold``); on ties the highest
+    threshold wins (fewest alarms). Returns ``(nan, nan)`` without positive labels or without scores.
+    """
+    s = _as_scores(scores)
+    y = _as_labels(labels, s.size)
+    n_pos = int(y.sum())
+    if s.size == 0 or n_pos == 0:
+        return _NAN, _NAN
+    order = np.argsort(-s, kind="stable")
+    ss, ys = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ss)), ss.size - 1]  # last index of each distinct value (descending)
+    tp = np.cumsum(ys)[last]
+    fp = (last + 1) - tp
+    f1 = 2 * tp / (2 * tp + fp + (n_pos - tp))
+    k = int(np.argmax(f1))
+    return float(f1[k]), float(ss[last[k]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# aggregates
+# --------------------------------------------------------------------------------------------------------------
+def compute_metrics(
+    labels: Any,
+    scores: Any,
+    masks: Any = None,
+    maps: Any = None,
+    *,
+    threshold: float | None = None,
+    fpr_limit: float = 0.3,
+    num_thresholds: int = 200,
+) -> dict[str, float | int]:
+    """All metrics of one image set.
+
+    Keys: ``image_auroc``, ``image_aupr``, ``image_best_f1``, ``n_images``, ``n_anomalous``; with ``threshold``
+    (e.g. the calibrated one) also ``image_f1``; with both ``masks`` and ``maps`` also ``pixel_auroc``,
+    ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan.
+    """
+    s = _as_scores(scores)
+    y = _as_labels(labels, s.size)
+    a, p = _auroc_aupr_flat(y, s)
+    out: dict[str, float | int] = {
+        "image_auroc": a,
+        "image_aupr": p,
+        "image_best_f1": best_f1(y, s)[0],
+        "n_images": int(s.size),
+        "n_anomalous": int(y.sum()),
+    }
+    if threshold is not None:
+        out["image_f1"] = f1_at_threshold(y, s, threshold)
+    if masks is not None and maps is not None:
+        pairs = _pixel_pairs(masks, maps)
+        if len(pairs) != s.size:
+            raise ValueError(f"{len(pairs)} anomaly maps but {s.size} image scores")
+        pa, pp, pro = _NAN, _NAN, _NAN
+        if pairs:
+            pa, pp = pixel_auroc_aupr(masks, maps)
+            pro = pro_auc(masks, maps, fpr_limit, num_thresholds)
+        out["pixel_auroc"] = pa
+        out["pixel_aupr"] = pp
+        out["pro"] = pro
+    return out
+
+
+def _nanmean_dicts(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    keys: list[str] = []
+    for e in entries:
+        for k, v in e.items():
+            if k not in keys and isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool):
+                keys.append(k)
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [float(e[k]) for e in entries if k in e]
+        if k.startswith("n_"):
+            out[k] = int(sum(vals))
+        else:
+            finite = [v for v in vals if not math.isnan(v)]
+            out[k] = float(np.mean(finite)) if finite else _NAN
+    return out
+
+
+def per_class_metrics(
+    class_names: Sequence[str],
+    defect_types: Sequence[str] | None,
+    labels: Any,
+    scores: Any,
+    masks: Any = None,
+    maps: Any = None,
+    *,
+    by_defect: bool = True,
+    threshold: float | None = None,
+    fpr_limit: float = 0.3,
+    num_thresholds: int = 200,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per class (unified protocol: one model, scores of all classes evaluated class by class).
+
+    ``class_names`` and ``defect_types`` are per image (length N); ``defect_types`` may be None. Returns
+    ``{class: {compute_metrics keys..., "by_defect": {defect: {...}}}, ..., "mean": {...}}`` with classes in
+    order of first appearance. ``mean`` holds the mean over classes of each metric, skipping nan, and the
+    summed counts (``n_images``, ``n_anomalous``) plus ``n_classes``. ``by_defect`` (when ``defect_types`` is
+    given and ``by_defect`` is True) scores each defect type of a class against the good (label 0) images of
+    that class: image AUROC/AUPR and, with masks/maps, pixel AUROC/AUPR and PRO.
+    """
+    s = _as_scores(scores)
+    y = _as_labels(labels, s.size)
+    names = list(class_names)
+    if len(names) != s.size:
+        raise ValueError(f"{len(names)} class names but {s.size} scores")
+    defects = list(defect_types) if defect_types is not None else None
+    if defects is not None and len(defects) != s.size:
+        raise ValueError(f"{len(defects)} defect types but {s.size} scores")
+    pixel = masks is not None and maps is not None
+    pairs = _pixel_pairs(masks, maps) if pixel else None
+    if pairs is not None and len(pairs) != s.size:
+        raise ValueError(f"{len(pairs)} anomaly maps but {s.size} image scores")
+
+    def subset(idx: np.ndarray) -> dict[str, Any]:
+        if pairs is None:
+            return compute_metrics(y[idx], s[idx], threshold=threshold)
+        return compute_metrics(y[idx], s[idx], [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
+                               threshold=threshold, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
+
+    names_arr = np.asarray(names, dtype=object)
+    result: dict[str, dict[str, Any]] = {}
+    for cls in dict.fromkeys(names):
+        idx = np.flatnonzero(names_arr == cls)
+        entry = subset(idx)
+        if defects is not None and by_defect:
+            good = idx[~y[idx]]
+            per_def: dict[str, Any] = {}
+            for d in dict.fromkeys(defects[i] for i in idx if y[i]):
+                didx = np.array([i for i in idx if y[i] and defects[i] == d], dtype=np.int64)
+                per_def[str(d)] = subset(np.concatenate([good, didx]))
+            entry["by_defect"] = per_def
+        result[str(cls)] = entry
+    mean = _nanmean_dicts(list(result.values()))
+    mean["n_classes"] = len(result)
+    result["mean"] = mean
+    return result

