@@ -118,3 +118,15 @@ def test_paper_fusion_uses_basic_blocks() -> None:
     names = {type(m).__name__ for m in model.normal_cnn}
     assert "BasicBlock" in names and len(model.normal_cnn) == 10  # 9 blocks + 1x1 projection
     assert model.normal_grid.global_grid.shape == (1, 8 * 16, 8, 8)
+
+
+def test_batched_grid_sampling_equals_per_image_sampling() -> None:
+    import torch.nn.functional as F
+
+    mem = BiGridMemory(channels=6, feat_hw=(4, 5), local_size=8, global_size=4)
+    g = torch.rand(3, 1, 1, 2) * 2 - 1
+    u = torch.rand(3, 4, 5, 2) * 2.2 - 1.1  # some points outside [-1, 1]: zero padding
+    q = mem(g, u)
+    local = F.grid_sample(mem.local_grid.expand(3, -1, -1, -1), u, align_corners=False)
+    glob = F.grid_sample(mem.global_grid.expand(3, -1, -1, -1), g, align_corners=False).reshape(3, 6, 4, 5)
+    assert torch.allclose(q, torch.cat([glob, local], dim=1), atol=1e-6)

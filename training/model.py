@@ -46,15 +46,20 @@ class BiGridMemory(nn.Module):
         nn.init.xavier_normal_(self.global_grid)
 
     def forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Query q = concat(global sample, local sample) -> (B, 2C, H, W)."""
-        b = u.shape[0]
-        h, w = self.feat_hw
+        """Query q = concat(global sample, local sample) -> (B, 2C, H, W).
+
+        All images sample the single (batch-1) grid in one call (their points laid side by side), so the
+        grids are never copied per image: cheaper, and the exported graph has no Expand of a large parameter.
+        """
+        b, h, w, _ = u.shape
         local = F.grid_sample(
-            self.local_grid.expand(b, -1, -1, -1), u, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
+            self.local_grid, u.reshape(1, b * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (1, C, B*H, W)
+        local = local.reshape(self.channels, b, h, w).transpose(0, 1)
         glob = F.grid_sample(
-            self.global_grid.expand(b, -1, -1, -1), g, mode="bilinear", padding_mode="zeros", align_corners=False
-        ).reshape(b, self.channels, h, w)
+            self.global_grid, g.reshape(1, 1, b, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # (1, C*H*W, 1, B)
+        glob = glob.reshape(self.channels * h * w, b).transpose(0, 1).reshape(b, self.channels, h, w)
         return torch.cat([glob, local], dim=1)
 
 
