@@ -27,3 +27,18 @@ def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo") / "data"
     cfg = DemoDataConfig(image_size=64, train_good=8, test_good=3, test_per_defect=2, seed=1)
     return generate_demo_dataset(root, cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-preset model trained for a few epochs on the tiny demo data (model.pt path)."""
+    from gradad.training.config import preset_config
+    from gradad.training.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    cfg = preset_config("tiny")
+    cfg.data.root = str(tiny_demo_root)
+    cfg.data.cache_dir = str(out / "cache")
+    cfg.output_dir = str(out / "run")
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 3
+    return train(cfg)

@@ -25,17 +25,12 @@ def _train_args(root: Path, out: Path) -> list[str]:
             "--set", f"data.cache_dir={out / 'cache'}"]
 
 
-@pytest.fixture(scope="module")
-def trained_tiny(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("e2e")
-    result = CliRunner().invoke(train_main, _train_args(tiny_demo_root, out))
+def test_train_then_eval_writes_complete_metrics(tiny_demo_root: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(train_main, _train_args(tiny_demo_root, tmp_path))
     assert result.exit_code == 0, result.output
-    return out / "run" / "model.pt"
-
-
-def test_train_then_eval_writes_complete_metrics(trained_tiny: Path, tmp_path: Path) -> None:
+    model = tmp_path / "run" / "model.pt"
     out = tmp_path / "eval"
-    result = CliRunner().invoke(eval_main, [str(trained_tiny), "-o", str(out), "--figures", "2"])
+    result = CliRunner().invoke(eval_main, [str(model), "-o", str(out), "--figures", "2"])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     per_class = metrics["per_class"]

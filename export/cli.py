@@ -1,0 +1,153 @@
+"""``grad-export``: checkpoint -> ONNX bundle, TensorRT engine build, bundle inspection."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+
+log = logging.getLogger("gradad.export")
+
+_CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+@click.group(context_settings=_CTX)
+def main() -> None:
+    """Export a trained GRAD model into a deployable bundle (DESIGN.md sections 5 and 6).
+
+    \b
+      grad-export onnx runs/demo/model.pt -o models/demo     # FP32 + FP16 ONNX, parity-checked
+      grad-export build --fp16 models/demo                     # TensorRT engine, on the target device
+      grad-export inspect models/demo                          # what is in a bundle
+    """
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r}: expected HEIGHTxWIDTH, e.g. 480x640") from exc
+    return h, w
+
+
+@main.command("onnx", context_settings=_CTX)
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Bundle folder to create, e.g. models/NAME.")
+@click.option("--name", help="Bundle name [default: the folder name].")
+@click.option("--data", "data_root", type=click.Path(), help="Dataset whose test split feeds the parity gates "
+              "[default: the training dataset].")
+@click.option("--parity-images", type=click.Path(), help="Folder of unlabelled images for the parity gates "
+              "instead of a dataset.")
+@click.option("--parity-max-images", type=int, default=64, help="Images used for FP16 parity and AUROC.")
+@click.option("--input-size", help="Fixed frame size HxW the graph takes and resizes itself "
+              "[default: the model's input size; the caller resizes].")
+@click.option("--no-fp16", is_flag=True, help="Skip the FP16 ONNX.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle in the output folder.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max_images, input_size, no_fp16,
+                 no_simplify, overwrite, verbose) -> None:
+    """Export CHECKPOINT (grad-train's model.pt) to an ONNX bundle with parity gates.
+
+    Writes model.onnx (FP32, opset 17, dynamic batch, normalisation + map smoothing + image score inside),
+    model.fp16.onnx (GridSample and coordinate branch in FP32) and bundle.json. The bundle is written only if
+    ONNX Runtime matches PyTorch and FP16 matches FP32 within the gates; otherwise the numbers are printed.
+    """
+    setup_logging(verbose)
+    from gradad.export.onnx_export import ExportOptions, export_bundle
+
+    opts = ExportOptions(name=name, data_root=data_root, parity_images=parity_images,
+                         parity_max_images=parity_max_images, input_size=_parse_size(input_size),
+                         fp16=not no_fp16, simplify=not no_simplify, overwrite=overwrite)
+    bundle = export_bundle(checkpoint, out_dir, opts)
+    click.echo(summary_text(bundle))
+
+
+@main.command("build", context_settings=_CTX)
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--fp16/--fp32", default=True, help="Engine precision.")
+@click.option("--max-batch", type=int, default=8, help="Largest batch of the optimisation profile.")
+@click.option("--opt-batch", type=int, default=1, help="Batch size TensorRT optimises for.")
+@click.option("--workspace-mib", type=int, default=2048, help="Builder workspace limit.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused and updated "
+              "[default: BUNDLE/timing.cache].")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def build_command(bundle_dir, fp16, max_batch, opt_batch, workspace_mib, timing_cache, verbose) -> None:
+    """Build a TensorRT engine for BUNDLE_DIR on this device (engines are specific to TensorRT version and GPU).
+
+    Without TensorRT or a GPU this exits with code 2 and says so; the bundle's ONNX files stay usable with
+    ONNX Runtime (grad-run --backend onnxruntime).
+    """
+    setup_logging(verbose)
+    from gradad.export.engine import build_bundle_engine
+
+    stamp = build_bundle_engine(bundle_dir, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
+                                workspace_mib=workspace_mib, timing_cache=timing_cache)
+    click.echo(f"engine: {Path(bundle_dir) / stamp['file']} ({stamp['precision']}, TensorRT "
+               f"{stamp['tensorrt_version']}, {stamp['gpu_name']} sm{stamp['compute_capability']})")
+
+
+@main.command("inspect", context_settings=_CTX)
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole bundle.json.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing the files.")
+@user_errors_as_exit
+def inspect_command(bundle_dir, as_json, no_verify) -> None:
+    """Print a bundle's summary: files and hashes, opset, precision, parity, calibration, engine stamps."""
+    from gradad.bundle import read_manifest, verify_files
+
+    manifest = read_manifest(bundle_dir)
+    if not no_verify:
+        verify_files(bundle_dir, manifest)
+    click.echo(json.dumps(manifest, indent=2) if as_json else summary_text(bundle_dir))
+
+
+def summary_text(bundle_dir: str | Path) -> str:
+    """Human-readable summary of a bundle."""
+    from gradad.bundle import read_manifest
+
+    m = read_manifest(bundle_dir)
+    inp = m["input"]
+    lines = [
+        f"bundle {m['name']} at {bundle_dir} (schema {m['schema_version']}, gradad {m['gradad_version']}, "
+        f"created {m['created']})",
+        f"  model: preset {m['preset']}, backbone {m['backbone']['name']}, classes {', '.join(m['classes'])}",
+        f"  input: {inp['name']} {inp['layout']} {inp['dtype']} {inp['color']} {inp['value_range']} at "
+        f"{inp['height']}x{inp['width']} (model {inp['model_height']}x{inp['model_width']})",
+        f"  onnx: opset {m['onnx']['opset']}, {m['onnx'].get('gridsample_nodes', '?')} GridSample nodes, "
+        f"simplified {m['onnx']['simplified']}",
+        "  files:",
+    ]
+    for name, entry in m["files"].items():
+        lines.append(f"    {name:24s} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:16]}…")
+    p32 = m["parity"]["onnx_fp32_vs_pytorch"]
+    lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "
+                 f"mean {p32['map_mean_abs']:.2e}; score max abs {p32['score_max_abs']:.2e}")
+    p16 = m["parity"].get("onnx_fp16_vs_fp32")
+    if p16:
+        auroc = (f"; image AUROC {p16['auroc_fp32']:.4f} -> {p16['auroc_fp16']:.4f}"
+                 if p16.get("auroc_fp32") is not None else "")
+        lines.append(f"  parity FP16 vs FP32 ({p16['n_images']} images): map rel L2 {p16['map_rel_l2']:.2e}, "
+                     f"max rel {p16['map_max_rel']:.2e}; score rel L2 {p16['score_rel_l2']:.2e}, "
+                     f"max rel {p16['score_max_rel']:.2e}{auroc}")
+    for e in m["engines"]:
+        lines.append(f"  engine: {e['file']} ({e['precision']}, TensorRT {e['tensorrt_version']}, {e['gpu_name']}, "
+                     f"sm{e['compute_capability']})")
+    if not m["engines"]:
+        lines.append("  engines: none (build one on the target with grad-export build --fp16)")
+    cal = m["calibration"]
+    lines.append(f"  calibration: {json.dumps(cal) if cal else 'none (run grad-calibrate)'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

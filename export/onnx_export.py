@@ -1,0 +1,235 @@
+"""Checkpoint -> model bundle: FP32 + FP16 ONNX at opset 17, lint, parity gates, bundle.json."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from gradad import __version__
+from gradad.bundle import FP16_ONNX, FP32_ONNX, MANIFEST_NAME, BundleError, file_entry, write_manifest
+from gradad.data.datasets import Sample, load_samples
+from gradad.data.images import read_image_rgb
+from gradad.errors import DatasetError
+from gradad.export.fp16 import convert_to_fp16, default_fp32_nodes, fp32_tensor_check
+from gradad.export.graph import ExportModule
+from gradad.export.lint import GridSampleSettings, lint_or_raise
+from gradad.export.parity import ParityError, ParityGates, check_gates, compare_fp16, compare_fp32, gates_dict
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from gradad.runtime.preprocess import to_model_input
+from gradad.training.checkpoint import load_detector
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAMES = "image", ("score", "anomaly_map")
+
+
+@dataclass
+class ExportOptions:
+    """Settings of ``grad-export onnx``."""
+
+    name: str | None = None  # bundle name (default: the output folder's name)
+    data_root: str | None = None  # parity images: test split of this dataset (default: the training dataset)
+    parity_images: str | None = None  # or: a folder of unlabelled images
+    parity_max_images: int = 64  # images for FP16 parity / AUROC (all test images up to this count)
+    torch_parity_images: int = 8  # images for the PyTorch vs ONNX comparison (PyTorch on CPU is slow)
+    input_size: tuple[int, int] | None = None  # frame size the graph takes (default: the model's)
+    simplify: bool = True
+    fp16: bool = True
+    overwrite: bool = False
+    threads: int = 0
+    gates: ParityGates = field(default_factory=ParityGates)
+
+
+def export_onnx_fp32(module: ExportModule, path: Path) -> onnx.ModelProto:
+    """TorchScript-based export (dynamo=False) at opset 17 with a dynamic batch axis."""
+    h, w = module.input_hw
+    dummy = torch.rand(2, 3, h, w) * 255
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            module, (dummy,), buffer, dynamo=False, opset_version=OPSET,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_axes={INPUT_NAME: {0: "batch"}, "score": {0: "batch"}, "anomaly_map": {0: "batch"}},
+            do_constant_folding=True,
+        )
+    model = onnx.load_from_string(buffer.getvalue())
+    onnx.save(model, path)
+    return model
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim: constant folding and dead-node removal (keeps opset and dynamic axes)."""
+    import onnxslim
+
+    slim = onnxslim.slim(model)
+    onnx.checker.check_model(slim)
+    return slim
+
+
+def _balanced_subset(samples: list[Sample], n: int) -> list[Sample]:
+    """Up to n samples taking classes and labels in turn, so a small subset still has good and defective ones."""
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.class_name, s.label), []).append(s)
+    out: list[Sample] = []
+    queues = [list(v) for v in groups.values()]
+    while len(out) < n and any(queues):
+        for q in queues:
+            if q and len(out) < n:
+                out.append(q.pop(0))
+    return out
+
+
+def load_parity_images(payload: dict[str, Any], opts: ExportOptions) -> tuple[list[np.ndarray], np.ndarray | None, str]:
+    """Real images for the parity gates: (RGB images, labels or None, description)."""
+    if opts.parity_images:
+        folder = Path(opts.parity_images)
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}) \
+            if folder.is_dir() else []
+        if not files:
+            raise DatasetError(f"--parity-images {folder}: no images found")
+        files = files[: opts.parity_max_images]
+        return [read_image_rgb(p) for p in files], None, f"{len(files)} images from {folder}"
+    cfg = payload["resolved_config"]
+    root = opts.data_root or cfg.data.root
+    try:
+        samples = load_samples(root, "test", payload["classes"], cfg.data.layout)
+    except DatasetError as exc:
+        raise DatasetError(f"parity gates need real images: {exc}; pass --data ROOT or --parity-images DIR") from exc
+    chosen = _balanced_subset(samples, opts.parity_max_images)
+    labels = np.array([s.label for s in chosen])
+    return [read_image_rgb(s.image_path) for s in chosen], labels, f"{len(chosen)} test images of {root}"
+
+
+def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / MANIFEST_NAME).is_file():
+            raise BundleError(f"{out_dir} exists and is not a model bundle: refusing to write into it")
+        if not overwrite:
+            raise BundleError(f"{out_dir} already holds a bundle: pass --overwrite to replace it")
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptions | None = None) -> Path:
+    """Export ``checkpoint`` into a bundle folder; nothing is written unless every gate passes."""
+    opts = opts or ExportOptions()
+    out_dir = Path(out_dir)
+    _prepare_target(out_dir, opts.overwrite)
+    t0 = time.perf_counter()
+    detector, payload = load_detector(checkpoint, "cpu")
+    cfg = payload["resolved_config"]
+    norm = payload["normalisation"]
+    module = ExportModule(detector, norm["mean"], norm["std"], opts.input_size).eval()
+    h, w = module.input_hw
+    images, labels, parity_source = load_parity_images(payload, opts)
+    batch = to_model_input(images, h, w) if (h, w) == module.model_hw else _resize_to(images, h, w)
+
+    work = out_dir.parent / f".{out_dir.name}.export-tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        log.info("exporting ONNX (opset %d, TorchScript exporter)", OPSET)
+        model = export_onnx_fp32(module, work / "raw.onnx")
+        if opts.simplify:
+            model = simplify(model)
+        onnx.checker.check_model(model)
+        grid_settings = GridSampleSettings()
+        n_grid = lint_or_raise(model, "FP32 ONNX", grid_settings)
+        onnx.save(model, work / FP32_ONNX)
+        (work / "raw.onnx").unlink()
+
+        fp32 = OnnxRuntimeBackend(work / FP32_ONNX, ["cpu"], opts.threads)
+        n_pt = min(opts.torch_parity_images, len(batch))
+        with torch.no_grad():
+            pt_scores, pt_maps = module(torch.from_numpy(batch[:n_pt]))
+        ort_scores, ort_maps = fp32.infer_all(batch, batch_size=8)
+        parity: dict[str, Any] = {
+            "images": parity_source,
+            "onnx_fp32_vs_pytorch": compare_fp32(pt_scores.numpy(), pt_maps[:, 0].numpy(),
+                                                 ort_scores[:n_pt], ort_maps[:n_pt]),
+            "gates": gates_dict(opts.gates),
+        }
+        fp16_report = None
+        if opts.fp16:
+            log.info("converting to FP16 (GridSample + coordinate branch kept FP32)")
+            model16, kept = convert_to_fp16(model, default_fp32_nodes)
+            lint_or_raise(model16, "FP16 ONNX", grid_settings)
+            leaked = fp32_tensor_check(model16)
+            if leaked:
+                raise ParityError(f"FP16 conversion left FP16 tensors on block-listed nodes: {leaked[:5]}")
+            onnx.save(model16, work / FP16_ONNX)
+            fp16 = OnnxRuntimeBackend(work / FP16_ONNX, ["cpu"], opts.threads)
+            s16, m16 = fp16.infer_all(batch, batch_size=8)
+            fp16_report = compare_fp16(ort_scores, ort_maps, s16, m16, labels)
+            fp16_report["fp32_nodes"] = kept
+            parity["onnx_fp16_vs_fp32"] = fp16_report
+        failed = check_gates(parity["onnx_fp32_vs_pytorch"], fp16_report, opts.gates)
+        parity["passed"] = not failed
+        if failed:
+            raise ParityError(f"export of {checkpoint} rejected: " + "; ".join(failed))
+
+        files = {FP32_ONNX: file_entry(work / FP32_ONNX)}
+        if opts.fp16:
+            files[FP16_ONNX] = file_entry(work / FP16_ONNX)
+        manifest = {
+            "schema_version": 1,
+            "gradad_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "name": opts.name or out_dir.name,
+            "preset": cfg.preset,
+            "backbone": {"name": cfg.backbone.name, "out_indices": list(cfg.backbone.out_indices),
+                         "weights": cfg.backbone.weights},
+            "input": {
+                "name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "color": "RGB", "value_range": [0, 255],
+                "height": h, "width": w, "model_height": module.model_hw[0], "model_width": module.model_hw[1],
+                "normalisation": {"mean": list(norm["mean"]), "std": list(norm["std"]), "in_graph": True},
+                "resize": ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images."
+                           "resize_image)" if (h, w) == module.model_hw else
+                           f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}"),
+            },
+            "outputs": {
+                "score": {"shape": ["batch"], "meaning": "image anomaly score: max of the 32x32 mean-pooled map"},
+                "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
+                                "smoothing": cfg.model.smoothing},
+            },
+            "classes": payload["classes"],
+            "training_data": payload.get("data_summary", {}),
+            "onnx": {"opset": OPSET, "exporter": f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
+                     "dynamic_batch": True, "simplified": opts.simplify, "gridsample_nodes": n_grid,
+                     "gridsample": {"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,
+                                    "align_corners": grid_settings.align_corners}},
+            "files": files,
+            "parity": parity,
+            "engines": [],
+            "calibration": None,
+            "source_checkpoint": str(checkpoint),
+            "export_seconds": round(time.perf_counter() - t0, 1),
+        }
+        write_manifest(work, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("bundle written to %s", out_dir)
+    return out_dir
+
+
+def _resize_to(images: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """Frames of a fixed camera size (the graph resizes to the model size itself)."""
+    import cv2
+
+    return np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+                     for im in images]).astype(np.float32)

@@ -1,0 +1,89 @@
+"""Parity gates between PyTorch, ONNX Runtime FP32 and FP16 (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from gradad.errors import GradError
+from gradad.evaluation.metrics import auroc
+
+
+class ParityError(GradError):
+    """An exported model whose outputs drift too far from the reference: the bundle is not written."""
+
+
+@dataclass(frozen=True)
+class ParityGates:
+    """Thresholds a bundle must meet.
+
+    FP32 errors are relative to max(1, largest |reference|) so they hold for any map scale. FP16 errors are
+    relative L2 norms over the whole parity set: the refinement's hard mask (M = [0.05 m < 0.5]) can flip where
+    m sits near its threshold, so single pixels or single images may move more than the set does; the per-image
+    maxima are reported, and the image-AUROC change guards the decisions themselves.
+    """
+
+    fp32_max_abs: float = 1e-4
+    fp16_map_rel_l2: float = 2e-2
+    fp16_score_rel_l2: float = 1e-2
+    fp16_auroc_max_drop: float = 0.01
+
+
+def compare_fp32(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
+    """Absolute errors of an FP32 export against the reference (PyTorch)."""
+    map_err = np.abs(maps.astype(np.float64) - ref_maps)
+    score_err = np.abs(scores.astype(np.float64) - ref_scores)
+    scale = max(1.0, float(np.abs(ref_maps).max()), float(np.abs(ref_scores).max()))
+    return {
+        "n_images": int(len(scores)),
+        "map_max_abs": float(map_err.max()),
+        "map_mean_abs": float(map_err.mean()),
+        "score_max_abs": float(score_err.max()),
+        "score_mean_abs": float(score_err.mean()),
+        "scale": scale,
+        "max_abs_over_scale": float(max(map_err.max(), score_err.max()) / scale),
+    }
+
+
+def compare_fp16(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray,
+                 labels: np.ndarray | None) -> dict[str, Any]:
+    """Relative errors of the FP16 export against FP32, and the image-AUROC change where labels exist."""
+    ref_maps64, maps64 = ref_maps.astype(np.float64), maps.astype(np.float64)
+    diff = np.abs(maps64 - ref_maps64)
+    out: dict[str, Any] = {
+        "n_images": int(len(scores)),
+        "map_rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(ref_maps64), 1e-12)),
+        "map_max_rel": float(diff.max() / max(np.abs(ref_maps64).max(), 1e-12)),
+        "score_rel_l2": float(np.linalg.norm(scores.astype(np.float64) - ref_scores)
+                              / max(np.linalg.norm(ref_scores.astype(np.float64)), 1e-12)),
+        "score_max_rel": float(np.max(np.abs(scores - ref_scores) / np.maximum(np.abs(ref_scores), 1e-12))),
+        "auroc_fp32": None,
+        "auroc_fp16": None,
+        "auroc_change": None,
+    }
+    if labels is not None and 0 < labels.sum() < len(labels):
+        a32, a16 = auroc(labels, ref_scores), auroc(labels, scores)
+        out.update(auroc_fp32=float(a32), auroc_fp16=float(a16), auroc_change=float(a16 - a32))
+    return out
+
+
+def check_gates(fp32: dict[str, Any], fp16: dict[str, Any] | None, gates: ParityGates) -> list[str]:
+    """Every gate that failed, as readable strings with the numbers (empty = pass)."""
+    failed = []
+    if fp32["max_abs_over_scale"] > gates.fp32_max_abs:
+        failed.append(f"ONNX FP32 vs PyTorch max abs error {fp32['max_abs_over_scale']:.2e} (relative to scale "
+                      f"{fp32['scale']:.3g}) > {gates.fp32_max_abs:.0e}")
+    if fp16 is not None:
+        if fp16["map_rel_l2"] > gates.fp16_map_rel_l2:
+            failed.append(f"FP16 map relative L2 error {fp16['map_rel_l2']:.2e} > {gates.fp16_map_rel_l2:.0e}")
+        if fp16["score_rel_l2"] > gates.fp16_score_rel_l2:
+            failed.append(f"FP16 score relative L2 error {fp16['score_rel_l2']:.2e} > {gates.fp16_score_rel_l2:.0e}")
+        if fp16["auroc_change"] is not None and -fp16["auroc_change"] > gates.fp16_auroc_max_drop:
+            failed.append(f"FP16 image AUROC drop {-fp16['auroc_change']:.4f} > {gates.fp16_auroc_max_drop}")
+    return failed
+
+
+def gates_dict(gates: ParityGates) -> dict[str, float]:
+    return asdict(gates)

@@ -1,0 +1,577 @@
+"""Build a TensorRT engine from the bundle's ONNX model (DESIGN.md sections 5 and 6).
+
+This module is the only place that talks to the TensorRT *builder*. It never imports torch.
+
+Two FP16 routes, picked by what the installed TensorRT offers:
+
+* ``"fp16-flag"`` (TensorRT 8.5 - 10.x): parse the FP32 ONNX, set ``BuilderFlag.FP16`` and
+  ``BuilderFlag.OBEY_PRECISION_CONSTRAINTS``, and pin GridSample (and any layer whose name matches
+  a configured pattern, e.g. the coordinate branch) to FP32: ``layer.precision`` and every output
+  type. The FP16 flag is deprecated from TensorRT 10.12 but still present there.
+* ``"strongly-typed-fp16-onnx"`` (TensorRT 11+, where ``BuilderFlag.FP16`` was removed): parse the
+  FP16 ONNX (``model.fp16.onnx``, GridSample and coordinates already FP32 in the graph) into a
+  network created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``. Per-layer precision calls
+  are not allowed on such a network, so none are made.
+
+With ``fp16=False`` the FP32 ONNX is built as is (``"fp32"``).
+
+An engine only runs on the TensorRT version and GPU it was built with: the file name and the stamp
+returned by :func:`build_engine` record both, and :func:`engine_matches_device` is what the runtime
+uses to refuse a stale engine. The ``trt`` and ``gpu`` arguments of :func:`build_engine` exist so
+the glue can be tested with a fake ``tensorrt`` module on machines without TensorRT or a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gradad.errors import ConfigError, GradError
+
+log = logging.getLogger(__name__)
+
+TENSORRT_MISSING_MESSAGE = (
+    "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
+)
+REBUILD_COMMAND = "grad-export build --fp16 {bundle}"
+
+BUILD_MODE_FP16_FLAG = "fp16-flag"
+BUILD_MODE_STRONGLY_TYPED = "strongly-typed-fp16-onnx"
+BUILD_MODE_FP32 = "fp32"
+
+# CUdevice_attribute values from cuda.h (stable across CUDA versions).
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
+_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
+
+
+class TensorRTUnavailable(GradError):
+    """TensorRT (or a CUDA GPU for it) is not available on this machine."""
+
+
+@dataclass(frozen=True)
+class EngineBuildConfig:
+    """Settings for one TensorRT engine build.
+
+    Attributes:
+        fp16: build a mixed-precision FP16 engine (GridSample and coordinates stay FP32).
+        min_batch, opt_batch, max_batch: the optimisation profile's batch sizes
+            (``min_batch <= opt_batch <= max_batch``); TensorRT tunes kernels for ``opt_batch``.
+        workspace_mib: builder workspace memory pool limit, in MiB.
+        timing_cache: path of a TensorRT timing cache; read when present, written back after a
+            successful build. ``None`` disables the persistent cache.
+        fp32_layer_types: ``trt.LayerType`` member names forced to FP32 under the FP16 flag.
+        fp32_layer_name_patterns: substrings of TensorRT layer names also forced to FP32 under the
+            FP16 flag (e.g. the ONNX node-name prefix of the coordinate branch).
+    """
+
+    fp16: bool = True
+    min_batch: int = 1
+    opt_batch: int = 1
+    max_batch: int = 8
+    workspace_mib: int = 2048
+    timing_cache: str | None = None
+    fp32_layer_types: tuple[str, ...] = ("GRID_SAMPLE",)
+    fp32_layer_name_patterns: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        """Raise ConfigError for an impossible setting."""
+        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ConfigError(
+                "engine batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch, got "
+                f"min_batch={self.min_batch}, opt_batch={self.opt_batch}, max_batch={self.max_batch}"
+            )
+        if self.workspace_mib <= 0:
+            raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
+
+
+# --------------------------------------------------------------------------------------------
+# Environment: TensorRT module and GPU identity
+# --------------------------------------------------------------------------------------------
+
+
+def import_tensorrt() -> Any:
+    """Import and return the ``tensorrt`` module, or raise TensorRTUnavailable."""
+    try:
+        import tensorrt  # type: ignore[import-not-found]
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("tensorrt", None) or "tensorrt" in str(exc):
+            raise TensorRTUnavailable(TENSORRT_MISSING_MESSAGE) from None
+        raise TensorRTUnavailable(f"TensorRT is installed but could not be loaded: {exc}") from None
+    except OSError as exc:  # the package exists but libnvinfer cannot be loaded
+        raise TensorRTUnavailable(f"TensorRT is installed but could not be loaded: {exc}") from None
+    return tensorrt
+
+
+def _visible_device_index() -> int | None:
+    """The physical index of CUDA device 0 when CUDA_VISIBLE_DEVICES names it by number."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else None
+
+
+def _gpu_from_cuda_python() -> dict[str, str] | None:
+    """GPU 0 through cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``)."""
+    try:
+        from cuda.bindings import runtime  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from cuda import cudart as runtime  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            return None
+    try:
+        err, prop = runtime.cudaGetDeviceProperties(0)
+        if err != runtime.cudaError_t.cudaSuccess:
+            log.debug("cudaGetDeviceProperties failed: %s", err)
+            return None
+        name = prop.name
+        if isinstance(name, (bytes, bytearray)):
+            name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
+        return {"name": str(name).strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
+    except Exception as exc:  # noqa: BLE001 - any failure here just means "try the next way"
+        log.debug("cuda-python GPU query failed: %s", exc)
+        return None
+
+
+def _gpu_from_nvidia_smi() -> dict[str, str] | None:
+    """GPU 0 (or the CUDA_VISIBLE_DEVICES one) through ``nvidia-smi``."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    cmd = [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"]
+    index = _visible_device_index()
+    if index is not None:
+        cmd.append(f"--id={index}")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("nvidia-smi failed: %s", exc)
+        return None
+    if proc.returncode != 0:
+        log.debug("nvidia-smi exited %s: %s", proc.returncode, proc.stderr.strip())
+        return None
+    return parse_nvidia_smi_line(proc.stdout)
+
+
+def parse_nvidia_smi_line(text: str) -> dict[str, str] | None:
+    """Parse the first ``name, compute_cap`` line printed by nvidia-smi; None when unusable."""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, sep, cap = line.rpartition(",")
+        cap = cap.strip()
+        if not sep or not re.fullmatch(r"\d+\.\d+", cap):
+            return None
+        return {"name": name.strip(), "compute_capability": cap}
+    return None
+
+
+def _gpu_from_libcuda() -> dict[str, str] | None:
+    """GPU 0 through the CUDA driver library with ctypes (works where cuda-python is absent)."""
+    import ctypes
+    import ctypes.util
+
+    candidates = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"]
+    lib = None
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            lib = ctypes.CDLL(candidate)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return None
+    try:
+        if lib.cuInit(0) != 0:
+            return None
+        dev = ctypes.c_int()
+        if lib.cuDeviceGet(ctypes.byref(dev), 0) != 0:
+            return None
+        buf = ctypes.create_string_buffer(256)
+        if lib.cuDeviceGetName(buf, 256, dev) != 0:
+            return None
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if lib.cuDeviceGetAttribute(
+            ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev
+        ) != 0 or lib.cuDeviceGetAttribute(
+            ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev
+        ) != 0:
+            return None
+    except (AttributeError, OSError) as exc:
+        log.debug("libcuda GPU query failed: %s", exc)
+        return None
+    name = buf.value.decode("utf-8", "replace").strip()
+    return {"name": name, "compute_capability": f"{major.value}.{minor.value}"}
+
+
+def gpu_identity() -> dict[str, str]:
+    """Name and compute capability (e.g. ``"8.7"``) of the CUDA GPU TensorRT will build for.
+
+    Tries cuda-python, then ``nvidia-smi``, then the CUDA driver library through ctypes.
+    Raises TensorRTUnavailable when none of them finds a GPU.
+    """
+    for probe in (_gpu_from_cuda_python, _gpu_from_nvidia_smi, _gpu_from_libcuda):
+        found = probe()
+        if found:
+            log.debug("GPU found by %s: %s", probe.__name__, found)
+            return found
+    raise TensorRTUnavailable(
+        "no CUDA GPU found (tried cuda-python, nvidia-smi and the CUDA driver library); "
+        "TensorRT engines must be built on the target GPU"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Names, versions, capabilities
+# --------------------------------------------------------------------------------------------
+
+
+def _sanitise(text: str) -> str:
+    """Keep [A-Za-z0-9._-]; runs of anything else become one '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).strip()).strip("-") or "unknown"
+
+
+def engine_filename(trt_version: str, gpu_name: str, compute_capability: str, precision: str) -> str:
+    """Engine file name, e.g. ``model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan``."""
+    if precision not in ("fp16", "fp32"):
+        raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+    sm = "sm" + re.sub(r"[^0-9]", "", str(compute_capability))
+    return f"model.trt{_sanitise(trt_version)}.{precision}.{sm}.{_sanitise(gpu_name)}.plan"
+
+
+def trt_major_version(trt: Any) -> int:
+    """Major version of a tensorrt module (``trt.__version__`` like ``"10.3.0"``)."""
+    match = re.match(r"\s*(\d+)", str(getattr(trt, "__version__", "")))
+    if not match:
+        raise TensorRTUnavailable(
+            f"cannot read the TensorRT version (tensorrt.__version__={getattr(trt, '__version__', None)!r})"
+        )
+    return int(match.group(1))
+
+
+def supports_fp16_flag(trt: Any) -> bool:
+    """True when ``trt.BuilderFlag.FP16`` exists (TensorRT <= 10.x; removed in 11)."""
+    flags = getattr(trt, "BuilderFlag", None)
+    return flags is not None and getattr(flags, "FP16", None) is not None
+
+
+def _network_flags(trt: Any, strongly_typed: bool) -> int:
+    """Bit mask for ``builder.create_network``: EXPLICIT_BATCH only on TRT < 10."""
+    flags = 0
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    if trt_major_version(trt) < 10:
+        flags |= 1 << int(creation.EXPLICIT_BATCH)
+    if strongly_typed:
+        member = getattr(creation, "STRONGLY_TYPED", None) if creation is not None else None
+        if member is not None:
+            flags |= 1 << int(member)
+        elif trt_major_version(trt) < 11:
+            raise TensorRTUnavailable(
+                f"TensorRT {trt.__version__} has neither the FP16 builder flag nor strongly typed "
+                "networks; install TensorRT 8.5-10.x or 11+"
+            )
+        # TensorRT 11+: every network is strongly typed; nothing to set.
+    return flags
+
+
+# --------------------------------------------------------------------------------------------
+# Build steps
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_onnx(parser: Any, onnx_path: Path) -> None:
+    """Parse the ONNX file; one GradError line naming the file and listing every parser error."""
+    try:
+        data = onnx_path.read_bytes()
+    except OSError as exc:
+        raise GradError(f"cannot read ONNX model {onnx_path}: {exc.strerror or exc}") from None
+    ok = parser.parse(data, path=str(onnx_path))
+    n_errors = int(getattr(parser, "num_errors", 0) or 0)
+    if ok and n_errors == 0:
+        return
+    messages = [_parser_error_text(parser.get_error(i)) for i in range(n_errors)]
+    detail = "; ".join(m for m in messages if m) or "no error details reported"
+    raise GradError(f"TensorRT could not parse ONNX model {onnx_path}: {detail}")
+
+
+def _parser_error_text(err: Any) -> str:
+    """One readable string for a TensorRT ParserError (``desc()`` plus node name/operator)."""
+    desc = err.desc() if callable(getattr(err, "desc", None)) else str(err)
+    where = []
+    for attr in ("node_name", "node_operator"):
+        fn = getattr(err, attr, None)  # TensorRT >= 10 only
+        if callable(fn):
+            try:
+                value = fn()
+            except Exception:  # noqa: BLE001 - extra detail only
+                value = ""
+            if value:
+                where.append(str(value))
+    desc = " ".join(str(desc).split())
+    return f"[{' '.join(where)}] {desc}" if where else desc
+
+
+def _find_input(network: Any, input_name: str) -> Any:
+    names = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if tensor.name == input_name:
+            return tensor
+        names.append(tensor.name)
+    raise GradError(f"the ONNX model has no input named {input_name!r} (its inputs: {', '.join(names) or 'none'})")
+
+
+def _check_input_shape(tensor: Any, input_chw: tuple[int, int, int], cfg: EngineBuildConfig) -> None:
+    """Refuse a profile that cannot fit the network's input (fixed batch, other C/H/W)."""
+    try:
+        shape = tuple(int(d) for d in tensor.shape)
+    except TypeError:
+        return
+    if len(shape) != 4:
+        raise GradError(f"input {tensor.name!r} has shape {list(shape)}; expected (N, C, H, W)")
+    for got, want, axis in zip(shape[1:], input_chw, "CHW"):
+        if got >= 0 and got != want:
+            raise GradError(
+                f"input {tensor.name!r} has {axis}={got} but the bundle says {axis}={want} "
+                f"(input shape {list(shape)})"
+            )
+    batch = shape[0]
+    if batch >= 0 and not cfg.min_batch == cfg.max_batch == batch:
+        raise GradError(
+            f"input {tensor.name!r} has a fixed batch of {batch}; re-export the ONNX with a dynamic "
+            f"batch axis or build with min_batch=opt_batch=max_batch={batch}"
+        )
+
+
+def _float_types(trt: Any) -> set[Any]:
+    return {t for t in (getattr(trt, n, None) for n in ("float32", "float16", "bfloat16")) if t is not None}
+
+
+def _force_fp32_layers(trt: Any, network: Any, cfg: EngineBuildConfig) -> list[str]:
+    """Pin matching layers to FP32 (precision and every output type); return their names."""
+    wanted_types = []
+    for type_name in cfg.fp32_layer_types:
+        member = getattr(trt.LayerType, type_name, None)
+        if member is None:
+            raise ConfigError(
+                f"fp32_layer_types: {type_name!r} is not a TensorRT LayerType in TensorRT {trt.__version__}"
+            )
+        wanted_types.append(member)
+    floats = _float_types(trt)
+    forced: list[str] = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        by_type = layer.type in wanted_types
+        by_name = any(p in (layer.name or "") for p in cfg.fp32_layer_name_patterns)
+        if not (by_type or by_name):
+            continue
+        outputs = [layer.get_output(j) for j in range(layer.num_outputs)]
+        if not by_type and any(out.dtype not in floats for out in outputs):
+            # Shape/index arithmetic (INT32/INT64/BOOL) in the coordinate branch: leave it alone.
+            log.debug("not forcing non-float layer %r to FP32", layer.name)
+            continue
+        layer.precision = trt.float32
+        for j in range(layer.num_outputs):
+            layer.set_output_type(j, trt.float32)
+        forced.append(layer.name)
+    return forced
+
+
+def _setup_timing_cache(config: Any, path: Path | None) -> Any:
+    """Create the config's timing cache from ``path`` (when it exists) and attach it."""
+    if path is None:
+        return None
+    data = b""
+    if path.is_file():
+        data = path.read_bytes()
+        log.info("Reusing TensorRT timing cache %s (%d bytes)", path, len(data))
+    try:
+        cache = config.create_timing_cache(data)
+        ok = config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception as exc:  # noqa: BLE001 - a bad cache must not stop the build
+        log.debug("timing cache %s rejected: %s", path, exc)
+        ok = False
+    if ok is False:
+        log.warning("Timing cache %s does not match this TensorRT/GPU; starting a fresh one", path)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _atomic_write_bytes(path: Path, data: Any) -> None:
+    """Write ``data`` (bytes or a buffer such as trt.IHostMemory) to ``path`` via tmp + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_engine(
+    onnx_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    input_name: str,
+    input_chw: tuple[int, int, int],
+    cfg: EngineBuildConfig,
+    fp16_onnx_path: str | os.PathLike[str] | None = None,
+    trt: Any = None,
+    gpu: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Build a TensorRT engine and write it to ``out_dir/engine_filename(...)``.
+
+    Args:
+        onnx_path: the FP32 ONNX model (``model.onnx``).
+        out_dir: folder the engine goes to (the bundle).
+        input_name: name of the image input (``"image"``).
+        input_chw: (C, H, W) of that input; the batch axis gets the cfg's optimisation profile.
+        cfg: build settings.
+        fp16_onnx_path: the FP16 ONNX (``model.fp16.onnx``); needed for FP16 where TensorRT has no
+            FP16 builder flag (11+).
+        trt: the tensorrt module (default: :func:`import_tensorrt`); a fake in the glue tests.
+        gpu: ``{"name", "compute_capability"}`` (default: :func:`gpu_identity`).
+
+    Returns:
+        The stamp for bundle.json: file, tensorrt_version, gpu_name, compute_capability, precision,
+        profile (min/opt/max shapes), build_mode, workspace_mib, build_seconds, timing_cache and
+        fp32_layers (layers pinned to FP32 under the FP16 flag).
+
+    Raises:
+        TensorRTUnavailable: no TensorRT or no GPU.
+        GradError: unreadable/unparsable ONNX, missing FP16 ONNX, wrong input, failed build.
+        ConfigError: invalid cfg.
+    """
+    cfg.validate()
+    trt = import_tensorrt() if trt is None else trt
+    gpu = gpu_identity() if gpu is None else gpu
+    onnx_path = Path(onnx_path)
+    out_dir = Path(out_dir)
+    trt_version = str(trt.__version__)
+    c, h, w = (int(v) for v in input_chw)
+
+    if not cfg.fp16:
+        mode, source, strongly_typed = BUILD_MODE_FP32, onnx_path, False
+    elif supports_fp16_flag(trt):
+        mode, source, strongly_typed = BUILD_MODE_FP16_FLAG, onnx_path, False
+    else:
+        if fp16_onnx_path is None:
+            raise GradError(
+                f"TensorRT {trt_version} has no FP16 builder flag: an FP16 engine must be built from "
+                "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with "
+                "`grad-export build --fp16 <bundle>`"
+            )
+        mode, source, strongly_typed = BUILD_MODE_STRONGLY_TYPED, Path(fp16_onnx_path), True
+    precision = "fp16" if cfg.fp16 else "fp32"
+    log.info(
+        "Building TensorRT %s %s engine (%s) from %s for %s (sm%s)",
+        trt_version, precision, mode, source, gpu["name"], gpu["compute_capability"].replace(".", ""),
+    )
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(_network_flags(trt, strongly_typed))
+    parser = trt.OnnxParser(network, trt_logger)
+    _parse_onnx(parser, source)
+
+    tensor = _find_input(network, input_name)
+    _check_input_shape(tensor, (c, h, w), cfg)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mib) * 2**20)
+
+    forced: list[str] = []
+    if mode == BUILD_MODE_FP16_FLAG:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        forced = _force_fp32_layers(trt, network, cfg)
+        log.info("Pinned %d layer(s) to FP32: %s", len(forced), ", ".join(forced) or "none")
+        if "GRID_SAMPLE" in cfg.fp32_layer_types and not any(
+            network.get_layer(i).type == trt.LayerType.GRID_SAMPLE for i in range(network.num_layers)
+        ):
+            log.warning("No GridSample layer found in %s; is this the GRAD model?", source)
+
+    shapes = {
+        "min": [cfg.min_batch, c, h, w],
+        "opt": [cfg.opt_batch, c, h, w],
+        "max": [cfg.max_batch, c, h, w],
+    }
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
+    config.add_optimization_profile(profile)
+
+    cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
+    _setup_timing_cache(config, cache_path)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - started
+    if serialized is None or memoryview(serialized).nbytes == 0:
+        raise GradError(
+            f"TensorRT {trt_version} failed to build an engine from {source} "
+            "(see the TensorRT messages above); no engine was written"
+        )
+
+    name = engine_filename(trt_version, gpu["name"], gpu["compute_capability"], precision)
+    _atomic_write_bytes(out_dir / name, serialized)
+    log.info("Wrote %s (%.1f s build)", out_dir / name, build_seconds)
+
+    if cache_path is not None:
+        cache = config.get_timing_cache()
+        if cache is not None:
+            _atomic_write_bytes(cache_path, cache.serialize())
+            log.info("Saved TensorRT timing cache %s", cache_path)
+
+    return {
+        "file": name,
+        "tensorrt_version": trt_version,
+        "gpu_name": gpu["name"],
+        "compute_capability": gpu["compute_capability"],
+        "precision": precision,
+        "profile": shapes,
+        "build_mode": mode,
+        "workspace_mib": int(cfg.workspace_mib),
+        "build_seconds": round(build_seconds, 3),
+        "timing_cache": str(cache_path) if cache_path is not None else None,
+        "fp32_layers": forced,
+    }
+
+
+def engine_matches_device(
+    stamp: dict[str, Any], trt_version: str, gpu: dict[str, str], bundle: str = "<bundle>"
+) -> str | None:
+    """None when the engine stamp fits this TensorRT and GPU; else a one-line reason and the fix.
+
+    An engine is only valid for the TensorRT version and GPU it was built on (DESIGN.md section 6).
+    """
+    problems = []
+    built_trt = str(stamp.get("tensorrt_version"))
+    if built_trt != str(trt_version):
+        problems.append(f"TensorRT {built_trt} (this device has TensorRT {trt_version})")
+    built_cc = str(stamp.get("compute_capability"))
+    built_gpu = str(stamp.get("gpu_name"))
+    if built_cc != str(gpu.get("compute_capability")) or built_gpu != str(gpu.get("name")):
+        problems.append(
+            f"GPU {built_gpu} (compute capability {built_cc}; this device has {gpu.get('name')}, "
+            f"compute capability {gpu.get('compute_capability')})"
+        )
+    if not problems:
+        return None
+    command = REBUILD_COMMAND.format(bundle=bundle)
+    if stamp.get("precision") == "fp32":
+        command = command.replace(" --fp16", "")
+    return (
+        f"engine {stamp.get('file', '(unnamed)')} was built for {' and '.join(problems)}; "
+        f"TensorRT engines only run where they were built: rebuild it on this device with `{command}`"
+    )

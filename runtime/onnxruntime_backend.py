@@ -1,0 +1,89 @@
+"""ONNX Runtime backend: runs a bundle's ONNX graph on CPU, CUDA or the TensorRT execution provider."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gradad.errors import GradError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class BackendError(GradError):
+    """A backend that cannot be created or run with the given model/settings."""
+
+
+def resolve_providers(requested: Sequence[str] | None) -> list[str]:
+    """Map short names to ONNX Runtime providers, keeping only available ones (CPU is always last)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not requested:
+        order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in order if p in available]
+    providers = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise BackendError(f"ONNX Runtime provider {name!r} is not available here (available: "
+                               f"{', '.join(available)})")
+        providers.append(full)
+    if "CPUExecutionProvider" not in providers:
+        providers.append("CPUExecutionProvider")
+    return providers
+
+
+class OnnxRuntimeBackend:
+    """image (N, 3, H, W) float32 RGB 0..255 -> (scores (N,), maps (N, H, W)) with one ORT session."""
+
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise BackendError(f"ONNX model not found: {path}")
+        options = ort.SessionOptions()
+        if threads > 0:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=resolve_providers(providers))
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs
+            raise BackendError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        self.path = path
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = inp.shape  # e.g. ['N', 3, 256, 256]
+        self.providers = self.session.get_providers()
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return int(self.input_shape[2]), int(self.input_shape[3])
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run one batch; checks the input size so a wrong frame size is a clear error, not an ORT trace."""
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.input_hw:
+            raise BackendError(f"{self.path.name} expects images of shape (N, 3, {self.input_hw[0]}, "
+                               f"{self.input_hw[1]}), got {tuple(images.shape)}")
+        scores, maps = self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
+        return scores.astype(np.float32), maps[:, 0].astype(np.float32)
+
+    def infer_all(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``images`` (N, 3, H, W) in batches."""
+        scores, maps = [], []
+        for start in range(0, len(images), batch_size):
+            s, m = self.infer(images[start : start + batch_size])
+            scores.append(s)
+            maps.append(m)
+        return np.concatenate(scores), np.concatenate(maps)

@@ -1,0 +1,185 @@
+"""grad-export: ONNX parity with PyTorch, FP16 with FP32 GridSample, the GridSample lint, bundle.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from gradad.bundle import BUNDLE_SCHEMA, BundleError, read_manifest, validate_manifest, verify_files
+from gradad.export.cli import main as export_main
+from gradad.export.fp16 import fp32_tensor_check
+from gradad.export.graph import ExportModule
+from gradad.export.lint import ExportLintError, lint_or_raise, lint_problems
+from gradad.export.onnx_export import ExportOptions, export_bundle
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from gradad.runtime.preprocess import to_model_input
+from gradad.data.datasets import load_samples
+from gradad.data.images import read_image_rgb
+from gradad.training.checkpoint import load_detector
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return export_bundle(trained_tiny, out, ExportOptions(parity_max_images=24))
+
+
+@pytest.fixture(scope="module")
+def test_batch(trained_tiny: Path, tiny_demo_root: Path) -> np.ndarray:
+    samples = load_samples(tiny_demo_root, "test")[::3]
+    return to_model_input([read_image_rgb(s.image_path) for s in samples], 64, 64)
+
+
+def test_onnx_runtime_matches_pytorch(bundle: Path, trained_tiny: Path, test_batch: np.ndarray) -> None:
+    detector, payload = load_detector(trained_tiny)
+    norm = payload["normalisation"]
+    module = ExportModule(detector, norm["mean"], norm["std"]).eval()
+    with torch.no_grad():
+        ref_scores, ref_maps = module(torch.from_numpy(test_batch))
+    scores, maps = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"], threads=2).infer_all(test_batch, 4)
+    assert np.abs(maps - ref_maps[:, 0].numpy()).max() < 1e-4
+    assert np.abs(scores - ref_scores.numpy()).max() < 1e-4
+    # Dynamic batch: batch 1 gives the same as batch 4.
+    s1, m1 = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"]).infer(test_batch[:1])
+    assert np.allclose(m1, maps[:1], atol=1e-5)
+
+
+def test_fp16_onnx_close_to_fp32_with_fp32_gridsample(bundle: Path, test_batch: np.ndarray) -> None:
+    s32, m32 = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"]).infer_all(test_batch)
+    s16, m16 = OnnxRuntimeBackend(bundle / "model.fp16.onnx", ["cpu"]).infer_all(test_batch)
+    assert m16.dtype == np.float32  # FP32 inputs/outputs
+    assert np.linalg.norm(m16 - m32) / np.linalg.norm(m32) < 1e-2
+    assert np.linalg.norm(s16 - s32) / np.linalg.norm(s32) < 1e-2
+    model16 = onnx.load(bundle / "model.fp16.onnx")
+    inferred = onnx.shape_inference.infer_shapes(model16)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({i.name: i.data_type for i in model16.graph.initializer})
+    grid_nodes = [n for n in model16.graph.node if n.op_type == "GridSample"]
+    assert len(grid_nodes) == 4
+    for node in grid_nodes:
+        assert all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output]), node.name
+    # Most of the rest really is FP16 (the conversion did something).
+    convs = [n for n in model16.graph.node if n.op_type == "Conv" and "/mapper/" not in n.name]
+    assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
+    assert fp32_tensor_check(model16) == []
+
+
+def test_bundle_manifest_valid_and_complete(bundle: Path) -> None:
+    manifest = read_manifest(bundle)
+    validate_manifest(manifest)
+    verify_files(bundle, manifest)
+    assert manifest["onnx"]["opset"] == 17 and manifest["onnx"]["gridsample_nodes"] == 4
+    assert manifest["input"]["height"] == 64 and manifest["input"]["normalisation"]["in_graph"]
+    parity = manifest["parity"]
+    assert parity["passed"] and parity["onnx_fp32_vs_pytorch"]["map_max_abs"] < 1e-4
+    assert parity["onnx_fp16_vs_fp32"]["auroc_fp32"] is not None
+    assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx"}
+    model = onnx.load(bundle / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    onnx.checker.check_model(model)
+    for key in BUNDLE_SCHEMA["required"]:
+        assert key in manifest
+
+
+def test_tampered_file_and_bad_manifest_rejected(bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    data = bytearray((copy / "model.fp16.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "model.fp16.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.fp16.onnx.*hash"):
+        verify_files(copy, read_manifest(copy))
+    manifest = json.loads((copy / "bundle.json").read_text())
+    manifest["schema_version"] = 99
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 99"):
+        read_manifest(copy)
+    manifest["schema_version"] = 1
+    del manifest["input"]["height"]
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="input"):
+        read_manifest(copy)
+
+
+def _gridsample_model(opset: int, mode: str, align_corners: int = 0) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    g = helper.make_tensor_value_info("grid", TensorProto.FLOAT, [1, 3, 3, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 3, 3])
+    node = helper.make_node("GridSample", ["x", "grid"], ["y"], mode=mode, align_corners=align_corners,
+                            padding_mode="zeros", name="gs")
+    graph = helper.make_graph([node], "g", [x, g], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def test_lint_rejects_opset20_nearest_and_wrong_align(bundle: Path) -> None:
+    assert lint_problems(_gridsample_model(17, "bilinear")) == []
+    with pytest.raises(ExportLintError, match="opset 20"):
+        lint_or_raise(_gridsample_model(20, "linear"), "m")
+    with pytest.raises(ExportLintError, match="mode 'nearest'"):
+        lint_or_raise(_gridsample_model(17, "nearest"), "m")
+    with pytest.raises(ExportLintError, match="align_corners 1"):
+        lint_or_raise(_gridsample_model(17, "bilinear", align_corners=1), "m")
+    # The real exported graph, edited to nearest, is refused too.
+    model = onnx.load(bundle / "model.onnx")
+    for node in model.graph.node:
+        if node.op_type == "GridSample":
+            for attr in node.attribute:
+                if attr.name == "mode":
+                    attr.s = b"nearest"
+    assert len(lint_problems(model)) == 4
+
+
+def test_real_torch_export_at_opset20_is_refused(trained_tiny: Path, tmp_path: Path) -> None:
+    import warnings
+
+    detector, payload = load_detector(trained_tiny)
+    module = ExportModule(detector, payload["normalisation"]["mean"], payload["normalisation"]["std"]).eval()
+    path = tmp_path / "op20.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.rand(1, 3, 64, 64) * 255,), str(path), dynamo=False, opset_version=20,
+                          input_names=["image"], output_names=["score", "anomaly_map"])
+    with pytest.raises(ExportLintError, match="opset 20"):
+        lint_or_raise(onnx.load(path), str(path))
+
+
+def test_cli_inspect_build_and_refusals(bundle: Path, trained_tiny: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(export_main, ["inspect", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert "opset 17" in result.output and "model.fp16.onnx" in result.output and "parity FP16" in result.output
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        result = runner.invoke(export_main, ["build", "--fp16", str(bundle)])
+        assert result.exit_code == 2
+        assert "TensorRT not installed" in result.stderr and "model.onnx" in result.stderr
+        assert read_manifest(bundle)["engines"] == []
+    # Never writes into a folder that is not a bundle; never replaces a bundle without --overwrite.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = runner.invoke(export_main, ["onnx", str(trained_tiny), "-o", str(other)])
+    assert result.exit_code == 2 and "not a model bundle" in result.stderr
+    assert (other / "keep.txt").read_text() == "mine"
+    result = runner.invoke(export_main, ["onnx", str(trained_tiny), "-o", str(bundle)])
+    assert result.exit_code == 2 and "--overwrite" in result.stderr
+
+
+def test_parity_gate_failure_writes_nothing(trained_tiny: Path, tmp_path: Path) -> None:
+    from gradad.export.parity import ParityError, ParityGates
+
+    opts = ExportOptions(parity_max_images=6, gates=ParityGates(fp16_map_rel_l2=1e-9))
+    with pytest.raises(ParityError, match="FP16 map relative L2"):
+        export_bundle(trained_tiny, tmp_path / "rejected", opts)
+    assert not (tmp_path / "rejected").exists()
+    assert not list(tmp_path.glob(".*export-tmp"))
