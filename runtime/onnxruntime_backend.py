@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from gradad.errors import GradError
+from gradad.runtime.backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
 class OnnxRuntimeBackend:
     """image (N, 3, H, W) float32 RGB 0..255 -> (scores (N,), maps (N, H, W)) with one ORT session."""
 
-    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None, threads: int = 0) -> None:
+    def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None, threads: int = 0,
+                 max_batch: int = 32) -> None:
         import onnxruntime as ort
 
         path = Path(onnx_path)
@@ -66,6 +68,9 @@ class OnnxRuntimeBackend:
         self.input_name = inp.name
         self.input_shape = inp.shape  # e.g. ['N', 3, 256, 256]
         self.providers = self.session.get_providers()
+        self.name = f"onnxruntime:{self.providers[0]}"
+        # The graph has a dynamic batch axis; this only bounds what one call may hold (memory).
+        self.max_batch = max_batch
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -76,14 +81,25 @@ class OnnxRuntimeBackend:
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != self.input_hw:
             raise BackendError(f"{self.path.name} expects images of shape (N, 3, {self.input_hw[0]}, "
                                f"{self.input_hw[1]}), got {tuple(images.shape)}")
+        if len(images) > self.max_batch:
+            raise BackendError(f"batch of {len(images)} exceeds max_batch {self.max_batch}")
         scores, maps = self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
         return scores.astype(np.float32), maps[:, 0].astype(np.float32)
 
     def infer_all(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """Run ``images`` (N, 3, H, W) in batches."""
-        scores, maps = [], []
-        for start in range(0, len(images), batch_size):
-            s, m = self.infer(images[start : start + batch_size])
-            scores.append(s)
-            maps.append(m)
-        return np.concatenate(scores), np.concatenate(maps)
+        return infer_in_batches(self, images, batch_size)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+def infer_in_batches(backend: "Backend", images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Run any backend over many images, ``min(batch_size, backend.max_batch)`` at a time."""
+    step = max(1, min(batch_size, backend.max_batch))
+    scores, maps = [], []
+    for start in range(0, len(images), step):
+        s, m = backend.infer(images[start : start + step])
+        scores.append(s)
+        maps.append(m)
+    return np.concatenate(scores), np.concatenate(maps)

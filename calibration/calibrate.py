@@ -1,0 +1,187 @@
+"""``grad-calibrate``: thresholds from the exported model, run through the runtime backend the line will use."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from gradad.bundle import read_manifest, write_manifest
+from gradad.calibration.thresholds import (
+    CalibrationConfig,
+    binomial_upper_bound,
+    far_threshold,
+    min_images_for_rate,
+    pixel_threshold_f1,
+    pixel_threshold_good_only,
+    rates_at,
+    recall_threshold,
+)
+from gradad.data.datasets import is_image_file
+from gradad.data.images import read_image_rgb, read_mask, resize_mask
+from gradad.errors import DatasetError, GradError
+from gradad.runtime.backend import Backend
+from gradad.runtime.preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def list_images(folder: str | Path, what: str) -> list[Path]:
+    """Sorted image files directly inside ``folder`` (clear error when there are none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{what} folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+    if not files:
+        raise DatasetError(f"{what} folder {folder} holds no images")
+    return files
+
+
+def find_mask(masks_dir: Path, image: Path) -> Path | None:
+    """<stem>_mask.* or <stem>.* inside masks_dir."""
+    for pattern in (f"{image.stem}_mask.*", f"{image.stem}.*"):
+        hits = sorted(p for p in masks_dir.glob(pattern) if is_image_file(p))
+        if hits:
+            return hits[0]
+    return None
+
+
+def score_images(backend: Backend, files: Sequence[Path], batch_size: int = 8,
+                 desc: str = "scoring") -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """(scores, maps at model size, original image sizes) for image files, via the runtime backend."""
+    h, w = backend.input_hw
+    scores, maps, sizes = [], [], []
+    step = max(1, min(batch_size, backend.max_batch))
+    for start in tqdm(range(0, len(files), step), desc=desc, unit="batch", leave=False):
+        images = [read_image_rgb(p) for p in files[start : start + step]]
+        sizes += [im.shape[:2] for im in images]
+        s, m = backend.infer(to_model_input(images, h, w))
+        scores.append(s)
+        maps.append(m)
+    return np.concatenate(scores), np.concatenate(maps), sizes
+
+
+def _strictly_below(t: float) -> float:
+    """Decisions are ``score > threshold``; a rule defined with >= t becomes > nextafter(t, -inf)."""
+    return float(np.nextafter(np.float32(t), np.float32(-np.inf)))
+
+
+def calibrate(
+    backend: Backend,
+    good_dir: str | Path,
+    defect_dir: str | Path | None = None,
+    masks_dir: str | Path | None = None,
+    config: CalibrationConfig = CalibrationConfig(),
+) -> dict[str, Any]:
+    """Compute thresholds; returns the ``calibration`` section of bundle.json."""
+    if config.method not in ("far", "f1", "recall"):
+        raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
+    if not 0 < config.false_alarm_rate < 1:
+        raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
+    good_files = list_images(good_dir, "--good")
+    good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
+    n = len(good_scores)
+    threshold, k = far_threshold(good_scores, config.false_alarm_rate)
+    upper = binomial_upper_bound(k, n, config.confidence)
+    needed = min_images_for_rate(config.false_alarm_rate, config.confidence)
+    warnings_list = []
+    if n < needed:
+        msg = (f"calibration set too small for a {config.false_alarm_rate:.1%} false-alarm rate: {n} good images "
+               f"bound it only to <= {upper:.1%} at {config.confidence:.0%} confidence; use >= {needed} images")
+        warnings_list.append(msg)
+        log.warning(msg)
+    rules: dict[str, Any] = {
+        "far": {"threshold": threshold, "good_above": k, **rates_at(threshold, good_scores, None),
+                "false_alarm_rate_upper": upper},
+    }
+    pixel = {"threshold": pixel_threshold_good_only(good_maps, config.pixel_false_positive_rate),
+             "method": f"good pixels above: {config.pixel_false_positive_rate}"}
+    defect_scores = None
+    n_defect = 0
+    if defect_dir:
+        defect_files = list_images(defect_dir, "--defect")
+        defect_scores, defect_maps, sizes = score_images(backend, defect_files, desc="defect images")
+        n_defect = len(defect_files)
+        labels = np.r_[np.zeros(n, int), np.ones(n_defect, int)]
+        all_scores = np.r_[good_scores, defect_scores]
+        from gradad.evaluation.metrics import auroc, best_f1
+
+        f1, t_f1 = best_f1(labels, all_scores)
+        t_f1 = _strictly_below(t_f1)
+        t_rec = _strictly_below(recall_threshold(defect_scores, config.target_recall))
+        rules["far"].update(rates_at(threshold, good_scores, defect_scores))
+        rules["f1"] = {"threshold": t_f1, "f1": f1, **rates_at(t_f1, good_scores, defect_scores)}
+        rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall,
+                           **rates_at(t_rec, good_scores, defect_scores)}
+        rules["image_auroc"] = auroc(labels, all_scores)
+        if masks_dir:
+            hw = backend.input_hw
+            masks = np.zeros((n_defect, *hw), bool)
+            found = 0
+            for i, (f, size) in enumerate(zip(defect_files, sizes)):
+                mp = find_mask(Path(masks_dir), f)
+                if mp is not None:
+                    masks[i] = resize_mask(read_mask(mp, size), hw[0])
+                    found += 1
+            if not found:
+                raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")
+            maps = np.concatenate([good_maps, defect_maps])
+            gt = np.concatenate([np.zeros_like(good_maps, bool), masks])
+            t_px, f1_px = pixel_threshold_f1(maps, gt)
+            pixel = {"threshold": _strictly_below(t_px), "method": "pixel F1-optimal", "pixel_f1": f1_px,
+                     "good_only_threshold": pixel["threshold"], "masks_found": found}
+    elif config.method != "far":
+        raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
+    active = rules[config.method]["threshold"]
+    if active <= 0:
+        raise GradError(f"calibrated threshold {active} is not positive: check the --good images")
+    return {
+        "image_threshold": float(active),
+        "pixel_threshold": float(pixel["threshold"]),
+        "method": config.method,
+        "normalisation": "normalised_score = score / (2 * image_threshold), so 0.5 = threshold",
+        "decision": "anomalous if score > image_threshold",
+        "rules": rules,
+        "pixel": pixel,
+        "config": asdict(config),
+        "backend": getattr(backend, "name", type(backend).__name__),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "data": {"good_dir": str(good_dir), "n_good": n, "defect_dir": str(defect_dir) if defect_dir else None,
+                 "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
+                 "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)}},
+        "warnings": warnings_list,
+    }
+
+
+def store_calibration(bundle_dir: str | Path, calibration: dict[str, Any]) -> Path:
+    """Write the calibration into bundle.json (the model files and their hashes are untouched)."""
+    manifest = read_manifest(bundle_dir)
+    manifest["calibration"] = calibration
+    return write_manifest(bundle_dir, manifest)
+
+
+def calibration_table(cal: dict[str, Any]) -> str:
+    """Markdown table of the threshold rules with their false-alarm rate and recall."""
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.1f}%"
+
+    lines = ["| rule | threshold | false alarms (good) | recall (defects) | note |", "|---|---:|---:|---:|---|"]
+    for name in ("far", "f1", "recall"):
+        r = cal["rules"].get(name)
+        if not r:
+            continue
+        active = " (active)" if name == cal["method"] else ""
+        note = {"far": f"target {pct(cal['config']['false_alarm_rate'])}, 95% upper bound "
+                       f"{pct(r.get('false_alarm_rate_upper'))}",
+                "f1": f"F1 {r.get('f1', 0):.3f}",
+                "recall": f"target recall {pct(r.get('target_recall'))}"}[name]
+        lines.append(f"| {name}{active} | {r['threshold']:.4f} | {pct(r['false_alarm_rate'])} | "
+                     f"{pct(r['recall'])} | {note} |")
+    lines.append(f"\npixel threshold {cal['pixel_threshold']:.4f} ({cal['pixel']['method']})")
+    return "\n".join(lines)

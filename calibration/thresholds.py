@@ -1,0 +1,102 @@
+"""Threshold rules of DESIGN.md section 7 (numpy only).
+
+Good images only: the image threshold is the smallest score that at most floor(rate * n) good scores exceed,
+reported with the one-sided 95% Clopper-Pearson upper bound of the true false-alarm rate. With labelled
+defects, the F1-optimal threshold and the threshold that reaches a target recall are reported as well.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradad.evaluation.metrics import best_f1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """What the user asks of the thresholds."""
+
+    false_alarm_rate: float = 0.01  # target fraction of good parts flagged
+    target_recall: float = 0.95  # for the recall rule, when defects are given
+    method: str = "far"  # which rule sets the active image threshold: far | f1 | recall
+    pixel_false_positive_rate: float = 0.001  # good-only pixel threshold: this fraction of good pixels above
+    confidence: float = 0.95
+
+
+def binomial_upper_bound(k: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound of p given k successes in n trials."""
+    if n <= 0:
+        return 1.0
+    if k >= n:
+        return 1.0
+    alpha = 1.0 - confidence
+
+    def cdf(p: float) -> float:  # P(X <= k | n, p)
+        total = 0.0
+        for i in range(k + 1):
+            log_term = (math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                        + (i * math.log(p) if i else 0.0) + (n - i) * math.log1p(-p))
+            total += math.exp(log_term)
+        return total
+
+    lo, hi = k / n, 1.0
+    for _ in range(100):  # bisection on the decreasing CDF: find p with cdf(p) = alpha
+        mid = (lo + hi) / 2
+        if cdf(mid) > alpha:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def min_images_for_rate(rate: float, confidence: float = 0.95) -> int:
+    """Good images needed so that zero false alarms bound the rate by ``rate`` (n >= ln(1-conf)/ln(1-rate))."""
+    return int(math.ceil(math.log(1 - confidence) / math.log1p(-rate)))
+
+
+def far_threshold(good_scores: np.ndarray, rate: float) -> tuple[float, int]:
+    """(threshold, k): at most k = floor(rate * n) good scores lie strictly above the threshold."""
+    s = np.sort(np.asarray(good_scores, dtype=np.float64))
+    n = s.size
+    if n == 0:
+        raise ValueError("no good scores to calibrate on")
+    k = int(math.floor(rate * n))
+    k = min(k, n - 1)
+    threshold = float(s[n - 1 - k])
+    return threshold, int((s > threshold).sum())
+
+
+def recall_threshold(defect_scores: np.ndarray, target: float) -> float:
+    """Largest threshold at which at least ``target`` of the defect scores are >= the threshold."""
+    s = np.sort(np.asarray(defect_scores, dtype=np.float64))[::-1]
+    need = max(1, int(math.ceil(target * s.size)))
+    return float(s[need - 1])
+
+
+def rates_at(threshold: float, good_scores: np.ndarray, defect_scores: np.ndarray | None) -> dict[str, float | None]:
+    """False-alarm rate (score > t) on good images and recall (score > t) on defects at ``threshold``."""
+    far = float(np.mean(np.asarray(good_scores) > threshold)) if len(good_scores) else None
+    recall = None
+    if defect_scores is not None and len(defect_scores):
+        recall = float(np.mean(np.asarray(defect_scores) > threshold))
+    return {"false_alarm_rate": far, "recall": recall}
+
+
+def pixel_threshold_good_only(good_maps: np.ndarray, rate: float) -> float:
+    """Pixel value exceeded by ``rate`` of all good-image pixels."""
+    return float(np.quantile(np.asarray(good_maps, dtype=np.float32).ravel(), 1.0 - rate))
+
+
+def pixel_threshold_f1(maps: np.ndarray, masks: np.ndarray, max_pixels: int = 4_000_000,
+                       seed: int = 0) -> tuple[float, float]:
+    """(F1-optimal pixel threshold, its F1) over all pixels; subsampled uniformly above ``max_pixels``."""
+    values = np.asarray(maps, dtype=np.float32).ravel()
+    labels = np.asarray(masks, dtype=bool).ravel()
+    if values.size > max_pixels:
+        idx = np.random.default_rng(seed).choice(values.size, max_pixels, replace=False)
+        values, labels = values[idx], labels[idx]
+    f1, threshold = best_f1(labels.astype(np.int64), values)
+    return float(threshold), float(f1)

@@ -1,0 +1,163 @@
+"""``grad-run``: inspect parts on a camera, stream, video or image folder with a model bundle.
+
+Lean: numpy + OpenCV + ONNX Runtime or TensorRT. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+
+log = logging.getLogger("gradad.run")
+
+EPILOG = """\b
+Sources:
+  --camera 0                         USB/V4L2 camera index (RTX boxes, Jetson USB cameras)
+  --source rtsp://10.0.0.5/stream    RTSP/HTTP stream (reconnects with back-off)
+  --source line.mp4 | frames/ | 'frames/*.png'   video file, image folder, glob
+  --source "nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,height=1080,framerate=30/1 !
+            nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"
+                                     Jetson CSI camera through GStreamer (OpenCV built with GStreamer)
+Several --source options are interleaved and batched together (multi-camera).
+"""
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True}, epilog=EPILOG)
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--camera", type=int, help="Camera index (same as --source N).")
+@click.option("--source", "sources", multiple=True, help="Camera index, GStreamer pipeline, RTSP/HTTP URL, video "
+              "file, image folder or glob (repeatable).")
+@click.option("--backend", default="auto", type=click.Choice(["auto", "tensorrt", "onnxruntime"]))
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="[default: fp16 on TensorRT, fp32 on ONNX Runtime]")
+@click.option("--providers", help="ONNX Runtime providers, comma-separated: tensorrt,cuda,cpu [default: by "
+              "availability].")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--batch", "batch_size", type=int, default=1, help="Frames per inference call (up to the engine's "
+              "profile maximum).")
+@click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
+@click.option("--jsonl", "jsonl_path", default="-", help="Per-frame JSON lines file ('-' = stdout, '' = off); "
+              "appended to, never truncated.")
+@click.option("--video", "video_path", type=click.Path(dir_okay=False), help="Write an annotated video (overlay "
+              "+ OK/NG banner).")
+@click.option("--video-fps", type=float, default=10.0)
+@click.option("--display", is_flag=True, help="Show the annotated stream in a window.")
+@click.option("--save-flagged", "flagged_dir", type=click.Path(file_okay=False), help="Folder for NG frames "
+              "(original, overlay, map .npy/.png).")
+@click.option("--flagged-max-mb", type=int, default=1024, help="Disk budget of --save-flagged (oldest evicted).")
+@click.option("--mqtt", help="MQTT broker host[:port] for result records (needs paho-mqtt).")
+@click.option("--mqtt-topic", default="gradad/results")
+@click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
+@click.option("--max-frames", type=int, help="Stop after this many frames.")
+@click.option("--loop", is_flag=True, help="Repeat file/folder sources.")
+@click.option("--benchmark", "benchmark_frames", type=int, help="Run N frames (looping the source, no JSON lines) "
+              "and write a latency summary.")
+@click.option("--benchmark-out", type=click.Path(dir_okay=False), help="JSON file of the --benchmark summary "
+              "[default: stdout].")
+@click.option("--warmup", type=int, default=5, help="Frames excluded from --benchmark statistics.")
+@click.option("--stats-every", type=float, default=10.0, help="Seconds between latency log lines (0 = off).")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, threshold, jsonl_path,
+         video_path, video_fps, display, flagged_dir, flagged_max_mb, mqtt, mqtt_topic, webhook, max_frames, loop,
+         benchmark_frames, benchmark_out, warmup, stats_every, verbose) -> None:
+    """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
+
+    Prints rolling p50/p95 latency per stage and FPS every --stats-every seconds and a summary at exit.
+    Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed.
+    """
+    setup_logging(verbose)
+    from gradad.errors import GradError
+    from gradad.runtime.loader import load_backend
+    from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_manifest
+    from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, VideoSink,
+                                      WebhookSink)
+    from gradad.runtime.sources import SourceConfig, open_source
+    from gradad.runtime.stats import LatencyStats
+
+    specs = list(sources) + ([str(camera)] if camera is not None else [])
+    if not specs:
+        raise GradError("no input: give --camera N or --source ...")
+    engine, manifest = load_backend(bundle_dir, backend, precision,
+                                    providers.split(",") if providers else None, threads)
+    thresholds = thresholds_from_manifest(manifest, threshold)
+    log.info("bundle %s, backend %s, threshold %.4f (%s)", manifest["name"], engine.name, thresholds.image,
+             thresholds.source)
+    benchmark = benchmark_frames is not None
+    source_cfg = SourceConfig(loop=loop or benchmark)
+    opened = []
+    sinks = []
+    stop = StopFlag()
+    restore = stop.install()
+    try:
+        for spec in specs:
+            opened.append(open_source(spec, source_cfg))
+        if jsonl_path and not benchmark:
+            sinks.append(JsonlSink(jsonl_path))
+        if video_path:
+            sinks.append(VideoSink(video_path, fps=video_fps))
+        if display:
+            sinks.append(DisplaySink())
+        if flagged_dir:
+            sinks.append(FlaggedFrameSink(flagged_dir, max_bytes=flagged_max_mb * 2**20))
+        if mqtt:
+            host, _, port = mqtt.partition(":")
+            sinks.append(MqttSink(host, int(port or 1883), topic=mqtt_topic))
+        if webhook:
+            sinks.append(WebhookSink(webhook))
+        frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
+        stats = LatencyStats()
+        total = (benchmark_frames + warmup) if benchmark else max_frames
+        if benchmark and warmup:
+            warm = LatencyStats()
+            run_pipeline(itertools.islice(frames, warmup), engine, thresholds, [], RunOptions(batch_size, stats_every_s=0),
+                         stop, warm)
+            total = benchmark_frames
+        t0 = time.perf_counter()
+        run_pipeline(frames, engine, thresholds, sinks, RunOptions(batch_size, total, stats_every), stop, stats)
+        wall = time.perf_counter() - t0
+    finally:
+        for src in opened:
+            src.close()
+        restore()
+    summary = stats.summary()
+    summary["wall_seconds"] = round(wall, 3)
+    summary["source_stats"] = {str(s.spec.value if hasattr(s, "spec") else i): s.stats() for i, s in enumerate(opened)}
+    log.info("done: %s", stats.format_line() if stats.frames else "no frames")
+    if benchmark:
+        summary.update({
+            "bundle": manifest["name"], "backend": engine.name, "batch_size": batch_size,
+            "input": [manifest["input"]["height"], manifest["input"]["width"]], "threads": threads,
+            "warmup_frames": warmup, "machine": platform.machine(), "processor": platform.processor(),
+            "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
+            "command": " ".join(["grad-run", *sys.argv[1:]]),
+        })
+        text = json.dumps(summary, indent=2)
+        if benchmark_out:
+            Path(benchmark_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(benchmark_out).write_text(text + "\n")
+            click.echo(f"benchmark summary: {benchmark_out}", err=True)
+        else:
+            click.echo(text)
+    else:
+        click.echo(json.dumps({"summary": summary}), err=True)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()

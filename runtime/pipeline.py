@@ -1,0 +1,189 @@
+"""The camera loop: frames -> batches -> backend -> verdicts -> sinks, with per-stage latency statistics.
+
+Shutdown (end of input, Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from gradad.errors import GradError
+from gradad.runtime.backend import Backend
+from gradad.runtime.preprocess import to_model_input
+from gradad.runtime.stats import LatencyStats
+from gradad.runtime.types import Frame, FrameResult, Sink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel thresholds in force (from the bundle's calibration or --threshold)."""
+
+    image: float
+    pixel: float | None = None
+    source: str = "calibration"
+
+    def normalise(self, score: float) -> float:
+        """0.5 = threshold, for displays."""
+        return float(score) / (2.0 * self.image)
+
+
+def thresholds_from_manifest(manifest: dict[str, Any], override: float | None = None) -> Thresholds:
+    """Thresholds from bundle.json's calibration; --threshold overrides; neither is a clear error."""
+    cal = manifest.get("calibration")
+    pixel = cal.get("pixel_threshold") if cal else None
+    if override is not None:
+        if override <= 0:
+            raise GradError(f"--threshold {override}: must be positive")
+        return Thresholds(float(override), pixel, "--threshold")
+    if not cal:
+        raise GradError(f"bundle {manifest.get('name')} is not calibrated: run grad-calibrate BUNDLE --good DIR "
+                        f"or give --threshold")
+    return Thresholds(float(cal["image_threshold"]), pixel, f"calibration {cal.get('date', '')}".strip())
+
+
+@dataclass
+class RunOptions:
+    """How the loop batches, reports and stops."""
+
+    batch_size: int = 1
+    max_frames: int | None = None
+    stats_every_s: float = 10.0
+    on_result: Callable[[FrameResult], None] | None = None
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop finishes the batch in hand, then shuts down cleanly."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name: str | None = None
+
+    def set(self, name: str = "stop") -> None:
+        self.signal_name = name
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def install(self) -> Callable[[], None]:
+        """Route SIGINT and SIGTERM to this flag (main thread only); returns a function restoring the old ones."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda signum, _frame: self.set(signal.Signals(signum).name))
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+
+def batched(frames: Iterable[Frame], size: int, stop: StopFlag) -> Iterator[list[Frame]]:
+    """Group consecutive frames into batches of up to ``size`` (the last one may be smaller)."""
+    batch: list[Frame] = []
+    for frame in frames:
+        batch.append(frame)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+        if stop:
+            break
+    if batch:
+        yield batch
+
+
+def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
+    """Round-robin over several sources (multi-camera), until every one is exhausted."""
+    iterators = [iter(s) for s in sources]
+    while iterators:
+        alive = []
+        for it in iterators:
+            try:
+                yield next(it)
+                alive.append(it)
+            except StopIteration:
+                pass
+        iterators = alive
+
+
+def run_pipeline(
+    frames: Iterable[Frame],
+    backend: Backend,
+    thresholds: Thresholds,
+    sinks: Sequence[Sink],
+    options: RunOptions = RunOptions(),
+    stop: StopFlag | None = None,
+    stats: LatencyStats | None = None,
+) -> LatencyStats:
+    """Run until the frames end, ``max_frames`` is reached or ``stop`` is set; always closes the sinks."""
+    stop = stop or StopFlag()
+    stats = stats or LatencyStats()
+    h, w = backend.input_hw
+    batch_size = max(1, min(options.batch_size, backend.max_batch))
+    last_report = time.perf_counter()
+    done = 0
+    try:
+        for batch in batched(frames, batch_size, stop):
+            if options.max_frames is not None:
+                batch = batch[: options.max_frames - done]
+            t0 = time.perf_counter()
+            inputs = to_model_input([f.image for f in batch], h, w)
+            t1 = time.perf_counter()
+            scores, maps = backend.infer(inputs)
+            t2 = time.perf_counter()
+            results = []
+            for frame, score, amap in zip(batch, scores, maps):
+                results.append(FrameResult(
+                    frame=frame, score=float(score), normalised_score=thresholds.normalise(score),
+                    is_anomalous=bool(score > thresholds.image), threshold=thresholds.image,
+                    anomaly_map=amap, pixel_threshold=thresholds.pixel,
+                ))
+            t3 = time.perf_counter()
+            n = len(batch)
+            for result in results:
+                # Batch stages are shared by the frames of a batch: each frame carries the batch's time per frame.
+                result.latency_ms = {
+                    "decode": result.frame.decode_ms,
+                    "preprocess": (t1 - t0) * 1e3 / n,
+                    "inference": (t2 - t1) * 1e3 / n,
+                    "postprocess": (t3 - t2) * 1e3 / n,
+                }
+            for result in results:
+                ts = time.perf_counter()
+                for sink in sinks:
+                    sink.write(result)
+                result.latency_ms["sink"] = (time.perf_counter() - ts) * 1e3
+                result.latency_ms["total"] = sum(result.latency_ms.values())
+                stats.add(result.latency_ms, result.is_anomalous)
+                if options.on_result:
+                    options.on_result(result)
+            done += n
+            now = time.perf_counter()
+            if options.stats_every_s > 0 and now - last_report >= options.stats_every_s:
+                log.info("%s", stats.format_line())
+                last_report = now
+            if stop or (options.max_frames is not None and done >= options.max_frames):
+                break
+    finally:
+        errors = []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # close every sink even if one fails
+                errors.append(exc)
+                log.error("closing %s failed: %s", type(sink).__name__, exc)
+        if stop.signal_name:
+            log.info("stopped by %s after %d frames", stop.signal_name, done)
+        if errors:
+            raise errors[0]
+    return stats

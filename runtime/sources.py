@@ -1,0 +1,855 @@
+"""Frame sources for the lean runtime: cameras, GStreamer pipelines, network streams, video files, image folders.
+
+Every source is a :class:`FrameSource`: an iterator of :class:`gradad.runtime.types.Frame` (RGB uint8 images),
+a context manager and a :meth:`FrameSource.close` method, created by :func:`open_source`::
+
+    with open_source("0") as frames:            # or 2, "rtsp://cam/stream", "clip.mp4", "images/", "imgs/*.png",
+        for frame in frames:                    #    "nvarguscamerasrc ! ... ! appsink drop=1"
+            ...
+        print(frames.stats())                   # captured / delivered / dropped / skipped / reconnects / gave_up
+
+Source kinds (see :func:`parse_source` for how a ``--source`` value is classified):
+
+``camera``     a camera index (``0``, ``"1"``) or a V4L2 device path (``/dev/video0``), opened with OpenCV's default
+               backend (V4L2 on Linux); ``SourceConfig.width/height/fps`` are passed as capture hints.
+``gstreamer``  a GStreamer pipeline ending in ``appsink`` (e.g. a Jetson CSI camera via ``nvarguscamerasrc``), opened
+               with ``cv2.CAP_GSTREAMER``; needs an OpenCV built with GStreamer (JetPack's OpenCV is).
+``stream``     an ``rtsp://``, ``rtsps://``, ``rtmp://``, ``http(s)://``, ``udp://``, ``tcp://``, ``rtp://`` or
+               ``srt://`` URL, opened with ``cv2.CAP_FFMPEG`` (open/read timeouts = ``open_timeout_s``).
+``video``      a video file (``.mp4 .avi .mkv .mov .m4v .webm .mjpg ...``): every frame, in order.
+``folder``     the image files (``.png .jpg .jpeg .bmp .tif .tiff``) directly inside a folder (not recursive; hidden
+               files ignored), sorted by name.
+``glob``       the image files matching a glob pattern (``**`` recurses), sorted by path.
+``image``      one image file (a one-image folder).
+
+Live sources (camera, gstreamer, stream) are read by a daemon capture thread that keeps only the newest frame: a
+consumer slower than the camera gets the latest image (low latency) and the frames it never saw are counted as
+``dropped``; they still use up a ``frame_id``, so gaps in the ids show the drops. When a live source fails after
+it was opened (camera unplugged, stream down) the thread logs a warning, releases the capture and reopens it with
+exponential back-off (``reconnect_initial_s`` doubling up to ``reconnect_max_s``), counting ``reconnects``; after
+``reconnect_attempts`` failed tries (0 = never give up) the iteration ends with a logged error and
+``stats()["gave_up"] = True``.
+
+File sources (video, folder, glob, image) never drop frames: a prefetch thread decodes ahead into a bounded queue
+(``SourceConfig.prefetch`` frames; 0 = decode in the consumer's thread), which blocks when the consumer is slower.
+A corrupt or unreadable image in a folder/glob is logged (``logging.error`` naming the file), counted in
+``stats()["skipped"]`` and skipped; the run continues.
+
+A source that cannot be opened raises :class:`SourceError` (a :class:`gradad.errors.GradError`: one line, no
+traceback) from :func:`open_source`. Only numpy, OpenCV and the standard library are used here.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+
+from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
+from gradad.data.images import read_image_rgb
+from gradad.errors import GradError
+from gradad.runtime.types import Frame
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LIVE_KINDS",
+    "SOURCE_KINDS",
+    "STREAM_SCHEMES",
+    "VIDEO_EXTENSIONS",
+    "Capture",
+    "CaptureFactory",
+    "FrameSource",
+    "SourceConfig",
+    "SourceError",
+    "SourceSpec",
+    "open_source",
+    "parse_source",
+]
+
+#: Every ``SourceSpec.kind``.
+SOURCE_KINDS: tuple[str, ...] = ("camera", "gstreamer", "stream", "video", "folder", "glob", "image")
+#: Kinds read by a capture thread with the newest-frame (drop) policy and reconnection.
+LIVE_KINDS: frozenset[str] = frozenset({"camera", "gstreamer", "stream"})
+#: File extensions (lower-case) classified as video files.
+VIDEO_EXTENSIONS: tuple[str, ...] = (
+    ".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mjpg", ".mjpeg", ".mpg", ".mpeg", ".wmv", ".flv",
+    ".ts", ".m2ts", ".mts", ".3gp", ".ogv", ".h264", ".264", ".h265", ".265", ".hevc", ".y4m",
+)  # fmt: skip
+#: URL prefixes (lower-case) classified as network streams.
+STREAM_SCHEMES: tuple[str, ...] = (
+    "rtsp://", "rtsps://", "rtmp://", "rtmps://", "http://", "https://", "udp://", "tcp://", "rtp://", "srt://",
+)  # fmt: skip
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DEV_VIDEO = re.compile(r"^/dev/video\d+$")
+_URL_CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@:]*):([^/@]*)@")
+_POLL_S = 0.05  # how often blocking waits look at the stop flag
+
+
+class SourceError(GradError):
+    """A frame source that cannot be opened or read (missing file, empty folder, camera busy, bad pipeline...)."""
+
+
+# --------------------------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """How a source is opened and read.
+
+    Attributes:
+        reconnect: reopen a live source (camera, pipeline, stream) that fails after it was opened.
+        reconnect_initial_s: wait before the first reopen try; doubled after every failed try...
+        reconnect_max_s: ...up to this many seconds.
+        reconnect_attempts: failed reopen tries in a row before giving up (0 = retry forever).
+        open_timeout_s: a live source must open and deliver its first frame within this time.
+        loop: start file sources (video, folder, glob, image) again at the end (for benchmarks / demos).
+        width: capture width hint for cameras (``None`` = the camera's default).
+        height: capture height hint for cameras.
+        fps: capture frame-rate hint for cameras.
+        max_frames: stop after delivering this many frames (``None`` = no limit).
+        prefetch: frames a file source decodes ahead in a background thread (0 = decode in the consumer thread).
+        close_timeout_s: how long :meth:`FrameSource.close` waits for the reader thread to stop.
+    """
+
+    reconnect: bool = True
+    reconnect_initial_s: float = 0.5
+    reconnect_max_s: float = 10.0
+    reconnect_attempts: int = 0
+    open_timeout_s: float = 10.0
+    loop: bool = False
+    width: int | None = None
+    height: int | None = None
+    fps: int | None = None
+    max_frames: int | None = None
+    prefetch: int = 4
+    close_timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.reconnect_initial_s < 0 or self.reconnect_max_s < 0:
+            raise SourceError("reconnect back-off times must be >= 0 seconds")
+        if self.reconnect_attempts < 0:
+            raise SourceError(f"reconnect_attempts must be >= 0 (0 = forever), got {self.reconnect_attempts}")
+        if self.open_timeout_s <= 0:
+            raise SourceError(f"open_timeout_s must be > 0 seconds, got {self.open_timeout_s}")
+        if self.max_frames is not None and self.max_frames < 0:
+            raise SourceError(f"max_frames must be >= 0, got {self.max_frames}")
+        if self.prefetch < 0:
+            raise SourceError(f"prefetch must be >= 0, got {self.prefetch}")
+        for name in ("width", "height", "fps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SourceError(f"camera {name} must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A classified ``--source`` value.
+
+    Attributes:
+        kind: one of :data:`SOURCE_KINDS`.
+        value: camera index (int) or device path, pipeline string, URL, file/folder path or glob pattern.
+    """
+
+    kind: str
+    value: int | str
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise SourceError(f"unknown source kind {self.kind!r} (expected one of {', '.join(SOURCE_KINDS)})")
+
+    @property
+    def live(self) -> bool:
+        """True for camera, GStreamer and stream sources (newest-frame policy, reconnection)."""
+        return self.kind in LIVE_KINDS
+
+    @property
+    def label(self) -> str:
+        """One-line name for logs, errors and ``Frame.source`` (stream passwords are masked)."""
+        if self.kind == "camera":
+            return f"camera {self.value}"
+        if self.kind == "stream":
+            return _redact_url(str(self.value))
+        return " ".join(str(self.value).split())
+
+
+def _redact_url(url: str) -> str:
+    return _URL_CREDENTIALS.sub(r"\1\2:***@", url)
+
+
+def parse_source(spec: str | int | SourceSpec) -> SourceSpec:
+    """Classify a ``--source`` / ``--camera`` value.
+
+    Rules, in order: an int or a string of digits is a camera index (``/dev/videoN`` is a camera too); a string
+    starting with a stream scheme (:data:`STREAM_SCHEMES`) is a network stream; an existing folder is an image
+    folder; an existing file is a video (:data:`VIDEO_EXTENSIONS`) or a single image (image extensions); a string
+    containing ``!`` is a GStreamer pipeline; a string containing ``*``, ``?`` or ``[`` is a glob pattern.
+
+    Raises:
+        SourceError: the value names no existing file/folder and is none of the above, or is an existing file of
+            an unsupported type, or a negative camera index.
+    """
+    if isinstance(spec, SourceSpec):
+        return spec
+    if isinstance(spec, bool):
+        raise SourceError(f"invalid source: {spec!r}")
+    if isinstance(spec, (int, np.integer)):
+        if int(spec) < 0:
+            raise SourceError(f"invalid camera index {int(spec)} (must be 0 or more)")
+        return SourceSpec("camera", int(spec))
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str):
+        raise SourceError(f"invalid source: {spec!r}")
+    text = spec.strip()
+    if not text:
+        raise SourceError("empty source (give a camera index, pipeline, URL, video file, folder or glob)")
+    if text.isdigit():
+        return SourceSpec("camera", int(text))
+    if _DEV_VIDEO.match(text):
+        return SourceSpec("camera", text)
+    if text.lower().startswith(STREAM_SCHEMES):
+        return SourceSpec("stream", text)
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        return SourceSpec("folder", str(path))
+    if path.exists():
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_EXTENSIONS:
+            return SourceSpec("video", str(path))
+        if suffix in IMAGE_EXTENSIONS:
+            return SourceSpec("image", str(path))
+        raise SourceError(
+            f"unsupported source file type {suffix or '(no extension)'!r} (expected a video "
+            f"{'/'.join(VIDEO_EXTENSIONS[:6])}/... or an image {'/'.join(IMAGE_EXTENSIONS)}): {path}"
+        )
+    if "!" in text:
+        return SourceSpec("gstreamer", " ".join(text.split()))
+    if _GLOB_CHARS.search(text):
+        return SourceSpec("glob", os.path.expanduser(text))
+    raise SourceError(f"source not found: {text} (not a camera index, pipeline, URL, existing file/folder or glob)")
+
+
+# ------------------------------------------------------------------------------------------- capture factory
+
+
+class Capture(Protocol):
+    """The part of ``cv2.VideoCapture`` the sources use (tests pass fakes)."""
+
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+
+    def read(self) -> tuple[bool, np.ndarray | None]: ...
+
+    def release(self) -> None: ...
+
+
+#: ``factory(kind, value, config) -> Capture``; kinds "camera", "gstreamer", "stream", "video".
+CaptureFactory = Callable[[str, Any, SourceConfig], Capture]
+
+
+def _open_capture(kind: str, value: int | str, config: SourceConfig) -> Capture:
+    """Open a ``cv2.VideoCapture`` for a camera, pipeline, stream URL or video file (the default factory)."""
+    if kind == "camera":
+        cap = cv2.VideoCapture(value)
+        if cap.isOpened():
+            if config.width:
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, float(config.width))
+            if config.height:
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, float(config.height))
+            if config.fps:
+                cap.set(cv2.CAP_PROP_FPS, float(config.fps))
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1.0)  # the driver's queue adds latency; ignored where unsupported
+        return cap
+    if kind == "gstreamer":
+        return cv2.VideoCapture(str(value), cv2.CAP_GSTREAMER)
+    if kind == "stream":
+        ms = int(config.open_timeout_s * 1000)
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        return cv2.VideoCapture(str(value), cv2.CAP_FFMPEG, params)
+    if kind == "video":
+        return cv2.VideoCapture(str(value))
+    raise ValueError(f"no capture for source kind {kind!r}")
+
+
+def _gstreamer_available() -> bool:
+    try:
+        return bool(cv2.videoio_registry.hasBackend(cv2.CAP_GSTREAMER))
+    except Exception:  # pragma: no cover - very old OpenCV
+        return "GStreamer:                   YES" in cv2.getBuildInformation()
+
+
+def _to_rgb(img: np.ndarray) -> np.ndarray:
+    """BGR / BGRA / gray capture output -> (H, W, 3) uint8 RGB."""
+    if img.dtype != np.uint8:
+        img = cv2.convertScaleAbs(img)
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _release(cap: Capture | None) -> None:
+    if cap is None:
+        return
+    try:
+        cap.release()
+    except Exception as exc:  # pragma: no cover - defensive
+        logger.debug("releasing capture failed: %s", exc)
+
+
+# ---------------------------------------------------------------------------------------------- base class
+
+
+class FrameSource:
+    """Iterator of :class:`Frame` from one source; also a context manager. Create with :func:`open_source`."""
+
+    def __init__(self, spec: SourceSpec, config: SourceConfig) -> None:
+        self.spec = spec
+        self.config = config
+        self._lock = threading.Lock()
+        self._stats: dict[str, Any] = {
+            "captured": 0,
+            "delivered": 0,
+            "dropped": 0,
+            "skipped": 0,
+            "reconnects": 0,
+            "gave_up": False,
+        }
+        self._closed = False
+
+    # -- public API
+    @property
+    def label(self) -> str:
+        """The source's one-line name (``Frame.source``)."""
+        return self.spec.label
+
+    @property
+    def live(self) -> bool:
+        """True for camera, GStreamer and stream sources."""
+        return self.spec.live
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``captured`` (frames read from the source), ``delivered`` (returned by ``next``),
+        ``dropped`` (live frames overwritten before they were read), ``skipped`` (unreadable image files),
+        ``reconnects`` (successful reopens of a live source), ``gave_up`` (a live source was lost for good)."""
+        with self._lock:
+            return dict(self._stats)
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        if self._closed:
+            raise StopIteration
+        limit = self.config.max_frames
+        if limit is not None and self._stats["delivered"] >= limit:
+            raise StopIteration
+        frame = self._next_frame()
+        if frame is None:
+            raise StopIteration
+        self._count("delivered")
+        return frame
+
+    def close(self) -> None:
+        """Stop reading and release the source (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._close_impl()
+        s = self.stats()
+        logger.info(
+            "%s closed: %d captured, %d delivered, %d dropped, %d skipped, %d reconnects",
+            self.label, s["captured"], s["delivered"], s["dropped"], s["skipped"], s["reconnects"],
+        )
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec.kind}: {self.label})"
+
+    # -- for subclasses
+    def _next_frame(self) -> Frame | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _close_impl(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[key] += n
+
+
+# --------------------------------------------------------------------------------------------- file sources
+
+_END = object()
+
+
+class _FileSource(FrameSource):
+    """Video / folder / glob / image: every frame in order (no drops), optionally prefetched by a thread."""
+
+    def __init__(self, spec: SourceSpec, config: SourceConfig, produce: Callable[[threading.Event], Iterator[Frame]]):
+        super().__init__(spec, config)
+        self._stop = threading.Event()
+        self._gen = produce(self._stop)
+        self._queue: queue.Queue[Any] | None = None
+        self._thread: threading.Thread | None = None
+        self._done = False
+        if config.prefetch > 0:
+            self._queue = queue.Queue(maxsize=config.prefetch)
+            self._thread = threading.Thread(
+                target=self._prefetch, name=f"gradad-prefetch-{self.label}"[:60], daemon=True
+            )
+            self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _prefetch(self) -> None:
+        try:
+            for frame in self._gen:
+                if not self._put(frame):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # forwarded to the consumer
+            self._put(exc)
+        finally:
+            self._gen.close()
+
+    def _next_frame(self) -> Frame | None:
+        if self._done:
+            return None
+        if self._queue is None:
+            try:
+                return next(self._gen)
+            except StopIteration:
+                self._done = True
+                return None
+        while True:
+            try:
+                item = self._queue.get(timeout=_POLL_S)
+                break
+            except queue.Empty:
+                if self._closed or (self._thread is not None and not self._thread.is_alive()
+                                    and self._queue.empty()):
+                    self._done = True
+                    return None
+        if item is _END:
+            self._done = True
+            return None
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def _close_impl(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.close_timeout_s)
+            if self._thread.is_alive():  # pragma: no cover - a decode stuck in C
+                logger.warning("%s: reader thread did not stop within %.1fs", self.label, self.config.close_timeout_s)
+        else:
+            self._gen.close()
+
+
+def _list_images(spec: SourceSpec) -> list[Path]:
+    if spec.kind == "image":
+        return [Path(str(spec.value))]
+    if spec.kind == "folder":
+        folder = Path(str(spec.value))
+        try:
+            files = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+        except OSError as exc:
+            raise SourceError(f"cannot list folder ({exc.strerror or exc}): {folder}") from None
+        if not files:
+            raise SourceError(
+                f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in folder (subfolders are not searched): {folder}"
+            )
+        return files
+    pattern = str(spec.value)
+    files = sorted({Path(p) for p in _glob.glob(pattern, recursive=True) if is_image_file(Path(p))}, key=str)
+    if not files:
+        raise SourceError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) match the glob: {pattern}")
+    return files
+
+
+def _image_frames(source: _FileSource, files: list[Path], stop: threading.Event) -> Iterator[Frame]:
+    frame_id = 0
+    label = source.label
+    while not stop.is_set():
+        delivered_this_pass = 0
+        for path in files:
+            if stop.is_set():
+                return
+            t0 = time.perf_counter()
+            try:
+                image = read_image_rgb(path)
+            except GradError as exc:
+                logger.error("skipping unreadable image: %s", exc)
+                source._count("skipped")
+                continue
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+            source._count("captured")
+            delivered_this_pass += 1
+            yield Frame(frame_id, time.time(), label, image, name=path.name, decode_ms=decode_ms)
+            frame_id += 1
+        if delivered_this_pass == 0:
+            raise SourceError(f"no readable image in {label} ({len(files)} file(s) skipped as unreadable)")
+        if not source.config.loop:
+            return
+
+
+def _video_frames(
+    source: _FileSource, first_cap: Capture, factory: CaptureFactory, stop: threading.Event
+) -> Iterator[Frame]:
+    path = str(source.spec.value)
+    base = Path(path).name
+    label = source.label
+    frame_id = 0
+    cap: Capture | None = first_cap
+    try:
+        while not stop.is_set():
+            if cap is None:  # looping: reopen for the next pass
+                cap = factory("video", path, source.config)
+                if not cap.isOpened():
+                    raise SourceError(f"cannot reopen video file: {path}")
+            index = 0
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    ok, img = cap.read()
+                except cv2.error:
+                    ok, img = False, None
+                if not ok or img is None:
+                    break
+                image = _to_rgb(img)
+                decode_ms = (time.perf_counter() - t0) * 1000.0
+                source._count("captured")
+                yield Frame(frame_id, time.time(), label, image, name=f"{base}#{index}", decode_ms=decode_ms)
+                frame_id += 1
+                index += 1
+            _release(cap)
+            cap = None
+            if index == 0:
+                raise SourceError(f"cannot decode any frame of video file (corrupt or unsupported codec): {path}")
+            if not source.config.loop:
+                return
+    finally:
+        _release(cap)
+
+
+# --------------------------------------------------------------------------------------------- live sources
+
+
+class _LiveSource(FrameSource):
+    """Camera / GStreamer / stream: a capture thread keeps the newest frame; reconnects with back-off."""
+
+    def __init__(self, spec: SourceSpec, config: SourceConfig, factory: CaptureFactory) -> None:
+        super().__init__(spec, config)
+        self._factory = factory
+        self._stop = threading.Event()
+        self._cond = threading.Condition(self._lock)
+        self._slot: tuple[int, float, np.ndarray, float] | None = None  # (frame_id, time, raw image, read_ms)
+        self._next_id = 0
+        self._ended = False
+        self._error: str | None = None
+        cap, first, read_ms = self._open_first()
+        self._store(first, read_ms)
+        self._thread = threading.Thread(target=self._run, args=(cap,), name=f"gradad-capture-{self.label}"[:60],
+                                        daemon=True)
+        self._thread.start()
+
+    # -- opening
+    def _try_open(self) -> tuple[Capture | None, np.ndarray | None, float, str]:
+        """Open and read a first frame within ``open_timeout_s`` (in a helper thread, so a hung open can't block).
+
+        Returns ``(cap, first_image, read_ms, failure)``; ``failure`` is "" on success, else "open", "read",
+        "timeout", "stopped" or an exception text.
+        """
+        box: dict[str, Any] = {}
+        lock = threading.Lock()
+        finished = threading.Event()
+
+        def work() -> None:
+            cap: Capture | None = None
+            result: dict[str, Any] = {}
+            try:
+                cap = self._factory(self.spec.kind, self.spec.value, self.config)
+                if cap is None or not cap.isOpened():
+                    result["failure"] = "open"
+                else:
+                    t0 = time.perf_counter()
+                    ok, img = cap.read()
+                    if ok and img is not None:
+                        result.update(cap=cap, img=img, read_ms=(time.perf_counter() - t0) * 1000.0)
+                        cap = None  # handed over
+                    else:
+                        result["failure"] = "read"
+            except Exception as exc:
+                result["failure"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            with lock:
+                if box.get("abandoned"):
+                    _release(result.get("cap"))
+                else:
+                    box.update(result)
+                    finished.set()
+            _release(cap)
+
+        threading.Thread(target=work, name=f"gradad-open-{self.label}"[:60], daemon=True).start()
+        deadline = time.monotonic() + self.config.open_timeout_s
+        while not finished.wait(_POLL_S):
+            if self._stop.is_set() or time.monotonic() >= deadline:
+                with lock:
+                    if not finished.is_set():
+                        box["abandoned"] = True
+                        return None, None, 0.0, "stopped" if self._stop.is_set() else "timeout"
+                break
+        if "cap" in box:
+            return box["cap"], box["img"], box["read_ms"], ""
+        return None, None, 0.0, box.get("failure", "open")
+
+    def _open_error(self, failure: str) -> SourceError:
+        kind, label, t = self.spec.kind, self.label, self.config.open_timeout_s
+        if kind == "camera":
+            if failure == "open":
+                hint = (f"check `ls /dev/video*` and the index" if isinstance(self.spec.value, int)
+                        else "check `ls /dev/video*` and the device permissions")
+                return SourceError(f"cannot open {label} (no device or busy); {hint}")
+            if failure == "read":
+                return SourceError(f"{label} opened but delivered no frame (busy, unsupported format or unplugged)")
+            if failure == "timeout":
+                return SourceError(f"{label} gave no frame within {t:g}s (busy or unplugged); check `ls /dev/video*`")
+        if kind == "gstreamer":
+            if not _gstreamer_available():
+                return SourceError(
+                    "cannot open GStreamer pipeline: this OpenCV build has no GStreamer support (on Jetson use "
+                    f"JetPack's OpenCV, e.g. the system python3-opencv, not the pip wheel): {label}"
+                )
+            hint = "test it with gst-launch-1.0 (end it with appsink; convert to BGR before appsink)"
+            if "nvarguscamerasrc" in label:
+                hint += "; for a CSI camera check the ribbon cable and `sudo systemctl restart nvargus-daemon`"
+            what = {"open": "cannot open GStreamer pipeline", "read": "GStreamer pipeline delivered no frame",
+                    "timeout": f"GStreamer pipeline gave no frame within {t:g}s"}.get(failure,
+                                                                                     "cannot open GStreamer pipeline")
+            return SourceError(f"{what} ({hint}): {label}")
+        if kind == "stream":
+            what = {"open": "cannot open stream (unreachable, wrong URL or credentials)",
+                    "read": "stream opened but delivered no frame",
+                    "timeout": f"stream gave no frame within {t:g}s (unreachable or stalled)"}.get(
+                        failure, "cannot open stream")
+            return SourceError(f"{what}: {label}")
+        return SourceError(f"cannot open {label}: {failure}")
+
+    def _open_first(self) -> tuple[Capture, np.ndarray, float]:
+        cap, img, read_ms, failure = self._try_open()
+        if failure:
+            err = self._open_error(failure)
+            if failure not in ("open", "read", "timeout"):
+                err = SourceError(f"{err} ({failure})")
+            raise err
+        assert cap is not None and img is not None
+        return cap, img, read_ms
+
+    # -- capture thread
+    def _store(self, img: np.ndarray, read_ms: float) -> None:
+        with self._cond:
+            if self._slot is not None:
+                self._stats["dropped"] += 1
+            self._slot = (self._next_id, time.time(), img, read_ms)
+            self._next_id += 1
+            self._stats["captured"] += 1
+            self._cond.notify_all()
+
+    def _end(self, error: str | None = None) -> None:
+        with self._cond:
+            self._ended = True
+            if error is not None:
+                self._stats["gave_up"] = True
+                self._error = error
+            self._cond.notify_all()
+
+    def _run(self, cap: Capture | None) -> None:
+        try:
+            while not self._stop.is_set():
+                if cap is None:
+                    cap = self._reconnect()
+                    if cap is None:
+                        return
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    ok, img = cap.read()
+                except Exception as exc:  # cv2.error from a broken device / stream
+                    logger.debug("%s: read raised %s", self.label, exc)
+                    ok, img = False, None
+                if self._stop.is_set():
+                    return
+                if not ok or img is None:
+                    _release(cap)
+                    cap = None
+                    if not self.config.reconnect:
+                        msg = f"{self.label}: lost (read failed) and reconnect is off; stopping"
+                        logger.error(msg)
+                        self._end(msg)
+                        return
+                    logger.warning("%s: read failed (camera/stream lost); reconnecting", self.label)
+                    continue
+                self._store(img, (time.perf_counter() - t0) * 1000.0)
+        except BaseException as exc:  # pragma: no cover - unexpected; never leave the consumer waiting
+            logger.exception("%s: capture thread failed", self.label)
+            self._end(f"{self.label}: capture thread failed: {exc}")
+        finally:
+            _release(cap)
+            self._end()
+
+    def _reconnect(self) -> Capture | None:
+        """Reopen with exponential back-off; None when stopped or after ``reconnect_attempts`` failed tries."""
+        cfg = self.config
+        delay = cfg.reconnect_initial_s
+        tries = 0
+        while not self._stop.is_set():
+            if cfg.reconnect_attempts > 0 and tries >= cfg.reconnect_attempts:
+                msg = f"{self.label}: giving up after {tries} failed reconnect attempt(s)"
+                logger.error(msg)
+                self._end(msg)
+                return None
+            if self._stop.wait(delay):
+                return None
+            tries += 1
+            cap, img, read_ms, failure = self._try_open()
+            if failure == "stopped":
+                return None
+            if not failure:
+                assert cap is not None and img is not None
+                self._count("reconnects")
+                logger.warning("%s: reconnected after %d attempt(s)", self.label, tries)
+                self._store(img, read_ms)
+                return cap
+            logger.warning("%s: reconnect attempt %d failed (%s); next try in %.1fs", self.label, tries, failure,
+                           min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s))
+            delay = min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s)
+        return None
+
+    # -- consumer side
+    def _next_frame(self) -> Frame | None:
+        with self._cond:
+            while self._slot is None and not self._ended and not self._closed:
+                self._cond.wait(timeout=0.5)
+            if self._slot is None:
+                return None
+            frame_id, ts, raw, read_ms = self._slot
+            self._slot = None
+        t0 = time.perf_counter()
+        image = _to_rgb(raw)
+        decode_ms = read_ms + (time.perf_counter() - t0) * 1000.0
+        return Frame(frame_id, ts, self.label, image, name=None, decode_ms=decode_ms)
+
+    def _close_impl(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=self.config.close_timeout_s)
+        if self._thread.is_alive():  # pragma: no cover - a read blocked inside the driver
+            logger.warning("%s: capture thread did not stop within %.1fs (a read is blocked in the driver); "
+                           "it will release the device when the read returns", self.label,
+                           self.config.close_timeout_s)
+
+    @property
+    def error(self) -> str | None:
+        """Why the iteration ended early (gave up after losing the source), else None."""
+        return self._error
+
+
+# ---------------------------------------------------------------------------------------------------- open
+
+
+def open_source(
+    spec: str | int | SourceSpec,
+    config: SourceConfig | None = None,
+    *,
+    capture_factory: CaptureFactory | None = None,
+) -> FrameSource:
+    """Open a frame source (see :func:`parse_source` for the accepted values).
+
+    Args:
+        spec: camera index, pipeline, URL, video file, folder, glob or image file (or a parsed :class:`SourceSpec`).
+        config: reading options (defaults: :class:`SourceConfig`).
+        capture_factory: ``factory(kind, value, config) -> cv2.VideoCapture``-like object for camera, gstreamer,
+            stream and video sources (tests inject fakes); defaults to OpenCV.
+
+    Raises:
+        SourceError: one line naming the source when it is missing, empty, or cannot be opened / read.
+    """
+    parsed = parse_source(spec)
+    cfg = config or SourceConfig()
+    factory = capture_factory or _open_capture
+    if parsed.live:
+        return _LiveSource(parsed, cfg, factory)
+    if parsed.kind == "video":
+        path = str(parsed.value)
+        try:
+            cap = factory("video", path, cfg)
+        except Exception as exc:
+            raise SourceError(f"cannot open video file ({' '.join(str(exc).split())}): {path}") from None
+        if cap is None or not cap.isOpened():
+            _release(cap)
+            raise SourceError(f"cannot open video file (corrupt or unsupported format): {path}")
+        holder: list[_FileSource] = []
+        src = _FileSource(parsed, cfg, lambda stop: _video_frames(holder[0], cap, factory, stop)) \
+            if False else None  # placeholder, replaced below
+        del src
+        return _make_file_source(parsed, cfg, lambda s, stop: _video_frames(s, cap, factory, stop))
+    files = _list_images(parsed)
+    return _make_file_source(parsed, cfg, lambda s, stop: _image_frames(s, files, stop))
+
+
+def _make_file_source(
+    spec: SourceSpec, config: SourceConfig, produce: Callable[[_FileSource, threading.Event], Iterator[Frame]]
+) -> _FileSource:
+    box: list[_FileSource] = []
+
+    def lazy(stop: threading.Event) -> Iterator[Frame]:
+        # the generator body runs only on first next(), after the source object exists
+        yield from produce(box[0], stop)
+
+    source = _FileSource.__new__(_FileSource)
+    box.append(source)
+    _FileSource.__init__(source, spec, config, lazy)
+    return source

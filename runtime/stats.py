@@ -1,0 +1,63 @@
+"""Rolling per-stage latency percentiles and throughput."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+STAGES = ("decode", "preprocess", "inference", "postprocess", "sink", "total")
+
+
+class LatencyStats:
+    """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS."""
+
+    def __init__(self, window: int = 1000) -> None:
+        self.window = window
+        self.samples: dict[str, deque[float]] = {}
+        self.all_samples: dict[str, list[float]] = {}
+        self.frames = 0
+        self.flagged = 0
+        self.started = time.perf_counter()
+        self._recent: deque[float] = deque(maxlen=window)  # completion times for rolling FPS
+
+    def add(self, latency_ms: dict[str, float], flagged: bool = False) -> None:
+        """Record one frame's per-stage latencies."""
+        for stage, value in latency_ms.items():
+            self.samples.setdefault(stage, deque(maxlen=self.window)).append(value)
+            self.all_samples.setdefault(stage, []).append(value)
+        self.frames += 1
+        self.flagged += int(flagged)
+        self._recent.append(time.perf_counter())
+
+    def rolling_fps(self) -> float:
+        if len(self._recent) < 2:
+            return 0.0
+        span = self._recent[-1] - self._recent[0]
+        return (len(self._recent) - 1) / span if span > 0 else 0.0
+
+    def overall_fps(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.frames / elapsed if elapsed > 0 else 0.0
+
+    @staticmethod
+    def _percentiles(values: Any) -> dict[str, float]:
+        arr = np.asarray(values, dtype=np.float64)
+        p50, p95, p99 = np.percentile(arr, [50, 95, 99])
+        return {"p50": round(float(p50), 3), "p95": round(float(p95), 3), "p99": round(float(p99), 3),
+                "mean": round(float(arr.mean()), 3), "n": int(arr.size)}
+
+    def summary(self, rolling: bool = False) -> dict[str, Any]:
+        """Percentiles per stage (all samples, or only the rolling window), FPS and counts."""
+        source = self.samples if rolling else self.all_samples
+        stages = {k: self._percentiles(v) for k, v in source.items() if len(v)}
+        return {"frames": self.frames, "flagged": self.flagged,
+                "fps": round(self.rolling_fps() if rolling else self.overall_fps(), 2), "latency_ms": stages}
+
+    def format_line(self) -> str:
+        """One log line: FPS and p50/p95 of each stage over the rolling window."""
+        s = self.summary(rolling=True)
+        parts = [f"{k} {v['p50']:.1f}/{v['p95']:.1f}" for k, v in s["latency_ms"].items()]
+        return f"{s['frames']} frames, {s['flagged']} NG, {s['fps']:.1f} FPS | p50/p95 ms: " + ", ".join(parts)
