@@ -418,10 +418,17 @@ _END = object()
 class _FileSource(FrameSource):
     """Video / folder / glob / image: every frame in order (no drops), optionally prefetched by a thread."""
 
-    def __init__(self, spec: SourceSpec, config: SourceConfig, produce: Callable[[threading.Event], Iterator[Frame]]):
+    def __init__(
+        self,
+        spec: SourceSpec,
+        config: SourceConfig,
+        produce: Callable[[_FileSource, threading.Event], Iterator[Frame]],
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(spec, config)
         self._stop = threading.Event()
-        self._gen = produce(self._stop)
+        self._on_close = on_close
+        self._gen = produce(self, self._stop)  # a generator: its body first runs on the first next()
         self._queue: queue.Queue[Any] | None = None
         self._thread: threading.Thread | None = None
         self._done = False
@@ -485,8 +492,11 @@ class _FileSource(FrameSource):
             self._thread.join(timeout=self.config.close_timeout_s)
             if self._thread.is_alive():  # pragma: no cover - a decode stuck in C
                 logger.warning("%s: reader thread did not stop within %.1fs", self.label, self.config.close_timeout_s)
+                return  # the thread still uses the capture; it releases it when it ends
         else:
             self._gen.close()
+        if self._on_close is not None:
+            self._on_close()  # e.g. the video capture of a source closed before its first frame
 
 
 def _list_images(spec: SourceSpec) -> list[Path]:
@@ -762,9 +772,10 @@ class _LiveSource(FrameSource):
                 logger.warning("%s: reconnected after %d attempt(s)", self.label, tries)
                 self._store(img, read_ms)
                 return cap
-            logger.warning("%s: reconnect attempt %d failed (%s); next try in %.1fs", self.label, tries, failure,
-                           min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s))
             delay = min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s)
+            logger.warning(
+                "%s: reconnect attempt %d failed (%s); next try in %.1fs", self.label, tries, failure, delay
+            )
         return None
 
     # -- consumer side
@@ -785,8 +796,11 @@ class _LiveSource(FrameSource):
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
-        self._thread.join(timeout=self.config.close_timeout_s)
-        if self._thread.is_alive():  # pragma: no cover - a read blocked inside the driver
+        thread = getattr(self, "_thread", None)  # absent when __init__ failed
+        if thread is None:
+            return
+        thread.join(timeout=self.config.close_timeout_s)
+        if thread.is_alive():  # pragma: no cover - a read blocked inside the driver
             logger.warning("%s: capture thread did not stop within %.1fs (a read is blocked in the driver); "
                            "it will release the device when the read returns", self.label,
                            self.config.close_timeout_s)
@@ -807,6 +821,8 @@ def open_source(
     capture_factory: CaptureFactory | None = None,
 ) -> FrameSource:
     """Open a frame source (see :func:`parse_source` for the accepted values).
+
+    Close the returned source (or use it in a ``with`` block): its reader thread runs until then.
 
     Args:
         spec: camera index, pipeline, URL, video file, folder, glob or image file (or a parsed :class:`SourceSpec`).
@@ -831,25 +847,8 @@ def open_source(
         if cap is None or not cap.isOpened():
             _release(cap)
             raise SourceError(f"cannot open video file (corrupt or unsupported format): {path}")
-        holder: list[_FileSource] = []
-        src = _FileSource(parsed, cfg, lambda stop: _video_frames(holder[0], cap, factory, stop)) \
-            if False else None  # placeholder, replaced below
-        del src
-        return _make_file_source(parsed, cfg, lambda s, stop: _video_frames(s, cap, factory, stop))
+        return _FileSource(
+            parsed, cfg, lambda src, stop: _video_frames(src, cap, factory, stop), on_close=lambda: _release(cap)
+        )
     files = _list_images(parsed)
-    return _make_file_source(parsed, cfg, lambda s, stop: _image_frames(s, files, stop))
-
-
-def _make_file_source(
-    spec: SourceSpec, config: SourceConfig, produce: Callable[[_FileSource, threading.Event], Iterator[Frame]]
-) -> _FileSource:
-    box: list[_FileSource] = []
-
-    def lazy(stop: threading.Event) -> Iterator[Frame]:
-        # the generator body runs only on first next(), after the source object exists
-        yield from produce(box[0], stop)
-
-    source = _FileSource.__new__(_FileSource)
-    box.append(source)
-    _FileSource.__init__(source, spec, config, lazy)
-    return source
+    return _FileSource(parsed, cfg, lambda src, stop: _image_frames(src, files, stop))

@@ -42,3 +42,12 @@ def trained_tiny(tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory)
     cfg.output_dir = str(out / "run")
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 3
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported to an ONNX bundle (FP32 + FP16), not calibrated. Treat as read-only."""
+    from gradad.export.onnx_export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    return export_bundle(trained_tiny, out, ExportOptions(parity_max_images=24))

@@ -26,12 +26,6 @@ from gradad.training.checkpoint import load_detector
 
 
 @pytest.fixture(scope="module")
-def bundle(trained_tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    return export_bundle(trained_tiny, out, ExportOptions(parity_max_images=24))
-
-
-@pytest.fixture(scope="module")
 def test_batch(trained_tiny: Path, tiny_demo_root: Path) -> np.ndarray:
     samples = load_samples(tiny_demo_root, "test")[::3]
     return to_model_input([read_image_rgb(s.image_path) for s in samples], 64, 64)

@@ -1,0 +1,581 @@
+"""TensorRT backend: runs a bundle's engine (``<engine>.plan``) on the GPU of an RTX PC or a Jetson.
+
+The runtime half of DESIGN.md sections 4-6. An engine only runs on the TensorRT version and GPU it
+was built for; :func:`load_tensorrt_backend` checks the engine stamp in ``bundle.json`` and the
+file's hash before anything is deserialised, and refuses a stale engine with the command that
+rebuilds it. Never imports torch or timm.
+
+Data path of one :meth:`TensorRTBackend.infer` call (buffers are allocated once, for the engine's
+largest batch, when the backend is created)::
+
+    images -> pinned host input -> (async H2D) -> device input
+           -> set the input shape for this batch, bind every IO tensor's device address
+           -> enqueue the engine on our CUDA stream
+           -> (async D2H) -> pinned host outputs -> stream sync -> float32 copies
+
+Two TensorRT execution APIs, picked by what the installed TensorRT offers:
+
+* name-based tensors (TensorRT 8.5+, the only one in TensorRT 10): ``engine.num_io_tensors``,
+  ``get_tensor_name/mode/dtype/shape``, ``get_tensor_profile_shape(name, 0)``,
+  ``context.set_input_shape``, ``context.set_tensor_address`` and ``context.execute_async_v3``;
+* bindings (TensorRT 8.x without ``execute_async_v3``, e.g. TensorRT 8.4 in JetPack 5.0):
+  ``engine.num_bindings``, ``get_binding_name``, ``binding_is_input``, ``get_binding_dtype/shape``,
+  ``get_profile_shape(0, index)``, ``context.set_binding_shape`` and
+  ``context.execute_async_v2(bindings, stream_handle)``.
+
+Why cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6) and not
+pycuda for device memory and streams:
+
+* NVIDIA publishes and maintains it (it is also what the TensorRT Python samples use since
+  TensorRT 10), and it ships as binary wheels on PyPI for x86-64 and aarch64, Jetson included;
+  pycuda is a third-party package that is compiled from source against the local CUDA toolkit on
+  every Jetson (``pip install pycuda`` needs nvcc, the CUDA headers and a working compiler).
+* It is a thin, one-to-one binding of the CUDA runtime API: every call returns a tuple whose
+  first item is a ``cudaError_t``. Nothing is hidden behind implicit contexts (``pycuda.autoinit``)
+  or garbage-collected allocations, so each failure is reported here with its CUDA error name
+  (:class:`BackendError`), and :meth:`TensorRTBackend.close` frees exactly what was allocated.
+* It uses the CUDA runtime API's primary context, the same one TensorRT uses, so no context
+  has to be pushed or popped around inference.
+
+``trt`` and ``cudart`` can be injected (the glue tests pass fake modules: there is no TensorRT
+or GPU where the test suite normally runs). A :class:`TensorRTBackend` is not thread-safe: give
+each thread its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradad.bundle import verify_files
+from gradad.errors import GradError
+from gradad.export.tensorrt_build import (
+    TensorRTUnavailable,
+    engine_matches_device,
+    gpu_identity,
+    import_tensorrt,
+)
+from gradad.runtime.onnxruntime_backend import BackendError
+
+log = logging.getLogger(__name__)
+
+CUDA_PYTHON_MISSING_MESSAGE = (
+    "cuda-python not installed (the Python package `cuda-python`, NVIDIA's CUDA runtime bindings; "
+    "pip install the version matching the device's CUDA, e.g. cuda-python==12.* on JetPack 6)"
+)
+SCORE_OUTPUT = "score"
+MAP_OUTPUT = "anomaly_map"
+PRECISIONS = ("fp16", "fp32")
+
+# numpy dtypes for TensorRT DataType member names (used when trt.nptype is missing or fails).
+_DTYPE_BY_NAME = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# cuda-python helpers
+# --------------------------------------------------------------------------------------------
+
+
+def import_cudart() -> Any:
+    """The cuda-python runtime module (``cuda.bindings.runtime``, else the older ``cuda.cudart``).
+
+    Raises TensorRTUnavailable when cuda-python is not installed.
+    """
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            raise TensorRTUnavailable(CUDA_PYTHON_MISSING_MESSAGE) from None
+    return cudart
+
+
+def cuda_error_name(cudart: Any, err: Any) -> str:
+    """``"cudaErrorMemoryAllocation (out of memory)"`` for a cudaError_t."""
+    name = getattr(err, "name", None)
+    if not isinstance(name, str):
+        try:
+            code, raw = cudart.cudaGetErrorName(err)
+            name = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        except Exception:  # noqa: BLE001 - the name is a courtesy; the number still identifies it
+            name = f"CUDA error {int(err) if isinstance(err, int) else err}"
+    try:
+        code, raw = cudart.cudaGetErrorString(err)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+        if text and text != name:
+            return f"{name} ({text})"
+    except Exception:  # noqa: BLE001
+        pass
+    return name
+
+
+def _cuda_ok(cudart: Any, result: Any, what: str) -> Any:
+    """Check a cuda-python call's ``(cudaError_t, *values)`` result; return its value(s).
+
+    Raises BackendError naming the call and the CUDA error.
+    """
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise BackendError(f"CUDA {what} failed: {cuda_error_name(cudart, err)}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def _native_handle(obj: Any) -> int:
+    """The integer handle of a cuda-python object (e.g. a cudaStream_t) for TensorRT's ``stream_handle``."""
+    if isinstance(obj, int):
+        return int(obj)
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle  # type: ignore[import-not-found]
+    except ImportError:  # cuda-python < 12.9, or not installed (fake cudart in the tests)
+        return int(obj)
+    try:
+        return int(get_cuda_native_handle(obj))
+    except (TypeError, ValueError):
+        return int(obj)
+
+
+def _pinned_view(ptr: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
+    """A writable 1-D numpy view of ``nbytes`` of page-locked host memory at ``ptr``."""
+    raw = (ctypes.c_uint8 * nbytes).from_address(int(ptr))
+    return np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorRT helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _np_dtype(trt: Any, trt_dtype: Any, tensor: str) -> np.dtype:
+    nptype = getattr(trt, "nptype", None)
+    if callable(nptype):
+        try:
+            return np.dtype(nptype(trt_dtype))
+        except (TypeError, KeyError, ValueError):
+            pass
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1].upper()
+    if name in _DTYPE_BY_NAME:
+        return np.dtype(_DTYPE_BY_NAME[name])
+    raise BackendError(f"tensor {tensor!r} has TensorRT data type {trt_dtype}, which this runtime cannot read")
+
+
+def _dims(dims: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in dims)
+
+
+@dataclass
+class _IOTensor:
+    """One engine input/output and its buffers (sized for the engine's largest batch)."""
+
+    name: str
+    index: int  # binding index (bindings API) or IO tensor index (name-based API)
+    is_input: bool
+    dtype: np.dtype
+    sample_shape: tuple[int, ...]  # shape of one batch item (the batch axis removed)
+    nbytes: int = 0  # bytes for max_batch items
+    host_ptr: int = 0
+    device_ptr: int = 0
+    host: np.ndarray | None = None  # flat view of the pinned host buffer
+
+    def batch_nbytes(self, n: int) -> int:
+        return n * math.prod(self.sample_shape) * self.dtype.itemsize
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+class TensorRTBackend:
+    """images (N, 3, H, W) float32 RGB 0..255 -> (scores (N,), maps (N, H, W)) with one TensorRT engine.
+
+    Args:
+        engine_path: the serialised engine (``.plan``), built for this TensorRT version and GPU.
+        input_name: the image input tensor (``"image"`` in bundles).
+        trt: the ``tensorrt`` module (default: imported; raises TensorRTUnavailable when absent).
+        cudart: the cuda-python runtime module (default: imported; TensorRTUnavailable when absent).
+
+    Attributes:
+        name: ``"tensorrt"``.
+        max_batch: the largest N one :meth:`infer` accepts (the optimisation profile's maximum).
+        min_batch: the smallest N (the profile's minimum, normally 1).
+        api: ``"tensors-v3"`` (execute_async_v3) or ``"bindings-v2"`` (execute_async_v2).
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | Path, input_name: str = "image", trt: Any = None,
+                 cudart: Any = None) -> None:
+        # Everything close() looks at exists before anything can fail.
+        self._closed = False
+        self._stream: Any = None
+        self._host_ptrs: list[int] = []
+        self._device_ptrs: list[int] = []
+        self._tensors: list[_IOTensor] = []
+        self._context: Any = None
+        self._engine: Any = None
+        self._runtime: Any = None
+        self.engine_path = Path(engine_path)
+        self.input_name = input_name
+        self._trt = import_tensorrt() if trt is None else trt
+        self._cudart = import_cudart() if cudart is None else cudart
+        if not self.engine_path.is_file():
+            raise BackendError(f"TensorRT engine not found: {self.engine_path}")
+        try:
+            self._load()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, GradError) or not isinstance(exc, Exception):
+                raise
+            # TensorRT's bindings raise plain RuntimeError/TypeError: keep one clear line.
+            raise BackendError(f"TensorRT cannot load {self.engine_path}: {exc}") from exc
+
+    # ---- set-up --------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        trt, path = self._trt, self.engine_path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BackendError(f"cannot read TensorRT engine {path}: {exc.strerror or exc}") from None
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise BackendError(
+                f"TensorRT {getattr(trt, '__version__', '?')} could not deserialise {path} (see the TensorRT "
+                "messages above): the engine is corrupt or was built by another TensorRT version or for another "
+                f"GPU; rebuild it on this device with `grad-export build --fp16 {path.parent}`"
+            )
+        self._context = self._engine.create_execution_context()
+        if self._context is None:
+            raise BackendError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
+        self.api = (
+            "tensors-v3"
+            if hasattr(self._engine, "num_io_tensors") and hasattr(self._context, "execute_async_v3")
+            else "bindings-v2"
+        )
+        self._describe_tensors()
+        self._allocate()
+        log.info(
+            "TensorRT %s engine %s (%s API): input %s %s (N, 3, %d, %d) batch %d..%d; outputs %s",
+            getattr(trt, "__version__", "?"), path.name, self.api, self.input_name, self._input.dtype,
+            *self.input_hw, self.min_batch, self.max_batch,
+            ", ".join(f"{t.name} {t.dtype} {t.sample_shape}" for t in self._outputs),
+        )
+
+    def _io_list(self) -> list[tuple[str, int, bool, Any, tuple[int, ...]]]:
+        """(name, index, is_input, trt dtype, engine shape) of every IO tensor."""
+        trt, engine = self._trt, self._engine
+        items = []
+        if self.api == "tensors-v3":
+            for i in range(int(engine.num_io_tensors)):
+                name = engine.get_tensor_name(i)
+                is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+                items.append((name, i, is_input, engine.get_tensor_dtype(name), _dims(engine.get_tensor_shape(name))))
+        else:
+            # With several optimisation profiles TensorRT 8 repeats the bindings per profile; use profile 0's.
+            n = int(engine.num_bindings) // max(1, int(getattr(engine, "num_optimization_profiles", 1) or 1))
+            for i in range(n):
+                items.append((engine.get_binding_name(i), i, bool(engine.binding_is_input(i)),
+                              engine.get_binding_dtype(i), _dims(engine.get_binding_shape(i))))
+        return items
+
+    def _profile(self, name: str, index: int) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) shapes of an input in optimisation profile 0."""
+        engine = self._engine
+        if self.api == "tensors-v3" and hasattr(engine, "get_tensor_profile_shape"):
+            shapes = engine.get_tensor_profile_shape(name, 0)
+        else:  # TensorRT 8.x: (profile_index, binding index or name)
+            shapes = engine.get_profile_shape(0, index if self.api == "bindings-v2" else name)
+        return tuple(_dims(s) for s in shapes)
+
+    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+        inp = self._input
+        if self.api == "tensors-v3":
+            ok = self._context.set_input_shape(inp.name, shape)
+        else:
+            ok = self._context.set_binding_shape(inp.index, shape)
+        if ok is False:
+            raise BackendError(f"TensorRT rejected input shape {shape} for {inp.name!r} of {self.engine_path.name} "
+                               f"(its optimisation profile allows batch {self.min_batch}..{self.max_batch})")
+
+    def _context_shape(self, tensor: _IOTensor) -> tuple[int, ...]:
+        if self.api == "tensors-v3":
+            return _dims(self._context.get_tensor_shape(tensor.name))
+        return _dims(self._context.get_binding_shape(tensor.index))
+
+    def _describe_tensors(self) -> None:
+        trt, path = self._trt, self.engine_path
+        io = self._io_list()
+        inputs = [item for item in io if item[2]]
+        names = [item[0] for item in inputs]
+        if self.input_name not in names:
+            raise BackendError(f"TensorRT engine {path.name} has no input named {self.input_name!r} "
+                               f"(its inputs: {', '.join(names) or 'none'})")
+        if len(inputs) != 1:
+            raise BackendError(f"TensorRT engine {path.name} has {len(inputs)} inputs ({', '.join(names)}); "
+                               "a gradad model has exactly one image input")
+        name, index, _, trt_dtype, shape = inputs[0]
+        if len(shape) != 4 or shape[1] not in (3, -1):
+            raise BackendError(f"input {name!r} of {path.name} has shape {list(shape)}; expected (N, 3, H, W)")
+        self._dynamic = -1 in shape
+        if self._dynamic:
+            pmin, _popt, pmax = self._profile(name, index)
+        else:
+            pmin = pmax = shape
+        if -1 in pmax or pmax[1] != 3:
+            raise BackendError(f"input {name!r} of {path.name} has no usable optimisation profile "
+                               f"(max shape {list(pmax)})")
+        self.max_batch = int(pmax[0])
+        self.min_batch = max(1, int(pmin[0]))
+        self._input_hw = (int(pmax[2]), int(pmax[3]))
+        self._input = _IOTensor(name, index, True, _np_dtype(trt, trt_dtype, name), tuple(pmax[1:]))
+
+        # Output shapes follow from the input shape: set the largest one and read them back.
+        if self._dynamic:
+            self._set_input_shape(tuple(pmax))
+        outputs = []
+        for out_name, out_index, is_input, out_dtype, _ in io:
+            if is_input:
+                continue
+            tensor = _IOTensor(out_name, out_index, False, _np_dtype(trt, out_dtype, out_name), ())
+            full = self._context_shape(tensor)
+            if not full or -1 in full or full[0] != self.max_batch:
+                raise BackendError(f"output {out_name!r} of {path.name} has shape {list(full)} for a batch of "
+                                   f"{self.max_batch}; expected a fixed shape with the batch first")
+            tensor.sample_shape = tuple(full[1:])
+            outputs.append(tensor)
+        self._outputs = outputs
+        self._score, self._map = self._pick_outputs(outputs)
+        self._tensors = [self._input] + outputs
+
+    def _pick_outputs(self, outputs: list[_IOTensor]) -> tuple[_IOTensor, _IOTensor]:
+        """The score (one value per image) and anomaly map ((1, h, w) or (h, w) per image) outputs."""
+        by_name = {t.name: t for t in outputs}
+        score = by_name.get(SCORE_OUTPUT) or next(
+            (t for t in outputs if math.prod(t.sample_shape) == 1), None)
+        amap = by_name.get(MAP_OUTPUT) or next(
+            (t for t in outputs if t is not score and len(t.sample_shape) in (2, 3)), None)
+        listing = ", ".join(f"{t.name} {list(t.sample_shape)}" for t in outputs) or "none"
+        if score is None or math.prod(score.sample_shape) != 1:
+            raise BackendError(f"TensorRT engine {self.engine_path.name} has no score output (one value per "
+                               f"image; outputs per image: {listing})")
+        if amap is None or not (len(amap.sample_shape) == 2
+                                or (len(amap.sample_shape) == 3 and amap.sample_shape[0] == 1)):
+            raise BackendError(f"TensorRT engine {self.engine_path.name} has no anomaly map output "
+                               f"((1, h, w) per image; outputs per image: {listing})")
+        return score, amap
+
+    def _allocate(self) -> None:
+        """One stream, and pinned host + device buffers for every IO tensor at max_batch (once)."""
+        cudart = self._cudart
+        self._stream = _cuda_ok(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        for t in self._tensors:
+            t.nbytes = t.batch_nbytes(self.max_batch)
+            t.host_ptr = int(_cuda_ok(cudart, cudart.cudaMallocHost(t.nbytes),
+                                      f"cudaMallocHost({t.nbytes}) for {t.name!r}"))
+            self._host_ptrs.append(t.host_ptr)
+            t.device_ptr = int(_cuda_ok(cudart, cudart.cudaMalloc(t.nbytes), f"cudaMalloc({t.nbytes}) for {t.name!r}"))
+            self._device_ptrs.append(t.device_ptr)
+            t.host = _pinned_view(t.host_ptr, t.nbytes, t.dtype)
+        self._bindings = [0] * (max(t.index for t in self._tensors) + 1)
+        for t in self._tensors:
+            self._bindings[t.index] = t.device_ptr
+
+    # ---- Backend protocol ----------------------------------------------------------------
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self._input_hw
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Run one batch of at most ``max_batch`` images (splitting larger batches is the caller's job).
+
+        Returns float32 copies: scores (N,) and maps (N, h, w).
+        """
+        if self._closed:
+            raise BackendError(f"TensorRT backend for {self.engine_path.name} is closed")
+        images = np.asarray(images)
+        h, w = self.input_hw
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (h, w):
+            raise BackendError(f"{self.engine_path.name} expects images of shape (N, 3, {h}, {w}) with N <= "
+                               f"{self.max_batch}, got {tuple(images.shape)}")
+        n = int(images.shape[0])
+        map_hw = self._map.sample_shape[-2:]
+        if n == 0:
+            return np.zeros((0,), np.float32), np.zeros((0, *map_hw), np.float32)
+        if n > self.max_batch:
+            raise BackendError(f"batch of {n} images exceeds the max batch {self.max_batch} of TensorRT engine "
+                               f"{self.engine_path.name} (its optimisation profile); split the batch, or rebuild "
+                               "the engine with a larger `grad-export build --max-batch`")
+        if n < self.min_batch:
+            raise BackendError(f"batch of {n} images is below the min batch {self.min_batch} of TensorRT engine "
+                               f"{self.engine_path.name}")
+        cudart, stream, inp = self._cudart, self._stream, self._input
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+
+        # Pinned staging buffer (casts to the engine's input type, e.g. float16 for FP16-IO engines).
+        count = n * math.prod(inp.sample_shape)
+        inp.host[:count].reshape(images.shape)[...] = images
+        _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, inp.batch_nbytes(n), h2d, stream),
+                 "cudaMemcpyAsync (input to GPU)")
+        if self._dynamic:
+            self._set_input_shape((n, *inp.sample_shape))
+        handle = _native_handle(stream)
+        if self.api == "tensors-v3":
+            for t in self._tensors:
+                if self._context.set_tensor_address(t.name, t.device_ptr) is False:
+                    raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
+            ok = self._context.execute_async_v3(handle)
+        else:
+            ok = self._context.execute_async_v2(self._bindings, handle)
+        if ok is False:
+            raise BackendError(f"TensorRT failed to enqueue {self.engine_path.name} for a batch of {n} "
+                               "(see the TensorRT messages above)")
+        for t in (self._score, self._map):
+            _cuda_ok(cudart, cudart.cudaMemcpyAsync(t.host_ptr, t.device_ptr, t.batch_nbytes(n), d2h, stream),
+                     f"cudaMemcpyAsync ({t.name} to host)")
+        _cuda_ok(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize (inference)")
+
+        score_count = n * math.prod(self._score.sample_shape)
+        scores = self._score.host[:score_count].astype(np.float32)  # astype copies (and FP16 -> FP32)
+        map_count = n * math.prod(self._map.sample_shape)
+        maps = self._map.host[:map_count].astype(np.float32).reshape(n, *map_hw)
+        return scores, maps
+
+    def infer_all(self, images: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Run ``images`` (N, 3, H, W) in batches of at most ``max_batch``."""
+        size = min(batch_size or self.max_batch, self.max_batch)
+        scores, maps = [], []
+        for start in range(0, len(images), size):
+            s, m = self.infer(images[start : start + size])
+            scores.append(s)
+            maps.append(m)
+        if not scores:
+            return self.infer(images)
+        return np.concatenate(scores), np.concatenate(maps)
+
+    # ---- teardown ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the stream, every pinned and device buffer, the context and the engine (idempotent).
+
+        CUDA errors here are logged, not raised: close() also runs from ``__del__``.
+        """
+        if not hasattr(self, "_host_ptrs"):  # __init__ never ran
+            return
+        self._closed = True
+        cudart = getattr(self, "_cudart", None)
+
+        def release(call: Any, arg: Any, what: str) -> None:
+            try:
+                _cuda_ok(cudart, call(arg), what)
+            except Exception as exc:  # noqa: BLE001 - keep freeing the rest
+                log.warning("%s", exc)
+
+        stream = self._stream
+        if stream is not None:
+            # An interrupted infer() may have copies in flight on the buffers about to be freed.
+            release(cudart.cudaStreamSynchronize, stream, "cudaStreamSynchronize (close)")
+        for t in self._tensors:
+            t.host = None  # no view may outlive the pinned memory
+        while self._device_ptrs:
+            release(cudart.cudaFree, self._device_ptrs.pop(), "cudaFree")
+        while self._host_ptrs:
+            release(cudart.cudaFreeHost, self._host_ptrs.pop(), "cudaFreeHost")
+        if stream is not None:
+            self._stream = None
+            release(cudart.cudaStreamDestroy, stream, "cudaStreamDestroy")
+        # Context before engine before runtime (TensorRT's destruction order).
+        self._context = None
+        self._engine = None
+        self._runtime = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
+
+    def __enter__(self) -> "TensorRTBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.api}, batch {self.min_batch}..{self.max_batch}"
+        return f"TensorRTBackend({self.engine_path.name}, {state})"
+
+
+# --------------------------------------------------------------------------------------------
+# Bundle loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_tensorrt_backend(
+    bundle_dir: str | Path,
+    manifest: dict[str, Any],
+    precision: str = "fp16",
+    trt: Any = None,
+    cudart: Any = None,
+    gpu: dict[str, str] | None = None,
+) -> TensorRTBackend:
+    """The TensorRT backend for a bundle's engine of ``precision``, after checking that it fits this device.
+
+    Refuses (BackendError) a bundle without such an engine and an engine stamped for another TensorRT
+    version or GPU, both with the command that builds one; a modified engine file fails the hash check
+    (BundleError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
+    """
+    bundle_dir = Path(bundle_dir)
+    if precision not in PRECISIONS:
+        raise BackendError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    stamps = [e for e in manifest.get("engines") or [] if e.get("precision") == precision]
+    if not stamps:
+        raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "
+                           f"with grad-export build --{precision} {bundle_dir}")
+    trt = import_tensorrt() if trt is None else trt
+    gpu = gpu_identity() if gpu is None else gpu
+    trt_version = str(trt.__version__)
+    stamp = None
+    reasons = []
+    for candidate in reversed(stamps):  # the newest build first
+        reason = engine_matches_device(candidate, trt_version, gpu, bundle=str(bundle_dir))
+        if reason is None:
+            stamp = candidate
+            break
+        reasons.append(reason)
+    if stamp is None:
+        others = f" (and {len(reasons) - 1} other {precision} engine(s) for other devices)" if len(reasons) > 1 else ""
+        raise BackendError(f"bundle {bundle_dir}: {reasons[0]}{others}")
+    verify_files(bundle_dir, manifest, [stamp["file"]])
+    inp = manifest.get("input", {})
+    backend = TensorRTBackend(bundle_dir / stamp["file"], inp.get("name", "image"), trt=trt, cudart=cudart)
+    want = (inp.get("height"), inp.get("width"))
+    if None not in want and tuple(backend.input_hw) != tuple(int(v) for v in want):
+        backend.close()
+        raise BackendError(f"engine {stamp['file']} takes {backend.input_hw[0]}x{backend.input_hw[1]} images but "
+                           f"bundle {bundle_dir} says {want[0]}x{want[1]}; rebuild it on this device with "
+                           f"`grad-export build --{precision} {bundle_dir}`")
+    return backend
