@@ -1,1 +1,1 @@
-"""gradad.calibration"""
+"""Image and pixel thresholds from held-out images, computed through the runtime backend (no torch)."""

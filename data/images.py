@@ -129,18 +129,23 @@ def _check_size(size: int) -> int:
 
 
 def resize_image(img: np.ndarray, size: int) -> np.ndarray:
-    """Resize an image to ``size x size`` (aspect ratio is not kept).
+    """Resize an image to ``size x size`` (aspect ratio is not kept); see :func:`resize_hw`."""
+    size = _check_size(size)
+    return resize_hw(img, size, size)
+
+
+def resize_hw(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an image to ``height x width``, the one resize rule of training and deployment.
 
     Uses ``cv2.INTER_AREA`` when the image shrinks in both dimensions (anti-aliased downscaling) and
     ``cv2.INTER_LINEAR`` otherwise (enlarging, or enlarging one side while shrinking the other). An image that
     already has the target size is returned unchanged (same array).
     """
-    size = _check_size(size)
     h, w = img.shape[:2]
-    if (h, w) == (size, size):
+    if (h, w) == (height, width):
         return img
-    interp = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
-    return cv2.resize(img, (size, size), interpolation=interp)
+    interp = cv2.INTER_AREA if (h >= height and w >= width) else cv2.INTER_LINEAR
+    return cv2.resize(img, (width, height), interpolation=interp)
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

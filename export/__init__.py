@@ -1,1 +1,1 @@
-"""gradad.export"""
+"""Checkpoint -> model bundle: ONNX export, FP16 conversion, lint, parity gates, TensorRT engines."""

@@ -134,7 +134,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
     module = ExportModule(detector, norm["mean"], norm["std"], opts.input_size).eval()
     h, w = module.input_hw
     images, labels, parity_source = load_parity_images(payload, opts)
-    batch = to_model_input(images, h, w) if (h, w) == module.model_hw else _resize_to(images, h, w)
+    batch = to_model_input(images, h, w)
 
     work = out_dir.parent / f".{out_dir.name}.export-tmp"
     shutil.rmtree(work, ignore_errors=True)
@@ -225,11 +225,3 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         shutil.rmtree(work, ignore_errors=True)
     log.info("bundle written to %s", out_dir)
     return out_dir
-
-
-def _resize_to(images: list[np.ndarray], h: int, w: int) -> np.ndarray:
-    """Frames of a fixed camera size (the graph resizes to the model size itself)."""
-    import cv2
-
-    return np.stack([cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
-                     for im in images]).astype(np.float32)

@@ -126,8 +126,8 @@ def run_pipeline(
     stats: LatencyStats | None = None,
 ) -> LatencyStats:
     """Run until the frames end, ``max_frames`` is reached or ``stop`` is set; always closes the sinks."""
-    stop = stop or StopFlag()
-    stats = stats or LatencyStats()
+    stop = stop if stop is not None else StopFlag()  # StopFlag is falsy until set: no `or` here
+    stats = stats if stats is not None else LatencyStats()
     h, w = backend.input_hw
     batch_size = max(1, min(options.batch_size, backend.max_batch))
     last_report = time.perf_counter()
