@@ -217,11 +217,16 @@ def test_sigterm_leaves_complete_jsonl(line: dict[str, Path], tmp_path: Path) ->
         [sys.executable, "-m", "gradad.runtime.cli", str(line["bundle"]), "--source", str(line["good"]), "--loop",
          "--jsonl", str(out), "--backend", "onnxruntime", "--stats-every", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 10):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=30)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 10):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:  # never leave a looping runtime behind, whatever failed
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 0, stderr
     text = out.read_text()
     assert text.endswith("\n")
