@@ -21,7 +21,7 @@ def main() -> None:
 
     \b
       grad-export onnx runs/demo/model.pt -o models/demo     # FP32 + FP16 ONNX, parity-checked
-      grad-export build --fp16 models/demo                     # TensorRT engine, on the target device
+      grad-export build --fp16 models/demo --parity-images imgs/  # TensorRT engine, on the target device
       grad-export inspect models/demo                          # what is in a bundle
     """
 
@@ -73,6 +73,8 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 
 @main.command("build", context_settings=_CTX)
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--parity-images", required=True, type=click.Path(file_okay=False),
+              help="Folder of real images: the engine must match ONNX Runtime FP32 on them or it is deleted.")
 @click.option("--fp16/--fp32", default=True, help="Engine precision.")
 @click.option("--max-batch", type=int, default=8, help="Largest batch of the optimisation profile.")
 @click.option("--opt-batch", type=int, default=1, help="Batch size TensorRT optimises for.")
@@ -81,16 +83,17 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
               "[default: BUNDLE/timing.cache].")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
-def build_command(bundle_dir, fp16, max_batch, opt_batch, workspace_mib, timing_cache, verbose) -> None:
+def build_command(bundle_dir, parity_images, fp16, max_batch, opt_batch, workspace_mib, timing_cache, verbose) -> None:
     """Build a TensorRT engine for BUNDLE_DIR on this device (engines are specific to TensorRT version and GPU).
 
-    Without TensorRT or a GPU this exits with code 2 and says so; the bundle's ONNX files stay usable with
-    ONNX Runtime (grad-run --backend onnxruntime).
+    The engine is compared with ONNX Runtime FP32 on --parity-images (relative L2 of maps and scores, the FP16
+    gates) and deleted with the numbers when it misses. Without TensorRT or a GPU this exits with code 2 and
+    says so; the bundle's ONNX files stay usable with ONNX Runtime (grad-run --backend onnxruntime).
     """
     setup_logging(verbose)
     from gradad.export.engine import build_bundle_engine
 
-    stamp = build_bundle_engine(bundle_dir, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
+    stamp = build_bundle_engine(bundle_dir, parity_images, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
                                 workspace_mib=workspace_mib, timing_cache=timing_cache)
     click.echo(f"engine: {Path(bundle_dir) / stamp['file']} ({stamp['precision']}, TensorRT "
                f"{stamp['tensorrt_version']}, {stamp['gpu_name']} sm{stamp['compute_capability']})")
@@ -143,7 +146,7 @@ def summary_text(bundle_dir: str | Path) -> str:
         lines.append(f"  engine: {e['file']} ({e['precision']}, TensorRT {e['tensorrt_version']}, {e['gpu_name']}, "
                      f"sm{e['compute_capability']})")
     if not m["engines"]:
-        lines.append("  engines: none (build one on the target with grad-export build --fp16)")
+        lines.append("  engines: none (build one on the target with grad-export build --fp16 BUNDLE --parity-images DIR)")
     cal = m["calibration"]
     lines.append(f"  calibration: {json.dumps(cal) if cal else 'none (run grad-calibrate)'}")
     return "\n".join(lines)

@@ -1,28 +1,69 @@
-"""``grad-export build``: a TensorRT engine for a bundle, stamped into bundle.json."""
+"""``grad-export build``: a TensorRT engine for a bundle, parity-gated against ONNX Runtime, stamped into
+bundle.json."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gradad.bundle import FP16_ONNX, FP32_ONNX, file_entry, read_manifest, verify_files, write_manifest
+from gradad.calibration.calibrate import list_images
+from gradad.data.images import read_image_rgb
+from gradad.errors import DatasetError
 from gradad.export.fp16 import COORDINATE_BRANCH
+from gradad.export.parity import ParityError, ParityGates, check_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, TensorRTUnavailable, build_engine, gpu_identity, \
     import_tensorrt
+from gradad.runtime.backend import Backend
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend, infer_in_batches
+from gradad.runtime.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
 
-def build_bundle_engine(bundle_dir: str | Path, fp16: bool = True, max_batch: int = 8, opt_batch: int = 1,
-                        workspace_mib: int = 2048, timing_cache: str | None = None) -> dict[str, Any]:
-    """Build, stamp and register an engine; TensorRT or GPU absence is a one-line error naming what exists."""
+def _default_engine_backend(path: Path) -> Backend:
+    from gradad.runtime.tensorrt_backend import TensorRTBackend
+
+    return TensorRTBackend(path)
+
+
+def engine_parity(bundle_dir: Path, manifest: dict[str, Any], engine: Backend, images_dir: str | Path,
+                  max_images: int = 32) -> dict[str, Any]:
+    """Engine vs ONNX Runtime FP32 on real images: relative L2 errors of maps and scores."""
+    files = list_images(images_dir, "--parity-images")[:max_images]
+    h, w = manifest["input"]["height"], manifest["input"]["width"]
+    batch = to_model_input([read_image_rgb(f) for f in files], h, w)
+    ref_scores, ref_maps = OnnxRuntimeBackend(bundle_dir / FP32_ONNX, ["cpu"]).infer_all(batch)
+    scores, maps = infer_in_batches(engine, batch)
+    report = compare_fp16(ref_scores, ref_maps, scores, maps, labels=None)
+    report["images"] = f"{len(files)} images from {images_dir}"
+    return report
+
+
+def build_bundle_engine(
+    bundle_dir: str | Path,
+    parity_images: str | Path,
+    fp16: bool = True,
+    max_batch: int = 8,
+    opt_batch: int = 1,
+    workspace_mib: int = 2048,
+    timing_cache: str | None = None,
+    gates: ParityGates = ParityGates(),
+    trt: Any = None,
+    gpu: dict[str, str] | None = None,
+    engine_backend: Callable[[Path], Backend] = _default_engine_backend,
+) -> dict[str, Any]:
+    """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
+    the bundle still offers; an engine that misses the parity gate is deleted and the numbers reported."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest, [FP32_ONNX] + ([FP16_ONNX] if FP16_ONNX in manifest["files"] else []))
+    if not Path(parity_images).is_dir():
+        raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
     try:
-        trt = import_tensorrt()
-        gpu = gpu_identity()
+        trt = trt or import_tensorrt()
+        gpu = gpu or gpu_identity()
     except TensorRTUnavailable as exc:
         onnx_files = ", ".join(sorted(manifest["files"]))
         raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
@@ -34,9 +75,22 @@ def build_bundle_engine(bundle_dir: str | Path, fp16: bool = True, max_batch: in
     fp16_onnx = bundle_dir / FP16_ONNX if FP16_ONNX in manifest["files"] else None
     stamp = build_engine(bundle_dir / FP32_ONNX, bundle_dir, inp["name"], (3, inp["height"], inp["width"]), cfg,
                          fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu)
-    # Engine vs ONNX Runtime parity needs the TensorRT runtime backend; recorded as not run until it exists.
-    stamp["parity_vs_onnxruntime"] = None
+    engine_path = bundle_dir / stamp["file"]
+    try:
+        engine = engine_backend(engine_path)
+        try:
+            report = engine_parity(bundle_dir, manifest, engine, parity_images)
+        finally:
+            engine.close()
+        failed = [f.replace("FP16", "engine") for f in check_gates({"max_abs_over_scale": 0.0}, report, gates)]
+        if failed:
+            raise ParityError(f"engine {engine_path.name} rejected and deleted: " + "; ".join(failed))
+    except BaseException:
+        engine_path.unlink(missing_ok=True)
+        raise
+    stamp["parity_vs_onnxruntime"] = report
     manifest["engines"] = [e for e in manifest["engines"] if e["file"] != stamp["file"]] + [stamp]
-    manifest["files"][stamp["file"]] = file_entry(bundle_dir / stamp["file"])
+    manifest["files"][stamp["file"]] = file_entry(engine_path)
     write_manifest(bundle_dir, manifest)
+    log.info("engine %s: map rel L2 %.2e vs ONNX Runtime", stamp["file"], report["map_rel_l2"])
     return stamp

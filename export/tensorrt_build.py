@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 TENSORRT_MISSING_MESSAGE = (
     "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
 )
-REBUILD_COMMAND = "grad-export build --fp16 {bundle}"
+REBUILD_COMMAND = "grad-export build --fp16 {bundle} --parity-images DIR"
 
 BUILD_MODE_FP16_FLAG = "fp16-flag"
 BUILD_MODE_STRONGLY_TYPED = "strongly-typed-fp16-onnx"
@@ -470,7 +470,7 @@ def build_engine(
             raise GradError(
                 f"TensorRT {trt_version} has no FP16 builder flag: an FP16 engine must be built from "
                 "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with "
-                "`grad-export build --fp16 <bundle>`"
+                "`grad-export build --fp16 <bundle> --parity-images DIR`"
             )
         mode, source, strongly_typed = BUILD_MODE_STRONGLY_TYPED, Path(fp16_onnx_path), True
     precision = "fp16" if cfg.fp16 else "fp32"

@@ -264,7 +264,7 @@ class TensorRTBackend:
             raise BackendError(
                 f"TensorRT {getattr(trt, '__version__', '?')} could not deserialise {path} (see the TensorRT "
                 "messages above): the engine is corrupt or was built by another TensorRT version or for another "
-                f"GPU; rebuild it on this device with `grad-export build --fp16 {path.parent}`"
+                f"GPU; rebuild it on this device with `grad-export build --fp16 {path.parent} --parity-images DIR`"
             )
         self._context = self._engine.create_execution_context()
         if self._context is None:
@@ -554,7 +554,7 @@ def load_tensorrt_backend(
     stamps = [e for e in manifest.get("engines") or [] if e.get("precision") == precision]
     if not stamps:
         raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "
-                           f"with grad-export build --{precision} {bundle_dir}")
+                           f"with grad-export build --{precision} {bundle_dir} --parity-images DIR")
     trt = import_tensorrt() if trt is None else trt
     gpu = gpu_identity() if gpu is None else gpu
     trt_version = str(trt.__version__)
@@ -577,5 +577,5 @@ def load_tensorrt_backend(
         backend.close()
         raise BackendError(f"engine {stamp['file']} takes {backend.input_hw[0]}x{backend.input_hw[1]} images but "
                            f"bundle {bundle_dir} says {want[0]}x{want[1]}; rebuild it on this device with "
-                           f"`grad-export build --{precision} {bundle_dir}`")
+                           f"`grad-export build --{precision} {bundle_dir} --parity-images DIR`")
     return backend

@@ -154,7 +154,8 @@ def test_cli_inspect_build_and_refusals(bundle: Path, trained_tiny: Path, tmp_pa
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        result = runner.invoke(export_main, ["build", "--fp16", str(bundle)])
+        result = runner.invoke(export_main, ["build", "--fp16", str(bundle), "--parity-images",
+                                             str(tmp_path)])
         assert result.exit_code == 2
         assert "TensorRT not installed" in result.stderr and "model.onnx" in result.stderr
         assert read_manifest(bundle)["engines"] == []
@@ -177,3 +178,59 @@ def test_parity_gate_failure_writes_nothing(trained_tiny: Path, tmp_path: Path) 
         export_bundle(trained_tiny, tmp_path / "rejected", opts)
     assert not (tmp_path / "rejected").exists()
     assert not list(tmp_path.glob(".*export-tmp"))
+
+
+class _ScaledOnnxEngine:
+    """Glue-test stand-in for a TensorRT engine: ONNX Runtime FP32 with its outputs scaled by ``factor``."""
+
+    def __init__(self, bundle: Path, factor: float) -> None:
+        self.inner = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"])
+        self.name, self.max_batch, self.factor = "fake-engine", 4, factor
+        self.closed = False
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.inner.input_hw
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, m = self.inner.infer(images)
+        return s * self.factor, m * self.factor
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("factor,accepted", [(1.001, True), (1.2, False)])
+def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: Path, factor: float,
+                                 accepted: bool) -> None:
+    """GLUE test with the fake `tensorrt` module of test_tensorrt_glue: the engine-vs-ORT gate keeps or deletes."""
+    import shutil
+
+    from test_tensorrt_glue import CHW, GPU, make_fake_trt
+
+    from gradad.export.engine import build_bundle_engine
+    from gradad.export.parity import ParityError
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    engines: list[_ScaledOnnxEngine] = []
+
+    def factory(path: Path) -> _ScaledOnnxEngine:
+        assert path.read_bytes() == b"engine-bytes"
+        engines.append(_ScaledOnnxEngine(copy, factor))
+        return engines[-1]
+
+    trt = make_fake_trt(input_shape=(-1, 3, 64, 64))
+    images = tiny_demo_root / "fabric" / "test" / "good"
+    assert CHW[0] == 3
+    if accepted:
+        stamp = build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory)
+        manifest = read_manifest(copy)
+        assert manifest["engines"][0]["file"] == stamp["file"] and (copy / stamp["file"]).is_file()
+        assert stamp["parity_vs_onnxruntime"]["map_rel_l2"] == pytest.approx(0.001, rel=1e-3)
+        verify_files(copy, manifest)
+    else:
+        with pytest.raises(ParityError, match="engine map relative L2"):
+            build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory)
+        assert not list(copy.glob("*.plan")) and read_manifest(copy)["engines"] == []
+    assert engines and engines[0].closed

@@ -688,7 +688,7 @@ def test_load_refuses_bundle_without_engine(tmp_path):
         load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(FakeCudart()), cudart=FakeCudart(),
                               gpu=GPU)
     assert str(info.value) == (f"bundle {bundle} has no fp16 TensorRT engine: build one on this device with "
-                               f"grad-export build --fp16 {bundle}")
+                               f"grad-export build --fp16 {bundle} --parity-images DIR")
 
 
 def test_load_refuses_missing_precision(tmp_path):
