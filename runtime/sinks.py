@@ -678,7 +678,22 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
-class WebhookSink(_SinkBase):
+class _RecordSink(_SinkBase):
+    """A sink that forwards JSON records, optionally only those of anomalous frames."""
+
+    only_anomalous: bool = False
+
+    def write(self, result: FrameResult) -> None:
+        """Forward the frame's record (when it passes ``only_anomalous``)."""
+        if self.only_anomalous and not result.is_anomalous:
+            return
+        self.write_record(result.to_record())
+
+    def write_record(self, record: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class WebhookSink(_RecordSink):
     """POSTs each record as JSON (``Content-Type: application/json``) to ``url`` from a background thread.
 
     * The camera loop never waits on the network: records go to a bounded queue (``queue_size``); when it is
@@ -716,12 +731,6 @@ class WebhookSink(_SinkBase):
                         if _is_loopback(parsed.hostname) else urllib.request.build_opener())
         self._thread = threading.Thread(target=self._run, name="gradad-webhook", daemon=True)
         self._thread.start()
-
-    def write(self, result: FrameResult) -> None:
-        """Queue the frame's record (when it passes ``only_anomalous``)."""
-        if self.only_anomalous and not result.is_anomalous:
-            return
-        self.write_record(result.to_record())
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Queue any record (follow-ups included); never blocks."""
@@ -799,7 +808,7 @@ class WebhookSink(_SinkBase):
         log.info("webhook %s: %d sent, %d failed, %d dropped", self.url, self.sent, self.failed, self.dropped)
 
 
-class MqttSink(_SinkBase):
+class MqttSink(_RecordSink):
     """Publishes records as JSON to an MQTT broker with ``paho-mqtt`` (optional: ``pip install paho-mqtt``).
 
     Connects in the constructor (waiting up to ``connect_timeout_s`` for the broker's answer: a clear
@@ -901,12 +910,6 @@ class MqttSink(_SinkBase):
                 self.published += 1
             else:
                 self.dropped += 1
-
-    def write(self, result: FrameResult) -> None:
-        """Publish the frame's record (when it passes ``only_anomalous``)."""
-        if self.only_anomalous and not result.is_anomalous:
-            return
-        self.write_record(result.to_record())
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Publish any record (follow-ups included); never blocks on the network."""

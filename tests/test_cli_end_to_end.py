@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import one_error_line
+
 from gradad.evaluation.cli import main as eval_main
 from gradad.training.cli import main as train_main
 
@@ -47,28 +49,20 @@ def test_train_then_eval_writes_complete_metrics(tiny_demo_root: Path, tmp_path:
     assert cv2.imread(str(figures[0])).shape[1] == 3 * 64
 
 
-def _error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_wrong_root_is_one_clear_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(train_main, _train_args(tmp_path / "missing", tmp_path))
-    assert "missing" in _error_line(result)
+    assert "missing" in one_error_line(result)
 
 
 def test_unknown_class_and_empty_class(tiny_demo_root: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(train_main, [*_train_args(tiny_demo_root, tmp_path), "--classes", "zebra"])
-    assert "zebra" in _error_line(result)
+    assert "zebra" in one_error_line(result)
     root = tmp_path / "data"
     shutil.copytree(tiny_demo_root / "fabric", root / "fabric")
     for f in (root / "fabric" / "train" / "good").iterdir():
         f.unlink()
     result = CliRunner().invoke(train_main, _train_args(root, tmp_path))
-    assert "fabric" in _error_line(result)
+    assert "fabric" in one_error_line(result)
 
 
 def test_unreadable_training_image_names_the_file(tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -77,7 +71,7 @@ def test_unreadable_training_image_names_the_file(tiny_demo_root: Path, tmp_path
     bad = sorted((root / "nut" / "train" / "good").iterdir())[2]
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     result = CliRunner().invoke(train_main, _train_args(root, tmp_path))
-    assert bad.name in _error_line(result)
+    assert bad.name in one_error_line(result)
 
 
 def test_mask_size_mismatch_names_the_mask(trained_tiny: Path, tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -87,15 +81,15 @@ def test_mask_size_mismatch_names_the_mask(trained_tiny: Path, tiny_demo_root: P
     cv2.imwrite(str(mask), np.zeros((10, 12), np.uint8))
     result = CliRunner().invoke(eval_main, [str(trained_tiny), "--data", str(root), "--classes", "capsule",
                                            "-o", str(tmp_path / "e")])
-    assert mask.name in _error_line(result)
+    assert mask.name in one_error_line(result)
 
 
 def test_missing_and_corrupt_model_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(eval_main, [str(tmp_path / "nope.pt")])
-    assert "nope.pt" in _error_line(result)
+    assert "nope.pt" in one_error_line(result)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
-    assert "bad.pt" in _error_line(CliRunner().invoke(eval_main, [str(bad)]))
+    assert "bad.pt" in one_error_line(CliRunner().invoke(eval_main, [str(bad)]))
 
 
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:

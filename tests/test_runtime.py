@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import one_error_line
+
 from gradad.calibration.cli import main as calibrate_main
 from gradad.data.demo import DemoDataConfig, generate_demo_dataset
 from gradad.runtime.cli import main as run_main
@@ -132,27 +134,20 @@ def test_corrupt_and_odd_sized_images_in_folder(line: dict[str, Path], tmp_path:
     assert "b.png" in caplog.text
 
 
-def _error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [x for x in result.stderr.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_bad_inputs_are_one_clear_line(line: dict[str, Path], tmp_path: Path) -> None:
     runner = CliRunner()
-    assert "not found" in _error(runner.invoke(run_main, [str(tmp_path / "nope"), "--source", str(line["good"])]))
-    assert "camera 99" in _error(runner.invoke(run_main, [str(line["bundle"]), "--camera", "99",
+    missing = runner.invoke(run_main, [str(tmp_path / "nope"), "--source", str(line["good"])])
+    assert "not found" in one_error_line(missing)
+    assert "camera 99" in one_error_line(runner.invoke(run_main, [str(line["bundle"]), "--camera", "99",
                                                           "--backend", "onnxruntime"]))
     tampered = tmp_path / "tampered"
     shutil.copytree(line["bundle"], tampered)
     with open(tampered / "model.onnx", "ab") as f:
         f.write(b"\0")
-    msg = _error(runner.invoke(run_main, [str(tampered), "--source", str(line["good"]), "--backend",
+    msg = one_error_line(runner.invoke(run_main, [str(tampered), "--source", str(line["good"]), "--backend",
                                           "onnxruntime"]))
     assert "model.onnx" in msg and "grad-export onnx" in msg
-    assert "TensorRT" in _error(runner.invoke(run_main, [str(line["bundle"]), "--source", str(line["good"]),
+    assert "TensorRT" in one_error_line(runner.invoke(run_main, [str(line["bundle"]), "--source", str(line["good"]),
                                                          "--backend", "tensorrt"]))
 
 
