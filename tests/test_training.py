@@ -169,6 +169,7 @@ def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -
     cfg.model.fusion_depth = 2
     with pytest.raises(ConfigError, match="config differs"):
         train(cfg, resume=True)
+    assert load_config(Path(cfg.output_dir) / "config.yaml").model.fusion_depth == 1  # the run's config is kept
 
 
 def test_config_errors_name_the_setting(tmp_path: Path) -> None:
@@ -185,3 +186,33 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset_config("huge")
+
+
+def test_resume_after_interruption_at_the_stage_boundary(tiny_demo_root: Path, tmp_path: Path, monkeypatch) -> None:
+    """Stopped right after stage 1: the stage-2 optimizer starts fresh (no stage-1 state forced into it)."""
+    import gradad.training.trainer as trainer_module
+
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    real_step = trainer_module.normal_step
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "normal_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=False)
+    assert (state["stage_index"], state["next_epoch"], state["optimizer"]) == (1, 0, None)
+    monkeypatch.setattr(trainer_module, "normal_step", real_step)
+    train(cfg, resume=True)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
+                                                           ("normal", 2)]
+
+
+def test_invalid_ranges_are_config_errors(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.model.smoothing_size = 20
+    with pytest.raises(ConfigError, match="model.smoothing_size"):
+        train(cfg)
+    assert not (Path(cfg.output_dir) / "config.yaml").exists()

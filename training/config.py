@@ -110,6 +110,31 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/edge"
 
+    def validate(self) -> None:
+        """Range checks that types alone cannot express; raises ConfigError naming the setting."""
+        checks = [
+            ("train.batch_size", self.train.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
+            ("train.stage1_epochs", self.train.stage1_epochs >= 0, "must be >= 0"),
+            ("train.stage2_epochs", self.train.stage2_epochs >= 1, "must be >= 1"),
+            ("data.image_size", self.data.image_size >= 32 and self.data.image_size % 16 == 0,
+             "must be a multiple of 16, at least 32"),
+            ("model.smoothing_size", self.model.smoothing_size % 2 == 1 and self.model.smoothing_size > 0,
+             "must be odd and positive"),
+            ("model.score_pool", self.model.score_pool >= 1, "must be >= 1"),
+            ("model.fusion_depth", self.model.fusion_depth >= 1, "must be >= 1"),
+            ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
+            ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"setting {name} = {_value_of(self, name)!r}: {why}")
+
+
+def _value_of(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
 
 def _preset_overrides() -> dict[str, dict[str, Any]]:
     return {
@@ -154,6 +179,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin is tuple:
         return tuple(_coerce(v, args[0] if args else Any, where) for v in value)
     if origin is list:
+        if isinstance(value, str):  # "--set data.classes=a,b" or a single name, not its letters
+            return [v.strip() for v in value.split(",") if v.strip()]
         return list(value)
     if args and type(None) in args:  # Optional[X]
         inner = [a for a in args if a is not type(None)]

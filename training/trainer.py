@@ -153,8 +153,8 @@ class Trainer:
         """Train and return the path of the final model file."""
         cfg = self.cfg
         seed_everything(cfg.train.seed)
+        cfg.validate()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
         t0 = time.perf_counter()
         extractor = FeatureExtractor(cfg.backbone)
         data = prepare_training_data(cfg, extractor, self.device)
@@ -175,6 +175,7 @@ class Trainer:
             log.info("resuming %s at stage %s epoch %d", self.state_path, STAGES[start_stage], start_epoch)
         elif resume:
             log.info("no checkpoint at %s: starting from scratch", self.state_path)
+        save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
         log_path = self.run_dir / "train_log.jsonl"
         if start_stage == 0 and start_epoch == 0 and log_path.exists():
             log_path.unlink()
@@ -193,7 +194,7 @@ class Trainer:
             step_at = max(1, int(round(cfg.train.lr_step_fraction * epochs)))
             scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_at, gamma=0.1)
             first_epoch = start_epoch if stage_index == start_stage else 0
-            if opt_state is not None and stage_index == start_stage:
+            if opt_state is not None and stage_index == start_stage and first_epoch > 0:
                 optimizer.load_state_dict(opt_state["optimizer"])
                 scheduler.load_state_dict(opt_state["scheduler"])
             bar = tqdm(range(first_epoch, epochs), desc=f"stage {stage_index + 1}/2 ({stage})", unit="epoch")
@@ -240,7 +241,9 @@ class Trainer:
         payload.update({
             "stage_index": next_stage,
             "next_epoch": next_epoch,
-            "optimizer": {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            # A checkpoint at a stage boundary starts the next stage with a fresh optimizer of other parameters.
+            "optimizer": ({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+                          if next_epoch > 0 else None),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
         })
