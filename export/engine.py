@@ -11,7 +11,7 @@ from gradad.bundle import FP16_ONNX, FP32_ONNX, file_entry, read_manifest, verif
 from gradad.calibration.calibrate import list_images
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
-from gradad.export.fp16 import COORDINATE_BRANCH
+from gradad.export.fp16 import FP32_NAME_PATTERNS
 from gradad.export.parity import ParityError, ParityGates, check_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, TensorRTUnavailable, build_engine, gpu_identity, \
     import_tensorrt
@@ -70,7 +70,7 @@ def build_bundle_engine(
                                   f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_dir / "timing.cache"),
-                            fp32_layer_name_patterns=(COORDINATE_BRANCH,))
+                            fp32_layer_name_patterns=FP32_NAME_PATTERNS)
     inp = manifest["input"]
     fp16_onnx = bundle_dir / FP16_ONNX if FP16_ONNX in manifest["files"] else None
     stamp = build_engine(bundle_dir / FP32_ONNX, bundle_dir, inp["name"], (3, inp["height"], inp["width"]), cfg,

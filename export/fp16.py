@@ -19,13 +19,30 @@ FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Inputs that ONNX requires to be float32 whatever the data type (Resize's roi and scales).
 _FP32_ONLY_INPUTS = {"Resize": {1, 2}}
-# Coordinate-branch node name fragment of the TorchScript export (module path of CoordinateMapper).
+# Node-name fragments (module paths in the TorchScript export) of the coordinate branch: the mapper and the grid
+# modules, which reshape the coordinates right before GridSample. TensorRT's per-layer FP32 pins use them too.
 COORDINATE_BRANCH = "/mapper/"
+GRID_MODULES = "_grid/"
+FP32_NAME_PATTERNS = (COORDINATE_BRANCH, GRID_MODULES)
 
 
 def default_fp32_nodes(node: onnx.NodeProto) -> bool:
-    """GridSample and every node of the coordinate mapper run in FP32."""
-    return node.op_type == "GridSample" or COORDINATE_BRANCH in node.name
+    """GridSample, the coordinate mapper and the grid modules run in FP32."""
+    return node.op_type == "GridSample" or any(p in node.name for p in FP32_NAME_PATTERNS)
+
+
+def coordinate_path(model: onnx.ModelProto) -> set[str]:
+    """Names of every node between a graph input and the coordinate input (input 1) of each GridSample."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    seen: set[str] = set()
+    stack = [n.input[1] for n in model.graph.node if n.op_type == "GridSample"]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        stack.extend(node.input)
+    return seen
 
 
 def _to_half(array: np.ndarray) -> np.ndarray:
@@ -47,7 +64,9 @@ def convert_to_fp16(
     for init in graph.initializer:
         elem[init.name] = init.data_type
 
-    fp32_nodes = [n.name for n in graph.node if keep_fp32(n)]
+    # The coordinate path is FP32 only from the mapper on; before it (the extractor) FP16 is wanted.
+    path = coordinate_path(model)
+    fp32_nodes = [n.name for n in graph.node if keep_fp32(n) or (n.name in path and _after_mapper(n, graph))]
     fp32_set = set(fp32_nodes)
     # Current precision of every float tensor: graph inputs are FP32, initializers decided by consumers.
     current: dict[str, int] = {i.name: FLOAT for i in graph.input if elem.get(i.name) == FLOAT}
@@ -153,16 +172,34 @@ def _topological(nodes: list[onnx.NodeProto], available: Iterable[str]) -> list[
     return ordered
 
 
+def _after_mapper(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """True when ``node`` is the mapper or downstream of it (its inputs trace back to a mapper node)."""
+    producer = {out: n for n in graph.node for out in n.output}
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if COORDINATE_BRANCH in n.name:
+            return True
+        if n.name in seen:
+            continue
+        seen.add(n.name)
+        stack.extend(producer[i] for i in n.input if i in producer)
+    return False
+
+
 def fp32_tensor_check(model: onnx.ModelProto, keep_fp32: Callable[[onnx.NodeProto], bool] = default_fp32_nodes
                       ) -> list[str]:
-    """Names of block-listed nodes with any non-FP32 float input or output (empty = block-list honoured)."""
+    """Block-listed nodes, or nodes on a GridSample coordinate path after the mapper, that touch an FP16 float
+    tensor (empty = the coordinates are FP32 from the mapper to GridSample)."""
     inferred = shape_inference.infer_shapes(model)
     elem = {vi.name: vi.type.tensor_type.elem_type
             for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     elem.update({i.name: i.data_type for i in inferred.graph.initializer})
     bad = []
+    path = coordinate_path(inferred)
     for node in inferred.graph.node:
-        if keep_fp32(node) and node.op_type != "Cast":
+        on_path = node.name in path and _after_mapper(node, inferred.graph)
+        if on_path or (keep_fp32(node) and node.op_type != "Cast"):
             floats = [elem.get(t) for t in [*node.input, *node.output] if t and elem.get(t) in (FLOAT, HALF)]
             if HALF in floats:
                 bad.append(node.name)
