@@ -84,6 +84,8 @@ def calibrate(
         raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
     if not 0 < config.false_alarm_rate < 1:
         raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
+    if masks_dir and not defect_dir:
+        raise GradError("--masks needs --defect: the masks belong to the defect images")
     good_files = list_images(good_dir, "--good")
     good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
     n = len(good_scores)
@@ -127,7 +129,7 @@ def calibrate(
             for i, (f, size) in enumerate(zip(defect_files, sizes)):
                 mp = find_mask(Path(masks_dir), f)
                 if mp is not None:
-                    masks[i] = resize_mask(read_mask(mp, size), hw[0])
+                    masks[i] = resize_mask(read_mask(mp, size), hw[0], hw[1])
                     found += 1
             if not found:
                 raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")

@@ -148,16 +148,17 @@ def resize_hw(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(img, (width, height), interpolation=interp)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a mask to ``size x size`` with nearest-neighbour interpolation and return a bool array.
+def resize_mask(mask: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    """Resize a mask to ``size x size`` (or ``size x width``) with nearest-neighbour interpolation; bool result.
 
     Note that shrinking a mask a lot can drop defects thinner than the sampling step.
     """
     size = _check_size(size)
+    width = size if width is None else _check_size(width)
     m = np.asarray(mask)
-    if m.shape[:2] == (size, size):
+    if m.shape[:2] == (size, width):
         return m.astype(bool, copy=True)
-    out = cv2.resize(m.astype(np.uint8), (size, size), interpolation=_INTER_NEAREST)
+    out = cv2.resize(m.astype(np.uint8), (width, size), interpolation=_INTER_NEAREST)
     return out.astype(bool)
 
 

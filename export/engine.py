@@ -4,6 +4,8 @@ bundle.json."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,7 +57,7 @@ def build_bundle_engine(
     engine_backend: Callable[[Path], Backend] = _default_engine_backend,
 ) -> dict[str, Any]:
     """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
-    the bundle still offers; an engine that misses the parity gate is deleted and the numbers reported."""
+    the bundle still offers; an engine that misses the parity gate is not written and the numbers reported."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     verify_files(bundle_dir, manifest, [FP32_ONNX] + ([FP16_ONNX] if FP16_ONNX in manifest["files"] else []))
@@ -73,21 +75,25 @@ def build_bundle_engine(
                             fp32_layer_name_patterns=FP32_NAME_PATTERNS)
     inp = manifest["input"]
     fp16_onnx = bundle_dir / FP16_ONNX if FP16_ONNX in manifest["files"] else None
-    stamp = build_engine(bundle_dir / FP32_ONNX, bundle_dir, inp["name"], (3, inp["height"], inp["width"]), cfg,
-                         fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu)
-    engine_path = bundle_dir / stamp["file"]
+    # Built into a scratch folder: a rebuild that fails parity never touches the engine already in the bundle.
+    scratch = bundle_dir / ".engine-build-tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
     try:
-        engine = engine_backend(engine_path)
+        stamp = build_engine(bundle_dir / FP32_ONNX, scratch, inp["name"], (3, inp["height"], inp["width"]), cfg,
+                             fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu)
+        engine = engine_backend(scratch / stamp["file"])
         try:
             report = engine_parity(bundle_dir, manifest, engine, parity_images)
         finally:
             engine.close()
         failed = [f.replace("FP16", "engine") for f in check_gates({"max_abs_over_scale": 0.0}, report, gates)]
         if failed:
-            raise ParityError(f"engine {engine_path.name} rejected and deleted: " + "; ".join(failed))
-    except BaseException:
-        engine_path.unlink(missing_ok=True)
-        raise
+            raise ParityError(f"engine {stamp['file']} rejected (not written): " + "; ".join(failed))
+        engine_path = bundle_dir / stamp["file"]
+        os.replace(scratch / stamp["file"], engine_path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     stamp["parity_vs_onnxruntime"] = report
     manifest["engines"] = [e for e in manifest["engines"] if e["file"] != stamp["file"]] + [stamp]
     manifest["files"][stamp["file"]] = file_entry(engine_path)

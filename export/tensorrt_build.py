@@ -469,8 +469,8 @@ def build_engine(
         if fp16_onnx_path is None:
             raise GradError(
                 f"TensorRT {trt_version} has no FP16 builder flag: an FP16 engine must be built from "
-                "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with "
-                "`grad-export build --fp16 <bundle> --parity-images DIR`"
+                "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with its FP16 ONNX: "
+                "`grad-export onnx CHECKPOINT -o <bundle> --overwrite`"
             )
         mode, source, strongly_typed = BUILD_MODE_STRONGLY_TYPED, Path(fp16_onnx_path), True
     precision = "fp16" if cfg.fp16 else "fp32"
@@ -570,7 +570,7 @@ def engine_matches_device(
         return None
     command = REBUILD_COMMAND.format(bundle=bundle)
     if stamp.get("precision") == "fp32":
-        command = command.replace(" --fp16", "")
+        command = command.replace(" --fp16", " --fp32")
     return (
         f"engine {stamp.get('file', '(unnamed)')} was built for {' and '.join(problems)}; "
         f"TensorRT engines only run where they were built: rebuild it on this device with `{command}`"

@@ -90,6 +90,10 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     engine, manifest = load_backend(bundle_dir, backend, precision,
                                     providers.split(",") if providers else None, threads)
     thresholds = thresholds_from_manifest(manifest, threshold)
+    calibrated_on = (manifest.get("calibration") or {}).get("backend")
+    if threshold is None and calibrated_on and calibrated_on != engine.name:
+        log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
+                    "re-run grad-calibrate with --backend/--precision of the line", calibrated_on, engine.name)
     log.info("bundle %s, backend %s, threshold %.4f (%s)", manifest["name"], engine.name, thresholds.image,
              thresholds.source)
     benchmark = benchmark_frames is not None
@@ -101,6 +105,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     try:
         for spec in specs:
             opened.append(open_source(spec, source_cfg))
+            stop.on_stop.append(opened[-1].interrupt)
         if jsonl_path and not benchmark:
             sinks.append(JsonlSink(jsonl_path))
         if video_path:
@@ -131,7 +136,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
         restore()
     summary = stats.summary()
     summary["wall_seconds"] = round(wall, 3)
-    summary["source_stats"] = {str(s.spec.value if hasattr(s, "spec") else i): s.stats() for i, s in enumerate(opened)}
+    summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords
     log.info("done: %s", stats.format_line() if stats.frames else "no frames")
     if benchmark:
         summary.update({

@@ -68,7 +68,7 @@ class OnnxRuntimeBackend:
         self.input_name = inp.name
         self.input_shape = inp.shape  # e.g. ['N', 3, 256, 256]
         self.providers = self.session.get_providers()
-        self.name = f"onnxruntime:{self.providers[0]}"
+        self.name = f"onnxruntime:{self.providers[0]}:{path.name}"  # provider and precision (file)
         # The graph has a dynamic batch axis; this only bounds what one call may hold (memory).
         self.max_batch = max_batch
 

@@ -64,10 +64,13 @@ class StopFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
         self.signal_name: str | None = None
+        self.on_stop: list[Callable[[], None]] = []  # e.g. FrameSource.interrupt, to unblock a waiting source
 
     def set(self, name: str = "stop") -> None:
         self.signal_name = name
         self._event.set()
+        for callback in self.on_stop:
+            callback()
 
     def __bool__(self) -> bool:
         return self._event.is_set()
@@ -77,9 +80,15 @@ class StopFlag:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = {}
+
+        def handler(signum: int, _frame: object) -> None:
+            if self:  # second signal: the user insists, stop now (sinks still close in `finally` blocks)
+                raise KeyboardInterrupt
+            self.set(signal.Signals(signum).name)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, lambda signum, _frame: self.set(signal.Signals(signum).name))
+            signal.signal(sig, handler)
 
         def restore() -> None:
             for sig, handler in previous.items():
@@ -172,6 +181,8 @@ def run_pipeline(
             if options.stats_every_s > 0 and now - last_report >= options.stats_every_s:
                 log.info("%s", stats.format_line())
                 last_report = now
+            if any(getattr(sink, "quit_requested", False) for sink in sinks):
+                stop.set("quit key")
             if stop or (options.max_frames is not None and done >= options.max_frames):
                 break
     finally:

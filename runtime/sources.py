@@ -356,8 +356,16 @@ class FrameSource:
     def __iter__(self) -> Iterator[Frame]:
         return self
 
+    _interrupted = False
+
+    def interrupt(self) -> None:
+        """Make a blocked or future ``next()`` end the iteration (safe from a signal handler: sets one flag).
+
+        ``close()`` must still be called to release the source."""
+        self._interrupted = True
+
     def __next__(self) -> Frame:
-        if self._closed:
+        if self._closed or self._interrupted:
             raise StopIteration
         limit = self.config.max_frames
         if limit is not None and self._stats["delivered"] >= limit:
@@ -781,7 +789,7 @@ class _LiveSource(FrameSource):
     # -- consumer side
     def _next_frame(self) -> Frame | None:
         with self._cond:
-            while self._slot is None and not self._ended and not self._closed:
+            while self._slot is None and not self._ended and not self._closed and not self._interrupted:
                 self._cond.wait(timeout=0.5)
             if self._slot is None:
                 return None

@@ -14,10 +14,11 @@ STAGES = ("decode", "preprocess", "inference", "postprocess", "sink", "total")
 class LatencyStats:
     """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS."""
 
-    def __init__(self, window: int = 1000) -> None:
+    def __init__(self, window: int = 1000, history: int = 100_000) -> None:
         self.window = window
+        self.history = history  # the exit summary covers the last `history` frames: bounded memory on 24/7 lines
         self.samples: dict[str, deque[float]] = {}
-        self.all_samples: dict[str, list[float]] = {}
+        self.all_samples: dict[str, deque[float]] = {}
         self.frames = 0
         self.flagged = 0
         self.started = time.perf_counter()
@@ -27,7 +28,7 @@ class LatencyStats:
         """Record one frame's per-stage latencies."""
         for stage, value in latency_ms.items():
             self.samples.setdefault(stage, deque(maxlen=self.window)).append(value)
-            self.all_samples.setdefault(stage, []).append(value)
+            self.all_samples.setdefault(stage, deque(maxlen=self.history)).append(value)
         self.frames += 1
         self.flagged += int(flagged)
         self._recent.append(time.perf_counter())
@@ -50,7 +51,7 @@ class LatencyStats:
                 "mean": round(float(arr.mean()), 3), "n": int(arr.size)}
 
     def summary(self, rolling: bool = False) -> dict[str, Any]:
-        """Percentiles per stage (all samples, or only the rolling window), FPS and counts."""
+        """Percentiles per stage (the last ``history`` frames, or only the rolling window), FPS and counts."""
         source = self.samples if rolling else self.all_samples
         stages = {k: self._percentiles(v) for k, v in source.items() if len(v)}
         return {"frames": self.frames, "flagged": self.flagged,

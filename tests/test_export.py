@@ -233,4 +233,5 @@ def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: P
         with pytest.raises(ParityError, match="engine map relative L2"):
             build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory)
         assert not list(copy.glob("*.plan")) and read_manifest(copy)["engines"] == []
+        assert not (copy / ".engine-build-tmp").exists()
     assert engines and engines[0].closed

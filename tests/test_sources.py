@@ -421,3 +421,20 @@ def test_sources_module_does_not_import_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_interrupt_unblocks_a_consumer_waiting_for_a_lost_camera() -> None:
+    """Ctrl-C/SIGTERM while an unplugged camera delivers nothing: interrupt() ends the wait (no kill -9)."""
+    cam = FakeCamera(fail_after=[1], open_ok=[True, False])  # one frame, then gone for good
+    src = open_source(0, _fast(), capture_factory=cam)
+    try:
+        assert next(src).frame_id == 0
+        timer = threading.Timer(0.3, src.interrupt)
+        timer.start()
+        t0 = time.perf_counter()
+        with pytest.raises(StopIteration):
+            next(src)
+        assert time.perf_counter() - t0 < 2.0
+    finally:
+        src.close()
+    assert src.closed

@@ -552,7 +552,7 @@ def test_engine_matches_device():
 
     fp32_stamp = dict(stamp, precision="fp32")
     msg = engine_matches_device(fp32_stamp, "10.3.0", other)
-    assert msg and "grad-export build <bundle>" in msg
+    assert msg and "grad-export build --fp32 <bundle>" in msg
 
 
 # ------------------------------------------------------------------------------------------
