@@ -23,24 +23,13 @@ from gradad.calibration.thresholds import (
     rates_at,
     recall_threshold,
 )
-from gradad.data.datasets import is_image_file
+from gradad.data.datasets import is_image_file, list_image_files
 from gradad.data.images import read_image_rgb, read_mask, resize_mask
 from gradad.errors import DatasetError, GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
-
-
-def list_images(folder: str | Path, what: str) -> list[Path]:
-    """Sorted image files directly inside ``folder`` (clear error when there are none)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DatasetError(f"{what} folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
-    if not files:
-        raise DatasetError(f"{what} folder {folder} holds no images")
-    return files
 
 
 def find_mask(masks_dir: Path, image: Path) -> Path | None:
@@ -86,7 +75,7 @@ def calibrate(
         raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
     if masks_dir and not defect_dir:
         raise GradError("--masks needs --defect: the masks belong to the defect images")
-    good_files = list_images(good_dir, "--good")
+    good_files = list_image_files(good_dir, "--good")
     good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
     n = len(good_scores)
     threshold, k = far_threshold(good_scores, config.false_alarm_rate)
@@ -107,7 +96,7 @@ def calibrate(
     defect_scores = None
     n_defect = 0
     if defect_dir:
-        defect_files = list_images(defect_dir, "--defect")
+        defect_files = list_image_files(defect_dir, "--defect")
         defect_scores, defect_maps, sizes = score_images(backend, defect_files, desc="defect images")
         n_defect = len(defect_files)
         labels = np.r_[np.zeros(n, int), np.ones(n_defect, int)]

@@ -117,6 +117,17 @@ def _images(d: Path) -> list[Path]:
     return [p for p in _entries(d) if is_image_file(p)]
 
 
+def list_image_files(folder: str | Path, what: str = "image") -> list[Path]:
+    """Sorted visible image files directly inside ``folder``; DatasetError naming ``what`` when there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{what} folder not found: {folder}")
+    files = _images(folder)
+    if not files:
+        raise DatasetError(f"{what} folder {folder} holds no images")
+    return files
+
+
 def _mask_index(d: Path) -> dict[str, Path]:
     """Map file stem -> mask file for the image files of a folder (``.png`` wins over other extensions)."""
     index: dict[str, Path] = {}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gradad.bundle import FP16_ONNX, FP32_ONNX, file_entry, read_manifest, verify_files, write_manifest
-from gradad.calibration.calibrate import list_images
+from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
 from gradad.export.fp16 import FP32_NAME_PATTERNS
@@ -33,7 +33,7 @@ def _default_engine_backend(path: Path) -> Backend:
 def engine_parity(bundle_dir: Path, manifest: dict[str, Any], engine: Backend, images_dir: str | Path,
                   max_images: int = 32) -> dict[str, Any]:
     """Engine vs ONNX Runtime FP32 on real images: relative L2 errors of maps and scores."""
-    files = list_images(images_dir, "--parity-images")[:max_images]
+    files = list_image_files(images_dir, "--parity-images")[:max_images]
     h, w = manifest["input"]["height"], manifest["input"]["width"]
     batch = to_model_input([read_image_rgb(f) for f in files], h, w)
     ref_scores, ref_maps = OnnxRuntimeBackend(bundle_dir / FP32_ONNX, ["cpu"]).infer_all(batch)

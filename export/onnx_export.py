@@ -18,7 +18,7 @@ import torch
 
 from gradad import __version__
 from gradad.bundle import FP16_ONNX, FP32_ONNX, MANIFEST_NAME, BundleError, file_entry, write_manifest
-from gradad.data.datasets import Sample, load_samples
+from gradad.data.datasets import Sample, list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
 from gradad.export.fp16 import convert_to_fp16, default_fp32_nodes, fp32_tensor_check
@@ -97,11 +97,7 @@ def load_parity_images(payload: dict[str, Any], opts: ExportOptions) -> tuple[li
     """Real images for the parity gates: (RGB images, labels or None, description)."""
     if opts.parity_images:
         folder = Path(opts.parity_images)
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp"}) \
-            if folder.is_dir() else []
-        if not files:
-            raise DatasetError(f"--parity-images {folder}: no images found")
-        files = files[: opts.parity_max_images]
+        files = list_image_files(folder, "--parity-images")[: opts.parity_max_images]
         return [read_image_rgb(p) for p in files], None, f"{len(files)} images from {folder}"
     cfg = payload["resolved_config"]
     root = opts.data_root or cfg.data.root

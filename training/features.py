@@ -43,14 +43,6 @@ def load_images(samples: Sequence[Sample], size: int, desc: str = "reading image
     return images, masks
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def cache_key(extractor: FeatureExtractor, image_size: int, samples: Sequence[Sample]) -> str:
     """Hash of everything that changes the features: backbone, weights, normalisation, size, the image files."""
     files = []
