@@ -130,6 +130,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
         t0 = time.perf_counter()
         run_pipeline(frames, engine, thresholds, sinks, RunOptions(batch_size, total, stats_every), stop, stats)
         wall = time.perf_counter() - t0
+    except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
+        raise GradError(f"output failed: {exc}") from exc
     finally:
         for src in opened:
             src.close()
