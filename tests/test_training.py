@@ -216,3 +216,17 @@ def test_invalid_ranges_are_config_errors(tiny_demo_root: Path, tmp_path: Path) 
     with pytest.raises(ConfigError, match="model.smoothing_size"):
         train(cfg)
     assert not (Path(cfg.output_dir) / "config.yaml").exists()
+
+
+def test_normal_only_ablation_skips_stage1(tiny_demo_root: Path, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.model.abnormal_branch = False
+    model_path = train(cfg)
+    records = [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"normal"}
+    payload = torch.load(model_path, weights_only=False)
+    model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model).eval()
+    model.load_state_dict(payload["state_dict"])
+    x = torch.randn(2, payload["channels"], *payload["feat_hw"])
+    out = model(x)
+    assert torch.equal(out.x_hat, out.x_hat_normal)

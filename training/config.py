@@ -39,6 +39,7 @@ class ModelConfig:
     fusion_depth: int = 2
     fusion_expand: float = 1.0  # inverted-residual expansion ratio
     fusion_form: Literal["additive", "lambda"] = "additive"  # x_n + w*x_a (public code) or lam*x_n + (1-lam)*x_a
+    abnormal_branch: bool = True  # False = NORMAL-only ablation (paper Table II): no abnormal grids, no stage 1
     fusion_weight_init: float = -0.2  # w of the additive form; for the lambda form set lambda's start, e.g. 0.8
     jitter_prob: float = 0.5
     jitter_std: float = 0.05

@@ -170,9 +170,12 @@ class GRADModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> GRADOutput:
         g, u = self.coordinates(x)
-        x_hat_a = self.abnormal_branch(g, u)
         x_hat_n = self.normal_cnn(self.normal_grid(g, u))
-        x_hat = self.fuse(x_hat_n, x_hat_a)
+        if self.cfg.abnormal_branch:
+            x_hat_a = self.abnormal_branch(g, u)
+            x_hat = self.fuse(x_hat_n, x_hat_a)
+        else:  # NORMAL-only ablation
+            x_hat_a, x_hat = torch.zeros_like(x_hat_n), x_hat_n
         return GRADOutput(x_hat, x_hat_n, x_hat_a, similarity_refine(x_hat, x, self.cfg))
 
     def abnormal_parameters(self) -> list[nn.Parameter]:
@@ -207,7 +210,10 @@ class AnomalyHead(nn.Module):
         self.image_hw = tuple(image_hw)
 
     def forward(self, x_ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        amap = (x_ref - x).pow(2).sum(dim=1, keepdim=True).sqrt()
+        return self.postprocess((x_ref - x).pow(2).sum(dim=1, keepdim=True).sqrt())
+
+    def postprocess(self, amap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature-resolution map (B, 1, h, w) -> (score (B,), smoothed map (B, 1, H, W)); shared with baselines."""
         amap = F.interpolate(amap, size=self.image_hw, mode="bilinear", align_corners=False)
         if self.cfg.smoothing == "mean":
             amap = _box_filter(amap, self.cfg.smoothing_size)

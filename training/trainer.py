@@ -189,6 +189,8 @@ class Trainer:
         for stage_index in range(start_stage, len(STAGES)):
             stage = STAGES[stage_index]
             epochs = cfg.train.stage1_epochs if stage == "abnormal" else cfg.train.stage2_epochs
+            if stage == "abnormal" and not cfg.model.abnormal_branch:
+                epochs = 0  # NORMAL-only ablation: nothing to train in stage 1
             params = stage_parameters(model, stage, cfg)
             optimizer = make_optimizer(model, params, cfg)
             step_at = max(1, int(round(cfg.train.lr_step_fraction * epochs)))

@@ -1,0 +1,155 @@
+"""PatchCore baseline on the same frozen extractor and the same map post-processing as GRAD.
+
+Memory bank = locally aware patch features (3x3 average of the stride-8 features x) of all good training images,
+reduced by greedy k-center coreset selection on a random projection (Roth et al., CVPR 2022). Patch score = distance
+to the nearest memory-bank feature; the patch map then goes through GRAD's ``AnomalyHead.postprocess`` (bilinear
+up-sampling, mean filter, max of the 32x32 mean-pooled map), so the two methods differ only in how they score
+features.
+
+    python -m gradad.benchmarks.patchcore --data ../shared/datasets/mtd -o benchmarks/results --name mtd_patchcore
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.data.datasets import load_samples
+from gradad.training.backbone import FeatureExtractor
+from gradad.training.config import ModelConfig, preset_config
+from gradad.training.features import FeatureCache, load_images, to_tensor
+from gradad.training.model import AnomalyHead
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Coreset size and search settings."""
+
+    coreset_ratio: float = 0.01  # fraction of all training patches kept (PatchCore: 1-10%)
+    projection_dim: int = 128  # random projection used only for the coreset selection
+    max_candidates: int = 200_000  # coreset is selected from a uniform subsample of at most this many patches
+    neighbourhood: int = 3  # locally aware patch features: mean over this window
+    seed: int = 0
+
+
+def patch_features(x: torch.Tensor, neighbourhood: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C) locally aware patch features."""
+    x = F.avg_pool2d(x.float(), neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False)
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def greedy_coreset(points: torch.Tensor, n: int, projection_dim: int, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` points chosen by greedy k-center (farthest point) selection in a random projection."""
+    gen = torch.Generator().manual_seed(seed)
+    if n >= len(points):
+        return torch.arange(len(points))
+    proj = torch.randn(points.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+    z = points @ proj
+    chosen = torch.empty(n, dtype=torch.long)
+    chosen[0] = int(torch.randint(len(z), (1,), generator=gen))
+    min_dist = (z - z[chosen[0]]).pow(2).sum(1)
+    for i in tqdm(range(1, n), desc="coreset", unit="pt", leave=False, disable=n < 500):
+        chosen[i] = int(torch.argmax(min_dist))
+        min_dist = torch.minimum(min_dist, (z - z[chosen[i]]).pow(2).sum(1))
+    return chosen
+
+
+class PatchCore:
+    """Fit on good-image features, score images by nearest-neighbour patch distance."""
+
+    def __init__(self, cfg: PatchCoreConfig, head: AnomalyHead) -> None:
+        self.cfg = cfg
+        self.head = head
+        self.bank: torch.Tensor | None = None
+
+    def fit(self, features: torch.Tensor) -> "PatchCore":
+        """Build the memory bank from training features (N, C, H, W)."""
+        patches = patch_features(features, self.cfg.neighbourhood)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        if len(patches) > self.cfg.max_candidates:
+            patches = patches[torch.randperm(len(patches), generator=gen)[: self.cfg.max_candidates]]
+        n_keep = max(1, int(round(self.cfg.coreset_ratio * len(features) * features.shape[2] * features.shape[3])))
+        self.bank = patches[greedy_coreset(patches, n_keep, self.cfg.projection_dim, self.cfg.seed)].contiguous()
+        return self
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores (B,), maps (B, 1, H_img, W_img)) for features (B, C, h, w)."""
+        if self.bank is None:
+            raise RuntimeError("PatchCore.predict before fit")
+        b, _, h, w = features.shape
+        patches = patch_features(features, self.cfg.neighbourhood)
+        dists = torch.cat([torch.cdist(patches[i : i + chunk], self.bank).amin(dim=1)
+                           for i in range(0, len(patches), chunk)])
+        return self.head.postprocess(dists.view(b, 1, h, w))
+
+
+def run_patchcore(data_root: str, classes: list[str] | None, cfg: PatchCoreConfig, image_size: int = 256,
+                  cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None) -> dict[str, Any]:
+    """Unified protocol: one memory bank for all classes; returns per-class metrics and timings."""
+    from gradad.evaluation.evaluate import evaluate_predictions
+
+    extractor = FeatureExtractor(preset_config("edge").backbone)
+    device = torch.device("cpu")
+    train = [s for s in load_samples(data_root, "train", classes) if s.label == 0]
+    feats, _ = FeatureCache(cache_dir).load_or_compute(extractor, train, image_size, device)
+    head = AnomalyHead(model_cfg or ModelConfig(), (image_size, image_size))
+    t0 = time.perf_counter()
+    model = PatchCore(cfg, head).fit(torch.from_numpy(feats))
+    fit_s = time.perf_counter() - t0
+    test = load_samples(data_root, "test", classes)
+    images, masks = load_images(test, image_size, desc="reading test images")
+    scores, maps = [], []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for i in tqdm(range(0, len(test), 16), desc="patchcore", unit="batch"):
+            x = extractor(to_tensor(images[i : i + 16], extractor.mean, extractor.std))
+            s, m = model.predict(x)
+            scores.append(s.numpy())
+            maps.append(m[:, 0].numpy())
+    predict_s = time.perf_counter() - t0
+    metrics = evaluate_predictions(test, np.concatenate(scores), np.concatenate(maps), masks)
+    return {"metrics": metrics, "fit_seconds": round(fit_s, 1), "seconds_per_image": round(predict_s / len(test), 4),
+            "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train)}
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", "data_root", required=True, type=click.Path())
+@click.option("--classes", help="Comma-separated classes [default: all, one memory bank].")
+@click.option("--coreset-ratio", type=float, default=0.01)
+@click.option("--image-size", type=int, default=256)
+@click.option("--cache-dir", default="cache/features", help="Feature cache shared with grad-train.")
+@click.option("-o", "--output", "out_dir", default="benchmarks/results", type=click.Path(file_okay=False))
+@click.option("--name", default="patchcore")
+@user_errors_as_exit
+def main(data_root, classes, coreset_ratio, image_size, cache_dir, out_dir, name) -> None:
+    """Evaluate the PatchCore baseline (same extractor, same map post-processing as GRAD)."""
+    setup_logging()
+    from gradad.evaluation.evaluate import write_evaluation
+    from gradad.evaluation.report import markdown_table
+
+    wanted = [c.strip() for c in classes.split(",")] if classes else None
+    result = run_patchcore(data_root, wanted, PatchCoreConfig(coreset_ratio=coreset_ratio), image_size, cache_dir)
+    meta = {k: v for k, v in result.items() if k != "metrics"}
+    meta.update({"method": "PatchCore (same extractor: tf_efficientnet_lite0 strides 8+16)", "data_root": data_root,
+                 "image_size": image_size, "command": " ".join(["python -m gradad.benchmarks.patchcore",
+                                                                 *sys.argv[1:]])})
+    write_evaluation(out_dir, name, result["metrics"], meta)
+    click.echo(markdown_table(result["metrics"]))
+
+
+if __name__ == "__main__":
+    main()
