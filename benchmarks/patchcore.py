@@ -58,12 +58,17 @@ def greedy_coreset(points: torch.Tensor, n: int, projection_dim: int, seed: int 
         return torch.arange(len(points))
     proj = torch.randn(points.shape[1], projection_dim, generator=gen) / projection_dim**0.5
     z = points @ proj
+    sq = z.pow(2).sum(1)
+
+    def dist_to(i: int) -> torch.Tensor:  # |z|^2 - 2 z.c + |c|^2: one mat-vec, no (n, d) temporary
+        return sq - 2.0 * (z @ z[i]) + sq[i]
+
     chosen = torch.empty(n, dtype=torch.long)
     chosen[0] = int(torch.randint(len(z), (1,), generator=gen))
-    min_dist = (z - z[chosen[0]]).pow(2).sum(1)
+    min_dist = dist_to(int(chosen[0]))
     for i in tqdm(range(1, n), desc="coreset", unit="pt", leave=False, disable=n < 500):
         chosen[i] = int(torch.argmax(min_dist))
-        min_dist = torch.minimum(min_dist, (z - z[chosen[i]]).pow(2).sum(1))
+        torch.minimum(min_dist, dist_to(int(chosen[i])), out=min_dist)
     return chosen
 
 
