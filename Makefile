@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
+DEMO_BUNDLE ?= models/demo
+DEMO_CLASSES := fabric nut capsule
 
 .PHONY: install demo test test-slow clean-demo
 
@@ -18,10 +20,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The main job end to end: data -> train -> evaluate -> export (ONNX + FP16, parity-gated) -> calibrate -> run.
+# (The demo calibrates on the test split's good images; on a real line use held-out good images.)
 demo: install
 	@test -f $(DEMO_DATA)/DEMO_DATASET.json || $(BIN)/grad-demo-data $(DEMO_DATA)
 	$(BIN)/grad-train --data $(DEMO_DATA) -o $(DEMO_RUN)
 	$(BIN)/grad-eval $(DEMO_RUN)/model.pt
+	$(BIN)/grad-export onnx $(DEMO_RUN)/model.pt -o $(DEMO_BUNDLE) --overwrite
+	$(BIN)/grad-calibrate $(DEMO_BUNDLE) --backend onnxruntime $(foreach c,$(DEMO_CLASSES),--good $(DEMO_DATA)/$(c)/test/good)
+	$(BIN)/grad-run $(DEMO_BUNDLE) --backend onnxruntime --source $(DEMO_DATA)/nut/test/crack \
+		--jsonl $(DEMO_RUN)/run.jsonl --video $(DEMO_RUN)/run.mp4 --save-flagged $(DEMO_RUN)/flagged
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -30,4 +38,4 @@ test-slow: install
 	GRAD_RUN_SLOW=1 $(BIN)/python -m pytest -q
 
 clean-demo:
-	rm -rf $(DEMO_RUN) $(DEMO_DATA) cache/features
+	rm -rf $(DEMO_RUN) $(DEMO_DATA) $(DEMO_BUNDLE) cache/features

@@ -63,19 +63,20 @@ def _strictly_below(t: float) -> float:
 
 def calibrate(
     backend: Backend,
-    good_dir: str | Path,
+    good_dir: str | Path | Sequence[str | Path],
     defect_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
     config: CalibrationConfig = CalibrationConfig(),
 ) -> dict[str, Any]:
-    """Compute thresholds; returns the ``calibration`` section of bundle.json."""
+    """Compute thresholds from one or several good-image folders; returns bundle.json's ``calibration`` section."""
     if config.method not in ("far", "f1", "recall"):
         raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
     if not 0 < config.false_alarm_rate < 1:
         raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
     if masks_dir and not defect_dir:
         raise GradError("--masks needs --defect: the masks belong to the defect images")
-    good_files = list_image_files(good_dir, "--good")
+    good_dirs = [good_dir] if isinstance(good_dir, (str, Path)) else list(good_dir)
+    good_files = [f for d in good_dirs for f in list_image_files(d, "--good")]
     good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
     n = len(good_scores)
     threshold, k = far_threshold(good_scores, config.false_alarm_rate)
@@ -143,7 +144,7 @@ def calibrate(
         "config": asdict(config),
         "backend": getattr(backend, "name", type(backend).__name__),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": {"good_dir": str(good_dir), "n_good": n, "defect_dir": str(defect_dir) if defect_dir else None,
+        "data": {"good_dirs": [str(d) for d in good_dirs], "n_good": n, "defect_dir": str(defect_dir) if defect_dir else None,
                  "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
                  "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)}},
         "warnings": warnings_list,

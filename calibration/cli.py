@@ -9,7 +9,8 @@ from gradad.cli_utils import setup_logging, user_errors_as_exit
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--good", "good_dir", required=True, type=click.Path(), help="Folder of held-out GOOD images "
+@click.option("--good", "good_dir", required=True, multiple=True, type=click.Path(),
+              help="Folder of held-out GOOD images, repeatable (one per class for a unified model) "
               "(not used in training).")
 @click.option("--defect", "defect_dir", type=click.Path(), help="Folder of labelled defective images (optional).")
 @click.option("--masks", "masks_dir", type=click.Path(), help="Masks of the defect images (<stem>_mask.png); "
