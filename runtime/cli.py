@@ -76,6 +76,10 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed.
     """
     setup_logging(verbose)
+    import cv2
+
+    if not verbose:  # OpenCV's own open/probe warnings duplicate our one-line errors
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     from gradad.errors import GradError
     from gradad.runtime.loader import load_backend
     from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_manifest
