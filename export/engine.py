@@ -17,8 +17,8 @@ from gradad.export.fp16 import FP32_NAME_PATTERNS
 from gradad.export.parity import ParityError, ParityGates, check_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, TensorRTUnavailable, build_engine, gpu_identity, \
     import_tensorrt
-from gradad.runtime.backend import Backend
-from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend, infer_in_batches
+from gradad.runtime.backend import Backend, infer_in_batches
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,12 @@ log = logging.getLogger(__name__)
 TENSORRT_MISSING_MESSAGE = (
     "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
 )
-REBUILD_COMMAND = "grad-export build --fp16 {bundle} --parity-images DIR"
+REBUILD_COMMAND = "grad-export build --{precision} {bundle} --parity-images DIR"
+
+
+def rebuild_command(bundle: str, precision: str = "fp16") -> str:
+    """The command that builds a bundle's engine on the device at hand (quoted in every stale-engine error)."""
+    return REBUILD_COMMAND.format(precision=precision, bundle=bundle)
 
 BUILD_MODE_FP16_FLAG = "fp16-flag"
 BUILD_MODE_STRONGLY_TYPED = "strongly-typed-fp16-onnx"
@@ -568,9 +573,7 @@ def engine_matches_device(
         )
     if not problems:
         return None
-    command = REBUILD_COMMAND.format(bundle=bundle)
-    if stamp.get("precision") == "fp32":
-        command = command.replace(" --fp16", " --fp32")
+    command = rebuild_command(bundle, "fp32" if stamp.get("precision") == "fp32" else "fp16")
     return (
         f"engine {stamp.get('file', '(unnamed)')} was built for {' and '.join(problems)}; "
         f"TensorRT engines only run where they were built: rebuild it on this device with `{command}`"

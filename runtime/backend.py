@@ -19,3 +19,16 @@ class Backend(Protocol):
     def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
     def close(self) -> None: ...
+
+
+def infer_in_batches(backend: Backend, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Run any backend over many images, ``min(batch_size, backend.max_batch)`` at a time."""
+    step = max(1, min(batch_size, backend.max_batch))
+    scores, maps = [], []
+    for start in range(0, len(images), step):
+        s, m = backend.infer(images[start : start + step])
+        scores.append(s)
+        maps.append(m)
+    if not scores:  # an empty input: let the backend shape its empty outputs
+        return backend.infer(images)
+    return np.concatenate(scores), np.concatenate(maps)

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.runtime.backend import Backend
+from gradad.runtime.backend import infer_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,3 @@ class OnnxRuntimeBackend:
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
 
-
-def infer_in_batches(backend: "Backend", images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Run any backend over many images, ``min(batch_size, backend.max_batch)`` at a time."""
-    step = max(1, min(batch_size, backend.max_batch))
-    scores, maps = [], []
-    for start in range(0, len(images), step):
-        s, m = backend.infer(images[start : start + step])
-        scores.append(s)
-        maps.append(m)
-    return np.concatenate(scores), np.concatenate(maps)

@@ -57,10 +57,12 @@ from gradad.bundle import verify_files
 from gradad.errors import GradError
 from gradad.export.tensorrt_build import (
     TensorRTUnavailable,
+    rebuild_command,
     engine_matches_device,
     gpu_identity,
     import_tensorrt,
 )
+from gradad.runtime.backend import infer_in_batches
 from gradad.runtime.onnxruntime_backend import BackendError
 
 log = logging.getLogger(__name__)
@@ -264,7 +266,7 @@ class TensorRTBackend:
             raise BackendError(
                 f"TensorRT {getattr(trt, '__version__', '?')} could not deserialise {path} (see the TensorRT "
                 "messages above): the engine is corrupt or was built by another TensorRT version or for another "
-                f"GPU; rebuild it on this device with `grad-export build --fp16 {path.parent} --parity-images DIR`"
+                f"GPU; rebuild it on this device with `{rebuild_command(str(path.parent))}`"
             )
         self._context = self._engine.create_execution_context()
         if self._context is None:
@@ -466,15 +468,7 @@ class TensorRTBackend:
 
     def infer_all(self, images: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run ``images`` (N, 3, H, W) in batches of at most ``max_batch``."""
-        size = min(batch_size or self.max_batch, self.max_batch)
-        scores, maps = [], []
-        for start in range(0, len(images), size):
-            s, m = self.infer(images[start : start + size])
-            scores.append(s)
-            maps.append(m)
-        if not scores:
-            return self.infer(images)
-        return np.concatenate(scores), np.concatenate(maps)
+        return infer_in_batches(self, images, batch_size or self.max_batch)
 
     # ---- teardown ------------------------------------------------------------------------
 
@@ -554,7 +548,7 @@ def load_tensorrt_backend(
     stamps = [e for e in manifest.get("engines") or [] if e.get("precision") == precision]
     if not stamps:
         raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "
-                           f"with grad-export build --{precision} {bundle_dir} --parity-images DIR")
+                           f"with {rebuild_command(str(bundle_dir), precision)}")
     trt = import_tensorrt() if trt is None else trt
     gpu = gpu_identity() if gpu is None else gpu
     trt_version = str(trt.__version__)
@@ -577,5 +571,5 @@ def load_tensorrt_backend(
         backend.close()
         raise BackendError(f"engine {stamp['file']} takes {backend.input_hw[0]}x{backend.input_hw[1]} images but "
                            f"bundle {bundle_dir} says {want[0]}x{want[1]}; rebuild it on this device with "
-                           f"`grad-export build --{precision} {bundle_dir} --parity-images DIR`")
+                           f"`{rebuild_command(str(bundle_dir), precision)}`")
     return backend
