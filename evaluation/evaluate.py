@@ -65,12 +65,14 @@ def save_figures(
     per_class: int = 5,
 ) -> list[Path]:
     """Write image | ground truth | heat-map PNGs; maps share one colour range per class so they compare."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for cls in {t.class_name for t in samples}:
+        cls_maps = maps[[j for j, t in enumerate(samples) if t.class_name == cls]]
+        ranges[cls] = float(np.min(cls_maps)), float(np.percentile(cls_maps, 99.9))
     paths = []
     for i in pick_figure_indices(samples, scores, per_class):
         s = samples[i]
-        cls_idx = [j for j, t in enumerate(samples) if t.class_name == s.class_name]
-        vmin = float(np.min(maps[cls_idx]))
-        vmax = float(np.percentile(maps[cls_idx], 99.9))
+        vmin, vmax = ranges[s.class_name]
         name = f"{s.class_name}_{s.defect_type}_{s.image_path.stem}.png"
         title = f"{s.class_name}/{s.defect_type}/{s.image_path.name}  score {scores[i]:.3f}"
         paths.append(save_overlay_figure(out_dir / "figures" / name, images[i],
