@@ -12,10 +12,14 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gradad.cli_utils import setup_logging, user_errors_as_exit
+
+if TYPE_CHECKING:
+    from gradad.runtime.refine_stage import RefineStage
 
 log = logging.getLogger("gradad.run")
 
@@ -65,15 +69,33 @@ Several --source options are interleaved and batched together (multi-camera).
               "[default: stdout].")
 @click.option("--warmup", type=int, default=5, help="Frames excluded from --benchmark statistics.")
 @click.option("--stats-every", type=float, default=10.0, help="Seconds between latency log lines (0 = off).")
+@click.option("--refine", is_flag=True, help="F2PAD pixel refinement of NG frames in a worker process (bundle "
+              "prepared with grad-refine prepare; torch in the worker only): a follow-up JSON record per NG frame "
+              "(same frame_id, \"type\": \"refine\"), mask saved with --save-flagged.")
+@click.option("--refine-budget", type=float, help="Refinement seconds per frame [default: the bundle's refine "
+              "config].")
+@click.option("--refine-batch", type=int, default=4, help="NG frames refined together (waiting ones).")
+@click.option("--refine-queue", type=int, default=8, help="NG frames waiting for the worker; more are dropped "
+              "(the loop never waits).")
+@click.option("--refine-drain", type=float, default=30.0, help="Seconds to wait for pending refinements at the "
+              "end of the stream.")
+@click.option("--refine-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--refine-threads", type=int, default=1, help="Torch CPU threads of the worker (0 = all cores).")
+@click.option("--refine-factory", hidden=True, help="module:function building the refiner (tests, custom "
+              "refiners).")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
 def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, threshold, jsonl_path,
          video_path, video_fps, display, flagged_dir, flagged_max_mb, mqtt, mqtt_topic, webhook, max_frames, loop,
-         benchmark_frames, benchmark_out, warmup, stats_every, verbose) -> None:
+         benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
+         refine_drain, refine_device, refine_threads, refine_factory, verbose) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
     Prints rolling p50/p95 latency per stage and FPS every --stats-every seconds and a summary at exit.
     Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed.
+
+    With --refine, NG frames are refined to sharp pixel masks in a separate process; the loop never waits for it
+    (a full queue drops the frame's refinement, counted in the summary).
     """
     setup_logging(verbose)
     import cv2
@@ -104,9 +126,13 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     source_cfg = SourceConfig(loop=loop or benchmark)
     opened = []
     sinks = []
+    refine_stage = None
     stop = StopFlag()
     restore = stop.install()
     try:
+        if refine:
+            refine_stage = _start_refine(bundle_dir, manifest, refine_budget, refine_batch, refine_queue, refine_drain,
+                                         refine_device, refine_threads, refine_factory)
         for spec in specs:
             opened.append(open_source(spec, source_cfg))
             stop.on_stop.append(opened[-1].interrupt)
@@ -124,25 +150,30 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
         if webhook:
             sinks.append(WebhookSink(webhook))
         frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
-        stats = LatencyStats()
         total = (benchmark_frames + warmup) if benchmark else max_frames
         if benchmark and warmup:
             warm = LatencyStats()
             run_pipeline(itertools.islice(frames, warmup), engine, thresholds, [], RunOptions(batch_size, stats_every_s=0),
                          stop, warm)
             total = benchmark_frames
+        stats = LatencyStats()  # after the warm-up: FPS covers the measured frames only
         t0 = time.perf_counter()
-        run_pipeline(frames, engine, thresholds, sinks, RunOptions(batch_size, total, stats_every), stop, stats)
+        run_pipeline(frames, engine, thresholds, sinks,
+                     RunOptions(batch_size, total, stats_every, refine=refine_stage), stop, stats)
         wall = time.perf_counter() - t0
     except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
         raise GradError(f"output failed: {exc}") from exc
     finally:
+        if refine_stage is not None:
+            refine_stage.worker.close(0.0)  # no-op after a normal run; stops the worker after an early error
         for src in opened:
             src.close()
         restore()
     summary = stats.summary()
     summary["wall_seconds"] = round(wall, 3)
     summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords
+    if refine_stage is not None:
+        summary["refine"] = refine_stage.summary()
     log.info("done: %s", stats.format_line() if stats.frames else "no frames")
     if benchmark:
         summary.update({
@@ -161,6 +192,23 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
             click.echo(text)
     else:
         click.echo(json.dumps({"summary": summary}), err=True)
+
+
+def _start_refine(bundle_dir: str, manifest: dict[str, Any], budget: float | None, batch: int, queue: int,
+                  drain: float, device: str, threads: int, factory: str | None) -> "RefineStage":
+    """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
+    from gradad.errors import GradError
+    from gradad.runtime.refine_stage import RefineStage
+    from gradad.runtime.refine_worker import DEFAULT_FACTORY, RefineWorker, RefineWorkerConfig
+
+    if not manifest.get("refine"):
+        raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
+                        f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
+    if drain < 0:
+        raise GradError(f"--refine-drain {drain}: must be >= 0 seconds")
+    config = RefineWorkerConfig(str(bundle_dir), time_budget_s=budget, max_batch=batch, queue_size=queue,
+                                device=device, threads=threads, factory=factory or DEFAULT_FACTORY)
+    return RefineStage(RefineWorker(config).start(), drain)
 
 
 def _version(module: str) -> str | None:

@@ -10,13 +10,18 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import to_model_input
 from gradad.runtime.stats import LatencyStats
 from gradad.runtime.types import Frame, FrameResult, Sink
+
+if TYPE_CHECKING:
+    from gradad.runtime.refine_stage import RefineStage
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class RunOptions:
     max_frames: int | None = None
     stats_every_s: float = 10.0
     on_result: Callable[[FrameResult], None] | None = None
+    refine: "RefineStage | None" = None  # grad-run --refine: flagged frames go to the refinement worker
 
 
 class StopFlag:
@@ -158,6 +164,9 @@ def run_pipeline(
                     anomaly_map=amap, pixel_threshold=thresholds.pixel,
                 ))
             t3 = time.perf_counter()
+            if options.refine is not None:
+                _refine_step(options.refine, results, inputs, sinks)
+            t4 = time.perf_counter()
             n = len(batch)
             for result in results:
                 # Batch stages are shared by the frames of a batch: each frame carries the batch's time per frame.
@@ -167,6 +176,8 @@ def run_pipeline(
                     "inference": (t2 - t1) * 1e3 / n,
                     "postprocess": (t3 - t2) * 1e3 / n,
                 }
+                if options.refine is not None:
+                    result.latency_ms["refine"] = (t4 - t3) * 1e3 / n
             for result in results:
                 ts = time.perf_counter()
                 for sink in sinks:
@@ -186,15 +197,37 @@ def run_pipeline(
             if stop or (options.max_frames is not None and done >= options.max_frames):
                 break
     finally:
+        stats.mark_end()  # frame rate of the loop itself, without the refinement drain
         errors = []
-        for sink in sinks:
-            try:
-                sink.close()
-            except Exception as exc:  # close every sink even if one fails
-                errors.append(exc)
-                log.error("closing %s failed: %s", type(sink).__name__, exc)
+        try:
+            if options.refine is not None:
+                options.refine.close(sinks)  # last follow-ups go out before the sinks close
+        except Exception as exc:
+            errors.append(exc)
+            log.error("closing the refinement worker failed: %s", exc)
+        finally:
+            for sink in sinks:
+                try:
+                    sink.close()
+                except Exception as exc:  # close every sink even if one fails
+                    errors.append(exc)
+                    log.error("closing %s failed: %s", type(sink).__name__, exc)
         if stop.signal_name:
             log.info("stopped by %s after %d frames", stop.signal_name, done)
         if errors:
             raise errors[0]
     return stats
+
+
+def _refine_step(stage: "RefineStage", results: Sequence[FrameResult], inputs: Any, sinks: Sequence[Sink]) -> None:
+    """Follow-ups of frames refined so far (their lines were written earlier), then submit this batch's NG frames.
+
+    In this order every follow-up, a "dropped" one included, comes after its frame's own line.
+    """
+    from gradad.runtime.refine_stage import model_image
+
+    stage.emit(sinks)
+    for i, result in enumerate(results):
+        if result.is_anomalous:
+            map_hw = np.squeeze(result.anomaly_map).shape
+            stage.submit(result, model_image(inputs[i], result.frame.image, map_hw))

@@ -441,7 +441,10 @@ class DisplaySink(_SinkBase):
 # flagged-frame folder
 
 _KINDS = ("orig.png", "overlay.jpg", "map.npy", "map.png")
-_NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>orig\.png|overlay\.jpg|map\.npy|map\.png)$")
+_REFINED_KINDS = {"mask_file": "refined_mask.png", "repaired_file": "repaired.png"}  # follow-up field -> kind
+_ALL_KINDS = _KINDS + tuple(_REFINED_KINDS.values())
+_NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>"
+                      + "|".join(re.escape(k) for k in _ALL_KINDS) + r")$")
 _TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp$")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -481,6 +484,9 @@ class FlaggedFrameSink(_SinkBase):
       at 0 every run: a frame whose file names exist from an earlier run gets a ``-2``, ``-3``, ... suffix on its
       name instead of overwriting them; writing the same frame twice in one run (e.g. refined) overwrites.
     * Disk errors (full, read-only) are logged and counted in ``errors``; they do not stop the camera loop.
+    * :meth:`write_refined` adds a refined mask (``refined_mask.png``, 0/255 at model resolution) and the repaired
+      image (``repaired.png``) to a frame saved earlier in this run (``grad-run --refine``); they share the frame's
+      disk budget and are evicted with it.
     """
 
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = 1 << 30, max_files: int | None = None,
@@ -548,23 +554,26 @@ class FlaggedFrameSink(_SinkBase):
 
     @property
     def frames_on_disk(self) -> int:
-        """Number of saved frames (4-file sets) this sink knows in its folder."""
+        """Number of saved frames (file sets) this sink knows in its folder."""
         return len(self._index)
 
+    @staticmethod
+    def _base_key(frame_id: int, name: str | None, source: str) -> str:
+        return f"{int(frame_id):08d}_{_safe_name(name, source)}"
+
     def _key_for(self, result: FrameResult) -> str:
-        base = f"{int(result.frame.frame_id):08d}_{_safe_name(result.frame.name, result.frame.source)}"
+        base = self._base_key(result.frame.frame_id, result.frame.name, result.frame.source)
         if base in self._run_keys:
             return self._run_keys[base]
         key, n = base, 1
-        while key in self._index or any((self.folder / f"{key}_{k}").exists() for k in _KINDS):
+        while key in self._index or any((self.folder / f"{key}_{k}").exists() for k in _ALL_KINDS):
             n += 1
             key = f"{base}-{n}"
         self._run_keys[base] = key
         return key
 
-    def _evict_one(self) -> None:
-        key, files = self._index.popitem(last=False)
-        for kind in files:
+    def _remove_files(self, key: str, kinds: Iterable[str]) -> None:
+        for kind in kinds:
             p = self.folder / f"{key}_{kind}"
             try:
                 os.remove(p)
@@ -572,6 +581,10 @@ class FlaggedFrameSink(_SinkBase):
                 pass
             except OSError as e:
                 log.warning("flagged-frame folder: cannot delete %s: %s", p, e)
+
+    def _evict_one(self) -> None:
+        key, files = self._index.popitem(last=False)
+        self._remove_files(key, files)
         self.total_bytes -= sum(files.values())
         self.evicted += 1
         log.debug("evicted flagged frame %s", key)
@@ -634,6 +647,7 @@ class FlaggedFrameSink(_SinkBase):
             old = self._index.pop(key, None)  # same frame written again in this run: replaced
             if old is not None:
                 self.total_bytes -= sum(old.values())
+                self._remove_files(key, [k for k in old if k not in payload])  # e.g. a stale refined mask
             while self._index and (self.total_bytes + size > self.max_bytes
                                    or (self.max_files is not None and len(self._index) >= self.max_files)):
                 self._evict_one()
@@ -652,6 +666,57 @@ class FlaggedFrameSink(_SinkBase):
             if len(written) == len(_KINDS):
                 self.saved += 1
 
+    def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
+                      repaired: np.ndarray | None = None) -> dict[str, str | None]:
+        """Save a refined mask (and the repaired RGB image) next to the frame this run saved with these ids.
+
+        Returns ``{"mask_file": path or None, "repaired_file": path or None}`` for the follow-up record: None when
+        the frame is not on disk (never flagged here, skipped or already evicted), the disk budget has no room
+        left once every older frame is evicted, or writing failed.
+        """
+        files: dict[str, str | None] = dict.fromkeys(_REFINED_KINDS)
+        if self._closed:
+            raise RuntimeError(f"FlaggedFrameSink({self.folder}) is closed")
+        try:
+            payload = _encode_refined(mask, repaired)
+        except (ValueError, cv2.error) as e:
+            self.errors += 1
+            log.error("refined mask of frame %d not saved: %s", frame_id, e)
+            return files
+        with self._lock:
+            key = self._run_keys.get(self._base_key(frame_id, name, source))
+            if key is None or key not in self._index:
+                log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
+                return files
+            if not self._make_room(key, payload):
+                self.skipped += 1
+                log.warning("refined mask of frame %d not saved: no room within max_bytes=%d", frame_id,
+                            self.max_bytes)
+                return files
+            entry = self._index[key]
+            for field_name, kind in _REFINED_KINDS.items():
+                if kind not in payload:
+                    continue
+                path = self.folder / f"{key}_{kind}"
+                try:
+                    self._atomic_write(path, payload[kind])
+                except OSError as e:
+                    self.errors += 1
+                    log.error("refined file %s not saved: %s", path, e)
+                    break
+                self.total_bytes += len(payload[kind]) - entry.get(kind, 0)
+                entry[kind] = len(payload[kind])
+                files[field_name] = str(path)
+        return files
+
+    def _make_room(self, key: str, payload: dict[str, bytes]) -> bool:
+        """Evict frames older than ``key`` until ``payload`` (replacing key's files of those kinds) fits."""
+        entry = self._index[key]
+        extra = sum(len(b) for b in payload.values()) - sum(entry.get(kind, 0) for kind in payload)
+        while self.total_bytes + extra > self.max_bytes and next(iter(self._index)) != key:
+            self._evict_one()
+        return self.total_bytes + extra <= self.max_bytes
+
     def close(self) -> None:
         """Nothing is buffered (every write is complete on return); logs a summary. Idempotent."""
         with self._lock:
@@ -661,6 +726,23 @@ class FlaggedFrameSink(_SinkBase):
         log.info("flagged-frame folder %s: %d saved, %d evicted, %d skipped, %d errors (%d frames, %.1f MB)",
                  self.folder, self.saved, self.evicted, self.skipped, self.errors, len(self._index),
                  self.total_bytes / 1e6)
+
+
+def _encode_refined(mask: np.ndarray, repaired: np.ndarray | None) -> dict[str, bytes]:
+    """PNG bytes of a refined mask (0/255) and, when given, the repaired RGB image."""
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"refined mask must be 2-D, got shape {m.shape}")
+    images = {_REFINED_KINDS["mask_file"]: (m > 0).astype(np.uint8) * 255}
+    if repaired is not None:
+        images[_REFINED_KINDS["repaired_file"]] = _to_bgr(repaired)
+    out = {}
+    for kind, image in images.items():
+        ok, data = cv2.imencode(".png", image)
+        if not ok:
+            raise ValueError(f"OpenCV could not encode {kind}")
+        out[kind] = data.tobytes()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------

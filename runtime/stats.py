@@ -22,6 +22,7 @@ class LatencyStats:
         self.frames = 0
         self.flagged = 0
         self.started = time.perf_counter()
+        self.ended: float | None = None  # set by mark_end(): overall FPS stops counting there
         self._recent: deque[float] = deque(maxlen=window)  # completion times for rolling FPS
 
     def add(self, latency_ms: dict[str, float], flagged: bool = False) -> None:
@@ -39,8 +40,12 @@ class LatencyStats:
         span = self._recent[-1] - self._recent[0]
         return (len(self._recent) - 1) / span if span > 0 else 0.0
 
+    def mark_end(self) -> None:
+        """Freeze the overall FPS clock (e.g. before waiting for the refinement worker at the end of a run)."""
+        self.ended = time.perf_counter()
+
     def overall_fps(self) -> float:
-        elapsed = time.perf_counter() - self.started
+        elapsed = (self.ended if self.ended is not None else time.perf_counter()) - self.started
         return self.frames / elapsed if elapsed > 0 else 0.0
 
     @staticmethod

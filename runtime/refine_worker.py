@@ -1,0 +1,522 @@
+"""F2PAD refinement of flagged frames in a separate worker process, so the camera loop keeps its frame rate.
+
+The main (camera) process never imports torch: it only ships ``(image, anomaly map)`` pairs to a worker process
+started with the ``spawn`` method, which builds the refiner (``gradad.refine.refiner.Refiner``, torch) and sends
+back :class:`gradad.refine.result.RefineResult` objects (numpy only).
+
+* :meth:`RefineWorker.start` waits for a ready handshake: a worker that cannot start (bundle not prepared, torch
+  missing, no GPU for ``device="cuda"``) raises :class:`RefineWorkerError` with the worker's own one-line reason.
+* :meth:`RefineWorker.submit` never blocks: the job goes into a bounded queue; when it is full the job is dropped
+  and counted (reported by the next :meth:`RefineWorker.poll` as a ``dropped`` outcome).
+* The worker takes up to ``max_batch`` waiting jobs per ``refine`` call and lowers its own priority (``os.nice``)
+  unless told to use CUDA, so the camera loop keeps the CPU cores.
+* :meth:`RefineWorker.poll` returns finished outcomes without blocking (a receiver thread reads the result pipe).
+* :meth:`RefineWorker.close` waits for pending jobs up to a limit, stops the worker and reports the jobs left
+  ``unfinished``. A worker that dies mid-run turns its pending jobs into ``failed`` outcomes; later submissions
+  are dropped ("worker not running"): the camera loop itself goes on.
+
+The refiner factory is injectable (``RefineWorkerConfig.factory``: a picklable module-level callable or a
+``"module:function"`` string resolved in the worker), so stand-in refiners can test the queueing without torch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from gradad.errors import GradError
+from gradad.refine.result import RefineResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FACTORY = "gradad.runtime.refine_worker:build_refiner"
+DEVICES = ("auto", "cpu", "cuda")
+
+# Outcome statuses besides RefineResult's own (converged, max_iterations, time_budget, empty_region).
+STATUS_DROPPED = "dropped"  # not queued: the queue was full or the worker is not running
+STATUS_FAILED = "failed"  # the refiner raised for this job's batch, or the worker died with it pending
+STATUS_UNFINISHED = "unfinished"  # still pending when close() gave up waiting
+
+_STOP = None  # job-queue sentinel
+_RECEIVER_STOP = ("receiver-stop",)
+
+
+class RefineWorkerError(GradError):
+    """The refinement worker could not start (one line, the worker's own reason)."""
+
+
+class Refiner(Protocol):
+    """What the worker needs of a refiner (``gradad.refine.refiner.Refiner`` or a stand-in)."""
+
+    def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray]) -> list[RefineResult]: ...
+
+
+@dataclass(frozen=True)
+class RefineWorkerConfig:
+    """Settings of the refinement worker (``grad-run --refine-*``)."""
+
+    bundle_dir: str
+    time_budget_s: float | None = None  # per-frame refinement budget; None = the bundle's refine config
+    max_batch: int = 4  # waiting jobs refined together per refine() call
+    queue_size: int = 8  # jobs waiting for the worker; more are dropped, never waited for
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch CPU threads in the worker (0 = torch's default: all cores)
+    nice: int = 19  # os.nice increment of the worker unless device="cuda" (0 = keep priority)
+    start_timeout_s: float = 300.0  # ready handshake (importing torch and loading the model)
+    factory: str | Callable[["RefineWorkerConfig"], Refiner] = DEFAULT_FACTORY
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            problems.append(f"--refine-budget {self.time_budget_s} (must be > 0 seconds)")
+        if self.max_batch < 1:
+            problems.append(f"--refine-batch {self.max_batch} (must be >= 1)")
+        if self.queue_size < 1:
+            problems.append(f"--refine-queue {self.queue_size} (must be >= 1)")
+        if self.device not in DEVICES:
+            problems.append(f"--refine-device {self.device!r} (choose {', '.join(DEVICES)})")
+        if self.threads < 0:
+            problems.append(f"--refine-threads {self.threads} (must be >= 0)")
+        if not 0 <= self.nice <= 19:
+            problems.append(f"refine nice {self.nice} (must be 0..19)")
+        if problems:
+            raise GradError("invalid refinement setting: " + "; ".join(problems))
+
+
+@dataclass
+class RefineOutcome:
+    """What became of one submitted frame: a refined result, or why there is none."""
+
+    frame_id: int
+    meta: dict[str, Any]  # the caller's data about the frame (kept in this process, never sent to the worker)
+    status: str  # RefineResult.status when refined, else dropped / failed / unfinished
+    result: RefineResult | None = None
+    reason: str | None = None
+    latency_s: float | None = None  # submit -> result, wall time
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready fields of the follow-up record (no arrays)."""
+        if self.result is not None:
+            out = self.result.summary()
+        else:
+            out = {"status": self.status, "reason": self.reason}
+        if self.latency_s is not None:
+            out["latency_s"] = round(self.latency_s, 4)
+        return out
+
+
+@dataclass
+class RefineCounts:
+    """Running totals of a worker's jobs, for the run summary."""
+
+    submitted: int = 0
+    done: int = 0
+    dropped: int = 0
+    failed: int = 0
+    unfinished: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    seconds_total: float = 0.0
+    iterations_total: int = 0
+    latency_total_s: float = 0.0
+
+    def add(self, outcome: RefineOutcome) -> None:
+        """Count one outcome."""
+        self.statuses[outcome.status] = self.statuses.get(outcome.status, 0) + 1
+        if outcome.result is None:
+            field_name = {STATUS_DROPPED: "dropped", STATUS_UNFINISHED: "unfinished"}.get(outcome.status, "failed")
+            setattr(self, field_name, getattr(self, field_name) + 1)
+            return
+        self.done += 1
+        self.seconds_total += float(outcome.result.seconds)
+        self.iterations_total += int(outcome.result.iterations)
+        self.latency_total_s += outcome.latency_s or 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Counts and means (seconds and iterations per refined frame, submit-to-result latency)."""
+        mean = (lambda total: round(total / self.done, 4) if self.done else None)
+        return {"submitted": self.submitted, "done": self.done, "dropped": self.dropped, "failed": self.failed,
+                "unfinished": self.unfinished, "statuses": dict(sorted(self.statuses.items())),
+                "mean_seconds": mean(self.seconds_total), "mean_iterations": mean(self.iterations_total),
+                "mean_latency_s": mean(self.latency_total_s)}
+
+
+@dataclass
+class _Pending:
+    frame_id: int
+    meta: dict[str, Any]
+    submitted_at: float
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# worker process side
+
+
+def build_refiner(cfg: RefineWorkerConfig) -> Refiner:
+    """The default factory: ``Refiner.from_bundle`` with the bundle's refine config and the worker's settings.
+
+    Runs in the worker process only (imports torch).
+    """
+    try:
+        import torch
+    except ImportError as exc:
+        raise GradError(f"refinement needs torch, which is not installed here ({exc}): "
+                        f"pip install '.[refine]'") from exc
+    from gradad.bundle import read_manifest
+    from gradad.refine.config import refine_config_from_dict
+    from gradad.refine.refiner import Refiner as F2padRefiner
+
+    section = read_manifest(cfg.bundle_dir).get("refine") or {}
+    base = refine_config_from_dict(section.get("config", {}))
+    overrides: dict[str, Any] = {"max_batch": cfg.max_batch, "device": cfg.device, "threads": cfg.threads}
+    if cfg.time_budget_s is not None:
+        overrides["time_budget_s"] = cfg.time_budget_s
+    log.debug("refinement worker: torch %s, CUDA available: %s", torch.__version__, torch.cuda.is_available())
+    return F2padRefiner.from_bundle(cfg.bundle_dir, config=dataclasses.replace(base, **overrides))
+
+
+def _lower_priority(increment: int) -> None:
+    """os.nice(increment) (POSIX; a no-op elsewhere).
+
+    Called before the refiner is built: on Linux the nice value is per thread; threads created afterwards (torch's
+    CPU thread pool) inherit it.
+    """
+    if increment <= 0 or not hasattr(os, "nice"):
+        return
+    try:
+        value = os.nice(increment)
+        tasks = "/proc/self/task"  # Linux: threads started earlier (numpy's BLAS pool) are lowered one by one
+        for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:
+            os.setpriority(os.PRIO_PROCESS, int(tid), value)
+    except OSError as exc:  # pragma: no cover - platform dependent
+        log.warning("refinement worker: cannot lower its priority: %s", exc)
+
+
+def _resolve_factory(factory: str | Callable[[RefineWorkerConfig], Refiner]) -> Callable[[RefineWorkerConfig], Refiner]:
+    if callable(factory):
+        return factory
+    module, _, name = str(factory).partition(":")
+    if not module or not name:
+        raise GradError(f"refiner factory {factory!r} must be 'module:function'")
+    obj: Any = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception: GradError messages as they are, others with their type."""
+    if isinstance(exc, GradError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _prepare_process(cfg: RefineWorkerConfig) -> None:
+    """Worker-process set-up before the refiner is built: signals, thread count, priority."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group: the main process stops us
+    if cfg.threads > 0:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = str(cfg.threads)
+    if cfg.device != "cuda":  # cpu, or auto (which may pick the CPU): the camera loop keeps the cores
+        _lower_priority(cfg.nice)
+
+
+def _next_batch(jobs: Any, max_batch: int, stop: Any) -> list[tuple] | None:
+    """Up to ``max_batch`` waiting jobs ([] when none arrived for a moment); None on the stop sentinel."""
+    try:
+        first = jobs.get(timeout=0.1)
+    except queue.Empty:
+        return None if stop.is_set() else []
+    if first is _STOP:
+        return None
+    batch = [first]
+    while len(batch) < max_batch:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            break
+        if job is _STOP:
+            stop.set()
+            break
+        batch.append(job)
+    return batch
+
+
+def _refine_batch(refiner: Refiner, batch: list[tuple], results: Any) -> None:
+    """Refine one batch; a refiner exception fails this batch's jobs only."""
+    seqs = [seq for seq, _, _ in batch]
+    try:
+        refined = refiner.refine([image for _, image, _ in batch], [amap for _, _, amap in batch])
+        if len(refined) != len(batch):
+            raise RuntimeError(f"refiner returned {len(refined)} results for {len(batch)} images")
+    except Exception as exc:  # noqa: BLE001 - one bad batch must not end the worker
+        results.put(("failed", seqs, _describe(exc)))
+        return
+    for seq, result in zip(seqs, refined):
+        results.put(("done", seq, result))
+
+
+def _worker_main(cfg: RefineWorkerConfig, jobs: Any, results: Any, stop: Any) -> None:
+    """Entry point of the worker process: build the refiner, say ready, refine batches until stopped."""
+    try:
+        _prepare_process(cfg)
+        refiner = _resolve_factory(cfg.factory)(cfg)
+    except BaseException as exc:  # noqa: BLE001 - every start-up failure is reported to the main process
+        results.put(("error", _describe(exc)))
+        return
+    results.put(("ready", os.getpid()))
+    while True:
+        batch = _next_batch(jobs, cfg.max_batch, stop)
+        if batch is None:
+            return
+        if batch:
+            _refine_batch(refiner, batch, results)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main process side
+
+
+class RefineWorker:
+    """Runs a refiner in a separate (spawned) process; the caller's loop never waits for it.
+
+    Usage: ``worker = RefineWorker(cfg).start()``; per flagged frame ``worker.submit(...)``; every loop iteration
+    ``for outcome in worker.poll(): ...``; at the end ``worker.close(drain_timeout_s)`` (returns the last outcomes,
+    including ``unfinished`` ones). Also a context manager.
+    """
+
+    def __init__(self, config: RefineWorkerConfig) -> None:
+        self.config = config
+        self.counts = RefineCounts()
+        self.failure: str | None = None  # why the worker is not running (after a crash)
+        self._seq = 0
+        self._drops = 0
+        self._pending: dict[int, _Pending] = {}
+        self._outbox: collections.deque[RefineOutcome] = collections.deque()  # dropped at submit
+        self._inbox: collections.deque[tuple] = collections.deque()  # messages from the receiver thread
+        self._process: Any = None
+        self._receiver: threading.Thread | None = None
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+
+    def start(self) -> "RefineWorker":
+        """Spawn the worker and wait for its ready handshake; :class:`RefineWorkerError` if it cannot start."""
+        ctx = multiprocessing.get_context("spawn")
+        self._jobs = ctx.Queue(maxsize=self.config.queue_size)
+        self._results = ctx.Queue()
+        self._stop = ctx.Event()
+        self._process = ctx.Process(target=_worker_main, args=(self.config, self._jobs, self._results, self._stop),
+                                    name="gradad-refine", daemon=True)
+        started = time.perf_counter()
+        self._process.start()
+        try:
+            pid = self._await_ready()
+        except BaseException:
+            self._shutdown(0.0)
+            raise
+        self._receiver = threading.Thread(target=self._receive, name="gradad-refine-results", daemon=True)
+        self._receiver.start()
+        log.info("refinement worker pid %d ready in %.1f s (device %s, batch %d, queue %d, budget %s)", pid,
+                 time.perf_counter() - started, self.config.device, self.config.max_batch, self.config.queue_size,
+                 "bundle default" if self.config.time_budget_s is None else f"{self.config.time_budget_s:g} s")
+        return self
+
+    def _await_ready(self) -> int:
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                message = self._results.get(timeout=0.2)
+            except queue.Empty:
+                if self._process.is_alive():
+                    continue
+                try:  # it may have said why just before exiting
+                    message = self._results.get(timeout=0.5)
+                except queue.Empty:
+                    raise RefineWorkerError(f"refinement worker exited during start-up (exit code "
+                                            f"{self._process.exitcode})") from None
+            if message[0] == "ready":
+                return int(message[1])
+            raise RefineWorkerError(f"refinement worker failed to start: {message[1]}")
+        raise RefineWorkerError(f"refinement worker not ready within {self.config.start_timeout_s:g} s")
+
+    def _receive(self) -> None:
+        """Receiver thread: moves result messages into the inbox, so poll() never reads the pipe itself."""
+        while True:
+            try:
+                message = self._results.get()
+            except (EOFError, OSError, ValueError):  # queue closed
+                return
+            if message == _RECEIVER_STOP:
+                return
+            self._inbox.append(message)
+
+    def __enter__(self) -> "RefineWorker":
+        return self.start() if self._process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(0.0)
+
+    @property
+    def pending(self) -> int:
+        """Jobs queued or being refined."""
+        return len(self._pending)
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker process runs."""
+        return self._process is not None and self._process.is_alive()
+
+    # -- jobs ----------------------------------------------------------------------------------------------------
+
+    def submit(self, frame_id: int, image: np.ndarray, coarse_map: np.ndarray,
+               meta: dict[str, Any] | None = None) -> bool:
+        """Queue one frame (model-size RGB uint8 image + its float32 anomaly map); never blocks.
+
+        Returns False when the job was dropped (queue full, worker not running, closed); the dropped outcome is
+        reported by the next :meth:`poll`.
+        """
+        self.counts.submitted += 1
+        meta = dict(meta or {})
+        reason = self._refusal()
+        if reason is None:
+            self._seq += 1
+            job = (self._seq, np.array(image, dtype=np.uint8, copy=True),
+                   np.array(coarse_map, dtype=np.float32, copy=True))
+            try:
+                self._jobs.put_nowait(job)
+            except queue.Full:
+                reason = f"refinement queue full ({self.config.queue_size} jobs waiting)"
+            else:
+                self._pending[self._seq] = _Pending(frame_id, meta, time.perf_counter())
+                return True
+        self._outbox.append(RefineOutcome(frame_id, meta, STATUS_DROPPED, reason=reason))
+        self._drops += 1
+        if self._drops == 1 or self._drops % 100 == 0:
+            log.warning("frame %s not refined (%d dropped so far): %s", frame_id, self._drops, reason)
+        return False
+
+    def _refusal(self) -> str | None:
+        if self._closed:
+            return "refinement worker closed"
+        if self.failure is not None:
+            return f"refinement worker not running ({self.failure})"
+        return None
+
+    def poll(self) -> list[RefineOutcome]:
+        """Outcomes available now (dropped, refined, failed), without blocking."""
+        out: list[RefineOutcome] = []
+        while self._outbox:
+            out.append(self._outbox.popleft())
+        while self._inbox:
+            out.extend(self._handle(self._inbox.popleft()))
+        if self.failure is None and self._process is not None and not self._closed and not self._process.is_alive():
+            out.extend(self._on_crash())
+        for outcome in out:
+            self.counts.add(outcome)
+        return out
+
+    def _handle(self, message: tuple) -> list[RefineOutcome]:
+        kind = message[0]
+        if kind == "done":
+            _, seq, result = message
+            job = self._pending.pop(seq, None)
+            if job is None:
+                return []
+            return [RefineOutcome(job.frame_id, job.meta, result.status, result=result,
+                                  latency_s=time.perf_counter() - job.submitted_at)]
+        if kind == "failed":
+            _, seqs, reason = message
+            log.error("refinement of %d frame(s) failed: %s", len(seqs), reason)
+            return self._take(seqs, STATUS_FAILED, reason)
+        log.debug("refinement worker message ignored: %r", message[:1])
+        return []
+
+    def _take(self, seqs: Sequence[int], status: str, reason: str) -> list[RefineOutcome]:
+        out = []
+        for seq in seqs:
+            job = self._pending.pop(seq, None)
+            if job is not None:
+                out.append(RefineOutcome(job.frame_id, job.meta, status, reason=reason))
+        return out
+
+    def _on_crash(self) -> list[RefineOutcome]:
+        time.sleep(0.05)  # let the receiver thread pass on what the worker sent before dying
+        out = []
+        while self._inbox:
+            out.extend(self._handle(self._inbox.popleft()))
+        self.failure = f"refinement worker died (exit code {self._process.exitcode})"
+        log.error("%s: %d pending frame(s) lost; the camera loop goes on without refinement", self.failure,
+                  len(self._pending))
+        return out + self._take(list(self._pending), STATUS_FAILED, self.failure)
+
+    def close(self, drain_timeout_s: float = 30.0) -> list[RefineOutcome]:
+        """Wait up to ``drain_timeout_s`` for pending jobs, stop the worker; returns the last outcomes.
+
+        Jobs still pending then are returned as ``unfinished``. Idempotent (later calls return []).
+        """
+        if self._closed:
+            return []
+        out: list[RefineOutcome] = []
+        try:
+            deadline = time.monotonic() + max(0.0, drain_timeout_s)
+            if self._pending:
+                log.info("waiting up to %.1f s for %d refinement job(s)", drain_timeout_s, len(self._pending))
+            while self._pending and self.failure is None and time.monotonic() < deadline:
+                out.extend(self.poll())
+                time.sleep(0.02)
+            out.extend(self.poll())
+        finally:
+            self._closed = True
+            self._shutdown(1.0 if not self._pending else 0.0)
+        out.extend(self._finish_inbox())
+        left = self._take(list(self._pending), STATUS_UNFINISHED,
+                          f"not refined within the drain time ({drain_timeout_s:g} s)")
+        if left:
+            log.warning("%d refinement job(s) unfinished at shutdown", len(left))
+        for outcome in left:
+            self.counts.add(outcome)
+        log.info("refinement: %s", self.counts.summary())
+        return out + left
+
+    def _finish_inbox(self) -> list[RefineOutcome]:
+        out = []
+        while self._inbox:
+            out.extend(self._handle(self._inbox.popleft()))
+        for outcome in out:
+            self.counts.add(outcome)
+        return out
+
+    def _shutdown(self, grace_s: float) -> None:
+        """Stop the worker (sentinel, then terminate after ``grace_s``), the receiver thread and the queues."""
+        if self._process is None:
+            return
+        self._stop.set()
+        try:
+            self._jobs.put_nowait(_STOP)
+        except (queue.Full, ValueError, OSError):
+            pass
+        self._process.join(grace_s)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(5.0)
+        if self._process.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
+            self._process.kill()
+            self._process.join(5.0)
+        if self._receiver is not None:
+            self._results.put(_RECEIVER_STOP)
+            self._receiver.join(1.0)
+        for q in (self._jobs, self._results):
+            q.cancel_join_thread()  # never hang at exit on jobs nobody will read
+            q.close()

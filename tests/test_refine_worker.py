@@ -1,0 +1,178 @@
+"""The refinement worker process: batching, non-blocking submit, drops, drain timeout, start-up and crash errors.
+
+Stand-in refiners (module-level, picklable, torch-free) replace F2PAD here; ``test_runtime_refine.py`` also runs
+the real refiner end to end. The worker process imports this module to find them: keep its imports light.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradad.errors import GradError
+from gradad.refine.result import STATUS_CONVERGED, RefineResult
+from gradad.runtime.refine_worker import (STATUS_DROPPED, STATUS_FAILED, STATUS_UNFINISHED, RefineWorker,
+                                          RefineWorkerConfig, RefineWorkerError)
+
+HW = (16, 16)
+
+
+class StandInRefiner:
+    """Thresholds the map at its mean; sleeps ``delay_s`` per refine() call; iterations = the batch's size."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+
+    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray]) -> list[RefineResult]:
+        time.sleep(self.delay_s)
+        if any(int(img.max()) == 0 for img in images):
+            raise ValueError("black frame in this batch")
+        out = []
+        for img, amap in zip(images, coarse_maps):
+            mask = amap > amap.mean()
+            out.append(RefineResult(mask, mask.copy(), np.ones_like(mask), np.array(img), len(images),
+                                    self.delay_s, STATUS_CONVERGED, 1.0))
+        return out
+
+
+def standin_factory(cfg: RefineWorkerConfig) -> StandInRefiner:
+    """Stand-in refiner; ``--refine-budget`` is its delay per refine() call (default 0)."""
+    return StandInRefiner(cfg.time_budget_s or 0.0)
+
+
+def failing_factory(cfg: RefineWorkerConfig) -> StandInRefiner:
+    """A refiner that cannot be built, like an unprepared bundle."""
+    raise GradError(f"bundle {cfg.bundle_dir} is not prepared for refinement (stand-in)")
+
+
+class _DyingRefiner:
+    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray]) -> list[RefineResult]:
+        os._exit(3)  # a hard crash: no exception, no message
+
+
+def dying_factory(cfg: RefineWorkerConfig) -> _DyingRefiner:
+    """A refiner whose process dies on the first job."""
+    return _DyingRefiner()
+
+
+def _job(i: int, value: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    image = np.full((*HW, 3), value, np.uint8)
+    amap = np.zeros(HW, np.float32)
+    amap[: 4 + i % 8, :6] = 1.0
+    return image, amap
+
+
+def _worker(factory, **kw) -> RefineWorker:
+    return RefineWorker(RefineWorkerConfig("unused-bundle", factory=factory, start_timeout_s=60, **kw)).start()
+
+
+def _poll_until(worker: RefineWorker, n: int, timeout_s: float = 20.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        got.extend(worker.poll())
+        time.sleep(0.02)
+    return got
+
+
+def test_refines_in_batches_and_poll_never_waits() -> None:
+    worker = _worker(standin_factory, time_budget_s=0.3, max_batch=4, queue_size=8)
+    try:
+        for i in range(6):
+            assert worker.submit(i, *_job(i), meta={"name": f"f{i}"})
+        t0 = time.perf_counter()
+        assert worker.poll() == []  # the first batch is still sleeping
+        assert time.perf_counter() - t0 < 0.05
+        outcomes = worker.close(drain_timeout_s=20)
+    finally:
+        worker.close(0)
+    assert sorted(o.frame_id for o in outcomes) == list(range(6))
+    assert all(o.status == STATUS_CONVERGED and o.meta == {"name": f"f{o.frame_id}"} for o in outcomes)
+    assert all(np.array_equal(o.result.mask, _job(o.frame_id)[1] > _job(o.frame_id)[1].mean()) for o in outcomes)
+    batch_sizes = [o.result.iterations for o in outcomes]
+    assert max(batch_sizes) <= 4 and max(batch_sizes) > 1  # waiting jobs were refined together
+    counts = worker.counts.summary()
+    assert counts["submitted"] == counts["done"] == 6 and counts["dropped"] == counts["unfinished"] == 0
+    assert counts["mean_seconds"] == pytest.approx(0.3) and counts["mean_latency_s"] > 0
+    assert not worker.alive
+
+
+def test_full_queue_drops_and_never_blocks() -> None:
+    worker = _worker(standin_factory, time_budget_s=2.0, max_batch=1, queue_size=2)
+    try:
+        t0 = time.perf_counter()
+        queued = [worker.submit(i, *_job(i)) for i in range(10)]
+        assert time.perf_counter() - t0 < 0.5
+        assert sum(queued) <= 4 and not all(queued)  # 2 waiting, at most 1 in the refiner (+1 being taken)
+        dropped = worker.poll()
+        assert len(dropped) == 10 - sum(queued)
+        assert all(o.status == STATUS_DROPPED and "queue full" in o.reason and o.result is None for o in dropped)
+        assert [o.frame_id for o in dropped] == [i for i, q in enumerate(queued) if not q]
+    finally:
+        rest = worker.close(drain_timeout_s=0)
+    assert {o.status for o in rest} == {STATUS_UNFINISHED}
+    counts = worker.counts
+    assert counts.dropped == len(dropped) and counts.submitted == 10
+    assert counts.dropped + counts.unfinished + counts.done == 10
+
+
+def test_drain_timeout_reports_unfinished_and_stops_the_worker() -> None:
+    worker = _worker(standin_factory, time_budget_s=30.0, max_batch=1, queue_size=4)
+    for i in range(3):
+        assert worker.submit(i, *_job(i))
+    t0 = time.perf_counter()
+    outcomes = worker.close(drain_timeout_s=0.5)
+    assert time.perf_counter() - t0 < 8.0  # waited 0.5 s, then terminated the busy worker
+    assert sorted(o.frame_id for o in outcomes) == [0, 1, 2]
+    assert all(o.status == STATUS_UNFINISHED and "0.5 s" in o.reason for o in outcomes)
+    assert worker.counts.unfinished == 3 and not worker.alive
+    assert worker.close(5) == []  # idempotent
+    assert not worker.submit(9, *_job(9)) and worker.poll()[0].reason == "refinement worker closed"
+
+
+def test_refiner_exception_fails_its_batch_only() -> None:
+    worker = _worker(standin_factory, max_batch=1)
+    try:
+        worker.submit(0, *_job(0, value=0))  # the stand-in raises on black frames
+        worker.submit(1, *_job(1))
+        outcomes = {o.frame_id: o for o in _poll_until(worker, 2)}
+    finally:
+        worker.close(0)
+    assert outcomes[0].status == STATUS_FAILED and "ValueError: black frame" in outcomes[0].reason
+    assert outcomes[1].status == STATUS_CONVERGED
+
+
+def test_start_failure_is_one_clear_error() -> None:
+    with pytest.raises(RefineWorkerError, match=r"failed to start: bundle unused-bundle is not prepared"):
+        _worker(failing_factory)
+    with pytest.raises(RefineWorkerError, match=r"failed to start: .*no_such_module"):
+        _worker("no_such_module:factory")
+
+
+def test_worker_crash_fails_pending_jobs_and_later_ones_are_dropped() -> None:
+    worker = _worker(dying_factory)
+    try:
+        assert worker.submit(0, *_job(0))
+        outcomes = _poll_until(worker, 1)
+        assert [(o.frame_id, o.status) for o in outcomes] == [(0, STATUS_FAILED)]
+        assert "died (exit code 3)" in outcomes[0].reason and "exit code 3" in worker.failure
+        assert not worker.submit(1, *_job(1))
+        (later,) = worker.poll()
+        assert later.status == STATUS_DROPPED and "not running" in later.reason
+    finally:
+        worker.close(0)
+
+
+def test_default_factory_reports_an_unprepared_bundle(bundle: Path) -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(RefineWorkerError, match=r"not prepared for refinement.*grad-refine prepare"):
+        RefineWorker(RefineWorkerConfig(str(bundle), device="cpu", start_timeout_s=120)).start()
+
+
+def test_invalid_settings_name_the_option() -> None:
+    with pytest.raises(GradError, match=r"--refine-budget -1.*--refine-queue 0"):
+        RefineWorkerConfig("b", queue_size=0, time_budget_s=-1)
