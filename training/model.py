@@ -210,7 +210,12 @@ class AnomalyHead(nn.Module):
         self.image_hw = tuple(image_hw)
 
     def forward(self, x_ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.postprocess((x_ref - x).pow(2).sum(dim=1, keepdim=True).sqrt())
+        return self.postprocess(self.lowres_map(x_ref, x))
+
+    @staticmethod
+    def lowres_map(x_ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Feature-resolution map (B, 1, h, w) = ||x_ref - x||_2 over channels."""
+        return (x_ref - x).pow(2).sum(dim=1, keepdim=True).sqrt()
 
     def postprocess(self, amap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature-resolution map (B, 1, h, w) -> (score (B,), smoothed map (B, 1, H, W)); shared with baselines."""
@@ -240,3 +245,8 @@ class GRADDetector(nn.Module):
     def from_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as forward, starting at cached features."""
         return self.head(self.model(x).x_ref, x)
+
+    def lowres_map(self, images: torch.Tensor) -> torch.Tensor:
+        """The map before up-sampling and smoothing (B, 1, h, w); ``head.postprocess`` of it equals forward's map."""
+        x = self.extractor(images)
+        return self.head.lowres_map(self.model(x).x_ref, x)

@@ -1,0 +1,1 @@
+"""F2PAD pixel refinement of flagged frames (needs the [refine] extra: torch)."""

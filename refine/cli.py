@@ -1,0 +1,204 @@
+"""``grad-refine``: prepare a bundle for F2PAD refinement, and refine images offline.
+
+    grad-refine prepare --bundle models/demo --checkpoint runs/demo/model.pt --data demo_data
+    grad-refine IMAGE|DIR... --bundle models/demo -o refined/      (same as ``grad-refine run ...``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.errors import ConfigError, GradError
+from gradad.refine.config import RefineConfig, refine_config_from_dict
+
+log = logging.getLogger(__name__)
+
+RECORDS_FILE = "refine.jsonl"
+
+
+def apply_refine_set(config: RefineConfig, assignments: tuple[str, ...]) -> RefineConfig:
+    """``key=value`` strings (values parsed as YAML) on top of ``config``; unknown keys name themselves."""
+    values = config.to_dict()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value (a RefineConfig field)")
+        values[key.strip()] = yaml.safe_load(raw)
+    return refine_config_from_dict(values)
+
+
+class _DefaultToRun(click.Group):
+    """``grad-refine IMAGE ...`` means ``grad-refine run IMAGE ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """F2PAD pixel refinement: sharp defect masks for flagged images (needs the [refine] extra: torch)."""
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="Model bundle (grad-export onnx) to prepare.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="The model.pt the bundle was exported from (checked against the ONNX model).")
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Dataset root whose good training images fit the pixel prior.")
+@click.option("--classes", multiple=True, help="Classes to use [default: all].")
+@click.option("--layout", default="auto", help="Dataset layout (auto, mvtec, visa, goodsad, folder).")
+@click.option("--images", "max_images", type=int, default=64, show_default=True,
+              help="Training images sampled for the pixel prior.")
+@click.option("--set", "assignments", multiple=True, help="RefineConfig override stored in the bundle, e.g. "
+              "--set lambda0=0.5 --set time_budget_s=2.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assignments, verbose) -> None:
+    """Fit the pixel prior on good training images and add the refinement files to BUNDLE.
+
+    Writes refine_model.pt (a copy of CHECKPOINT, after checking it reproduces the bundle's ONNX maps) and
+    pixel_prior.npz, and records them with hashes, the config and the normal map level in bundle.json.
+    """
+    setup_logging(verbose)
+    from gradad.bundle import read_manifest
+    from gradad.data.datasets import load_samples
+    from gradad.refine.bundle_files import prepare_bundle
+    from gradad.training.features import load_images
+
+    config = apply_refine_set(RefineConfig(), assignments)
+    manifest = read_manifest(bundle_dir)
+    samples = [s for s in load_samples(data_root, "train", list(classes) or None, layout) if s.label == 0]
+    if not samples:
+        raise GradError(f"no good training images under {data_root}")
+    rng = np.random.default_rng(0)
+    picked = [samples[i] for i in sorted(rng.choice(len(samples), min(max_images, len(samples)), replace=False))]
+    images, _ = load_images(picked, manifest["input"]["model_height"])
+    section = prepare_bundle(bundle_dir, checkpoint, images, config)
+    click.echo(f"prepared {bundle_dir} for refinement: prior {section['prior']['components']} components on "
+               f"{section['prior']['pixels']} pixels of {section['prior']['images']} images; normal map level "
+               f"{section['normal_map_level']:.3f}; checkpoint matches ONNX to "
+               f"{section['checkpoint_vs_onnx_max_rel_error']:.1e}")
+
+
+def _input_files(inputs: tuple[str, ...]) -> list[Path]:
+    from gradad.data.datasets import is_image_file, list_image_files
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_image_files(path))
+        elif path.is_file() and is_image_file(path):
+            files.append(path)
+        else:
+            raise GradError(f"not an image file or folder: {path}")
+    if not files:
+        raise GradError(f"no images found in {', '.join(inputs)}")
+    return files
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    import cv2
+
+    if image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), image):
+        raise GradError(f"cannot write {path}")
+
+
+def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int, int]) -> dict[str, str]:
+    """Masks at the original image size (nearest up-sampling), x_n at the model size."""
+    import cv2
+
+    files = {"mask_file": f"{stem}_mask.png", "coarse_mask_file": f"{stem}_coarse.png",
+             "repaired_file": f"{stem}_repaired.png"}
+    h, w = original_hw
+    for key, mask in (("mask_file", result.mask), ("coarse_mask_file", result.coarse_mask)):
+        big = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_NEAREST)
+        _write_png(out_dir / files[key], big)
+    _write_png(out_dir / files["repaired_file"], result.repaired)
+    return files
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="Bundle prepared with grad-refine prepare.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--pixel-threshold", type=float, help="Coarse-mask threshold [default: the bundle's calibrated one].")
+@click.option("--all", "refine_all", is_flag=True, help="Refine every image, not only those above the image "
+              "threshold.")
+@click.option("--backend", default="auto", type=click.Choice(["auto", "tensorrt", "onnxruntime"]),
+              help="Runtime backend computing the coarse map.")
+@click.option("--budget", type=float, help="Seconds per image (time budget) [default: the bundle's config].")
+@click.option("--batch", type=int, help="Images refined together [default: the bundle's config].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Refinement device.")
+@click.option("--set", "assignments", multiple=True, help="RefineConfig override, e.g. --set max_iterations=300.")
+@click.option("--overwrite", is_flag=True, help="Write into an output folder that already holds results.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
+        overwrite, verbose) -> None:
+    """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
+    setup_logging(verbose)
+    from gradad.bundle import read_manifest
+    from gradad.data.images import read_image_rgb
+    from gradad.refine.bundle_files import load_refine_parts
+    from gradad.refine.refiner import Refiner
+    from gradad.runtime.loader import load_backend
+    from gradad.runtime.preprocess import to_model_input
+
+    files = _input_files(inputs)
+    out = Path(out_dir)
+    if (out / RECORDS_FILE).exists() and not overwrite:
+        raise GradError(f"{out / RECORDS_FILE} exists: choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = load_refine_parts(bundle_dir, pixel_threshold)
+    overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
+                 if v is not None}
+    config = apply_refine_set(dataclasses.replace(parts.config, **overrides), assignments)
+    manifest = read_manifest(bundle_dir)
+    image_threshold = (manifest.get("calibration") or {}).get("image_threshold")
+    if image_threshold is None and not refine_all:
+        raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
+                        "--all to refine every image")
+    runtime_backend, _ = load_backend(bundle_dir, backend)
+    refiner = Refiner.from_bundle(bundle_dir, config, parts.pixel_threshold)
+    h, w = manifest["input"]["model_height"], manifest["input"]["model_width"]
+    started = time.perf_counter()
+    counts = {"images": 0, "refined": 0}
+    with (out / RECORDS_FILE).open("w") as records:
+        for start in tqdm(range(0, len(files), config.max_batch), desc="refining", unit="batch"):
+            chunk = files[start:start + config.max_batch]
+            originals = [read_image_rgb(p) for p in chunk]
+            model_in = to_model_input(originals, h, w)
+            scores, maps = runtime_backend.infer(model_in)
+            pick = [i for i in range(len(chunk)) if refine_all or scores[i] > image_threshold]
+            images = [np.ascontiguousarray(model_in[i].transpose(1, 2, 0)).astype(np.uint8) for i in pick]
+            results = dict(zip(pick, refiner.refine(images, [maps[i] for i in pick])))
+            for i, path in enumerate(chunk):
+                record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": i in results}
+                if i in results:
+                    record.update(results[i].summary())
+                    record.update(_save_outputs(out, path.stem, results[i], originals[i].shape[:2]))
+                records.write(json.dumps(record) + "\n")
+                records.flush()
+            counts["images"] += len(chunk)
+            counts["refined"] += len(results)
+    runtime_backend.close()
+    click.echo(f"refined {counts['refined']} of {counts['images']} images in {time.perf_counter() - started:.1f} s "
+               f"-> {out / RECORDS_FILE}")

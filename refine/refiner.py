@@ -1,0 +1,270 @@
+"""F2PAD solver: refine coarse GRAD masks of flagged frames into pixel-sharp masks (DESIGN.md §3). Needs torch.
+
+    min_a  w_f L(x - a) + lambda * S(a) + gamma_1 P_MOG(x - a) + gamma_2 TV(x - a) + w_v V(x - a)
+
+optimised over x_n = x - a inside the dilated coarse mask only, from an inpainted start, with bilateral local
+gradient sharing, an adaptive per-pixel step, Adan directions and a clamped update; batched, with early stopping,
+an iteration cap and a per-frame time budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from gradad.errors import GradError
+from gradad.refine.config import RefineConfig
+from gradad.refine.prior import PixelPrior
+from gradad.refine.regions import coarse_mask, dilate, drop_small_components, inpaint
+from gradad.refine.result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET,
+                                  RefineResult)
+
+try:
+    import torch
+except ImportError as exc:  # the lean runtime installs no torch
+    raise GradError("F2PAD refinement needs torch: pip install 'gradad[refine]'") from exc
+
+from gradad.refine.adan import AdanDirection
+from gradad.refine.objective import (linear_readout_weights, log_sparsity, mog_penalty, pixel_norm, total_variation,
+                                     validity_penalty)
+from gradad.refine.sharing import bilateral_weights, share_gradients
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error naming the setting."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GradError("refinement device 'cuda' requested but torch sees no CUDA GPU (use --refine-device cpu)")
+    return torch.device(name)
+
+
+@dataclass
+class _Batch:
+    """Tensors of the images being optimised together."""
+
+    x: torch.Tensor  # (B, 3, H, W) normalised input
+    x_n: torch.Tensor  # (B, 3, H, W) current estimate
+    region: torch.Tensor  # (B, 1, H, W) {0, 1}
+    lam: torch.Tensor  # (B,) sparsity weight per image
+    weights: torch.Tensor  # (B, k*k, H, W) bilateral sharing weights
+    readout: torch.Tensor  # (B, 1, h, w) feature-resolution weights of the feature loss
+
+
+class Refiner:
+    """Frozen GRAD detector + pixel prior + config; :meth:`refine` turns coarse maps into refined masks."""
+
+    def __init__(self, detector: torch.nn.Module, mean: Sequence[float], std: Sequence[float], pixel_threshold: float,
+                 prior: PixelPrior, config: RefineConfig | None = None, normal_level: float = 0.0) -> None:
+        self.config = config or RefineConfig()
+        if not pixel_threshold > 0:
+            raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
+        self.device = resolve_device(self.config.device)
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        self.detector = detector.to(self.device).eval()
+        for p in self.detector.parameters():
+            p.requires_grad_(False)  # gradients only w.r.t. the image
+        self.pixel_threshold = float(pixel_threshold)
+        # Map level of good training images: the feature loss only penalises the map above it, so the optimiser
+        # stops once the region looks normal instead of driving the map adversarially towards zero.
+        self.normal_level = float(normal_level)
+        self.prior = prior
+        f32 = dict(dtype=torch.float32, device=self.device)
+        self.mean = torch.tensor(mean, **f32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, **f32).view(1, 3, 1, 1)
+        self.low = ((0.0 - self.mean) / self.std).flatten()
+        self.high = ((1.0 - self.mean) / self.std).flatten()
+        self.prior_means = torch.tensor(prior.means, **f32)
+        self.prior_precisions = torch.tensor(prior.precisions, **f32)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
+                    pixel_threshold: float | None = None) -> "Refiner":
+        """Load the refinement files of a bundle prepared by ``grad-refine prepare``."""
+        from gradad.refine.bundle_files import load_refine_parts
+
+        parts = load_refine_parts(bundle_dir, pixel_threshold)
+        config = config or parts.config
+        from gradad.training.checkpoint import load_detector
+
+        detector, _ = load_detector(parts.model_path)
+        return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config, parts.normal_level)
+
+    # -- conversions -----------------------------------------------------------------------------------------------
+    def _normalise(self, images: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        return (t - self.mean) / self.std
+
+    def _to_uint8(self, x: torch.Tensor) -> np.ndarray:
+        rgb = (x * self.std + self.mean).clamp(0, 1) * 255.0
+        return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+    # -- objective -------------------------------------------------------------------------------------------------
+    def readout_weights(self, region: torch.Tensor) -> torch.Tensor:
+        """Per-image weights that turn the feature-resolution map into the feature loss (see objective.py)."""
+        h, w = region.shape[-2:]
+        stride = self._feature_stride(h, w)
+        shape = (region.shape[0], 1, h // stride, w // stride)
+        return linear_readout_weights(self.detector.head.postprocess, shape, region, self.pixel_threshold)
+
+    def _feature_stride(self, h: int, w: int) -> int:
+        fh, fw = self.detector.model.feat_hw
+        if h % fh or w % fw or h // fh != w // fw:
+            raise GradError(f"refine: image size {h}x{w} does not match the model's feature map {fh}x{fw}")
+        return h // fh
+
+    def objective(self, x_n: torch.Tensor, x: torch.Tensor, region: torch.Tensor, lam: torch.Tensor,
+                  readout: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image terms and total (each (B,)); differentiable w.r.t. ``x_n``.
+
+        ``readout`` from :meth:`readout_weights`: the feature loss equals the region mean of the full anomaly map
+        on ``x_n`` divided by the pixel threshold, computed at feature resolution; only the part of the map above
+        the normal level counts.
+        """
+        cfg = self.config
+        lowres = self.detector.lowres_map(x_n)
+        terms = {
+            "feature": ((lowres - self.normal_level).clamp_min(0) * readout).sum(dim=(1, 2, 3)),
+            "sparsity": log_sparsity(x - x_n, region, cfg.log_eps, cfg.norm_smoothing),
+            "mog": mog_penalty(x_n, region, self.prior_means, self.prior_precisions),
+            "tv": total_variation(x_n, region),
+            "validity": validity_penalty(x_n, region, self.low, self.high),
+        }
+        terms["total"] = (cfg.feature_weight * terms["feature"] + lam * terms["sparsity"]
+                          + cfg.gamma_mog * terms["mog"] + cfg.gamma_tv * terms["tv"]
+                          + cfg.validity_weight * terms["validity"])
+        return terms
+
+    # -- public API ------------------------------------------------------------------------------------------------
+    def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray]) -> list[RefineResult]:
+        """Refine each (H, W, 3) uint8 RGB image (model input size) given its (H, W) anomaly map."""
+        if len(images) != len(coarse_maps):
+            raise GradError(f"refine: {len(images)} images but {len(coarse_maps)} anomaly maps")
+        results: list[RefineResult | None] = [None] * len(images)
+        todo = []
+        for i, (image, amap) in enumerate(zip(images, coarse_maps)):
+            self._check_input(i, image, amap)
+            coarse = coarse_mask(amap, self.pixel_threshold)
+            if coarse.any():
+                todo.append((i, coarse))
+            else:
+                empty = np.zeros_like(coarse)
+                results[i] = RefineResult(empty, coarse, empty, np.array(image, copy=True), 0, 0.0,
+                                          STATUS_EMPTY_REGION, math.nan)
+        for start in range(0, len(todo), self.config.max_batch):
+            chunk = todo[start:start + self.config.max_batch]
+            for (i, _), result in zip(chunk, self._refine_batch([images[i] for i, _ in chunk], [c for _, c in chunk])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _check_input(self, index: int, image: np.ndarray, amap: np.ndarray) -> None:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise GradError(f"refine: image {index} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        if amap.shape != image.shape[:2]:
+            raise GradError(f"refine: anomaly map {index} is {amap.shape} but its image is {image.shape[:2]}")
+
+    def _prepare(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray]) -> _Batch:
+        cfg = self.config
+        regions = [dilate(c, cfg.region_dilation_px) for c in coarse]
+        starts = [inpaint(img, c, cfg.inpaint, cfg.inpaint_radius_px) for img, c in zip(images, coarse)]
+        x = self._normalise(np.stack(images))
+        region = torch.from_numpy(np.stack(regions)[:, None].astype(np.float32)).to(self.device)
+        # lambda = lambda0 / estimated anomaly area fraction (coarse area within the region)
+        fraction = np.array([c.sum() / max(r.sum(), 1) for c, r in zip(coarse, regions)])
+        lam = torch.tensor(cfg.lambda0 / np.maximum(fraction, cfg.min_area_fraction), dtype=torch.float32,
+                           device=self.device)
+        weights = bilateral_weights(x, cfg.share_kernel, cfg.share_sigma_space, cfg.share_sigma_color)
+        x_n = self._normalise(np.stack(starts))
+        x_n = region * x_n + (1 - region) * x  # exactly x outside the region
+        return _Batch(x, x_n, region, lam, weights, self.readout_weights(region))
+
+    def _refine_batch(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray]) -> list[RefineResult]:
+        cfg = self.config
+        started = time.perf_counter()
+        batch = self._prepare(images, coarse)
+        best_x, best_obj, iterations, status = self._optimise(batch, batch.region, batch.lam, started,
+                                                              cfg.max_iterations)
+        masks = self._masks(batch.x, best_x, batch.region)
+        if cfg.reestimate_iterations > 0:
+            inner = torch.from_numpy(np.stack([dilate(m, 1) for m in masks])[:, None].astype(np.float32))
+            inner = inner.to(self.device) * batch.region
+            again, _, _, _ = self._optimise(_Batch(batch.x, best_x.clone(), inner, batch.lam, batch.weights,
+                                                   self.readout_weights(inner)),
+                                            inner, torch.zeros_like(batch.lam), started, cfg.reestimate_iterations)
+            masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner))]
+            best_x = again
+        seconds = time.perf_counter() - started
+        repaired = self._to_uint8(best_x)
+        region_np = batch.region[:, 0].bool().cpu().numpy()
+        return [RefineResult(masks[b], np.asarray(coarse[b]), region_np[b], repaired[b], int(iterations[b]), seconds,
+                             status[b], float(best_obj[b])) for b in range(len(images))]
+
+    def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor) -> list[np.ndarray]:
+        norm = pixel_norm(x - x_n) * region
+        masks = (norm[:, 0] > self.config.mask_tau).cpu().numpy()
+        return [drop_small_components(m, self.config.mask_min_component_px) for m in masks]
+
+    def _optimise(self, batch: _Batch, region: torch.Tensor, lam: torch.Tensor, started: float, max_iterations: int
+                  ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+        """Run the solver; returns (best x_n, best objective, iterations, status) per image."""
+        cfg = self.config
+        n = batch.x.shape[0]
+        x_n = batch.x_n.clone()
+        best_x = x_n.clone()
+        best_obj = np.full(n, np.inf)
+        iterations = np.zeros(n, dtype=np.int64)
+        status = [STATUS_MAX_ITERATIONS] * n
+        history: list[list[float]] = [[] for _ in range(n)]
+        active = torch.arange(n, device=self.device)
+        adan = AdanDirection(x_n.shape, cfg.betas, cfg.adan_eps, self.device, per_row_scale=cfg.adan_scale == "image")
+        budget = cfg.time_budget_s
+        for _ in range(max_iterations):
+            xa = x_n[active].detach().requires_grad_(True)
+            terms = self.objective(xa, batch.x[active], region[active], lam[active], batch.readout[active])
+            (grad,) = torch.autograd.grad(terms["total"].sum(), xa)
+            values = terms["total"].detach().cpu().numpy()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("iteration %d: %s", int(iterations[active[0]]),
+                          {k: np.round(v.detach().cpu().numpy(), 4).tolist() for k, v in terms.items()})
+            keep = []
+            for j, b in enumerate(active.tolist()):
+                iterations[b] += 1
+                history[b].append(float(values[j]))
+                if values[j] < best_obj[b]:
+                    best_obj[b] = values[j]
+                    best_x[b] = xa[j].detach()
+                if iterations[b] >= cfg.min_iterations and _converged(history[b], cfg):
+                    status[b] = STATUS_CONVERGED
+                elif budget > 0 and time.perf_counter() - started >= budget:
+                    status[b] = STATUS_TIME_BUDGET
+                else:
+                    keep.append(j)
+            if not keep:
+                break
+            keep_t = torch.tensor(keep, device=self.device)
+            rows = active[keep_t]
+            shared, step = share_gradients(grad[keep_t], batch.weights[rows], cfg.step_min, cfg.step_max)
+            direction = adan.direction(shared, rows)
+            update = (cfg.learning_rate * step * direction).clamp(-cfg.update_clamp, cfg.update_clamp)
+            x_n[rows] = x_n[rows] - update * region[rows]
+            active = rows
+        return best_x, best_obj, iterations, status
+
+
+def _converged(history: list[float], cfg: RefineConfig) -> bool:
+    """Relative drop of the windowed mean objective below the tolerance (scale-free form of the paper's rule)."""
+    w = cfg.stop_window
+    if len(history) < 2 * w:
+        return False
+    last = float(np.mean(history[-w:]))
+    prev = float(np.mean(history[-2 * w:-w]))
+    return (prev - last) < cfg.stop_relative_drop * max(abs(prev), 1e-12)
