@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gradad.cli_utils import setup_logging, user_errors_as_exit
-from gradad.training.backbone import FeatureExtractor
+from gradad.benchmarks.models import random_detector
+from gradad.benchmarks.results_io import command_line
 from gradad.training.config import PRESETS, RunConfig, preset_config
-from gradad.training.model import GRADDetector, GRADModel
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +39,17 @@ def _params(module: torch.nn.Module) -> int:
 
 def preset_complexity(cfg: RunConfig) -> dict[str, Any]:
     """GFLOP and parameters of the whole eval-mode detector for one image of the configured size."""
-    cfg.backbone.weights = "none"  # random weights: the count does not depend on their values
+    detector = random_detector(cfg)  # random weights: the count does not depend on their values
+    extractor, model = detector.extractor, detector.model
     size = cfg.data.image_size
-    extractor = FeatureExtractor(cfg.backbone)
     image = torch.zeros(1, 3, size, size)
-    with torch.no_grad():
-        x = extractor(image)
-    model = GRADModel(x.shape[1], tuple(x.shape[-2:]), cfg.model).eval()
-    detector = GRADDetector(extractor, model, (size, size)).eval()
     total = _flops(detector, image)
     extractor_flops = _flops(extractor, image)
     return {
         "preset": cfg.preset,
         "backbone": cfg.backbone.name,
         "image_size": size,
-        "feature_shape": list(x.shape[1:]),
+        "feature_shape": [model.channels, *model.feat_hw],
         "gflop_total": round(total / 1e9, 3),
         "gflop_extractor": round(extractor_flops / 1e9, 3),
         "gflop_grad": round((total - extractor_flops) / 1e9, 3),
@@ -72,7 +69,8 @@ def main(presets: tuple[str, ...], output: str) -> None:
     """Count GFLOP and parameters of each preset and write them as JSON."""
     setup_logging()
     rows = [preset_complexity(preset_config(name)) for name in (presets or PRESETS)]
-    result = {"torch": torch.__version__, "machine": platform.machine(), "presets": rows}
+    result = {"torch": torch.__version__, "machine": platform.machine(), "presets": rows,
+              "command": command_line(sys.argv[1:], "python -m gradad.benchmarks.complexity")}
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:

@@ -1,0 +1,302 @@
+"""``grad-bench accuracy``: one test set, one protocol, every backend and the peer baselines in one run.
+
+Rows (each optional): GRAD from a checkpoint (PyTorch), GRAD from a bundle (ONNX Runtime FP32 / FP16, TensorRT
+where importable), a NORMAL-only GRAD checkpoint (ablation) and PatchCore on the same extractor. Each row has
+per-class and mean image AUROC/AUPR, pixel AUROC/AUPR, PRO and F1: at the bundle's calibrated threshold when
+there is one (rule ``score > threshold``, as the runtime decides), otherwise the best F1 over thresholds,
+marked as an oracle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from gradad.benchmarks.environment import environment
+from gradad.data.datasets import Sample, load_samples
+from gradad.errors import GradError
+from gradad.evaluation.evaluate import evaluate_predictions
+from gradad.evaluation.report import TABLE_COLUMNS, markdown_table
+
+log = logging.getLogger(__name__)
+
+BACKEND_PYTORCH = "pytorch"
+BACKEND_ORT_FP32 = "onnxruntime-fp32"
+BACKEND_ORT_FP16 = "onnxruntime-fp16"
+BACKEND_TENSORRT = "tensorrt"
+BACKENDS = (BACKEND_PYTORCH, BACKEND_ORT_FP32, BACKEND_ORT_FP16, BACKEND_TENSORRT)
+#: bundle backend name -> (runtime backend, precision)
+BUNDLE_BACKENDS = {BACKEND_ORT_FP32: ("onnxruntime", "fp32"), BACKEND_ORT_FP16: ("onnxruntime", "fp16"),
+                   BACKEND_TENSORRT: ("tensorrt", "fp16")}
+F1_CALIBRATED = "calibrated threshold"
+F1_ORACLE = "oracle (best F1 over thresholds)"
+METHOD_GRAD = "grad"
+METHOD_NORMAL_ONLY = "grad_normal_only"
+METHOD_PATCHCORE = "patchcore"
+
+
+@dataclass
+class AccuracyConfig:
+    """What ``grad-bench accuracy`` evaluates, and how."""
+
+    data_root: str
+    classes: list[str] | None = None  # None: the model's classes, else every class of the root
+    layout: str = "auto"
+    checkpoint: str | None = None  # GRAD model.pt -> PyTorch row
+    bundle: str | None = None  # bundle dir -> ONNX Runtime / TensorRT rows
+    backends: tuple[str, ...] = BACKENDS  # rows wanted, where their model is given
+    normal_only: str | None = None  # NORMAL-only GRAD model.pt -> ablation row
+    patchcore: bool = False
+    coreset_ratio: float = 0.01
+    cache_dir: str = "cache/features"  # PatchCore training features (shared with grad-train)
+    batch_size: int = 8
+    threads: int = 0  # 0 = library default
+    device: str = "cpu"
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Refuse settings that cannot give a row, naming the option at fault."""
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise GradError(f"--backend {unknown[0]!r}: choose from {', '.join(BACKENDS)}")
+        if not (self.checkpoint or self.bundle or self.normal_only or self.patchcore):
+            raise GradError("nothing to evaluate: give --checkpoint, --bundle, --normal-only or --patchcore")
+        if not 0 < self.coreset_ratio <= 1:
+            raise GradError(f"--coreset-ratio {self.coreset_ratio}: must be in (0, 1]")
+        if self.batch_size < 1:
+            raise GradError(f"--batch-size {self.batch_size}: must be at least 1")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The bundle's calibrated image threshold and where it came from."""
+
+    threshold: float
+    method: str
+    data: dict[str, Any]
+
+
+def calibration_of(manifest: dict[str, Any]) -> Calibration | None:
+    """The calibration in a bundle manifest, or None for an uncalibrated bundle."""
+    cal = manifest.get("calibration")
+    if not cal or "image_threshold" not in cal:
+        return None
+    data = cal.get("data") or {}
+    return Calibration(float(cal["image_threshold"]), str(cal.get("method", "")),
+                       {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")})
+
+
+def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
+              masks: np.ndarray, calibration: Calibration | None) -> dict[str, Any]:
+    """Add per-class metrics and the F1 summary to ``row``.
+
+    With a calibration, ``image_f1`` is the F1 of ``score > threshold`` (the runtime's decision rule);
+    without one, the row reports ``image_best_f1`` and says it is an oracle.
+    """
+    # f1_at_threshold flags score >= t; the runtime flags score > t: move t to the next float up.
+    threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
+    per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
+    row["per_class"] = per_class
+    if calibration is None:
+        row["f1"] = {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}
+    else:
+        row["f1"] = {"kind": F1_CALIBRATED, "key": "image_f1", "mean": per_class["mean"]["image_f1"],
+                     "threshold": calibration.threshold, "calibration_method": calibration.method}
+    return row
+
+
+def _set_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def checkpoint_row(path: str, method: str, samples: Sequence[Sample], cfg: AccuracyConfig,
+                   calibration: Calibration | None) -> tuple[dict[str, Any], Any]:
+    """Evaluate a GRAD checkpoint with PyTorch; returns (row, predictions) so bundle rows can reuse the images."""
+    from gradad.training.checkpoint import load_detector
+    from gradad.training.inference import predict
+
+    detector, payload = load_detector(path, cfg.device)
+    run_cfg = payload["resolved_config"]
+    if method == METHOD_NORMAL_ONLY and run_cfg.model.abnormal_branch:
+        log.warning("%s has model.abnormal_branch=true: it is not a NORMAL-only model", path)
+    norm = payload["normalisation"]
+    t0 = time.perf_counter()
+    preds = predict(detector, samples, run_cfg.data.image_size, norm["mean"], norm["std"], cfg.device,
+                    cfg.batch_size)
+    wall = time.perf_counter() - t0
+    variant = " NORMAL-only" if method == METHOD_NORMAL_ONLY else ""
+    row = {"label": f"GRAD {run_cfg.preset}{variant} · PyTorch {cfg.device.upper()} FP32",
+           "method": method, "preset": run_cfg.preset, "backend": BACKEND_PYTORCH, "precision": "fp32",
+           "device": cfg.device, "model": str(path), "image_size": run_cfg.data.image_size,
+           "abnormal_branch": bool(run_cfg.model.abnormal_branch),
+           "training": {"epochs": [run_cfg.train.stage1_epochs if run_cfg.model.abnormal_branch else 0,
+                                   run_cfg.train.stage2_epochs], "train_seconds": payload.get("train_seconds"),
+                        "final_losses": payload.get("final_losses"), "data_root": run_cfg.data.root},
+           "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
+           "timing_note": "includes reading and resizing the test images"}
+    return score_row(row, samples, preds.scores, preds.maps, preds.masks, calibration), preds
+
+
+def _skip(cfg: AccuracyConfig, label: str, reason: str) -> None:
+    log.warning("skipped %s: %s", label, reason)
+    cfg.skipped.append({"label": label, "reason": reason})
+
+
+def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], manifest: dict[str, Any],
+                calibration: Calibration | None, images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
+                ) -> list[dict[str, Any]]:
+    """One row per requested bundle backend; a backend that cannot run here is a skip line, never a number."""
+    from gradad.runtime.backend import infer_in_batches
+    from gradad.runtime.loader import load_backend
+    from gradad.training.features import load_images
+
+    rows = []
+    for name in (b for b in cfg.backends if b in BUNDLE_BACKENDS):
+        kind, precision = BUNDLE_BACKENDS[name]
+        label = f"GRAD {manifest['preset']} · {name}"
+        if kind == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
+            _skip(cfg, label, "TensorRT is not importable here (no tensorrt Python package)")
+            continue
+        try:
+            backend, _ = load_backend(cfg.bundle, kind, precision, threads=cfg.threads, max_batch=cfg.batch_size)
+        except GradError as exc:
+            _skip(cfg, label, str(exc))
+            continue
+        hw = backend.input_hw
+        if hw not in images_by_hw:
+            if hw[0] != hw[1]:
+                raise GradError(f"{cfg.bundle}: input {hw[0]}x{hw[1]} is not square; evaluate its checkpoint instead")
+            images_by_hw[hw] = load_images(samples, hw[0], desc="reading test images")
+        images, masks = images_by_hw[hw]
+        t0 = time.perf_counter()
+        scores, maps = infer_in_batches(backend, images.transpose(0, 3, 1, 2).astype(np.float32), cfg.batch_size)
+        wall = time.perf_counter() - t0
+        backend.close()
+        device = "cpu" if "CPUExecutionProvider" in backend.name else "cuda"
+        row = {"label": f"GRAD {manifest['preset']} · {'TensorRT' if kind == 'tensorrt' else 'ONNX Runtime'} "
+                        f"{device.upper()} {precision.upper()}",
+               "method": METHOD_GRAD, "preset": manifest["preset"], "backend": kind, "precision": precision,
+               "device": device, "engine": backend.name, "model": str(cfg.bundle), "image_size": hw[0],
+               "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
+               "timing_note": "inference on pre-read images"}
+        rows.append(score_row(row, samples, scores, maps, masks, calibration))
+    return rows
+
+
+def patchcore_row(cfg: AccuracyConfig, classes: list[str] | None, image_size: int,
+                  model_cfg: Any | None) -> dict[str, Any]:
+    """PatchCore on the same extractor and map post-processing, one memory bank for all classes."""
+    from gradad.benchmarks.patchcore import PatchCoreConfig, run_patchcore
+
+    pc_cfg = PatchCoreConfig(coreset_ratio=cfg.coreset_ratio)
+    t0 = time.perf_counter()
+    result = run_patchcore(cfg.data_root, classes, pc_cfg, image_size, cfg.cache_dir, model_cfg)
+    per_class = result["metrics"]
+    return {"label": f"PatchCore {100 * cfg.coreset_ratio:g}% coreset · PyTorch CPU FP32",
+            "method": METHOD_PATCHCORE, "preset": "edge", "backend": BACKEND_PYTORCH, "precision": "fp32",
+            "device": "cpu", "image_size": image_size, "wall_seconds": round(time.perf_counter() - t0, 2),
+            "seconds_per_image": result["seconds_per_image"], "fit_seconds": result["fit_seconds"],
+            "memory_bank": result["memory_bank"], "config": result["config"], "n_train": result["n_train"],
+            "timing_note": "seconds_per_image: extractor + nearest-neighbour search; wall includes the fit",
+            "per_class": per_class,
+            "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}}
+
+
+def _default_classes(cfg: AccuracyConfig, manifest: dict[str, Any] | None) -> list[str] | None:
+    if cfg.classes:
+        return cfg.classes
+    if cfg.checkpoint:
+        from gradad.training.checkpoint import read_checkpoint
+
+        return list(read_checkpoint(cfg.checkpoint)["classes"])
+    if manifest is not None:
+        return list(manifest["classes"])
+    return None
+
+
+def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
+    """Evaluate every requested row on one test set; returns the result dict (without header fields)."""
+    from gradad.bundle import read_manifest
+
+    cfg.validate()
+    _set_threads(cfg.threads)
+    manifest = read_manifest(cfg.bundle) if cfg.bundle else None
+    calibration = calibration_of(manifest) if manifest else None
+    if manifest is not None and calibration is None:
+        log.info("bundle %s is not calibrated: F1 is the oracle best F1", cfg.bundle)
+    classes = _default_classes(cfg, manifest)
+    samples = load_samples(cfg.data_root, "test", classes, cfg.layout)
+    rows: list[dict[str, Any]] = []
+    images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    image_size, model_cfg = 256, None
+    if cfg.checkpoint and BACKEND_PYTORCH in cfg.backends:
+        row, preds = checkpoint_row(cfg.checkpoint, METHOD_GRAD, samples, cfg, calibration)
+        rows.append(row)
+        images_by_hw[(row["image_size"], row["image_size"])] = (preds.images, preds.masks)
+    if cfg.bundle:
+        rows += bundle_rows(cfg, samples, manifest, calibration, images_by_hw)
+    if cfg.normal_only:
+        rows.append(checkpoint_row(cfg.normal_only, METHOD_NORMAL_ONLY, samples, cfg, None)[0])
+    if cfg.patchcore:
+        reference = cfg.checkpoint or cfg.normal_only
+        if reference:  # same input size and map post-processing as the GRAD model
+            from gradad.training.checkpoint import read_checkpoint
+            from gradad.training.config import config_from_dict
+
+            ref_cfg = config_from_dict(read_checkpoint(reference)["config"])
+            image_size, model_cfg = ref_cfg.data.image_size, ref_cfg.model
+        elif manifest is not None:
+            image_size = int(manifest["input"]["model_height"])
+        rows.append(patchcore_row(cfg, classes, image_size, model_cfg))
+    n_anomalous = sum(s.label for s in samples)
+    return {
+        "dataset": {"root": str(cfg.data_root), "layout": cfg.layout, "name": Path(cfg.data_root).name,
+                    "classes": sorted({s.class_name for s in samples}), "n_test_images": len(samples),
+                    "n_anomalous": n_anomalous},
+        "protocol": "unified: one model for all classes, metrics class by class, mean over classes",
+        "calibration": None if calibration is None else {"threshold": calibration.threshold,
+                                                         "method": calibration.method, "data": calibration.data},
+        "threads": cfg.threads,
+        "environment": environment(),
+        "rows": rows,
+        "skipped": list(cfg.skipped),
+    }
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{100 * float(value):.1f}"
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one line per row with the mean metrics, F1 (kind marked) and seconds per image."""
+    header = ["model", *(h for _, h in TABLE_COLUMNS), "F1", "s / image"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        mean = row["per_class"]["mean"]
+        f1 = _pct(row["f1"]["mean"]) + ("" if row["f1"]["kind"] == F1_CALIBRATED else " (oracle)")
+        cells = [row["label"], *(_pct(mean.get(k)) for k, _ in TABLE_COLUMNS), f1, f"{row['seconds_per_image']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_markdown(result: dict[str, Any]) -> str:
+    """The markdown report of one accuracy result: command, summary table, skips, per-class tables."""
+    ds = result["dataset"]
+    parts = [f"# {result.get('name', 'accuracy')}", "",
+             f"`{result.get('command', '')}`", "",
+             f"Dataset `{ds['root']}`: {ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), "
+             f"classes {', '.join(ds['classes'])}. {result['protocol']}.", "",
+             summary_table(result["rows"])]
+    parts += [f"- skipped {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
+    for row in result["rows"]:
+        parts += ["", f"## {row['label']}", "", markdown_table(row["per_class"])]
+    return "\n".join(parts)

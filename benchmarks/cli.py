@@ -1,0 +1,142 @@
+"""``grad-bench``: accuracy and latency benchmarks with peer baselines, and the results page.
+
+    grad-bench accuracy --data demo_data --checkpoint runs/demo/model.pt --bundle models/demo --patchcore \\
+        --normal-only runs/demo-normal-only/model.pt -o benchmarks/results --name demo_accuracy
+    grad-bench latency --preset edge --preset paper --threads 2 -o benchmarks/results --name cpu_latency
+    grad-bench report benchmarks/results
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from gradad.cli_utils import setup_logging, user_errors_as_exit
+
+log = logging.getLogger("gradad.bench")
+
+DEFAULT_OUT = "benchmarks/results"
+RAW_ARGS = "gradad.bench.raw_args"
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _batches(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: comma-separated integers, e.g. 1,2,4,8") from None
+
+
+class RecordingGroup(click.Group):
+    """A group that remembers its raw arguments, so result files can store the exact command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[RAW_ARGS] = list(args)
+        return super().parse_args(ctx, args)
+
+
+def _command() -> str:
+    from gradad.benchmarks.results_io import command_line
+
+    return command_line(click.get_current_context().meta.get(RAW_ARGS, []))
+
+
+@click.group(cls=RecordingGroup, context_settings=CONTEXT)
+def main() -> None:
+    """Benchmarks: accuracy (GRAD backends + PatchCore + NORMAL-only), latency, results page."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--data", "data_root", required=True, type=click.Path(), help="Dataset root (any supported layout).")
+@click.option("--classes", help="Comma-separated classes [default: the model's, else all].")
+@click.option("--layout", default="auto", help="auto, mvtec, visa, goodsad, folder.")
+@click.option("--checkpoint", type=click.Path(), help="GRAD model.pt: the PyTorch row.")
+@click.option("--bundle", type=click.Path(), help="Bundle dir: ONNX Runtime FP32/FP16 and TensorRT rows.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["pytorch", "onnxruntime-fp32",
+              "onnxruntime-fp16", "tensorrt"]), help="Rows to run [default: all whose model is given].")
+@click.option("--normal-only", type=click.Path(), help="NORMAL-only GRAD model.pt: the ablation row.")
+@click.option("--patchcore", is_flag=True, help="Add the PatchCore row (same extractor and map head).")
+@click.option("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset fraction (1-10%).")
+@click.option("--cache-dir", default="cache/features", help="Feature cache for PatchCore's memory bank.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--threads", type=int, default=0, help="torch and ONNX Runtime CPU threads (0 = default).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="PyTorch rows' device.")
+@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
+@click.option("--name", default="accuracy", help="Base name of the JSON/markdown files.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def accuracy(data_root, classes, layout, checkpoint, bundle, backends, normal_only, patchcore, coreset_ratio,
+             cache_dir, batch_size, threads, device, out_dir, name, verbose) -> None:
+    """Per-class and mean image/pixel AUROC, AUPR, PRO and F1 of every row on one test set (unified protocol)."""
+    setup_logging(verbose)
+    from gradad.benchmarks.accuracy import BACKENDS, AccuracyConfig, accuracy_markdown, run_accuracy
+    from gradad.benchmarks.results_io import KIND_ACCURACY, result_header, write_result_files
+
+    cfg = AccuracyConfig(data_root=data_root, classes=_csv(classes), layout=layout, checkpoint=checkpoint,
+                         bundle=bundle, backends=tuple(backends) or BACKENDS, normal_only=normal_only,
+                         patchcore=patchcore, coreset_ratio=coreset_ratio, cache_dir=cache_dir,
+                         batch_size=batch_size, threads=threads, device=device)
+    result = {**result_header(KIND_ACCURACY, name, _command()), **run_accuracy(cfg)}
+    json_path, md_path = write_result_files(out_dir, name, result, accuracy_markdown(result))
+    click.echo(accuracy_markdown(result))
+    click.echo(f"results: {json_path} and {md_path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--preset", "presets", multiple=True, type=click.Choice(["edge", "paper", "tiny"]),
+              help="Random-weight preset (repeatable).")
+@click.option("--bundle", type=click.Path(), help="Bundle dir: its ONNX Runtime files and TensorRT engine.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["pytorch", "onnxruntime-fp32",
+              "onnxruntime-fp16", "tensorrt"]), help="Rows to run [default: all available].")
+@click.option("--patchcore/--no-patchcore", default=True, help="Add the PatchCore comparison row.")
+@click.option("--patchcore-bank", "bank_size", type=int, default=None,
+              help="PatchCore memory-bank rows [default: 7782, the 1% coreset of MTD].")
+@click.option("--images", type=click.Path(), help="Image folder for the decode stage [default: synthetic PNGs].")
+@click.option("--batches", default="1,2,4,8", help="Batch sizes; FPS is reported at 1 and at the best one.")
+@click.option("--threads", type=int, default=2, help="torch intra-op and ONNX Runtime intra-op threads.")
+@click.option("--warmup", type=int, default=5, help="Warm-up iterations per batch size.")
+@click.option("--iters", type=int, default=100, help="Timed iterations per batch size (at most).")
+@click.option("--min-iters", type=int, default=5, help="Timed iterations per batch size (at least).")
+@click.option("--max-seconds", type=float, default=20.0, help="Stop a batch size after this long (past --min-iters).")
+@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
+@click.option("--name", default="latency", help="Base name of the JSON/markdown files.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def latency(presets, bundle, backends, patchcore, bank_size, images, batches, threads, warmup, iters, min_iters,
+            max_seconds, out_dir, name, verbose) -> None:
+    """Per-stage p50/p95/p99, FPS (batch 1 and best), peak RSS, GFLOP and parameters per backend and precision."""
+    setup_logging(verbose)
+    from gradad.benchmarks.accuracy import BACKENDS
+    from gradad.benchmarks.latency import MTD_CORESET_BANK, LatencyConfig, latency_markdown, run_latency
+    from gradad.benchmarks.results_io import KIND_LATENCY, result_header, write_result_files
+
+    cfg = LatencyConfig(presets=list(presets), bundle=bundle, backends=tuple(backends) or BACKENDS,
+                        patchcore=patchcore, bank_size=MTD_CORESET_BANK if bank_size is None else bank_size,
+                        images=images, batches=_batches(batches), threads=threads, warmup=warmup, iters=iters,
+                        min_iters=min_iters, max_seconds=max_seconds)
+    result = {**result_header(KIND_LATENCY, name, _command()), **run_latency(cfg)}
+    json_path, md_path = write_result_files(out_dir, name, result, latency_markdown(result))
+    click.echo(latency_markdown(result))
+    click.echo(f"results: {json_path} and {md_path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("results_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def report(results_dir, verbose) -> None:
+    """Regenerate RESULTS_DIR/README.md and the accuracy-vs-latency plot from the JSON files there."""
+    setup_logging(verbose)
+    from gradad.benchmarks.report_page import write_report
+
+    readme, plot = write_report(results_dir)
+    click.echo(f"wrote {readme}" + (f" and {plot}" if plot else ""))
+
+
+if __name__ == "__main__":
+    main()

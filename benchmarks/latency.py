@@ -1,0 +1,286 @@
+"""``grad-bench latency``: per-stage latency, FPS, peak memory and model size of every backend available here.
+
+Rows: for each preset (random weights; latency does not depend on their values) PyTorch eager on CPU (and on CUDA
+in FP32 and FP16 autocast where a GPU is visible), ONNX Runtime FP32 and FP16 of the graph ``grad-export onnx``
+writes; for a bundle its ONNX Runtime FP32/FP16 files and its TensorRT engine where TensorRT is importable; plus
+a PatchCore row (same extractor, nearest-neighbour search over a memory bank of ``bank_size`` random features,
+GRAD's map head). Every row runs in its own process (fresh peak RSS) with the same threads and iteration budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradad.benchmarks.accuracy import (BACKEND_ORT_FP16, BACKEND_ORT_FP32, BACKEND_PYTORCH, BACKEND_TENSORRT,
+                                        BACKENDS, BUNDLE_BACKENDS)
+from gradad.benchmarks.environment import environment
+from gradad.benchmarks.latency_worker import RowSpec
+from gradad.errors import GradError
+
+log = logging.getLogger(__name__)
+
+#: PatchCore memory bank: the size the 1% coreset gives on MTD (760 train images x 32x32 patches x 1%).
+MTD_CORESET_BANK = 7782
+WORKER_MODULE = "gradad.benchmarks.latency_worker"
+SYNTHETIC_IMAGES = 8
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass
+class LatencyConfig:
+    """What ``grad-bench latency`` measures, and how long."""
+
+    presets: list[str] = field(default_factory=list)  # random-weight presets
+    bundle: str | None = None
+    backends: tuple[str, ...] = BACKENDS
+    patchcore: bool = True
+    bank_size: int = MTD_CORESET_BANK
+    images: str | None = None  # folder decoded by the decode stage (default: synthetic PNGs)
+    batches: tuple[int, ...] = (1, 2, 4, 8)
+    threads: int = 2
+    warmup: int = 5
+    iters: int = 100
+    min_iters: int = 5
+    max_seconds: float = 20.0
+    timeout_s: float = 1800.0  # per row (worker process)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Refuse settings that cannot give a measurement, naming the option at fault."""
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise GradError(f"--backend {unknown[0]!r}: choose from {', '.join(BACKENDS)}")
+        if not self.presets and not self.bundle:
+            raise GradError("nothing to measure: give --preset NAME (repeatable) and/or --bundle DIR")
+        for name, value in (("--threads", self.threads), ("--iters", self.iters), ("--min-iters", self.min_iters)):
+            if value < 1:
+                raise GradError(f"{name} {value}: must be at least 1")
+        if self.warmup < 0:
+            raise GradError(f"--warmup {self.warmup}: must be >= 0")
+        if not self.batches or min(self.batches) < 1:
+            raise GradError(f"--batches {','.join(map(str, self.batches))}: give positive batch sizes")
+        if self.patchcore and self.bank_size < 1:
+            raise GradError(f"--patchcore-bank {self.bank_size}: must be at least 1")
+
+
+def decode_images(cfg: LatencyConfig, work: Path, size: int) -> tuple[list[str], str]:
+    """Files for the decode stage and a description: the --images folder, or synthetic PNGs of the input size."""
+    import cv2
+
+    if cfg.images:
+        from gradad.data.datasets import list_image_files
+
+        files = [str(p) for p in list_image_files(cfg.images)]
+        return files, f"{len(files)} image files from {cfg.images}"
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(SYNTHETIC_IMAGES):  # smooth texture + noise: PNG decode cost of a real-looking image
+        img = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 3)
+        img = np.clip(img.astype(np.int16) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
+        path = work / f"synthetic_{size}_{i}.png"
+        cv2.imwrite(str(path), img)
+        files.append(str(path))
+    return files, f"{SYNTHETIC_IMAGES} synthetic {size}x{size} PNG files"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _spec(cfg: LatencyConfig, images: list[str], **kw: Any) -> RowSpec:
+    return RowSpec(images=images, batches=list(cfg.batches), threads=cfg.threads, warmup=cfg.warmup,
+                   iters=cfg.iters, min_iters=cfg.min_iters, max_seconds=cfg.max_seconds, **kw)
+
+
+def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str]) -> list[RowSpec]:
+    """PyTorch eager (CPU, CUDA FP32/FP16) and ONNX Runtime FP32/FP16 rows of one random-weight preset."""
+    from gradad.benchmarks.models import export_preset_onnx
+    from gradad.training.config import preset_config
+
+    size = preset_config(preset).data.image_size
+    specs = []
+    common = {"method": "grad", "preset": preset, "image_size": size}
+    if BACKEND_PYTORCH in cfg.backends:
+        specs.append(_spec(cfg, images, label=f"GRAD {preset} · PyTorch eager CPU FP32", backend="pytorch",
+                           precision="fp32", device="cpu", **common))
+        if _cuda_available():
+            for precision, what in (("fp32", "FP32"), ("fp16", "FP16 autocast")):
+                specs.append(_spec(cfg, images, label=f"GRAD {preset} · PyTorch eager CUDA {what}",
+                                   backend="pytorch", precision=precision, device="cuda", **common))
+    wanted = [b for b in (BACKEND_ORT_FP32, BACKEND_ORT_FP16) if b in cfg.backends]
+    if wanted:
+        log.info("exporting %s (random weights) to ONNX", preset)
+        paths = export_preset_onnx(preset, work, fp16=BACKEND_ORT_FP16 in wanted)
+        for name in wanted:
+            precision = BUNDLE_BACKENDS[name][1]
+            specs.append(_spec(cfg, images, label=f"GRAD {preset} · ONNX Runtime CPU {precision.upper()}",
+                               backend="onnxruntime", precision=precision, device="cpu",
+                               onnx_path=str(paths[precision]), **common))
+    if BACKEND_TENSORRT in cfg.backends:
+        _skip(cfg, f"GRAD {preset} · TensorRT", "TensorRT rows need a bundle with an engine built on this device "
+              "(grad-export build, then --bundle)")
+    return specs
+
+
+def bundle_specs(cfg: LatencyConfig, images: list[str]) -> list[RowSpec]:
+    """ONNX Runtime FP32/FP16 and TensorRT rows of a bundle; what cannot run here becomes a skip line."""
+    from gradad.bundle import read_manifest
+
+    manifest = read_manifest(cfg.bundle)
+    preset = manifest["preset"]
+    size = int(manifest["input"]["height"])
+    specs = []
+    for name in (b for b in cfg.backends if b in BUNDLE_BACKENDS):
+        backend, precision = BUNDLE_BACKENDS[name]
+        label = f"GRAD {preset} bundle {manifest['name']} · {name}"
+        if backend == "tensorrt":
+            if importlib.util.find_spec("tensorrt") is None:
+                _skip(cfg, label, "TensorRT is not importable here (no tensorrt Python package)")
+                continue
+            device = "cuda"
+        else:
+            device = "cpu"
+            if precision == "fp16" and "model.fp16.onnx" not in manifest["files"]:
+                _skip(cfg, label, f"bundle {cfg.bundle} has no model.fp16.onnx")
+                continue
+        engine = "TensorRT" if backend == "tensorrt" else "ONNX Runtime CPU"
+        specs.append(_spec(cfg, images, label=f"GRAD {preset} bundle · {engine} {precision.upper()}", method="grad",
+                           preset=preset, backend=backend, precision=precision, device=device, image_size=size,
+                           bundle=str(cfg.bundle)))
+    if BACKEND_PYTORCH in cfg.backends and not cfg.presets:
+        _skip(cfg, f"GRAD {preset} · PyTorch eager", f"add --preset {preset} for the PyTorch eager row")
+    return specs
+
+
+def _skip(cfg: LatencyConfig, label: str, reason: str) -> None:
+    log.warning("skipped %s: %s", label, reason)
+    cfg.skipped.append({"label": label, "reason": reason})
+
+
+def run_worker(spec: RowSpec, threads: int, timeout_s: float) -> dict[str, Any]:
+    """Measure one row in a fresh Python process with the thread count fixed in its environment."""
+    env = {**os.environ, **{k: str(threads) for k in THREAD_ENV}}
+    try:
+        proc = subprocess.run([sys.executable, "-m", WORKER_MODULE], input=json.dumps(asdict(spec)), text=True,
+                              capture_output=True, env=env, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise GradError(f"latency row {spec.label!r} ran past {timeout_s:.0f} s; lower --iters/--max-seconds") from exc
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GradError(f"latency row {spec.label!r} failed (exit {proc.returncode}): {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _complexity(preset: str, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from gradad.benchmarks.complexity import preset_complexity
+    from gradad.training.config import preset_config
+
+    if preset not in cache:
+        cache[preset] = preset_complexity(preset_config(preset))
+    return cache[preset]
+
+
+def patchcore_complexity(extractor: dict[str, Any], bank_size: int) -> dict[str, Any]:
+    """PatchCore cost: extractor + 2·bank·C multiply-adds per feature position (the nearest-neighbour search)."""
+    c, h, w = extractor["feature_shape"]
+    search = 2 * bank_size * c * h * w
+    return {"gflop_total": round(extractor["gflop_extractor"] + search / 1e9, 3),
+            "gflop_extractor": extractor["gflop_extractor"], "gflop_search": round(search / 1e9, 3),
+            "params_m": round(extractor["params_extractor_m"], 3),
+            "memory_bank_m": round(bank_size * c / 1e6, 3), "memory_bank_shape": [bank_size, c]}
+
+
+def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
+    """Measure every row; returns the result dict (without header fields)."""
+    cfg.validate()
+    rows: list[dict[str, Any]] = []
+    sizes: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="grad-bench-") as tmp:
+        work = Path(tmp)
+        specs: list[RowSpec] = []
+        image_sets: dict[int, tuple[list[str], str]] = {}
+
+        def images_for(size: int) -> list[str]:
+            if size not in image_sets:
+                image_sets[size] = decode_images(cfg, work, size)
+            return image_sets[size][0]
+
+        from gradad.training.config import preset_config
+
+        for preset in cfg.presets:
+            specs += preset_specs(cfg, preset, work, images_for(preset_config(preset).data.image_size))
+        if cfg.bundle:
+            from gradad.bundle import read_manifest
+
+            specs += bundle_specs(cfg, images_for(int(read_manifest(cfg.bundle)["input"]["height"])))
+        if cfg.patchcore:
+            size = preset_config("edge").data.image_size
+            specs.append(_spec(cfg, images_for(size), label="PatchCore · PyTorch eager CPU FP32 (same extractor)",
+                               method="patchcore", preset="edge", backend="pytorch", precision="fp32", device="cpu",
+                               image_size=size, bank_size=cfg.bank_size))
+        from tqdm import tqdm
+
+        for spec in tqdm(specs, desc="latency rows", unit="row"):
+            log.info("measuring %s", spec.label)
+            row = run_worker(spec, cfg.threads, cfg.timeout_s)
+            model = _complexity(spec.preset, sizes)
+            if spec.method == "patchcore":
+                row["complexity"] = patchcore_complexity(model, spec.bank_size)
+            else:
+                row["complexity"] = {"gflop_total": model["gflop_total"], "gflop_extractor": model["gflop_extractor"],
+                                     "gflop_grad": model["gflop_grad"],
+                                     "params_m": round(model["params_extractor_m"] + model["params_grad_m"], 3)}
+            rows.append(row)
+        decode = {size: desc for size, (_, desc) in image_sets.items()}
+    return {"environment": environment(), "device": "cuda" if any(r["device"] == "cuda" for r in rows) else "cpu",
+            "threads": cfg.threads, "settings": {k: v for k, v in asdict(cfg).items() if k != "skipped"},
+            "decode_images": decode, "patchcore_bank": {"rows": cfg.bank_size, "note":
+                                                        "random features; rows = the 1% coreset size on MTD "
+                                                        "(760 x 32 x 32 x 1%) unless --patchcore-bank says otherwise"},
+            "rows": rows, "skipped": list(cfg.skipped)}
+
+
+def _ms(stats: dict[str, Any] | None, stage: str, key: str = "p50") -> str:
+    if not stats or stage not in stats["latency_ms"]:
+        return "–"
+    return f"{stats['latency_ms'][stage][key]:.2f}"
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one line per row, batch-1 stage p50s, total p50/p95/p99, FPS at batch 1 and best, RSS, GFLOP."""
+    header = ["row", "decode", "preprocess", "inference", "postprocess", "total p50", "p95", "p99",
+              "FPS b1", "best FPS (batch)", "peak RSS MiB", "GFLOP", "params M"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in rows:
+        b1 = r.get("batch1")
+        cx = r.get("complexity", {})
+        cells = [r["label"], *(_ms(b1, s) for s in ("decode", "preprocess", "inference", "postprocess", "total")),
+                 _ms(b1, "total", "p95"), _ms(b1, "total", "p99"), f"{b1['fps']:.1f}" if b1 else "–",
+                 f"{r['best_fps']:.1f} ({r['best_batch']})", f"{r['peak_rss_mb']:.0f}",
+                 f"{cx.get('gflop_total', float('nan')):.2f}", f"{cx.get('params_m', float('nan')):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def latency_markdown(result: dict[str, Any]) -> str:
+    """The markdown report of one latency result."""
+    env = result["environment"]
+    parts = [f"# {result.get('name', 'latency')}", "", f"`{result.get('command', '')}`", "",
+             f"{env['cpu_model']} ({env['cpu_count']} cores), GPU: {env['gpu'] or 'none'}; {result['threads']} "
+             f"threads; torch {env['torch']}, onnxruntime {env['onnxruntime']}. Stages in ms per image (p50, batch 1).",
+             "", latency_table(result["rows"])]
+    parts += [f"- skipped {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
+    return "\n".join(parts)

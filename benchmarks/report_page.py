@@ -1,0 +1,417 @@
+"""The results page: ``benchmarks/results/README.md`` and an accuracy-vs-latency plot, made only from the JSON
+files in the results folder (``grad-bench report`` or ``python -m gradad.benchmarks.report_page``).
+
+Every number on the page comes from a JSON file; the prose around it is chosen by comparing those numbers, so a
+re-run that changes a conclusion changes the sentence too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
+                                        summary_table)
+from gradad.benchmarks.latency import latency_table
+from gradad.benchmarks.results_io import KIND_ACCURACY, KIND_LATENCY, load_result_files
+
+log = logging.getLogger(__name__)
+
+README = "README.md"
+PLOT = "accuracy_vs_latency.png"
+PLOT_DPI = 120
+#: metrics compared in the prose: (key, name)
+COMPARED = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pixel_aupr", "pixel AUPR"),
+            ("pro", "PRO"))
+DEFECT_METRICS = ("image_auroc", "pixel_auroc", "pro")
+TIE = 0.0005  # metrics closer than this (0.05 points) count as equal
+PAPER_WEIGHTS_NOTE = ("The `paper` preset (EfficientNet-b6 stages 3/4, 9 BasicBlocks, R_g = 8) appears in latency "
+                      "and model size only: its ImageNet weights cannot be downloaded on this machine, so it has no "
+                      "trained model here (`--set backbone.weights=/path/to/b6.pth` where the file exists).")
+
+
+@dataclass
+class Results:
+    """The result files of one folder, by kind."""
+
+    accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+    complexity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ignored: list[str] = field(default_factory=list)
+
+
+def classify(files: dict[str, dict[str, Any]]) -> Results:
+    """Sort result files by kind: grad-bench accuracy/latency, complexity counts, grad-run benchmark summaries."""
+    out = Results()
+    for name, data in files.items():
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind == KIND_ACCURACY:
+            out.accuracy[name] = data
+        elif kind == KIND_LATENCY:
+            out.latency[name] = data
+        elif isinstance(data, dict) and isinstance(data.get("presets"), list):
+            out.complexity[name] = data
+        elif isinstance(data, dict) and isinstance(data.get("runs"), list):
+            out.runtime[name] = data
+        else:
+            out.ignored.append(name)
+            log.warning("%s: not a grad-bench result file (no 'kind'); left off the page", name)
+    return out
+
+
+def pct(value: Any) -> str:
+    """0.934 -> '93.4'; missing -> '–'."""
+    return "–" if value is None else f"{100 * float(value):.1f}"
+
+
+def find(rows: Iterable[dict[str, Any]], **want: Any) -> dict[str, Any] | None:
+    """First row whose fields equal every ``want`` item."""
+    return next((r for r in rows if all(r.get(k) == v for k, v in want.items())), None)
+
+
+def grad_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The GRAD row other rows are compared with: ONNX Runtime FP32 (what a line runs), else PyTorch."""
+    return (find(rows, method=METHOD_GRAD, backend="onnxruntime", precision="fp32")
+            or find(rows, method=METHOD_GRAD, backend="pytorch"))
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """Metric names where mean of ``a`` is (higher, equal, lower) than ``b``, with both values."""
+    higher, equal, lower = [], [], []
+    for key, name in COMPARED:
+        va, vb = a["per_class"]["mean"].get(key), b["per_class"]["mean"].get(key)
+        if va is None or vb is None:
+            continue
+        text = f"{name} {pct(va)} vs {pct(vb)}"
+        (equal if abs(va - vb) < TIE else higher if va > vb else lower).append(text)
+    return higher, equal, lower
+
+
+def _join(parts: list[str]) -> str:
+    return "; ".join(parts) if parts else "none"
+
+
+def comparison_sentence(subject: str, other: str, a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'X vs Y — ahead on ..., level on ..., behind on ...' from the mean metrics."""
+    higher, equal, lower = compare(a, b)
+    return (f"{subject} vs {other}: ahead on {_join(higher)}; level on {_join(equal)}; behind on {_join(lower)}.")
+
+
+def skip_notes(result: dict[str, Any]) -> list[str]:
+    """One sentence per row the run could not measure here, with the reason."""
+    return [f"Skipped {s['label']}: {s['reason']}." for s in result.get("skipped", [])]
+
+
+def accuracy_notes(result: dict[str, Any]) -> list[str]:
+    """Prose for one dataset: F1 rule, PatchCore and NORMAL-only comparisons, skipped rows."""
+    rows = result["rows"]
+    notes = []
+    cal = result.get("calibration")
+    if cal:
+        data = cal.get("data") or {}
+        dirs = ", ".join(data.get("good_dirs") or []) or "?"
+        notes.append(f"F1 of GRAD rows is at the bundle's calibrated threshold {cal['threshold']:.4g} (method "
+                     f"`{cal['method']}`, {data.get('n_good')} good images from {dirs}); rule score > threshold. "
+                     "Rows marked (oracle) have no calibration and report the best F1 over thresholds.")
+    else:
+        notes.append("No calibrated bundle: F1 is the oracle best F1 over thresholds (marked).")
+    ref = grad_reference(rows)
+    torch_row = find(rows, method=METHOD_GRAD, backend="pytorch")
+    if ref and torch_row and ref is not torch_row:
+        diff = abs(ref["per_class"]["mean"]["image_auroc"] - torch_row["per_class"]["mean"]["image_auroc"])
+        notes.append(f"ONNX Runtime FP32 and PyTorch image AUROC differ by {100 * diff:.2f} points.")
+        f1_ref, f1_torch = ref["f1"], torch_row["f1"]
+        if f1_ref["kind"] == F1_CALIBRATED and abs(f1_ref["mean"] - f1_torch["mean"]) >= TIE:
+            notes.append(f"F1 at the calibrated threshold differs between them ({pct(f1_torch['mean'])} PyTorch vs "
+                         f"{pct(f1_ref['mean'])} ONNX Runtime): the threshold sits on a calibration score, and "
+                         "PyTorch scores differ from ONNX Runtime's in the 5th-6th digit.")
+    fp16 = find(rows, method=METHOD_GRAD, backend="onnxruntime", precision="fp16")
+    if ref and fp16 and ref is not fp16:
+        diff = fp16["per_class"]["mean"]["image_auroc"] - ref["per_class"]["mean"]["image_auroc"]
+        notes.append(f"FP16 ONNX changes mean image AUROC by {100 * diff:+.2f} points vs FP32.")
+    patchcore = find(rows, method=METHOD_PATCHCORE)
+    if ref and patchcore:
+        notes.append(comparison_sentence(f"GRAD {ref['preset']}", "PatchCore", ref, patchcore)
+                     + f" PatchCore memory bank {patchcore['memory_bank'][0]}×{patchcore['memory_bank'][1]} "
+                       f"({100 * patchcore['config']['coreset_ratio']:g}% coreset), fit {patchcore['fit_seconds']} s.")
+    normal = find(rows, method=METHOD_NORMAL_ONLY)
+    if ref and normal:
+        higher, _, lower = compare(normal, ref)
+        if len(higher) > len(lower):
+            verdict = ("The NORMAL-only ablation (no abnormal grids, no stage 1) is *better* than the full bi-grid "
+                       "model on most metrics here — unlike the paper's Table II; the abnormal branch's settings "
+                       "(FBP intensity, stage-1 length, fusion weight) are the first thing to tune.")
+        elif len(lower) > len(higher):
+            verdict = ("The full bi-grid model beats its NORMAL-only ablation on most metrics, as in the paper's "
+                       "Table II.")
+        else:
+            verdict = "The NORMAL-only ablation and the full bi-grid model are level overall."
+        notes.append(comparison_sentence("NORMAL-only", f"full GRAD {ref['preset']}", normal, ref) + " " + verdict)
+    return notes + skip_notes(result)
+
+
+def defect_table(result: dict[str, Any]) -> list[str]:
+    """Per defect type (image AUROC / pixel AUROC / PRO) of each row, for single-class datasets."""
+    rows = result["rows"]
+    classes = result["dataset"]["classes"]
+    if len(classes) != 1 or not rows:
+        return []
+    cls = classes[0]
+    defects = list(rows[0]["per_class"][cls].get("by_defect", {}))
+    if not defects:
+        return []
+    lines = ["| defect | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+    for d in defects:
+        cells = []
+        for r in rows:
+            m = r["per_class"][cls]["by_defect"].get(d, {})
+            cells.append(" / ".join(pct(m.get(k)) for k in DEFECT_METRICS))
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    ref = grad_reference(rows) or rows[0]
+    worst = min(defects, key=lambda d: ref["per_class"][cls]["by_defect"][d].get("pro") or 0.0)
+    return ["Per defect type (image AUROC / pixel AUROC / PRO, each defect type against the class's good images):",
+            "", *lines, "",
+            f"Hardest defect type for {ref['label']}: **{worst}** (PRO "
+            f"{pct(ref['per_class'][cls]['by_defect'][worst].get('pro'))})."]
+
+
+def sections(title: str, files: dict[str, dict[str, Any]], block: Callable[[str, dict[str, Any]], list[str]]
+             ) -> list[str]:
+    """A ``## title`` section with one block per result file; nothing when there are no files."""
+    out = [f"## {title}", ""] if files else []
+    for name, result in files.items():
+        out += block(name, result)
+    return out
+
+
+def accuracy_block(name: str, result: dict[str, Any]) -> list[str]:
+    """Summary table, notes and per-defect table of one accuracy file."""
+    ds = result["dataset"]
+    out = [f"### {ds['name']} — `{name}`", "",
+           f"{ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), classes: "
+           f"{', '.join(ds['classes'])}. Mean over classes; percent.", "",
+           summary_table(result["rows"])]
+    return out + [f"- {n}" for n in accuracy_notes(result)] + [""] + defect_table(result) + [""]
+
+
+def complexity_section(res: Results) -> list[str]:
+    """Model size table from complexity files."""
+    out = ["## Model size", ""] if res.complexity else []
+    for name, data in res.complexity.items():
+        out += [f"`{name}` (`python -m gradad.benchmarks.complexity`; FLOPs = 2 × multiply-accumulates of "
+                "convolutions and matrix products):", "",
+                "| preset | backbone | GFLOP / image | extractor | GRAD | params extractor M | params GRAD M |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for p in data["presets"]:
+            out.append(f"| {p['preset']} | {p['backbone']} | {p['gflop_total']:.2f} | {p['gflop_extractor']:.2f} | "
+                       f"{p['gflop_grad']:.2f} | {p['params_extractor_m']:.2f} | {p['params_grad_m']:.2f} |")
+        out.append("")
+    return out
+
+
+def batch1_ms(row: dict[str, Any]) -> float | None:
+    """Total p50 ms per image at batch 1."""
+    b1 = row.get("batch1")
+    return None if not b1 else float(b1["latency_ms"]["total"]["p50"])
+
+
+def latency_notes(result: dict[str, Any]) -> list[str]:
+    """Ratios within one latency file: PyTorch eager vs ONNX Runtime, FP16 vs FP32, PatchCore vs GRAD."""
+    rows = result["rows"]
+    notes = []
+    for preset in dict.fromkeys(r["preset"] for r in rows if r["method"] == METHOD_GRAD):
+        eager = find(rows, method=METHOD_GRAD, preset=preset, backend="pytorch", device="cpu")
+        fp32 = find(rows, method=METHOD_GRAD, preset=preset, backend="onnxruntime", precision="fp32", device="cpu")
+        fp16 = find(rows, method=METHOD_GRAD, preset=preset, backend="onnxruntime", precision="fp16", device="cpu")
+        if eager and fp32:
+            notes.append(f"{preset}: ONNX Runtime FP32 is {batch1_ms(eager) / batch1_ms(fp32):.1f}× faster than "
+                         f"PyTorch eager on CPU ({batch1_ms(fp32):.1f} vs {batch1_ms(eager):.1f} ms per image).")
+        if fp32 and fp16:
+            ratio = batch1_ms(fp16) / batch1_ms(fp32)
+            if ratio > 1:
+                notes.append(f"{preset}: FP16 ONNX is {ratio:.2f}× *slower* than FP32 on this CPU (ONNX Runtime's "
+                             "CPU kernels are FP32-first); FP16 is meant for TensorRT / GPUs.")
+            else:
+                notes.append(f"{preset}: FP16 ONNX is {1 / ratio:.2f}× faster than FP32 here.")
+    bank = result.get("patchcore_bank")
+    if bank and find(rows, method=METHOD_PATCHCORE):
+        notes.append(f"PatchCore row: edge extractor + nearest-neighbour search over {bank['rows']} memory-bank "
+                     f"features ({bank['note']}) + GRAD's map head, PyTorch eager.")
+    if not any(r["device"] == "cuda" for r in rows):
+        notes.append("No GPU on this machine: no CUDA or TensorRT rows (the harness adds them where torch.cuda / "
+                     "tensorrt are available).")
+    return notes + skip_notes(result)
+
+
+def latency_block(name: str, result: dict[str, Any]) -> list[str]:
+    """Environment line, stage table, FPS by batch size and notes of one latency file."""
+    env = result["environment"]
+    out = [f"### `{name}`", "",
+           f"{env['cpu_model']} ({env['cpu_count']} cores), GPU: {env['gpu'] or 'none'}; {result['threads']} "
+           f"threads; python {env['python']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, numpy "
+           f"{env['numpy']}, opencv {env['opencv']}. Decode stage: "
+           f"{'; '.join(str(v) for v in result.get('decode_images', {}).values())}. Stages: ms per image, p50 "
+           "at batch 1; each row ran in its own process (peak RSS is the row's).", "",
+           latency_table(result["rows"]), "FPS by batch size:", "",
+           "| row | " + " | ".join(f"b{b}" for b in result["settings"]["batches"]) + " |",
+           "|---|" + "---:|" * len(result["settings"]["batches"])]
+    for r in result["rows"]:
+        fps = {b["batch"]: b["fps"] for b in r["by_batch"]}
+        out.append(f"| {r['label']} | " + " | ".join(f"{fps[b]:.1f}" if b in fps else "–"
+                                                      for b in result["settings"]["batches"]) + " |")
+    return out + [""] + [f"- {n}" for n in latency_notes(result)] + [""]
+
+
+def runtime_section(res: Results) -> list[str]:
+    """``grad-run --benchmark`` summaries (end to end on an image folder)."""
+    out = []
+    for name, data in res.runtime.items():
+        out += [f"## Runtime end to end — `{name}`", "", data.get("description", ""), "",
+                "| batch | FPS | decode p50 | preprocess p50 | inference p50 / frame | total p50 / frame |",
+                "|---:|---:|---:|---:|---:|---:|"]
+        for run in data["runs"]:
+            lat = run["latency_ms"]
+            out.append(f"| {run['batch_size']} | {run['fps']:.1f} | " + " | ".join(
+                f"{lat[s]['p50']:.2f} ms" for s in ("decode", "preprocess", "inference", "total")) + " |")
+        out.append("")
+    return out
+
+
+def plot_points(res: Results) -> list[dict[str, Any]]:
+    """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row."""
+    lat_rows = [r for data in res.latency.values() for r in data["rows"]]
+    points = []
+    for result in res.accuracy.values():
+        for row in result["rows"]:
+            match = find(lat_rows, method=row["method"], preset=row["preset"], backend=row["backend"],
+                         precision=row["precision"], device=row["device"])
+            if match and batch1_ms(match):
+                points.append({"dataset": result["dataset"]["name"], "label": row["label"], "method": row["method"],
+                               "ms": batch1_ms(match), "auroc": row["per_class"]["mean"]["image_auroc"]})
+    return points
+
+
+def write_plot(points: list[dict[str, Any]], path: Path) -> Path | None:
+    """Scatter of image AUROC vs ms per image (log x); None when nothing can be plotted."""
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    markers = {METHOD_GRAD: "o", METHOD_PATCHCORE: "s", METHOD_NORMAL_ONLY: "^"}
+    datasets = list(dict.fromkeys(p["dataset"] for p in points))
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for p in points:
+        colour = colours(datasets.index(p["dataset"]) % 10)
+        ax.scatter(p["ms"], 100 * p["auroc"], marker=markers.get(p["method"], "x"), color=colour, s=50)
+        ax.annotate(p["label"], (p["ms"], 100 * p["auroc"]), textcoords="offset points", xytext=(5, 3), fontsize=7,
+                    color=colour)
+    for i, d in enumerate(datasets):
+        ax.scatter([], [], color=colours(i % 10), label=d)
+    ax.set_xscale("log")
+    ms = [p["ms"] for p in points]
+    ax.set_xlim(min(ms) / 1.5, max(ms) * 6)  # room for the labels on the right
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    aurocs = [100 * p["auroc"] for p in points]
+    ax.set_ylim(min(aurocs) - 2, min(100.5, max(aurocs) + 2))
+    ax.set_xlabel("latency, ms per image (total p50, batch 1, CPU)")
+    ax.set_ylabel("image AUROC, mean over classes (%)")
+    ax.set_title("Accuracy vs latency (circle: GRAD, square: PatchCore, triangle: NORMAL-only)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(title="dataset", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def headline(res: Results) -> list[str]:
+    """The ratios users choose by: GRAD ONNX Runtime vs PatchCore (speed and accuracy), eager vs ONNX Runtime."""
+    lines = []
+    for result in res.latency.values():
+        rows = result["rows"]
+        grad = find(rows, method=METHOD_GRAD, preset="edge", backend="onnxruntime", precision="fp32", device="cpu")
+        patchcore = find(rows, method=METHOD_PATCHCORE)
+        if not (grad and patchcore):
+            continue
+        speed = batch1_ms(patchcore) / batch1_ms(grad)
+        acc = []
+        for data in res.accuracy.values():
+            ref, pc = grad_reference(data["rows"]), find(data["rows"], method=METHOD_PATCHCORE)
+            if ref and pc:
+                a, b = ref["per_class"]["mean"]["image_auroc"], pc["per_class"]["mean"]["image_auroc"]
+                word = "equal" if abs(a - b) < TIE else "better" if a > b else "lower"
+                acc.append(f"{word} image AUROC on {data['dataset']['name']} ({pct(a)} vs {pct(b)})")
+        infer = [r["batch1"]["latency_ms"]["inference"]["p50"] for r in (patchcore, grad)]
+        lines.append(f"**GRAD-edge ONNX Runtime FP32 is {speed:.1f}× faster than PatchCore on the same extractor** "
+                     f"({batch1_ms(grad):.1f} vs {batch1_ms(patchcore):.1f} ms per image end to end, "
+                     f"{infer[0] / infer[1]:.1f}× on the inference stage alone; batch 1, "
+                     f"{result['threads']} CPU threads, {grad['best_fps']:.0f} vs {patchcore['best_fps']:.0f} FPS at "
+                     f"the best batch), at {', '.join(acc) or 'no common accuracy run'}.")
+        lines += latency_notes({**result, "skipped": [], "patchcore_bank": None})[:2]
+    return [f"- {line}" for line in lines]
+
+
+def commands_section(files: dict[str, dict[str, Any]]) -> list[str]:
+    """The exact command behind each result file (and its training command where recorded)."""
+    out = ["## How each file was made", ""]
+    for name, data in files.items():
+        cmds = [data.get("command")] if data.get("command") else [r.get("command") for r in data.get("runs", [])]
+        cmds += [data[k] for k in ("train_command", "train_commands") if data.get(k)]
+        flat = [c for item in cmds for c in (item if isinstance(item, list) else [item]) if c]
+        if flat:
+            out += [f"- `{name}`:"] + [f"  - `{c}`" for c in flat]
+    return out + [""]
+
+
+def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None) -> str:
+    """The whole README text."""
+    out = ["# Benchmark results", "",
+           "Generated by `grad-bench report` from the JSON files in this folder — edit those (or re-run the "
+           "commands at the end), not this page.", ""]
+    head = headline(res)
+    if head:
+        out += ["## Headline", "", *head, ""]
+    if plot_name:
+        out += [f"![accuracy vs latency]({plot_name})", "",
+                "Image AUROC (accuracy runs) against total ms per image at batch 1 (latency runs), for every "
+                "accuracy row that has a latency row of the same method, preset, backend and precision.", ""]
+    out += sections("Accuracy (unified protocol: one model for all classes)", res.accuracy, accuracy_block)
+    has_paper = any(r["preset"] == "paper" for d in res.latency.values() for r in d["rows"])
+    paper_trained = any(r["preset"] == "paper" for d in res.accuracy.values() for r in d["rows"])
+    if has_paper and not paper_trained:
+        out += [PAPER_WEIGHTS_NOTE, ""]
+    out += complexity_section(res) + sections("Latency", res.latency, latency_block) + runtime_section(res)
+    out += commands_section(files)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def write_report(results_dir: str | Path) -> tuple[Path, Path | None]:
+    """Regenerate ``README.md`` (and the plot PNG when there is something to plot) in ``results_dir``."""
+    folder = Path(results_dir)
+    files = load_result_files(folder)
+    res = classify(files)
+    plot = write_plot(plot_points(res), folder / PLOT)
+    readme = folder / README
+    readme.write_text(render(res, {k: v for k, v in files.items() if k not in res.ignored},
+                             plot.name if plot else None), encoding="utf-8")
+    return readme, plot
+
+
+def main() -> None:
+    """``python -m gradad.benchmarks.report_page [RESULTS_DIR]``."""
+    logging.basicConfig(level=logging.INFO)
+    readme, plot = write_report(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
+    print(f"wrote {readme}" + (f" and {plot}" if plot else ""))
+
+
+if __name__ == "__main__":
+    main()

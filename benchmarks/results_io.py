@@ -1,0 +1,63 @@
+"""Result files of ``grad-bench``: one JSON per run (with its ``kind`` and exact command) plus a markdown table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gradad.errors import GradError
+from gradad.evaluation.report import to_jsonable
+
+log = logging.getLogger(__name__)
+
+RESULTS_SCHEMA_VERSION = 1
+KIND_ACCURACY = "accuracy"
+KIND_LATENCY = "latency"
+
+
+def command_line(args: list[str], program: str = "grad-bench") -> str:
+    """The command as a user would type it: program name + shell-quoted arguments."""
+    return " ".join([program, *(shlex.quote(a) for a in args)])
+
+
+def now_iso() -> str:
+    """UTC time stamp, seconds resolution."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def result_header(kind: str, name: str, command: str) -> dict[str, Any]:
+    """The fields every ``grad-bench`` result file starts with."""
+    return {"kind": kind, "schema_version": RESULTS_SCHEMA_VERSION, "name": name, "created": now_iso(),
+            "command": command}
+
+
+def write_result_files(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.json`` (floats to 6 significant digits, nan as null) and ``<name>.md``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+        json_path.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        md_path.write_text(markdown.rstrip("\n") + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise GradError(f"cannot write results to {out}: {exc}") from exc
+    log.info("results: %s and %s", json_path, md_path)
+    return json_path, md_path
+
+
+def load_result_files(folder: str | Path) -> dict[str, dict[str, Any]]:
+    """Every ``*.json`` in ``folder`` by file name (sorted); a file that is not valid JSON is a user error."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise GradError(f"results folder not found: {root}")
+    results = {}
+    for path in sorted(root.glob("*.json")):
+        try:
+            results[path.name] = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GradError(f"{path} is not valid JSON: {exc}") from exc
+    return results

@@ -1,0 +1,103 @@
+"""grad-bench accuracy on the tiny demo data: PyTorch and ONNX Runtime rows agree, peer columns, F1 rules."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli_helpers import one_error_line
+from gradad.benchmarks.cli import main
+from gradad.bundle import read_manifest, write_manifest
+from gradad.data.datasets import load_samples
+
+AUROC_TOLERANCE = 0.01  # ONNX Runtime vs PyTorch scores differ around the 5th digit
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(main, ["accuracy", *args])
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_demo_root: Path, trained_tiny: Path, bundle: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("bench_acc")
+    result = _run(["--data", str(tiny_demo_root), "--checkpoint", str(trained_tiny), "--bundle", str(bundle),
+                   "--backend", "pytorch", "--backend", "onnxruntime-fp32", "--backend", "tensorrt",
+                   "--normal-only", str(trained_tiny), "--patchcore", "--cache-dir", str(out / "cache"),
+                   "-o", str(out), "--name", "tiny"])
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "tiny.json").read_text()), out, result
+
+
+def test_pytorch_and_onnxruntime_rows_agree(full_run) -> None:
+    data, _, _ = full_run
+    torch_row = next(r for r in data["rows"] if r["method"] == "grad" and r["backend"] == "pytorch")
+    ort_row = next(r for r in data["rows"] if r["backend"] == "onnxruntime")
+    assert ort_row["precision"] == "fp32"
+    classes = data["dataset"]["classes"]
+    assert set(classes) == {"fabric", "nut", "capsule"}
+    for cls in [*classes, "mean"]:
+        for key in ("image_auroc", "pixel_auroc", "pro"):
+            assert torch_row["per_class"][cls][key] == pytest.approx(ort_row["per_class"][cls][key],
+                                                                     abs=AUROC_TOLERANCE), (cls, key)
+
+
+def test_peer_columns_are_measured_in_the_same_run(full_run) -> None:
+    data, out, result = full_run
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"grad", "grad_normal_only", "patchcore"} <= set(rows)
+    patchcore = rows["patchcore"]
+    assert patchcore["memory_bank"][1] == 152  # same extractor as GRAD edge/tiny
+    for cls in data["dataset"]["classes"]:
+        assert 0.0 <= patchcore["per_class"][cls]["image_auroc"] <= 1.0
+    # --normal-only got the same checkpoint here: identical model, identical numbers.
+    torch_row = next(r for r in data["rows"] if r["method"] == "grad" and r["backend"] == "pytorch")
+    assert rows["grad_normal_only"]["per_class"] == torch_row["per_class"]
+    assert "PatchCore" in (out / "tiny.md").read_text()
+    assert data["command"].startswith("grad-bench accuracy")
+
+
+def test_uncalibrated_bundle_reports_oracle_f1_and_missing_tensorrt_is_a_skip_line(full_run) -> None:
+    data, _, result = full_run
+    assert data["calibration"] is None
+    for row in data["rows"]:
+        assert row["f1"]["kind"].startswith("oracle")
+        assert row["f1"]["mean"] == row["per_class"]["mean"]["image_best_f1"]
+    trt = [s for s in data["skipped"] if "tensorrt" in s["label"]]
+    if importlib.util.find_spec("tensorrt") is None:
+        assert trt and "not importable" in trt[0]["reason"]
+        assert "skipped" in result.output
+        assert all(r["backend"] != "tensorrt" for r in data["rows"])
+
+
+def test_f1_at_calibrated_threshold(tiny_demo_root: Path, bundle: Path, tmp_path: Path) -> None:
+    """Threshold below every score: every image flagged, so per class F1 = 2A / (2A + G)."""
+    calibrated = tmp_path / "bundle"
+    shutil.copytree(bundle, calibrated)
+    manifest = read_manifest(calibrated)
+    manifest["calibration"] = {"image_threshold": -1e9, "method": "far", "data": {"n_good": 3}}
+    write_manifest(calibrated, manifest)
+    result = _run(["--data", str(tiny_demo_root), "--bundle", str(calibrated), "--backend", "onnxruntime-fp32",
+                   "-o", str(tmp_path), "--name", "cal"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "cal.json").read_text())
+    (row,) = data["rows"]
+    assert row["f1"]["kind"] == "calibrated threshold"
+    samples = load_samples(tiny_demo_root, "test")
+    for cls in data["dataset"]["classes"]:
+        anomalous = sum(s.label for s in samples if s.class_name == cls)
+        good = sum(1 - s.label for s in samples if s.class_name == cls)
+        assert row["per_class"][cls]["image_f1"] == pytest.approx(2 * anomalous / (2 * anomalous + good))
+
+
+def test_missing_checkpoint_is_one_error_line(tiny_demo_root: Path, tmp_path: Path) -> None:
+    result = _run(["--data", str(tiny_demo_root), "--checkpoint", str(tmp_path / "nope.pt"), "-o", str(tmp_path)])
+    assert "nope.pt" in one_error_line(result)
+
+
+def test_nothing_to_evaluate_is_one_error_line(tiny_demo_root: Path, tmp_path: Path) -> None:
+    assert "--checkpoint" in one_error_line(_run(["--data", str(tiny_demo_root), "-o", str(tmp_path)]))

@@ -1,0 +1,72 @@
+"""grad-bench latency with a handful of iterations: required keys, sane numbers, per-row peak memory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli_helpers import one_error_line
+from gradad.benchmarks.cli import main
+
+STAGES = ("decode", "preprocess", "inference", "postprocess", "total")
+ENV_KEYS = ("cpu_model", "cpu_count", "gpu", "python", "torch", "onnxruntime", "numpy", "opencv")
+
+
+@pytest.fixture(scope="module")
+def latency_run(bundle: Path, tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench_lat")
+    result = CliRunner().invoke(main, [
+        "latency", "--bundle", str(bundle), "--backend", "onnxruntime-fp32", "--backend", "tensorrt",
+        "--patchcore-bank", "64", "--images", str(tiny_demo_root / "nut" / "test" / "good"), "--batches", "1,2",
+        "--iters", "3", "--min-iters", "2", "--warmup", "1", "--threads", "1", "-o", str(out), "--name", "lat"])
+    assert result.exit_code == 0, result.output
+    assert (out / "lat.md").is_file()
+    return json.loads((out / "lat.json").read_text())
+
+
+def test_latency_json_has_every_required_field(latency_run: dict) -> None:
+    data = latency_run
+    assert data["kind"] == "latency" and data["command"].startswith("grad-bench latency")
+    assert all(k in data["environment"] for k in ENV_KEYS)
+    assert data["threads"] == 1
+    methods = {(r["method"], r["backend"]) for r in data["rows"]}
+    assert methods == {("grad", "onnxruntime"), ("patchcore", "pytorch")}
+    for row in data["rows"]:
+        assert [b["batch"] for b in row["by_batch"]] == [1, 2]
+        assert row["batch1"]["batch"] == 1 and row["best_batch"] in (1, 2)
+        assert row["best_fps"] == max(b["fps"] for b in row["by_batch"]) > 0
+        for b in row["by_batch"]:
+            assert b["images"] == b["iterations"] * b["batch"] >= 2 * b["batch"]
+            for stage in STAGES:
+                s = b["latency_ms"][stage]
+                assert 0 <= s["p50"] <= s["p95"] <= s["p99"]
+            assert b["latency_ms"]["inference"]["p50"] > 0
+        assert row["peak_rss_mb"] > 0 and row["complexity"]["gflop_total"] > 0
+
+
+def test_peak_rss_is_measured_per_row(latency_run: dict) -> None:
+    """The ONNX Runtime worker never imports torch; the PatchCore worker does: their peaks must differ."""
+    rows = {r["method"]: r for r in latency_run["rows"]}
+    assert rows["grad"]["peak_rss_mb"] + 100 < rows["patchcore"]["peak_rss_mb"]
+
+
+def test_patchcore_cost_counts_the_search(latency_run: dict) -> None:
+    pc = next(r for r in latency_run["rows"] if r["method"] == "patchcore")["complexity"]
+    c, hw = 152, 32 * 32  # edge extractor features at 256 px
+    assert pc["gflop_search"] == pytest.approx(2 * 64 * c * hw / 1e9, abs=1e-3)
+    assert pc["gflop_total"] == pytest.approx(pc["gflop_extractor"] + pc["gflop_search"], abs=1e-3)
+
+
+def test_tensorrt_without_tensorrt_is_a_skip_line(latency_run: dict) -> None:
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is importable here")
+    assert any("not importable" in s["reason"] for s in latency_run["skipped"])
+
+
+def test_latency_needs_something_to_measure(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["latency", "-o", str(tmp_path)])
+    assert "--preset" in one_error_line(result)

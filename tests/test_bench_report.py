@@ -1,0 +1,91 @@
+"""The results page is made from the JSON files alone: tables, ratios, prose driven by the numbers, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+from click.testing import CliRunner
+
+from cli_helpers import one_error_line
+from gradad.benchmarks.cli import main
+
+
+def _metrics(image_auroc: float, pro: float) -> dict:
+    m = {"image_auroc": image_auroc, "image_aupr": 0.9, "pixel_auroc": 0.8, "pixel_aupr": 0.3, "pro": pro,
+         "image_best_f1": 0.85, "n_images": 10, "n_anomalous": 5}
+    return {**m, "by_defect": {"crack": {**m, "pro": pro - 0.2}, "hole": dict(m)}}
+
+
+def _acc_row(label: str, method: str, backend: str, image_auroc: float, pro: float) -> dict:
+    per_class = {"tile": _metrics(image_auroc, pro), "mean": _metrics(image_auroc, pro)}
+    return {"label": label, "method": method, "preset": "edge", "backend": backend, "precision": "fp32",
+            "device": "cpu", "per_class": per_class, "seconds_per_image": 0.01,
+            "f1": {"kind": "oracle (best F1 over thresholds)", "mean": 0.85},
+            "memory_bank": [100, 152], "config": {"coreset_ratio": 0.01}, "fit_seconds": 3.0}
+
+
+def _lat_row(label: str, method: str, backend: str, precision: str, total_ms: float) -> dict:
+    stages = {s: {"p50": total_ms / 4, "p95": total_ms / 3, "p99": total_ms / 2} for s in
+              ("decode", "preprocess", "inference", "postprocess")}
+    stages["total"] = {"p50": total_ms, "p95": total_ms * 1.1, "p99": total_ms * 1.2}
+    b1 = {"batch": 1, "fps": 1000 / total_ms, "latency_ms": stages, "iterations": 5, "images": 5}
+    return {"label": label, "method": method, "preset": "edge", "backend": backend, "precision": precision,
+            "device": "cpu", "by_batch": [b1], "batch1": b1, "best_batch": 1, "best_fps": 1000 / total_ms,
+            "peak_rss_mb": 300.0, "complexity": {"gflop_total": 2.7, "params_m": 8.9}}
+
+
+def _write(folder: Path) -> None:
+    accuracy = {"kind": "accuracy", "name": "tiles", "command": "grad-bench accuracy --data tiles",
+                "dataset": {"root": "tiles", "name": "tiles", "classes": ["tile"], "n_test_images": 10,
+                            "n_anomalous": 5},
+                "calibration": None, "skipped": [{"label": "GRAD edge · tensorrt", "reason": "no TensorRT"}],
+                "rows": [_acc_row("GRAD edge · ONNX Runtime CPU FP32", "grad", "onnxruntime", 0.90, 0.70),
+                         _acc_row("PatchCore 1% coreset", "patchcore", "pytorch", 0.95, 0.70),
+                         _acc_row("GRAD edge NORMAL-only", "grad_normal_only", "pytorch", 0.93, 0.75)]}
+    latency = {"kind": "latency", "name": "cpu", "command": "grad-bench latency --preset edge",
+               "environment": {"cpu_model": "Test CPU", "cpu_count": 2, "gpu": None, "python": "3", "torch": "t",
+                               "onnxruntime": "o", "numpy": "n", "opencv": "c"},
+               "threads": 2, "settings": {"batches": [1]}, "decode_images": {"256": "synthetic"},
+               "patchcore_bank": {"rows": 100, "note": "random"}, "skipped": [],
+               "rows": [_lat_row("GRAD edge · PyTorch eager", "grad", "pytorch", "fp32", 40.0),
+                        _lat_row("GRAD edge · ORT FP32", "grad", "onnxruntime", "fp32", 10.0),
+                        _lat_row("GRAD edge · ORT FP16", "grad", "onnxruntime", "fp16", 15.0),
+                        _lat_row("PatchCore", "patchcore", "pytorch", "fp32", 50.0)]}
+    for name, data in (("tiles.json", accuracy), ("cpu.json", latency)):
+        (folder / name).write_text(json.dumps(data))
+
+
+def test_report_page_and_plot_come_from_the_json(tmp_path: Path) -> None:
+    _write(tmp_path)
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "README.md").read_text()
+    assert "5.0× faster than PatchCore" in page  # 50 ms vs 10 ms
+    assert "lower image AUROC on tiles (90.0 vs 95.0)" in page
+    assert "ONNX Runtime FP32 is 4.0× faster than PyTorch eager" in page  # 40 vs 10
+    assert "1.50× *slower* than FP32" in page  # FP16 15 ms vs 10 ms
+    assert "NORMAL-only ablation (no abnormal grids, no stage 1) is *better*" in page
+    assert "Hardest defect type" in page and "**crack**" in page
+    assert "grad-bench accuracy --data tiles" in page and "grad-bench latency --preset edge" in page
+    assert "no TensorRT" in page
+    image = cv2.imread(str(tmp_path / "accuracy_vs_latency.png"))
+    assert image is not None and image.shape[0] > 100
+
+
+def test_the_conclusion_follows_the_numbers(tmp_path: Path) -> None:
+    _write(tmp_path)
+    data = json.loads((tmp_path / "tiles.json").read_text())
+    data["rows"][0]["per_class"]["mean"]["image_auroc"] = 0.97  # GRAD now ahead of PatchCore
+    data["rows"][2]["per_class"]["mean"].update(image_auroc=0.5, pixel_auroc=0.5, pixel_aupr=0.1, pro=0.5)
+    (tmp_path / "tiles.json").write_text(json.dumps(data))
+    assert CliRunner().invoke(main, ["report", str(tmp_path)]).exit_code == 0
+    page = (tmp_path / "README.md").read_text()
+    assert "better image AUROC on tiles (97.0 vs 95.0)" in page
+    assert "beats its NORMAL-only ablation" in page
+
+
+def test_corrupt_result_file_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text("{not json")
+    assert "broken.json" in one_error_line(CliRunner().invoke(main, ["report", str(tmp_path)]))
