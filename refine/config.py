@@ -27,12 +27,12 @@ class RefineConfig:
     feature_weight: float = 1.0
     # lambda = lambda0 / (estimated anomaly area fraction), paper's sparsity prior; the area fraction is the coarse
     # mask's share of the optimisation region, clipped below by min_area_fraction.
-    lambda0: float = 0.02
+    lambda0: float = 0.2
     min_area_fraction: float = 0.05
     log_eps: float = 1e-3  # epsilon of log(|a| + sqrt(|a|^2 + eps)) (paper: small constant that keeps it smooth at 0)
     # |a| is taken as sqrt(|a|^2 + norm_smoothing^2) (ours): removes the kink of the norm at a = 0, well below mask_tau
     norm_smoothing: float = 0.02
-    gamma_mog: float = 0.002  # gamma_1: weight of the per-pixel min squared Mahalanobis distance to the pixel GMM
+    gamma_mog: float = 0.02  # gamma_1: weight of the per-pixel min squared Mahalanobis distance to the pixel GMM
     gamma_tv: float = 0.05  # gamma_2: weight of anisotropic total variation of x_n
     validity_weight: float = 10.0  # squared penalty for x_n outside the displayable [0, 255] range
     # --- pixel prior (equal-weight Gaussian mixture fitted by EM on training pixels) ------------------------------
@@ -70,13 +70,13 @@ class RefineConfig:
     stop_relative_drop: float = 0.005
     min_iterations: int = 20
     # --- mask ------------------------------------------------------------------------------------------------------
-    mask_tau: float = 0.12  # pixel mask = ||a_ij|| > tau (normalised units; 0.12 ~ 15 grey levels at std 0.5)
+    mask_tau: float = 0.2  # pixel mask = ||a_ij|| > tau (normalised units; 0.2 ~ 26 grey levels at std 0.5)
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     reestimate_iterations: int = 0  # optional re-estimation pass with lambda = 0 inside the final mask (0 = off)
     # --- execution -------------------------------------------------------------------------------------------------
     device: str = "auto"  # auto = CUDA when available
     max_batch: int = 8  # flagged frames refined together
-    time_budget_s: float = 0.0  # per-frame wall-time budget; 0 = none. When it runs out: best mask so far, marked
+    time_budget_s: float = 5.0  # per-frame wall-time budget; 0 = none. When it runs out: best mask so far, marked
     threads: int = 0  # torch CPU threads (0 = torch default)
 
     def __post_init__(self) -> None:

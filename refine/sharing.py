@@ -37,8 +37,9 @@ def share_gradients(grad: torch.Tensor, weights: torch.Tensor, step_min: float, 
     kk = weights.shape[1]
     kernel = int(round(kk**0.5))
     neighbours = F.unfold(grad, kernel, padding=kernel // 2).view(b, c, kk, h, w)
-    shared = (neighbours * weights.unsqueeze(1)).sum(dim=2)
-    norms = neighbours.pow(2).sum(dim=1).sqrt()  # (B, k*k, H, W)
+    shared = torch.einsum("bckhw,bkhw->bchw", neighbours, weights)
+    # neighbours' gradient norms: unfold the 1-channel norm map rather than squaring the c*k*k neighbour tensor
+    norms = F.unfold(grad.pow(2).sum(dim=1, keepdim=True).sqrt(), kernel, padding=kernel // 2).view(b, kk, h, w)
     spread = (norms * weights).sum(dim=1, keepdim=True)
     coherence = shared.pow(2).sum(dim=1, keepdim=True).sqrt() / spread.clamp_min(1e-20)
     step = (1.0 + 2.0 * coherence).clamp(step_min, step_max)
