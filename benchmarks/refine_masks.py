@@ -121,7 +121,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         by_class[r["class"]].append(r)
         by_defect[f"{r['class']}/{r['defect']}"].append(r)
     return {
-        "bundle": str(bundle_dir), "data": str(data_root), "per_defect": per_defect,
+        "bundle": str(bundle_dir), "data": str(data_root), "images_per_defect_type": per_defect,
         "pixel_threshold": float(pixel_threshold), "threshold_rule": rule,
         "device": str(refiner.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),

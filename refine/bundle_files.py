@@ -8,7 +8,6 @@ real images first, so the refiner always differentiates the same model the line 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gradad.bundle import FP32_ONNX, BundleError, file_entry, read_manifest, verify_files, write_manifest
+from gradad.bundle import (FP32_ONNX, BundleError, file_entry, read_manifest, sha256_file, verify_files,
+                           write_manifest)
 from gradad.errors import GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 from gradad.refine.prior import PRIOR_FILE, PixelPrior, fit_pixel_prior
@@ -45,9 +45,9 @@ class RefineParts:
     normal_level: float  # anomaly-map level of good training images (feature loss floor)
 
 
-def _not_prepared(bundle_dir: Path) -> BundleError:
-    return BundleError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
-                       f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
+def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement") -> BundleError:
+    return BundleError(f"bundle {bundle_dir} {why}; run: grad-refine prepare --bundle {bundle_dir} "
+                       f"--checkpoint MODEL.pt --data TRAIN_ROOT")
 
 
 def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = None) -> RefineParts:
@@ -57,13 +57,18 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
     section = manifest.get("refine")
     if not section:
         raise _not_prepared(bundle_dir)
-    verify_files(bundle_dir, manifest, [section["model"], section["pixel_prior"]])
+    if not isinstance(section, dict) or not {"model", "pixel_prior"} <= set(section):
+        raise _not_prepared(bundle_dir, "has a malformed 'refine' section in bundle.json")
+    try:
+        verify_files(bundle_dir, manifest, [section["model"], section["pixel_prior"]])
+    except BundleError as exc:
+        raise _not_prepared(bundle_dir, f"has a missing or modified refinement file ({exc})") from exc
     if pixel_threshold is None:
         cal = manifest.get("calibration") or {}
         pixel_threshold = cal.get("pixel_threshold")
         if pixel_threshold is None:
-            raise BundleError(f"bundle {bundle_dir} has no calibrated pixel threshold; run grad-calibrate first "
-                              "or give a pixel threshold explicitly")
+            raise BundleError(f"bundle {bundle_dir} has no calibrated pixel threshold: run grad-calibrate on it "
+                              "first")
     norm = manifest["input"]["normalisation"]
     return RefineParts(bundle_dir / section["model"], PixelPrior.load(bundle_dir / section["pixel_prior"]),
                        refine_config_from_dict(section.get("config", {})), float(pixel_threshold),
@@ -79,66 +84,101 @@ def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Se
     return (pick.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
 
 
-def check_checkpoint_matches(bundle_dir: Path, checkpoint: Path, images: np.ndarray, mean: Sequence[float],
-                             std: Sequence[float]) -> tuple[float, np.ndarray]:
-    """Max |map_torch - map_onnx| / max(1, |map|) over ``images`` (raises above tolerance), and the ONNX maps."""
+def check_checkpoint_matches(bundle_dir: Path, detector: Any, images: np.ndarray, mean: Sequence[float],
+                             std: Sequence[float], checkpoint: Path) -> tuple[float, np.ndarray]:
+    """Max |map_torch - map_onnx| / max(1, |map|) over ``images`` (raises above tolerance), and the
+    feature-resolution maps of the torch model (what the refiner's feature loss sees)."""
     from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from gradad.training.checkpoint import load_detector
     from gradad.training.features import to_tensor
     import torch
 
-    detector, _ = load_detector(checkpoint)
     with torch.no_grad():
-        _, torch_map = detector(to_tensor(images, mean, std))
+        batch = to_tensor(images, mean, std)
+        _, torch_map = detector(batch)
+        lowres = detector.lowres_map(batch).numpy()
     torch_map = torch_map[:, 0].numpy()
     backend = OnnxRuntimeBackend(bundle_dir / FP32_ONNX, None, 0, len(images))
-    _, onnx_map = backend.infer(images.astype(np.float32).transpose(0, 3, 1, 2))
+    try:
+        _, onnx_map = backend.infer(images.astype(np.float32).transpose(0, 3, 1, 2))
+    finally:
+        backend.close()
     onnx_map = np.asarray(onnx_map).reshape(torch_map.shape)
     error = float(np.abs(torch_map - onnx_map).max() / max(1.0, float(np.abs(onnx_map).max())))
     if error > CHECKPOINT_MATCH_TOLERANCE:
         raise GradError(f"{checkpoint} is not the model exported to {bundle_dir / FP32_ONNX}: anomaly maps differ by "
                         f"{error:.2e} (relative max, tolerance {CHECKPOINT_MATCH_TOLERANCE:.0e})")
-    return error, onnx_map
+    return error, lowres
+
+
+def _hashed_name(path: Path, stem: str, suffix: str) -> str:
+    """``stem.<first 12 hex of sha256>.suffix``: a new preparation never overwrites the files the current
+    bundle.json points at, so the bundle stays valid if preparation stops half-way."""
+    return f"{stem}.{sha256_file(path)[:12]}{suffix}"
 
 
 def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images: np.ndarray,
                    config: RefineConfig | None = None) -> dict[str, Any]:
-    """Check the checkpoint against the bundle, fit the pixel prior, copy the files in and update bundle.json.
+    """Check the checkpoint against the bundle, fit the pixel prior, add the files and update bundle.json.
 
-    ``train_images`` (N, H, W, 3) uint8 good training images at the model input size.
+    ``train_images`` (N, H, W, 3) uint8 good training images at the model input size. The model file written
+    embeds the extractor weights, so the refinement worker needs neither the weight packages nor the training
+    machine's paths. Files of an earlier preparation are removed only after the new bundle.json is written.
     """
+    from gradad.training.checkpoint import atomic_torch_save, load_detector, self_contained_payload
+
     bundle_dir, checkpoint = Path(bundle_dir), Path(checkpoint)
     config = config or RefineConfig()
     manifest = read_manifest(bundle_dir)
     if not checkpoint.is_file():
         raise GradError(f"checkpoint not found: {checkpoint}")
+    if manifest["input"]["height"] != manifest["input"]["model_height"] or \
+            manifest["input"]["width"] != manifest["input"]["model_width"]:
+        raise GradError(f"bundle {bundle_dir} resizes inside the graph (exported with --input-size); refinement "
+                        "needs a bundle whose input is the model size")
     h, w = manifest["input"]["model_height"], manifest["input"]["model_width"]
     if train_images.shape[1:3] != (h, w):
         raise GradError(f"training images are {train_images.shape[1:3]}, the bundle's model input is {(h, w)}")
     norm = manifest["input"]["normalisation"]
-    error, maps = check_checkpoint_matches(bundle_dir, checkpoint, train_images[:NORMAL_LEVEL_IMAGES],
-                                           norm["mean"], norm["std"])
-    normal_level = float(np.quantile(maps, NORMAL_LEVEL_QUANTILE))
+    detector, _ = load_detector(checkpoint)
+    error, lowres = check_checkpoint_matches(bundle_dir, detector, train_images[:NORMAL_LEVEL_IMAGES],
+                                             norm["mean"], norm["std"], checkpoint)
+    normal_level = float(np.quantile(lowres, NORMAL_LEVEL_QUANTILE))
     pixels = training_pixels(train_images, norm["mean"], norm["std"], config.mog_pixels)
     prior = fit_pixel_prior(pixels, config.mog_components, config.mog_em_iterations, config.mog_covariance_floor)
-    prior.save(bundle_dir / PRIOR_FILE)
-    tmp = bundle_dir / f".{MODEL_FILE}.tmp"
-    shutil.copyfile(checkpoint, tmp)
-    tmp.replace(bundle_dir / MODEL_FILE)
-    manifest["files"][MODEL_FILE] = file_entry(bundle_dir / MODEL_FILE)
-    manifest["files"][PRIOR_FILE] = file_entry(bundle_dir / PRIOR_FILE)
+    old = manifest.get("refine") or {}
+    tmp_prior, tmp_model = bundle_dir / f".{PRIOR_FILE}.tmp", bundle_dir / f".{MODEL_FILE}.tmp"
+    try:
+        prior.save(tmp_prior)
+        atomic_torch_save(self_contained_payload(checkpoint), tmp_model)
+        prior_name = _hashed_name(tmp_prior, Path(PRIOR_FILE).stem, ".npz")
+        model_name = _hashed_name(tmp_model, Path(MODEL_FILE).stem, ".pt")
+        tmp_prior.replace(bundle_dir / prior_name)
+        tmp_model.replace(bundle_dir / model_name)
+    finally:
+        for tmp in (tmp_prior, tmp_model):
+            tmp.unlink(missing_ok=True)
+    for name in (old.get("model"), old.get("pixel_prior")):
+        if name and name not in (prior_name, model_name):
+            manifest["files"].pop(name, None)
+    manifest["files"][model_name] = file_entry(bundle_dir / model_name)
+    manifest["files"][prior_name] = file_entry(bundle_dir / prior_name)
     manifest["refine"] = {
-        "model": MODEL_FILE,
-        "pixel_prior": PRIOR_FILE,
+        "model": model_name,
+        "pixel_prior": prior_name,
+        "source_checkpoint": str(checkpoint),
         "prepared": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "checkpoint_vs_onnx_max_rel_error": error,
         "normal_map_level": normal_level,
-        "normal_map_level_rule": f"{NORMAL_LEVEL_QUANTILE} quantile of the anomaly map on {len(maps)} training images",
+        "normal_map_level_rule": f"{NORMAL_LEVEL_QUANTILE} quantile of the feature-resolution anomaly map on "
+                                 f"{min(len(train_images), NORMAL_LEVEL_IMAGES)} training images",
         "prior": {"components": len(prior.means), "pixels": len(pixels), "images": len(train_images),
                   "mean_log_likelihood": prior.mean_log_likelihood},
         "config": config.to_dict(),
     }
     write_manifest(bundle_dir, manifest)
+    for name in (old.get("model"), old.get("pixel_prior")):  # the previous preparation's files, now unreferenced
+        if name and name not in (prior_name, model_name):
+            (bundle_dir / name).unlink(missing_ok=True)
     log.info("bundle %s prepared for refinement (checkpoint matches ONNX to %.1e; prior: %d components on %d "
              "pixels)", bundle_dir, error, len(prior.means), len(pixels))
     return manifest["refine"]

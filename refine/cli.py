@@ -49,7 +49,12 @@ class _DefaultToRun(click.Group):
 
 @click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """F2PAD pixel refinement: sharp defect masks for flagged images (needs the [refine] extra: torch)."""
+    """F2PAD pixel refinement: sharp defect masks for flagged images (needs the [refine] extra: torch).
+
+    \b
+    grad-refine prepare --bundle B --checkpoint MODEL.pt --data TRAIN_ROOT   (once per bundle)
+    grad-refine IMAGE|DIR... --bundle B -o OUT                             (= grad-refine run ...)
+    """
 
 
 @main.command()
@@ -111,6 +116,17 @@ def _input_files(inputs: tuple[str, ...]) -> list[Path]:
     return files
 
 
+def _unique_stems(files: list[Path]) -> dict[Path, str]:
+    """Output name per input: its stem, with _2, _3, ... for repeated stems (a.png + a.jpg, two folders' 001.png),
+    so no output overwrites another of the same run."""
+    seen: dict[str, int] = {}
+    names: dict[Path, str] = {}
+    for path in files:
+        seen[path.stem] = seen.get(path.stem, 0) + 1
+        names[path] = path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}"
+    return names
+
+
 def _write_png(path: Path, image: np.ndarray) -> None:
     import cv2
 
@@ -159,10 +175,12 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     from gradad.data.images import read_image_rgb
     from gradad.refine.bundle_files import load_refine_parts
     from gradad.refine.refiner import Refiner
+    from gradad.runtime.backend import infer_in_batches
     from gradad.runtime.loader import load_backend
     from gradad.runtime.preprocess import to_model_input
 
     files = _input_files(inputs)
+    stems = _unique_stems(files)
     out = Path(out_dir)
     if (out / RECORDS_FILE).exists() and not overwrite:
         raise GradError(f"{out / RECORDS_FILE} exists: choose another --out or pass --overwrite")
@@ -186,7 +204,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
             chunk = files[start:start + config.max_batch]
             originals = [read_image_rgb(p) for p in chunk]
             model_in = to_model_input(originals, h, w)
-            scores, maps = runtime_backend.infer(model_in)
+            scores, maps = infer_in_batches(runtime_backend, model_in, runtime_backend.max_batch)
             pick = [i for i in range(len(chunk)) if refine_all or scores[i] > image_threshold]
             images = [np.ascontiguousarray(model_in[i].transpose(1, 2, 0)).astype(np.uint8) for i in pick]
             results = dict(zip(pick, refiner.refine(images, [maps[i] for i in pick])))
@@ -194,7 +212,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
                 record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": i in results}
                 if i in results:
                     record.update(results[i].summary())
-                    record.update(_save_outputs(out, path.stem, results[i], originals[i].shape[:2]))
+                    record.update(_save_outputs(out, stems[path], results[i], originals[i].shape[:2]))
                 records.write(json.dumps(record) + "\n")
                 records.flush()
             counts["images"] += len(chunk)

@@ -70,7 +70,7 @@ class RefineConfig:
     stop_relative_drop: float = 0.005
     min_iterations: int = 20
     # --- mask ------------------------------------------------------------------------------------------------------
-    mask_tau: float = 0.2  # pixel mask = ||a_ij|| > tau (normalised units; 0.2 ~ 26 grey levels at std 0.5)
+    mask_tau: float = 0.1  # pixel mask = ||a_ij|| > tau, measured in RGB units of [0, 1] (0.1 ~ 26 grey levels)
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     reestimate_iterations: int = 0  # optional re-estimation pass with lambda = 0 inside the final mask (0 = off)
     # --- execution -------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Averaging over R (instead of summing) keeps the weights independent of the defec
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,13 @@ def log_sparsity(a: torch.Tensor, region: torch.Tensor, eps: float, smoothing: f
 
     n = sqrt(||a_ij||^2 + smoothing^2): with smoothing > 0 the penalty is a smooth bowl at a = 0 instead of the
     norm's kink, which gradient steps would otherwise cross back and forth (every pixel jitters by one step).
+    The value at a = 0 is subtracted (a constant: same minimiser), so the penalty is >= 0 and the objective's
+    size reflects progress, which the relative early-stopping rule relies on.
     """
-    n = (a.pow(2).sum(dim=1, keepdim=True) + max(smoothing**2, _NORM_EPS)).sqrt()
-    return region_mean(torch.log(n + (n.pow(2) + eps).sqrt()), region)
+    floor = max(smoothing**2, _NORM_EPS)
+    n = (a.pow(2).sum(dim=1, keepdim=True) + floor).sqrt()
+    at_zero = math.log(math.sqrt(floor) + math.sqrt(floor + eps))
+    return region_mean(torch.log(n + (n.pow(2) + eps).sqrt()) - at_zero, region)
 
 
 def mog_penalty(x_n: torch.Tensor, region: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ class Refiner:
 
     def _feature_stride(self, h: int, w: int) -> int:
         fh, fw = self.detector.model.feat_hw
-        if h % fh or w % fw or h // fh != w // fw:
+        if (h, w) != tuple(self.detector.head.image_hw) or h % fh or w % fw or h // fh != w // fw:
             raise GradError(f"refine: image size {h}x{w} does not match the model's feature map {fh}x{fw}")
         return h // fh
 
@@ -197,11 +197,12 @@ class Refiner:
         if cfg.reestimate_iterations > 0:
             inner = torch.from_numpy(np.stack([dilate(m, 1) for m in masks])[:, None].astype(np.float32))
             inner = inner.to(self.device) * batch.region
-            again, _, _, _ = self._optimise(_Batch(batch.x, best_x.clone(), inner, batch.lam, batch.weights,
+            again, _, _, again_status = self._optimise(_Batch(batch.x, best_x.clone(), inner, batch.lam, batch.weights,
                                                    self.readout_weights(inner)),
                                             inner, torch.zeros_like(batch.lam), started, cfg.reestimate_iterations)
             masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner))]
             best_x = again
+            status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
         seconds = time.perf_counter() - started
         repaired = self._to_uint8(best_x)
         region_np = batch.region[:, 0].bool().cpu().numpy()
@@ -209,7 +210,7 @@ class Refiner:
                              status[b], float(best_obj[b])) for b in range(len(images))]
 
     def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor) -> list[np.ndarray]:
-        norm = pixel_norm(x - x_n) * region
+        norm = pixel_norm((x - x_n) * self.std) * region  # in [0, 1] RGB units, whatever the normalisation
         masks = (norm[:, 0] > self.config.mask_tau).cpu().numpy()
         return [drop_small_components(m, self.config.mask_min_component_px) for m in masks]
 
@@ -227,9 +228,13 @@ class Refiner:
         active = torch.arange(n, device=self.device)
         adan = AdanDirection(x_n.shape, cfg.betas, cfg.adan_eps, self.device, per_row_scale=cfg.adan_scale == "image")
         budget = cfg.time_budget_s
-        slowest_iteration = 0.0
+        last_iteration = 0.0  # duration of the previous full iteration (the first: its forward/backward part)
+        previous_start = None
         for _ in range(max_iterations):
             iteration_started = time.perf_counter()
+            if previous_start is not None:
+                last_iteration = iteration_started - previous_start
+            previous_start = iteration_started
             xa = x_n[active].detach().requires_grad_(True)
             terms = self.objective(xa, batch.x[active], region[active], lam[active], batch.readout[active])
             (grad,) = torch.autograd.grad(terms["total"].sum(), xa)
@@ -237,10 +242,10 @@ class Refiner:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("iteration %d: %s", int(iterations[active[0]]),
                           {k: np.round(v.detach().cpu().numpy(), 4).tolist() for k, v in terms.items()})
-            # Stop before an iteration that would end past the budget (the slowest one so far as the estimate).
+            # Stop before an iteration that would end past the budget (the previous one's duration as estimate).
             now = time.perf_counter()
-            slowest_iteration = max(slowest_iteration, now - iteration_started)
-            out_of_time = now + slowest_iteration - started > budget
+            estimate = last_iteration if last_iteration > 0 else now - iteration_started
+            out_of_time = now + estimate - started > budget
             keep = []
             for j, b in enumerate(active.tolist()):
                 iterations[b] += 1

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+SIGNAL_DRAIN_S = 2.0  # refinement drain after SIGINT/SIGTERM (docker stop kills after 10 s)
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Image and pixel thresholds in force (from the bundle's calibration or --threshold)."""
@@ -201,7 +204,9 @@ def run_pipeline(
         errors = []
         try:
             if options.refine is not None:
-                options.refine.close(sinks)  # last follow-ups go out before the sinks close
+                # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
+                # soon after) gets a short drain so every sink is still flushed in time
+                options.refine.close(sinks, SIGNAL_DRAIN_S if stop.signal_name else None)
         except Exception as exc:
             errors.append(exc)
             log.error("closing the refinement worker failed: %s", exc)

@@ -62,11 +62,13 @@ class RefineStage:
         """Write the follow-ups of every outcome available now (non-blocking); returns how many."""
         return self._emit_all(self.worker.poll(), sinks)
 
-    def close(self, sinks: Sequence[Any]) -> None:
-        """Wait up to ``drain_timeout_s`` for pending frames, stop the worker, write the last follow-ups."""
+    def close(self, sinks: Sequence[Any], drain_limit_s: float | None = None) -> None:
+        """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``) for pending frames, stop the worker,
+        write the last follow-ups."""
         started = time.perf_counter()
+        drain = self.drain_timeout_s if drain_limit_s is None else min(self.drain_timeout_s, drain_limit_s)
         try:
-            outcomes = self.worker.close(self.drain_timeout_s)
+            outcomes = self.worker.close(drain)
         finally:
             self.drain_seconds = time.perf_counter() - started
         self._emit_all(outcomes, sinks)

@@ -79,8 +79,8 @@ class RefineWorkerConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.time_budget_s is not None and not self.time_budget_s > 0:
-            problems.append(f"--refine-budget {self.time_budget_s} (must be > 0 seconds)")
+        if self.time_budget_s is not None and self.time_budget_s < 0:
+            problems.append(f"--refine-budget {self.time_budget_s} (must be >= 0 seconds; 0 = no budget)")
         if self.max_batch < 1:
             problems.append(f"--refine-batch {self.max_batch} (must be >= 1)")
         if self.queue_size < 1:
@@ -276,9 +276,12 @@ def _worker_main(cfg: RefineWorkerConfig, jobs: Any, results: Any, stop: Any) ->
         results.put(("error", _describe(exc)))
         return
     results.put(("ready", os.getpid()))
+    parent = multiprocessing.parent_process()
     while True:
         batch = _next_batch(jobs, cfg.max_batch, stop)
         if batch is None:
+            return
+        if parent is not None and not parent.is_alive():  # main process killed (kill -9, OOM): do not linger
             return
         if batch:
             _refine_batch(refiner, batch, results)

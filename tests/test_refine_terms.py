@@ -30,12 +30,14 @@ def test_log_sparsity_matches_hand_value():
     region = torch.tensor([[[[1.0, 0.0], [1.0, 1.0]]]])  # pixel (0, 1) excluded
     eps = 1e-3
     f = lambda n: math.log(n + math.sqrt(n * n + eps))  # noqa: E731
-    expected = (f(5.0) + f(0.0) + f(1.0)) / 3
+    expected = (f(5.0) + f(0.0) + f(1.0)) / 3 - f(0.0)  # offset so that the penalty is 0 at a = 0
     # abs 1e-4: |a| carries a 1e-6 floor so its gradient stays finite at a = 0
     assert log_sparsity(a, region, eps).item() == pytest.approx(expected, abs=1e-4)
     d = 0.1  # smoothed norm sqrt(|a|^2 + d^2)
     g = lambda n: f(math.sqrt(n * n + d * d))  # noqa: E731
-    assert log_sparsity(a, region, eps, d).item() == pytest.approx((g(5.0) + g(0.0) + g(1.0)) / 3, rel=1e-5)
+    assert log_sparsity(a, region, eps, d).item() == pytest.approx((g(5.0) + g(0.0) + g(1.0)) / 3 - g(0.0),
+                                                                   rel=1e-5)
+    assert log_sparsity(torch.zeros(1, 3, 2, 2), region, eps, d).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_mog_penalty_is_min_squared_mahalanobis():
@@ -116,6 +118,13 @@ def test_shared_gradient_and_adaptive_step():
     checker[..., 1::2, ::2] = -1
     _, step = share_gradients(checker, w, 1.0, 3.0)
     assert step.min() >= 1.0 and step[0, 0, 2, 2] < 1.5  # neighbours disagree -> small step
+
+
+def test_adan_image_scale_keeps_steps_proportional_to_gradients():
+    g = torch.tensor([[[0.5, -2.0], [0.0, 1.0]]])
+    adan = AdanDirection(g.shape, (0.98, 0.92, 0.99), 1e-8, "cpu", per_row_scale=True)
+    d = adan.direction(g, torch.tensor([0]))
+    assert torch.allclose(d, g / g.pow(2).mean().sqrt(), atol=1e-6)  # first step: g / rms(g) of the image
 
 
 def test_adan_first_direction_is_sign_like_and_matches_recursion():

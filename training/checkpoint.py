@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -59,10 +60,25 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple[GRADDetector, dict[str, Any]]:
-    """Rebuild the eval-mode detector (extractor + GRAD model + head) from a model file."""
+    """Rebuild the eval-mode detector (extractor + GRAD model + head) from a model file.
+
+    The extractor's weights come from the backbone config, or from ``extractor_state_dict`` when the file embeds
+    them (see :func:`self_contained_payload`).
+    """
     payload = read_checkpoint(path)
     cfg = config_from_dict(payload["config"])
-    extractor = FeatureExtractor(cfg.backbone)
+    embedded = payload.get("extractor_state_dict")
+    if embedded is None:
+        extractor = FeatureExtractor(cfg.backbone)
+    else:  # self-contained file (refinement bundles): no weights package or training-machine path needed
+        backbone_log = logging.getLogger("gradad.training.backbone")
+        level = backbone_log.level
+        backbone_log.setLevel(logging.ERROR)  # its "random weights" warning does not apply: loaded just below
+        try:
+            extractor = FeatureExtractor(dataclasses.replace(cfg.backbone, weights="none"))
+        finally:
+            backbone_log.setLevel(level)
+        extractor.load_state_dict(embedded)
     if extractor.channels != payload["channels"]:
         raise CheckpointError(
             f"{path}: model was trained on {payload['channels']} feature channels but backbone "
@@ -74,3 +90,11 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     detector = GRADDetector(extractor, model, (size, size)).to(device).eval()
     payload["resolved_config"] = cfg
     return detector, payload
+
+
+def self_contained_payload(path: str | Path) -> dict[str, Any]:
+    """The model file at ``path`` plus the extractor's weights, so it loads without the backbone weight source."""
+    detector, payload = load_detector(path)
+    payload.pop("resolved_config", None)
+    payload["extractor_state_dict"] = detector.extractor.state_dict()
+    return payload
