@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -162,6 +163,8 @@ def time_batches(spec: RowSpec, engine: Engine) -> list[dict[str, Any]]:
         assert stats is not None, "iters must be >= 1"
         wall = time.perf_counter() - started
         summary = stats.summary()
+        for stage, values in stats.all_samples.items():  # the minimum shrugs off other jobs on a shared CPU
+            summary["latency_ms"][stage]["min"] = round(min(values), 3)
         results.append({"batch": batch, "iterations": summary["frames"] // batch, "images": summary["frames"],
                         "fps": round(summary["frames"] / wall, 2), "latency_ms": summary["latency_ms"]})
         log.info("%s batch %d: %.1f FPS, total p50 %.2f ms/img", spec.label, batch, results[-1]["fps"],
@@ -172,12 +175,15 @@ def time_batches(spec: RowSpec, engine: Engine) -> list[dict[str, Any]]:
 def measure(spec: RowSpec) -> dict[str, Any]:
     """Build the engine of ``spec``, time it at every batch size and report peak memory."""
     engine = _torch_engine(spec) if spec.backend == "pytorch" else _runtime_engine(spec)
+    load_before = os.getloadavg()[0]
     by_batch = time_batches(spec, engine)
+    load_after = os.getloadavg()[0]
     best = max(by_batch, key=lambda r: r["fps"])
     row = {k: v for k, v in asdict(spec).items() if k not in ("images", "onnx_path", "extra")}
     row.update(spec.extra)
     row.update({"by_batch": by_batch, "batch1": next((r for r in by_batch if r["batch"] == 1), None),
-                "best_batch": best["batch"], "best_fps": best["fps"], "peak_rss_mb": peak_rss_mb()})
+                "best_batch": best["batch"], "best_fps": best["fps"], "peak_rss_mb": peak_rss_mb(),
+                "load_average_1min": [round(load_before, 2), round(load_after, 2)]})
     if spec.device == "cuda" and spec.backend == "pytorch":
         import torch
 

@@ -16,18 +16,19 @@ from typing import Any, Callable, Iterable
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
                                         summary_table)
 from gradad.benchmarks.latency import latency_table
-from gradad.benchmarks.results_io import KIND_ACCURACY, KIND_LATENCY, load_result_files
+from gradad.benchmarks.results_io import KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, load_result_files
 
 log = logging.getLogger(__name__)
 
 README = "README.md"
 PLOT = "accuracy_vs_latency.png"
 PLOT_DPI = 120
+LABEL_OFFSETS = (4, -11, 12)  # vertical label offsets (points) cycled over the plotted points
 #: metrics compared in the prose: (key, name)
 COMPARED = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pixel_aupr", "pixel AUPR"),
             ("pro", "PRO"))
 DEFECT_METRICS = ("image_auroc", "pixel_auroc", "pro")
-TIE = 0.0005  # metrics closer than this (0.05 points) count as equal
+LOAD_MARGIN = 1.0  # load average above threads + this: the row shared the CPU with other jobs
 PAPER_WEIGHTS_NOTE = ("The `paper` preset (EfficientNet-b6 stages 3/4, 9 BasicBlocks, R_g = 8) appears in latency "
                       "and model size only: its ImageNet weights cannot be downloaded on this machine, so it has no "
                       "trained model here (`--set backbone.weights=/path/to/b6.pth` where the file exists).")
@@ -41,7 +42,8 @@ class Results:
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
     complexity: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ignored: list[str] = field(default_factory=list)
+    preparation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    other: list[str] = field(default_factory=list)  # JSON of other tools: linked, with their command
 
 
 def classify(files: dict[str, dict[str, Any]]) -> Results:
@@ -53,13 +55,15 @@ def classify(files: dict[str, dict[str, Any]]) -> Results:
             out.accuracy[name] = data
         elif kind == KIND_LATENCY:
             out.latency[name] = data
+        elif kind == KIND_PREPARATION:
+            out.preparation[name] = data
         elif isinstance(data, dict) and isinstance(data.get("presets"), list):
             out.complexity[name] = data
         elif isinstance(data, dict) and isinstance(data.get("runs"), list):
             out.runtime[name] = data
         else:
-            out.ignored.append(name)
-            log.warning("%s: not a grad-bench result file (no 'kind'); left off the page", name)
+            out.other.append(name)
+            log.info("%s: not a grad-bench result file (no 'kind'); listed under other results", name)
     return out
 
 
@@ -79,6 +83,11 @@ def grad_reference(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
             or find(rows, method=METHOD_GRAD, backend="pytorch"))
 
 
+def same_shown(a: float, b: float) -> bool:
+    """Equal as the page prints them (percent, one decimal): the prose never calls 99.8 vs 99.8 a win."""
+    return pct(a) == pct(b)
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
     """Metric names where mean of ``a`` is (higher, equal, lower) than ``b``, with both values."""
     higher, equal, lower = [], [], []
@@ -87,7 +96,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], list[str],
         if va is None or vb is None:
             continue
         text = f"{name} {pct(va)} vs {pct(vb)}"
-        (equal if abs(va - vb) < TIE else higher if va > vb else lower).append(text)
+        (equal if same_shown(va, vb) else higher if va > vb else lower).append(text)
     return higher, equal, lower
 
 
@@ -125,7 +134,7 @@ def accuracy_notes(result: dict[str, Any]) -> list[str]:
         diff = abs(ref["per_class"]["mean"]["image_auroc"] - torch_row["per_class"]["mean"]["image_auroc"])
         notes.append(f"ONNX Runtime FP32 and PyTorch image AUROC differ by {100 * diff:.2f} points.")
         f1_ref, f1_torch = ref["f1"], torch_row["f1"]
-        if f1_ref["kind"] == F1_CALIBRATED and abs(f1_ref["mean"] - f1_torch["mean"]) >= TIE:
+        if f1_ref["kind"] == F1_CALIBRATED and not same_shown(f1_ref["mean"], f1_torch["mean"]):
             notes.append(f"F1 at the calibrated threshold differs between them ({pct(f1_torch['mean'])} PyTorch vs "
                          f"{pct(f1_ref['mean'])} ONNX Runtime): the threshold sits on a calibration score, and "
                          "PyTorch scores differ from ONNX Runtime's in the 5th-6th digit.")
@@ -141,15 +150,16 @@ def accuracy_notes(result: dict[str, Any]) -> list[str]:
     normal = find(rows, method=METHOD_NORMAL_ONLY)
     if ref and normal:
         higher, _, lower = compare(normal, ref)
+        tally = f"ahead on {len(higher)} of {len(COMPARED)} metrics, behind on {len(lower)}"
         if len(higher) > len(lower):
-            verdict = ("The NORMAL-only ablation (no abnormal grids, no stage 1) is *better* than the full bi-grid "
-                       "model on most metrics here — unlike the paper's Table II; the abnormal branch's settings "
-                       "(FBP intensity, stage-1 length, fusion weight) are the first thing to tune.")
+            verdict = (f"The NORMAL-only ablation (no abnormal grids, no stage 1) is *better* than the full bi-grid "
+                       f"model here ({tally}) — unlike the paper's Table II; the abnormal branch's settings (FBP "
+                       "intensity, stage-1 length, fusion weight) are the first thing to tune.")
         elif len(lower) > len(higher):
-            verdict = ("The full bi-grid model beats its NORMAL-only ablation on most metrics, as in the paper's "
-                       "Table II.")
+            verdict = (f"The full bi-grid model beats its NORMAL-only ablation here (the ablation is {tally}), as in "
+                       "the paper's Table II.")
         else:
-            verdict = "The NORMAL-only ablation and the full bi-grid model are level overall."
+            verdict = f"The NORMAL-only ablation and the full bi-grid model are level here ({tally})."
         notes.append(comparison_sentence("NORMAL-only", f"full GRAD {ref['preset']}", normal, ref) + " " + verdict)
     return notes + skip_notes(result)
 
@@ -194,7 +204,9 @@ def accuracy_block(name: str, result: dict[str, Any]) -> list[str]:
     out = [f"### {ds['name']} — `{name}`", "",
            f"{ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), classes: "
            f"{', '.join(ds['classes'])}. Mean over classes; percent.", "",
-           summary_table(result["rows"])]
+           summary_table(result["rows"]),
+           "s / image: wall time of this accuracy run per test image (PyTorch rows include reading the images; "
+           "PatchCore's excludes its fit) — the Latency section has the controlled timings.", ""]
     return out + [f"- {n}" for n in accuracy_notes(result)] + [""] + defect_table(result) + [""]
 
 
@@ -213,10 +225,11 @@ def complexity_section(res: Results) -> list[str]:
     return out
 
 
-def batch1_ms(row: dict[str, Any]) -> float | None:
-    """Total p50 ms per image at batch 1."""
+def batch1_ms(row: dict[str, Any], key: str = "p50") -> float | None:
+    """Total ms per image at batch 1 (``p50`` or ``min``; None when not recorded)."""
     b1 = row.get("batch1")
-    return None if not b1 else float(b1["latency_ms"]["total"]["p50"])
+    value = (b1 or {}).get("latency_ms", {}).get("total", {}).get(key)
+    return None if value is None else float(value)
 
 
 def latency_notes(result: dict[str, Any]) -> list[str]:
@@ -228,8 +241,11 @@ def latency_notes(result: dict[str, Any]) -> list[str]:
         fp32 = find(rows, method=METHOD_GRAD, preset=preset, backend="onnxruntime", precision="fp32", device="cpu")
         fp16 = find(rows, method=METHOD_GRAD, preset=preset, backend="onnxruntime", precision="fp16", device="cpu")
         if eager and fp32:
-            notes.append(f"{preset}: ONNX Runtime FP32 is {batch1_ms(eager) / batch1_ms(fp32):.1f}× faster than "
-                         f"PyTorch eager on CPU ({batch1_ms(fp32):.1f} vs {batch1_ms(eager):.1f} ms per image).")
+            ratio = batch1_ms(eager) / batch1_ms(fp32)
+            faster, slower, factor = ("ONNX Runtime FP32", "PyTorch eager", ratio) if ratio >= 1 else (
+                "PyTorch eager", "ONNX Runtime FP32", 1 / ratio)
+            notes.append(f"{preset}: {faster} is {factor:.1f}× faster than {slower} on CPU ({batch1_ms(fp32):.1f} ms "
+                         f"ONNX Runtime vs {batch1_ms(eager):.1f} ms eager per image).")
         if fp32 and fp16:
             ratio = batch1_ms(fp16) / batch1_ms(fp32)
             if ratio > 1:
@@ -241,6 +257,11 @@ def latency_notes(result: dict[str, Any]) -> list[str]:
     if bank and find(rows, method=METHOD_PATCHCORE):
         notes.append(f"PatchCore row: edge extractor + nearest-neighbour search over {bank['rows']} memory-bank "
                      f"features ({bank['note']}) + GRAD's map head, PyTorch eager.")
+    busy = [f"{r['label']} ({max(r['load_average_1min']):.1f})" for r in rows
+            if max(r.get("load_average_1min") or [0.0]) > result["threads"] + LOAD_MARGIN]
+    if busy:
+        notes.append(f"Measured while other jobs shared the CPU (1-min load average above {result['threads']} "
+                     f"threads + {LOAD_MARGIN:g}): {', '.join(busy)}; those numbers are pessimistic.")
     if not any(r["device"] == "cuda" for r in rows):
         notes.append("No GPU on this machine: no CUDA or TensorRT rows (the harness adds them where torch.cuda / "
                      "tensorrt are available).")
@@ -281,6 +302,15 @@ def runtime_section(res: Results) -> list[str]:
     return out
 
 
+def short_label(row: dict[str, Any]) -> str:
+    """'ORT FP32', 'PyTorch FP32', 'PatchCore', ... for the plot."""
+    if row["method"] == METHOD_PATCHCORE:
+        return "PatchCore"
+    engine = {"onnxruntime": "ORT", "pytorch": "PyTorch", "tensorrt": "TensorRT"}.get(row["backend"], row["backend"])
+    prefix = "NORMAL-only " if row["method"] == METHOD_NORMAL_ONLY else ""
+    return f"{prefix}{row['preset']} {engine} {row['precision'].upper()}"
+
+
 def plot_points(res: Results) -> list[dict[str, Any]]:
     """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row."""
     lat_rows = [r for data in res.latency.values() for r in data["rows"]]
@@ -290,7 +320,7 @@ def plot_points(res: Results) -> list[dict[str, Any]]:
             match = find(lat_rows, method=row["method"], preset=row["preset"], backend=row["backend"],
                          precision=row["precision"], device=row["device"])
             if match and batch1_ms(match):
-                points.append({"dataset": result["dataset"]["name"], "label": row["label"], "method": row["method"],
+                points.append({"dataset": result["dataset"]["name"], "label": short_label(row), "method": row["method"],
                                "ms": batch1_ms(match), "auroc": row["per_class"]["mean"]["image_auroc"]})
     return points
 
@@ -309,11 +339,11 @@ def write_plot(points: list[dict[str, Any]], path: Path) -> Path | None:
     datasets = list(dict.fromkeys(p["dataset"] for p in points))
     colours = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(8, 5))
-    for p in points:
+    for i, p in enumerate(points):
         colour = colours(datasets.index(p["dataset"]) % 10)
         ax.scatter(p["ms"], 100 * p["auroc"], marker=markers.get(p["method"], "x"), color=colour, s=50)
-        ax.annotate(p["label"], (p["ms"], 100 * p["auroc"]), textcoords="offset points", xytext=(5, 3), fontsize=7,
-                    color=colour)
+        ax.annotate(p["label"], (p["ms"], 100 * p["auroc"]), textcoords="offset points", fontsize=7, color=colour,
+                    xytext=(5, LABEL_OFFSETS[i % len(LABEL_OFFSETS)]))  # staggered: neighbours do not overlap
     for i, d in enumerate(datasets):
         ax.scatter([], [], color=colours(i % 10), label=d)
     ax.set_xscale("log")
@@ -348,16 +378,46 @@ def headline(res: Results) -> list[str]:
             ref, pc = grad_reference(data["rows"]), find(data["rows"], method=METHOD_PATCHCORE)
             if ref and pc:
                 a, b = ref["per_class"]["mean"]["image_auroc"], pc["per_class"]["mean"]["image_auroc"]
-                word = "equal" if abs(a - b) < TIE else "better" if a > b else "lower"
+                word = "equal" if same_shown(a, b) else "better" if a > b else "lower"
                 acc.append(f"{word} image AUROC on {data['dataset']['name']} ({pct(a)} vs {pct(b)})")
         infer = [r["batch1"]["latency_ms"]["inference"]["p50"] for r in (patchcore, grad)]
+        fastest = [batch1_ms(r, "min") for r in (patchcore, grad)]
+        robust = (f"; {fastest[0] / fastest[1]:.1f}× on the fastest image of each, which other jobs on a shared "
+                  "CPU disturb least" if None not in fastest else "")
         lines.append(f"**GRAD-edge ONNX Runtime FP32 is {speed:.1f}× faster than PatchCore on the same extractor** "
                      f"({batch1_ms(grad):.1f} vs {batch1_ms(patchcore):.1f} ms per image end to end, "
-                     f"{infer[0] / infer[1]:.1f}× on the inference stage alone; batch 1, "
+                     f"{infer[0] / infer[1]:.1f}× on the inference stage alone{robust}; batch 1, "
                      f"{result['threads']} CPU threads, {grad['best_fps']:.0f} vs {patchcore['best_fps']:.0f} FPS at "
                      f"the best batch), at {', '.join(acc) or 'no common accuracy run'}.")
+        loads = [max(r.get("load_average_1min") or [0.0]) for r in (grad, patchcore)]
+        if max(loads) > result["threads"] + LOAD_MARGIN:
+            lines[-1] += (f" **Caveat: measured while other jobs loaded the CPU (1-min load average up to "
+                          f"{max(loads):.1f} on {result['environment']['cpu_count']} cores); PyTorch rows suffer most "
+                          "(thread barriers wait for descheduled threads). Treat this ratio as unreliable and re-run "
+                          "`grad-bench latency` on an idle machine.**")
         lines += latency_notes({**result, "skipped": [], "patchcore_bank": None})[:2]
     return [f"- {line}" for line in lines]
+
+
+def other_section(res: Results, folder: Path) -> list[str]:
+    """Result files of other tools (no ``kind``): a link to their markdown table where there is one."""
+    if not res.other:
+        return []
+    out = ["## Other results in this folder", ""]
+    for name in res.other:
+        md = Path(name).with_suffix(".md").name
+        out.append(f"- `{name}`" + (f": see [{md}]({md})" if (folder / md).is_file() else ""))
+    return out + [""]
+
+
+def preparation_section(res: Results) -> list[str]:
+    """The commands that made the data, models and bundles the result files evaluate."""
+    out = []
+    for name, data in res.preparation.items():
+        out += [f"## Data and models behind the results (`{name}`)", "", data.get("note", ""), ""]
+        out += [f"- {step['what']}: `{step['command']}`" for step in data["steps"]]
+        out.append("")
+    return out
 
 
 def commands_section(files: dict[str, dict[str, Any]]) -> list[str]:
@@ -372,7 +432,7 @@ def commands_section(files: dict[str, dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
-def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None) -> str:
+def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None, folder: Path) -> str:
     """The whole README text."""
     out = ["# Benchmark results", "",
            "Generated by `grad-bench report` from the JSON files in this folder — edit those (or re-run the "
@@ -390,7 +450,7 @@ def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None
     if has_paper and not paper_trained:
         out += [PAPER_WEIGHTS_NOTE, ""]
     out += complexity_section(res) + sections("Latency", res.latency, latency_block) + runtime_section(res)
-    out += commands_section(files)
+    out += other_section(res, folder) + preparation_section(res) + commands_section(files)
     return "\n".join(out).rstrip("\n") + "\n"
 
 
@@ -401,8 +461,7 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path | None]:
     res = classify(files)
     plot = write_plot(plot_points(res), folder / PLOT)
     readme = folder / README
-    readme.write_text(render(res, {k: v for k, v in files.items() if k not in res.ignored},
-                             plot.name if plot else None), encoding="utf-8")
+    readme.write_text(render(res, files, plot.name if plot else None, folder), encoding="utf-8")
     return readme, plot
 
 

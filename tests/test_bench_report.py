@@ -29,11 +29,12 @@ def _acc_row(label: str, method: str, backend: str, image_auroc: float, pro: flo
 def _lat_row(label: str, method: str, backend: str, precision: str, total_ms: float) -> dict:
     stages = {s: {"p50": total_ms / 4, "p95": total_ms / 3, "p99": total_ms / 2} for s in
               ("decode", "preprocess", "inference", "postprocess")}
-    stages["total"] = {"p50": total_ms, "p95": total_ms * 1.1, "p99": total_ms * 1.2}
+    stages["total"] = {"p50": total_ms, "p95": total_ms * 1.1, "p99": total_ms * 1.2, "min": total_ms / 2}
     b1 = {"batch": 1, "fps": 1000 / total_ms, "latency_ms": stages, "iterations": 5, "images": 5}
     return {"label": label, "method": method, "preset": "edge", "backend": backend, "precision": precision,
             "device": "cpu", "by_batch": [b1], "batch1": b1, "best_batch": 1, "best_fps": 1000 / total_ms,
-            "peak_rss_mb": 300.0, "complexity": {"gflop_total": 2.7, "params_m": 8.9}}
+            "peak_rss_mb": 300.0, "complexity": {"gflop_total": 2.7, "params_m": 8.9},
+            "load_average_1min": [0.5, 5.0 if method == "patchcore" else 1.0]}
 
 
 def _write(folder: Path) -> None:
@@ -59,10 +60,15 @@ def _write(folder: Path) -> None:
 
 def test_report_page_and_plot_come_from_the_json(tmp_path: Path) -> None:
     _write(tmp_path)
+    (tmp_path / "masks.json").write_text(json.dumps({"command": "python -m other.tool", "mean": {}}))
+    (tmp_path / "masks.md").write_text("# other tool\n")
+    (tmp_path / "prep.json").write_text(json.dumps({"kind": "preparation", "note": "how", "steps": [
+        {"what": "train", "command": "grad-train --data tiles -o runs/t"}]}))
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
     page = (tmp_path / "README.md").read_text()
     assert "5.0× faster than PatchCore" in page  # 50 ms vs 10 ms
+    assert "5.0× on the fastest image of each" in page  # minimum 25 ms vs 5 ms
     assert "lower image AUROC on tiles (90.0 vs 95.0)" in page
     assert "ONNX Runtime FP32 is 4.0× faster than PyTorch eager" in page  # 40 vs 10
     assert "1.50× *slower* than FP32" in page  # FP16 15 ms vs 10 ms
@@ -70,6 +76,10 @@ def test_report_page_and_plot_come_from_the_json(tmp_path: Path) -> None:
     assert "Hardest defect type" in page and "**crack**" in page
     assert "grad-bench accuracy --data tiles" in page and "grad-bench latency --preset edge" in page
     assert "no TensorRT" in page
+    assert "other jobs shared the CPU" in page and "PatchCore (5.0)" in page  # only the busy row is named
+    assert "Treat this ratio as unreliable" in page  # the headline says so when its rows were contended
+    assert "- train: `grad-train --data tiles -o runs/t`" in page
+    assert "[masks.md](masks.md)" in page and "python -m other.tool" in page  # other tools' files are linked
     image = cv2.imread(str(tmp_path / "accuracy_vs_latency.png"))
     assert image is not None and image.shape[0] > 100
 
@@ -80,9 +90,13 @@ def test_the_conclusion_follows_the_numbers(tmp_path: Path) -> None:
     data["rows"][0]["per_class"]["mean"]["image_auroc"] = 0.97  # GRAD now ahead of PatchCore
     data["rows"][2]["per_class"]["mean"].update(image_auroc=0.5, pixel_auroc=0.5, pixel_aupr=0.1, pro=0.5)
     (tmp_path / "tiles.json").write_text(json.dumps(data))
+    latency = json.loads((tmp_path / "cpu.json").read_text())
+    latency["rows"][0] = _lat_row("GRAD edge · PyTorch eager", "grad", "pytorch", "fp32", 5.0)  # eager now faster
+    (tmp_path / "cpu.json").write_text(json.dumps(latency))
     assert CliRunner().invoke(main, ["report", str(tmp_path)]).exit_code == 0
     page = (tmp_path / "README.md").read_text()
     assert "better image AUROC on tiles (97.0 vs 95.0)" in page
+    assert "PyTorch eager is 2.0× faster than ONNX Runtime FP32" in page
     assert "beats its NORMAL-only ablation" in page
 
 
