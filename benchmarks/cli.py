@@ -3,6 +3,7 @@
     grad-bench accuracy --data demo_data --checkpoint runs/demo/model.pt --bundle models/demo --patchcore \\
         --normal-only runs/demo-normal-only/model.pt -o benchmarks/results --name demo_accuracy
     grad-bench latency --preset edge --preset paper --threads 2 -o benchmarks/results --name cpu_latency
+    grad-bench refine --bundle models/demo --data demo_data --per-defect 3 -o benchmarks/results --name demo_f2pad
     grad-bench report benchmarks/results
 """
 
@@ -137,6 +138,14 @@ def report(results_dir, verbose) -> None:
     readme, plot = write_report(results_dir)
     click.echo(f"wrote {readme}" + (f" and {plot}" if plot else ""))
 
+
+def _add_refine_command() -> None:
+    from gradad.benchmarks.refine_masks import main as refine_command
+
+    main.add_command(refine_command, "refine")
+
+
+_add_refine_command()
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """F2PAD benchmark: IoU / DICE of the coarse thresholded GRAD mask vs the F2PAD mask on labelled defect images.
 
-    python -m gradad.benchmarks.refine_masks --bundle models/demo --data demo_data -o benchmarks/results \
-        --name demo_f2pad
+    grad-bench refine --bundle models/demo --data demo_data -o benchmarks/results --name demo_f2pad
 
 The coarse mask is the runtime's anomaly map (ONNX Runtime FP32, the numbers the line sees) above a pixel threshold;
 by default the pixel-F1-optimal threshold over the evaluated images, i.e. the best single threshold the coarse
@@ -144,7 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.command()
+@click.command("refine")
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
               help="Bundle prepared with grad-refine prepare.")
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False), help="Dataset root.")
@@ -160,19 +159,19 @@ def markdown(result: dict[str, Any]) -> str:
 @user_errors_as_exit
 def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, assignments, device, threads, out_dir, name,
          verbose) -> None:
-    """IoU / DICE of coarse vs F2PAD masks, seconds and iterations per image; writes NAME.json and NAME.md."""
+    """F2PAD masks: IoU / DICE of coarse vs refined masks, seconds and iterations per image (NAME.json/.md)."""
     setup_logging(verbose)
-    from gradad.evaluation.report import to_jsonable
-    import json
+    from gradad.benchmarks.results_io import KIND_REFINE, command_line, result_header, write_result_files
 
     result = run_benchmark(bundle_dir, data_root, list(classes) or None, per_defect, pixel_threshold, assignments,
                            device, threads)
-    result["command"] = "python -m gradad.benchmarks.refine_masks " + " ".join(sys.argv[1:])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(to_jsonable(result), indent=1) + "\n")
+    ctx = click.get_current_context()
+    # under `grad-bench refine` the group recorded the raw arguments (subcommand included)
+    raw = ctx.find_root().meta.get("gradad.bench.raw_args")
+    command = command_line(raw) if raw is not None else command_line(sys.argv[1:], "grad-bench refine")
+    payload = {**result_header(KIND_REFINE, name, command), **result}
     table = markdown(result)
-    (out / f"{name}.md").write_text(f"# F2PAD masks: {name}\n\n`{result['command']}`\n\n{table}")
+    write_result_files(out_dir, name, payload, f"# F2PAD masks: {name}\n\n`{command}`\n\n{table}")
     click.echo(table)
 
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
                                         summary_table)
 from gradad.benchmarks.latency import latency_table
-from gradad.benchmarks.results_io import KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, load_result_files
+from gradad.benchmarks.results_io import (KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, KIND_REFINE,
+                                          load_result_files)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class Results:
     complexity: dict[str, dict[str, Any]] = field(default_factory=dict)
     runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
     preparation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refine: dict[str, dict[str, Any]] = field(default_factory=dict)
     other: list[str] = field(default_factory=list)  # JSON of other tools: linked, with their command
 
 
@@ -57,6 +59,8 @@ def classify(files: dict[str, dict[str, Any]]) -> Results:
             out.latency[name] = data
         elif kind == KIND_PREPARATION:
             out.preparation[name] = data
+        elif kind == KIND_REFINE:
+            out.refine[name] = data
         elif isinstance(data, dict) and isinstance(data.get("presets"), list):
             out.complexity[name] = data
         elif isinstance(data, dict) and isinstance(data.get("runs"), list):
@@ -399,6 +403,22 @@ def headline(res: Results) -> list[str]:
     return [f"- {line}" for line in lines]
 
 
+def refine_block(name: str, result: dict[str, Any]) -> list[str]:
+    """One F2PAD mask benchmark: the sentence follows the numbers, then the per-class table."""
+    from gradad.benchmarks.refine_masks import markdown as refine_table
+
+    m = result["mean"]
+    gain = 100 * (m["f2pad_iou"] - m["coarse_iou"])
+    verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
+    return [f"### {Path(result['data']).name} — `{name}`", "",
+            f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
+            f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
+            f"{m['images']} defect images, at {m['seconds_per_image']:.1f} s and {m['iterations_mean']:.0f} "
+            f"iterations per image ({result['device']}, {result['threads']} threads); coarse threshold: "
+            f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}.", "", refine_table(result).rstrip("\n"),
+            ""]
+
+
 def other_section(res: Results, folder: Path) -> list[str]:
     """Result files of other tools (no ``kind``): a link to their markdown table where there is one."""
     if not res.other:
@@ -449,6 +469,7 @@ def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None
     paper_trained = any(r["preset"] == "paper" for d in res.accuracy.values() for r in d["rows"])
     if has_paper and not paper_trained:
         out += [PAPER_WEIGHTS_NOTE, ""]
+    out += sections("F2PAD pixel refinement (coarse thresholded GRAD mask vs F2PAD mask)", res.refine, refine_block)
     out += complexity_section(res) + sections("Latency", res.latency, latency_block) + runtime_section(res)
     out += other_section(res, folder) + preparation_section(res) + commands_section(files)
     return "\n".join(out).rstrip("\n") + "\n"

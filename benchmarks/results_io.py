@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 RESULTS_SCHEMA_VERSION = 1
 KIND_ACCURACY = "accuracy"
 KIND_LATENCY = "latency"
+KIND_REFINE = "refine"  # F2PAD mask benchmark (benchmarks/refine_masks.py)
 KIND_PREPARATION = "preparation"  # hand-written: the commands that made the models the results evaluate
 
 
