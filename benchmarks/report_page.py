@@ -407,15 +407,21 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     """One F2PAD mask benchmark: the sentence follows the numbers, then the per-class table."""
     from gradad.benchmarks.refine_masks import markdown as refine_table
 
+    from gradad.refine.config import RefineConfig
+
     m = result["mean"]
     gain = 100 * (m["f2pad_iou"] - m["coarse_iou"])
+    defaults = RefineConfig().to_dict()
+    changed = [f"{k}={v}" for k, v in result.get("config", {}).items()
+               if k not in ("device", "threads") and defaults.get(k) != v]
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
     return [f"### {Path(result['data']).name} — `{name}`", "",
             f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
             f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
             f"{m['images']} defect images, at {m['seconds_per_image']:.1f} s and {m['iterations_mean']:.0f} "
             f"iterations per image ({result['device']}, {result['threads']} threads); coarse threshold: "
-            f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}.", "", refine_table(result).rstrip("\n"),
+            f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}. Settings different from the "
+            f"defaults: {', '.join(changed) or 'none'}.", "", refine_table(result).rstrip("\n"),
             ""]
 
 
