@@ -1071,6 +1071,19 @@ class MultiSink(_SinkBase):
         self._fan_out("write_record", lambda s: s.write_record(record),
                       [s for s in self.sinks if hasattr(s, "write_record")])
 
+    def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
+                      repaired: np.ndarray | None = None) -> dict[str, str | None]:
+        """``write_refined`` on every sink that has it; the saved file paths merged (first non-None wins)."""
+        files: dict[str, str | None] = {}
+
+        def save(sink: Any) -> None:
+            for key, value in sink.write_refined(frame_id, name, source, mask, repaired).items():
+                if files.get(key) is None:
+                    files[key] = value
+
+        self._fan_out("write_refined", save, [s for s in self.sinks if hasattr(s, "write_refined")])
+        return files
+
     def close(self) -> None:
         """Close every sink (even if one raises: the error is logged, the first re-raised at the end)."""
         if self._closed:

@@ -169,6 +169,18 @@ def test_refined_files_share_the_flagged_frame_budget(tmp_path: Path) -> None:
     assert again.total_bytes == sum(p.stat().st_size for p in (tmp_path / "ng").iterdir())
 
 
+def test_multisink_forwards_refined_files_to_the_flagged_sink(tmp_path: Path) -> None:
+    from gradad.runtime.sinks import JsonlSink, MultiSink
+
+    flagged = FlaggedFrameSink(tmp_path / "ng")
+    multi = MultiSink([JsonlSink(tmp_path / "r.jsonl"), flagged])
+    multi.write(make_result(4, True))
+    files = multi.write_refined(4, None, "cam0", np.ones((16, 16), bool))
+    assert files["mask_file"] == str(tmp_path / "ng" / "00000004_cam0_refined_mask.png")
+    assert Path(files["mask_file"]).is_file() and files["repaired_file"] is None
+    multi.close()
+
+
 def _prepare_real(bundle: Path, trained_tiny: Path, tiny_demo_root: Path, dest: Path) -> Path:
     """Copy the tiny bundle, calibrate it and prepare it for refinement (small prior and iteration cap)."""
     from gradad.calibration.cli import main as calibrate_main
