@@ -511,7 +511,8 @@ class FlaggedFrameSink(_SinkBase):
         self._closed = False
         # key -> {kind: size}; insertion order = age (oldest first)
         self._index: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
-        self._run_keys: dict[str, str] = {}  # base key of this run -> actual key on disk
+        self._run_keys: dict[str, str] = {}  # base key of this run -> actual key on disk (frames still on disk)
+        self._base_of: dict[str, str] = {}  # actual key -> base key, to forget evicted frames (24/7 runs)
         self.total_bytes = 0
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -570,6 +571,7 @@ class FlaggedFrameSink(_SinkBase):
             n += 1
             key = f"{base}-{n}"
         self._run_keys[base] = key
+        self._base_of[key] = base
         return key
 
     def _remove_files(self, key: str, kinds: Iterable[str]) -> None:
@@ -584,6 +586,7 @@ class FlaggedFrameSink(_SinkBase):
 
     def _evict_one(self) -> None:
         key, files = self._index.popitem(last=False)
+        self._run_keys.pop(self._base_of.pop(key, ""), None)
         self._remove_files(key, files)
         self.total_bytes -= sum(files.values())
         self.evicted += 1

@@ -160,6 +160,7 @@ def test_refined_files_share_the_flagged_frame_budget(tmp_path: Path) -> None:
     assert sink.evicted == 1 and sink.total_bytes <= sink.max_bytes
     assert np.array_equal(cv2.imread(files["mask_file"], cv2.IMREAD_UNCHANGED) > 0, mask)
     assert sink.write_refined(0, None, "cam0", mask) == {"mask_file": None, "repaired_file": None}  # evicted
+    assert len(sink._run_keys) == 1  # evicted frames are forgotten: bounded memory on 24/7 runs
     sink.write(make_result(2, True))
     sink.write(make_result(3, True))  # frame 1 and its refined files go together
     assert not list((tmp_path / "ng").glob("00000001_*"))
