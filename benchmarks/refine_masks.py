@@ -93,7 +93,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     parts = load_refine_parts(bundle_dir, pixel_threshold)
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
-    refiner = Refiner.from_bundle(bundle_dir, config, pixel_threshold)
+    refiner = Refiner.from_parts(parts, config)
     rows: list[dict[str, Any]] = []
     statuses: Counter = Counter()
     bar = tqdm(total=len(samples), desc="F2PAD", unit="img")

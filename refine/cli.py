@@ -195,7 +195,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
         raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
                         "--all to refine every image")
     runtime_backend, _ = load_backend(bundle_dir, backend)
-    refiner = Refiner.from_bundle(bundle_dir, config, parts.pixel_threshold)
+    refiner = Refiner.from_parts(parts, config)
     h, w = manifest["input"]["model_height"], manifest["input"]["model_width"]
     started = time.perf_counter()
     counts = {"images": 0, "refined": 0}

@@ -9,12 +9,13 @@ an iteration cap and a per-frame time budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -34,6 +35,9 @@ from gradad.refine.adan import AdanDirection
 from gradad.refine.objective import (linear_readout_weights, log_sparsity, mog_penalty, pixel_norm, total_variation,
                                      validity_penalty)
 from gradad.refine.sharing import bilateral_weights, share_gradients
+
+if TYPE_CHECKING:
+    from gradad.refine.bundle_files import RefineParts
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ class Refiner:
         if not pixel_threshold > 0:
             raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
         self.device = resolve_device(self.config.device)
+        log.debug("refiner on %s (torch %s, CUDA available: %s)", self.device, torch.__version__,
+                  torch.cuda.is_available())
         if self.config.threads > 0:
             torch.set_num_threads(self.config.threads)
         self.detector = detector.to(self.device).eval()
@@ -87,17 +93,25 @@ class Refiner:
         self.prior_precisions = torch.tensor(prior.precisions, **f32)
 
     @classmethod
-    def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
-                    pixel_threshold: float | None = None) -> "Refiner":
-        """Load the refinement files of a bundle prepared by ``grad-refine prepare``."""
-        from gradad.refine.bundle_files import load_refine_parts
-
-        parts = load_refine_parts(bundle_dir, pixel_threshold)
-        config = config or parts.config
+    def from_parts(cls, parts: "RefineParts", config: RefineConfig | None = None) -> "Refiner":
+        """Build from already verified bundle parts (``load_refine_parts``); ``config`` defaults to the bundle's."""
         from gradad.training.checkpoint import load_detector
 
         detector, _ = load_detector(parts.model_path)
-        return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config, parts.normal_level)
+        return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
+                   parts.normal_level)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
+                    pixel_threshold: float | None = None, **overrides: Any) -> "Refiner":
+        """Load the refinement files of a bundle prepared by ``grad-refine prepare``.
+
+        ``config`` replaces the bundle's stored config; ``overrides`` (RefineConfig fields) are applied on top.
+        """
+        from gradad.refine.bundle_files import load_refine_parts
+
+        parts = load_refine_parts(bundle_dir, pixel_threshold)
+        return cls.from_parts(parts, dataclasses.replace(config or parts.config, **overrides))
 
     # -- conversions -----------------------------------------------------------------------------------------------
     def _normalise(self, images: np.ndarray) -> torch.Tensor:
@@ -191,15 +205,15 @@ class Refiner:
         cfg = self.config
         started = time.perf_counter()
         batch = self._prepare(images, coarse)
-        best_x, best_obj, iterations, status = self._optimise(batch, batch.region, batch.lam, started,
-                                                              cfg.max_iterations)
+        best_x, best_obj, iterations, status = self._optimise(batch, started, cfg.max_iterations)
         masks = self._masks(batch.x, best_x, batch.region)
         if cfg.reestimate_iterations > 0:
             inner = torch.from_numpy(np.stack([dilate(m, 1) for m in masks])[:, None].astype(np.float32))
             inner = inner.to(self.device) * batch.region
-            again, _, _, again_status = self._optimise(_Batch(batch.x, best_x.clone(), inner, batch.lam, batch.weights,
-                                                   self.readout_weights(inner)),
-                                            inner, torch.zeros_like(batch.lam), started, cfg.reestimate_iterations)
+            # lambda = 0 inside the final mask
+            inner_batch = dataclasses.replace(batch, x_n=best_x.clone(), region=inner, lam=torch.zeros_like(batch.lam),
+                                              readout=self.readout_weights(inner))
+            again, _, _, again_status = self._optimise(inner_batch, started, cfg.reestimate_iterations)
             masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
@@ -214,7 +228,7 @@ class Refiner:
         masks = (norm[:, 0] > self.config.mask_tau).cpu().numpy()
         return [drop_small_components(m, self.config.mask_min_component_px) for m in masks]
 
-    def _optimise(self, batch: _Batch, region: torch.Tensor, lam: torch.Tensor, started: float, max_iterations: int
+    def _optimise(self, batch: _Batch, started: float, max_iterations: int
                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
         """Run the solver; returns (best x_n, best objective, iterations, status) per image."""
         cfg = self.config
@@ -236,7 +250,7 @@ class Refiner:
                 last_iteration = iteration_started - previous_start
             previous_start = iteration_started
             xa = x_n[active].detach().requires_grad_(True)
-            terms = self.objective(xa, batch.x[active], region[active], lam[active], batch.readout[active])
+            terms = self.objective(xa, batch.x[active], batch.region[active], batch.lam[active], batch.readout[active])
             (grad,) = torch.autograd.grad(terms["total"].sum(), xa)
             values = terms["total"].detach().cpu().numpy()
             if log.isEnabledFor(logging.DEBUG):
@@ -266,7 +280,7 @@ class Refiner:
             shared, step = share_gradients(grad[keep_t], batch.weights[rows], cfg.step_min, cfg.step_max)
             direction = adan.direction(shared, rows)
             update = (cfg.learning_rate * step * direction).clamp(-cfg.update_clamp, cfg.update_clamp)
-            x_n[rows] = x_n[rows] - update * region[rows]
+            x_n[rows] = x_n[rows] - update * batch.region[rows]
             active = rows
         return best_x, best_obj, iterations, status
 

@@ -22,7 +22,6 @@ The refiner factory is injectable (``RefineWorkerConfig.factory``: a picklable m
 from __future__ import annotations
 
 import collections
-import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -166,24 +165,14 @@ class _Pending:
 def build_refiner(cfg: RefineWorkerConfig) -> Refiner:
     """The default factory: ``Refiner.from_bundle`` with the bundle's refine config and the worker's settings.
 
-    Runs in the worker process only (imports torch).
+    Runs in the worker process only (``gradad.refine.refiner`` imports torch and says how to install it if missing).
     """
-    try:
-        import torch
-    except ImportError as exc:
-        raise GradError(f"refinement needs torch, which is not installed here ({exc}): "
-                        f"pip install '.[refine]'") from exc
-    from gradad.bundle import read_manifest
-    from gradad.refine.config import refine_config_from_dict
     from gradad.refine.refiner import Refiner as F2padRefiner
 
-    section = read_manifest(cfg.bundle_dir).get("refine") or {}
-    base = refine_config_from_dict(section.get("config", {}))
     overrides: dict[str, Any] = {"max_batch": cfg.max_batch, "device": cfg.device, "threads": cfg.threads}
     if cfg.time_budget_s is not None:
         overrides["time_budget_s"] = cfg.time_budget_s
-    log.debug("refinement worker: torch %s, CUDA available: %s", torch.__version__, torch.cuda.is_available())
-    return F2padRefiner.from_bundle(cfg.bundle_dir, config=dataclasses.replace(base, **overrides))
+    return F2padRefiner.from_bundle(cfg.bundle_dir, **overrides)
 
 
 def _lower_priority(increment: int) -> None:
