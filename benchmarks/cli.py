@@ -4,6 +4,7 @@
         --normal-only runs/demo-normal-only/model.pt -o benchmarks/results --name demo_accuracy
     grad-bench latency --preset edge --preset paper --threads 2 -o benchmarks/results --name cpu_latency
     grad-bench refine --bundle models/demo --data demo_data --per-defect 3 -o benchmarks/results --name demo_f2pad
+    grad-bench gpu -o benchmarks/results --name gpu_check      # CUDA-only rows; skipped with reasons elsewhere
     grad-bench report benchmarks/results
 """
 
@@ -124,6 +125,52 @@ def latency(presets, bundle, backends, patchcore, bank_size, images, batches, th
     json_path, md_path = write_result_files(out_dir, name, result, latency_markdown(result))
     click.echo(latency_markdown(result))
     click.echo(f"results: {json_path} and {md_path}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--smoke", is_flag=True, help="Tiny sizes (tiny preset, batches 1,2, short budgets): a quick end-to-end "
+              "pass; options given explicitly still apply.")
+@click.option("--preset", "presets", multiple=True, type=click.Choice(["edge", "paper", "tiny"]),
+              help="Latency presets (repeatable) [default: edge, paper; --smoke: tiny].")
+@click.option("--batches", help="Latency batch sizes [default: 1,8,32; --smoke: 1,2].")
+@click.option("--train-preset", "train_presets", multiple=True, type=click.Choice(["edge", "paper", "tiny"]),
+              help="Training-speed presets (repeatable) [default: edge, paper; --smoke: tiny].")
+@click.option("--train-images", type=int, help="Feature maps per training epoch [default: 760, MTD's size].")
+@click.option("--cpu-train/--no-cpu-train", default=True, help="Add the CPU training row (a few batches, "
+              "extrapolated to an epoch) for comparison.")
+@click.option("--f2pad-budget", type=float, help="F2PAD time budget per frame, seconds [default: 5, the product's].")
+@click.option("--time-budget", type=float, help="Skip rows that would start after this many seconds; a worker still "
+              "running then (plus 20 s) is stopped [default: 390; --smoke: 240].")
+@click.option("--allow-cpu", is_flag=True, help="Testing without a GPU: run the CUDA rows on the CPU (labelled 'CPU "
+              "stand-in'; not GPU numbers). Rows that need CUDA (graphs, FP16 autocast, TensorRT) stay skipped.")
+@click.option("--threads", type=int, default=0, help="torch CPU threads in the workers (0 = torch default).")
+@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
+@click.option("--name", default="gpu_check", help="Base name of the JSON/markdown/log files.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_budget, time_budget, allow_cpu, threads,
+        out_dir, name, verbose) -> None:
+    """Everything that needs a CUDA machine, in one run (~4 min on an H100), into one JSON: training s/epoch,
+    PyTorch eager/FP16/CUDA-graph latency, ONNX Runtime CUDA/TensorRT EP, TensorRT build + latency, F2PAD s/frame.
+
+    Every row that cannot run here is recorded as skipped with its reason; the JSON is rewritten after every row.
+    On a machine where gradad is not installed use benchmarks/gpu_check.sh (same options).
+    """
+    import os
+
+    setup_logging(verbose)
+    from gradad.benchmarks.gpu_check import GpuCheckConfig, gpu_markdown, run_gpu_check
+
+    given = {"presets": tuple(presets) or None, "batches": _batches(batches) if batches else None,
+             "train_presets": tuple(train_presets) or None, "train_images": train_images,
+             "f2pad_budget_s": f2pad_budget, "time_budget_s": time_budget}
+    given = {k: v for k, v in given.items() if v is not None}
+    common = dict(out_dir=out_dir, name=name, cpu_train=cpu_train, allow_cpu=allow_cpu, threads=threads,
+                  command=_command(), wrapper_command=os.environ.get("GRAD_GPU_CHECK_WRAPPER") or None, **given)
+    cfg = GpuCheckConfig.smoke_config(**common) if smoke else GpuCheckConfig(**common)
+    result = run_gpu_check(cfg)
+    click.echo(gpu_markdown(result))
+    click.echo(f"results: {out_dir}/{name}.json and {name}.md (log: {name}.log)")
 
 
 @main.command(context_settings=CONTEXT)
