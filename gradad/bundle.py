@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import jsonschema
@@ -92,7 +93,15 @@ BUNDLE_SCHEMA: dict[str, Any] = {
         "engines": {"type": "array", "items": {"type": "object", "required": ["file", "tensorrt_version",
                                                                             "gpu_name", "compute_capability",
                                                                             "precision"]}},
-        "calibration": {"type": ["object", "null"]},
+        "calibration": {
+            "type": ["object", "null"],
+            "required": ["image_threshold"],
+            "properties": {"image_threshold": {"type": "number"}, "pixel_threshold": {"type": ["number", "null"]}},
+        },
+        "refine": {
+            "type": ["object", "null"],
+            "properties": {"model": {"type": "string"}, "pixel_prior": {"type": "string"}},
+        },
     },
 }
 
@@ -111,8 +120,65 @@ def file_entry(path: str | Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}
 
 
+def check_threshold(value: Any, what: str) -> float:
+    """``value`` as a float if it is a finite number > 0, else a one-line error naming ``what``.
+
+    A NaN or infinite threshold passes every defect, a negative one flags every part and 0 divides by zero in
+    the normalised score: none of them is ever a usable threshold.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BundleError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise BundleError(f"{what} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_calibration(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> None:
+    """Raise BundleError unless the calibration thresholds (when present) are finite positive numbers."""
+    cal = manifest.get("calibration")
+    if not cal:
+        return
+    check_threshold(cal.get("image_threshold"), f"{where}: calibration.image_threshold")
+    if cal.get("pixel_threshold") is not None:
+        check_threshold(cal["pixel_threshold"], f"{where}: calibration.pixel_threshold")
+
+
+def referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(where in bundle.json, file name) of every file the manifest points at."""
+    refs: list[tuple[str, Any]] = [(f"files/{name}", name) for name in manifest.get("files") or {}]
+    refs += [(f"engines/{i}/file", e.get("file")) for i, e in enumerate(manifest.get("engines") or [])
+             if isinstance(e, dict)]
+    refine = manifest.get("refine")
+    if isinstance(refine, dict):
+        refs += [(f"refine/{key}", refine[key]) for key in ("model", "pixel_prior") if key in refine]
+    return refs
+
+
+def check_file_name(name: Any, where: str) -> None:
+    """A bundle file name must be a relative path inside the bundle: no absolute path, drive or ``..``."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise BundleError(f"{where}: invalid bundle file name {name!r}")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or ".." in posix.parts or ".." in windows.parts:
+        raise BundleError(f"{where}: file name {name!r} points outside the bundle folder (absolute paths and '..' "
+                          f"are refused)")
+
+
+def bundle_file(bundle_dir: str | Path, name: str) -> Path:
+    """The path of bundle file ``name``, refused unless it resolves inside ``bundle_dir`` (symlinks included)."""
+    bundle_dir = Path(bundle_dir)
+    check_file_name(name, str(bundle_dir / MANIFEST_NAME))
+    path = bundle_dir / name
+    root = bundle_dir.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise BundleError(f"bundle file {path} resolves to {path.resolve()}, outside the bundle folder {root} "
+                          f"(a symlink escaping the bundle is refused)")
+    return path
+
+
 def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> None:
-    """Raise BundleError unless ``manifest`` matches the schema of this gradad version."""
+    """Raise BundleError unless ``manifest`` matches the schema of this gradad version, every file it names
+    stays inside the bundle folder and its thresholds are finite positive numbers."""
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version != BUNDLE_SCHEMA_VERSION:
         raise BundleError(
@@ -124,6 +190,9 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     except jsonschema.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise BundleError(f"{where}: invalid bundle manifest at {path}: {exc.message}") from exc
+    for key, name in referenced_files(manifest):
+        check_file_name(name, f"{where}: {key}")
+    check_calibration(manifest, where)
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
@@ -146,7 +215,7 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path} is missing: {bundle_dir} is not a model bundle")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     validate_manifest(manifest, str(path))
     return manifest
@@ -159,7 +228,7 @@ def verify_files(bundle_dir: str | Path, manifest: dict[str, Any], names: list[s
         entry = manifest["files"].get(name)
         if entry is None:
             raise BundleError(f"{bundle_dir / MANIFEST_NAME} lists no file {name!r}")
-        path = bundle_dir / name
+        path = bundle_file(bundle_dir, name)
         if not path.is_file():
             raise BundleError(f"bundle file missing: {path}; re-export the bundle with grad-export onnx")
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:

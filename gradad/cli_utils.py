@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
@@ -35,3 +37,19 @@ def user_errors_as_exit(func: F) -> F:
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def check_writable(path: str | os.PathLike[str], option: str) -> Path:
+    """Fail before the work starts, with one line naming ``option`` and the file, when ``path`` cannot be written
+    (read-only folder, a file in place of the folder, a folder in place of the file)."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise GradError(f"{option} {path}: cannot write there ({exc.strerror or exc})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+    return path

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gradad.bundle import (FP32_ONNX, BundleError, file_entry, read_manifest, sha256_file, verify_files,
-                           write_manifest)
+from gradad.bundle import (FP32_ONNX, BundleError, bundle_file, check_threshold, file_entry, read_manifest,
+                           sha256_file, verify_files, write_manifest)
 from gradad.errors import GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 from gradad.refine.prior import PRIOR_FILE, PixelPrior, fit_pixel_prior
@@ -69,9 +69,11 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         if pixel_threshold is None:
             raise BundleError(f"bundle {bundle_dir} has no calibrated pixel threshold: run grad-calibrate on it "
                               "first")
+    pixel_threshold = check_threshold(pixel_threshold, "--pixel-threshold")
     norm = manifest["input"]["normalisation"]
-    return RefineParts(bundle_dir / section["model"], PixelPrior.load(bundle_dir / section["pixel_prior"]),
-                       refine_config_from_dict(section.get("config", {})), float(pixel_threshold),
+    return RefineParts(bundle_file(bundle_dir, section["model"]),
+                       PixelPrior.load(bundle_file(bundle_dir, section["pixel_prior"])),
+                       refine_config_from_dict(section.get("config", {})), pixel_threshold,
                        list(norm["mean"]), list(norm["std"]), float(section.get("normal_map_level", 0.0)))
 
 

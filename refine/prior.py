@@ -48,7 +48,7 @@ class PixelPrior:
         """Read a prior written by :meth:`save`, with a clear error naming the file."""
         path = Path(path)
         try:
-            with np.load(path) as data:
+            with np.load(path, allow_pickle=False) as data:
                 prior = cls(np.asarray(data["means"], np.float64), np.asarray(data["covariances"], np.float64),
                             float(data["mean_log_likelihood"]))
         except FileNotFoundError as exc:

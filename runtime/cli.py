@@ -5,10 +5,13 @@ Lean: numpy + OpenCV + ONNX Runtime or TensorRT. Never imports torch.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
+import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -16,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import check_writable, setup_logging, user_errors_as_exit
+from gradad.errors import GradError
+from gradad.urls import redact_url
 
 if TYPE_CHECKING:
     from gradad.runtime.refine_stage import RefineStage
@@ -33,6 +38,50 @@ Sources:
                                      Jetson CSI camera through GStreamer (OpenCV built with GStreamer)
 Several --source options are interleaved and batched together (multi-camera).
 """
+
+
+def parse_mqtt(value: str) -> tuple[str, int]:
+    """``host[:port]`` -> (host, port); credentials in it are refused (redacted) in favour of the proper options."""
+    if "@" in value or "://" in value:
+        shown = redact_url(value if "://" in value else f"mqtt://{value}")
+        raise GradError(f"--mqtt {shown}: give only host[:port]; pass the user with --mqtt-user and the password "
+                        f"in the GRAD_MQTT_PASSWORD environment variable")
+    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
+        raise GradError(f"--mqtt {value!r}: expected host or host:port with a port from 1 to 65535")
+    return host, int(port or 1883)
+
+
+def exit_past_stuck_captures(func: Any) -> Any:
+    """Exit with the command's code through ``os._exit`` when a camera/stream thread is still blocked in OpenCV.
+
+    Python's normal shutdown would tear that thread down inside C++ and abort the process (``terminate called
+    without an active exception``, exit code 134) right after the correct one-line error.
+    """
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        code: int | str | None = 1  # an exception other than SystemExit
+        try:
+            result = func(*args, **kwargs)
+            code = 0
+            return result
+        except SystemExit as exc:
+            code = exc.code
+            raise
+        except KeyboardInterrupt:
+            code = 128 + signal.SIGINT
+            raise
+        finally:
+            from gradad.runtime.sources import native_threads_alive
+
+            if native_threads_alive():
+                log.debug("a capture thread is still blocked in OpenCV: exiting without interpreter shutdown")
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+    return wrapper
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True}, epilog=EPILOG)
@@ -54,11 +103,18 @@ Several --source options are interleaved and batched together (multi-camera).
 @click.option("--video", "video_path", type=click.Path(dir_okay=False), help="Write an annotated video (overlay "
               "+ OK/NG banner).")
 @click.option("--video-fps", type=float, default=10.0)
+@click.option("--video-segment", type=float, default=60.0, help="Seconds per video file: OUT.mp4 is written as "
+              "OUT.000.mp4, OUT.001.mp4, ..., each closed and playable, so a crash or a full disk loses at most the "
+              "file in progress (0 = one file, lost entirely if the process is killed).")
 @click.option("--display", is_flag=True, help="Show the annotated stream in a window.")
 @click.option("--save-flagged", "flagged_dir", type=click.Path(file_okay=False), help="Folder for NG frames "
               "(original, overlay, map .npy/.png).")
 @click.option("--flagged-max-mb", type=int, default=1024, help="Disk budget of --save-flagged (oldest evicted).")
-@click.option("--mqtt", help="MQTT broker host[:port] for result records (needs paho-mqtt).")
+@click.option("--mqtt", help="MQTT broker host[:port] for result records (needs paho-mqtt); credentials go in "
+              "--mqtt-user and GRAD_MQTT_PASSWORD, never here.")
+@click.option("--mqtt-user", envvar="GRAD_MQTT_USER", help="MQTT user name [env: GRAD_MQTT_USER].")
+@click.option("--mqtt-password", envvar="GRAD_MQTT_PASSWORD", help="MQTT password; prefer the environment variable "
+              "(a command line is visible to every user of the machine) [env: GRAD_MQTT_PASSWORD].")
 @click.option("--mqtt-topic", default="gradad/results")
 @click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
@@ -84,15 +140,17 @@ Several --source options are interleaved and batched together (multi-camera).
 @click.option("--refine-factory", hidden=True, help="module:function building the refiner (tests, custom "
               "refiners).")
 @click.option("-v", "--verbose", is_flag=True)
+@exit_past_stuck_captures
 @user_errors_as_exit
 def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, threshold, jsonl_path,
-         video_path, video_fps, display, flagged_dir, flagged_max_mb, mqtt, mqtt_topic, webhook, max_frames, loop,
+         video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
+         mqtt_topic, webhook, max_frames, loop,
          benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
          refine_drain, refine_device, refine_threads, refine_factory, verbose) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
     Prints rolling p50/p95 latency per stage and FPS every --stats-every seconds and a summary at exit.
-    Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed.
+    Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed; the exit code is then 130 or 143.
 
     With --refine, NG frames are refined to sharp pixel masks in a separate process; the loop never waits for it
     (a full queue drops the frame's refinement, counted in the summary).
@@ -102,7 +160,6 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
 
     if not verbose:  # OpenCV's own open/probe warnings duplicate our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    from gradad.errors import GradError
     from gradad.runtime.loader import load_backend
     from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_manifest
     from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, VideoSink,
@@ -116,6 +173,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     engine, manifest = load_backend(bundle_dir, backend, precision,
                                     providers.split(",") if providers else None, threads)
     thresholds = thresholds_from_manifest(manifest, threshold)
+    if benchmark_out:
+        check_writable(benchmark_out, "--benchmark-out")
     calibrated_on = (manifest.get("calibration") or {}).get("backend")
     if threshold is None and calibrated_on and calibrated_on != engine.name:
         log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
@@ -139,14 +198,14 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
         if jsonl_path and not benchmark:
             sinks.append(JsonlSink(jsonl_path))
         if video_path:
-            sinks.append(VideoSink(video_path, fps=video_fps))
+            sinks.append(VideoSink(video_path, fps=video_fps, segment_s=video_segment))
         if display:
             sinks.append(DisplaySink())
         if flagged_dir:
             sinks.append(FlaggedFrameSink(flagged_dir, max_bytes=flagged_max_mb * 2**20))
         if mqtt:
-            host, _, port = mqtt.partition(":")
-            sinks.append(MqttSink(host, int(port or 1883), topic=mqtt_topic))
+            host, port = parse_mqtt(mqtt)
+            sinks.append(MqttSink(host, port, topic=mqtt_topic, username=mqtt_user, password=mqtt_password))
         if webhook:
             sinks.append(WebhookSink(webhook))
         frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
@@ -172,6 +231,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     summary = stats.summary()
     summary["wall_seconds"] = round(wall, 3)
     summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords
+    summary.update({"video": sink.report() for sink in sinks if isinstance(sink, VideoSink)})
     if refine_stage is not None:
         summary["refine"] = refine_stage.summary()
     log.info("done: %s", stats.format_line() if stats.frames else "no frames")
@@ -192,6 +252,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
             click.echo(text)
     else:
         click.echo(json.dumps({"summary": summary}), err=True)
+    if stop.signal_name in ("SIGINT", "SIGTERM"):  # stopped cleanly, but not finished: the shell convention
+        sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
 def _start_refine(bundle_dir: str, manifest: dict[str, Any], budget: float | None, batch: int, queue: int,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from gradad.bundle import check_calibration, check_threshold
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import to_model_input
@@ -45,11 +46,10 @@ class Thresholds:
 def thresholds_from_manifest(manifest: dict[str, Any], override: float | None = None) -> Thresholds:
     """Thresholds from bundle.json's calibration; --threshold overrides; neither is a clear error."""
     cal = manifest.get("calibration")
-    pixel = cal.get("pixel_threshold") if cal else None
+    check_calibration(manifest, f"bundle {manifest.get('name')}")  # read_manifest checked it; direct callers too
+    pixel = float(cal["pixel_threshold"]) if cal and cal.get("pixel_threshold") is not None else None
     if override is not None:
-        if override <= 0:
-            raise GradError(f"--threshold {override}: must be positive")
-        return Thresholds(float(override), pixel, "--threshold")
+        return Thresholds(check_threshold(override, "--threshold"), pixel, "--threshold")
     if not cal:
         raise GradError(f"bundle {manifest.get('name')} is not calibrated: run grad-calibrate BUNDLE --good DIR "
                         f"or give --threshold")

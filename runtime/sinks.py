@@ -15,7 +15,9 @@ run with the same calibration.
 
 from __future__ import annotations
 
+import base64
 import collections
+import errno
 import io
 import ipaddress
 import json
@@ -37,6 +39,7 @@ import numpy as np
 from gradad.errors import GradError
 from gradad.evaluation.figures import heatmap_overlay
 from gradad.runtime.types import FrameResult
+from gradad.urls import redact_url, redact_urls_in
 
 __all__ = [
     "JsonlSink",
@@ -187,6 +190,8 @@ class JsonlSink(_SinkBase):
       end in :meth:`close`, lose nothing.
     * ``fsync_every=N`` (>0) also calls ``os.fsync`` every N lines (durability against power loss, at a cost);
       :meth:`close` always flushes and fsyncs.
+    * A write that fails (disk full, I/O error) cuts the file back to its last complete line and raises one
+      :class:`GradError` naming the file: the file never ends in a partial line written by this run.
     * ``path == "-"`` writes to standard output (never closed by this sink).
     * Thread-safe: the camera loop and a refinement worker may write concurrently; lines never interleave.
     """
@@ -201,7 +206,7 @@ class JsonlSink(_SinkBase):
         self._closed = False
         self._own_file = self.path != "-"
         if not self._own_file:
-            self._fh: IO[str] = sys.stdout
+            self._fh: IO[Any] = sys.stdout
             return
         p = Path(self.path)
         try:
@@ -211,11 +216,11 @@ class JsonlSink(_SinkBase):
                 with open(p, "rb") as f:
                     f.seek(-1, os.SEEK_END)
                     needs_newline = f.read(1) != b"\n"
-            self._fh = open(p, "a", encoding="utf-8", newline="\n")
+            self._fh = open(p, "ab", buffering=0)  # unbuffered: a line is on disk (page cache) when written
+            self._good_size = p.stat().st_size
             if needs_newline:
                 log.warning("%s ends in a partial line (an interrupted run): starting on a new line", p)
-                self._fh.write("\n")
-                self._fh.flush()
+                self._append(b"\n")
         except OSError as e:
             raise GradError(f"cannot open JSONL output {p} for appending: {e.strerror or e}") from e
         log.debug("JSONL sink appending to %s", p)
@@ -231,11 +236,33 @@ class JsonlSink(_SinkBase):
             if self._closed:
                 raise RuntimeError(f"JsonlSink({self.path}) is closed: record for frame "
                                    f"{record.get('frame_id')} not written")
-            self._fh.write(line)
-            self._fh.flush()
+            if self._own_file:
+                self._append(line.encode("utf-8"))
+            else:
+                self._fh.write(line)
+                self._fh.flush()
             self.lines_written += 1
             if self.fsync_every and self.lines_written % self.fsync_every == 0:
                 self._fsync()
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` completely, or cut the file back to its last complete line and raise one GradError."""
+        try:
+            view = memoryview(data)
+            while view:
+                n = self._fh.write(view)
+                if not n:  # a regular file that takes nothing more
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[n:]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fh.fileno(), self._good_size)
+                kept = "the file ends at its last complete line"
+            except OSError:
+                kept = "the file may end in a partial line"
+            raise GradError(f"cannot write JSONL output {self.path}: {exc.strerror or exc} after {self.lines_written} "
+                            f"line(s) of this run; {kept}") from exc
+        self._good_size += len(data)
 
     def _fsync(self) -> None:
         try:
@@ -321,67 +348,186 @@ def annotate_frame(result: FrameResult, image_rgb: np.ndarray | None = None, alp
     return out
 
 
-class VideoSink(_SinkBase):
-    """Writes :func:`annotate_frame` pictures to a video file with ``cv2.VideoWriter``.
+#: Default FOURCC per video container; others get "mp4v".
+_FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v", ".mov": "mp4v"}
 
-    The writer is created at the first frame, at that frame's size; later frames of another size (several
-    sources) are resized to it. ``fourcc`` "mp4v" suits .mp4, "MJPG" .avi. An existing file is overwritten.
+
+def _readable_frames(path: Path) -> int:
+    """Frames a player finds in a finished video file: the container's count, or 1 when it opens and decodes
+    a frame but announces no count (0 when it does not open at all)."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        if math.isfinite(count) and count > 0:
+            return int(count)
+        ok, _ = cap.read()
+        return int(ok)
+    finally:
+        cap.release()
+
+
+class VideoSink(_SinkBase):
+    """Writes :func:`annotated <annotate_frame>` frames to video **segments** that survive a crash.
+
+    ``path`` ``run.mp4`` is written as ``run.000.mp4``, ``run.001.mp4``, ...: a new segment starts every
+    ``segment_s`` seconds (wall clock) and the finished one is closed, so it is complete and playable. SIGKILL, a
+    power cut or a full disk can only lose the segment in progress (an MP4 needs its index, written at close);
+    with ``.mkv`` or ``.avi`` (MJPEG) the segment in progress stays playable up to its last few hundred KB.
+    ``segment_s=0`` writes the single file ``path`` (lost entirely if the process is killed).
+
+    Each finished segment is reopened and its frame count checked: a segment the disk could not hold, a writer
+    that fails or a segment that cannot be started is logged as an error, the video is reported incomplete
+    (:meth:`report`) and the run goes on without video. The folder and codec are checked when the sink is created.
+    The writer size is the first frame's; later frames of another size (several sources) are resized to it.
+    Existing segment files of the same name are overwritten.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, fourcc: str = "mp4v") -> None:
+    def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, fourcc: str | None = None,
+                 segment_s: float = 60.0) -> None:
+        self.path = Path(path)
+        fourcc = fourcc or _FOURCC_BY_SUFFIX.get(self.path.suffix.lower(), "mp4v")
         if not isinstance(fourcc, str) or len(fourcc) != 4:
             raise GradError(f"video codec must be a 4-character FOURCC such as 'mp4v' or 'MJPG', got {fourcc!r}")
-        if not (float(fps) > 0):
-            raise GradError(f"video fps must be > 0, got {fps}")
-        self.path = Path(path)
-        self.fps = float(fps)
-        self.fourcc = fourcc
+        if not (float(fps) > 0) or not math.isfinite(float(fps)):
+            raise GradError(f"video fps must be a finite number > 0, got {fps}")
+        if not (float(segment_s) >= 0) or not math.isfinite(float(segment_s)):
+            raise GradError(f"video segment length must be >= 0 seconds, got {segment_s}")
+        self.fps, self.fourcc, self.segment_s = float(fps), fourcc, float(segment_s)
         self.size: tuple[int, int] | None = None  # (width, height)
         self.frames_written = 0
+        self.frames_lost = 0  # frames not written after a failure
+        self.files: list[Path] = []
+        self.incomplete: list[str] = []  # one reason per lost or short segment
         self._writer: cv2.VideoWriter | None = None
+        self._segment_frames = 0
+        self._segment_start = 0.0
+        self._failed = False
         self._lock = threading.Lock()
         self._closed = False
+        self._probe()
 
-    def _open(self, width: int, height: int) -> None:
+    def _segment_path(self, index: int) -> Path:
+        if self.segment_s <= 0:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}.{index:03d}{self.path.suffix}")
+
+    def _new_writer(self, path: Path, width: int, height: int) -> cv2.VideoWriter:
+        """An opened writer for ``path``, else one GradError naming the file, codec and folder."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise GradError(f"cannot create the folder of video output {self.path}: {e.strerror or e}") from e
-        writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (width, height))
+            raise GradError(f"cannot create the folder of video output {path}: {e.strerror or e}") from e
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (width, height))
         if not writer.isOpened():
             writer.release()
-            raise GradError(f"cannot open video writer for {self.path} with codec '{self.fourcc}' "
-                            f"({width}x{height} @ {self.fps:g} fps): try another codec (mp4v for .mp4, MJPG for "
-                            f".avi) or check that the folder is writable")
-        self._writer, self.size = writer, (width, height)
-        log.info("writing annotated video %s (%dx%d @ %g fps, %s)", self.path, width, height, self.fps,
-                 self.fourcc)
+            raise GradError(f"cannot open video writer for {path} with codec '{self.fourcc}' ({width}x{height} @ "
+                            f"{self.fps:g} fps): try another codec (mp4v for .mp4, MJPG for .avi) or check that the "
+                            f"folder is writable")
+        return writer
+
+    def _probe(self) -> None:
+        """Fail at start, not after the first frame, when the folder or the container/codec cannot be written."""
+        probe = self.path.with_name(f".{self.path.stem}.probe{os.getpid()}{self.path.suffix}")
+        try:
+            writer = self._new_writer(probe, 32, 32)
+            writer.write(np.zeros((32, 32, 3), np.uint8))
+            writer.release()
+        except GradError:
+            raise GradError(f"--video {self.path}: cannot write a video there with codec '{self.fourcc}' (check "
+                            f"that the folder is writable; mp4v suits .mp4, MJPG .avi/.mkv)") from None
+        finally:
+            try:
+                probe.unlink(missing_ok=True)
+            except OSError:  # the folder itself is not usable: already reported
+                pass
+
+    def _start_segment(self, width: int, height: int) -> None:
+        path = self._segment_path(len(self.files))
+        try:
+            self._writer = self._new_writer(path, width, height)
+        except GradError as exc:
+            if not self.files:
+                raise
+            self._fail(f"cannot start video segment {path}: {exc}")
+            return
+        self.files.append(path)
+        self._segment_frames, self._segment_start = 0, time.monotonic()
+        log.info("writing annotated video %s (%dx%d @ %g fps, %s)", path, width, height, self.fps, self.fourcc)
+
+    def _finish_segment(self) -> None:
+        """Close the segment in progress and check what a player will find in it."""
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        path, written = self.files[-1], self._segment_frames
+        try:
+            writer.release()
+        except cv2.error as exc:
+            log.debug("releasing %s: %s", path, exc)
+        readable = _readable_frames(path)
+        if readable < min(written, 1) or (readable > 1 and readable < written):
+            reason = f"{path}: {readable} of {written} frames readable (disk full or write error?)"
+            self.incomplete.append(reason)
+            log.error("video segment incomplete: %s", reason)
+        else:
+            log.debug("video segment %s closed: %d frames", path, written)
+
+    def _fail(self, reason: str) -> None:
+        """Stop writing video after an error; the run itself goes on."""
+        self._failed = True
+        self.incomplete.append(reason)
+        log.error("video stopped, the rest of the run has no video: %s", reason)
+
+    def _rotate_if_due(self, width: int, height: int) -> None:
+        if self._writer is not None and 0 < self.segment_s <= time.monotonic() - self._segment_start:
+            self._finish_segment()
+        if self._writer is None and not self._failed:
+            self._start_segment(width, height)
 
     def write(self, result: FrameResult) -> None:
-        """Annotate and append one frame."""
+        """Annotate and append one frame (to a new segment when the current one is ``segment_s`` old)."""
         frame = annotate_frame(result)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"VideoSink({self.path}) is closed")
             h, w = frame.shape[:2]
+            self.size = self.size or (w, h)
+            self._rotate_if_due(*self.size)
             if self._writer is None:
-                self._open(w, h)
-            assert self._writer is not None and self.size is not None
+                self.frames_lost += 1
+                return
             if (w, h) != self.size:
                 frame = cv2.resize(frame, self.size, interpolation=cv2.INTER_AREA)
-            self._writer.write(frame)
+            try:
+                self._writer.write(frame)
+            except cv2.error as exc:
+                self.frames_lost += 1
+                self._finish_segment()
+                self._fail(f"writing {self.files[-1]} failed: {' '.join(str(exc).split())}")
+                return
+            self._segment_frames += 1
             self.frames_written += 1
 
+    def report(self) -> dict[str, Any]:
+        """Files, frames written and lost, and whether every segment was verified complete (for the summary)."""
+        return {"files": [str(f) for f in self.files], "frames": self.frames_written,
+                "frames_lost": self.frames_lost, "complete": not self.incomplete, "problems": list(self.incomplete)}
+
     def close(self) -> None:
-        """Release the writer (finalises the file). Idempotent."""
+        """Finish the segment in progress and log what the video holds. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            if self._writer is not None:
-                self._writer.release()
-                self._writer = None
-                log.info("video %s: %d frames", self.path, self.frames_written)
+            self._finish_segment()
+        if self.incomplete:
+            log.error("video INCOMPLETE: %d frames written to %d file(s), %d frames not written; %s",
+                      self.frames_written, len(self.files), self.frames_lost, "; ".join(self.incomplete))
+        elif self.files:
+            log.info("video %s: %d frames in %d file(s), each checked playable", self.path, self.frames_written,
+                     len(self.files))
 
 
 class DisplaySink(_SinkBase):
@@ -763,6 +909,22 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def _split_credentials(parsed: urllib.parse.SplitResult) -> tuple[str, dict[str, str]]:
+    """(URL without ``user:password@``, HTTP Basic ``Authorization`` header for them, if any)."""
+    netloc = parsed.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+    if "@" not in parsed.netloc:
+        return url, {}
+    user, _, password = parsed.netloc.rpartition("@")[0].partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return url, {"Authorization": f"Basic {token}"}
+
+
+def _redacted_error(exc: BaseException) -> str:
+    """An exception's text with every URL in it redacted (urllib errors may quote the URL)."""
+    return redact_urls_in(" ".join(str(exc).split()))
+
+
 class _RecordSink(_SinkBase):
     """A sink that forwards JSON records, optionally only those of anomalous frames."""
 
@@ -794,11 +956,12 @@ class WebhookSink(_RecordSink):
     def __init__(self, url: str, timeout_s: float = 2.0, queue_size: int = 1000, only_anomalous: bool = True,
                  close_timeout_s: float = 10.0, retry_delay_s: float = 0.2) -> None:
         parsed = urllib.parse.urlsplit(url)
+        self.label = redact_url(url)  # what logs and errors show: never the URL's credentials or query values
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {url!r}")
+            raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
         if int(queue_size) < 1:
             raise GradError(f"webhook queue_size must be >= 1, got {queue_size}")
-        self.url = url
+        self.url, self._headers = _split_credentials(parsed)
         self.timeout_s = float(timeout_s)
         self.queue_size = int(queue_size)
         self.only_anomalous = bool(only_anomalous)
@@ -824,12 +987,12 @@ class WebhookSink(_RecordSink):
         body = record_to_json(record).encode("utf-8")
         with self._cond:
             if self._closed:
-                raise RuntimeError(f"WebhookSink({self.url}) is closed")
+                raise RuntimeError(f"WebhookSink({self.label}) is closed")
             if len(self._queue) >= self.queue_size:
                 self._queue.popleft()
                 self.dropped += 1
                 if self.dropped == 1 or self.dropped % 100 == 0:
-                    log.warning("webhook %s is not keeping up: %d records dropped so far", self.url, self.dropped)
+                    log.warning("webhook %s is not keeping up: %d records dropped so far", self.label, self.dropped)
             self._queue.append(body)
             self._cond.notify_all()
 
@@ -841,7 +1004,8 @@ class WebhookSink(_RecordSink):
 
     def _post(self, body: bytes) -> None:
         req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "gradad"})
+                                     headers={"Content-Type": "application/json", "User-Agent": "gradad",
+                                              **self._headers})
         with self._opener.open(req, timeout=self.timeout_s) as resp:
             resp.read()
 
@@ -863,9 +1027,9 @@ class WebhookSink(_RecordSink):
                     except Exception as e:  # noqa: BLE001 - network errors must never kill the thread
                         if attempt == 2 or self._stop:
                             self.failed += 1
-                            log.warning("webhook POST to %s failed: %s", self.url, e)
+                            log.warning("webhook POST to %s failed: %s", self.label, _redacted_error(e))
                             break
-                        log.debug("webhook POST to %s failed (%s): retrying once", self.url, e)
+                        log.debug("webhook POST to %s failed (%s): retrying once", self.label, _redacted_error(e))
                         time.sleep(self.retry_delay_s)
             finally:
                 with self._cond:
@@ -888,9 +1052,9 @@ class WebhookSink(_RecordSink):
         self._thread.join(timeout=2 * self.timeout_s + self.retry_delay_s + 1.0)
         if left:
             self.dropped += left
-            log.warning("webhook %s: %d queued records not sent within %.1f s at shutdown", self.url, left,
+            log.warning("webhook %s: %d queued records not sent within %.1f s at shutdown", self.label, left,
                         self.close_timeout_s)
-        log.info("webhook %s: %d sent, %d failed, %d dropped", self.url, self.sent, self.failed, self.dropped)
+        log.info("webhook %s: %d sent, %d failed, %d dropped", self.label, self.sent, self.failed, self.dropped)
 
 
 class MqttSink(_RecordSink):

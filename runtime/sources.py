@@ -42,7 +42,9 @@ traceback) from :func:`open_source`. Only numpy, OpenCV and the standard library
 from __future__ import annotations
 
 import glob as _glob
+import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -61,6 +63,7 @@ from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.types import Frame
+from gradad.urls import redact_url, redact_urls_in
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +98,33 @@ STREAM_SCHEMES: tuple[str, ...] = (
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
-_URL_CREDENTIALS = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@:]*):([^/@]*)@")
 _POLL_S = 0.05  # how often blocking waits look at the stop flag
 
 
 class SourceError(GradError):
     """A frame source that cannot be opened or read (missing file, empty folder, camera busy, bad pipeline...)."""
+
+
+_NATIVE_THREADS: list[threading.Thread] = []  # open/capture threads that may be blocked inside OpenCV's C++ code
+_NATIVE_LOCK = threading.Lock()
+
+
+def _native_thread(target: Callable[..., None], name: str, args: tuple[Any, ...] = ()) -> threading.Thread:
+    """A started daemon thread calling into OpenCV, remembered for :func:`native_threads_alive`."""
+    thread = threading.Thread(target=target, args=args, name=name[:60], daemon=True)
+    with _NATIVE_LOCK:
+        _NATIVE_THREADS[:] = [t for t in _NATIVE_THREADS if t.is_alive()] + [thread]
+    thread.start()
+    return thread
+
+
+def native_threads_alive() -> bool:
+    """True while an abandoned open or capture thread may still be blocked in OpenCV (a stream that never
+    answers). Ending the interpreter then aborts the process (SIGABRT, exit code 134): the CLI exits with
+    ``os._exit`` instead."""
+    with _NATIVE_LOCK:
+        _NATIVE_THREADS[:] = [t for t in _NATIVE_THREADS if t.is_alive()]
+        return bool(_NATIVE_THREADS)
 
 
 # --------------------------------------------------------------------------------------------- configuration
@@ -178,16 +202,13 @@ class SourceSpec:
 
     @property
     def label(self) -> str:
-        """One-line name for logs, errors and ``Frame.source`` (stream passwords are masked)."""
+        """One-line name for logs, errors and ``Frame.source``: credentials, query values and fragments of every
+        URL in it (a stream, a GStreamer ``location=``) are masked with :func:`gradad.urls.redact_url`."""
         if self.kind == "camera":
             return f"camera {self.value}"
         if self.kind == "stream":
-            return _redact_url(str(self.value))
-        return " ".join(str(self.value).split())
-
-
-def _redact_url(url: str) -> str:
-    return _URL_CREDENTIALS.sub(r"\1\2:***@", url)
+            return redact_url(" ".join(str(self.value).split()))
+        return redact_urls_in(" ".join(str(self.value).split()))
 
 
 def parse_source(spec: str | int | SourceSpec) -> SourceSpec:
@@ -507,9 +528,36 @@ class _FileSource(FrameSource):
             self._on_close()  # e.g. the video capture of a source closed before its first frame
 
 
-def _list_images(spec: SourceSpec) -> list[Path]:
+def _glob_root(pattern: str) -> Path:
+    """The folder a glob pattern starts from: its leading parts without wildcards (``data/**/*.png`` -> ``data``)."""
+    parts = Path(pattern).parts
+    fixed = list(itertools.takewhile(lambda part: not _glob.has_magic(part), parts[:-1]))
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _unique_files(paths: list[Path], pattern: str) -> list[Path]:
+    """``paths`` without those reaching an already listed file again (a symlink loop, a second link), logged."""
+    seen: set[str] = set()
+    kept, skipped = [], []
+    for path in paths:
+        real = os.path.realpath(path)
+        (skipped if real in seen else kept).append(path)
+        seen.add(real)
+    if skipped:
+        logger.warning("glob %s: skipped %d path(s) that reach an already listed file again through a symlink "
+                       "(a loop or a second link), e.g. %s", pattern, len(skipped), skipped[0])
+    return kept
+
+
+def _list_images(spec: SourceSpec) -> list[tuple[Path, str]]:
+    """(file, record name) of every image of a folder, glob or image source, in reading order.
+
+    The name is the path relative to the source root (the folder, or a glob's leading folder), so
+    ``crack/000.png`` and ``good/000.png`` stay distinguishable in the records.
+    """
     if spec.kind == "image":
-        return [Path(str(spec.value))]
+        path = Path(str(spec.value))
+        return [(path, path.name)]
     if spec.kind == "folder":
         folder = Path(str(spec.value))
         try:
@@ -520,20 +568,22 @@ def _list_images(spec: SourceSpec) -> list[Path]:
             raise SourceError(
                 f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in folder (subfolders are not searched): {folder}"
             )
-        return files
+        return [(p, p.name) for p in files]
     pattern = str(spec.value)
-    files = sorted({Path(p) for p in _glob.glob(pattern, recursive=True) if is_image_file(Path(p))}, key=str)
+    hits = sorted({Path(p) for p in _glob.glob(pattern, recursive=True) if is_image_file(Path(p))}, key=str)
+    files = _unique_files(hits, pattern)
     if not files:
         raise SourceError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) match the glob: {pattern}")
-    return files
+    root = _glob_root(pattern)
+    return [(p, Path(os.path.relpath(p, root)).as_posix()) for p in files]
 
 
-def _image_frames(source: _FileSource, files: list[Path], stop: threading.Event) -> Iterator[Frame]:
+def _image_frames(source: _FileSource, files: list[tuple[Path, str]], stop: threading.Event) -> Iterator[Frame]:
     frame_id = 0
     label = source.label
     while not stop.is_set():
         delivered_this_pass = 0
-        for path in files:
+        for path, name in files:
             if stop.is_set():
                 return
             t0 = time.perf_counter()
@@ -546,7 +596,7 @@ def _image_frames(source: _FileSource, files: list[Path], stop: threading.Event)
             decode_ms = (time.perf_counter() - t0) * 1000.0
             source._count("captured")
             delivered_this_pass += 1
-            yield Frame(frame_id, time.time(), label, image, name=path.name, decode_ms=decode_ms)
+            yield Frame(frame_id, time.time(), label, image, name=name, decode_ms=decode_ms)
             frame_id += 1
         if delivered_this_pass == 0:
             raise SourceError(f"no readable image in {label} ({len(files)} file(s) skipped as unreadable)")
@@ -583,6 +633,7 @@ def _video_frames(
                 yield Frame(frame_id, time.time(), label, image, name=f"{base}#{index}", decode_ms=decode_ms)
                 frame_id += 1
                 index += 1
+            _warn_if_short(cap, index, path)
             _release(cap)
             cap = None
             if index == 0:
@@ -591,6 +642,23 @@ def _video_frames(
                 return
     finally:
         _release(cap)
+
+
+def _announced_frames(cap: Capture) -> int:
+    """The frame count the container announces (0 when unknown or the capture cannot tell)."""
+    try:
+        count = float(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # type: ignore[attr-defined]
+    except Exception:  # fakes without get(), backends without the property
+        return 0
+    return int(count) if math.isfinite(count) and count > 0 else 0
+
+
+def _warn_if_short(cap: Capture, delivered: int, path: str) -> None:
+    """Log a warning when a video ended before the frame count its container announces (truncated / corrupt)."""
+    announced = _announced_frames(cap)
+    if announced and delivered < announced:
+        logger.warning("video file %s ended after %d of the %d frames its container announces (truncated or "
+                       "corrupt): the rest is missing", path, delivered, announced)
 
 
 # --------------------------------------------------------------------------------------------- live sources
@@ -610,9 +678,7 @@ class _LiveSource(FrameSource):
         self._error: str | None = None
         cap, first, read_ms = self._open_first()
         self._store(first, read_ms)
-        self._thread = threading.Thread(target=self._run, args=(cap,), name=f"gradad-capture-{self.label}"[:60],
-                                        daemon=True)
-        self._thread.start()
+        self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
 
     # -- opening
     def _try_open(self) -> tuple[Capture | None, np.ndarray | None, float, str]:
@@ -650,7 +716,7 @@ class _LiveSource(FrameSource):
                     finished.set()
             _release(cap)
 
-        threading.Thread(target=work, name=f"gradad-open-{self.label}"[:60], daemon=True).start()
+        _native_thread(work, f"gradad-open-{self.label}")
         deadline = time.monotonic() + self.config.open_timeout_s
         while not finished.wait(_POLL_S):
             if self._stop.is_set() or time.monotonic() >= deadline:

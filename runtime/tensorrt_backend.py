@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from gradad.bundle import verify_files
+from gradad.bundle import bundle_file, verify_files
 from gradad.errors import GradError
 from gradad.export.tensorrt_build import (
     TensorRTUnavailable,
@@ -565,7 +565,7 @@ def load_tensorrt_backend(
         raise BackendError(f"bundle {bundle_dir}: {reasons[0]}{others}")
     verify_files(bundle_dir, manifest, [stamp["file"]])
     inp = manifest.get("input", {})
-    backend = TensorRTBackend(bundle_dir / stamp["file"], inp.get("name", "image"), trt=trt, cudart=cudart)
+    backend = TensorRTBackend(bundle_file(bundle_dir, stamp["file"]), inp.get("name", "image"), trt=trt, cudart=cudart)
     want = (inp.get("height"), inp.get("width"))
     if None not in want and tuple(backend.input_hw) != tuple(int(v) for v in want):
         backend.close()

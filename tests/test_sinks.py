@@ -204,7 +204,8 @@ def test_video_sink_round_trip(tmp_path: Path) -> None:
     sink.close()
     sink.close()
     assert sink.frames_written == 6
-    cap = cv2.VideoCapture(str(path))
+    assert sink.files == [path.with_name("out.000.mp4")] and sink.report()["complete"]
+    cap = cv2.VideoCapture(str(sink.files[0]))
     try:
         assert cap.isOpened()
         count, sizes = 0, set()
@@ -226,7 +227,7 @@ def test_video_sink_errors(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(GradError, match="not_a_dir"):
         VideoSink(blocker / "out.mp4").write(make_result(0, True))
-    with pytest.raises(GradError, match=r"cannot open video writer for .*out\.nosuchformat.*'mp4v'"):
+    with pytest.raises(GradError, match=r"cannot write a video there.*out\.nosuchformat|out\.nosuchformat.*'mp4v'"):
         VideoSink(tmp_path / "out.nosuchformat").write(make_result(0, True))
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from gradad import __version__
@@ -22,24 +25,76 @@ CHECKPOINT_FORMAT = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file then rename, so an interrupted write never corrupts the old file."""
+    """torch.save to a temporary file then rename, so an interrupted write never corrupts the old file.
+
+    ``obj`` must hold plain types and tensors only (see :func:`plain`): every reader loads with
+    ``weights_only=True``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` as plain Python types and tensors only (what ``torch.load(weights_only=True)`` accepts).
+
+    numpy scalars and arrays become floats/ints/lists, paths strings, tuples lists; anything else that is not a
+    str/int/float/bool/None/tensor is refused here, at save time, rather than making the file unreadable.
+    """
+    if isinstance(obj, dict):
+        return {str(k) if isinstance(k, Path) else k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
+        return obj
+    raise TypeError(f"checkpoint values must be plain types or tensors, got {type(obj).__name__}")
+
+
 def model_payload(cfg: RunConfig, model: GRADModel, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the final model file holds: config, GRAD weights and everything needed to rebuild the detector."""
+    """What the final model file holds: config, GRAD weights and everything needed to rebuild the detector.
+
+    Only plain types and tensors, so the file loads with ``torch.load(weights_only=True)``.
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "gradad_version": __version__,
-        "config": config_to_dict(cfg),
-        "channels": model.channels,
-        "feat_hw": list(model.feat_hw),
+        "config": plain(config_to_dict(cfg)),
+        "channels": int(model.channels),
+        "feat_hw": [int(v) for v in model.feat_hw],
         "state_dict": model.state_dict(),
-        **meta,
+        **plain(meta),
     }
+
+
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)")
+
+
+def _refusal(path: Path, exc: Exception) -> CheckpointError:
+    """One line refusing a file that needs more than plain types and tensors to load (never executed)."""
+    found = _UNSAFE_GLOBAL.search(str(exc))
+    what = f"it would call {found.group(1)}" if found else "it holds objects other than tensors and plain values"
+    return CheckpointError(f"refusing to load {path}: not a plain gradad weights file ({what}); only tensors and "
+                           f"plain values are loaded, no code from a model file ever runs")
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on CPU: a pickle that would import or call anything is refused with one
+    :class:`CheckpointError` line naming the file (its code never runs)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, exc) from None
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {first}") from None
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -47,10 +102,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {exc}") from exc
+    payload = safe_torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a gradad checkpoint of format {CHECKPOINT_FORMAT} "

@@ -1,0 +1,64 @@
+"""One way to show a URL anywhere (logs, JSON lines, summaries, errors): without its credentials.
+
+Torch-free and dependency-free: the runtime, the sinks and the sources all use :func:`redact_url`.
+"""
+
+from __future__ import annotations
+
+import re
+
+REDACTED = "***"
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(.*)$", re.DOTALL)
+
+
+def _authority_end(rest: str) -> int:
+    """Index in ``rest`` (the URL after ``scheme://``) where the user-info part ends (its last ``@``), or -1.
+
+    A password may itself hold ``@``, ``/``, ``?`` or ``#``, so the user-info is taken up to the last ``@`` before
+    the query; when that part has no ``/`` at all (the ``?`` or ``#`` was inside the password), up to the last
+    ``@`` of the whole URL. Cutting too much only hides more.
+    """
+    query = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, query)
+    if at < 0 and "/" not in rest[:query]:
+        at = rest.rfind("@")
+    return at
+
+
+def _redact_query(tail: str) -> str:
+    """``?a=1&token=x&t0k#frag`` -> ``?a=***&token=***&***#***``: every query value (a bare item too) and the
+    fragment are hidden."""
+    query, hash_mark, _fragment = tail.partition("#")
+    if query.startswith("?"):
+        pairs = [p.partition("=") for p in query[1:].split("&")]
+        query = "?" + "&".join(f"{k}={REDACTED}" if sep else REDACTED for k, sep, _v in pairs)
+    return query + (f"#{REDACTED}" if hash_mark else "")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with user name, password, token-only user part, query values and fragment replaced by ``***``.
+
+    ``rtsp://admin:p@ss/w0rd@10.0.0.5/live?token=abc`` -> ``rtsp://admin:***@10.0.0.5/live?token=***``. The user
+    name is kept when a password follows it (it helps to tell cameras apart); a user part without ``:`` is
+    treated as a token and hidden. Text that is not a URL (no ``scheme://``) is returned unchanged.
+    """
+    match = _SCHEME.match(str(url))
+    if not match:
+        return str(url)
+    scheme, rest = match.groups()
+    at = _authority_end(rest)
+    if at >= 0:
+        user, colon, _password = rest[:at].partition(":")
+        rest = (f"{user}:{REDACTED}" if colon else REDACTED) + "@" + rest[at + 1:]
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    return scheme + rest[:cut] + _redact_query(rest[cut:])
+
+
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+
+
+def redact_urls_in(text: str) -> str:
+    """Every URL inside ``text`` (e.g. ``rtspsrc location=rtsp://u:p@cam/live ! ...``) passed through
+    :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
