@@ -64,11 +64,13 @@ if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then
     done
     if ((${#wanted[@]})); then
         echo "gpu_check.sh: installing ${#wanted[@]} carried wheel(s) into $WORK/site: ${wanted[*]##*/}" >&2
-        if "$PYTHON" -m pip install -q --no-index --no-deps --target "$WORK/site" "${wanted[@]}" >&2; then
-            export PYTHONPATH="$PYTHONPATH:$WORK/site"
-        else
-            echo "gpu_check.sh: pip could not install the carried wheels; rows that need them will say so" >&2
+        if ! "$PYTHON" -m pip install -q --no-index --no-deps --target "$WORK/site" "${wanted[@]}" >&2; then
+            # no pip (or it refused): a wheel is a zip laid out for site-packages, so unpacking it is enough here
+            echo "gpu_check.sh: pip could not install them; unpacking the wheels instead" >&2
+            "$PYTHON" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+                "$WORK/site" "${wanted[@]}" || echo "gpu_check.sh: could not unpack the wheels either" >&2
         fi
+        export PYTHONPATH="$PYTHONPATH:$WORK/site"
     fi
 fi
 
