@@ -23,6 +23,7 @@ from gradad.calibration.thresholds import (
     rates_at,
     recall_threshold,
 )
+from gradad.calibration.duplicates import distinct_images, duplicates_warning
 from gradad.data.datasets import is_image_file, list_image_files
 from gradad.data.images import read_image_rgb, read_mask, resize_mask
 from gradad.errors import DatasetError, GradError
@@ -76,13 +77,17 @@ def calibrate(
     if masks_dir and not defect_dir:
         raise GradError("--masks needs --defect: the masks belong to the defect images")
     good_dirs = [good_dir] if isinstance(good_dir, (str, Path)) else list(good_dir)
-    good_files = [f for d in good_dirs for f in list_image_files(d, "--good")]
+    listed = [f for d in good_dirs for f in list_image_files(d, "--good")]
+    good_files, copies = distinct_images(listed)
+    warnings_list = []
+    if copies:
+        warnings_list.append(duplicates_warning(len(listed), copies))
+        log.warning(warnings_list[-1])
     good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
     n = len(good_scores)
     threshold, k = far_threshold(good_scores, config.false_alarm_rate)
     upper = binomial_upper_bound(k, n, config.confidence)
     needed = min_images_for_rate(config.false_alarm_rate, config.confidence)
-    warnings_list = []
     if n < needed:
         msg = (f"calibration set too small for a {config.false_alarm_rate:.1%} false-alarm rate: {n} good images "
                f"bound it only to <= {upper:.1%} at {config.confidence:.0%} confidence; use >= {needed} images")
@@ -144,7 +149,7 @@ def calibrate(
         "config": asdict(config),
         "backend": getattr(backend, "name", type(backend).__name__),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": {"good_dirs": [str(d) for d in good_dirs], "n_good": n, "defect_dir": str(defect_dir) if defect_dir else None,
+        "data": {"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies), "defect_dir": str(defect_dir) if defect_dir else None,
                  "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
                  "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)}},
         "warnings": warnings_list,

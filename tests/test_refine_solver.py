@@ -65,7 +65,7 @@ def test_prepare_records_hashed_files_and_normal_level(prepared: Path):
     assert section["checkpoint_vs_onnx_max_rel_error"] < 1e-3
     assert section["normal_map_level"] > 0
     # self-contained: the extractor weights travel with the file (no weight package needed on the device)
-    payload = torch.load(prepared / section["model"], map_location="cpu", weights_only=False)
+    payload = torch.load(prepared / section["model"], map_location="cpu", weights_only=True)
     assert "extractor_state_dict" in payload
 
 
@@ -87,7 +87,7 @@ def test_reprepare_replaces_files_and_keeps_bundle_valid(prepared, trained_tiny,
 
 
 def test_prepare_refuses_a_checkpoint_that_is_not_the_exported_model(bundle, trained_tiny, tmp_path):
-    payload = torch.load(trained_tiny, map_location="cpu", weights_only=False)
+    payload = torch.load(trained_tiny, map_location="cpu", weights_only=True)
     key = next(k for k in payload["state_dict"] if k.startswith("normal_cnn") and k.endswith("weight"))
     payload["state_dict"][key] = payload["state_dict"][key] * 3.0
     other = tmp_path / "other.pt"

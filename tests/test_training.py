@@ -144,14 +144,14 @@ def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: P
     assert all(np.isfinite(r["loss"]) for r in records)
     # The saved config reproduces the run.
     assert config_to_dict(load_config(run / "config.yaml")) == config_to_dict(cfg)
-    payload = torch.load(model_path, weights_only=False)
+    payload = torch.load(model_path, weights_only=True)
     assert payload["classes"] == ["capsule", "fabric", "nut"]
     assert payload["feature_cache_hit"] is False
 
     # Resume from a stage-2 checkpoint: extend stage 2 by one epoch, only that epoch runs.
     cfg.train.stage2_epochs = 3
     save_config(cfg, run / "config.yaml")
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
     state["stage_index"], state["next_epoch"] = 1, 2
     state["config"] = config_to_dict(cfg)
     torch.save(state, run / "checkpoint.pt")
@@ -159,7 +159,7 @@ def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: P
     records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in records][-1] == ("normal", 3)
     assert len(records) == 5
-    assert torch.load(model_path, weights_only=False)["feature_cache_hit"] is True
+    assert torch.load(model_path, weights_only=True)["feature_cache_hit"] is True
 
 
 def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -> None:
@@ -201,7 +201,7 @@ def test_resume_after_interruption_at_the_stage_boundary(tiny_demo_root: Path, t
     monkeypatch.setattr(trainer_module, "normal_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=False)
+    state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=True)
     assert (state["stage_index"], state["next_epoch"], state["optimizer"]) == (1, 0, None)
     monkeypatch.setattr(trainer_module, "normal_step", real_step)
     train(cfg, resume=True)
@@ -224,7 +224,7 @@ def test_normal_only_ablation_skips_stage1(tiny_demo_root: Path, tmp_path: Path)
     model_path = train(cfg)
     records = [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {"normal"}
-    payload = torch.load(model_path, weights_only=False)
+    payload = torch.load(model_path, weights_only=True)
     model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model).eval()
     model.load_state_dict(payload["state_dict"])
     x = torch.randn(2, payload["channels"], *payload["feat_hw"])

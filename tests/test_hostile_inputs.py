@@ -1,0 +1,467 @@
+"""Hostile and faulty inputs (issue 12): real malicious pickles, traversal bundles, bad thresholds, full disks,
+killed writers, leaked credentials, stalled streams, duplicate calibration images, globs with symlink loops."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli_helpers import one_error_line
+
+from gradad.bundle import file_entry, read_manifest, write_manifest
+from gradad.runtime.cli import main as run_main
+
+EVIL = """\
+import os, sys, torch
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + sys.argv[2],))
+torch.save({"format": 1, "config": Evil(), "state_dict": {}}, sys.argv[1])
+"""
+
+
+def _evil_checkpoint(tmp_path: Path, name: str = "model.pt") -> tuple[Path, Path]:
+    """A torch file whose unpickling would create ``marker`` (written by a subprocess, never loaded here)."""
+    path, marker = tmp_path / name, tmp_path / "PWNED"
+    subprocess.run([sys.executable, "-c", EVIL, str(path), str(marker)], check=True)
+    assert path.is_file() and not marker.exists()
+    return path, marker
+
+
+def _manifest_json(bundle_dir: Path) -> dict:
+    return json.loads((bundle_dir / "bundle.json").read_text())
+
+
+def _write_raw(bundle_dir: Path, manifest: dict) -> None:
+    """bundle.json as a hostile user would write it: no validation."""
+    (bundle_dir / "bundle.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def calibrated(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny bundle with a calibration (threshold far above every score: all OK)."""
+    out = tmp_path_factory.mktemp("hostile") / "bundle"
+    shutil.copytree(bundle, out)
+    manifest = read_manifest(out)
+    manifest["calibration"] = {"image_threshold": 1e6, "pixel_threshold": 1e6, "method": "far"}
+    write_manifest(out, manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def frames(tiny_demo_root: Path) -> Path:
+    return tiny_demo_root / "nut" / "test" / "good"
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def _run(args: list[str]) -> "CliRunner.invoke":
+    return CliRunner().invoke(run_main, [*args, "--backend", "onnxruntime", "--stats-every", "0"])
+
+
+# ------------------------------------------------------------------------------------------------ 1. pickles
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path, trained_tiny: Path) -> None:
+    from gradad.errors import CheckpointError
+    from gradad.evaluation.cli import main as eval_main
+    from gradad.export.cli import main as export_main
+    from gradad.training.checkpoint import load_detector, read_checkpoint
+
+    evil, marker = _evil_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*model\.pt.*posix\.system"):
+        read_checkpoint(evil)
+    with pytest.raises(CheckpointError):
+        load_detector(evil)
+    line = one_error_line(CliRunner().invoke(export_main, ["onnx", str(evil), "-o", str(tmp_path / "out")]))
+    assert str(evil) in line and "refusing" in line
+    assert str(evil) in one_error_line(CliRunner().invoke(eval_main, [str(evil)]))
+    assert not marker.exists()
+    # Real training outputs are plain: they load with weights_only=True.
+    assert read_checkpoint(trained_tiny)["state_dict"]
+    assert read_checkpoint(trained_tiny.parent / "checkpoint.pt")["generator"] is not None
+
+
+def test_malicious_refine_model_in_bundle_is_refused(calibrated: Path, tmp_path: Path) -> None:
+    """The grad-refine / grad-run --refine path: a bundle whose refine model (hash updated) is a payload."""
+    from gradad.errors import GradError
+    from gradad.refine.bundle_files import load_refine_parts
+    from gradad.refine.prior import PixelPrior
+    from gradad.training.checkpoint import load_detector
+
+    b = _copy(calibrated, tmp_path)
+    evil, marker = _evil_checkpoint(b, "refine_model.pt")
+    PixelPrior(np.zeros((1, 3)), np.eye(3)[None], 0.0).save(b / "pixel_prior.npz")
+    manifest = read_manifest(b)
+    manifest["refine"] = {"model": "refine_model.pt", "pixel_prior": "pixel_prior.npz", "config": {}}
+    manifest["files"].update({n: file_entry(b / n) for n in ("refine_model.pt", "pixel_prior.npz")})
+    write_manifest(b, manifest)
+    parts = load_refine_parts(b)
+    with pytest.raises(GradError, match="refusing to load"):
+        load_detector(parts.model_path)
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------------- 2. traversal
+
+
+@pytest.mark.parametrize("where", ["files", "engine", "refine", "absolute"])
+def test_bundle_file_names_cannot_leave_the_bundle(calibrated: Path, frames: Path, tmp_path: Path,
+                                                   where: str) -> None:
+    b = _copy(calibrated, tmp_path)
+    manifest = _manifest_json(b)
+    entry = manifest["files"]["model.onnx"]
+    if where == "files":
+        manifest["files"]["../../etc/passwd"] = entry
+    elif where == "absolute":
+        manifest["files"]["/etc/passwd"] = entry
+    elif where == "engine":
+        manifest["engines"] = [{"file": "../outside.plan", "tensorrt_version": "10", "gpu_name": "x",
+                                "compute_capability": "8.7", "precision": "fp16"}]
+    else:
+        manifest["refine"] = {"model": "../../model.pt", "pixel_prior": "p.npz"}
+    _write_raw(b, manifest)
+    line = one_error_line(_run([str(b), "--source", str(frames)]))
+    assert "outside the bundle" in line and "bundle.json" in line
+
+
+def test_symlink_escaping_the_bundle_is_refused(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+    b = _copy(calibrated, tmp_path)
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(b / "model.onnx", outside)
+    (b / "model.onnx").symlink_to(outside)  # same bytes: the hash still matches
+    line = one_error_line(_run([str(b), "--source", str(frames)]))
+    assert "outside the bundle" in line and "symlink" in line
+
+
+# ------------------------------------------------------------------------------------------- 3. thresholds
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0, "0.5", None])
+def test_bad_thresholds_in_bundle_json_are_one_line(calibrated: Path, frames: Path, tmp_path: Path,
+                                                    value: object) -> None:
+    b = _copy(calibrated, tmp_path)
+    manifest = _manifest_json(b)
+    if value is None:
+        manifest["calibration"] = {}
+    else:
+        manifest["calibration"]["image_threshold"] = value
+    _write_raw(b, manifest)  # json writes NaN / Infinity, as a hand-edited file may hold them
+    line = one_error_line(_run([str(b), "--source", str(frames)]))
+    assert "calibration" in line and "image_threshold" in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_bad_threshold_option_is_one_line(calibrated: Path, frames: Path, value: str) -> None:
+    assert "--threshold" in one_error_line(_run([str(calibrated), "--source", str(frames), "--threshold", value]))
+
+
+def test_bad_pixel_threshold_refused_for_refinement(calibrated: Path) -> None:
+    from gradad.errors import GradError
+    from gradad.refine.bundle_files import check_threshold
+
+    for value in (float("nan"), -1.0, 0.0, "x"):
+        with pytest.raises(GradError, match="--pixel-threshold"):
+            check_threshold(value, "--pixel-threshold")
+
+
+# ---------------------------------------------------------------------------------- 4. video, crash and disk
+
+
+def _wait_for(cond, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not cond():
+        time.sleep(0.1)
+
+
+def _frames_in(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.isOpened():
+        ok, _ = cap.read()
+        if not ok:
+            break
+        n += 1
+    cap.release()
+    return n
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_video_survives_sigkill(calibrated: Path, frames: Path, tmp_path: Path, suffix: str) -> None:
+    out = tmp_path / f"run{suffix}"
+    proc = subprocess.Popen([sys.executable, "-m", "gradad.runtime.cli", str(calibrated), "--source", str(frames),
+                             "--loop", "--jsonl", "", "--video", str(out), "--video-segment", "1", "--backend",
+                             "onnxruntime", "--stats-every", "0"], stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: out.with_name(f"run.002{suffix}").exists())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    finished = [out.with_name(f"run.00{i}{suffix}") for i in (0, 1)]
+    for seg in finished:  # closed segments are complete and playable
+        assert _frames_in(seg) > 0
+    if suffix == ".mp4":
+        cap = cv2.VideoCapture(str(finished[0]))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == _frames_in(finished[0])
+        cap.release()
+
+
+FULL_DISK_VIDEO = """\
+import resource, signal, sys, numpy as np, logging
+logging.basicConfig()
+from gradad.runtime.sinks import VideoSink
+from gradad.runtime.types import Frame, FrameResult
+sink = VideoSink(sys.argv[1], fps=10, segment_s=0)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+rng = np.random.default_rng(0)
+for i in range(60):
+    img = rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    sink.write(FrameResult(frame=Frame(i, 0.0, "t", img), score=1.0, normalised_score=0.5, is_anomalous=False,
+                           threshold=2.0, anomaly_map=np.zeros((128, 128), np.float32)))
+sink.close()
+print("REPORT", __import__("json").dumps(sink.report()))
+"""
+
+
+def test_video_on_a_full_disk_is_reported_incomplete(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK_VIDEO, str(tmp_path / "v.mp4")], capture_output=True,
+                          text=True, timeout=120)
+    report = json.loads(proc.stdout.split("REPORT", 1)[1])
+    assert report["complete"] is False and report["problems"]
+    assert "video INCOMPLETE" in proc.stderr
+
+
+def test_jsonl_full_disk_names_the_file_and_keeps_whole_lines(tmp_path: Path, monkeypatch) -> None:
+    from gradad.errors import GradError
+    from gradad.runtime.sinks import JsonlSink
+
+    path = tmp_path / "r.jsonl"
+    sink = JsonlSink(path)
+    sink.write_record({"frame_id": 0})
+    real_write = sink._fh.write
+
+    def full(data):  # the disk takes half the line, then is full
+        real_write(bytes(data)[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(sink, "_fh", type("F", (), {"write": staticmethod(full), "fileno": sink._fh.fileno,
+                                                     "flush": lambda self=None: None,
+                                                     "close": sink._fh.close})())
+    with pytest.raises(GradError, match=r"r\.jsonl.*No space left"):
+        sink.write_record({"frame_id": 1, "pad": "x" * 100})
+    sink.close()
+    text = path.read_text()
+    assert text.endswith("\n") and [json.loads(x)["frame_id"] for x in text.splitlines()] == [0]
+
+
+def test_bad_output_paths_fail_before_the_run(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "--benchmark-out" in one_error_line(_run([str(calibrated), "--source", str(frames), "--benchmark", "2",
+                                                     "--benchmark-out", str(blocker / "b.json")]))
+    jsonl = tmp_path / "r.jsonl"
+    line = one_error_line(_run([str(calibrated), "--source", str(frames), "--jsonl", str(jsonl), "--video",
+                                str(blocker / "v.mp4")]))
+    assert "--video" in line and str(blocker) in line
+
+
+def test_truncated_video_source_warns(tmp_path: Path, caplog) -> None:
+    from gradad.runtime.sources import open_source
+
+    full, cut = tmp_path / "full.avi", tmp_path / "cut.avi"
+    writer = cv2.VideoWriter(str(full), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 64))
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        writer.write(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    writer.release()
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING), open_source(cut) as src:
+        n = len(list(src))
+    assert 0 < n < 30
+    assert f"ended after {n} of the 30 frames" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- 5. secrets
+
+
+def test_one_redaction_for_every_url() -> None:
+    from gradad.urls import redact_url, redact_urls_in
+
+    cases = {
+        "rtsp://admin:p@ss/w0rd@10.0.0.5/live": "rtsp://admin:***@10.0.0.5/live",
+        "https://hooks.example.com/x?token=SECRET&ch=1": "https://hooks.example.com/x?token=***&ch=***",
+        "https://TOKEN123@example.com/hook": "https://***@example.com/hook",
+        "rtsp://u:pa?ss@cam:554/s": "rtsp://u:***@cam:554/s",
+        "http://plain.example.com/path": "http://plain.example.com/path",
+    }
+    for url, want in cases.items():
+        assert redact_url(url) == want
+    assert "secret" not in redact_urls_in("rtspsrc location=rtsp://u:secret@cam/x ! appsink")
+
+
+def test_webhook_logs_hide_credentials(caplog) -> None:
+    from gradad.runtime.sinks import WebhookSink
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connections are refused
+    with caplog.at_level(logging.DEBUG):
+        sink = WebhookSink(f"http://user:hunter2@127.0.0.1:{port}/h?token=SECRET", timeout_s=0.5,
+                           retry_delay_s=0.0, close_timeout_s=2.0)
+        sink.write_record({"frame_id": 0})
+        sink.close()
+    assert sink.failed == 1
+    assert "hunter2" not in caplog.text and "SECRET" not in caplog.text and "127.0.0.1" in caplog.text
+
+
+def test_mqtt_credentials_in_host_are_refused_without_echo(calibrated: Path, frames: Path) -> None:
+    result = _run([str(calibrated), "--source", str(frames), "--mqtt", "user:hunter2@broker"])
+    line = one_error_line(result)
+    assert "--mqtt-user" in line and "GRAD_MQTT_PASSWORD" in line and "hunter2" not in result.output
+    assert "port" in one_error_line(_run([str(calibrated), "--source", str(frames), "--mqtt", "broker:x"]))
+
+
+# ------------------------------------------------------------------------------------ 6. stalled stream
+
+
+def test_stalled_stream_exits_2_not_134(calibrated: Path) -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:  # accepts and never answers: FFmpeg's open hangs until our timeout
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        code = ("import sys; from gradad.runtime.cli import main; "
+                f"sys.argv = ['grad-run', {str(calibrated)!r}, '--source', 'rtsp://u:pw@127.0.0.1:{port}/x', "
+                "'--backend', 'onnxruntime']; main()")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()
+    assert proc.returncode == 2, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] and "pw@" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------- 7. calibration duplicates
+
+
+def test_duplicate_calibration_images_count_once(tmp_path: Path, frames: Path) -> None:
+    from gradad.calibration.duplicates import distinct_images
+
+    good = tmp_path / "good"
+    good.mkdir()
+    source = sorted(frames.iterdir())
+    for i in range(12):
+        shutil.copy(source[0], good / f"copy_{i:02d}.png")
+    img = cv2.imread(str(source[1]))
+    cv2.imwrite(str(good / "reencoded.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    shutil.copy(source[1], good / "original.png")
+    shutil.copy(source[2], good / "other.png")
+    kept, copies = distinct_images(sorted(good.iterdir()))
+    assert len(kept) == 3 and len(copies) == 12  # 11 copies + the JPEG re-encoding
+    assert any(c.name == "reencoded.jpg" or o.name == "reencoded.jpg" for c, o in copies)
+
+
+def test_calibrate_warns_and_counts_distinct(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+    from gradad.calibration.cli import main as calibrate_main
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(12):
+        shutil.copy(sorted(frames.iterdir())[0], good / f"copy_{i:02d}.png")
+    b = _copy(calibrated, tmp_path)
+    result = CliRunner().invoke(calibrate_main, [str(b), "--good", str(good), "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    assert "11 of 12 good images are duplicates" in result.output
+    assert read_manifest(b)["calibration"]["data"]["n_good"] == 1
+
+
+# -------------------------------------------------------------------------------------- 9. glob records
+
+
+def test_glob_records_carry_relative_paths_and_skip_loops(calibrated: Path, frames: Path, tmp_path: Path,
+                                                          caplog) -> None:
+    root = tmp_path / "imgs"
+    for sub in ("crack", "good"):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(sorted(frames.iterdir())[0], root / sub / "000.png")
+    (root / "good" / "loop").symlink_to(root)  # a recursive glob would walk this forever-ish
+    out = tmp_path / "r.jsonl"
+    result = _run([str(calibrated), "--source", str(root / "**" / "*.png"), "--jsonl", str(out)])
+    assert result.exit_code == 0, result.output
+    names = [json.loads(x)["name"] for x in out.read_text().splitlines()]
+    assert names == ["crack/000.png", "good/000.png"]
+    assert "symlink" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ 10. smaller
+
+
+def test_other_valid_onnx_in_bundle_is_one_line(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    b = _copy(calibrated, tmp_path)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "other",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), b / "model.onnx")
+    manifest = read_manifest(b)
+    manifest["files"]["model.onnx"] = file_entry(b / "model.onnx")  # the hash is updated too
+    write_manifest(b, manifest)
+    line = one_error_line(_run([str(b), "--source", str(frames)]))
+    assert "model.onnx" in line and "not a gradad model" in line
+
+
+def test_signals_exit_130_and_143(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"{sig.name}.jsonl"
+        proc = subprocess.Popen([sys.executable, "-m", "gradad.runtime.cli", str(calibrated), "--source",
+                                 str(frames), "--loop", "--jsonl", str(out), "--backend", "onnxruntime"],
+                                stderr=subprocess.DEVNULL)
+        try:
+            _wait_for(lambda: out.exists() and out.stat().st_size > 0)
+            proc.send_signal(sig)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 128 + sig
