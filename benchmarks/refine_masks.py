@@ -1,10 +1,12 @@
-"""F2PAD benchmark: IoU / DICE of the coarse thresholded GRAD mask vs the F2PAD mask on labelled defect images.
+"""F2PAD benchmark: IoU / DICE of coarse GRAD masks vs F2PAD masks on labelled defect images, with pictures.
 
     grad-bench refine --bundle models/demo --data demo_data -o benchmarks/results --name demo_f2pad
 
-The coarse mask is the runtime's anomaly map (ONNX Runtime FP32, the numbers the line sees) above a pixel threshold;
-by default the pixel-F1-optimal threshold over the evaluated images, i.e. the best single threshold the coarse
-mask could have (an oracle for the baseline, so the F2PAD gain is not flattered). F2PAD refines that same mask.
+The coarse mask is the runtime's anomaly map (ONNX Runtime FP32, the numbers the line sees) above a pixel threshold.
+Two baselines are reported: the runtime's calibrated pixel threshold (what the line gets, and what F2PAD refines)
+and the pixel-F1-optimal threshold over the evaluated images (an oracle: the best single threshold the coarse mask
+could have). Images ``grad-refine tune`` used (recorded in bundle.json) are never scored. One panel PNG per image
+(image, truth, coarse mask, F2PAD mask, repaired x_n) goes to ``NAME_panels/``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from tqdm import tqdm
 
 from gradad.cli_utils import setup_logging, user_errors_as_exit
 from gradad.data.datasets import load_samples
-from gradad.data.images import load_sample_arrays
 from gradad.errors import GradError
 
 log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("coarse_iou", "coarse_dice", "oracle_iou", "oracle_dice", "f2pad_iou", "f2pad_dice")
+# panel colours (RGB) of the mask overlays
+_TRUTH, _COARSE, _F2PAD = (0, 200, 0), (255, 200, 0), (255, 0, 0)
 
 
 def iou_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -38,26 +43,42 @@ def iou_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     return (inter / union if union else 1.0), (2 * inter / total if total else 1.0)
 
 
-def pick_samples(samples: list, per_defect: int, seed: int = 0) -> list:
-    """Up to ``per_defect`` labelled defect samples per (class, defect type), seeded, in a stable order."""
-    groups: dict[tuple[str, str], list] = defaultdict(list)
-    for s in samples:
-        if s.label == 1 and s.mask_path is not None:
-            groups[(s.class_name, s.defect_type)].append(s)
-    rng = np.random.default_rng(seed)
-    out = []
-    for key in sorted(groups):
-        group = groups[key]
-        take = sorted(rng.choice(len(group), min(per_defect, len(group)), replace=False)) if per_defect else range(len(group))
-        out.extend(group[i] for i in take)
+def _overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """``image`` with ``mask`` tinted in ``colour`` and its outline drawn."""
+    import cv2
+
+    out = image.copy()
+    tint = np.array(colour, np.float32)
+    out[mask] = (0.5 * out[mask] + 0.5 * tint).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out, contours, -1, colour, 1)
     return out
 
 
+def write_panel(path: Path, image: np.ndarray, truth: np.ndarray, coarse: np.ndarray, refined: np.ndarray,
+                repaired: np.ndarray, scores: tuple[float, float]) -> None:
+    """One PNG: image | truth | coarse mask | F2PAD mask | repaired x_n, each tile titled (IoUs on the masks)."""
+    import cv2
+
+    tiles = [(image, "image"), (_overlay(image, truth, _TRUTH), "truth"),
+             (_overlay(image, coarse, _COARSE), f"coarse IoU {100 * scores[0]:.0f}"),
+             (_overlay(image, refined, _F2PAD), f"F2PAD IoU {100 * scores[1]:.0f}"), (repaired, "repaired x_n")]
+    h, w = image.shape[:2]
+    bar = 18
+    canvas = np.full((h + bar, len(tiles) * (w + 4), 3), 255, np.uint8)
+    for k, (tile, title) in enumerate(tiles):
+        x0 = k * (w + 4)
+        canvas[bar:, x0:x0 + w] = tile
+        cv2.putText(canvas, title, (x0 + 2, bar - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if not cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise GradError(f"cannot write {path}")
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("coarse_iou", "coarse_dice", "f2pad_iou", "f2pad_dice")
     out: dict[str, Any] = {"images": len(rows)}
-    out.update({k: float(np.mean([r[k] for r in rows])) for k in keys})
+    out.update({k: float(np.mean([r[k] for r in rows])) for k in METRIC_KEYS})
     out["iou_gain"] = out["f2pad_iou"] - out["coarse_iou"]
+    out["iou_gain_over_oracle"] = out["f2pad_iou"] - out["oracle_iou"]
     out["seconds_per_image"] = float(np.mean([r["seconds_per_image"] for r in rows]))
     out["iterations_mean"] = float(np.mean([r["iterations"] for r in rows]))
     return out
@@ -65,51 +86,60 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, per_defect: int,
                   pixel_threshold: float | None, assignments: tuple[str, ...], device: str | None,
-                  threads: int) -> dict[str, Any]:
-    """Refine the selected defect images; per-image rows and per-class / overall means."""
+                  threads: int, panels_dir: Path | None = None) -> dict[str, Any]:
+    """Refine the selected defect images (tuning images left out); per-image rows, per-class / per-defect-type /
+    overall means; a panel per image in ``panels_dir`` (None: no pictures)."""
     import torch
 
-    from gradad.bundle import read_manifest
     from gradad.calibration.thresholds import pixel_threshold_f1
-    from gradad.refine.bundle_files import load_refine_parts
+    from gradad.refine.bundle_files import load_refine_parts, tuning_images
     from gradad.refine.cli import apply_refine_set
     from gradad.refine.refiner import Refiner
+    from gradad.refine.tuning import labelled_arrays, pick_samples
     from gradad.runtime.loader import load_backend
 
-    manifest = read_manifest(bundle_dir)
-    size = manifest["input"]["model_height"]
-    samples = pick_samples(load_samples(data_root, "test", classes), per_defect)
+    excluded = tuning_images(bundle_dir)
+    samples = pick_samples(load_samples(data_root, "test", classes), per_defect, exclude=excluded)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
-    arrays = [load_sample_arrays(s, size) for s in tqdm(samples, desc="reading", unit="img")]
-    images = np.stack([a[0] for a in arrays])
-    truths = np.stack([a[1] for a in arrays]).astype(bool)
-    backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
-    _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
-    rule = "given"
-    if pixel_threshold is None:
-        pixel_threshold, _ = pixel_threshold_f1(maps, truths)
-        rule = "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)"
-    parts = load_refine_parts(bundle_dir, pixel_threshold)
+    parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
     refiner = Refiner.from_parts(parts, config)
+    images, truths = labelled_arrays(samples, refiner.detector.head.image_hw[0])
+    backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
+    _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
+    backend.close()
+    oracle_threshold, _ = pixel_threshold_f1(maps, truths)
+    if panels_dir is not None:
+        panels_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     statuses: Counter = Counter()
     bar = tqdm(total=len(samples), desc="F2PAD", unit="img")
     for start in range(0, len(samples), config.max_batch):
         idx = list(range(start, min(start + config.max_batch, len(samples))))
-        t0 = time.perf_counter()
-        results = refiner.refine([images[i] for i in idx], [maps[i] for i in idx])
+        t0, c0 = time.perf_counter(), time.process_time()
+        results = refiner.refine([images[i] for i in idx], [maps[i] for i in idx],
+                                 [samples[i].class_name for i in idx])
         per_image = (time.perf_counter() - t0) / len(idx)
+        cpu_per_image = (time.process_time() - c0) / len(idx)
         for i, r in zip(idx, results):
             c_iou, c_dice = iou_dice(r.coarse_mask, truths[i])
+            o_iou, o_dice = iou_dice(maps[i] > oracle_threshold, truths[i])
             f_iou, f_dice = iou_dice(r.mask, truths[i])
             statuses[r.status] += 1
-            rows.append({"image": str(samples[i].image_path), "class": samples[i].class_name,
-                         "defect": samples[i].defect_type, "coarse_iou": c_iou, "coarse_dice": c_dice,
-                         "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": r.iterations, "status": r.status,
-                         "seconds_per_image": per_image})
+            s = samples[i]
+            row = {"image": str(s.image_path), "class": s.class_name, "defect": s.defect_type,
+                   "coarse_iou": c_iou, "coarse_dice": c_dice, "oracle_iou": o_iou, "oracle_dice": o_dice,
+                   "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": r.iterations, "status": r.status,
+                   "seconds_per_image": per_image, "cpu_seconds_per_image": cpu_per_image,
+                   "truth_area_px": int(truths[i].sum()), "coarse_area_px": int(r.coarse_mask.sum()),
+                   "f2pad_area_px": int(r.mask.sum())}
+            if panels_dir is not None:
+                panel = panels_dir / f"{i:03d}_{s.class_name}_{s.defect_type}_{Path(s.image_path).stem}.png"
+                write_panel(panel, images[i], truths[i], r.coarse_mask, r.mask, r.repaired, (c_iou, f_iou))
+                row["panel"] = f"{panels_dir.name}/{panel.name}"
+            rows.append(row)
         bar.update(len(idx))
         bar.set_postfix(iou=f"{np.mean([r['coarse_iou'] for r in rows]):.3f}->"
                             f"{np.mean([r['f2pad_iou'] for r in rows]):.3f}")
@@ -121,7 +151,12 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         by_defect[f"{r['class']}/{r['defect']}"].append(r)
     return {
         "bundle": str(bundle_dir), "data": str(data_root), "images_per_defect_type": per_defect,
-        "pixel_threshold": float(pixel_threshold), "threshold_rule": rule,
+        "pixel_threshold": float(parts.pixel_threshold),
+        "threshold_rule": "given" if pixel_threshold is not None else "the bundle's calibrated pixel threshold",
+        "oracle_pixel_threshold": float(oracle_threshold),
+        "oracle_rule": "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)",
+        "feature_scale": refiner.feature_scale, "class_settings": parts.class_settings,
+        "tuning_images_excluded": len(excluded),
         "device": str(refiner.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "config": config.to_dict(), "statuses": dict(statuses),
@@ -133,13 +168,15 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """Per-class table: coarse vs F2PAD IoU / DICE, seconds and iterations per image."""
-    lines = ["| class | images | coarse IoU | F2PAD IoU | coarse DICE | F2PAD DICE | s / image | iterations |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s in [*result["per_class"].items(), ("**mean**", result["mean"])]:
-        lines.append(f"| {name} | {s['images']} | {100 * s['coarse_iou']:.1f} | {100 * s['f2pad_iou']:.1f} | "
-                     f"{100 * s['coarse_dice']:.1f} | {100 * s['f2pad_dice']:.1f} | {s['seconds_per_image']:.2f} | "
-                     f"{s['iterations_mean']:.0f} |")
+    """Per-class and per-defect-type table: coarse (calibrated and oracle threshold) vs F2PAD IoU / DICE."""
+    lines = ["| class / defect | images | coarse IoU (calibrated) | coarse IoU (oracle) | F2PAD IoU | coarse DICE "
+             "(calibrated) | coarse DICE (oracle) | F2PAD DICE | s / image | iterations |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    groups = [*result["per_class"].items(), *result.get("per_defect", {}).items(), ("**mean**", result["mean"])]
+    for name, s in groups:
+        lines.append(f"| {name} | {s['images']} | {100 * s['coarse_iou']:.1f} | {100 * s['oracle_iou']:.1f} | "
+                     f"{100 * s['f2pad_iou']:.1f} | {100 * s['coarse_dice']:.1f} | {100 * s['oracle_dice']:.1f} | "
+                     f"{100 * s['f2pad_dice']:.1f} | {s['seconds_per_image']:.2f} | {s['iterations_mean']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +186,9 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False), help="Dataset root.")
 @click.option("--classes", multiple=True)
 @click.option("--per-defect", type=int, default=0, help="Images per (class, defect type); 0 = all.")
-@click.option("--pixel-threshold", type=float, help="Coarse threshold [default: pixel-F1-optimal, see module doc].")
+@click.option("--pixel-threshold", type=float, help="Coarse threshold F2PAD refines [default: the bundle's calibrated "
+              "one; the oracle baseline is always reported too].")
+@click.option("--panels/--no-panels", default=True, show_default=True, help="Write NAME_panels/*.png.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override, e.g. --set max_iterations=200.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
@@ -157,14 +196,14 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--name", required=True, help="Result file stem.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
-def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, assignments, device, threads, out_dir, name,
-         verbose) -> None:
+def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, panels, assignments, device, threads, out_dir,
+         name, verbose) -> None:
     """F2PAD masks: IoU / DICE of coarse vs refined masks, seconds and iterations per image (NAME.json/.md)."""
     setup_logging(verbose)
     from gradad.benchmarks.results_io import KIND_REFINE, command_line, result_header, write_result_files
 
     result = run_benchmark(bundle_dir, data_root, list(classes) or None, per_defect, pixel_threshold, assignments,
-                           device, threads)
+                           device, threads, Path(out_dir) / f"{name}_panels" if panels else None)
     ctx = click.get_current_context()
     # under `grad-bench refine` the group recorded the raw arguments (subcommand included)
     raw = ctx.find_root().meta.get("gradad.bench.raw_args")

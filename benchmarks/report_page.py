@@ -404,7 +404,7 @@ def headline(res: Results) -> list[str]:
 
 
 def refine_block(name: str, result: dict[str, Any]) -> list[str]:
-    """One F2PAD mask benchmark: the sentence follows the numbers, then the per-class table."""
+    """One F2PAD mask benchmark: the sentence follows the numbers, then the table and links to the panels."""
     from gradad.benchmarks.refine_masks import markdown as refine_table
 
     from gradad.refine.config import RefineConfig
@@ -415,14 +415,22 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     changed = [f"{k}={v}" for k, v in result.get("config", {}).items()
                if k not in ("device", "threads") and defaults.get(k) != v]
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
-    return [f"### {Path(result['data']).name} — `{name}`", "",
-            f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
-            f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
-            f"{m['images']} defect images, at {m['seconds_per_image']:.1f} s and {m['iterations_mean']:.0f} "
-            f"iterations per image ({result['device']}, {result['threads']} threads); coarse threshold: "
-            f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}. Settings different from the "
-            f"defaults: {', '.join(changed) or 'none'}.", "", refine_table(result).rstrip("\n"),
-            ""]
+    oracle = (f" (oracle coarse threshold {result['oracle_pixel_threshold']:.2f}: IoU {pct(m['oracle_iou'])}, "
+              f"F2PAD {100 * (m['f2pad_iou'] - m['oracle_iou']):+.1f} points)") if "oracle_iou" in m else ""
+    lines = [f"### {Path(result['data']).name} — `{name}`", "",
+             f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
+             f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
+             f"{m['images']} defect images{oracle}, at {m['seconds_per_image']:.1f} s and "
+             f"{m['iterations_mean']:.0f} iterations per image ({result['device']}, {result['threads']} threads); "
+             f"coarse threshold: {result['threshold_rule']} = {result['pixel_threshold']:.2f}. Tuned per class: "
+             f"{result.get('class_settings') or 'nothing'}. Settings different from the defaults: "
+             f"{', '.join(changed) or 'none'}.", "", refine_table(result).rstrip("\n"), ""]
+    panels = [(r["panel"], f"{r['class']}/{r['defect']}/{Path(r['image']).stem}") for r in result["images"]
+              if r.get("panel")]
+    if panels:
+        lines += ["Panels (image | truth | coarse | F2PAD | repaired x_n): "
+                  + ", ".join(f"[{label}]({path})" for path, label in panels), ""]
+    return lines
 
 
 def other_section(res: Results, folder: Path) -> list[str]:

@@ -14,11 +14,15 @@ class AdanDirection:
     """Keeps Adan's three moments for a (B, ...) tensor; :meth:`direction` returns the normalised step direction."""
 
     def __init__(self, shape: torch.Size, betas: tuple[float, float, float], eps: float,
-                 device: torch.device | str, dtype: torch.dtype = torch.float32, per_row_scale: bool = False) -> None:
+                 device: torch.device | str, dtype: torch.dtype = torch.float32, per_row_scale: bool = False,
+                 row_floor: float = 0.0) -> None:
         self.betas = betas
         # per_row_scale: one second-moment scale per row (image) instead of per element, so an element's step is
         # proportional to its gradient (see RefineConfig.adan_scale).
         self.per_row_scale = per_row_scale
+        # row_floor > 0 (with per_row_scale False): each element's second moment is floored at row_floor x its row's
+        # mean, so elements with a weak gradient take steps up to 1/sqrt(row_floor) x the per-row step, not more.
+        self.row_floor = row_floor
         self.eps = eps
         self.step_count = 0
         self.exp_avg = torch.zeros(shape, device=device, dtype=dtype)
@@ -42,5 +46,7 @@ class AdanDirection:
         self.prev_grad[rows] = grad
         if self.per_row_scale:
             n = n.mean(dim=tuple(range(1, n.dim())), keepdim=True)
+        elif self.row_floor > 0:
+            n = torch.maximum(n, self.row_floor * n.mean(dim=tuple(range(1, n.dim())), keepdim=True))
         denom = (n / (1 - b3**k)).sqrt_().add_(self.eps)
         return (m / (1 - b1**k) + b2 * v / (1 - b2**k)) / denom

@@ -18,7 +18,7 @@ import numpy as np
 from gradad.bundle import (FP32_ONNX, BundleError, bundle_file, check_threshold, file_entry, read_manifest,
                            sha256_file, verify_files, write_manifest)
 from gradad.errors import GradError
-from gradad.refine.config import RefineConfig, refine_config_from_dict
+from gradad.refine.config import CLASS_SETTINGS, RefineConfig, refine_config_from_dict
 from gradad.refine.prior import PRIOR_FILE, PixelPrior, fit_pixel_prior
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class RefineParts:
     mean: list[float]
     std: list[float]
     normal_level: float  # anomaly-map level of good training images (feature loss floor)
+    feature_scale: float  # fixed divisor of the feature loss (the calibrated pixel threshold at preparation)
+    class_settings: dict[str, dict[str, Any]]  # per-class tuned RefineConfig overrides (grad-refine tune)
 
 
 def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement") -> BundleError:
@@ -70,11 +72,41 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
             raise BundleError(f"bundle {bundle_dir} has no calibrated pixel threshold: run grad-calibrate on it "
                               "first")
     pixel_threshold = check_threshold(pixel_threshold, "--pixel-threshold")
+    # Bundles prepared before the scale was stored: the calibrated threshold (never the one passed in).
+    feature_scale = section.get("feature_scale") or (manifest.get("calibration") or {}).get("pixel_threshold")
+    feature_scale = check_threshold(feature_scale if feature_scale is not None else pixel_threshold,
+                                    "refine.feature_scale")
+    classes = section.get("classes") or {}
+    if not isinstance(classes, dict) or not all(isinstance(v, dict) for v in classes.values()):
+        raise _not_prepared(bundle_dir, "has a malformed 'refine.classes' section in bundle.json")
+    class_settings = {name: {k: v for k, v in values.items() if k in CLASS_SETTINGS}
+                      for name, values in classes.items()}
     norm = manifest["input"]["normalisation"]
     return RefineParts(bundle_file(bundle_dir, section["model"]),
                        PixelPrior.load(bundle_file(bundle_dir, section["pixel_prior"])),
                        refine_config_from_dict(section.get("config", {})), pixel_threshold,
-                       list(norm["mean"]), list(norm["std"]), float(section.get("normal_map_level", 0.0)))
+                       list(norm["mean"]), list(norm["std"]), float(section.get("normal_map_level", 0.0)),
+                       float(feature_scale), class_settings)
+
+
+def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, Any]],
+                         tuning: dict[str, dict[str, Any]]) -> None:
+    """Store per-class tuned settings (``CLASS_SETTINGS`` keys) and per-class tuning records (evidence and the
+    images used, so benchmarks can leave them out) in bundle.json's refine section; other classes' entries (a
+    unified bundle tuned one dataset at a time) are kept."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    if not manifest.get("refine"):
+        raise _not_prepared(bundle_dir)
+    manifest["refine"].setdefault("classes", {}).update(classes)
+    manifest["refine"].setdefault("tuning", {}).update(tuning)
+    write_manifest(bundle_dir, manifest)
+
+
+def tuning_images(bundle_dir: str | Path) -> set[str]:
+    """Paths of the labelled images ``grad-refine tune`` used (never to be scored)."""
+    section = read_manifest(Path(bundle_dir)).get("refine") or {}
+    return {path for record in (section.get("tuning") or {}).values() for path in record.get("images", [])}
 
 
 def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float], count: int,
@@ -145,6 +177,10 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     error, lowres = check_checkpoint_matches(bundle_dir, detector, train_images[:NORMAL_LEVEL_IMAGES],
                                              norm["mean"], norm["std"], checkpoint)
     normal_level = float(np.quantile(lowres, NORMAL_LEVEL_QUANTILE))
+    calibrated = (manifest.get("calibration") or {}).get("pixel_threshold")
+    feature_scale, scale_rule = ((float(calibrated), "calibrated pixel threshold at preparation") if calibrated
+                                 else (float(lowres.max()), "maximum of the feature-resolution map on the training "
+                                                            "sample (bundle not calibrated at preparation)"))
     pixels = training_pixels(train_images, norm["mean"], norm["std"], config.mog_pixels)
     prior = fit_pixel_prior(pixels, config.mog_components, config.mog_em_iterations, config.mog_covariance_floor)
     old = manifest.get("refine") or {}
@@ -173,6 +209,8 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
         "normal_map_level": normal_level,
         "normal_map_level_rule": f"{NORMAL_LEVEL_QUANTILE} quantile of the feature-resolution anomaly map on "
                                  f"{min(len(train_images), NORMAL_LEVEL_IMAGES)} training images",
+        "feature_scale": feature_scale,
+        "feature_scale_rule": scale_rule,
         "prior": {"components": len(prior.means), "pixels": len(pixels), "images": len(train_images),
                   "mean_log_likelihood": prior.mean_log_likelihood},
         "config": config.to_dict(),

@@ -99,6 +99,55 @@ def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assi
                f"{section['checkpoint_vs_onnx_max_rel_error']:.1e}")
 
 
+@main.command()
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+              help="Calibrated bundle prepared with grad-refine prepare.")
+@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
+              help="Labelled dataset root (MVTec layout): the tuning split comes out of its test defects.")
+@click.option("--classes", multiple=True, help="Classes to tune [default: all].")
+@click.option("--per-defect", type=int, default=2, show_default=True,
+              help="Labelled defects per (class, defect type) taken out for tuning (recorded; benchmarks skip them).")
+@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
+@click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def tune(bundle_dir, data_root, classes, per_defect, threads, assignments, verbose) -> None:
+    """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
+
+    lambda0: the "no defect vs true decomposition" break-even check on the tuning defects; tau: the repair noise
+    of good images (<class>/validation/good when it exists, else training images); see gradad.refine.tuning.
+    """
+    setup_logging(verbose)
+    from gradad.data.datasets import load_samples
+    from gradad.refine.bundle_files import load_refine_parts, write_class_settings
+    from gradad.refine.refiner import Refiner
+    from gradad.refine.tuning import TUNING_SEED, good_images_for, labelled_arrays, pick_samples, tune_class
+    from gradad.runtime.loader import load_backend
+
+    parts = load_refine_parts(bundle_dir)
+    config = apply_refine_set(dataclasses.replace(parts.config, threads=threads), assignments)
+    refiner = Refiner.from_parts(parts, config)
+    size = refiner.detector.head.image_hw[0]
+    samples = pick_samples(load_samples(data_root, "test", list(classes) or None), per_defect, TUNING_SEED)
+    if not samples:
+        raise GradError(f"no labelled defect images (with masks) under {data_root}")
+    backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
+    settings, records = {}, {}
+    for name in sorted({s.class_name for s in samples}):
+        chosen = [s for s in samples if s.class_name == name]
+        images, truths = labelled_arrays(chosen, size)
+        _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
+        good, good_source = good_images_for(data_root, name, size, config.mask_tau_images)
+        values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good)
+        settings[name] = values
+        records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
+                         "images": [str(s.image_path) for s in chosen], "settings": values}
+        click.echo(f"{name}: {values} ({evidence.get('truth_beats_no_defect_at_lambda0', 0)} of "
+                   f"{evidence['flagged_tuning_images']} tuning defects: truth beats 'no defect')")
+    backend.close()
+    write_class_settings(bundle_dir, {k: v for k, v in settings.items() if v}, records)
+
+
 def _input_files(inputs: tuple[str, ...]) -> list[Path]:
     from gradad.data.datasets import is_image_file, list_image_files
 

@@ -14,7 +14,10 @@ from typing import Any
 from gradad.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-INPAINT_METHODS = ("telea", "navier_stokes", "mean")
+INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
+ADAN_SCALES = ("image", "pixel", "floored")
+# Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
+CLASS_SETTINGS = ("lambda0", "mask_tau", "inpaint")
 
 
 @dataclass(frozen=True)
@@ -22,28 +25,48 @@ class RefineConfig:
     """F2PAD objective, optimiser and execution settings."""
 
     # --- objective -------------------------------------------------------------------------------------------
-    # L(x - a): GRAD's anomaly map on x_n, averaged over the optimisation region and divided by the calibrated pixel
-    # threshold (our scaling: 1.0 = "at the defect threshold", so the other weights do not depend on the map's units).
+    # Every term is a sum over pixels divided by the image area N (a per-pixel mean over the whole image), so the
+    # weights below do not depend on the image size.
+    # L(x - a): GRAD's anomaly map on x_n above the normal level, summed over the image / N, divided by the bundle's
+    # fixed feature scale (``feature_scale`` in bundle.json: the calibrated pixel threshold when the bundle was
+    # prepared). Never the threshold passed in at run time, so the balance of the terms is the same on the line and
+    # in the benchmark.
     feature_weight: float = 1.0
-    # lambda = lambda0 / (estimated anomaly area fraction), paper's sparsity prior; the area fraction is the coarse
-    # mask's share of the optimisation region, clipped below by min_area_fraction.
-    lambda0: float = 0.2
-    min_area_fraction: float = 0.05
+    # Paper's rule: lambda = lambda0 / (anomaly area / image area), the anomaly area estimated by the coarse mask's
+    # area; the fraction is clipped below by min_area_fraction (a 1-pixel coarse mask would give lambda ~ N).
+    # lambda0 is chosen per class by ``grad-refine tune`` (bundle.json refine.classes); this is the fallback.
+    lambda0: float = 0.02
+    min_area_fraction: float = 0.001
     log_eps: float = 1e-3  # epsilon of log(|a| + sqrt(|a|^2 + eps)) (paper: small constant that keeps it smooth at 0)
     # |a| is taken as sqrt(|a|^2 + norm_smoothing^2) (ours): removes the kink of the norm at a = 0, well below mask_tau
     norm_smoothing: float = 0.02
     gamma_mog: float = 0.02  # gamma_1: weight of the per-pixel min squared Mahalanobis distance to the pixel GMM
     gamma_tv: float = 0.05  # gamma_2: weight of anisotropic total variation of x_n
     validity_weight: float = 10.0  # squared penalty for x_n outside the displayable [0, 255] range
+    # --- lambda0 tuning (grad-refine tune; the paper tunes lambda0 by hand) --------------------------------------
+    # Per tuning image, the break-even lambda0 is the value at which "no defect" (x_n = x) and the true
+    # decomposition (x_n = inpaint of the ground-truth mask) have the same objective; below it the truth wins.
+    # Per class: lambda0 = lambda0_breakeven_factor * the lambda0_breakeven_quantile of the images' break-evens.
+    lambda0_breakeven_quantile: float = 0.5
+    lambda0_breakeven_factor: float = 0.5
+    lambda0_min: float = 1e-4  # floor of a tuned lambda0 (a class whose truth never beats "no defect" keeps some sparsity)
     # --- pixel prior (equal-weight Gaussian mixture fitted by EM on training pixels) ------------------------------
     mog_components: int = 5
     mog_em_iterations: int = 50
     mog_pixels: int = 200_000  # training pixels sampled for EM
     mog_covariance_floor: float = 1e-4  # added to covariance diagonals (normalised units squared)
     # --- region and initialisation -----------------------------------------------------------------------------
-    region_dilation_px: int = 9  # coarse mask (map > calibrated pixel threshold) is dilated by this radius
-    inpaint: str = "telea"  # x_n init inside the coarse mask: OpenCV Telea / Navier-Stokes, or mean of the ring
+    # The start deliberately over-covers: x_n is inpainted over the coarse mask (map > calibrated pixel threshold)
+    # dilated by start_dilation_px, so a != 0 on and around the defect and the sparsity term only has to shrink it.
+    start_dilation_px: int = 4
+    # optimisation region = start mask dilated by this radius (room to grow beyond the start)
+    region_dilation_px: int = 6
+    # x_n init over the start mask: OpenCV Telea / Navier-Stokes, mean of the ring around the mask, or "shift":
+    # the mask filled with the image's own texture copied from the nearby offset whose surroundings match best
+    # (textured surfaces, where Telea's smooth fill looks more anomalous to GRAD than the defect).
+    inpaint: str = "telea"
     inpaint_radius_px: int = 5
+    shift_search_px: int = 24  # "shift" inpainting: largest offset searched (pixels, both axes)
     # --- local gradient sharing (bilateral 5x5) ----------------------------------------------------------------
     share_kernel: int = 5
     share_sigma_space: float = 1.0  # pixels
@@ -58,8 +81,11 @@ class RefineConfig:
     adan_eps: float = 1e-8
     # "image": Adan's second moment averaged over each image, so a pixel's step is proportional to its gradient;
     # "pixel": textbook per-element Adan, which moves every pixel of the region by the full step from iteration 1
-    # (pixels with negligible gradient included), adding noise that the sparsity term then has to undo.
-    adan_scale: str = "image"
+    # (pixels with negligible gradient included), adding noise that the sparsity term then has to undo;
+    # "floored": per-element second moment floored at adan_pixel_floor x the image mean, so pixels with a weak
+    # gradient (e.g. at a = 0 outside the start mask) still take steps up to 1/sqrt(floor) x the "image" step.
+    adan_scale: str = "floored"
+    adan_pixel_floor: float = 0.1
     update_clamp: float = 0.03  # paper's gradient clamp, applied to the per-pixel update (normalised units)
     # --- stopping ------------------------------------------------------------------------------------------------
     max_iterations: int = 1200  # paper: 1200
@@ -70,14 +96,23 @@ class RefineConfig:
     stop_relative_drop: float = 0.005
     min_iterations: int = 20
     # --- mask ------------------------------------------------------------------------------------------------------
-    mask_tau: float = 0.1  # pixel mask = ||a_ij|| > tau, measured in RGB units of [0, 1] (0.1 ~ 26 grey levels)
+    # pixel mask = ||a_ij|| > tau, ||.|| in RGB units of [0, 1] (0.1 ~ 26 grey levels). Fallback: grad-refine tune
+    # calibrates tau per class as the mask_tau_quantile of ||a|| inside the region after refining good images with
+    # defect-shaped regions (the repair noise of a surface without a defect).
+    mask_tau: float = 0.1
+    mask_tau_quantile: float = 0.99
+    mask_tau_images: int = 8  # good images per class refined for the tau calibration
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
+    # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
+    # (map > core_threshold_factor x pixel threshold), the core is added to the mask.
+    collapse_fraction: float = 0.25
+    core_threshold_factor: float = 1.5
     reestimate_iterations: int = 0  # optional re-estimation pass with lambda = 0 inside the final mask (0 = off)
     # --- execution -------------------------------------------------------------------------------------------------
     device: str = "auto"  # auto = CUDA when available
     max_batch: int = 8  # flagged frames refined together
     time_budget_s: float = 5.0  # per-frame wall-time budget; 0 = none. When it runs out: best mask so far, marked
-    threads: int = 0  # torch CPU threads (0 = torch default)
+    threads: int = 0  # torch CPU threads (0 = torch default); the refiner also flushes denormals (~15x on CPU)
 
     def __post_init__(self) -> None:
         problems = []
@@ -85,8 +120,11 @@ class RefineConfig:
             problems.append(f"device={self.device!r} (choose {', '.join(DEVICES)})")
         if self.inpaint not in INPAINT_METHODS:
             problems.append(f"inpaint={self.inpaint!r} (choose {', '.join(INPAINT_METHODS)})")
-        if self.adan_scale not in ("image", "pixel"):
-            problems.append(f"adan_scale={self.adan_scale!r} (choose image, pixel)")
+        if self.adan_scale not in ADAN_SCALES:
+            problems.append(f"adan_scale={self.adan_scale!r} (choose {', '.join(ADAN_SCALES)})")
+        for name in ("lambda0_breakeven_quantile", "mask_tau_quantile", "adan_pixel_floor", "collapse_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:
             problems.append(f"share_kernel={self.share_kernel} (must be odd and >= 1)")
         if not 1.0 <= self.step_min <= self.step_max:
@@ -97,7 +135,8 @@ class RefineConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         for name in ("lambda0", "gamma_mog", "gamma_tv", "validity_weight", "feature_weight", "time_budget_s",
-                     "region_dilation_px", "mask_tau", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations"):
+                     "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
+                     "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 0)")
         for name in ("learning_rate", "update_clamp", "log_eps", "share_sigma_space", "share_sigma_color",

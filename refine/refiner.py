@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.refine.config import RefineConfig
+from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
 from gradad.refine.regions import coarse_mask, dilate, drop_small_components, inpaint
 from gradad.refine.result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET,
@@ -42,6 +42,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def configure_cpu(threads: int) -> None:
+    """Flush denormal floats to zero (the solver's tiny updates otherwise hit the slow denormal path: ~15x slower on
+    CPU with identical masks) and set torch's CPU threads (``threads`` > 0; inter-op threads 1 so the pools do not
+    oversubscribe the cores)."""
+    torch.set_flush_denormal(True)
+    if threads > 0:
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or parallel work already ran in this process
+            pass
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error naming the setting."""
     if name == "auto":
@@ -61,25 +74,40 @@ class _Batch:
     lam: torch.Tensor  # (B,) sparsity weight per image
     weights: torch.Tensor  # (B, k*k, H, W) bilateral sharing weights
     readout: torch.Tensor  # (B, 1, h, w) feature-resolution weights of the feature loss
+    tau: np.ndarray  # (B,) mask threshold per image (RGB units of [0, 1])
+    core: list[np.ndarray | None]  # per image: the coarse map's confident core (collapse guard), None = no guard
 
 
 class Refiner:
     """Frozen GRAD detector + pixel prior + config; :meth:`refine` turns coarse maps into refined masks."""
 
     def __init__(self, detector: torch.nn.Module, mean: Sequence[float], std: Sequence[float], pixel_threshold: float,
-                 prior: PixelPrior, config: RefineConfig | None = None, normal_level: float = 0.0) -> None:
+                 prior: PixelPrior, config: RefineConfig | None = None, normal_level: float = 0.0,
+                 feature_scale: float | None = None, class_settings: dict[str, dict[str, Any]] | None = None) -> None:
+        """``pixel_threshold`` makes the coarse mask; ``feature_scale`` (the bundle's fixed scale of the feature
+        term, default: ``pixel_threshold``) divides the feature loss; ``class_settings`` maps a class name to
+        RefineConfig overrides (``CLASS_SETTINGS``: tuned lambda0, tau, inpainting) used for images of that class."""
         self.config = config or RefineConfig()
         if not pixel_threshold > 0:
             raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
         self.device = resolve_device(self.config.device)
         log.debug("refiner on %s (torch %s, CUDA available: %s)", self.device, torch.__version__,
                   torch.cuda.is_available())
-        if self.config.threads > 0:
-            torch.set_num_threads(self.config.threads)
+        configure_cpu(self.config.threads)
         self.detector = detector.to(self.device).eval()
         for p in self.detector.parameters():
             p.requires_grad_(False)  # gradients only w.r.t. the image
         self.pixel_threshold = float(pixel_threshold)
+        self.feature_scale = float(feature_scale if feature_scale is not None else pixel_threshold)
+        if not self.feature_scale > 0:
+            raise GradError(f"feature scale must be > 0 for refinement, got {self.feature_scale}")
+        self.class_configs: dict[str, RefineConfig] = {}
+        for name, values in (class_settings or {}).items():
+            unknown = set(values) - set(CLASS_SETTINGS)
+            if unknown:
+                raise GradError(f"refine: class {name!r} has unknown setting(s) {', '.join(sorted(unknown))}")
+            self.class_configs[name] = dataclasses.replace(self.config, **values)
+        self._readout_cache: dict[tuple[int, int], torch.Tensor] = {}
         # Map level of good training images: the feature loss only penalises the map above it, so the optimiser
         # stops once the region looks normal instead of driving the map adversarially towards zero.
         self.normal_level = float(normal_level)
@@ -99,7 +127,7 @@ class Refiner:
 
         detector, _ = load_detector(parts.model_path)
         return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
-                   parts.normal_level)
+                   parts.normal_level, parts.feature_scale, parts.class_settings)
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
@@ -123,12 +151,16 @@ class Refiner:
         return rgb.round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     # -- objective -------------------------------------------------------------------------------------------------
-    def readout_weights(self, region: torch.Tensor) -> torch.Tensor:
-        """Per-image weights that turn the feature-resolution map into the feature loss (see objective.py)."""
-        h, w = region.shape[-2:]
-        stride = self._feature_stride(h, w)
-        shape = (region.shape[0], 1, h // stride, w // stride)
-        return linear_readout_weights(self.detector.head.postprocess, shape, region, self.pixel_threshold)
+    def readout_weights(self, batch_size: int, h: int, w: int) -> torch.Tensor:
+        """(B, 1, h/s, w/s) weights that turn the feature-resolution map into the feature loss: the image mean of
+        the full-resolution map divided by the bundle's feature scale (see objective.py); one per image size."""
+        if (h, w) not in self._readout_cache:
+            stride = self._feature_stride(h, w)
+            ones = torch.ones((1, 1, h, w), dtype=torch.float32, device=self.device)
+            with torch.enable_grad():  # one backward pass of the linear post-processing, also under no_grad
+                self._readout_cache[(h, w)] = linear_readout_weights(
+                    self.detector.head.postprocess, (1, 1, h // stride, w // stride), ones, self.feature_scale)
+        return self._readout_cache[(h, w)].expand(batch_size, -1, -1, -1)
 
     def _feature_stride(self, h: int, w: int) -> int:
         fh, fw = self.detector.model.feat_hw
@@ -140,18 +172,20 @@ class Refiner:
                   readout: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-image terms and total (each (B,)); differentiable w.r.t. ``x_n``.
 
-        ``readout`` from :meth:`readout_weights`: the feature loss equals the region mean of the full anomaly map
-        on ``x_n`` divided by the pixel threshold, computed at feature resolution; only the part of the map above
-        the normal level counts.
+        ``readout`` from :meth:`readout_weights`: the feature loss equals the image mean of the full anomaly map
+        on ``x_n`` divided by the bundle's feature scale, computed at feature resolution; only the part of the map
+        above the normal level counts. The pixel terms are sums over the region divided by the image area (their
+        region means times |R| / N), so with lambda = lambda0 N / A the sparsity weighs lambda0 * sum / A (paper).
         """
         cfg = self.config
         lowres = self.detector.lowres_map(x_n)
+        share = region.sum(dim=(1, 2, 3)) / float(region.shape[-1] * region.shape[-2])  # |R| / N
         terms = {
             "feature": ((lowres - self.normal_level).clamp_min(0) * readout).sum(dim=(1, 2, 3)),
-            "sparsity": log_sparsity(x - x_n, region, cfg.log_eps, cfg.norm_smoothing),
-            "mog": mog_penalty(x_n, region, self.prior_means, self.prior_precisions),
-            "tv": total_variation(x_n, region),
-            "validity": validity_penalty(x_n, region, self.low, self.high),
+            "sparsity": share * log_sparsity(x - x_n, region, cfg.log_eps, cfg.norm_smoothing),
+            "mog": share * mog_penalty(x_n, region, self.prior_means, self.prior_precisions),
+            "tv": share * total_variation(x_n, region),
+            "validity": share * validity_penalty(x_n, region, self.low, self.high),
         }
         terms["total"] = (cfg.feature_weight * terms["feature"] + lam * terms["sparsity"]
                           + cfg.gamma_mog * terms["mog"] + cfg.gamma_tv * terms["tv"]
@@ -159,26 +193,64 @@ class Refiner:
         return terms
 
     # -- public API ------------------------------------------------------------------------------------------------
-    def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray]) -> list[RefineResult]:
-        """Refine each (H, W, 3) uint8 RGB image (model input size) given its (H, W) anomaly map."""
+    def config_for(self, class_name: str | None) -> RefineConfig:
+        """The config for an image of ``class_name``: the bundle's, with that class's tuned settings on top."""
+        return self.class_configs.get(class_name, self.config) if class_name is not None else self.config
+
+    def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray],
+               class_names: Sequence[str | None] | None = None) -> list[RefineResult]:
+        """Refine each (H, W, 3) uint8 RGB image (model input size) given its (H, W) anomaly map.
+
+        ``class_names`` (optional, one per image) selects each image's tuned class settings.
+        """
         if len(images) != len(coarse_maps):
             raise GradError(f"refine: {len(images)} images but {len(coarse_maps)} anomaly maps")
-        results: list[RefineResult | None] = [None] * len(images)
-        todo = []
+        coarse, cores = [], []
         for i, (image, amap) in enumerate(zip(images, coarse_maps)):
             self._check_input(i, image, amap)
-            coarse = coarse_mask(amap, self.pixel_threshold)
-            if coarse.any():
-                todo.append((i, coarse))
+            coarse.append(coarse_mask(amap, self.pixel_threshold))
+            cores.append(coarse_mask(amap, self.pixel_threshold * self.config.core_threshold_factor))
+        return self.refine_masks(images, coarse, class_names, cores)
+
+    def refine_masks(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
+                     class_names: Sequence[str | None] | None = None,
+                     cores: Sequence[np.ndarray | None] | None = None) -> list[RefineResult]:
+        """Refine given (H, W) bool coarse masks (``refine`` thresholds the anomaly maps into these); ``cores``:
+        the confident cores kept by the collapse guard (None: no guard)."""
+        names = list(class_names) if class_names is not None else [None] * len(images)
+        core_list = list(cores) if cores is not None else [None] * len(images)
+        if not len(names) == len(core_list) == len(coarse) == len(images):
+            raise GradError(f"refine: {len(images)} images but {len(coarse)} masks / {len(names)} class names")
+        results: list[RefineResult | None] = [None] * len(images)
+        todo = []
+        for i, mask in enumerate(coarse):
+            if mask.any():
+                todo.append(i)
             else:
-                empty = np.zeros_like(coarse)
-                results[i] = RefineResult(empty, coarse, empty, np.array(image, copy=True), 0, 0.0,
+                empty = np.zeros_like(mask)
+                results[i] = RefineResult(empty, mask, empty, np.array(images[i], copy=True), 0, 0.0,
                                           STATUS_EMPTY_REGION, math.nan)
         for start in range(0, len(todo), self.config.max_batch):
             chunk = todo[start:start + self.config.max_batch]
-            for (i, _), result in zip(chunk, self._refine_batch([images[i] for i, _ in chunk], [c for _, c in chunk])):
+            done = self._refine_batch([images[i] for i in chunk], [coarse[i] for i in chunk],
+                                      [self.config_for(names[i]) for i in chunk], [core_list[i] for i in chunk])
+            for i, result in zip(chunk, done):
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def repair_norms(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray], config: RefineConfig
+                     ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Run the solver with ``config`` on given coarse masks; per image (||a|| in RGB units, region) after the
+        optimisation (the tau calibration's measurement on good images)."""
+        out = []
+        for start in range(0, len(images), config.max_batch):
+            chunk = range(start, min(start + config.max_batch, len(images)))
+            batch = self._prepare([images[i] for i in chunk], [coarse[i] for i in chunk], [config] * len(chunk))
+            best_x, _, _, _ = self._optimise(batch, time.perf_counter(), config.max_iterations, config)
+            norm = self.anomaly_norm(batch.x, best_x, batch.region)
+            region = batch.region[:, 0].bool().cpu().numpy()
+            out.extend(zip(norm, region))
+        return out
 
     def _check_input(self, index: int, image: np.ndarray, amap: np.ndarray) -> None:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -186,52 +258,68 @@ class Refiner:
         if amap.shape != image.shape[:2]:
             raise GradError(f"refine: anomaly map {index} is {amap.shape} but its image is {image.shape[:2]}")
 
-    def _prepare(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray]) -> _Batch:
-        cfg = self.config
-        regions = [dilate(c, cfg.region_dilation_px) for c in coarse]
-        starts = [inpaint(img, c, cfg.inpaint, cfg.inpaint_radius_px) for img, c in zip(images, coarse)]
+    def _prepare(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
+                 configs: Sequence[RefineConfig] | None = None,
+                 cores: Sequence[np.ndarray | None] | None = None) -> _Batch:
+        configs = list(configs) if configs is not None else [self.config] * len(images)
+        cores = list(cores) if cores is not None else [None] * len(images)
+        starts_masks = [dilate(c, cfg.start_dilation_px) for c, cfg in zip(coarse, configs)]
+        regions = [dilate(m, self.config.region_dilation_px) for m in starts_masks]
+        starts = [inpaint(img, m, cfg.inpaint, cfg.inpaint_radius_px, cfg.shift_search_px)
+                  for img, m, cfg in zip(images, starts_masks, configs)]
         x = self._normalise(np.stack(images))
         region = torch.from_numpy(np.stack(regions)[:, None].astype(np.float32)).to(self.device)
-        # lambda = lambda0 / estimated anomaly area fraction (coarse area within the region)
-        fraction = np.array([c.sum() / max(r.sum(), 1) for c, r in zip(coarse, regions)])
-        lam = torch.tensor(cfg.lambda0 / np.maximum(fraction, cfg.min_area_fraction), dtype=torch.float32,
+        lam = torch.tensor([self.lambda_for(c, cfg) for c, cfg in zip(coarse, configs)], dtype=torch.float32,
                            device=self.device)
+        cfg = self.config
         weights = bilateral_weights(x, cfg.share_kernel, cfg.share_sigma_space, cfg.share_sigma_color)
         x_n = self._normalise(np.stack(starts))
         x_n = region * x_n + (1 - region) * x  # exactly x outside the region
-        return _Batch(x, x_n, region, lam, weights, self.readout_weights(region))
+        h, w = x.shape[-2:]
+        return _Batch(x, x_n, region, lam, weights, self.readout_weights(len(images), h, w),
+                      np.array([c.mask_tau for c in configs]), cores)
 
-    def _refine_batch(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray]) -> list[RefineResult]:
+    def lambda_for(self, coarse: np.ndarray, config: RefineConfig | None = None) -> float:
+        """Paper's rule: lambda = lambda0 / (anomaly area / image area), the area estimated by the coarse mask."""
+        cfg = config or self.config
+        fraction = max(float(np.count_nonzero(coarse)) / coarse.size, cfg.min_area_fraction)
+        return cfg.lambda0 / fraction
+
+    def _refine_batch(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
+                      configs: Sequence[RefineConfig], cores: Sequence[np.ndarray | None]) -> list[RefineResult]:
         cfg = self.config
         started = time.perf_counter()
-        batch = self._prepare(images, coarse)
+        batch = self._prepare(images, coarse, configs, cores)
         best_x, best_obj, iterations, status = self._optimise(batch, started, cfg.max_iterations)
-        masks = self._masks(batch.x, best_x, batch.region)
+        masks = self._masks(batch.x, best_x, batch.region, batch.tau)
         if cfg.reestimate_iterations > 0:
             inner = torch.from_numpy(np.stack([dilate(m, 1) for m in masks])[:, None].astype(np.float32))
             inner = inner.to(self.device) * batch.region
             # lambda = 0 inside the final mask
-            inner_batch = dataclasses.replace(batch, x_n=best_x.clone(), region=inner, lam=torch.zeros_like(batch.lam),
-                                              readout=self.readout_weights(inner))
+            inner_batch = dataclasses.replace(batch, x_n=best_x.clone(), region=inner, lam=torch.zeros_like(batch.lam))
             again, _, _, again_status = self._optimise(inner_batch, started, cfg.reestimate_iterations)
-            masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner))]
+            masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
+        masks = [collapse_guard(m, core, cfg.collapse_fraction) for m, core in zip(masks, batch.core)]
         seconds = time.perf_counter() - started
         repaired = self._to_uint8(best_x)
         region_np = batch.region[:, 0].bool().cpu().numpy()
         return [RefineResult(masks[b], np.asarray(coarse[b]), region_np[b], repaired[b], int(iterations[b]), seconds,
                              status[b], float(best_obj[b])) for b in range(len(images))]
 
-    def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor) -> list[np.ndarray]:
-        norm = pixel_norm((x - x_n) * self.std) * region  # in [0, 1] RGB units, whatever the normalisation
-        masks = (norm[:, 0] > self.config.mask_tau).cpu().numpy()
-        return [drop_small_components(m, self.config.mask_min_component_px) for m in masks]
+    def anomaly_norm(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor) -> np.ndarray:
+        """(B, H, W) ||a|| = ||x - x_n|| in RGB units of [0, 1] (whatever the normalisation), 0 outside the region."""
+        return (pixel_norm((x - x_n) * self.std) * region)[:, 0].cpu().numpy()
 
-    def _optimise(self, batch: _Batch, started: float, max_iterations: int
+    def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor, tau: np.ndarray) -> list[np.ndarray]:
+        norm = self.anomaly_norm(x, x_n, region)
+        return [drop_small_components(n > t, self.config.mask_min_component_px) for n, t in zip(norm, tau)]
+
+    def _optimise(self, batch: _Batch, started: float, max_iterations: int, config: RefineConfig | None = None
                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
         """Run the solver; returns (best x_n, best objective, iterations, status) per image."""
-        cfg = self.config
+        cfg = config or self.config
         n = batch.x.shape[0]
         x_n = batch.x_n.clone()
         best_x = x_n.clone()
@@ -240,7 +328,8 @@ class Refiner:
         status = [STATUS_MAX_ITERATIONS] * n
         history: list[list[float]] = [[] for _ in range(n)]
         active = torch.arange(n, device=self.device)
-        adan = AdanDirection(x_n.shape, cfg.betas, cfg.adan_eps, self.device, per_row_scale=cfg.adan_scale == "image")
+        adan = AdanDirection(x_n.shape, cfg.betas, cfg.adan_eps, self.device, per_row_scale=cfg.adan_scale == "image",
+                             row_floor=cfg.adan_pixel_floor if cfg.adan_scale == "floored" else 0.0)
         budget = cfg.time_budget_s
         last_iteration = 0.0  # duration of the previous full iteration (the first: its forward/backward part)
         previous_start = None
@@ -283,6 +372,16 @@ class Refiner:
             x_n[rows] = x_n[rows] - update * batch.region[rows]
             active = rows
         return best_x, best_obj, iterations, status
+
+
+def collapse_guard(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> np.ndarray:
+    """The refined mask, plus the coarse map's confident ``core`` when the mask covers less than ``fraction`` of it
+    (the optimiser explained the defect away; the core is what GRAD is sure of). ``core`` None: the mask as is."""
+    if core is None or not core.any():
+        return mask
+    if np.count_nonzero(mask & core) < fraction * np.count_nonzero(core):
+        return mask | core
+    return mask
 
 
 def _converged(history: list[float], cfg: RefineConfig) -> bool:

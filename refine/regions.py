@@ -21,13 +21,16 @@ def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), disc).astype(bool)
 
 
-def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int) -> np.ndarray:
+def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int, search_px: int = 24) -> np.ndarray:
     """Fill ``mask`` of an (H, W, 3) uint8 RGB image from its surroundings (x_n initialisation).
 
     ``mean`` fills with the mean colour of a ring just outside the mask: a fallback that makes no texture claims.
+    ``shift`` copies the image's own texture (see :func:`shift_fill`); ``search_px`` is its search range.
     """
     if not mask.any():
         return image.copy()
+    if method == "shift":
+        return shift_fill(image, mask, radius_px, search_px)
     if method == "mean":
         ring = dilate(mask, max(1, radius_px)) & ~mask
         source = image[ring] if ring.any() else image[~mask] if (~mask).any() else image.reshape(-1, 3)
@@ -45,3 +48,44 @@ def drop_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
     keep = np.zeros(count, dtype=bool)
     keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
     return keep[labels]
+
+
+def shift_fill(image: np.ndarray, mask: np.ndarray, ring_px: int, search_px: int, step_px: int = 2) -> np.ndarray:
+    """Fill each connected component of ``mask`` with a copy of the image at the offset (|dy|, |dx| <= search_px,
+    on a ``step_px`` grid) whose surroundings best match the component's: the ring of ``ring_px`` around the
+    component is compared (mean squared colour difference) with the ring around the source, and the source
+    (component + ring) must lie inside the image and off the mask. A textured surface keeps its texture, where a
+    diffusion fill (Telea) leaves a smooth patch. Components without a valid offset fall back to Telea.
+    """
+    out = image.copy()
+    h, w = mask.shape
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    blocked = dilate(mask, max(1, ring_px))
+    pixels = image.astype(np.float32)
+    fallback = np.zeros_like(mask)
+    for k in range(1, count):
+        component = labels == k
+        grown = dilate(component, max(1, ring_px))
+        ring = grown & ~mask
+        gy, gx = np.nonzero(grown)
+        ry, rx = np.nonzero(ring)
+        cy, cx = np.nonzero(component)
+        target = pixels[ry, rx]
+        best, best_cost = None, np.inf
+        for dy in range(-search_px, search_px + 1, step_px):
+            for dx in range(-search_px, search_px + 1, step_px):
+                if (dy, dx) == (0, 0):
+                    continue
+                sy, sx = gy + dy, gx + dx
+                if sy.min() < 0 or sx.min() < 0 or sy.max() >= h or sx.max() >= w or blocked[sy, sx].any():
+                    continue
+                cost = float(((pixels[ry + dy, rx + dx] - target) ** 2).mean()) if len(ry) else 0.0
+                if cost < best_cost:
+                    best, best_cost = (dy, dx), cost
+        if best is None:
+            fallback |= component
+            continue
+        out[cy, cx] = image[cy + best[0], cx + best[1]]
+    if fallback.any():
+        out = cv2.inpaint(np.ascontiguousarray(out), fallback.astype(np.uint8), ring_px, cv2.INPAINT_TELEA)
+    return out

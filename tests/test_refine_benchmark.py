@@ -1,4 +1,5 @@
-"""The F2PAD mask benchmark: IoU/DICE on hand cases and a tiny end-to-end run."""
+"""The F2PAD mask benchmark: IoU/DICE on hand cases and a tiny end-to-end run with both coarse baselines, tuning
+images left out, and one panel per image linked from the results page."""
 
 from __future__ import annotations
 
@@ -12,9 +13,13 @@ from click.testing import CliRunner
 from gradad.benchmarks.cli import main as bench_cli
 from gradad.benchmarks.refine_masks import iou_dice
 from gradad.benchmarks.report_page import write_report
+from gradad.bundle import read_manifest, write_manifest
+from gradad.calibration.thresholds import pixel_threshold_f1
 from gradad.data.datasets import load_samples
-from gradad.refine.bundle_files import prepare_bundle
+from gradad.refine.bundle_files import prepare_bundle, write_class_settings
 from gradad.refine.config import RefineConfig
+from gradad.refine.tuning import labelled_arrays
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.training.features import load_images
 
 
@@ -29,27 +34,53 @@ def test_iou_dice_hand_cases():
     assert iou_dice(np.zeros_like(a), np.zeros_like(a)) == (1.0, 1.0)
 
 
-def test_benchmark_cli_writes_per_class_coarse_and_f2pad_numbers(bundle, trained_tiny, tiny_demo_root, tmp_path):
+def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle, trained_tiny, tiny_demo_root,
+                                                                           tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     train = [s for s in load_samples(tiny_demo_root, "train") if s.label == 0][:6]
     images, _ = load_images(train, 64)
     prepare_bundle(copy, trained_tiny, images, RefineConfig(mog_components=2, mog_pixels=5000))
+    defects = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1]
+    all_images, all_truths = labelled_arrays(defects, 64)
+    backend = OnnxRuntimeBackend(copy / "model.onnx", None, 1, 8)
+    _, all_maps = backend.infer_all(all_images.astype(np.float32).transpose(0, 3, 1, 2))
+    calibrated = float(np.quantile(all_maps, 0.9))
+    manifest = read_manifest(copy)
+    manifest["calibration"] = {**(manifest.get("calibration") or {}), "image_threshold": 1.0,
+                               "pixel_threshold": calibrated}
+    write_manifest(copy, manifest)
+    tuned = str(defects[0].image_path)  # one image "used for tuning": never scored
+    write_class_settings(copy, {}, {defects[0].class_name: {"images": [tuned]}})
     out = tmp_path / "results"
-    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root), "--per-defect", "1",
+    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root),
                                           "--set", "max_iterations=2", "--device", "cpu", "--threads", "1",
                                           "-o", str(out), "--name", "t"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "t.json").read_text())
     assert result["kind"] == "refine" and result["command"].startswith("grad-bench refine --bundle")
-    n_groups = len({(s.class_name, s.defect_type) for s in load_samples(tiny_demo_root, "test") if s.label == 1})
-    assert result["mean"]["images"] == n_groups == len(result["images"])
+    rows = result["images"]
+    assert len(rows) == len(defects) - 1 and tuned not in {r["image"] for r in rows}
+    assert result["tuning_images_excluded"] == 1
     assert set(result["per_class"]) == {"capsule", "fabric", "nut"}
-    for row in result["images"]:
-        assert 0.0 <= row["coarse_iou"] <= 1.0 and 0.0 <= row["f2pad_iou"] <= 1.0
-        assert row["iterations"] <= 2
-    assert "F2PAD IoU" in (out / "t.md").read_text()
-    readme, _ = write_report(out)  # the results page renders it, sentence driven by the numbers
+    # the two baselines, recomputed: calibrated threshold of the bundle, oracle = pixel-F1-optimal over the rows
+    assert result["pixel_threshold"] == pytest.approx(calibrated)
+    index = {str(s.image_path): i for i, s in enumerate(defects)}
+    picked = [index[r["image"]] for r in rows]
+    oracle, _ = pixel_threshold_f1(all_maps[picked], all_truths[picked])
+    assert result["oracle_pixel_threshold"] == pytest.approx(oracle)
+    for row, i in zip(rows, picked):
+        assert (row["coarse_iou"], row["coarse_dice"]) == pytest.approx(iou_dice(all_maps[i] > calibrated,
+                                                                                all_truths[i]), abs=1e-6)
+        assert (row["oracle_iou"], row["oracle_dice"]) == pytest.approx(iou_dice(all_maps[i] > oracle,
+                                                                                all_truths[i]), abs=1e-6)
+        assert 0.0 <= row["f2pad_iou"] <= 1.0 and row["iterations"] <= 2
+        assert (out / row["panel"]).is_file() and row["panel"].startswith("t_panels/")
+    assert result["mean"]["oracle_iou"] == pytest.approx(np.mean([r["oracle_iou"] for r in rows]))
+    assert "coarse IoU (oracle)" in (out / "t.md").read_text()
+    readme, _ = write_report(out)  # the results page renders it, sentence driven by the numbers, panels linked
+    text = readme.read_text()
     gain = 100 * (result["mean"]["f2pad_iou"] - result["mean"]["coarse_iou"])
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
-    assert f"F2PAD {verdict} the mean IoU" in readme.read_text()
+    assert f"F2PAD {verdict} the mean IoU" in text
+    assert f"]({rows[0]['panel']})" in text

@@ -1,0 +1,163 @@
+"""Per-class tuning of F2PAD on a labelled tuning split (``grad-refine tune``). Needs torch.
+
+For each class, on a few labelled defects taken out of the test split (recorded in bundle.json so that benchmarks
+leave them out) and on good images:
+
+1. inpainting start: the method whose fill of the start mask looks most normal to GRAD (lowest feature loss);
+2. lambda0: the cheap "no defect vs true decomposition" check — per image, the break-even lambda0 at which
+   x_n = x (no defect) and x_n = inpaint(x, ground truth) have the same objective; lambda0 =
+   ``lambda0_breakeven_factor`` x the ``lambda0_breakeven_quantile`` of the break-evens (the truth wins on most
+   tuning images);
+3. tau: the ``mask_tau_quantile`` of ||a|| after refining good images whose "coarse masks" are the tuning
+   defects' ground-truth shapes (the repair noise of a surface that has no defect), in RGB units of [0, 1].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from gradad.refine.config import RefineConfig
+from gradad.refine.refiner import Refiner
+from gradad.refine.regions import coarse_mask, dilate, inpaint
+
+log = logging.getLogger(__name__)
+
+# Inpainting methods compared per class ("mean" makes no texture claims and "navier_stokes" behaves like Telea).
+COMPARED_INPAINTS = ("telea", "shift")
+TUNING_SEED = 1234  # the tuning split's own seed (benchmarks pick their images from what is left)
+
+
+def pick_samples(samples: list, per_defect: int, seed: int = 0, exclude: set[str] | None = None) -> list:
+    """Up to ``per_defect`` labelled defect samples per (class, defect type), seeded, in a stable order, leaving
+    out images whose path is in ``exclude`` (0 = all of them)."""
+    exclude = exclude or set()
+    groups: dict[tuple[str, str], list] = defaultdict(list)
+    for s in samples:
+        if s.label == 1 and s.mask_path is not None and str(s.image_path) not in exclude:
+            groups[(s.class_name, s.defect_type)].append(s)
+    rng = np.random.default_rng(seed)
+    out = []
+    for key in sorted(groups):
+        group = groups[key]
+        take = sorted(rng.choice(len(group), min(per_defect, len(group)), replace=False)) if per_defect else range(len(group))
+        out.extend(group[i] for i in take)
+    return out
+
+
+def labelled_arrays(samples: Sequence, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, size, size, 3) uint8 images and (N, size, size) bool ground-truth masks of dataset samples."""
+    from gradad.data.images import load_sample_arrays
+
+    arrays = [load_sample_arrays(s, size) for s in samples]
+    return np.stack([a[0] for a in arrays]), np.stack([a[1] for a in arrays]).astype(bool)
+
+
+def good_images_for(data_root: str | Path, class_name: str, size: int, count: int) -> tuple[list[np.ndarray], str]:
+    """Up to ``count`` good images of a class for the tau calibration: ``<class>/validation/good`` (held out)
+    when the dataset has it, else training images (seeded pick); and where they came from."""
+    from gradad.data.datasets import list_image_files, load_samples
+    from gradad.data.images import read_image_rgb, resize_image
+
+    folder = Path(data_root) / class_name / "validation" / "good"
+    if folder.is_dir():
+        files, source = list_image_files(folder), str(folder)
+    else:
+        files = [s.image_path for s in load_samples(data_root, "train", [class_name]) if s.label == 0]
+        source = f"{class_name} training images"
+    rng = np.random.default_rng(0)
+    picked = sorted(rng.choice(len(files), min(count, len(files)), replace=False))
+    return [resize_image(read_image_rgb(files[i]), size) for i in picked], source
+
+
+def _terms(refiner: Refiner, image: np.ndarray, x_n_image: np.ndarray, region: np.ndarray) -> dict[str, float]:
+    """Objective terms (no lambda) of the decomposition x_n = ``x_n_image`` of ``image`` over ``region``."""
+    x = refiner._normalise(image[None])
+    x_n = refiner._normalise(x_n_image[None])
+    r = torch.from_numpy(region[None, None].astype(np.float32)).to(refiner.device)
+    with torch.no_grad():
+        terms = refiner.objective(x_n, x, r, torch.zeros(1, device=refiner.device),
+                                  refiner.readout_weights(1, *image.shape[:2]))
+    return {k: float(v[0]) for k, v in terms.items()}
+
+
+def breakeven_lambda0(refiner: Refiner, image: np.ndarray, truth: np.ndarray, coarse: np.ndarray,
+                      config: RefineConfig) -> dict[str, float]:
+    """Objective of "no defect" vs the true decomposition, and the lambda0 at which they are equal.
+
+    lambda follows the paper's rule with the runtime's area estimate (the coarse mask), so the lambda0 found here
+    is the one the solver uses. Break-even 0 when the true decomposition does not even lower the other terms.
+    """
+    start = dilate(coarse, config.start_dilation_px) | dilate(truth, 1)
+    region = dilate(start, refiner.config.region_dilation_px)
+    true_x_n = inpaint(image, dilate(truth, 1), config.inpaint, config.inpaint_radius_px, config.shift_search_px)
+    none = _terms(refiner, image, image, region)
+    true = _terms(refiner, image, true_x_n, region)
+    lam_per_lambda0 = refiner.lambda_for(coarse, dataclasses.replace(config, lambda0=1.0))
+    gain = none["total"] - true["total"]  # total without sparsity (lambda = 0 above)
+    breakeven = max(gain, 0.0) / max(lam_per_lambda0 * true["sparsity"], 1e-12)
+    return {"breakeven_lambda0": breakeven, "no_defect_feature": none["feature"], "true_feature": true["feature"],
+            "true_sparsity": true["sparsity"], "gain_without_sparsity": gain}
+
+
+def start_feature_loss(refiner: Refiner, image: np.ndarray, coarse: np.ndarray, config: RefineConfig) -> float:
+    """Feature loss of the solver's start (the start mask inpainted with ``config.inpaint``): lower = the fill
+    looks more normal to GRAD."""
+    start = dilate(coarse, config.start_dilation_px)
+    x_n = inpaint(image, start, config.inpaint, config.inpaint_radius_px, config.shift_search_px)
+    return _terms(refiner, image, x_n, dilate(start, refiner.config.region_dilation_px))["feature"]
+
+
+def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: Sequence[np.ndarray],
+                  config: RefineConfig, seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """tau = ``config.mask_tau_quantile`` of ||a|| inside the optimisation region after refining good images with
+    defect-shaped coarse masks (``shapes``, placed at random positions), i.e. the solver's repair noise where there
+    is no defect. Returns (tau, evidence)."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for i, image in enumerate(good_images):
+        shape = shapes[i % len(shapes)]
+        ys, xs = np.nonzero(shape)
+        h, w = shape.shape
+        dy = int(rng.integers(-ys.min(), h - ys.max())) if len(ys) else 0
+        dx = int(rng.integers(-xs.min(), w - xs.max())) if len(xs) else 0
+        masks.append(np.roll(shape, (dy, dx), axis=(0, 1)))
+    norms = [norm[region] for norm, region in refiner.repair_norms(good_images, masks, config)]
+    values = np.concatenate(norms)
+    tau = float(np.quantile(values, config.mask_tau_quantile))
+    return tau, {"good_images": len(good_images), "region_pixels": int(values.size),
+                 "quantile": config.mask_tau_quantile, "median_norm": float(np.median(values))}
+
+
+def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+               maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings (inpaint, lambda0, mask_tau) for one class and the evidence behind them."""
+    base = refiner.config
+    flagged = [i for i, m in enumerate(maps) if coarse_mask(m, refiner.pixel_threshold).any() and truths[i].any()]
+    if not flagged:
+        log.warning("tuning: no tuning defect of this class is flagged at the pixel threshold; defaults kept")
+        return {}, {"flagged_tuning_images": 0}
+    coarse = {i: coarse_mask(maps[i], refiner.pixel_threshold) for i in flagged}
+    losses = {}
+    for method in COMPARED_INPAINTS:
+        cfg = dataclasses.replace(base, inpaint=method)
+        losses[method] = float(np.mean([start_feature_loss(refiner, images[i], coarse[i], cfg) for i in flagged]))
+    method = min(losses, key=losses.get)
+    cfg = dataclasses.replace(base, inpaint=method)
+    checks = [breakeven_lambda0(refiner, images[i], truths[i], coarse[i], cfg) for i in flagged]
+    breakevens = np.array([c["breakeven_lambda0"] for c in checks])
+    lambda0 = max(base.lambda0_breakeven_factor * float(np.quantile(breakevens, base.lambda0_breakeven_quantile)),
+                  base.lambda0_min)
+    cfg = dataclasses.replace(cfg, lambda0=lambda0)
+    tau, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged], cfg)
+    settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau}
+    evidence = {"flagged_tuning_images": len(flagged), "start_feature_loss": losses,
+                "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
+                "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}
+    return settings, evidence
