@@ -213,11 +213,13 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
 @click.option("--batch", type=int, help="Images refined together [default: the bundle's config].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Refinement device.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override, e.g. --set max_iterations=300.")
+@click.option("--class", "class_name", help="Class of the images: use its settings tuned by grad-refine tune "
+              "[default: the only tuned class, else the bundle's config].")
 @click.option("--overwrite", is_flag=True, help="Write into an output folder that already holds results.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
 def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
-        overwrite, verbose) -> None:
+        class_name, overwrite, verbose) -> None:
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
     setup_logging(verbose)
     from gradad.bundle import read_manifest
@@ -256,7 +258,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
             scores, maps = infer_in_batches(runtime_backend, model_in, runtime_backend.max_batch)
             pick = [i for i in range(len(chunk)) if refine_all or scores[i] > image_threshold]
             images = [np.ascontiguousarray(model_in[i].transpose(1, 2, 0)).astype(np.uint8) for i in pick]
-            results = dict(zip(pick, refiner.refine(images, [maps[i] for i in pick])))
+            results = dict(zip(pick, refiner.refine(images, [maps[i] for i in pick], [class_name] * len(pick))))
             for i, path in enumerate(chunk):
                 record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": i in results}
                 if i in results:

@@ -96,12 +96,13 @@ class RefineConfig:
     stop_relative_drop: float = 0.005
     min_iterations: int = 20
     # --- mask ------------------------------------------------------------------------------------------------------
-    # pixel mask = ||a_ij|| > tau, ||.|| in RGB units of [0, 1] (0.1 ~ 26 grey levels). Fallback: grad-refine tune
-    # calibrates tau per class as the mask_tau_quantile of ||a|| inside the region after refining good images with
-    # defect-shaped regions (the repair noise of a surface without a defect).
+    # pixel mask = ||a_ij|| > tau, ||.|| in RGB units of [0, 1] (0.1 ~ 26 grey levels); this is the fallback.
+    # grad-refine tune calibrates tau per class from the repair noise of good images: ||a|| inside the region after
+    # refining good images with defect-shaped regions. Candidates are the mask_tau_quantiles of that noise; the one
+    # with the best mean IoU on the class's tuning defects (refined once) is kept.
     mask_tau: float = 0.1
-    mask_tau_quantile: float = 0.99
-    mask_tau_images: int = 8  # good images per class refined for the tau calibration
+    mask_tau_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99)
+    mask_tau_images: int = 4  # good images per class refined for the tau calibration
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
     # (map > core_threshold_factor x pixel threshold), the core is added to the mask.
@@ -122,9 +123,11 @@ class RefineConfig:
             problems.append(f"inpaint={self.inpaint!r} (choose {', '.join(INPAINT_METHODS)})")
         if self.adan_scale not in ADAN_SCALES:
             problems.append(f"adan_scale={self.adan_scale!r} (choose {', '.join(ADAN_SCALES)})")
-        for name in ("lambda0_breakeven_quantile", "mask_tau_quantile", "adan_pixel_floor", "collapse_fraction"):
+        for name in ("lambda0_breakeven_quantile", "adan_pixel_floor", "collapse_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
+        if not self.mask_tau_quantiles or not all(0.0 < q < 1.0 for q in self.mask_tau_quantiles):
+            problems.append(f"mask_tau_quantiles={self.mask_tau_quantiles} (values in (0, 1))")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:
             problems.append(f"share_kernel={self.share_kernel} (must be odd and >= 1)")
         if not 1.0 <= self.step_min <= self.step_max:
@@ -150,6 +153,7 @@ class RefineConfig:
         """JSON-ready copy."""
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["mask_tau_quantiles"] = list(self.mask_tau_quantiles)
         return d
 
 
@@ -160,6 +164,7 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     if unknown:
         raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
     values = dict(values)
-    if "betas" in values:
-        values["betas"] = tuple(values["betas"])
+    for key in ("betas", "mask_tau_quantiles"):
+        if key in values:
+            values[key] = tuple(values[key])
     return RefineConfig(**values)

@@ -194,7 +194,10 @@ class Refiner:
 
     # -- public API ------------------------------------------------------------------------------------------------
     def config_for(self, class_name: str | None) -> RefineConfig:
-        """The config for an image of ``class_name``: the bundle's, with that class's tuned settings on top."""
+        """The config for an image of ``class_name``: the bundle's, with that class's tuned settings on top. An
+        image of unknown class (None) gets the only tuned class's settings when exactly one class was tuned."""
+        if class_name is None and len(self.class_configs) == 1:
+            return next(iter(self.class_configs.values()))
         return self.class_configs.get(class_name, self.config) if class_name is not None else self.config
 
     def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray],

@@ -8,8 +8,9 @@ leave them out) and on good images:
    x_n = x (no defect) and x_n = inpaint(x, ground truth) have the same objective; lambda0 =
    ``lambda0_breakeven_factor`` x the ``lambda0_breakeven_quantile`` of the break-evens (the truth wins on most
    tuning images);
-3. tau: the ``mask_tau_quantile`` of ||a|| after refining good images whose "coarse masks" are the tuning
-   defects' ground-truth shapes (the repair noise of a surface that has no defect), in RGB units of [0, 1].
+3. tau: candidates are the ``mask_tau_quantiles`` of ||a|| after refining good images whose "coarse masks" are
+   the tuning defects' ground-truth shapes (the repair noise of a surface that has no defect), in RGB units of
+   [0, 1]; the tuning defects are refined once and the candidate with the best mean IoU there is kept.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from gradad.refine.config import RefineConfig
-from gradad.refine.refiner import Refiner
+from gradad.refine.refiner import Refiner, collapse_guard
 from gradad.refine.regions import coarse_mask, dilate, inpaint
 
 log = logging.getLogger(__name__)
@@ -115,10 +116,10 @@ def start_feature_loss(refiner: Refiner, image: np.ndarray, coarse: np.ndarray, 
 
 
 def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: Sequence[np.ndarray],
-                  config: RefineConfig, seed: int = 0) -> tuple[float, dict[str, Any]]:
-    """tau = ``config.mask_tau_quantile`` of ||a|| inside the optimisation region after refining good images with
-    defect-shaped coarse masks (``shapes``, placed at random positions), i.e. the solver's repair noise where there
-    is no defect. Returns (tau, evidence)."""
+                  config: RefineConfig, seed: int = 0) -> tuple[dict[float, float], dict[str, Any]]:
+    """Candidate taus: the ``config.mask_tau_quantiles`` of ||a|| inside the optimisation region after refining
+    good images with defect-shaped coarse masks (``shapes``, moved to random positions), i.e. the solver's repair
+    noise where there is no defect. Returns ({quantile: tau}, evidence)."""
     rng = np.random.default_rng(seed)
     masks = []
     for i, image in enumerate(good_images):
@@ -130,9 +131,29 @@ def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: S
         masks.append(np.roll(shape, (dy, dx), axis=(0, 1)))
     norms = [norm[region] for norm, region in refiner.repair_norms(good_images, masks, config)]
     values = np.concatenate(norms)
-    tau = float(np.quantile(values, config.mask_tau_quantile))
-    return tau, {"good_images": len(good_images), "region_pixels": int(values.size),
-                 "quantile": config.mask_tau_quantile, "median_norm": float(np.median(values))}
+    taus = {float(q): float(np.quantile(values, q)) for q in config.mask_tau_quantiles}
+    return taus, {"good_images": len(good_images), "region_pixels": int(values.size),
+                  "median_norm": float(np.median(values)), "candidates": {str(q): t for q, t in taus.items()}}
+
+
+def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+             maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float]
+             ) -> tuple[float, dict[str, float]]:
+    """Refine the tuning defects once with ``config`` and return the candidate tau with the best mean IoU there
+    (collapse guard included, as at run time), with the mean IoU of every candidate."""
+    coarse = [coarse_mask(m, refiner.pixel_threshold) for m in maps]
+    cores = [coarse_mask(m, refiner.pixel_threshold * config.core_threshold_factor) for m in maps]
+    ious: dict[str, float] = {}
+    runs = refiner.repair_norms(images, coarse, config)
+    for q, tau in candidates.items():
+        scores = []
+        for (norm, region), core, truth in zip(runs, cores, truths):
+            mask = collapse_guard((norm > tau) & region, core, config.collapse_fraction)
+            union = np.count_nonzero(mask | truth)
+            scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
+        ious[str(q)] = float(np.mean(scores))
+    best = max(candidates, key=lambda q: ious[str(q)])
+    return candidates[best], ious
 
 
 def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
@@ -155,7 +176,10 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     lambda0 = max(base.lambda0_breakeven_factor * float(np.quantile(breakevens, base.lambda0_breakeven_quantile)),
                   base.lambda0_min)
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
-    tau, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged], cfg)
+    candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged],
+                                             cfg)
+    tau, tau_evidence["tuning_iou"] = best_tau(refiner, [images[i] for i in flagged], [truths[i] for i in flagged],
+                                               [maps[i] for i in flagged], cfg, candidates)
     settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau}
     evidence = {"flagged_tuning_images": len(flagged), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],

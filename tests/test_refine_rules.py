@@ -18,7 +18,7 @@ from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
 from gradad.refine.refiner import Refiner, collapse_guard
 from gradad.refine.regions import dilate, shift_fill
-from gradad.refine.tuning import breakeven_lambda0, calibrate_tau
+from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
 FIXED = dict(device="cpu", min_iterations=10_000, threads=1)
@@ -139,13 +139,14 @@ def test_masks_grow_beyond_the_start_mask():
 
 
 def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images():
-    refiner = _synthetic_refiner(max_iterations=30, mask_tau_quantile=0.95)
+    refiner = _synthetic_refiner(max_iterations=30, mask_tau_quantiles=(0.5, 0.95))
     rng = np.random.default_rng(1)
     goods = [np.clip(128 + rng.normal(0, 6, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(3)]
     shape = np.zeros((64, 64), bool)
     shape[10:20, 30:44] = True
-    tau, evidence = calibrate_tau(refiner, goods, [shape], refiner.config)
-    assert evidence["good_images"] == 3 and evidence["quantile"] == 0.95
+    taus, evidence = calibrate_tau(refiner, goods, [shape], refiner.config)
+    assert evidence["good_images"] == 3 and set(taus) == {0.5, 0.95} and taus[0.5] < taus[0.95]
+    tau = taus[0.95]
     assert 0 < tau < 0.5  # RGB units of [0, 1]: noise of sigma 6 grey levels, not a defect
     # the same measurement, by hand: 95% of the region's pixels are at or below tau after refining those images
     masks = [np.roll(shape, s, axis=(0, 1)) for s in [(0, 0)] * 3]
@@ -153,7 +154,13 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     assert 0.85 < (norms <= tau).mean() < 1.0
     # noisier good surfaces calibrate a higher tau
     noisy = [np.clip(128 + rng.normal(0, 20, (64, 64, 3)), 0, 255).astype(np.uint8) for _ in range(3)]
-    assert calibrate_tau(refiner, noisy, [shape], refiner.config)[0] > tau
+    assert calibrate_tau(refiner, noisy, [shape], refiner.config)[0][0.95] > tau
+    # the tuning defects pick the candidate: a bright square is found at the low-noise tau
+    image, truth = _square_defect()
+    amap = np.where(dilate(truth, 2), 1.0, 0.0)  # a coarse map above the 0.5 threshold around the square
+    no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002)
+    chosen, ious = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
+    assert chosen == tau and ious["0.95"] > 0.5 and ious["0.999"] == 0.0
 
 
 def test_breakeven_check_prefers_the_truth_below_its_lambda0():
@@ -215,7 +222,10 @@ def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny
     assert tuning_images(copy) == {"a.png", "b.png", "c.png"}
     refiner = Refiner.from_parts(parts, dataclasses.replace(parts.config, **FIXED))
     assert refiner.config_for("nut").lambda0 == 0.5 and refiner.config_for("nut").inpaint == "shift"
-    assert refiner.config_for("capsule") == refiner.config == refiner.config_for(None)
+    assert refiner.config_for("capsule") == refiner.config == refiner.config_for(None)  # two tuned classes
+    single = Refiner.from_parts(dataclasses.replace(parts, class_settings={"nut": parts.class_settings["nut"]}),
+                                dataclasses.replace(parts.config, **FIXED))
+    assert single.config_for(None).lambda0 == 0.5  # one tuned class: images of unknown class use it
     coarse = np.zeros((64, 64), bool)
     coarse[20:30, 20:30] = True
     batch = refiner._prepare([images[0]] * 2, [coarse] * 2, [refiner.config_for("nut"), refiner.config_for("fabric")])
