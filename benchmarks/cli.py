@@ -94,7 +94,14 @@ def accuracy(data_root, classes, layout, checkpoint, bundle, backends, normal_on
               help="Random-weight preset (repeatable).")
 @click.option("--bundle", type=click.Path(), help="Bundle dir: its ONNX Runtime files and TensorRT engine.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["pytorch", "onnxruntime-fp32",
-              "onnxruntime-fp16", "tensorrt"]), help="Rows to run [default: all available].")
+              "onnxruntime-fp16", "onnxruntime-int8", "tensorrt"]), help="Rows to run [default: all available].")
+@click.option("--today", is_flag=True, help="With --bundle: add today's float path (the graph taking float32 "
+              "frames, float32 preprocessing) to compare the uint8 rows with, in the same run.")
+@click.option("--grad-run", "grad_run_frames", type=int, default=0, help="With --bundle: grad-run --benchmark rows "
+              "of this many frames per batch size: today's serial loop on a float32-input copy vs the pipelined loop "
+              "per precision (0 = none).")
+@click.option("--pace", "pace_fps", type=float, default=50.0, help="grad-run rows: frames per second of the paced "
+              "batch-1 run that measures end-to-end latency below saturation.")
 @click.option("--patchcore/--no-patchcore", default=True, help="Add the PatchCore comparison row.")
 @click.option("--patchcore-bank", "bank_size", type=int, default=None,
               help="PatchCore memory-bank rows [default: 7782, the 1% coreset of MTD].")
@@ -109,18 +116,25 @@ def accuracy(data_root, classes, layout, checkpoint, bundle, backends, normal_on
 @click.option("--name", default="latency", help="Base name of the JSON/markdown files.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
-def latency(presets, bundle, backends, patchcore, bank_size, images, batches, threads, warmup, iters, min_iters,
-            max_seconds, out_dir, name, verbose) -> None:
-    """Per-stage p50/p95/p99, FPS (batch 1 and best), peak RSS, GFLOP and parameters per backend and precision."""
+def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchcore, bank_size, images, batches,
+            threads, warmup, iters, min_iters, max_seconds, out_dir, name, verbose) -> None:
+    """Per-stage p50/p95/p99, FPS (batch 1 and best), peak RSS, GFLOP and parameters per backend and precision.
+
+    \b
+    With --bundle --today --grad-run N: today's path against the new one in the same run (uint8 graph input,
+    INT8, pipelined grad-run loop), with their ratios:
+      grad-bench latency --bundle models/demo --today --grad-run 300 --threads 2 --no-patchcore --name edge_speed
+    """
     setup_logging(verbose)
-    from gradad.benchmarks.accuracy import BACKENDS
-    from gradad.benchmarks.latency import MTD_CORESET_BANK, LatencyConfig, latency_markdown, run_latency
+    from gradad.benchmarks.latency import (BACKENDS, MTD_CORESET_BANK, LatencyConfig, latency_markdown,
+                                           run_latency)
     from gradad.benchmarks.results_io import KIND_LATENCY, result_header, write_result_files
 
     cfg = LatencyConfig(presets=list(presets), bundle=bundle, backends=tuple(backends) or BACKENDS,
                         patchcore=patchcore, bank_size=MTD_CORESET_BANK if bank_size is None else bank_size,
                         images=images, batches=_batches(batches), threads=threads, warmup=warmup, iters=iters,
-                        min_iters=min_iters, max_seconds=max_seconds)
+                        min_iters=min_iters, max_seconds=max_seconds, today=today, grad_run_frames=grad_run_frames,
+                        pace_fps=pace_fps)
     result = {**result_header(KIND_LATENCY, name, _command()), **run_latency(cfg)}
     json_path, md_path = write_result_files(out_dir, name, result, latency_markdown(result))
     click.echo(latency_markdown(result))

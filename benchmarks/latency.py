@@ -2,7 +2,10 @@
 
 Rows: for each preset (random weights; latency does not depend on their values) PyTorch eager on CPU (and on CUDA
 in FP32 and FP16 autocast where a GPU is visible), ONNX Runtime FP32 and FP16 of the graph ``grad-export onnx``
-writes; for a bundle its ONNX Runtime FP32/FP16 files and its TensorRT engine where TensorRT is importable; plus
+writes; for a bundle its ONNX Runtime FP32/FP16/INT8 files and its TensorRT engine where TensorRT is importable,
+with ``--today`` also today's float path (the same graph taking float32 frames, preprocessed in float32) and, with
+``--grad-run N``, ``grad-run --benchmark`` rows: today's serial loop on a schema-1 (float32 input) copy of the bundle
+against the pipelined loop per precision, each with the ratios new/today in ``comparisons``; plus
 a PatchCore row (same extractor, nearest-neighbour search over a memory bank of ``bank_size`` random features,
 GRAD's map head). Every row runs in its own process (fresh peak RSS) with the same threads and iteration budget.
 """
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from gradad.benchmarks.accuracy import (BACKEND_ORT_FP16, BACKEND_ORT_FP32, BACKEND_PYTORCH, BACKEND_TENSORRT,
-                                        BACKENDS, BUNDLE_BACKENDS)
+                                        BACKENDS as ACCURACY_BACKENDS, BUNDLE_BACKENDS as ACCURACY_BUNDLE_BACKENDS)
 from gradad.benchmarks.environment import environment
 from gradad.benchmarks.latency_worker import RowSpec
 from gradad.errors import GradError
@@ -35,6 +38,11 @@ MTD_CORESET_BANK = 7782
 WORKER_MODULE = "gradad.benchmarks.latency_worker"
 SYNTHETIC_IMAGES = 8
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+BACKEND_ORT_INT8 = "onnxruntime-int8"
+BACKENDS = (*ACCURACY_BACKENDS, BACKEND_ORT_INT8)
+#: bundle backend name -> (runtime backend, precision); INT8 needs grad-export quantize
+BUNDLE_BACKENDS = {**ACCURACY_BUNDLE_BACKENDS, BACKEND_ORT_INT8: ("onnxruntime", "int8")}
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 @dataclass
@@ -54,6 +62,9 @@ class LatencyConfig:
     min_iters: int = 5
     max_seconds: float = 20.0
     timeout_s: float = 1800.0  # per row (worker process)
+    today: bool = False  # bundle: add today's float path (float32 input graph + float32 preprocessing)
+    grad_run_frames: int = 0  # bundle: grad-run --benchmark rows (today serial vs pipelined) of this many frames
+    pace_fps: float = 50.0  # grad-run rows: end-to-end latency at batch 1 with frames arriving at this rate
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -63,6 +74,8 @@ class LatencyConfig:
             raise GradError(f"--backend {unknown[0]!r}: choose from {', '.join(BACKENDS)}")
         if not self.presets and not self.bundle:
             raise GradError("nothing to measure: give --preset NAME (repeatable) and/or --bundle DIR")
+        if (self.today or self.grad_run_frames) and not self.bundle:
+            raise GradError("--today and --grad-run compare a bundle's paths: give --bundle DIR")
         for name, value in (("--threads", self.threads), ("--iters", self.iters), ("--min-iters", self.min_iters)):
             if value < 1:
                 raise GradError(f"{name} {value}: must be at least 1")
@@ -85,10 +98,12 @@ def decode_images(cfg: LatencyConfig, work: Path, size: int) -> tuple[list[str],
         return files, f"{len(files)} image files from {cfg.images}"
     rng = np.random.default_rng(0)
     files = []
+    folder = work / f"decode_{size}"  # a folder of its own: grad-run rows read it as --source
+    folder.mkdir(exist_ok=True)
     for i in range(SYNTHETIC_IMAGES):  # smooth texture + noise: PNG decode cost of a real-looking image
         img = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 3)
         img = np.clip(img.astype(np.int16) + rng.integers(-8, 9, img.shape), 0, 255).astype(np.uint8)
-        path = work / f"synthetic_{size}_{i}.png"
+        path = folder / f"synthetic_{size}_{i}.png"
         cv2.imwrite(str(path), img)
         files.append(str(path))
     return files, f"{SYNTHETIC_IMAGES} synthetic {size}x{size} PNG files"
@@ -135,7 +150,7 @@ def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str])
     return specs
 
 
-def bundle_specs(cfg: LatencyConfig, images: list[str]) -> list[RowSpec]:
+def bundle_specs(cfg: LatencyConfig, images: list[str], work: Path) -> list[RowSpec]:
     """ONNX Runtime FP32/FP16 and TensorRT rows of a bundle; what cannot run here becomes a skip line."""
     from gradad.bundle import read_manifest
 
@@ -153,8 +168,9 @@ def bundle_specs(cfg: LatencyConfig, images: list[str]) -> list[RowSpec]:
             device = "cuda"
         else:
             device = "cpu"
-            if precision == "fp16" and "model.fp16.onnx" not in manifest["files"]:
-                _skip(cfg, label, f"bundle {cfg.bundle} has no model.fp16.onnx")
+            if ONNX_FILES[precision] not in manifest["files"]:
+                how = "grad-export quantize" if precision == "int8" else "grad-export onnx without --no-fp16"
+                _skip(cfg, label, f"bundle {cfg.bundle} has no {ONNX_FILES[precision]} ({how})")
                 continue
         engine = "TensorRT" if backend == "tensorrt" else "ONNX Runtime CPU"
         specs.append(_spec(cfg, images, label=f"GRAD {preset} bundle · {engine} {precision.upper()}", method="grad",
@@ -162,7 +178,24 @@ def bundle_specs(cfg: LatencyConfig, images: list[str]) -> list[RowSpec]:
                            bundle=str(cfg.bundle)))
     if BACKEND_PYTORCH in cfg.backends and not cfg.presets:
         _skip(cfg, f"GRAD {preset} · PyTorch eager", f"add --preset {preset} for the PyTorch eager row")
+    if cfg.today:
+        specs.insert(0, _spec(cfg, images, label=f"GRAD {preset} bundle · today: float32 input, ONNX Runtime CPU FP32",
+                              method="grad", preset=preset, backend="onnxruntime", precision="fp32", device="cpu",
+                              image_size=size, onnx_path=str(_float_variant(cfg.bundle, work)),
+                              input_dtype="float32", extra={"path": "today"}))
     return specs
+
+
+def _float_variant(bundle: str, work: Path) -> Path:
+    """Today's float path: the bundle's FP32 graph taking float32 frames (no bundle needed around it)."""
+    import onnx
+
+    from gradad.export.variants import float_input_variant
+
+    path = work / "today_float_input.onnx"
+    if not path.exists():
+        onnx.save(float_input_variant(onnx.load(Path(bundle) / "model.onnx")), path)
+    return path
 
 
 def _skip(cfg: LatencyConfig, label: str, reason: str) -> None:
@@ -225,7 +258,7 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
         if cfg.bundle:
             from gradad.bundle import read_manifest
 
-            specs += bundle_specs(cfg, images_for(int(read_manifest(cfg.bundle)["input"]["height"])))
+            specs += bundle_specs(cfg, images_for(int(read_manifest(cfg.bundle)["input"]["height"])), work)
         if cfg.patchcore:
             size = preset_config("edge").data.image_size
             specs.append(_spec(cfg, images_for(size), label="PatchCore · PyTorch eager CPU FP32 (same extractor)",
@@ -244,13 +277,68 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
                                      "gflop_grad": model["gflop_grad"],
                                      "params_m": round(model["params_extractor_m"] + model["params_grad_m"], 3)}
             rows.append(row)
+        if cfg.grad_run_frames:
+            from gradad.benchmarks.latency_runtime import grad_run_rows
+
+            size = int(read_manifest(cfg.bundle)["input"]["height"])
+            for row in grad_run_rows(cfg, str(Path(images_for(size)[0]).parent), work):
+                row["complexity"] = rows[-1]["complexity"] if rows else {}
+                rows.append(row)
         decode = {size: desc for size, (_, desc) in image_sets.items()}
     return {"environment": environment(), "device": "cuda" if any(r["device"] == "cuda" for r in rows) else "cpu",
             "threads": cfg.threads, "settings": {k: v for k, v in asdict(cfg).items() if k != "skipped"},
             "decode_images": decode, "patchcore_bank": {"rows": cfg.bank_size, "note":
                                                         "random features; rows = the 1% coreset size on MTD "
                                                         "(760 x 32 x 32 x 1%) unless --patchcore-bank says otherwise"},
-            "rows": rows, "skipped": list(cfg.skipped)}
+            "rows": rows, "skipped": list(cfg.skipped), "comparisons": comparisons(rows)}
+
+
+def _e2e_b1(row: dict[str, Any]) -> float | None:
+    """End-to-end p50 at batch 1: a paced pipelined run's measured capture -> record time, else the sum of the
+    stages (a serial loop at batch 1, or a worker row: stages one after another)."""
+    paced = row.get("batch1_paced")
+    if paced:
+        return paced["latency_ms"]["end_to_end"]["p50"]
+    b1 = row.get("batch1")
+    return b1["latency_ms"]["total"]["p50"] if b1 else None
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New path / today's path, measured in the same run: batch-1 end-to-end p50 and best-batch FPS.
+
+    Pairs: worker rows against the ``today`` worker row; pipelined grad-run rows against the serial one."""
+    out = []
+    for kind in ("worker", "grad-run"):
+        group = [r for r in rows if (r.get("backend") == "grad-run") == (kind == "grad-run")
+                 and r.get("method") == "grad" and (r.get("bundle") or r.get("path") == "today")
+                 and r.get("device") == "cpu"]
+        today = next((r for r in group if r.get("path") == "today"), None)
+        if today is None:
+            continue
+        for row in (r for r in group if r is not today):
+            e_new, e_old = _e2e_b1(row), _e2e_b1(today)
+            out.append({"kind": kind, "today": today["label"], "new": row["label"],
+                        "e2e_p50_b1_ms": [e_old, e_new], "e2e_speedup": round(e_old / e_new, 2) if e_new else None,
+                        "best_fps": [today["best_fps"], row["best_fps"]], "best_batch": [today["best_batch"],
+                                                                                         row["best_batch"]],
+                        "fps_ratio": round(row["best_fps"] / today["best_fps"], 2) if today["best_fps"] else None,
+                        "load_average_1min": row.get("load_average_1min")})
+    return out
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: today's path vs the new one, ratios measured in the same run (empty without a today row)."""
+    comps = comparisons(rows)
+    if not comps:
+        return ""
+    lines = ["| today | new | e2e p50 b1 ms (today → new) | speed-up | best FPS (batch) today → new | FPS ratio "
+             "| load avg |", "|---|---|---:|---:|---:|---:|---:|"]
+    for c in comps:
+        (e0, e1), (f0, f1), (b0, b1) = c["e2e_p50_b1_ms"], c["best_fps"], c["best_batch"]
+        lines.append(f"| {c['today']} | {c['new']} | {e0:.2f} → {e1:.2f} | {c['e2e_speedup']}× | {f0:.1f} ({b0}) → "
+                     f"{f1:.1f} ({b1}) | {c['fps_ratio']}× | {c['load_average_1min']} |")
+    return "\n".join(["", "Today's path vs the new one (same run; e2e p50 b1: capture -> record at batch 1, a paced run "
+                      "for the pipelined loop, the sum of the stages otherwise):", "", *lines]) + "\n"
 
 
 def _ms(stats: dict[str, Any] | None, stage: str, key: str = "p50") -> str:
@@ -273,7 +361,7 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
                  f"{r['best_fps']:.1f} ({r['best_batch']})", f"{r['peak_rss_mb']:.0f}",
                  f"{cx.get('gflop_total', float('nan')):.2f}", f"{cx.get('params_m', float('nan')):.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + comparison_table(rows)
 
 
 def latency_markdown(result: dict[str, Any]) -> str:

@@ -3,8 +3,9 @@
 ``grad-bench latency`` starts ``python -m gradad.benchmarks.latency_worker`` once per row, writes the row's
 :class:`RowSpec` as JSON on its stdin and reads the measured row as the last line of its stdout.
 
-Stages per image, as ``grad-run`` counts them: ``decode`` (read + decode an image file), ``preprocess`` (resize to
-the model input, layout, normalisation where the engine does not do it), ``inference`` (the engine call, GPU
+Stages per image, as ``grad-run --serial`` counts them: ``decode`` (read + decode an image file), ``preprocess``
+(resize to the model input and layout, in uint8 for schema-2 graphs; float32 for the ``input_dtype="float32"``
+rows of today's float path; normalisation where the engine does not do it), ``inference`` (the engine call, GPU
 synchronised), ``postprocess`` (outputs to host numpy + OK/NG decision); batch stages are divided by the batch
 size. FPS = images / wall time of the measured iterations (stages run one after the other, as in ``grad-run``).
 """
@@ -53,6 +54,7 @@ class RowSpec:
     onnx_path: str | None = None  # onnxruntime rows of a preset
     bundle: str | None = None  # onnxruntime / tensorrt rows of a bundle
     bank_size: int = 0  # patchcore: memory-bank rows
+    input_dtype: str = "uint8"  # frames the engine takes: uint8 (bundle schema 2) or float32 (today's float path)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,7 +147,7 @@ def time_batches(spec: RowSpec, engine: Engine) -> list[dict[str, Any]]:
             images, decode_ms = _decode_batch(spec.images, cursor, batch)
             cursor += batch
             t0 = time.perf_counter()
-            x = preprocess(to_model_input(images, size, size))
+            x = preprocess(to_model_input(images, size, size, np.dtype(spec.input_dtype)))
             t1 = time.perf_counter()
             out = inference(x)
             t2 = time.perf_counter()

@@ -20,7 +20,7 @@ from gradad.cli_utils import setup_logging, user_errors_as_exit
 @click.option("--method", type=click.Choice(["far", "f1", "recall"]), default="far",
               help="Rule that sets the active threshold (f1/recall need --defect).")
 @click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt: calibrate on what the line runs.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="[default: fp16 for TensorRT, fp32 for ONNX Runtime]")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @click.option("--dry-run", is_flag=True, help="Print the table without writing bundle.json.")

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, file_entry, read_manifest, verify_files, write_manifest
+from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, file_entry, read_manifest, verify_files, write_manifest
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
 from gradad.export.fp16 import FP32_NAME_PATTERNS
-from gradad.export.parity import ParityError, ParityGates, check_gates, compare_fp16
+from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, TensorRTUnavailable, build_engine, gpu_identity, \
     import_tensorrt
 from gradad.runtime.backend import Backend, infer_in_batches
@@ -55,12 +55,17 @@ def build_bundle_engine(
     trt: Any = None,
     gpu: dict[str, str] | None = None,
     engine_backend: Callable[[Path], Backend] = _default_engine_backend,
+    int8: bool = False,
 ) -> dict[str, Any]:
     """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
-    the bundle still offers; an engine that misses the parity gate is not written and the numbers reported."""
+    the bundle still offers; an engine that misses the parity gate is not written and the numbers reported.
+
+    ``int8`` builds from the bundle's QDQ model (explicit quantisation) and gates the engine with the INT8
+    map/score errors against ONNX Runtime FP32."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    verify_files(bundle_dir, manifest, [FP32_ONNX] + ([FP16_ONNX] if FP16_ONNX in manifest["files"] else []))
+    optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in manifest["files"]]
+    verify_files(bundle_dir, manifest, [FP32_ONNX] + optional)
     if not Path(parity_images).is_dir():
         raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
     try:
@@ -72,22 +77,26 @@ def build_bundle_engine(
                                   f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_dir / "timing.cache"),
-                            fp32_layer_name_patterns=FP32_NAME_PATTERNS)
+                            fp32_layer_name_patterns=FP32_NAME_PATTERNS, int8=int8)
     inp = manifest["input"]
     fp16_onnx = bundle_dir / FP16_ONNX if FP16_ONNX in manifest["files"] else None
+    int8_onnx = bundle_dir / INT8_ONNX if INT8_ONNX in manifest["files"] else None
     # Built into a scratch folder: a rebuild that fails parity never touches the engine already in the bundle.
     scratch = bundle_dir / ".engine-build-tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
         stamp = build_engine(bundle_dir / FP32_ONNX, scratch, inp["name"], (3, inp["height"], inp["width"]), cfg,
-                             fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu)
+                             fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu, int8_onnx_path=int8_onnx)
         engine = engine_backend(scratch / stamp["file"])
         try:
             report = engine_parity(bundle_dir, manifest, engine, parity_images)
         finally:
             engine.close()
-        failed = [f.replace("FP16", "engine") for f in check_gates({"max_abs_over_scale": 0.0}, report, gates)]
+        if int8:
+            failed = [f.replace("INT8", "INT8 engine") for f in check_int8_gates(report, gates, need_auroc=False)]
+        else:
+            failed = [f.replace("FP16", "engine") for f in check_gates({"max_abs_over_scale": 0.0}, report, gates)]
         if failed:
             raise ParityError(f"engine {stamp['file']} rejected (not written): " + "; ".join(failed))
         engine_path = bundle_dir / stamp["file"]

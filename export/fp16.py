@@ -21,7 +21,7 @@ FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 _FP32_ONLY_INPUTS = {"Resize": {1, 2}}
 # Node-name fragments (module paths in the TorchScript export) of the coordinate branch: the mapper and the grid
 # modules, which reshape the coordinates right before GridSample. TensorRT's per-layer FP32 pins use them too.
-COORDINATE_BRANCH = "/mapper/"
+COORDINATE_BRANCH = "mapper/"  # /mapper/ and /abnormal_mapper/
 GRID_MODULES = "_grid/"
 FP32_NAME_PATTERNS = (COORDINATE_BRANCH, GRID_MODULES)
 

@@ -17,7 +17,8 @@ import onnx
 import torch
 
 from gradad import __version__
-from gradad.bundle import FP16_ONNX, FP32_ONNX, MANIFEST_NAME, BundleError, file_entry, write_manifest
+from gradad.bundle import (BUNDLE_SCHEMA_VERSION, FP16_ONNX, FP32_ONNX, MANIFEST_NAME, BundleError, file_entry,
+                           write_manifest)
 from gradad.data.datasets import Sample, list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
@@ -53,9 +54,9 @@ class ExportOptions:
 
 
 def export_onnx_fp32(module: ExportModule, path: Path) -> onnx.ModelProto:
-    """TorchScript-based export (dynamo=False) at opset 17 with a dynamic batch axis."""
+    """TorchScript-based export (dynamo=False) at opset 17 with a dynamic batch axis; the input is uint8."""
     h, w = module.input_hw
-    dummy = torch.rand(2, 3, h, w) * 255
+    dummy = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
@@ -180,7 +181,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         if opts.fp16:
             files[FP16_ONNX] = file_entry(work / FP16_ONNX)
         manifest = {
-            "schema_version": 1,
+            "schema_version": BUNDLE_SCHEMA_VERSION,
             "gradad_version": __version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "name": opts.name or out_dir.name,
@@ -188,7 +189,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             "backbone": {"name": cfg.backbone.name, "out_indices": list(cfg.backbone.out_indices),
                          "weights": cfg.backbone.weights},
             "input": {
-                "name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "color": "RGB", "value_range": [0, 255],
+                "name": INPUT_NAME, "layout": "NCHW", "dtype": "uint8", "color": "RGB", "value_range": [0, 255],
                 "height": h, "width": w, "model_height": module.model_hw[0], "model_width": module.model_hw[1],
                 "normalisation": {"mean": list(norm["mean"]), "std": list(norm["std"]), "in_graph": True},
                 "resize": ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images."
@@ -211,6 +212,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             "engines": [],
             "calibration": None,
             "source_checkpoint": str(checkpoint),
+            "data_root": str(opts.data_root or cfg.data.root),
             "export_seconds": round(time.perf_counter() - t0, 1),
         }
         write_manifest(work, manifest)

@@ -29,6 +29,10 @@ class ParityGates:
     fp16_map_rel_l2: float = 2e-2
     fp16_score_rel_l2: float = 1e-2
     fp16_auroc_max_drop: float = 0.01
+    # INT8 (grad-export quantize) against the FP32 ONNX: coarser than FP16, but the decisions must hold.
+    int8_map_rel_l2: float = 0.15
+    int8_score_rel_l2: float = 0.10
+    int8_auroc_max_drop: float = 0.005  # 0.5 AUROC point
 
 
 def compare_fp32(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
@@ -82,6 +86,24 @@ def check_gates(fp32: dict[str, Any], fp16: dict[str, Any] | None, gates: Parity
             failed.append(f"FP16 score relative L2 error {fp16['score_rel_l2']:.2e} > {gates.fp16_score_rel_l2:.0e}")
         if fp16["auroc_change"] is not None and -fp16["auroc_change"] > gates.fp16_auroc_max_drop:
             failed.append(f"FP16 image AUROC drop {-fp16['auroc_change']:.4f} > {gates.fp16_auroc_max_drop}")
+    return failed
+
+
+def check_int8_gates(report: dict[str, Any], gates: ParityGates, need_auroc: bool = True) -> list[str]:
+    """Every INT8 gate that failed (empty = pass). The AUROC gate needs labels: without them it fails unless
+    ``need_auroc`` is off (a TensorRT INT8 engine against ONNX Runtime on unlabelled images: the QDQ model
+    it is built from passed the AUROC gate)."""
+    failed = []
+    if report["map_rel_l2"] > gates.int8_map_rel_l2:
+        failed.append(f"INT8 map relative L2 error {report['map_rel_l2']:.3f} > {gates.int8_map_rel_l2}")
+    if report["score_rel_l2"] > gates.int8_score_rel_l2:
+        failed.append(f"INT8 score relative L2 error {report['score_rel_l2']:.3f} > {gates.int8_score_rel_l2}")
+    change = report.get("auroc_change")
+    if change is None and need_auroc:
+        failed.append("INT8 image AUROC not measured (the parity set needs good and defective images)")
+    elif change is not None and -change > gates.int8_auroc_max_drop:
+        failed.append(f"INT8 image AUROC drop {-change:.4f} ({report['auroc_fp32']:.4f} -> "
+                      f"{report.get('auroc_int8', report.get('auroc_fp16')):.4f}) > {gates.int8_auroc_max_drop}")
     return failed
 
 

@@ -15,6 +15,12 @@ Two FP16 routes, picked by what the installed TensorRT offers:
 
 With ``fp16=False`` the FP32 ONNX is built as is (``"fp32"``).
 
+INT8 (``int8=True``) is explicit quantisation only: the engine is built from the bundle's QDQ ONNX
+(``model.int8.onnx``, ``grad-export quantize``), whose Q/DQ scales come from ONNX Runtime calibration; no
+implicit calibrator is ever set. ``"int8-qdq-flags"`` (TensorRT 8.5 - 10.x): ``BuilderFlag.INT8`` (and FP16
+where present, for the layers left unquantised) with the same FP32 pins as the FP16 route;
+``"int8-qdq-strongly-typed"`` (TensorRT 11+, no INT8 flag): a strongly typed network, the QDQ nodes decide.
+
 An engine only runs on the TensorRT version and GPU it was built with: the file name and the stamp
 returned by :func:`build_engine` record both, and :func:`engine_matches_device` is what the runtime
 uses to refuse a stale engine. The ``trt`` and ``gpu`` arguments of :func:`build_engine` exist so
@@ -50,6 +56,8 @@ def rebuild_command(bundle: str, precision: str = "fp16") -> str:
 BUILD_MODE_FP16_FLAG = "fp16-flag"
 BUILD_MODE_STRONGLY_TYPED = "strongly-typed-fp16-onnx"
 BUILD_MODE_FP32 = "fp32"
+BUILD_MODE_INT8_FLAGS = "int8-qdq-flags"
+BUILD_MODE_INT8_STRONGLY_TYPED = "int8-qdq-strongly-typed"
 
 # CUdevice_attribute values from cuda.h (stable across CUDA versions).
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
@@ -84,6 +92,11 @@ class EngineBuildConfig:
     timing_cache: str | None = None
     fp32_layer_types: tuple[str, ...] = ("GRID_SAMPLE",)
     fp32_layer_name_patterns: tuple[str, ...] = ()
+    int8: bool = False  # explicit-quantisation INT8 engine from the QDQ ONNX (overrides fp16)
+
+    @property
+    def precision(self) -> str:
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
 
     def validate(self) -> None:
         """Raise ConfigError for an impossible setting."""
@@ -245,8 +258,8 @@ def _sanitise(text: str) -> str:
 
 def engine_filename(trt_version: str, gpu_name: str, compute_capability: str, precision: str) -> str:
     """Engine file name, e.g. ``model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan``."""
-    if precision not in ("fp16", "fp32"):
-        raise ValueError(f"precision must be 'fp16' or 'fp32', got {precision!r}")
+    if precision not in ("fp16", "fp32", "int8"):
+        raise ValueError(f"precision must be 'fp16', 'fp32' or 'int8', got {precision!r}")
     sm = "sm" + re.sub(r"[^0-9]", "", str(compute_capability))
     return f"model.trt{_sanitise(trt_version)}.{precision}.{sm}.{_sanitise(gpu_name)}.plan"
 
@@ -263,8 +276,54 @@ def trt_major_version(trt: Any) -> int:
 
 def supports_fp16_flag(trt: Any) -> bool:
     """True when ``trt.BuilderFlag.FP16`` exists (TensorRT <= 10.x; removed in 11)."""
+    return _has_flag(trt, "FP16")
+
+
+def _has_flag(trt: Any, name: str) -> bool:
     flags = getattr(trt, "BuilderFlag", None)
-    return flags is not None and getattr(flags, "FP16", None) is not None
+    return flags is not None and getattr(flags, name, None) is not None
+
+
+def select_build_mode(trt: Any, cfg: EngineBuildConfig, onnx_path: Path, fp16_onnx_path: Path | None,
+                      int8_onnx_path: Path | None) -> tuple[str, Path, bool]:
+    """(build mode, ONNX file to parse, strongly typed) for this TensorRT and precision."""
+    if cfg.int8:
+        if int8_onnx_path is None:
+            raise GradError("an INT8 engine is built from the bundle's QDQ model (explicit quantisation), and the "
+                            "bundle has none: run `grad-export quantize <bundle> --calib GOOD_DIR` first")
+        if _has_flag(trt, "INT8"):
+            return BUILD_MODE_INT8_FLAGS, Path(int8_onnx_path), False
+        return BUILD_MODE_INT8_STRONGLY_TYPED, Path(int8_onnx_path), True
+    if not cfg.fp16:
+        return BUILD_MODE_FP32, onnx_path, False
+    if supports_fp16_flag(trt):
+        return BUILD_MODE_FP16_FLAG, onnx_path, False
+    if fp16_onnx_path is None:
+        raise GradError(
+            f"TensorRT {trt.__version__} has no FP16 builder flag: an FP16 engine must be built from "
+            "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with its FP16 ONNX: "
+            "`grad-export onnx CHECKPOINT -o <bundle> --overwrite`"
+        )
+    return BUILD_MODE_STRONGLY_TYPED, Path(fp16_onnx_path), True
+
+
+def _set_precision_flags(trt: Any, config: Any, network: Any, mode: str, cfg: EngineBuildConfig,
+                         source: Path) -> list[str]:
+    """Builder flags and FP32 pins of the FP16-flag and INT8-flag routes; returns the pinned layers."""
+    if mode not in (BUILD_MODE_FP16_FLAG, BUILD_MODE_INT8_FLAGS):
+        return []
+    if mode == BUILD_MODE_INT8_FLAGS:
+        config.set_flag(trt.BuilderFlag.INT8)  # Q/DQ scales from the ONNX; no int8_calibrator is set
+    if supports_fp16_flag(trt):
+        config.set_flag(trt.BuilderFlag.FP16)
+    config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    forced = _force_fp32_layers(trt, network, cfg)
+    log.info("Pinned %d layer(s) to FP32: %s", len(forced), ", ".join(forced) or "none")
+    if "GRID_SAMPLE" in cfg.fp32_layer_types and not any(
+        network.get_layer(i).type == trt.LayerType.GRID_SAMPLE for i in range(network.num_layers)
+    ):
+        log.warning("No GridSample layer found in %s; is this the GRAD model?", source)
+    return forced
 
 
 def _network_flags(trt: Any, strongly_typed: bool) -> int:
@@ -434,6 +493,7 @@ def build_engine(
     fp16_onnx_path: str | os.PathLike[str] | None = None,
     trt: Any = None,
     gpu: dict[str, str] | None = None,
+    int8_onnx_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Build a TensorRT engine and write it to ``out_dir/engine_filename(...)``.
 
@@ -445,6 +505,7 @@ def build_engine(
         cfg: build settings.
         fp16_onnx_path: the FP16 ONNX (``model.fp16.onnx``); needed for FP16 where TensorRT has no
             FP16 builder flag (11+).
+        int8_onnx_path: the INT8 QDQ ONNX (``model.int8.onnx``); needed when ``cfg.int8``.
         trt: the tensorrt module (default: :func:`import_tensorrt`); a fake in the glue tests.
         gpu: ``{"name", "compute_capability"}`` (default: :func:`gpu_identity`).
 
@@ -466,19 +527,10 @@ def build_engine(
     trt_version = str(trt.__version__)
     c, h, w = (int(v) for v in input_chw)
 
-    if not cfg.fp16:
-        mode, source, strongly_typed = BUILD_MODE_FP32, onnx_path, False
-    elif supports_fp16_flag(trt):
-        mode, source, strongly_typed = BUILD_MODE_FP16_FLAG, onnx_path, False
-    else:
-        if fp16_onnx_path is None:
-            raise GradError(
-                f"TensorRT {trt_version} has no FP16 builder flag: an FP16 engine must be built from "
-                "the FP16 ONNX (model.fp16.onnx), and none was given; re-export the bundle with its FP16 ONNX: "
-                "`grad-export onnx CHECKPOINT -o <bundle> --overwrite`"
-            )
-        mode, source, strongly_typed = BUILD_MODE_STRONGLY_TYPED, Path(fp16_onnx_path), True
-    precision = "fp16" if cfg.fp16 else "fp32"
+    mode, source, strongly_typed = select_build_mode(
+        trt, cfg, onnx_path, Path(fp16_onnx_path) if fp16_onnx_path else None,
+        Path(int8_onnx_path) if int8_onnx_path else None)
+    precision = cfg.precision
     log.info(
         "Building TensorRT %s %s engine (%s) from %s for %s (sm%s)",
         trt_version, precision, mode, source, gpu["name"], gpu["compute_capability"].replace(".", ""),
@@ -496,16 +548,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(cfg.workspace_mib) * 2**20)
 
-    forced: list[str] = []
-    if mode == BUILD_MODE_FP16_FLAG:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        forced = _force_fp32_layers(trt, network, cfg)
-        log.info("Pinned %d layer(s) to FP32: %s", len(forced), ", ".join(forced) or "none")
-        if "GRID_SAMPLE" in cfg.fp32_layer_types and not any(
-            network.get_layer(i).type == trt.LayerType.GRID_SAMPLE for i in range(network.num_layers)
-        ):
-            log.warning("No GridSample layer found in %s; is this the GRAD model?", source)
+    forced = _set_precision_flags(trt, config, network, mode, cfg, source)
 
     shapes = {
         "min": [cfg.min_batch, c, h, w],
@@ -573,7 +616,8 @@ def engine_matches_device(
         )
     if not problems:
         return None
-    command = rebuild_command(bundle, "fp32" if stamp.get("precision") == "fp32" else "fp16")
+    precision = stamp.get("precision") if stamp.get("precision") in ("fp32", "int8") else "fp16"
+    command = rebuild_command(bundle, precision)
     return (
         f"engine {stamp.get('file', '(unnamed)')} was built for {' and '.join(problems)}; "
         f"TensorRT engines only run where they were built: rebuild it on this device with `{command}`"

@@ -16,10 +16,19 @@ import jsonschema
 
 from gradad.errors import GradError
 
-BUNDLE_SCHEMA_VERSION = 1
+#: Version 2: the graph takes uint8 RGB frames (N, 3, H, W) and casts/normalises inside (version 1: float32 0..255).
+BUNDLE_SCHEMA_VERSION = 2
+#: Versions this gradad still reads: version 1 bundles (float32 input) keep running; the host then converts frames.
+READABLE_SCHEMA_VERSIONS = (1, 2)
+#: Input dtype of the graph per schema version.
+INPUT_DTYPE_BY_VERSION = {1: "float32", 2: "uint8"}
 MANIFEST_NAME = "bundle.json"
 FP32_ONNX = "model.onnx"
 FP16_ONNX = "model.fp16.onnx"
+INT8_ONNX = "model.int8.onnx"
+#: ONNX file of each ONNX Runtime precision.
+ONNX_BY_PRECISION = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
+REEXPORT_COMMAND = "grad-export onnx CHECKPOINT -o DIR --overwrite"
 
 
 class BundleError(GradError):
@@ -39,7 +48,7 @@ BUNDLE_SCHEMA: dict[str, Any] = {
     "required": ["schema_version", "gradad_version", "created", "name", "preset", "backbone", "input",
                  "outputs", "classes", "training_data", "onnx", "files", "parity", "engines", "calibration"],
     "properties": {
-        "schema_version": {"const": BUNDLE_SCHEMA_VERSION},
+        "schema_version": {"enum": list(READABLE_SCHEMA_VERSIONS)},
         "gradad_version": {"type": "string"},
         "created": {"type": "string"},
         "name": {"type": "string"},
@@ -57,7 +66,7 @@ BUNDLE_SCHEMA: dict[str, Any] = {
             "properties": {
                 "name": {"type": "string"},
                 "layout": {"const": "NCHW"},
-                "dtype": {"const": "float32"},
+                "dtype": {"enum": sorted(set(INPUT_DTYPE_BY_VERSION.values()))},
                 "color": {"const": "RGB"},
                 "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
                 "height": {"type": "integer", "minimum": 16},
@@ -180,19 +189,33 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     """Raise BundleError unless ``manifest`` matches the schema of this gradad version, every file it names
     stays inside the bundle folder and its thresholds are finite positive numbers."""
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != BUNDLE_SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise BundleError(
-            f"{where}: bundle schema version {version!r}, this gradad reads version {BUNDLE_SCHEMA_VERSION}; "
-            f"re-export the model with this version (grad-export onnx CHECKPOINT -o DIR)"
+            f"{where}: bundle schema version {version!r}, this gradad reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; re-export the model with this version "
+            f"({REEXPORT_COMMAND})"
         )
     try:
         jsonschema.validate(manifest, BUNDLE_SCHEMA)
     except jsonschema.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise BundleError(f"{where}: invalid bundle manifest at {path}: {exc.message}") from exc
+    dtype = manifest["input"]["dtype"]
+    if dtype != INPUT_DTYPE_BY_VERSION[version]:
+        raise BundleError(f"{where}: input dtype {dtype!r} does not belong to schema version {version} (expects "
+                          f"{INPUT_DTYPE_BY_VERSION[version]!r}); re-export the bundle ({REEXPORT_COMMAND})")
     for key, name in referenced_files(manifest):
         check_file_name(name, f"{where}: {key}")
     check_calibration(manifest, where)
+
+
+def require_current_schema(manifest: dict[str, Any], bundle_dir: str | Path, what: str) -> None:
+    """Refuse an older (still runnable) bundle for an operation that needs the current schema, with the fix."""
+    version = manifest.get("schema_version")
+    if version != BUNDLE_SCHEMA_VERSION:
+        raise BundleError(f"{what} needs a bundle of schema version {BUNDLE_SCHEMA_VERSION} (uint8 input in the "
+                          f"graph); {bundle_dir} is version {version}: re-export it first "
+                          f"(grad-export onnx CHECKPOINT -o {bundle_dir} --overwrite)")
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:

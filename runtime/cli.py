@@ -90,13 +90,21 @@ def exit_past_stuck_captures(func: Any) -> Any:
 @click.option("--source", "sources", multiple=True, help="Camera index, GStreamer pipeline, RTSP/HTTP URL, video "
               "file, image folder or glob (repeatable).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "tensorrt", "onnxruntime"]))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
-              help="[default: fp16 on TensorRT, fp32 on ONNX Runtime]")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="int8 needs grad-export quantize (ONNX Runtime) or build --int8 (TensorRT) [default: fp16 on "
+              "TensorRT, fp32 on ONNX Runtime]")
 @click.option("--providers", help="ONNX Runtime providers, comma-separated: tensorrt,cuda,cpu [default: by "
               "availability].")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @click.option("--batch", "batch_size", type=int, default=1, help="Frames per inference call (up to the engine's "
               "profile maximum).")
+@click.option("--serial", is_flag=True, help="Run decode, inference and sinks one after another in one thread "
+              "(the pre-pipeline loop, for comparisons) instead of three pipelined threads.")
+@click.option("--in-flight", type=int, default=2, help="Batches in flight on asynchronous backends (TensorRT: "
+              "one CUDA stream each).")
+@click.option("--pace", "pace_fps", type=float, default=0.0, help="Hand file frames to the pipelined loop no "
+              "faster than this many per second, as a camera would (benchmarks of end-to-end latency below "
+              "saturation; 0 = as fast as possible).")
 @click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
 @click.option("--jsonl", "jsonl_path", default="-", help="Per-frame JSON lines file ('-' = stdout, '' = off); "
               "appended to, never truncated.")
@@ -142,14 +150,18 @@ def exit_past_stuck_captures(func: Any) -> Any:
 @click.option("-v", "--verbose", is_flag=True)
 @exit_past_stuck_captures
 @user_errors_as_exit
-def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, threshold, jsonl_path,
+def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, serial, in_flight,
+         pace_fps, threshold, jsonl_path,
          video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
          mqtt_topic, webhook, max_frames, loop,
          benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
          refine_drain, refine_device, refine_threads, refine_factory, verbose) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
-    Prints rolling p50/p95 latency per stage and FPS every --stats-every seconds and a summary at exit.
+    Capture/decode, inference and sinks run on separate threads with bounded queues (--serial: one after
+    another): files never drop a frame and keep their order, live sources keep the newest frames. The backend is
+    warmed up before the first frame. Each JSON line has per-stage and end-to-end (capture -> line written)
+    latency. Prints rolling p50/p95 latency per stage and FPS every --stats-every seconds and a summary at exit.
     Ctrl-C or SIGTERM stops cleanly: every sink is flushed and closed; the exit code is then 130 or 143.
 
     With --refine, NG frames are refined to sharp pixel masks in a separate process; the loop never waits for it
@@ -170,8 +182,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     specs = list(sources) + ([str(camera)] if camera is not None else [])
     if not specs:
         raise GradError("no input: give --camera N or --source ...")
-    engine, manifest = load_backend(bundle_dir, backend, precision,
-                                    providers.split(",") if providers else None, threads)
+    engine, manifest = load_backend(bundle_dir, backend, precision, providers.split(",") if providers else None,
+                                    threads, in_flight=1 if serial else max(1, in_flight))
     thresholds = thresholds_from_manifest(manifest, threshold)
     if benchmark_out:
         check_writable(benchmark_out, "--benchmark-out")
@@ -210,15 +222,18 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
             sinks.append(WebhookSink(webhook))
         frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
         total = (benchmark_frames + warmup) if benchmark else max_frames
+        loop_opts = {"pipelined": not serial, "live": any(src.live for src in opened), "in_flight": in_flight,
+                     "pace_fps": pace_fps}
         if benchmark and warmup:
             warm = LatencyStats()
-            run_pipeline(itertools.islice(frames, warmup), engine, thresholds, [], RunOptions(batch_size, stats_every_s=0),
-                         stop, warm)
+            run_pipeline(itertools.islice(frames, warmup), engine, thresholds, [],
+                         RunOptions(batch_size, stats_every_s=0, **loop_opts), stop, warm)
             total = benchmark_frames
         stats = LatencyStats()  # after the warm-up: FPS covers the measured frames only
         t0 = time.perf_counter()
         run_pipeline(frames, engine, thresholds, sinks,
-                     RunOptions(batch_size, total, stats_every, refine=refine_stage), stop, stats)
+                     RunOptions(batch_size, total, stats_every, refine=refine_stage,
+                                warmup=not (benchmark and warmup), **loop_opts), stop, stats)
         wall = time.perf_counter() - t0
     except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
         raise GradError(f"output failed: {exc}") from exc
@@ -238,6 +253,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     if benchmark:
         summary.update({
             "bundle": manifest["name"], "backend": engine.name, "batch_size": batch_size,
+            "loop": "serial" if serial else "pipelined", "pace_fps": pace_fps, "precision": precision,
+            "peak_rss_mb": round(_peak_rss_mb(), 1), "load_average_1min": round(os.getloadavg()[0], 2),
             "input": [manifest["input"]["height"], manifest["input"]["width"]], "threads": threads,
             "warmup_frames": warmup, "machine": platform.machine(), "processor": platform.processor(),
             "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
@@ -271,6 +288,13 @@ def _start_refine(bundle_dir: str, manifest: dict[str, Any], budget: float | Non
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=budget, max_batch=batch, queue_size=queue,
                                 device=device, threads=threads, factory=factory or DEFAULT_FACTORY)
     return RefineStage(RefineWorker(config).start(), drain)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _version(module: str) -> str | None:

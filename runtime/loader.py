@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, bundle_file, read_manifest, verify_files
+from gradad.bundle import BUNDLE_SCHEMA_VERSION, INPUT_DTYPE_BY_VERSION, ONNX_BY_PRECISION, bundle_file, read_manifest, verify_files
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.onnxruntime_backend import BackendError, OnnxRuntimeBackend
@@ -14,7 +14,8 @@ from gradad.runtime.onnxruntime_backend import BackendError, OnnxRuntimeBackend
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
+ORT_TYPE_BY_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 
 def _io_problem(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> str | None:
@@ -22,9 +23,10 @@ def _io_problem(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> str | 
     inp = manifest["input"]
     inputs, outputs = backend.session.get_inputs(), backend.session.get_outputs()
     want_shape = ["N", 3, inp["height"], inp["width"]]
-    if len(inputs) != 1 or inputs[0].name != inp["name"] or inputs[0].type != "tensor(float)":
+    dtype = INPUT_DTYPE_BY_VERSION[manifest["schema_version"]]
+    if len(inputs) != 1 or inputs[0].name != inp["name"] or inputs[0].type != ORT_TYPE_BY_DTYPE[dtype]:
         got = ", ".join(f"{i.name} {i.type}" for i in inputs)
-        return f"inputs are [{got}], the bundle says one float32 input {inp['name']!r}"
+        return f"inputs are [{got}], the bundle says one {dtype} input {inp['name']!r}"
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != want_shape[1:]:
         return f"input {inp['name']!r} has shape {shape}, the bundle says {want_shape}"
@@ -46,9 +48,11 @@ def check_io(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> None:
 
 def _onnx_backend(bundle_dir: Path, manifest: dict[str, Any], precision: str, providers: Sequence[str] | None,
                   threads: int, max_batch: int) -> OnnxRuntimeBackend:
-    name = FP16_ONNX if precision == "fp16" else FP32_ONNX
+    name = ONNX_BY_PRECISION[precision]
     if name not in manifest["files"]:
-        raise BackendError(f"bundle {bundle_dir} has no {name}; re-export it without --no-fp16 or use --precision fp32")
+        how = (f"quantise it with grad-export quantize {bundle_dir} --calib GOOD_DIR" if precision == "int8" else
+               "re-export it without --no-fp16")
+        raise BackendError(f"bundle {bundle_dir} has no {name}; {how} or use --precision fp32")
     verify_files(bundle_dir, manifest, [name])
     backend = OnnxRuntimeBackend(bundle_file(bundle_dir, name), providers, threads, max_batch)
     check_io(backend, manifest)
@@ -62,12 +66,15 @@ def load_backend(
     providers: Sequence[str] | None = None,
     threads: int = 0,
     max_batch: int = 32,
+    in_flight: int = 1,
 ) -> tuple[Backend, dict[str, Any]]:
     """(backend, manifest) for a bundle.
 
     ``auto`` uses a TensorRT engine when the bundle has one for this device and TensorRT is installed, else ONNX
     Runtime (TensorRT/CUDA/CPU providers by availability). ``precision`` defaults to fp16 for TensorRT and fp32
-    for ONNX Runtime (FP16 is slower than FP32 on most CPUs).
+    for ONNX Runtime (FP16 is slower than FP32 on most CPUs); ``in_flight`` is the number of batches a TensorRT
+    backend can have queued (one CUDA stream and context each); ``int8`` runs the QDQ model (``grad-export
+    quantize``) on ONNX Runtime or its INT8 engine on TensorRT.
     """
     if backend not in BACKENDS:
         raise GradError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -75,11 +82,15 @@ def load_backend(
         raise GradError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    if manifest["schema_version"] != BUNDLE_SCHEMA_VERSION:
+        log.warning("bundle %s has schema version %s (float32 input): frames are converted to float32 on the host; "
+                    "re-export it (grad-export onnx CHECKPOINT -o %s --overwrite) for uint8 input in the graph",
+                    bundle_dir, manifest["schema_version"], bundle_dir)
     if backend in ("auto", "tensorrt"):
         try:
             from gradad.runtime.tensorrt_backend import load_tensorrt_backend
 
-            trt_backend = load_tensorrt_backend(bundle_dir, manifest, precision or "fp16")
+            trt_backend = load_tensorrt_backend(bundle_dir, manifest, precision or "fp16", in_flight=in_flight)
             return trt_backend, manifest
         except GradError as exc:
             if backend == "tensorrt":

@@ -10,6 +10,7 @@ import numpy as np
 
 from gradad.errors import GradError
 from gradad.runtime.backend import infer_in_batches
+from gradad.runtime.preprocess import as_input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,15 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     return providers
 
 
+ORT_INPUT_DTYPES = {"tensor(uint8)": np.dtype(np.uint8), "tensor(float)": np.dtype(np.float32)}
+
+
 class OnnxRuntimeBackend:
-    """image (N, 3, H, W) float32 RGB 0..255 -> (scores (N,), maps (N, H, W)) with one ORT session."""
+    """image (N, 3, H, W) uint8 RGB -> (scores (N,), maps (N, H, W)) with one ORT session.
+
+    The input dtype is the graph's (uint8 for bundle schema 2, float32 for schema 1); frames of the other dtype
+    are converted on the host, so every caller may pass uint8 frames or float32 arrays of 0..255 values.
+    """
 
     def __init__(self, onnx_path: str | Path, providers: Sequence[str] | None = None, threads: int = 0,
                  max_batch: int = 32) -> None:
@@ -67,6 +75,7 @@ class OnnxRuntimeBackend:
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = inp.shape  # e.g. ['N', 3, 256, 256]
+        self.input_dtype = ORT_INPUT_DTYPES.get(inp.type, np.dtype(np.float32))
         self.providers = self.session.get_providers()
         self.name = f"onnxruntime:{self.providers[0]}:{path.name}"  # provider and precision (file)
         # The graph has a dynamic batch axis; this only bounds what one call may hold (memory).
@@ -83,7 +92,7 @@ class OnnxRuntimeBackend:
                                f"{self.input_hw[1]}), got {tuple(images.shape)}")
         if len(images) > self.max_batch:
             raise BackendError(f"batch of {len(images)} exceeds max_batch {self.max_batch}")
-        scores, maps = self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.float32)})
+        scores, maps = self.session.run(None, {self.input_name: as_input_dtype(images, self.input_dtype)})
         return scores.astype(np.float32), maps[:, 0].astype(np.float32)
 
     def infer_all(self, images: np.ndarray, batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 from gradad.bundle import check_calibration, check_threshold
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
-from gradad.runtime.preprocess import to_model_input
+from gradad.runtime.preprocess import INPUT_DTYPE, to_model_input
 from gradad.runtime.stats import LatencyStats
 from gradad.runtime.types import Frame, FrameResult, Sink
 
@@ -65,6 +65,12 @@ class RunOptions:
     stats_every_s: float = 10.0
     on_result: Callable[[FrameResult], None] | None = None
     refine: "RefineStage | None" = None  # grad-run --refine: flagged frames go to the refinement worker
+    pipelined: bool = True  # capture, inference and sinks on separate threads (False: one after another)
+    live: bool = False  # a live source: the capture queue keeps the newest frames (drops the oldest)
+    queue_frames: int = 0  # frames between capture and inference (0 = 2 batches, at least 2; live: 1 batch)
+    in_flight: int = 2  # batches in flight on backends that run asynchronously (TensorRT: one stream each)
+    warmup: bool = True  # blank batches through the backend before the first real frame
+    pace_fps: float = 0.0  # pipelined: deliver frames no faster than this (a simulated camera; 0 = unpaced)
 
 
 class StopFlag:
@@ -134,6 +140,67 @@ def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
         iterators = alive
 
 
+def warm_up(backend: Backend, batch_size: int, rounds: int = 2) -> float:
+    """Run the backend on blank frames before the first real one (ORT arena/thread pool, TensorRT context and
+    CUDA-graph capture): the first frame then costs what every frame costs. Returns the seconds it took."""
+    h, w = backend.input_hw
+    dtype = getattr(backend, "input_dtype", INPUT_DTYPE)
+    started = time.perf_counter()
+    for n in sorted({1, batch_size}):
+        blank = np.zeros((n, 3, h, w), dtype)
+        for _ in range(rounds):
+            backend.infer(blank)
+    seconds = time.perf_counter() - started
+    log.info("backend warmed up in %.2f s (batch %s)", seconds, "/".join(map(str, sorted({1, batch_size}))))
+    return seconds
+
+
+def verdicts(batch: Sequence[Frame], scores: np.ndarray, maps: np.ndarray, thresholds: Thresholds) -> list[FrameResult]:
+    """One FrameResult per frame of a batch."""
+    return [FrameResult(frame=frame, score=float(score), normalised_score=thresholds.normalise(score),
+                        is_anomalous=bool(score > thresholds.image), threshold=thresholds.image, anomaly_map=amap,
+                        pixel_threshold=thresholds.pixel)
+            for frame, score, amap in zip(batch, scores, maps)]
+
+
+def batch_latency(result: FrameResult, stages: dict[str, float], n: int) -> None:
+    """Give a frame its per-stage latency: its own decode, and each batch stage's seconds divided by ``n``."""
+    result.latency_ms = {"decode": result.frame.decode_ms, **{k: v * 1e3 / n for k, v in stages.items()}}
+
+
+def deliver(results: Sequence[FrameResult], sinks: Sequence[Sink], stats: LatencyStats, options: RunOptions,
+            stop: StopFlag) -> None:
+    """Write each result to every sink, then record its sink and total latency.
+
+    ``end_to_end`` (capture -> record handed to the sinks, queue waits included) is set before the write, so the
+    JSON line carries it; ``sink`` and ``total`` (the sum of the stages) are known after it (statistics only)."""
+    for result in results:
+        ts = time.perf_counter()
+        result.latency_ms["end_to_end"] = result.frame.age_ms()
+        for sink in sinks:
+            sink.write(result)
+        result.latency_ms["sink"] = (time.perf_counter() - ts) * 1e3
+        result.latency_ms["total"] = sum(v for k, v in result.latency_ms.items() if k != "end_to_end")
+        stats.add(result.latency_ms, result.is_anomalous)
+        if options.on_result:
+            options.on_result(result)
+    if any(getattr(sink, "quit_requested", False) for sink in sinks):
+        stop.set("quit key")
+
+
+class Reporter:
+    """Logs the rolling statistics line every ``every_s`` seconds."""
+
+    def __init__(self, stats: LatencyStats, every_s: float) -> None:
+        self.stats, self.every_s, self.last = stats, every_s, time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if self.every_s > 0 and now - self.last >= self.every_s:
+            log.info("%s", self.stats.format_line())
+            self.last = now
+
+
 def run_pipeline(
     frames: Iterable[Frame],
     backend: Backend,
@@ -143,85 +210,86 @@ def run_pipeline(
     stop: StopFlag | None = None,
     stats: LatencyStats | None = None,
 ) -> LatencyStats:
-    """Run until the frames end, ``max_frames`` is reached or ``stop`` is set; always closes the sinks."""
+    """Run until the frames end, ``max_frames`` is reached or ``stop`` is set; always closes the sinks.
+
+    ``options.pipelined`` (default) runs capture/preprocess, inference and sinks on separate threads
+    (:mod:`gradad.runtime.pipelined`); otherwise the stages run one after another in this thread. The backend is
+    warmed up first unless ``options.warmup`` is off.
+    """
     stop = stop if stop is not None else StopFlag()  # StopFlag is falsy until set: no `or` here
     stats = stats if stats is not None else LatencyStats()
-    h, w = backend.input_hw
-    batch_size = max(1, min(options.batch_size, backend.max_batch))
-    last_report = time.perf_counter()
     done = 0
     try:
-        for batch in batched(frames, batch_size, stop):
-            if options.max_frames is not None:
-                batch = batch[: options.max_frames - done]
-            t0 = time.perf_counter()
-            inputs = to_model_input([f.image for f in batch], h, w)
-            t1 = time.perf_counter()
-            scores, maps = backend.infer(inputs)
-            t2 = time.perf_counter()
-            results = []
-            for frame, score, amap in zip(batch, scores, maps):
-                results.append(FrameResult(
-                    frame=frame, score=float(score), normalised_score=thresholds.normalise(score),
-                    is_anomalous=bool(score > thresholds.image), threshold=thresholds.image,
-                    anomaly_map=amap, pixel_threshold=thresholds.pixel,
-                ))
-            t3 = time.perf_counter()
-            if options.refine is not None:
-                _refine_step(options.refine, results, inputs, sinks)
-            t4 = time.perf_counter()
-            n = len(batch)
-            for result in results:
-                # Batch stages are shared by the frames of a batch: each frame carries the batch's time per frame.
-                result.latency_ms = {
-                    "decode": result.frame.decode_ms,
-                    "preprocess": (t1 - t0) * 1e3 / n,
-                    "inference": (t2 - t1) * 1e3 / n,
-                    "postprocess": (t3 - t2) * 1e3 / n,
-                }
-                if options.refine is not None:
-                    result.latency_ms["refine"] = (t4 - t3) * 1e3 / n
-            for result in results:
-                ts = time.perf_counter()
-                for sink in sinks:
-                    sink.write(result)
-                result.latency_ms["sink"] = (time.perf_counter() - ts) * 1e3
-                result.latency_ms["total"] = sum(result.latency_ms.values())
-                stats.add(result.latency_ms, result.is_anomalous)
-                if options.on_result:
-                    options.on_result(result)
-            done += n
-            now = time.perf_counter()
-            if options.stats_every_s > 0 and now - last_report >= options.stats_every_s:
-                log.info("%s", stats.format_line())
-                last_report = now
-            if any(getattr(sink, "quit_requested", False) for sink in sinks):
-                stop.set("quit key")
-            if stop or (options.max_frames is not None and done >= options.max_frames):
-                break
+        if options.warmup:
+            warm_up(backend, max(1, min(options.batch_size, backend.max_batch)))
+            stats.started = time.perf_counter()
+        if options.pipelined:
+            from gradad.runtime.pipelined import run_stages
+
+            done = run_stages(frames, backend, thresholds, sinks, options, stop, stats)
+        else:
+            done = _run_serial(frames, backend, thresholds, sinks, options, stop, stats)
     finally:
-        stats.mark_end()  # frame rate of the loop itself, without the refinement drain
-        errors = []
-        try:
-            if options.refine is not None:
-                # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
-                # soon after) gets a short drain so every sink is still flushed in time
-                options.refine.close(sinks, SIGNAL_DRAIN_S if stop.signal_name else None)
-        except Exception as exc:
-            errors.append(exc)
-            log.error("closing the refinement worker failed: %s", exc)
-        finally:
-            for sink in sinks:
-                try:
-                    sink.close()
-                except Exception as exc:  # close every sink even if one fails
-                    errors.append(exc)
-                    log.error("closing %s failed: %s", type(sink).__name__, exc)
-        if stop.signal_name:
-            log.info("stopped by %s after %d frames", stop.signal_name, done)
-        if errors:
-            raise errors[0]
+        _shutdown(sinks, options, stop, stats, done)
     return stats
+
+
+def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sinks: Sequence[Sink],
+                options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
+    """Today's loop: decode, preprocess, inference and sinks one after another. Returns the frames done."""
+    h, w = backend.input_hw
+    batch_size = max(1, min(options.batch_size, backend.max_batch))
+    reporter = Reporter(stats, options.stats_every_s)
+    done = 0
+    for batch in batched(frames, batch_size, stop):
+        if options.max_frames is not None:
+            batch = batch[: options.max_frames - done]
+        t0 = time.perf_counter()
+        inputs = to_model_input([f.image for f in batch], h, w)
+        t1 = time.perf_counter()
+        scores, maps = backend.infer(inputs)
+        t2 = time.perf_counter()
+        results = verdicts(batch, scores, maps, thresholds)
+        t3 = time.perf_counter()
+        if options.refine is not None:
+            _refine_step(options.refine, results, inputs, sinks)
+        t4 = time.perf_counter()
+        stages = {"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
+        if options.refine is not None:
+            stages["refine"] = t4 - t3
+        for result in results:  # batch stages are shared: each frame carries the batch's time per frame
+            batch_latency(result, stages, len(batch))
+        deliver(results, sinks, stats, options, stop)
+        done += len(batch)
+        reporter.tick()
+        if stop or (options.max_frames is not None and done >= options.max_frames):
+            break
+    return done
+
+
+def _shutdown(sinks: Sequence[Sink], options: RunOptions, stop: StopFlag, stats: LatencyStats, done: int) -> None:
+    """Stop the FPS clock, drain the refinement worker, close every sink (even when one fails)."""
+    stats.mark_end()  # frame rate of the loop itself, without the refinement drain
+    errors = []
+    try:
+        if options.refine is not None:
+            # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
+            # soon after) gets a short drain so every sink is still flushed in time
+            options.refine.close(sinks, SIGNAL_DRAIN_S if stop.signal_name else None)
+    except Exception as exc:
+        errors.append(exc)
+        log.error("closing the refinement worker failed: %s", exc)
+    finally:
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # close every sink even if one fails
+                errors.append(exc)
+                log.error("closing %s failed: %s", type(sink).__name__, exc)
+    if stop.signal_name:
+        log.info("stopped by %s after %d frames", stop.signal_name, done)
+    if errors:
+        raise errors[0]
 
 
 def _refine_step(stage: "RefineStage", results: Sequence[FrameResult], inputs: Any, sinks: Sequence[Sink]) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-STAGES = ("decode", "preprocess", "inference", "postprocess", "sink", "total")
+#: Per-frame stages; ``total`` is their sum (the work spent on the frame), ``end_to_end`` the time from capture to
+#: its record written (queue waits of the pipelined loop included).
+STAGES = ("decode", "preprocess", "inference", "postprocess", "sink", "total", "end_to_end")
 
 
 class LatencyStats:
@@ -21,6 +23,7 @@ class LatencyStats:
         self.all_samples: dict[str, deque[float]] = {}
         self.frames = 0
         self.flagged = 0
+        self.dropped = 0  # live frames the pipelined loop replaced by newer ones before inference
         self.started = time.perf_counter()
         self.ended: float | None = None  # set by mark_end(): overall FPS stops counting there
         self._recent: deque[float] = deque(maxlen=window)  # completion times for rolling FPS
@@ -59,7 +62,7 @@ class LatencyStats:
         """Percentiles per stage (the last ``history`` frames, or only the rolling window), FPS and counts."""
         source = self.samples if rolling else self.all_samples
         stages = {k: self._percentiles(v) for k, v in source.items() if len(v)}
-        return {"frames": self.frames, "flagged": self.flagged,
+        return {"frames": self.frames, "flagged": self.flagged, "dropped_in_loop": self.dropped,
                 "fps": round(self.rolling_fps() if rolling else self.overall_fps(), 2), "latency_ms": stages}
 
     def format_line(self) -> str:

@@ -5,13 +5,26 @@ was built for; :func:`load_tensorrt_backend` checks the engine stamp in ``bundle
 file's hash before anything is deserialised, and refuses a stale engine with the command that
 rebuilds it. Never imports torch or timm.
 
-Data path of one :meth:`TensorRTBackend.infer` call (buffers are allocated once, for the engine's
-largest batch, when the backend is created)::
+Data path of one batch (buffers are allocated once, for the engine's largest batch, when the backend is
+created)::
 
-    images -> pinned host input -> (async H2D) -> device input
+    uint8 frames -> pinned uint8 host input -> (async H2D, 1 byte per channel) -> device input
            -> set the input shape for this batch, bind every IO tensor's device address
-           -> enqueue the engine on our CUDA stream
+           -> enqueue the engine on the slot's CUDA stream (or launch its captured CUDA graph)
            -> (async D2H) -> pinned host outputs -> stream sync -> float32 copies
+
+:meth:`TensorRTBackend.submit` does everything up to the D2H copies and returns at once;
+:meth:`TensorRTBackend.collect` waits for the stream and copies the outputs out; :meth:`infer` is both.
+With ``in_flight=N`` the backend owns N *slots*, each with its own execution context, CUDA stream and pinned/
+device buffers, so N batches can be in flight at once (the pipelined ``grad-run`` loop keeps two: the H2D copy
+and the kernels of batch k+1 overlap the D2H copy and host work of batch k).
+
+CUDA graphs (``cuda_graphs=True``, default): on the name-based API (``execute_async_v3``) and a cuda-python with
+stream capture, the first enqueue of a batch size on a slot runs normally, then the enqueue is captured into a
+CUDA graph (``cudaStreamBeginCapture`` / ``execute_async_v3`` / ``cudaStreamEndCapture`` /
+``cudaGraphInstantiate``) and later batches of that size launch the graph (``cudaGraphLaunch``): one launch
+instead of one per kernel. A new batch size on a slot re-captures; a capture that fails turns graphs off with a
+log line (the engine keeps running with plain enqueues). The bindings API (TensorRT 8.x) never uses graphs.
 
 Two TensorRT execution APIs, picked by what the installed TensorRT offers:
 
@@ -45,6 +58,7 @@ each thread its own.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -73,7 +87,7 @@ CUDA_PYTHON_MISSING_MESSAGE = (
 )
 SCORE_OUTPUT = "score"
 MAP_OUTPUT = "anomaly_map"
-PRECISIONS = ("fp16", "fp32")
+PRECISIONS = ("fp16", "fp32", "int8")
 
 # numpy dtypes for TensorRT DataType member names (used when trt.nptype is missing or fails).
 _DTYPE_BY_NAME = {
@@ -162,6 +176,10 @@ def _pinned_view(ptr: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, count=nbytes // dtype.itemsize)
 
 
+#: cuda-python calls CUDA-graph capture needs (all must exist, else graphs stay off).
+_GRAPH_CALLS = ("cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch",
+                "cudaGraphExecDestroy", "cudaGraphDestroy")
+
 # --------------------------------------------------------------------------------------------
 # TensorRT helpers
 # --------------------------------------------------------------------------------------------
@@ -202,6 +220,23 @@ class _IOTensor:
         return n * math.prod(self.sample_shape) * self.dtype.itemsize
 
 
+@dataclass
+class _Slot:
+    """One in-flight batch's resources: execution context, CUDA stream, IO buffers, captured graph."""
+
+    index: int
+    context: Any
+    stream: Any
+    tensors: list[_IOTensor]  # input first, then the outputs, each with its own pinned + device buffers
+    bindings: list[int]
+    pending: int | None = None  # batch size submitted and not collected yet
+    graph_exec: Any = None  # captured CUDA graph of the enqueue for ``graph_batch``
+    graph_batch: int | None = None
+
+    def tensor(self, name: str) -> _IOTensor:
+        return next(t for t in self.tensors if t.name == name)
+
+
 # --------------------------------------------------------------------------------------------
 # The backend
 # --------------------------------------------------------------------------------------------
@@ -226,10 +261,16 @@ class TensorRTBackend:
     name = "tensorrt"
 
     def __init__(self, engine_path: str | Path, input_name: str = "image", trt: Any = None,
-                 cudart: Any = None) -> None:
+                 cudart: Any = None, in_flight: int = 1, cuda_graphs: bool = True) -> None:
         # Everything close() looks at exists before anything can fail.
         self._closed = False
         self._stream: Any = None
+        self._slots: list[_Slot] = []
+        self._streams: list[Any] = []
+        self._next_slot = 0
+        self.in_flight = max(1, int(in_flight))
+        self._graphs_wanted = bool(cuda_graphs)
+        self.cuda_graphs = False  # set in _load: wanted, and possible with this TensorRT/cuda-python
         self._host_ptrs: list[int] = []
         self._device_ptrs: list[int] = []
         self._tensors: list[_IOTensor] = []
@@ -277,13 +318,16 @@ class TensorRTBackend:
             else "bindings-v2"
         )
         self._describe_tensors()
+        self.input_dtype = self._input.dtype
+        self.cuda_graphs = (self._graphs_wanted and self.api == "tensors-v3"
+                            and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS))
         self._allocate()
         log.info(
-            "TensorRT %s engine %s (%s API): input %s %s (N, 3, %d, %d) batch %d..%d; outputs %s",
-            getattr(trt, "__version__", "?"), path.name, self.api, self.input_name, self._input.dtype,
-            *self.input_hw, self.min_batch, self.max_batch,
-            ", ".join(f"{t.name} {t.dtype} {t.sample_shape}" for t in self._outputs),
-        )
+            "TensorRT %s engine %s (%s API): input %s %s (N, 3, %d, %d) batch %d..%d; outputs %s; %d slot(s), "
+            "CUDA graphs %s", getattr(trt, "__version__", "?"), path.name, self.api, self.input_name,
+            self._input.dtype, *self.input_hw, self.min_batch, self.max_batch,
+            ", ".join(f"{t.name} {t.dtype} {t.sample_shape}" for t in self._outputs), self.in_flight,
+            "on" if self.cuda_graphs else "off")
 
     def _io_list(self) -> list[tuple[str, int, bool, Any, tuple[int, ...]]]:
         """(name, index, is_input, trt dtype, engine shape) of every IO tensor."""
@@ -311,12 +355,13 @@ class TensorRTBackend:
             shapes = engine.get_profile_shape(0, index if self.api == "bindings-v2" else name)
         return tuple(_dims(s) for s in shapes)
 
-    def _set_input_shape(self, shape: tuple[int, ...]) -> None:
+    def _set_input_shape(self, shape: tuple[int, ...], context: Any = None) -> None:
         inp = self._input
+        context = self._context if context is None else context
         if self.api == "tensors-v3":
-            ok = self._context.set_input_shape(inp.name, shape)
+            ok = context.set_input_shape(inp.name, shape)
         else:
-            ok = self._context.set_binding_shape(inp.index, shape)
+            ok = context.set_binding_shape(inp.index, shape)
         if ok is False:
             raise BackendError(f"TensorRT rejected input shape {shape} for {inp.name!r} of {self.engine_path.name} "
                                f"(its optimisation profile allows batch {self.min_batch}..{self.max_batch})")
@@ -389,10 +434,26 @@ class TensorRTBackend:
         return score, amap
 
     def _allocate(self) -> None:
-        """One stream, and pinned host + device buffers for every IO tensor at max_batch (once)."""
+        """``in_flight`` slots, each with a stream and pinned + device buffers at max_batch (once)."""
+        for i in range(self.in_flight):
+            context = self._context if i == 0 else self._engine.create_execution_context()
+            if context is None:
+                raise BackendError(f"TensorRT could not create execution context {i + 1} for {self.engine_path}")
+            self._slots.append(self._new_slot(i, context))
+        first = self._slots[0]  # slot 0's buffers are the backend's own (as with one slot)
+        self._stream = first.stream
+        for template, own in zip(self._tensors, first.tensors):
+            template.host_ptr, template.device_ptr, template.host = own.host_ptr, own.device_ptr, own.host
+            template.nbytes = own.nbytes
+        self._bindings = first.bindings
+
+    def _new_slot(self, index: int, context: Any) -> _Slot:
         cudart = self._cudart
-        self._stream = _cuda_ok(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        for t in self._tensors:
+        stream = _cuda_ok(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._streams.append(stream)
+        tensors = []
+        for template in self._tensors:
+            t = dataclasses.replace(template, host=None)
             t.nbytes = t.batch_nbytes(self.max_batch)
             t.host_ptr = int(_cuda_ok(cudart, cudart.cudaMallocHost(t.nbytes),
                                       f"cudaMallocHost({t.nbytes}) for {t.name!r}"))
@@ -400,9 +461,11 @@ class TensorRTBackend:
             t.device_ptr = int(_cuda_ok(cudart, cudart.cudaMalloc(t.nbytes), f"cudaMalloc({t.nbytes}) for {t.name!r}"))
             self._device_ptrs.append(t.device_ptr)
             t.host = _pinned_view(t.host_ptr, t.nbytes, t.dtype)
-        self._bindings = [0] * (max(t.index for t in self._tensors) + 1)
-        for t in self._tensors:
-            self._bindings[t.index] = t.device_ptr
+            tensors.append(t)
+        bindings = [0] * (max(t.index for t in tensors) + 1)
+        for t in tensors:
+            bindings[t.index] = t.device_ptr
+        return _Slot(index, context, stream, tensors, bindings)
 
     # ---- Backend protocol ----------------------------------------------------------------
 
@@ -415,6 +478,54 @@ class TensorRTBackend:
 
         Returns float32 copies: scores (N,) and maps (N, h, w).
         """
+        return self.collect(self.submit(images))
+
+    def submit(self, images: np.ndarray) -> Any:
+        """Start one batch on the next free slot and return at once; :meth:`collect` its handle later.
+
+        ``images`` (N, 3, H, W), uint8 frames (float32 0..255 arrays are cast into the pinned input buffer).
+        At most ``in_flight`` batches may be pending.
+        """
+        images = self._check_batch(images)
+        n = int(images.shape[0])
+        slot = self._slots[self._next_slot]
+        if slot.pending is not None:
+            raise BackendError(f"{self.in_flight} batch(es) already in flight on {self.engine_path.name}: collect "
+                               "one before submitting another")
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
+        slot.pending = n
+        if n == 0:
+            return slot
+        cudart, inp = self._cudart, slot.tensors[0]
+        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        # Pinned staging buffer in the engine's input type (uint8 for schema-2 bundles: 1 byte per channel).
+        count = n * math.prod(inp.sample_shape)
+        inp.host[:count].reshape(images.shape)[...] = images
+        _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, inp.batch_nbytes(n), h2d, slot.stream),
+                 "cudaMemcpyAsync (input to GPU)")
+        if self._dynamic:
+            self._set_input_shape((n, *inp.sample_shape), slot.context)
+        self._enqueue(slot, n)
+        for t in (slot.tensor(self._score.name), slot.tensor(self._map.name)):
+            _cuda_ok(cudart, cudart.cudaMemcpyAsync(t.host_ptr, t.device_ptr, t.batch_nbytes(n), d2h, slot.stream),
+                     f"cudaMemcpyAsync ({t.name} to host)")
+        return slot
+
+    def collect(self, handle: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a submitted batch and return float32 copies of its scores (N,) and maps (N, h, w)."""
+        slot: _Slot = handle
+        n, slot.pending = slot.pending, None
+        map_hw = self._map.sample_shape[-2:]
+        if not n:
+            return np.zeros((0,), np.float32), np.zeros((0, *map_hw), np.float32)
+        _cuda_ok(self._cudart, self._cudart.cudaStreamSynchronize(slot.stream), "cudaStreamSynchronize (inference)")
+        score, amap = slot.tensor(self._score.name), slot.tensor(self._map.name)
+        scores = score.host[: n * math.prod(score.sample_shape)].astype(np.float32)  # astype copies (FP16 -> FP32)
+        maps = amap.host[: n * math.prod(amap.sample_shape)].astype(np.float32).reshape(n, *map_hw)
+        return scores, maps
+
+    def _check_batch(self, images: np.ndarray) -> np.ndarray:
         if self._closed:
             raise BackendError(f"TensorRT backend for {self.engine_path.name} is closed")
         images = np.asarray(images)
@@ -423,48 +534,68 @@ class TensorRTBackend:
             raise BackendError(f"{self.engine_path.name} expects images of shape (N, 3, {h}, {w}) with N <= "
                                f"{self.max_batch}, got {tuple(images.shape)}")
         n = int(images.shape[0])
-        map_hw = self._map.sample_shape[-2:]
-        if n == 0:
-            return np.zeros((0,), np.float32), np.zeros((0, *map_hw), np.float32)
         if n > self.max_batch:
             raise BackendError(f"batch of {n} images exceeds the max batch {self.max_batch} of TensorRT engine "
                                f"{self.engine_path.name} (its optimisation profile); split the batch, or rebuild "
                                "the engine with a larger `grad-export build --max-batch`")
-        if n < self.min_batch:
+        if 0 < n < self.min_batch:
             raise BackendError(f"batch of {n} images is below the min batch {self.min_batch} of TensorRT engine "
                                f"{self.engine_path.name}")
-        cudart, stream, inp = self._cudart, self._stream, self._input
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        return images
 
-        # Pinned staging buffer (casts to the engine's input type, e.g. float16 for FP16-IO engines).
-        count = n * math.prod(inp.sample_shape)
-        inp.host[:count].reshape(images.shape)[...] = images
-        _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, inp.batch_nbytes(n), h2d, stream),
-                 "cudaMemcpyAsync (input to GPU)")
-        if self._dynamic:
-            self._set_input_shape((n, *inp.sample_shape))
-        handle = _native_handle(stream)
-        if self.api == "tensors-v3":
-            for t in self._tensors:
-                if self._context.set_tensor_address(t.name, t.device_ptr) is False:
-                    raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
-            ok = self._context.execute_async_v3(handle)
-        else:
-            ok = self._context.execute_async_v2(self._bindings, handle)
-        if ok is False:
+    def _enqueue(self, slot: _Slot, n: int) -> None:
+        """Run the engine on the slot's stream: its captured graph for this batch size, else a plain enqueue
+        (then, with graphs on, capture one for the next batches of this size)."""
+        if self.cuda_graphs and slot.graph_batch == n and slot.graph_exec is not None:
+            _cuda_ok(self._cudart, self._cudart.cudaGraphLaunch(slot.graph_exec, slot.stream), "cudaGraphLaunch")
+            return
+        if not self._execute(slot):
             raise BackendError(f"TensorRT failed to enqueue {self.engine_path.name} for a batch of {n} "
                                "(see the TensorRT messages above)")
-        for t in (self._score, self._map):
-            _cuda_ok(cudart, cudart.cudaMemcpyAsync(t.host_ptr, t.device_ptr, t.batch_nbytes(n), d2h, stream),
-                     f"cudaMemcpyAsync ({t.name} to host)")
-        _cuda_ok(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize (inference)")
+        if self.cuda_graphs:
+            self._capture_graph(slot, n)
 
-        score_count = n * math.prod(self._score.sample_shape)
-        scores = self._score.host[:score_count].astype(np.float32)  # astype copies (and FP16 -> FP32)
-        map_count = n * math.prod(self._map.sample_shape)
-        maps = self._map.host[:map_count].astype(np.float32).reshape(n, *map_hw)
-        return scores, maps
+    def _execute(self, slot: _Slot) -> bool:
+        handle = _native_handle(slot.stream)
+        if self.api == "tensors-v3":
+            for t in slot.tensors:
+                if slot.context.set_tensor_address(t.name, t.device_ptr) is False:
+                    raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
+            return slot.context.execute_async_v3(handle) is not False
+        return slot.context.execute_async_v2(slot.bindings, handle) is not False
+
+    def _capture_graph(self, slot: _Slot, n: int) -> None:
+        """Capture the slot's enqueue for batch ``n`` into a CUDA graph; on any failure, turn graphs off."""
+        cudart = self._cudart
+        self._drop_graph(slot)
+        mode_enum = getattr(cudart, "cudaStreamCaptureMode", None)
+        mode = getattr(mode_enum, "cudaStreamCaptureModeThreadLocal", 2)
+        try:
+            _cuda_ok(cudart, cudart.cudaStreamBeginCapture(slot.stream, mode), "cudaStreamBeginCapture")
+            try:
+                ok = self._execute(slot)
+            finally:
+                graph = _cuda_ok(cudart, cudart.cudaStreamEndCapture(slot.stream), "cudaStreamEndCapture")
+            if not ok:
+                raise BackendError("execute_async_v3 refused to run under stream capture")
+            try:
+                slot.graph_exec = _cuda_ok(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            finally:
+                _cuda_ok(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            slot.graph_batch = n
+            log.debug("captured a CUDA graph for batch %d on slot %d", n, slot.index)
+        except BackendError as exc:
+            log.warning("CUDA graph capture unavailable (%s): plain enqueues from now on", exc)
+            self.cuda_graphs = False
+            self._drop_graph(slot)
+
+    def _drop_graph(self, slot: _Slot) -> None:
+        if slot.graph_exec is not None:
+            try:
+                _cuda_ok(self._cudart, self._cudart.cudaGraphExecDestroy(slot.graph_exec), "cudaGraphExecDestroy")
+            except BackendError as exc:
+                log.warning("%s", exc)
+        slot.graph_exec, slot.graph_batch = None, None
 
     def infer_all(self, images: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run ``images`` (N, 3, H, W) in batches of at most ``max_batch``."""
@@ -488,19 +619,24 @@ class TensorRTBackend:
             except Exception as exc:  # noqa: BLE001 - keep freeing the rest
                 log.warning("%s", exc)
 
-        stream = self._stream
-        if stream is not None:
+        for stream in self._streams:
             # An interrupted infer() may have copies in flight on the buffers about to be freed.
             release(cudart.cudaStreamSynchronize, stream, "cudaStreamSynchronize (close)")
+        for slot in self._slots:
+            self._drop_graph(slot)
+            for t in slot.tensors:
+                t.host = None
+            slot.context = None
         for t in self._tensors:
             t.host = None  # no view may outlive the pinned memory
         while self._device_ptrs:
             release(cudart.cudaFree, self._device_ptrs.pop(), "cudaFree")
         while self._host_ptrs:
             release(cudart.cudaFreeHost, self._host_ptrs.pop(), "cudaFreeHost")
-        if stream is not None:
-            self._stream = None
-            release(cudart.cudaStreamDestroy, stream, "cudaStreamDestroy")
+        while self._streams:
+            release(cudart.cudaStreamDestroy, self._streams.pop(), "cudaStreamDestroy")
+        self._stream = None
+        self._slots = []
         # Context before engine before runtime (TensorRT's destruction order).
         self._context = None
         self._engine = None
@@ -535,6 +671,7 @@ def load_tensorrt_backend(
     trt: Any = None,
     cudart: Any = None,
     gpu: dict[str, str] | None = None,
+    in_flight: int = 1,
 ) -> TensorRTBackend:
     """The TensorRT backend for a bundle's engine of ``precision``, after checking that it fits this device.
 
@@ -565,7 +702,8 @@ def load_tensorrt_backend(
         raise BackendError(f"bundle {bundle_dir}: {reasons[0]}{others}")
     verify_files(bundle_dir, manifest, [stamp["file"]])
     inp = manifest.get("input", {})
-    backend = TensorRTBackend(bundle_file(bundle_dir, stamp["file"]), inp.get("name", "image"), trt=trt, cudart=cudart)
+    backend = TensorRTBackend(bundle_file(bundle_dir, stamp["file"]), inp.get("name", "image"), trt=trt, cudart=cudart,
+                              in_flight=in_flight)
     want = (inp.get("height"), inp.get("width"))
     if None not in want and tuple(backend.input_hw) != tuple(int(v) for v in want):
         backend.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,11 @@ class Frame:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     name: str | None = None  # file name for folder/video sources (video: "<file>#<index>")
     decode_ms: float = 0.0  # time spent reading/decoding this frame
+    created: float = field(default_factory=time.perf_counter)  # perf_counter when decoded (capture end)
+
+    def age_ms(self) -> float:
+        """Milliseconds since capture began (decode included): the end-to-end latency when a record is written."""
+        return (time.perf_counter() - self.created) * 1e3 + self.decode_ms
 
 
 @dataclass

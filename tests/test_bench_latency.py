@@ -71,3 +71,26 @@ def test_tensorrt_without_tensorrt_is_a_skip_line(latency_run: dict) -> None:
 def test_latency_needs_something_to_measure(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["latency", "-o", str(tmp_path)])
     assert "--preset" in one_error_line(result)
+
+
+def test_today_vs_new_rows_and_ratios(bundle: Path, tiny_demo_root: Path, tmp_path: Path) -> None:
+    """--today and --grad-run: today's float path and serial loop measured next to the uint8/pipelined ones."""
+    result = CliRunner().invoke(main, [
+        "latency", "--bundle", str(bundle), "--backend", "onnxruntime-fp32", "--backend", "onnxruntime-int8",
+        "--today", "--grad-run", "8", "--pace", "200", "--no-patchcore", "--images",
+        str(tiny_demo_root / "nut" / "test" / "good"), "--batches", "1,2", "--iters", "2", "--min-iters", "1",
+        "--warmup", "1", "--threads", "1", "-o", str(tmp_path), "--name", "cmp"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "cmp.json").read_text())
+    labels = [r["label"] for r in data["rows"]]
+    assert "today: float32 input" in labels[0] and any("model.int8.onnx" in s["reason"] for s in data["skipped"])
+    runs = [r for r in data["rows"] if r["backend"] == "grad-run"]
+    assert [r["loop"] for r in runs] == ["serial", "pipelined", "pipelined"]  # today, FP32, FP16
+    assert all(b["images"] == 8 for r in runs for b in r["by_batch"])
+    paced = runs[1]["batch1_paced"]
+    assert paced["pace_fps"] == 200 and paced["latency_ms"]["end_to_end"]["p50"] > 0
+    kinds = [c["kind"] for c in data["comparisons"]]
+    assert kinds.count("worker") == 1 and kinds.count("grad-run") == 2
+    for c in data["comparisons"]:
+        assert c["e2e_speedup"] > 0 and c["fps_ratio"] > 0
+    assert "Today's path vs the new one" in (tmp_path / "cmp.md").read_text()

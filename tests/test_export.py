@@ -38,8 +38,9 @@ def test_onnx_runtime_matches_pytorch(bundle: Path, trained_tiny: Path, test_bat
     with torch.no_grad():
         ref_scores, ref_maps = module(torch.from_numpy(test_batch))
     scores, maps = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"], threads=2).infer_all(test_batch, 4)
-    assert np.abs(maps - ref_maps[:, 0].numpy()).max() < 1e-4
-    assert np.abs(scores - ref_scores.numpy()).max() < 1e-4
+    scale = max(1.0, float(np.abs(ref_scores.numpy()).max()))  # float32 rounding grows with the score scale
+    assert np.abs(maps - ref_maps[:, 0].numpy()).max() < 1e-4 * scale
+    assert np.abs(scores - ref_scores.numpy()).max() < 1e-4 * scale
     # Dynamic batch: batch 1 gives the same as batch 4.
     s1, m1 = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"]).infer(test_batch[:1])
     assert np.allclose(m1, maps[:1], atol=1e-5)
@@ -60,7 +61,7 @@ def test_fp16_onnx_close_to_fp32_with_fp32_gridsample(bundle: Path, test_batch: 
     for node in grid_nodes:
         assert all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output]), node.name
     # Most of the rest really is FP16 (the conversion did something).
-    convs = [n for n in model16.graph.node if n.op_type == "Conv" and "/mapper/" not in n.name]
+    convs = [n for n in model16.graph.node if n.op_type == "Conv" and "mapper/" not in n.name]
     assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
     assert fp32_tensor_check(model16) == []
 

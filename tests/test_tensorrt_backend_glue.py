@@ -178,6 +178,7 @@ class FakeDataType(enum.Enum):
     FLOAT = 0
     HALF = 1
     INT32 = 3
+    UINT8 = 5
 
 
 class FakeIOMode(enum.Enum):
@@ -198,17 +199,18 @@ class FakeTensorSpec:
         self.name, self.is_input, self.dtype, self.shape, self.profile = name, is_input, dtype, shape, profile
 
 
-def default_specs(out_dtype=FakeDataType.FLOAT, max_batch=MAX_BATCH, map_rank=4):
+def default_specs(out_dtype=FakeDataType.FLOAT, max_batch=MAX_BATCH, map_rank=4, in_dtype=FakeDataType.FLOAT):
     map_shape = (-1, 1, H, W) if map_rank == 4 else (-1, H, W)
     return [
-        FakeTensorSpec("image", True, FakeDataType.FLOAT, (-1, 3, H, W),
+        FakeTensorSpec("image", True, in_dtype, (-1, 3, H, W),
                        profile=[(1, 3, H, W), (2, 3, H, W), (max_batch, 3, H, W)]),
         FakeTensorSpec("score", False, out_dtype, (-1,)),
         FakeTensorSpec("anomaly_map", False, out_dtype, map_shape),
     ]
 
 
-NP = {FakeDataType.FLOAT: np.float32, FakeDataType.HALF: np.float16, FakeDataType.INT32: np.int32}
+NP = {FakeDataType.FLOAT: np.float32, FakeDataType.HALF: np.float16, FakeDataType.INT32: np.int32,
+      FakeDataType.UINT8: np.uint8}
 
 
 class FakeEngineBase:
@@ -249,10 +251,22 @@ class FakeContextBase:
         cudart = self.engine.cudart
         if stream_handle not in cudart.streams:
             return False
+        capture = getattr(cudart, "capturing", {}).get(stream_handle)
+        if capture is not None:  # stream capture: record the 'kernels', run them at each graph launch
+            shape, addresses = self.input_shapes[next(s for s in self.engine.specs if s.is_input).name], dict(addresses)
+            capture.append(lambda: self._kernel(addresses, shape, stream_handle))
+            self.engine.log.append(("captured", shape))
+            return True
+        return self._kernel(addresses, self.input_shapes[next(s for s in self.engine.specs if s.is_input).name],
+                            stream_handle)
+
+    def _kernel(self, addresses: dict[str, int], shape: tuple, stream_handle: int) -> bool:
+        cudart = self.engine.cudart
         inp = next(s for s in self.engine.specs if s.is_input)
-        shape = self.input_shapes[inp.name]
         count = int(np.prod(shape))
-        images = cudart.device[addresses[inp.name]][: count * 4].view(np.float32).reshape(shape)
+        dtype = np.dtype(NP[inp.dtype])
+        images = cudart.device[addresses[inp.name]][: count * dtype.itemsize].view(dtype).reshape(shape)
+        images = images.astype(np.float32)
         results = {"score": images.mean(axis=(1, 2, 3)), "anomaly_map": images[:, 0] / 255.0}
         for spec in self.engine.specs:
             if spec.is_input:
@@ -789,3 +803,146 @@ def test_real_tensorrt_backend(tmp_path):
             np.testing.assert_allclose(maps, x.mean(axis=1) / 255.0, rtol=1e-4, atol=1e-6)
         with pytest.raises(BackendError):
             backend.infer(images(5))
+
+
+# ------------------------------------------------------------------------------------------
+# uint8 input, in-flight slots, CUDA-graph capture (issue 13)
+# ------------------------------------------------------------------------------------------
+
+
+class FakeGraph:
+    def __init__(self, ops: list) -> None:
+        self.ops = ops
+
+
+class GraphCudart(FakeCudart):
+    """FakeCudart plus stream capture: an execute during capture is recorded, a graph launch replays it."""
+
+    class cudaStreamCaptureMode(enum.IntEnum):  # noqa: N801
+        cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeThreadLocal = 1
+
+    def __init__(self, fail_capture: bool = False, **kw) -> None:
+        super().__init__(**kw)
+        self.capturing: dict[int, list] = {}
+        self.execs: dict[int, FakeGraph] = {}
+        self.fail_capture = fail_capture
+
+    def cudaStreamBeginCapture(self, stream, mode):  # noqa: N802
+        self.calls.append(("cudaStreamBeginCapture", int(stream), mode))
+        if self.fail_capture:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        self.capturing[int(stream)] = []
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaStreamEndCapture(self, stream):  # noqa: N802
+        self.calls.append(("cudaStreamEndCapture", int(stream)))
+        return (cudaError_t.cudaSuccess, FakeGraph(self.capturing.pop(int(stream))))
+
+    def cudaGraphInstantiate(self, graph, flags):  # noqa: N802
+        self.calls.append(("cudaGraphInstantiate",))
+        exec_ = FakeGraph(list(graph.ops))
+        self.execs[id(exec_)] = exec_
+        return (cudaError_t.cudaSuccess, exec_)
+
+    def cudaGraphLaunch(self, exec_, stream):  # noqa: N802
+        self.calls.append(("cudaGraphLaunch", int(stream)))
+        if id(exec_) not in self.execs:
+            return (cudaError_t.cudaErrorInvalidValue,)
+        for op in exec_.ops:
+            op()
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGraphDestroy(self, graph):  # noqa: N802
+        self.calls.append(("cudaGraphDestroy",))
+        return (cudaError_t.cudaSuccess,)
+
+    def cudaGraphExecDestroy(self, exec_):  # noqa: N802
+        self.calls.append(("cudaGraphExecDestroy",))
+        return (cudaError_t.cudaSuccess if self.execs.pop(id(exec_), None) else cudaError_t.cudaErrorInvalidValue,)
+
+
+def uint8_images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 3, H, W), dtype=np.uint8)
+
+
+def test_uint8_engine_input_moves_one_byte_per_channel(engine_file):
+    backend, _, cudart = make_backend(engine_file, specs=default_specs(in_dtype=FakeDataType.UINT8))
+    assert backend.input_dtype == np.uint8
+    x = uint8_images(3)
+    scores, maps = backend.infer(x)
+    want_s, want_m = expected(x.astype(np.float32))
+    np.testing.assert_allclose(scores, want_s, rtol=1e-6)
+    np.testing.assert_allclose(maps, want_m, rtol=1e-6)
+    # pinned + device input buffers are uint8, and only the 3 images' bytes cross to the GPU
+    assert MAX_BATCH * 3 * H * W in [c[1] for c in cudart.calls if c[0] == "cudaMallocHost"]
+    h2d = [c for c in cudart.calls if c[0] == "cudaMemcpyAsync" and c[4] == cudaMemcpyKind.cudaMemcpyHostToDevice]
+    assert h2d[0][3] == 3 * 3 * H * W
+    backend.close()
+    assert cudart.live() == 0
+
+
+def test_in_flight_slots_have_their_own_stream_context_and_buffers(engine_file):
+    cudart = FakeCudart()
+    trt = make_fake_trt(cudart, specs=default_specs(in_dtype=FakeDataType.UINT8))
+    backend = TensorRTBackend(engine_file, "image", trt=trt, cudart=cudart, in_flight=2, cuda_graphs=False)
+    assert len(trt.engines[0].contexts) == 2 and cudart.count("cudaStreamCreate") == 2
+    assert cudart.count("cudaMalloc") == 6 and cudart.count("cudaMallocHost") == 6
+    a, b = uint8_images(2, 1), uint8_images(3, 2)
+    ha, hb = backend.submit(a), backend.submit(b)  # two batches in flight before any result is read
+    with pytest.raises(BackendError, match="in flight"):
+        backend.submit(a)
+    streams = {c[5] for c in cudart.calls if c[0] == "cudaMemcpyAsync"}
+    assert len(streams) == 2  # each batch's copies and kernels on its own stream
+    sa, ma = backend.collect(ha)
+    sb, _ = backend.collect(hb)
+    np.testing.assert_allclose(sa, expected(a.astype(np.float32))[0], rtol=1e-6)
+    np.testing.assert_allclose(sb, expected(b.astype(np.float32))[0], rtol=1e-6)
+    assert ma.shape == (2, H, W)
+    backend.infer(a)  # slots are reused round-robin
+    backend.close()
+    assert cudart.live() == 0
+
+
+def test_cuda_graph_captured_once_per_batch_size_and_replayed(engine_file):
+    cudart = GraphCudart()
+    trt = make_fake_trt(cudart, specs=default_specs(in_dtype=FakeDataType.UINT8))
+    backend = TensorRTBackend(engine_file, "image", trt=trt, cudart=cudart)
+    assert backend.cuda_graphs
+    for seed in range(4):  # new data each call: the replayed graph must read the fresh input
+        x = uint8_images(2, seed)
+        scores, maps = backend.infer(x)
+        np.testing.assert_allclose(scores, expected(x.astype(np.float32))[0], rtol=1e-6)
+        np.testing.assert_allclose(maps, expected(x.astype(np.float32))[1], rtol=1e-6)
+    events = [e[0] for e in trt.log if e[0] in ("execute", "captured")]
+    # first call: a plain enqueue, then the capture; the next three: graph launches only
+    assert events == ["execute", "captured", "execute", "execute", "execute"]
+    assert cudart.count("cudaGraphLaunch") == 3 and cudart.count("cudaGraphInstantiate") == 1
+    x = uint8_images(3, 9)  # another batch size: re-captured
+    np.testing.assert_allclose(backend.infer(x)[0], expected(x.astype(np.float32))[0], rtol=1e-6)
+    assert cudart.count("cudaGraphInstantiate") == 2 and cudart.count("cudaGraphExecDestroy") == 1
+    backend.close()
+    assert not cudart.execs and cudart.live() == 0
+
+
+def test_cuda_graph_capture_failure_falls_back_to_plain_enqueues(engine_file, caplog):
+    cudart = GraphCudart(fail_capture=True)
+    trt = make_fake_trt(cudart)
+    backend = TensorRTBackend(engine_file, "image", trt=trt, cudart=cudart)
+    for seed in range(3):
+        x = images(2, seed)
+        np.testing.assert_allclose(backend.infer(x)[0], expected(x)[0], rtol=1e-6)
+    assert not backend.cuda_graphs and "CUDA graph capture unavailable" in caplog.text
+    assert cudart.count("cudaStreamBeginCapture") == 1 and cudart.count("cudaGraphLaunch") == 0
+    backend.close()
+
+
+def test_no_cuda_graphs_on_the_bindings_api_or_without_capture_calls(engine_file):
+    cudart = GraphCudart()
+    old = TensorRTBackend(engine_file, "image", trt=make_fake_trt(cudart, version="8.4.1", bindings_api=True),
+                          cudart=cudart)
+    assert not old.cuda_graphs
+    old.infer(images(2))
+    assert cudart.count("cudaStreamBeginCapture") == 0
+    plain, _, _ = make_backend(engine_file)  # a cuda-python without stream capture
+    assert not plain.cuda_graphs

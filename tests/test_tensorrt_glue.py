@@ -516,7 +516,7 @@ def test_engine_filename():
         == "model.trt8.6.1.post1.fp32.sm89.NVIDIA-GeForce-RTX-4090-D-x.plan"
     )
     with pytest.raises(ValueError):
-        engine_filename("10.3.0", "NVIDIA Orin", "8.7", "int8")
+        engine_filename("10.3.0", "NVIDIA Orin", "8.7", "bf16")
 
 
 def test_engine_written_atomically_with_stamp(onnx_files, tmp_path):
@@ -677,3 +677,51 @@ def test_real_tensorrt_build(tmp_path):
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     assert engine is not None
+
+
+# ------------------------------------------------------------------------------------------
+# INT8: explicit quantisation from the QDQ ONNX (issue 13)
+# ------------------------------------------------------------------------------------------
+
+
+def _int8_fake(fp16_flag: bool = True, int8_flag: bool = True, **kw: Any) -> Any:
+    trt = make_fake_trt(fp16_flag=fp16_flag, **kw)
+    members = {m.name: m.value for m in trt.BuilderFlag}
+    if int8_flag:
+        members["INT8"] = 3
+    trt.BuilderFlag = enum.IntEnum("BuilderFlag", members)
+    return trt
+
+
+def test_int8_engine_is_built_from_the_qdq_onnx_with_int8_flag_and_no_calibrator(onnx_files, tmp_path):
+    trt = _int8_fake()
+    int8 = onnx_files[0].parent / "model.int8.onnx"
+    int8.write_bytes(b"int8-qdq-onnx")
+    stamp = build_engine(onnx_files[0], tmp_path / "out", "image", CHW,
+                         EngineBuildConfig(int8=True, fp32_layer_name_patterns=("coord_local",)),
+                         fp16_onnx_path=onnx_files[1], trt=trt, gpu=GPU, int8_onnx_path=int8)
+    assert stamp["precision"] == "int8" and stamp["build_mode"] == tb.BUILD_MODE_INT8_FLAGS
+    assert ".int8." in stamp["file"] and (tmp_path / "out" / stamp["file"]).is_file()
+    assert trt.rec.parsed[0][0] == b"int8-qdq-onnx"  # the QDQ model, not the FP32 one
+    flags = trt.rec.config.flags
+    assert trt.BuilderFlag.INT8 in flags and trt.BuilderFlag.FP16 in flags
+    assert not hasattr(trt.rec.config, "int8_calibrator")  # explicit quantisation: no implicit calibrator
+    assert "/grid/GridSample" in stamp["fp32_layers"] and "/coord_local/Tanh" in stamp["fp32_layers"]
+    assert trt.rec.network_flags[0] & (1 << 1) == 0  # not strongly typed on the flag route
+
+
+def test_int8_without_builder_flags_is_strongly_typed(onnx_files, tmp_path):
+    trt = _int8_fake(fp16_flag=False, int8_flag=False, version="11.0.0")
+    int8 = onnx_files[0].parent / "model.int8.onnx"
+    int8.write_bytes(b"int8-qdq-onnx")
+    stamp = build_engine(onnx_files[0], tmp_path / "out", "image", CHW, EngineBuildConfig(int8=True),
+                         trt=trt, gpu=GPU, int8_onnx_path=int8)
+    assert stamp["build_mode"] == tb.BUILD_MODE_INT8_STRONGLY_TYPED and stamp["fp32_layers"] == []
+    assert trt.rec.network_flags[0] & (1 << 1) and not trt.rec.config.flags
+
+
+def test_int8_without_a_qdq_model_says_how_to_make_one(onnx_files, tmp_path):
+    with pytest.raises(GradError, match="grad-export quantize"):
+        build_engine(onnx_files[0], tmp_path / "out", "image", CHW, EngineBuildConfig(int8=True),
+                     trt=_int8_fake(), gpu=GPU)
+    assert tb.rebuild_command("models/x", "int8") == "grad-export build --int8 models/x --parity-images DIR"

@@ -1,0 +1,153 @@
+"""uint8 input in the graph (bundle schema 2) and INT8 QDQ quantisation with its AUROC gate, on real ONNX Runtime
+sessions of the tiny trained model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto
+
+from gradad.bundle import INT8_ONNX, BundleError, file_entry, read_manifest
+from gradad.data.datasets import load_samples
+from gradad.data.images import read_image_rgb
+from gradad.export.cli import main as export_main
+from gradad.export.graph import ExportModule
+from gradad.export.int8 import QuantizeOptions, int8_fp32_nodes, quantize_bundle
+from gradad.export.parity import ParityError, ParityGates
+from gradad.export.variants import float_input_variant
+from gradad.runtime.loader import load_backend
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from gradad.runtime.preprocess import to_model_input
+from gradad.training.checkpoint import load_detector
+
+
+@pytest.fixture(scope="module")
+def test_images(tiny_demo_root: Path) -> list[np.ndarray]:
+    return [read_image_rgb(s.image_path) for s in load_samples(tiny_demo_root, "test")[::2]]
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(bundle: Path, tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A copy of the tiny bundle with an INT8 model (gate relaxed: a 64-px model on 30 images is a glue check)."""
+    copy = tmp_path_factory.mktemp("int8") / "tiny"
+    shutil.copytree(bundle, copy)
+    opts = QuantizeOptions(calib=[str(tiny_demo_root / c / "train" / "good") for c in ("fabric", "nut", "capsule")],
+                           data_root=str(tiny_demo_root), gates=ParityGates(int8_auroc_max_drop=1.0,
+                                                                           int8_map_rel_l2=1.0, int8_score_rel_l2=1.0))
+    return copy, quantize_bundle(copy, opts)
+
+
+def test_graph_takes_uint8_and_matches_the_float_path(bundle: Path, trained_tiny: Path,
+                                                      test_images: list[np.ndarray]) -> None:
+    manifest = read_manifest(bundle)
+    assert manifest["schema_version"] == 2 and manifest["input"]["dtype"] == "uint8"
+    model = onnx.load(bundle / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    batch = to_model_input(test_images, 64, 64)
+    assert batch.dtype == np.uint8 and batch.shape[1] == 3
+    # PyTorch on the float frames (today's float path) vs ONNX Runtime on the uint8 frames.
+    detector, payload = load_detector(trained_tiny)
+    module = ExportModule(detector, payload["normalisation"]["mean"], payload["normalisation"]["std"]).eval()
+    with torch.no_grad():
+        ref_scores, ref_maps = module(torch.from_numpy(batch.astype(np.float32)))
+    backend = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"], threads=2)
+    scores, maps = backend.infer_all(batch)
+    scale = max(1.0, float(ref_scores.abs().max()))
+    assert np.abs(maps - ref_maps[:, 0].numpy()).max() < 1e-4 * scale
+    assert np.abs(scores - ref_scores.numpy()).max() < 1e-4 * scale
+    # The float32-input variant of the same graph (the schema-1 contract) gives the same numbers.
+    legacy = float_input_variant(model)
+    path = bundle.parent / "legacy_check.onnx"
+    onnx.save(legacy, path)
+    s32, m32 = OnnxRuntimeBackend(path, ["cpu"]).infer_all(batch.astype(np.float32))
+    assert np.array_equal(s32, scores) and np.array_equal(m32, maps)
+    # Float frames of 0..255 values (older callers) still work with the uint8 graph.
+    s_f, _ = backend.infer(batch[:2].astype(np.float32))
+    assert np.array_equal(s_f, scores[:2])
+
+
+def test_schema1_bundle_still_runs_and_newer_versions_are_refused(bundle: Path, tmp_path: Path,
+                                                                  test_images: list[np.ndarray]) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    onnx.save(float_input_variant(onnx.load(old / "model.onnx")), old / "model.onnx")
+    manifest = json.loads((old / "bundle.json").read_text())
+    manifest["schema_version"], manifest["input"]["dtype"] = 1, "float32"
+    manifest["files"]["model.onnx"] = file_entry(old / "model.onnx")
+    manifest["calibration"] = {"image_threshold": 1.0}
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    backend, _ = load_backend(old, "onnxruntime")
+    new, _ = load_backend(bundle, "onnxruntime")
+    batch = to_model_input(test_images[:3], 64, 64)
+    assert np.array_equal(backend.infer(batch)[0], new.infer(batch)[0])
+    manifest["input"]["dtype"] = "uint8"  # a schema-1 manifest claiming uint8: inconsistent
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="re-export"):
+        read_manifest(old)
+    manifest["schema_version"] = 3
+    (old / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 3.*grad-export onnx"):
+        read_manifest(old)
+
+
+def test_int8_model_is_qdq_with_coordinates_and_head_in_fp32(int8_bundle: tuple[Path, dict], bundle: Path) -> None:
+    path, report = int8_bundle
+    manifest = read_manifest(path)
+    assert INT8_ONNX in manifest["files"] and manifest["parity"]["onnx_int8_vs_fp32"]["auroc_fp32"] is not None
+    model = onnx.load(path / INT8_ONNX)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    # Per-channel weights: some DequantizeLinear has a vector scale.
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in inits]
+    assert any(len(s.dims) == 1 and s.dims[0] > 1 for s in scales)
+    # Kept nodes compute in FP32: FP32 weights (not dequantised INT8 ones), FP32 GridSample coordinates. Their
+    # activation inputs come from the quantised extractor, as the FP16 rule's mapper takes the FP16 features.
+    kept = set(int8_fp32_nodes(onnx.load(bundle / "model.onnx")))
+    assert any("mapper/" in k for k in kept) and {"/detector/Resize", "/detector/AveragePool"} <= kept
+    producers = {o: n for n in model.graph.node for o in n.output}
+    checked = 0
+    for node in model.graph.node:
+        if node.name in kept and node.op_type in ("GridSample", "Conv", "Gemm", "MatMul"):
+            src = producers.get(node.input[1])
+            assert src is None or src.op_type != "DequantizeLinear", node.name
+            checked += 1
+    assert checked >= 4
+    quantised_convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name not in kept]
+    assert quantised_convs and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in quantised_convs)
+    backend, _ = load_backend(path, "onnxruntime", "int8")
+    assert backend.path.name == INT8_ONNX
+
+
+def test_int8_gate_refuses_a_model_whose_auroc_drops(bundle: Path, tiny_demo_root: Path, tmp_path: Path) -> None:
+    """A deliberately bad quantisation: activation ranges calibrated on flat grey frames clip every real image."""
+    copy = tmp_path / "bad"
+    shutil.copytree(bundle, copy)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(flat / f"{i}.png"), np.full((64, 64, 3), 120 + i, np.uint8))
+    opts = QuantizeOptions(calib=[str(flat)], data_root=str(tiny_demo_root),
+                           gates=ParityGates(int8_map_rel_l2=10.0, int8_score_rel_l2=10.0))
+    with pytest.raises(ParityError, match="INT8 image AUROC drop"):
+        quantize_bundle(copy, opts)
+    assert not (copy / INT8_ONNX).exists() and INT8_ONNX not in read_manifest(copy)["files"]
+
+
+def test_quantize_cli_and_run_precision_int8(int8_bundle: tuple[Path, dict], tiny_demo_root: Path) -> None:
+    path, _ = int8_bundle
+    result = CliRunner().invoke(export_main, ["inspect", str(path)])
+    assert result.exit_code == 0 and "parity INT8 vs FP32" in result.output
+    result = CliRunner().invoke(export_main, ["quantize", "--help"])
+    assert "--calib" in result.output and "AUROC" in result.output
+    missing = CliRunner().invoke(export_main, ["quantize", str(path)])
+    assert missing.exit_code == 2 and "--calib" in missing.output
