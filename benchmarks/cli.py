@@ -100,8 +100,8 @@ def accuracy(data_root, classes, layout, checkpoint, bundle, backends, normal_on
 @click.option("--grad-run", "grad_run_frames", type=int, default=0, help="With --bundle: grad-run --benchmark rows "
               "of this many frames per batch size: today's serial loop on a float32-input copy vs the pipelined loop "
               "per precision (0 = none).")
-@click.option("--pace", "pace_fps", type=float, default=50.0, help="grad-run rows: frames per second of the paced "
-              "batch-1 run that measures end-to-end latency below saturation.")
+@click.option("--pace", "pace_fps", type=float, default=0.0, help="grad-run rows: frames per second of the paced "
+              "batch-1 run that measures end-to-end latency below saturation (0 = half the row's batch-1 FPS).")
 @click.option("--patchcore/--no-patchcore", default=True, help="Add the PatchCore comparison row.")
 @click.option("--patchcore-bank", "bank_size", type=int, default=None,
               help="PatchCore memory-bank rows [default: 7782, the 1% coreset of MTD].")

@@ -64,7 +64,7 @@ class LatencyConfig:
     timeout_s: float = 1800.0  # per row (worker process)
     today: bool = False  # bundle: add today's float path (float32 input graph + float32 preprocessing)
     grad_run_frames: int = 0  # bundle: grad-run --benchmark rows (today serial vs pipelined) of this many frames
-    pace_fps: float = 50.0  # grad-run rows: end-to-end latency at batch 1 with frames arriving at this rate
+    pace_fps: float = 0.0  # grad-run rows: batch-1 end-to-end latency with frames at this rate (0: half its FPS)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def validate(self) -> None:

@@ -8,7 +8,8 @@ Rows (each a ``grad-run --benchmark`` subprocess per batch size, ONNX Runtime CP
   the graph), for each precision the bundle has (FP32, FP16, INT8).
 
 Each row has FPS and stage percentiles per batch size (``by_batch``); pipelined rows also have ``batch1_paced``,
-a batch-1 run with frames handed out at ``pace_fps`` (a camera below saturation), whose ``end_to_end`` p50 is the
+a batch-1 run with frames handed out at ``pace_fps`` (0: half the row's own batch-1 FPS; a camera below
+saturation), whose ``end_to_end`` p50 is the
 capture -> JSON-line latency a line sees (unpaced file runs queue frames, so their end-to-end time measures the
 queue, not the loop).
 """
@@ -93,12 +94,13 @@ def grad_run_row(cfg: Any, bundle: Path, images: str, work: Path, precision: str
            "batch1": next((r for r in by_batch if r["batch"] == 1), None), "best_batch": best["batch"],
            "best_fps": best["fps"], "peak_rss_mb": s.get("peak_rss_mb") or 0.0,
            "load_average_1min": [min(loads), max(loads)]}
-    if not serial and cfg.pace_fps:
-        paced = run_grad_run(bundle, images, cfg.grad_run_frames, 1, cfg.threads, precision, False, cfg.pace_fps,
+    if not serial and row["batch1"] is not None:
+        # Below saturation: the given rate, or (0) half the row's own batch-1 throughput on this machine right now.
+        pace = cfg.pace_fps or round(row["batch1"]["fps"] / 2, 1)
+        paced = run_grad_run(bundle, images, cfg.grad_run_frames, 1, cfg.threads, precision, False, pace,
                              work / "grad_run.json")
-        row["batch1_paced"] = {**_by_batch(paced, 1), "pace_fps": cfg.pace_fps}
-        log.info("%s paced at %.0f FPS: end-to-end p50 %.2f ms", label, cfg.pace_fps,
-                 paced["latency_ms"]["end_to_end"]["p50"])
+        row["batch1_paced"] = {**_by_batch(paced, 1), "pace_fps": pace}
+        log.info("%s paced at %.1f FPS: end-to-end p50 %.2f ms", label, pace, paced["latency_ms"]["end_to_end"]["p50"])
     return row
 
 

@@ -151,3 +151,46 @@ def test_quantize_cli_and_run_precision_int8(int8_bundle: tuple[Path, dict], tin
     assert "--calib" in result.output and "AUROC" in result.output
     missing = CliRunner().invoke(export_main, ["quantize", str(path)])
     assert missing.exit_code == 2 and "--calib" in missing.output
+
+
+class _OrtAsEngine:
+    """Stands in for the TensorRT engine of the glue test: an ONNX Runtime session, outputs scaled by ``factor``."""
+
+    def __init__(self, path: Path, factor: float) -> None:
+        self.backend, self.factor = OnnxRuntimeBackend(path, ["cpu"]), factor
+        self.max_batch, self.input_hw, self.name = 8, self.backend.input_hw, "tensorrt"
+
+    def infer(self, images: np.ndarray):
+        s, m = self.backend.infer(images)
+        return s * self.factor, m * self.factor
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("factor,accepted", [(1.0, True), (1.5, False)])
+def test_build_int8_engine_from_the_qdq_model_glue(int8_bundle: tuple[Path, dict], tiny_demo_root: Path,
+                                                  tmp_path: Path, factor: float, accepted: bool) -> None:
+    """GLUE (fake `tensorrt`): --int8 parses model.int8.onnx, sets INT8, never a calibrator, gates vs ORT FP32."""
+    from test_tensorrt_glue import GPU, _int8_fake
+
+    from gradad.export.engine import build_bundle_engine
+
+    copy = tmp_path / "b"
+    shutil.copytree(int8_bundle[0], copy)
+    trt = _int8_fake(input_shape=(-1, 3, 64, 64))
+    images = tiny_demo_root / "nut" / "test" / "good"
+
+    def factory(path: Path) -> _OrtAsEngine:
+        return _OrtAsEngine(copy / INT8_ONNX, factor)  # what the INT8 engine computes, give or take TensorRT
+
+    if accepted:
+        stamp = build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory, int8=True)
+        assert stamp["precision"] == "int8" and ".int8." in stamp["file"]
+        assert trt.rec.parsed[0][0] == (copy / INT8_ONNX).read_bytes()
+        assert trt.BuilderFlag.INT8 in trt.rec.config.flags and not hasattr(trt.rec.config, "int8_calibrator")
+        assert read_manifest(copy)["engines"][0]["parity_vs_onnxruntime"]["map_rel_l2"] < 0.15
+    else:
+        with pytest.raises(ParityError, match="INT8 engine map relative L2"):
+            build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory, int8=True)
+        assert not list(copy.glob("*.plan"))
