@@ -102,6 +102,8 @@ def exit_past_stuck_captures(func: Any) -> Any:
               "(the pre-pipeline loop, for comparisons) instead of three pipelined threads.")
 @click.option("--in-flight", type=int, default=2, help="Batches in flight on asynchronous backends (TensorRT: "
               "one CUDA stream each).")
+@click.option("--ort-spin/--no-ort-spin", default=None, help="Let idle ONNX Runtime threads spin-wait [default: "
+              "only with --serial; the pipelined loop's other threads need the cores].")
 @click.option("--pace", "pace_fps", type=float, default=0.0, help="Hand file frames to the pipelined loop no "
               "faster than this many per second, as a camera would (benchmarks of end-to-end latency below "
               "saturation; 0 = as fast as possible).")
@@ -151,7 +153,7 @@ def exit_past_stuck_captures(func: Any) -> Any:
 @exit_past_stuck_captures
 @user_errors_as_exit
 def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, serial, in_flight,
-         pace_fps, threshold, jsonl_path,
+         ort_spin, pace_fps, threshold, jsonl_path,
          video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
          mqtt_topic, webhook, max_frames, loop,
          benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
@@ -183,7 +185,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     if not specs:
         raise GradError("no input: give --camera N or --source ...")
     engine, manifest = load_backend(bundle_dir, backend, precision, providers.split(",") if providers else None,
-                                    threads, in_flight=1 if serial else max(1, in_flight))
+                                    threads, in_flight=1 if serial else max(1, in_flight),
+                                    spin=serial if ort_spin is None else ort_spin)
     thresholds = thresholds_from_manifest(manifest, threshold)
     if benchmark_out:
         check_writable(benchmark_out, "--benchmark-out")

@@ -47,14 +47,14 @@ def check_io(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> None:
 
 
 def _onnx_backend(bundle_dir: Path, manifest: dict[str, Any], precision: str, providers: Sequence[str] | None,
-                  threads: int, max_batch: int) -> OnnxRuntimeBackend:
+                  threads: int, max_batch: int, spin: bool = True) -> OnnxRuntimeBackend:
     name = ONNX_BY_PRECISION[precision]
     if name not in manifest["files"]:
         how = (f"quantise it with grad-export quantize {bundle_dir} --calib GOOD_DIR" if precision == "int8" else
                "re-export it without --no-fp16")
         raise BackendError(f"bundle {bundle_dir} has no {name}; {how} or use --precision fp32")
     verify_files(bundle_dir, manifest, [name])
-    backend = OnnxRuntimeBackend(bundle_file(bundle_dir, name), providers, threads, max_batch)
+    backend = OnnxRuntimeBackend(bundle_file(bundle_dir, name), providers, threads, max_batch, spin)
     check_io(backend, manifest)
     return backend
 
@@ -67,13 +67,15 @@ def load_backend(
     threads: int = 0,
     max_batch: int = 32,
     in_flight: int = 1,
+    spin: bool = True,
 ) -> tuple[Backend, dict[str, Any]]:
     """(backend, manifest) for a bundle.
 
     ``auto`` uses a TensorRT engine when the bundle has one for this device and TensorRT is installed, else ONNX
     Runtime (TensorRT/CUDA/CPU providers by availability). ``precision`` defaults to fp16 for TensorRT and fp32
     for ONNX Runtime (FP16 is slower than FP32 on most CPUs); ``in_flight`` is the number of batches a TensorRT
-    backend can have queued (one CUDA stream and context each); ``int8`` runs the QDQ model (``grad-export
+    backend can have queued (one CUDA stream and context each); ``spin`` lets idle ONNX Runtime threads spin-wait
+    (off for the pipelined loop); ``int8`` runs the QDQ model (``grad-export
     quantize``) on ONNX Runtime or its INT8 engine on TensorRT.
     """
     if backend not in BACKENDS:
@@ -96,6 +98,6 @@ def load_backend(
             if backend == "tensorrt":
                 raise
             log.info("TensorRT backend not used (%s); using ONNX Runtime", exc)
-    ort_backend = _onnx_backend(bundle_dir, manifest, precision or "fp32", providers, threads, max_batch)
+    ort_backend = _onnx_backend(bundle_dir, manifest, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)
     return ort_backend, manifest

@@ -155,3 +155,13 @@ def test_stop_flag_ends_the_stream_and_flushes_what_was_captured(ort, images) ->
                  RunOptions(stats_every_s=0, on_result=on_result), stop=stop)
     ids = [r.frame.frame_id for r in sink.results]
     assert sink.closed and ids == list(range(len(ids))) and 5 <= len(ids) < 50
+
+
+def test_pipelined_grad_run_stops_ort_threads_spinning(bundle: Path) -> None:
+    """Idle ONNX Runtime threads sleep in the pipelined loop (its other threads need the cores); --serial spins."""
+    quiet, _ = load_backend(bundle, "onnxruntime", threads=1, spin=False)
+    spinning, _ = load_backend(bundle, "onnxruntime", threads=1)
+    key = "session.intra_op.allow_spinning"
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):  # no entry: ORT's default, spinning
+        spinning.session.get_session_options().get_session_config_entry(key)
