@@ -5,6 +5,7 @@
     grad-bench latency --preset edge --preset paper --threads 2 -o benchmarks/results --name cpu_latency
     grad-bench refine --bundle models/demo --data demo_data --per-defect 3 -o benchmarks/results --name demo_f2pad
     grad-bench gpu -o benchmarks/results --name gpu_check      # CUDA-only rows; skipped with reasons elsewhere
+    grad-bench split --data ../shared/datasets/mtd --data ../shared/datasets/mvtec3d --per-type 3 -o runs/split
     grad-bench report benchmarks/results
 """
 
@@ -54,7 +55,10 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--data", "data_root", required=True, type=click.Path(), help="Dataset root (any supported layout).")
+@click.option("--data", "data_roots", required=True, multiple=True, type=click.Path(),
+              help="Dataset root (any supported layout); repeat for a unified model over several roots.")
+@click.option("--exclude", type=click.Path(), help="Tuning split (split.json from `grad-bench split`): its images "
+              "are left out of scoring.")
 @click.option("--classes", help="Comma-separated classes [default: the model's, else all].")
 @click.option("--layout", default="auto", help="auto, mvtec, visa, goodsad, folder.")
 @click.option("--checkpoint", type=click.Path(), help="GRAD model.pt: the PyTorch row.")
@@ -72,15 +76,15 @@ def main() -> None:
 @click.option("--name", default="accuracy", help="Base name of the JSON/markdown files.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
-def accuracy(data_root, classes, layout, checkpoint, bundle, backends, normal_only, patchcore, coreset_ratio,
-             cache_dir, batch_size, threads, device, out_dir, name, verbose) -> None:
+def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends, normal_only, patchcore,
+             coreset_ratio, cache_dir, batch_size, threads, device, out_dir, name, verbose) -> None:
     """Per-class and mean image/pixel AUROC, AUPR, PRO and F1 of every row on one test set (unified protocol)."""
     setup_logging(verbose)
     from gradad.benchmarks.accuracy import BACKENDS, AccuracyConfig, accuracy_markdown, run_accuracy
     from gradad.benchmarks.results_io import KIND_ACCURACY, result_header, write_result_files
 
-    cfg = AccuracyConfig(data_root=data_root, classes=_csv(classes), layout=layout, checkpoint=checkpoint,
-                         bundle=bundle, backends=tuple(backends) or BACKENDS, normal_only=normal_only,
+    cfg = AccuracyConfig(data_roots=list(data_roots), exclude=exclude, classes=_csv(classes), layout=layout,
+                         checkpoint=checkpoint, bundle=bundle, backends=tuple(backends) or BACKENDS, normal_only=normal_only,
                          patchcore=patchcore, coreset_ratio=coreset_ratio, cache_dir=cache_dir,
                          batch_size=batch_size, threads=threads, device=device)
     result = {**result_header(KIND_ACCURACY, name, _command()), **run_accuracy(cfg)}
@@ -185,6 +189,25 @@ def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_b
     result = run_gpu_check(cfg)
     click.echo(gpu_markdown(result))
     click.echo(f"results: {out_dir}/{name}.json and {name}.md (log: {name}.log)")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--data", "data_roots", required=True, multiple=True, type=click.Path(),
+              help="Dataset root (repeatable).")
+@click.option("--per-type", type=int, default=3, help="Defect images taken out of each defect type's test images.")
+@click.option("--layout", default="auto", help="auto, mvtec, visa, goodsad, folder.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Split folder: defects/, masks/ (links) and split.json.")
+@click.option("-v", "--verbose", is_flag=True)
+@user_errors_as_exit
+def split(data_roots, per_type, layout, out_dir, verbose) -> None:
+    """Take the first K defect images of every type out of the test halves: labelled defects for
+    `grad-train --defects`, the only real defects to tune on, and `--exclude` for `grad-bench accuracy`."""
+    setup_logging(verbose)
+    from gradad.benchmarks.split import write_split
+
+    result = write_split(list(data_roots), per_type, out_dir, layout)
+    click.echo(f"{len(result['held_out'])} images held out ({per_type} per type) -> {out_dir}/split.json")
 
 
 @main.command(context_settings=CONTEXT)

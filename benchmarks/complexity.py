@@ -55,8 +55,8 @@ def preset_complexity(cfg: RunConfig) -> dict[str, Any]:
         "gflop_grad": round((total - extractor_flops) / 1e9, 3),
         "params_extractor_m": round(_params(extractor) / 1e6, 3),
         "params_grad_m": round(_params(model) / 1e6, 3),
-        "params_grids_m": round(sum(p.numel() for g in (model.normal_grid, model.abnormal_grid)
-                                    for p in g.parameters()) / 1e6, 3),
+        "params_grids_m": round(sum(p.numel() for g in (model.normal_grid, getattr(model, "abnormal_grid", None))
+                                    if g is not None for p in g.parameters()) / 1e6, 3),
     }
 
 

@@ -619,7 +619,7 @@ def train_epoch(model: Any, stage: str, features: Any, run_cfg: Any, std_arg: An
     """
     import torch
 
-    from gradad.training.trainer import abnormal_step, normal_step, set_stage_mode
+    from gradad.training.trainer import abnormal_step, normal_step, optimizer_step, set_stage_mode
 
     n = len(features)
     bs = run_cfg.train.batch_size
@@ -634,12 +634,7 @@ def train_epoch(model: Any, stage: str, features: Any, run_cfg: Any, std_arg: An
             continue
         x = features[idx].to(device, torch.float32, non_blocking=True)
         loss = abnormal_step(model, x, run_cfg, std_arg, gen) if stage == "abnormal" else normal_step(model, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if run_cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, run_cfg.train.grad_clip)
-        optimizer.step()
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, optimizer, params, run_cfg.train.grad_clip))
         if max_batches is not None and len(losses) >= max_batches:
             break
     _sync(device.type)

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import click
 import numpy as np
@@ -25,13 +25,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gradad.cli_utils import setup_logging, user_errors_as_exit
-from gradad.data.datasets import load_samples
+from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import ModelConfig, preset_config
 from gradad.training.features import FeatureCache, load_images, to_tensor
 from gradad.training.model import AnomalyHead
 
 log = logging.getLogger(__name__)
+
+
+#: PatchCore's own map head: the head GRAD used before (21x21 mean filter, 32x32 score pool)
+PATCHCORE_HEAD = ModelConfig(smoothing="mean", smoothing_size=21, score_pool=32)
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,7 @@ def greedy_coreset(points: torch.Tensor, n: int, projection_dim: int, seed: int 
     gen = torch.Generator().manual_seed(seed)
     if n >= len(points):
         return torch.arange(len(points))
-    proj = torch.randn(points.shape[1], projection_dim, generator=gen) / projection_dim**0.5
+    proj = (torch.randn(points.shape[1], projection_dim, generator=gen) / projection_dim**0.5).to(points.device)
     z = points @ proj
     sq = z.pow(2).sum(1)
 
@@ -64,7 +68,7 @@ def greedy_coreset(points: torch.Tensor, n: int, projection_dim: int, seed: int 
         return sq - 2.0 * (z @ z[i]) + sq[i]
 
     chosen = torch.empty(n, dtype=torch.long)
-    chosen[0] = int(torch.randint(len(z), (1,), generator=gen))
+    chosen[0] = int(torch.randint(len(z), (1,), generator=gen))  # noqa: the generator lives on the CPU
     min_dist = dist_to(int(chosen[0]))
     for i in tqdm(range(1, n), desc="coreset", unit="pt", leave=False, disable=n < 500):
         chosen[i] = int(torch.argmax(min_dist))
@@ -102,20 +106,26 @@ class PatchCore:
         return self.head.postprocess(dists.view(b, 1, h, w))
 
 
-def run_patchcore(data_root: str, classes: list[str] | None, cfg: PatchCoreConfig, image_size: int = 256,
-                  cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None) -> dict[str, Any]:
-    """Unified protocol: one memory bank for all classes; returns per-class metrics and timings."""
+def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cfg: PatchCoreConfig,
+                  image_size: int = 256, cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None,
+                  test: Sequence[Sample] | None = None) -> dict[str, Any]:
+    """Unified protocol: one memory bank for all classes of every root; returns per-class metrics and timings.
+
+    ``model_cfg`` sets the map head (default: PatchCore's own, the 21x21 mean filter and 32x32 score pool);
+    ``test`` replaces the roots' test split (e.g. without a tuning split).
+    """
     from gradad.evaluation.evaluate import evaluate_predictions
 
+    roots = [data_roots] if isinstance(data_roots, (str, Path)) else list(data_roots)
     extractor = FeatureExtractor(preset_config("edge").backbone)
     device = torch.device("cpu")
-    train = [s for s in load_samples(data_root, "train", classes) if s.label == 0]
+    train = [s for s in load_samples_from_roots(roots, "train", classes) if s.label == 0]
     feats, _ = FeatureCache(cache_dir).load_or_compute(extractor, train, image_size, device)
-    head = AnomalyHead(model_cfg or ModelConfig(), (image_size, image_size))
+    head = AnomalyHead(model_cfg or PATCHCORE_HEAD, (image_size, image_size))
     t0 = time.perf_counter()
     model = PatchCore(cfg, head).fit(torch.from_numpy(feats))
     fit_s = time.perf_counter() - t0
-    test = load_samples(data_root, "test", classes)
+    test = list(test) if test is not None else load_samples_from_roots(roots, "test", classes)
     images, masks = load_images(test, image_size, desc="reading test images")
     scores, maps = [], []
     t0 = time.perf_counter()

@@ -495,6 +495,36 @@ def load_samples(
     return samples
 
 
+def load_samples_from_roots(
+    roots: Sequence[str | Path],
+    split: str,
+    classes: Sequence[str] | None = None,
+    layout: str = "auto",
+) -> list[Sample]:
+    """:func:`load_samples` over several dataset roots (one unified model for all of them).
+
+    Classes keep their own names; a name found in two roots is refused, since the model and its metrics could
+    not tell the two apart. ``classes`` selects by name across the roots; unknown names list what exists.
+    """
+    if len(roots) == 1:
+        return load_samples(roots[0], split, classes, layout)
+    owner: dict[str, Path] = {}
+    for root in roots:
+        checked = _check_root(root)
+        for cls in list_classes(checked, layout):
+            if cls in owner:
+                raise DatasetError(f"class {cls!r} exists in both {owner[cls]} and {checked}: rename one so the "
+                                   "unified model can keep them apart")
+            owner[cls] = checked
+    if classes is not None:
+        unknown = [c for c in classes if c not in owner]
+        if unknown:
+            raise DatasetError(f"class {', '.join(map(repr, unknown))} not found in any of "
+                               f"{', '.join(map(str, roots))}; available: {', '.join(owner)}")
+    wanted = list(owner) if classes is None else list(dict.fromkeys(classes))
+    return [s for cls in wanted for s in load_samples(owner[cls], split, [cls], layout)]
+
+
 def summarize(samples: Iterable[Sample]) -> dict[str, Any]:
     """Count samples per class, split, label and defect type (JSON-serialisable).
 

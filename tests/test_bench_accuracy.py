@@ -75,11 +75,11 @@ def test_uncalibrated_bundle_reports_oracle_f1_and_missing_tensorrt_is_a_skip_li
 
 
 def test_f1_at_calibrated_threshold(tiny_demo_root: Path, bundle: Path, tmp_path: Path) -> None:
-    """Threshold below every score: every image flagged, so per class F1 = 2A / (2A + G)."""
+    """Threshold (the smallest valid one) below every score: every image flagged, so per class F1 = 2A / (2A + G)."""
     calibrated = tmp_path / "bundle"
     shutil.copytree(bundle, calibrated)
     manifest = read_manifest(calibrated)
-    manifest["calibration"] = {"image_threshold": -1e9, "method": "far", "data": {"n_good": 3}}
+    manifest["calibration"] = {"image_threshold": 1e-12, "method": "far", "data": {"n_good": 3}}
     write_manifest(calibrated, manifest)
     result = _run(["--data", str(tiny_demo_root), "--bundle", str(calibrated), "--backend", "onnxruntime-fp32",
                    "-o", str(tmp_path), "--name", "cal"])

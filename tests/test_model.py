@@ -87,6 +87,13 @@ def test_model_forward_shapes_and_fusion_forms() -> None:
     out = model(x)
     for t in (out.x_hat, out.x_hat_normal, out.x_hat_abnormal, out.x_ref):
         assert t.shape == x.shape
+    assert out.abnormal_score.shape == (2, 1, 8, 8)
+    # "map" form (default): the features are reconstructed by the normal branch alone.
+    assert torch.equal(out.x_hat, out.x_hat_normal)
+    cfg.fusion_form = "additive"
+    with torch.no_grad():
+        model.fusion_weight.fill_(-0.2)
+    out = model(x)
     assert torch.allclose(out.x_hat, out.x_hat_normal - 0.2 * out.x_hat_abnormal, atol=1e-6)
     cfg.fusion_form = "lambda"
     with torch.no_grad():

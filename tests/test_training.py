@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradad.data.datasets import load_samples
-from gradad.errors import ConfigError
+from gradad.errors import ConfigError, DatasetError
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import (
     BackboneConfig,
@@ -46,16 +46,18 @@ def test_stage2_freezes_abnormal_branch_and_stage1_leaves_normal_branch() -> Non
     x = torch.randn(4, 16, 8, 8)
     gen = torch.Generator().manual_seed(0)
 
-    # Stage 1: normal branch untouched.
+    # Stage 1: normal branch and its mapper untouched; the abnormal branch's own mapper moves.
     params = stage_parameters(model, "abnormal", cfg)
     opt = make_optimizer(model, params, cfg)
     set_stage_mode(model, "abnormal")
     normal_before = _snapshot(model.normal_parameters())
     mapper_before = _snapshot(model.mapper.parameters())
+    abnormal_mapper_before = _snapshot(model.abnormal_mapper.parameters())
     abnormal_step(model, x, cfg, 1.0, gen).backward()
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(normal_before, model.normal_parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(mapper_before, model.mapper.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(mapper_before, model.mapper.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(abnormal_mapper_before, model.abnormal_mapper.parameters()))
 
     # Stage 2: abnormal grids, CNN weights and BN statistics unchanged; normal branch and mapper move.
     params = stage_parameters(model, "normal", cfg)
@@ -82,7 +84,8 @@ def test_optimizer_gives_grids_the_grid_learning_rate() -> None:
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     assert lrs[id(model.normal_grid.global_grid)] == cfg.train.lr_grid == 0.1
     assert lrs[id(model.normal_grid.local_grid)] == 0.1
-    assert lrs[id(model.fusion_weight)] == cfg.train.lr_net == 1e-3
+    assert lrs[id(model.mapper.local_net[0].weight)] == cfg.train.lr_net == 1e-3
+    assert id(model.fusion_weight) not in lrs  # "map" fusion: w is fitted in stage 3, not trained
     assert id(model.abnormal_grid.local_grid) not in lrs
 
 
@@ -133,15 +136,26 @@ def _tiny_cfg(root: Path, out: Path):
     return cfg
 
 
+def _epoch_records(run: Path) -> list[dict]:
+    """train_log.jsonl lines of finished epochs (stage-end and fusion events left out)."""
+    lines = (run / "train_log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
 def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: Path) -> None:
     cfg = _tiny_cfg(tiny_demo_root, tmp_path)
     model_path = train(cfg)
     run = Path(cfg.output_dir)
     assert model_path.is_file() and (run / "checkpoint.pt").is_file()
-    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    records = _epoch_records(run)
     assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
                                                            ("normal", 2)]
     assert all(np.isfinite(r["loss"]) for r in records)
+    events = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    spreads = [e["coordinate_spread"] for e in events if e.get("event") == "stage_end"]
+    assert len(spreads) == 2 and set(spreads[0]) == {"normal", "abnormal"}  # g spread logged per stage
+    fusion = [e for e in events if e["stage"] == "fusion"]
+    assert len(fusion) == 1 and set(fusion[0]["selfcheck"]) >= {"constant", "noise"}
     # The saved config reproduces the run.
     assert config_to_dict(load_config(run / "config.yaml")) == config_to_dict(cfg)
     payload = torch.load(model_path, weights_only=True)
@@ -156,9 +170,10 @@ def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: P
     state["config"] = config_to_dict(cfg)
     torch.save(state, run / "checkpoint.pt")
     train(cfg, resume=True)
-    records = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["stage"], r["epoch"]) for r in records][-1] == ("normal", 3)
-    assert len(records) == 5
+    records = _epoch_records(run)
+    # Epoch 3 ran once, and the resumed run did not append a second copy of what it redid.
+    assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
+                                                           ("normal", 2), ("normal", 3)]
     assert torch.load(model_path, weights_only=True)["feature_cache_hit"] is True
 
 
@@ -167,7 +182,7 @@ def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -
     cfg.train.stage2_epochs = 1
     train(cfg)
     cfg.model.fusion_depth = 2
-    with pytest.raises(ConfigError, match="config differs"):
+    with pytest.raises(ConfigError, match=r"model.fusion_depth \(1 -> 2\)"):
         train(cfg, resume=True)
     assert load_config(Path(cfg.output_dir) / "config.yaml").model.fusion_depth == 1  # the run's config is kept
 
@@ -178,6 +193,11 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         apply_set_options(cfg, ["model.fusion_block=transformer"])
     with pytest.raises(ConfigError, match="unknown setting 'model.nope'"):
         apply_set_options(cfg, ["model.nope=1"])
+    for bad in ("train.grad_clip=abc", "model.smoothing_sigma=abc", "train.lr_net=.nan", "train.lr_grid=.inf",
+                "fbp.intensity_std_range=[1, abc]", "train.fusion_weight=true"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + ".*finite number"):
+            apply_set_options(preset_config("edge"), [bad])
+    assert apply_set_options(preset_config("edge"), ["train.fusion_weight=2"]).train.fusion_weight == 2.0
     apply_set_options(cfg, ["train.batch_size=8", "fbp.intensity_std_range=[2, 4]"])
     assert cfg.train.batch_size == 8 and cfg.fbp.intensity_std_range == (2.0, 4.0)
     bad = tmp_path / "bad.yaml"
@@ -199,13 +219,13 @@ def test_resume_after_interruption_at_the_stage_boundary(tiny_demo_root: Path, t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(trainer_module, "normal_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match=r"holds stage normal epoch 0.*--resume"):
         train(cfg)
     state = torch.load(Path(cfg.output_dir) / "checkpoint.pt", weights_only=True)
     assert (state["stage_index"], state["next_epoch"], state["optimizer"]) == (1, 0, None)
     monkeypatch.setattr(trainer_module, "normal_step", real_step)
     train(cfg, resume=True)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    records = _epoch_records(Path(cfg.output_dir))
     assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
                                                            ("normal", 2)]
 
@@ -222,7 +242,7 @@ def test_normal_only_ablation_skips_stage1(tiny_demo_root: Path, tmp_path: Path)
     cfg = _tiny_cfg(tiny_demo_root, tmp_path)
     cfg.model.abnormal_branch = False
     model_path = train(cfg)
-    records = [json.loads(line) for line in (Path(cfg.output_dir) / "train_log.jsonl").read_text().splitlines()]
+    records = _epoch_records(Path(cfg.output_dir))
     assert {r["stage"] for r in records} == {"normal"}
     payload = torch.load(model_path, weights_only=True)
     model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model).eval()
@@ -230,3 +250,54 @@ def test_normal_only_ablation_skips_stage1(tiny_demo_root: Path, tmp_path: Path)
     x = torch.randn(2, payload["channels"], *payload["feat_hw"])
     out = model(x)
     assert torch.equal(out.x_hat, out.x_hat_normal)
+
+
+def _normal_branch(path: Path) -> dict:
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith(("mapper.", "normal_grid.", "normal_cnn."))}
+
+
+def test_normal_only_run_trains_the_same_normal_branch_and_normal_from_reuses_it(tiny_demo_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Stage 2 does not depend on stage 1 (own mapper, per-stage seeds, "map" fusion): the NORMAL-only ablation is
+    the full model's normal branch exactly, and --normal-from can lend it to a run that only trains stage 1."""
+    full = _tiny_cfg(tiny_demo_root, tmp_path / "full")
+    full_path = train(full)
+    alone = _tiny_cfg(tiny_demo_root, tmp_path / "alone")
+    alone.model.abnormal_branch = False
+    alone_path = train(alone)
+    a, b = _normal_branch(full_path), _normal_branch(alone_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    reuse = _tiny_cfg(tiny_demo_root, tmp_path / "reuse")
+    reuse.train.normal_from = str(alone_path)
+    reuse.train.stage1_epochs = 1
+    reuse_path = train(reuse)
+    c = _normal_branch(reuse_path)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert {r["stage"] for r in _epoch_records(Path(reuse.output_dir))} == {"abnormal"}
+    assert torch.load(reuse_path, weights_only=True)["normal_branch_from"] == str(alone_path)
+
+    other = _tiny_cfg(tiny_demo_root, tmp_path / "other")
+    other.train.normal_from = str(alone_path)
+    other.model.fusion_depth = 2
+    with pytest.raises(ConfigError, match=r"model.fusion_depth"):
+        train(other)
+
+
+def test_unified_training_over_two_roots_keeps_classes_apart(tiny_demo_root: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "line_a", tmp_path / "line_b"
+    for root, classes in ((first, ("fabric",)), (second, ("nut", "capsule"))):
+        root.mkdir()
+        for cls in classes:
+            (root / cls).symlink_to(tiny_demo_root / cls, target_is_directory=True)
+    cfg = _tiny_cfg(first, tmp_path)
+    cfg.data.extra_roots = [str(second)]
+    payload = torch.load(train(cfg), weights_only=True)
+    assert payload["classes"] == ["capsule", "fabric", "nut"]
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    (clash / "fabric").symlink_to(tiny_demo_root / "fabric", target_is_directory=True)
+    cfg.data.extra_roots = [str(clash)]
+    with pytest.raises(DatasetError, match="'fabric' exists in both"):
+        train(cfg)

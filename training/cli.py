@@ -18,17 +18,29 @@ log = logging.getLogger("gradad.train")
               "(a run's saved config.yaml reproduces it). Other options override it.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None, help="Preset when no --config is given "
               "[default: edge].")
-@click.option("--data", "data_root", type=click.Path(), help="Dataset root (MVTec/VisA/GoodsAD/folder layout).")
+@click.option("--data", "data_roots", multiple=True, type=click.Path(),
+              help="Dataset root (MVTec/VisA/GoodsAD/folder layout); repeat for one unified model over several "
+                   "roots (class names must differ between them).")
 @click.option("--classes", help="Comma-separated classes (default: all classes, one unified model).")
 @click.option("--output", "-o", "output_dir", type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--device", help="cpu, cuda, cuda:1 or auto.")
 @click.option("--epochs", nargs=2, type=int, help="Stage-1 and stage-2 epochs, e.g. --epochs 10 30.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override any setting, e.g. --set model.fusion_depth=3 (repeatable).")
+@click.option("--defects", type=click.Path(file_okay=False),
+              help="Folder of labelled defect images (sub-folders allowed) used in stage 1 next to the synthetic "
+                   "anomalies.")
+@click.option("--masks", "defect_masks", type=click.Path(file_okay=False),
+              help="Masks of --defects at the same relative paths (<stem>_mask.png or <stem>.png); without it a "
+                   "whole defect image counts as anomalous.")
+@click.option("--normal-from", type=click.Path(dir_okay=False),
+              help="Reuse the normal branch of this model.pt (same data and normal settings) and skip stage 2, "
+                   "e.g. to add --defects to a trained model in minutes.")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.pt.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @user_errors_as_exit
-def main(config_path, preset, data_root, classes, output_dir, device, epochs, assignments, resume, verbose) -> None:
+def main(config_path, preset, data_roots, classes, output_dir, device, epochs, assignments, defects, defect_masks,
+         normal_from, resume, verbose) -> None:
     """Train a GRAD anomaly detector on good images only (unified multi-class by default).
 
     Writes RUN_DIR/model.pt (final model), checkpoint.pt (resumable state), config.yaml (reproduces the run)
@@ -37,6 +49,8 @@ def main(config_path, preset, data_root, classes, output_dir, device, epochs, as
     \b
     Examples:
       grad-train --data demo_data -o runs/demo
+      grad-train --data mtd --data mvtec3d -o runs/unified        # one model, classes of both roots
+      grad-train --data mtd --defects bad/ --masks bad_masks/ --normal-from runs/mtd/model.pt -o runs/mtd_bad
       grad-train --config runs/demo/config.yaml --resume
       grad-train --preset tiny --data demo_data --set train.batch_size=8
     """
@@ -44,8 +58,14 @@ def main(config_path, preset, data_root, classes, output_dir, device, epochs, as
     cfg = load_config(config_path) if config_path else preset_config(preset or "edge")
     if preset and config_path:
         raise click.UsageError("give either --config or --preset, not both")
-    if data_root:
-        cfg.data.root = data_root
+    if data_roots:
+        cfg.data.root, cfg.data.extra_roots = data_roots[0], list(data_roots[1:])
+    if defects:
+        cfg.data.defects = defects
+    if defect_masks:
+        cfg.data.defect_masks = defect_masks
+    if normal_from:
+        cfg.train.normal_from = normal_from
     if classes:
         cfg.data.classes = [c.strip() for c in classes.split(",") if c.strip()]
     if output_dir:
@@ -55,9 +75,13 @@ def main(config_path, preset, data_root, classes, output_dir, device, epochs, as
     if epochs:
         cfg.train.stage1_epochs, cfg.train.stage2_epochs = epochs
     apply_set_options(cfg, list(assignments))
-    from gradad.training.trainer import train  # heavy import after argument checks
+    from gradad.training.trainer import TrainingInterrupted, train  # heavy import after argument checks
 
-    model_path = train(cfg, resume=resume)
+    try:
+        model_path = train(cfg, resume=resume)
+    except TrainingInterrupted as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(130) from None
     click.echo(f"model: {model_path}")
     click.echo(f"evaluate with: grad-eval {model_path}")
     log.debug("run dir %s", Path(cfg.output_dir).resolve())

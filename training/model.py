@@ -1,5 +1,5 @@
-"""The GRAD model (DESIGN.md section 2): shared coordinate mapper, normal and abnormal continuous grids,
-fusion CNNs, similarity refinement and the anomaly-map/score head.
+"""The GRAD model (DESIGN.md section 2): coordinate mappers, normal and abnormal continuous grids, fusion CNNs,
+pair similarity of the abnormal branch, similarity refinement and the anomaly-map/score head.
 
 ``GRADModel`` works on extractor features x (B, C, H, W); ``GRADDetector`` wraps extractor + model + head and
 maps normalised images to (score, anomaly_map), which is the graph that gets exported.
@@ -48,19 +48,34 @@ class BiGridMemory(nn.Module):
     def forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Query q = concat(global sample, local sample) -> (B, 2C, H, W).
 
-        All images sample the single (batch-1) grid in one call (their points laid side by side), so the
-        grids are never copied per image: cheaper, and the exported graph has no Expand of a large parameter.
+        All images sample the single (batch-1) local grid in one grid_sample call (their points laid side by side),
+        so the grids are never copied per image; the global grid is read through :func:`bilinear_weights`.
         """
         b, h, w, _ = u.shape
         local = F.grid_sample(
             self.local_grid, u.reshape(1, b * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (1, C, B*H, W)
         local = local.reshape(self.channels, b, h, w).transpose(0, 1)
-        glob = F.grid_sample(
-            self.global_grid, g.reshape(1, 1, b, 2), mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # (1, C*H*W, 1, B)
-        glob = glob.reshape(self.channels * h * w, b).transpose(0, 1).reshape(b, self.channels, h, w)
-        return torch.cat([glob, local], dim=1)
+        glob = bilinear_weights(g.reshape(b, 2), self.global_grid.shape[-2:]) @ self.global_grid.flatten(2)[0].T
+        return torch.cat([glob.reshape(b, self.channels, h, w), local], dim=1)
+
+
+def bilinear_weights(points: torch.Tensor, grid_hw: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """(B, 2) points in [-1, 1] (x, y) -> (B, R_h*R_w) weights of every grid cell for bilinear sampling.
+
+    Exactly grid_sample's bilinear interpolation with zero padding and align_corners=False, written as the tent
+    kernel max(0, 1 - |distance|) per axis. The global grid holds C*H*W channels at only R_g^2 cells, and
+    grid_sample's kernels loop over channels per sample point (on CUDA one thread walks all 155k channels: ~115 ms
+    per call on an H100); as weights @ cells it is one small matrix product, on every backend.
+    """
+    rh, rw = int(grid_hw[0]), int(grid_hw[1])
+    x = ((points[:, :1] + 1.0) * rw - 1.0) / 2.0  # pixel coordinates, align_corners=False
+    y = ((points[:, 1:] + 1.0) * rh - 1.0) / 2.0
+    cols = torch.arange(rw, dtype=points.dtype, device=points.device).view(1, rw)
+    rows = torch.arange(rh, dtype=points.dtype, device=points.device).view(1, rh)
+    wx = (1.0 - (x - cols).abs()).clamp_min(0.0)  # (B, R_w)
+    wy = (1.0 - (y - rows).abs()).clamp_min(0.0)  # (B, R_h)
+    return (wy[:, :, None] * wx[:, None, :]).reshape(points.shape[0], rh * rw)
 
 
 class InvertedResidual(nn.Module):
@@ -131,10 +146,16 @@ def similarity_refine(x_hat: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) ->
 class GRADOutput:
     """Everything one forward pass produces (training needs the intermediate tensors)."""
 
-    x_hat: torch.Tensor  # fused reconstruction
+    x_hat: torch.Tensor  # fused reconstruction (feature-space fusion forms) or x_hat_normal ("map" form)
     x_hat_normal: torch.Tensor
     x_hat_abnormal: torch.Tensor
     x_ref: torch.Tensor  # after similarity refinement
+    abnormal_score: torch.Tensor  # (B, 1, H, W) stage-1 score: pair similarity or channel 0 (zeros if no branch)
+
+
+def pair_similarity(x_hat_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d = cos(x_hat_a, x) per position (GRAD Eq. 4): high where x looks like the abnormal memory. (B, 1, H, W)."""
+    return F.cosine_similarity(x_hat_a, x, dim=1, eps=1e-6).unsqueeze(1)
 
 
 class GRADModel(nn.Module):
@@ -146,43 +167,101 @@ class GRADModel(nn.Module):
         self.channels, self.feat_hw = channels, tuple(feat_hw)
         self.mapper = CoordinateMapper(channels)
         self.normal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
-        self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
         self.normal_cnn = fusion_cnn(channels, cfg)
-        self.abnormal_cnn = fusion_cnn(channels, cfg)
+        if cfg.abnormal_branch:
+            if cfg.abnormal_mapper == "separate":
+                self.abnormal_mapper = CoordinateMapper(channels)
+            self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
+            self.abnormal_cnn = fusion_cnn(channels, cfg)
         self.fusion_weight = nn.Parameter(torch.tensor(float(cfg.fusion_weight_init)))
 
-    def coordinates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global and local coordinates, with training-time jitter on the local ones."""
-        g, u = self.mapper(x)
+    @property
+    def separate_mapper(self) -> bool:
+        return self.cfg.abnormal_branch and self.cfg.abnormal_mapper == "separate"
+
+    def _jitter(self, u: torch.Tensor) -> torch.Tensor:
         if self.training and self.cfg.jitter_prob > 0 and torch.rand(()) < self.cfg.jitter_prob:
             u = u + torch.randn_like(u) * self.cfg.jitter_std
-        return g, u
+        return u
+
+    def coordinates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normal-branch global and local coordinates, with training-time jitter on the local ones."""
+        g, u = self.mapper(x)
+        return g, self._jitter(u)
+
+    def abnormal_coordinates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The abnormal branch's coordinates: its own mapper, or the shared one."""
+        if not self.separate_mapper:
+            return self.coordinates(x)
+        g, u = self.abnormal_mapper(x)
+        return g, self._jitter(u)
 
     def abnormal_branch(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """x_hat_a: abnormal grids -> per-channel standardised query -> abnormal CNN."""
         return self.abnormal_cnn(standardize_per_channel(self.abnormal_grid(g, u)))
 
+    def abnormal_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_hat_a, stage-1 score (B, 1, H, W)) of features x."""
+        x_hat_a = self.abnormal_branch(*self.abnormal_coordinates(x))
+        if self.cfg.abnormal_score == "pair_similarity":
+            return x_hat_a, pair_similarity(x_hat_a, x)
+        return x_hat_a, x_hat_a[:, :1]
+
     def fuse(self, x_hat_n: torch.Tensor, x_hat_a: torch.Tensor) -> torch.Tensor:
-        """x_hat = x_n + w*x_a (public code) or lam*x_n + (1-lam)*x_a with lam = w (paper form)."""
+        """Feature-space fusion: x_n + w*x_a (additive), lam*x_n + (1-lam)*x_a (lambda), x_n ("map" form)."""
         if self.cfg.fusion_form == "lambda":
             return self.fusion_weight * x_hat_n + (1.0 - self.fusion_weight) * x_hat_a
-        return x_hat_n + self.fusion_weight * x_hat_a
+        if self.cfg.fusion_form == "additive":
+            return x_hat_n + self.fusion_weight * x_hat_a
+        return x_hat_n
+
+    def normal_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """x_hat_n: normal mapper -> normal grids -> normal CNN."""
+        g, u = self.coordinates(x)
+        return self.normal_cnn(self.normal_grid(g, u))
+
+    def normal_refined(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x_ref from the normal branch alone, or None when the fusion form mixes x_hat_a into the features.
+
+        In the "map" form (and NORMAL-only) stage 2 needs nothing else, so it neither runs the abnormal branch nor
+        draws its random numbers: the normal branch trains exactly as in a NORMAL-only run with the same seed.
+        """
+        if self.cfg.abnormal_branch and self.cfg.fusion_form != "map":
+            return None
+        return similarity_refine(self.normal_reconstruction(x), x, self.cfg)
 
     def forward(self, x: torch.Tensor) -> GRADOutput:
-        g, u = self.coordinates(x)
-        x_hat_n = self.normal_cnn(self.normal_grid(g, u))
+        x_hat_n = self.normal_reconstruction(x)
         if self.cfg.abnormal_branch:
-            x_hat_a = self.abnormal_branch(g, u)
+            x_hat_a, score = self.abnormal_forward(x)
             x_hat = self.fuse(x_hat_n, x_hat_a)
         else:  # NORMAL-only ablation
             x_hat_a, x_hat = torch.zeros_like(x_hat_n), x_hat_n
-        return GRADOutput(x_hat, x_hat_n, x_hat_a, similarity_refine(x_hat, x, self.cfg))
+            score = x_hat_n.new_zeros(x_hat_n.shape[0], 1, *x_hat_n.shape[2:])
+        return GRADOutput(x_hat, x_hat_n, x_hat_a, similarity_refine(x_hat, x, self.cfg), score)
+
+    def lowres_map(self, out: GRADOutput, x: torch.Tensor) -> torch.Tensor:
+        """Feature-resolution anomaly map (B, 1, h, w): ||x_ref - x||, plus w*relu(d) in the "map" fusion form.
+
+        relu keeps the abnormal branch out of cells it calls normal (d < 0), so it can only raise the map where
+        the branch recognises an anomaly; w is fitted on anomalies (stage 3) and is 0 until then.
+        """
+        amap = AnomalyHead.lowres_map(out.x_ref, x)
+        if self.cfg.abnormal_branch and self.cfg.fusion_form == "map":
+            amap = amap + self.fusion_weight * F.relu(out.abnormal_score)
+        return amap
 
     def abnormal_parameters(self) -> list[nn.Parameter]:
-        return [*self.abnormal_grid.parameters(), *self.abnormal_cnn.parameters()]
+        """Stage-1 parameters: abnormal grids and CNN, and the abnormal mapper when separate."""
+        if not self.cfg.abnormal_branch:
+            return []
+        mapper = list(self.abnormal_mapper.parameters()) if self.separate_mapper else []
+        return [*mapper, *self.abnormal_grid.parameters(), *self.abnormal_cnn.parameters()]
 
     def normal_parameters(self) -> list[nn.Parameter]:
-        return [*self.normal_grid.parameters(), *self.normal_cnn.parameters(), self.fusion_weight]
+        """Stage-2 parameters (without the normal mapper); the fusion weight trains here in feature-space forms."""
+        params = [*self.normal_grid.parameters(), *self.normal_cnn.parameters()]
+        return params + ([self.fusion_weight] if self.cfg.fusion_form != "map" else [])
 
 
 def _box_filter(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -239,14 +318,13 @@ class GRADDetector(nn.Module):
         self.head = AnomalyHead(model.cfg, image_hw)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.extractor(images)
-        return self.head(self.model(x).x_ref, x)
+        return self.from_features(self.extractor(images))
 
     def from_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as forward, starting at cached features."""
-        return self.head(self.model(x).x_ref, x)
+        return self.head.postprocess(self.model.lowres_map(self.model(x), x))
 
     def lowres_map(self, images: torch.Tensor) -> torch.Tensor:
         """The map before up-sampling and smoothing (B, 1, h, w); ``head.postprocess`` of it equals forward's map."""
         x = self.extractor(images)
-        return self.head.lowres_map(self.model(x).x_ref, x)
+        return self.model.lowres_map(self.model(x), x)

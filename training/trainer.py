@@ -1,8 +1,11 @@
-"""Two-stage GRAD training on cached extractor features (DESIGN.md section 2, "Losses and training").
+"""GRAD training on cached extractor features (DESIGN.md section 2, "Losses and training").
 
-Stage 1 trains the abnormal grids + abnormal CNN + coordinate mapper with FBP and the truncated-L1 contrastive
-loss. Stage 2 freezes the abnormal branch (BN in eval) and trains the normal grids + normal CNN + mapper + fusion
-weight with MSE on the refined reconstruction.
+Stage 1 trains the abnormal branch (its own coordinate mapper by default, grids, CNN) with synthetic anomalies
+(plus labelled real defects when given) and the truncated-L1 contrastive loss on its score. Stage 2 freezes it
+(BN in eval) and trains the normal mapper, grids and CNN with MSE on the refined reconstruction. Stage 3 fits the
+fusion weight of the abnormal score on validation anomalies (the "map" fusion form). A validation split of the
+good training images picks the best epoch of each stage and runs the stage-1 self-check; test images are never
+read.
 """
 
 from __future__ import annotations
@@ -20,15 +23,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from gradad.data.datasets import Sample, load_samples, summarize
+from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.errors import ConfigError, DatasetError
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
-from gradad.training.fbp import feature_block_paste
-from gradad.training.features import FeatureCache
+from gradad.training.fbp import synthesize_anomalies
+from gradad.training.defects import DefectSet, cell_masks, defect_samples
+from gradad.training.features import FeatureCache, load_images
 from gradad.training.losses import reconstruction_mse, truncated_l1_contrastive
-from gradad.training.model import GRADModel
+from gradad.training.model import AnomalyHead, GRADModel
+from gradad.training.validation import (
+    ValidationSet,
+    detection_score,
+    fit_fusion_weight,
+    heldout_auroc,
+    selfcheck,
+    validation_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +64,8 @@ def seed_everything(seed: int) -> None:
 
 
 def _grid_parameters(model: GRADModel) -> set[int]:
-    return {id(p) for mem in (model.normal_grid, model.abnormal_grid) for p in mem.parameters()}
+    grids = [model.normal_grid] + ([model.abnormal_grid] if model.cfg.abnormal_branch else [])
+    return {id(p) for mem in grids for p in mem.parameters()}
 
 
 def make_optimizer(model: GRADModel, params: list[nn.Parameter], cfg: RunConfig) -> torch.optim.Optimizer:
@@ -71,7 +84,8 @@ def stage_parameters(model: GRADModel, stage: str, cfg: RunConfig) -> list[nn.Pa
         p.requires_grad_(False)
         p.grad = None  # no stale gradients from the previous stage
     if stage == "abnormal":
-        params = [*model.mapper.parameters(), *model.abnormal_parameters()]
+        shared = [] if model.separate_mapper else list(model.mapper.parameters())
+        params = [*shared, *model.abnormal_parameters()]
     else:
         params = model.normal_parameters()
         if not cfg.train.freeze_mapper_stage2:
@@ -84,22 +98,44 @@ def stage_parameters(model: GRADModel, stage: str, cfg: RunConfig) -> list[nn.Pa
 def set_stage_mode(model: GRADModel, stage: str) -> None:
     """Train mode, except that the frozen abnormal branch keeps its BN statistics in stage 2."""
     model.train()
-    if stage == "normal":
+    if stage == "normal" and model.cfg.abnormal_branch:
         model.abnormal_cnn.eval()
 
 
-def abnormal_step(model: GRADModel, x: torch.Tensor, cfg: RunConfig, feature_std: float,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Stage-1 loss of one batch: FBP, then s = channel 0 of x_hat_a against the paste mask."""
-    x_fbp, mask = feature_block_paste(x, cfg.fbp, feature_std, gen)
-    g, u = model.coordinates(x_fbp)
-    x_hat_a = model.abnormal_branch(g, u)
-    return truncated_l1_contrastive(x_hat_a[:, :1], mask, cfg.train.contrastive_threshold)
+def abnormal_step(model: GRADModel, x: torch.Tensor, cfg: RunConfig, channel_std: torch.Tensor,
+                  gen: torch.Generator, real: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Stage-1 loss of one batch: synthetic anomalies (plus real defects, when given) against their masks.
+
+    ``real`` = (features, masks at feature resolution) of labelled defect images, appended to the batch as is.
+    """
+    x_anom, mask = synthesize_anomalies(x, cfg.fbp, channel_std, gen)
+    if real is not None:
+        x_anom, mask = torch.cat([x_anom, real[0]]), torch.cat([mask, real[1].to(mask)])
+    _, score = model.abnormal_forward(x_anom)
+    return truncated_l1_contrastive(score, mask, cfg.train.contrastive_threshold)
 
 
 def normal_step(model: GRADModel, x: torch.Tensor) -> torch.Tensor:
-    """Stage-2 loss of one batch: MSE(x_ref, x)."""
-    return reconstruction_mse(model(x).x_ref, x)
+    """Stage-2 loss of one batch: MSE(x_ref, x) (the normal branch alone where the fusion form allows)."""
+    x_ref = model.normal_refined(x)
+    return reconstruction_mse(model(x).x_ref if x_ref is None else x_ref, x)
+
+
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                   grad_clip: float) -> float:
+    """Backward, optional grad-norm clip, step; returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def stage_seed(seed: int, stage_index: int) -> int:
+    """Every stage starts from its own seed, so stage 2 of a full run and of a NORMAL-only run draw the same
+    batches and jitter (stage 1 consumes a varying amount of randomness)."""
+    return seed + 1000 * stage_index
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
@@ -112,27 +148,140 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Te
 
 @dataclass
 class TrainingData:
-    """Cached features of the training images and a short description for the model file."""
+    """Cached features of the training images (split into train and validation) and their statistics."""
 
-    features: torch.Tensor  # float16 (N, C, H, W), on CPU
-    samples: list[Sample]
-    feature_std: float
+    features: torch.Tensor  # float16 (N, C, H, W), on CPU: the images stages 1 and 2 train on
+    samples: list[Sample]  # every good training image (train + validation), for the model file's summary
+    val_features: torch.Tensor  # float16 (V, C, H, W): held-out good training images
+    channel_std: torch.Tensor  # (C,) per-channel standard deviation of the training features
+    defects: DefectSet | None
     cache_hit: bool
+
+    @property
+    def feature_std(self) -> float:
+        """Global feature sigma (root mean channel variance)."""
+        return float(self.channel_std.pow(2).mean().sqrt())
+
+
+def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device,
+                  feat_hw: tuple[int, int]) -> DefectSet | None:
+    if not cfg.data.defects:
+        return None
+    samples = defect_samples(cfg.data.defects, cfg.data.defect_masks)
+    feats, _ = FeatureCache(cfg.data.cache_dir).load_or_compute(extractor, samples, cfg.data.image_size, device)
+    _, masks = load_images(samples, cfg.data.image_size, desc="reading defect masks")
+    cells = cell_masks(torch.from_numpy(masks), feat_hw, [s.mask_path is not None for s in samples])
+    log.info("real-defect supervision: %d images from %s (%.1f%% defective cells)", len(samples), cfg.data.defects,
+             100 * float(cells.mean()))
+    return DefectSet(torch.from_numpy(feats), cells, samples)
 
 
 def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device) -> TrainingData:
-    """Load the training samples and their cached (or freshly extracted) features."""
-    samples = [s for s in load_samples(cfg.data.root, "train", cfg.data.classes, cfg.data.layout) if s.label == 0]
+    """Load the good training images of every root, their cached (or freshly extracted) features, the validation
+    split and the optional labelled defects."""
+    roots = cfg.data.roots
+    samples = [s for s in load_samples_from_roots(roots, "train", cfg.data.classes, cfg.data.layout) if s.label == 0]
     if len(samples) < 2:
-        raise DatasetError(f"need at least 2 good training images under {cfg.data.root}, found {len(samples)}")
+        raise DatasetError(f"need at least 2 good training images under {', '.join(roots)}, found {len(samples)}")
     feats, hit = FeatureCache(cfg.data.cache_dir).load_or_compute(extractor, samples, cfg.data.image_size, device)
     features = torch.from_numpy(feats)
-    sub = features[:: max(1, len(features) // 64)].float()
-    return TrainingData(features, samples, float(sub.std()), hit)
+    val_idx = validation_indices(samples, cfg.data.val_fraction)
+    keep = np.setdiff1d(np.arange(len(samples)), val_idx)
+    if len(keep) < 2:
+        raise DatasetError(f"data.val_fraction = {cfg.data.val_fraction} leaves fewer than 2 training images")
+    train_feats = features[torch.from_numpy(keep)]
+    sub = train_feats[:: max(1, len(train_feats) // 64)].float()
+    channel_std = sub.transpose(0, 1).reshape(sub.shape[1], -1).std(dim=1).clamp_min(1e-6)
+    defects = _load_defects(cfg, extractor, device, tuple(features.shape[-2:]))
+    log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
+    return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)], channel_std, defects, hit)
+
+
+def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
+    """Std and mean of the global coordinate g over images, per mapper: a collapsed mapper has std ~ 0."""
+    with torch.no_grad():
+        out = {}
+        mappers = {"normal": model.mapper}
+        if model.separate_mapper:
+            mappers["abnormal"] = model.abnormal_mapper
+        for name, mapper in mappers.items():
+            was = mapper.training
+            g, _ = mapper.eval()(x)
+            mapper.train(was)
+            g = g.reshape(-1, 2)
+            out[name] = {"g_std": [round(v, 4) for v in g.std(0).tolist()],
+                         "g_mean": [round(v, 4) for v in g.mean(0).tolist()]}
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings whose values differ between two config dicts."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return diffs
+
+
+#: model settings that only the abnormal branch or the map head read: a reused normal branch may differ in them
+ABNORMAL_ONLY_SETTINGS = {"fusion_form", "abnormal_branch", "fusion_weight_init", "abnormal_mapper", "abnormal_score",
+                          "smoothing", "smoothing_size", "smoothing_sigma", "score_pool"}
+NORMAL_BRANCH_PREFIXES = ("mapper.", "normal_grid.", "normal_cnn.")
+
+
+def load_normal_branch(model: GRADModel, cfg: RunConfig) -> str:
+    """Copy the normal branch of ``cfg.train.normal_from`` into ``model``; refuse a model trained otherwise."""
+    path = cfg.train.normal_from
+    payload = read_checkpoint(path)
+    source = payload["config"]
+    mine = config_to_dict(cfg)
+    source_model = source["model"]
+    if source_model.get("abnormal_branch", True) and (source_model.get("fusion_form") != "map"
+                                                      or source_model.get("abnormal_mapper") != "separate"):
+        raise ConfigError(f"train.normal_from = {path}: its normal branch depends on its abnormal branch "
+                          "(fusion form or shared mapper); only a \"map\"-form model with separate mappers or a "
+                          "NORMAL-only model can lend its normal branch")
+    diffs = config_differences({k: v for k, v in source["model"].items() if k not in ABNORMAL_ONLY_SETTINGS},
+                               {k: v for k, v in mine["model"].items() if k not in ABNORMAL_ONLY_SETTINGS}, "model.")
+    for section, skip in (("data", {"defects", "defect_masks", "cache_dir"}), ("backbone", set())):
+        diffs += config_differences({k: v for k, v in source[section].items() if k not in skip},
+                                    {k: v for k, v in mine[section].items() if k not in skip}, f"{section}.")
+    if diffs:
+        raise ConfigError(f"train.normal_from = {path} was trained with other settings: {'; '.join(diffs[:5])}")
+    state = {k: v for k, v in payload["state_dict"].items() if k.startswith(NORMAL_BRANCH_PREFIXES)}
+    missing = [k for k in model.state_dict() if k.startswith(NORMAL_BRANCH_PREFIXES) and k not in state]
+    if missing or tuple(payload["feat_hw"]) != model.feat_hw or payload["channels"] != model.channels:
+        raise ConfigError(f"train.normal_from = {path}: its normal branch does not fit this model ({missing[:3]})")
+    model.load_state_dict(state, strict=False)
+    log.info("normal branch taken from %s: stage 2 skipped", path)
+    return str(path)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; its message says which checkpoint exists and how to resume."""
+
+
+@dataclass
+class _Best:
+    """The best validation score of the running stage and the model state that reached it."""
+
+    score: float = -np.inf
+    epoch: int = 0
+    state: dict[str, torch.Tensor] | None = None
+
+    def offer(self, score: float, epoch: int, model: GRADModel) -> bool:
+        if np.isnan(score) or score < self.score:
+            return False
+        self.score, self.epoch = score, epoch
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return True
 
 
 class Trainer:
-    """Runs both stages with checkpoints after every ``checkpoint_every`` epochs; ``resume`` continues a run."""
+    """Runs the stages with checkpoints after every ``checkpoint_every`` epochs; ``resume`` continues a run."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -140,6 +289,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
+        self.position = (0, 0)  # (stage index, next epoch) of the newest checkpoint
 
     @property
     def state_path(self) -> Path:
@@ -148,6 +298,42 @@ class Trainer:
     @property
     def model_path(self) -> Path:
         return self.run_dir / "model.pt"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train_log.jsonl"
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _restore(self, model: GRADModel, gen: torch.Generator) -> tuple[int, int, Any, _Best]:
+        """Load checkpoint.pt into model/gen; refuse a changed config naming the settings; drop log lines that
+        the resumed epochs will write again."""
+        state = read_checkpoint(self.state_path)
+        diffs = config_differences(state["config"], config_to_dict(self.cfg))
+        if diffs:
+            raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
+                              f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}")
+        model.load_state_dict(state["state_dict"])
+        stage, epoch = int(state["stage_index"]), int(state["next_epoch"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        best = _Best(**state["best"]) if state.get("best") else _Best()
+        self._truncate_log(stage, epoch)
+        log.info("resuming %s at stage %s epoch %d", self.state_path, STAGES[stage], epoch)
+        self.position = (stage, epoch)
+        return stage, epoch, state["optimizer"], best
+
+    def _truncate_log(self, stage: int, epoch: int) -> None:
+        if not self.log_path.is_file():
+            return
+        kept = []
+        for line in self.log_path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("stage") in STAGES and (STAGES.index(rec["stage"]), rec.get("epoch", 0)) <= (stage, epoch):
+                kept.append(line)
+        self.log_path.write_text("".join(f"{line}\n" for line in kept))
 
     def run(self, resume: bool = False) -> Path:
         """Train and return the path of the final model file."""
@@ -160,96 +346,167 @@ class Trainer:
         data = prepare_training_data(cfg, extractor, self.device)
         normalisation = {"mean": list(extractor.mean), "std": list(extractor.std)}
         del extractor  # features are cached; free the backbone during training
-        n, c, h, w = data.features.shape
+        _, c, h, w = data.features.shape
         model = GRADModel(c, (h, w), cfg.model).to(self.device)
+        normal_from = load_normal_branch(model, cfg) if cfg.train.normal_from else None
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        start_stage, start_epoch, opt_state = 0, 0, None
+        start_stage, start_epoch, opt_state, best = 0, 0, None, _Best()
         if resume and self.state_path.is_file():
-            state = read_checkpoint(self.state_path)
-            if state["config"] != config_to_dict(cfg):
-                raise ConfigError(f"cannot resume {self.state_path}: the run's config differs from config.yaml")
-            model.load_state_dict(state["state_dict"])
-            start_stage, start_epoch, opt_state = state["stage_index"], state["next_epoch"], state["optimizer"]
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["torch_rng"])
-            log.info("resuming %s at stage %s epoch %d", self.state_path, STAGES[start_stage], start_epoch)
+            start_stage, start_epoch, opt_state, best = self._restore(model, gen)
         elif resume:
             log.info("no checkpoint at %s: starting from scratch", self.state_path)
         save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
-        log_path = self.run_dir / "train_log.jsonl"
-        if start_stage == 0 and start_epoch == 0 and log_path.exists():
-            log_path.unlink()
+        if start_stage == 0 and start_epoch == 0 and self.log_path.exists():
+            self.log_path.unlink()
+        val = ValidationSet.build(data.val_features, cfg.fbp, data.channel_std, data.defects).to(self.device) \
+            if len(data.val_features) else None
+        head = AnomalyHead(cfg.model, (cfg.data.image_size, cfg.data.image_size))
         meta_base = {
             "classes": sorted({s.class_name for s in data.samples}),
             "feature_std": data.feature_std,
             "data_summary": summarize(data.samples),
             "normalisation": normalisation,
+            "normal_branch_from": normal_from,
         }
-        history: list[dict[str, Any]] = []
-        for stage_index in range(start_stage, len(STAGES)):
-            stage = STAGES[stage_index]
-            epochs = cfg.train.stage1_epochs if stage == "abnormal" else cfg.train.stage2_epochs
-            if stage == "abnormal" and not cfg.model.abnormal_branch:
-                epochs = 0  # NORMAL-only ablation: nothing to train in stage 1
-            params = stage_parameters(model, stage, cfg)
-            optimizer = make_optimizer(model, params, cfg)
-            step_at = max(1, int(round(cfg.train.lr_step_fraction * epochs)))
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_at, gamma=0.1)
-            first_epoch = start_epoch if stage_index == start_stage else 0
-            if opt_state is not None and stage_index == start_stage and first_epoch > 0:
-                optimizer.load_state_dict(opt_state["optimizer"])
-                scheduler.load_state_dict(opt_state["scheduler"])
-            bar = tqdm(range(first_epoch, epochs), desc=f"stage {stage_index + 1}/2 ({stage})", unit="epoch")
-            for epoch in bar:
-                set_stage_mode(model, stage)
-                losses = []
-                for idx in _batches(n, cfg.train.batch_size, gen):
-                    x = data.features[idx].to(self.device, torch.float32, non_blocking=True)
-                    if stage == "abnormal":
-                        loss = abnormal_step(model, x, cfg, data.feature_std, gen)
-                    else:
-                        loss = normal_step(model, x)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if cfg.train.grad_clip > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-                    optimizer.step()
-                    losses.append(float(loss.detach()))
-                scheduler.step()
-                record = {"stage": stage, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                          "lr_grid": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 2)}
-                history.append(record)
-                with log_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                log.debug("%s", record)
-                last = epoch + 1 == epochs
-                if last or (cfg.train.checkpoint_every > 0 and (epoch + 1) % cfg.train.checkpoint_every == 0):
-                    next_stage, next_epoch = (stage_index + 1, 0) if last else (stage_index, epoch + 1)
-                    self._save_state(model, optimizer, scheduler, next_stage, next_epoch, gen, meta_base)
-            log.info("stage %d (%s) done: final loss %s", stage_index + 1, stage,
-                     history[-1]["loss"] if history else "n/a")
-            opt_state = None
+        ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
+        try:
+            for stage_index in range(start_stage, len(STAGES)):
+                first = start_epoch if stage_index == start_stage else 0
+                self._run_stage(ctx, stage_index, first, opt_state if stage_index == start_stage else None,
+                                best if stage_index == start_stage else _Best())
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupt_message()) from None
+        fusion = self._fit_fusion(ctx)
         model.eval()
         meta = {**meta_base, "train_seconds": round(time.perf_counter() - t0, 1),
-                "feature_cache_hit": data.cache_hit, "final_losses": _final_losses(log_path)}
+                "feature_cache_hit": data.cache_hit, "final_losses": _final_losses(self.log_path),
+                "validation": {"n_images": int(len(data.val_features)), **fusion}}
         atomic_torch_save(model_payload(cfg, model.cpu(), meta), self.model_path)
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
 
+    def _interrupt_message(self) -> str:
+        if not self.state_path.is_file():
+            return f"training interrupted before the first checkpoint; nothing to resume in {self.run_dir}"
+        stage, epoch = self.position
+        where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "end of training"
+        return (f"training interrupted; checkpoint {self.state_path} holds {where}. Continue with: "
+                f"grad-train --config {self.run_dir / 'config.yaml'} --resume")
+
+    def _stage_epochs(self, stage: str) -> int:
+        if stage == "abnormal":
+            return self.cfg.train.stage1_epochs if self.cfg.model.abnormal_branch else 0
+        return 0 if self.cfg.train.normal_from else self.cfg.train.stage2_epochs
+
+    def _selection_score(self, ctx: "_StageContext", stage: str) -> tuple[float, dict[str, Any]]:
+        """Validation score of the running stage: abnormal-score AUROC over every kind (stage 1), detection by the
+        normal map alone (stage 2)."""
+        if ctx.val is None:
+            return float("nan"), {}
+        if stage == "abnormal":
+            check = selfcheck(ctx.model, ctx.val)
+            score = float(np.nanmean([v["abnormal_auroc"] for v in check.values()]))
+            return score, {"selfcheck": check, "heldout_auroc": round(heldout_auroc(check), 4)}
+        return detection_score(ctx.model, ctx.val, ctx.head), {}
+
+    def _run_stage(self, ctx: "_StageContext", stage_index: int, first_epoch: int, opt_state: Any,
+                   best: _Best) -> None:
+        cfg, model, data = self.cfg, ctx.model, ctx.data
+        stage = STAGES[stage_index]
+        epochs = self._stage_epochs(stage)
+        params = stage_parameters(model, stage, cfg)
+        optimizer = make_optimizer(model, params, cfg)
+        scheduler = torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(1, int(round(cfg.train.lr_step_fraction * epochs))), gamma=0.1)
+        if opt_state is not None and first_epoch > 0:
+            optimizer.load_state_dict(opt_state["optimizer"])
+            scheduler.load_state_dict(opt_state["scheduler"])
+        if first_epoch == 0:
+            ctx.gen.manual_seed(stage_seed(cfg.train.seed, stage_index))
+            torch.manual_seed(stage_seed(cfg.train.seed, stage_index))
+        bar = tqdm(range(first_epoch, epochs), desc=f"stage {stage_index + 1}/3 ({stage})", unit="epoch")
+        n = len(data.features)
+        for epoch in bar:
+            set_stage_mode(model, stage)
+            losses = []
+            for idx in _batches(n, cfg.train.batch_size, ctx.gen):
+                x = data.features[idx].to(self.device, torch.float32, non_blocking=True)
+                if stage == "abnormal":
+                    real = None if data.defects is None else data.defects.batch(
+                        max(1, cfg.train.batch_size // 4), ctx.gen, self.device)
+                    loss = abnormal_step(model, x, cfg, data.channel_std.to(self.device), ctx.gen, real)
+                else:
+                    loss = normal_step(model, x)
+                losses.append(optimizer_step(loss, optimizer, params, cfg.train.grad_clip))
+            scheduler.step()
+            last = epoch + 1 == epochs
+            record = {"stage": stage, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
+                      "lr_grid": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - ctx.t0, 2)}
+            if last or (cfg.train.val_every > 0 and (epoch + 1) % cfg.train.val_every == 0):
+                score, extra = self._selection_score(ctx, stage)
+                record.update(val_score=round(score, 4), best=best.offer(score, epoch + 1, model), **extra)
+            self._log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if last or (cfg.train.checkpoint_every > 0 and (epoch + 1) % cfg.train.checkpoint_every == 0):
+                if last and best.state is not None and cfg.train.select_best:
+                    model.load_state_dict(best.state)  # the stage ends at its best validation epoch
+                    log.info("stage %s: keeping epoch %d (validation score %.4f)", stage, best.epoch, best.score)
+                nxt = (stage_index + 1, 0) if last else (stage_index, epoch + 1)
+                self._save_state(model, optimizer, scheduler, nxt, ctx.gen, ctx.meta_base, None if last else best)
+        spread = coordinate_spread(model, data.features[: min(64, n)].to(self.device, torch.float32))
+        self._log({"stage": stage, "epoch": epochs, "event": "stage_end", "coordinate_spread": spread,
+                   "best_epoch": best.epoch})
+        log.info("stage %d (%s) done; global-coordinate spread %s", stage_index + 1, stage, spread)
+
+    def _fit_fusion(self, ctx: "_StageContext") -> dict[str, Any]:
+        """Stage 3 ("map" fusion form): fit w on validation anomalies; the model stores it in fusion_weight."""
+        model, cfg = ctx.model, self.cfg
+        if not (cfg.model.abnormal_branch and cfg.model.fusion_form == "map"):
+            return {}
+        if ctx.val is None or cfg.train.fusion_weight is not None:
+            weight = float(cfg.train.fusion_weight or 0.0)
+            table: dict[str, float] = {}
+        else:
+            weight, table = fit_fusion_weight(model, ctx.val, ctx.head, kinds=cfg.train.fusion_fit_kinds or None)
+        with torch.no_grad():
+            model.fusion_weight.fill_(weight)
+        check = selfcheck(model, ctx.val) if ctx.val is not None else {}
+        result = {"fusion_weight": round(weight, 6), "fusion_fit": table, "selfcheck": check,
+                  "heldout_auroc": round(heldout_auroc(check), 4) if check else None}
+        self._log({"stage": "fusion", **result})
+        log.info("stage 3 (fusion): w = %.4f; abnormal-score AUROC on kinds stage 1 never saw: %s", weight,
+                 result["heldout_auroc"])
+        return result
+
     def _save_state(self, model: GRADModel, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    next_stage: int, next_epoch: int, gen: torch.Generator, meta: dict[str, Any]) -> None:
+                    nxt: tuple[int, int], gen: torch.Generator, meta: dict[str, Any], best: _Best | None) -> None:
         payload = model_payload(self.cfg, model, meta)
         payload.update({
-            "stage_index": next_stage,
-            "next_epoch": next_epoch,
+            "stage_index": nxt[0],
+            "next_epoch": nxt[1],
             # A checkpoint at a stage boundary starts the next stage with a fresh optimizer of other parameters.
             "optimizer": ({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-                          if next_epoch > 0 else None),
+                          if nxt[1] > 0 else None),
             "generator": gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "best": None if best is None or best.state is None else
+            {"score": float(best.score), "epoch": best.epoch, "state": best.state},
         })
         atomic_torch_save(payload, self.state_path)
+        self.position = nxt
+
+
+@dataclass
+class _StageContext:
+    """What every stage reads: the model, the data, validation, the map head, the generator and timing."""
+
+    model: GRADModel
+    data: TrainingData
+    val: ValidationSet | None
+    head: AnomalyHead
+    gen: torch.Generator
+    meta_base: dict[str, Any]
+    t0: float
 
 
 def _final_losses(log_path: Path) -> dict[str, float]:
@@ -257,7 +514,8 @@ def _final_losses(log_path: Path) -> dict[str, float]:
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
             rec = json.loads(line)
-            last[rec["stage"]] = rec["loss"]
+            if rec.get("loss") is not None:
+                last[rec["stage"]] = rec["loss"]
     return last
 
 

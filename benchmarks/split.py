@@ -1,0 +1,87 @@
+"""A documented tuning split: the first K defect images of every type taken out of the public test halves.
+
+They serve as the labelled defects of ``grad-train --defects`` (what a quality engineer with ten bad parts has)
+and as the only real defects any setting may be tuned on; ``grad-bench accuracy --exclude SPLIT/split.json``
+leaves them out of the scored test set, so no reported number includes an image that was trained or tuned on.
+
+The folder holds links, not copies, so a dataset never lands in the repository:
+``SPLIT/defects/<class>/<type>/<file>``, ``SPLIT/masks/<class>/<type>/<stem>_mask.png`` and ``SPLIT/split.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from gradad.data.datasets import Sample, load_samples_from_roots
+from gradad.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.json"
+
+
+def choose_held_out(samples: Sequence[Sample], per_type: int) -> list[Sample]:
+    """The first ``per_type`` defect images (sorted order, as listed) of every (class, defect type)."""
+    seen: dict[tuple[str, str], int] = {}
+    picked = []
+    for s in samples:
+        if s.label != 1:
+            continue
+        key = (s.class_name, s.defect_type)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] <= per_type:
+            picked.append(s)
+    return picked
+
+
+def _link(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve())
+
+
+def write_split(roots: Sequence[str], per_type: int, out_dir: str | Path, layout: str = "auto") -> dict[str, Any]:
+    """Write the tuning split of ``roots`` to ``out_dir``; returns what split.json holds."""
+    if per_type < 1:
+        raise DatasetError(f"--per-type {per_type}: must be at least 1")
+    out = Path(out_dir)
+    samples = load_samples_from_roots(list(roots), "test", None, layout)
+    held = choose_held_out(samples, per_type)
+    for s in held:
+        rel = Path(s.class_name) / s.defect_type
+        _link(s.image_path, out / "defects" / rel / s.image_path.name)
+        if s.mask_path is not None:
+            _link(s.mask_path, out / "masks" / rel / f"{s.image_path.stem}_mask{s.mask_path.suffix}")
+    counts: dict[str, int] = {}
+    for s in held:
+        counts[f"{s.class_name}/{s.defect_type}"] = counts.get(f"{s.class_name}/{s.defect_type}", 0) + 1
+    split = {"per_type": per_type, "roots": [str(r) for r in roots], "held_out": [str(s.image_path.resolve())
+                                                                                  for s in held], "counts": counts}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SPLIT_FILE).write_text(json.dumps(split, indent=1))
+    log.info("tuning split: %d defect images (%d per type) -> %s", len(held), per_type, out)
+    return split
+
+
+def read_held_out(path: str | Path) -> set[str]:
+    """Resolved image paths listed in a split.json (or the split folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / SPLIT_FILE
+    try:
+        data = json.loads(path.read_text())
+        return {str(Path(p)) for p in data["held_out"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DatasetError(f"cannot read the tuning split {path}: {exc}") from exc
+
+
+def exclude_held_out(samples: Sequence[Sample], held_out: set[str]) -> list[Sample]:
+    """``samples`` without the held-out images; an exclusion list that matches nothing is an error."""
+    kept = [s for s in samples if str(s.image_path.resolve()) not in held_out]
+    if held_out and len(kept) == len(samples):
+        raise DatasetError("the tuning split names none of the test images: was it made for other data roots?")
+    return kept

@@ -1,0 +1,158 @@
+"""The bi-grid mechanism on small synthetic features (issue 11, items 1, 2 and 6).
+
+Synthetic "normal" features are smooth per-position patterns with a little noise; anomalies are blocks of
+features pasted from a different pattern. Nothing here uses real data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradad.data.datasets import Sample
+from gradad.evaluation.metrics import auroc
+from gradad.training.config import FBPConfig, preset_config
+from gradad.training.fbp import KINDS, synthesize_anomalies
+from gradad.training.model import AnomalyHead, GRADModel
+from gradad.training.trainer import abnormal_step, coordinate_spread, make_optimizer, stage_parameters
+from gradad.training.validation import ValidationSet, fit_fusion_weight, selfcheck, validation_indices
+
+C, H, W = 8, 12, 12
+
+
+def normal_features(n: int, seed: int) -> torch.Tensor:
+    """Smooth position-dependent patterns (what a good part looks like at each position) plus small noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
+    base = torch.stack([torch.sin(3 * xx + k) + torch.cos(2 * yy - k) for k in range(C)])
+    return base.expand(n, -1, -1, -1) + 0.1 * torch.randn(n, C, H, W, generator=g)
+
+
+def paste_anomaly(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3x3 block of a foreign pattern (large, random direction) in every image; returns (x, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.clone()
+    mask = torch.zeros(len(x), 1, H, W)
+    for i in range(len(x)):
+        cy, cx = (int(v) for v in torch.randint(2, H - 2, (2,), generator=g))
+        x[i, :, cy - 1 : cy + 2, cx - 1 : cx + 2] += 2.0 * torch.randn(C, 1, 1, generator=g)
+        mask[i, 0, cy - 1 : cy + 2, cx - 1 : cx + 2] = 1
+    return x, mask
+
+
+@pytest.fixture(scope="module")
+def trained_abnormal_branch() -> tuple[GRADModel, torch.Tensor]:
+    return train_abnormal_branch()
+
+
+def train_abnormal_branch() -> tuple[GRADModel, torch.Tensor]:
+    """A tiny model whose abnormal branch (own mapper, pair similarity) trained briefly on synthetic anomalies."""
+    torch.manual_seed(0)
+    cfg = preset_config("tiny")
+    cfg.model.global_grid_size = 2
+    cfg.fbp = FBPConfig(max_block=2, intensity_std_range=(1.0, 3.0))
+    model = GRADModel(C, (H, W), cfg.model)
+    x = normal_features(32, seed=1)
+    std = x.transpose(0, 1).reshape(C, -1).std(1)
+    params = stage_parameters(model, "abnormal", cfg)
+    opt = make_optimizer(model, params, cfg)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(150):
+        loss = abnormal_step(model, x[torch.randint(0, 32, (8,), generator=gen)], cfg, std, gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), std
+
+
+def test_separate_mapper_is_trained_in_stage_1_and_the_normal_mapper_is_not() -> None:
+    cfg = preset_config("tiny")
+    model = GRADModel(C, (H, W), cfg.model)
+    ids = {id(p) for p in stage_parameters(model, "abnormal", cfg)}
+    assert all(id(p) in ids for p in model.abnormal_mapper.parameters())
+    assert not any(id(p) in ids for p in model.mapper.parameters())
+    normal_ids = {id(p) for p in stage_parameters(model, "normal", cfg)}
+    assert all(id(p) in normal_ids for p in model.mapper.parameters())
+    assert not any(id(p) in normal_ids for p in model.abnormal_mapper.parameters())
+    cfg.model.abnormal_mapper = "shared"
+    shared = GRADModel(C, (H, W), cfg.model)
+    assert not hasattr(shared, "abnormal_mapper")
+    assert all(id(p) in {id(q) for q in stage_parameters(shared, "abnormal", cfg)} for p in shared.mapper.parameters())
+
+
+def test_coordinate_spread_reports_each_mapper() -> None:
+    model = GRADModel(C, (H, W), preset_config("tiny").model)
+    spread = coordinate_spread(model, normal_features(4, 0))
+    assert set(spread) == {"normal", "abnormal"} and len(spread["normal"]["g_std"]) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_anomaly_kind_changes_only_masked_neighbourhoods(kind: str) -> None:
+    x = normal_features(4, 0)
+    cfg = FBPConfig(kinds=[kind], blur_sigma=0.0, intensity_std_range=(2.0, 2.0), blocks_per_image=(1, 1))
+    out, mask = synthesize_anomalies(x, cfg, torch.ones(C), torch.Generator().manual_seed(0))
+    changed = (out - x).abs().amax(dim=1, keepdim=True) > 1e-6
+    assert mask.sum() > 0 and changed.any()
+    assert not (changed & (mask == 0)).any()  # no blur: nothing outside the blocks moves
+    if kind in ("scaled", "direction"):  # per-channel sigma units: every channel of a block cell moves
+        assert ((out - x).abs()[mask.expand_as(x) > 0] > 0).all()
+
+
+def test_anomaly_kinds_are_mixed_by_weight() -> None:
+    x = torch.zeros(64, C, H, W)
+    cfg = FBPConfig(kinds=["constant", "scaled"], kind_weights=[1.0, 0.0], blur_sigma=0.0)
+    out, mask = synthesize_anomalies(x, cfg, torch.ones(C), torch.Generator().manual_seed(0))
+    # Only the constant kind: every channel of a marked cell holds the same positive value.
+    cells = out.permute(0, 2, 3, 1)[mask[:, 0] > 0]
+    assert (cells > 0).all() and torch.allclose(cells, cells[:, :1].expand_as(cells))
+
+
+def test_abnormal_score_learns_and_transfers_to_pasted_anomalies(trained_abnormal_branch) -> None:
+    model, _ = trained_abnormal_branch
+    x, mask = paste_anomaly(normal_features(16, seed=5), seed=6)
+    with torch.no_grad():
+        d = model(x).abnormal_score
+    # Pasted foreign features were never a training kind: the pair similarity still ranks them above normal cells.
+    assert auroc(mask.flatten().numpy().astype(int), d.flatten().numpy()) > 0.8
+
+
+def test_fused_map_rises_at_anomalies_and_not_at_normal_cells(trained_abnormal_branch) -> None:
+    model, _ = trained_abnormal_branch
+    x, mask = paste_anomaly(normal_features(16, seed=7), seed=8)
+    with torch.no_grad():
+        out = model(x)
+        off = model.lowres_map(out, x)  # fusion weight 0: abnormal branch off
+        model.fusion_weight.fill_(1.0)
+        on = model.lowres_map(out, x)
+        model.fusion_weight.fill_(0.0)
+    gain = on - off
+    assert (gain >= 0).all()  # relu(d): the abnormal branch can only raise the map
+    assert gain[mask > 0].mean() > 0.3
+    # Away from the anomalies (beyond the one-cell ring that training's blurred blocks also touch) the map stays
+    # where it was at most cells and rises far less than at the anomalies.
+    far = torch.nn.functional.max_pool2d(mask, 3, stride=1, padding=1) == 0
+    assert gain[far].median() == 0
+    assert gain[mask > 0].mean() > 4 * gain[far].mean()
+
+
+def test_selfcheck_marks_heldout_kinds_and_fusion_fit_picks_a_positive_weight(trained_abnormal_branch) -> None:
+    model, std = trained_abnormal_branch
+    fbp = FBPConfig(max_block=2, intensity_std_range=(1.0, 3.0))
+    val = ValidationSet.build(normal_features(12, seed=9), fbp, std)
+    check = selfcheck(model, val)
+    assert set(check) == set(KINDS)
+    assert {k for k, v in check.items() if v["trained"]} == set(fbp.kinds)
+    assert check["constant"]["trained"] is False and 0.0 <= check["noise"]["abnormal_auroc"] <= 1.0
+    head = AnomalyHead(preset_config("tiny").model, (H * 4, W * 4))
+    weight, table = fit_fusion_weight(model, val, head)
+    assert weight > 0 and table[max(table, key=table.get)] >= table["0"]
+
+
+def test_validation_split_takes_every_kth_image_per_class_never_the_first() -> None:
+    samples = [Sample(f"{c}{i}.png", c, "train", 0, "good", None) for c in ("a", "b") for i in range(20)]
+    idx = validation_indices(samples, 0.1)
+    assert len(idx) == 4 and {samples[i].class_name for i in idx} == {"a", "b"}
+    assert 0 not in idx and 20 not in idx
+    assert len(validation_indices(samples, 0.0)) == 0

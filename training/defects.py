@@ -1,0 +1,80 @@
+"""Labelled defect images for optional real-defect supervision of stage 1 (``grad-train --defects DIR``).
+
+The paper trains the abnormal branch on D+/D- "from FBP or Ground_Truth": a quality engineer's handful of real
+defects, with masks, sits in the stage-1 batches next to the synthetic anomalies. This is what a memory-bank
+method such as PatchCore cannot use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gradad.data.datasets import Sample, is_image_file
+from gradad.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+#: a feature cell counts as defective when at least this fraction of its pixels is (the cell is 8x8 pixels)
+CELL_FRACTION = 0.25
+
+
+@dataclass
+class DefectSet:
+    """Features (N, C, h, w) of defect images and their masks at feature resolution (N, 1, h, w) in {0, 1}."""
+
+    features: torch.Tensor
+    masks: torch.Tensor
+    samples: list[Sample]
+
+    def batch(self, size: int, gen: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` random defect images (with replacement) as float32 on ``device``."""
+        idx = torch.randint(len(self.features), (size,), generator=gen)
+        return self.features[idx].to(device, torch.float32), self.masks[idx].to(device, torch.float32)
+
+
+def _mask_for(image: Path, images_dir: Path, masks_dir: Path | None) -> Path | None:
+    if masks_dir is None:
+        return None
+    rel = image.relative_to(images_dir).parent
+    for name in (f"{image.stem}_mask", image.stem):
+        for ext in (".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff"):
+            candidate = masks_dir / rel / f"{name}{ext}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def defect_samples(images_dir: str | Path, masks_dir: str | Path | None) -> list[Sample]:
+    """Every image under ``images_dir`` (sub-folders allowed) with its mask at the same relative path in
+    ``masks_dir`` (``<stem>_mask.*`` or ``<stem>.*``). A masks folder that lacks an image's mask is an error."""
+    images_dir = Path(images_dir)
+    masks = Path(masks_dir) if masks_dir else None
+    if not images_dir.is_dir():
+        raise DatasetError(f"defect folder not found: {images_dir} (setting data.defects)")
+    if masks is not None and not masks.is_dir():
+        raise DatasetError(f"defect mask folder not found: {masks} (setting data.defect_masks)")
+    files = sorted(p for p in images_dir.rglob("*") if p.is_file() and is_image_file(p))
+    if not files:
+        raise DatasetError(f"defect folder {images_dir} holds no images")
+    samples = []
+    for f in files:
+        mask = _mask_for(f, images_dir, masks)
+        if masks is not None and mask is None:
+            raise DatasetError(f"no mask for defect image {f} in {masks} (expected <stem>_mask.png or <stem>.png)")
+        samples.append(Sample(f, "defects", "train", 1, f.parent.name, mask))
+    return samples
+
+
+def cell_masks(pixel_masks: torch.Tensor, feat_hw: tuple[int, int], has_mask: list[bool]) -> torch.Tensor:
+    """(N, H, W) bool pixel masks -> (N, 1, h, w) cell labels; images without a mask file are all defective."""
+    frac = F.adaptive_avg_pool2d(pixel_masks.float()[:, None], feat_hw)
+    cells = (frac >= CELL_FRACTION).float()
+    for i, known in enumerate(has_mask):
+        if not known:
+            cells[i] = 1.0
+    return cells

@@ -1,0 +1,163 @@
+"""Validation on held-out good training images only: model selection, the stage-1 self-check and the stage-3
+fit of the fusion weight. Test images are never read here.
+
+Every check compares clean validation features with the same features carrying synthetic anomalies (fixed seed,
+so epochs are compared on identical data). The self-check reports the abnormal score's cell AUROC per anomaly
+kind, marking the kinds stage 1 did *not* train on: the honest measure of whether it learned "anomalous" or only
+"looks like FBP".
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gradad.data.datasets import Sample
+from gradad.evaluation.metrics import auroc
+from gradad.training.config import FBPConfig
+from gradad.training.defects import DefectSet
+from gradad.training.fbp import KINDS, synthesize_anomalies
+from gradad.training.model import AnomalyHead, GRADModel
+
+log = logging.getLogger(__name__)
+
+VALIDATION_SEED = 1234
+#: candidate fusion weights, in units of the median normal-branch map value on clean validation images
+FUSION_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def validation_indices(samples: Sequence[Sample], fraction: float) -> np.ndarray:
+    """Indices of every round(1/fraction)-th good image of each class (sorted order); empty when fraction is 0."""
+    if fraction <= 0:
+        return np.zeros(0, dtype=int)
+    step = max(2, int(round(1.0 / fraction)))
+    seen: dict[str, int] = {}
+    picked = []
+    for i, s in enumerate(samples):
+        k = seen.get(s.class_name, 0)
+        seen[s.class_name] = k + 1
+        if k % step == step // 2:  # not the first of a class, so tiny classes keep their first images for training
+            picked.append(i)
+    return np.asarray(picked, dtype=int)
+
+
+@dataclass
+class ValidationSet:
+    """Clean validation features and, per anomaly kind, the same features with synthetic anomalies."""
+
+    clean: torch.Tensor
+    anomalous: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # kind -> (x, mask)
+    trained_kinds: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, features: torch.Tensor, fbp: FBPConfig, channel_std: torch.Tensor,
+              defects: DefectSet | None = None) -> "ValidationSet":
+        """Synthesize every kind once with a fixed seed; real defects (when given) are a kind of their own."""
+        gen = torch.Generator().manual_seed(VALIDATION_SEED)
+        clean = features.float()
+        out = cls(clean, trained_kinds=tuple(fbp.kinds) + (("real",) if defects is not None else ()))
+        for kind in KINDS:
+            out.anomalous[kind] = synthesize_anomalies(clean, fbp, channel_std, gen, kinds=(kind,))
+        if defects is not None:
+            out.anomalous["real"] = (defects.features.float(), defects.masks.float())
+        return out
+
+    def to(self, device: torch.device) -> "ValidationSet":
+        moved = {k: (x.to(device), m.to(device)) for k, (x, m) in self.anomalous.items()}
+        return ValidationSet(self.clean.to(device), moved, self.trained_kinds)
+
+
+@torch.no_grad()
+def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normal map ||x_ref - x||, relu of the abnormal score) at feature resolution, on the CPU."""
+    normal, abnormal = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        out = model(xb)
+        normal.append(AnomalyHead.lowres_map(out.x_ref, xb).cpu())
+        abnormal.append(F.relu(out.abnormal_score).cpu())
+    return torch.cat(normal), torch.cat(abnormal)
+
+
+def _cell_auroc(mask: torch.Tensor, score: torch.Tensor) -> float:
+    labels = mask.reshape(-1).numpy() > 0
+    return float(auroc(labels.astype(int), score.reshape(-1).numpy())) if 0 < labels.sum() < labels.size else float("nan")
+
+
+def _image_auroc(clean_scores: torch.Tensor, anomalous_scores: torch.Tensor) -> float:
+    labels = np.r_[np.zeros(len(clean_scores)), np.ones(len(anomalous_scores))]
+    return float(auroc(labels, np.r_[clean_scores.numpy(), anomalous_scores.numpy()]))
+
+
+def selfcheck(model: GRADModel, val: ValidationSet) -> dict[str, dict[str, float | bool]]:
+    """Cell AUROC of the abnormal score per anomaly kind on validation images; ``trained`` marks the kinds stage 1
+    saw. The number that matters is the AUROC on the kinds it did not see."""
+    was_training = model.training
+    model.eval()
+    result: dict[str, dict[str, float | bool]] = {}
+    for kind, (x, mask) in val.anomalous.items():
+        _, d = _maps(model, x)
+        result[kind] = {"abnormal_auroc": round(_cell_auroc(mask.cpu(), d), 4), "trained": kind in val.trained_kinds}
+    model.train(was_training)
+    return result
+
+
+def heldout_auroc(check: dict[str, dict[str, float | bool]]) -> float:
+    """Mean abnormal-score AUROC over the kinds stage 1 did not train on (nan when it trained on all)."""
+    values = [float(v["abnormal_auroc"]) for v in check.values() if not v["trained"]]
+    return float(np.nanmean(values)) if values else float("nan")
+
+
+def _all_maps(model: GRADModel, val: ValidationSet, kinds: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Normal map and relu(d) of the clean images and of every requested kind, computed once."""
+    was_training = model.training
+    model.eval()
+    maps: dict[str, tuple[torch.Tensor, ...]] = {"clean": _maps(model, val.clean)}
+    for kind in kinds:
+        x, mask = val.anomalous[kind]
+        maps[kind] = (*_maps(model, x), mask.cpu())
+    model.train(was_training)
+    return maps
+
+
+def _detection(maps: dict[str, tuple[torch.Tensor, ...]], head: AnomalyHead, weight: float) -> float:
+    e_clean, d_clean = maps["clean"]
+    scale = float(e_clean.median())
+    clean_scores, _ = head.postprocess(e_clean + weight * scale * d_clean)
+    values = []
+    for kind, (e, d, mask) in ((k, v) for k, v in maps.items() if k != "clean"):
+        fused = e + weight * scale * d
+        scores, _ = head.postprocess(fused)
+        image = _image_auroc(clean_scores, scores) if kind != "real" else float("nan")
+        values.append(np.nanmean([image, _cell_auroc(mask, fused)]))
+    return float(np.nanmean(values))
+
+
+def detection_score(model: GRADModel, val: ValidationSet, head: AnomalyHead, weight: float = 0.0,
+                    kinds: Sequence[str] | None = None) -> float:
+    """Mean over kinds of (image AUROC clean vs anomalous + cell AUROC) / 2 of map = normal + weight * relu(d).
+
+    ``weight`` is in units of the median normal map on clean images. Used for model selection (weight 0 in
+    stage 2: the normal branch alone) and for the stage-3 fusion fit.
+    """
+    return _detection(_all_maps(model, val, list(kinds or val.anomalous)), head, weight)
+
+
+def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
+                      grid: Sequence[float] = FUSION_WEIGHT_GRID,
+                      kinds: Sequence[str] | None = None) -> tuple[float, dict[str, float]]:
+    """Stage 3: the fusion weight w (absolute units) that best separates validation anomalies (of ``kinds``; default
+    the kinds stage 1 never saw) from clean validation images; ties go to the smaller weight.
+    Returns (w, {relative weight: score})."""
+    if not kinds:
+        kinds = [k for k in val.anomalous if k not in val.trained_kinds] or list(val.anomalous)
+    maps = _all_maps(model, val, kinds)
+    scale = float(maps["clean"][0].median())
+    table = {f"{g:g}": round(_detection(maps, head, g), 4) for g in grid}
+    best = max(grid, key=lambda g: (table[f"{g:g}"], -g))
+    return best * scale, table
