@@ -101,7 +101,7 @@ class RefineConfig:
     # refining good images with defect-shaped regions. Candidates are the mask_tau_quantiles of that noise; the one
     # with the best mean IoU on the class's tuning defects (refined once) is kept.
     mask_tau: float = 0.1
-    mask_tau_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99)
+    mask_tau_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
     mask_tau_images: int = 4  # good images per class refined for the tau calibration
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
