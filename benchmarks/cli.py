@@ -35,6 +35,18 @@ def _batches(value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: comma-separated integers, e.g. 1,2,4,8") from None
 
 
+def output_options(default_name: str, what: str = "JSON/markdown files"):
+    """-o/--output, --name and -v shared by every command that writes result files."""
+
+    def wrap(command):
+        command = click.option("-v", "--verbose", is_flag=True)(command)
+        command = click.option("--name", default=default_name, help=f"Base name of the {what}.")(command)
+        return click.option("-o", "--output", "out_dir", default=DEFAULT_OUT,
+                            type=click.Path(file_okay=False))(command)
+
+    return wrap
+
+
 class RecordingGroup(click.Group):
     """A group that remembers its raw arguments, so result files can store the exact command."""
 
@@ -72,9 +84,7 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=8)
 @click.option("--threads", type=int, default=0, help="torch and ONNX Runtime CPU threads (0 = default).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="PyTorch rows' device.")
-@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
-@click.option("--name", default="accuracy", help="Base name of the JSON/markdown files.")
-@click.option("-v", "--verbose", is_flag=True)
+@output_options("accuracy")
 @user_errors_as_exit
 def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends, normal_only, patchcore,
              coreset_ratio, cache_dir, batch_size, threads, device, out_dir, name, verbose) -> None:
@@ -116,9 +126,7 @@ def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends,
 @click.option("--iters", type=int, default=100, help="Timed iterations per batch size (at most).")
 @click.option("--min-iters", type=int, default=5, help="Timed iterations per batch size (at least).")
 @click.option("--max-seconds", type=float, default=20.0, help="Stop a batch size after this long (past --min-iters).")
-@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
-@click.option("--name", default="latency", help="Base name of the JSON/markdown files.")
-@click.option("-v", "--verbose", is_flag=True)
+@output_options("latency")
 @user_errors_as_exit
 def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchcore, bank_size, images, batches,
             threads, warmup, iters, min_iters, max_seconds, out_dir, name, verbose) -> None:
@@ -162,9 +170,7 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
 @click.option("--allow-cpu", is_flag=True, help="Testing without a GPU: run the CUDA rows on the CPU (labelled 'CPU "
               "stand-in'; not GPU numbers). Rows that need CUDA (graphs, FP16 autocast, TensorRT) stay skipped.")
 @click.option("--threads", type=int, default=0, help="torch CPU threads in the workers (0 = torch default).")
-@click.option("-o", "--output", "out_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
-@click.option("--name", default="gpu_check", help="Base name of the JSON/markdown/log files.")
-@click.option("-v", "--verbose", is_flag=True)
+@output_options("gpu_check", "JSON/markdown/log files")
 @user_errors_as_exit
 def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_budget, time_budget, allow_cpu, threads,
         out_dir, name, verbose) -> None:
