@@ -137,3 +137,28 @@ def test_batched_grid_sampling_equals_per_image_sampling() -> None:
     local = F.grid_sample(mem.local_grid.expand(3, -1, -1, -1), u, align_corners=False)
     glob = F.grid_sample(mem.global_grid.expand(3, -1, -1, -1), g, align_corners=False).reshape(3, 6, 4, 5)
     assert torch.allclose(q, torch.cat([glob, local], dim=1), atol=1e-6)
+
+
+def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> None:
+    """A file written before model.abnormal_mapper / abnormal_score existed loads as the model it was."""
+    from gradad.training.checkpoint import model_payload, read_checkpoint
+
+    legacy = preset_config("tiny")
+    legacy.model.abnormal_mapper, legacy.model.abnormal_score = "shared", "channel0"
+    model = GRADModel(16, (8, 8), legacy.model)
+    payload = model_payload(legacy, model, {})
+    for key in ("abnormal_mapper", "abnormal_score"):
+        del payload["config"]["model"][key]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = read_checkpoint(tmp_path / "old.pt")
+    cfg = preset_config("tiny")
+    cfg.model.abnormal_mapper = loaded["config"]["model"]["abnormal_mapper"]
+    cfg.model.abnormal_score = loaded["config"]["model"]["abnormal_score"]
+    rebuilt = GRADModel(16, (8, 8), cfg.model)
+    rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
+    # An old NORMAL-only file carried (unused) abnormal weights: they are dropped, the rest loads strictly.
+    payload["config"]["model"]["abnormal_branch"] = False
+    torch.save(payload, tmp_path / "old_normal_only.pt")
+    normal_only = read_checkpoint(tmp_path / "old_normal_only.pt")
+    cfg.model.abnormal_branch = False
+    GRADModel(16, (8, 8), cfg.model).load_state_dict(normal_only["state_dict"])
