@@ -36,6 +36,7 @@ from gradad.training.model import AnomalyHead, GRADModel
 from gradad.training.validation import (
     ValidationSet,
     detection_score,
+    evaluating,
     fit_fusion_weight,
     heldout_auroc,
     selfcheck,
@@ -205,9 +206,8 @@ def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float
         if model.separate_mapper:
             mappers["abnormal"] = model.abnormal_mapper
         for name, mapper in mappers.items():
-            was = mapper.training
-            g, _ = mapper.eval()(x)
-            mapper.train(was)
+            with evaluating(mapper):
+                g, _ = mapper(x)
             g = g.reshape(-1, 2)
             out[name] = {"g_std": [round(v, 4) for v in g.std(0).tolist()],
                          "g_mean": [round(v, 4) for v in g.mean(0).tolist()]}
@@ -426,6 +426,7 @@ class Trainer:
             torch.manual_seed(stage_seed(cfg.train.seed, stage_index))
         bar = tqdm(range(first_epoch, epochs), desc=f"stage {stage_index + 1}/3 ({stage})", unit="epoch")
         n = len(data.features)
+        channel_std = data.channel_std.to(self.device)  # once, not per batch
         for epoch in bar:
             set_stage_mode(model, stage)
             losses = []
@@ -434,7 +435,7 @@ class Trainer:
                 if stage == "abnormal":
                     real = None if data.defects is None else data.defects.batch(
                         max(1, cfg.train.batch_size // 4), ctx.gen, self.device)
-                    loss = abnormal_step(model, x, cfg, data.channel_std.to(self.device), ctx.gen, real)
+                    loss = abnormal_step(model, x, cfg, channel_std, ctx.gen, real)
                 else:
                     loss = normal_step(model, x)
                 losses.append(optimizer_step(loss, optimizer, params, cfg.train.grad_clip))

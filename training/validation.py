@@ -10,8 +10,9 @@ kind, marking the kinds stage 1 did *not* train on: the honest measure of whethe
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -72,16 +73,36 @@ class ValidationSet:
         return ValidationSet(self.clean.to(device), moved, self.trained_kinds)
 
 
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode for the block, then the mode the module had (validation runs between training epochs)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
-def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normal map ||x_ref - x||, relu of the abnormal score) at feature resolution, on the CPU."""
-    normal, abnormal = [], []
+def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64, normal: bool = True,
+          abnormal: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(normal map ||x_ref - x||, relu of the abnormal score) at feature resolution, on the CPU; a branch that is
+    not asked for is not run (None)."""
+    normal_maps, abnormal_maps = [], []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
-        out = model(xb)
-        normal.append(AnomalyHead.lowres_map(out.x_ref, xb).cpu())
-        abnormal.append(F.relu(out.abnormal_score).cpu())
-    return torch.cat(normal), torch.cat(abnormal)
+        if not normal:
+            abnormal_maps.append(F.relu(model.abnormal_forward(xb)[1]).cpu())
+            continue
+        x_ref = None if abnormal else model.normal_refined(xb)
+        if x_ref is None:  # both branches wanted, or a feature-space fusion form mixes them
+            out = model(xb)
+            x_ref = out.x_ref
+            if abnormal:
+                abnormal_maps.append(F.relu(out.abnormal_score).cpu())
+        normal_maps.append(AnomalyHead.lowres_map(x_ref, xb).cpu())
+    return (torch.cat(normal_maps) if normal else None), (torch.cat(abnormal_maps) if abnormal else None)
 
 
 def _cell_auroc(mask: torch.Tensor, score: torch.Tensor) -> float:
@@ -96,14 +117,13 @@ def _image_auroc(clean_scores: torch.Tensor, anomalous_scores: torch.Tensor) -> 
 
 def selfcheck(model: GRADModel, val: ValidationSet) -> dict[str, dict[str, float | bool]]:
     """Cell AUROC of the abnormal score per anomaly kind on validation images; ``trained`` marks the kinds stage 1
-    saw. The number that matters is the AUROC on the kinds it did not see."""
-    was_training = model.training
-    model.eval()
+    saw. The number that matters is the AUROC on the kinds it did not see. Runs the abnormal branch only."""
     result: dict[str, dict[str, float | bool]] = {}
-    for kind, (x, mask) in val.anomalous.items():
-        _, d = _maps(model, x)
-        result[kind] = {"abnormal_auroc": round(_cell_auroc(mask.cpu(), d), 4), "trained": kind in val.trained_kinds}
-    model.train(was_training)
+    with evaluating(model):
+        for kind, (x, mask) in val.anomalous.items():
+            _, d = _maps(model, x, normal=False)
+            result[kind] = {"abnormal_auroc": round(_cell_auroc(mask.cpu(), d), 4),
+                            "trained": kind in val.trained_kinds}
     return result
 
 
@@ -113,15 +133,19 @@ def heldout_auroc(check: dict[str, dict[str, float | bool]]) -> float:
     return float(np.nanmean(values)) if values else float("nan")
 
 
-def _all_maps(model: GRADModel, val: ValidationSet, kinds: Sequence[str]) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Normal map and relu(d) of the clean images and of every requested kind, computed once."""
-    was_training = model.training
-    model.eval()
-    maps: dict[str, tuple[torch.Tensor, ...]] = {"clean": _maps(model, val.clean)}
-    for kind in kinds:
-        x, mask = val.anomalous[kind]
-        maps[kind] = (*_maps(model, x), mask.cpu())
-    model.train(was_training)
+def _all_maps(model: GRADModel, val: ValidationSet, kinds: Sequence[str],
+              abnormal: bool = True) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Normal map and relu(d) (zeros without ``abnormal``) of the clean images and of every requested kind."""
+
+    def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e, d = _maps(model, x, abnormal=abnormal)
+        return e, (d if d is not None else torch.zeros_like(e))
+
+    with evaluating(model):
+        maps: dict[str, tuple[torch.Tensor, ...]] = {"clean": maps_of(val.clean)}
+        for kind in kinds:
+            x, mask = val.anomalous[kind]
+            maps[kind] = (*maps_of(x), mask.cpu())
     return maps
 
 
@@ -145,7 +169,8 @@ def detection_score(model: GRADModel, val: ValidationSet, head: AnomalyHead, wei
     ``weight`` is in units of the median normal map on clean images. Used for model selection (weight 0 in
     stage 2: the normal branch alone) and for the stage-3 fusion fit.
     """
-    return _detection(_all_maps(model, val, list(kinds or val.anomalous)), head, weight)
+    maps = _all_maps(model, val, list(kinds or val.anomalous), abnormal=weight != 0)
+    return _detection(maps, head, weight)
 
 
 def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
