@@ -6,6 +6,8 @@ features pasted from a different pattern. Nothing here uses real data.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from gradad.data.datasets import Sample
 from gradad.evaluation.metrics import auroc
 from gradad.training.config import FBPConfig, preset_config
+from gradad.training.defects import DefectSet
 from gradad.training.fbp import KINDS, synthesize_anomalies
 from gradad.training.model import AnomalyHead, GRADModel
 from gradad.training.trainer import abnormal_step, coordinate_spread, make_optimizer, stage_parameters
@@ -148,6 +151,38 @@ def test_selfcheck_marks_heldout_kinds_and_fusion_fit_picks_a_positive_weight(tr
     head = AnomalyHead(preset_config("tiny").model, (H * 4, W * 4))
     weight, table = fit_fusion_weight(model, val, head)
     assert weight > 0 and table[max(table, key=table.get)] >= table["0"]
+
+
+def test_defect_holdout_keeps_one_per_folder_in_training_and_holds_out_a_share_of_each() -> None:
+    sizes = {"crack": 3, "hole": 1, "cut": 6}
+    samples = [Sample(Path(f"bad/{t}/{i}.png"), "defects", "train", 1, t, None) for t, n in sizes.items() for i in range(n)]
+    defects = DefectSet(torch.arange(len(samples), dtype=torch.float32).reshape(-1, 1, 1, 1),
+                        torch.ones(len(samples), 1, 1, 1), samples)
+    train, held = defects.split(1 / 3)
+    assert held is not None
+    held_names = [str(s.image_path) for s in held.samples]
+    assert held_names == ["bad/crack/1.png", "bad/cut/1.png", "bad/cut/4.png"]  # spread over each folder
+    assert {s.defect_type for s in train.samples} == set(sizes)  # every folder still trains stage 1
+    assert len(train.samples) + len(held.samples) == len(samples)
+    # features follow their samples
+    assert [int(v) for v in held.features.flatten()] == [samples.index(s) for s in held.samples]
+    assert defects.split(0.0)[1] is None
+
+
+def test_fusion_fit_uses_heldout_real_defects_when_there_are_any(trained_abnormal_branch) -> None:
+    model, std = trained_abnormal_branch
+    fbp = FBPConfig(max_block=2, intensity_std_range=(1.0, 3.0))
+    x, mask = paste_anomaly(normal_features(6, seed=11), seed=12)
+    real = DefectSet(x, mask, [Sample(f"r{i}.png", "defects", "train", 1, "paste", None) for i in range(6)])
+    trained = ValidationSet.build(normal_features(12, seed=9), fbp, std, real)
+    assert "real" in trained.trained_kinds
+    val = ValidationSet.build(normal_features(12, seed=9), fbp, std, real, defects_trained=False)
+    assert "real" not in val.trained_kinds and selfcheck(model, val)["real"]["trained"] is False
+    head = AnomalyHead(preset_config("tiny").model, (H * 4, W * 4))
+    weight, table = fit_fusion_weight(model, val, head)
+    _, real_only = fit_fusion_weight(model, val, head, kinds=["real"])
+    assert table == real_only  # the default fit is the held-out real defects' fit
+    assert weight > 0
 
 
 def test_validation_split_takes_every_kth_image_per_class_never_the_first() -> None:

@@ -130,6 +130,10 @@ class DataConfig:
     # folder of their masks (<stem>.png or <stem>_mask.png); without masks every cell of an image is anomalous.
     defects: str | None = None
     defect_masks: str | None = None
+    # Share of the labelled defects of each defect folder kept out of stage 1 (at least one stays in training):
+    # the stage-1 self-check and the stage-3 fusion fit are then measured on real defects the abnormal branch never
+    # saw, instead of on synthetic kinds that do not look like real ones. 0 = train on all of them.
+    defect_holdout: float = 1 / 3
 
     @property
     def roots(self) -> list[str]:
@@ -162,6 +166,7 @@ class RunConfig:
             ("model.score_pool", self.model.score_pool >= 1, "must be >= 1"),
             ("model.fusion_depth", self.model.fusion_depth >= 1, "must be >= 1"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
+            ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),
         ]
         for name, ok, why in checks:

@@ -36,6 +36,26 @@ class DefectSet:
         idx = torch.randint(len(self.features), (size,), generator=gen)
         return self.features[idx].to(device, torch.float32), self.masks[idx].to(device, torch.float32)
 
+    def subset(self, indices: list[int]) -> "DefectSet":
+        """The defects at ``indices``, in that order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return DefectSet(self.features[idx], self.masks[idx], [self.samples[i] for i in indices])
+
+    def split(self, holdout: float) -> tuple["DefectSet", "DefectSet | None"]:
+        """(training defects, held-out defects): ``round(n * holdout)`` images of each defect folder, spread over
+        its sorted files, are held out, but at least one image of every folder stays in training."""
+        by_folder: dict[Path, list[int]] = {}
+        for i, s in enumerate(self.samples):
+            by_folder.setdefault(s.image_path.parent, []).append(i)
+        train, held = [], []
+        for members in by_folder.values():
+            n_held = min(len(members) - 1, int(round(len(members) * holdout)))
+            step = len(members) / n_held if n_held else 0
+            picked = {members[int(step * k + step / 2)] for k in range(n_held)}
+            train += [i for i in members if i not in picked]
+            held += sorted(picked)
+        return self.subset(train), (self.subset(held) if held else None)
+
 
 def _mask_for(image: Path, images_dir: Path, masks_dir: Path | None) -> Path | None:
     if masks_dir is None:

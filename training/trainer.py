@@ -155,7 +155,8 @@ class TrainingData:
     samples: list[Sample]  # every good training image (train + validation), for the model file's summary
     val_features: torch.Tensor  # float16 (V, C, H, W): held-out good training images
     channel_std: torch.Tensor  # (C,) per-channel standard deviation of the training features
-    defects: DefectSet | None
+    defects: DefectSet | None  # labelled defects stage 1 trains on
+    heldout_defects: DefectSet | None  # labelled defects kept for the self-check and the fusion fit
     cache_hit: bool
 
     @property
@@ -177,6 +178,16 @@ def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.dev
     return DefectSet(torch.from_numpy(feats), cells, samples)
 
 
+def _split_defects(defects: DefectSet | None, holdout: float) -> tuple[DefectSet | None, DefectSet | None]:
+    if defects is None:
+        return None, None
+    train, held = defects.split(holdout)
+    if held is not None:
+        log.info("labelled defects: %d train stage 1, %d held out for the self-check and the fusion fit (%s)",
+                 len(train.samples), len(held.samples), ", ".join(s.image_path.name for s in held.samples))
+    return train, held
+
+
 def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device) -> TrainingData:
     """Load the good training images of every root, their cached (or freshly extracted) features, the validation
     split and the optional labelled defects."""
@@ -193,9 +204,11 @@ def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: t
     train_feats = features[torch.from_numpy(keep)]
     sub = train_feats[:: max(1, len(train_feats) // 64)].float()
     channel_std = sub.transpose(0, 1).reshape(sub.shape[1], -1).std(dim=1).clamp_min(1e-6)
-    defects = _load_defects(cfg, extractor, device, tuple(features.shape[-2:]))
+    defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:])),
+                                      cfg.data.defect_holdout)
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
-    return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)], channel_std, defects, hit)
+    return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)], channel_std, defects, heldout,
+                        hit)
 
 
 def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
@@ -358,7 +371,9 @@ class Trainer:
         save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
         if start_stage == 0 and start_epoch == 0 and self.log_path.exists():
             self.log_path.unlink()
-        val = ValidationSet.build(data.val_features, cfg.fbp, data.channel_std, data.defects).to(self.device) \
+        val = ValidationSet.build(data.val_features, cfg.fbp, data.channel_std,
+                                  data.heldout_defects or data.defects,
+                                  defects_trained=data.heldout_defects is None).to(self.device) \
             if len(data.val_features) else None
         head = AnomalyHead(cfg.model, (cfg.data.image_size, cfg.data.image_size))
         meta_base = {

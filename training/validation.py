@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SEED = 1234
 #: candidate fusion weights, in units of the median normal-branch map value on clean validation images
-FUSION_WEIGHT_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+FUSION_WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def validation_indices(samples: Sequence[Sample], fraction: float) -> np.ndarray:
@@ -57,11 +57,13 @@ class ValidationSet:
 
     @classmethod
     def build(cls, features: torch.Tensor, fbp: FBPConfig, channel_std: torch.Tensor,
-              defects: DefectSet | None = None) -> "ValidationSet":
-        """Synthesize every kind once with a fixed seed; real defects (when given) are a kind of their own."""
+              defects: DefectSet | None = None, defects_trained: bool = True) -> "ValidationSet":
+        """Synthesize every kind once with a fixed seed; real defects (when given) are the kind ``"real"``,
+        marked trained unless they were held out of stage 1 (``defects_trained=False``)."""
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
         clean = features.float()
-        out = cls(clean, trained_kinds=tuple(fbp.kinds) + (("real",) if defects is not None else ()))
+        trained_real = ("real",) if defects is not None and defects_trained else ()
+        out = cls(clean, trained_kinds=tuple(fbp.kinds) + trained_real)
         for kind in KINDS:
             out.anomalous[kind] = synthesize_anomalies(clean, fbp, channel_std, gen, kinds=(kind,))
         if defects is not None:
@@ -157,7 +159,7 @@ def _detection(maps: dict[str, tuple[torch.Tensor, ...]], head: AnomalyHead, wei
     for kind, (e, d, mask) in ((k, v) for k, v in maps.items() if k != "clean"):
         fused = e + weight * scale * d
         scores, _ = head.postprocess(fused)
-        image = _image_auroc(clean_scores, scores) if kind != "real" else float("nan")
+        image = _image_auroc(clean_scores, scores)
         values.append(np.nanmean([image, _cell_auroc(mask, fused)]))
     return float(np.nanmean(values))
 
@@ -176,11 +178,13 @@ def detection_score(model: GRADModel, val: ValidationSet, head: AnomalyHead, wei
 def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
                       grid: Sequence[float] = FUSION_WEIGHT_GRID,
                       kinds: Sequence[str] | None = None) -> tuple[float, dict[str, float]]:
-    """Stage 3: the fusion weight w (absolute units) that best separates validation anomalies (of ``kinds``; default
-    the kinds stage 1 never saw) from clean validation images; ties go to the smaller weight.
-    Returns (w, {relative weight: score})."""
+    """Stage 3: the fusion weight w (absolute units) that best separates validation anomalies (of ``kinds``) from
+    clean validation images; ties go to the smaller weight. Default kinds: held-out real defects when there are
+    any (synthetic kinds stage 1 never saw say little about real ones), else the synthetic kinds stage 1 never
+    saw, else all. Returns (w, {relative weight: score})."""
     if not kinds:
-        kinds = [k for k in val.anomalous if k not in val.trained_kinds] or list(val.anomalous)
+        unseen = [k for k in val.anomalous if k not in val.trained_kinds]
+        kinds = ["real"] if "real" in unseen else (unseen or list(val.anomalous))
     maps = _all_maps(model, val, kinds)
     scale = float(maps["clean"][0].median())
     table = {f"{g:g}": round(_detection(maps, head, g), 4) for g in grid}
