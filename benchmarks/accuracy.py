@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 BACKEND_PYTORCH = "pytorch"
 BACKEND_ORT_FP32 = "onnxruntime-fp32"
 BACKEND_ORT_FP16 = "onnxruntime-fp16"
+BACKEND_ORT_INT8 = "onnxruntime-int8"
 BACKEND_TENSORRT = "tensorrt"
-BACKENDS = (BACKEND_PYTORCH, BACKEND_ORT_FP32, BACKEND_ORT_FP16, BACKEND_TENSORRT)
-#: bundle backend name -> (runtime backend, precision)
+BACKENDS = (BACKEND_PYTORCH, BACKEND_ORT_FP32, BACKEND_ORT_FP16, BACKEND_ORT_INT8, BACKEND_TENSORRT)
+#: bundle backend name -> (runtime backend, precision); INT8 needs grad-export quantize
 BUNDLE_BACKENDS = {BACKEND_ORT_FP32: ("onnxruntime", "fp32"), BACKEND_ORT_FP16: ("onnxruntime", "fp16"),
-                   BACKEND_TENSORRT: ("tensorrt", "fp16")}
+                   BACKEND_ORT_INT8: ("onnxruntime", "int8"), BACKEND_TENSORRT: ("tensorrt", "fp16")}
 F1_CALIBRATED = "calibrated threshold"
 F1_ORACLE = "oracle (best F1 over thresholds)"
 METHOD_GRAD = "grad"

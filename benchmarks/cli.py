@@ -76,7 +76,9 @@ def main() -> None:
 @click.option("--checkpoint", type=click.Path(), help="GRAD model.pt: the PyTorch row.")
 @click.option("--bundle", type=click.Path(), help="Bundle dir: ONNX Runtime FP32/FP16 and TensorRT rows.")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(["pytorch", "onnxruntime-fp32",
-              "onnxruntime-fp16", "tensorrt"]), help="Rows to run [default: all whose model is given].")
+              "onnxruntime-fp16", "onnxruntime-int8", "tensorrt"]),
+              help="Rows to run [default: all whose model is given; onnxruntime-int8 when the bundle has "
+                   "model.int8.onnx from grad-export quantize].")
 @click.option("--normal-only", type=click.Path(), help="NORMAL-only GRAD model.pt: the ablation row.")
 @click.option("--patchcore", is_flag=True, help="Add the PatchCore row (same extractor and map head).")
 @click.option("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset fraction (1-10%).")

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from gradad.benchmarks.accuracy import (BACKEND_ORT_FP16, BACKEND_ORT_FP32, BACKEND_PYTORCH, BACKEND_TENSORRT,
-                                        BACKENDS as ACCURACY_BACKENDS, BUNDLE_BACKENDS as ACCURACY_BUNDLE_BACKENDS)
+from gradad.benchmarks.accuracy import (BACKEND_ORT_FP16, BACKEND_ORT_FP32, BACKEND_ORT_INT8, BACKEND_PYTORCH,
+                                        BACKEND_TENSORRT, BACKENDS, BUNDLE_BACKENDS)
 from gradad.benchmarks.environment import environment
 from gradad.benchmarks.latency_worker import RowSpec
 from gradad.errors import GradError
@@ -38,10 +38,6 @@ MTD_CORESET_BANK = 7782
 WORKER_MODULE = "gradad.benchmarks.latency_worker"
 SYNTHETIC_IMAGES = 8
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-BACKEND_ORT_INT8 = "onnxruntime-int8"
-BACKENDS = (*ACCURACY_BACKENDS, BACKEND_ORT_INT8)
-#: bundle backend name -> (runtime backend, precision); INT8 needs grad-export quantize
-BUNDLE_BACKENDS = {**ACCURACY_BUNDLE_BACKENDS, BACKEND_ORT_INT8: ("onnxruntime", "int8")}
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 

@@ -27,6 +27,7 @@ def full_run(tiny_demo_root: Path, trained_tiny: Path, bundle: Path, tmp_path_fa
     out = tmp_path_factory.mktemp("bench_acc")
     result = _run(["--data", str(tiny_demo_root), "--checkpoint", str(trained_tiny), "--bundle", str(bundle),
                    "--backend", "pytorch", "--backend", "onnxruntime-fp32", "--backend", "tensorrt",
+                   "--backend", "onnxruntime-int8",
                    "--normal-only", str(trained_tiny), "--patchcore", "--cache-dir", str(out / "cache"),
                    "-o", str(out), "--name", "tiny"])
     assert result.exit_code == 0, result.output
@@ -72,6 +73,10 @@ def test_uncalibrated_bundle_reports_oracle_f1_and_missing_tensorrt_is_a_skip_li
         assert trt and "not importable" in trt[0]["reason"]
         assert "skipped" in result.output
         assert all(r["backend"] != "tensorrt" for r in data["rows"])
+    # no model.int8.onnx in this bundle: the INT8 row is a skip line that says how to make one
+    int8 = [s for s in data["skipped"] if "onnxruntime-int8" in s["label"]]
+    assert int8 and "grad-export quantize" in int8[0]["reason"]
+    assert all(r.get("precision") != "int8" for r in data["rows"])
 
 
 def test_f1_at_calibrated_threshold(tiny_demo_root: Path, bundle: Path, tmp_path: Path) -> None:
