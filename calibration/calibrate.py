@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from gradad.bundle import read_manifest, write_manifest
+from gradad.bundle import Bundle, Calibration
 from gradad.calibration.thresholds import (
     CalibrationConfig,
     binomial_upper_bound,
@@ -68,7 +68,7 @@ def calibrate(
     defect_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
     config: CalibrationConfig = CalibrationConfig(),
-) -> dict[str, Any]:
+) -> Calibration:
     """Compute thresholds from one or several good-image folders; returns bundle.json's ``calibration`` section."""
     if config.method not in ("far", "f1", "recall"):
         raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
@@ -138,47 +138,47 @@ def calibrate(
     active = rules[config.method]["threshold"]
     if active <= 0:
         raise GradError(f"calibrated threshold {active} is not positive: check the --good images")
-    return {
-        "image_threshold": float(active),
-        "pixel_threshold": float(pixel["threshold"]),
-        "method": config.method,
-        "normalisation": "normalised_score = score / (2 * image_threshold), so 0.5 = threshold",
-        "decision": "anomalous if score > image_threshold",
-        "rules": rules,
-        "pixel": pixel,
-        "config": asdict(config),
-        "backend": getattr(backend, "name", type(backend).__name__),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "data": {"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies), "defect_dir": str(defect_dir) if defect_dir else None,
+    return Calibration(
+        image_threshold=float(active),
+        pixel_threshold=float(pixel["threshold"]),
+        method=config.method,
+        normalisation="normalised_score = score / (2 * image_threshold), so 0.5 = threshold",
+        decision="anomalous if score > image_threshold",
+        rules=rules,
+        pixel=pixel,
+        config=asdict(config),
+        backend=backend.name,
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        data={"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies), "defect_dir": str(defect_dir) if defect_dir else None,
                  "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
                  "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)}},
-        "warnings": warnings_list,
-    }
+        warnings=warnings_list,
+    )
 
 
-def store_calibration(bundle_dir: str | Path, calibration: dict[str, Any]) -> Path:
+def store_calibration(bundle_dir: str | Path, calibration: Calibration) -> Path:
     """Write the calibration into bundle.json (the model files and their hashes are untouched)."""
-    manifest = read_manifest(bundle_dir)
-    manifest["calibration"] = calibration
-    return write_manifest(bundle_dir, manifest)
+    bundle = Bundle.load(bundle_dir)
+    bundle.calibration = calibration
+    return bundle.save()
 
 
-def calibration_table(cal: dict[str, Any]) -> str:
+def calibration_table(cal: Calibration) -> str:
     """Markdown table of the threshold rules with their false-alarm rate and recall."""
     def pct(v: Any) -> str:
         return "–" if v is None else f"{100 * v:.1f}%"
 
     lines = ["| rule | threshold | false alarms (good) | recall (defects) | note |", "|---|---:|---:|---:|---|"]
     for name in ("far", "f1", "recall"):
-        r = cal["rules"].get(name)
+        r = (cal.rules or {}).get(name)
         if not r:
             continue
-        active = " (active)" if name == cal["method"] else ""
-        note = {"far": f"target {pct(cal['config']['false_alarm_rate'])}, 95% upper bound "
+        active = " (active)" if name == cal.method else ""
+        note = {"far": f"target {pct((cal.config or {}).get('false_alarm_rate'))}, 95% upper bound "
                        f"{pct(r.get('false_alarm_rate_upper'))}",
                 "f1": f"F1 {r.get('f1', 0):.3f}",
                 "recall": f"target recall {pct(r.get('target_recall'))}"}[name]
         lines.append(f"| {name}{active} | {r['threshold']:.4f} | {pct(r['false_alarm_rate'])} | "
                      f"{pct(r['recall'])} | {note} |")
-    lines.append(f"\npixel threshold {cal['pixel_threshold']:.4f} ({cal['pixel']['method']})")
+    lines.append(f"\npixel threshold {cal.pixel_threshold:.4f} ({(cal.pixel or {}).get('method')})")
     return "\n".join(lines)

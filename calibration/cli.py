@@ -43,12 +43,12 @@ def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_r
     cfg = CalibrationConfig(false_alarm_rate=false_alarm_rate, target_recall=target_recall, method=method)
     cal = calibrate(engine, good_dir, defect_dir, masks_dir, cfg)
     click.echo(calibration_table(cal))
-    for w in cal["warnings"]:
+    for w in cal.warnings or []:
         click.echo(f"warning: {w}", err=True)
     if not dry_run:
         path = store_calibration(bundle_dir, cal)
-        click.echo(f"thresholds written to {path} (image {cal['image_threshold']:.4f}, "
-                   f"pixel {cal['pixel_threshold']:.4f}, method {cal['method']})")
+        click.echo(f"thresholds written to {path} (image {cal.image_threshold:.4f}, "
+                   f"pixel {cal.pixel_threshold:.4f}, method {cal.method})")
 
 
 if __name__ == "__main__":

@@ -135,8 +135,8 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, w
 
     stamp = build_bundle_engine(bundle_dir, parity_images, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
                                 workspace_mib=workspace_mib, timing_cache=timing_cache, int8=int8)
-    click.echo(f"engine: {Path(bundle_dir) / stamp['file']} ({stamp['precision']}, TensorRT "
-               f"{stamp['tensorrt_version']}, {stamp['gpu_name']} sm{stamp['compute_capability']})")
+    click.echo(f"engine: {Path(bundle_dir) / stamp.file} ({stamp.precision}, TensorRT "
+               f"{stamp.tensorrt_version}, {stamp.gpu_name} sm{stamp.compute_capability})")
 
 
 @main.command("inspect", context_settings=_CTX)
@@ -146,53 +146,53 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, w
 @user_errors_as_exit
 def inspect_command(bundle_dir, as_json, no_verify) -> None:
     """Print a bundle's summary: files and hashes, opset, precision, parity, calibration, engine stamps."""
-    from gradad.bundle import read_manifest, verify_files
+    from gradad.bundle import Bundle
 
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
     if not no_verify:
-        verify_files(bundle_dir, manifest)
-    click.echo(json.dumps(manifest, indent=2) if as_json else summary_text(bundle_dir))
+        bundle.verify()
+    click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir))
 
 
 def summary_text(bundle_dir: str | Path) -> str:
     """Human-readable summary of a bundle."""
-    from gradad.bundle import read_manifest
+    from gradad.bundle import Bundle
 
-    m = read_manifest(bundle_dir)
-    inp = m["input"]
+    m = Bundle.load(bundle_dir)
+    inp = m.input
+    grid_nodes = "?" if m.onnx.gridsample_nodes is None else m.onnx.gridsample_nodes
     lines = [
-        f"bundle {m['name']} at {bundle_dir} (schema {m['schema_version']}, gradad {m['gradad_version']}, "
-        f"created {m['created']})",
-        f"  model: preset {m['preset']}, backbone {m['backbone']['name']}, classes {', '.join(m['classes'])}",
-        f"  input: {inp['name']} {inp['layout']} {inp['dtype']} {inp['color']} {inp['value_range']} at "
-        f"{inp['height']}x{inp['width']} (model {inp['model_height']}x{inp['model_width']})",
-        f"  onnx: opset {m['onnx']['opset']}, {m['onnx'].get('gridsample_nodes', '?')} GridSample nodes, "
-        f"simplified {m['onnx']['simplified']}",
+        f"bundle {m.name} at {bundle_dir} (schema {m.schema_version}, gradad {m.gradad_version}, "
+        f"created {m.created})",
+        f"  model: preset {m.preset}, backbone {m.backbone.name}, classes {', '.join(m.classes)}",
+        f"  input: {inp.name} {inp.layout} {inp.dtype} {inp.color} {inp.value_range} at "
+        f"{inp.height}x{inp.width} (model {inp.model_height}x{inp.model_width})",
+        f"  onnx: opset {m.onnx.opset}, {grid_nodes} GridSample nodes, simplified {m.onnx.simplified}",
         "  files:",
     ]
-    for name, entry in m["files"].items():
-        lines.append(f"    {name:24s} {entry['bytes'] / 2**20:8.1f} MiB  sha256 {entry['sha256'][:16]}…")
-    p32 = m["parity"]["onnx_fp32_vs_pytorch"]
+    for name, entry in m.files.items():
+        lines.append(f"    {name:24s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…")
+    p32 = m.parity["onnx_fp32_vs_pytorch"]
     lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "
                  f"mean {p32['map_mean_abs']:.2e}; score max abs {p32['score_max_abs']:.2e}")
-    p16 = m["parity"].get("onnx_fp16_vs_fp32")
+    p16 = m.parity.get("onnx_fp16_vs_fp32")
     if p16:
         auroc = (f"; image AUROC {p16['auroc_fp32']:.4f} -> {p16['auroc_fp16']:.4f}"
                  if p16.get("auroc_fp32") is not None else "")
         lines.append(f"  parity FP16 vs FP32 ({p16['n_images']} images): map rel L2 {p16['map_rel_l2']:.2e}, "
                      f"max rel {p16['map_max_rel']:.2e}; score rel L2 {p16['score_rel_l2']:.2e}, "
                      f"max rel {p16['score_max_rel']:.2e}{auroc}")
-    p8 = m["parity"].get("onnx_int8_vs_fp32")
+    p8 = m.parity.get("onnx_int8_vs_fp32")
     if p8:
         lines.append(f"  parity INT8 vs FP32 ({p8['n_images']} images): map rel L2 {p8['map_rel_l2']:.2e}, score rel "
                      f"L2 {p8['score_rel_l2']:.2e}; image AUROC {p8['auroc_fp32']:.4f} -> {p8['auroc_int8']:.4f}")
-    for e in m["engines"]:
-        lines.append(f"  engine: {e['file']} ({e['precision']}, TensorRT {e['tensorrt_version']}, {e['gpu_name']}, "
-                     f"sm{e['compute_capability']})")
-    if not m["engines"]:
+    for e in m.engines:
+        lines.append(f"  engine: {e.file} ({e.precision}, TensorRT {e.tensorrt_version}, {e.gpu_name}, "
+                     f"sm{e.compute_capability})")
+    if not m.engines:
         lines.append("  engines: none (build one on the target with grad-export build --fp16 BUNDLE --parity-images DIR)")
-    cal = m["calibration"]
-    lines.append(f"  calibration: {json.dumps(cal) if cal else 'none (run grad-calibrate)'}")
+    cal = m.calibration
+    lines.append(f"  calibration: {json.dumps(cal.to_dict()) if cal else 'none (run grad-calibrate)'}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, file_entry, read_manifest, verify_files, write_manifest
+from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
@@ -30,13 +30,12 @@ def _default_engine_backend(path: Path) -> Backend:
     return TensorRTBackend(path)
 
 
-def engine_parity(bundle_dir: Path, manifest: dict[str, Any], engine: Backend, images_dir: str | Path,
+def engine_parity(bundle: Bundle, engine: Backend, images_dir: str | Path,
                   max_images: int = 32) -> dict[str, Any]:
     """Engine vs ONNX Runtime FP32 on real images: relative L2 errors of maps and scores."""
     files = list_image_files(images_dir, "--parity-images")[:max_images]
-    h, w = manifest["input"]["height"], manifest["input"]["width"]
-    batch = to_model_input([read_image_rgb(f) for f in files], h, w)
-    ref_scores, ref_maps = OnnxRuntimeBackend(bundle_dir / FP32_ONNX, ["cpu"]).infer_all(batch)
+    batch = to_model_input([read_image_rgb(f) for f in files], *bundle.input.hw)
+    ref_scores, ref_maps = OnnxRuntimeBackend(bundle.file(FP32_ONNX), ["cpu"]).infer_all(batch)
     scores, maps = infer_in_batches(engine, batch)
     report = compare_fp16(ref_scores, ref_maps, scores, maps, labels=None)
     report["images"] = f"{len(files)} images from {images_dir}"
@@ -56,41 +55,41 @@ def build_bundle_engine(
     gpu: dict[str, str] | None = None,
     engine_backend: Callable[[Path], Backend] = _default_engine_backend,
     int8: bool = False,
-) -> dict[str, Any]:
+) -> EngineStamp:
     """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
     the bundle still offers; an engine that misses the parity gate is not written and the numbers reported.
 
     ``int8`` builds from the bundle's QDQ model (explicit quantisation) and gates the engine with the INT8
     map/score errors against ONNX Runtime FP32."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in manifest["files"]]
-    verify_files(bundle_dir, manifest, [FP32_ONNX] + optional)
+    bundle = Bundle.load(bundle_dir)
+    optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]
+    bundle.verify([FP32_ONNX] + optional)
     if not Path(parity_images).is_dir():
         raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
     try:
         trt = trt or import_tensorrt()
         gpu = gpu or gpu_identity()
     except TensorRTUnavailable as exc:
-        onnx_files = ", ".join(sorted(manifest["files"]))
+        onnx_files = ", ".join(sorted(bundle.files))
         raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
                                   f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_dir / "timing.cache"),
                             fp32_layer_name_patterns=FP32_NAME_PATTERNS, int8=int8)
-    inp = manifest["input"]
-    fp16_onnx = bundle_dir / FP16_ONNX if FP16_ONNX in manifest["files"] else None
-    int8_onnx = bundle_dir / INT8_ONNX if INT8_ONNX in manifest["files"] else None
+    inp = bundle.input
+    fp16_onnx = bundle.file(FP16_ONNX) if FP16_ONNX in bundle.files else None
+    int8_onnx = bundle.file(INT8_ONNX) if INT8_ONNX in bundle.files else None
     # Built into a scratch folder: a rebuild that fails parity never touches the engine already in the bundle.
     scratch = bundle_dir / ".engine-build-tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        stamp = build_engine(bundle_dir / FP32_ONNX, scratch, inp["name"], (3, inp["height"], inp["width"]), cfg,
+        stamp = build_engine(bundle_dir / FP32_ONNX, scratch, inp.name, (3, *inp.hw), cfg,
                              fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu, int8_onnx_path=int8_onnx)
         engine = engine_backend(scratch / stamp["file"])
         try:
-            report = engine_parity(bundle_dir, manifest, engine, parity_images)
+            report = engine_parity(bundle, engine, parity_images)
         finally:
             engine.close()
         if int8:
@@ -104,8 +103,9 @@ def build_bundle_engine(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     stamp["parity_vs_onnxruntime"] = report
-    manifest["engines"] = [e for e in manifest["engines"] if e["file"] != stamp["file"]] + [stamp]
-    manifest["files"][stamp["file"]] = file_entry(engine_path)
-    write_manifest(bundle_dir, manifest)
-    log.info("engine %s: map rel L2 %.2e vs ONNX Runtime", stamp["file"], report["map_rel_l2"])
-    return stamp
+    typed = EngineStamp.from_json(stamp)
+    bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
+    bundle.add_file(typed.file)
+    bundle.save()
+    log.info("engine %s: map rel L2 %.2e vs ONNX Runtime", typed.file, report["map_rel_l2"])
+    return typed

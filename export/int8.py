@@ -27,8 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from gradad.bundle import (FP32_ONNX, INT8_ONNX, bundle_file, file_entry, read_manifest, require_current_schema,
-                           verify_files, write_manifest)
+from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle
 from gradad.data.datasets import list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
@@ -150,15 +149,15 @@ def quantize_model(src: Path, dst: Path, input_name: str, batches: list[np.ndarr
     return keep
 
 
-def labelled_parity_set(manifest: dict[str, Any], opts: QuantizeOptions) -> tuple[list[np.ndarray], np.ndarray, str]:
+def labelled_parity_set(bundle: Bundle, opts: QuantizeOptions) -> tuple[list[np.ndarray], np.ndarray, str]:
     """(images, labels, description) of the AUROC gate: a balanced slice of the dataset's test split."""
     from gradad.export.onnx_export import _balanced_subset
 
-    root = opts.data_root or manifest.get("data_root")
+    root = opts.data_root or bundle.data_root
     if not root:
         raise GradError("the INT8 gate needs labelled images: pass --data ROOT (a dataset with a test split)")
     try:
-        samples = load_samples(root, "test", manifest["classes"])
+        samples = load_samples(root, "test", bundle.classes)
     except DatasetError as exc:
         raise DatasetError(f"INT8 parity gate: {exc}; pass --data ROOT with a test split") from exc
     chosen = _balanced_subset(samples, opts.parity_max_images)
@@ -185,20 +184,19 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
     """
     opts.validate()
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    require_current_schema(manifest, bundle_dir, "grad-export quantize")
-    verify_files(bundle_dir, manifest, [FP32_ONNX])
-    inp = manifest["input"]
-    hw = (inp["height"], inp["width"])
+    bundle = Bundle.load(bundle_dir)
+    bundle.require_current("grad-export quantize")
+    bundle.verify([FP32_ONNX])
+    hw = bundle.input.hw
     t0 = time.perf_counter()
     batches = calibration_batches(opts.calib, hw, opts.calib_max_images)
-    images, labels, described = labelled_parity_set(manifest, opts)
+    images, labels, described = labelled_parity_set(bundle, opts)
     parity_batch = to_model_input(images, *hw)
     scratch = bundle_dir / ".int8-tmp"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        keep = quantize_model(bundle_file(bundle_dir, FP32_ONNX), scratch / INT8_ONNX, inp["name"], batches, opts)
+        keep = quantize_model(bundle.file(FP32_ONNX), scratch / INT8_ONNX, bundle.input.name, batches, opts)
         lint_or_raise(onnx.load(scratch / INT8_ONNX), "INT8 ONNX", GridSampleSettings())
         report = int8_parity(bundle_dir / FP32_ONNX, scratch / INT8_ONNX, parity_batch, labels, opts.threads)
         report.update(images=described, fp32_nodes=len(keep), method=opts.method, per_channel=opts.per_channel,
@@ -210,10 +208,10 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    manifest["files"][INT8_ONNX] = file_entry(bundle_dir / INT8_ONNX)
-    manifest["parity"]["onnx_int8_vs_fp32"] = report
-    manifest["parity"]["gates"] = {**manifest["parity"].get("gates", {}), **gates_dict(opts.gates)}
-    write_manifest(bundle_dir, manifest)
+    bundle.add_file(INT8_ONNX)
+    bundle.parity["onnx_int8_vs_fp32"] = report
+    bundle.parity["gates"] = {**bundle.parity.get("gates", {}), **gates_dict(opts.gates)}
+    bundle.save()
     log.info("INT8: map rel L2 %.3f, image AUROC %s -> %s", report["map_rel_l2"], report["auroc_fp32"],
              report["auroc_int8"])
     return report

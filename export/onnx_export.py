@@ -17,8 +17,8 @@ import onnx
 import torch
 
 from gradad import __version__
-from gradad.bundle import (BUNDLE_SCHEMA_VERSION, FP16_ONNX, FP32_ONNX, MANIFEST_NAME, BundleError, file_entry,
-                           write_manifest)
+from gradad.bundle import (BUNDLE_SCHEMA_VERSION, FP16_ONNX, FP32_ONNX, INPUT_DTYPE_BY_VERSION, MANIFEST_NAME,
+                           Backbone, Bundle, BundleError, FileEntry, InputSpec, Normalisation, OnnxInfo)
 from gradad.data.datasets import Sample, list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
@@ -177,45 +177,44 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         if failed:
             raise ParityError(f"export of {checkpoint} rejected: " + "; ".join(failed))
 
-        files = {FP32_ONNX: file_entry(work / FP32_ONNX)}
+        files = {FP32_ONNX: FileEntry.of(work / FP32_ONNX)}
         if opts.fp16:
-            files[FP16_ONNX] = file_entry(work / FP16_ONNX)
-        manifest = {
-            "schema_version": BUNDLE_SCHEMA_VERSION,
-            "gradad_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "name": opts.name or out_dir.name,
-            "preset": cfg.preset,
-            "backbone": {"name": cfg.backbone.name, "out_indices": list(cfg.backbone.out_indices),
-                         "weights": cfg.backbone.weights},
-            "input": {
-                "name": INPUT_NAME, "layout": "NCHW", "dtype": "uint8", "color": "RGB", "value_range": [0, 255],
-                "height": h, "width": w, "model_height": module.model_hw[0], "model_width": module.model_hw[1],
-                "normalisation": {"mean": list(norm["mean"]), "std": list(norm["std"]), "in_graph": True},
-                "resize": ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images."
-                           "resize_image)" if (h, w) == module.model_hw else
-                           f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}"),
-            },
-            "outputs": {
+            files[FP16_ONNX] = FileEntry.of(work / FP16_ONNX)
+        resize = ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images.resize_image)"
+                  if (h, w) == module.model_hw else
+                  f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
+        bundle = Bundle(
+            schema_version=BUNDLE_SCHEMA_VERSION,
+            gradad_version=__version__,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            name=opts.name or out_dir.name,
+            preset=cfg.preset,
+            backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights),
+            input=InputSpec(
+                name=INPUT_NAME, layout="NCHW", dtype=INPUT_DTYPE_BY_VERSION[BUNDLE_SCHEMA_VERSION], color="RGB",
+                value_range=[0, 255], height=h, width=w, model_height=module.model_hw[0],
+                model_width=module.model_hw[1],
+                normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
+            outputs={
                 "score": {"shape": ["batch"], "meaning": "image anomaly score: max of the 32x32 mean-pooled map"},
                 "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
                                 "smoothing": cfg.model.smoothing},
             },
-            "classes": payload["classes"],
-            "training_data": payload.get("data_summary", {}),
-            "onnx": {"opset": OPSET, "exporter": f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
-                     "dynamic_batch": True, "simplified": opts.simplify, "gridsample_nodes": n_grid,
-                     "gridsample": {"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,
-                                    "align_corners": grid_settings.align_corners}},
-            "files": files,
-            "parity": parity,
-            "engines": [],
-            "calibration": None,
-            "source_checkpoint": str(checkpoint),
-            "data_root": str(opts.data_root or cfg.data.root),
-            "export_seconds": round(time.perf_counter() - t0, 1),
-        }
-        write_manifest(work, manifest)
+            classes=payload["classes"],
+            training_data=payload.get("data_summary", {}),
+            onnx=OnnxInfo(opset=OPSET, exporter=f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
+                          dynamic_batch=True, simplified=opts.simplify, gridsample_nodes=n_grid,
+                          gridsample={"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,
+                                      "align_corners": grid_settings.align_corners}),
+            files=files,
+            parity=parity,
+            engines=[],
+            calibration=None,
+            source_checkpoint=str(checkpoint),
+            data_root=str(opts.data_root or cfg.data.root),
+            export_seconds=round(time.perf_counter() - t0, 1),
+        )
+        bundle.save(work)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         work.rename(out_dir)

@@ -5,12 +5,16 @@ Torch-free: the runtime reads and verifies bundles with this module alone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import types
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
 
 import jsonschema
 
@@ -209,15 +213,6 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     check_calibration(manifest, where)
 
 
-def require_current_schema(manifest: dict[str, Any], bundle_dir: str | Path, what: str) -> None:
-    """Refuse an older (still runnable) bundle for an operation that needs the current schema, with the fix."""
-    version = manifest.get("schema_version")
-    if version != BUNDLE_SCHEMA_VERSION:
-        raise BundleError(f"{what} needs a bundle of schema version {BUNDLE_SCHEMA_VERSION} (uint8 input in the "
-                          f"graph); {bundle_dir} is version {version}: re-export it first "
-                          f"(grad-export onnx CHECKPOINT -o {bundle_dir} --overwrite)")
-
-
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Validate and write bundle.json atomically."""
     path = Path(bundle_dir) / MANIFEST_NAME
@@ -245,17 +240,314 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
 
 
 def verify_files(bundle_dir: str | Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:
-    """Check that each listed file exists and has the hash recorded in the manifest."""
-    bundle_dir = Path(bundle_dir)
-    for name in names if names is not None else list(manifest["files"]):
-        entry = manifest["files"].get(name)
-        if entry is None:
-            raise BundleError(f"{bundle_dir / MANIFEST_NAME} lists no file {name!r}")
-        path = bundle_file(bundle_dir, name)
-        if not path.is_file():
-            raise BundleError(f"bundle file missing: {path}; re-export the bundle with grad-export onnx")
-        if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-            raise BundleError(
-                f"bundle file {path} does not match the hash in {MANIFEST_NAME} (modified or corrupt); "
-                f"re-export the bundle with grad-export onnx"
-            )
+    """Check that each listed file exists and has the hash recorded in the manifest (see :meth:`Bundle.verify`)."""
+    Bundle.from_dict(manifest, str(Path(bundle_dir) / MANIFEST_NAME), bundle_dir).verify(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The typed model of bundle.json. Readers and writers use these classes, never string keys: a renamed or added
+# field is then one edit here (and in BUNDLE_SCHEMA, which a test checks against these classes).
+# Keys this version does not know are kept in ``extra`` so that a newer writer's additions survive a rewrite.
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXTRA = "extra"
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as type ``tp``: records, optionals, lists and dicts of records; else as is."""
+    if value is None:
+        return None
+    if isinstance(tp, type) and issubclass(tp, _Record):
+        return tp.from_json(value)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _decode(inner[0], value) if len(inner) == 1 else value
+    if origin is list and args:
+        return [_decode(args[0], v) for v in value]
+    if origin is dict and len(args) == 2:
+        return {k: _decode(args[1], v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def _encode(value: Any) -> Any:
+    """The JSON form of a record field."""
+    if isinstance(value, _Record):
+        return value.to_dict()
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+class _Record:
+    """Dataclass mix-in: JSON object <-> typed fields. ``None`` fields are left out of the JSON unless their
+    field metadata says ``keep_none``; fields with ``transient`` metadata are never written."""
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        """The record of a (schema-checked) JSON object; unknown keys go to ``extra``."""
+        hints = get_type_hints(cls)
+        names = [f.name for f in fields(cls) if f.name != _EXTRA and not f.metadata.get("transient")]
+        kwargs = {n: _decode(hints[n], data[n]) for n in names if n in data}
+        if any(f.name == _EXTRA for f in fields(cls)):
+            kwargs[_EXTRA] = {k: copy.deepcopy(v) for k, v in data.items() if k not in names}
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of this record."""
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.name == _EXTRA or f.metadata.get("transient") or (value is None and not f.metadata.get("keep_none")):
+                continue
+            out[f.name] = _encode(value)
+        out.update(copy.deepcopy(getattr(self, _EXTRA, {})))
+        return out
+
+
+_KEEP_NONE = {"keep_none": True}
+
+
+@dataclass
+class FileEntry(_Record):
+    """Hash and size of one bundle file."""
+
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: str | Path) -> "FileEntry":
+        """The entry of the file at ``path``."""
+        return cls(sha256_file(path), Path(path).stat().st_size)
+
+
+@dataclass
+class Backbone(_Record):
+    """The frozen extractor the model was trained on."""
+
+    name: str
+    out_indices: list[int]
+    weights: str
+
+
+@dataclass
+class Normalisation(_Record):
+    """Per-channel mean/std (of 0..1 RGB) and whether the graph applies them."""
+
+    mean: list[float]
+    std: list[float]
+    in_graph: bool
+
+
+@dataclass
+class InputSpec(_Record):
+    """What the graph takes: one NCHW RGB batch of ``height`` x ``width`` (resized to the model size inside)."""
+
+    name: str
+    layout: str
+    dtype: str
+    color: str
+    value_range: list[float]
+    height: int
+    width: int
+    model_height: int
+    model_width: int
+    normalisation: Normalisation
+    resize: str
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of a frame as the graph takes it."""
+        return int(self.height), int(self.width)
+
+    @property
+    def model_hw(self) -> tuple[int, int]:
+        """(height, width) the model itself runs at."""
+        return int(self.model_height), int(self.model_width)
+
+
+@dataclass
+class OnnxInfo(_Record):
+    """How the ONNX files were made."""
+
+    opset: int
+    exporter: str
+    dynamic_batch: bool
+    simplified: bool
+    gridsample_nodes: int | None = None
+    gridsample: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineStamp(_Record):
+    """A TensorRT engine in the bundle and the TensorRT version and GPU it was built for (it runs on no other)."""
+
+    file: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profile: dict[str, Any] | None = None
+    build_mode: str | None = None
+    workspace_mib: int | None = None
+    build_seconds: float | None = None
+    timing_cache: str | None = field(default=None, metadata=_KEEP_NONE)
+    fp32_layers: list[str] | None = None
+    parity_vs_onnxruntime: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Calibration(_Record):
+    """Thresholds from grad-calibrate and the evidence behind them."""
+
+    image_threshold: float
+    pixel_threshold: float | None = field(default=None, metadata=_KEEP_NONE)
+    method: str | None = None
+    normalisation: str | None = None
+    decision: str | None = None
+    rules: dict[str, Any] | None = None
+    pixel: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    backend: str | None = None
+    date: str | None = None
+    data: dict[str, Any] | None = None
+    warnings: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RefineSection(_Record):
+    """The F2PAD refinement files and settings (``grad-refine prepare``/``tune``)."""
+
+    model: str | None = None
+    pixel_prior: str | None = None
+    source_checkpoint: str | None = None
+    prepared: str | None = None
+    checkpoint_vs_onnx_max_rel_error: float | None = None
+    normal_map_level: float | None = None
+    normal_map_level_rule: str | None = None
+    feature_scale: float | None = None
+    feature_scale_rule: str | None = None
+    prior: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    classes: dict[str, dict[str, Any]] | None = None
+    tuning: dict[str, dict[str, Any]] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """True for a section with nothing in it (``"refine": {}``): the bundle is not prepared."""
+        return not self.to_dict()
+
+
+@dataclass
+class Bundle(_Record):
+    """A model bundle: ``bundle.json`` as typed fields, plus the folder it was read from (not written).
+
+    ``Bundle.load(dir)`` reads and checks it (schema, file names confined to the folder, finite positive
+    thresholds), ``bundle.verify(names)`` checks file hashes, ``bundle.save()`` checks and writes it atomically.
+    """
+
+    schema_version: int
+    gradad_version: str
+    created: str
+    name: str
+    preset: str
+    backbone: Backbone
+    input: InputSpec
+    outputs: dict[str, Any]
+    classes: list[str]
+    training_data: dict[str, Any]
+    onnx: OnnxInfo
+    files: dict[str, FileEntry]
+    parity: dict[str, Any]
+    engines: list[EngineStamp]
+    calibration: Calibration | None = field(default=None, metadata=_KEEP_NONE)
+    source_checkpoint: str | None = None
+    data_root: str | None = None
+    export_seconds: float | None = None
+    refine: RefineSection | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    directory: Path | None = field(default=None, compare=False, metadata={"transient": True})
+
+    @classmethod
+    def from_dict(cls, manifest: Mapping[str, Any], where: str = MANIFEST_NAME,
+                  directory: str | Path | None = None) -> "Bundle":
+        """Check ``manifest`` (:func:`validate_manifest`) and return it typed."""
+        validate_manifest(manifest, where)  # type: ignore[arg-type]
+        bundle = cls.from_json(manifest)
+        bundle.directory = Path(directory) if directory is not None else None
+        return bundle
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> "Bundle":
+        """Read and check ``<bundle_dir>/bundle.json`` (one clear BundleError for every way it can be wrong)."""
+        bundle_dir = Path(bundle_dir)
+        return cls.from_dict(read_manifest(bundle_dir), str(bundle_dir / MANIFEST_NAME), bundle_dir)
+
+    def save(self, bundle_dir: str | Path | None = None) -> Path:
+        """Check and write bundle.json atomically into ``bundle_dir`` (default: the folder it was read from)."""
+        return write_manifest(self._dir(bundle_dir), self.to_dict())
+
+    def _dir(self, bundle_dir: str | Path | None = None) -> Path:
+        if bundle_dir is not None:
+            return Path(bundle_dir)
+        if self.directory is None:
+            raise BundleError(f"bundle {self.name!r} has no folder: load it with Bundle.load(DIR) or name one")
+        return self.directory
+
+    def file(self, name: str) -> Path:
+        """Path of bundle file ``name``, refused unless it resolves inside the bundle folder."""
+        return bundle_file(self._dir(), name)
+
+    def add_file(self, name: str) -> None:
+        """Record (or re-record) the hash and size of bundle file ``name``."""
+        self.files[name] = FileEntry.of(self.file(name))
+
+    def verify(self, names: Sequence[str] | None = None) -> None:
+        """Check that each named file (default: all) is listed, present and has its recorded hash."""
+        bundle_dir = self._dir()
+        for name in names if names is not None else list(self.files):
+            entry = self.files.get(name)
+            if entry is None:
+                raise BundleError(f"{bundle_dir / MANIFEST_NAME} lists no file {name!r}")
+            path = bundle_file(bundle_dir, name)
+            if not path.is_file():
+                raise BundleError(f"bundle file missing: {path}; re-export the bundle with grad-export onnx")
+            if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
+                raise BundleError(
+                    f"bundle file {path} does not match the hash in {MANIFEST_NAME} (modified or corrupt); "
+                    f"re-export the bundle with grad-export onnx"
+                )
+
+    @property
+    def input_dtype(self) -> str:
+        """dtype the graph takes (uint8 from schema version 2, float32 before)."""
+        return INPUT_DTYPE_BY_VERSION[self.schema_version]
+
+    @property
+    def is_current(self) -> bool:
+        """Whether the bundle has this gradad's schema version (older ones still run, with host conversion)."""
+        return self.schema_version == BUNDLE_SCHEMA_VERSION
+
+    def require_current(self, what: str) -> None:
+        """Refuse an older (still runnable) bundle for an operation that needs the current schema, with the fix."""
+        if not self.is_current:
+            raise BundleError(f"{what} needs a bundle of schema version {BUNDLE_SCHEMA_VERSION} (uint8 input in "
+                              f"the graph); {self._dir()} is version {self.schema_version}: re-export it first "
+                              f"(grad-export onnx CHECKPOINT -o {self._dir()} --overwrite)")
+
+    def engines_for(self, precision: str) -> list[EngineStamp]:
+        """Engine stamps of one precision, oldest first."""
+        return [e for e in self.engines if e.precision == precision]
+
+    def onnx_file(self, precision: str) -> str | None:
+        """File name of the ONNX model of ``precision`` when the bundle has one."""
+        name = ONNX_BY_PRECISION.get(precision)
+        return name if name in self.files else None

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gradad.bundle import (FP32_ONNX, BundleError, bundle_file, check_threshold, file_entry, read_manifest,
-                           sha256_file, verify_files, write_manifest)
+from gradad.bundle import FP32_ONNX, Bundle, BundleError, RefineSection, check_threshold, sha256_file
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig, refine_config_from_dict
 from gradad.refine.prior import PRIOR_FILE, PixelPrior, fit_pixel_prior
@@ -55,37 +54,36 @@ def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement")
 def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = None) -> RefineParts:
     """Verify and read the refinement files of a bundle (no torch needed)."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    section = manifest.get("refine")
-    if not section:
+    bundle = Bundle.load(bundle_dir)
+    section = bundle.refine
+    if section is None or section.empty:
         raise _not_prepared(bundle_dir)
-    if not isinstance(section, dict) or not {"model", "pixel_prior"} <= set(section):
+    if section.model is None or section.pixel_prior is None:
         raise _not_prepared(bundle_dir, "has a malformed 'refine' section in bundle.json")
     try:
-        verify_files(bundle_dir, manifest, [section["model"], section["pixel_prior"]])
+        bundle.verify([section.model, section.pixel_prior])
     except BundleError as exc:
         raise _not_prepared(bundle_dir, f"has a missing or modified refinement file ({exc})") from exc
+    calibrated_pixel = bundle.calibration.pixel_threshold if bundle.calibration else None
     if pixel_threshold is None:
-        cal = manifest.get("calibration") or {}
-        pixel_threshold = cal.get("pixel_threshold")
+        pixel_threshold = calibrated_pixel
         if pixel_threshold is None:
             raise BundleError(f"bundle {bundle_dir} has no calibrated pixel threshold: run grad-calibrate on it "
                               "first")
     pixel_threshold = check_threshold(pixel_threshold, "--pixel-threshold")
     # Bundles prepared before the scale was stored: the calibrated threshold (never the one passed in).
-    feature_scale = section.get("feature_scale") or (manifest.get("calibration") or {}).get("pixel_threshold")
+    feature_scale = section.feature_scale or calibrated_pixel
     feature_scale = check_threshold(feature_scale if feature_scale is not None else pixel_threshold,
                                     "refine.feature_scale")
-    classes = section.get("classes") or {}
+    classes = section.classes or {}
     if not isinstance(classes, dict) or not all(isinstance(v, dict) for v in classes.values()):
         raise _not_prepared(bundle_dir, "has a malformed 'refine.classes' section in bundle.json")
     class_settings = {name: {k: v for k, v in values.items() if k in CLASS_SETTINGS}
                       for name, values in classes.items()}
-    norm = manifest["input"]["normalisation"]
-    return RefineParts(bundle_file(bundle_dir, section["model"]),
-                       PixelPrior.load(bundle_file(bundle_dir, section["pixel_prior"])),
-                       refine_config_from_dict(section.get("config", {})), pixel_threshold,
-                       list(norm["mean"]), list(norm["std"]), float(section.get("normal_map_level", 0.0)),
+    norm = bundle.input.normalisation
+    return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
+                       refine_config_from_dict(section.config or {}), pixel_threshold,
+                       list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
                        float(feature_scale), class_settings)
 
 
@@ -95,18 +93,18 @@ def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, An
     images used, so benchmarks can leave them out) in bundle.json's refine section; other classes' entries (a
     unified bundle tuned one dataset at a time) are kept."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    if not manifest.get("refine"):
+    bundle = Bundle.load(bundle_dir)
+    if bundle.refine is None or bundle.refine.empty:
         raise _not_prepared(bundle_dir)
-    manifest["refine"].setdefault("classes", {}).update(classes)
-    manifest["refine"].setdefault("tuning", {}).update(tuning)
-    write_manifest(bundle_dir, manifest)
+    bundle.refine.classes = {**(bundle.refine.classes or {}), **classes}
+    bundle.refine.tuning = {**(bundle.refine.tuning or {}), **tuning}
+    bundle.save()
 
 
 def tuning_images(bundle_dir: str | Path) -> set[str]:
     """Paths of the labelled images ``grad-refine tune`` used (never to be scored)."""
-    section = read_manifest(Path(bundle_dir)).get("refine") or {}
-    return {path for record in (section.get("tuning") or {}).values() for path in record.get("images", [])}
+    section = Bundle.load(bundle_dir).refine or RefineSection()
+    return {path for record in (section.tuning or {}).values() for path in record.get("images", [])}
 
 
 def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float], count: int,
@@ -151,7 +149,7 @@ def _hashed_name(path: Path, stem: str, suffix: str) -> str:
 
 
 def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images: np.ndarray,
-                   config: RefineConfig | None = None) -> dict[str, Any]:
+                   config: RefineConfig | None = None) -> RefineSection:
     """Check the checkpoint against the bundle, fit the pixel prior, add the files and update bundle.json.
 
     ``train_images`` (N, H, W, 3) uint8 good training images at the model input size. The model file written
@@ -162,28 +160,27 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
 
     bundle_dir, checkpoint = Path(bundle_dir), Path(checkpoint)
     config = config or RefineConfig()
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
     if not checkpoint.is_file():
         raise GradError(f"checkpoint not found: {checkpoint}")
-    if manifest["input"]["height"] != manifest["input"]["model_height"] or \
-            manifest["input"]["width"] != manifest["input"]["model_width"]:
+    if bundle.input.hw != bundle.input.model_hw:
         raise GradError(f"bundle {bundle_dir} resizes inside the graph (exported with --input-size); refinement "
                         "needs a bundle whose input is the model size")
-    h, w = manifest["input"]["model_height"], manifest["input"]["model_width"]
+    h, w = bundle.input.model_hw
     if train_images.shape[1:3] != (h, w):
         raise GradError(f"training images are {train_images.shape[1:3]}, the bundle's model input is {(h, w)}")
-    norm = manifest["input"]["normalisation"]
+    norm = bundle.input.normalisation
     detector, _ = load_detector(checkpoint)
     error, lowres = check_checkpoint_matches(bundle_dir, detector, train_images[:NORMAL_LEVEL_IMAGES],
-                                             norm["mean"], norm["std"], checkpoint)
+                                             norm.mean, norm.std, checkpoint)
     normal_level = float(np.quantile(lowres, NORMAL_LEVEL_QUANTILE))
-    calibrated = (manifest.get("calibration") or {}).get("pixel_threshold")
+    calibrated = bundle.calibration.pixel_threshold if bundle.calibration else None
     feature_scale, scale_rule = ((float(calibrated), "calibrated pixel threshold at preparation") if calibrated
                                  else (float(lowres.max()), "maximum of the feature-resolution map on the training "
                                                             "sample (bundle not calibrated at preparation)"))
-    pixels = training_pixels(train_images, norm["mean"], norm["std"], config.mog_pixels)
+    pixels = training_pixels(train_images, norm.mean, norm.std, config.mog_pixels)
     prior = fit_pixel_prior(pixels, config.mog_components, config.mog_em_iterations, config.mog_covariance_floor)
-    old = manifest.get("refine") or {}
+    old = bundle.refine or RefineSection()
     tmp_prior, tmp_model = bundle_dir / f".{PRIOR_FILE}.tmp", bundle_dir / f".{MODEL_FILE}.tmp"
     try:
         prior.save(tmp_prior)
@@ -195,30 +192,30 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     finally:
         for tmp in (tmp_prior, tmp_model):
             tmp.unlink(missing_ok=True)
-    for name in (old.get("model"), old.get("pixel_prior")):
+    for name in (old.model, old.pixel_prior):
         if name and name not in (prior_name, model_name):
-            manifest["files"].pop(name, None)
-    manifest["files"][model_name] = file_entry(bundle_dir / model_name)
-    manifest["files"][prior_name] = file_entry(bundle_dir / prior_name)
-    manifest["refine"] = {
-        "model": model_name,
-        "pixel_prior": prior_name,
-        "source_checkpoint": str(checkpoint),
-        "prepared": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "checkpoint_vs_onnx_max_rel_error": error,
-        "normal_map_level": normal_level,
-        "normal_map_level_rule": f"{NORMAL_LEVEL_QUANTILE} quantile of the feature-resolution anomaly map on "
-                                 f"{min(len(train_images), NORMAL_LEVEL_IMAGES)} training images",
-        "feature_scale": feature_scale,
-        "feature_scale_rule": scale_rule,
-        "prior": {"components": len(prior.means), "pixels": len(pixels), "images": len(train_images),
-                  "mean_log_likelihood": prior.mean_log_likelihood},
-        "config": config.to_dict(),
-    }
-    write_manifest(bundle_dir, manifest)
-    for name in (old.get("model"), old.get("pixel_prior")):  # the previous preparation's files, now unreferenced
+            bundle.files.pop(name, None)
+    bundle.add_file(model_name)
+    bundle.add_file(prior_name)
+    bundle.refine = RefineSection(
+        model=model_name,
+        pixel_prior=prior_name,
+        source_checkpoint=str(checkpoint),
+        prepared=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        checkpoint_vs_onnx_max_rel_error=error,
+        normal_map_level=normal_level,
+        normal_map_level_rule=f"{NORMAL_LEVEL_QUANTILE} quantile of the feature-resolution anomaly map on "
+                              f"{min(len(train_images), NORMAL_LEVEL_IMAGES)} training images",
+        feature_scale=feature_scale,
+        feature_scale_rule=scale_rule,
+        prior={"components": len(prior.means), "pixels": len(pixels), "images": len(train_images),
+               "mean_log_likelihood": prior.mean_log_likelihood},
+        config=config.to_dict(),
+    )
+    bundle.save()
+    for name in (old.model, old.pixel_prior):  # the previous preparation's files, now unreferenced
         if name and name not in (prior_name, model_name):
             (bundle_dir / name).unlink(missing_ok=True)
     log.info("bundle %s prepared for refinement (checkpoint matches ONNX to %.1e; prior: %d components on %d "
              "pixels)", bundle_dir, error, len(prior.means), len(pixels))
-    return manifest["refine"]
+    return bundle.refine

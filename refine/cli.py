@@ -79,24 +79,25 @@ def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assi
     pixel_prior.npz, and records them with hashes, the config and the normal map level in bundle.json.
     """
     setup_logging(verbose)
-    from gradad.bundle import read_manifest
+    from gradad.bundle import Bundle
     from gradad.data.datasets import load_samples
     from gradad.refine.bundle_files import prepare_bundle
     from gradad.training.features import load_images
 
     config = apply_refine_set(RefineConfig(), assignments)
-    manifest = read_manifest(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
     samples = [s for s in load_samples(data_root, "train", list(classes) or None, layout) if s.label == 0]
     if not samples:
         raise GradError(f"no good training images under {data_root}")
     rng = np.random.default_rng(0)
     picked = [samples[i] for i in sorted(rng.choice(len(samples), min(max_images, len(samples)), replace=False))]
-    images, _ = load_images(picked, manifest["input"]["model_height"])
+    images, _ = load_images(picked, bundle.input.model_height)
     section = prepare_bundle(bundle_dir, checkpoint, images, config)
-    click.echo(f"prepared {bundle_dir} for refinement: prior {section['prior']['components']} components on "
-               f"{section['prior']['pixels']} pixels of {section['prior']['images']} images; normal map level "
-               f"{section['normal_map_level']:.3f}; checkpoint matches ONNX to "
-               f"{section['checkpoint_vs_onnx_max_rel_error']:.1e}")
+    prior = section.prior or {}
+    click.echo(f"prepared {bundle_dir} for refinement: prior {prior['components']} components on "
+               f"{prior['pixels']} pixels of {prior['images']} images; normal map level "
+               f"{section.normal_map_level:.3f}; checkpoint matches ONNX to "
+               f"{section.checkpoint_vs_onnx_max_rel_error:.1e}")
 
 
 @main.command()
@@ -222,7 +223,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
         class_name, overwrite, verbose) -> None:
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
     setup_logging(verbose)
-    from gradad.bundle import read_manifest
+    from gradad.bundle import Bundle
     from gradad.data.images import read_image_rgb
     from gradad.refine.bundle_files import load_refine_parts
     from gradad.refine.refiner import Refiner
@@ -240,14 +241,14 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
                  if v is not None}
     config = apply_refine_set(dataclasses.replace(parts.config, **overrides), assignments)
-    manifest = read_manifest(bundle_dir)
-    image_threshold = (manifest.get("calibration") or {}).get("image_threshold")
+    bundle = Bundle.load(bundle_dir)
+    image_threshold = bundle.calibration.image_threshold if bundle.calibration else None
     if image_threshold is None and not refine_all:
         raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
                         "--all to refine every image")
     runtime_backend, _ = load_backend(bundle_dir, backend)
     refiner = Refiner.from_parts(parts, config)
-    h, w = manifest["input"]["model_height"], manifest["input"]["model_width"]
+    h, w = bundle.input.model_hw
     started = time.perf_counter()
     counts = {"images": 0, "refined": 0}
     with (out / RECORDS_FILE).open("w") as records:

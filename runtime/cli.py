@@ -24,6 +24,7 @@ from gradad.errors import GradError
 from gradad.urls import redact_url
 
 if TYPE_CHECKING:
+    from gradad.bundle import Bundle
     from gradad.runtime.refine_stage import RefineStage
 
 log = logging.getLogger("gradad.run")
@@ -175,7 +176,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     if not verbose:  # OpenCV's own open/probe warnings duplicate our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     from gradad.runtime.loader import load_backend
-    from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_manifest
+    from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_bundle
     from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, VideoSink,
                                       WebhookSink)
     from gradad.runtime.sources import SourceConfig, open_source
@@ -184,17 +185,17 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     specs = list(sources) + ([str(camera)] if camera is not None else [])
     if not specs:
         raise GradError("no input: give --camera N or --source ...")
-    engine, manifest = load_backend(bundle_dir, backend, precision, providers.split(",") if providers else None,
+    engine, bundle = load_backend(bundle_dir, backend, precision, providers.split(",") if providers else None,
                                     threads, in_flight=1 if serial else max(1, in_flight),
                                     spin=serial if ort_spin is None else ort_spin)
-    thresholds = thresholds_from_manifest(manifest, threshold)
+    thresholds = thresholds_from_bundle(bundle, threshold)
     if benchmark_out:
         check_writable(benchmark_out, "--benchmark-out")
-    calibrated_on = (manifest.get("calibration") or {}).get("backend")
+    calibrated_on = bundle.calibration.backend if bundle.calibration else None
     if threshold is None and calibrated_on and calibrated_on != engine.name:
         log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
                     "re-run grad-calibrate with --backend/--precision of the line", calibrated_on, engine.name)
-    log.info("bundle %s, backend %s, threshold %.4f (%s)", manifest["name"], engine.name, thresholds.image,
+    log.info("bundle %s, backend %s, threshold %.4f (%s)", bundle.name, engine.name, thresholds.image,
              thresholds.source)
     benchmark = benchmark_frames is not None
     source_cfg = SourceConfig(loop=loop or benchmark)
@@ -205,7 +206,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     restore = stop.install()
     try:
         if refine:
-            refine_stage = _start_refine(bundle_dir, manifest, refine_budget, refine_batch, refine_queue, refine_drain,
+            refine_stage = _start_refine(bundle_dir, bundle, refine_budget, refine_batch, refine_queue, refine_drain,
                                          refine_device, refine_threads, refine_factory)
         for spec in specs:
             opened.append(open_source(spec, source_cfg))
@@ -255,10 +256,10 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     log.info("done: %s", stats.format_line() if stats.frames else "no frames")
     if benchmark:
         summary.update({
-            "bundle": manifest["name"], "backend": engine.name, "batch_size": batch_size,
+            "bundle": bundle.name, "backend": engine.name, "batch_size": batch_size,
             "loop": "serial" if serial else "pipelined", "pace_fps": pace_fps, "precision": precision,
             "peak_rss_mb": round(_peak_rss_mb(), 1), "load_average_1min": round(os.getloadavg()[0], 2),
-            "input": [manifest["input"]["height"], manifest["input"]["width"]], "threads": threads,
+            "input": list(bundle.input.hw), "threads": threads,
             "warmup_frames": warmup, "machine": platform.machine(), "processor": platform.processor(),
             "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
             "command": " ".join(["grad-run", *sys.argv[1:]]),
@@ -276,14 +277,14 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
         sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
-def _start_refine(bundle_dir: str, manifest: dict[str, Any], budget: float | None, batch: int, queue: int,
+def _start_refine(bundle_dir: str, bundle: "Bundle", budget: float | None, batch: int, queue: int,
                   drain: float, device: str, threads: int, factory: str | None) -> "RefineStage":
     """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
     from gradad.errors import GradError
     from gradad.runtime.refine_stage import RefineStage
     from gradad.runtime.refine_worker import DEFAULT_FACTORY, RefineWorker, RefineWorkerConfig
 
-    if not manifest.get("refine"):
+    if bundle.refine is None or bundle.refine.empty:
         raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
                         f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
     if drain < 0:

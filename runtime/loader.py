@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-from gradad.bundle import BUNDLE_SCHEMA_VERSION, INPUT_DTYPE_BY_VERSION, ONNX_BY_PRECISION, bundle_file, read_manifest, verify_files
+from gradad.bundle import ONNX_BY_PRECISION, Bundle
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.onnxruntime_backend import BackendError, OnnxRuntimeBackend
@@ -18,18 +18,18 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ORT_TYPE_BY_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 
-def _io_problem(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> str | None:
+def _io_problem(backend: OnnxRuntimeBackend, bundle: Bundle) -> str | None:
     """What in the graph's inputs/outputs differs from the bundle contract (DESIGN.md section 5), or None."""
-    inp = manifest["input"]
+    inp = bundle.input
     inputs, outputs = backend.session.get_inputs(), backend.session.get_outputs()
-    want_shape = ["N", 3, inp["height"], inp["width"]]
-    dtype = INPUT_DTYPE_BY_VERSION[manifest["schema_version"]]
-    if len(inputs) != 1 or inputs[0].name != inp["name"] or inputs[0].type != ORT_TYPE_BY_DTYPE[dtype]:
+    want_shape = ["N", 3, inp.height, inp.width]
+    dtype = bundle.input_dtype
+    if len(inputs) != 1 or inputs[0].name != inp.name or inputs[0].type != ORT_TYPE_BY_DTYPE[dtype]:
         got = ", ".join(f"{i.name} {i.type}" for i in inputs)
-        return f"inputs are [{got}], the bundle says one {dtype} input {inp['name']!r}"
+        return f"inputs are [{got}], the bundle says one {dtype} input {inp.name!r}"
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != want_shape[1:]:
-        return f"input {inp['name']!r} has shape {shape}, the bundle says {want_shape}"
+        return f"input {inp.name!r} has shape {shape}, the bundle says {want_shape}"
     got_out = [(o.name, len(o.shape)) for o in outputs]
     if got_out[:2] != [("score", 1), ("anomaly_map", 4)]:
         return f"outputs are {[f'{n} (rank {r})' for n, r in got_out]}, the bundle needs score (N) and anomaly_map " \
@@ -37,25 +37,26 @@ def _io_problem(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> str | 
     return None
 
 
-def check_io(backend: OnnxRuntimeBackend, manifest: dict[str, Any]) -> None:
+def check_io(backend: OnnxRuntimeBackend, bundle: Bundle) -> None:
     """Refuse a graph whose inputs/outputs are not the bundle's (e.g. another valid ONNX with its hash updated)."""
-    problem = _io_problem(backend, manifest)
+    problem = _io_problem(backend, bundle)
     if problem:
         backend.close()
         raise BackendError(f"{backend.path} is not a gradad model for this bundle: {problem}; re-export the bundle "
                            f"with grad-export onnx")
 
 
-def _onnx_backend(bundle_dir: Path, manifest: dict[str, Any], precision: str, providers: Sequence[str] | None,
+def _onnx_backend(bundle: Bundle, precision: str, providers: Sequence[str] | None,
                   threads: int, max_batch: int, spin: bool = True) -> OnnxRuntimeBackend:
+    bundle_dir = bundle.directory
     name = ONNX_BY_PRECISION[precision]
-    if name not in manifest["files"]:
+    if name not in bundle.files:
         how = (f"quantise it with grad-export quantize {bundle_dir} --calib GOOD_DIR" if precision == "int8" else
                "re-export it without --no-fp16")
         raise BackendError(f"bundle {bundle_dir} has no {name}; {how} or use --precision fp32")
-    verify_files(bundle_dir, manifest, [name])
-    backend = OnnxRuntimeBackend(bundle_file(bundle_dir, name), providers, threads, max_batch, spin)
-    check_io(backend, manifest)
+    bundle.verify([name])
+    backend = OnnxRuntimeBackend(bundle.file(name), providers, threads, max_batch, spin)
+    check_io(backend, bundle)
     return backend
 
 
@@ -68,8 +69,8 @@ def load_backend(
     max_batch: int = 32,
     in_flight: int = 1,
     spin: bool = True,
-) -> tuple[Backend, dict[str, Any]]:
-    """(backend, manifest) for a bundle.
+) -> tuple[Backend, Bundle]:
+    """(backend, bundle) for a bundle folder.
 
     ``auto`` uses a TensorRT engine when the bundle has one for this device and TensorRT is installed, else ONNX
     Runtime (TensorRT/CUDA/CPU providers by availability). ``precision`` defaults to fp16 for TensorRT and fp32
@@ -83,21 +84,21 @@ def load_backend(
     if precision is not None and precision not in PRECISIONS:
         raise GradError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
-    if manifest["schema_version"] != BUNDLE_SCHEMA_VERSION:
+    bundle = Bundle.load(bundle_dir)
+    if not bundle.is_current:
         log.warning("bundle %s has schema version %s (float32 input): frames are converted to float32 on the host; "
                     "re-export it (grad-export onnx CHECKPOINT -o %s --overwrite) for uint8 input in the graph",
-                    bundle_dir, manifest["schema_version"], bundle_dir)
+                    bundle_dir, bundle.schema_version, bundle_dir)
     if backend in ("auto", "tensorrt"):
         try:
             from gradad.runtime.tensorrt_backend import load_tensorrt_backend
 
-            trt_backend = load_tensorrt_backend(bundle_dir, manifest, precision or "fp16", in_flight=in_flight)
-            return trt_backend, manifest
+            trt_backend = load_tensorrt_backend(bundle, precision or "fp16", in_flight=in_flight)
+            return trt_backend, bundle
         except GradError as exc:
             if backend == "tensorrt":
                 raise
             log.info("TensorRT backend not used (%s); using ONNX Runtime", exc)
-    ort_backend = _onnx_backend(bundle_dir, manifest, precision or "fp32", providers, threads, max_batch, spin)
+    ort_backend = _onnx_backend(bundle, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)
-    return ort_backend, manifest
+    return ort_backend, bundle

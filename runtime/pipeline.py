@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from gradad.bundle import check_calibration, check_threshold
+from gradad.bundle import Bundle, check_threshold
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import INPUT_DTYPE, to_model_input
@@ -43,17 +43,19 @@ class Thresholds:
         return float(score) / (2.0 * self.image)
 
 
-def thresholds_from_manifest(manifest: dict[str, Any], override: float | None = None) -> Thresholds:
+def thresholds_from_bundle(bundle: Bundle, override: float | None = None) -> Thresholds:
     """Thresholds from bundle.json's calibration; --threshold overrides; neither is a clear error."""
-    cal = manifest.get("calibration")
-    check_calibration(manifest, f"bundle {manifest.get('name')}")  # read_manifest checked it; direct callers too
-    pixel = float(cal["pixel_threshold"]) if cal and cal.get("pixel_threshold") is not None else None
+    cal = bundle.calibration
+    if cal is not None:  # Bundle.load checked them; a bundle built in Python may not have been
+        check_threshold(cal.image_threshold, f"bundle {bundle.name}: calibration.image_threshold")
+    pixel = (check_threshold(cal.pixel_threshold, f"bundle {bundle.name}: calibration.pixel_threshold")
+             if cal is not None and cal.pixel_threshold is not None else None)
     if override is not None:
         return Thresholds(check_threshold(override, "--threshold"), pixel, "--threshold")
-    if not cal:
-        raise GradError(f"bundle {manifest.get('name')} is not calibrated: run grad-calibrate BUNDLE --good DIR "
+    if cal is None:
+        raise GradError(f"bundle {bundle.name} is not calibrated: run grad-calibrate BUNDLE --good DIR "
                         f"or give --threshold")
-    return Thresholds(float(cal["image_threshold"]), pixel, f"calibration {cal.get('date', '')}".strip())
+    return Thresholds(float(cal.image_threshold), pixel, f"calibration {cal.date or ''}".strip())
 
 
 @dataclass

@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from gradad.bundle import bundle_file, verify_files
+from gradad.bundle import Bundle
 from gradad.errors import GradError
 from gradad.export.tensorrt_build import (
     TensorRTUnavailable,
@@ -665,8 +665,7 @@ class TensorRTBackend:
 
 
 def load_tensorrt_backend(
-    bundle_dir: str | Path,
-    manifest: dict[str, Any],
+    bundle: Bundle,
     precision: str = "fp16",
     trt: Any = None,
     cudart: Any = None,
@@ -679,10 +678,10 @@ def load_tensorrt_backend(
     version or GPU, both with the command that builds one; a modified engine file fails the hash check
     (BundleError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
     """
-    bundle_dir = Path(bundle_dir)
+    bundle_dir = bundle.directory
     if precision not in PRECISIONS:
         raise BackendError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    stamps = [e for e in manifest.get("engines") or [] if e.get("precision") == precision]
+    stamps = bundle.engines_for(precision)
     if not stamps:
         raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "
                            f"with {rebuild_command(str(bundle_dir), precision)}")
@@ -692,7 +691,7 @@ def load_tensorrt_backend(
     stamp = None
     reasons = []
     for candidate in reversed(stamps):  # the newest build first
-        reason = engine_matches_device(candidate, trt_version, gpu, bundle=str(bundle_dir))
+        reason = engine_matches_device(candidate.to_dict(), trt_version, gpu, bundle=str(bundle_dir))
         if reason is None:
             stamp = candidate
             break
@@ -700,14 +699,13 @@ def load_tensorrt_backend(
     if stamp is None:
         others = f" (and {len(reasons) - 1} other {precision} engine(s) for other devices)" if len(reasons) > 1 else ""
         raise BackendError(f"bundle {bundle_dir}: {reasons[0]}{others}")
-    verify_files(bundle_dir, manifest, [stamp["file"]])
-    inp = manifest.get("input", {})
-    backend = TensorRTBackend(bundle_file(bundle_dir, stamp["file"]), inp.get("name", "image"), trt=trt, cudart=cudart,
+    bundle.verify([stamp.file])
+    backend = TensorRTBackend(bundle.file(stamp.file), bundle.input.name, trt=trt, cudart=cudart,
                               in_flight=in_flight)
-    want = (inp.get("height"), inp.get("width"))
-    if None not in want and tuple(backend.input_hw) != tuple(int(v) for v in want):
+    want = bundle.input.hw
+    if tuple(backend.input_hw) != want:
         backend.close()
-        raise BackendError(f"engine {stamp['file']} takes {backend.input_hw[0]}x{backend.input_hw[1]} images but "
+        raise BackendError(f"engine {stamp.file} takes {backend.input_hw[0]}x{backend.input_hw[1]} images but "
                            f"bundle {bundle_dir} says {want[0]}x{want[1]}; rebuild it on this device with "
                            f"`{rebuild_command(str(bundle_dir), precision)}`")
     return backend

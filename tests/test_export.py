@@ -229,8 +229,8 @@ def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: P
     if accepted:
         stamp = build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory)
         manifest = read_manifest(copy)
-        assert manifest["engines"][0]["file"] == stamp["file"] and (copy / stamp["file"]).is_file()
-        assert stamp["parity_vs_onnxruntime"]["map_rel_l2"] == pytest.approx(0.001, rel=1e-3)
+        assert manifest["engines"][0]["file"] == stamp.file and (copy / stamp.file).is_file()
+        assert stamp.parity_vs_onnxruntime["map_rel_l2"] == pytest.approx(0.001, rel=1e-3)
         verify_files(copy, manifest)
     else:
         with pytest.raises(ParityError, match="engine map relative L2"):

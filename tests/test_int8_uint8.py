@@ -186,7 +186,7 @@ def test_build_int8_engine_from_the_qdq_model_glue(int8_bundle: tuple[Path, dict
 
     if accepted:
         stamp = build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory, int8=True)
-        assert stamp["precision"] == "int8" and ".int8." in stamp["file"]
+        assert stamp.precision == "int8" and ".int8." in stamp.file
         assert trt.rec.parsed[0][0] == (copy / INT8_ONNX).read_bytes()
         assert trt.BuilderFlag.INT8 in trt.rec.config.flags and not hasattr(trt.rec.config, "int8_calibrator")
         assert read_manifest(copy)["engines"][0]["parity_vs_onnxruntime"]["map_rel_l2"] < 0.15

@@ -110,10 +110,10 @@ def test_feature_scale_is_fixed_per_bundle_not_the_threshold_passed_in(bundle, t
     train = [s for s in load_samples(tiny_demo_root, "train") if s.label == 0][:6]
     images, _ = load_images(train, 64)
     section = prepare_bundle(copy, trained_tiny, images, RefineConfig(mog_components=2, mog_pixels=5000))
-    assert section["feature_scale"] > 0 and "feature_scale_rule" in section
+    assert section.feature_scale > 0 and section.feature_scale_rule
     low = Refiner.from_bundle(copy, pixel_threshold=0.5, **FIXED)
     high = Refiner.from_bundle(copy, pixel_threshold=5.0, **FIXED)
-    assert low.feature_scale == high.feature_scale == pytest.approx(section["feature_scale"])
+    assert low.feature_scale == high.feature_scale == pytest.approx(section.feature_scale)
     x = low._normalise(images[:2])
     for refiner in (low, high):
         region = torch.ones(2, 1, 64, 64)

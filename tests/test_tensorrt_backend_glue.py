@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gradad.bundle import BundleError, file_entry
+from fakes.bundles import minimal_bundle
+from gradad.bundle import Bundle, BundleError, EngineStamp, FileEntry
 from gradad.errors import GradError
 from gradad.export.tensorrt_build import TensorRTUnavailable
 from gradad.runtime.onnxruntime_backend import BackendError
@@ -652,14 +653,14 @@ def stamp(precision: str = "fp16", trt_version: str = TRT_VERSION, gpu: dict[str
             "compute_capability": gpu["compute_capability"], "precision": precision}
 
 
-def make_bundle(root: Path, stamps: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+def make_bundle(root: Path, stamps: list[dict[str, Any]]) -> tuple[Path, Bundle]:
     bundle = root / "bundle"
     bundle.mkdir()
-    manifest: dict[str, Any] = {"input": {"name": "image", "height": H, "width": W}, "files": {}, "engines": stamps}
+    files = {}
     for s in stamps:
         (bundle / s["file"]).write_bytes(ENGINE_BYTES)
-        manifest["files"][s["file"]] = file_entry(bundle / s["file"])
-    return bundle, manifest
+        files[s["file"]] = FileEntry.of(bundle / s["file"])
+    return bundle, minimal_bundle(bundle, H, W, files, [EngineStamp.from_json(s) for s in stamps])
 
 
 def test_load_picks_the_matching_engine(tmp_path):
@@ -667,7 +668,7 @@ def test_load_picks_the_matching_engine(tmp_path):
     good = stamp()
     bundle, manifest = make_bundle(tmp_path, [good, stale, stamp("fp32")])
     cudart = FakeCudart()
-    backend = load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+    backend = load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
     assert backend.engine_path == bundle / good["file"]
     assert backend.name == "tensorrt" and backend.max_batch == MAX_BATCH
     x = images(2)
@@ -679,7 +680,7 @@ def test_load_refuses_engine_from_another_tensorrt(tmp_path):
     bundle, manifest = make_bundle(tmp_path, [stamp(trt_version="10.0.1")])
     cudart = FakeCudart()
     with pytest.raises(BackendError) as info:
-        load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+        load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
     msg = str(info.value)
     assert "TensorRT 10.0.1 (this device has TensorRT 10.3.0)" in msg
     assert f"grad-export build --fp16 {bundle}" in msg
@@ -693,13 +694,13 @@ def test_load_refuses_engine_for_another_gpu(tmp_path):
     cudart = FakeCudart()
     with pytest.raises(BackendError, match=r"GPU Tesla T4 .*this device has NVIDIA Orin.*rebuild it on this device"
                                            r".*\(and 1 other fp16 engine"):
-        load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+        load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
 
 
 def test_load_refuses_bundle_without_engine(tmp_path):
     bundle, manifest = make_bundle(tmp_path, [])
     with pytest.raises(BackendError) as info:
-        load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(FakeCudart()), cudart=FakeCudart(),
+        load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(FakeCudart()), cudart=FakeCudart(),
                               gpu=GPU)
     assert str(info.value) == (f"bundle {bundle} has no fp16 TensorRT engine: build one on this device with "
                                f"grad-export build --fp16 {bundle} --parity-images DIR")
@@ -708,7 +709,7 @@ def test_load_refuses_bundle_without_engine(tmp_path):
 def test_load_refuses_missing_precision(tmp_path):
     bundle, manifest = make_bundle(tmp_path, [stamp("fp16")])
     with pytest.raises(BackendError, match=f"has no fp32 TensorRT engine.*grad-export build --fp32"):
-        load_tensorrt_backend(bundle, manifest, "fp32", trt=make_fake_trt(FakeCudart()), cudart=FakeCudart(),
+        load_tensorrt_backend(manifest, "fp32", trt=make_fake_trt(FakeCudart()), cudart=FakeCudart(),
                               gpu=GPU)
 
 
@@ -718,16 +719,16 @@ def test_load_refuses_modified_engine_file(tmp_path):
     (bundle / good["file"]).write_bytes(ENGINE_BYTES + b"!")
     cudart = FakeCudart()
     with pytest.raises(BundleError, match="does not match the hash"):
-        load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+        load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
     assert cudart.calls == []
 
 
 def test_load_refuses_engine_with_other_input_size(tmp_path):
     bundle, manifest = make_bundle(tmp_path, [stamp()])
-    manifest["input"]["height"] = 2 * H
+    manifest.input.height = 2 * H
     cudart = FakeCudart()
     with pytest.raises(BackendError, match=f"takes {H}x{W} images but bundle .* says {2 * H}x{W}"):
-        load_tensorrt_backend(bundle, manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+        load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
     assert cudart.live() == 0
 
 
