@@ -107,7 +107,7 @@ def calibrate(
         n_defect = len(defect_files)
         labels = np.r_[np.zeros(n, int), np.ones(n_defect, int)]
         all_scores = np.r_[good_scores, defect_scores]
-        from gradad.evaluation.metrics import auroc, best_f1
+        from gradad.ranking import auroc, best_f1
 
         f1, t_f1 = best_f1(labels, all_scores)
         t_f1 = _strictly_below(t_f1)

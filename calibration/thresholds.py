@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradad.evaluation.metrics import best_f1
+from gradad.ranking import best_f1
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
 from gradad.export.fp16 import FP32_NAME_PATTERNS
 from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
-from gradad.export.tensorrt_build import EngineBuildConfig, TensorRTUnavailable, build_engine, gpu_identity, \
-    import_tensorrt
+from gradad.export.tensorrt_build import EngineBuildConfig, build_engine
+from gradad.runtime.tensorrt_device import TensorRTUnavailable, gpu_identity, import_tensorrt
 from gradad.runtime.backend import Backend, infer_in_batches
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input

@@ -23,8 +23,8 @@ from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
 from gradad.refine.regions import coarse_mask, dilate, drop_small_components, inpaint
-from gradad.refine.result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET,
-                                  RefineResult)
+from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
+                                          STATUS_TIME_BUDGET, RefineResult)
 
 try:
     import torch
@@ -38,6 +38,7 @@ from gradad.refine.sharing import bilateral_weights, share_gradients
 
 if TYPE_CHECKING:
     from gradad.refine.bundle_files import RefineParts
+    from gradad.runtime.refine_worker import RefineWorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -395,3 +396,12 @@ def _converged(history: list[float], cfg: RefineConfig) -> bool:
     last = float(np.mean(history[-w:]))
     prev = float(np.mean(history[-2 * w:-w]))
     return (prev - last) < cfg.stop_relative_drop * max(abs(prev), 1e-12)
+
+
+def build_worker_refiner(cfg: "RefineWorkerConfig") -> Refiner:
+    """The refinement worker's default factory: ``Refiner.from_bundle`` with the bundle's refine config and the
+    worker's settings (runs in the worker process only: this module imports torch)."""
+    overrides: dict[str, Any] = {"max_batch": cfg.max_batch, "device": cfg.device, "threads": cfg.threads}
+    if cfg.time_budget_s is not None:
+        overrides["time_budget_s"] = cfg.time_budget_s
+    return Refiner.from_bundle(cfg.bundle_dir, **overrides)

@@ -6,6 +6,12 @@ from typing import Protocol
 
 import numpy as np
 
+from gradad.errors import GradError
+
+
+class BackendError(GradError):
+    """A backend that cannot be created or run with the given model/settings (any backend)."""
+
 
 class Backend(Protocol):
     """images (N, 3, H, W) float32 RGB in 0..255 -> (scores (N,), maps (N, H, W)), both float32."""

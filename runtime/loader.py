@@ -8,8 +8,8 @@ from typing import Sequence
 
 from gradad.bundle import ONNX_BY_PRECISION, Bundle
 from gradad.errors import GradError
-from gradad.runtime.backend import Backend
-from gradad.runtime.onnxruntime_backend import BackendError, OnnxRuntimeBackend
+from gradad.runtime.backend import Backend, BackendError
+from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
 

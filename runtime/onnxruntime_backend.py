@@ -8,8 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from gradad.errors import GradError
-from gradad.runtime.backend import infer_in_batches
+from gradad.runtime.backend import BackendError, infer_in_batches
 from gradad.runtime.preprocess import as_input_dtype
 
 log = logging.getLogger(__name__)
@@ -19,10 +18,6 @@ PROVIDER_ALIASES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-class BackendError(GradError):
-    """A backend that cannot be created or run with the given model/settings."""
 
 
 def resolve_providers(requested: Sequence[str] | None) -> list[str]:

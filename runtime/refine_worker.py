@@ -2,7 +2,7 @@
 
 The main (camera) process never imports torch: it only ships ``(image, anomaly map)`` pairs to a worker process
 started with the ``spawn`` method, which builds the refiner (``gradad.refine.refiner.Refiner``, torch) and sends
-back :class:`gradad.refine.result.RefineResult` objects (numpy only).
+back :class:`gradad.runtime.refine_result.RefineResult` objects (numpy only).
 
 * :meth:`RefineWorker.start` waits for a ready handshake: a worker that cannot start (bundle not prepared, torch
   missing, no GPU for ``device="cuda"``) raises :class:`RefineWorkerError` with the worker's own one-line reason.
@@ -36,11 +36,12 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.refine.result import RefineResult
+from gradad.runtime.refine_result import RefineResult
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FACTORY = "gradad.runtime.refine_worker:build_refiner"
+# The F2PAD refiner (torch), named by string: the worker process imports it, the runtime never does.
+DEFAULT_FACTORY = "gradad.refine.refiner:build_worker_refiner"
 DEVICES = ("auto", "cpu", "cuda")
 
 # Outcome statuses besides RefineResult's own (converged, max_iterations, time_budget, empty_region).
@@ -160,19 +161,6 @@ class _Pending:
 
 # ----------------------------------------------------------------------------------------------------------------
 # worker process side
-
-
-def build_refiner(cfg: RefineWorkerConfig) -> Refiner:
-    """The default factory: ``Refiner.from_bundle`` with the bundle's refine config and the worker's settings.
-
-    Runs in the worker process only (``gradad.refine.refiner`` imports torch and says how to install it if missing).
-    """
-    from gradad.refine.refiner import Refiner as F2padRefiner
-
-    overrides: dict[str, Any] = {"max_batch": cfg.max_batch, "device": cfg.device, "threads": cfg.threads}
-    if cfg.time_budget_s is not None:
-        overrides["time_budget_s"] = cfg.time_budget_s
-    return F2padRefiner.from_bundle(cfg.bundle_dir, **overrides)
 
 
 def _lower_priority(increment: int) -> None:

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.evaluation.figures import heatmap_overlay
+from gradad.imaging import heatmap_overlay, map_to_uint8, to_bgr_uint8
 from gradad.runtime.types import FrameResult
 from gradad.urls import redact_url, redact_urls_in
 
@@ -139,23 +139,6 @@ def map_display_range(threshold: float, amap: np.ndarray | None = None) -> tuple
     if not finite.any():
         return 0.0, 1.0
     return float(a[finite].min()), float(a[finite].max())
-
-
-def _to_bgr(image: np.ndarray) -> np.ndarray:
-    img = np.asarray(image)
-    if img.dtype != np.uint8:
-        if img.dtype.kind == "f" and img.size and float(np.nanmax(img)) <= 1.0:
-            img = img * 255.0
-        img = np.clip(np.nan_to_num(img), 0, 255).astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-    if img.ndim == 3 and img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_RGBA2BGR)
-    if img.ndim == 3 and img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    raise ValueError(f"frame image must be (H,W), (H,W,3) or (H,W,4), got shape {img.shape}")
 
 
 def _map2d(amap: np.ndarray) -> np.ndarray:
@@ -323,7 +306,7 @@ def annotate_frame(result: FrameResult, image_rgb: np.ndarray | None = None, alp
     * A banner over the top rows: "OK" on green or "NG" on red, with the score and threshold.
     """
     image = result.frame.image if image_rgb is None else image_rgb
-    bgr = _to_bgr(image)
+    bgr = to_bgr_uint8(image)
     h, w = bgr.shape[:2]
     amap = _map2d(result.anomaly_map)
     if amap.shape != (h, w):
@@ -742,14 +725,14 @@ class FlaggedFrameSink(_SinkBase):
 
     def _encode(self, result: FrameResult) -> dict[str, bytes]:
         amap = _map2d(result.anomaly_map)
-        ok1, orig = cv2.imencode(".png", _to_bgr(result.frame.image))
+        ok1, orig = cv2.imencode(".png", to_bgr_uint8(result.frame.image))
         ok2, overlay = cv2.imencode(".jpg", annotate_frame(result), [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         buf = io.BytesIO()
         np.save(buf, amap.astype(np.float32), allow_pickle=False)
         lo, hi = map_display_range(result.threshold, amap)
         lo = 0.0 if lo is None else lo
         hi = lo + 1.0 if hi is None or hi <= lo else hi
-        grey = np.clip((np.nan_to_num(amap, nan=lo) - lo) * (255.0 / (hi - lo)), 0, 255).astype(np.uint8)
+        grey = map_to_uint8(amap, lo, hi)
         ok3, map_png = cv2.imencode(".png", grey)
         if not (ok1 and ok2 and ok3):
             raise ValueError("OpenCV could not encode the images")
@@ -884,7 +867,7 @@ def _encode_refined(mask: np.ndarray, repaired: np.ndarray | None) -> dict[str, 
         raise ValueError(f"refined mask must be 2-D, got shape {m.shape}")
     images = {_REFINED_KINDS["mask_file"]: (m > 0).astype(np.uint8) * 255}
     if repaired is not None:
-        images[_REFINED_KINDS["repaired_file"]] = _to_bgr(repaired)
+        images[_REFINED_KINDS["repaired_file"]] = to_bgr_uint8(repaired)
     out = {}
     for kind, image in images.items():
         ok, data = cv2.imencode(".png", image)

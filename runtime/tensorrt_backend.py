@@ -69,15 +69,14 @@ import numpy as np
 
 from gradad.bundle import Bundle
 from gradad.errors import GradError
-from gradad.export.tensorrt_build import (
+from gradad.runtime.tensorrt_device import (
     TensorRTUnavailable,
     rebuild_command,
     engine_matches_device,
     gpu_identity,
     import_tensorrt,
 )
-from gradad.runtime.backend import infer_in_batches
-from gradad.runtime.onnxruntime_backend import BackendError
+from gradad.runtime.backend import BackendError, infer_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -691,7 +690,7 @@ def load_tensorrt_backend(
     stamp = None
     reasons = []
     for candidate in reversed(stamps):  # the newest build first
-        reason = engine_matches_device(candidate.to_dict(), trt_version, gpu, bundle=str(bundle_dir))
+        reason = engine_matches_device(candidate, trt_version, gpu, bundle=str(bundle_dir))
         if reason is None:
             stamp = candidate
             break

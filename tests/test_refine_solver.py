@@ -21,7 +21,7 @@ from gradad.refine.bundle_files import prepare_bundle
 from gradad.refine.cli import main as refine_cli
 from gradad.refine.config import RefineConfig
 from gradad.refine.refiner import Refiner
-from gradad.refine.result import STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET
+from gradad.runtime.refine_result import STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.training.features import load_images
 

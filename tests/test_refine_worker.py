@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gradad.errors import GradError
-from gradad.refine.result import STATUS_CONVERGED, RefineResult
+from gradad.runtime.refine_result import STATUS_CONVERGED, RefineResult
 from gradad.runtime.refine_worker import (STATUS_DROPPED, STATUS_FAILED, STATUS_UNFINISHED, RefineWorker,
                                           RefineWorkerConfig, RefineWorkerError)
 

@@ -154,7 +154,7 @@ def test_bad_inputs_are_one_clear_line(line: dict[str, Path], tmp_path: Path) ->
 
 def test_wrong_input_size_to_backend_is_a_clear_error(line: dict[str, Path]) -> None:
     from gradad.runtime.loader import load_backend
-    from gradad.runtime.onnxruntime_backend import BackendError
+    from gradad.runtime.backend import BackendError
 
     backend, _ = load_backend(line["bundle"], "onnxruntime")
     with pytest.raises(BackendError, match=r"\(N, 3, 64, 64\)"):

@@ -24,7 +24,7 @@ from test_runtime import _lean_env
 from test_sinks import make_result
 
 from gradad.bundle import read_manifest, write_manifest
-from gradad.refine.result import STATUSES
+from gradad.runtime.refine_result import STATUSES
 from gradad.runtime.cli import main as run_main
 from gradad.runtime.sinks import FlaggedFrameSink
 

@@ -37,8 +37,8 @@ import pytest
 from fakes.bundles import minimal_bundle
 from gradad.bundle import Bundle, BundleError, EngineStamp, FileEntry
 from gradad.errors import GradError
-from gradad.export.tensorrt_build import TensorRTUnavailable
-from gradad.runtime.onnxruntime_backend import BackendError
+from gradad.runtime.tensorrt_device import TensorRTUnavailable
+from gradad.runtime.backend import BackendError
 from gradad.runtime.tensorrt_backend import TensorRTBackend, load_tensorrt_backend
 
 H = W = 16
@@ -781,7 +781,7 @@ def test_real_tensorrt_backend(tmp_path):
         import tensorrt as trt
     except Exception:  # noqa: BLE001 - ImportError, or a broken install (OSError)
         pytest.skip("TensorRT not installed")
-    from gradad.export.tensorrt_build import gpu_identity
+    from gradad.runtime.tensorrt_device import gpu_identity
     from gradad.runtime.tensorrt_backend import import_cudart
 
     try:

@@ -14,6 +14,7 @@ installed" / "no CUDA GPU") unless both are present.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import sys
 import types
@@ -24,15 +25,11 @@ import numpy as np
 import pytest
 
 from gradad.errors import ConfigError, GradError
+from gradad.bundle import EngineStamp
 from gradad.export import tensorrt_build as tb
-from gradad.export.tensorrt_build import (
-    EngineBuildConfig,
-    TensorRTUnavailable,
-    build_engine,
-    engine_filename,
-    engine_matches_device,
-    supports_fp16_flag,
-)
+from gradad.export.tensorrt_build import EngineBuildConfig, build_engine, engine_filename, supports_fp16_flag
+from gradad.runtime import tensorrt_device as td
+from gradad.runtime.tensorrt_device import TensorRTUnavailable, engine_matches_device
 
 GPU = {"name": "NVIDIA Orin", "compute_capability": "8.7"}
 CHW = (3, 64, 64)
@@ -536,13 +533,12 @@ def test_engine_written_atomically_with_stamp(onnx_files, tmp_path):
 
 
 def test_engine_matches_device():
-    stamp = {"file": "model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan", "tensorrt_version": "10.3.0",
-             "gpu_name": "NVIDIA Orin", "compute_capability": "8.7", "precision": "fp16"}
+    stamp = EngineStamp("model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan", "10.3.0", "NVIDIA Orin", "8.7", "fp16")
     assert engine_matches_device(stamp, "10.3.0", GPU) is None
 
     msg = engine_matches_device(stamp, "10.7.0", GPU)
     assert msg and "TensorRT 10.3.0" in msg and "10.7.0" in msg
-    assert "grad-export build --fp16 <bundle>" in msg and stamp["file"] in msg
+    assert "grad-export build --fp16 <bundle>" in msg and stamp.file in msg
 
     other = {"name": "NVIDIA GeForce RTX 3090", "compute_capability": "8.6"}
     msg = engine_matches_device(stamp, "10.3.0", other, bundle="models/screws")
@@ -550,7 +546,7 @@ def test_engine_matches_device():
     assert "grad-export build --fp16 models/screws" in msg
     assert "\n" not in msg
 
-    fp32_stamp = dict(stamp, precision="fp32")
+    fp32_stamp = dataclasses.replace(stamp, precision="fp32")
     msg = engine_matches_device(fp32_stamp, "10.3.0", other)
     assert msg and "grad-export build --fp32 <bundle>" in msg
 
@@ -563,7 +559,7 @@ def test_engine_matches_device():
 def test_import_tensorrt_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` raise ImportError
     with pytest.raises(TensorRTUnavailable) as info:
-        tb.import_tensorrt()
+        td.import_tensorrt()
     assert str(info.value) == (
         "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
     )
@@ -572,24 +568,24 @@ def test_import_tensorrt_missing(monkeypatch):
 
 def test_gpu_identity_without_any_gpu(monkeypatch):
     for probe in ("_gpu_from_cuda_python", "_gpu_from_nvidia_smi", "_gpu_from_libcuda"):
-        monkeypatch.setattr(tb, probe, lambda: None)
+        monkeypatch.setattr(td, probe, lambda: None)
     with pytest.raises(TensorRTUnavailable, match="no CUDA GPU found"):
-        tb.gpu_identity()
+        td.gpu_identity()
 
 
 def test_gpu_identity_falls_back_to_nvidia_smi(monkeypatch):
-    monkeypatch.setattr(tb, "_gpu_from_cuda_python", lambda: None)
-    monkeypatch.setattr(tb, "_gpu_from_nvidia_smi", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
-    assert tb.gpu_identity() == {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    monkeypatch.setattr(td, "_gpu_from_cuda_python", lambda: None)
+    monkeypatch.setattr(td, "_gpu_from_nvidia_smi", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
+    assert td.gpu_identity() == {"name": "NVIDIA H100", "compute_capability": "9.0"}
 
 
 def test_parse_nvidia_smi_line():
-    assert tb.parse_nvidia_smi_line("NVIDIA H100 80GB HBM3, 9.0\n") == {
+    assert td.parse_nvidia_smi_line("NVIDIA H100 80GB HBM3, 9.0\n") == {
         "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    assert tb.parse_nvidia_smi_line("\nOrin (nvgpu), 8.7\nother, 8.6\n") == {
+    assert td.parse_nvidia_smi_line("\nOrin (nvgpu), 8.7\nother, 8.6\n") == {
         "name": "Orin (nvgpu)", "compute_capability": "8.7"}
-    assert tb.parse_nvidia_smi_line("NVIDIA Orin, [N/A]") is None
-    assert tb.parse_nvidia_smi_line("") is None
+    assert td.parse_nvidia_smi_line("NVIDIA Orin, [N/A]") is None
+    assert td.parse_nvidia_smi_line("") is None
 
 
 def test_supports_fp16_flag():
@@ -658,7 +654,7 @@ def test_real_tensorrt_build(tmp_path):
     except Exception:  # noqa: BLE001 - ImportError, or a broken install (OSError)
         pytest.skip("TensorRT not installed")
     try:
-        gpu = tb.gpu_identity()
+        gpu = td.gpu_identity()
     except TensorRTUnavailable:
         pytest.skip("no CUDA GPU")
 
@@ -673,7 +669,7 @@ def test_real_tensorrt_build(tmp_path):
     engine_path = tmp_path / "out" / stamp["file"]
     assert engine_path.is_file() and cache.is_file()
     assert stamp["build_mode"] == ("fp16-flag" if supports_fp16_flag(trt) else "strongly-typed-fp16-onnx")
-    assert engine_matches_device(stamp, trt.__version__, gpu) is None
+    assert engine_matches_device(EngineStamp.from_json(stamp), trt.__version__, gpu) is None
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     assert engine is not None
@@ -724,4 +720,4 @@ def test_int8_without_a_qdq_model_says_how_to_make_one(onnx_files, tmp_path):
     with pytest.raises(GradError, match="grad-export quantize"):
         build_engine(onnx_files[0], tmp_path / "out", "image", CHW, EngineBuildConfig(int8=True),
                      trt=_int8_fake(), gpu=GPU)
-    assert tb.rebuild_command("models/x", "int8") == "grad-export build --int8 models/x --parity-images DIR"
+    assert td.rebuild_command("models/x", "int8") == "grad-export build --int8 models/x --parity-images DIR"
