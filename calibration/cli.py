@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CLI_CONTEXT)
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--good", "good_dir", required=True, multiple=True, type=click.Path(),
               help="Folder of held-out GOOD images, repeatable (one per class for a unified model) "
@@ -24,7 +24,7 @@ from gradad.cli_utils import setup_logging, user_errors_as_exit
               help="[default: fp16 for TensorRT, fp32 for ONNX Runtime]")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @click.option("--dry-run", is_flag=True, help="Print the table without writing bundle.json.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_recall, method, backend, precision,
          threads, dry_run, verbose) -> None:

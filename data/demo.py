@@ -325,15 +325,7 @@ def _render_nut(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nda
     val = val * (1.0 + 0.04 * grain)
     obj = val[..., None] * np.float32([0.96, 0.985, 1.03])
 
-    m = _pose(s, angle, shift)
-    obj = cv2.warpAffine(obj, m, (s, s), flags=cv2.INTER_LINEAR)
-    alpha = cv2.warpAffine(alpha, m, (s, s), flags=cv2.INTER_LINEAR)
-
-    bg_col = np.float32([58, 63, 70]) * (1.0 + rng.uniform(-0.05, 0.05))
-    bg = bg_col * (1.0 + 0.05 * _smooth_noise(rng, s, 5))[..., None]
-    img = _composite(bg, obj, alpha, shadow_offset=s * rng.uniform(0.01, 0.02), shadow_strength=0.5)
-    out = _finish(rng, img, brightness=0.1, gradient=0.12, noise=3.0)
-    return out, alpha > 0.5
+    return _place_on_tray(rng, s, obj, alpha, _pose(s, angle, shift), [58, 63, 70], 0.05, 5, (0.01, 0.02), 0.5)
 
 
 def _render_capsule(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -371,13 +363,20 @@ def _render_capsule(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np
     ink = (text.astype(np.float32) / 255.0)[..., None]
     obj = obj * (1.0 - 0.75 * ink) + np.float32([40, 40, 45]) * 0.75 * ink * 0.4
 
-    m = _pose(s, angle, shift)
-    obj = cv2.warpAffine(obj.astype(np.float32), m, (s, s), flags=cv2.INTER_LINEAR)
-    alpha = cv2.warpAffine(alpha, m, (s, s), flags=cv2.INTER_LINEAR)
+    return _place_on_tray(rng, s, obj.astype(np.float32), alpha, _pose(s, angle, shift), [128, 134, 140], 0.025, 4,
+                          (0.012, 0.022), 0.45)
 
-    bg_col = np.float32([128, 134, 140]) * (1.0 + rng.uniform(-0.05, 0.05))
-    bg = bg_col * (1.0 + 0.025 * _smooth_noise(rng, s, 4))[..., None]
-    img = _composite(bg, obj, alpha, shadow_offset=s * rng.uniform(0.012, 0.022), shadow_strength=0.45)
+
+def _place_on_tray(rng: np.random.Generator, s: int, obj: np.ndarray, alpha: np.ndarray, pose: np.ndarray,
+                   tray_rgb: list[int], tray_texture: float, texture_scale: int, shadow_range: tuple[float, float],
+                   shadow_strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pose the object, lay it with its shadow on a textured tray and finish the image (same random draws, in the
+    same order, for every part kind)."""
+    obj = cv2.warpAffine(obj, pose, (s, s), flags=cv2.INTER_LINEAR)
+    alpha = cv2.warpAffine(alpha, pose, (s, s), flags=cv2.INTER_LINEAR)
+    bg_col = np.float32(tray_rgb) * (1.0 + rng.uniform(-0.05, 0.05))
+    bg = bg_col * (1.0 + tray_texture * _smooth_noise(rng, s, texture_scale))[..., None]
+    img = _composite(bg, obj, alpha, shadow_offset=s * rng.uniform(*shadow_range), shadow_strength=shadow_strength)
     out = _finish(rng, img, brightness=0.1, gradient=0.12, noise=3.0)
     return out, alpha > 0.5
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 from gradad.data.demo import (
     ALL_CLASSES,
     DEFAULT_CLASSES,
@@ -32,7 +32,7 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 
 
 @click.command(
-    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    context_settings={**CLI_CONTEXT, "show_default": False, "max_content_width": 100},
     epilog=(
         "Layout: OUT_DIR/<class>/train/good/*.png, OUT_DIR/<class>/test/{good,<defect>}/*.png, "
         f"OUT_DIR/<class>/ground_truth/<defect>/*_mask.png, plus OUT_DIR/{MARKER_NAME} with the settings. "
@@ -57,7 +57,7 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 @click.option("--overwrite", is_flag=True,
               help=f"Replace OUT_DIR if it is a demo data set written before (it holds {MARKER_NAME}); "
                    "any other non-empty folder is never touched.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 @user_errors_as_exit
 def main(
     out_dir: Path,

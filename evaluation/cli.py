@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 
 log = logging.getLogger("gradad.eval")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CLI_CONTEXT)
 @click.argument("model_path", type=click.Path())
 @click.option("--data", "data_root", type=click.Path(), help="Dataset root [default: the one the model was "
               "trained on].")
@@ -26,7 +26,7 @@ log = logging.getLogger("gradad.eval")
 @click.option("--figures", "figures_per_class", type=int, default=5, help="Figures per class (0 = none).")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--batch-size", type=int, default=8)
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def main(model_path, data_root, classes, layout, out_dir, name, figures_per_class, device, batch_size,
          verbose) -> None:

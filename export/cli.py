@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 
 log = logging.getLogger("gradad.export")
 
-_CTX = {"help_option_names": ["-h", "--help"], "show_default": True}
+_CTX = CLI_CONTEXT
 
 
 @click.group(context_settings=_CTX)
@@ -53,7 +53,7 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
 @click.option("--no-fp16", is_flag=True, help="Skip the FP16 ONNX.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle in the output folder.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max_images, input_size, no_fp16,
                  no_simplify, overwrite, verbose) -> None:
@@ -85,7 +85,7 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               help="Activation range calibration.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def quantize_command(bundle_dir, calib, calib_max_images, data_root, parity_max_images, method, threads,
                      verbose) -> None:
@@ -120,7 +120,7 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_root, parity_max_
 @click.option("--workspace-mib", type=int, default=2048, help="Builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused and updated "
               "[default: BUNDLE/timing.cache].")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, workspace_mib, timing_cache,
                   verbose) -> None:

@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradad.bundle import Precision
 from gradad.errors import ConfigError, GradError
+from gradad.files import atomic_write_bytes
 from gradad.runtime.tensorrt_device import (  # noqa: F401 - re-exported: the device side lives in the runtime
     TensorRTUnavailable,
     engine_matches_device,
@@ -109,7 +111,7 @@ def _sanitise(text: str) -> str:
 
 def engine_filename(trt_version: str, gpu_name: str, compute_capability: str, precision: str) -> str:
     """Engine file name, e.g. ``model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan``."""
-    if precision not in ("fp16", "fp32", "int8"):
+    if precision not in tuple(Precision):
         raise ValueError(f"precision must be 'fp16', 'fp32' or 'int8', got {precision!r}")
     sm = "sm" + re.sub(r"[^0-9]", "", str(compute_capability))
     return f"model.trt{_sanitise(trt_version)}.{precision}.{sm}.{_sanitise(gpu_name)}.plan"
@@ -320,21 +322,6 @@ def _setup_timing_cache(config: Any, path: Path | None) -> Any:
     return cache
 
 
-def _atomic_write_bytes(path: Path, data: Any) -> None:
-    """Write ``data`` (bytes or a buffer such as trt.IHostMemory) to ``path`` via tmp + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(memoryview(data))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_engine(
     onnx_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -423,13 +410,15 @@ def build_engine(
         )
 
     name = engine_filename(trt_version, gpu["name"], gpu["compute_capability"], precision)
-    _atomic_write_bytes(out_dir / name, serialized)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / name, serialized, fsync=True)
     log.info("Wrote %s (%.1f s build)", out_dir / name, build_seconds)
 
     if cache_path is not None:
         cache = config.get_timing_cache()
         if cache is not None:
-            _atomic_write_bytes(cache_path, cache.serialize())
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache_path, cache.serialize(), fsync=True)
             log.info("Saved TensorRT timing cache %s", cache_path)
 
     return {

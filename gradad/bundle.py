@@ -9,7 +9,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import types
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -19,6 +18,7 @@ from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type
 import jsonschema
 
 from gradad.errors import GradError
+from gradad.files import atomic_write_text
 
 #: Version 2: the graph takes uint8 RGB frames (N, 3, H, W) and casts/normalises inside (version 1: float32 0..255).
 BUNDLE_SCHEMA_VERSION = 2
@@ -30,8 +30,33 @@ MANIFEST_NAME = "bundle.json"
 FP32_ONNX = "model.onnx"
 FP16_ONNX = "model.fp16.onnx"
 INT8_ONNX = "model.int8.onnx"
+
+
+class _StrEnum(str, Enum):
+    """An enum equal to, and printed as, its string value (what the CLI flags and bundle.json hold)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Precision(_StrEnum):
+    """Numeric precision of a model file or engine (``Precision.FP16 == "fp16"``)."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class BackendKind(_StrEnum):
+    """Inference backend a command asks for (``auto``: TensorRT where an engine fits, else ONNX Runtime)."""
+
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
 #: ONNX file of each ONNX Runtime precision.
-ONNX_BY_PRECISION = {"fp32": FP32_ONNX, "fp16": FP16_ONNX, "int8": INT8_ONNX}
+ONNX_BY_PRECISION = {Precision.FP32.value: FP32_ONNX, Precision.FP16.value: FP16_ONNX, Precision.INT8.value: INT8_ONNX}
 REEXPORT_COMMAND = "grad-export onnx CHECKPOINT -o DIR --overwrite"
 
 
@@ -217,9 +242,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Validate and write bundle.json atomically."""
     path = Path(bundle_dir) / MANIFEST_NAME
     validate_manifest(manifest, str(path))
-    tmp = path.with_name(f".{MANIFEST_NAME}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 

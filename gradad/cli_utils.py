@@ -15,6 +15,14 @@ from gradad.errors import GradError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: click context of every grad-* command: -h works like --help, defaults are shown.
+CLI_CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+def verbose_option(func: F) -> F:
+    """The ``-v/--verbose`` flag (debug logging) of every grad-* command."""
+    return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(func)  # type: ignore[return-value]
+
 
 def setup_logging(verbose: bool = False) -> None:
     """Configure root logging once for a CLI process."""

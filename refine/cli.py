@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 
@@ -47,7 +47,7 @@ class _DefaultToRun(click.Group):
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_DefaultToRun, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_DefaultToRun, context_settings=CLI_CONTEXT)
 def main() -> None:
     """F2PAD pixel refinement: sharp defect masks for flagged images (needs the [refine] extra: torch).
 
@@ -70,7 +70,7 @@ def main() -> None:
               help="Training images sampled for the pixel prior.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override stored in the bundle, e.g. "
               "--set lambda0=0.5 --set time_budget_s=2.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assignments, verbose) -> None:
     """Fit the pixel prior on good training images and add the refinement files to BUNDLE.
@@ -110,7 +110,7 @@ def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assi
               help="Labelled defects per (class, defect type) taken out for tuning (recorded; benchmarks skip them).")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def tune(bundle_dir, data_root, classes, per_defect, threads, assignments, verbose) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
@@ -217,7 +217,7 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
 @click.option("--class", "class_name", help="Class of the images: use its settings tuned by grad-refine tune "
               "[default: the only tuned class, else the bundle's config].")
 @click.option("--overwrite", is_flag=True, help="Write into an output folder that already holds results.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
         class_name, overwrite, verbose) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from gradad.errors import GradError
+from gradad.files import atomic_file
 
 PRIOR_FILE = "pixel_prior.npz"
 
@@ -36,12 +37,9 @@ class PixelPrior:
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (npz) atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_file(path) as fh:
             np.savez(fh, means=self.means, covariances=self.covariances,
                      mean_log_likelihood=np.float64(self.mean_log_likelihood))
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "PixelPrior":

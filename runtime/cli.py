@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gradad.cli_utils import check_writable, setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.urls import redact_url
 
@@ -53,6 +53,11 @@ def parse_mqtt(value: str) -> tuple[str, int]:
     return host, int(port or 1883)
 
 
+#: False in the test process: there ``os._exit`` would end pytest itself (tests run grad-run in-process with click's
+#: CliRunner); subprocess tests of the real command keep it.
+HARD_EXIT_PAST_STUCK_CAPTURES = True
+
+
 def exit_past_stuck_captures(func: Any) -> Any:
     """Exit with the command's code through ``os._exit`` when a camera/stream thread is still blocked in OpenCV.
 
@@ -75,7 +80,7 @@ def exit_past_stuck_captures(func: Any) -> Any:
         finally:
             from gradad.runtime.sources import native_threads_alive
 
-            if native_threads_alive():
+            if HARD_EXIT_PAST_STUCK_CAPTURES and native_threads_alive():
                 log.debug("a capture thread is still blocked in OpenCV: exiting without interpreter shutdown")
                 logging.shutdown()
                 sys.stdout.flush()
@@ -85,7 +90,7 @@ def exit_past_stuck_captures(func: Any) -> Any:
     return wrapper
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True}, epilog=EPILOG)
+@click.command(context_settings=CLI_CONTEXT, epilog=EPILOG)
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--camera", type=int, help="Camera index (same as --source N).")
 @click.option("--source", "sources", multiple=True, help="Camera index, GStreamer pipeline, RTSP/HTTP URL, video "
@@ -150,7 +155,7 @@ def exit_past_stuck_captures(func: Any) -> Any:
 @click.option("--refine-threads", type=int, default=1, help="Torch CPU threads of the worker (0 = all cores).")
 @click.option("--refine-factory", hidden=True, help="module:function building the refiner (tests, custom "
               "refiners).")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @exit_past_stuck_captures
 @user_errors_as_exit
 def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, serial, in_flight,

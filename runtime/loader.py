@@ -6,15 +6,15 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from gradad.bundle import ONNX_BY_PRECISION, Bundle
+from gradad.bundle import ONNX_BY_PRECISION, BackendKind, Bundle, Precision
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend, BackendError
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime")
-PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = tuple(b.value for b in BackendKind)
+PRECISIONS = tuple(p.value for p in Precision)
 ORT_TYPE_BY_DTYPE = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 

@@ -36,7 +36,9 @@ from typing import IO, Any, Iterable
 import cv2
 import numpy as np
 
+from gradad.data.datasets import IMAGE_EXTENSIONS
 from gradad.errors import GradError
+from gradad.files import atomic_write_bytes
 from gradad.imaging import heatmap_overlay, map_to_uint8, to_bgr_uint8
 from gradad.runtime.types import FrameResult
 from gradad.urls import redact_url, redact_urls_in
@@ -574,8 +576,7 @@ _REFINED_KINDS = {"mask_file": "refined_mask.png", "repaired_file": "repaired.pn
 _ALL_KINDS = _KINDS + tuple(_REFINED_KINDS.values())
 _NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>"
                       + "|".join(re.escape(k) for k in _ALL_KINDS) + r")$")
-_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp$")
-_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp\d*$")  # gradad.files.atomic_file's temporary names
 
 
 def _safe_name(name: str | None, source: str) -> str:
@@ -583,7 +584,7 @@ def _safe_name(name: str | None, source: str) -> str:
     s = str(name) if name else str(source)
     s = os.path.basename(s.replace("\\", "/").rstrip("/")) or s
     low = s.lower()
-    for ext in _IMAGE_EXTS:
+    for ext in IMAGE_EXTENSIONS:  # frame names come from image folders/globs: only readable kinds occur
         if low.endswith(ext) and len(s) > len(ext):
             s = s[: -len(ext)]
             break
@@ -601,7 +602,7 @@ class FlaggedFrameSink(_SinkBase):
     (the map as 8-bit grey, scaled from ``[0, 2 * threshold]``). ``<name>`` is the frame's file name (or its
     source) reduced to ``[A-Za-z0-9_-]``.
 
-    * Every file is written atomically (a hidden ``.<file>.tmp`` then ``os.replace``): readers never see
+    * Every file is written atomically (a hidden ``.<file>.tmp<pid>`` then ``os.replace``): readers never see
       partial files.
     * Disk use: the total size of its files is kept <= ``max_bytes`` (and the number of saved frames <=
       ``max_files`` if given) by deleting the **oldest** saved frames (by modification time) before writing a
@@ -739,19 +740,6 @@ class FlaggedFrameSink(_SinkBase):
         return {"orig.png": orig.tobytes(), "overlay.jpg": overlay.tobytes(), "map.npy": buf.getvalue(),
                 "map.png": map_png.tobytes()}
 
-    def _atomic_write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
-
     def write(self, result: FrameResult) -> None:
         """Save the result's files if it is anomalous (or a sampled normal one), evicting old frames as needed."""
         if self._closed:
@@ -786,7 +774,7 @@ class FlaggedFrameSink(_SinkBase):
             written: dict[str, int] = {}
             try:
                 for kind in _KINDS:
-                    self._atomic_write(self.folder / f"{key}_{kind}", payload[kind])
+                    atomic_write_bytes(self.folder / f"{key}_{kind}", payload[kind])
                     written[kind] = len(payload[kind])
             except OSError as e:
                 self.errors += 1
@@ -831,7 +819,7 @@ class FlaggedFrameSink(_SinkBase):
                     continue
                 path = self.folder / f"{key}_{kind}"
                 try:
-                    self._atomic_write(path, payload[kind])
+                    atomic_write_bytes(path, payload[kind])
                 except OSError as e:
                     self.errors += 1
                     log.error("refined file %s not saved: %s", path, e)

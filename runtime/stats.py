@@ -8,13 +8,12 @@ from typing import Any
 
 import numpy as np
 
-#: Per-frame stages; ``total`` is their sum (the work spent on the frame), ``end_to_end`` the time from capture to
-#: its record written (queue waits of the pipelined loop included).
-STAGES = ("decode", "preprocess", "inference", "postprocess", "sink", "total", "end_to_end")
-
-
 class LatencyStats:
-    """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS."""
+    """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS.
+
+    Stages are decode, preprocess, inference, postprocess and sink; ``total`` is their sum (the work spent on the
+    frame), ``end_to_end`` the time from capture to its record written (queue waits of the pipelined loop included).
+    """
 
     def __init__(self, window: int = 1000, history: int = 100_000) -> None:
         self.window = window

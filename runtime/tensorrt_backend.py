@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from gradad.bundle import Bundle
+from gradad.bundle import Bundle, Precision
 from gradad.errors import GradError
 from gradad.runtime.tensorrt_device import (
     TensorRTUnavailable,
@@ -86,7 +86,7 @@ CUDA_PYTHON_MISSING_MESSAGE = (
 )
 SCORE_OUTPUT = "score"
 MAP_OUTPUT = "anomaly_map"
-PRECISIONS = ("fp16", "fp32", "int8")
+PRECISIONS = (Precision.FP16.value, Precision.FP32.value, Precision.INT8.value)  # FP16 first: the default
 
 # numpy dtypes for TensorRT DataType member names (used when trt.nptype is missing or fails).
 _DTYPE_BY_NAME = {

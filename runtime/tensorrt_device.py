@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from gradad.bundle import EngineStamp
+from gradad.bundle import EngineStamp, Precision
 from gradad.errors import GradError
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def engine_matches_device(
         )
     if not problems:
         return None
-    precision = stamp.precision if stamp.precision in ("fp32", "int8") else "fp16"
+    precision = stamp.precision if stamp.precision in (Precision.FP32, Precision.INT8) else Precision.FP16.value
     command = rebuild_command(bundle, precision)
     return (
         f"engine {stamp.file} was built for {' and '.join(problems)}; "

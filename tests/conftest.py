@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_hard_exit_in_process() -> None:
+    """grad-run ends with os._exit when a camera thread is stuck in OpenCV; in-process CliRunner tests (e.g.
+    ``--camera 99``) would take pytest down with it (exit code 2, no summary)."""
+    import gradad.runtime.cli
+
+    gradad.runtime.cli.HARD_EXIT_PAST_STUCK_CAPTURES = False
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 64 px, 8 train + 3 good + 2 per defect test images per class."""

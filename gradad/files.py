@@ -1,0 +1,41 @@
+"""Atomic file writes: readers (a resumed run, a second process, a crash half-way) see the old file or the new
+one, never half of one."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Iterator
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` when the block ends without error (else it is removed).
+
+    The temporary file is hidden (``.<name>.tmp<pid>``) beside ``path``, so the rename stays on one file system.
+    ``fsync`` flushes it to disk before the rename (worth it for files that are costly to lose, not for frames).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: Any, fsync: bool = False) -> None:
+    """Write ``data`` (bytes or any buffer, e.g. a TensorRT IHostMemory) to ``path`` atomically."""
+    with atomic_file(path, fsync) as fh:
+        fh.write(memoryview(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, fsync: bool = False) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"), fsync)
