@@ -153,8 +153,6 @@ def exit_past_stuck_captures(func: Any) -> Any:
               "end of the stream.")
 @click.option("--refine-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--refine-threads", type=int, default=1, help="Torch CPU threads of the worker (0 = all cores).")
-@click.option("--refine-factory", hidden=True, help="module:function building the refiner (tests, custom "
-              "refiners).")
 @verbose_option
 @exit_past_stuck_captures
 @user_errors_as_exit
@@ -163,7 +161,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
          video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
          mqtt_topic, webhook, max_frames, loop,
          benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
-         refine_drain, refine_device, refine_threads, refine_factory, verbose) -> None:
+         refine_drain, refine_device, refine_threads, verbose) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
     Capture/decode, inference and sinks run on separate threads with bounded queues (--serial: one after
@@ -212,7 +210,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     try:
         if refine:
             refine_stage = _start_refine(bundle_dir, bundle, refine_budget, refine_batch, refine_queue, refine_drain,
-                                         refine_device, refine_threads, refine_factory)
+                                         refine_device, refine_threads)
         for spec in specs:
             opened.append(open_source(spec, source_cfg))
             stop.on_stop.append(opened[-1].interrupt)
@@ -283,11 +281,12 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
 
 
 def _start_refine(bundle_dir: str, bundle: "Bundle", budget: float | None, batch: int, queue: int,
-                  drain: float, device: str, threads: int, factory: str | None) -> "RefineStage":
+                  drain: float, device: str, threads: int) -> "RefineStage":
     """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
     from gradad.errors import GradError
     from gradad.runtime.refine_stage import RefineStage
-    from gradad.runtime.refine_worker import DEFAULT_FACTORY, RefineWorker, RefineWorkerConfig
+    from gradad.runtime import refine_worker
+    from gradad.runtime.refine_worker import RefineWorker, RefineWorkerConfig
 
     if bundle.refine is None or bundle.refine.empty:
         raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
@@ -295,7 +294,8 @@ def _start_refine(bundle_dir: str, bundle: "Bundle", budget: float | None, batch
     if drain < 0:
         raise GradError(f"--refine-drain {drain}: must be >= 0 seconds")
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=budget, max_batch=batch, queue_size=queue,
-                                device=device, threads=threads, factory=factory or DEFAULT_FACTORY)
+                                device=device, threads=threads,
+                                factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
     return RefineStage(RefineWorker(config).start(), drain)
 
 

@@ -144,7 +144,6 @@ class SourceConfig:
         width: capture width hint for cameras (``None`` = the camera's default).
         height: capture height hint for cameras.
         fps: capture frame-rate hint for cameras.
-        max_frames: stop after delivering this many frames (``None`` = no limit).
         prefetch: frames a file source decodes ahead in a background thread (0 = decode in the consumer thread).
         close_timeout_s: how long :meth:`FrameSource.close` waits for the reader thread to stop.
     """
@@ -158,7 +157,6 @@ class SourceConfig:
     width: int | None = None
     height: int | None = None
     fps: int | None = None
-    max_frames: int | None = None
     prefetch: int = 4
     close_timeout_s: float = 2.0
 
@@ -169,8 +167,6 @@ class SourceConfig:
             raise SourceError(f"reconnect_attempts must be >= 0 (0 = forever), got {self.reconnect_attempts}")
         if self.open_timeout_s <= 0:
             raise SourceError(f"open_timeout_s must be > 0 seconds, got {self.open_timeout_s}")
-        if self.max_frames is not None and self.max_frames < 0:
-            raise SourceError(f"max_frames must be >= 0, got {self.max_frames}")
         if self.prefetch < 0:
             raise SourceError(f"prefetch must be >= 0, got {self.prefetch}")
         for name in ("width", "height", "fps"):
@@ -387,9 +383,6 @@ class FrameSource:
 
     def __next__(self) -> Frame:
         if self._closed or self._interrupted:
-            raise StopIteration
-        limit = self.config.max_frames
-        if limit is not None and self._stats["delivered"] >= limit:
             raise StopIteration
         frame = self._next_frame()
         if frame is None:

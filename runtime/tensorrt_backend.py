@@ -24,17 +24,13 @@ stream capture, the first enqueue of a batch size on a slot runs normally, then 
 CUDA graph (``cudaStreamBeginCapture`` / ``execute_async_v3`` / ``cudaStreamEndCapture`` /
 ``cudaGraphInstantiate``) and later batches of that size launch the graph (``cudaGraphLaunch``): one launch
 instead of one per kernel. A new batch size on a slot re-captures; a capture that fails turns graphs off with a
-log line (the engine keeps running with plain enqueues). The bindings API (TensorRT 8.x) never uses graphs.
+log line (the engine keeps running with plain enqueues).
 
-Two TensorRT execution APIs, picked by what the installed TensorRT offers:
-
-* name-based tensors (TensorRT 8.5+, the only one in TensorRT 10): ``engine.num_io_tensors``,
-  ``get_tensor_name/mode/dtype/shape``, ``get_tensor_profile_shape(name, 0)``,
-  ``context.set_input_shape``, ``context.set_tensor_address`` and ``context.execute_async_v3``;
-* bindings (TensorRT 8.x without ``execute_async_v3``, e.g. TensorRT 8.4 in JetPack 5.0):
-  ``engine.num_bindings``, ``get_binding_name``, ``binding_is_input``, ``get_binding_dtype/shape``,
-  ``get_profile_shape(0, index)``, ``context.set_binding_shape`` and
-  ``context.execute_async_v2(bindings, stream_handle)``.
+Supported TensorRT: 8.5 to 10.x (JetPack 5.1 and later). The one execution API used is the name-based one
+(TensorRT 8.5+, the only one in TensorRT 10): ``engine.num_io_tensors``, ``get_tensor_name/mode/dtype/shape``,
+``get_tensor_profile_shape(name, 0)`` (``get_profile_shape(0, name)`` on 8.5/8.6), ``context.set_input_shape``,
+``context.set_tensor_address`` and ``context.execute_async_v3``. An older TensorRT (bindings only, e.g. 8.4 in
+JetPack 5.0) is refused with one line.
 
 Why cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6) and not
 pycuda for device memory and streams:
@@ -206,7 +202,7 @@ class _IOTensor:
     """One engine input/output and its buffers (sized for the engine's largest batch)."""
 
     name: str
-    index: int  # binding index (bindings API) or IO tensor index (name-based API)
+    index: int  # IO tensor index
     is_input: bool
     dtype: np.dtype
     sample_shape: tuple[int, ...]  # shape of one batch item (the batch axis removed)
@@ -227,7 +223,6 @@ class _Slot:
     context: Any
     stream: Any
     tensors: list[_IOTensor]  # input first, then the outputs, each with its own pinned + device buffers
-    bindings: list[int]
     pending: int | None = None  # batch size submitted and not collected yet
     graph_exec: Any = None  # captured CUDA graph of the enqueue for ``graph_batch``
     graph_batch: int | None = None
@@ -254,7 +249,7 @@ class TensorRTBackend:
         name: ``"tensorrt"``.
         max_batch: the largest N one :meth:`infer` accepts (the optimisation profile's maximum).
         min_batch: the smallest N (the profile's minimum, normally 1).
-        api: ``"tensors-v3"`` (execute_async_v3) or ``"bindings-v2"`` (execute_async_v2).
+        api: ``"tensors-v3"`` (execute_async_v3), the one API used (TensorRT 8.5+).
     """
 
     name = "tensorrt"
@@ -311,15 +306,13 @@ class TensorRTBackend:
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise BackendError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        self.api = (
-            "tensors-v3"
-            if hasattr(self._engine, "num_io_tensors") and hasattr(self._context, "execute_async_v3")
-            else "bindings-v2"
-        )
+        if not (hasattr(self._engine, "num_io_tensors") and hasattr(self._context, "execute_async_v3")):
+            raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no name-based tensor API "
+                               f"(execute_async_v3): gradad needs TensorRT 8.5 or newer (JetPack 5.1+)")
+        self.api = "tensors-v3"
         self._describe_tensors()
         self.input_dtype = self._input.dtype
-        self.cuda_graphs = (self._graphs_wanted and self.api == "tensors-v3"
-                            and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS))
+        self.cuda_graphs = self._graphs_wanted and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS)
         self._allocate()
         log.info(
             "TensorRT %s engine %s (%s API): input %s %s (N, 3, %d, %d) batch %d..%d; outputs %s; %d slot(s), "
@@ -332,43 +325,30 @@ class TensorRTBackend:
         """(name, index, is_input, trt dtype, engine shape) of every IO tensor."""
         trt, engine = self._trt, self._engine
         items = []
-        if self.api == "tensors-v3":
-            for i in range(int(engine.num_io_tensors)):
-                name = engine.get_tensor_name(i)
-                is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-                items.append((name, i, is_input, engine.get_tensor_dtype(name), _dims(engine.get_tensor_shape(name))))
-        else:
-            # With several optimisation profiles TensorRT 8 repeats the bindings per profile; use profile 0's.
-            n = int(engine.num_bindings) // max(1, int(getattr(engine, "num_optimization_profiles", 1) or 1))
-            for i in range(n):
-                items.append((engine.get_binding_name(i), i, bool(engine.binding_is_input(i)),
-                              engine.get_binding_dtype(i), _dims(engine.get_binding_shape(i))))
+        for i in range(int(engine.num_io_tensors)):
+            name = engine.get_tensor_name(i)
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            items.append((name, i, is_input, engine.get_tensor_dtype(name), _dims(engine.get_tensor_shape(name))))
         return items
 
     def _profile(self, name: str, index: int) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) shapes of an input in optimisation profile 0."""
         engine = self._engine
-        if self.api == "tensors-v3" and hasattr(engine, "get_tensor_profile_shape"):
+        if hasattr(engine, "get_tensor_profile_shape"):
             shapes = engine.get_tensor_profile_shape(name, 0)
-        else:  # TensorRT 8.x: (profile_index, binding index or name)
-            shapes = engine.get_profile_shape(0, index if self.api == "bindings-v2" else name)
+        else:  # TensorRT 8.5/8.6: (profile_index, tensor name)
+            shapes = engine.get_profile_shape(0, name)
         return tuple(_dims(s) for s in shapes)
 
     def _set_input_shape(self, shape: tuple[int, ...], context: Any = None) -> None:
         inp = self._input
         context = self._context if context is None else context
-        if self.api == "tensors-v3":
-            ok = context.set_input_shape(inp.name, shape)
-        else:
-            ok = context.set_binding_shape(inp.index, shape)
-        if ok is False:
+        if context.set_input_shape(inp.name, shape) is False:
             raise BackendError(f"TensorRT rejected input shape {shape} for {inp.name!r} of {self.engine_path.name} "
                                f"(its optimisation profile allows batch {self.min_batch}..{self.max_batch})")
 
     def _context_shape(self, tensor: _IOTensor) -> tuple[int, ...]:
-        if self.api == "tensors-v3":
-            return _dims(self._context.get_tensor_shape(tensor.name))
-        return _dims(self._context.get_binding_shape(tensor.index))
+        return _dims(self._context.get_tensor_shape(tensor.name))
 
     def _describe_tensors(self) -> None:
         trt, path = self._trt, self.engine_path
@@ -444,7 +424,6 @@ class TensorRTBackend:
         for template, own in zip(self._tensors, first.tensors):
             template.host_ptr, template.device_ptr, template.host = own.host_ptr, own.device_ptr, own.host
             template.nbytes = own.nbytes
-        self._bindings = first.bindings
 
     def _new_slot(self, index: int, context: Any) -> _Slot:
         cudart = self._cudart
@@ -461,10 +440,7 @@ class TensorRTBackend:
             self._device_ptrs.append(t.device_ptr)
             t.host = _pinned_view(t.host_ptr, t.nbytes, t.dtype)
             tensors.append(t)
-        bindings = [0] * (max(t.index for t in tensors) + 1)
-        for t in tensors:
-            bindings[t.index] = t.device_ptr
-        return _Slot(index, context, stream, tensors, bindings)
+        return _Slot(index, context, stream, tensors)
 
     # ---- Backend protocol ----------------------------------------------------------------
 
@@ -555,13 +531,10 @@ class TensorRTBackend:
             self._capture_graph(slot, n)
 
     def _execute(self, slot: _Slot) -> bool:
-        handle = _native_handle(slot.stream)
-        if self.api == "tensors-v3":
-            for t in slot.tensors:
-                if slot.context.set_tensor_address(t.name, t.device_ptr) is False:
-                    raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
-            return slot.context.execute_async_v3(handle) is not False
-        return slot.context.execute_async_v2(slot.bindings, handle) is not False
+        for t in slot.tensors:
+            if slot.context.set_tensor_address(t.name, t.device_ptr) is False:
+                raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
+        return slot.context.execute_async_v3(_native_handle(slot.stream)) is not False
 
     def _capture_graph(self, slot: _Slot, n: int) -> None:
         """Capture the slot's enqueue for batch ``n`` into a CUDA graph; on any failure, turn graphs off."""

@@ -1,6 +1,6 @@
 """grad-run --refine: follow-up records with the frame's id, masks saved with the flagged frame, counts, errors.
 
-Most tests use the stand-in refiner of ``test_refine_worker.py`` (``--refine-factory``, hidden); the last one runs
+Most tests use the stand-in refiner of ``test_refine_worker.py`` (set as ``refine_worker.DEFAULT_FACTORY``); the last one runs
 the real F2PAD refiner on the tiny bundle and checks that the main process never imports torch.
 """
 
@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import numpy as np
@@ -59,8 +60,12 @@ def stand_in(bundle: Path, frames: Path, tmp_path_factory: pytest.TempPathFactor
     return {"bundle": copy, "threshold": float(s[len(s) // 2 - 1] + s[len(s) // 2]) / 2}
 
 
-def _run(args: list[str]):
-    return CliRunner().invoke(run_main, [*args, "--backend", "onnxruntime", "--stats-every", "0"])
+def _run(args: list[str], factory: str | None = None):
+    """grad-run in-process; ``factory`` replaces the refiner factory (Python-level injection, no CLI flag)."""
+    from gradad.runtime import refine_worker
+
+    with mock.patch.object(refine_worker, "DEFAULT_FACTORY", factory or refine_worker.DEFAULT_FACTORY):
+        return CliRunner().invoke(run_main, [*args, "--backend", "onnxruntime", "--stats-every", "0"])
 
 
 def _split(path: Path) -> tuple[list[dict], list[dict], list[dict]]:
@@ -73,8 +78,8 @@ def test_follow_up_has_the_frame_id_and_mask_is_saved_with_the_frame(stand_in: d
                                                                      tmp_path: Path) -> None:
     out, flagged = tmp_path / "run.jsonl", tmp_path / "ng"
     result = _run([str(stand_in["bundle"]), "--source", str(frames), "--jsonl", str(out), "--save-flagged",
-                   str(flagged), "--threshold", str(stand_in["threshold"]), "--refine", "--refine-factory", STAND_IN,
-                   "--refine-drain", "30", "--batch", "2"])
+                   str(flagged), "--threshold", str(stand_in["threshold"]), "--refine",
+                   "--refine-drain", "30", "--batch", "2"], STAND_IN)
     assert result.exit_code == 0, result.output
     records, lines, follow_ups = _split(out)
     ng = {r["frame_id"]: r for r in lines if r["decision"] == "NG"}
@@ -104,8 +109,8 @@ def test_benchmark_reports_refine_counts(stand_in: dict, frames: Path, tmp_path:
     out = tmp_path / "bench.json"
     result = _run([str(stand_in["bundle"]), "--source", str(frames), "--benchmark", "20", "--warmup", "2",
                    "--benchmark-out", str(out), "--threshold", str(stand_in["threshold"]), "--refine",
-                   "--refine-factory", STAND_IN, "--refine-budget", "0.2", "--refine-queue", "2", "--refine-batch",
-                   "1", "--refine-drain", "0"])
+                   "--refine-budget", "0.2", "--refine-queue", "2", "--refine-batch", "1", "--refine-drain", "0"],
+                  STAND_IN)
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
     refine = summary["refine"]
@@ -121,8 +126,8 @@ def test_unprepared_bundle_fails_fast_with_one_line(bundle: Path, frames: Path) 
 
 
 def test_worker_start_failure_is_one_line(stand_in: dict, frames: Path) -> None:
-    msg = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
-                               "--refine-factory", "test_refine_worker:failing_factory"]))
+    msg = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine"],
+                               "test_refine_worker:failing_factory"))
     assert "refinement worker failed to start" in msg and "not prepared for refinement (stand-in)" in msg
     bad = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
                                "--refine-queue", "0"]))
@@ -134,9 +139,10 @@ def test_lean_runtime_with_refine_worker_needs_no_torch(stand_in: dict, frames: 
     env["PYTHONPATH"] = f"{env['PYTHONPATH']}:{TESTS}"
     out = tmp_path / "lean.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "gradad.runtime.cli", str(stand_in["bundle"]), "--source", str(frames), "--jsonl",
-         str(out), "--backend", "onnxruntime", "--threshold", str(stand_in["threshold"]), "--refine",
-         "--refine-factory", STAND_IN], env=env, capture_output=True, text=True, timeout=120)
+        [sys.executable, "-c", "import sys; from gradad.runtime import cli, refine_worker; "
+         "refine_worker.DEFAULT_FACTORY = sys.argv.pop(1); cli.main()", STAND_IN, str(stand_in["bundle"]), "--source",
+         str(frames), "--jsonl", str(out), "--backend", "onnxruntime", "--threshold", str(stand_in["threshold"]),
+         "--refine"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     _, lines, follow_ups = _split(out)
     assert len(follow_ups) == sum(r["decision"] == "NG" for r in lines) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -159,8 +160,8 @@ def test_empty_folder_and_glob_errors(tmp_path: Path) -> None:
 def test_folder_loop_and_max_frames(tmp_path: Path) -> None:
     for i in range(3):
         _write_png(tmp_path / f"{i}.png", i)
-    with open_source(str(tmp_path), SourceConfig(loop=True, max_frames=7)) as src:
-        frames = list(src)
+    with open_source(str(tmp_path), SourceConfig(loop=True)) as src:
+        frames = list(itertools.islice(src, 7))  # the frame limit is the loop's (RunOptions.max_frames)
     assert [f.frame_id for f in frames] == list(range(7))
     assert [f.name for f in frames] == ["0.png", "1.png", "2.png"] * 2 + ["0.png"]
 
@@ -201,8 +202,8 @@ def test_video_file_all_frames_in_order(tmp_path: Path, prefetch: int) -> None:
 def test_video_loop(tmp_path: Path) -> None:
     video = tmp_path / "clip.avi"
     _write_video(video, 4)
-    with open_source(str(video), SourceConfig(loop=True, max_frames=10)) as src:
-        names = [f.name for f in src]
+    with open_source(str(video), SourceConfig(loop=True)) as src:
+        names = [f.name for f in itertools.islice(src, 10)]
     assert names == [f"clip.avi#{i % 4}" for i in range(10)]
 
 
@@ -305,10 +306,10 @@ def _fast(**kw: Any) -> SourceConfig:
 
 def test_live_drops_old_frames_when_consumer_is_slow() -> None:
     cam = FakeCamera(interval=0.001)
-    with open_source(0, _fast(max_frames=8), capture_factory=cam) as src:
+    with open_source(0, _fast(), capture_factory=cam) as src:
         assert src.live
         frames = []
-        for frame in src:
+        for frame in itertools.islice(src, 8):
             frames.append(frame)
             time.sleep(0.02)
         stats = src.stats()
@@ -326,8 +327,8 @@ def test_live_drops_old_frames_when_consumer_is_slow() -> None:
 def test_live_reconnects_after_camera_loss(caplog: pytest.LogCaptureFixture) -> None:
     cam = FakeCamera(interval=0.002, fail_after=[5, None], open_ok=[True, False, True])
     with caplog.at_level(logging.WARNING, logger="gradad.runtime.sources"):
-        with open_source(0, _fast(max_frames=12), capture_factory=cam) as src:
-            frames = list(src)
+        with open_source(0, _fast(), capture_factory=cam) as src:
+            frames = list(itertools.islice(src, 12))
             stats = src.stats()
     assert len(frames) == 12
     ids = [f.frame_id for f in frames]

@@ -331,53 +331,11 @@ class FakeEngineV3(FakeEngineBase):
         return ctx
 
 
-class FakeContextV2(FakeContextBase):
-    """TensorRT 8.x bindings API: no execute_async_v3, no set_input_shape."""
-
-    def set_binding_shape(self, index, shape):
-        return self._set_shape(self.engine.specs[index].name, shape)
-
-    def get_binding_shape(self, index):
-        spec = self.engine.specs[index]
-        return self.input_shapes.get(spec.name, spec.shape) if spec.is_input else self._out_shape(spec)
-
-    def execute_async_v2(self, bindings, stream_handle):
-        assert isinstance(stream_handle, int)
-        self.bindings_seen = list(bindings)
-        return self._run({s.name: int(bindings[i]) for i, s in enumerate(self.engine.specs)}, stream_handle)
-
-
 class FakeEngineV2(FakeEngineBase):
-    """TensorRT 8.x engine: bindings only."""
-
-    num_optimization_profiles = 1
-
-    @property
-    def num_bindings(self):
-        return len(self.specs)
-
-    def get_binding_name(self, i):
-        return self.specs[i].name
-
-    def get_binding_index(self, name):
-        return [s.name for s in self.specs].index(name)
-
-    def binding_is_input(self, i):
-        return self.specs[i].is_input
-
-    def get_binding_dtype(self, i):
-        return self.specs[i].dtype
-
-    def get_binding_shape(self, i):
-        return self.specs[i].shape
-
-    def get_profile_shape(self, profile_index, binding):
-        assert profile_index == 0
-        index = binding if isinstance(binding, int) else self.get_binding_index(binding)
-        return list(self.specs[index].profile)
+    """TensorRT 8.4 engine: bindings only (no num_io_tensors, no execute_async_v3), which gradad refuses."""
 
     def create_execution_context(self):
-        ctx = FakeContextV2(self)
+        ctx = FakeContextBase(self)
         self.contexts.append(ctx)
         return ctx
 
@@ -512,20 +470,12 @@ def test_map_output_without_channel_axis(engine_file):
     np.testing.assert_allclose(maps, expected(x)[1], rtol=1e-6)
 
 
-def test_trt8_bindings_api(engine_file):
-    backend, trt, cudart = make_backend(engine_file, version="8.4.1", bindings_api=True)
-    assert backend.api == "bindings-v2" and backend.max_batch == MAX_BATCH
-    x = images(3)
-    scores, maps = backend.infer(x)
-    np.testing.assert_allclose(scores, expected(x)[0], rtol=1e-6)
-    np.testing.assert_allclose(maps, expected(x)[1], rtol=1e-6)
-    ctx = trt.engines[0].contexts[0]
-    assert ctx.shape_calls[-1] == ("image", (3, 3, H, W))
-    # bindings in binding order, each a distinct device buffer
-    assert len(ctx.bindings_seen) == 3 and set(ctx.bindings_seen) == set(cudart.device)
-    backend.infer(images(1))
-    assert cudart.count("cudaMalloc") == 3
-    backend.close()
+def test_tensorrt_older_than_8_5_is_refused(engine_file):
+    cudart = FakeCudart()
+    with pytest.raises(BackendError, match=r"TensorRT 8.4.1 has no name-based tensor API \(execute_async_v3\): "
+                                           r"gradad needs TensorRT 8.5 or newer \(JetPack 5.1\+\)"):
+        TensorRTBackend(engine_file, "image", trt=make_fake_trt(cudart, version="8.4.1", bindings_api=True),
+                        cudart=cudart)
     assert cudart.live() == 0
 
 
@@ -938,12 +888,6 @@ def test_cuda_graph_capture_failure_falls_back_to_plain_enqueues(engine_file, ca
     backend.close()
 
 
-def test_no_cuda_graphs_on_the_bindings_api_or_without_capture_calls(engine_file):
-    cudart = GraphCudart()
-    old = TensorRTBackend(engine_file, "image", trt=make_fake_trt(cudart, version="8.4.1", bindings_api=True),
-                          cudart=cudart)
-    assert not old.cuda_graphs
-    old.infer(images(2))
-    assert cudart.count("cudaStreamBeginCapture") == 0
+def test_no_cuda_graphs_without_capture_calls(engine_file):
     plain, _, _ = make_backend(engine_file)  # a cuda-python without stream capture
     assert not plain.cuda_graphs
