@@ -186,7 +186,7 @@ def deliver(results: Sequence[FrameResult], sinks: Sequence[Sink], stats: Latenc
         stats.add(result.latency_ms, result.is_anomalous)
         if options.on_result:
             options.on_result(result)
-    if any(getattr(sink, "quit_requested", False) for sink in sinks):
+    if any(sink.quit_requested for sink in sinks):
         stop.set("quit key")
 
 

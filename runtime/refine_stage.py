@@ -94,11 +94,9 @@ class RefineStage:
                                   "repaired_file": None}
         if outcome.result is not None:
             for sink in sinks:
-                if hasattr(sink, "write_refined"):
-                    saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
-                                               outcome.result.mask, outcome.result.repaired)
-                    record.update({k: v for k, v in saved.items() if v is not None})
+                saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
+                                           outcome.result.mask, outcome.result.repaired)
+                record.update({k: v for k, v in saved.items() if v is not None})
         for sink in sinks:
-            if hasattr(sink, "write_record"):
-                sink.write_record(record)
+            sink.write_record(record)
         self.records_written += 1

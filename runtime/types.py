@@ -63,9 +63,18 @@ class FrameResult:
 
 
 class Sink(Protocol):
-    """Where results go (JSONL, overlay video/window, flagged-frame folder, MQTT, webhook)."""
+    """Where results go (JSONL, overlay video/window, flagged-frame folder, MQTT, webhook); every sink derives
+    from :class:`gradad.runtime.sinks.SinkBase`, whose defaults make all but ``write`` optional."""
+
+    @property
+    def quit_requested(self) -> bool: ...
 
     def write(self, result: FrameResult) -> None: ...
+
+    def write_record(self, record: dict[str, Any]) -> None: ...
+
+    def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
+                      repaired: np.ndarray | None = None) -> dict[str, str | None]: ...
 
     def close(self) -> None:
         """Flush everything; called once at shutdown (also on Ctrl-C / SIGTERM)."""

@@ -16,27 +16,23 @@ from gradad.data.datasets import load_samples
 from gradad.data.images import read_image_rgb
 from gradad.runtime.loader import load_backend
 from gradad.runtime.pipeline import RunOptions, StopFlag, Thresholds, run_pipeline
-from gradad.runtime.sinks import JsonlSink
+from gradad.runtime.sinks import JsonlSink, SinkBase
 from gradad.runtime.stats import LatencyStats
 from gradad.runtime.types import Frame, FrameResult
 
 THRESHOLDS = Thresholds(1.0)
 
 
-class ListSink:
+class ListSink(SinkBase):
     """Collects results; optionally slow (a sink stage that costs ``delay_s`` per frame)."""
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.results: list[FrameResult] = []
         self.delay_s = delay_s
-        self.closed = False
 
     def write(self, result: FrameResult) -> None:
         time.sleep(self.delay_s)
         self.results.append(result)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class SlowBackend:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from gradad.errors import GradError
-from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, MultiSink, VideoSink,
+from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, MultiSink, SinkBase, VideoSink,
                                   WebhookSink, annotate_frame)
 from gradad.runtime.types import Frame, FrameResult
 
@@ -534,21 +534,27 @@ def test_mqtt_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 # fan-out
 
 
-class _Fake:
+class _Fake(SinkBase):
     def __init__(self, fail_close: bool = False, with_records: bool = True) -> None:
         self.results: list[FrameResult] = []
         self.records: list[dict] = []
-        self.closed = False
         self.fail_close = fail_close
-        if with_records:
-            self.write_record = self.records.append
-        self.quit_requested = False
+        self.with_records = with_records  # False: keeps the base class's no-op write_record
+        self.quit = False
+
+    @property
+    def quit_requested(self) -> bool:
+        return self.quit
 
     def write(self, result: FrameResult) -> None:
         self.results.append(result)
 
+    def write_record(self, record: dict) -> None:
+        if self.with_records:
+            self.records.append(record)
+
     def close(self) -> None:
-        self.closed = True
+        self._closed = True
         if self.fail_close:
             raise OSError("disk gone")
 
@@ -561,7 +567,7 @@ def test_multisink_fans_out_and_closes_all() -> None:
     assert len(a.results) == len(b.results) == len(c.results) == 1
     assert a.records == c.records == [{"frame_id": 0, "refined": True}] and b.records == []
     assert not multi.quit_requested
-    b.quit_requested = True
+    b.quit = True
     assert multi.quit_requested
     with pytest.raises(OSError, match="disk gone"):
         multi.close()

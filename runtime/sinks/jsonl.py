@@ -1,0 +1,126 @@
+"""JSON lines: one record per frame, follow-up records appended, safe against crashes and concurrent writers."""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+
+from gradad.errors import GradError
+from gradad.runtime.sinks.base import SinkBase, record_to_json
+from gradad.runtime.types import FrameResult
+
+log = logging.getLogger("gradad.runtime.sinks")
+
+
+class JsonlSink(SinkBase):
+    """One JSON line per frame (``FrameResult.to_record()``), plus follow-up records via :meth:`write_record`.
+
+    * The file is opened in **append** mode and never truncated: records of earlier runs are kept (data is never
+      lost); start a new file name per run if you want one file per run. If the existing file ends in a partial
+      line (a previous run was killed mid-write), a newline is added first so every new line parses.
+    * Every line is flushed as soon as it is written: SIGKILL or a power cut loses at most the line being
+      written (plus whatever the OS had not yet written to disk, see ``fsync_every``); SIGTERM / Ctrl-C, which
+      end in :meth:`close`, lose nothing.
+    * ``fsync_every=N`` (>0) also calls ``os.fsync`` every N lines (durability against power loss, at a cost);
+      :meth:`close` always flushes and fsyncs.
+    * A write that fails (disk full, I/O error) cuts the file back to its last complete line and raises one
+      :class:`GradError` naming the file: the file never ends in a partial line written by this run.
+    * ``path == "-"`` writes to standard output (never closed by this sink).
+    * Thread-safe: the camera loop and a refinement worker may write concurrently; lines never interleave.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], fsync_every: int = 0) -> None:
+        if int(fsync_every) < 0:
+            raise GradError(f"fsync_every must be >= 0, got {fsync_every}")
+        self.path = str(path)
+        self.fsync_every = int(fsync_every)
+        self.lines_written = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._own_file = self.path != "-"
+        if not self._own_file:
+            self._fh: IO[Any] = sys.stdout
+            return
+        p = Path(self.path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            needs_newline = False
+            if p.is_file() and p.stat().st_size > 0:
+                with open(p, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    needs_newline = f.read(1) != b"\n"
+            self._fh = open(p, "ab", buffering=0)  # unbuffered: a line is on disk (page cache) when written
+            self._good_size = p.stat().st_size
+            if needs_newline:
+                log.warning("%s ends in a partial line (an interrupted run): starting on a new line", p)
+                self._append(b"\n")
+        except OSError as e:
+            raise GradError(f"cannot open JSONL output {p} for appending: {e.strerror or e}") from e
+        log.debug("JSONL sink appending to %s", p)
+
+    def write(self, result: FrameResult) -> None:
+        """Append the frame's record (one line, flushed)."""
+        self.write_record(result.to_record())
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Append any JSON-serialisable dict as one line (e.g. a refined follow-up for an earlier frame id)."""
+        line = record_to_json(record) + "\n"
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"JsonlSink({self.path}) is closed: record for frame "
+                                   f"{record.get('frame_id')} not written")
+            if self._own_file:
+                self._append(line.encode("utf-8"))
+            else:
+                self._fh.write(line)
+                self._fh.flush()
+            self.lines_written += 1
+            if self.fsync_every and self.lines_written % self.fsync_every == 0:
+                self._fsync()
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` completely, or cut the file back to its last complete line and raise one GradError."""
+        try:
+            view = memoryview(data)
+            while view:
+                n = self._fh.write(view)
+                if not n:  # a regular file that takes nothing more
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                view = view[n:]
+        except OSError as exc:
+            try:
+                os.ftruncate(self._fh.fileno(), self._good_size)
+                kept = "the file ends at its last complete line"
+            except OSError:
+                kept = "the file may end in a partial line"
+            raise GradError(f"cannot write JSONL output {self.path}: {exc.strerror or exc} after {self.lines_written} "
+                            f"line(s) of this run; {kept}") from exc
+        self._good_size += len(data)
+
+    def _fsync(self) -> None:
+        try:
+            os.fsync(self._fh.fileno())
+        except (OSError, ValueError, io.UnsupportedOperation):  # pipes, terminals, pytest capture
+            pass
+
+    def close(self) -> None:
+        """Flush, fsync and close the file (stdout is flushed only). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._fh.flush()
+                if self._own_file:
+                    self._fsync()
+            finally:
+                if self._own_file:
+                    self._fh.close()
+        log.debug("JSONL sink %s closed after %d lines", self.path, self.lines_written)

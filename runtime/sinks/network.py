@@ -1,0 +1,319 @@
+"""Network sinks: webhook POSTs and MQTT publishes of the records, off the frame path, credentials never logged."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import ipaddress
+import logging
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any
+
+
+from gradad.errors import GradError
+from gradad.runtime.sinks.base import SinkBase, _passes_filter, record_to_json
+from gradad.runtime.types import FrameResult
+from gradad.urls import redact_url, redact_urls_in
+
+log = logging.getLogger("gradad.runtime.sinks")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _split_credentials(parsed: urllib.parse.SplitResult) -> tuple[str, dict[str, str]]:
+    """(URL without ``user:password@``, HTTP Basic ``Authorization`` header for them, if any)."""
+    netloc = parsed.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+    if "@" not in parsed.netloc:
+        return url, {}
+    user, _, password = parsed.netloc.rpartition("@")[0].partition(":")
+    token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
+    return url, {"Authorization": f"Basic {token}"}
+
+
+def _redacted_error(exc: BaseException) -> str:
+    """An exception's text with every URL in it redacted (urllib errors may quote the URL)."""
+    return redact_urls_in(" ".join(str(exc).split()))
+
+
+class _RecordSink(SinkBase):
+    """A sink that forwards JSON records, optionally only those of anomalous frames."""
+
+    only_anomalous: bool = False
+
+    def write(self, result: FrameResult) -> None:
+        """Forward the frame's record (when it passes ``only_anomalous``)."""
+        if self.only_anomalous and not result.is_anomalous:
+            return
+        self.write_record(result.to_record())
+
+    def write_record(self, record: dict[str, Any]) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class WebhookSink(_RecordSink):
+    """POSTs each record as JSON (``Content-Type: application/json``) to ``url`` from a background thread.
+
+    * The camera loop never waits on the network: records go to a bounded queue (``queue_size``); when it is
+      full the **oldest** queued record is dropped (``dropped`` counts them).
+    * Each POST has ``timeout_s``; a failed POST (network error, timeout, HTTP error) is retried once, then
+      given up (``failed``); ``sent`` counts successes.
+    * ``only_anomalous`` (default) sends only NG records (records without a ``decision`` always go).
+    * :meth:`close` waits up to ``close_timeout_s`` for the queue to drain, then stops the thread; records still
+      queued then are counted as dropped.
+    * Proxies from the environment (``https_proxy``...) are honoured, except for loopback hosts.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 2.0, queue_size: int = 1000, only_anomalous: bool = True,
+                 close_timeout_s: float = 10.0, retry_delay_s: float = 0.2) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.label = redact_url(url)  # what logs and errors show: never the URL's credentials or query values
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
+        if int(queue_size) < 1:
+            raise GradError(f"webhook queue_size must be >= 1, got {queue_size}")
+        self.url, self._headers = _split_credentials(parsed)
+        self.timeout_s = float(timeout_s)
+        self.queue_size = int(queue_size)
+        self.only_anomalous = bool(only_anomalous)
+        self.close_timeout_s = float(close_timeout_s)
+        self.retry_delay_s = float(retry_delay_s)
+        self.sent = 0
+        self.failed = 0
+        self.dropped = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._stop = False
+        self._closed = False
+        self._opener = (urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                        if _is_loopback(parsed.hostname) else urllib.request.build_opener())
+        self._thread = threading.Thread(target=self._run, name="gradad-webhook", daemon=True)
+        self._thread.start()
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Queue any record (follow-ups included); never blocks."""
+        if not _passes_filter(self.only_anomalous, record):
+            return
+        body = record_to_json(record).encode("utf-8")
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"WebhookSink({self.label}) is closed")
+            if len(self._queue) >= self.queue_size:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped == 1 or self.dropped % 100 == 0:
+                    log.warning("webhook %s is not keeping up: %d records dropped so far", self.label, self.dropped)
+            self._queue.append(body)
+            self._cond.notify_all()
+
+    @property
+    def pending(self) -> int:
+        """Records queued or being sent."""
+        with self._cond:
+            return len(self._queue) + int(self._busy)
+
+    def _post(self, body: bytes) -> None:
+        req = urllib.request.Request(self.url, data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "User-Agent": "gradad",
+                                              **self._headers})
+        with self._opener.open(req, timeout=self.timeout_s) as resp:
+            resp.read()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                body = self._queue.popleft()
+                self._busy = True
+            try:
+                for attempt in (1, 2):
+                    try:
+                        self._post(body)
+                        self.sent += 1
+                        break
+                    except Exception as e:  # noqa: BLE001 - network errors must never kill the thread
+                        if attempt == 2 or self._stop:
+                            self.failed += 1
+                            log.warning("webhook POST to %s failed: %s", self.label, _redacted_error(e))
+                            break
+                        log.debug("webhook POST to %s failed (%s): retrying once", self.label, _redacted_error(e))
+                        time.sleep(self.retry_delay_s)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        """Drain the queue (at most ``close_timeout_s``), then stop the thread. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            deadline = time.monotonic() + self.close_timeout_s
+            while (self._queue or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            left = len(self._queue)
+            self._queue.clear()
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=2 * self.timeout_s + self.retry_delay_s + 1.0)
+        if left:
+            self.dropped += left
+            log.warning("webhook %s: %d queued records not sent within %.1f s at shutdown", self.label, left,
+                        self.close_timeout_s)
+        log.info("webhook %s: %d sent, %d failed, %d dropped", self.label, self.sent, self.failed, self.dropped)
+
+
+class MqttSink(_RecordSink):
+    """Publishes records as JSON to an MQTT broker with ``paho-mqtt`` (optional: ``pip install paho-mqtt``).
+
+    Connects in the constructor (waiting up to ``connect_timeout_s`` for the broker's answer: a clear
+    :class:`GradError` if it cannot), then paho's background network thread (``loop_start``) sends, so
+    :meth:`write` never blocks on the network. paho reconnects by itself after a lost connection; QoS 1/2
+    messages published meanwhile are queued (at most ``queue_size``, beyond that they are counted in
+    ``dropped``) and sent on reconnection. :meth:`close` waits up to ``close_timeout_s`` for pending publishes,
+    then disconnects.
+    """
+
+    def __init__(self, host: str, port: int = 1883, topic: str = "gradad/results", qos: int = 1,
+                 only_anomalous: bool = False, client_id: str | None = None, username: str | None = None,
+                 password: str | None = None, keepalive: int = 30, queue_size: int = 1000,
+                 connect_timeout_s: float = 5.0, close_timeout_s: float = 10.0) -> None:
+        try:
+            import paho.mqtt.client as mqtt
+        except ImportError as e:
+            raise GradError("MQTT needs the optional dependency: pip install paho-mqtt") from e
+        if qos not in (0, 1, 2):
+            raise GradError(f"MQTT qos must be 0, 1 or 2, got {qos}")
+        if not topic or any(c in topic for c in "#+"):
+            raise GradError(f"MQTT topic must be a non-empty topic name without wildcards, got {topic!r}")
+        self._mqtt = mqtt
+        self.host, self.port, self.topic, self.qos = host, int(port), topic, int(qos)
+        self.only_anomalous = bool(only_anomalous)
+        self.close_timeout_s = float(close_timeout_s)
+        self.published = 0
+        self.dropped = 0
+        self._pending: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._connected = threading.Event()
+        self._connect_rc: Any = None
+
+        if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt >= 2
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "")
+        else:  # pragma: no cover - paho-mqtt 1.x
+            client = mqtt.Client(client_id=client_id or "")
+        if username is not None:
+            client.username_pw_set(username, password)
+        client.max_queued_messages_set(int(queue_size))
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        self._client = client
+        try:
+            client.connect(host, self.port, keepalive=int(keepalive))
+        except (OSError, ValueError) as e:
+            raise GradError(f"cannot connect to MQTT broker {host}:{self.port}: {e}") from e
+        client.loop_start()
+        if not self._connected.wait(connect_timeout_s) or not self._rc_ok(self._connect_rc):
+            client.loop_stop()
+            try:
+                client.disconnect()
+            except Exception:  # noqa: BLE001
+                pass
+            why = "no answer" if self._connect_rc is None else f"refused: {self._connect_rc}"
+            raise GradError(f"cannot connect to MQTT broker {host}:{self.port} ({why})")
+        log.info("MQTT: publishing to %s:%d topic %r (qos %d)", host, self.port, topic, self.qos)
+
+    @staticmethod
+    def _rc_ok(rc: Any) -> bool:
+        if rc is None:
+            return False
+        is_failure = getattr(rc, "is_failure", None)
+        return not is_failure if is_failure is not None else int(rc) == 0
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, *rest: Any) -> None:
+        self._connect_rc = rc
+        self._connected.set()
+        if self._rc_ok(rc):
+            log.debug("MQTT connected to %s:%d", self.host, self.port)
+        else:
+            log.warning("MQTT broker %s:%d refused the connection: %s", self.host, self.port, rc)
+
+    def _on_disconnect(self, client: Any, userdata: Any, *args: Any) -> None:
+        if not self._closed:
+            log.warning("MQTT: disconnected from %s:%d (%s); reconnecting", self.host, self.port,
+                        args[-2] if len(args) >= 2 else (args[0] if args else "?"))
+
+    def _state(self, info: Any) -> bool | None:
+        """True published, False still pending, None failed (not queued / no connection for QoS 0)."""
+        try:
+            return bool(info.is_published())
+        except ValueError:  # outgoing queue full
+            return None
+        except RuntimeError:
+            if self.qos > 0 and info.rc == self._mqtt.MQTT_ERR_NO_CONN:
+                return bool(getattr(info, "_published", False))  # queued; resent on reconnection
+            return None
+
+    def _reap(self) -> None:
+        while self._pending:
+            state = self._state(self._pending[0])
+            if state is False:
+                break
+            self._pending.popleft()
+            if state:
+                self.published += 1
+            else:
+                self.dropped += 1
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        """Publish any record (follow-ups included); never blocks on the network."""
+        if not _passes_filter(self.only_anomalous, record):
+            return
+        payload = record_to_json(record)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"MqttSink({self.host}:{self.port}) is closed")
+            info = self._client.publish(self.topic, payload, qos=self.qos)
+            self._pending.append(info)
+            self._reap()
+
+    def close(self) -> None:
+        """Wait (at most ``close_timeout_s``) for pending publishes, then disconnect. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            deadline = time.monotonic() + self.close_timeout_s
+            self._reap()
+            while self._pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+                self._reap()
+            left = len(self._pending)
+            self._pending.clear()
+        self.dropped += left
+        if left:
+            log.warning("MQTT: %d messages not confirmed by %s:%d within %.1f s at shutdown", left, self.host,
+                        self.port, self.close_timeout_s)
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+        log.info("MQTT %s:%d: %d published, %d dropped", self.host, self.port, self.published, self.dropped)
