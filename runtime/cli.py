@@ -90,8 +90,26 @@ def exit_past_stuck_captures(func: Any) -> Any:
     return wrapper
 
 
+def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> None:
+    """--config: the file's settings become the defaults of the other options (flags and env vars still win)."""
+    if path is None:
+        return
+    from gradad.runtime.line_config import read_line_config
+
+    try:
+        defaults, webhook = read_line_config(path)
+    except GradError as exc:
+        raise click.BadParameter(str(exc)) from None
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta["webhook_options"] = webhook
+
+
 @click.command(context_settings=CLI_CONTEXT, epilog=EPILOG)
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_line_config, help="Line file (YAML): sources, sinks incl. MQTT credentials and webhook "
+              "settings, threshold, refinement, statistics; flags given here override it.")
+@click.option("--print-config", is_flag=True, help="Write the resolved line file (credentials redacted) and exit.")
 @click.option("--camera", type=int, help="Camera index (same as --source N).")
 @click.option("--source", "sources", multiple=True, help="Camera index, GStreamer pipeline, RTSP/HTTP URL, video "
               "file, image folder or glob (repeatable).")
@@ -161,7 +179,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
          video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
          mqtt_topic, webhook, max_frames, loop,
          benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
-         refine_drain, refine_device, refine_threads, verbose) -> None:
+         refine_drain, refine_device, refine_threads, print_config, verbose) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
     Capture/decode, inference and sinks run on separate threads with bounded queues (--serial: one after
@@ -174,6 +192,15 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     (a full queue drops the frame's refinement, counted in the summary).
     """
     setup_logging(verbose)
+    ctx = click.get_current_context()
+    if print_config:
+        import yaml
+
+        from gradad.runtime.line_config import resolved_config
+
+        click.echo(yaml.safe_dump(resolved_config(ctx.params, ctx.meta.get("webhook_options", {})),
+                                  sort_keys=False), nl=False)
+        return
     import cv2
 
     if not verbose:  # OpenCV's own open/probe warnings duplicate our one-line errors
@@ -226,7 +253,7 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
             host, port = parse_mqtt(mqtt)
             sinks.append(MqttSink(host, port, topic=mqtt_topic, username=mqtt_user, password=mqtt_password))
         if webhook:
-            sinks.append(WebhookSink(webhook))
+            sinks.append(WebhookSink(webhook, **ctx.meta.get("webhook_options", {})))
         frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
         total = (benchmark_frames + warmup) if benchmark else max_frames
         loop_opts = {"pipelined": not serial, "live": any(src.live for src in opened), "in_flight": in_flight,

@@ -1,0 +1,108 @@
+"""``grad-run --config line.yaml``: the settings a deployed line keeps under version control.
+
+The file's sections map onto grad-run's options (click ``default_map``), so the precedence is the usual one:
+command-line flag > environment variable (GRAD_MQTT_USER/GRAD_MQTT_PASSWORD) > file > built-in default.
+Webhook settings beyond the URL exist only here. ``--print-config`` writes the resolved file, credentials
+redacted.
+
+    sources: ["0"]                    # camera index, pipeline, URL, video, folder or glob
+    backend: auto                     # auto | tensorrt | onnxruntime
+    precision: fp16
+    threshold: 0.8                    # overrides the bundle's calibration
+    sinks:
+      jsonl: /var/log/gradad/line.jsonl
+      flagged: /data/flagged
+      flagged_max_mb: 2048
+      mqtt: {host: broker.local:1883, topic: line3/results, username: line3, password: ...}
+      webhook: {url: "https://mes.local/ng", timeout_s: 2.0, queue_size: 1000, only_anomalous: true}
+    refine: {enabled: true, budget: 1.0, device: cuda}
+    statistics: {every_s: 10}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gradad.errors import GradError
+from gradad.urls import redact_url
+
+#: file key -> grad-run parameter, per section ("" = top level).
+KEYS: dict[str, dict[str, str]] = {
+    "": {"sources": "sources", "backend": "backend", "precision": "precision", "threads": "threads",
+         "batch": "batch_size", "threshold": "threshold", "max_frames": "max_frames", "loop": "loop"},
+    "sinks": {"jsonl": "jsonl_path", "video": "video_path", "video_fps": "video_fps",
+              "video_segment": "video_segment", "display": "display", "flagged": "flagged_dir",
+              "flagged_max_mb": "flagged_max_mb"},
+    "sinks.mqtt": {"host": "mqtt", "topic": "mqtt_topic", "username": "mqtt_user", "password": "mqtt_password"},
+    "sinks.webhook": {"url": "webhook"},
+    "refine": {"enabled": "refine", "budget": "refine_budget", "batch": "refine_batch", "queue": "refine_queue",
+               "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads"},
+    "statistics": {"every_s": "stats_every"},
+}
+#: Sections that hold sections.
+SUBSECTIONS: dict[str, set[str]] = {"": {"sinks", "refine", "statistics"}, "sinks": {"mqtt", "webhook"}}
+#: Webhook settings that have no flag: passed to WebhookSink as they are.
+WEBHOOK_OPTIONS = ("timeout_s", "queue_size", "only_anomalous")
+REDACTED = "***"
+
+
+def _section(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    node: Any = data
+    for part in name.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise GradError(f"{where}: '{name}' must be a mapping, got {type(node).__name__}")
+    return node
+
+
+def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(grad-run parameter defaults, extra webhook settings) from a line file; unknown keys are an error."""
+    where = f"--config {path}"
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise GradError(f"{where}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise GradError(f"{where}: expected a mapping of settings")
+    defaults: dict[str, Any] = {}
+    webhook: dict[str, Any] = {}
+    for section, keys in KEYS.items():
+        node = _section(data, section, where) if section else data
+        nested = SUBSECTIONS.get(section, set())
+        extra = set(WEBHOOK_OPTIONS) if section == "sinks.webhook" else set()
+        unknown = set(node) - set(keys) - nested - extra
+        if unknown:
+            raise GradError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} in "
+                            f"{section or 'the top level'} (known: {', '.join(sorted(set(keys) | nested | extra))})")
+        for key, param in keys.items():
+            if key in node:
+                value = node[key]
+                defaults[param] = tuple(str(v) for v in value) if param == "sources" else value
+        if section == "sinks.webhook":
+            webhook = {k: node[k] for k in WEBHOOK_OPTIONS if k in node}
+    return defaults, webhook
+
+
+def resolved_config(params: dict[str, Any], webhook: dict[str, Any]) -> dict[str, Any]:
+    """The line file that reproduces ``params`` (grad-run's resolved options); the password is never shown and
+    URLs lose any credentials."""
+    out: dict[str, Any] = {}
+    for section, keys in KEYS.items():
+        values = {key: params.get(param) for key, param in keys.items()}
+        if section == "":
+            values["sources"] = list(values["sources"] or [])
+        if section == "sinks.mqtt" and values.get("password"):
+            values["password"] = REDACTED
+        if section == "sinks.webhook":
+            values["url"] = redact_url(values["url"]) if values["url"] else None
+            values.update(webhook)
+        node = out
+        for part in [p for p in section.split(".") if p]:
+            node = node.setdefault(part, {})
+        node.update(values)
+    return out

@@ -1,0 +1,91 @@
+"""grad-run --config line.yaml: the file's settings are used (MQTT credentials, webhook settings), a flag overrides
+the file, --print-config writes the resolved file without the password."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+import gradad.runtime.sinks as sinks_module
+from gradad.runtime.cli import main as run_main
+from gradad.runtime.sinks import SinkBase
+
+
+class _Recorder(SinkBase):
+    """Stands in for MqttSink/WebhookSink: records how grad-run built it and what it wrote."""
+
+    made: list[tuple[str, tuple, dict[str, Any]]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.made.append((type(self).__name__, args, kwargs))
+        self.records: list[dict] = []
+
+    def write(self, result: Any) -> None:
+        self.records.append(result.to_record())
+
+
+class _Mqtt(_Recorder):
+    pass
+
+
+class _Webhook(_Recorder):
+    pass
+
+
+def _line_file(tmp_path: Path, images: Path) -> Path:
+    path = tmp_path / "line.yaml"
+    path.write_text(yaml.safe_dump({
+        "sources": [str(images)],
+        "threshold": 1e6,
+        "sinks": {"jsonl": "",
+                  "mqtt": {"host": "broker.local:1884", "topic": "file/topic", "username": "line3",
+                           "password": "s3cret-from-file"},
+                  "webhook": {"url": "https://mes.local/ng", "timeout_s": 1.5, "only_anomalous": False}},
+        "statistics": {"every_s": 0},
+    }))
+    return path
+
+
+def test_config_file_mqtt_credentials_used_and_flag_overrides(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sinks_module, "MqttSink", _Mqtt)
+    monkeypatch.setattr(sinks_module, "WebhookSink", _Webhook)
+    monkeypatch.delenv("GRAD_MQTT_USER", raising=False)
+    monkeypatch.delenv("GRAD_MQTT_PASSWORD", raising=False)
+    _Recorder.made.clear()
+    line = _line_file(tmp_path, tiny_demo_root / "nut" / "test" / "good")
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(line), "--backend", "onnxruntime",
+                                           "--mqtt-topic", "flag/topic"])
+    assert result.exit_code == 0, result.output
+    made = {name: (args, kwargs) for name, args, kwargs in _Recorder.made}
+    args, kwargs = made["_Mqtt"]
+    assert args == ("broker.local", 1884)
+    assert kwargs["username"] == "line3" and kwargs["password"] == "s3cret-from-file"  # from the file
+    assert kwargs["topic"] == "flag/topic"  # the flag beats the file
+    args, kwargs = made["_Webhook"]
+    assert args == ("https://mes.local/ng",) and kwargs == {"timeout_s": 1.5, "only_anomalous": False}
+    assert "s3cret" not in result.output
+
+
+def test_print_config_resolves_and_redacts(bundle: Path, tmp_path: Path) -> None:
+    line = _line_file(tmp_path, tmp_path)
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(line), "--print-config", "--threshold", "2"])
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    resolved = yaml.safe_load(result.output)
+    assert resolved["threshold"] == 2.0 and resolved["sinks"]["mqtt"]["password"] == "***"
+    assert resolved["sinks"]["mqtt"]["username"] == "line3" and resolved["sinks"]["webhook"]["timeout_s"] == 1.5
+    again = tmp_path / "again.yaml"  # the printed file is itself a valid line file
+    again.write_text(result.output.replace("'***'", "other"))
+    assert CliRunner().invoke(run_main, [str(bundle), "--config", str(again), "--print-config"]).exit_code == 0
+
+
+def test_unknown_setting_is_one_clear_error(bundle: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sinks:\n  mqtt:\n    pasword: x\n")
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(bad), "--print-config"])
+    assert result.exit_code == 2 and "unknown setting(s) pasword in sinks.mqtt" in result.output
