@@ -176,6 +176,15 @@ def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: P
                                                            ("normal", 2), ("normal", 3)]
     assert torch.load(model_path, weights_only=True)["feature_cache_hit"] is True
 
+    # Resuming a finished run redoes only stage 3 (the fusion fit, e.g. after a wider weight grid): no epoch reruns.
+    model_path.unlink()
+    train(cfg, resume=True)
+    assert model_path.is_file()
+    assert [(r["stage"], r["epoch"]) for r in _epoch_records(run)] == [("abnormal", 1), ("abnormal", 2),
+                                                                      ("normal", 1), ("normal", 2), ("normal", 3)]
+    events = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert len([e for e in events if e["stage"] == "fusion"]) == 1
+
 
 def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -> None:
     cfg = _tiny_cfg(tiny_demo_root, tmp_path)

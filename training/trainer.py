@@ -334,7 +334,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         best = _Best(**state["best"]) if state.get("best") else _Best()
         self._truncate_log(stage, epoch)
-        log.info("resuming %s at stage %s epoch %d", self.state_path, STAGES[stage], epoch)
+        where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "the end of stage 2 (fusion fit)"
+        log.info("resuming %s at %s", self.state_path, where)
         self.position = (stage, epoch)
         return stage, epoch, state["optimizer"], best
 

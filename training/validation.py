@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 VALIDATION_SEED = 1234
 #: candidate fusion weights, in units of the median normal-branch map value on clean validation images
-FUSION_WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+FUSION_WEIGHT_GRID = (0.0, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def validation_indices(samples: Sequence[Sample], fraction: float) -> np.ndarray:
