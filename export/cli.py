@@ -78,8 +78,9 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 @click.option("--calib", "calib", multiple=True, required=True, type=click.Path(file_okay=False),
               help="Folder of held-out good images to calibrate activation ranges on (repeatable).")
 @click.option("--calib-max-images", type=int, default=64, help="Calibration images, spread over the folders.")
-@click.option("--data", "data_root", type=click.Path(), help="Dataset whose test split (good + defects) gates "
-              "the image AUROC [default: the dataset the bundle was exported with].")
+@click.option("--data", "data_roots", multiple=True, type=click.Path(), help="Dataset whose test split (good + "
+              "defects) gates the image AUROC; repeat for a unified model over several roots [default: the dataset "
+              "the bundle was exported with].")
 @click.option("--parity-max-images", type=int, default=64, help="Test images of the gate (classes and labels "
               "taken in turn).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
@@ -87,7 +88,7 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @verbose_option
 @user_errors_as_exit
-def quantize_command(bundle_dir, calib, calib_max_images, data_root, parity_max_images, method, threads,
+def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max_images, method, threads,
                      verbose) -> None:
     """Add an INT8 QDQ model (model.int8.onnx) to BUNDLE_DIR: ONNX Runtime static quantisation, per-channel
     symmetric INT8 weights, symmetric INT8 activations calibrated on --calib good images.
@@ -100,7 +101,7 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_root, parity_max_
     setup_logging(verbose)
     from gradad.export.int8 import QuantizeOptions, quantize_bundle
 
-    opts = QuantizeOptions(calib=list(calib), calib_max_images=calib_max_images, data_root=data_root,
+    opts = QuantizeOptions(calib=list(calib), calib_max_images=calib_max_images, data_roots=list(data_roots),
                            parity_max_images=parity_max_images, method=method, threads=threads)
     report = quantize_bundle(bundle_dir, opts)
     click.echo(f"INT8 model: {Path(bundle_dir) / 'model.int8.onnx'}: map rel L2 {report['map_rel_l2']:.3f}, score "

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle
-from gradad.data.datasets import list_image_files, load_samples
+from gradad.data.datasets import list_image_files, load_samples_from_roots
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
 from gradad.export.fp16 import _after_mapper, coordinate_path, default_fp32_nodes
@@ -71,7 +71,9 @@ class QuantizeOptions:
 
     calib: list[str] = field(default_factory=list)  # folders of good images (calibration)
     calib_max_images: int = 64  # spread over the folders, sorted, every k-th
-    data_root: str | None = None  # labelled parity set: this dataset's test split (default: the bundle's)
+    # labelled parity set: the test split of these dataset roots (default: the bundle's training root); several
+    # roots for a unified model trained on several
+    data_roots: list[str] = field(default_factory=list)
     parity_max_images: int = 64
     method: str = "minmax"  # activation range: minmax | entropy | percentile
     per_channel: bool = True
@@ -153,13 +155,14 @@ def labelled_parity_set(bundle: Bundle, opts: QuantizeOptions) -> tuple[list[np.
     """(images, labels, description) of the AUROC gate: a balanced slice of the dataset's test split."""
     from gradad.export.onnx_export import _balanced_subset
 
-    root = opts.data_root or bundle.data_root
-    if not root:
+    roots = list(opts.data_roots) or ([bundle.data_root] if bundle.data_root else [])
+    if not roots:
         raise GradError("the INT8 gate needs labelled images: pass --data ROOT (a dataset with a test split)")
+    root = ", ".join(roots)
     try:
-        samples = load_samples(root, "test", bundle.classes)
+        samples = load_samples_from_roots(roots, "test", bundle.classes)
     except DatasetError as exc:
-        raise DatasetError(f"INT8 parity gate: {exc}; pass --data ROOT with a test split") from exc
+        raise DatasetError(f"INT8 parity gate: {exc}; pass --data ROOT (repeatable) with a test split") from exc
     chosen = _balanced_subset(samples, opts.parity_max_images)
     labels = np.array([s.label for s in chosen])
     if not 0 < labels.sum() < len(labels):

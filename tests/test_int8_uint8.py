@@ -40,7 +40,7 @@ def int8_bundle(bundle: Path, tiny_demo_root: Path, tmp_path_factory: pytest.Tem
     copy = tmp_path_factory.mktemp("int8") / "tiny"
     shutil.copytree(bundle, copy)
     opts = QuantizeOptions(calib=[str(tiny_demo_root / c / "train" / "good") for c in ("fabric", "nut", "capsule")],
-                           data_root=str(tiny_demo_root), gates=ParityGates(int8_auroc_max_drop=1.0,
+                           data_roots=[str(tiny_demo_root)], gates=ParityGates(int8_auroc_max_drop=1.0,
                                                                            int8_map_rel_l2=1.0, int8_score_rel_l2=1.0))
     return copy, quantize_bundle(copy, opts)
 
@@ -136,7 +136,7 @@ def test_int8_gate_refuses_a_model_whose_auroc_drops(bundle: Path, tiny_demo_roo
     flat.mkdir()
     for i in range(4):
         cv2.imwrite(str(flat / f"{i}.png"), np.full((64, 64, 3), 120 + i, np.uint8))
-    opts = QuantizeOptions(calib=[str(flat)], data_root=str(tiny_demo_root),
+    opts = QuantizeOptions(calib=[str(flat)], data_roots=[str(tiny_demo_root)],
                            gates=ParityGates(int8_map_rel_l2=10.0, int8_score_rel_l2=10.0))
     with pytest.raises(ParityError, match="INT8 image AUROC drop"):
         quantize_bundle(copy, opts)
