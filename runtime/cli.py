@@ -25,7 +25,7 @@ from gradad.urls import redact_url
 
 if TYPE_CHECKING:
     from gradad.bundle import Bundle
-    from gradad.runtime.refine_stage import RefineStage
+    from gradad.runtime.refine_worker import RefineStage
 
 log = logging.getLogger("gradad.run")
 
@@ -310,10 +310,8 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
 def _start_refine(bundle_dir: str, bundle: "Bundle", budget: float | None, batch: int, queue: int,
                   drain: float, device: str, threads: int) -> "RefineStage":
     """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
-    from gradad.errors import GradError
-    from gradad.runtime.refine_stage import RefineStage
     from gradad.runtime import refine_worker
-    from gradad.runtime.refine_worker import RefineWorker, RefineWorkerConfig
+    from gradad.runtime.refine_worker import RefineStage, RefineWorker, RefineWorkerConfig
 
     if bundle.refine is None or bundle.refine.empty:
         raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "

@@ -1,6 +1,7 @@
 """The camera loop: frames -> batches -> backend -> verdicts -> sinks, with per-stage latency statistics.
 
-Shutdown (end of input, Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
+The sinks are fanned out by one :class:`~gradad.runtime.sinks.MultiSink` (every sink gets every call even if one
+fails). Shutdown (end of input, Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import INPUT_DTYPE, to_model_input
 from gradad.runtime.stats import LatencyStats
-from gradad.runtime.types import Frame, FrameResult, Sink
+from gradad.runtime.sinks.base import MultiSink, SinkBase
+from gradad.runtime.types import Frame, FrameResult
 
 if TYPE_CHECKING:
-    from gradad.runtime.refine_stage import RefineStage
+    from gradad.runtime.refine_worker import RefineStage
 
 log = logging.getLogger(__name__)
 
@@ -170,23 +172,22 @@ def batch_latency(result: FrameResult, stages: dict[str, float], n: int) -> None
     result.latency_ms = {"decode": result.frame.decode_ms, **{k: v * 1e3 / n for k, v in stages.items()}}
 
 
-def deliver(results: Sequence[FrameResult], sinks: Sequence[Sink], stats: LatencyStats, options: RunOptions,
+def deliver(results: Sequence[FrameResult], sink: SinkBase, stats: LatencyStats, options: RunOptions,
             stop: StopFlag) -> None:
-    """Write each result to every sink, then record its sink and total latency.
+    """Write each result to the sink (the fan-out), then record its sink and total latency.
 
     ``end_to_end`` (capture -> record handed to the sinks, queue waits included) is set before the write, so the
     JSON line carries it; ``sink`` and ``total`` (the sum of the stages) are known after it (statistics only)."""
     for result in results:
         ts = time.perf_counter()
         result.latency_ms["end_to_end"] = result.frame.age_ms()
-        for sink in sinks:
-            sink.write(result)
+        sink.write(result)
         result.latency_ms["sink"] = (time.perf_counter() - ts) * 1e3
         result.latency_ms["total"] = sum(v for k, v in result.latency_ms.items() if k != "end_to_end")
         stats.add(result.latency_ms, result.is_anomalous)
         if options.on_result:
             options.on_result(result)
-    if any(sink.quit_requested for sink in sinks):
+    if sink.quit_requested:
         stop.set("quit key")
 
 
@@ -207,7 +208,7 @@ def run_pipeline(
     frames: Iterable[Frame],
     backend: Backend,
     thresholds: Thresholds,
-    sinks: Sequence[Sink],
+    sinks: Sequence[SinkBase],
     options: RunOptions = RunOptions(),
     stop: StopFlag | None = None,
     stats: LatencyStats | None = None,
@@ -220,6 +221,7 @@ def run_pipeline(
     """
     stop = stop if stop is not None else StopFlag()  # StopFlag is falsy until set: no `or` here
     stats = stats if stats is not None else LatencyStats()
+    sink = MultiSink(sinks)
     done = 0
     try:
         if options.warmup:
@@ -228,15 +230,15 @@ def run_pipeline(
         if options.pipelined:
             from gradad.runtime.pipelined import run_stages
 
-            done = run_stages(frames, backend, thresholds, sinks, options, stop, stats)
+            done = run_stages(frames, backend, thresholds, sink, options, stop, stats)
         else:
-            done = _run_serial(frames, backend, thresholds, sinks, options, stop, stats)
+            done = _run_serial(frames, backend, thresholds, sink, options, stop, stats)
     finally:
-        _shutdown(sinks, options, stop, stats, done)
+        _shutdown(sink, options, stop, stats, done)
     return stats
 
 
-def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sinks: Sequence[Sink],
+def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
                 options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
     """Today's loop: decode, preprocess, inference and sinks one after another. Returns the frames done."""
     h, w = backend.input_hw
@@ -254,14 +256,14 @@ def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Threshold
         results = verdicts(batch, scores, maps, thresholds)
         t3 = time.perf_counter()
         if options.refine is not None:
-            _refine_step(options.refine, results, inputs, sinks)
+            _refine_step(options.refine, results, inputs, sink)
         t4 = time.perf_counter()
         stages = {"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
         if options.refine is not None:
             stages["refine"] = t4 - t3
         for result in results:  # batch stages are shared: each frame carries the batch's time per frame
             batch_latency(result, stages, len(batch))
-        deliver(results, sinks, stats, options, stop)
+        deliver(results, sink, stats, options, stop)
         done += len(batch)
         reporter.tick()
         if stop or (options.max_frames is not None and done >= options.max_frames):
@@ -269,39 +271,37 @@ def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Threshold
     return done
 
 
-def _shutdown(sinks: Sequence[Sink], options: RunOptions, stop: StopFlag, stats: LatencyStats, done: int) -> None:
+def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: LatencyStats, done: int) -> None:
     """Stop the FPS clock, drain the refinement worker, close every sink (even when one fails)."""
     stats.mark_end()  # frame rate of the loop itself, without the refinement drain
-    errors = []
+    errors: list[Exception] = []
     try:
         if options.refine is not None:
             # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
             # soon after) gets a short drain so every sink is still flushed in time
-            options.refine.close(sinks, SIGNAL_DRAIN_S if stop.signal_name else None)
+            options.refine.close(sink, SIGNAL_DRAIN_S if stop.signal_name else None)
     except Exception as exc:
         errors.append(exc)
         log.error("closing the refinement worker failed: %s", exc)
     finally:
-        for sink in sinks:
-            try:
-                sink.close()
-            except Exception as exc:  # close every sink even if one fails
-                errors.append(exc)
-                log.error("closing %s failed: %s", type(sink).__name__, exc)
+        try:
+            sink.close()  # every sink, even when one fails (MultiSink logs each failure)
+        except Exception as exc:
+            errors.append(exc)
     if stop.signal_name:
         log.info("stopped by %s after %d frames", stop.signal_name, done)
     if errors:
         raise errors[0]
 
 
-def _refine_step(stage: "RefineStage", results: Sequence[FrameResult], inputs: Any, sinks: Sequence[Sink]) -> None:
+def _refine_step(stage: "RefineStage", results: Sequence[FrameResult], inputs: Any, sink: SinkBase) -> None:
     """Follow-ups of frames refined so far (their lines were written earlier), then submit this batch's NG frames.
 
     In this order every follow-up, a "dropped" one included, comes after its frame's own line.
     """
-    from gradad.runtime.refine_stage import model_image
+    from gradad.runtime.refine_worker import model_image
 
-    stage.emit(sinks)
+    stage.emit(sink)
     for i, result in enumerate(results):
         if result.is_anomalous:
             map_hw = np.squeeze(result.anomaly_map).shape

@@ -37,7 +37,8 @@ from gradad.runtime.backend import Backend
 from gradad.runtime.pipeline import Reporter, RunOptions, StopFlag, Thresholds, _refine_step, deliver, verdicts
 from gradad.runtime.preprocess import INPUT_DTYPE, write_model_input
 from gradad.runtime.stats import LatencyStats
-from gradad.runtime.types import Frame, FrameResult, Sink
+from gradad.runtime.sinks.base import SinkBase
+from gradad.runtime.types import Frame, FrameResult
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class _Inference:
         _put(self.out, _Done(results, inputs), self.shared)
 
 
-def _sink_loop(q: "queue.Queue[Any]", sinks: Sequence[Sink], options: RunOptions, stop: StopFlag,
+def _sink_loop(q: "queue.Queue[Any]", sink: SinkBase, options: RunOptions, stop: StopFlag,
                stats: LatencyStats, shared: _Shared) -> int:
     """Calling thread: write every result (refinement follow-ups first), log statistics. Returns frames done."""
     reporter = Reporter(stats, options.stats_every_s)
@@ -229,10 +230,10 @@ def _sink_loop(q: "queue.Queue[Any]", sinks: Sequence[Sink], options: RunOptions
             return done
         if options.refine is not None:
             t0 = time.perf_counter()
-            _refine_step(options.refine, item.results, item.inputs, sinks)
+            _refine_step(options.refine, item.results, item.inputs, sink)
             for result in item.results:
                 result.latency_ms["refine"] = (time.perf_counter() - t0) * 1e3 / len(item.results)
-        deliver(item.results, sinks, stats, options, stop)
+        deliver(item.results, sink, stats, options, stop)
         done += len(item.results)
         reporter.tick()
 
@@ -244,11 +245,11 @@ def _stop_iterating(frames: Iterable[Frame], stop: StopFlag) -> Iterator[Frame]:
             return
 
 
-def run_stages(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sinks: Sequence[Sink],
+def run_stages(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
                options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
     """Run the three stages until the stream ends or ``stop`` is set; returns the frames written.
 
-    The caller closes the sinks (``run_pipeline``); an error in any stage stops the others and is raised here.
+    The caller closes the sink (``run_pipeline``); an error in any stage stops the others and is raised here.
     """
     batch = max(1, min(options.batch_size, backend.max_batch))
     depth = options.queue_frames or (batch if options.live else max(2, 2 * batch))
@@ -265,7 +266,7 @@ def run_stages(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds
         thread.start()
     done = 0
     try:
-        done = _sink_loop(results_q, sinks, options, stop, stats, shared)
+        done = _sink_loop(results_q, sink, options, stop, stats, shared)
     except BaseException as exc:
         shared.fail(exc)
         raise

@@ -1,22 +1,29 @@
-"""F2PAD refinement of flagged frames in a separate worker process, so the camera loop keeps its frame rate.
+"""The camera process's side of ``grad-run --refine``: F2PAD refinement of flagged frames in a worker process.
 
-The main (camera) process never imports torch: it only ships ``(image, anomaly map)`` pairs to a worker process
-started with the ``spawn`` method, which builds the refiner (``gradad.refine.refiner.Refiner``, torch) and sends
-back :class:`gradad.runtime.refine_result.RefineResult` objects (numpy only).
+The camera loop keeps its frame rate and never imports torch: :class:`RefineWorker` spawns a process that runs
+the worker module named by :data:`WORKER_MODULE` (``gradad.refine.worker``, imported only in that process), ships
+it ``(image, anomaly map)`` pairs and gets back :class:`gradad.runtime.refine_result.RefineResult` objects (numpy
+only); :class:`RefineStage` connects a started worker to the loop's sinks.
 
 * :meth:`RefineWorker.start` waits for a ready handshake: a worker that cannot start (bundle not prepared, torch
   missing, no GPU for ``device="cuda"``) raises :class:`RefineWorkerError` with the worker's own one-line reason.
 * :meth:`RefineWorker.submit` never blocks: the job goes into a bounded queue; when it is full the job is dropped
   and counted (reported by the next :meth:`RefineWorker.poll` as a ``dropped`` outcome).
-* The worker takes up to ``max_batch`` waiting jobs per ``refine`` call and lowers its own priority (``os.nice``)
-  unless told to use CUDA, so the camera loop keeps the CPU cores.
 * :meth:`RefineWorker.poll` returns finished outcomes without blocking (a receiver thread reads the result pipe).
 * :meth:`RefineWorker.close` waits for pending jobs up to a limit, stops the worker and reports the jobs left
   ``unfinished``. A worker that dies mid-run turns its pending jobs into ``failed`` outcomes; later submissions
   are dropped ("worker not running"): the camera loop itself goes on.
 
-The refiner factory is injectable (``RefineWorkerConfig.factory``: a picklable module-level callable or a
-``"module:function"`` string resolved in the worker), so stand-in refiners can test the queueing without torch.
+Per flagged frame the loop calls :meth:`RefineStage.submit` (the frame's own JSON line then says
+``"refine": "queued"`` or ``"dropped"``); every iteration :meth:`RefineStage.emit` writes one follow-up record per
+finished frame to the sinks::
+
+    {"type": "refine", "frame_id": <the frame line's id>, "source": ..., "name": ..., "status": ...,
+     <RefineResult.summary() fields>, "latency_s": ..., "mask_file": ..., "repaired_file": ...}
+
+after letting a :class:`~gradad.runtime.sinks.FlaggedFrameSink` save the refined mask and repaired image next to
+the frame it saved (``mask_file`` / ``repaired_file`` are their paths, or null). Frames that are not refined get a
+follow-up too, with ``status`` ``dropped``, ``failed`` or ``unfinished`` and a ``reason``.
 """
 
 from __future__ import annotations
@@ -25,22 +32,26 @@ import collections
 import importlib
 import logging
 import multiprocessing
-import os
 import queue
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
+from gradad.data.images import resize_hw
 from gradad.errors import GradError
 from gradad.runtime.refine_result import RefineResult
 
+if TYPE_CHECKING:
+    from gradad.runtime.types import FrameResult
+    from gradad.runtime.sinks import SinkBase
+
 log = logging.getLogger(__name__)
 
-# The F2PAD refiner (torch), named by string: the worker process imports it, the runtime never does.
+# The worker process side and the F2PAD refiner (torch), named by string: only the worker process imports them.
+WORKER_MODULE = "gradad.refine.worker"
 DEFAULT_FACTORY = "gradad.refine.refiner:build_worker_refiner"
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,18 +60,16 @@ STATUS_DROPPED = "dropped"  # not queued: the queue was full or the worker is no
 STATUS_FAILED = "failed"  # the refiner raised for this job's batch, or the worker died with it pending
 STATUS_UNFINISHED = "unfinished"  # still pending when close() gave up waiting
 
-_STOP = None  # job-queue sentinel
+RECORD_TYPE = "refine"  # "type" of the follow-up records
+
+# Worker protocol. Jobs: (seq, image, map), then JOB_STOP. Messages back: ("ready", pid) | ("error", reason) |
+# ("done", seq, RefineResult) | ("failed", [seq, ...], reason).
+JOB_STOP = None
 _RECEIVER_STOP = ("receiver-stop",)
 
 
 class RefineWorkerError(GradError):
     """The refinement worker could not start (one line, the worker's own reason)."""
-
-
-class Refiner(Protocol):
-    """What the worker needs of a refiner (``gradad.refine.refiner.Refiner`` or a stand-in)."""
-
-    def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray]) -> list[RefineResult]: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +84,7 @@ class RefineWorkerConfig:
     threads: int = 1  # torch CPU threads in the worker (0 = torch's default: all cores)
     nice: int = 19  # os.nice increment of the worker unless device="cuda" (0 = keep priority)
     start_timeout_s: float = 300.0  # ready handshake (importing torch and loading the model)
-    factory: str | Callable[["RefineWorkerConfig"], Refiner] = DEFAULT_FACTORY
+    factory: str | Callable[["RefineWorkerConfig"], Any] = DEFAULT_FACTORY  # -> a Refiner
 
     def __post_init__(self) -> None:
         problems = []
@@ -159,113 +168,14 @@ class _Pending:
     submitted_at: float
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# worker process side
-
-
-def _lower_priority(increment: int) -> None:
-    """os.nice(increment) (POSIX; a no-op elsewhere).
-
-    Called before the refiner is built: on Linux the nice value is per thread; threads created afterwards (torch's
-    CPU thread pool) inherit it.
-    """
-    if increment <= 0 or not hasattr(os, "nice"):
+def _spawned(module: str, cfg: RefineWorkerConfig, jobs: Any, results: Any, stop: Any) -> None:
+    """Entry point of the spawned process: run the worker module named by string (torch stays out of this one)."""
+    try:
+        serve = importlib.import_module(module).serve
+    except BaseException as exc:  # noqa: BLE001 - reported to the main process as a start-up failure
+        results.put(("error", f"cannot load the refinement worker {module}: {type(exc).__name__}: {exc}"))
         return
-    try:
-        value = os.nice(increment)
-        tasks = "/proc/self/task"  # Linux: threads started earlier (numpy's BLAS pool) are lowered one by one
-        for tid in os.listdir(tasks) if os.path.isdir(tasks) else []:
-            os.setpriority(os.PRIO_PROCESS, int(tid), value)
-    except OSError as exc:  # pragma: no cover - platform dependent
-        log.warning("refinement worker: cannot lower its priority: %s", exc)
-
-
-def _resolve_factory(factory: str | Callable[[RefineWorkerConfig], Refiner]) -> Callable[[RefineWorkerConfig], Refiner]:
-    if callable(factory):
-        return factory
-    module, _, name = str(factory).partition(":")
-    if not module or not name:
-        raise GradError(f"refiner factory {factory!r} must be 'module:function'")
-    obj: Any = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an exception: GradError messages as they are, others with their type."""
-    if isinstance(exc, GradError):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _prepare_process(cfg: RefineWorkerConfig) -> None:
-    """Worker-process set-up before the refiner is built: signals, thread count, priority."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group: the main process stops us
-    if cfg.threads > 0:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            os.environ[var] = str(cfg.threads)
-    if cfg.device != "cuda":  # cpu, or auto (which may pick the CPU): the camera loop keeps the cores
-        _lower_priority(cfg.nice)
-
-
-def _next_batch(jobs: Any, max_batch: int, stop: Any) -> list[tuple] | None:
-    """Up to ``max_batch`` waiting jobs ([] when none arrived for a moment); None on the stop sentinel."""
-    try:
-        first = jobs.get(timeout=0.1)
-    except queue.Empty:
-        return None if stop.is_set() else []
-    if first is _STOP:
-        return None
-    batch = [first]
-    while len(batch) < max_batch:
-        try:
-            job = jobs.get_nowait()
-        except queue.Empty:
-            break
-        if job is _STOP:
-            stop.set()
-            break
-        batch.append(job)
-    return batch
-
-
-def _refine_batch(refiner: Refiner, batch: list[tuple], results: Any) -> None:
-    """Refine one batch; a refiner exception fails this batch's jobs only."""
-    seqs = [seq for seq, _, _ in batch]
-    try:
-        refined = refiner.refine([image for _, image, _ in batch], [amap for _, _, amap in batch])
-        if len(refined) != len(batch):
-            raise RuntimeError(f"refiner returned {len(refined)} results for {len(batch)} images")
-    except Exception as exc:  # noqa: BLE001 - one bad batch must not end the worker
-        results.put(("failed", seqs, _describe(exc)))
-        return
-    for seq, result in zip(seqs, refined):
-        results.put(("done", seq, result))
-
-
-def _worker_main(cfg: RefineWorkerConfig, jobs: Any, results: Any, stop: Any) -> None:
-    """Entry point of the worker process: build the refiner, say ready, refine batches until stopped."""
-    try:
-        _prepare_process(cfg)
-        refiner = _resolve_factory(cfg.factory)(cfg)
-    except BaseException as exc:  # noqa: BLE001 - every start-up failure is reported to the main process
-        results.put(("error", _describe(exc)))
-        return
-    results.put(("ready", os.getpid()))
-    parent = multiprocessing.parent_process()
-    while True:
-        batch = _next_batch(jobs, cfg.max_batch, stop)
-        if batch is None:
-            return
-        if parent is not None and not parent.is_alive():  # main process killed (kill -9, OOM): do not linger
-            return
-        if batch:
-            _refine_batch(refiner, batch, results)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# main process side
+    serve(cfg, jobs, results, stop)
 
 
 class RefineWorker:
@@ -297,8 +207,8 @@ class RefineWorker:
         self._jobs = ctx.Queue(maxsize=self.config.queue_size)
         self._results = ctx.Queue()
         self._stop = ctx.Event()
-        self._process = ctx.Process(target=_worker_main, args=(self.config, self._jobs, self._results, self._stop),
-                                    name="gradad-refine", daemon=True)
+        self._process = ctx.Process(target=_spawned, name="gradad-refine", daemon=True,
+                                    args=(WORKER_MODULE, self.config, self._jobs, self._results, self._stop))
         started = time.perf_counter()
         self._process.start()
         try:
@@ -399,13 +309,10 @@ class RefineWorker:
         out: list[RefineOutcome] = []
         while self._outbox:
             out.append(self._outbox.popleft())
-        while self._inbox:
-            out.extend(self._handle(self._inbox.popleft()))
+        out.extend(self._drain_inbox())
         if self.failure is None and self._process is not None and not self._closed and not self._process.is_alive():
             out.extend(self._on_crash())
-        for outcome in out:
-            self.counts.add(outcome)
-        return out
+        return self._counted(out)
 
     def _handle(self, message: tuple) -> list[RefineOutcome]:
         kind = message[0]
@@ -433,9 +340,7 @@ class RefineWorker:
 
     def _on_crash(self) -> list[RefineOutcome]:
         time.sleep(0.05)  # let the receiver thread pass on what the worker sent before dying
-        out = []
-        while self._inbox:
-            out.extend(self._handle(self._inbox.popleft()))
+        out = self._drain_inbox()
         self.failure = f"refinement worker died (exit code {self._process.exitcode})"
         log.error("%s: %d pending frame(s) lost; the camera loop goes on without refinement", self.failure,
                   len(self._pending))
@@ -460,23 +365,25 @@ class RefineWorker:
         finally:
             self._closed = True
             self._shutdown(1.0 if not self._pending else 0.0)
-        out.extend(self._finish_inbox())
+        out.extend(self._counted(self._drain_inbox()))
         left = self._take(list(self._pending), STATUS_UNFINISHED,
                           f"not refined within the drain time ({drain_timeout_s:g} s)")
         if left:
             log.warning("%d refinement job(s) unfinished at shutdown", len(left))
-        for outcome in left:
-            self.counts.add(outcome)
+        self._counted(left)
         log.info("refinement: %s", self.counts.summary())
         return out + left
 
-    def _finish_inbox(self) -> list[RefineOutcome]:
-        out = []
+    def _drain_inbox(self) -> list[RefineOutcome]:
+        out: list[RefineOutcome] = []
         while self._inbox:
             out.extend(self._handle(self._inbox.popleft()))
-        for outcome in out:
-            self.counts.add(outcome)
         return out
+
+    def _counted(self, outcomes: list[RefineOutcome]) -> list[RefineOutcome]:
+        for outcome in outcomes:
+            self.counts.add(outcome)
+        return outcomes
 
     def _shutdown(self, grace_s: float) -> None:
         """Stop the worker (sentinel, then terminate after ``grace_s``), the receiver thread and the queues."""
@@ -484,7 +391,7 @@ class RefineWorker:
             return
         self._stop.set()
         try:
-            self._jobs.put_nowait(_STOP)
+            self._jobs.put_nowait(JOB_STOP)
         except (queue.Full, ValueError, OSError):
             pass
         self._process.join(grace_s)
@@ -500,3 +407,79 @@ class RefineWorker:
         for q in (self._jobs, self._results):
             q.cancel_join_thread()  # never hang at exit on jobs nobody will read
             q.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop's side
+
+
+def model_image(model_input: np.ndarray, frame_image: np.ndarray, map_hw: tuple[int, int]) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image the refiner needs, at the anomaly map's size.
+
+    ``model_input`` is the frame's (3, h, w) float32 0..255 backend input (exact uint8 values, resized by the
+    training rule); a graph that resizes inside (``--input-size`` bundles) gets the frame resized to the map.
+    """
+    if tuple(model_input.shape[1:]) == tuple(map_hw):
+        return model_input.transpose(1, 2, 0).astype(np.uint8)
+    return np.ascontiguousarray(resize_hw(frame_image, *map_hw))
+
+
+class RefineStage:
+    """Connects a started :class:`RefineWorker` to the loop's sinks."""
+
+    def __init__(self, worker: RefineWorker, drain_timeout_s: float = 30.0) -> None:
+        self.worker = worker
+        self.drain_timeout_s = float(drain_timeout_s)
+        self.records_written = 0
+        self.drain_seconds: float | None = None
+
+    def submit(self, result: "FrameResult", image: np.ndarray) -> bool:
+        """Send a flagged frame (model-size RGB image + its anomaly map); never blocks. Marks the frame's record."""
+        frame = result.frame
+        meta = {"source": frame.source, "name": frame.name}
+        amap = np.squeeze(np.asarray(result.anomaly_map, dtype=np.float32))
+        queued = self.worker.submit(frame.frame_id, image, amap, meta)
+        result.extra["refine"] = "queued" if queued else "dropped"
+        return queued
+
+    def emit(self, sink: "SinkBase") -> int:
+        """Write the follow-ups of every outcome available now to ``sink`` (the loop's fan-out, non-blocking);
+        returns how many."""
+        return self._emit_all(self.worker.poll(), sink)
+
+    def close(self, sink: "SinkBase", drain_limit_s: float | None = None) -> None:
+        """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``) for pending frames, stop the worker,
+        write the last follow-ups."""
+        started = time.perf_counter()
+        drain = self.drain_timeout_s if drain_limit_s is None else min(self.drain_timeout_s, drain_limit_s)
+        try:
+            outcomes = self.worker.close(drain)
+        finally:
+            self.drain_seconds = time.perf_counter() - started
+        self._emit_all(outcomes, sink)
+
+    def summary(self) -> dict[str, Any]:
+        """Refinement counts for the run summary / --benchmark JSON."""
+        out = self.worker.counts.summary()
+        out["follow_up_records"] = self.records_written
+        out["drain_seconds"] = None if self.drain_seconds is None else round(self.drain_seconds, 3)
+        if self.worker.failure:
+            out["worker_failure"] = self.worker.failure
+        return out
+
+    def _emit_all(self, outcomes: Sequence[RefineOutcome], sink: "SinkBase") -> int:
+        for outcome in outcomes:
+            self._emit(outcome, sink)
+        return len(outcomes)
+
+    def _emit(self, outcome: RefineOutcome, sink: "SinkBase") -> None:
+        meta = outcome.meta
+        record: dict[str, Any] = {"type": RECORD_TYPE, "frame_id": outcome.frame_id, "source": meta.get("source"),
+                                  "name": meta.get("name"), **outcome.summary(), "mask_file": None,
+                                  "repaired_file": None}
+        if outcome.result is not None:
+            saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
+                                       outcome.result.mask, outcome.result.repaired)
+            record.update({k: v for k, v in saved.items() if v is not None})
+        sink.write_record(record)
+        self.records_written += 1

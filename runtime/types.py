@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -61,21 +61,3 @@ class FrameResult:
             **self.extra,
         }
 
-
-class Sink(Protocol):
-    """Where results go (JSONL, overlay video/window, flagged-frame folder, MQTT, webhook); every sink derives
-    from :class:`gradad.runtime.sinks.SinkBase`, whose defaults make all but ``write`` optional."""
-
-    @property
-    def quit_requested(self) -> bool: ...
-
-    def write(self, result: FrameResult) -> None: ...
-
-    def write_record(self, record: dict[str, Any]) -> None: ...
-
-    def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
-                      repaired: np.ndarray | None = None) -> dict[str, str | None]: ...
-
-    def close(self) -> None:
-        """Flush everything; called once at shutdown (also on Ctrl-C / SIGTERM)."""
-        ...

@@ -176,3 +176,15 @@ def test_default_factory_reports_an_unprepared_bundle(bundle: Path) -> None:
 def test_invalid_settings_name_the_option() -> None:
     with pytest.raises(GradError, match=r"--refine-budget -1.*--refine-queue 0"):
         RefineWorkerConfig("b", queue_size=0, time_budget_s=-1)
+
+
+def test_worker_process_side_is_named_by_module_and_lives_in_gradad_refine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from gradad.runtime import refine_worker
+
+    assert refine_worker.WORKER_MODULE == "gradad.refine.worker"
+    assert importlib.util.find_spec(refine_worker.WORKER_MODULE) is not None
+    monkeypatch.setattr(refine_worker, "WORKER_MODULE", "gradad.refine.no_such_worker")
+    with pytest.raises(RefineWorkerError, match=r"cannot load the refinement worker gradad.refine.no_such_worker"):
+        _worker(standin_factory)

@@ -142,7 +142,8 @@ def _passes_filter(only_anomalous: bool, record: dict[str, Any]) -> bool:
 
 
 class MultiSink(SinkBase):
-    """Fans ``write`` / ``write_record`` / ``close`` out to several sinks.
+    """Fans ``write`` / ``write_record`` / ``write_refined`` / ``close`` out to several sinks: the run loop's one
+    fan-out (``run_pipeline`` wraps its sinks in one).
 
     Every sink gets every call even if an earlier one raises; the first error is re-raised afterwards (the others
     are logged). :meth:`close` closes every sink.
