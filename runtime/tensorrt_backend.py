@@ -32,19 +32,13 @@ Supported TensorRT: 8.5 to 10.x (JetPack 5.1 and later). The one execution API u
 ``context.set_tensor_address`` and ``context.execute_async_v3``. An older TensorRT (bindings only, e.g. 8.4 in
 JetPack 5.0) is refused with one line.
 
-Why cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6) and not
-pycuda for device memory and streams:
-
-* NVIDIA publishes and maintains it (it is also what the TensorRT Python samples use since
-  TensorRT 10), and it ships as binary wheels on PyPI for x86-64 and aarch64, Jetson included;
-  pycuda is a third-party package that is compiled from source against the local CUDA toolkit on
-  every Jetson (``pip install pycuda`` needs nvcc, the CUDA headers and a working compiler).
-* It is a thin, one-to-one binding of the CUDA runtime API: every call returns a tuple whose
-  first item is a ``cudaError_t``. Nothing is hidden behind implicit contexts (``pycuda.autoinit``)
-  or garbage-collected allocations, so each failure is reported here with its CUDA error name
-  (:class:`BackendError`), and :meth:`TensorRTBackend.close` frees exactly what was allocated.
-* It uses the CUDA runtime API's primary context, the same one TensorRT uses, so no context
-  has to be pushed or popped around inference.
+Why cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6) and not pycuda for device
+memory and streams: NVIDIA maintains it (the TensorRT 10 Python samples use it) and ships binary wheels for x86-64
+and aarch64, Jetson included, where pycuda compiles from source against the local CUDA toolkit; it is a one-to-one
+binding of the CUDA runtime API (every call returns ``(cudaError_t, *values)``), with no implicit contexts or
+garbage-collected allocations, so each failure is reported with its CUDA error name (:class:`BackendError`) and
+:meth:`TensorRTBackend.close` frees exactly what was allocated; and it uses the runtime API's primary context, the
+one TensorRT uses, so no context is pushed or popped around inference.
 
 ``trt`` and ``cudart`` can be injected (the glue tests pass fake modules: there is no TensorRT
 or GPU where the test suite normally runs). A :class:`TensorRTBackend` is not thread-safe: give
@@ -54,7 +48,6 @@ each thread its own.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -65,24 +58,14 @@ import numpy as np
 
 from gradad.bundle import Bundle, Precision
 from gradad.errors import GradError
-from gradad.runtime.tensorrt_device import (
-    TensorRTUnavailable,
-    rebuild_command,
-    engine_matches_device,
-    gpu_identity,
-    import_tensorrt,
-)
 from gradad.runtime.backend import BackendError, infer_in_batches
+from gradad.runtime.tensorrt_device import (engine_matches_device, gpu_identity, import_cudart, import_tensorrt,
+                                            rebuild_command)
 
 log = logging.getLogger(__name__)
 
-CUDA_PYTHON_MISSING_MESSAGE = (
-    "cuda-python not installed (the Python package `cuda-python`, NVIDIA's CUDA runtime bindings; "
-    "pip install the version matching the device's CUDA, e.g. cuda-python==12.* on JetPack 6)"
-)
 SCORE_OUTPUT = "score"
 MAP_OUTPUT = "anomaly_map"
-PRECISIONS = (Precision.FP16.value, Precision.FP32.value, Precision.INT8.value)  # FP16 first: the default
 
 # numpy dtypes for TensorRT DataType member names (used when trt.nptype is missing or fails).
 _DTYPE_BY_NAME = {
@@ -99,21 +82,6 @@ _DTYPE_BY_NAME = {
 # --------------------------------------------------------------------------------------------
 # cuda-python helpers
 # --------------------------------------------------------------------------------------------
-
-
-def import_cudart() -> Any:
-    """The cuda-python runtime module (``cuda.bindings.runtime``, else the older ``cuda.cudart``).
-
-    Raises TensorRTUnavailable when cuda-python is not installed.
-    """
-    try:
-        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            raise TensorRTUnavailable(CUDA_PYTHON_MISSING_MESSAGE) from None
-    return cudart
 
 
 def cuda_error_name(cudart: Any, err: Any) -> str:
@@ -197,22 +165,26 @@ def _dims(dims: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in dims)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _IOTensor:
-    """One engine input/output and its buffers (sized for the engine's largest batch)."""
+    """One engine input/output: name, host dtype and the shape of one batch item (the batch axis removed)."""
 
     name: str
-    index: int  # IO tensor index
-    is_input: bool
     dtype: np.dtype
-    sample_shape: tuple[int, ...]  # shape of one batch item (the batch axis removed)
-    nbytes: int = 0  # bytes for max_batch items
-    host_ptr: int = 0
-    device_ptr: int = 0
-    host: np.ndarray | None = None  # flat view of the pinned host buffer
+    sample_shape: tuple[int, ...]
 
     def batch_nbytes(self, n: int) -> int:
         return n * math.prod(self.sample_shape) * self.dtype.itemsize
+
+
+@dataclass
+class _Buffer:
+    """A slot's pinned host and device memory for one IO tensor, sized for the engine's largest batch."""
+
+    tensor: _IOTensor
+    host_ptr: int
+    device_ptr: int
+    host: np.ndarray | None  # flat view of the pinned host memory (None once freed)
 
 
 @dataclass
@@ -222,13 +194,10 @@ class _Slot:
     index: int
     context: Any
     stream: Any
-    tensors: list[_IOTensor]  # input first, then the outputs, each with its own pinned + device buffers
+    buffers: dict[str, _Buffer]  # by tensor name
     pending: int | None = None  # batch size submitted and not collected yet
     graph_exec: Any = None  # captured CUDA graph of the enqueue for ``graph_batch``
     graph_batch: int | None = None
-
-    def tensor(self, name: str) -> _IOTensor:
-        return next(t for t in self.tensors if t.name == name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,13 +206,15 @@ class _Slot:
 
 
 class TensorRTBackend:
-    """images (N, 3, H, W) float32 RGB 0..255 -> (scores (N,), maps (N, H, W)) with one TensorRT engine.
+    """images (N, 3, H, W) uint8 RGB (or float32 0..255) -> (scores (N,), maps (N, H, W)) with one TensorRT engine.
 
     Args:
         engine_path: the serialised engine (``.plan``), built for this TensorRT version and GPU.
         input_name: the image input tensor (``"image"`` in bundles).
         trt: the ``tensorrt`` module (default: imported; raises TensorRTUnavailable when absent).
         cudart: the cuda-python runtime module (default: imported; TensorRTUnavailable when absent).
+        in_flight: batches that may be submitted and not yet collected (one slot each).
+        cuda_graphs: capture each batch size's enqueue into a CUDA graph where possible.
 
     Attributes:
         name: ``"tensorrt"``.
@@ -253,21 +224,19 @@ class TensorRTBackend:
     """
 
     name = "tensorrt"
+    api = "tensors-v3"
 
     def __init__(self, engine_path: str | Path, input_name: str = "image", trt: Any = None,
                  cudart: Any = None, in_flight: int = 1, cuda_graphs: bool = True) -> None:
         # Everything close() looks at exists before anything can fail.
         self._closed = False
-        self._stream: Any = None
         self._slots: list[_Slot] = []
         self._streams: list[Any] = []
-        self._next_slot = 0
-        self.in_flight = max(1, int(in_flight))
-        self._graphs_wanted = bool(cuda_graphs)
-        self.cuda_graphs = False  # set in _load: wanted, and possible with this TensorRT/cuda-python
         self._host_ptrs: list[int] = []
         self._device_ptrs: list[int] = []
-        self._tensors: list[_IOTensor] = []
+        self._next_slot = 0
+        self.in_flight = max(1, int(in_flight))
+        self.cuda_graphs = False  # set in _load: wanted, and possible with this TensorRT/cuda-python
         self._context: Any = None
         self._engine: Any = None
         self._runtime: Any = None
@@ -278,7 +247,7 @@ class TensorRTBackend:
         if not self.engine_path.is_file():
             raise BackendError(f"TensorRT engine not found: {self.engine_path}")
         try:
-            self._load()
+            self._load(cuda_graphs)
         except BaseException as exc:
             self.close()
             if isinstance(exc, GradError) or not isinstance(exc, Exception):
@@ -288,7 +257,7 @@ class TensorRTBackend:
 
     # ---- set-up --------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self, cuda_graphs: bool) -> None:
         trt, path = self._trt, self.engine_path
         try:
             data = path.read_bytes()
@@ -303,17 +272,15 @@ class TensorRTBackend:
                 "messages above): the engine is corrupt or was built by another TensorRT version or for another "
                 f"GPU; rebuild it on this device with `{rebuild_command(str(path.parent))}`"
             )
-        self._context = self._engine.create_execution_context()
-        if self._context is None:
-            raise BackendError(f"TensorRT could not create an execution context for {path} (out of GPU memory?)")
-        if not (hasattr(self._engine, "num_io_tensors") and hasattr(self._context, "execute_async_v3")):
+        context = self._context = self._new_context(1)
+        if not (hasattr(self._engine, "num_io_tensors") and hasattr(context, "execute_async_v3")):
             raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no name-based tensor API "
                                f"(execute_async_v3): gradad needs TensorRT 8.5 or newer (JetPack 5.1+)")
-        self.api = "tensors-v3"
-        self._describe_tensors()
+        self._describe_tensors(context)
         self.input_dtype = self._input.dtype
-        self.cuda_graphs = self._graphs_wanted and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS)
-        self._allocate()
+        self.cuda_graphs = cuda_graphs and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS)
+        for i in range(self.in_flight):
+            self._slots.append(self._new_slot(i, context if i == 0 else self._new_context(i + 1)))
         log.info(
             "TensorRT %s engine %s (%s API): input %s %s (N, 3, %d, %d) batch %d..%d; outputs %s; %d slot(s), "
             "CUDA graphs %s", getattr(trt, "__version__", "?"), path.name, self.api, self.input_name,
@@ -321,17 +288,14 @@ class TensorRTBackend:
             ", ".join(f"{t.name} {t.dtype} {t.sample_shape}" for t in self._outputs), self.in_flight,
             "on" if self.cuda_graphs else "off")
 
-    def _io_list(self) -> list[tuple[str, int, bool, Any, tuple[int, ...]]]:
-        """(name, index, is_input, trt dtype, engine shape) of every IO tensor."""
-        trt, engine = self._trt, self._engine
-        items = []
-        for i in range(int(engine.num_io_tensors)):
-            name = engine.get_tensor_name(i)
-            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-            items.append((name, i, is_input, engine.get_tensor_dtype(name), _dims(engine.get_tensor_shape(name))))
-        return items
+    def _new_context(self, number: int) -> Any:
+        context = self._engine.create_execution_context()
+        if context is None:
+            what = "an execution context" if number == 1 else f"execution context {number}"
+            raise BackendError(f"TensorRT could not create {what} for {self.engine_path} (out of GPU memory?)")
+        return context
 
-    def _profile(self, name: str, index: int) -> tuple[tuple[int, ...], ...]:
+    def _profile(self, name: str) -> tuple[tuple[int, ...], ...]:
         """(min, opt, max) shapes of an input in optimisation profile 0."""
         engine = self._engine
         if hasattr(engine, "get_tensor_profile_shape"):
@@ -340,60 +304,47 @@ class TensorRTBackend:
             shapes = engine.get_profile_shape(0, name)
         return tuple(_dims(s) for s in shapes)
 
-    def _set_input_shape(self, shape: tuple[int, ...], context: Any = None) -> None:
-        inp = self._input
-        context = self._context if context is None else context
-        if context.set_input_shape(inp.name, shape) is False:
-            raise BackendError(f"TensorRT rejected input shape {shape} for {inp.name!r} of {self.engine_path.name} "
-                               f"(its optimisation profile allows batch {self.min_batch}..{self.max_batch})")
+    def _set_input_shape(self, shape: tuple[int, ...], context: Any) -> None:
+        if context.set_input_shape(self._input.name, shape) is False:
+            raise BackendError(f"TensorRT rejected input shape {shape} for {self._input.name!r} of "
+                               f"{self.engine_path.name} (its optimisation profile allows batch "
+                               f"{self.min_batch}..{self.max_batch})")
 
-    def _context_shape(self, tensor: _IOTensor) -> tuple[int, ...]:
-        return _dims(self._context.get_tensor_shape(tensor.name))
-
-    def _describe_tensors(self) -> None:
-        trt, path = self._trt, self.engine_path
-        io = self._io_list()
-        inputs = [item for item in io if item[2]]
-        names = [item[0] for item in inputs]
-        if self.input_name not in names:
+    def _describe_tensors(self, context: Any) -> None:
+        """The one image input (batch range and size from its profile) and the outputs' per-image shapes."""
+        trt, engine, path = self._trt, self._engine, self.engine_path
+        names = [engine.get_tensor_name(i) for i in range(int(engine.num_io_tensors))]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if self.input_name not in inputs:
             raise BackendError(f"TensorRT engine {path.name} has no input named {self.input_name!r} "
-                               f"(its inputs: {', '.join(names) or 'none'})")
+                               f"(its inputs: {', '.join(inputs) or 'none'})")
         if len(inputs) != 1:
-            raise BackendError(f"TensorRT engine {path.name} has {len(inputs)} inputs ({', '.join(names)}); "
+            raise BackendError(f"TensorRT engine {path.name} has {len(inputs)} inputs ({', '.join(inputs)}); "
                                "a gradad model has exactly one image input")
-        name, index, _, trt_dtype, shape = inputs[0]
+        name = inputs[0]
+        shape = _dims(engine.get_tensor_shape(name))
         if len(shape) != 4 or shape[1] not in (3, -1):
             raise BackendError(f"input {name!r} of {path.name} has shape {list(shape)}; expected (N, 3, H, W)")
         self._dynamic = -1 in shape
-        if self._dynamic:
-            pmin, _popt, pmax = self._profile(name, index)
-        else:
-            pmin = pmax = shape
+        pmin, _popt, pmax = self._profile(name) if self._dynamic else (shape, shape, shape)
         if -1 in pmax or pmax[1] != 3:
             raise BackendError(f"input {name!r} of {path.name} has no usable optimisation profile "
                                f"(max shape {list(pmax)})")
         self.max_batch = int(pmax[0])
         self.min_batch = max(1, int(pmin[0]))
         self._input_hw = (int(pmax[2]), int(pmax[3]))
-        self._input = _IOTensor(name, index, True, _np_dtype(trt, trt_dtype, name), tuple(pmax[1:]))
-
-        # Output shapes follow from the input shape: set the largest one and read them back.
-        if self._dynamic:
-            self._set_input_shape(tuple(pmax))
+        self._input = _IOTensor(name, _np_dtype(trt, engine.get_tensor_dtype(name), name), tuple(pmax[1:]))
+        if self._dynamic:  # output shapes follow from the input shape: set the largest one and read them back
+            self._set_input_shape(tuple(pmax), context)
         outputs = []
-        for out_name, out_index, is_input, out_dtype, _ in io:
-            if is_input:
-                continue
-            tensor = _IOTensor(out_name, out_index, False, _np_dtype(trt, out_dtype, out_name), ())
-            full = self._context_shape(tensor)
+        for out in (n for n in names if n != name):
+            full = _dims(context.get_tensor_shape(out))
             if not full or -1 in full or full[0] != self.max_batch:
-                raise BackendError(f"output {out_name!r} of {path.name} has shape {list(full)} for a batch of "
+                raise BackendError(f"output {out!r} of {path.name} has shape {list(full)} for a batch of "
                                    f"{self.max_batch}; expected a fixed shape with the batch first")
-            tensor.sample_shape = tuple(full[1:])
-            outputs.append(tensor)
+            outputs.append(_IOTensor(out, _np_dtype(trt, engine.get_tensor_dtype(out), out), tuple(full[1:])))
         self._outputs = outputs
         self._score, self._map = self._pick_outputs(outputs)
-        self._tensors = [self._input] + outputs
 
     def _pick_outputs(self, outputs: list[_IOTensor]) -> tuple[_IOTensor, _IOTensor]:
         """The score (one value per image) and anomaly map ((1, h, w) or (h, w) per image) outputs."""
@@ -412,35 +363,20 @@ class TensorRTBackend:
                                f"((1, h, w) per image; outputs per image: {listing})")
         return score, amap
 
-    def _allocate(self) -> None:
-        """``in_flight`` slots, each with a stream and pinned + device buffers at max_batch (once)."""
-        for i in range(self.in_flight):
-            context = self._context if i == 0 else self._engine.create_execution_context()
-            if context is None:
-                raise BackendError(f"TensorRT could not create execution context {i + 1} for {self.engine_path}")
-            self._slots.append(self._new_slot(i, context))
-        first = self._slots[0]  # slot 0's buffers are the backend's own (as with one slot)
-        self._stream = first.stream
-        for template, own in zip(self._tensors, first.tensors):
-            template.host_ptr, template.device_ptr, template.host = own.host_ptr, own.device_ptr, own.host
-            template.nbytes = own.nbytes
-
     def _new_slot(self, index: int, context: Any) -> _Slot:
+        """A slot: its own stream and pinned + device buffers for every IO tensor at max_batch (allocated once)."""
         cudart = self._cudart
         stream = _cuda_ok(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._streams.append(stream)
-        tensors = []
-        for template in self._tensors:
-            t = dataclasses.replace(template, host=None)
-            t.nbytes = t.batch_nbytes(self.max_batch)
-            t.host_ptr = int(_cuda_ok(cudart, cudart.cudaMallocHost(t.nbytes),
-                                      f"cudaMallocHost({t.nbytes}) for {t.name!r}"))
-            self._host_ptrs.append(t.host_ptr)
-            t.device_ptr = int(_cuda_ok(cudart, cudart.cudaMalloc(t.nbytes), f"cudaMalloc({t.nbytes}) for {t.name!r}"))
-            self._device_ptrs.append(t.device_ptr)
-            t.host = _pinned_view(t.host_ptr, t.nbytes, t.dtype)
-            tensors.append(t)
-        return _Slot(index, context, stream, tensors)
+        buffers = {}
+        for t in (self._input, *self._outputs):
+            nbytes = t.batch_nbytes(self.max_batch)
+            host_ptr = int(_cuda_ok(cudart, cudart.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes}) for {t.name!r}"))
+            self._host_ptrs.append(host_ptr)
+            device_ptr = int(_cuda_ok(cudart, cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {t.name!r}"))
+            self._device_ptrs.append(device_ptr)
+            buffers[t.name] = _Buffer(t, host_ptr, device_ptr, _pinned_view(host_ptr, nbytes, t.dtype))
+        return _Slot(index, context, stream, buffers)
 
     # ---- Backend protocol ----------------------------------------------------------------
 
@@ -471,19 +407,20 @@ class TensorRTBackend:
         slot.pending = n
         if n == 0:
             return slot
-        cudart, inp = self._cudart, slot.tensors[0]
-        h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        cudart, inp = self._cudart, slot.buffers[self._input.name]
+        kinds = cudart.cudaMemcpyKind
         # Pinned staging buffer in the engine's input type (uint8 for schema-2 bundles: 1 byte per channel).
-        count = n * math.prod(inp.sample_shape)
-        inp.host[:count].reshape(images.shape)[...] = images
-        _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, inp.batch_nbytes(n), h2d, slot.stream),
+        inp.host[: n * math.prod(self._input.sample_shape)].reshape(images.shape)[...] = images
+        _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, self._input.batch_nbytes(n),
+                                                kinds.cudaMemcpyHostToDevice, slot.stream),
                  "cudaMemcpyAsync (input to GPU)")
         if self._dynamic:
-            self._set_input_shape((n, *inp.sample_shape), slot.context)
+            self._set_input_shape((n, *self._input.sample_shape), slot.context)
         self._enqueue(slot, n)
-        for t in (slot.tensor(self._score.name), slot.tensor(self._map.name)):
-            _cuda_ok(cudart, cudart.cudaMemcpyAsync(t.host_ptr, t.device_ptr, t.batch_nbytes(n), d2h, slot.stream),
+        for t in (self._score, self._map):
+            buf = slot.buffers[t.name]
+            _cuda_ok(cudart, cudart.cudaMemcpyAsync(buf.host_ptr, buf.device_ptr, t.batch_nbytes(n),
+                                                    kinds.cudaMemcpyDeviceToHost, slot.stream),
                      f"cudaMemcpyAsync ({t.name} to host)")
         return slot
 
@@ -495,9 +432,9 @@ class TensorRTBackend:
         if not n:
             return np.zeros((0,), np.float32), np.zeros((0, *map_hw), np.float32)
         _cuda_ok(self._cudart, self._cudart.cudaStreamSynchronize(slot.stream), "cudaStreamSynchronize (inference)")
-        score, amap = slot.tensor(self._score.name), slot.tensor(self._map.name)
-        scores = score.host[: n * math.prod(score.sample_shape)].astype(np.float32)  # astype copies (FP16 -> FP32)
-        maps = amap.host[: n * math.prod(amap.sample_shape)].astype(np.float32).reshape(n, *map_hw)
+        score, amap = slot.buffers[self._score.name].host, slot.buffers[self._map.name].host
+        scores = score[: n * math.prod(self._score.sample_shape)].astype(np.float32)  # astype copies (FP16 -> FP32)
+        maps = amap[: n * math.prod(self._map.sample_shape)].astype(np.float32).reshape(n, *map_hw)
         return scores, maps
 
     def _check_batch(self, images: np.ndarray) -> np.ndarray:
@@ -531,9 +468,9 @@ class TensorRTBackend:
             self._capture_graph(slot, n)
 
     def _execute(self, slot: _Slot) -> bool:
-        for t in slot.tensors:
-            if slot.context.set_tensor_address(t.name, t.device_ptr) is False:
-                raise BackendError(f"TensorRT rejected the device address of tensor {t.name!r}")
+        for name, buf in slot.buffers.items():
+            if slot.context.set_tensor_address(name, buf.device_ptr) is False:
+                raise BackendError(f"TensorRT rejected the device address of tensor {name!r}")
         return slot.context.execute_async_v3(_native_handle(slot.stream)) is not False
 
     def _capture_graph(self, slot: _Slot, n: int) -> None:
@@ -596,18 +533,15 @@ class TensorRTBackend:
             release(cudart.cudaStreamSynchronize, stream, "cudaStreamSynchronize (close)")
         for slot in self._slots:
             self._drop_graph(slot)
-            for t in slot.tensors:
-                t.host = None
+            for buf in slot.buffers.values():
+                buf.host = None  # no view may outlive the pinned memory
             slot.context = None
-        for t in self._tensors:
-            t.host = None  # no view may outlive the pinned memory
         while self._device_ptrs:
             release(cudart.cudaFree, self._device_ptrs.pop(), "cudaFree")
         while self._host_ptrs:
             release(cudart.cudaFreeHost, self._host_ptrs.pop(), "cudaFreeHost")
         while self._streams:
             release(cudart.cudaStreamDestroy, self._streams.pop(), "cudaStreamDestroy")
-        self._stream = None
         self._slots = []
         # Context before engine before runtime (TensorRT's destruction order).
         self._context = None
@@ -651,8 +585,8 @@ def load_tensorrt_backend(
     (BundleError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
     """
     bundle_dir = bundle.directory
-    if precision not in PRECISIONS:
-        raise BackendError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision not in list(Precision):
+        raise BackendError(f"precision {precision!r}: choose one of {', '.join(p.value for p in Precision)}")
     stamps = bundle.engines_for(precision)
     if not stamps:
         raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "

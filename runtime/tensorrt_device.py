@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 TENSORRT_MISSING_MESSAGE = (
     "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
 )
+CUDA_PYTHON_MISSING_MESSAGE = (
+    "cuda-python not installed (the Python package `cuda-python`, NVIDIA's CUDA runtime bindings; "
+    "pip install the version matching the device's CUDA, e.g. cuda-python==12.* on JetPack 6)"
+)
 REBUILD_COMMAND = "grad-export build --{precision} {bundle} --parity-images DIR"
 
 
@@ -50,6 +54,21 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+def import_cudart() -> Any:
+    """The cuda-python runtime module (``cuda.bindings.runtime``, else the older ``cuda.cudart``).
+
+    Raises TensorRTUnavailable when cuda-python is not installed.
+    """
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore[import-not-found]
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[import-not-found,no-redef]
+        except ImportError:
+            raise TensorRTUnavailable(CUDA_PYTHON_MISSING_MESSAGE) from None
+    return cudart
+
+
 def _visible_device_index() -> int | None:
     """The physical index of CUDA device 0 when CUDA_VISIBLE_DEVICES names it by number."""
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
@@ -59,12 +78,9 @@ def _visible_device_index() -> int | None:
 def _gpu_from_cuda_python() -> dict[str, str] | None:
     """GPU 0 through cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``)."""
     try:
-        from cuda.bindings import runtime  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            from cuda import cudart as runtime  # type: ignore[import-not-found,no-redef]
-        except ImportError:
-            return None
+        runtime = import_cudart()
+    except TensorRTUnavailable:
+        return None
     try:
         err, prop = runtime.cudaGetDeviceProperties(0)
         if err != runtime.cudaError_t.cudaSuccess:
