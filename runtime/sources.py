@@ -571,69 +571,64 @@ def _list_images(spec: SourceSpec) -> list[tuple[Path, str]]:
     return [(p, Path(os.path.relpath(p, root)).as_posix()) for p in files]
 
 
-def _image_frames(source: _FileSource, files: list[tuple[Path, str]], stop: threading.Event) -> Iterator[Frame]:
+def _file_frames(source: _FileSource, stop: threading.Event, one_pass: Callable[[], Iterator[tuple[np.ndarray, str]]],
+                 nothing_read: str) -> Iterator[Frame]:
+    """Frames of a file source: ``one_pass()`` yields (RGB image, record name) once through the files (or video),
+    again and again with ``SourceConfig.loop``; a pass that yields nothing raises SourceError(``nothing_read``)."""
     frame_id = 0
-    label = source.label
     while not stop.is_set():
-        delivered_this_pass = 0
-        for path, name in files:
+        delivered = 0
+        t0 = time.perf_counter()
+        for image, name in one_pass():
+            decode_ms = (time.perf_counter() - t0) * 1000.0
+            source._count("captured")
+            delivered += 1
+            yield Frame(frame_id, time.time(), source.label, image, name=name, decode_ms=decode_ms)
+            frame_id += 1
             if stop.is_set():
                 return
             t0 = time.perf_counter()
-            try:
-                image = read_image_rgb(path)
-            except GradError as exc:
-                logger.error("skipping unreadable image: %s", exc)
-                source._count("skipped")
-                continue
-            decode_ms = (time.perf_counter() - t0) * 1000.0
-            source._count("captured")
-            delivered_this_pass += 1
-            yield Frame(frame_id, time.time(), label, image, name=name, decode_ms=decode_ms)
-            frame_id += 1
-        if delivered_this_pass == 0:
-            raise SourceError(f"no readable image in {label} ({len(files)} file(s) skipped as unreadable)")
+        if delivered == 0:
+            raise SourceError(nothing_read)
         if not source.config.loop:
             return
 
 
-def _video_frames(
-    source: _FileSource, first_cap: Capture, factory: CaptureFactory, stop: threading.Event
-) -> Iterator[Frame]:
+def _image_pass(source: _FileSource, files: list[tuple[Path, str]]) -> Iterator[tuple[np.ndarray, str]]:
+    """One pass through image files; an unreadable one is logged, counted as skipped and passed over."""
+    for path, name in files:
+        try:
+            image = read_image_rgb(path)
+        except GradError as exc:
+            logger.error("skipping unreadable image: %s", exc)
+            source._count("skipped")
+            continue
+        yield image, name
+
+
+def _video_pass(source: _FileSource, caps: list[Capture | None], factory: CaptureFactory
+                ) -> Iterator[tuple[np.ndarray, str]]:
+    """One pass through a video file: the capture opened by :func:`open_source` first, a reopened one when looping
+    (``caps`` holds the open capture so the source can release it when closed early)."""
     path = str(source.spec.value)
-    base = Path(path).name
-    label = source.label
-    frame_id = 0
-    cap: Capture | None = first_cap
+    if caps[0] is None:
+        caps[0] = factory("video", path, source.config)
+        if not caps[0].isOpened():
+            raise SourceError(f"cannot reopen video file: {path}")
+    cap, index = caps[0], 0
     try:
-        while not stop.is_set():
-            if cap is None:  # looping: reopen for the next pass
-                cap = factory("video", path, source.config)
-                if not cap.isOpened():
-                    raise SourceError(f"cannot reopen video file: {path}")
-            index = 0
-            while not stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    ok, img = cap.read()
-                except cv2.error:
-                    ok, img = False, None
-                if not ok or img is None:
-                    break
-                image = _to_rgb(img)
-                decode_ms = (time.perf_counter() - t0) * 1000.0
-                source._count("captured")
-                yield Frame(frame_id, time.time(), label, image, name=f"{base}#{index}", decode_ms=decode_ms)
-                frame_id += 1
-                index += 1
-            _warn_if_short(cap, index, path)
-            _release(cap)
-            cap = None
-            if index == 0:
-                raise SourceError(f"cannot decode any frame of video file (corrupt or unsupported codec): {path}")
-            if not source.config.loop:
-                return
+        while True:
+            try:
+                ok, img = cap.read()
+            except cv2.error:
+                ok, img = False, None
+            if not ok or img is None:
+                break
+            yield _to_rgb(img), f"{Path(path).name}#{index}"
+            index += 1
+        _warn_if_short(cap, index, path)
     finally:
+        caps[0] = None
         _release(cap)
 
 
@@ -668,7 +663,6 @@ class _LiveSource(FrameSource):
         self._slot: tuple[int, float, np.ndarray, float] | None = None  # (frame_id, time, raw image, read_ms)
         self._next_id = 0
         self._ended = False
-        self._error: str | None = None
         cap, first, read_ms = self._open_first()
         self._store(first, read_ms)
         self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
@@ -774,12 +768,10 @@ class _LiveSource(FrameSource):
             self._stats["captured"] += 1
             self._cond.notify_all()
 
-    def _end(self, error: str | None = None) -> None:
+    def _end(self, gave_up: bool = False) -> None:
         with self._cond:
             self._ended = True
-            if error is not None:
-                self._stats["gave_up"] = True
-                self._error = error
+            self._stats["gave_up"] |= gave_up
             self._cond.notify_all()
 
     def _run(self, cap: Capture | None) -> None:
@@ -802,16 +794,15 @@ class _LiveSource(FrameSource):
                     _release(cap)
                     cap = None
                     if not self.config.reconnect:
-                        msg = f"{self.label}: lost (read failed) and reconnect is off; stopping"
-                        logger.error(msg)
-                        self._end(msg)
+                        logger.error("%s: lost (read failed) and reconnect is off; stopping", self.label)
+                        self._end(gave_up=True)
                         return
                     logger.warning("%s: read failed (camera/stream lost); reconnecting", self.label)
                     continue
                 self._store(img, (time.perf_counter() - t0) * 1000.0)
         except BaseException as exc:  # pragma: no cover - unexpected; never leave the consumer waiting
-            logger.exception("%s: capture thread failed", self.label)
-            self._end(f"{self.label}: capture thread failed: {exc}")
+            logger.exception("%s: capture thread failed: %s", self.label, exc)
+            self._end(gave_up=True)
         finally:
             _release(cap)
             self._end()
@@ -823,9 +814,8 @@ class _LiveSource(FrameSource):
         tries = 0
         while not self._stop.is_set():
             if cfg.reconnect_attempts > 0 and tries >= cfg.reconnect_attempts:
-                msg = f"{self.label}: giving up after {tries} failed reconnect attempt(s)"
-                logger.error(msg)
-                self._end(msg)
+                logger.error("%s: giving up after %d failed reconnect attempt(s)", self.label, tries)
+                self._end(gave_up=True)
                 return None
             if self._stop.wait(delay):
                 return None
@@ -872,11 +862,6 @@ class _LiveSource(FrameSource):
                            "it will release the device when the read returns", self.label,
                            self.config.close_timeout_s)
 
-    @property
-    def error(self) -> str | None:
-        """Why the iteration ended early (gave up after losing the source), else None."""
-        return self._error
-
 
 # ---------------------------------------------------------------------------------------------------- open
 
@@ -914,8 +899,10 @@ def open_source(
         if cap is None or not cap.isOpened():
             _release(cap)
             raise SourceError(f"cannot open video file (corrupt or unsupported format): {path}")
-        return _FileSource(
-            parsed, cfg, lambda src, stop: _video_frames(src, cap, factory, stop), on_close=lambda: _release(cap)
-        )
+        caps: list[Capture | None] = [cap]
+        nothing = f"cannot decode any frame of video file (corrupt or unsupported codec): {path}"
+        return _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _video_pass(src, caps, factory),
+                                                                       nothing), on_close=lambda: _release(caps[0]))
     files = _list_images(parsed)
-    return _FileSource(parsed, cfg, lambda src, stop: _image_frames(src, files, stop))
+    nothing = f"no readable image in {parsed.label} ({len(files)} file(s) skipped as unreadable)"
+    return _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _image_pass(src, files), nothing))
