@@ -5,6 +5,7 @@ Lean: numpy + OpenCV + ONNX Runtime or TensorRT. Never imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -14,8 +15,9 @@ import platform
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,9 +27,13 @@ from gradad.urls import redact_url
 
 if TYPE_CHECKING:
     from gradad.bundle import Bundle
+    from gradad.runtime.pipeline import StopFlag, Thresholds
     from gradad.runtime.refine_worker import RefineStage
+    from gradad.runtime.sinks import SinkBase
+    from gradad.runtime.stats import LatencyStats
 
 log = logging.getLogger("gradad.run")
+_T = TypeVar("_T")
 
 EPILOG = """\b
 Sources:
@@ -174,12 +180,7 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @verbose_option
 @exit_past_stuck_captures
 @user_errors_as_exit
-def main(bundle_dir, camera, sources, backend, precision, providers, threads, batch_size, serial, in_flight,
-         ort_spin, pace_fps, threshold, jsonl_path,
-         video_path, video_fps, video_segment, display, flagged_dir, flagged_max_mb, mqtt, mqtt_user, mqtt_password,
-         mqtt_topic, webhook, max_frames, loop,
-         benchmark_frames, benchmark_out, warmup, stats_every, refine, refine_budget, refine_batch, refine_queue,
-         refine_drain, refine_device, refine_threads, print_config, verbose) -> None:
+def main(**params: Any) -> None:
     """Run BUNDLE_DIR on live or recorded images: one JSON line per frame, OK/NG by the calibrated threshold.
 
     Capture/decode, inference and sinks run on separate threads with bounded queues (--serial: one after
@@ -191,84 +192,217 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     With --refine, NG frames are refined to sharp pixel masks in a separate process; the loop never waits for it
     (a full queue drops the frame's refinement, counted in the summary).
     """
-    setup_logging(verbose)
-    ctx = click.get_current_context()
-    if print_config:
+    setup_logging(params["verbose"])
+    webhook_options = click.get_current_context().meta.get("webhook_options", {})
+    if params["print_config"]:
         import yaml
 
         from gradad.runtime.line_config import resolved_config
 
-        click.echo(yaml.safe_dump(resolved_config(ctx.params, ctx.meta.get("webhook_options", {})),
-                                  sort_keys=False), nl=False)
+        click.echo(yaml.safe_dump(resolved_config(params, webhook_options), sort_keys=False), nl=False)
         return
     import cv2
 
-    if not verbose:  # OpenCV's own open/probe warnings duplicate our one-line errors
+    if not params["verbose"]:  # OpenCV's own open/probe warnings duplicate our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    from gradad.runtime.loader import load_backend
-    from gradad.runtime.pipeline import RunOptions, StopFlag, interleave, run_pipeline, thresholds_from_bundle
-    from gradad.runtime.sinks import (DisplaySink, FlaggedFrameSink, JsonlSink, MqttSink, VideoSink,
-                                      WebhookSink)
-    from gradad.runtime.sources import SourceConfig, open_source
-    from gradad.runtime.stats import LatencyStats
+    run(RunSettings.from_params(params, webhook_options))
 
-    specs = list(sources) + ([str(camera)] if camera is not None else [])
-    if not specs:
-        raise GradError("no input: give --camera N or --source ...")
-    engine, bundle = load_backend(bundle_dir, backend, precision, providers.split(",") if providers else None,
-                                    threads, in_flight=1 if serial else max(1, in_flight),
-                                    spin=serial if ort_spin is None else ort_spin)
-    thresholds = thresholds_from_bundle(bundle, threshold)
-    if benchmark_out:
-        check_writable(benchmark_out, "--benchmark-out")
+
+# ---------------------------------------------------------------------------------------------------------------
+# typed option groups (one per concern; field names are grad-run's parameter names)
+
+
+def _pick(cls: type[_T], params: dict[str, Any], **extra: Any) -> _T:
+    """``cls`` built from the grad-run parameters named like its fields."""
+    return cls(**{f.name: params[f.name] for f in dataclasses.fields(cls) if f.name not in extra}, **extra)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Which engine runs the bundle and how (``--backend --precision --providers --threads --in-flight
+    --ort-spin``)."""
+
+    backend: str = "auto"
+    precision: str | None = None
+    providers: str | None = None
+    threads: int = 0
+    in_flight: int = 2
+    ort_spin: bool | None = None
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How frames are read and batched (``--batch --serial --pace --max-frames --loop --stats-every``)."""
+
+    batch_size: int = 1
+    serial: bool = False
+    pace_fps: float = 0.0
+    max_frames: int | None = None
+    loop: bool = False
+    stats_every: float = 10.0
+
+
+@dataclass(frozen=True)
+class SinkOptions:
+    """Where records go (``--jsonl --video* --display --save-flagged --flagged-max-mb --mqtt* --webhook``) and the
+    line file's webhook settings that have no flag."""
+
+    jsonl_path: str = "-"
+    video_path: str | None = None
+    video_fps: float = 10.0
+    video_segment: float = 60.0
+    display: bool = False
+    flagged_dir: str | None = None
+    flagged_max_mb: int = 1024
+    mqtt: str | None = None
+    mqtt_user: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_topic: str = "gradad/results"
+    webhook: str | None = None
+    webhook_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """``--refine`` and its worker settings."""
+
+    refine: bool = False
+    refine_budget: float | None = None
+    refine_batch: int = 4
+    refine_queue: int = 8
+    refine_drain: float = 30.0
+    refine_device: str = "auto"
+    refine_threads: int = 1
+
+
+@dataclass(frozen=True)
+class BenchmarkOptions:
+    """``--benchmark N --benchmark-out --warmup``: N measured frames after ``warmup`` excluded ones."""
+
+    benchmark_frames: int | None = None
+    benchmark_out: str | None = None
+    warmup: int = 5
+
+    @property
+    def enabled(self) -> bool:
+        return self.benchmark_frames is not None
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything one ``grad-run`` needs, grouped."""
+
+    bundle_dir: str
+    sources: tuple[str, ...]
+    threshold: float | None
+    backend: BackendOptions
+    loop: LoopOptions
+    sinks: SinkOptions
+    refine: RefineOptions
+    benchmark: BenchmarkOptions
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], webhook_options: dict[str, Any] | None = None) -> "RunSettings":
+        """Group grad-run's parameters; ``--camera N`` joins the sources."""
+        camera = params["camera"]
+        return cls(params["bundle_dir"], tuple(params["sources"]) + ((str(camera),) if camera is not None else ()),
+                   params["threshold"], _pick(BackendOptions, params), _pick(LoopOptions, params),
+                   _pick(SinkOptions, params, webhook_options=dict(webhook_options or {})),
+                   _pick(RefineOptions, params), _pick(BenchmarkOptions, params))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# builders
+
+
+def load_engine(settings: RunSettings) -> tuple[Any, "Bundle", "Thresholds"]:
+    """(backend, bundle, thresholds), with a warning when the thresholds were calibrated on another backend."""
+    from gradad.runtime.loader import load_backend
+    from gradad.runtime.pipeline import thresholds_from_bundle
+
+    opts, serial = settings.backend, settings.loop.serial
+    engine, bundle = load_backend(settings.bundle_dir, opts.backend, opts.precision,
+                                  opts.providers.split(",") if opts.providers else None, opts.threads,
+                                  in_flight=1 if serial else max(1, opts.in_flight),
+                                  spin=serial if opts.ort_spin is None else opts.ort_spin)
+    thresholds = thresholds_from_bundle(bundle, settings.threshold)
     calibrated_on = bundle.calibration.backend if bundle.calibration else None
-    if threshold is None and calibrated_on and calibrated_on != engine.name:
+    if settings.threshold is None and calibrated_on and calibrated_on != engine.name:
         log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
                     "re-run grad-calibrate with --backend/--precision of the line", calibrated_on, engine.name)
     log.info("bundle %s, backend %s, threshold %.4f (%s)", bundle.name, engine.name, thresholds.image,
              thresholds.source)
-    benchmark = benchmark_frames is not None
-    source_cfg = SourceConfig(loop=loop or benchmark)
-    opened = []
-    sinks = []
-    refine_stage = None
+    return engine, bundle, thresholds
+
+
+def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
+    """The sinks the options ask for (no JSON lines in benchmark mode)."""
+    from gradad.runtime import sinks as kinds  # looked up at call time: tests swap the network sinks
+
+    out: list[SinkBase] = []
+    if opts.jsonl_path and not benchmark:
+        out.append(kinds.JsonlSink(opts.jsonl_path))
+    if opts.video_path:
+        out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment))
+    if opts.display:
+        out.append(kinds.DisplaySink())
+    if opts.flagged_dir:
+        out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20))
+    if opts.mqtt:
+        host, port = parse_mqtt(opts.mqtt)
+        out.append(kinds.MqttSink(host, port, topic=opts.mqtt_topic, username=opts.mqtt_user,
+                                  password=opts.mqtt_password))
+    if opts.webhook:
+        out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
+    return out
+
+
+def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions) -> "RefineStage":
+    """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
+    from gradad.runtime import refine_worker
+    from gradad.runtime.refine_worker import RefineStage, RefineWorker, RefineWorkerConfig
+
+    if bundle.refine is None or bundle.refine.empty:
+        raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
+                        f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
+    if opts.refine_drain < 0:
+        raise GradError(f"--refine-drain {opts.refine_drain}: must be >= 0 seconds")
+    config = RefineWorkerConfig(str(bundle_dir), time_budget_s=opts.refine_budget, max_batch=opts.refine_batch,
+                                queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
+                                factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
+    return RefineStage(RefineWorker(config).start(), opts.refine_drain)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def run(settings: RunSettings) -> None:
+    """Open everything, run the loop, close everything, print the summary; exit 130/143 after a signal."""
+    from gradad.runtime.pipeline import StopFlag, interleave
+    from gradad.runtime.sinks import VideoSink
+    from gradad.runtime.sources import SourceConfig, open_source
+
+    if not settings.sources:
+        raise GradError("no input: give --camera N or --source ...")
+    engine, bundle, thresholds = load_engine(settings)
+    bench = settings.benchmark
+    if bench.benchmark_out:
+        check_writable(bench.benchmark_out, "--benchmark-out")
+    source_cfg = SourceConfig(loop=settings.loop.loop or bench.enabled)
+    opened, sinks, refine_stage = [], [], None
     stop = StopFlag()
     restore = stop.install()
     try:
-        if refine:
-            refine_stage = _start_refine(bundle_dir, bundle, refine_budget, refine_batch, refine_queue, refine_drain,
-                                         refine_device, refine_threads)
-        for spec in specs:
+        if settings.refine.refine:
+            refine_stage = start_refine(settings.bundle_dir, bundle, settings.refine)
+        for spec in settings.sources:
             opened.append(open_source(spec, source_cfg))
             stop.on_stop.append(opened[-1].interrupt)
-        if jsonl_path and not benchmark:
-            sinks.append(JsonlSink(jsonl_path))
-        if video_path:
-            sinks.append(VideoSink(video_path, fps=video_fps, segment_s=video_segment))
-        if display:
-            sinks.append(DisplaySink())
-        if flagged_dir:
-            sinks.append(FlaggedFrameSink(flagged_dir, max_bytes=flagged_max_mb * 2**20))
-        if mqtt:
-            host, port = parse_mqtt(mqtt)
-            sinks.append(MqttSink(host, port, topic=mqtt_topic, username=mqtt_user, password=mqtt_password))
-        if webhook:
-            sinks.append(WebhookSink(webhook, **ctx.meta.get("webhook_options", {})))
+        sinks = build_sinks(settings.sinks, bench.enabled)
         frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
-        total = (benchmark_frames + warmup) if benchmark else max_frames
-        loop_opts = {"pipelined": not serial, "live": any(src.live for src in opened), "in_flight": in_flight,
-                     "pace_fps": pace_fps}
-        if benchmark and warmup:
-            warm = LatencyStats()
-            run_pipeline(itertools.islice(frames, warmup), engine, thresholds, [],
-                         RunOptions(batch_size, stats_every_s=0, **loop_opts), stop, warm)
-            total = benchmark_frames
-        stats = LatencyStats()  # after the warm-up: FPS covers the measured frames only
-        t0 = time.perf_counter()
-        run_pipeline(frames, engine, thresholds, sinks,
-                     RunOptions(batch_size, total, stats_every, refine=refine_stage,
-                                warmup=not (benchmark and warmup), **loop_opts), stop, stats)
-        wall = time.perf_counter() - t0
+        stats, wall = _run_loop(settings, frames, engine, thresholds, sinks, refine_stage, stop,
+                                live=any(src.live for src in opened))
     except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
         raise GradError(f"output failed: {exc}") from exc
     finally:
@@ -284,44 +418,55 @@ def main(bundle_dir, camera, sources, backend, precision, providers, threads, ba
     if refine_stage is not None:
         summary["refine"] = refine_stage.summary()
     log.info("done: %s", stats.format_line() if stats.frames else "no frames")
-    if benchmark:
-        summary.update({
-            "bundle": bundle.name, "backend": engine.name, "batch_size": batch_size,
-            "loop": "serial" if serial else "pipelined", "pace_fps": pace_fps, "precision": precision,
-            "peak_rss_mb": round(_peak_rss_mb(), 1), "load_average_1min": round(os.getloadavg()[0], 2),
-            "input": list(bundle.input.hw), "threads": threads,
-            "warmup_frames": warmup, "machine": platform.machine(), "processor": platform.processor(),
-            "python": platform.python_version(), "onnxruntime": _version("onnxruntime"),
-            "command": " ".join(["grad-run", *sys.argv[1:]]),
-        })
-        text = json.dumps(summary, indent=2)
-        if benchmark_out:
-            Path(benchmark_out).parent.mkdir(parents=True, exist_ok=True)
-            Path(benchmark_out).write_text(text + "\n")
-            click.echo(f"benchmark summary: {benchmark_out}", err=True)
-        else:
-            click.echo(text)
-    else:
-        click.echo(json.dumps({"summary": summary}), err=True)
+    _report(settings, summary, bundle, engine)
     if stop.signal_name in ("SIGINT", "SIGTERM"):  # stopped cleanly, but not finished: the shell convention
         sys.exit(128 + signal.Signals[stop.signal_name].value)
 
 
-def _start_refine(bundle_dir: str, bundle: "Bundle", budget: float | None, batch: int, queue: int,
-                  drain: float, device: str, threads: int) -> "RefineStage":
-    """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
-    from gradad.runtime import refine_worker
-    from gradad.runtime.refine_worker import RefineStage, RefineWorker, RefineWorkerConfig
+def _run_loop(settings: RunSettings, frames: Any, engine: Any, thresholds: "Thresholds", sinks: list["SinkBase"],
+              refine_stage: "RefineStage | None", stop: "StopFlag", live: bool) -> tuple["LatencyStats", float]:
+    """The benchmark warm-up frames (if any), then the measured run; returns its statistics and wall seconds."""
+    from gradad.runtime.pipeline import RunOptions, run_pipeline
+    from gradad.runtime.stats import LatencyStats
 
-    if bundle.refine is None or bundle.refine.empty:
-        raise GradError(f"bundle {bundle_dir} is not prepared for refinement; run: grad-refine prepare --bundle "
-                        f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
-    if drain < 0:
-        raise GradError(f"--refine-drain {drain}: must be >= 0 seconds")
-    config = RefineWorkerConfig(str(bundle_dir), time_budget_s=budget, max_batch=batch, queue_size=queue,
-                                device=device, threads=threads,
-                                factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
-    return RefineStage(RefineWorker(config).start(), drain)
+    loop, bench = settings.loop, settings.benchmark
+    total = (bench.benchmark_frames + bench.warmup) if bench.enabled else loop.max_frames
+    shared = {"pipelined": not loop.serial, "live": live, "in_flight": settings.backend.in_flight,
+              "pace_fps": loop.pace_fps}
+    if bench.enabled and bench.warmup:
+        run_pipeline(itertools.islice(frames, bench.warmup), engine, thresholds, [],
+                     RunOptions(loop.batch_size, stats_every_s=0, **shared), stop, LatencyStats())
+        total = bench.benchmark_frames
+    stats = LatencyStats()  # after the warm-up: FPS covers the measured frames only
+    t0 = time.perf_counter()
+    run_pipeline(frames, engine, thresholds, sinks,
+                 RunOptions(loop.batch_size, total, loop.stats_every, refine=refine_stage,
+                            warmup=not (bench.enabled and bench.warmup), **shared), stop, stats)
+    return stats, time.perf_counter() - t0
+
+
+def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", engine: Any) -> None:
+    """The summary: a JSON line on stderr, or the --benchmark JSON (with the machine) on stdout / --benchmark-out."""
+    bench = settings.benchmark
+    if not bench.enabled:
+        click.echo(json.dumps({"summary": summary}), err=True)
+        return
+    summary.update({
+        "bundle": bundle.name, "backend": engine.name, "batch_size": settings.loop.batch_size,
+        "loop": "serial" if settings.loop.serial else "pipelined", "pace_fps": settings.loop.pace_fps,
+        "precision": settings.backend.precision, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "load_average_1min": round(os.getloadavg()[0], 2), "input": list(bundle.input.hw),
+        "threads": settings.backend.threads, "warmup_frames": bench.warmup, "machine": platform.machine(),
+        "processor": platform.processor(), "python": platform.python_version(),
+        "onnxruntime": _version("onnxruntime"), "command": " ".join(["grad-run", *sys.argv[1:]]),
+    })
+    text = json.dumps(summary, indent=2)
+    if bench.benchmark_out:
+        Path(bench.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(bench.benchmark_out).write_text(text + "\n")
+        click.echo(f"benchmark summary: {bench.benchmark_out}", err=True)
+    else:
+        click.echo(text)
 
 
 def _peak_rss_mb() -> float:

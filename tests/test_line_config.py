@@ -89,3 +89,23 @@ def test_unknown_setting_is_one_clear_error(bundle: Path, tmp_path: Path) -> Non
     bad.write_text("sinks:\n  mqtt:\n    pasword: x\n")
     result = CliRunner().invoke(run_main, [str(bundle), "--config", str(bad), "--print-config"])
     assert result.exit_code == 2 and "unknown setting(s) pasword in sinks.mqtt" in result.output
+
+
+def test_every_grad_run_option_lands_in_one_typed_group() -> None:
+    import dataclasses
+
+    from gradad.runtime.cli import (BackendOptions, BenchmarkOptions, LoopOptions, RefineOptions, RunSettings,
+                                    SinkOptions)
+
+    groups = [BackendOptions, LoopOptions, SinkOptions, RefineOptions, BenchmarkOptions]
+    fields = [f.name for g in groups for f in dataclasses.fields(g) if f.name != "webhook_options"]
+    assert len(fields) == len(set(fields))  # no option in two groups
+    top_level = {"bundle_dir", "camera", "sources", "threshold", "config", "print_config", "verbose"}
+    assert {p.name for p in run_main.params} == set(fields) | top_level  # and none left out
+
+    ctx = run_main.make_context("grad-run", ["B", "--camera", "2", "--source", "a/", "--mqtt", "h:1", "--refine",
+                                             "--refine-batch", "2", "--benchmark", "10", "--serial"])
+    settings = RunSettings.from_params(ctx.params, {"timeout_s": 1.0})
+    assert settings.sources == ("a/", "2") and settings.loop.serial and settings.benchmark.enabled
+    assert settings.sinks.mqtt == "h:1" and settings.sinks.webhook_options == {"timeout_s": 1.0}
+    assert settings.refine.refine and settings.refine.refine_batch == 2 and settings.backend.in_flight == 2
