@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from gradad.bundle import BUNDLE_SCHEMA, BundleError, read_manifest, validate_manifest, verify_files
 from gradad.export.cli import main as export_main
 from gradad.export.fp16 import fp32_tensor_check
+from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32, keeps_fp32_name
 from gradad.export.graph import ExportModule
 from gradad.export.lint import ExportLintError, lint_or_raise, lint_problems
 from gradad.export.onnx_export import ExportOptions, export_bundle
@@ -62,10 +63,56 @@ def test_fp16_onnx_close_to_fp32_with_fp32_gridsample(bundle: Path, test_batch: 
     assert len(global_reads) == 2
     for node in grid_nodes + global_reads:
         assert all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output]), node.name
-    # Most of the rest really is FP16 (the conversion did something).
-    convs = [n for n in model16.graph.node if n.op_type == "Conv" and "mapper/" not in n.name]
+    # Most of the rest really is FP16 (the conversion did something): every convolution outside the FP32 rule.
+    convs = [n for n in model16.graph.node if n.op_type == "Conv" and not keeps_fp32(n)]
     assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs)
     assert fp32_tensor_check(model16) == []
+
+
+#: One node per group of the FP32 rule (gradad.export.precision) that the tiny model's graph must contain.
+RULE_GROUPS = {
+    "pair similarity": "/detector/model/pair_similarity/",
+    "refinement (cosine + hard mask)": "/detector/model/refine/",
+    "abnormal query standardisation": "/detector/model/standardize/",
+    "map fusion (||x_ref - x|| + w relu(d))": "/detector/map_fusion/",
+    "map head (up-sampling, smoothing, score)": "/detector/Resize",
+    "extractor stem": "/detector/extractor/body/conv_stem/",
+    "extractor block 2": "/detector/extractor/body/blocks.2/",
+    "input normalisation": "/Sub",
+}
+
+
+def _float_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    return types
+
+
+def test_precision_rule_keeps_named_nodes_fp32_in_the_fp16_graph(bundle: Path) -> None:
+    """The shared FP32 rule on the FP16 graph: every node of each named group computes on FP32 tensors only; the
+    fusion CNNs (both branches) and the later extractor blocks are FP16."""
+    model32 = onnx.load(bundle / "model.onnx")
+    model16 = onnx.load(bundle / "model.fp16.onnx")
+    types = _float_types(model16)
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    by_name = {n.name: n for n in model16.graph.node}
+    for group, prefix in RULE_GROUPS.items():
+        names = [n.name for n in model32.graph.node if n.name.startswith(prefix)]
+        assert names, f"{group}: no node named {prefix}* in the exported graph (module renamed?)"
+        for name in names:
+            assert keeps_fp32_name(name), (group, name)
+            node = by_name[name]
+            assert node.op_type == "Cast" or all(types[t] == TensorProto.FLOAT for t in [*node.input, *node.output]
+                                                 if t and types.get(t) in floats), (group, name)
+    # Kept in reduced precision: the fusion CNNs of both branches (abnormal included) and extractor blocks 3+.
+    for prefix in ("/detector/model/normal_cnn/", "/detector/model/abnormal_cnn/",
+                   "/detector/extractor/body/blocks.3/"):
+        convs = [n for n in model16.graph.node if n.op_type == "Conv" and n.name.startswith(prefix)]
+        assert convs and all(types[n.output[0]] == TensorProto.FLOAT16 for n in convs), prefix
+    # The TensorRT pins use the same rule on layer names (named after the ONNX nodes).
+    assert {p in FP32_NAME_PATTERNS for p in ("/pair_similarity/", "/refine/", "/map_fusion/")} == {True}
 
 
 def test_bundle_manifest_valid_and_complete(bundle: Path) -> None:
@@ -206,10 +253,11 @@ class _ScaledOnnxEngine:
 @pytest.mark.parametrize("factor,accepted", [(1.001, True), (1.2, False)])
 def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: Path, factor: float,
                                  accepted: bool) -> None:
-    """GLUE test with the fake `tensorrt` module of test_tensorrt_glue: the engine-vs-ORT gate keeps or deletes."""
+    """GLUE test with the fake `tensorrt` module (tests/fakes/tensorrt.py): the engine-vs-ORT gate keeps or deletes."""
     import shutil
 
-    from test_tensorrt_glue import CHW, GPU, make_fake_trt
+    from fakes.tensorrt import CHW, make_fake_trt
+    from test_tensorrt_glue import GPU
 
     from gradad.export.engine import build_bundle_engine
     from gradad.export.parity import ParityError

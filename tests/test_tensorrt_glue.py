@@ -1,8 +1,8 @@
 """GLUE tests for gradad.export.tensorrt_build, run against a FAKE `tensorrt` module.
 
 These are NOT TensorRT tests. TensorRT and a GPU are not available where the test suite normally
-runs, so almost every test below injects a small hand-written stand-in for the `tensorrt` package
-(`make_fake_trt`) that only records which builder calls our code makes: network creation flags,
+runs, so almost every test below injects the stand-in `tensorrt` package of `tests/fakes/tensorrt.py`
+(`make_fake_trt`, shared with the runtime glue tests), whose builder only records which builder calls our code makes: network creation flags,
 ONNX parsing, builder flags, per-layer precision, memory pool limit, optimisation profile, timing
 cache and `build_serialized_network`. They check our glue logic (which FP16 route is chosen for
 which TensorRT version, which layers get pinned to FP32, what is written where, and the error
@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fakes.tensorrt import CHW, FakeLayer, FakeParserError, make_fake_trt
 from gradad.errors import ConfigError, GradError
 from gradad.bundle import EngineStamp
 from gradad.export import tensorrt_build as tb
@@ -32,234 +32,6 @@ from gradad.runtime import tensorrt_device as td
 from gradad.runtime.tensorrt_device import TensorRTUnavailable, engine_matches_device
 
 GPU = {"name": "NVIDIA Orin", "compute_capability": "8.7"}
-CHW = (3, 64, 64)
-
-# ------------------------------------------------------------------------------------------
-# The fake tensorrt module
-# ------------------------------------------------------------------------------------------
-
-
-class FakeDataType:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"DataType.{self.name}"
-
-
-class FakeLayerType(enum.Enum):
-    CONVOLUTION = 1
-    ACTIVATION = 2
-    GRID_SAMPLE = 42
-    SHAPE = 7
-    ELEMENTWISE = 8
-
-
-class FakeTensor:
-    def __init__(self, name: str, shape: tuple[int, ...], dtype: FakeDataType) -> None:
-        self.name = name
-        self.shape = shape
-        self.dtype = dtype
-
-
-class FakeLayer:
-    def __init__(self, name: str, type_: FakeLayerType, out_dtypes: list[FakeDataType]) -> None:
-        self.name = name
-        self.type = type_
-        self._outputs = [FakeTensor(f"{name}_out{i}", (-1,), d) for i, d in enumerate(out_dtypes)]
-        self.precision: Any = None  # None = never set (real TRT: precision_is_set False)
-        self.output_types: dict[int, Any] = {}
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self._outputs)
-
-    def get_output(self, i: int) -> FakeTensor:
-        return self._outputs[i]
-
-    def set_output_type(self, i: int, dtype: Any) -> None:
-        self.output_types[i] = dtype
-
-
-class FakeNetwork:
-    def __init__(self, flags: int, layers: list[FakeLayer], inputs: list[FakeTensor]) -> None:
-        self.flags = flags
-        self._layers = layers
-        self._inputs = inputs
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._layers)
-
-    def get_layer(self, i: int) -> FakeLayer:
-        return self._layers[i]
-
-    @property
-    def num_inputs(self) -> int:
-        return len(self._inputs)
-
-    def get_input(self, i: int) -> FakeTensor:
-        return self._inputs[i]
-
-
-class FakeParserError:
-    def __init__(self, desc: str, node_name: str = "", node_operator: str = "") -> None:
-        self._desc, self._node, self._op = desc, node_name, node_operator
-
-    def desc(self) -> str:
-        return self._desc
-
-    def node_name(self) -> str:
-        return self._node
-
-    def node_operator(self) -> str:
-        return self._op
-
-
-class FakeTimingCache:
-    def __init__(self, data: bytes) -> None:
-        self.data = bytes(data)
-
-    def serialize(self) -> bytes:
-        return self.data + b"|tuned"
-
-
-class FakeProfile:
-    def __init__(self) -> None:
-        self.shapes: dict[str, tuple[Any, Any, Any]] = {}
-
-    def set_shape(self, name: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002
-        self.shapes[name] = (tuple(min), tuple(opt), tuple(max))
-
-
-class FakeConfig:
-    def __init__(self, rec: types.SimpleNamespace) -> None:
-        self.rec = rec
-        self.flags: set[Any] = set()
-        self.pool_limits: dict[Any, int] = {}
-        self.profiles: list[FakeProfile] = []
-        self.timing_cache: FakeTimingCache | None = None
-        rec.config = self
-
-    def set_memory_pool_limit(self, pool: Any, size: int) -> None:
-        self.pool_limits[pool] = size
-
-    def set_flag(self, flag: Any) -> None:
-        self.flags.add(flag)
-
-    def add_optimization_profile(self, profile: FakeProfile) -> int:
-        self.profiles.append(profile)
-        return len(self.profiles) - 1
-
-    def create_timing_cache(self, data: bytes) -> FakeTimingCache:
-        self.rec.timing_cache_inputs.append(bytes(data))
-        return FakeTimingCache(data)
-
-    def set_timing_cache(self, cache: FakeTimingCache, ignore_mismatch: bool) -> bool:
-        self.rec.set_timing_cache_calls.append(ignore_mismatch)
-        self.timing_cache = cache
-        return True
-
-    def get_timing_cache(self) -> FakeTimingCache | None:
-        return self.timing_cache
-
-
-def default_layers(dt: types.SimpleNamespace) -> list[FakeLayer]:
-    return [
-        FakeLayer("/backbone/conv0/Conv", FakeLayerType.CONVOLUTION, [dt.float32]),
-        FakeLayer("/coord_local/conv1/Conv", FakeLayerType.CONVOLUTION, [dt.float32]),
-        FakeLayer("/coord_local/Tanh", FakeLayerType.ACTIVATION, [dt.float32]),
-        FakeLayer("/coord_local/Shape", FakeLayerType.SHAPE, [dt.int64]),
-        FakeLayer("/grid/GridSample", FakeLayerType.GRID_SAMPLE, [dt.float32]),
-        FakeLayer("/grid/GridSample_1", FakeLayerType.GRID_SAMPLE, [dt.float32]),
-        FakeLayer("/head/conv/Conv", FakeLayerType.CONVOLUTION, [dt.float32]),
-    ]
-
-
-def make_fake_trt(
-    version: str = "10.3.0",
-    fp16_flag: bool = True,
-    strongly_typed_value: int | None = 1,
-    explicit_batch: bool = True,
-    parse_ok: bool = True,
-    parse_errors: tuple[FakeParserError, ...] = (),
-    build_result: Any = b"engine-bytes",
-    input_shape: tuple[int, ...] = (-1, *CHW),
-) -> types.SimpleNamespace:
-    """A stand-in `tensorrt` module; `trt.rec` records what our code asked of it."""
-    rec = types.SimpleNamespace(
-        network_flags=[], parsed=[], config=None, timing_cache_inputs=[], set_timing_cache_calls=[],
-        builds=[], network=None,
-    )
-    dt = types.SimpleNamespace(
-        float32=FakeDataType("FLOAT"), float16=FakeDataType("HALF"), int32=FakeDataType("INT32"),
-        int64=FakeDataType("INT64"),
-    )
-    builder_flag_members = {"OBEY_PRECISION_CONSTRAINTS": 5, "TF32": 7}
-    if fp16_flag:
-        builder_flag_members["FP16"] = 0
-    creation_members: dict[str, int] = {}
-    if explicit_batch:
-        creation_members["EXPLICIT_BATCH"] = 0
-    if strongly_typed_value is not None:
-        creation_members["STRONGLY_TYPED"] = strongly_typed_value
-    layers = default_layers(dt)
-
-    class Logger:
-        WARNING = "WARNING"
-        INFO = "INFO"
-
-        def __init__(self, severity: Any = None) -> None:
-            self.severity = severity
-
-    class Builder:
-        def __init__(self, logger: Any) -> None:
-            self.logger = logger
-
-        def create_network(self, flags: int = 0) -> FakeNetwork:
-            rec.network_flags.append(flags)
-            rec.network = FakeNetwork(flags, layers, [FakeTensor("image", input_shape, dt.float32)])
-            return rec.network
-
-        def create_builder_config(self) -> FakeConfig:
-            return FakeConfig(rec)
-
-        def create_optimization_profile(self) -> FakeProfile:
-            return FakeProfile()
-
-        def build_serialized_network(self, network: FakeNetwork, config: FakeConfig) -> Any:
-            rec.builds.append((network, config))
-            return build_result
-
-    class OnnxParser:
-        def __init__(self, network: FakeNetwork, logger: Any) -> None:
-            self.network = network
-
-        def parse(self, data: bytes, path: str | None = None) -> bool:
-            rec.parsed.append((bytes(data), path))
-            return parse_ok
-
-        @property
-        def num_errors(self) -> int:
-            return len(parse_errors)
-
-        def get_error(self, i: int) -> FakeParserError:
-            return parse_errors[i]
-
-    return types.SimpleNamespace(
-        __version__=version,
-        rec=rec,
-        Logger=Logger,
-        Builder=Builder,
-        OnnxParser=OnnxParser,
-        BuilderFlag=enum.IntEnum("BuilderFlag", builder_flag_members),
-        NetworkDefinitionCreationFlag=enum.IntEnum("NetworkDefinitionCreationFlag", creation_members)
-        if creation_members
-        else types.SimpleNamespace(),
-        LayerType=FakeLayerType,
-        MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE", DLA_MANAGED_SRAM="DLA"),
-        **vars(dt),
-    )
 
 
 @pytest.fixture()
