@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gradad.benchmarks.environment import environment
+from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.errors import GradError
 from gradad.evaluation.evaluate import evaluate_predictions
@@ -84,13 +85,13 @@ class Calibration:
     data: dict[str, Any]
 
 
-def calibration_of(manifest: dict[str, Any]) -> Calibration | None:
-    """The calibration in a bundle manifest, or None for an uncalibrated bundle."""
-    cal = manifest.get("calibration")
-    if not cal or "image_threshold" not in cal:
+def calibration_of(bundle: Bundle) -> Calibration | None:
+    """The calibration of a bundle, or None for an uncalibrated bundle."""
+    cal = bundle.calibration
+    if cal is None:
         return None
-    data = cal.get("data") or {}
-    return Calibration(float(cal["image_threshold"]), str(cal.get("method", "")),
+    data = cal.data or {}
+    return Calibration(float(cal.image_threshold), str(cal.method or ""),
                        {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")})
 
 
@@ -153,7 +154,7 @@ def _skip(cfg: AccuracyConfig, label: str, reason: str) -> None:
     cfg.skipped.append({"label": label, "reason": reason})
 
 
-def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], manifest: dict[str, Any],
+def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], bundle: Bundle,
                 calibration: Calibration | None, images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]
                 ) -> list[dict[str, Any]]:
     """One row per requested bundle backend; a backend that cannot run here is a skip line, never a number."""
@@ -164,7 +165,7 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], manifest: dict[s
     rows = []
     for name in (b for b in cfg.backends if b in BUNDLE_BACKENDS):
         kind, precision = BUNDLE_BACKENDS[name]
-        label = f"GRAD {manifest['preset']} · {name}"
+        label = f"GRAD {bundle.preset} · {name}"
         if kind == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
             _skip(cfg, label, "TensorRT is not importable here (no tensorrt Python package)")
             continue
@@ -184,9 +185,9 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], manifest: dict[s
         wall = time.perf_counter() - t0
         backend.close()
         device = "cpu" if "CPUExecutionProvider" in backend.name else "cuda"
-        row = {"label": f"GRAD {manifest['preset']} · {'TensorRT' if kind == 'tensorrt' else 'ONNX Runtime'} "
+        row = {"label": f"GRAD {bundle.preset} · {'TensorRT' if kind == 'tensorrt' else 'ONNX Runtime'} "
                         f"{device.upper()} {precision.upper()}",
-               "method": METHOD_GRAD, "preset": manifest["preset"], "backend": kind, "precision": precision,
+               "method": METHOD_GRAD, "preset": bundle.preset, "backend": kind, "precision": precision,
                "device": device, "engine": backend.name, "model": str(cfg.bundle), "image_size": hw[0],
                "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
                "timing_note": "inference on pre-read images"}
@@ -215,29 +216,27 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
             "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}}
 
 
-def _default_classes(cfg: AccuracyConfig, manifest: dict[str, Any] | None) -> list[str] | None:
+def _default_classes(cfg: AccuracyConfig, bundle: Bundle | None) -> list[str] | None:
     if cfg.classes:
         return cfg.classes
     if cfg.checkpoint:
         from gradad.training.checkpoint import read_checkpoint
 
         return list(read_checkpoint(cfg.checkpoint)["classes"])
-    if manifest is not None:
-        return list(manifest["classes"])
+    if bundle is not None:
+        return list(bundle.classes)
     return None
 
 
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     """Evaluate every requested row on one test set; returns the result dict (without header fields)."""
-    from gradad.bundle import read_manifest
-
     cfg.validate()
     _set_threads(cfg.threads)
-    manifest = read_manifest(cfg.bundle) if cfg.bundle else None
-    calibration = calibration_of(manifest) if manifest else None
-    if manifest is not None and calibration is None:
+    bundle = Bundle.load(cfg.bundle) if cfg.bundle else None
+    calibration = calibration_of(bundle) if bundle else None
+    if bundle is not None and calibration is None:
         log.info("bundle %s is not calibrated: F1 is the oracle best F1", cfg.bundle)
-    classes = _default_classes(cfg, manifest)
+    classes = _default_classes(cfg, bundle)
     samples = load_samples_from_roots(cfg.data_roots, "test", classes, cfg.layout)
     n_excluded = 0
     if cfg.exclude:
@@ -254,7 +253,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         rows.append(row)
         images_by_hw[(row["image_size"], row["image_size"])] = (preds.images, preds.masks)
     if cfg.bundle:
-        rows += bundle_rows(cfg, samples, manifest, calibration, images_by_hw)
+        rows += bundle_rows(cfg, samples, bundle, calibration, images_by_hw)
     if cfg.normal_only:
         rows.append(checkpoint_row(cfg.normal_only, METHOD_NORMAL_ONLY, samples, cfg, None)[0])
     if cfg.patchcore:
@@ -264,8 +263,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
             from gradad.training.config import config_from_dict
 
             image_size = config_from_dict(read_checkpoint(reference)["config"]).data.image_size
-        elif manifest is not None:
-            image_size = int(manifest["input"]["model_height"])
+        elif bundle is not None:
+            image_size = int(bundle.input.model_height)
         rows.append(patchcore_row(cfg, samples, classes, image_size))
     n_anomalous = sum(s.label for s in samples)
     return {

@@ -15,13 +15,13 @@ import logging
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 
 log = logging.getLogger("gradad.bench")
 
 DEFAULT_OUT = "benchmarks/results"
 RAW_ARGS = "gradad.bench.raw_args"
-CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+CONTEXT = CLI_CONTEXT
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -39,7 +39,7 @@ def output_options(default_name: str, what: str = "JSON/markdown files"):
     """-o/--output, --name and -v shared by every command that writes result files."""
 
     def wrap(command):
-        command = click.option("-v", "--verbose", is_flag=True)(command)
+        command = verbose_option(command)
         command = click.option("--name", default=default_name, help=f"Base name of the {what}.")(command)
         return click.option("-o", "--output", "out_dir", default=DEFAULT_OUT,
                             type=click.Path(file_okay=False))(command)
@@ -206,7 +206,7 @@ def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_b
 @click.option("--layout", default="auto", help="auto, mvtec, visa, goodsad, folder.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Split folder: defects/, masks/ (links) and split.json.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def split(data_roots, per_type, layout, out_dir, verbose) -> None:
     """Take the first K defect images of every type out of the test halves: labelled defects for
@@ -220,7 +220,7 @@ def split(data_roots, per_type, layout, out_dir, verbose) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("results_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def report(results_dir, verbose) -> None:
     """Regenerate RESULTS_DIR/README.md and the accuracy-vs-latency plot from the JSON files there."""

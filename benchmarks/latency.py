@@ -148,15 +148,15 @@ def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str])
 
 def bundle_specs(cfg: LatencyConfig, images: list[str], work: Path) -> list[RowSpec]:
     """ONNX Runtime FP32/FP16 and TensorRT rows of a bundle; what cannot run here becomes a skip line."""
-    from gradad.bundle import read_manifest
+    from gradad.bundle import Bundle
 
-    manifest = read_manifest(cfg.bundle)
-    preset = manifest["preset"]
-    size = int(manifest["input"]["height"])
+    bundle = Bundle.load(cfg.bundle)
+    preset = bundle.preset
+    size = int(bundle.input.height)
     specs = []
     for name in (b for b in cfg.backends if b in BUNDLE_BACKENDS):
         backend, precision = BUNDLE_BACKENDS[name]
-        label = f"GRAD {preset} bundle {manifest['name']} · {name}"
+        label = f"GRAD {preset} bundle {bundle.name} · {name}"
         if backend == "tensorrt":
             if importlib.util.find_spec("tensorrt") is None:
                 _skip(cfg, label, "TensorRT is not importable here (no tensorrt Python package)")
@@ -164,7 +164,7 @@ def bundle_specs(cfg: LatencyConfig, images: list[str], work: Path) -> list[RowS
             device = "cuda"
         else:
             device = "cpu"
-            if ONNX_FILES[precision] not in manifest["files"]:
+            if ONNX_FILES[precision] not in bundle.files:
                 how = "grad-export quantize" if precision == "int8" else "grad-export onnx without --no-fp16"
                 _skip(cfg, label, f"bundle {cfg.bundle} has no {ONNX_FILES[precision]} ({how})")
                 continue
@@ -252,9 +252,9 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
         for preset in cfg.presets:
             specs += preset_specs(cfg, preset, work, images_for(preset_config(preset).data.image_size))
         if cfg.bundle:
-            from gradad.bundle import read_manifest
+            from gradad.bundle import Bundle
 
-            specs += bundle_specs(cfg, images_for(int(read_manifest(cfg.bundle)["input"]["height"])), work)
+            specs += bundle_specs(cfg, images_for(int(Bundle.load(cfg.bundle).input.height)), work)
         if cfg.patchcore:
             size = preset_config("edge").data.image_size
             specs.append(_spec(cfg, images_for(size), label="PatchCore · PyTorch eager CPU FP32 (same extractor)",
@@ -276,7 +276,7 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
         if cfg.grad_run_frames:
             from gradad.benchmarks.latency_runtime import grad_run_rows
 
-            size = int(read_manifest(cfg.bundle)["input"]["height"])
+            size = int(Bundle.load(cfg.bundle).input.height)
             for row in grad_run_rows(cfg, str(Path(images_for(size)[0]).parent), work):
                 row["complexity"] = rows[-1]["complexity"] if rows else {}
                 rows.append(row)

@@ -27,7 +27,7 @@ from typing import Any
 
 import onnx
 
-from gradad.bundle import file_entry, read_manifest
+from gradad.bundle import FP32_ONNX, ONNX_BY_PRECISION, Bundle, FileEntry
 from gradad.errors import GradError
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,11 @@ def today_bundle(bundle: str, work: Path) -> Path:
     if dst.exists():
         return dst
     dst.mkdir()
-    onnx.save(float_input_variant(onnx.load(src / "model.onnx")), dst / "model.onnx")
-    manifest = read_manifest(src)
-    manifest.update(schema_version=1, engines=[], files={"model.onnx": file_entry(dst / "model.onnx")})
-    manifest["input"]["dtype"] = "float32"
-    manifest.pop("refine", None)
-    (dst / "bundle.json").write_text(json.dumps(manifest, indent=2))
+    onnx.save(float_input_variant(onnx.load(src / FP32_ONNX)), dst / FP32_ONNX)
+    bundle = Bundle.load(src)
+    bundle.schema_version, bundle.input.dtype, bundle.engines, bundle.refine = 1, "float32", [], None
+    bundle.files = {FP32_ONNX: FileEntry.of(dst / FP32_ONNX)}
+    bundle.save(dst)
     return dst
 
 
@@ -78,7 +77,7 @@ def _by_batch(summary: dict[str, Any], batch: int) -> dict[str, Any]:
 def grad_run_row(cfg: Any, bundle: Path, images: str, work: Path, precision: str, serial: bool, label: str
                  ) -> dict[str, Any]:
     """One row: the loop at every batch size, plus a paced batch-1 run for the pipelined loop."""
-    manifest = read_manifest(bundle)
+    typed = Bundle.load(bundle)
     by_batch, loads = [], []
     for batch in cfg.batches:
         s = run_grad_run(bundle, images, cfg.grad_run_frames, batch, cfg.threads, precision, serial, 0.0,
@@ -87,8 +86,8 @@ def grad_run_row(cfg: Any, bundle: Path, images: str, work: Path, precision: str
         loads.append(s["load_average_1min"])
         log.info("%s batch %d: %.1f FPS, total p50 %.2f ms", label, batch, s["fps"], s["latency_ms"]["total"]["p50"])
     best = max(by_batch, key=lambda r: r["fps"])
-    row = {"label": label, "method": "grad", "preset": manifest["preset"], "backend": "grad-run",
-           "precision": precision, "device": "cpu", "image_size": manifest["input"]["height"],
+    row = {"label": label, "method": "grad", "preset": typed.preset, "backend": "grad-run",
+           "precision": precision, "device": "cpu", "image_size": typed.input.height,
            "bundle": str(bundle), "threads": cfg.threads, "loop": "serial" if serial else "pipelined",
            "path": "today" if serial else "new", "by_batch": by_batch,
            "batch1": next((r for r in by_batch if r["batch"] == 1), None), "best_batch": best["batch"],
@@ -106,13 +105,12 @@ def grad_run_row(cfg: Any, bundle: Path, images: str, work: Path, precision: str
 
 def grad_run_rows(cfg: Any, images: str, work: Path) -> list[dict[str, Any]]:
     """Today's serial float loop, then the pipelined loop for each precision the bundle has."""
-    manifest = read_manifest(cfg.bundle)
-    preset = manifest["preset"]
+    bundle = Bundle.load(cfg.bundle)
+    preset = bundle.preset
     rows = [grad_run_row(cfg, today_bundle(cfg.bundle, work), images, work, "fp32", True,
                          f"GRAD {preset} · today: grad-run serial, float32 input, ORT CPU FP32")]
-    files = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
     for precision in ("fp32", "fp16", "int8"):
-        if files[precision] in manifest["files"]:
+        if ONNX_BY_PRECISION[precision] in bundle.files:
             rows.append(grad_run_row(cfg, Path(cfg.bundle), images, work, precision, False,
                                      f"GRAD {preset} · grad-run pipelined, uint8 input, ORT CPU "
                                      f"{precision.upper()}"))

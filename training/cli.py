@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
 from gradad.training.config import PRESETS, apply_set_options, load_config, preset_config
 
 log = logging.getLogger("gradad.train")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CLI_CONTEXT)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="YAML/JSON run config "
               "(a run's saved config.yaml reproduces it). Other options override it.")
 @click.option("--preset", type=click.Choice(PRESETS), default=None, help="Preset when no --config is given "
@@ -37,7 +37,7 @@ log = logging.getLogger("gradad.train")
               help="Reuse the normal branch of this model.pt (same data and normal settings) and skip stage 2, "
                    "e.g. to add --defects to a trained model in minutes.")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.pt.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@verbose_option
 @user_errors_as_exit
 def main(config_path, preset, data_roots, classes, output_dir, device, epochs, assignments, defects, defect_masks,
          normal_from, resume, verbose) -> None:
