@@ -13,7 +13,7 @@ from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
-from gradad.export.fp16 import FP32_NAME_PATTERNS
+from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32_name
 from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, build_engine
 from gradad.runtime.tensorrt_device import TensorRTUnavailable, gpu_identity, import_tensorrt
@@ -76,7 +76,8 @@ def build_bundle_engine(
                                   f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_dir / "timing.cache"),
-                            fp32_layer_name_patterns=FP32_NAME_PATTERNS, int8=int8)
+                            fp32_layer_name_patterns=FP32_NAME_PATTERNS,
+                            fp32_layer_name_rule=keeps_fp32_name, int8=int8)
     inp = bundle.input
     fp16_onnx = bundle.file(FP16_ONNX) if FP16_ONNX in bundle.files else None
     int8_onnx = bundle.file(INT8_ONNX) if INT8_ONNX in bundle.files else None

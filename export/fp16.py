@@ -1,7 +1,9 @@
 """FP16 ONNX with an explicit FP32 block-list (DESIGN.md section 6).
 
-GridSample and the coordinate branch stay FP32: FP16 coordinates lose sub-cell precision and ONNX Runtime's
-CUDA GridSample is FP32-only. Inputs and outputs stay FP32, so callers see no difference.
+The block-list is :mod:`gradad.export.precision` (shared with INT8 and TensorRT): GridSample and the coordinate
+branch (FP16 coordinates lose sub-cell precision; ONNX Runtime's CUDA GridSample is FP32-only), the model's own
+arithmetic (cosines, refinement mask, map fusion), the map head and the extractor's first blocks, plus every node
+between a mapper and a GridSample coordinate input. Inputs and outputs stay FP32, so callers see no difference.
 
 A small purpose-built converter instead of onnxconverter-common: on these graphs that tool leaves Cast nodes
 and value_info with stale types, producing models ONNX Runtime refuses to load.
@@ -15,20 +17,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
+from gradad.export.precision import COORDINATE_BRANCH, FP32_NAME_PATTERNS, GRID_MODULES, keeps_fp32  # noqa: F401
+
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Inputs that ONNX requires to be float32 whatever the data type (Resize's roi and scales).
 _FP32_ONLY_INPUTS = {"Resize": {1, 2}}
-# Node-name fragments (module paths in the TorchScript export) of the coordinate branch: the mapper and the grid
-# modules, which reshape the coordinates right before GridSample. TensorRT's per-layer FP32 pins use them too.
-COORDINATE_BRANCH = "mapper/"  # /mapper/ and /abnormal_mapper/
-GRID_MODULES = "_grid/"
-FP32_NAME_PATTERNS = (COORDINATE_BRANCH, GRID_MODULES)
-
-
-def default_fp32_nodes(node: onnx.NodeProto) -> bool:
-    """GridSample, the coordinate mapper and the grid modules run in FP32."""
-    return node.op_type == "GridSample" or any(p in node.name for p in FP32_NAME_PATTERNS)
+# The FP32 rule (GridSample, coordinate branch, the model's own arithmetic, map head, early extractor) is one list
+# shared with INT8 and TensorRT's per-layer pins: gradad.export.precision. Re-exported here under its old names.
+default_fp32_nodes = keeps_fp32
 
 
 def coordinate_path(model: onnx.ModelProto) -> set[str]:

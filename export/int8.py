@@ -4,10 +4,11 @@ ONNX Runtime static quantisation in QDQ format (QuantizeLinear/DequantizeLinear 
 operator), per-channel symmetric INT8 weights and symmetric INT8 activations: the form TensorRT's explicit
 quantisation reads (``grad-export build --int8``), and the one ONNX Runtime CPU runs with its INT8 kernels.
 
-Kept in FP32, by the FP16 rule of :mod:`gradad.export.fp16` (:func:`int8_fp32_nodes`): GridSample, the coordinate
-mappers (node names containing ``mapper/``: ``/mapper/`` and ``/abnormal_mapper/``), the grid modules and every
-node between a mapper and a GridSample coordinate input, plus the map head (feature distance, smoothing, image
-score) and the extractor's stem and first block. Only convolutions and matrix products are quantised.
+Kept in FP32, by the rule shared with FP16 and TensorRT (:mod:`gradad.export.precision`, :func:`int8_fp32_nodes`):
+GridSample, the coordinate mappers (node names containing ``mapper/``: ``/mapper/`` and ``/abnormal_mapper/``), the
+grid modules and every node between a mapper and a GridSample coordinate input, the model's own arithmetic
+(cosines, refinement, map fusion), the map head (up-sampling, smoothing, image score) and the extractor's stem and
+blocks 0-2. Only convolutions and matrix products are quantised.
 
 The gate (:class:`~gradad.export.parity.ParityGates`, ``int8_*``): map and score relative L2 error against the FP32
 ONNX, and the image-AUROC drop on a labelled parity set (a dataset's test split) of at most 0.5 point. A model
@@ -31,7 +32,8 @@ from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle
 from gradad.data.datasets import list_image_files, load_samples_from_roots
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
-from gradad.export.fp16 import _after_mapper, coordinate_path, default_fp32_nodes
+from gradad.export import precision
+from gradad.export.fp16 import _after_mapper, coordinate_path
 from gradad.export.lint import GridSampleSettings, lint_or_raise
 from gradad.export.parity import ParityError, ParityGates, check_int8_gates, compare_fp16, gates_dict
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -42,26 +44,24 @@ log = logging.getLogger(__name__)
 #: Operators quantised: the compute (convolutions, matrix products). Element-wise arithmetic stays FP32: the
 #: GRAD model normalises features (Sqrt, Max, Div) where an INT8 denominator near zero blows the map up.
 OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm")
-#: Node-name fragment of a map head module; the TorchScript export also inlines the head's ops straight under the
-#: detector (``/detector/Sub``, ``/detector/Resize``, ``/detector/AveragePool``, ``/detector/ReduceMax``): both
-#: are the map head (feature distance, upsampling, smoothing, image score), kept FP32 on top of the FP16 rule.
-MAP_HEAD = "/head/"
-DETECTOR_SCOPE = "detector"
-#: The extractor's stem and first block stay FP32 too: GRAD's map is a feature-reconstruction error, and INT8 noise
-#: in the first layers (the input quantised to a symmetric grid, then amplified) moved the edge model's map by 95%
-#: relative L2 (stem FP32: 27%; stem + first block: 13%, the image AUROC unchanged) at little compute.
-EXTRACTOR_FP32_PATTERNS = ("/extractor/body/conv_stem", "/extractor/body/bn1", "/extractor/body/blocks.0/")
+#: The map head and the extractor's first layers are part of the shared FP32 rule (gradad.export.precision):
+#: INT8 noise in the first layers (the input quantised to a symmetric grid, then amplified) moved the edge model's map
+#: by 95% relative L2 (stem FP32: 27%; stem + first block: 13%), and the unified MTD + tyre model's by 39% with the
+#: stem + first block FP32 (blocks 0-2 FP32: 9.7%); the head's smoothing convolutions are no place for INT8.
+MAP_HEAD = precision.MAP_HEAD
+EXTRACTOR_FP32_PATTERNS = precision.EARLY_EXTRACTOR
 
 
 def is_early_extractor(node: onnx.NodeProto) -> bool:
-    """The extractor's stem and first block (:data:`EXTRACTOR_FP32_PATTERNS`)."""
+    """The extractor's stem and first blocks (:data:`EXTRACTOR_FP32_PATTERNS`)."""
     return any(p in node.name for p in EXTRACTOR_FP32_PATTERNS)
 
 
 def is_map_head(node: onnx.NodeProto) -> bool:
     """True for the map head's nodes: a ``/head/`` module, or ops of the detector itself (not of a submodule)."""
-    parts = node.name.split("/")
-    return MAP_HEAD in node.name or (len(parts) == 3 and parts[0] == "" and parts[1] == DETECTOR_SCOPE)
+    return precision.is_map_head_name(node.name)
+
+
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -91,12 +91,12 @@ class QuantizeOptions:
 
 
 def int8_fp32_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes kept in FP32: the FP16 rule (GridSample, mappers, grids, the coordinate path after a
-    mapper), the map head and the extractor's first layers."""
+    """Names of the nodes kept in FP32: the shared rule of :mod:`gradad.export.precision` (GridSample, mappers,
+    grids, the model's own arithmetic, the map head, the extractor's first blocks) and the coordinate path after a
+    mapper — the same nodes the FP16 ONNX keeps FP32."""
     path = coordinate_path(model)
     return [n.name for n in model.graph.node
-            if default_fp32_nodes(n) or is_map_head(n) or is_early_extractor(n)
-            or (n.name in path and _after_mapper(n, model.graph))]
+            if precision.keeps_fp32(n) or (n.name in path and _after_mapper(n, model.graph))]
 
 
 def _spread(files: list[Path], n: int) -> list[Path]:

@@ -160,7 +160,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         }
         fp16_report = None
         if opts.fp16:
-            log.info("converting to FP16 (GridSample + coordinate branch kept FP32)")
+            log.info("converting to FP16 (the FP32 rule of gradad.export.precision kept FP32)")
             model16, kept = convert_to_fp16(model, default_fp32_nodes)
             lint_or_raise(model16, "FP16 ONNX", grid_settings)
             leaked = fp32_tensor_check(model16)

@@ -35,7 +35,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gradad.bundle import Precision
 from gradad.errors import ConfigError, GradError
@@ -72,6 +72,8 @@ class EngineBuildConfig:
         fp32_layer_types: ``trt.LayerType`` member names forced to FP32 under the FP16 flag.
         fp32_layer_name_patterns: substrings of TensorRT layer names also forced to FP32 under the
             FP16 flag (e.g. the ONNX node-name prefix of the coordinate branch).
+        fp32_layer_name_rule: optional predicate on a TensorRT layer name, also forced to FP32 under the FP16
+            flag (``gradad.export.precision.keeps_fp32_name``: the rule the FP16 and INT8 ONNX use).
     """
 
     fp16: bool = True
@@ -82,6 +84,7 @@ class EngineBuildConfig:
     timing_cache: str | None = None
     fp32_layer_types: tuple[str, ...] = ("GRID_SAMPLE",)
     fp32_layer_name_patterns: tuple[str, ...] = ()
+    fp32_layer_name_rule: Callable[[str], bool] | None = None
     int8: bool = False  # explicit-quantisation INT8 engine from the QDQ ONNX (overrides fp16)
 
     @property
@@ -286,7 +289,8 @@ def _force_fp32_layers(trt: Any, network: Any, cfg: EngineBuildConfig) -> list[s
     for i in range(network.num_layers):
         layer = network.get_layer(i)
         by_type = layer.type in wanted_types
-        by_name = any(p in (layer.name or "") for p in cfg.fp32_layer_name_patterns)
+        by_name = any(p in (layer.name or "") for p in cfg.fp32_layer_name_patterns) or (
+            cfg.fp32_layer_name_rule is not None and cfg.fp32_layer_name_rule(layer.name or ""))
         if not (by_type or by_name):
             continue
         outputs = [layer.get_output(j) for j in range(layer.num_outputs)]

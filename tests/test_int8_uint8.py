@@ -128,8 +128,43 @@ def test_int8_model_is_qdq_with_coordinates_and_head_in_fp32(int8_bundle: tuple[
     assert backend.path.name == INT8_ONNX
 
 
-def test_int8_gate_refuses_a_model_whose_auroc_drops(bundle: Path, tiny_demo_root: Path, tmp_path: Path) -> None:
-    """A deliberately bad quantisation: activation ranges calibrated on flat grey frames clip every real image."""
+def test_precision_rule_keeps_named_nodes_fp32_in_the_int8_graph(int8_bundle: tuple[Path, dict], bundle: Path
+                                                                   ) -> None:
+    """INT8 keeps exactly the FP16 graph's FP32 nodes (one rule, gradad.export.precision): the early extractor's
+    convolutions keep FP32 weights and inputs, the model's own arithmetic (pair similarity, refinement, map fusion,
+    standardisation) reads no INT8 grid of its own, and both fusion CNNs are quantised."""
+    path, _ = int8_bundle
+    model32 = onnx.load(bundle / "model.onnx")
+    kept = set(int8_fp32_nodes(model32))
+    assert kept == set(read_manifest(bundle)["parity"]["onnx_fp16_vs_fp32"]["fp32_nodes"])
+    model = onnx.load(path / INT8_ONNX)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    for prefix in ("/detector/model/pair_similarity/", "/detector/model/refine/", "/detector/model/standardize/",
+                   "/detector/map_fusion/", "/detector/extractor/body/conv_stem/",
+                   "/detector/extractor/body/blocks.1/", "/detector/extractor/body/blocks.2/"):
+        names = [n.name for n in model32.graph.node if n.name.startswith(prefix)]
+        assert names and set(names) <= kept, prefix
+        for name in names:
+            node = by_name[name]
+            weights = node.input[1:2] if node.op_type in ("Conv", "MatMul", "Gemm") else []
+            assert all(producers.get(w) is None or producers[w].op_type != "DequantizeLinear" for w in weights), name
+            if node.op_type == "Conv":  # the early extractor is FP32 end to end: no INT8 grid on its inputs
+                assert producers[node.input[0]].op_type != "DequantizeLinear", name
+    for prefix in ("/detector/model/normal_cnn/", "/detector/model/abnormal_cnn/"):
+        convs = [n for n in model.graph.node if n.op_type == "Conv" and n.name.startswith(prefix)]
+        assert convs and all(producers[n.input[1]].op_type == "DequantizeLinear" for n in convs), prefix
+
+
+def test_int8_gate_refuses_a_model_whose_auroc_drops(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deliberately bad quantisation: activation ranges calibrated on flat grey frames clip every real image, and
+    every convolution is quantised (only GridSample kept FP32: with the FP32 rule's early extractor the tiny model's
+    AUROC survives even flat calibration)."""
+    import gradad.export.int8 as int8
+
+    monkeypatch.setattr(int8, "int8_fp32_nodes",
+                        lambda model: [n.name for n in model.graph.node if n.op_type == "GridSample"])
     copy = tmp_path / "bad"
     shutil.copytree(bundle, copy)
     flat = tmp_path / "flat"

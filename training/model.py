@@ -158,6 +158,47 @@ def pair_similarity(x_hat_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(x_hat_a, x, dim=1, eps=1e-6).unsqueeze(1)
 
 
+# Parameterless wrappers of the model's own arithmetic. They hold no weights (checkpoints and numerics are
+# unchanged); they exist so the exported graph names these ops by scope (``/model/refine/``, ...), which the
+# reduced-precision rule of ``gradad.export.precision`` keeps in FP32 (FP16 ONNX, INT8 QDQ, TensorRT pins).
+
+
+class ChannelStandardize(nn.Module):
+    """:func:`standardize_per_channel` as a named module (the abnormal query's standardisation)."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return standardize_per_channel(q)
+
+
+class SimilarityRefinement(nn.Module):
+    """:func:`similarity_refine` as a named module (its hard mask and cosine)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return similarity_refine(x_hat, x, self.cfg)
+
+
+class PairSimilarity(nn.Module):
+    """:func:`pair_similarity` as a named module."""
+
+    def forward(self, x_hat_a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return pair_similarity(x_hat_a, x)
+
+
+class MapFusion(nn.Module):
+    """Feature-resolution map ||x_ref - x|| (+ w*relu(d) in the "map" fusion form) as a named module."""
+
+    def forward(self, x_ref: torch.Tensor, x: torch.Tensor, abnormal_score: torch.Tensor | None = None,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+        amap = AnomalyHead.lowres_map(x_ref, x)
+        if abnormal_score is not None:
+            amap = amap + weight * F.relu(abnormal_score)
+        return amap
+
+
 class GRADModel(nn.Module):
     """Bi-grid reconstruction of extractor features x (B, C, H, W)."""
 
@@ -174,6 +215,11 @@ class GRADModel(nn.Module):
             self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
             self.abnormal_cnn = fusion_cnn(channels, cfg)
         self.fusion_weight = nn.Parameter(torch.tensor(float(cfg.fusion_weight_init)))
+        # Named scopes of the model's own arithmetic (no weights): see MapFusion.
+        self.standardize = ChannelStandardize()
+        self.pair_similarity = PairSimilarity()
+        self.refine = SimilarityRefinement(cfg)
+        self.map_fusion = MapFusion()
 
     @property
     def separate_mapper(self) -> bool:
@@ -198,13 +244,13 @@ class GRADModel(nn.Module):
 
     def abnormal_branch(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """x_hat_a: abnormal grids -> per-channel standardised query -> abnormal CNN."""
-        return self.abnormal_cnn(standardize_per_channel(self.abnormal_grid(g, u)))
+        return self.abnormal_cnn(self.standardize(self.abnormal_grid(g, u)))
 
     def abnormal_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_hat_a, stage-1 score (B, 1, H, W)) of features x."""
         x_hat_a = self.abnormal_branch(*self.abnormal_coordinates(x))
         if self.cfg.abnormal_score == "pair_similarity":
-            return x_hat_a, pair_similarity(x_hat_a, x)
+            return x_hat_a, self.pair_similarity(x_hat_a, x)
         return x_hat_a, x_hat_a[:, :1]
 
     def fuse(self, x_hat_n: torch.Tensor, x_hat_a: torch.Tensor) -> torch.Tensor:
@@ -228,7 +274,7 @@ class GRADModel(nn.Module):
         """
         if self.cfg.abnormal_branch and self.cfg.fusion_form != "map":
             return None
-        return similarity_refine(self.normal_reconstruction(x), x, self.cfg)
+        return self.refine(self.normal_reconstruction(x), x)
 
     def forward(self, x: torch.Tensor) -> GRADOutput:
         x_hat_n = self.normal_reconstruction(x)
@@ -238,7 +284,7 @@ class GRADModel(nn.Module):
         else:  # NORMAL-only ablation
             x_hat_a, x_hat = torch.zeros_like(x_hat_n), x_hat_n
             score = x_hat_n.new_zeros(x_hat_n.shape[0], 1, *x_hat_n.shape[2:])
-        return GRADOutput(x_hat, x_hat_n, x_hat_a, similarity_refine(x_hat, x, self.cfg), score)
+        return GRADOutput(x_hat, x_hat_n, x_hat_a, self.refine(x_hat, x), score)
 
     def lowres_map(self, out: GRADOutput, x: torch.Tensor) -> torch.Tensor:
         """Feature-resolution anomaly map (B, 1, h, w): ||x_ref - x||, plus w*relu(d) in the "map" fusion form.
@@ -246,10 +292,9 @@ class GRADModel(nn.Module):
         relu keeps the abnormal branch out of cells it calls normal (d < 0), so it can only raise the map where
         the branch recognises an anomaly; w is fitted on anomalies (stage 3) and is 0 until then.
         """
-        amap = AnomalyHead.lowres_map(out.x_ref, x)
         if self.cfg.abnormal_branch and self.cfg.fusion_form == "map":
-            amap = amap + self.fusion_weight * F.relu(out.abnormal_score)
-        return amap
+            return self.map_fusion(out.x_ref, x, out.abnormal_score, self.fusion_weight)
+        return self.map_fusion(out.x_ref, x)
 
     def abnormal_parameters(self) -> list[nn.Parameter]:
         """Stage-1 parameters: abnormal grids and CNN, and the abnormal mapper when separate."""
