@@ -60,7 +60,8 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
     """Export CHECKPOINT (grad-train's model.pt) to an ONNX bundle with parity gates.
 
     Writes model.onnx (FP32, opset 17, dynamic batch, normalisation + map smoothing + image score inside),
-    model.fp16.onnx (GridSample and coordinate branch in FP32) and bundle.json. The bundle is written only if
+    model.fp16.onnx (FP32 where gradad.export.precision says: GridSample, coordinate branch, the model's own
+    arithmetic, map head, extractor stem + blocks 0-2) and bundle.json. The bundle is written only if
     ONNX Runtime matches PyTorch and FP16 matches FP32 within the gates; otherwise the numbers are printed.
     """
     setup_logging(verbose)
@@ -93,7 +94,9 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
     """Add an INT8 QDQ model (model.int8.onnx) to BUNDLE_DIR: ONNX Runtime static quantisation, per-channel
     symmetric INT8 weights, symmetric INT8 activations calibrated on --calib good images.
 
-    GridSample, the coordinate mappers, the grid modules and the map head stay FP32 (the FP16 rule). The model is
+    FP32 as in the FP16 ONNX (gradad.export.precision): GridSample, the coordinate mappers and grid modules, the
+    model's own arithmetic (cosines, refinement, map fusion), the map head and the extractor's stem + blocks 0-2;
+    the rest of the extractor and both fusion CNNs are INT8. The model is
     added only if it passes the INT8 gate against the FP32 ONNX (map and score relative L2 error, image-AUROC drop
     <= 0.5 point on the --data test split); the gate's numbers go into bundle.json (parity.onnx_int8_vs_fp32).
     Run it with grad-run --precision int8, or build a TensorRT engine with grad-export build --int8.

@@ -4,27 +4,32 @@ TensorRT per-layer FP32 pins (:mod:`gradad.export.engine`). A node (or TensorRT 
 after its node) stays FP32 when it is a GridSample or its name matches :data:`FP32_NAME_PATTERNS` or the map head
 (:func:`is_map_head_name`); FP16/INT8 also keep the coordinate path from a mapper to each GridSample.
 
-The groups, and why (DESIGN.md section 6; measured on the unified MTD + tyre edge model, 46 parity images, ONNX
-Runtime CPU; "map" = relative L2 error of the anomaly map against FP32):
+The groups, and why (DESIGN.md section 6). Numbers: the unified MTD + tyre edge model on ONNX Runtime CPU, the
+relative L2 error of the anomaly map against FP32 — FP16 on the 46 parity images (gate 2e-2), INT8 on 64 labelled
+test images (gate 0.15, AUROC drop <= 0.5 point); "full rule" = FP16 2.4e-3, INT8 0.097 (AUROC +0.4 point):
 
 * :data:`COORDINATE_BRANCH`, :data:`GRID_MODULES`: the coordinate mappers and the grid modules. FP16 coordinates
   lose sub-cell precision; ONNX Runtime's CUDA GridSample is FP32-only.
 * :data:`GRAD_ARITHMETIC`: the model's own arithmetic, named by parameterless modules of
   ``gradad.training.model`` — the abnormal query's standardisation, the pair similarity d = cos(x_a, x), the
   similarity refinement (its cosine and its hard mask M = [0.05 m < 0.5]) and the feature-resolution map
-  ||x_ref - x|| + w relu(d). Both cosines form |a|^2 |b|^2 before the square root: about 5e6 per position on
-  these features (up to 2e8), far past FP16's 65504, so on FP16 hardware they overflow. The hard mask flips where
-  m sits near its threshold, and each flip moves the map a lot (FP16 with the whole extractor FP32: map 1.5e-2 with
-  this arithmetic FP16, 1.3e-4 with it FP32). Element-wise work on one feature map: negligible cost.
-* :data:`MAP_HEAD` and :func:`is_map_head_name`: up-sampling, smoothing and the image score.
-* :data:`EARLY_EXTRACTOR`: the extractor's stem and blocks 0-2 (about 12% of the edge model's multiply-adds).
-  The map is a feature-reconstruction error, and rounding in the first layers grows through the extractor into
-  mask flips: FP16 map 2.5e-2 (gate 2e-2) with the extractor FP16, 2.3e-2 with the stem + block 0 FP32, 2.4e-3
-  with blocks 0-2 FP32. INT8: map 0.39 with stem + block 0 FP32 (gate 0.15), 0.097 with blocks 0-2.
-  Kept in reduced precision: the rest of the extractor, both fusion CNNs (the bulk of the work) — the abnormal
-  branch's CNN in FP32 changed neither the FP16 map (2.54e-2 -> 2.55e-2) nor the INT8 map (0.392 -> 0.390).
-* :func:`is_graph_prologue_name`: the input cast and normalisation of the exported wrapper (root-scope ops), so the
-  FP32 stem reads an unrounded image.
+  ||x_ref - x|| + w relu(d). The hard mask flips where m sits near its threshold and each flip moves the map a lot:
+  FP16 1.0e-2 with this arithmetic in FP16. Both cosines also form |a|^2 |b|^2 before the square root: median 3e6
+  to 5e6 per position on these features (up to 2e8), past FP16's 65504, so an FP16 kernel that stores the product
+  overflows (ONNX Runtime's CPU runs these element-wise chains in FP32 internally and cannot show it). Element-wise work on one feature map.
+* :data:`MAP_HEAD` and :func:`is_map_head_name`: up-sampling, smoothing (two convolutions) and the image score.
+  INT8 of the smoothing: map 0.27, score 0.46.
+* :data:`EARLY_EXTRACTOR`: the extractor's stem and blocks 0-2 (12% of the model's multiply-adds). The map is a
+  feature-reconstruction error, and rounding in the first layers grows through the extractor into mask flips:
+  blocks 1-2 in reduced precision: FP16 2.3e-2, INT8 0.39; block 2 alone: FP16 score error 2.1e-2 (gate 1e-2),
+  INT8 AUROC drop 0.9 point.
+* :func:`is_graph_prologue_name`: the input cast and normalisation of the exported wrapper (root-scope ops): the
+  FP32 stem reads the image without an FP32 -> FP16 -> FP32 round trip (no measurable effect on the error).
+
+Kept in reduced precision: extractor blocks 3-4 and both fusion CNNs — 84% of the multiply-adds. The abnormal
+branch's CNN in FP32 changes nothing measurable (FP16 2.37e-3 -> 2.39e-3, INT8 0.097 -> 0.097), and on the old rule
+neither did its CNN, pair similarity and the map arithmetic together (FP16 2.54e-2 -> 2.55e-2): the error that
+failed the gates came from the extractor and the refinement mask, not from w * relu(d).
 
 Graphs exported before the named modules existed have the same arithmetic as ops directly in the model's scope
 (``/detector/model/Mul_4``); :func:`is_model_arithmetic_name` keeps those too.
