@@ -286,3 +286,32 @@ def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: P
         assert not list(copy.glob("*.plan")) and read_manifest(copy)["engines"] == []
         assert not (copy / ".engine-build-tmp").exists()
     assert engines and engines[0].closed
+
+
+def test_tensorrt_pins_follow_the_precision_rule(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """GLUE test with the fake `tensorrt` module: on the FP16-flag route, `grad-export build` pins to FP32 exactly the
+    layers the shared rule keeps FP32 in the FP16 and INT8 graphs (layers named after the ONNX nodes, as TensorRT's
+    ONNX parser names them) — the model's own arithmetic and the early extractor included, the fusion CNNs not."""
+    import shutil
+
+    import fakes.tensorrt as fake_trt
+    from test_tensorrt_glue import GPU
+
+    from gradad.export.engine import build_bundle_engine
+
+    model = onnx.load(bundle / "model.onnx")
+    layers = [fake_trt.FakeLayer(n.name, fake_trt.FakeLayerType.GRID_SAMPLE if n.op_type == "GridSample"
+                                 else fake_trt.FakeLayerType.ELEMENTWISE, [fake_trt.FakeDataType.FLOAT])
+              for n in model.graph.node]
+    monkeypatch.setattr(fake_trt, "default_layers", lambda: layers)
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    trt = fake_trt.make_fake_trt(input_shape=(-1, 3, 64, 64))
+    stamp = build_bundle_engine(copy, tiny_demo_root / "fabric" / "test" / "good", trt=trt, gpu=GPU,
+                                engine_backend=lambda path: _ScaledOnnxEngine(copy, 1.0))
+    pinned = set(stamp.fp32_layers)
+    assert pinned == {n.name for n in model.graph.node if keeps_fp32(n)}
+    assert any("/pair_similarity/" in p for p in pinned) and any("/refine/" in p for p in pinned)
+    assert any("/extractor/body/blocks.2/" in p for p in pinned)
+    assert not any("_cnn/" in p or "/blocks.3/" in p for p in pinned)
