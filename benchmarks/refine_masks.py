@@ -103,9 +103,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, per_defect: int,
                   pixel_threshold: float | None, assignments: tuple[str, ...], device: str | None,
-                  threads: int, panels_dir: Path | None = None) -> dict[str, Any]:
-    """Refine the selected defect images (tuning images left out); per-image rows, per-class / per-defect-type /
-    overall means; a panel per image in ``panels_dir`` (None: no pictures)."""
+                  threads: int, panels_dir: Path | None = None, exclude: str | None = None) -> dict[str, Any]:
+    """Refine the selected defect images (the bundle's F2PAD tuning images and the images of the tuning split
+    ``exclude`` left out); per-image rows, per-class / per-defect-type / overall means; a panel per image in
+    ``panels_dir`` (None: no pictures)."""
     import torch
 
     from gradad.calibration.thresholds import pixel_threshold_f1
@@ -116,7 +117,13 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     from gradad.runtime.loader import load_backend
 
     excluded = tuning_images(bundle_dir)
-    samples = pick_samples(load_samples(data_root, "test", classes), per_defect, exclude=excluded)
+    labelled = load_samples(data_root, "test", classes)
+    if exclude:
+        from gradad.benchmarks.split import read_held_out
+
+        held_out = read_held_out(exclude)
+        excluded |= {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in held_out}
+    samples = pick_samples(labelled, per_defect, exclude=excluded)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
     parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
@@ -173,7 +180,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         "oracle_pixel_threshold": float(oracle_threshold),
         "oracle_rule": "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)",
         "feature_scale": refiner.feature_scale, "class_settings": parts.class_settings,
-        "tuning_images_excluded": len(excluded),
+        "tuning_images_excluded": len(excluded), "tuning_split": exclude,
         "device": str(refiner.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "config": config.to_dict(), "statuses": dict(statuses),
@@ -214,6 +221,8 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--per-defect", type=int, default=0, help="Images per (class, defect type); 0 = all.")
 @click.option("--pixel-threshold", type=float, help="Coarse threshold F2PAD refines [default: the bundle's calibrated "
               "one; the oracle baseline is always reported too].")
+@click.option("--exclude", type=click.Path(exists=True), help="A tuning split (grad-bench split's split.json): its "
+              "images are not scored either (the bundle's own F2PAD tuning images never are).")
 @click.option("--panels/--no-panels", default=True, show_default=True, help="Write NAME_panels/*.png.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override, e.g. --set max_iterations=200.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]))
@@ -222,14 +231,14 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--name", required=True, help="Result file stem.")
 @click.option("-v", "--verbose", is_flag=True)
 @user_errors_as_exit
-def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, panels, assignments, device, threads, out_dir,
-         name, verbose) -> None:
+def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, exclude, panels, assignments, device, threads,
+         out_dir, name, verbose) -> None:
     """F2PAD masks: IoU / DICE of coarse vs refined masks, seconds and iterations per image (NAME.json/.md)."""
     setup_logging(verbose)
     from gradad.benchmarks.results_io import KIND_REFINE, command_line, result_header, write_result_files
 
     result = run_benchmark(bundle_dir, data_root, list(classes) or None, per_defect, pixel_threshold, assignments,
-                           device, threads, Path(out_dir) / f"{name}_panels" if panels else None)
+                           device, threads, Path(out_dir) / f"{name}_panels" if panels else None, exclude)
     ctx = click.get_current_context()
     # under `grad-bench refine` the group recorded the raw arguments (subcommand included)
     raw = ctx.find_root().meta.get("gradad.bench.raw_args")

@@ -62,8 +62,9 @@ def main() -> None:
               help="Model bundle (grad-export onnx) to prepare.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
               help="The model.pt the bundle was exported from (checked against the ONNX model).")
-@click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
-              help="Dataset root whose good training images fit the pixel prior.")
+@click.option("--data", "data_roots", required=True, multiple=True, type=click.Path(file_okay=False),
+              help="Dataset root whose good training images fit the pixel prior; repeatable (a unified model's "
+              "roots: the prior sees every class).")
 @click.option("--classes", multiple=True, help="Classes to use [default: all].")
 @click.option("--layout", default="auto", help="Dataset layout (auto, mvtec, visa, goodsad, folder).")
 @click.option("--images", "max_images", type=int, default=64, show_default=True,
@@ -72,7 +73,7 @@ def main() -> None:
               "--set lambda0=0.5 --set time_budget_s=2.")
 @verbose_option
 @user_errors_as_exit
-def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assignments, verbose) -> None:
+def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, assignments, verbose) -> None:
     """Fit the pixel prior on good training images and add the refinement files to BUNDLE.
 
     Writes refine_model.pt (a copy of CHECKPOINT, after checking it reproduces the bundle's ONNX maps) and
@@ -80,15 +81,16 @@ def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assi
     """
     setup_logging(verbose)
     from gradad.bundle import Bundle
-    from gradad.data.datasets import load_samples
+    from gradad.data.datasets import load_samples_from_roots
     from gradad.refine.bundle_files import prepare_bundle
     from gradad.training.features import load_images
 
     config = apply_refine_set(RefineConfig(), assignments)
     bundle = Bundle.load(bundle_dir)
-    samples = [s for s in load_samples(data_root, "train", list(classes) or None, layout) if s.label == 0]
+    samples = [s for s in load_samples_from_roots(list(data_roots), "train", list(classes) or None, layout)
+               if s.label == 0]
     if not samples:
-        raise GradError(f"no good training images under {data_root}")
+        raise GradError(f"no good training images under {', '.join(data_roots)}")
     rng = np.random.default_rng(0)
     picked = [samples[i] for i in sorted(rng.choice(len(samples), min(max_images, len(samples)), replace=False))]
     images, _ = load_images(picked, bundle.input.model_height)
@@ -108,11 +110,14 @@ def prepare(bundle_dir, checkpoint, data_root, classes, layout, max_images, assi
 @click.option("--classes", multiple=True, help="Classes to tune [default: all].")
 @click.option("--per-defect", type=int, default=2, show_default=True,
               help="Labelled defects per (class, defect type) taken out for tuning (recorded; benchmarks skip them).")
+@click.option("--split", "split_path", type=click.Path(exists=True),
+              help="Tune on the labelled images of this tuning split (grad-bench split's split.json, the images a "
+              "model was already tuned on) instead of a fresh --per-defect pick; they are recorded the same way.")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
 @verbose_option
 @user_errors_as_exit
-def tune(bundle_dir, data_root, classes, per_defect, threads, assignments, verbose) -> None:
+def tune(bundle_dir, data_root, classes, per_defect, split_path, threads, assignments, verbose) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
     lambda0: the "no defect vs true decomposition" break-even check on the tuning defects; tau: the repair noise
@@ -129,7 +134,14 @@ def tune(bundle_dir, data_root, classes, per_defect, threads, assignments, verbo
     config = apply_refine_set(dataclasses.replace(parts.config, threads=threads), assignments)
     refiner = Refiner.from_parts(parts, config)
     size = refiner.detector.head.image_hw[0]
-    samples = pick_samples(load_samples(data_root, "test", list(classes) or None), per_defect, TUNING_SEED)
+    labelled = load_samples(data_root, "test", list(classes) or None)
+    if split_path:
+        from gradad.benchmarks.split import read_held_out
+
+        held_out = read_held_out(split_path)
+        labelled = [s for s in labelled if str(s.image_path.resolve()) in held_out]
+        per_defect = 0  # every image of the split
+    samples = pick_samples(labelled, per_defect, TUNING_SEED)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)

@@ -334,7 +334,7 @@ class Refiner:
         active = torch.arange(n, device=self.device)
         adan = AdanDirection(x_n.shape, cfg.betas, cfg.adan_eps, self.device, per_row_scale=cfg.adan_scale == "image",
                              row_floor=cfg.adan_pixel_floor if cfg.adan_scale == "floored" else 0.0)
-        budget = cfg.time_budget_s
+        budget = cfg.time_budget_s * n  # a per-frame budget: a batch of n frames may take n times as long
         last_iteration = 0.0  # duration of the previous full iteration (the first: its forward/backward part)
         previous_start = None
         for _ in range(max_iterations):

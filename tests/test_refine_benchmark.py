@@ -16,7 +16,9 @@ from gradad.benchmarks.report_page import write_report
 from gradad.bundle import read_manifest, write_manifest
 from gradad.calibration.thresholds import pixel_threshold_f1
 from gradad.data.datasets import load_samples
-from gradad.refine.bundle_files import prepare_bundle, write_class_settings
+from gradad.bundle import Bundle
+from gradad.refine.bundle_files import prepare_bundle, tuning_images, write_class_settings
+from gradad.refine.cli import main as refine_cli
 from gradad.refine.config import RefineConfig
 from gradad.refine.tuning import labelled_arrays
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -34,14 +36,15 @@ def test_iou_dice_hand_cases():
     assert iou_dice(np.zeros_like(a), np.zeros_like(a)) == (1.0, 1.0)
 
 
-def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle, trained_tiny, tiny_demo_root,
-                                                                           tmp_path):
+def _prepared_copy(bundle, trained_tiny, root, tmp_path):
+    """A copy of the tiny bundle prepared for refinement and calibrated (pixel threshold: the maps' 0.9 quantile);
+    its labelled defects, their truths and maps, and the threshold."""
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    train = [s for s in load_samples(tiny_demo_root, "train") if s.label == 0][:6]
+    train = [s for s in load_samples(root, "train") if s.label == 0][:6]
     images, _ = load_images(train, 64)
     prepare_bundle(copy, trained_tiny, images, RefineConfig(mog_components=2, mog_pixels=5000))
-    defects = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1]
+    defects = [s for s in load_samples(root, "test") if s.label == 1]
     all_images, all_truths = labelled_arrays(defects, 64)
     backend = OnnxRuntimeBackend(copy / "model.onnx", None, 1, 8)
     _, all_maps = backend.infer_all(all_images.astype(np.float32).transpose(0, 3, 1, 2))
@@ -50,25 +53,50 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
     manifest["calibration"] = {**(manifest.get("calibration") or {}), "image_threshold": 1.0,
                                "pixel_threshold": calibrated}
     write_manifest(copy, manifest)
+    return copy, defects, all_truths, all_maps, calibrated
+
+
+def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trained_tiny, tiny_demo_root, tmp_path):
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    chosen = [s for s in defects if s.class_name == "nut"][:2]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
+    res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
+                                           "--split", str(split), "--threads", "1", "--set", "max_iterations=2",
+                                           "--set", "mask_tau_images=1", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    tuning = Bundle.load(copy).refine.tuning
+    assert set(tuning) == {"nut"}  # only the split's class was tuned
+    assert tuning["nut"]["images"] == [str(s.image_path) for s in chosen]
+    assert tuning_images(copy) == {str(s.image_path) for s in chosen}
+
+
+def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle, trained_tiny, tiny_demo_root,
+                                                                           tmp_path):
+    copy, defects, all_truths, all_maps, calibrated = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
     tuned = str(defects[0].image_path)  # one image "used for tuning": never scored
     write_class_settings(copy, {}, {defects[0].class_name: {"images": [tuned]}})
+    split_held = str(defects[1].image_path)  # one image of the model's tuning split (grad-bench split): not scored
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [str(defects[1].image_path.resolve())]}))
     out = tmp_path / "results"
     res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root),
-                                          "--set", "max_iterations=2", "--device", "cpu", "--threads", "1",
+                                          "--exclude", str(split), "--set", "max_iterations=2", "--device", "cpu", "--threads", "1",
                                           "-o", str(out), "--name", "t"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "t.json").read_text())
     assert result["kind"] == "refine" and result["command"].startswith("grad-bench refine --bundle")
     rows = result["images"]
-    assert len(rows) == len(defects) - 1 and tuned not in {r["image"] for r in rows}
-    assert result["tuning_images_excluded"] == 1
+    assert len(rows) == len(defects) - 2 and not {tuned, split_held} & {r["image"] for r in rows}
+    assert result["tuning_images_excluded"] == 2 and result["tuning_split"] == str(split)
     assert set(result["per_class"]) == {"capsule", "fabric", "nut"}
     # the two baselines, recomputed: calibrated threshold of the bundle, oracle = pixel-F1-optimal over the rows
-    assert result["pixel_threshold"] == pytest.approx(calibrated)
+    # result files keep 6 significant digits
+    assert result["pixel_threshold"] == pytest.approx(calibrated, rel=1e-5)
     index = {str(s.image_path): i for i, s in enumerate(defects)}
     picked = [index[r["image"]] for r in rows]
     oracle, _ = pixel_threshold_f1(all_maps[picked], all_truths[picked])
-    assert result["oracle_pixel_threshold"] == pytest.approx(oracle)
+    assert result["oracle_pixel_threshold"] == pytest.approx(oracle, rel=1e-5)
     for row, i in zip(rows, picked):
         assert (row["coarse_iou"], row["coarse_dice"]) == pytest.approx(iou_dice(all_maps[i] > calibrated,
                                                                                 all_truths[i]), abs=1e-6)
@@ -76,7 +104,7 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
                                                                                 all_truths[i]), abs=1e-6)
         assert 0.0 <= row["f2pad_iou"] <= 1.0 and row["iterations"] <= 2
         assert (out / row["panel"]).is_file() and row["panel"].startswith("t_panels/")
-    assert result["mean"]["oracle_iou"] == pytest.approx(np.mean([r["oracle_iou"] for r in rows]))
+    assert result["mean"]["oracle_iou"] == pytest.approx(np.mean([r["oracle_iou"] for r in rows]), rel=1e-5)
     assert "coarse IoU (oracle)" in (out / "t.md").read_text()
     readme, _ = write_report(out)  # the results page renders it, sentence driven by the numbers, panels linked
     text = readme.read_text()
