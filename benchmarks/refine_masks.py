@@ -24,7 +24,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import setup_logging, user_errors_as_exit, verbose_option
 from gradad.data.datasets import load_samples
 from gradad.errors import GradError
 
@@ -229,7 +229,7 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("-o", "--out", "out_dir", default="benchmarks/results", show_default=True)
 @click.option("--name", required=True, help="Result file stem.")
-@click.option("-v", "--verbose", is_flag=True)
+@verbose_option
 @user_errors_as_exit
 def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, exclude, panels, assignments, device, threads,
          out_dir, name, verbose) -> None:

@@ -113,21 +113,27 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 @click.option("--split", "split_path", type=click.Path(exists=True),
               help="Tune on the labelled images of this tuning split (grad-bench split's split.json, the images a "
               "model was already tuned on) instead of a fresh --per-defect pick; they are recorded the same way.")
+@click.option("--good", "good_dir", type=click.Path(exists=True, file_okay=False),
+              help="Held-out good images of the class (not used in training): its coarse-mask threshold and the tau "
+              "noise are measured on them [default: <class>/validation/good, else training images].")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
 @verbose_option
 @user_errors_as_exit
-def tune(bundle_dir, data_root, classes, per_defect, split_path, threads, assignments, verbose) -> None:
+def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threads, assignments, verbose) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
-    lambda0: the "no defect vs true decomposition" break-even check on the tuning defects; tau: the repair noise
-    of good images (<class>/validation/good when it exists, else training images); see gradad.refine.tuning.
+    coarse threshold: the calibration's pixel rule on the class's good images (a unified bundle's one calibrated
+    threshold does not fit every class); lambda0: the "no defect vs true decomposition" break-even check on the
+    tuning defects; tau: the repair noise of good images (--good, else <class>/validation/good when it exists,
+    else training images); see gradad.refine.tuning.
     """
     setup_logging(verbose)
     from gradad.data.datasets import load_samples
     from gradad.refine.bundle_files import load_refine_parts, write_class_settings
     from gradad.refine.refiner import Refiner
-    from gradad.refine.tuning import TUNING_SEED, good_images_for, labelled_arrays, pick_samples, tune_class
+    from gradad.refine.tuning import (TUNING_SEED, class_coarse_threshold, good_images_for, labelled_arrays,
+                                      pick_samples, tune_class)
     from gradad.runtime.loader import load_backend
 
     parts = load_refine_parts(bundle_dir)
@@ -145,13 +151,22 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, threads, assign
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
+    tuned_classes = sorted({s.class_name for s in samples})
+    if good_dir and len(tuned_classes) > 1:
+        raise GradError(f"--good {good_dir} names one class's good images but {len(tuned_classes)} classes are being "
+                        f"tuned ({', '.join(tuned_classes)}): tune one class at a time with --classes NAME")
     settings, records = {}, {}
-    for name in sorted({s.class_name for s in samples}):
+    for name in tuned_classes:
         chosen = [s for s in samples if s.class_name == name]
         images, truths = labelled_arrays(chosen, size)
         _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
-        good, good_source = good_images_for(data_root, name, size, config.mask_tau_images)
-        values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good)
+        good, good_source = good_images_for(data_root, name, size,
+                                            max(config.coarse_threshold_images, config.mask_tau_images), good_dir)
+        _, good_maps = backend.infer_all(np.stack(good).astype(np.float32).transpose(0, 3, 1, 2))
+        threshold = class_coarse_threshold(good_maps, config)
+        values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good, threshold)
+        evidence["coarse_threshold"] = {"value": threshold, "good_images": len(good),
+                                        "bundle_pixel_threshold": refiner.pixel_threshold}
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
                          "images": [str(s.image_path) for s in chosen], "settings": values}

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
 ADAN_SCALES = ("image", "pixel", "floored")
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
-CLASS_SETTINGS = ("lambda0", "mask_tau", "inpaint")
+CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "inpaint", "coarse_threshold")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,14 @@ class RefineConfig:
     mog_em_iterations: int = 50
     mog_pixels: int = 200_000  # training pixels sampled for EM
     mog_covariance_floor: float = 1e-4  # added to covariance diagonals (normalised units squared)
+    # --- coarse mask ------------------------------------------------------------------------------------------------
+    # Threshold of the coarse mask F2PAD starts from; 0 = the bundle's calibrated pixel threshold. A unified bundle
+    # has one calibrated threshold for all classes, but their map levels differ (on the MTD + tyre model most tyre
+    # defects stayed below it), so grad-refine tune sets it per class: the (1 - coarse_good_pixel_rate) quantile of
+    # the map over coarse_threshold_images held-out good images of the class (the calibration's own pixel rule).
+    coarse_threshold: float = 0.0
+    coarse_good_pixel_rate: float = 0.001
+    coarse_threshold_images: int = 32
     # --- region and initialisation -----------------------------------------------------------------------------
     # The start deliberately over-covers: x_n is inpainted over the coarse mask (map > calibrated pixel threshold)
     # dilated by start_dilation_px, so a != 0 on and around the defect and the sparsity term only has to shrink it.
@@ -101,8 +109,15 @@ class RefineConfig:
     # refining good images with defect-shaped regions. Candidates are the mask_tau_quantiles of that noise; the one
     # with the best mean IoU on the class's tuning defects (refined once) is kept.
     mask_tau: float = 0.1
-    mask_tau_quantiles: tuple[float, ...] = (0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+    mask_tau_quantiles: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
     mask_tau_images: int = 4  # good images per class refined for the tau calibration
+    # Per-image part of the rule: mask = ||a|| > max(tau, mask_relative x the region's peak ||a||), the peak being
+    # the mask_peak_quantile of ||a|| inside the region. tau alone cuts a low-contrast defect (a faint break) as
+    # hard as it cuts the faint halo around a strong one; with a relative part, tau can sit near the repair noise
+    # and each mask follows its own defect's contrast. grad-refine tune picks (tau, relative) pairs together.
+    mask_relative: float = 0.0
+    mask_relative_candidates: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5)
+    mask_peak_quantile: float = 0.99
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
     # (map > core_threshold_factor x pixel threshold), the core is added to the mask.
@@ -123,11 +138,16 @@ class RefineConfig:
             problems.append(f"inpaint={self.inpaint!r} (choose {', '.join(INPAINT_METHODS)})")
         if self.adan_scale not in ADAN_SCALES:
             problems.append(f"adan_scale={self.adan_scale!r} (choose {', '.join(ADAN_SCALES)})")
-        for name in ("lambda0_breakeven_quantile", "adan_pixel_floor", "collapse_fraction"):
+        for name in ("lambda0_breakeven_quantile", "adan_pixel_floor", "collapse_fraction", "coarse_good_pixel_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if not self.mask_tau_quantiles or not all(0.0 < q < 1.0 for q in self.mask_tau_quantiles):
             problems.append(f"mask_tau_quantiles={self.mask_tau_quantiles} (values in (0, 1))")
+        if not self.mask_relative_candidates or not all(0.0 <= r < 1.0 for r in self.mask_relative_candidates):
+            problems.append(f"mask_relative_candidates={self.mask_relative_candidates} (values in [0, 1))")
+        for name in ("mask_relative", "mask_peak_quantile"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:
             problems.append(f"share_kernel={self.share_kernel} (must be odd and >= 1)")
         if not 1.0 <= self.step_min <= self.step_max:
@@ -139,7 +159,8 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         for name in ("lambda0", "gamma_mog", "gamma_tv", "validity_weight", "feature_weight", "time_budget_s",
                      "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
-                     "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations"):
+                     "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations",
+                     "coarse_threshold", "coarse_threshold_images"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 0)")
         for name in ("learning_rate", "update_clamp", "log_eps", "share_sigma_space", "share_sigma_color",
@@ -154,6 +175,7 @@ class RefineConfig:
         d = asdict(self)
         d["betas"] = list(self.betas)
         d["mask_tau_quantiles"] = list(self.mask_tau_quantiles)
+        d["mask_relative_candidates"] = list(self.mask_relative_candidates)
         return d
 
 
@@ -164,7 +186,7 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     if unknown:
         raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
     values = dict(values)
-    for key in ("betas", "mask_tau_quantiles"):
+    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates"):
         if key in values:
             values[key] = tuple(values[key])
     return RefineConfig(**values)

@@ -76,6 +76,7 @@ class _Batch:
     weights: torch.Tensor  # (B, k*k, H, W) bilateral sharing weights
     readout: torch.Tensor  # (B, 1, h, w) feature-resolution weights of the feature loss
     tau: np.ndarray  # (B,) mask threshold per image (RGB units of [0, 1])
+    relative: np.ndarray  # (B,) relative part of the mask rule per image (see mask_from_norm)
     core: list[np.ndarray | None]  # per image: the coarse map's confident core (collapse guard), None = no guard
 
 
@@ -99,6 +100,8 @@ class Refiner:
         for p in self.detector.parameters():
             p.requires_grad_(False)  # gradients only w.r.t. the image
         self.pixel_threshold = float(pixel_threshold)
+        # a threshold passed in explicitly (--pixel-threshold) wins over tuned per-class coarse thresholds
+        self.threshold_given = False
         self.feature_scale = float(feature_scale if feature_scale is not None else pixel_threshold)
         if not self.feature_scale > 0:
             raise GradError(f"feature scale must be > 0 for refinement, got {self.feature_scale}")
@@ -140,7 +143,9 @@ class Refiner:
         from gradad.refine.bundle_files import load_refine_parts
 
         parts = load_refine_parts(bundle_dir, pixel_threshold)
-        return cls.from_parts(parts, dataclasses.replace(config or parts.config, **overrides))
+        refiner = cls.from_parts(parts, dataclasses.replace(config or parts.config, **overrides))
+        refiner.threshold_given = pixel_threshold is not None
+        return refiner
 
     # -- conversions -----------------------------------------------------------------------------------------------
     def _normalise(self, images: np.ndarray) -> torch.Tensor:
@@ -209,12 +214,20 @@ class Refiner:
         """
         if len(images) != len(coarse_maps):
             raise GradError(f"refine: {len(images)} images but {len(coarse_maps)} anomaly maps")
+        names = list(class_names) if class_names is not None else [None] * len(images)
         coarse, cores = [], []
-        for i, (image, amap) in enumerate(zip(images, coarse_maps)):
+        for i, (image, amap, name) in enumerate(zip(images, coarse_maps, names)):
             self._check_input(i, image, amap)
-            coarse.append(coarse_mask(amap, self.pixel_threshold))
-            cores.append(coarse_mask(amap, self.pixel_threshold * self.config.core_threshold_factor))
+            threshold = self.coarse_threshold(name)
+            coarse.append(coarse_mask(amap, threshold))
+            cores.append(coarse_mask(amap, threshold * self.config.core_threshold_factor))
         return self.refine_masks(images, coarse, class_names, cores)
+
+    def coarse_threshold(self, class_name: str | None) -> float:
+        """Threshold of the coarse mask for an image of ``class_name``: a threshold passed in explicitly, else the
+        class's tuned coarse threshold, else the bundle's calibrated pixel threshold."""
+        tuned = self.config_for(class_name).coarse_threshold
+        return tuned if tuned > 0 and not self.threshold_given else self.pixel_threshold
 
     def refine_masks(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
                      class_names: Sequence[str | None] | None = None,
@@ -281,7 +294,7 @@ class Refiner:
         x_n = region * x_n + (1 - region) * x  # exactly x outside the region
         h, w = x.shape[-2:]
         return _Batch(x, x_n, region, lam, weights, self.readout_weights(len(images), h, w),
-                      np.array([c.mask_tau for c in configs]), cores)
+                      np.array([c.mask_tau for c in configs]), np.array([c.mask_relative for c in configs]), cores)
 
     def lambda_for(self, coarse: np.ndarray, config: RefineConfig | None = None) -> float:
         """Paper's rule: lambda = lambda0 / (anomaly area / image area), the area estimated by the coarse mask."""
@@ -295,14 +308,14 @@ class Refiner:
         started = time.perf_counter()
         batch = self._prepare(images, coarse, configs, cores)
         best_x, best_obj, iterations, status = self._optimise(batch, started, cfg.max_iterations)
-        masks = self._masks(batch.x, best_x, batch.region, batch.tau)
+        masks = self._masks(batch.x, best_x, batch.region, batch.tau, batch.relative)
         if cfg.reestimate_iterations > 0:
             inner = torch.from_numpy(np.stack([dilate(m, 1) for m in masks])[:, None].astype(np.float32))
             inner = inner.to(self.device) * batch.region
             # lambda = 0 inside the final mask
             inner_batch = dataclasses.replace(batch, x_n=best_x.clone(), region=inner, lam=torch.zeros_like(batch.lam))
             again, _, _, again_status = self._optimise(inner_batch, started, cfg.reestimate_iterations)
-            masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau))]
+            masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau, batch.relative))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
         masks = [collapse_guard(m, core, cfg.collapse_fraction) for m, core in zip(masks, batch.core)]
@@ -316,9 +329,13 @@ class Refiner:
         """(B, H, W) ||a|| = ||x - x_n|| in RGB units of [0, 1] (whatever the normalisation), 0 outside the region."""
         return (pixel_norm((x - x_n) * self.std) * region)[:, 0].cpu().numpy()
 
-    def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor, tau: np.ndarray) -> list[np.ndarray]:
+    def _masks(self, x: torch.Tensor, x_n: torch.Tensor, region: torch.Tensor, tau: np.ndarray,
+               relative: np.ndarray) -> list[np.ndarray]:
         norm = self.anomaly_norm(x, x_n, region)
-        return [drop_small_components(n > t, self.config.mask_min_component_px) for n, t in zip(norm, tau)]
+        regions = region[:, 0].bool().cpu().numpy()
+        return [drop_small_components(mask_from_norm(n, r, t, rel, self.config.mask_peak_quantile),
+                                      self.config.mask_min_component_px)
+                for n, r, t, rel in zip(norm, regions, tau, relative)]
 
     def _optimise(self, batch: _Batch, started: float, max_iterations: int, config: RefineConfig | None = None
                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
@@ -376,6 +393,17 @@ class Refiner:
             x_n[rows] = x_n[rows] - update * batch.region[rows]
             active = rows
         return best_x, best_obj, iterations, status
+
+
+def mask_from_norm(norm: np.ndarray, region: np.ndarray, tau: float, relative: float, peak_quantile: float
+                   ) -> np.ndarray:
+    """Pixel mask ``||a|| > max(tau, relative x peak)`` inside ``region``; peak = the ``peak_quantile`` of ||a||
+    over the region. ``tau`` is in data units (RGB of [0, 1], above the solver's repair noise on good surfaces);
+    the relative part follows each defect's own contrast (RefineConfig.mask_relative)."""
+    level = tau
+    if relative > 0 and region.any():
+        level = max(tau, relative * float(np.quantile(norm[region], peak_quantile)))
+    return (norm > level) & region
 
 
 def collapse_guard(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gradad.refine.config import RefineConfig
-from gradad.refine.refiner import Refiner, collapse_guard
+from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
 from gradad.refine.regions import coarse_mask, dilate, inpaint
 
 log = logging.getLogger(__name__)
@@ -60,13 +60,15 @@ def labelled_arrays(samples: Sequence, size: int) -> tuple[np.ndarray, np.ndarra
     return np.stack([a[0] for a in arrays]), np.stack([a[1] for a in arrays]).astype(bool)
 
 
-def good_images_for(data_root: str | Path, class_name: str, size: int, count: int) -> tuple[list[np.ndarray], str]:
-    """Up to ``count`` good images of a class for the tau calibration: ``<class>/validation/good`` (held out)
-    when the dataset has it, else training images (seeded pick); and where they came from."""
+def good_images_for(data_root: str | Path, class_name: str, size: int, count: int,
+                    folder: str | Path | None = None) -> tuple[list[np.ndarray], str]:
+    """Up to ``count`` good images of a class for the coarse threshold and the tau calibration: ``folder`` when
+    given (held-out good images of this class), else ``<class>/validation/good`` when the dataset has it, else
+    training images (seeded pick); and where they came from."""
     from gradad.data.datasets import list_image_files, load_samples
     from gradad.data.images import read_image_rgb, resize_image
 
-    folder = Path(data_root) / class_name / "validation" / "good"
+    folder = Path(folder) if folder is not None else Path(data_root) / class_name / "validation" / "good"
     if folder.is_dir():
         files, source = list_image_files(folder), str(folder)
     else:
@@ -137,34 +139,53 @@ def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: S
 
 
 def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-             maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float]
-             ) -> tuple[float, dict[str, float]]:
-    """Refine the tuning defects once with ``config`` and return the candidate tau with the best mean IoU there
-    (collapse guard included, as at run time), with the mean IoU of every candidate."""
-    coarse = [coarse_mask(m, refiner.pixel_threshold) for m in maps]
-    cores = [coarse_mask(m, refiner.pixel_threshold * config.core_threshold_factor) for m in maps]
+             maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float],
+             threshold: float | None = None) -> tuple[tuple[float, float], dict[str, float]]:
+    """Refine the tuning defects once with ``config`` and return the (tau, relative) pair -- tau among the
+    candidates, relative among ``config.mask_relative_candidates`` -- with the best mean IoU there (collapse guard
+    included, as at run time), with the mean IoU of every pair ("<quantile>/<relative>"). ``threshold``: the
+    coarse-mask threshold (default: the refiner's pixel threshold)."""
+    threshold = refiner.pixel_threshold if threshold is None else threshold
+    coarse = [coarse_mask(m, threshold) for m in maps]
+    cores = [coarse_mask(m, threshold * config.core_threshold_factor) for m in maps]
     ious: dict[str, float] = {}
+    pairs: dict[str, tuple[float, float]] = {}
     runs = refiner.repair_norms(images, coarse, config)
     for q, tau in candidates.items():
-        scores = []
-        for (norm, region), core, truth in zip(runs, cores, truths):
-            mask = collapse_guard((norm > tau) & region, core, config.collapse_fraction)
-            union = np.count_nonzero(mask | truth)
-            scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
-        ious[str(q)] = float(np.mean(scores))
-    best = max(candidates, key=lambda q: ious[str(q)])
-    return candidates[best], ious
+        for rel in config.mask_relative_candidates:
+            scores = []
+            for (norm, region), core, truth in zip(runs, cores, truths):
+                mask = mask_from_norm(norm, region, tau, rel, config.mask_peak_quantile)
+                mask = collapse_guard(mask, core, config.collapse_fraction)
+                union = np.count_nonzero(mask | truth)
+                scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
+            key = f"{q}/{rel}"
+            ious[key], pairs[key] = float(np.mean(scores)), (tau, float(rel))
+    best = max(pairs, key=lambda k: ious[k])  # first best in candidate order: ties keep the smaller relative part
+    return pairs[best], ious
+
+
+def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float:
+    """A class's coarse-mask threshold: the calibration's pixel rule (the map value exceeded by
+    ``coarse_good_pixel_rate`` of the pixels) on that class's held-out good images."""
+    from gradad.calibration.thresholds import pixel_threshold_good_only
+
+    return pixel_threshold_good_only(good_maps, config.coarse_good_pixel_rate)
 
 
 def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-               maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings (inpaint, lambda0, mask_tau) for one class and the evidence behind them."""
+               maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], coarse_threshold: float | None = None
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Settings (inpaint, lambda0, mask_tau, mask_relative and the class's ``coarse_threshold`` when given) for one
+    class and the evidence behind them; every step uses that coarse threshold (default: the pixel threshold)."""
     base = refiner.config
-    flagged = [i for i, m in enumerate(maps) if coarse_mask(m, refiner.pixel_threshold).any() and truths[i].any()]
+    threshold = refiner.pixel_threshold if coarse_threshold is None else coarse_threshold
+    extra = {} if coarse_threshold is None else {"coarse_threshold": float(coarse_threshold)}
+    flagged = [i for i, m in enumerate(maps) if coarse_mask(m, threshold).any() and truths[i].any()]
     if not flagged:
-        log.warning("tuning: no tuning defect of this class is flagged at the pixel threshold; defaults kept")
-        return {}, {"flagged_tuning_images": 0}
-    coarse = {i: coarse_mask(maps[i], refiner.pixel_threshold) for i in flagged}
+        log.warning("tuning: no tuning defect of this class is flagged at the coarse threshold; defaults kept")
+        return extra, {"flagged_tuning_images": 0}
+    coarse = {i: coarse_mask(maps[i], threshold) for i in flagged}
     losses = {}
     for method in COMPARED_INPAINTS:
         cfg = dataclasses.replace(base, inpaint=method)
@@ -178,9 +199,10 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
     candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged],
                                              cfg)
-    tau, tau_evidence["tuning_iou"] = best_tau(refiner, [images[i] for i in flagged], [truths[i] for i in flagged],
-                                               [maps[i] for i in flagged], cfg, candidates)
-    settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau}
+    (tau, relative), tau_evidence["tuning_iou"] = best_tau(
+        refiner, [images[i] for i in flagged], [truths[i] for i in flagged], [maps[i] for i in flagged], cfg,
+        candidates, threshold)
+    settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative, **extra}
     evidence = {"flagged_tuning_images": len(flagged), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
                 "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}

@@ -17,7 +17,7 @@ from gradad.bundle import read_manifest, write_manifest
 from gradad.calibration.thresholds import pixel_threshold_f1
 from gradad.data.datasets import load_samples
 from gradad.bundle import Bundle
-from gradad.refine.bundle_files import prepare_bundle, tuning_images, write_class_settings
+from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning_images, write_class_settings
 from gradad.refine.cli import main as refine_cli
 from gradad.refine.config import RefineConfig
 from gradad.refine.tuning import labelled_arrays
@@ -69,6 +69,11 @@ def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trai
     assert set(tuning) == {"nut"}  # only the split's class was tuned
     assert tuning["nut"]["images"] == [str(s.image_path) for s in chosen]
     assert tuning_images(copy) == {str(s.image_path) for s in chosen}
+    # the class's own coarse threshold, from its good images' maps, is stored and used
+    refine = Bundle.load(copy).refine
+    stored = refine.classes["nut"]["coarse_threshold"]
+    assert stored > 0 and tuning["nut"]["coarse_threshold"]["value"] == stored
+    assert load_refine_parts(copy).class_settings["nut"]["coarse_threshold"] == stored
 
 
 def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle, trained_tiny, tiny_demo_root,

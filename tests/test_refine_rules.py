@@ -16,12 +16,12 @@ from gradad.data.datasets import load_samples
 from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning_images, write_class_settings
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
-from gradad.refine.refiner import Refiner, collapse_guard
+from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
 from gradad.refine.regions import dilate, shift_fill
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
-FIXED = dict(device="cpu", min_iterations=10_000, threads=1)
+FIXED = dict(device="cpu", min_iterations=10_000, threads=1, time_budget_s=0.0)  # no wall-clock dependence
 
 
 class _BrightnessHead(torch.nn.Module):
@@ -130,7 +130,7 @@ def test_masks_grow_beyond_the_start_mask():
                                  max_iterations=150, mask_tau=0.1, collapse_fraction=0.0)
     (result,) = refiner.refine_masks([image], [coarse])
     start = refiner._prepare([image], [coarse])
-    start_mask = refiner._masks(start.x, start.x_n, start.region, start.tau)[0]
+    start_mask = refiner._masks(start.x, start.x_n, start.region, start.tau, start.relative)[0]
     grown = result.mask & ~dilate(coarse, 0) & truth
     assert start_mask.sum() <= coarse.sum()
     assert grown.sum() > 4 * coarse.sum()  # most of the square is found outside the start mask
@@ -158,9 +158,35 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     # the tuning defects pick the candidate: a bright square is found at the low-noise tau
     image, truth = _square_defect()
     amap = np.where(dilate(truth, 2), 1.0, 0.0)  # a coarse map above the 0.5 threshold around the square
-    no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002)
+    no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002,
+                                   mask_relative_candidates=(0.0,))
     chosen, ious = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
-    assert chosen == tau and ious["0.95"] > 0.5 and ious["0.999"] == 0.0
+    assert chosen == (tau, 0.0) and ious["0.95/0.0"] > 0.5 and ious["0.999/0.0"] == 0.0
+
+
+def test_relative_mask_rule_follows_each_defects_contrast():
+    """One tau cannot serve a faint and a strong defect: at a tau above the faint one's contrast it is lost; at a
+    low tau the strong one keeps its faint halo. tau near the noise + a relative part gets both."""
+    norm = np.zeros((40, 80))
+    norm[10:20, 5:15] = 0.06  # faint defect: ||a|| 0.06
+    faint = norm > 0
+    norm[10:20, 45:55] = 0.6  # strong defect
+    halo = np.zeros_like(faint)
+    halo[7:23, 42:58] = True
+    halo[10:20, 45:55] = False
+    norm[halo] = 0.08  # the repair's faint halo around the strong defect
+    strong = norm >= 0.6
+    region_faint = np.zeros_like(faint)
+    region_faint[:, :40] = True
+    region_strong = ~region_faint
+    assert not mask_from_norm(norm, region_faint, 0.1, 0.0, 0.99).any()  # tau 0.1: the faint defect is gone
+    assert (mask_from_norm(norm, region_strong, 0.03, 0.0, 0.99) == (strong | halo)).all()  # tau 0.03: halo kept
+    # tau 0.03 + relative 0.5: each region's mask follows its own peak
+    assert (mask_from_norm(norm, region_faint, 0.03, 0.5, 0.99) == faint).all()
+    assert (mask_from_norm(norm, region_strong, 0.03, 0.5, 0.99) == strong).all()
+    # and the solver applies the per-class relative part it was given
+    refiner = _synthetic_refiner(mask_relative=0.5)
+    assert refiner._prepare([np.zeros((64, 64, 3), np.uint8)], [np.ones((64, 64), bool)]).relative.tolist() == [0.5]
 
 
 def test_breakeven_check_prefers_the_truth_below_its_lambda0():
@@ -236,3 +262,19 @@ def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny
 def test_cpu_settings_flush_denormals():
     _synthetic_refiner()
     assert torch.tensor([1e-42], dtype=torch.float32).item() == 0.0  # denormal flushed to zero
+
+
+def test_tuned_class_coarse_threshold_makes_the_coarse_mask_unless_a_threshold_is_passed_in():
+    """A unified bundle has one calibrated pixel threshold; a class whose maps run lower gets its own."""
+    image, truth = _square_defect()
+    amap = np.where(truth, 0.6, 0.0).astype(np.float32)  # above the bundle's 0.5, below the class's 0.8
+    refiner = _synthetic_refiner(max_iterations=2)
+    refiner.class_configs = {"high": dataclasses.replace(refiner.config, coarse_threshold=0.8),
+                             "low": dataclasses.replace(refiner.config, coarse_threshold=0.3)}
+    assert refiner.coarse_threshold("high") == 0.8 and refiner.coarse_threshold("low") == 0.3
+    assert refiner.coarse_threshold(None) == 0.5  # two tuned classes, unknown class: the bundle's threshold
+    high, low, none = refiner.refine([image] * 3, [amap] * 3, ["high", "low", None])
+    assert not high.coarse_mask.any() and high.status == "empty_region"
+    assert (low.coarse_mask == truth).all() and (none.coarse_mask == truth).all()
+    refiner.threshold_given = True  # --pixel-threshold: the given threshold wins
+    assert refiner.coarse_threshold("high") == 0.5
