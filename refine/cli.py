@@ -123,8 +123,8 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threads, assignments, verbose) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
-    coarse threshold: the calibration's pixel rule on the class's good images (a unified bundle's one calibrated
-    threshold does not fit every class); lambda0: the "no defect vs true decomposition" break-even check on the
+    coarse threshold: the calibration's pixel rule on the class's held-out good images (a unified bundle's one
+    calibrated threshold does not fit every class; without held-out images the bundle's threshold is kept); lambda0: the "no defect vs true decomposition" break-even check on the
     tuning defects; tau: the repair noise of good images (--good, else <class>/validation/good when it exists,
     else training images); see gradad.refine.tuning.
     """
@@ -132,8 +132,8 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
     from gradad.data.datasets import load_samples
     from gradad.refine.bundle_files import load_refine_parts, write_class_settings
     from gradad.refine.refiner import Refiner
-    from gradad.refine.tuning import (TUNING_SEED, class_coarse_threshold, good_images_for, labelled_arrays,
-                                      pick_samples, tune_class)
+    from gradad.refine.tuning import (TRAINING_SOURCE, TUNING_SEED, class_coarse_threshold, good_images_for,
+                                      labelled_arrays, pick_samples, tune_class)
     from gradad.runtime.loader import load_backend
 
     parts = load_refine_parts(bundle_dir)
@@ -162,10 +162,12 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
         _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
         good, good_source = good_images_for(data_root, name, size,
                                             max(config.coarse_threshold_images, config.mask_tau_images), good_dir)
-        _, good_maps = backend.infer_all(np.stack(good).astype(np.float32).transpose(0, 3, 1, 2))
-        threshold = class_coarse_threshold(good_maps, config)
+        threshold = None  # training images score lower than unseen ones: a threshold from them would be too low
+        if not good_source.endswith(TRAINING_SOURCE):
+            _, good_maps = backend.infer_all(np.stack(good).astype(np.float32).transpose(0, 3, 1, 2))
+            threshold = class_coarse_threshold(good_maps, config)
         values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good, threshold)
-        evidence["coarse_threshold"] = {"value": threshold, "good_images": len(good),
+        evidence["coarse_threshold"] = {"value": threshold, "good_images": len(good), "from": good_source,
                                         "bundle_pixel_threshold": refiner.pixel_threshold}
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
 ADAN_SCALES = ("image", "pixel", "floored")
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
-CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "inpaint", "coarse_threshold")
+CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "inpaint", "coarse_threshold")
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,13 @@ class RefineConfig:
     mask_relative: float = 0.0
     mask_relative_candidates: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5)
     mask_peak_quantile: float = 0.99
+    # Large defects: the coarse map is 8x coarser than the image, so it is wrong at a defect's outline but right
+    # deep inside a large one, where the solver's repair of a wide, low-contrast area is weakest (MTD's fray and
+    # break masks shrank to half the coarse one). Pixels deeper than keep_interior_px inside the coarse mask stay
+    # in the refined mask; small defects have no such interior, so it cannot grow their masks. 0 = off; tuned per
+    # class with (tau, relative) among keep_interior_candidates.
+    keep_interior_px: int = 0
+    keep_interior_candidates: tuple[int, ...] = (0, 8, 16)
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
     # (map > core_threshold_factor x pixel threshold), the core is added to the mask.
@@ -143,6 +150,8 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if not self.mask_tau_quantiles or not all(0.0 < q < 1.0 for q in self.mask_tau_quantiles):
             problems.append(f"mask_tau_quantiles={self.mask_tau_quantiles} (values in (0, 1))")
+        if not self.keep_interior_candidates or not all(px >= 0 for px in self.keep_interior_candidates):
+            problems.append(f"keep_interior_candidates={self.keep_interior_candidates} (values >= 0)")
         if not self.mask_relative_candidates or not all(0.0 <= r < 1.0 for r in self.mask_relative_candidates):
             problems.append(f"mask_relative_candidates={self.mask_relative_candidates} (values in [0, 1))")
         for name in ("mask_relative", "mask_peak_quantile"):
@@ -160,7 +169,7 @@ class RefineConfig:
         for name in ("lambda0", "gamma_mog", "gamma_tv", "validity_weight", "feature_weight", "time_budget_s",
                      "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
                      "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations",
-                     "coarse_threshold", "coarse_threshold_images"):
+                     "coarse_threshold", "coarse_threshold_images", "keep_interior_px"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 0)")
         for name in ("learning_rate", "update_clamp", "log_eps", "share_sigma_space", "share_sigma_color",
@@ -176,6 +185,7 @@ class RefineConfig:
         d["betas"] = list(self.betas)
         d["mask_tau_quantiles"] = list(self.mask_tau_quantiles)
         d["mask_relative_candidates"] = list(self.mask_relative_candidates)
+        d["keep_interior_candidates"] = list(self.keep_interior_candidates)
         return d
 
 
@@ -186,7 +196,7 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     if unknown:
         raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
     values = dict(values)
-    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates"):
+    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates", "keep_interior_candidates"):
         if key in values:
             values[key] = tuple(values[key])
     return RefineConfig(**values)

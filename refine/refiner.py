@@ -22,7 +22,7 @@ import numpy as np
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import coarse_mask, dilate, drop_small_components, inpaint
+from gradad.refine.regions import coarse_mask, dilate, drop_small_components, inpaint, interior
 from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
                                           STATUS_TIME_BUDGET, RefineResult)
 
@@ -77,6 +77,7 @@ class _Batch:
     readout: torch.Tensor  # (B, 1, h, w) feature-resolution weights of the feature loss
     tau: np.ndarray  # (B,) mask threshold per image (RGB units of [0, 1])
     relative: np.ndarray  # (B,) relative part of the mask rule per image (see mask_from_norm)
+    keep: list[np.ndarray]  # per image: the coarse mask's interior that stays in the mask (keep_interior_px)
     core: list[np.ndarray | None]  # per image: the coarse map's confident core (collapse guard), None = no guard
 
 
@@ -294,7 +295,8 @@ class Refiner:
         x_n = region * x_n + (1 - region) * x  # exactly x outside the region
         h, w = x.shape[-2:]
         return _Batch(x, x_n, region, lam, weights, self.readout_weights(len(images), h, w),
-                      np.array([c.mask_tau for c in configs]), np.array([c.mask_relative for c in configs]), cores)
+                      np.array([c.mask_tau for c in configs]), np.array([c.mask_relative for c in configs]),
+                      [interior(c, cfg_i.keep_interior_px) for c, cfg_i in zip(coarse, configs)], cores)
 
     def lambda_for(self, coarse: np.ndarray, config: RefineConfig | None = None) -> float:
         """Paper's rule: lambda = lambda0 / (anomaly area / image area), the area estimated by the coarse mask."""
@@ -318,7 +320,8 @@ class Refiner:
             masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau, batch.relative))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
-        masks = [collapse_guard(m, core, cfg.collapse_fraction) for m, core in zip(masks, batch.core)]
+        masks = [collapse_guard(m, core, cfg.collapse_fraction) | keep for m, core, keep in zip(masks, batch.core,
+                                                                                             batch.keep)]
         seconds = time.perf_counter() - started
         repaired = self._to_uint8(best_x)
         region_np = batch.region[:, 0].bool().cpu().numpy()

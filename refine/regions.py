@@ -21,6 +21,15 @@ def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
     return cv2.dilate(mask.astype(np.uint8), disc).astype(bool)
 
 
+def interior(mask: np.ndarray, depth_px: int) -> np.ndarray:
+    """Pixels of ``mask`` deeper than ``depth_px`` inside it (erosion by a disc; pixels past the image border
+    count as inside); empty for ``depth_px`` <= 0."""
+    if depth_px <= 0:
+        return np.zeros_like(mask, dtype=bool)
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * depth_px + 1, 2 * depth_px + 1))
+    return cv2.erode(mask.astype(np.uint8), disc, borderType=cv2.BORDER_REPLICATE).astype(bool)
+
+
 def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int, search_px: int = 24) -> np.ndarray:
     """Fill ``mask`` of an (H, W, 3) uint8 RGB image from its surroundings (x_n initialisation).
 

@@ -26,12 +26,13 @@ import torch
 
 from gradad.refine.config import RefineConfig
 from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
-from gradad.refine.regions import coarse_mask, dilate, inpaint
+from gradad.refine.regions import coarse_mask, dilate, inpaint, interior
 
 log = logging.getLogger(__name__)
 
 # Inpainting methods compared per class ("mean" makes no texture claims and "navier_stokes" behaves like Telea).
 COMPARED_INPAINTS = ("telea", "shift")
+TRAINING_SOURCE = "training images"  # good_images_for's source label when no held-out good images exist
 TUNING_SEED = 1234  # the tuning split's own seed (benchmarks pick their images from what is left)
 
 
@@ -73,7 +74,7 @@ def good_images_for(data_root: str | Path, class_name: str, size: int, count: in
         files, source = list_image_files(folder), str(folder)
     else:
         files = [s.image_path for s in load_samples(data_root, "train", [class_name]) if s.label == 0]
-        source = f"{class_name} training images"
+        source = f"{class_name} {TRAINING_SOURCE}"
     rng = np.random.default_rng(0)
     picked = sorted(rng.choice(len(files), min(count, len(files)), replace=False))
     return [resize_image(read_image_rgb(files[i]), size) for i in picked], source
@@ -140,29 +141,32 @@ def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: S
 
 def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float],
-             threshold: float | None = None) -> tuple[tuple[float, float], dict[str, float]]:
-    """Refine the tuning defects once with ``config`` and return the (tau, relative) pair -- tau among the
-    candidates, relative among ``config.mask_relative_candidates`` -- with the best mean IoU there (collapse guard
-    included, as at run time), with the mean IoU of every pair ("<quantile>/<relative>"). ``threshold``: the
-    coarse-mask threshold (default: the refiner's pixel threshold)."""
+             threshold: float | None = None) -> tuple[tuple[float, float, int], dict[str, float]]:
+    """Refine the tuning defects once with ``config`` and return the (tau, relative, keep_interior_px) triple --
+    tau among the candidates, the others among ``config.mask_relative_candidates`` and
+    ``config.keep_interior_candidates`` -- with the best mean IoU there (collapse guard included, as at run time),
+    with the mean IoU of every triple ("<quantile>/<relative>/<px>"). ``threshold``: the coarse-mask threshold
+    (default: the refiner's pixel threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
     coarse = [coarse_mask(m, threshold) for m in maps]
     cores = [coarse_mask(m, threshold * config.core_threshold_factor) for m in maps]
     ious: dict[str, float] = {}
-    pairs: dict[str, tuple[float, float]] = {}
+    choices: dict[str, tuple[float, float, int]] = {}
     runs = refiner.repair_norms(images, coarse, config)
+    keeps = {px: [interior(c, px) for c in coarse] for px in config.keep_interior_candidates}
     for q, tau in candidates.items():
         for rel in config.mask_relative_candidates:
-            scores = []
-            for (norm, region), core, truth in zip(runs, cores, truths):
-                mask = mask_from_norm(norm, region, tau, rel, config.mask_peak_quantile)
-                mask = collapse_guard(mask, core, config.collapse_fraction)
-                union = np.count_nonzero(mask | truth)
-                scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
-            key = f"{q}/{rel}"
-            ious[key], pairs[key] = float(np.mean(scores)), (tau, float(rel))
-    best = max(pairs, key=lambda k: ious[k])  # first best in candidate order: ties keep the smaller relative part
-    return pairs[best], ious
+            for px in config.keep_interior_candidates:
+                scores = []
+                for (norm, region), core, keep, truth in zip(runs, cores, keeps[px], truths):
+                    mask = mask_from_norm(norm, region, tau, rel, config.mask_peak_quantile)
+                    mask = collapse_guard(mask, core, config.collapse_fraction) | keep
+                    union = np.count_nonzero(mask | truth)
+                    scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
+                key = f"{q}/{rel}/{px}"
+                ious[key], choices[key] = float(np.mean(scores)), (tau, float(rel), int(px))
+    best = max(choices, key=lambda k: ious[k])  # first best in candidate order: ties keep the simpler rule
+    return choices[best], ious
 
 
 def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float:
@@ -199,10 +203,11 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
     candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged],
                                              cfg)
-    (tau, relative), tau_evidence["tuning_iou"] = best_tau(
+    (tau, relative, keep_px), tau_evidence["tuning_iou"] = best_tau(
         refiner, [images[i] for i in flagged], [truths[i] for i in flagged], [maps[i] for i in flagged], cfg,
         candidates, threshold)
-    settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative, **extra}
+    settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative,
+                "keep_interior_px": keep_px, **extra}
     evidence = {"flagged_tuning_images": len(flagged), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
                 "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}

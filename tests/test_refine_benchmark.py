@@ -62,14 +62,15 @@ def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trai
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
     res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
-                                           "--split", str(split), "--threads", "1", "--set", "max_iterations=2",
+                                           "--split", str(split), "--good", str(tiny_demo_root / "nut" / "test" / "good"),
+                                           "--threads", "1", "--set", "max_iterations=2",
                                            "--set", "mask_tau_images=1", "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
     tuning = Bundle.load(copy).refine.tuning
     assert set(tuning) == {"nut"}  # only the split's class was tuned
     assert tuning["nut"]["images"] == [str(s.image_path) for s in chosen]
     assert tuning_images(copy) == {str(s.image_path) for s in chosen}
-    # the class's own coarse threshold, from its good images' maps, is stored and used
+    # the class's own coarse threshold, from its held-out good images' maps, is stored and used
     refine = Bundle.load(copy).refine
     stored = refine.classes["nut"]["coarse_threshold"]
     assert stored > 0 and tuning["nut"]["coarse_threshold"]["value"] == stored
@@ -117,3 +118,20 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
     assert f"F2PAD {verdict} the mean IoU" in text
     assert f"]({rows[0]['panel']})" in text
+
+
+def test_tune_keeps_the_bundle_threshold_without_held_out_good_images(bundle, trained_tiny, tiny_demo_root, tmp_path):
+    """Training images score lower than unseen ones: a class threshold measured on them would be too low."""
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
+                                           "--classes", "nut", "--per-defect", "1", "--threads", "1",
+                                           "--set", "max_iterations=2", "--set", "mask_tau_images=1",
+                                           "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    refine = Bundle.load(copy).refine
+    assert "coarse_threshold" not in refine.classes.get("nut", {})
+    assert refine.tuning["nut"]["coarse_threshold"]["value"] is None
+    assert refine.tuning["nut"]["coarse_threshold"]["from"] == "nut training images"
+    two = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
+                                           "--good", str(tiny_demo_root / "nut" / "test" / "good")])
+    assert two.exit_code != 0 and "tune one class at a time" in two.output

@@ -17,7 +17,7 @@ from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
 from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
-from gradad.refine.regions import dilate, shift_fill
+from gradad.refine.regions import dilate, interior, shift_fill
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
@@ -159,9 +159,9 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     image, truth = _square_defect()
     amap = np.where(dilate(truth, 2), 1.0, 0.0)  # a coarse map above the 0.5 threshold around the square
     no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002,
-                                   mask_relative_candidates=(0.0,))
+                                   mask_relative_candidates=(0.0,), keep_interior_candidates=(0,))
     chosen, ious = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
-    assert chosen == (tau, 0.0) and ious["0.95/0.0"] > 0.5 and ious["0.999/0.0"] == 0.0
+    assert chosen == (tau, 0.0, 0) and ious["0.95/0.0/0"] > 0.5 and ious["0.999/0.0/0"] == 0.0
 
 
 def test_relative_mask_rule_follows_each_defects_contrast():
@@ -278,3 +278,21 @@ def test_tuned_class_coarse_threshold_makes_the_coarse_mask_unless_a_threshold_i
     assert (low.coarse_mask == truth).all() and (none.coarse_mask == truth).all()
     refiner.threshold_given = True  # --pixel-threshold: the given threshold wins
     assert refiner.coarse_threshold("high") == 0.5
+
+
+def test_interior_of_a_large_coarse_mask_is_kept_and_small_masks_are_untouched():
+    large = np.zeros((64, 64), bool)
+    large[8:48, 8:48] = True  # 40 x 40
+    small = np.zeros((64, 64), bool)
+    small[50:58, 50:58] = True  # 8 x 8: no pixel deeper than 8 px
+    inside = interior(large | small, 8)
+    assert inside.any() and (inside <= large).all() and not (inside & small).any()
+    assert inside[28, 28] and not inside[9, 28]  # the centre stays, the outline is left to the solver
+    assert not interior(large, 0).any()
+    # the solver adds it to whatever the optimisation found (here: a coarse mask whose start shows no defect)
+    image = np.full((64, 64, 3), 128, np.uint8)
+    kept = _synthetic_refiner(max_iterations=2, keep_interior_px=8, collapse_fraction=0.0, mask_tau=0.5)
+    (result,) = kept.refine_masks([image], [large])
+    assert (result.mask >= interior(large, 8)).all() and result.mask[28, 28]
+    plain = _synthetic_refiner(max_iterations=2, collapse_fraction=0.0, mask_tau=0.5)
+    assert not plain.refine_masks([image], [large])[0].mask[28, 28]
