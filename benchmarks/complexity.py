@@ -19,7 +19,7 @@ import click
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit
 from gradad.benchmarks.models import random_detector
 from gradad.benchmarks.results_io import command_line
 from gradad.training.config import PRESETS, RunConfig, preset_config
@@ -60,7 +60,7 @@ def preset_complexity(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(context_settings=CLI_CONTEXT)
 @click.option("--preset", "presets", multiple=True, type=click.Choice(PRESETS), help="Presets [default: all].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="benchmarks/results/complexity.json",
               show_default=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import ModelConfig, preset_config
@@ -141,7 +141,7 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
             "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train)}
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(context_settings=CLI_CONTEXT)
 @click.option("--data", "data_root", required=True, type=click.Path())
 @click.option("--classes", help="Comma-separated classes [default: all, one memory bank].")
 @click.option("--coreset-ratio", type=float, default=0.01)

@@ -41,9 +41,9 @@ def main(model_path, data_root, classes, layout, out_dir, name, figures_per_clas
     from gradad.evaluation.report import markdown_table
     from gradad.training.checkpoint import load_detector
     from gradad.training.inference import predict
-    from gradad.training.trainer import resolve_device
+    from gradad.devices import resolve_torch_device
 
-    dev = resolve_device(device)
+    dev = resolve_torch_device(device, "--device")
     detector, payload = load_detector(model_path, dev)
     cfg = payload["resolved_config"]
     root = data_root or cfg.data.root

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from gradad.devices import resolve_torch_device
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
@@ -56,15 +57,6 @@ def configure_cpu(threads: int) -> None:
             pass
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error naming the setting."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GradError("refinement device 'cuda' requested but torch sees no CUDA GPU (use --refine-device cpu)")
-    return torch.device(name)
-
-
 @dataclass
 class _Batch:
     """Tensors of the images being optimised together."""
@@ -93,7 +85,7 @@ class Refiner:
         self.config = config or RefineConfig()
         if not pixel_threshold > 0:
             raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
-        self.device = resolve_device(self.config.device)
+        self.device = resolve_torch_device(self.config.device, "refinement device")
         log.debug("refiner on %s (torch %s, CUDA available: %s)", self.device, torch.__version__,
                   torch.cuda.is_available())
         configure_cpu(self.config.threads)

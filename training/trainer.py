@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
+from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, DatasetError
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
@@ -46,15 +47,6 @@ from gradad.training.validation import (
 log = logging.getLogger(__name__)
 
 STAGES = ("abnormal", "normal")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; an unavailable explicit device is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device = {name!r} but no CUDA device is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -299,7 +291,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
-        self.device = resolve_device(cfg.train.device)
+        self.device = resolve_torch_device(cfg.train.device, "train.device")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.position = (0, 0)  # (stage index, next epoch) of the newest checkpoint
