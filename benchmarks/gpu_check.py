@@ -21,7 +21,7 @@ Rows (each one ``ok``, ``skipped`` with its reason, or ``failed`` with the error
 - ``f2pad``: seconds per flagged frame of the F2PAD refiner on CUDA: demo images (``gradad.data.demo``), an edge
   model trained briefly on CUDA (ImageNet extractor when its weight package is importable, else random), the pixel
   prior fitted on the training pixels, the pixel-F1-optimal coarse threshold, and the product's refinement
-  defaults (5 s budget per frame): frames one at a time, then batched.
+  defaults (1.5 s budget per frame): frames one at a time, then batched.
 
 Each group of rows runs in its own worker process (``python -m gradad.benchmarks.gpu_check worker``), so a crash,
 a hang or a poisoned CUDA context costs only that group; the JSON (and markdown) is rewritten atomically after every
@@ -100,7 +100,7 @@ class GpuCheckConfig:
     f2pad_per_defect: int = 1  # flagged demo frames per class and defect type
     f2pad_single_frames: int = 6  # frames refined one call each (the batched row refines all of them)
     f2pad_stage_epochs: tuple[int, int] = (5, 10)
-    f2pad_budget_s: float = 5.0  # refinement budget per frame (the product default)
+    f2pad_budget_s: float = 1.5  # refinement budget per frame (the product default, RefineConfig.time_budget_s)
     f2pad_max_batch: int = 8
     time_budget_s: float = 390.0
     section_timeout_s: float = 180.0  # a worker that runs longer is stopped
