@@ -124,9 +124,11 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
     coarse threshold: the calibration's pixel rule on the class's held-out good images (a unified bundle's one
-    calibrated threshold does not fit every class; without held-out images the bundle's threshold is kept); lambda0: the "no defect vs true decomposition" break-even check on the
-    tuning defects; tau: the repair noise of good images (--good, else <class>/validation/good when it exists,
-    else training images); see gradad.refine.tuning.
+    calibrated threshold does not fit every class; without held-out images the bundle's threshold is kept);
+    lambda0: the "no defect vs true decomposition" break-even check on the tuning defects; tau (with its
+    per-image relative part and the kept coarse interior): the repair noise of good images (--good, else
+    <class>/validation/good when it exists, else training images) and IoU on the tuning defects; see
+    gradad.refine.tuning.
     """
     setup_logging(verbose)
     from gradad.data.datasets import load_samples

@@ -171,7 +171,8 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
         for name in ("lambda0", "gamma_mog", "gamma_tv", "validity_weight", "feature_weight", "time_budget_s",
                      "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
-                     "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing", "reestimate_iterations", "threads", "min_iterations",
+                     "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing",
+                     "reestimate_iterations", "threads", "min_iterations",
                      "coarse_threshold", "coarse_threshold_images", "keep_interior_px"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 0)")

@@ -62,7 +62,8 @@ def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trai
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
     res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
-                                           "--split", str(split), "--good", str(tiny_demo_root / "nut" / "test" / "good"),
+                                           "--split", str(split),
+                                           "--good", str(tiny_demo_root / "nut" / "test" / "good"),
                                            "--threads", "1", "--set", "max_iterations=2",
                                            "--set", "mask_tau_images=1", "--set", "device=cpu"])
     assert res.exit_code == 0, res.output
@@ -87,7 +88,8 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
     split.write_text(json.dumps({"held_out": [str(defects[1].image_path.resolve())]}))
     out = tmp_path / "results"
     res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root),
-                                          "--exclude", str(split), "--set", "max_iterations=2", "--device", "cpu", "--threads", "1",
+                                          "--exclude", str(split), "--set", "max_iterations=2", "--device", "cpu",
+                                          "--threads", "1",
                                           "-o", str(out), "--name", "t"])
     assert res.exit_code == 0, res.output
     result = json.loads((out / "t.json").read_text())
