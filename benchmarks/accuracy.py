@@ -240,7 +240,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     samples = load_samples_from_roots(cfg.data_roots, "test", classes, cfg.layout)
     n_excluded = 0
     if cfg.exclude:
-        from gradad.benchmarks.split import exclude_held_out, read_held_out
+        from gradad.data.tuning_split import exclude_held_out, read_held_out
 
         kept = exclude_held_out(samples, read_held_out(cfg.exclude))
         n_excluded, samples = len(samples) - len(kept), kept

@@ -119,7 +119,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     excluded = tuning_images(bundle_dir)
     labelled = load_samples(data_root, "test", classes)
     if exclude:
-        from gradad.benchmarks.split import read_held_out
+        from gradad.data.tuning_split import read_held_out
 
         held_out = read_held_out(exclude)
         excluded |= {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in held_out}

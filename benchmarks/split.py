@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gradad.data.datasets import Sample, load_samples_from_roots
+from gradad.data.tuning_split import SPLIT_FILE
 from gradad.errors import DatasetError
 
 log = logging.getLogger(__name__)
-
-SPLIT_FILE = "split.json"
 
 
 def choose_held_out(samples: Sequence[Sample], per_type: int) -> list[Sample]:
@@ -65,23 +64,3 @@ def write_split(roots: Sequence[str], per_type: int, out_dir: str | Path, layout
     (out / SPLIT_FILE).write_text(json.dumps(split, indent=1))
     log.info("tuning split: %d defect images (%d per type) -> %s", len(held), per_type, out)
     return split
-
-
-def read_held_out(path: str | Path) -> set[str]:
-    """Resolved image paths listed in a split.json (or the split folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / SPLIT_FILE
-    try:
-        data = json.loads(path.read_text())
-        return {str(Path(p)) for p in data["held_out"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DatasetError(f"cannot read the tuning split {path}: {exc}") from exc
-
-
-def exclude_held_out(samples: Sequence[Sample], held_out: set[str]) -> list[Sample]:
-    """``samples`` without the held-out images; an exclusion list that matches nothing is an error."""
-    kept = [s for s in samples if str(s.image_path.resolve()) not in held_out]
-    if held_out and len(kept) == len(samples):
-        raise DatasetError("the tuning split names none of the test images: was it made for other data roots?")
-    return kept

@@ -144,7 +144,7 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
     size = refiner.detector.head.image_hw[0]
     labelled = load_samples(data_root, "test", list(classes) or None)
     if split_path:
-        from gradad.benchmarks.split import read_held_out
+        from gradad.data.tuning_split import read_held_out
 
         held_out = read_held_out(split_path)
         labelled = [s for s in labelled if str(s.image_path.resolve()) in held_out]

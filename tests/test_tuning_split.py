@@ -1,0 +1,35 @@
+"""The tuning split: written by grad-bench split, read back by everything that must leave its images unscored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gradad.benchmarks.split import write_split
+from gradad.data.datasets import load_samples
+from gradad.data.tuning_split import exclude_held_out, read_held_out
+from gradad.errors import DatasetError
+
+
+def test_split_round_trip_and_exclusion(tiny_demo_root: Path, tmp_path: Path):
+    split = write_split([str(tiny_demo_root)], 1, tmp_path / "split")
+    test = load_samples(tiny_demo_root, "test")
+    types = {(s.class_name, s.defect_type) for s in test if s.label == 1}
+    held = read_held_out(tmp_path / "split")  # the folder or its split.json
+    assert held == read_held_out(tmp_path / "split" / "split.json") == set(split["held_out"])
+    assert len(held) == len(types)  # one per (class, defect type)
+    kept = exclude_held_out(test, held)
+    assert len(kept) == len(test) - len(held) and not {str(s.image_path.resolve()) for s in kept} & held
+    # links, not copies: the split folder never holds a dataset image
+    assert all(p.is_symlink() for p in (tmp_path / "split" / "defects").rglob("*.png"))
+
+
+def test_a_split_of_other_data_or_an_unreadable_file_is_refused(tiny_demo_root: Path, tmp_path: Path):
+    test = load_samples(tiny_demo_root, "test")
+    with pytest.raises(DatasetError, match="names none of the test images"):
+        exclude_held_out(test, {"/elsewhere/a.png"})
+    bad = tmp_path / "split.json"
+    bad.write_text("{not json")
+    with pytest.raises(DatasetError, match=str(bad)):
+        read_held_out(bad)
