@@ -44,6 +44,7 @@ class RefineParts:
     normal_level: float  # anomaly-map level of good training images (feature loss floor)
     feature_scale: float  # fixed divisor of the feature loss (the calibrated pixel threshold at preparation)
     class_settings: dict[str, dict[str, Any]]  # per-class tuned RefineConfig overrides (grad-refine tune)
+    pixel_threshold_given: bool = False  # passed in explicitly: wins over tuned per-class coarse thresholds
 
 
 def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement") -> BundleError:
@@ -65,6 +66,7 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
     except BundleError as exc:
         raise _not_prepared(bundle_dir, f"has a missing or modified refinement file ({exc})") from exc
     calibrated_pixel = bundle.calibration.pixel_threshold if bundle.calibration else None
+    pixel_threshold_given = pixel_threshold is not None
     if pixel_threshold is None:
         pixel_threshold = calibrated_pixel
         if pixel_threshold is None:
@@ -84,7 +86,7 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
                        refine_config_from_dict(section.config or {}), pixel_threshold,
                        list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
-                       float(feature_scale), class_settings)
+                       float(feature_scale), class_settings, pixel_threshold_given)
 
 
 def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, Any]],

@@ -78,10 +78,13 @@ class Refiner:
 
     def __init__(self, detector: torch.nn.Module, mean: Sequence[float], std: Sequence[float], pixel_threshold: float,
                  prior: PixelPrior, config: RefineConfig | None = None, normal_level: float = 0.0,
-                 feature_scale: float | None = None, class_settings: dict[str, dict[str, Any]] | None = None) -> None:
+                 feature_scale: float | None = None, class_settings: dict[str, dict[str, Any]] | None = None,
+                 threshold_given: bool = False) -> None:
         """``pixel_threshold`` makes the coarse mask; ``feature_scale`` (the bundle's fixed scale of the feature
         term, default: ``pixel_threshold``) divides the feature loss; ``class_settings`` maps a class name to
-        RefineConfig overrides (``CLASS_SETTINGS``: tuned lambda0, tau, inpainting) used for images of that class."""
+        RefineConfig overrides (``CLASS_SETTINGS``: tuned lambda0, tau, inpainting, coarse threshold, ...) used for
+        images of that class; ``threshold_given``: ``pixel_threshold`` was passed in explicitly and then wins over
+        the classes' tuned coarse thresholds."""
         self.config = config or RefineConfig()
         if not pixel_threshold > 0:
             raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
@@ -94,7 +97,7 @@ class Refiner:
             p.requires_grad_(False)  # gradients only w.r.t. the image
         self.pixel_threshold = float(pixel_threshold)
         # a threshold passed in explicitly (--pixel-threshold) wins over tuned per-class coarse thresholds
-        self.threshold_given = False
+        self.threshold_given = threshold_given
         self.feature_scale = float(feature_scale if feature_scale is not None else pixel_threshold)
         if not self.feature_scale > 0:
             raise GradError(f"feature scale must be > 0 for refinement, got {self.feature_scale}")
@@ -124,7 +127,8 @@ class Refiner:
 
         detector, _ = load_detector(parts.model_path)
         return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
-                   parts.normal_level, parts.feature_scale, parts.class_settings)
+                   parts.normal_level, parts.feature_scale, parts.class_settings,
+                   threshold_given=parts.pixel_threshold_given)
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
@@ -136,9 +140,7 @@ class Refiner:
         from gradad.refine.bundle_files import load_refine_parts
 
         parts = load_refine_parts(bundle_dir, pixel_threshold)
-        refiner = cls.from_parts(parts, dataclasses.replace(config or parts.config, **overrides))
-        refiner.threshold_given = pixel_threshold is not None
-        return refiner
+        return cls.from_parts(parts, dataclasses.replace(config or parts.config, **overrides))
 
     # -- conversions -----------------------------------------------------------------------------------------------
     def _normalise(self, images: np.ndarray) -> torch.Tensor:
@@ -312,8 +314,7 @@ class Refiner:
             masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau, batch.relative))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
-        masks = [collapse_guard(m, core, cfg.collapse_fraction) | keep for m, core, keep in zip(masks, batch.core,
-                                                                                             batch.keep)]
+        masks = [finish_mask(m, core, keep, cfg) for m, core, keep in zip(masks, batch.core, batch.keep)]
         seconds = time.perf_counter() - started
         repaired = self._to_uint8(best_x)
         region_np = batch.region[:, 0].bool().cpu().numpy()
@@ -328,9 +329,7 @@ class Refiner:
                relative: np.ndarray) -> list[np.ndarray]:
         norm = self.anomaly_norm(x, x_n, region)
         regions = region[:, 0].bool().cpu().numpy()
-        return [drop_small_components(mask_from_norm(n, r, t, rel, self.config.mask_peak_quantile),
-                                      self.config.mask_min_component_px)
-                for n, r, t, rel in zip(norm, regions, tau, relative)]
+        return [pixel_mask(n, r, t, rel, self.config) for n, r, t, rel in zip(norm, regions, tau, relative)]
 
     def _optimise(self, batch: _Batch, started: float, max_iterations: int, config: RefineConfig | None = None
                   ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
@@ -399,6 +398,20 @@ def mask_from_norm(norm: np.ndarray, region: np.ndarray, tau: float, relative: f
     if relative > 0 and region.any():
         level = max(tau, relative * float(np.quantile(norm[region], peak_quantile)))
     return (norm > level) & region
+
+
+def pixel_mask(norm: np.ndarray, region: np.ndarray, tau: float, relative: float, config: RefineConfig
+               ) -> np.ndarray:
+    """The solver's pixel mask of one image: :func:`mask_from_norm`, then components smaller than
+    ``config.mask_min_component_px`` dropped."""
+    return drop_small_components(mask_from_norm(norm, region, tau, relative, config.mask_peak_quantile),
+                                 config.mask_min_component_px)
+
+
+def finish_mask(mask: np.ndarray, core: np.ndarray | None, keep: np.ndarray, config: RefineConfig) -> np.ndarray:
+    """The returned mask: the pixel mask with the collapse guard applied and the coarse mask's kept interior
+    (``keep``) added. Run time and ``grad-refine tune`` both use it, so tuning scores what the line returns."""
+    return collapse_guard(mask, core, config.collapse_fraction) | keep
 
 
 def collapse_guard(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from gradad.refine.config import RefineConfig
-from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
+from gradad.refine.refiner import Refiner, finish_mask, pixel_mask
 from gradad.refine.regions import coarse_mask, dilate, inpaint, interior
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
             for px in config.keep_interior_candidates:
                 scores = []
                 for (norm, region), core, keep, truth in zip(runs, cores, keeps[px], truths):
-                    mask = mask_from_norm(norm, region, tau, rel, config.mask_peak_quantile)
-                    mask = collapse_guard(mask, core, config.collapse_fraction) | keep
+                    mask = finish_mask(pixel_mask(norm, region, tau, rel, config), core, keep, config)
                     union = np.count_nonzero(mask | truth)
                     scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
                 key = f"{q}/{rel}/{px}"

@@ -16,7 +16,7 @@ from gradad.data.datasets import load_samples
 from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning_images, write_class_settings
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
-from gradad.refine.refiner import Refiner, collapse_guard, mask_from_norm
+from gradad.refine.refiner import Refiner, collapse_guard, finish_mask, mask_from_norm, pixel_mask
 from gradad.refine.regions import dilate, interior, shift_fill
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
@@ -247,6 +247,9 @@ def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny
     assert set(parts.class_settings) == {"nut", "fabric"}
     assert tuning_images(copy) == {"a.png", "b.png", "c.png"}
     refiner = Refiner.from_parts(parts, dataclasses.replace(parts.config, **FIXED))
+    # a threshold passed in (grad-refine --pixel-threshold, grad-bench refine) travels with the parts and wins
+    assert parts.pixel_threshold_given and refiner.threshold_given
+    assert not Refiner.from_parts(dataclasses.replace(parts, pixel_threshold_given=False)).threshold_given
     assert refiner.config_for("nut").lambda0 == 0.5 and refiner.config_for("nut").inpaint == "shift"
     assert refiner.config_for("capsule") == refiner.config == refiner.config_for(None)  # two tuned classes
     single = Refiner.from_parts(dataclasses.replace(parts, class_settings={"nut": parts.class_settings["nut"]}),
@@ -296,3 +299,18 @@ def test_interior_of_a_large_coarse_mask_is_kept_and_small_masks_are_untouched()
     assert (result.mask >= interior(large, 8)).all() and result.mask[28, 28]
     plain = _synthetic_refiner(max_iterations=2, collapse_fraction=0.0, mask_tau=0.5)
     assert not plain.refine_masks([image], [large])[0].mask[28, 28]
+
+
+def test_tuning_scores_the_mask_the_solver_returns():
+    """pixel_mask + finish_mask are the one rule of the run time and grad-refine tune: small components dropped,
+    collapse guard, kept interior."""
+    norm = np.zeros((32, 32))
+    norm[4:12, 4:12] = 1.0  # 64 px
+    norm[20, 20] = 1.0  # 1 px speck
+    region = np.ones((32, 32), bool)
+    cfg = dataclasses.replace(RefineConfig(), mask_min_component_px=4, collapse_fraction=0.0)
+    mask = pixel_mask(norm, region, 0.5, 0.0, cfg)
+    assert mask.sum() == 64 and not mask[20, 20]
+    keep = np.zeros_like(region)
+    keep[28, 28] = True
+    assert (finish_mask(mask, None, keep, cfg) == (mask | keep)).all()
