@@ -183,6 +183,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         resize = ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images.resize_image)"
                   if (h, w) == module.model_hw else
                   f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
+        pool = min(cfg.model.score_pool, *module.model_hw)  # AnomalyHead.postprocess's pool
         bundle = Bundle(
             schema_version=BUNDLE_SCHEMA_VERSION,
             gradad_version=__version__,
@@ -196,9 +197,10 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
                 model_width=module.model_hw[1],
                 normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
             outputs={
-                "score": {"shape": ["batch"], "meaning": "image anomaly score: max of the 32x32 mean-pooled map"},
+                "score": {"shape": ["batch"], "meaning": f"image anomaly score: max of the {pool}x{pool} mean-pooled "
+                                                          "map"},
                 "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
-                                "smoothing": cfg.model.smoothing},
+                                "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales)},
             },
             classes=payload["classes"],
             training_data=payload.get("data_summary", {}),

@@ -140,20 +140,23 @@ def test_batched_grid_sampling_equals_per_image_sampling() -> None:
 
 
 def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> None:
-    """A file written before model.abnormal_mapper / abnormal_score existed loads as the model it was."""
+    """A file written before model.abnormal_mapper / abnormal_score / map_scales existed loads as the model it was."""
     from gradad.training.checkpoint import model_payload, read_checkpoint
 
     legacy = preset_config("tiny")
     legacy.model.abnormal_mapper, legacy.model.abnormal_score = "shared", "channel0"
     model = GRADModel(16, (8, 8), legacy.model)
     payload = model_payload(legacy, model, {})
-    for key in ("abnormal_mapper", "abnormal_score"):
+    for key in ("abnormal_mapper", "abnormal_score", "map_scales"):
         del payload["config"]["model"][key]
+    del payload["state_dict"]["map_scale_gain"]
     torch.save(payload, tmp_path / "old.pt")
     loaded = read_checkpoint(tmp_path / "old.pt")
     cfg = preset_config("tiny")
     cfg.model.abnormal_mapper = loaded["config"]["model"]["abnormal_mapper"]
     cfg.model.abnormal_score = loaded["config"]["model"]["abnormal_score"]
+    cfg.model.map_scales = tuple(loaded["config"]["model"]["map_scales"])
+    assert cfg.model.map_scales == (1,)  # written before the multi-scale map: the plain map, as it was
     rebuilt = GRADModel(16, (8, 8), cfg.model)
     rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
     # An old NORMAL-only file carried (unused) abnormal weights: they are dropped, the rest loads strictly.
@@ -162,3 +165,78 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     normal_only = read_checkpoint(tmp_path / "old_normal_only.pt")
     cfg.model.abnormal_branch = False
     GRADModel(16, (8, 8), cfg.model).load_state_dict(normal_only["state_dict"])
+
+
+def _faint_patch_features(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, x_ref, mask): iid cell noise in the residual everywhere, plus a 9x9-cell patch whose residuals share one
+    direction at a third of the noise's per-cell norm (a large faint defect such as MTD's "uneven")."""
+    gen = torch.Generator().manual_seed(seed)
+    c, h, w = 32, 24, 24
+    x = torch.randn(4, c, h, w, generator=gen)
+    residual = torch.randn(4, c, h, w, generator=gen)
+    mask = torch.zeros(4, 1, h, w)
+    mask[:2, :, 6:15, 6:15] = 1
+    direction = torch.randn(1, c, 1, 1, generator=gen)
+    direction = direction / direction.norm() * residual.norm(dim=1).mean() / 3
+    return x, x + residual + mask * direction, mask
+
+
+def test_multiscale_map_finds_a_large_faint_defect_that_the_plain_map_misses() -> None:
+    from gradad.evaluation.metrics import auroc
+    from gradad.training.model import MapFusion, residual_scale_maps
+
+    x, x_ref, mask = _faint_patch_features(0)
+    assert torch.allclose(residual_scale_maps(x_ref, x, (1,))[0], AnomalyHead.lowres_map(x_ref, x))
+    clean_x, clean_ref, _ = _faint_patch_features(1)
+    clean_ref = clean_x + (clean_ref - clean_x) * (1 - _faint_patch_features(1)[2])  # same noise, no defect
+    means = torch.stack([m.mean() for m in residual_scale_maps(clean_ref, clean_x, (1, 3, 5, 7))])
+    gains = means[0] / means
+    plain = MapFusion((1,))(x_ref, x)
+    multi = MapFusion((1, 3, 5, 7))(x_ref, x, gains=gains)
+    labels = mask.flatten().numpy().astype(int)
+    assert auroc(labels, plain.flatten().numpy()) < 0.7  # the faint patch hides in the cell noise
+    assert auroc(labels, multi.flatten().numpy()) > 0.9  # the rest: the patch border, blurred by pooling
+    assert bool((multi >= plain - 1e-6).all())  # the plain scale is one of the maxima: a sharp defect stays
+
+
+def test_multiscale_map_keeps_a_single_sharp_cell_on_top() -> None:
+    from gradad.training.model import MapFusion
+
+    x = torch.randn(2, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    x_ref = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    x_ref[0, :, 8, 8] += 5.0
+    gains = torch.tensor([1.0, 1.5, 2.0])
+    amap = MapFusion((1, 3, 5))(x_ref, x, gains=gains)
+    assert int(amap[0, 0].argmax()) == 8 * 16 + 8
+
+
+def test_map_scale_gains_put_every_scale_in_plain_map_units() -> None:
+    from gradad.training.model import residual_scale_maps
+    from gradad.training.validation import fit_map_scale_gains
+
+    cfg = preset_config("tiny").model
+    cfg.map_scales = (1, 3, 5)
+    model = GRADModel(16, (8, 8), cfg)
+    feats = torch.randn(24, 16, 8, 8, generator=torch.Generator().manual_seed(0)).half()
+    gains = fit_map_scale_gains(model, feats, batch=8)
+    assert gains[0] == 1.0 and gains[1] > 1.0 and gains[2] > gains[1]  # pooling cancels noise: coarser = smaller
+    model.eval()
+    with torch.no_grad():
+        x = feats.float()
+        x_ref = model(x).x_ref
+        means = [float(m.mean()) for m in residual_scale_maps(x_ref, x, cfg.map_scales)]
+    for g, m in zip(gains, means):
+        assert g * m == pytest.approx(means[0], rel=1e-3)
+
+
+def test_map_scales_setting_is_parsed_and_checked() -> None:
+    from gradad.errors import ConfigError
+    from gradad.training.config import apply_set_options
+
+    cfg = apply_set_options(preset_config("tiny"), ["model.map_scales=1,3,5"])
+    assert cfg.model.map_scales == (1, 3, 5)
+    assert apply_set_options(preset_config("tiny"), ["model.map_scales=1"]).model.map_scales == (1,)
+    for bad in ("3,5", "1,2", "1,5,3"):
+        cfg = apply_set_options(preset_config("tiny"), [f"model.map_scales={bad}"])
+        with pytest.raises(ConfigError, match="model.map_scales"):
+            cfg.validate()

@@ -196,6 +196,32 @@ def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -
     assert load_config(Path(cfg.output_dir) / "config.yaml").model.fusion_depth == 1  # the run's config is kept
 
 
+def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """Head settings (map scales, smoothing, pooling) are fitted after stage 2: a finished run copied to a new
+    directory re-fits them on resume (gains logged and stored) and reruns no epoch; other changes stay refused."""
+    import shutil
+
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.model.map_scales = (1,)
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 1
+    train(cfg)
+    copy = tmp_path / "run_multiscale"
+    shutil.copytree(cfg.output_dir, copy)
+    (copy / "model.pt").unlink()
+    cfg.output_dir, cfg.model.map_scales = str(copy), (1, 3, 5)
+    model_path = train(cfg, resume=True)
+    assert [(r["stage"], r["epoch"]) for r in _epoch_records(copy)] == [("abnormal", 1), ("normal", 1)]
+    payload = torch.load(model_path, weights_only=True)
+    gains = payload["state_dict"]["map_scale_gain"].tolist()
+    assert len(gains) == 3 and gains[0] == 1.0 and gains[2] > gains[1] > 1.0
+    assert payload["map_scale_gain"] == pytest.approx(gains, rel=1e-5)
+    events = [json.loads(line) for line in (copy / "train_log.jsonl").read_text().splitlines()]
+    assert [e["scales"] for e in events if e["stage"] == "map_scales"] == [[1, 3, 5]]
+    cfg.model.local_grid_size += 1
+    with pytest.raises(ConfigError, match=r"model.local_grid_size"):
+        train(cfg, resume=True)
+
+
 def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     cfg = preset_config("edge")
     with pytest.raises(ConfigError, match="model.fusion_block"):

@@ -112,16 +112,19 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 #: model settings added after the first checkpoints, with the value that reproduces what those models were
-_LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0"}
+_LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0", "map_scales": [1]}
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
-    """Make a model file written before the separate abnormal mapper load as the model it was: the settings it
-    predates get their old values, and a NORMAL-only file drops the unused abnormal weights it carried."""
+    """Make a model file written before the separate abnormal mapper or the multi-scale map load as the model it
+    was: the settings it predates get their old values, and a NORMAL-only file drops the unused abnormal weights."""
     model_cfg = payload.get("config", {}).get("model")
     if isinstance(model_cfg, dict):
         for key, old in _LEGACY_MODEL_SETTINGS.items():
             model_cfg.setdefault(key, old)
+        state = payload.get("state_dict")
+        if isinstance(state, dict) and "map_scale_gain" not in state:  # written before the multi-scale map
+            state["map_scale_gain"] = torch.ones(len(model_cfg["map_scales"]))
         if model_cfg.get("abnormal_branch") is False and isinstance(payload.get("state_dict"), dict):
             payload["state_dict"] = {k: v for k, v in payload["state_dict"].items()
                                      if not k.startswith(("abnormal_grid.", "abnormal_cnn.", "abnormal_mapper."))}

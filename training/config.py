@@ -65,6 +65,12 @@ class ModelConfig:
     smoothing_size: int = 21
     smoothing_sigma: float = 4.0
     score_pool: int = 16
+    # Residual scales (cells): the map is the max over k of ||avgpool_k(x_ref - x)|| * gain_k, each scale expressed
+    # in units of the plain map (gain_k = mean plain map / mean scale-k map on training goods, fitted after stage 2),
+    # so a large faint defect shows at a coarse scale and a small sharp one at scale 1. (1, 3, 5, 7) against (1,)
+    # on the MTD + tyre tuning split + validation goods (NORMAL-only screen on cached features): MTD pixel AUROC
+    # 75.9 -> 82.2, tyre image AUROC 77.8 -> 80.2, no metric worse on either class.
+    map_scales: tuple[int, ...] = (1, 3, 5, 7)
 
 
 @dataclass
@@ -164,6 +170,10 @@ class RunConfig:
             ("model.smoothing_size", self.model.smoothing_size % 2 == 1 and self.model.smoothing_size > 0,
              "must be odd and positive"),
             ("model.score_pool", self.model.score_pool >= 1, "must be >= 1"),
+            ("model.map_scales", len(self.model.map_scales) > 0 and self.model.map_scales[0] == 1
+             and all(k % 2 == 1 and k > 0 for k in self.model.map_scales)
+             and list(self.model.map_scales) == sorted(set(self.model.map_scales)),
+             "must be increasing odd sizes starting at 1, e.g. 1,3,5,7"),
             ("model.fusion_depth", self.model.fusion_depth >= 1, "must be >= 1"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
@@ -221,6 +231,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"setting {where} = {value!r}: must be one of {', '.join(map(str, args))}")
         return value
     if origin is tuple:
+        if isinstance(value, str):  # "--set model.map_scales=1,3,5" (YAML reads it as one string)
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
         return tuple(_coerce(v, args[0] if args else Any, where) for v in value)
     if origin is list:
         if isinstance(value, str):  # "--set data.classes=a,b" or a single name, not its letters

@@ -188,12 +188,35 @@ class PairSimilarity(nn.Module):
         return pair_similarity(x_hat_a, x)
 
 
+def residual_scale_maps(x_ref: torch.Tensor, x: torch.Tensor, scales: tuple[int, ...]) -> list[torch.Tensor]:
+    """||avgpool_k(x_ref - x)||_2 over channels (B, 1, h, w) for every scale k (1 = the plain map).
+
+    Averaging the residual vectors over k x k cells cancels the cell-to-cell noise of good data, so a large faint
+    defect whose residuals point the same way stands out at a coarse scale while it is lost in the noise at scale 1.
+    """
+    residual = x_ref - x
+    maps = []
+    for k in scales:
+        r = residual if k == 1 else F.avg_pool2d(residual, k, stride=1, padding=k // 2, count_include_pad=False)
+        maps.append(r.pow(2).sum(dim=1, keepdim=True).sqrt())
+    return maps
+
+
 class MapFusion(nn.Module):
-    """Feature-resolution map ||x_ref - x|| (+ w*relu(d) in the "map" fusion form) as a named module."""
+    """Feature-resolution map: max over scales of gain_k*||avgpool_k(x_ref - x)|| (+ w*relu(d) in the "map"
+    fusion form) as a named module."""
+
+    def __init__(self, scales: tuple[int, ...] = (1,)) -> None:
+        super().__init__()
+        self.scales = tuple(scales)
 
     def forward(self, x_ref: torch.Tensor, x: torch.Tensor, abnormal_score: torch.Tensor | None = None,
-                weight: torch.Tensor | None = None) -> torch.Tensor:
-        amap = AnomalyHead.lowres_map(x_ref, x)
+                weight: torch.Tensor | None = None, gains: torch.Tensor | None = None) -> torch.Tensor:
+        if self.scales == (1,):
+            amap = AnomalyHead.lowres_map(x_ref, x)
+        else:
+            maps = residual_scale_maps(x_ref, x, self.scales)
+            amap = torch.stack([m * gains[i] for i, m in enumerate(maps)]).amax(dim=0)
         if abnormal_score is not None:
             amap = amap + weight * F.relu(abnormal_score)
         return amap
@@ -219,7 +242,9 @@ class GRADModel(nn.Module):
         self.standardize = ChannelStandardize()
         self.pair_similarity = PairSimilarity()
         self.refine = SimilarityRefinement(cfg)
-        self.map_fusion = MapFusion()
+        self.map_fusion = MapFusion(cfg.map_scales)
+        # gain_k of every map scale (see ModelConfig.map_scales); ones until fit_map_scale_gains after stage 2
+        self.register_buffer("map_scale_gain", torch.ones(len(cfg.map_scales)))
 
     @property
     def separate_mapper(self) -> bool:
@@ -286,15 +311,19 @@ class GRADModel(nn.Module):
             score = x_hat_n.new_zeros(x_hat_n.shape[0], 1, *x_hat_n.shape[2:])
         return GRADOutput(x_hat, x_hat_n, x_hat_a, self.refine(x_hat, x), score)
 
+    def residual_map(self, x_ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The normal-branch map (B, 1, h, w): max over map scales of gain_k * ||avgpool_k(x_ref - x)||."""
+        return self.map_fusion(x_ref, x, gains=self.map_scale_gain)
+
     def lowres_map(self, out: GRADOutput, x: torch.Tensor) -> torch.Tensor:
-        """Feature-resolution anomaly map (B, 1, h, w): ||x_ref - x||, plus w*relu(d) in the "map" fusion form.
+        """Feature-resolution anomaly map (B, 1, h, w): :meth:`residual_map`, plus w*relu(d) in the "map" fusion form.
 
         relu keeps the abnormal branch out of cells it calls normal (d < 0), so it can only raise the map where
         the branch recognises an anomaly; w is fitted on anomalies (stage 3) and is 0 until then.
         """
         if self.cfg.abnormal_branch and self.cfg.fusion_form == "map":
-            return self.map_fusion(out.x_ref, x, out.abnormal_score, self.fusion_weight)
-        return self.map_fusion(out.x_ref, x)
+            return self.map_fusion(out.x_ref, x, out.abnormal_score, self.fusion_weight, self.map_scale_gain)
+        return self.map_fusion(out.x_ref, x, gains=self.map_scale_gain)
 
     def abnormal_parameters(self) -> list[nn.Parameter]:
         """Stage-1 parameters: abnormal grids and CNN, and the abnormal mapper when separate."""

@@ -38,6 +38,7 @@ from gradad.training.validation import (
     ValidationSet,
     detection_score,
     evaluating,
+    fit_map_scale_gains,
     fit_fusion_weight,
     heldout_auroc,
     selfcheck,
@@ -47,6 +48,9 @@ from gradad.training.validation import (
 log = logging.getLogger(__name__)
 
 STAGES = ("abnormal", "normal")
+#: settings a resumed run may change: they shape the map head only (fitted after stage 2), not what stages learn
+HEAD_SETTINGS = frozenset({"model.map_scales", "model.smoothing", "model.smoothing_size", "model.smoothing_sigma",
+                           "model.score_pool"})
 
 
 def seed_everything(seed: int) -> None:
@@ -233,7 +237,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 #: model settings that only the abnormal branch or the map head read: a reused normal branch may differ in them
 ABNORMAL_ONLY_SETTINGS = {"fusion_form", "abnormal_branch", "fusion_weight_init", "abnormal_mapper", "abnormal_score",
-                          "smoothing", "smoothing_size", "smoothing_sigma", "score_pool"}
+                          "smoothing", "smoothing_size", "smoothing_sigma", "score_pool", "map_scales"}
 NORMAL_BRANCH_PREFIXES = ("mapper.", "normal_grid.", "normal_cnn.")
 
 
@@ -317,6 +321,13 @@ class Trainer:
         the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
         diffs = config_differences(state["config"], config_to_dict(self.cfg))
+        head_only = [d for d in diffs if d.split(" (")[0] in HEAD_SETTINGS]
+        # output_dir: a run directory that was moved or copied resumes where it now is
+        diffs = [d for d in diffs if d not in head_only and not d.startswith("output_dir ")]
+        if head_only:  # the map head is refitted after stage 2; what the stages learnt does not depend on it
+            log.info("resuming with a changed map head: %s", "; ".join(head_only))
+            if len(state["state_dict"].get("map_scale_gain", ())) != len(self.cfg.model.map_scales):
+                state["state_dict"]["map_scale_gain"] = model.map_scale_gain.clone()
         if diffs:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
                               f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}")
@@ -384,11 +395,12 @@ class Trainer:
                                 best if stage_index == start_stage else _Best())
         except KeyboardInterrupt:
             raise TrainingInterrupted(self._interrupt_message()) from None
+        gains = self._fit_map_scales(ctx)
         fusion = self._fit_fusion(ctx)
         model.eval()
         meta = {**meta_base, "train_seconds": round(time.perf_counter() - t0, 1),
                 "feature_cache_hit": data.cache_hit, "final_losses": _final_losses(self.log_path),
-                "validation": {"n_images": int(len(data.val_features)), **fusion}}
+                "validation": {"n_images": int(len(data.val_features)), **fusion}, "map_scale_gain": gains}
         atomic_torch_save(model_payload(cfg, model.cpu(), meta), self.model_path)
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
@@ -466,6 +478,16 @@ class Trainer:
         self._log({"stage": stage, "epoch": epochs, "event": "stage_end", "coordinate_spread": spread,
                    "best_epoch": best.epoch})
         log.info("stage %d (%s) done; global-coordinate spread %s", stage_index + 1, stage, spread)
+
+    def _fit_map_scales(self, ctx: "_StageContext") -> list[float]:
+        """After stage 2: put every residual scale of the map in the plain map's units (before the fusion fit,
+        whose weight is in those units)."""
+        if tuple(self.cfg.model.map_scales) == (1,):
+            return [1.0]
+        gains = fit_map_scale_gains(ctx.model, ctx.data.features)
+        self._log({"stage": "map_scales", "scales": list(self.cfg.model.map_scales), "gains": gains})
+        log.info("map scales %s: gains %s", list(self.cfg.model.map_scales), gains)
+        return gains
 
     def _fit_fusion(self, ctx: "_StageContext") -> dict[str, Any]:
         """Stage 3 ("map" fusion form): fit w on validation anomalies; the model stores it in fusion_weight."""

@@ -23,7 +23,7 @@ from gradad.evaluation.metrics import auroc
 from gradad.training.config import FBPConfig
 from gradad.training.defects import DefectSet
 from gradad.training.fbp import KINDS, synthesize_anomalies
-from gradad.training.model import AnomalyHead, GRADModel
+from gradad.training.model import AnomalyHead, GRADModel, residual_scale_maps
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 @torch.no_grad()
 def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64, normal: bool = True,
           abnormal: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(normal map ||x_ref - x||, relu of the abnormal score) at feature resolution, on the CPU; a branch that is
+    """(normal map (:meth:`GRADModel.residual_map`), relu of the abnormal score) at feature resolution, on the CPU; a branch that is
     not asked for is not run (None)."""
     normal_maps, abnormal_maps = [], []
     for i in range(0, len(x), batch):
@@ -103,7 +103,7 @@ def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64, normal: bool = Tru
             x_ref = out.x_ref
             if abnormal:
                 abnormal_maps.append(F.relu(out.abnormal_score).cpu())
-        normal_maps.append(AnomalyHead.lowres_map(x_ref, xb).cpu())
+        normal_maps.append(model.residual_map(x_ref, xb).cpu())
     return (torch.cat(normal_maps) if normal else None), (torch.cat(abnormal_maps) if abnormal else None)
 
 
@@ -190,3 +190,23 @@ def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
     table = {f"{g:g}": round(_detection(maps, head, g), 4) for g in grid}
     best = max(grid, key=lambda g: (table[f"{g:g}"], -g))
     return best * scale, table
+
+
+@torch.no_grad()
+def fit_map_scale_gains(model: GRADModel, features: torch.Tensor, max_images: int = 256,
+                        batch: int = 32) -> list[float]:
+    """Set gain_k = mean plain map / mean scale-k map over good training images (at most ``max_images``, evenly
+    spaced), so every scale of the residual map is in the units of the plain one; returns the gains."""
+    scales = model.cfg.map_scales
+    device = model.map_scale_gain.device
+    idx = np.linspace(0, len(features) - 1, min(max_images, len(features))).round().astype(int)
+    sums = torch.zeros(len(scales), dtype=torch.float64)
+    with evaluating(model):
+        for i in range(0, len(idx), batch):
+            x = features[idx[i : i + batch]].to(device, torch.float32)
+            x_ref = model.normal_refined(x)
+            x_ref = model(x).x_ref if x_ref is None else x_ref
+            sums += torch.stack([m.double().mean().cpu() for m in residual_scale_maps(x_ref, x, scales)])
+    gains = (sums[0] / sums.clamp_min(1e-12)).float()
+    model.map_scale_gain.copy_(gains.to(device))
+    return [round(float(g), 6) for g in gains]
