@@ -966,6 +966,7 @@ def f2pad_setup(cfg: GpuCheckConfig, device_name: str) -> dict[str, Any]:
     from gradad.training.features import load_images, to_tensor
     from gradad.training.model import GRADDetector, GRADModel
     from gradad.training.trainer import make_optimizer, seed_everything, stage_parameters
+    from gradad.training.validation import fit_map_scale_gains
 
     t_start = time.perf_counter()
     device = torch.device(device_name)
@@ -1002,6 +1003,7 @@ def f2pad_setup(cfg: GpuCheckConfig, device_name: str) -> dict[str, Any]:
         optimizer = make_optimizer(model, params, run_cfg)
         for _ in range(epochs[stage]):
             train_epoch(model, stage, feats, run_cfg, std_arg, gen, device, params, optimizer)
+    fit_map_scale_gains(model, feats)  # as the trainer does after stage 2
     train_s = time.perf_counter() - t0
     detector = GRADDetector(extractor, model.eval(), (size, size)).to(device).eval()
 

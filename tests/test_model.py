@@ -150,6 +150,7 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     for key in ("abnormal_mapper", "abnormal_score", "map_scales"):
         del payload["config"]["model"][key]
     del payload["state_dict"]["map_scale_gain"]
+    payload["best"] = {"score": 0.5, "epoch": 1, "state": dict(payload["state_dict"])}  # an interrupted run's
     torch.save(payload, tmp_path / "old.pt")
     loaded = read_checkpoint(tmp_path / "old.pt")
     cfg = preset_config("tiny")
@@ -159,6 +160,7 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     assert cfg.model.map_scales == (1,)  # written before the multi-scale map: the plain map, as it was
     rebuilt = GRADModel(16, (8, 8), cfg.model)
     rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
+    rebuilt.load_state_dict(loaded["best"]["state"])  # the best epoch of an interrupted run resumes too
     # An old NORMAL-only file carried (unused) abnormal weights: they are dropped, the rest loads strictly.
     payload["config"]["model"]["abnormal_branch"] = False
     torch.save(payload, tmp_path / "old_normal_only.pt")

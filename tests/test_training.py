@@ -220,6 +220,14 @@ def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_r
     cfg.model.local_grid_size += 1
     with pytest.raises(ConfigError, match=r"model.local_grid_size"):
         train(cfg, resume=True)
+    # Mid-run the stage's best epoch so far was chosen with the old head: a head change is refused there.
+    cfg.model.local_grid_size -= 1
+    state = torch.load(copy / "checkpoint.pt", weights_only=True)
+    state["stage_index"], state["next_epoch"] = 1, 1
+    torch.save(state, copy / "checkpoint.pt")
+    cfg.model.map_scales = (1, 3)
+    with pytest.raises(ConfigError, match=r"model.map_scales"):
+        train(cfg, resume=True)
 
 
 def test_config_errors_name_the_setting(tmp_path: Path) -> None:

@@ -122,9 +122,10 @@ def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model_cfg, dict):
         for key, old in _LEGACY_MODEL_SETTINGS.items():
             model_cfg.setdefault(key, old)
-        state = payload.get("state_dict")
-        if isinstance(state, dict) and "map_scale_gain" not in state:  # written before the multi-scale map
-            state["map_scale_gain"] = torch.ones(len(model_cfg["map_scales"]))
+        best = payload.get("best")  # a resumable checkpoint's best epoch so far
+        for state in (payload.get("state_dict"), best.get("state") if isinstance(best, dict) else None):
+            if isinstance(state, dict) and "map_scale_gain" not in state:  # written before the multi-scale map
+                state["map_scale_gain"] = torch.ones(len(model_cfg["map_scales"]))
         if model_cfg.get("abnormal_branch") is False and isinstance(payload.get("state_dict"), dict):
             payload["state_dict"] = {k: v for k, v in payload["state_dict"].items()
                                      if not k.startswith(("abnormal_grid.", "abnormal_cnn.", "abnormal_mapper."))}

@@ -324,10 +324,14 @@ class Trainer:
         head_only = [d for d in diffs if d.split(" (")[0] in HEAD_SETTINGS]
         # output_dir: a run directory that was moved or copied resumes where it now is
         diffs = [d for d in diffs if d not in head_only and not d.startswith("output_dir ")]
-        if head_only:  # the map head is refitted after stage 2; what the stages learnt does not depend on it
-            log.info("resuming with a changed map head: %s", "; ".join(head_only))
-            if len(state["state_dict"].get("map_scale_gain", ())) != len(self.cfg.model.map_scales):
-                state["state_dict"]["map_scale_gain"] = model.map_scale_gain.clone()
+        if head_only and int(state["stage_index"]) < len(STAGES):
+            # mid-run, the stage's best epoch so far was chosen with the old head: keep the head of the run
+            diffs += head_only
+        elif head_only:  # a finished run: the head is fitted after stage 2, what the stages learnt does not use it
+            log.info("resuming a finished run with a changed map head: %s", "; ".join(head_only))
+            for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
+                if weights is not None:
+                    weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
         if diffs:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
                               f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}")
@@ -481,7 +485,8 @@ class Trainer:
 
     def _fit_map_scales(self, ctx: "_StageContext") -> list[float]:
         """After stage 2: put every residual scale of the map in the plain map's units (before the fusion fit,
-        whose weight is in those units)."""
+        whose weight is in those units). Stage 2's epoch selection ran with gains of 1, i.e. on a map close to the
+        plain one: the gains depend on the trained branch, so they cannot be fitted before it exists."""
         if tuple(self.cfg.model.map_scales) == (1,):
             return [1.0]
         gains = fit_map_scale_gains(ctx.model, ctx.data.features)

@@ -207,6 +207,8 @@ def fit_map_scale_gains(model: GRADModel, features: torch.Tensor, max_images: in
             x_ref = model.normal_refined(x)
             x_ref = model(x).x_ref if x_ref is None else x_ref
             sums += torch.stack([m.double().mean().cpu() for m in residual_scale_maps(x_ref, x, scales)])
+    if not float(sums[0]) > 0:  # a perfect reconstruction of every image: nothing to scale, keep the plain map
+        return [round(float(g), 6) for g in model.map_scale_gain.fill_(1.0)]
     gains = (sums[0] / sums.clamp_min(1e-12)).float()
     model.map_scale_gain.copy_(gains.to(device))
     return [round(float(g), 6) for g in gains]
