@@ -1,0 +1,60 @@
+"""Scratch: re-score saved screen models (work/screen/*.pt) with several map forms and heads, same training-side
+eval set as screen.py (tuning split + validation goods). Usage: issue11_screen_map_scales.py NAME.pt [key=value ...]
+(work/screen_eval4.py when it ran; map forms l2 and m<scales>_<norm>: max over scales of the pooled residual norm
+divided by its mean / quantile on 200 train goods)."""
+import json, sys, numpy as np, torch, torch.nn.functional as F
+from pathlib import Path
+from gradad.training.config import preset_config, ModelConfig
+from gradad.training.model import GRADModel, AnomalyHead
+from gradad.evaluation.metrics import auroc, pixel_auroc_aupr
+torch.set_num_threads(1)
+name = sys.argv[1]; variant = name
+C = Path("work/cache256")
+def load(n, s): return np.load(C/f"{n}_{s}_feats.npy", mmap_mode="r"), np.load(C/f"{n}_{s}_masks.npy"), json.loads((C/f"{n}_{s}.json").read_text())
+def prep(a):
+    x = torch.from_numpy(np.asarray(a)).float()
+    if variant.startswith("cat3"): return torch.cat([x, F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)], 1)
+    if variant.startswith("agg3"): x = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    return x
+cfg = preset_config("edge")
+for kv in sys.argv[2:]:
+    k, v = kv.split("="); sec, nm = k.split("."); setattr(getattr(cfg, sec), nm, type(getattr(getattr(cfg, sec), nm))(v))
+model = GRADModel(304 if variant.startswith('cat3') else 152, (32, 32), cfg.model); model.load_state_dict(torch.load(f"work/screen/{name}", weights_only=True), strict=False); model.eval()  # saved before map_scale_gain
+heads = {"g4p16": ModelConfig(), }
+out = {"model": name}
+def scales(x):
+    with torch.no_grad():
+        r = model(x).x_ref - x
+        return [r.norm(dim=1, keepdim=True)] + [F.avg_pool2d(r, k, 1, k // 2, count_include_pad=False).norm(dim=1, keepdim=True) for k in (3, 5, 7)]
+tr = torch.cat([prep(load(ds, "train")[0][np.arange(len(load(ds, "train")[0])) % 10 != 5][::7][:100]) for ds in ("mtd", "tyre")])
+st = [torch.cat([scales(tr[i:i+32])[j] for i in range(0, len(tr), 32)]) for j in range(4)]
+def msmap(sc, qv): return torch.stack([sc[j] / qv[j] for j in range(4)]).amax(0)
+QM = [float(x.mean()) for x in st]
+trmaps = msmap(st, QM); plain_tr = st[0]
+MU, SD = trmaps.mean(0, keepdim=True), trmaps.std(0, keepdim=True); MU1 = plain_tr.mean(0, keepdim=True)
+print("pos mean range", float(MU.min()), float(MU.max()))
+Q = {q: [float(s.flatten().quantile(q)) for s in st] for q in ()}; Q["mean"] = [float(s.mean()) for s in st]; print(Q)
+for ds in ("mtd", "tyre"):
+    f, _, _ = load(ds, "train"); v = np.arange(len(f)) % 10 == 5
+    tf, tm, meta = load(ds, "test"); seen = {}; tid = []
+    for i, m in enumerate(meta):
+        if m["label"] == 1:
+            seen[m["defect"]] = seen.get(m["defect"], 0) + 1
+            if seen[m["defect"]] <= 3: tid.append(i)
+    fx = prep(np.concatenate([tf[tid], f[v]])); fm = np.concatenate([tm[tid], np.zeros((int(v.sum()),) + tm.shape[1:], tm.dtype)])
+    lab = np.r_[np.ones(len(tid)), np.zeros(int(v.sum()))]
+    combos = {"m1357": (0, 1, 2, 3)}
+    maps = {"l2": [], "ms": [], "ms_sub": [], "ms_div": [], "ms_z": [], "l2_div": []}
+    with torch.no_grad():
+        for i in range(0, len(fx), 32):
+            x = fx[i:i+32]; sc = scales(x); m = msmap(sc, QM)
+            maps["l2"].append(sc[0]); maps["ms"].append(m); maps["ms_sub"].append(m - MU + MU.mean())
+            maps["ms_div"].append(m / MU * MU.mean()); maps["ms_z"].append((m - MU) / (SD + 1e-6) + 10)
+            maps["l2_div"].append(sc[0] / MU1 * MU1.mean())
+    for mn, en in maps.items():
+        en = torch.cat(en)
+        for hn, hc in heads.items():
+            s, m = AnomalyHead(hc, (256, 256)).postprocess(en); pa, pp = pixel_auroc_aupr(fm, m[:, 0].numpy())
+            out[f"{ds}_{mn}_{hn}"] = [round(100 * auroc(lab, s.numpy()), 1), round(100 * pa, 1), round(100 * pp, 1)]
+for k, v in out.items(): print(k, v)
+Path(f"work/screen/evalpos_{name}.json").write_text(json.dumps(out))
