@@ -2,7 +2,7 @@
 eval set as screen.py (tuning split + validation goods). Usage: issue11_screen_map_scales.py NAME.pt [key=value ...]
 (work/screen_eval4.py when it ran; map forms l2 and m<scales>_<norm>: max over scales of the pooled residual norm
 divided by its mean / quantile on 200 train goods)."""
-import json, sys, numpy as np, torch, torch.nn.functional as F
+import os, json, sys, numpy as np, torch, torch.nn.functional as F
 from pathlib import Path
 from gradad.training.config import preset_config, ModelConfig
 from gradad.training.model import GRADModel, AnomalyHead
@@ -29,6 +29,11 @@ def scales(x):
 tr = torch.cat([prep(load(ds, "train")[0][np.arange(len(load(ds, "train")[0])) % 10 != 5][::7][:100]) for ds in ("mtd", "tyre")])
 st = [torch.cat([scales(tr[i:i+32])[j] for i in range(0, len(tr), 32)]) for j in range(4)]
 Q = {q: [float(s.flatten().quantile(q)) for s in st] for q in (0.5, 0.9, 0.99)}; Q["mean"] = [float(s.mean()) for s in st]; print(Q)
+POSITION_NORM = os.environ.get("POSITION_NORM") == "1"  # the per-position normalisation screen instead
+def msmap(sc, qv): return torch.stack([sc[j] / qv[j] for j in range(4)]).amax(0)
+if POSITION_NORM:
+    trmaps = msmap(st, Q["mean"]); MU, SD = trmaps.mean(0, keepdim=True), trmaps.std(0, keepdim=True)
+    MU1 = st[0].mean(0, keepdim=True); print("pos mean range", float(MU.min()), float(MU.max()))
 for ds in ("mtd", "tyre"):
     f, _, _ = load(ds, "train"); v = np.arange(len(f)) % 10 == 5
     tf, tm, meta = load(ds, "test"); seen = {}; tid = []
@@ -43,6 +48,12 @@ for ds in ("mtd", "tyre"):
     with torch.no_grad():
         for i in range(0, len(fx), 32):
             x = fx[i:i+32]; sc = scales(x); maps["l2"].append(sc[0])
+            if POSITION_NORM:
+                m = msmap(sc, Q["mean"])
+                for k, v in {"ms": m, "ms_sub": m - MU + MU.mean(), "ms_div": m / MU * MU.mean(),
+                             "ms_z": (m - MU) / (SD + 1e-6) + 10, "l2_div": sc[0] / MU1 * MU1.mean()}.items():
+                    maps.setdefault(k, []).append(v)
+                continue
             for qn, qv in Q.items():
                 for cn, idx in combos.items():
                     maps.setdefault(f"{cn}_{qn}", []).append(torch.stack([sc[j] / qv[j] for j in idx]).amax(0))
@@ -52,4 +63,4 @@ for ds in ("mtd", "tyre"):
             s, m = AnomalyHead(hc, (256, 256)).postprocess(en); pa, pp = pixel_auroc_aupr(fm, m[:, 0].numpy())
             out[f"{ds}_{mn}_{hn}"] = [round(100 * auroc(lab, s.numpy()), 1), round(100 * pa, 1), round(100 * pp, 1)]
 for k, v in out.items(): print(k, v)
-Path(f"work/screen/eval4_{name}.json").write_text(json.dumps(out))
+Path(f"work/screen/{'evalpos' if POSITION_NORM else 'eval4'}_{name}.json").write_text(json.dumps(out))
