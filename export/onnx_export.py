@@ -183,7 +183,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         resize = ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images.resize_image)"
                   if (h, w) == module.model_hw else
                   f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
-        pool = min(cfg.model.score_pool, *module.model_hw)  # AnomalyHead.postprocess's pool
         bundle = Bundle(
             schema_version=BUNDLE_SCHEMA_VERSION,
             gradad_version=__version__,
@@ -197,8 +196,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
                 model_width=module.model_hw[1],
                 normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
             outputs={
-                "score": {"shape": ["batch"], "meaning": f"image anomaly score: max of the {pool}x{pool} mean-pooled "
-                                                          "map"},
+                "score": {"shape": ["batch"], "meaning": f"image anomaly score: max of the {detector.head.score_pool}"
+                                                          f"x{detector.head.score_pool} mean-pooled map"},
                 "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
                                 "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales)},
             },

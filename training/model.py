@@ -316,7 +316,8 @@ class GRADModel(nn.Module):
         return self.map_fusion(x_ref, x, gains=self.map_scale_gain)
 
     def lowres_map(self, out: GRADOutput, x: torch.Tensor) -> torch.Tensor:
-        """Feature-resolution anomaly map (B, 1, h, w): :meth:`residual_map`, plus w*relu(d) in the "map" fusion form.
+        """Feature-resolution anomaly map (B, 1, h, w): :meth:`residual_map`, plus w*relu(d) in the "map" fusion
+        form.
 
         relu keeps the abnormal branch out of cells it calls normal (d < 0), so it can only raise the map where
         the branch recognises an anomaly; w is fitted on anomalies (stage 3) and is 0 until then.
@@ -365,6 +366,11 @@ class AnomalyHead(nn.Module):
     def forward(self, x_ref: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.postprocess(self.lowres_map(x_ref, x))
 
+    @property
+    def score_pool(self) -> int:
+        """Side of the mean pool whose maximum is the image score (the configured pool, at most the image)."""
+        return min(self.cfg.score_pool, *self.image_hw)
+
     @staticmethod
     def lowres_map(x_ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Feature-resolution map (B, 1, h, w) = ||x_ref - x||_2 over channels."""
@@ -377,8 +383,7 @@ class AnomalyHead(nn.Module):
             amap = _box_filter(amap, self.cfg.smoothing_size)
         elif self.cfg.smoothing == "gaussian":
             amap = _gaussian_filter(amap, self.cfg.smoothing_sigma)
-        pool = min(self.cfg.score_pool, *self.image_hw)
-        score = F.avg_pool2d(amap, pool, stride=1).amax(dim=(1, 2, 3))
+        score = F.avg_pool2d(amap, self.score_pool, stride=1).amax(dim=(1, 2, 3))
         return score, amap
 
 

@@ -48,9 +48,9 @@ from gradad.training.validation import (
 log = logging.getLogger(__name__)
 
 STAGES = ("abnormal", "normal")
-#: settings a resumed run may change: they shape the map head only (fitted after stage 2), not what stages learn
-HEAD_SETTINGS = frozenset({"model.map_scales", "model.smoothing", "model.smoothing_size", "model.smoothing_sigma",
-                           "model.score_pool"})
+#: model settings of the map head only (fitted after stage 2), not of what the stages learn: a finished run may be
+#: resumed with other values, and a reused normal branch may differ in them
+HEAD_SETTINGS = frozenset({"map_scales", "smoothing", "smoothing_size", "smoothing_sigma", "score_pool"})
 
 
 def seed_everything(seed: int) -> None:
@@ -237,7 +237,7 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
 
 #: model settings that only the abnormal branch or the map head read: a reused normal branch may differ in them
 ABNORMAL_ONLY_SETTINGS = {"fusion_form", "abnormal_branch", "fusion_weight_init", "abnormal_mapper", "abnormal_score",
-                          "smoothing", "smoothing_size", "smoothing_sigma", "score_pool", "map_scales"}
+                          *HEAD_SETTINGS}
 NORMAL_BRANCH_PREFIXES = ("mapper.", "normal_grid.", "normal_cnn.")
 
 
@@ -321,7 +321,7 @@ class Trainer:
         the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
         diffs = config_differences(state["config"], config_to_dict(self.cfg))
-        head_only = [d for d in diffs if d.split(" (")[0] in HEAD_SETTINGS]
+        head_only = [d for d in diffs if d.split(" (")[0] in {f"model.{name}" for name in HEAD_SETTINGS}]
         # output_dir: a run directory that was moved or copied resumes where it now is
         diffs = [d for d in diffs if d not in head_only and not d.startswith("output_dir ")]
         if head_only and int(state["stage_index"]) < len(STAGES):

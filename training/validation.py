@@ -89,8 +89,8 @@ def evaluating(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 @torch.no_grad()
 def _maps(model: GRADModel, x: torch.Tensor, batch: int = 64, normal: bool = True,
           abnormal: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(normal map (:meth:`GRADModel.residual_map`), relu of the abnormal score) at feature resolution, on the CPU; a branch that is
-    not asked for is not run (None)."""
+    """(normal map (:meth:`GRADModel.residual_map`), relu of the abnormal score) at feature resolution, on the
+    CPU; a branch that is not asked for is not run (None)."""
     normal_maps, abnormal_maps = [], []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
