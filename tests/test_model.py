@@ -18,7 +18,7 @@ from gradad.training.model import (
 
 
 def test_refinement_matches_hand_computed_case() -> None:
-    cfg = ModelConfig()
+    cfg = ModelConfig(refine_mask_weight=0.3)  # the paper's form, hard mask included
     # Two positions, two channels. Position 0: x_hat = (1, 0), x = (1, 1) -> m = 0.5, M = 1 (0.025 < 0.5),
     # cos = 1/sqrt(2); S = 0.3 + 0.7/sqrt(2). Position 1: x_hat = (10, 0), x = (0, 10) -> m = 100,
     # 0.05*100 = 5 >= 0.5 so M = 0, cos = 0, S = 0 -> x_ref = x_hat.
@@ -29,6 +29,25 @@ def test_refinement_matches_hand_computed_case() -> None:
     expected0 = [s0 * 1 + (1 - s0) * 1, s0 * 1 + (1 - s0) * 0]
     assert out[0, :, 0, 0].tolist() == pytest.approx(expected0, abs=1e-6)
     assert out[0, :, 0, 1].tolist() == pytest.approx([10.0, 0.0], abs=1e-6)
+
+
+def test_default_refinement_has_no_jump_where_the_papers_hard_mask_switches() -> None:
+    """Default S = 0.7*cos (no hard mask): the map grows smoothly with the residual. The paper's mask (a = 0.3,
+    M = [0.05*m < 0.5]) makes it jump about 4x where m crosses 10, which with this extractor lies inside the
+    normal texture's range (median m 4.5, p99 11.6 on good MTD cells)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, 1, 1) * 4.0
+    direction = torch.randn(1, 64, 1, 1)
+    direction /= direction.pow(2).mean().sqrt()  # m = t^2 for x_hat = x + t*direction
+    ts = torch.linspace(2.5, 4.0, 151)  # m from 6.25 to 16: crosses the paper's threshold at t = sqrt(10)
+
+    def map_values(cfg: ModelConfig) -> torch.Tensor:
+        return torch.stack([(similarity_refine(x + t * direction, x, cfg) - x).norm() for t in ts])
+
+    smooth, paper = map_values(ModelConfig()), map_values(ModelConfig(refine_mask_weight=0.3))
+    assert ModelConfig().refine_mask_weight == 0.0
+    assert (smooth.diff() > 0).all() and (smooth[1:] / smooth[:-1]).max() < 1.05
+    assert (paper[1:] / paper[:-1]).max() > 2.0  # the jump at m = 10
 
 
 def test_perfect_reconstruction_gives_zero_map() -> None:

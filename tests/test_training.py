@@ -230,6 +230,33 @@ def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_r
         train(cfg, resume=True)
 
 
+def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny_demo_root: Path,
+                                                                              tmp_path: Path) -> None:
+    """``grad-train --config COPY/config.yaml --resume`` continues the copy: its config.yaml still names the
+    original run directory, whose model must not be overwritten. A finished run takes a refinement change as a
+    refit (no epoch rerun) and says so."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from gradad.training.cli import main
+
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.model.refine_mask_weight = 0.3
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 1
+    train(cfg)
+    original = Path(cfg.output_dir)
+    before = (original / "model.pt").read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    result = CliRunner().invoke(main, ["--config", str(copy / "config.yaml"), "--resume",
+                                       "--set", "model.refine_mask_weight=0"])
+    assert result.exit_code == 0, result.output
+    assert (original / "model.pt").read_bytes() == before
+    assert torch.load(copy / "model.pt", weights_only=True)["config"]["model"]["refine_mask_weight"] == 0.0
+    assert [(r["stage"], r["epoch"]) for r in _epoch_records(copy)] == [("abnormal", 1), ("normal", 1)]
+
+
 def test_config_errors_name_the_setting(tmp_path: Path) -> None:
     cfg = preset_config("edge")
     with pytest.raises(ConfigError, match="model.fusion_block"):

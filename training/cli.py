@@ -70,6 +70,8 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
         cfg.data.classes = [c.strip() for c in classes.split(",") if c.strip()]
     if output_dir:
         cfg.output_dir = output_dir
+    elif resume and config_path:
+        cfg.output_dir = _resume_dir(Path(config_path), Path(cfg.output_dir))
     if device:
         cfg.train.device = device
     if epochs:
@@ -85,6 +87,16 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
     click.echo(f"model: {model_path}")
     click.echo(f"evaluate with: grad-eval {model_path}")
     log.debug("run dir %s", Path(cfg.output_dir).resolve())
+
+
+def _resume_dir(config_path: Path, named: Path) -> str:
+    """The run a ``--config D/config.yaml --resume`` continues: D itself when it holds a checkpoint (a copied or
+    moved run directory resumes where it now is; its config still names the original, which must not be written)."""
+    here = config_path.parent
+    if (here / "checkpoint.pt").is_file() and here.resolve() != named.resolve():
+        log.info("resuming the run in %s (its config.yaml names %s)", here, named)
+        return str(here)
+    return str(named)
 
 
 if __name__ == "__main__":

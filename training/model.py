@@ -135,10 +135,10 @@ def standardize_per_channel(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 def similarity_refine(x_hat: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """x_ref = S*x + (1-S)*x_hat with S = a*M + b*cos(x_hat, x), M = [scale*mean_c (x_hat-x)^2 < thr]."""
-    m = (x_hat - x).pow(2).mean(dim=1, keepdim=True)
-    mask = (cfg.refine_m_scale * m < cfg.refine_m_threshold).to(x.dtype)
-    cos = F.cosine_similarity(x_hat, x, dim=1, eps=1e-8).unsqueeze(1)
-    s = cfg.refine_mask_weight * mask + cfg.refine_cos_weight * cos
+    s = cfg.refine_cos_weight * F.cosine_similarity(x_hat, x, dim=1, eps=1e-8).unsqueeze(1)
+    if cfg.refine_mask_weight:  # the hard mask is left out of the graph when its weight is 0 (the default)
+        m = (x_hat - x).pow(2).mean(dim=1, keepdim=True)
+        s = s + cfg.refine_mask_weight * (cfg.refine_m_scale * m < cfg.refine_m_threshold).to(x.dtype)
     return s * x + (1.0 - s) * x_hat
 
 

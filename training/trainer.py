@@ -51,6 +51,9 @@ STAGES = ("abnormal", "normal")
 #: model settings of the map head only (fitted after stage 2), not of what the stages learn: a finished run may be
 #: resumed with other values, and a reused normal branch may differ in them
 HEAD_SETTINGS = frozenset({"map_scales", "smoothing", "smoothing_size", "smoothing_sigma", "score_pool"})
+#: the similarity refinement also shapes stage 2's loss, so a reused normal branch must match it; a *finished* run
+#: may still be refitted with other values (its branches keep what they learnt under the old loss; logged)
+REFINE_SETTINGS = frozenset({"refine_m_scale", "refine_m_threshold", "refine_mask_weight", "refine_cos_weight"})
 
 
 def seed_everything(seed: int) -> None:
@@ -321,7 +324,7 @@ class Trainer:
         the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
         diffs = config_differences(state["config"], config_to_dict(self.cfg))
-        head_only = [d for d in diffs if d.split(" (")[0] in {f"model.{name}" for name in HEAD_SETTINGS}]
+        head_only = [d for d in diffs if d.split(" (")[0] in {f"model.{n}" for n in HEAD_SETTINGS | REFINE_SETTINGS}]
         # output_dir: a run directory that was moved or copied resumes where it now is
         diffs = [d for d in diffs if d not in head_only and not d.startswith("output_dir ")]
         if head_only and int(state["stage_index"]) < len(STAGES):
@@ -329,6 +332,9 @@ class Trainer:
             diffs += head_only
         elif head_only:  # a finished run: the head is fitted after stage 2, what the stages learnt does not use it
             log.info("resuming a finished run with a changed map head: %s", "; ".join(head_only))
+            if any(d.split(" (")[0].removeprefix("model.") in REFINE_SETTINGS for d in head_only):
+                log.warning("the refinement changed after training: the branches keep what they learnt under the "
+                            "old stage-2 loss; only the map gains and the fusion weight are refitted")
             for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
                 if weights is not None:
                     weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
