@@ -185,6 +185,44 @@ def test_fusion_fit_uses_heldout_real_defects_when_there_are_any(trained_abnorma
     assert weight > 0
 
 
+def test_validation_scores_a_unified_model_class_by_class() -> None:
+    """Class b's maps run 5x higher than class a's; each class's defects stand out within their class. Pooled,
+    a's defects would rank below b's clean images; scored per class and averaged, detection is perfect."""
+    from gradad.training.validation import _detection
+
+    classes = ["a"] * 4 + ["b"] * 4
+    level = torch.tensor([1.0] * 4 + [5.0] * 4).view(-1, 1, 1, 1)
+    clean_maps = level * (1 + 0.01 * torch.rand(8, 1, H, W))
+    mask = torch.zeros(8, 1, H, W)
+    mask[:, :, 2:4, 2:4] = 1
+    defect_maps = clean_maps + level * mask  # twice the class's level inside the defect
+    maps = {"clean": (clean_maps, torch.zeros_like(clean_maps)),
+            "real": (defect_maps, torch.zeros_like(defect_maps), mask)}
+    val = ValidationSet(torch.zeros(8, 1, H, W), {"real": (torch.zeros(8, 1, H, W), mask)},
+                        classes={"clean": classes, "real": classes})
+    head = AnomalyHead(preset_config("tiny").model, (H * 4, W * 4))
+    assert _detection(maps, head, 0.0, val) == pytest.approx(1.0)
+    pooled = ValidationSet(val.clean, val.anomalous)
+    assert _detection(maps, head, 0.0, pooled) < 0.95
+    assert [(list(c), list(k)) for c, k in val.class_groups("real")] == [([0, 1, 2, 3], [0, 1, 2, 3]),
+                                                                         ([4, 5, 6, 7], [4, 5, 6, 7])]
+    # defects of no known class (a folder that does not name one) are ranked against every clean image
+    val.classes["real"] = ["a"] * 4 + ["defects"] * 4
+    assert [(list(c), list(k)) for c, k in val.class_groups("real")] == [([0, 1, 2, 3], [0, 1, 2, 3]),
+                                                                         (list(range(8)), [4, 5, 6, 7])]
+
+
+def test_defect_folders_name_their_class_in_the_split_layout(tmp_path: Path) -> None:
+    from gradad.training.defects import defect_samples
+
+    for rel in ("tile/crack/0.png", "tile/crack/1.png", "tire/cut/0.png", "hole/0.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    names = {str(s.image_path.relative_to(tmp_path)): s.class_name for s in defect_samples(tmp_path, None)}
+    assert names == {"tile/crack/0.png": "tile", "tile/crack/1.png": "tile", "tire/cut/0.png": "tire",
+                     "hole/0.png": "defects"}
+
+
 def test_validation_split_takes_every_kth_image_per_class_never_the_first() -> None:
     samples = [Sample(f"{c}{i}.png", c, "train", 0, "good", None) for c in ("a", "b") for i in range(20)]
     idx = validation_indices(samples, 0.1)

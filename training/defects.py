@@ -86,7 +86,9 @@ def defect_samples(images_dir: str | Path, masks_dir: str | Path | None) -> list
         mask = _mask_for(f, images_dir, masks)
         if masks is not None and mask is None:
             raise DatasetError(f"no mask for defect image {f} in {masks} (expected <stem>_mask.png or <stem>.png)")
-        samples.append(Sample(f, "defects", "train", 1, f.parent.name, mask))
+        # DIR/<class>/<type>/image (the layout of ``grad-bench split``) names the class; shallower layouts do not
+        parts = f.relative_to(images_dir).parts
+        samples.append(Sample(f, parts[0] if len(parts) >= 3 else "defects", "train", 1, f.parent.name, mask))
     return samples
 
 

@@ -153,6 +153,7 @@ class TrainingData:
     features: torch.Tensor  # float16 (N, C, H, W), on CPU: the images stages 1 and 2 train on
     samples: list[Sample]  # every good training image (train + validation), for the model file's summary
     val_features: torch.Tensor  # float16 (V, C, H, W): held-out good training images
+    val_classes: list[str]  # class name of every validation image
     channel_std: torch.Tensor  # (C,) per-channel standard deviation of the training features
     defects: DefectSet | None  # labelled defects stage 1 trains on
     heldout_defects: DefectSet | None  # labelled defects kept for the self-check and the fusion fit
@@ -206,8 +207,8 @@ def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: t
     defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:])),
                                       cfg.data.defect_holdout)
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
-    return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)], channel_std, defects, heldout,
-                        hit)
+    return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)],
+                        [samples[i].class_name for i in val_idx], channel_std, defects, heldout, hit)
 
 
 def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
@@ -387,7 +388,8 @@ class Trainer:
             self.log_path.unlink()
         val = ValidationSet.build(data.val_features, cfg.fbp, data.channel_std,
                                   data.heldout_defects or data.defects,
-                                  defects_trained=data.heldout_defects is None).to(self.device) \
+                                  defects_trained=data.heldout_defects is None,
+                                  clean_classes=data.val_classes).to(self.device) \
             if len(data.val_features) else None
         head = AnomalyHead(cfg.model, (cfg.data.image_size, cfg.data.image_size))
         meta_base = {

@@ -54,12 +54,18 @@ class ValidationSet:
     clean: torch.Tensor
     anomalous: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # kind -> (x, mask)
     trained_kinds: tuple[str, ...] = ()
+    # class name of every image: "clean" and each kind -> one name per image (empty: a single class). A unified
+    # model's detection is scored class by class and averaged, as the benchmark does: pooled, one class's
+    # clean images would be ranked against another's defects on a scale the two need not share.
+    classes: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, features: torch.Tensor, fbp: FBPConfig, channel_std: torch.Tensor,
-              defects: DefectSet | None = None, defects_trained: bool = True) -> "ValidationSet":
+              defects: DefectSet | None = None, defects_trained: bool = True,
+              clean_classes: Sequence[str] | None = None) -> "ValidationSet":
         """Synthesize every kind once with a fixed seed; real defects (when given) are the kind ``"real"``,
-        marked trained unless they were held out of stage 1 (``defects_trained=False``)."""
+        marked trained unless they were held out of stage 1 (``defects_trained=False``). ``clean_classes`` names
+        the class of every clean image (synthetic kinds inherit them; real defects carry their own)."""
         gen = torch.Generator().manual_seed(VALIDATION_SEED)
         clean = features.float()
         trained_real = ("real",) if defects is not None and defects_trained else ()
@@ -68,11 +74,29 @@ class ValidationSet:
             out.anomalous[kind] = synthesize_anomalies(clean, fbp, channel_std, gen, kinds=(kind,))
         if defects is not None:
             out.anomalous["real"] = (defects.features.float(), defects.masks.float())
+        if clean_classes is not None:
+            if len(clean_classes) != len(clean):
+                raise ValueError(f"{len(clean_classes)} class names for {len(clean)} validation images")
+            out.classes = {"clean": list(clean_classes), **{kind: list(clean_classes) for kind in KINDS}}
+            if defects is not None:
+                out.classes["real"] = [s.class_name for s in defects.samples]
         return out
 
     def to(self, device: torch.device) -> "ValidationSet":
         moved = {k: (x.to(device), m.to(device)) for k, (x, m) in self.anomalous.items()}
-        return ValidationSet(self.clean.to(device), moved, self.trained_kinds)
+        return ValidationSet(self.clean.to(device), moved, self.trained_kinds, self.classes)
+
+    def class_groups(self, kind: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(clean indices, ``kind`` indices) per class of the ``kind`` images: the clean images of that class, or
+        every clean image for images of no known class (defects from a folder that does not name one); one group
+        of everything when the set has no class names."""
+        n_clean, n_kind = len(self.clean), len(self.anomalous[kind][0])
+        if not self.classes:
+            return [(np.arange(n_clean), np.arange(n_kind))]
+        clean, anomalous = np.asarray(self.classes["clean"]), np.asarray(self.classes[kind])
+        known = set(clean.tolist())
+        return [(np.flatnonzero(clean == c) if c in known else np.arange(n_clean), np.flatnonzero(anomalous == c))
+                for c in sorted(set(anomalous.tolist()))]
 
 
 @contextmanager
@@ -151,7 +175,9 @@ def _all_maps(model: GRADModel, val: ValidationSet, kinds: Sequence[str],
     return maps
 
 
-def _detection(maps: dict[str, tuple[torch.Tensor, ...]], head: AnomalyHead, weight: float) -> float:
+def _detection(maps: dict[str, tuple[torch.Tensor, ...]], head: AnomalyHead, weight: float,
+               val: ValidationSet) -> float:
+    """Mean over kinds of the mean over classes of (image AUROC + cell AUROC) / 2."""
     e_clean, d_clean = maps["clean"]
     scale = float(e_clean.median())
     clean_scores, _ = head.postprocess(e_clean + weight * scale * d_clean)
@@ -159,20 +185,24 @@ def _detection(maps: dict[str, tuple[torch.Tensor, ...]], head: AnomalyHead, wei
     for kind, (e, d, mask) in ((k, v) for k, v in maps.items() if k != "clean"):
         fused = e + weight * scale * d
         scores, _ = head.postprocess(fused)
-        image = _image_auroc(clean_scores, scores)
-        values.append(np.nanmean([image, _cell_auroc(mask, fused)]))
+        per_class = []
+        for clean_idx, idx in val.class_groups(kind):
+            image = _image_auroc(clean_scores[clean_idx], scores[idx])
+            per_class.append(np.nanmean([image, _cell_auroc(mask[idx], fused[idx])]))
+        values.append(np.nanmean(per_class))
     return float(np.nanmean(values))
 
 
 def detection_score(model: GRADModel, val: ValidationSet, head: AnomalyHead, weight: float = 0.0,
                     kinds: Sequence[str] | None = None) -> float:
-    """Mean over kinds of (image AUROC clean vs anomalous + cell AUROC) / 2 of map = normal + weight * relu(d).
+    """Mean over kinds of (image AUROC clean vs anomalous + cell AUROC) / 2 of map = normal + weight * relu(d),
+    class by class (clean images of a class against that class's anomalies) and averaged over classes.
 
     ``weight`` is in units of the median normal map on clean images. Used for model selection (weight 0 in
     stage 2: the normal branch alone) and for the stage-3 fusion fit.
     """
     maps = _all_maps(model, val, list(kinds or val.anomalous), abnormal=weight != 0)
-    return _detection(maps, head, weight)
+    return _detection(maps, head, weight, val)
 
 
 def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
@@ -187,7 +217,7 @@ def fit_fusion_weight(model: GRADModel, val: ValidationSet, head: AnomalyHead,
         kinds = ["real"] if "real" in unseen else (unseen or list(val.anomalous))
     maps = _all_maps(model, val, kinds)
     scale = float(maps["clean"][0].median())
-    table = {f"{g:g}": round(_detection(maps, head, g), 4) for g in grid}
+    table = {f"{g:g}": round(_detection(maps, head, g, val), 4) for g in grid}
     best = max(grid, key=lambda g: (table[f"{g:g}"], -g))
     return best * scale, table
 
