@@ -12,8 +12,9 @@ test images (gate 0.15, AUROC drop <= 0.5 point); "full rule" = FP16 2.4e-3, INT
   lose sub-cell precision; ONNX Runtime's CUDA GridSample is FP32-only.
 * :data:`GRAD_ARITHMETIC`: the model's own arithmetic, named by parameterless modules of
   ``gradad.training.model`` — the abnormal query's standardisation, the pair similarity d = cos(x_a, x), the
-  similarity refinement (its cosine and its hard mask M = [0.05 m < 0.5]) and the feature-resolution map
-  ||x_ref - x|| + w relu(d). The hard mask flips where m sits near its threshold and each flip moves the map a lot:
+  similarity refinement (its cosine, and the hard mask M = [0.05 m < 0.5] in models whose map still uses it) and
+  the feature-resolution map ||x_ref - x|| + w relu(d). The hard mask flips where m sits near its threshold and each
+  flip moves the map a lot:
   FP16 1.0e-2 with this arithmetic in FP16. Both cosines also form |a|^2 |b|^2 before the square root: median 3e6
   to 5e6 per position on these features (up to 2e8), past FP16's 65504, so an FP16 kernel that stores the product
   overflows (ONNX Runtime's CPU runs these element-wise chains in FP32 internally and cannot show it). Element-wise work on one feature map.

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gradad.training.config import ModelConfig, preset_config
 from gradad.training.model import (
     AnomalyHead,
     BiGridMemory,
     GRADModel,
+    SimilarityRefinement,
     similarity_refine,
     standardize_per_channel,
 )
@@ -31,23 +33,38 @@ def test_refinement_matches_hand_computed_case() -> None:
     assert out[0, :, 0, 1].tolist() == pytest.approx([10.0, 0.0], abs=1e-6)
 
 
-def test_default_refinement_has_no_jump_where_the_papers_hard_mask_switches() -> None:
-    """Default S = 0.7*cos (no hard mask): the map grows smoothly with the residual. The paper's mask (a = 0.3,
-    M = [0.05*m < 0.5]) makes it jump about 4x where m crosses 10, which with this extractor lies inside the
-    normal texture's range (median m 4.5, p99 11.6 on good MTD cells)."""
+def test_the_map_refinement_has_no_jump_where_the_papers_hard_mask_switches() -> None:
+    """The map's refinement (S = 0.7*cos, no hard mask) grows smoothly with the residual. The paper's mask (a = 0.3,
+    M = [0.05*m < 0.5]), which stage 2's loss keeps, makes it jump about 4x where m crosses 10, which with this
+    extractor lies inside the normal texture's range (median m 4.5, p99 11.6 on good MTD cells)."""
     torch.manual_seed(0)
     x = torch.randn(1, 64, 1, 1) * 4.0
     direction = torch.randn(1, 64, 1, 1)
     direction /= direction.pow(2).mean().sqrt()  # m = t^2 for x_hat = x + t*direction
     ts = torch.linspace(2.5, 4.0, 151)  # m from 6.25 to 16: crosses the paper's threshold at t = sqrt(10)
-
-    def map_values(cfg: ModelConfig) -> torch.Tensor:
-        return torch.stack([(similarity_refine(x + t * direction, x, cfg) - x).norm() for t in ts])
-
-    smooth, paper = map_values(ModelConfig()), map_values(ModelConfig(refine_mask_weight=0.3))
-    assert ModelConfig().refine_mask_weight == 0.0
+    cfg = ModelConfig()
+    assert (cfg.map_refine_mask_weight, cfg.refine_mask_weight) == (0.0, 0.3)
+    map_refine = SimilarityRefinement(cfg)
+    smooth = torch.stack([(map_refine(x + t * direction, x) - x).norm() for t in ts])
+    loss_form = torch.stack([(similarity_refine(x + t * direction, x, cfg) - x).norm() for t in ts])
     assert (smooth.diff() > 0).all() and (smooth[1:] / smooth[:-1]).max() < 1.05
-    assert (paper[1:] / paper[:-1]).max() > 2.0  # the jump at m = 10
+    assert (loss_form[1:] / loss_form[:-1]).max() > 2.0  # the jump at m = 10
+
+
+def test_stage2_loss_uses_the_papers_refinement_and_the_map_the_smooth_one() -> None:
+    from gradad.training.trainer import normal_step
+
+    cfg = preset_config("tiny").model
+    model = GRADModel(16, (8, 8), cfg).eval()
+    x = torch.randn(2, 16, 8, 8) * 4
+    with torch.no_grad():
+        x_hat = model.normal_reconstruction(x)
+        loss = normal_step(model, x)
+        expected = F.mse_loss(similarity_refine(x_hat, x, cfg), x)
+        map_form = F.mse_loss(similarity_refine(x_hat, x, cfg, mask_weight=0.0), x)
+        assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+        assert float(expected) != pytest.approx(float(map_form), rel=1e-3)
+        assert torch.allclose(model(x).x_ref, similarity_refine(x_hat, x, cfg, mask_weight=0.0))
 
 
 def test_perfect_reconstruction_gives_zero_map() -> None:
@@ -166,7 +183,7 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     legacy.model.abnormal_mapper, legacy.model.abnormal_score = "shared", "channel0"
     model = GRADModel(16, (8, 8), legacy.model)
     payload = model_payload(legacy, model, {})
-    for key in ("abnormal_mapper", "abnormal_score", "map_scales"):
+    for key in ("abnormal_mapper", "abnormal_score", "map_scales", "map_refine_mask_weight"):
         del payload["config"]["model"][key]
     del payload["state_dict"]["map_scale_gain"]
     payload["best"] = {"score": 0.5, "epoch": 1, "state": dict(payload["state_dict"])}  # an interrupted run's
@@ -177,6 +194,8 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     cfg.model.abnormal_score = loaded["config"]["model"]["abnormal_score"]
     cfg.model.map_scales = tuple(loaded["config"]["model"]["map_scales"])
     assert cfg.model.map_scales == (1,)  # written before the multi-scale map: the plain map, as it was
+    # written before the map had its own refinement setting: the map used the loss's hard mask
+    assert loaded["config"]["model"]["map_refine_mask_weight"] == legacy.model.refine_mask_weight == 0.3
     rebuilt = GRADModel(16, (8, 8), cfg.model)
     rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
     rebuilt.load_state_dict(loaded["best"]["state"])  # the best epoch of an interrupted run resumes too

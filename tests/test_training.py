@@ -233,8 +233,8 @@ def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_r
 def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny_demo_root: Path,
                                                                               tmp_path: Path) -> None:
     """``grad-train --config COPY/config.yaml --resume`` continues the copy: its config.yaml still names the
-    original run directory, whose model must not be overwritten. A finished run takes a refinement change as a
-    refit (no epoch rerun) and says so."""
+    original run directory, whose model must not be overwritten. A finished run takes a change of the map's
+    refinement as a refit (no epoch rerun)."""
     import shutil
 
     from click.testing import CliRunner
@@ -242,7 +242,7 @@ def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny
     from gradad.training.cli import main
 
     cfg = _tiny_cfg(tiny_demo_root, tmp_path)
-    cfg.model.refine_mask_weight = 0.3
+    cfg.model.map_refine_mask_weight = 0.3
     cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 1
     train(cfg)
     original = Path(cfg.output_dir)
@@ -250,10 +250,10 @@ def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny
     copy = tmp_path / "copy"
     shutil.copytree(original, copy)
     result = CliRunner().invoke(main, ["--config", str(copy / "config.yaml"), "--resume",
-                                       "--set", "model.refine_mask_weight=0"])
+                                       "--set", "model.map_refine_mask_weight=0"])
     assert result.exit_code == 0, result.output
     assert (original / "model.pt").read_bytes() == before
-    assert torch.load(copy / "model.pt", weights_only=True)["config"]["model"]["refine_mask_weight"] == 0.0
+    assert torch.load(copy / "model.pt", weights_only=True)["config"]["model"]["map_refine_mask_weight"] == 0.0
     assert [(r["stage"], r["epoch"]) for r in _epoch_records(copy)] == [("abnormal", 1), ("normal", 1)]
 
 

@@ -116,12 +116,15 @@ _LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channe
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
-    """Make a model file written before the separate abnormal mapper or the multi-scale map load as the model it
-    was: the settings it predates get their old values, and a NORMAL-only file drops the unused abnormal weights."""
+    """Make a model file written before the separate abnormal mapper, the multi-scale map or the map's own
+    refinement setting load as the model it was: the settings it predates get their old values, and a NORMAL-only
+    file drops the unused abnormal weights."""
     model_cfg = payload.get("config", {}).get("model")
     if isinstance(model_cfg, dict):
         for key, old in _LEGACY_MODEL_SETTINGS.items():
             model_cfg.setdefault(key, old)
+        # before the map had its own refinement setting, it used the loss's
+        model_cfg.setdefault("map_refine_mask_weight", model_cfg.get("refine_mask_weight", 0.3))
         best = payload.get("best")  # a resumable checkpoint's best epoch so far
         for state in (payload.get("state_dict"), best.get("state") if isinstance(best, dict) else None):
             if isinstance(state, dict) and "map_scale_gain" not in state:  # written before the multi-scale map

@@ -133,12 +133,15 @@ def standardize_per_channel(q: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (q - mean) / std
 
 
-def similarity_refine(x_hat: torch.Tensor, x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """x_ref = S*x + (1-S)*x_hat with S = a*M + b*cos(x_hat, x), M = [scale*mean_c (x_hat-x)^2 < thr]."""
+def similarity_refine(x_hat: torch.Tensor, x: torch.Tensor, cfg: ModelConfig,
+                      mask_weight: float | None = None) -> torch.Tensor:
+    """x_ref = S*x + (1-S)*x_hat with S = a*M + b*cos(x_hat, x), M = [scale*mean_c (x_hat-x)^2 < thr]; a is
+    ``mask_weight`` (default: the loss's ``cfg.refine_mask_weight``)."""
+    a = cfg.refine_mask_weight if mask_weight is None else mask_weight
     s = cfg.refine_cos_weight * F.cosine_similarity(x_hat, x, dim=1, eps=1e-8).unsqueeze(1)
-    if cfg.refine_mask_weight:  # the hard mask is left out of the graph when its weight is 0 (the default)
+    if a:  # the hard mask is left out of the graph when its weight is 0 (the map's default)
         m = (x_hat - x).pow(2).mean(dim=1, keepdim=True)
-        s = s + cfg.refine_mask_weight * (cfg.refine_m_scale * m < cfg.refine_m_threshold).to(x.dtype)
+        s = s + a * (cfg.refine_m_scale * m < cfg.refine_m_threshold).to(x.dtype)
     return s * x + (1.0 - s) * x_hat
 
 
@@ -171,14 +174,15 @@ class ChannelStandardize(nn.Module):
 
 
 class SimilarityRefinement(nn.Module):
-    """:func:`similarity_refine` as a named module (its hard mask and cosine)."""
+    """:func:`similarity_refine` of the anomaly map (mask weight ``cfg.map_refine_mask_weight``) as a named
+    module (its cosine, and its hard mask where enabled)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
 
     def forward(self, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return similarity_refine(x_hat, x, self.cfg)
+        return similarity_refine(x_hat, x, self.cfg, self.cfg.map_refine_mask_weight)
 
 
 class PairSimilarity(nn.Module):
@@ -291,15 +295,17 @@ class GRADModel(nn.Module):
         g, u = self.coordinates(x)
         return self.normal_cnn(self.normal_grid(g, u))
 
-    def normal_refined(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x_ref from the normal branch alone, or None when the fusion form mixes x_hat_a into the features.
+    def normal_refined(self, x: torch.Tensor, for_loss: bool = False) -> torch.Tensor | None:
+        """The map's x_ref (``for_loss``: stage 2's, with the loss's hard-mask weight) from the normal branch
+        alone, or None when the fusion form mixes x_hat_a into the features.
 
         In the "map" form (and NORMAL-only) stage 2 needs nothing else, so it neither runs the abnormal branch nor
         draws its random numbers: the normal branch trains exactly as in a NORMAL-only run with the same seed.
         """
         if self.cfg.abnormal_branch and self.cfg.fusion_form != "map":
             return None
-        return self.refine(self.normal_reconstruction(x), x)
+        x_hat = self.normal_reconstruction(x)
+        return similarity_refine(x_hat, x, self.cfg) if for_loss else self.refine(x_hat, x)
 
     def forward(self, x: torch.Tensor) -> GRADOutput:
         x_hat_n = self.normal_reconstruction(x)

@@ -33,7 +33,7 @@ from gradad.training.fbp import synthesize_anomalies
 from gradad.training.defects import DefectSet, cell_masks, defect_samples
 from gradad.training.features import FeatureCache, load_images
 from gradad.training.losses import reconstruction_mse, truncated_l1_contrastive
-from gradad.training.model import AnomalyHead, GRADModel
+from gradad.training.model import AnomalyHead, GRADModel, similarity_refine
 from gradad.training.validation import (
     ValidationSet,
     detection_score,
@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 STAGES = ("abnormal", "normal")
 #: model settings of the map head only (fitted after stage 2), not of what the stages learn: a finished run may be
 #: resumed with other values, and a reused normal branch may differ in them
-HEAD_SETTINGS = frozenset({"map_scales", "smoothing", "smoothing_size", "smoothing_sigma", "score_pool"})
-#: the similarity refinement also shapes stage 2's loss, so a reused normal branch must match it; a *finished* run
-#: may still be refitted with other values (its branches keep what they learnt under the old loss; logged)
+HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", "smoothing_size", "smoothing_sigma",
+                           "score_pool"})
+#: settings of the similarity refinement that also shape stage 2's loss, so a reused normal branch must match them;
+#: a *finished* run may still be refitted with other values (its branches keep what they learnt under the old loss;
+#: logged)
 REFINE_SETTINGS = frozenset({"refine_m_scale", "refine_m_threshold", "refine_mask_weight", "refine_cos_weight"})
 
 
@@ -116,9 +118,10 @@ def abnormal_step(model: GRADModel, x: torch.Tensor, cfg: RunConfig, channel_std
 
 
 def normal_step(model: GRADModel, x: torch.Tensor) -> torch.Tensor:
-    """Stage-2 loss of one batch: MSE(x_ref, x) (the normal branch alone where the fusion form allows)."""
-    x_ref = model.normal_refined(x)
-    return reconstruction_mse(model(x).x_ref if x_ref is None else x_ref, x)
+    """Stage-2 loss of one batch: MSE(x_ref, x) with the loss's refinement (the normal branch alone where the
+    fusion form allows)."""
+    x_ref = model.normal_refined(x, for_loss=True)
+    return reconstruction_mse(similarity_refine(model(x).x_hat, x, model.cfg) if x_ref is None else x_ref, x)
 
 
 def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
