@@ -20,8 +20,8 @@ class ParityGates:
     """Thresholds a bundle must meet.
 
     FP32 errors are relative to max(1, largest |reference|) so they hold for any map scale. FP16 errors are
-    relative L2 norms over the whole parity set: the refinement's hard mask (M = [0.05 m < 0.5]) can flip where
-    m sits near its threshold, so single pixels or single images may move more than the set does; the per-image
+    relative L2 norms over the whole parity set: in models whose map keeps the refinement's hard mask
+    (M = [0.05 m < 0.5]) it can flip where m sits near its threshold, so single pixels or single images may move more than the set does; the per-image
     maxima are reported, and the image-AUROC change guards the decisions themselves.
     """
 

@@ -181,6 +181,7 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
 
     legacy = preset_config("tiny")
     legacy.model.abnormal_mapper, legacy.model.abnormal_score = "shared", "channel0"
+    legacy.model.refine_mask_weight = 0.2  # the map took the loss's weight, whatever it was
     model = GRADModel(16, (8, 8), legacy.model)
     payload = model_payload(legacy, model, {})
     for key in ("abnormal_mapper", "abnormal_score", "map_scales", "map_refine_mask_weight"):
@@ -195,7 +196,7 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     cfg.model.map_scales = tuple(loaded["config"]["model"]["map_scales"])
     assert cfg.model.map_scales == (1,)  # written before the multi-scale map: the plain map, as it was
     # written before the map had its own refinement setting: the map used the loss's hard mask
-    assert loaded["config"]["model"]["map_refine_mask_weight"] == legacy.model.refine_mask_weight == 0.3
+    assert loaded["config"]["model"]["map_refine_mask_weight"] == 0.2
     rebuilt = GRADModel(16, (8, 8), cfg.model)
     rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
     rebuilt.load_state_dict(loaded["best"]["state"])  # the best epoch of an interrupted run resumes too

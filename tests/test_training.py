@@ -191,7 +191,7 @@ def test_resume_refuses_a_changed_config(tiny_demo_root: Path, tmp_path: Path) -
     cfg.train.stage2_epochs = 1
     train(cfg)
     cfg.model.fusion_depth = 2
-    with pytest.raises(ConfigError, match=r"model.fusion_depth \(1 -> 2\)"):
+    with pytest.raises(ConfigError, match=r"model.fusion_depth \(1 -> 2\).*--set model.fusion_depth=1"):
         train(cfg, resume=True)
     assert load_config(Path(cfg.output_dir) / "config.yaml").model.fusion_depth == 1  # the run's config is kept
 
@@ -220,6 +220,12 @@ def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_r
     cfg.model.local_grid_size += 1
     with pytest.raises(ConfigError, match=r"model.local_grid_size"):
         train(cfg, resume=True)
+    cfg.model.local_grid_size -= 1
+    cfg.model.refine_mask_weight = 0.0  # shapes stage 2's loss alone: refitting the head cannot honour it
+    with pytest.raises(ConfigError, match=r"model.refine_mask_weight"):
+        train(cfg, resume=True)
+    cfg.model.refine_mask_weight = 0.3
+    cfg.model.local_grid_size += 1
     # Mid-run the stage's best epoch so far was chosen with the old head: a head change is refused there.
     cfg.model.local_grid_size -= 1
     state = torch.load(copy / "checkpoint.pt", weights_only=True)

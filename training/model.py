@@ -152,7 +152,7 @@ class GRADOutput:
     x_hat: torch.Tensor  # fused reconstruction (feature-space fusion forms) or x_hat_normal ("map" form)
     x_hat_normal: torch.Tensor
     x_hat_abnormal: torch.Tensor
-    x_ref: torch.Tensor  # after similarity refinement
+    x_ref: torch.Tensor  # after the map's similarity refinement (stage 2's loss refines x_hat with its own mask)
     abnormal_score: torch.Tensor  # (B, 1, H, W) stage-1 score: pair similarity or channel 0 (zeros if no branch)
 
 

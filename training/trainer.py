@@ -10,6 +10,7 @@ read.
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import random
@@ -52,10 +53,26 @@ STAGES = ("abnormal", "normal")
 #: resumed with other values, and a reused normal branch may differ in them
 HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", "smoothing_size", "smoothing_sigma",
                            "score_pool"})
-#: settings of the similarity refinement that also shape stage 2's loss, so a reused normal branch must match them;
-#: a *finished* run may still be refitted with other values (its branches keep what they learnt under the old loss;
-#: logged)
-REFINE_SETTINGS = frozenset({"refine_m_scale", "refine_m_threshold", "refine_mask_weight", "refine_cos_weight"})
+#: settings of the similarity refinement that shape both the map and stage 2's loss, so a reused normal branch must
+#: match them; a *finished* run may still be refitted with other values (its branches keep what they learnt under
+#: the old loss; logged). refine_mask_weight shapes the loss alone, so it never changes after training.
+REFINE_SETTINGS = frozenset({"refine_m_scale", "refine_m_threshold", "refine_cos_weight"})
+
+
+def _restoring_options(diffs: list[str]) -> list[str]:
+    """``--set key=old`` for every "key (old -> new)" difference (a config.yaml from before a setting existed loads
+    its new default, while the checkpoint keeps the value the run had)."""
+    options = []
+    for diff in diffs:
+        key, _, change = diff.partition(" (")
+        text = change.split(" -> ")[0]
+        try:
+            old = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            old = text
+        value = ",".join(str(v) for v in old) if isinstance(old, (list, tuple)) else str(old)
+        options.append(f"--set {key}={value}")
+    return options
 
 
 def seed_everything(seed: int) -> None:
@@ -344,7 +361,8 @@ class Trainer:
                     weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
         if diffs:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
-                              f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''}")
+                              f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''} (to resume it as it was: "
+                              f"{' '.join(_restoring_options(diffs))})")
         model.load_state_dict(state["state_dict"])
         stage, epoch = int(state["stage_index"]), int(state["next_epoch"])
         gen.set_state(state["generator"])

@@ -80,6 +80,13 @@ class ValidationSet:
             out.classes = {"clean": list(clean_classes), **{kind: list(clean_classes) for kind in KINDS}}
             if defects is not None:
                 out.classes["real"] = [s.class_name for s in defects.samples]
+                known, labelled = set(clean_classes), set(out.classes["real"])
+                if labelled - known:
+                    log.warning("labelled defects of no validation class (%s) are ranked against every class's "
+                                "good images", ", ".join(sorted(labelled - known)))
+                if known - labelled:
+                    log.warning("no labelled defects of class %s: scores on real defects (the fusion fit) do not "
+                                "see that class", ", ".join(sorted(known - labelled)))
         return out
 
     def to(self, device: torch.device) -> "ValidationSet":
