@@ -199,7 +199,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
                 "score": {"shape": ["batch"], "meaning": f"image anomaly score: max of the {detector.head.score_pool}"
                                                           f"x{detector.head.score_pool} mean-pooled map"},
                 "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
-                                "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales)},
+                                "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales),
+                                "refine_mask_weight": cfg.model.map_refine_mask_weight},
             },
             classes=payload["classes"],
             training_data=payload.get("data_summary", {}),

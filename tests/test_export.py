@@ -125,6 +125,9 @@ def test_bundle_manifest_valid_and_complete(bundle: Path) -> None:
     assert parity["passed"] and parity["onnx_fp32_vs_pytorch"]["map_max_abs"] < 1e-4
     assert parity["onnx_fp16_vs_fp32"]["auroc_fp32"] is not None
     assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx"}
+    # the map's form is named: its scales and its refinement (the hard mask off by default)
+    amap = manifest["outputs"]["anomaly_map"]
+    assert amap["map_scales"] == [1, 3, 5, 7] and amap["refine_mask_weight"] == 0.0
     model = onnx.load(bundle / "model.onnx")
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     onnx.checker.check_model(model)
