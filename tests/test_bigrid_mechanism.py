@@ -221,6 +221,12 @@ def test_defect_folders_name_their_class_in_the_split_layout(tmp_path: Path) -> 
     names = {str(s.image_path.relative_to(tmp_path)): s.class_name for s in defect_samples(tmp_path, None)}
     assert names == {"tile/crack/0.png": "tile", "tile/crack/1.png": "tile", "tire/cut/0.png": "tire",
                      "hole/0.png": "defects"}
+    # with the training classes known, DIR/<class>/image names its class too, and unknown top folders do not
+    (tmp_path / "tire" / "2.png").write_bytes(b"")
+    named = {str(s.image_path.relative_to(tmp_path)): s.class_name
+             for s in defect_samples(tmp_path, None, classes={"tire"})}
+    assert named == {"tile/crack/0.png": "defects", "tile/crack/1.png": "defects", "tire/cut/0.png": "tire",
+                     "tire/2.png": "tire", "hole/0.png": "defects"}
 
 
 def test_validation_split_takes_every_kth_image_per_class_never_the_first() -> None:

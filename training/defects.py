@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import torch
 import torch.nn.functional as F
@@ -69,9 +70,14 @@ def _mask_for(image: Path, images_dir: Path, masks_dir: Path | None) -> Path | N
     return None
 
 
-def defect_samples(images_dir: str | Path, masks_dir: str | Path | None) -> list[Sample]:
+def defect_samples(images_dir: str | Path, masks_dir: str | Path | None,
+                   classes: Collection[str] | None = None) -> list[Sample]:
     """Every image under ``images_dir`` (sub-folders allowed) with its mask at the same relative path in
-    ``masks_dir`` (``<stem>_mask.*`` or ``<stem>.*``). A masks folder that lacks an image's mask is an error."""
+    ``masks_dir`` (``<stem>_mask.*`` or ``<stem>.*``). A masks folder that lacks an image's mask is an error.
+
+    An image's class is its top folder when that names one of ``classes`` (``DIR/<class>/image`` or
+    ``DIR/<class>/<type>/image``); without ``classes``, the top folder of ``DIR/<class>/<type>/image`` (the layout
+    of ``grad-bench split``); otherwise "defects" (no known class)."""
     images_dir = Path(images_dir)
     masks = Path(masks_dir) if masks_dir else None
     if not images_dir.is_dir():
@@ -86,9 +92,10 @@ def defect_samples(images_dir: str | Path, masks_dir: str | Path | None) -> list
         mask = _mask_for(f, images_dir, masks)
         if masks is not None and mask is None:
             raise DatasetError(f"no mask for defect image {f} in {masks} (expected <stem>_mask.png or <stem>.png)")
-        # DIR/<class>/<type>/image (the layout of ``grad-bench split``) names the class; shallower layouts do not
         parts = f.relative_to(images_dir).parts
-        samples.append(Sample(f, parts[0] if len(parts) >= 3 else "defects", "train", 1, f.parent.name, mask))
+        named = parts[0] in classes if classes is not None else len(parts) >= 3
+        samples.append(Sample(f, parts[0] if len(parts) >= 2 and named else "defects", "train", 1, f.parent.name,
+                              mask))
     return samples
 
 

@@ -186,10 +186,10 @@ class TrainingData:
 
 
 def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device,
-                  feat_hw: tuple[int, int]) -> DefectSet | None:
+                  feat_hw: tuple[int, int], classes: set[str]) -> DefectSet | None:
     if not cfg.data.defects:
         return None
-    samples = defect_samples(cfg.data.defects, cfg.data.defect_masks)
+    samples = defect_samples(cfg.data.defects, cfg.data.defect_masks, classes)
     feats, _ = FeatureCache(cfg.data.cache_dir).load_or_compute(extractor, samples, cfg.data.image_size, device)
     _, masks = load_images(samples, cfg.data.image_size, desc="reading defect masks")
     cells = cell_masks(torch.from_numpy(masks), feat_hw, [s.mask_path is not None for s in samples])
@@ -224,7 +224,8 @@ def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: t
     train_feats = features[torch.from_numpy(keep)]
     sub = train_feats[:: max(1, len(train_feats) // 64)].float()
     channel_std = sub.transpose(0, 1).reshape(sub.shape[1], -1).std(dim=1).clamp_min(1e-6)
-    defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:])),
+    defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:]),
+                                                    {s.class_name for s in samples}),
                                       cfg.data.defect_holdout)
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
     return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)],
