@@ -10,7 +10,6 @@ read.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import random
@@ -57,22 +56,6 @@ HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", 
 #: match them; a *finished* run may still be refitted with other values (its branches keep what they learnt under
 #: the old loss; logged). refine_mask_weight shapes the loss alone, so it never changes after training.
 REFINE_SETTINGS = frozenset({"refine_m_scale", "refine_m_threshold", "refine_cos_weight"})
-
-
-def _restoring_options(diffs: list[str]) -> list[str]:
-    """``--set key=old`` for every "key (old -> new)" difference (a config.yaml from before a setting existed loads
-    its new default, while the checkpoint keeps the value the run had)."""
-    options = []
-    for diff in diffs:
-        key, _, change = diff.partition(" (")
-        text = change.split(" -> ")[0]
-        try:
-            old = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            old = text
-        value = ",".join(str(v) for v in old) if isinstance(old, (list, tuple)) else str(old)
-        options.append(f"--set {key}={value}")
-    return options
 
 
 def seed_everything(seed: int) -> None:
@@ -248,15 +231,34 @@ def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float
     return out
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the settings whose values differ between two config dicts."""
+@dataclass(frozen=True)
+class SettingDifference:
+    """One setting whose value differs between two config dicts; prints as "key (old -> new)"."""
+
+    key: str  # dotted name, e.g. "model.map_scales"
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.old!r} -> {self.new!r})"
+
+    @property
+    def restoring_option(self) -> str:
+        """``--set key=old``: the option that gives the setting its old value back (a config.yaml from before a
+        setting existed loads its new default, while a checkpoint keeps the value its run had)."""
+        old = ",".join(map(str, self.old)) if isinstance(self.old, (list, tuple)) else str(self.old)
+        return f"--set {self.key}={old}"
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[SettingDifference]:
+    """The settings whose values differ between two config dicts, by dotted name."""
     diffs = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            diffs.append(f"{prefix}{key} ({a!r} -> {b!r})")
+            diffs.append(SettingDifference(f"{prefix}{key}", a, b))
     return diffs
 
 
@@ -284,7 +286,8 @@ def load_normal_branch(model: GRADModel, cfg: RunConfig) -> str:
         diffs += config_differences({k: v for k, v in source[section].items() if k not in skip},
                                     {k: v for k, v in mine[section].items() if k not in skip}, f"{section}.")
     if diffs:
-        raise ConfigError(f"train.normal_from = {path} was trained with other settings: {'; '.join(diffs[:5])}")
+        raise ConfigError(f"train.normal_from = {path} was trained with other settings: "
+                          f"{'; '.join(map(str, diffs[:5]))}")
     state = {k: v for k, v in payload["state_dict"].items() if k.startswith(NORMAL_BRANCH_PREFIXES)}
     missing = [k for k in model.state_dict() if k.startswith(NORMAL_BRANCH_PREFIXES) and k not in state]
     if missing or tuple(payload["feat_hw"]) != model.feat_hw or payload["channels"] != model.channels:
@@ -346,15 +349,16 @@ class Trainer:
         the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
         diffs = config_differences(state["config"], config_to_dict(self.cfg))
-        head_only = [d for d in diffs if d.split(" (")[0] in {f"model.{n}" for n in HEAD_SETTINGS | REFINE_SETTINGS}]
+        refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
+        head_only = [d for d in diffs if d.key in refittable]
         # output_dir: a run directory that was moved or copied resumes where it now is
-        diffs = [d for d in diffs if d not in head_only and not d.startswith("output_dir ")]
+        diffs = [d for d in diffs if d.key not in refittable and d.key != "output_dir"]
         if head_only and int(state["stage_index"]) < len(STAGES):
             # mid-run, the stage's best epoch so far was chosen with the old head: keep the head of the run
             diffs += head_only
         elif head_only:  # a finished run: the head is fitted after stage 2, what the stages learnt does not use it
-            log.info("resuming a finished run with a changed map head: %s", "; ".join(head_only))
-            if any(d.split(" (")[0].removeprefix("model.") in REFINE_SETTINGS for d in head_only):
+            log.info("resuming a finished run with a changed map head: %s", "; ".join(map(str, head_only)))
+            if any(d.key.removeprefix("model.") in REFINE_SETTINGS for d in head_only):
                 log.warning("the refinement changed after training: the branches keep what they learnt under the "
                             "old stage-2 loss; only the map gains and the fusion weight are refitted")
             for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
@@ -362,8 +366,8 @@ class Trainer:
                     weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
         if diffs:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
-                              f"{'; '.join(diffs[:5])}{' ...' if len(diffs) > 5 else ''} (to resume it as it was: "
-                              f"{' '.join(_restoring_options(diffs))})")
+                              f"{'; '.join(map(str, diffs[:5]))}{' ...' if len(diffs) > 5 else ''} (to resume it as "
+                              f"it was: {' '.join(d.restoring_option for d in diffs)})")
         model.load_state_dict(state["state_dict"])
         stage, epoch = int(state["stage_index"]), int(state["next_epoch"])
         gen.set_state(state["generator"])
