@@ -29,6 +29,7 @@ from gradad.export.parity import ParityError, ParityGates, check_gates, compare_
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input
 from gradad.training.checkpoint import load_detector
+from gradad.training.model import GRADDetector
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,17 @@ def _prepare_target(out_dir: Path, overwrite: bool) -> None:
             raise BundleError(f"{out_dir} already holds a bundle: pass --overwrite to replace it")
 
 
+def score_meaning(detector: GRADDetector) -> str:
+    """What the bundle's image score is, in words (bundle.json ``outputs.score.meaning``)."""
+    pooled = f"max of the {detector.head.score_pool}x{detector.head.score_pool} mean-pooled map"
+    gaussian = detector.model.image_gaussian
+    if gaussian is None or not gaussian.fitted:
+        return f"image anomaly score: {pooled}"
+    return (f"image anomaly score: ({pooled} - mean) / std + (Mahalanobis distance of the pooled feature statistics "
+            f"from the nearest of {gaussian.mean.shape[0]} class Gaussian(s) - mean) / std; means and stds of good "
+            "images")
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptions | None = None) -> Path:
     """Export ``checkpoint`` into a bundle folder; nothing is written unless every gate passes."""
     opts = opts or ExportOptions()
@@ -196,8 +208,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
                 model_width=module.model_hw[1],
                 normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
             outputs={
-                "score": {"shape": ["batch"], "meaning": f"image anomaly score: max of the {detector.head.score_pool}"
-                                                          f"x{detector.head.score_pool} mean-pooled map"},
+                "score": {"shape": ["batch"], "meaning": score_meaning(detector)},
                 "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
                                 "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales),
                                 "refine_mask_weight": cfg.model.map_refine_mask_weight},

@@ -45,7 +45,7 @@ COORDINATE_BRANCH = "mapper/"
 #: The grid modules (``/normal_grid/``, ``/abnormal_grid/``), which reshape coordinates right before GridSample.
 GRID_MODULES = "_grid/"
 #: The model's own arithmetic (parameterless named modules in ``gradad.training.model``).
-GRAD_ARITHMETIC = ("/standardize/", "/pair_similarity/", "/refine/", "/map_fusion/")
+GRAD_ARITHMETIC = ("/standardize/", "/pair_similarity/", "/refine/", "/map_fusion/", "/image_gaussian/")
 #: The map head module (its ops are mostly inlined under the detector: see :func:`is_map_head_name`).
 MAP_HEAD = "/head/"
 #: The extractor's stem and first three blocks.

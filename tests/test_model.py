@@ -182,9 +182,10 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     legacy = preset_config("tiny")
     legacy.model.abnormal_mapper, legacy.model.abnormal_score = "shared", "channel0"
     legacy.model.refine_mask_weight = 0.2  # the map took the loss's weight, whatever it was
+    legacy.model.image_gaussian = False
     model = GRADModel(16, (8, 8), legacy.model)
     payload = model_payload(legacy, model, {})
-    for key in ("abnormal_mapper", "abnormal_score", "map_scales", "map_refine_mask_weight"):
+    for key in ("abnormal_mapper", "abnormal_score", "map_scales", "map_refine_mask_weight", "image_gaussian"):
         del payload["config"]["model"][key]
     del payload["state_dict"]["map_scale_gain"]
     payload["best"] = {"score": 0.5, "epoch": 1, "state": dict(payload["state_dict"])}  # an interrupted run's
@@ -197,6 +198,9 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     assert cfg.model.map_scales == (1,)  # written before the multi-scale map: the plain map, as it was
     # written before the map had its own refinement setting: the map used the loss's hard mask
     assert loaded["config"]["model"]["map_refine_mask_weight"] == 0.2
+    # written before the image Gaussian: the image score stays the map's
+    assert loaded["config"]["model"]["image_gaussian"] is False
+    cfg.model.image_gaussian = False
     rebuilt = GRADModel(16, (8, 8), cfg.model)
     rebuilt.load_state_dict(loaded["state_dict"])  # strict: same modules as before
     rebuilt.load_state_dict(loaded["best"]["state"])  # the best epoch of an interrupted run resumes too

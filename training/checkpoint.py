@@ -112,7 +112,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 #: model settings added after the first checkpoints, with the value that reproduces what those models were
-_LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0", "map_scales": [1]}
+_LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0", "map_scales": [1],
+                          "image_gaussian": False}
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradad.training.config import ModelConfig
+from gradad.training.image_gaussian import ImageGaussian
 
 
 class CoordinateMapper(nn.Module):
@@ -249,6 +250,8 @@ class GRADModel(nn.Module):
         self.map_fusion = MapFusion(cfg.map_scales)
         # gain_k of every map scale (see ModelConfig.map_scales); ones until fit_map_scale_gains after stage 2
         self.register_buffer("map_scale_gain", torch.ones(len(cfg.map_scales)))
+        # image-level Gaussian added to the image score (fitted after stage 3; see training/image_gaussian.py)
+        self.image_gaussian = ImageGaussian() if cfg.image_gaussian else None
 
     @property
     def separate_mapper(self) -> bool:
@@ -407,7 +410,10 @@ class GRADDetector(nn.Module):
 
     def from_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Same as forward, starting at cached features."""
-        return self.head.postprocess(self.model.lowres_map(self.model(x), x))
+        score, amap = self.head.postprocess(self.model.lowres_map(self.model(x), x))
+        if self.model.image_gaussian is not None:
+            score = self.model.image_gaussian(x, score)
+        return score, amap
 
     def lowres_map(self, images: torch.Tensor) -> torch.Tensor:
         """The map before up-sampling and smoothing (B, 1, h, w); ``head.postprocess`` of it equals forward's map."""

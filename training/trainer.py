@@ -32,6 +32,7 @@ from gradad.training.config import RunConfig, config_to_dict, save_config
 from gradad.training.fbp import synthesize_anomalies
 from gradad.training.defects import DefectSet, cell_masks, defect_samples
 from gradad.training.features import FeatureCache, load_images
+from gradad.training.image_gaussian import fit_image_gaussian
 from gradad.training.losses import reconstruction_mse, truncated_l1_contrastive
 from gradad.training.model import AnomalyHead, GRADModel, similarity_refine
 from gradad.training.validation import (
@@ -51,7 +52,7 @@ STAGES = ("abnormal", "normal")
 #: model settings of the map head only (fitted after stage 2), not of what the stages learn: a finished run may be
 #: resumed with other values, and a reused normal branch may differ in them
 HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", "smoothing_size", "smoothing_sigma",
-                           "score_pool"})
+                           "score_pool", "image_gaussian"})
 #: settings of the similarity refinement that shape both the map and stage 2's loss, so a reused normal branch must
 #: match them; a *finished* run may still be refitted with other values (its branches keep what they learnt under
 #: the old loss; logged). refine_mask_weight shapes the loss alone, so it never changes after training.
@@ -157,6 +158,7 @@ class TrainingData:
     samples: list[Sample]  # every good training image (train + validation), for the model file's summary
     val_features: torch.Tensor  # float16 (V, C, H, W): held-out good training images
     val_classes: list[str]  # class name of every validation image
+    train_classes: list[str]  # class name of every image of ``features``
     channel_std: torch.Tensor  # (C,) per-channel standard deviation of the training features
     defects: DefectSet | None  # labelled defects stage 1 trains on
     heldout_defects: DefectSet | None  # labelled defects kept for the self-check and the fusion fit
@@ -212,7 +214,8 @@ def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: t
                                       cfg.data.defect_holdout)
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
     return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)],
-                        [samples[i].class_name for i in val_idx], channel_std, defects, heldout, hit)
+                        [samples[i].class_name for i in val_idx], [samples[i].class_name for i in keep],
+                        channel_std, defects, heldout, hit)
 
 
 def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
@@ -436,9 +439,11 @@ class Trainer:
         gains = self._fit_map_scales(ctx)
         fusion = self._fit_fusion(ctx)
         model.eval()
+        image_gaussian = self._fit_image_gaussian(ctx)
         meta = {**meta_base, "train_seconds": round(time.perf_counter() - t0, 1),
                 "feature_cache_hit": data.cache_hit, "final_losses": _final_losses(self.log_path),
-                "validation": {"n_images": int(len(data.val_features)), **fusion}, "map_scale_gain": gains}
+                "validation": {"n_images": int(len(data.val_features)), **fusion}, "map_scale_gain": gains,
+                "image_gaussian": image_gaussian}
         atomic_torch_save(model_payload(cfg, model.cpu(), meta), self.model_path)
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
@@ -547,6 +552,28 @@ class Trainer:
         log.info("stage 3 (fusion): w = %.4f; abnormal-score AUROC on kinds stage 1 never saw: %s", weight,
                  result["heldout_auroc"])
         return result
+
+    def _fit_image_gaussian(self, ctx: "_StageContext") -> dict[str, Any] | None:
+        """After stage 3: the per-class image Gaussians and the normalisation of both score parts (the map score
+        is the finished model's, fusion weight included)."""
+        model = ctx.model
+        if model.image_gaussian is None:
+            return None
+
+        def map_scores(f: torch.Tensor) -> torch.Tensor:
+            f = f.to(self.device)
+            return ctx.head.postprocess(model.lowres_map(model(f), f))[0]
+
+        with torch.no_grad():
+            stats = fit_image_gaussian(ctx.data.features, ctx.data.train_classes, ctx.data.val_features,
+                                       ctx.data.val_classes, map_scores)
+        model.image_gaussian.set_statistics(stats)
+        summary = stats.summary()
+        self._log({"stage": "image_gaussian", "classes": summary})
+        log.info("image Gaussian fitted for %d class(es): %s", len(summary),
+                 "; ".join(f"{c}: shrinkage {v['shrinkage']}, map score normalised on {v['map_reference']}"
+                           for c, v in summary.items()))
+        return summary
 
     def _save_state(self, model: GRADModel, optimizer: torch.optim.Optimizer, scheduler: Any,
                     nxt: tuple[int, int], gen: torch.Generator, meta: dict[str, Any], best: _Best | None) -> None:

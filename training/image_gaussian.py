@@ -1,0 +1,200 @@
+"""Image-level Gaussian of the extractor's pooled features, added to the map's image score.
+
+GRAD's map is local: a cell is scored by how well the grids reconstruct it. Image-level detection also gains from
+the global statistics of an image (Rippel et al., "Modeling the distribution of normal data in pre-trained deep
+features", 2020): per class, a Gaussian over the per-channel mean and standard deviation of the features, with
+Ledoit-Wolf shrinkage (fewer good images than dimensions is the normal case). The image score becomes
+
+    score = (map score - its mean) / its std + (Mahalanobis distance - its mean) / its std
+
+with both normalisations measured on good images neither part trained on, for the class whose Gaussian is nearest
+(a unified model is not told the class at run time). The bundle's score keeps the map's units, which the runtime's
+thresholds and normalised score assume (a finite score >= 0): it is ``map_center + map_scale * z``, i.e.
+
+    score = max(0, map score + map_scale * (distance - gauss_center) / gauss_scale)
+
+which ranks images of a class exactly as the sum of z-scores (the clamp only touches images far below any
+threshold). The map is unchanged; the module holds no weights that training learns, only statistics fitted after
+stage 3, and runs in the exported graph (kept FP32).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger(__name__)
+
+#: fewer held-out good images of a class than this and the map score is normalised on all of its good images
+MIN_REFERENCE_IMAGES = 8
+#: folds of the cross-fitted Gaussian distances that normalise the Gaussian part (each image scored by a fit
+#: without it: in-sample distances are far smaller than a new good image's when images are few for the dimensions)
+FOLDS = 5
+
+
+def pooled_statistics(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) features -> (B, 2C): per-channel spatial mean and (population) standard deviation."""
+    mean = x.mean(dim=(2, 3))
+    std = (x - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).clamp_min(1e-12).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
+def ledoit_wolf(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(mean (D,), shrunk covariance (D, D), shrinkage) of samples f (N, D), Ledoit & Wolf's (2004) estimate."""
+    f = f.double()
+    n, d = f.shape
+    centred = f - f.mean(0)
+    cov = centred.T @ centred / n
+    mu = cov.diagonal().mean()
+    target_dist = (cov - mu * torch.eye(d, dtype=f.dtype)).pow(2).sum()
+    # mean squared distance of the one-sample covariances from cov, in chunks (N x D x D at once is too big)
+    spread = sum((torch.einsum("ni,nj->nij", c, c) - cov).pow(2).sum() for c in centred.split(64)) / n**2
+    shrink = float(min(spread, target_dist) / target_dist) if target_dist > 0 else 1.0
+    return f.mean(0), (1 - shrink) * cov + shrink * mu * torch.eye(d, dtype=f.dtype), shrink
+
+
+def whitening(cov: torch.Tensor) -> torch.Tensor:
+    """cov^(-1/2) (symmetric), so ||W (f - mean)|| is the Mahalanobis distance."""
+    values, vectors = torch.linalg.eigh(cov.double())
+    return vectors @ torch.diag(values.clamp_min(1e-12 * float(values.max())).rsqrt()) @ vectors.T
+
+
+def mahalanobis(f: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
+    """Distances (N,) of samples f (N, D) from one Gaussian."""
+    return ((f.double() - mean.double()) @ whiten.double().T).norm(dim=1)
+
+
+def cross_fitted_distances(f: torch.Tensor, folds: int = FOLDS) -> torch.Tensor:
+    """Distance of every sample from a Gaussian fitted without its fold."""
+    n = len(f)
+    folds = max(2, min(folds, n // 2))
+    out = torch.empty(n, dtype=torch.float64)
+    for k in range(folds):
+        held = torch.arange(k, n, folds)
+        kept = torch.tensor([i for i in range(n) if i % folds != k])
+        mean, cov, _ = ledoit_wolf(f[kept])
+        out[held] = mahalanobis(f[held], mean, whitening(cov))
+    return out
+
+
+class ImageGaussian(nn.Module):
+    """Per-class Gaussians of pooled features and the normalisation of both score parts (buffers; empty until
+    fitted, and then the map score passes through unchanged)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, shape in (("mean", (0, 0)), ("whiten", (0, 0, 0)), ("gauss_center", (0,)), ("gauss_scale", (0,)),
+                            ("map_scale", (0,))):
+            self.register_buffer(name, torch.zeros(shape))
+        self.n_classes = 0
+
+    @property
+    def fitted(self) -> bool:
+        # a plain attribute, not the buffer's shape: tracing the exported graph must not read a tensor as a bool
+        return self.n_classes > 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The number of classes and feature dimensions come from the file; a file written before this module
+        # (or a run not yet fitted) has none of its keys and loads unfitted.
+        present = {name: state_dict[prefix + name] for name, _ in self.named_buffers() if prefix + name in state_dict}
+        if not present:
+            return
+        for name, value in present.items():
+            setattr(self, name, torch.empty_like(value, dtype=getattr(self, name).dtype, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self.n_classes = int(self.mean.shape[0])
+
+    def forward(self, x: torch.Tensor, map_score: torch.Tensor) -> torch.Tensor:
+        """Features x (B, C, H, W) and the map's image score (B,) -> the image score (B,)."""
+        if not self.fitted:
+            return map_score
+        f = pooled_statistics(x)  # (B, D)
+        z = f[:, None, None, :] - self.mean[None, :, None, :]  # (B, K, 1, D)
+        dist = torch.matmul(z, self.whiten.transpose(1, 2)).squeeze(2).pow(2).sum(-1).sqrt()  # (B, K)
+        combined = map_score[:, None] + self.map_scale * (dist - self.gauss_center) / self.gauss_scale  # (B, K)
+        nearest = dist.argmin(dim=1, keepdim=True)
+        return torch.relu(combined.gather(1, nearest).squeeze(1))
+
+    def set_statistics(self, stats: "GaussianStatistics") -> None:
+        """Install fitted statistics (float32 buffers on this module's device)."""
+        device = self.mean.device
+        for name in ("mean", "whiten", "gauss_center", "gauss_scale", "map_scale"):
+            setattr(self, name, getattr(stats, name).float().to(device))
+        self.n_classes = len(stats.classes)
+
+
+@dataclass
+class GaussianStatistics:
+    """What :func:`fit_image_gaussian` measured, one row per class (classes in sorted order)."""
+
+    classes: list[str]
+    mean: torch.Tensor
+    whiten: torch.Tensor
+    gauss_center: torch.Tensor
+    gauss_scale: torch.Tensor
+    map_center: torch.Tensor  # for the record: the score is in map units, so only map_scale enters it
+    map_scale: torch.Tensor
+    shrinkage: list[float]
+    reference: list[str]  # where each class's map-score normalisation came from
+
+    def summary(self) -> dict[str, dict[str, float | str]]:
+        """Per class: shrinkage, both normalisations and their reference, for the log and the model file."""
+        return {c: {"shrinkage": round(self.shrinkage[i], 4), "gauss_center": round(float(self.gauss_center[i]), 4),
+                    "gauss_scale": round(float(self.gauss_scale[i]), 4), "map_center": round(float(self.map_center[i]), 4),
+                    "map_scale": round(float(self.map_scale[i]), 4), "map_reference": self.reference[i]}
+                for i, c in enumerate(self.classes)}
+
+
+def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], val_features: torch.Tensor,
+                       val_classes: list[str], map_scores, batch_size: int = 64) -> GaussianStatistics:
+    """Fit the per-class Gaussians on the training images and both normalisations on good images.
+
+    ``map_scores(features) -> (B,)`` is the map's image score of the finished model. Per class, the Gaussian part is
+    normalised by cross-fitted distances of every good image (training + validation, each from a fit without it),
+    the map part by the class's validation images when there are at least :data:`MIN_REFERENCE_IMAGES` of them
+    (else by all of its good images, which the map trained on: a warning says so).
+    """
+    classes = sorted(set(train_classes) | set(val_classes))
+    rows: dict[str, list] = {k: [] for k in ("mean", "whiten", "gc", "gs", "mc", "ms", "shrink", "ref")}
+
+    for c in classes:
+        tr = [i for i, k in enumerate(train_classes) if k == c]
+        va = [i for i, k in enumerate(val_classes) if k == c]
+        if len(tr) < 2:
+            raise ValueError(f"image Gaussian: class {c!r} has {len(tr)} training image(s); it needs at least 2")
+        f_tr = _gather(train_features, tr)
+        f_va = _gather(val_features, va)
+        p_tr, p_va = pooled_statistics(f_tr), pooled_statistics(f_va) if va else torch.zeros(0, 2 * f_tr.shape[1])
+        mean, cov, shrink = ledoit_wolf(p_tr)
+        whiten = whitening(cov)
+        ref_gauss = torch.cat([cross_fitted_distances(p_tr), mahalanobis(p_va, mean, whiten)]) if va else \
+            cross_fitted_distances(p_tr)
+        if len(va) >= MIN_REFERENCE_IMAGES:
+            ref_map, where = _map_scores(map_scores, f_va, batch_size), f"{len(va)} validation images"
+        else:
+            ref_map = torch.cat([_map_scores(map_scores, f_tr, batch_size)] +
+                                ([_map_scores(map_scores, f_va, batch_size)] if va else []))
+            where = f"{len(ref_map)} good images incl. training ones"
+            log.warning("image Gaussian: class %s has %d validation image(s) (< %d); its map score is normalised on "
+                        "its training images too, whose scores are biased low", c, len(va), MIN_REFERENCE_IMAGES)
+        for key, value in (("mean", mean), ("whiten", whiten), ("gc", ref_gauss.mean()),
+                           ("gs", ref_gauss.std().clamp_min(1e-6)), ("mc", ref_map.mean()),
+                           ("ms", ref_map.std().clamp_min(1e-6)), ("shrink", shrink), ("ref", where)):
+            rows[key].append(value)
+    return GaussianStatistics(classes, torch.stack(rows["mean"]), torch.stack(rows["whiten"]),
+                              torch.stack(rows["gc"]), torch.stack(rows["gs"]), torch.stack(rows["mc"]),
+                              torch.stack(rows["ms"]), rows["shrink"], rows["ref"])
+
+
+def _gather(features: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    return features[torch.tensor(idx, dtype=torch.long)].float() if idx else features[:0].float()
+
+
+def _map_scores(map_scores, f: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([map_scores(f[i:i + batch_size]).double().cpu() for i in range(0, len(f), batch_size)])
