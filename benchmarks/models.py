@@ -13,6 +13,7 @@ from gradad.export.graph import ExportModule
 from gradad.export.onnx_export import export_onnx_fp32, simplify
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import RunConfig, preset_config
+from gradad.training.image_gaussian import placeholder_statistics
 from gradad.training.model import GRADDetector, GRADModel
 
 
@@ -24,6 +25,8 @@ def random_detector(cfg: RunConfig) -> GRADDetector:
     with torch.no_grad():
         x = extractor(torch.zeros(1, 3, size, size))
     model = GRADModel(x.shape[1], tuple(x.shape[-2:]), cfg.model).eval()
+    if model.image_gaussian is not None:  # its ops count in size and speed: statistics of a two-class model
+        model.image_gaussian.set_statistics(placeholder_statistics(2 * x.shape[1]))
     return GRADDetector(extractor, model, (size, size)).eval()
 
 

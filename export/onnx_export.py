@@ -126,9 +126,10 @@ def score_meaning(detector: GRADDetector) -> str:
     gaussian = detector.model.image_gaussian
     if gaussian is None or not gaussian.fitted:
         return f"image anomaly score: {pooled}"
-    return (f"image anomaly score: ({pooled} - mean) / std + (Mahalanobis distance of the pooled feature statistics "
-            f"from the nearest of {gaussian.mean.shape[0]} class Gaussian(s) - mean) / std; means and stds of good "
-            "images")
+    return (f"image anomaly score in the map's units: max(0, {pooled} + s_map * (Mahalanobis distance of the "
+            f"pooled feature statistics from the nearest of {gaussian.mean.shape[0]} class Gaussian(s) - its mean) / "
+            "its std), i.e. the sum of both parts' z-scores on held-out good images, times s_map plus the map "
+            "score's mean")
 
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptions | None = None) -> Path:

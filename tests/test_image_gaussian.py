@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from gradad.export.precision import keeps_fp32_name
-from gradad.training.image_gaussian import (ImageGaussian, fit_image_gaussian, ledoit_wolf, mahalanobis,
-                                            pooled_statistics)
+from gradad.training.image_gaussian import (MIN_TRAIN_IMAGES, ImageGaussian, cross_fitted_distances,
+                                            fit_image_gaussian, ledoit_wolf, mahalanobis, pooled_statistics,
+                                            require_training_images, whitening)
 
 C, HW = 6, 5
 
@@ -88,6 +89,18 @@ def test_the_map_score_is_normalised_on_training_images_only_when_a_class_has_to
     assert "incl. training ones" in stats.reference[0] and "class a has 3 validation image(s)" in caplog.text
     enough = fit_image_gaussian(train, ["a"] * 20, _goods(gen, 10, 0.0), ["a"] * 10, _map_score)
     assert enough.reference[0] == "10 validation images"
+
+
+def test_few_or_identical_images_give_finite_statistics_and_too_few_are_refused_before_training() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for f in (torch.randn(2, 12, generator=gen), torch.ones(5, 12), torch.randn(MIN_TRAIN_IMAGES, 12, generator=gen)):
+        mean, cov, _ = ledoit_wolf(f)  # 2 samples: shrinkage 0, a singular covariance; identical: all zero
+        assert torch.isfinite(whitening(cov)).all()
+        assert torch.isfinite(mahalanobis(f, mean, whitening(cov))).all()
+    assert torch.isfinite(cross_fitted_distances(torch.randn(MIN_TRAIN_IMAGES, 12, generator=gen))).all()
+    with pytest.raises(ValueError, match=r"at least 4 training images per class.*nut \(3\)"):
+        require_training_images(["fabric"] * 7 + ["nut"] * 3)
+    require_training_images(["fabric"] * MIN_TRAIN_IMAGES)
 
 
 def test_unfitted_passes_the_map_score_through_and_fitted_statistics_survive_a_state_dict_round_trip() -> None:

@@ -236,6 +236,30 @@ def test_a_copied_run_resumes_with_a_new_map_head_without_retraining(tiny_demo_r
         train(cfg, resume=True)
 
 
+def test_the_image_gaussian_can_be_switched_off_and_on_when_resuming_at_any_point(tiny_demo_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """No stage reads the image Gaussian: a finished run refits it (or drops it) on resume, and a run interrupted
+    mid-stage resumes with the setting changed instead of being refused."""
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 1, 2
+    train(cfg)
+    run = Path(cfg.output_dir)
+    cfg.model.image_gaussian = False
+    payload = torch.load(train(cfg, resume=True), weights_only=True)
+    assert payload["image_gaussian"] is None and not any(k.startswith("image_gaussian.") for k in payload["state_dict"])
+    cfg.model.image_gaussian = True
+    payload = torch.load(train(cfg, resume=True), weights_only=True)
+    assert sorted(payload["image_gaussian"]) == sorted(payload["classes"])
+    assert payload["state_dict"]["image_gaussian.mean"].shape[0] == len(payload["classes"])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["stage_index"], state["next_epoch"] = 1, 1  # as if interrupted inside stage 2
+    torch.save(state, run / "checkpoint.pt")
+    cfg.model.image_gaussian = False
+    payload = torch.load(train(cfg, resume=True), weights_only=True)
+    assert payload["image_gaussian"] is None
+    assert [(r["stage"], r["epoch"]) for r in _epoch_records(run)][-1] == ("normal", 2)
+
+
 def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny_demo_root: Path,
                                                                               tmp_path: Path) -> None:
     """``grad-train --config COPY/config.yaml --resume`` continues the copy: its config.yaml still names the

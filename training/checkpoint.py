@@ -163,6 +163,9 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
         )
     model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model)
     model.load_state_dict(payload["state_dict"])
+    if model.image_gaussian is not None and not model.image_gaussian.fitted:
+        log.warning("%s: model.image_gaussian is on but the file holds no fitted image Gaussian (written before "
+                    "training finished?): the image score is the map's alone", path)
     size = cfg.data.image_size
     detector = GRADDetector(extractor, model, (size, size)).to(device).eval()
     payload["resolved_config"] = cfg

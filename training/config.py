@@ -79,8 +79,8 @@ class ModelConfig:
     # on the MTD + tyre tuning split + validation goods (NORMAL-only screen on cached features): MTD pixel AUROC
     # 75.9 -> 82.2, tyre image AUROC 77.8 -> 80.2, no metric worse on either class.
     map_scales: tuple[int, ...] = (1, 3, 5, 7)
-    # Image score = normalised map score + normalised Mahalanobis distance of the image's pooled feature statistics
-    # from its class's Gaussian (training/image_gaussian.py); the map is unchanged. Tuning split + validation goods
+    # Image score = the map score plus the z-scored Mahalanobis distance of the image's pooled feature statistics
+    # from its class's Gaussian, in the map's units (training/image_gaussian.py); the map is unchanged. Tuning split + validation goods
     # (screen benchmarks/experiments/issue11_screen_image_gaussian.py): image AUROC MTD 93.5 -> 97.0, tyre 85.7 ->
     # 88.1 (negatives: tire/validation/good, captured like the test images).
     image_gaussian: bool = True

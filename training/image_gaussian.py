@@ -3,19 +3,21 @@
 GRAD's map is local: a cell is scored by how well the grids reconstruct it. Image-level detection also gains from
 the global statistics of an image (Rippel et al., "Modeling the distribution of normal data in pre-trained deep
 features", 2020): per class, a Gaussian over the per-channel mean and standard deviation of the features, with
-Ledoit-Wolf shrinkage (fewer good images than dimensions is the normal case). The image score becomes
+Ledoit-Wolf shrinkage (fewer good images than dimensions is the normal case). Conceptually the image score is the
+sum of two z-scores,
 
-    score = (map score - its mean) / its std + (Mahalanobis distance - its mean) / its std
+    z = (map score - map_center) / map_scale + (Mahalanobis distance - gauss_center) / gauss_scale,
 
-with both normalisations measured on good images neither part trained on, for the class whose Gaussian is nearest
-(a unified model is not told the class at run time). The bundle's score keeps the map's units, which the runtime's
-thresholds and normalised score assume (a finite score >= 0): it is ``map_center + map_scale * z``, i.e.
+normalised on held-out good images of the class whose Gaussian is nearest (a unified model is not told the class at
+run time). The runtime's thresholds and normalised score assume a finite score >= 0 in the map's units, so the
+bundle outputs ``map_center + map_scale * z`` clamped at 0:
 
     score = max(0, map score + map_scale * (distance - gauss_center) / gauss_scale)
 
-which ranks images of a class exactly as the sum of z-scores (the clamp only touches images far below any
-threshold). The map is unchanged; the module holds no weights that training learns, only statistics fitted after
-stage 3, and runs in the exported graph (kept FP32).
+which ranks the images of a class exactly as z does (the clamp only touches images far below any threshold). An
+image can therefore be flagged by the Gaussian alone, with no map region above the pixel threshold (a change spread
+over the whole image). The map is unchanged; the module holds no weights that training learns, only statistics
+fitted after stage 3, and runs in the exported graph (kept FP32: the whitening amplifies reduced-precision error).
 """
 
 from __future__ import annotations
@@ -28,11 +30,27 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
-#: fewer held-out good images of a class than this and the map score is normalised on all of its good images
+#: fewer held-out good images of a class than this and both parts are normalised on its training images too
 MIN_REFERENCE_IMAGES = 8
-#: folds of the cross-fitted Gaussian distances that normalise the Gaussian part (each image scored by a fit
-#: without it: in-sample distances are far smaller than a new good image's when images are few for the dimensions)
+#: fewer training images of a class than this and no Gaussian can be fitted (checked before training starts)
+MIN_TRAIN_IMAGES = 4
+#: folds of the cross-fitted distances of the fallback normalisation (each image scored by a fit without it:
+#: in-sample distances are far smaller than a new good image's when images are few for the dimensions)
 FOLDS = 5
+#: smallest eigenvalue of a covariance, as a fraction of the mean one: with few images Ledoit-Wolf may leave the
+#: covariance singular (2 images: shrinkage 0), and the whitening must stay finite
+EIGEN_FLOOR = 1e-3
+
+
+def require_training_images(train_classes: list[str]) -> None:
+    """Raise ValueError naming every class with fewer than :data:`MIN_TRAIN_IMAGES` training images."""
+    counts = {c: train_classes.count(c) for c in sorted(set(train_classes))}
+    few = {c: n for c, n in counts.items() if n < MIN_TRAIN_IMAGES}
+    if few:
+        listed = ", ".join(f"{c} ({n})" for c, n in few.items())
+        raise ValueError(f"model.image_gaussian needs at least {MIN_TRAIN_IMAGES} training images per class (after "
+                         f"the validation hold-out); too few: {listed}. Add good images or "
+                         "--set model.image_gaussian=false")
 
 
 def pooled_statistics(x: torch.Tensor) -> torch.Tensor:
@@ -49,17 +67,20 @@ def ledoit_wolf(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     centred = f - f.mean(0)
     cov = centred.T @ centred / n
     mu = cov.diagonal().mean()
-    target_dist = (cov - mu * torch.eye(d, dtype=f.dtype)).pow(2).sum()
+    eye = torch.eye(d, dtype=f.dtype, device=f.device)
+    target_dist = (cov - mu * eye).pow(2).sum()
     # mean squared distance of the one-sample covariances from cov, in chunks (N x D x D at once is too big)
     spread = sum((torch.einsum("ni,nj->nij", c, c) - cov).pow(2).sum() for c in centred.split(64)) / n**2
     shrink = float(min(spread, target_dist) / target_dist) if target_dist > 0 else 1.0
-    return f.mean(0), (1 - shrink) * cov + shrink * mu * torch.eye(d, dtype=f.dtype), shrink
+    return f.mean(0), (1 - shrink) * cov + shrink * mu * eye, shrink
 
 
 def whitening(cov: torch.Tensor) -> torch.Tensor:
     """cov^(-1/2) (symmetric), so ||W (f - mean)|| is the Mahalanobis distance."""
     values, vectors = torch.linalg.eigh(cov.double())
-    return vectors @ torch.diag(values.clamp_min(1e-12 * float(values.max())).rsqrt()) @ vectors.T
+    scale = float(values.clamp_min(0).mean())
+    floor = EIGEN_FLOOR * scale if scale > 0 else 1.0  # identical images: unit whitening
+    return vectors @ torch.diag(values.clamp_min(floor).rsqrt()) @ vectors.T
 
 
 def mahalanobis(f: torch.Tensor, mean: torch.Tensor, whiten: torch.Tensor) -> torch.Tensor:
@@ -81,8 +102,8 @@ def cross_fitted_distances(f: torch.Tensor, folds: int = FOLDS) -> torch.Tensor:
 
 
 class ImageGaussian(nn.Module):
-    """Per-class Gaussians of pooled features and the normalisation of both score parts (buffers; empty until
-    fitted, and then the map score passes through unchanged)."""
+    """Per-class Gaussians of pooled features and the normalisation of the Gaussian part (buffers; until they are
+    fitted the map score passes through unchanged)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -140,61 +161,79 @@ class GaussianStatistics:
     map_center: torch.Tensor  # for the record: the score is in map units, so only map_scale enters it
     map_scale: torch.Tensor
     shrinkage: list[float]
-    reference: list[str]  # where each class's map-score normalisation came from
+    reference: list[str]  # the good images that normalised both parts, per class
 
     def summary(self) -> dict[str, dict[str, float | str]]:
         """Per class: shrinkage, both normalisations and their reference, for the log and the model file."""
         return {c: {"shrinkage": round(self.shrinkage[i], 4), "gauss_center": round(float(self.gauss_center[i]), 4),
                     "gauss_scale": round(float(self.gauss_scale[i]), 4), "map_center": round(float(self.map_center[i]), 4),
-                    "map_scale": round(float(self.map_scale[i]), 4), "map_reference": self.reference[i]}
+                    "map_scale": round(float(self.map_scale[i]), 4), "reference": self.reference[i]}
                 for i, c in enumerate(self.classes)}
+
+
+def placeholder_statistics(dims: int, classes: int = 2) -> GaussianStatistics:
+    """Statistics of the right shapes (unit Gaussians) for size and speed measurements of random-weight models,
+    whose cost must include the Gaussian's ops; never a fit of data."""
+    names = [f"class{i}" for i in range(classes)]
+    ones = torch.ones(classes, dtype=torch.float64)
+    return GaussianStatistics(names, torch.zeros(classes, dims, dtype=torch.float64),
+                              torch.eye(dims, dtype=torch.float64).expand(classes, dims, dims).clone(),
+                              ones.clone(), ones.clone(), ones.clone(), ones.clone(), [0.0] * classes,
+                              ["placeholder"] * classes)
 
 
 def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], val_features: torch.Tensor,
                        val_classes: list[str], map_scores, batch_size: int = 64) -> GaussianStatistics:
-    """Fit the per-class Gaussians on the training images and both normalisations on good images.
+    """Fit the per-class Gaussians on the training images and both normalisations on held-out good images.
 
-    ``map_scores(features) -> (B,)`` is the map's image score of the finished model. Per class, the Gaussian part is
-    normalised by cross-fitted distances of every good image (training + validation, each from a fit without it),
-    the map part by the class's validation images when there are at least :data:`MIN_REFERENCE_IMAGES` of them
-    (else by all of its good images, which the map trained on: a warning says so).
+    ``map_scores(features) -> (B,)`` is the map's image score of the finished model. Per class, both parts are
+    normalised on the class's validation images (held out of training, though they chose the stage epochs and the
+    fusion weight) when there are at least :data:`MIN_REFERENCE_IMAGES` of them; else on all of its good images —
+    Gaussian distances cross-fitted, map scores of images the map trained on — with a warning.
     """
+    require_training_images(train_classes)
     classes = sorted(set(train_classes) | set(val_classes))
     rows: dict[str, list] = {k: [] for k in ("mean", "whiten", "gc", "gs", "mc", "ms", "shrink", "ref")}
-
     for c in classes:
         tr = [i for i, k in enumerate(train_classes) if k == c]
         va = [i for i, k in enumerate(val_classes) if k == c]
-        if len(tr) < 2:
-            raise ValueError(f"image Gaussian: class {c!r} has {len(tr)} training image(s); it needs at least 2")
-        f_tr = _gather(train_features, tr)
-        f_va = _gather(val_features, va)
-        p_tr, p_va = pooled_statistics(f_tr), pooled_statistics(f_va) if va else torch.zeros(0, 2 * f_tr.shape[1])
+        p_tr, p_va = _pooled(train_features, tr, batch_size), _pooled(val_features, va, batch_size)
         mean, cov, shrink = ledoit_wolf(p_tr)
         whiten = whitening(cov)
-        ref_gauss = torch.cat([cross_fitted_distances(p_tr), mahalanobis(p_va, mean, whiten)]) if va else \
-            cross_fitted_distances(p_tr)
         if len(va) >= MIN_REFERENCE_IMAGES:
-            ref_map, where = _map_scores(map_scores, f_va, batch_size), f"{len(va)} validation images"
+            ref_gauss = mahalanobis(p_va, mean, whiten)
+            ref_map = _map_scores(map_scores, val_features, va, batch_size)
+            where = f"{len(va)} validation images"
         else:
-            ref_map = torch.cat([_map_scores(map_scores, f_tr, batch_size)] +
-                                ([_map_scores(map_scores, f_va, batch_size)] if va else []))
+            ref_gauss = torch.cat([cross_fitted_distances(p_tr), mahalanobis(p_va, mean, whiten)])
+            ref_map = torch.cat([_map_scores(map_scores, train_features, tr, batch_size),
+                                 _map_scores(map_scores, val_features, va, batch_size)])
             where = f"{len(ref_map)} good images incl. training ones"
-            log.warning("image Gaussian: class %s has %d validation image(s) (< %d); its map score is normalised on "
-                        "its training images too, whose scores are biased low", c, len(va), MIN_REFERENCE_IMAGES)
-        for key, value in (("mean", mean), ("whiten", whiten), ("gc", ref_gauss.mean()),
-                           ("gs", ref_gauss.std().clamp_min(1e-6)), ("mc", ref_map.mean()),
-                           ("ms", ref_map.std().clamp_min(1e-6)), ("shrink", shrink), ("ref", where)):
+            log.warning("image Gaussian: class %s has %d validation image(s) (< %d); its score parts are normalised "
+                        "on its training images too (map scores biased low)", c, len(va), MIN_REFERENCE_IMAGES)
+        values = {"mean": mean, "whiten": whiten, "gc": ref_gauss.mean(), "gs": ref_gauss.std().clamp_min(1e-6),
+                  "mc": ref_map.mean(), "ms": ref_map.std().clamp_min(1e-6), "shrink": shrink, "ref": where}
+        if not all(bool(torch.isfinite(torch.as_tensor(values[k])).all()) for k in ("mean", "whiten", "gc", "gs", "mc", "ms")):
+            raise ValueError(f"image Gaussian of class {c!r}: non-finite statistics (features or map scores hold "
+                             "NaN/inf); --set model.image_gaussian=false scores by the map alone")
+        for key, value in values.items():
             rows[key].append(value)
     return GaussianStatistics(classes, torch.stack(rows["mean"]), torch.stack(rows["whiten"]),
                               torch.stack(rows["gc"]), torch.stack(rows["gs"]), torch.stack(rows["mc"]),
                               torch.stack(rows["ms"]), rows["shrink"], rows["ref"])
 
 
-def _gather(features: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    return features[torch.tensor(idx, dtype=torch.long)].float() if idx else features[:0].float()
+def _pooled(features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:
+    """Pooled statistics (N, 2C) of ``features[idx]``, a batch at a time (a class's FP32 copy can be gigabytes)."""
+    if not idx:
+        return torch.zeros(0, 2 * features.shape[1], dtype=torch.float64)
+    return torch.cat([pooled_statistics(features[torch.tensor(idx[i:i + batch_size])].float()).double()
+                      for i in range(0, len(idx), batch_size)])
 
 
-def _map_scores(map_scores, f: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _map_scores(map_scores, features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:
+    if not idx:
+        return torch.zeros(0, dtype=torch.float64)
     with torch.no_grad():
-        return torch.cat([map_scores(f[i:i + batch_size]).double().cpu() for i in range(0, len(f), batch_size)])
+        return torch.cat([map_scores(features[torch.tensor(idx[i:i + batch_size])].float()).double().cpu()
+                          for i in range(0, len(idx), batch_size)])

@@ -32,7 +32,7 @@ from gradad.training.config import RunConfig, config_to_dict, save_config
 from gradad.training.fbp import synthesize_anomalies
 from gradad.training.defects import DefectSet, cell_masks, defect_samples
 from gradad.training.features import FeatureCache, load_images
-from gradad.training.image_gaussian import fit_image_gaussian
+from gradad.training.image_gaussian import fit_image_gaussian, require_training_images
 from gradad.training.losses import reconstruction_mse, truncated_l1_contrastive
 from gradad.training.model import AnomalyHead, GRADModel, similarity_refine
 from gradad.training.validation import (
@@ -49,10 +49,13 @@ from gradad.training.validation import (
 log = logging.getLogger(__name__)
 
 STAGES = ("abnormal", "normal")
-#: model settings of the map head only (fitted after stage 2), not of what the stages learn: a finished run may be
+#: model settings of the map head only (fitted after stage 2 or 3), not of what the stages learn: a finished run may be
 #: resumed with other values, and a reused normal branch may differ in them
 HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", "smoothing_size", "smoothing_sigma",
                            "score_pool", "image_gaussian"})
+#: head settings that no stage's model selection or fit reads (fitted after stage 3): a run may be resumed with
+#: other values at any point
+POST_TRAINING_SETTINGS = frozenset({"image_gaussian"})
 #: settings of the similarity refinement that shape both the map and stage 2's loss, so a reused normal branch must
 #: match them; a *finished* run may still be refitted with other values (its branches keep what they learnt under
 #: the old loss; logged). refine_mask_weight shapes the loss alone, so it never changes after training.
@@ -351,7 +354,12 @@ class Trainer:
         """Load checkpoint.pt into model/gen; refuse a changed config naming the settings; drop log lines that
         the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
-        diffs = config_differences(state["config"], config_to_dict(self.cfg))
+        diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
+                 if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS]
+        if model.image_gaussian is None:  # switched off: the statistics in the file have no module to go to
+            for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
+                for key in [k for k in (weights or {}) if k.startswith("image_gaussian.")]:
+                    del weights[key]
         refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
         head_only = [d for d in diffs if d.key in refittable]
         # output_dir: a run directory that was moved or copied resumes where it now is
@@ -363,7 +371,8 @@ class Trainer:
             log.info("resuming a finished run with a changed map head: %s", "; ".join(map(str, head_only)))
             if any(d.key.removeprefix("model.") in REFINE_SETTINGS for d in head_only):
                 log.warning("the refinement changed after training: the branches keep what they learnt under the "
-                            "old stage-2 loss; only the map gains and the fusion weight are refitted")
+                            "old stage-2 loss; only the map gains, the fusion weight and the image Gaussian are "
+                            "refitted")
             for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
                 if weights is not None:
                     weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
@@ -401,6 +410,11 @@ class Trainer:
         t0 = time.perf_counter()
         extractor = FeatureExtractor(cfg.backbone)
         data = prepare_training_data(cfg, extractor, self.device)
+        if cfg.model.image_gaussian:  # before the stages, not after an hour of training
+            try:
+                require_training_images(data.train_classes)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         normalisation = {"mean": list(extractor.mean), "std": list(extractor.std)}
         del extractor  # features are cached; free the backbone during training
         _, c, h, w = data.features.shape
@@ -571,7 +585,7 @@ class Trainer:
         summary = stats.summary()
         self._log({"stage": "image_gaussian", "classes": summary})
         log.info("image Gaussian fitted for %d class(es): %s", len(summary),
-                 "; ".join(f"{c}: shrinkage {v['shrinkage']}, map score normalised on {v['map_reference']}"
+                 "; ".join(f"{c}: shrinkage {v['shrinkage']}, score parts normalised on {v['reference']}"
                            for c, v in summary.items()))
         return summary
 
