@@ -180,6 +180,16 @@ def int8_parity(fp32_path: Path, int8_path: Path, batch: np.ndarray, labels: np.
     return report
 
 
+def _image_gaussian_hint(fp32_path: Path) -> str:
+    """What to do when a refused graph scores images with the image Gaussian (empty otherwise)."""
+    graph = onnx.load(fp32_path, load_external_data=False).graph
+    if not any("/image_gaussian/" in n.name for n in graph.node):
+        return ""
+    return (". This bundle's image score includes the image Gaussian, whose whitening of the pooled features "
+            "amplifies the INT8 error of the extractor: for INT8, refit a copy of the run without it (grad-train "
+            "--config COPY/config.yaml --resume --set model.image_gaussian=false) and export that, or use FP16")
+
+
 def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, Any]:
     """Add ``model.int8.onnx`` to a bundle when it passes the INT8 gate; returns the parity report.
 
@@ -206,7 +216,8 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
                       calibration_images=len(batches), calibration=[str(c) for c in opts.calib])
         failed = check_int8_gates(report, opts.gates)
         if failed:
-            raise ParityError(f"INT8 model of {bundle_dir} rejected (not written): " + "; ".join(failed))
+            raise ParityError(f"INT8 model of {bundle_dir} rejected (not written): " + "; ".join(failed)
+                              + _image_gaussian_hint(bundle.file(FP32_ONNX)))
         shutil.move(str(scratch / INT8_ONNX), bundle_dir / INT8_ONNX)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
