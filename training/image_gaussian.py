@@ -64,7 +64,8 @@ def ledoit_wolf(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(mean (D,), shrunk covariance (D, D), shrinkage) of samples f (N, D), Ledoit & Wolf's (2004) estimate."""
     f = f.double()
     n, d = f.shape
-    centred = f - f.mean(0)
+    mean = f.mean(0)
+    centred = f - mean
     cov = centred.T @ centred / n
     mu = cov.diagonal().mean()
     eye = torch.eye(d, dtype=f.dtype, device=f.device)
@@ -72,7 +73,7 @@ def ledoit_wolf(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
     # mean squared distance of the one-sample covariances from cov, in chunks (N x D x D at once is too big)
     spread = sum((torch.einsum("ni,nj->nij", c, c) - cov).pow(2).sum() for c in centred.split(64)) / n**2
     shrink = float(min(spread, target_dist) / target_dist) if target_dist > 0 else 1.0
-    return f.mean(0), (1 - shrink) * cov + shrink * mu * eye, shrink
+    return mean, (1 - shrink) * cov + shrink * mu * eye, shrink
 
 
 def whitening(cov: torch.Tensor) -> torch.Tensor:
@@ -225,15 +226,18 @@ def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], v
 
 def _pooled(features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:
     """Pooled statistics (N, 2C) of ``features[idx]``, a batch at a time (a class's FP32 copy can be gigabytes)."""
-    if not idx:
-        return torch.zeros(0, 2 * features.shape[1], dtype=torch.float64)
-    return torch.cat([pooled_statistics(features[torch.tensor(idx[i:i + batch_size])].float()).double()
-                      for i in range(0, len(idx), batch_size)])
+    return _batched(pooled_statistics, features, idx, batch_size, (0, 2 * features.shape[1]))
 
 
 def _map_scores(map_scores, features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:
+    """The finished model's map scores (N,) of ``features[idx]``."""
+    return _batched(map_scores, features, idx, batch_size, (0,))
+
+
+def _batched(fn, features: torch.Tensor, idx: list[int], batch_size: int, empty: tuple[int, ...]) -> torch.Tensor:
+    """float64 CPU ``fn(features[idx])`` computed batch by batch on float32 copies (``empty``: shape for no idx)."""
     if not idx:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(empty, dtype=torch.float64)
     with torch.no_grad():
-        return torch.cat([map_scores(features[torch.tensor(idx[i:i + batch_size])].float()).double().cpu()
+        return torch.cat([fn(features[torch.tensor(idx[i:i + batch_size])].float()).double().cpu()
                           for i in range(0, len(idx), batch_size)])
