@@ -219,8 +219,7 @@ def _pick(cls: type[_T], params: dict[str, Any], **extra: Any) -> _T:
 
 @dataclass(frozen=True)
 class BackendOptions:
-    """Which engine runs the bundle and how (``--backend --precision --providers --threads --in-flight
-    --ort-spin``)."""
+    """Which engine runs the bundle and how."""
 
     backend: str = "auto"
     precision: str | None = None
@@ -232,7 +231,7 @@ class BackendOptions:
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """How frames are read and batched (``--batch --serial --pace --max-frames --loop --stats-every``)."""
+    """How frames are read and batched."""
 
     batch_size: int = 1
     serial: bool = False
@@ -244,8 +243,7 @@ class LoopOptions:
 
 @dataclass(frozen=True)
 class SinkOptions:
-    """Where records go (``--jsonl --video* --display --save-flagged --flagged-max-mb --mqtt* --webhook``) and the
-    line file's webhook settings that have no flag."""
+    """Where records go, and the line file's webhook settings that have no flag."""
 
     jsonl_path: str = "-"
     video_path: str | None = None

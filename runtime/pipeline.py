@@ -1,24 +1,28 @@
 """The camera loop: frames -> batches -> backend -> verdicts -> sinks, with per-stage latency statistics.
 
-The sinks are fanned out by one :class:`~gradad.runtime.sinks.MultiSink` (every sink gets every call even if one
-fails). Shutdown (end of input, Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
+The same stages run one after another (``--serial``) or pipelined on three threads. The sinks are fanned out by
+one :class:`~gradad.runtime.sinks.MultiSink` (every sink gets every call even if one fails). Shutdown (end of input,
+Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from gradad.bundle import Bundle, check_threshold
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
-from gradad.runtime.preprocess import INPUT_DTYPE, to_model_input
+from gradad.runtime.buffered import Buffered
+from gradad.runtime.preprocess import INPUT_DTYPE, write_model_input
 from gradad.runtime.stats import LatencyStats
 from gradad.runtime.sinks.base import MultiSink, SinkBase
 from gradad.runtime.types import Frame, FrameResult
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from gradad.runtime.refine_worker import RefineStage
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 SIGNAL_DRAIN_S = 2.0  # refinement drain after SIGINT/SIGTERM (docker stop kills after 10 s)
@@ -76,6 +81,10 @@ class RunOptions:
     warmup: bool = True  # blank batches through the backend before the first real frame
     pace_fps: float = 0.0  # pipelined: deliver frames no faster than this (a simulated camera; 0 = unpaced)
 
+    def batch_for(self, backend: Backend) -> int:
+        """``batch_size`` within what the backend accepts."""
+        return max(1, min(self.batch_size, backend.max_batch))
+
 
 class StopFlag:
     """Set by SIGINT/SIGTERM; the loop finishes the batch in hand, then shuts down cleanly."""
@@ -116,18 +125,24 @@ class StopFlag:
         return restore
 
 
-def batched(frames: Iterable[Frame], size: int, stop: StopFlag) -> Iterator[list[Frame]]:
-    """Group consecutive frames into batches of up to ``size`` (the last one may be smaller)."""
-    batch: list[Frame] = []
+def batched(frames: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    """Group consecutive items into batches of up to ``size`` (the last one may be smaller)."""
+    batch: list[_T] = []
     for frame in frames:
         batch.append(frame)
         if len(batch) >= size:
             yield batch
             batch = []
-        if stop:
-            break
     if batch:
         yield batch
+
+
+def until(frames: Iterable[Frame], options: RunOptions, stop: StopFlag) -> Iterator[Frame]:
+    """``frames`` until ``options.max_frames`` have been handed out or ``stop`` is set."""
+    for count, frame in enumerate(frames, 1):
+        yield frame
+        if stop or (options.max_frames is not None and count >= options.max_frames):
+            return
 
 
 def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
@@ -159,25 +174,77 @@ def warm_up(backend: Backend, batch_size: int, rounds: int = 2) -> float:
     return seconds
 
 
-def verdicts(batch: Sequence[Frame], scores: np.ndarray, maps: np.ndarray, thresholds: Thresholds) -> list[FrameResult]:
-    """One FrameResult per frame of a batch."""
-    return [FrameResult(frame=frame, score=float(score), normalised_score=thresholds.normalise(score),
-                        is_anomalous=bool(score > thresholds.image), threshold=thresholds.image, anomaly_map=amap,
-                        pixel_threshold=thresholds.pixel)
-            for frame, score, amap in zip(batch, scores, maps)]
+@dataclass
+class Captured:
+    """A frame with its uint8 (3, H, W) model input and the seconds the resize took."""
+
+    frame: Frame
+    model_input: np.ndarray
+    preprocess_s: float
 
 
-def batch_latency(result: FrameResult, stages: dict[str, float], n: int) -> None:
-    """Give a frame its per-stage latency: its own decode, and each batch stage's seconds divided by ``n``."""
-    result.latency_ms = {"decode": result.frame.decode_ms, **{k: v * 1e3 / n for k, v in stages.items()}}
+def prepare(frame: Frame, hw: tuple[int, int]) -> Captured:
+    """Resize a frame by the training rule into its own model input."""
+    t0 = time.perf_counter()
+    slot = np.empty((3, *hw), INPUT_DTYPE)
+    write_model_input(slot, frame.image)
+    return Captured(frame, slot, time.perf_counter() - t0)
 
 
-def deliver(results: Sequence[FrameResult], sink: SinkBase, stats: LatencyStats, options: RunOptions,
-            stop: StopFlag) -> None:
-    """Write each result to the sink (the fan-out), then record its sink and total latency.
+@dataclass
+class Scored:
+    """A batch's results on its way to the sinks, with its inputs (the refinement stage needs the model image)."""
+
+    results: list[FrameResult]
+    inputs: np.ndarray
+
+
+def scored_batches(batches: Iterable[list[Captured]], backend: Backend, thresholds: Thresholds,
+                   in_flight: int = 1) -> Iterator[Scored]:
+    """Run each batch through the backend and yield its verdicts, in order. Backends with ``submit``/``collect``
+    (TensorRT) keep up to ``in_flight`` batches on the device, others run one ``infer`` at a time."""
+    asynchronous = callable(getattr(backend, "submit", None)) and callable(getattr(backend, "collect", None))
+    depth = max(1, min(in_flight, getattr(backend, "in_flight", 1))) if asynchronous else 1
+    pending: deque[tuple[list[Captured], np.ndarray, Any, float]] = deque()
+    for batch in itertools.chain(batches, [None]):  # None: the end, finish what is in flight
+        if batch is not None:
+            inputs = np.stack([c.model_input for c in batch])
+            t0 = time.perf_counter()
+            pending.append((batch, inputs, backend.submit(inputs) if asynchronous else backend.infer(inputs), t0))
+        while pending and (batch is None or len(pending) >= depth):
+            batch_done, inputs, handle, t0 = pending.popleft()
+            scores, maps = backend.collect(handle) if asynchronous else handle  # type: ignore[attr-defined]
+            yield _verdicts(batch_done, inputs, scores, maps, thresholds, t0)
+
+
+def _verdicts(batch: list[Captured], inputs: np.ndarray, scores: np.ndarray, maps: np.ndarray,
+              th: Thresholds, t0: float) -> Scored:
+    """One FrameResult per frame; each carries the batch's stage times divided by its size (inference = submit ->
+    outputs on the host)."""
+    t1 = time.perf_counter()
+    results = [FrameResult(frame=c.frame, score=float(score), normalised_score=th.normalise(score),
+                           is_anomalous=bool(score > th.image), threshold=th.image, anomaly_map=amap,
+                           pixel_threshold=th.pixel) for c, score, amap in zip(batch, scores, maps)]
+    t2 = time.perf_counter()
+    n = len(batch)
+    for captured, result in zip(batch, results):
+        result.latency_ms = {"decode": captured.frame.decode_ms, "preprocess": captured.preprocess_s * 1e3,
+                             "inference": (t1 - t0) * 1e3 / n, "postprocess": (t2 - t1) * 1e3 / n}
+    return Scored(results, inputs)
+
+
+def write(scored: Scored, sink: SinkBase, stats: LatencyStats, options: RunOptions, stop: StopFlag) -> int:
+    """Refinement (if on), then each result to the sink (the fan-out) and its latency to ``stats`` (logged every
+    ``stats_every_s``); returns the frames written.
 
     ``end_to_end`` (capture -> record handed to the sinks, queue waits included) is set before the write, so the
     JSON line carries it; ``sink`` and ``total`` (the sum of the stages) are known after it (statistics only)."""
+    results = scored.results
+    if options.refine is not None:
+        t0 = time.perf_counter()
+        options.refine.step(results, scored.inputs, sink)
+        for result in results:
+            result.latency_ms["refine"] = (time.perf_counter() - t0) * 1e3 / len(results)
     for result in results:
         ts = time.perf_counter()
         result.latency_ms["end_to_end"] = result.frame.age_ms()
@@ -189,19 +256,8 @@ def deliver(results: Sequence[FrameResult], sink: SinkBase, stats: LatencyStats,
             options.on_result(result)
     if sink.quit_requested:
         stop.set("quit key")
-
-
-class Reporter:
-    """Logs the rolling statistics line every ``every_s`` seconds."""
-
-    def __init__(self, stats: LatencyStats, every_s: float) -> None:
-        self.stats, self.every_s, self.last = stats, every_s, time.perf_counter()
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        if self.every_s > 0 and now - self.last >= self.every_s:
-            log.info("%s", self.stats.format_line())
-            self.last = now
+    stats.log_every(options.stats_every_s)
+    return len(results)
 
 
 def run_pipeline(
@@ -215,9 +271,8 @@ def run_pipeline(
 ) -> LatencyStats:
     """Run until the frames end, ``max_frames`` is reached or ``stop`` is set; always closes the sinks.
 
-    ``options.pipelined`` (default) runs capture/preprocess, inference and sinks on separate threads
-    (:mod:`gradad.runtime.pipelined`); otherwise the stages run one after another in this thread. The backend is
-    warmed up first unless ``options.warmup`` is off.
+    ``options.pipelined`` (default) runs capture/preprocess, inference and sinks on separate threads; otherwise
+    they run one after another in this thread. The backend is warmed up first unless ``options.warmup`` is off.
     """
     stop = stop if stop is not None else StopFlag()  # StopFlag is falsy until set: no `or` here
     stats = stats if stats is not None else LatencyStats()
@@ -225,14 +280,10 @@ def run_pipeline(
     done = 0
     try:
         if options.warmup:
-            warm_up(backend, max(1, min(options.batch_size, backend.max_batch)))
+            warm_up(backend, options.batch_for(backend))
             stats.started = time.perf_counter()
-        if options.pipelined:
-            from gradad.runtime.pipelined import run_stages
-
-            done = run_stages(frames, backend, thresholds, sink, options, stop, stats)
-        else:
-            done = _run_serial(frames, backend, thresholds, sink, options, stop, stats)
+        run = _run_pipelined if options.pipelined else _run_serial
+        done = run(frames, backend, thresholds, sink, options, stop, stats)
     finally:
         _shutdown(sink, options, stop, stats, done)
     return stats
@@ -240,34 +291,70 @@ def run_pipeline(
 
 def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
                 options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
-    """Today's loop: decode, preprocess, inference and sinks one after another. Returns the frames done."""
-    h, w = backend.input_hw
-    batch_size = max(1, min(options.batch_size, backend.max_batch))
-    reporter = Reporter(stats, options.stats_every_s)
+    """Decode, preprocess, inference and sinks one after another in this thread. Returns the frames done."""
+    hw = backend.input_hw
+    captured = (prepare(f, hw) for f in until(frames, options, stop))
     done = 0
-    for batch in batched(frames, batch_size, stop):
-        if options.max_frames is not None:
-            batch = batch[: options.max_frames - done]
-        t0 = time.perf_counter()
-        inputs = to_model_input([f.image for f in batch], h, w)
-        t1 = time.perf_counter()
-        scores, maps = backend.infer(inputs)
-        t2 = time.perf_counter()
-        results = verdicts(batch, scores, maps, thresholds)
-        t3 = time.perf_counter()
-        if options.refine is not None:
-            _refine_step(options.refine, results, inputs, sink)
-        t4 = time.perf_counter()
-        stages = {"preprocess": t1 - t0, "inference": t2 - t1, "postprocess": t3 - t2}
-        if options.refine is not None:
-            stages["refine"] = t4 - t3
-        for result in results:  # batch stages are shared: each frame carries the batch's time per frame
-            batch_latency(result, stages, len(batch))
-        deliver(results, sink, stats, options, stop)
-        done += len(batch)
-        reporter.tick()
-        if stop or (options.max_frames is not None and done >= options.max_frames):
-            break
+    for scored in scored_batches(batched(captured, options.batch_for(backend)), backend, thresholds):
+        done += write(scored, sink, stats, options, stop)
+    return done
+
+
+def _paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
+    """``fps`` > 0: hand out file frames no faster than a camera at that rate would, each stamped as captured
+    when handed out (the source decodes ahead; a camera's frame is new when it arrives). Benchmarks use it to
+    measure end-to-end latency below saturation; 0 = as fast as the stages go."""
+    if fps <= 0:
+        yield from frames
+        return
+    interval, due = 1.0 / fps, time.perf_counter()
+    for frame in frames:
+        wait = due - time.perf_counter()
+        if wait > 0:
+            time.sleep(wait)
+        due = max(due + interval, time.perf_counter() - interval)
+        frame.created = time.perf_counter()
+        yield frame
+
+
+def _batches(captured: Buffered[Captured], size: int, live: bool) -> Iterator[list[Captured]]:
+    """Batches of up to ``size``: files wait for a full batch; live sources take what is queued once the first
+    frame is there (a batch never waits for a camera)."""
+    if not live:
+        yield from batched(captured, size)
+        return
+    for first in captured:
+        batch = [first]
+        while len(batch) < size and (item := captured.get_nowait()) is not None:
+            batch.append(item)
+        yield batch
+
+
+def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
+                   options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
+    """Capture + preprocess, inference and sinks on three threads with bounded queues; returns the frames done.
+
+    The frame rate approaches 1 / the slowest stage. Files never drop (a full queue blocks the stage before it) and
+    keep capture order; live sources drop the oldest queued frame instead (``LatencyStats.dropped``). An error in
+    any stage ends the others and is raised here; the sinks run in this thread (signal handling and GUI windows
+    stay on the main thread under grad-run).
+    """
+    size, hw = options.batch_for(backend), backend.input_hw
+    abort = threading.Event()  # set when the calling thread leaves: releases a stage blocked on a queue
+    captured = Buffered((prepare(f, hw) for f in _paced(until(frames, options, stop), options.pace_fps)),
+                        options.queue_frames or (size if options.live else max(2, 2 * size)), "grad-capture",
+                        drop_oldest=options.live, stop=abort)
+    scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
+                      max(2, options.in_flight + 1), "grad-inference", stop=abort)
+    done = 0
+    try:
+        for item in scored:
+            done += write(item, sink, stats, options, stop)
+    finally:
+        abort.set()
+        for stage in (scored, captured):
+            stage.close(5.0)
+        stats.dropped += captured.dropped
     return done
 
 
@@ -292,17 +379,3 @@ def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: Latenc
         log.info("stopped by %s after %d frames", stop.signal_name, done)
     if errors:
         raise errors[0]
-
-
-def _refine_step(stage: "RefineStage", results: Sequence[FrameResult], inputs: Any, sink: SinkBase) -> None:
-    """Follow-ups of frames refined so far (their lines were written earlier), then submit this batch's NG frames.
-
-    In this order every follow-up, a "dropped" one included, comes after its frame's own line.
-    """
-    from gradad.runtime.refine_worker import model_image
-
-    stage.emit(sink)
-    for i, result in enumerate(results):
-        if result.is_anomalous:
-            map_hw = np.squeeze(result.anomaly_map).shape
-            stage.submit(result, model_image(inputs[i], result.frame.image, map_hw))

@@ -1,29 +1,13 @@
 """The camera process's side of ``grad-run --refine``: F2PAD refinement of flagged frames in a worker process.
 
-The camera loop keeps its frame rate and never imports torch: :class:`RefineWorker` spawns a process that runs
-the worker module named by :data:`WORKER_MODULE` (``gradad.refine.worker``, imported only in that process), ships
-it ``(image, anomaly map)`` pairs and gets back :class:`gradad.runtime.refine_result.RefineResult` objects (numpy
-only); :class:`RefineStage` connects a started worker to the loop's sinks.
-
-* :meth:`RefineWorker.start` waits for a ready handshake: a worker that cannot start (bundle not prepared, torch
-  missing, no GPU for ``device="cuda"``) raises :class:`RefineWorkerError` with the worker's own one-line reason.
-* :meth:`RefineWorker.submit` never blocks: the job goes into a bounded queue; when it is full the job is dropped
-  and counted (reported by the next :meth:`RefineWorker.poll` as a ``dropped`` outcome).
-* :meth:`RefineWorker.poll` returns finished outcomes without blocking (a receiver thread reads the result pipe).
-* :meth:`RefineWorker.close` waits for pending jobs up to a limit, stops the worker and reports the jobs left
-  ``unfinished``. A worker that dies mid-run turns its pending jobs into ``failed`` outcomes; later submissions
-  are dropped ("worker not running"): the camera loop itself goes on.
-
-Per flagged frame the loop calls :meth:`RefineStage.submit` (the frame's own JSON line then says
-``"refine": "queued"`` or ``"dropped"``); every iteration :meth:`RefineStage.emit` writes one follow-up record per
-finished frame to the sinks::
-
-    {"type": "refine", "frame_id": <the frame line's id>, "source": ..., "name": ..., "status": ...,
-     <RefineResult.summary() fields>, "latency_s": ..., "mask_file": ..., "repaired_file": ...}
-
-after letting a :class:`~gradad.runtime.sinks.FlaggedFrameSink` save the refined mask and repaired image next to
-the frame it saved (``mask_file`` / ``repaired_file`` are their paths, or null). Frames that are not refined get a
-follow-up too, with ``status`` ``dropped``, ``failed`` or ``unfinished`` and a ``reason``.
+The camera loop keeps its frame rate and never imports torch: :class:`RefineWorker` spawns a process running
+:data:`WORKER_MODULE` (imported only there), ships it ``(image, anomaly map)`` jobs through a bounded queue (a full
+queue drops the job, never waits) and receives numpy-only :class:`~gradad.runtime.refine_result.RefineResult`
+objects. A worker that cannot start raises :class:`RefineWorkerError` with its own one-line reason; one that dies
+mid-run fails its pending jobs and the loop goes on without refinement. :class:`RefineStage` writes one follow-up
+record per submitted frame to the sinks (``"type": "refine"``, the frame's ``frame_id``, the result summary or a
+``dropped``/``failed``/``unfinished`` status with a ``reason``, and the mask / repaired image files a
+:class:`~gradad.runtime.sinks.FlaggedFrameSink` saved).
 """
 
 from __future__ import annotations
@@ -179,12 +163,8 @@ def _spawned(module: str, cfg: RefineWorkerConfig, jobs: Any, results: Any, stop
 
 
 class RefineWorker:
-    """Runs a refiner in a separate (spawned) process; the caller's loop never waits for it.
-
-    Usage: ``worker = RefineWorker(cfg).start()``; per flagged frame ``worker.submit(...)``; every loop iteration
-    ``for outcome in worker.poll(): ...``; at the end ``worker.close(drain_timeout_s)`` (returns the last outcomes,
-    including ``unfinished`` ones). Also a context manager.
-    """
+    """Runs a refiner in a separate (spawned) process: :meth:`start`, :meth:`submit` per flagged frame,
+    :meth:`poll` every loop iteration, :meth:`close` at the end (or use it as a context manager)."""
 
     def __init__(self, config: RefineWorkerConfig) -> None:
         self.config = config
@@ -414,11 +394,8 @@ class RefineWorker:
 
 
 def model_image(model_input: np.ndarray, frame_image: np.ndarray, map_hw: tuple[int, int]) -> np.ndarray:
-    """The (H, W, 3) uint8 RGB image the refiner needs, at the anomaly map's size.
-
-    ``model_input`` is the frame's (3, h, w) float32 0..255 backend input (exact uint8 values, resized by the
-    training rule); a graph that resizes inside (``--input-size`` bundles) gets the frame resized to the map.
-    """
+    """The (H, W, 3) uint8 RGB image the refiner needs, at the anomaly map's size: the frame's (3, h, w) model input
+    (resized by the training rule), or, for a graph that resizes inside (``--input-size``), the frame resized."""
     if tuple(model_input.shape[1:]) == tuple(map_hw):
         return model_input.transpose(1, 2, 0).astype(np.uint8)
     return np.ascontiguousarray(resize_hw(frame_image, *map_hw))
@@ -433,19 +410,17 @@ class RefineStage:
         self.records_written = 0
         self.drain_seconds: float | None = None
 
-    def submit(self, result: "FrameResult", image: np.ndarray) -> bool:
-        """Send a flagged frame (model-size RGB image + its anomaly map); never blocks. Marks the frame's record."""
-        frame = result.frame
-        meta = {"source": frame.source, "name": frame.name}
-        amap = np.squeeze(np.asarray(result.anomaly_map, dtype=np.float32))
-        queued = self.worker.submit(frame.frame_id, image, amap, meta)
-        result.extra["refine"] = "queued" if queued else "dropped"
-        return queued
-
-    def emit(self, sink: "SinkBase") -> int:
-        """Write the follow-ups of every outcome available now to ``sink`` (the loop's fan-out, non-blocking);
-        returns how many."""
-        return self._emit_all(self.worker.poll(), sink)
+    def step(self, results: Sequence["FrameResult"], inputs: np.ndarray, sink: "SinkBase") -> None:
+        """Write the follow-ups available now, then send this batch's NG frames (model-size image + anomaly map) and
+        mark their records "queued" or "dropped"; never blocks. In this order every follow-up comes after its
+        frame's own line."""
+        self._emit(self.worker.poll(), sink)
+        for model_input, result in zip(inputs, results):
+            if result.is_anomalous:
+                frame, amap = result.frame, np.squeeze(np.asarray(result.anomaly_map, dtype=np.float32))
+                queued = self.worker.submit(frame.frame_id, model_image(model_input, frame.image, amap.shape), amap,
+                                            {"source": frame.source, "name": frame.name})
+                result.extra["refine"] = "queued" if queued else "dropped"
 
     def close(self, sink: "SinkBase", drain_limit_s: float | None = None) -> None:
         """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``) for pending frames, stop the worker,
@@ -456,7 +431,7 @@ class RefineStage:
             outcomes = self.worker.close(drain)
         finally:
             self.drain_seconds = time.perf_counter() - started
-        self._emit_all(outcomes, sink)
+        self._emit(outcomes, sink)
 
     def summary(self) -> dict[str, Any]:
         """Refinement counts for the run summary / --benchmark JSON."""
@@ -467,19 +442,15 @@ class RefineStage:
             out["worker_failure"] = self.worker.failure
         return out
 
-    def _emit_all(self, outcomes: Sequence[RefineOutcome], sink: "SinkBase") -> int:
+    def _emit(self, outcomes: Sequence[RefineOutcome], sink: "SinkBase") -> None:
         for outcome in outcomes:
-            self._emit(outcome, sink)
-        return len(outcomes)
-
-    def _emit(self, outcome: RefineOutcome, sink: "SinkBase") -> None:
-        meta = outcome.meta
-        record: dict[str, Any] = {"type": RECORD_TYPE, "frame_id": outcome.frame_id, "source": meta.get("source"),
-                                  "name": meta.get("name"), **outcome.summary(), "mask_file": None,
-                                  "repaired_file": None}
-        if outcome.result is not None:
-            saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
-                                       outcome.result.mask, outcome.result.repaired)
-            record.update({k: v for k, v in saved.items() if v is not None})
-        sink.write_record(record)
-        self.records_written += 1
+            meta = outcome.meta
+            record: dict[str, Any] = {"type": RECORD_TYPE, "frame_id": outcome.frame_id, "source": meta.get("source"),
+                                      "name": meta.get("name"), **outcome.summary(), "mask_file": None,
+                                      "repaired_file": None}
+            if outcome.result is not None:
+                saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
+                                           outcome.result.mask, outcome.result.repaired)
+                record.update({k: v for k, v in saved.items() if v is not None})
+            sink.write_record(record)
+            self.records_written += 1

@@ -1,42 +1,18 @@
 """Frame sources for the lean runtime: cameras, GStreamer pipelines, network streams, video files, image folders.
 
-Every source is a :class:`FrameSource`: an iterator of :class:`gradad.runtime.types.Frame` (RGB uint8 images),
-a context manager and a :meth:`FrameSource.close` method, created by :func:`open_source`::
-
-    with open_source("0") as frames:            # or 2, "rtsp://cam/stream", "clip.mp4", "images/", "imgs/*.png",
-        for frame in frames:                    #    "nvarguscamerasrc ! ... ! appsink drop=1"
-            ...
-        print(frames.stats())                   # captured / delivered / dropped / skipped / reconnects / gave_up
-
-Source kinds (see :func:`parse_source` for how a ``--source`` value is classified):
-
-``camera``     a camera index (``0``, ``"1"``) or a V4L2 device path (``/dev/video0``), opened with OpenCV's default
-               backend (V4L2 on Linux); ``SourceConfig.width/height/fps`` are passed as capture hints.
-``gstreamer``  a GStreamer pipeline ending in ``appsink`` (e.g. a Jetson CSI camera via ``nvarguscamerasrc``), opened
-               with ``cv2.CAP_GSTREAMER``; needs an OpenCV built with GStreamer (JetPack's OpenCV is).
-``stream``     an ``rtsp://``, ``rtsps://``, ``rtmp://``, ``http(s)://``, ``udp://``, ``tcp://``, ``rtp://`` or
-               ``srt://`` URL, opened with ``cv2.CAP_FFMPEG`` (open/read timeouts = ``open_timeout_s``).
-``video``      a video file (``.mp4 .avi .mkv .mov .m4v .webm .mjpg ...``): every frame, in order.
-``folder``     the image files (``.png .jpg .jpeg .bmp .tif .tiff``) directly inside a folder (not recursive; hidden
-               files ignored), sorted by name.
-``glob``       the image files matching a glob pattern (``**`` recurses), sorted by path.
-``image``      one image file (a one-image folder).
+:func:`open_source` returns a :class:`FrameSource`: an iterator of RGB uint8 :class:`~gradad.runtime.types.Frame`
+objects, a context manager, with :meth:`FrameSource.stats` (captured / delivered / dropped / skipped / reconnects /
+gave_up). :func:`parse_source` says how a ``--source`` value is classified.
 
 Live sources (camera, gstreamer, stream) are read by a daemon capture thread that keeps only the newest frame: a
-consumer slower than the camera gets the latest image (low latency) and the frames it never saw are counted as
-``dropped``; they still use up a ``frame_id``, so gaps in the ids show the drops. When a live source fails after
-it was opened (camera unplugged, stream down) the thread logs a warning, releases the capture and reopens it with
-exponential back-off (``reconnect_initial_s`` doubling up to ``reconnect_max_s``), counting ``reconnects``; after
-``reconnect_attempts`` failed tries (0 = never give up) the iteration ends with a logged error and
-``stats()["gave_up"] = True``.
+slower consumer gets the latest image and the frames it never saw are counted as ``dropped`` (they still use up a
+``frame_id``). A live source that fails after it was opened is reopened with exponential back-off
+(``SourceConfig.reconnect_*``); after ``reconnect_attempts`` failed tries (0 = never give up) the iteration ends
+with ``stats()["gave_up"] = True``. File sources (video, folder, glob, image) never drop frames: a prefetch thread
+decodes ahead into a bounded queue; an unreadable image is logged, counted as ``skipped`` and passed over.
 
-File sources (video, folder, glob, image) never drop frames: a prefetch thread decodes ahead into a bounded queue
-(``SourceConfig.prefetch`` frames; 0 = decode in the consumer's thread), which blocks when the consumer is slower.
-A corrupt or unreadable image in a folder/glob is logged (``logging.error`` naming the file), counted in
-``stats()["skipped"]`` and skipped; the run continues.
-
-A source that cannot be opened raises :class:`SourceError` (a :class:`gradad.errors.GradError`: one line, no
-traceback) from :func:`open_source`. Only numpy, OpenCV and the standard library are used here.
+A source that cannot be opened raises :class:`SourceError` (one line, no traceback). Only numpy, OpenCV and the
+standard library are used here.
 """
 
 from __future__ import annotations
@@ -46,14 +22,12 @@ import itertools
 import logging
 import math
 import os
-import queue
 import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Protocol
 
 import cv2
@@ -62,25 +36,11 @@ import numpy as np
 from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
+from gradad.runtime.buffered import Buffered
 from gradad.runtime.types import Frame
 from gradad.urls import redact_url, redact_urls_in
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "LIVE_KINDS",
-    "SOURCE_KINDS",
-    "STREAM_SCHEMES",
-    "VIDEO_EXTENSIONS",
-    "Capture",
-    "CaptureFactory",
-    "FrameSource",
-    "SourceConfig",
-    "SourceError",
-    "SourceSpec",
-    "open_source",
-    "parse_source",
-]
 
 #: Every ``SourceSpec.kind``.
 SOURCE_KINDS: tuple[str, ...] = ("camera", "gstreamer", "stream", "video", "folder", "glob", "image")
@@ -132,33 +92,19 @@ def native_threads_alive() -> bool:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """How a source is opened and read.
+    """How a source is opened and read."""
 
-    Attributes:
-        reconnect: reopen a live source (camera, pipeline, stream) that fails after it was opened.
-        reconnect_initial_s: wait before the first reopen try; doubled after every failed try...
-        reconnect_max_s: ...up to this many seconds.
-        reconnect_attempts: failed reopen tries in a row before giving up (0 = retry forever).
-        open_timeout_s: a live source must open and deliver its first frame within this time.
-        loop: start file sources (video, folder, glob, image) again at the end (for benchmarks / demos).
-        width: capture width hint for cameras (``None`` = the camera's default).
-        height: capture height hint for cameras.
-        fps: capture frame-rate hint for cameras.
-        prefetch: frames a file source decodes ahead in a background thread (0 = decode in the consumer thread).
-        close_timeout_s: how long :meth:`FrameSource.close` waits for the reader thread to stop.
-    """
-
-    reconnect: bool = True
-    reconnect_initial_s: float = 0.5
-    reconnect_max_s: float = 10.0
-    reconnect_attempts: int = 0
-    open_timeout_s: float = 10.0
-    loop: bool = False
-    width: int | None = None
+    reconnect: bool = True  # reopen a live source that fails after it was opened
+    reconnect_initial_s: float = 0.5  # wait before the first reopen try; doubled after every failed try...
+    reconnect_max_s: float = 10.0  # ...up to this
+    reconnect_attempts: int = 0  # failed reopen tries in a row before giving up (0 = retry forever)
+    open_timeout_s: float = 10.0  # a live source must open and deliver its first frame within this time
+    loop: bool = False  # start file sources again at the end (benchmarks, demos)
+    width: int | None = None  # capture hints for cameras (None = the camera's default)
     height: int | None = None
     fps: int | None = None
-    prefetch: int = 4
-    close_timeout_s: float = 2.0
+    prefetch: int = 4  # frames a file source decodes ahead in a thread (0 = in the consumer's thread)
+    close_timeout_s: float = 2.0  # how long close() waits for the reader thread
 
     def __post_init__(self) -> None:
         if self.reconnect_initial_s < 0 or self.reconnect_max_s < 0:
@@ -177,15 +123,10 @@ class SourceConfig:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """A classified ``--source`` value.
+    """A classified ``--source`` value."""
 
-    Attributes:
-        kind: one of :data:`SOURCE_KINDS`.
-        value: camera index (int) or device path, pipeline string, URL, file/folder path or glob pattern.
-    """
-
-    kind: str
-    value: int | str
+    kind: str  # one of SOURCE_KINDS
+    value: int | str  # camera index or device path, pipeline, URL, file/folder path or glob pattern
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -213,11 +154,8 @@ def parse_source(spec: str | int | SourceSpec) -> SourceSpec:
     Rules, in order: an int or a string of digits is a camera index (``/dev/videoN`` is a camera too); a string
     starting with a stream scheme (:data:`STREAM_SCHEMES`) is a network stream; an existing folder is an image
     folder; an existing file is a video (:data:`VIDEO_EXTENSIONS`) or a single image (image extensions); a string
-    containing ``!`` is a GStreamer pipeline; a string containing ``*``, ``?`` or ``[`` is a glob pattern.
-
-    Raises:
-        SourceError: the value names no existing file/folder and is none of the above, or is an existing file of
-            an unsupported type, or a negative camera index.
+    containing ``!`` is a GStreamer pipeline; a string containing ``*``, ``?`` or ``[`` is a glob pattern (``**``
+    recurses; a folder is not searched recursively). Anything else is a SourceError.
     """
     if isinstance(spec, SourceSpec):
         return spec
@@ -338,14 +276,8 @@ class FrameSource:
         self.spec = spec
         self.config = config
         self._lock = threading.Lock()
-        self._stats: dict[str, Any] = {
-            "captured": 0,
-            "delivered": 0,
-            "dropped": 0,
-            "skipped": 0,
-            "reconnects": 0,
-            "gave_up": False,
-        }
+        self._stats: dict[str, Any] = {"captured": 0, "delivered": 0, "dropped": 0, "skipped": 0, "reconnects": 0,
+                                       "gave_up": False}
         self._closed = False
 
     # -- public API
@@ -405,9 +337,7 @@ class FrameSource:
     def __enter__(self) -> FrameSource:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
@@ -434,9 +364,6 @@ class FrameSource:
 
 # --------------------------------------------------------------------------------------------- file sources
 
-_END = object()
-
-
 class _FileSource(FrameSource):
     """Video / folder / glob / image: every frame in order (no drops), optionally prefetched by a thread."""
 
@@ -450,73 +377,20 @@ class _FileSource(FrameSource):
         super().__init__(spec, config)
         self._stop = threading.Event()
         self._on_close = on_close
-        self._gen = produce(self, self._stop)  # a generator: its body first runs on the first next()
-        self._queue: queue.Queue[Any] | None = None
-        self._thread: threading.Thread | None = None
-        self._done = False
-        if config.prefetch > 0:
-            self._queue = queue.Queue(maxsize=config.prefetch)
-            self._thread = threading.Thread(
-                target=self._prefetch, name=f"gradad-prefetch-{self.label}"[:60], daemon=True
-            )
-            self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        assert self._queue is not None
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _prefetch(self) -> None:
-        try:
-            for frame in self._gen:
-                if not self._put(frame):
-                    return
-            self._put(_END)
-        except BaseException as exc:  # forwarded to the consumer
-            self._put(exc)
-        finally:
-            self._gen.close()
+        gen = produce(self, self._stop)  # a generator: its body first runs on the first next()
+        self._frames: Iterator[Frame] = (Buffered(gen, config.prefetch, f"gradad-prefetch-{self.label}",
+                                                  stop=self._stop) if config.prefetch > 0 else gen)
 
     def _next_frame(self) -> Frame | None:
-        if self._done:
-            return None
-        if self._queue is None:
-            try:
-                return next(self._gen)
-            except StopIteration:
-                self._done = True
-                return None
-        while True:
-            try:
-                item = self._queue.get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                if self._closed or (self._thread is not None and not self._thread.is_alive()
-                                    and self._queue.empty()):
-                    self._done = True
-                    return None
-        if item is _END:
-            self._done = True
-            return None
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
-        return item
+        return next(self._frames, None)
 
     def _close_impl(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.config.close_timeout_s)
-            if self._thread.is_alive():  # pragma: no cover - a decode stuck in C
-                logger.warning("%s: reader thread did not stop within %.1fs", self.label, self.config.close_timeout_s)
-                return  # the thread still uses the capture; it releases it when it ends
-        else:
-            self._gen.close()
+        if not isinstance(self._frames, Buffered):
+            self._frames.close()  # type: ignore[attr-defined]
+        elif not self._frames.close(self.config.close_timeout_s):  # pragma: no cover - a decode stuck in C
+            logger.warning("%s: reader thread did not stop within %.1fs", self.label, self.config.close_timeout_s)
+            return  # the thread still uses the capture; it releases it when it ends
         if self._on_close is not None:
             self._on_close()  # e.g. the video capture of a source closed before its first frame
 
@@ -632,21 +506,15 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
         _release(cap)
 
 
-def _announced_frames(cap: Capture) -> int:
-    """The frame count the container announces (0 when unknown or the capture cannot tell)."""
-    try:
-        count = float(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # type: ignore[attr-defined]
-    except Exception:  # fakes without get(), backends without the property
-        return 0
-    return int(count) if math.isfinite(count) and count > 0 else 0
-
-
 def _warn_if_short(cap: Capture, delivered: int, path: str) -> None:
     """Log a warning when a video ended before the frame count its container announces (truncated / corrupt)."""
-    announced = _announced_frames(cap)
-    if announced and delivered < announced:
+    try:
+        announced = float(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # type: ignore[attr-defined]
+    except Exception:  # fakes without get(), backends without the property
+        return
+    if math.isfinite(announced) and delivered < int(announced):
         logger.warning("video file %s ended after %d of the %d frames its container announces (truncated or "
-                       "corrupt): the rest is missing", path, delivered, announced)
+                       "corrupt): the rest is missing", path, delivered, int(announced))
 
 
 # --------------------------------------------------------------------------------------------- live sources
@@ -663,7 +531,10 @@ class _LiveSource(FrameSource):
         self._slot: tuple[int, float, np.ndarray, float] | None = None  # (frame_id, time, raw image, read_ms)
         self._next_id = 0
         self._ended = False
-        cap, first, read_ms = self._open_first()
+        cap, first, read_ms, failure = self._try_open()
+        if failure:
+            err = self._open_error(failure)
+            raise err if failure in ("open", "read", "timeout") else SourceError(f"{err} ({failure})")
         self._store(first, read_ms)
         self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
 
@@ -747,16 +618,6 @@ class _LiveSource(FrameSource):
                         failure, "cannot open stream")
             return SourceError(f"{what}: {label}")
         return SourceError(f"cannot open {label}: {failure}")
-
-    def _open_first(self) -> tuple[Capture, np.ndarray, float]:
-        cap, img, read_ms, failure = self._try_open()
-        if failure:
-            err = self._open_error(failure)
-            if failure not in ("open", "read", "timeout"):
-                err = SourceError(f"{err} ({failure})")
-            raise err
-        assert cap is not None and img is not None
-        return cap, img, read_ms
 
     # -- capture thread
     def _store(self, img: np.ndarray, read_ms: float) -> None:
@@ -872,19 +733,9 @@ def open_source(
     *,
     capture_factory: CaptureFactory | None = None,
 ) -> FrameSource:
-    """Open a frame source (see :func:`parse_source` for the accepted values).
-
-    Close the returned source (or use it in a ``with`` block): its reader thread runs until then.
-
-    Args:
-        spec: camera index, pipeline, URL, video file, folder, glob or image file (or a parsed :class:`SourceSpec`).
-        config: reading options (defaults: :class:`SourceConfig`).
-        capture_factory: ``factory(kind, value, config) -> cv2.VideoCapture``-like object for camera, gstreamer,
-            stream and video sources (tests inject fakes); defaults to OpenCV.
-
-    Raises:
-        SourceError: one line naming the source when it is missing, empty, or cannot be opened / read.
-    """
+    """Open a frame source (see :func:`parse_source` for the accepted values); close it (or use a ``with`` block)
+    to stop its reader thread. ``capture_factory`` opens camera, gstreamer, stream and video captures (default:
+    OpenCV; tests inject fakes). Raises SourceError, one line naming the source, when it cannot be opened."""
     parsed = parse_source(spec)
     cfg = config or SourceConfig()
     factory = capture_factory or _open_capture

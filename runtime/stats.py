@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
 
 class LatencyStats:
     """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS.
@@ -26,6 +30,7 @@ class LatencyStats:
         self.started = time.perf_counter()
         self.ended: float | None = None  # set by mark_end(): overall FPS stops counting there
         self._recent: deque[float] = deque(maxlen=window)  # completion times for rolling FPS
+        self._logged = time.perf_counter()
 
     def add(self, latency_ms: dict[str, float], flagged: bool = False) -> None:
         """Record one frame's per-stage latencies."""
@@ -63,6 +68,13 @@ class LatencyStats:
         stages = {k: self._percentiles(v) for k, v in source.items() if len(v)}
         return {"frames": self.frames, "flagged": self.flagged, "dropped_in_loop": self.dropped,
                 "fps": round(self.rolling_fps() if rolling else self.overall_fps(), 2), "latency_ms": stages}
+
+    def log_every(self, every_s: float) -> None:
+        """Log :meth:`format_line` when ``every_s`` (> 0) seconds have passed since the last time."""
+        now = time.perf_counter()
+        if every_s > 0 and now - self._logged >= every_s:
+            log.info("%s", self.format_line())
+            self._logged = now
 
     def format_line(self) -> str:
         """One log line: FPS and p50/p95 of each stage over the rolling window."""

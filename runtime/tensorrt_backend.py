@@ -1,48 +1,23 @@
 """TensorRT backend: runs a bundle's engine (``<engine>.plan``) on the GPU of an RTX PC or a Jetson.
 
-The runtime half of DESIGN.md sections 4-6. An engine only runs on the TensorRT version and GPU it
-was built for; :func:`load_tensorrt_backend` checks the engine stamp in ``bundle.json`` and the
-file's hash before anything is deserialised, and refuses a stale engine with the command that
-rebuilds it. Never imports torch or timm.
+An engine only runs on the TensorRT version and GPU it was built for: :func:`load_tensorrt_backend` checks the
+engine stamp in ``bundle.json`` and the file's hash before anything is deserialised, and refuses a stale engine with
+the command that rebuilds it. Never imports torch or timm.
 
-Data path of one batch (buffers are allocated once, for the engine's largest batch, when the backend is
-created)::
+One batch: uint8 frames -> pinned host input -> async H2D -> set the input shape, bind the IO tensors -> enqueue on
+the slot's CUDA stream (or launch its captured CUDA graph) -> async D2H -> stream sync -> float32 copies.
+:meth:`TensorRTBackend.submit` returns before the sync, :meth:`~TensorRTBackend.collect` waits for it. Each of the
+``in_flight`` slots has its own execution context, stream and buffers (allocated once, for the largest batch), so
+the pipelined loop overlaps batch k+1's copies and kernels with batch k's host work. With ``cuda_graphs`` the first
+enqueue of a batch size on a slot runs normally and is then captured into a graph that later batches of that size
+launch (a failed capture turns graphs off with a log line). Only the name-based API (``execute_async_v3``,
+TensorRT 8.5-10.x) is used; an older TensorRT is refused with one line.
 
-    uint8 frames -> pinned uint8 host input -> (async H2D, 1 byte per channel) -> device input
-           -> set the input shape for this batch, bind every IO tensor's device address
-           -> enqueue the engine on the slot's CUDA stream (or launch its captured CUDA graph)
-           -> (async D2H) -> pinned host outputs -> stream sync -> float32 copies
-
-:meth:`TensorRTBackend.submit` does everything up to the D2H copies and returns at once;
-:meth:`TensorRTBackend.collect` waits for the stream and copies the outputs out; :meth:`infer` is both.
-With ``in_flight=N`` the backend owns N *slots*, each with its own execution context, CUDA stream and pinned/
-device buffers, so N batches can be in flight at once (the pipelined ``grad-run`` loop keeps two: the H2D copy
-and the kernels of batch k+1 overlap the D2H copy and host work of batch k).
-
-CUDA graphs (``cuda_graphs=True``, default): on the name-based API (``execute_async_v3``) and a cuda-python with
-stream capture, the first enqueue of a batch size on a slot runs normally, then the enqueue is captured into a
-CUDA graph (``cudaStreamBeginCapture`` / ``execute_async_v3`` / ``cudaStreamEndCapture`` /
-``cudaGraphInstantiate``) and later batches of that size launch the graph (``cudaGraphLaunch``): one launch
-instead of one per kernel. A new batch size on a slot re-captures; a capture that fails turns graphs off with a
-log line (the engine keeps running with plain enqueues).
-
-Supported TensorRT: 8.5 to 10.x (JetPack 5.1 and later). The one execution API used is the name-based one
-(TensorRT 8.5+, the only one in TensorRT 10): ``engine.num_io_tensors``, ``get_tensor_name/mode/dtype/shape``,
-``get_tensor_profile_shape(name, 0)`` (``get_profile_shape(0, name)`` on 8.5/8.6), ``context.set_input_shape``,
-``context.set_tensor_address`` and ``context.execute_async_v3``. An older TensorRT (bindings only, e.g. 8.4 in
-JetPack 5.0) is refused with one line.
-
-Why cuda-python (``cuda.bindings.runtime``; ``cuda.cudart`` before cuda-python 12.6) and not pycuda for device
-memory and streams: NVIDIA maintains it (the TensorRT 10 Python samples use it) and ships binary wheels for x86-64
-and aarch64, Jetson included, where pycuda compiles from source against the local CUDA toolkit; it is a one-to-one
-binding of the CUDA runtime API (every call returns ``(cudaError_t, *values)``), with no implicit contexts or
-garbage-collected allocations, so each failure is reported with its CUDA error name (:class:`BackendError`) and
-:meth:`TensorRTBackend.close` frees exactly what was allocated; and it uses the runtime API's primary context, the
-one TensorRT uses, so no context is pushed or popped around inference.
-
-``trt`` and ``cudart`` can be injected (the glue tests pass fake modules: there is no TensorRT
-or GPU where the test suite normally runs). A :class:`TensorRTBackend` is not thread-safe: give
-each thread its own.
+Device memory and streams come from cuda-python, not pycuda: NVIDIA maintains it, ships binary wheels for x86-64
+and aarch64 (pycuda compiles against the local CUDA toolkit on a Jetson), every call returns its CUDA error (so a
+failure names it and :meth:`TensorRTBackend.close` frees exactly what was allocated), and it uses the runtime API's
+primary context, TensorRT's own, so no context is pushed or popped. ``trt`` and ``cudart`` can be injected (the
+glue tests pass fakes). A backend is not thread-safe: give each thread its own.
 """
 
 from __future__ import annotations
@@ -58,7 +33,7 @@ import numpy as np
 
 from gradad.bundle import Bundle, Precision
 from gradad.errors import GradError
-from gradad.runtime.backend import BackendError, infer_in_batches
+from gradad.runtime.backend import BackendError
 from gradad.runtime.tensorrt_device import (engine_matches_device, gpu_identity, import_cudart, import_tensorrt,
                                             rebuild_command)
 
@@ -79,9 +54,7 @@ _DTYPE_BY_NAME = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# cuda-python helpers
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------- cuda-python helpers
 
 
 def cuda_error_name(cudart: Any, err: Any) -> str:
@@ -143,9 +116,7 @@ def _pinned_view(ptr: int, nbytes: int, dtype: np.dtype) -> np.ndarray:
 _GRAPH_CALLS = ("cudaStreamBeginCapture", "cudaStreamEndCapture", "cudaGraphInstantiate", "cudaGraphLaunch",
                 "cudaGraphExecDestroy", "cudaGraphDestroy")
 
-# --------------------------------------------------------------------------------------------
-# TensorRT helpers
-# --------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------- TensorRT helpers
 
 
 def _np_dtype(trt: Any, trt_dtype: Any, tensor: str) -> np.dtype:
@@ -181,7 +152,6 @@ class _IOTensor:
 class _Buffer:
     """A slot's pinned host and device memory for one IO tensor, sized for the engine's largest batch."""
 
-    tensor: _IOTensor
     host_ptr: int
     device_ptr: int
     host: np.ndarray | None  # flat view of the pinned host memory (None once freed)
@@ -200,27 +170,15 @@ class _Slot:
     graph_batch: int | None = None
 
 
-# --------------------------------------------------------------------------------------------
-# The backend
-# --------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------- The backend
 
 
 class TensorRTBackend:
     """images (N, 3, H, W) uint8 RGB (or float32 0..255) -> (scores (N,), maps (N, H, W)) with one TensorRT engine.
 
-    Args:
-        engine_path: the serialised engine (``.plan``), built for this TensorRT version and GPU.
-        input_name: the image input tensor (``"image"`` in bundles).
-        trt: the ``tensorrt`` module (default: imported; raises TensorRTUnavailable when absent).
-        cudart: the cuda-python runtime module (default: imported; TensorRTUnavailable when absent).
-        in_flight: batches that may be submitted and not yet collected (one slot each).
-        cuda_graphs: capture each batch size's enqueue into a CUDA graph where possible.
-
-    Attributes:
-        name: ``"tensorrt"``.
-        max_batch: the largest N one :meth:`infer` accepts (the optimisation profile's maximum).
-        min_batch: the smallest N (the profile's minimum, normally 1).
-        api: ``"tensors-v3"`` (execute_async_v3), the one API used (TensorRT 8.5+).
+    ``trt``/``cudart`` default to the installed modules (TensorRTUnavailable when absent); each of the ``in_flight``
+    slots holds one submitted batch; ``cuda_graphs`` captures each batch size's enqueue where possible.
+    ``max_batch``/``min_batch`` are the optimisation profile's limits; ``api`` is the one execution API used.
     """
 
     name = "tensorrt"
@@ -375,7 +333,7 @@ class TensorRTBackend:
             self._host_ptrs.append(host_ptr)
             device_ptr = int(_cuda_ok(cudart, cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {t.name!r}"))
             self._device_ptrs.append(device_ptr)
-            buffers[t.name] = _Buffer(t, host_ptr, device_ptr, _pinned_view(host_ptr, nbytes, t.dtype))
+            buffers[t.name] = _Buffer(host_ptr, device_ptr, _pinned_view(host_ptr, nbytes, t.dtype))
         return _Slot(index, context, stream, buffers)
 
     # ---- Backend protocol ----------------------------------------------------------------
@@ -506,10 +464,6 @@ class TensorRTBackend:
                 log.warning("%s", exc)
         slot.graph_exec, slot.graph_batch = None, None
 
-    def infer_all(self, images: np.ndarray, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Run ``images`` (N, 3, H, W) in batches of at most ``max_batch``."""
-        return infer_in_batches(self, images, batch_size or self.max_batch)
-
     # ---- teardown ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -565,9 +519,7 @@ class TensorRTBackend:
         return f"TensorRTBackend({self.engine_path.name}, {state})"
 
 
-# --------------------------------------------------------------------------------------------
-# Bundle loading
-# --------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------ Bundle loading
 
 
 def load_tensorrt_backend(

@@ -18,19 +18,11 @@ from gradad.errors import GradError
 
 log = logging.getLogger(__name__)
 
-TENSORRT_MISSING_MESSAGE = (
-    "TensorRT not installed (the Python package `tensorrt`; on Jetson it comes with JetPack)"
-)
-CUDA_PYTHON_MISSING_MESSAGE = (
-    "cuda-python not installed (the Python package `cuda-python`, NVIDIA's CUDA runtime bindings; "
-    "pip install the version matching the device's CUDA, e.g. cuda-python==12.* on JetPack 6)"
-)
-REBUILD_COMMAND = "grad-export build --{precision} {bundle} --parity-images DIR"
-
 
 def rebuild_command(bundle: str, precision: str = "fp16") -> str:
     """The command that builds a bundle's engine on the device at hand (quoted in every stale-engine error)."""
-    return REBUILD_COMMAND.format(precision=precision, bundle=bundle)
+    return f"grad-export build --{precision} {bundle} --parity-images DIR"
+
 
 # CUdevice_attribute values from cuda.h (stable across CUDA versions).
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
@@ -47,7 +39,8 @@ def import_tensorrt() -> Any:
         import tensorrt  # type: ignore[import-not-found]
     except ImportError as exc:
         if getattr(exc, "name", None) in ("tensorrt", None) or "tensorrt" in str(exc):
-            raise TensorRTUnavailable(TENSORRT_MISSING_MESSAGE) from None
+            raise TensorRTUnavailable("TensorRT not installed (the Python package `tensorrt`; on Jetson it comes "
+                                      "with JetPack)") from None
         raise TensorRTUnavailable(f"TensorRT is installed but could not be loaded: {exc}") from None
     except OSError as exc:  # the package exists but libnvinfer cannot be loaded
         raise TensorRTUnavailable(f"TensorRT is installed but could not be loaded: {exc}") from None
@@ -65,7 +58,9 @@ def import_cudart() -> Any:
         try:
             from cuda import cudart  # type: ignore[import-not-found,no-redef]
         except ImportError:
-            raise TensorRTUnavailable(CUDA_PYTHON_MISSING_MESSAGE) from None
+            raise TensorRTUnavailable("cuda-python not installed (the Python package `cuda-python`, NVIDIA's CUDA "
+                                      "runtime bindings; pip install the version matching the device's CUDA, e.g. "
+                                      "cuda-python==12.* on JetPack 6)") from None
     return cudart
 
 
