@@ -15,7 +15,7 @@ import logging
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 
 log = logging.getLogger("gradad.bench")
 
@@ -36,10 +36,10 @@ def _batches(value: str) -> tuple[int, ...]:
 
 
 def output_options(default_name: str, what: str = "JSON/markdown files"):
-    """-o/--output, --name and -v shared by every command that writes result files."""
+    """-o/--output, --name, -v and the one-line user errors of every command that writes result files."""
 
     def wrap(command):
-        command = verbose_option(command)
+        command = grad_command(command)
         command = click.option("--name", default=default_name, help=f"Base name of the {what}.")(command)
         return click.option("-o", "--output", "out_dir", default=DEFAULT_OUT,
                             type=click.Path(file_okay=False))(command)
@@ -87,11 +87,9 @@ def main() -> None:
 @click.option("--threads", type=int, default=0, help="torch and ONNX Runtime CPU threads (0 = default).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="PyTorch rows' device.")
 @output_options("accuracy")
-@user_errors_as_exit
 def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends, normal_only, patchcore,
-             coreset_ratio, cache_dir, batch_size, threads, device, out_dir, name, verbose) -> None:
+             coreset_ratio, cache_dir, batch_size, threads, device, out_dir, name) -> None:
     """Per-class and mean image/pixel AUROC, AUPR, PRO and F1 of every row on one test set (unified protocol)."""
-    setup_logging(verbose)
     from gradad.benchmarks.accuracy import BACKENDS, AccuracyConfig, accuracy_markdown, run_accuracy
     from gradad.benchmarks.results_io import KIND_ACCURACY, result_header, write_result_files
 
@@ -129,9 +127,8 @@ def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends,
 @click.option("--min-iters", type=int, default=5, help="Timed iterations per batch size (at least).")
 @click.option("--max-seconds", type=float, default=20.0, help="Stop a batch size after this long (past --min-iters).")
 @output_options("latency")
-@user_errors_as_exit
 def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchcore, bank_size, images, batches,
-            threads, warmup, iters, min_iters, max_seconds, out_dir, name, verbose) -> None:
+            threads, warmup, iters, min_iters, max_seconds, out_dir, name) -> None:
     """Per-stage p50/p95/p99, FPS (batch 1 and best), peak RSS, GFLOP and parameters per backend and precision.
 
     \b
@@ -139,7 +136,6 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
     INT8, pipelined grad-run loop), with their ratios:
       grad-bench latency --bundle models/demo --today --grad-run 300 --threads 2 --no-patchcore --name edge_speed
     """
-    setup_logging(verbose)
     from gradad.benchmarks.latency import (BACKENDS, MTD_CORESET_BANK, LatencyConfig, latency_markdown,
                                            run_latency)
     from gradad.benchmarks.results_io import KIND_LATENCY, result_header, write_result_files
@@ -173,9 +169,8 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
               "stand-in'; not GPU numbers). Rows that need CUDA (graphs, FP16 autocast, TensorRT) stay skipped.")
 @click.option("--threads", type=int, default=0, help="torch CPU threads in the workers (0 = torch default).")
 @output_options("gpu_check", "JSON/markdown/log files")
-@user_errors_as_exit
 def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_budget, time_budget, allow_cpu, threads,
-        out_dir, name, verbose) -> None:
+        out_dir, name) -> None:
     """Everything that needs a CUDA machine, in one run (~4 min on an H100), into one JSON: training s/epoch,
     PyTorch eager/FP16/CUDA-graph latency, ONNX Runtime CUDA/TensorRT EP, TensorRT build + latency, F2PAD s/frame.
 
@@ -184,7 +179,6 @@ def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_b
     """
     import os
 
-    setup_logging(verbose)
     from gradad.benchmarks.gpu_check import GpuCheckConfig, gpu_markdown, run_gpu_check
 
     given = {"presets": tuple(presets) or None, "batches": _batches(batches) if batches else None,
@@ -206,12 +200,10 @@ def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_b
 @click.option("--layout", default="auto", help="auto, mvtec, visa, goodsad, folder.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Split folder: defects/, masks/ (links) and split.json.")
-@verbose_option
-@user_errors_as_exit
-def split(data_roots, per_type, layout, out_dir, verbose) -> None:
+@grad_command
+def split(data_roots, per_type, layout, out_dir) -> None:
     """Take the first K defect images of every type out of the test halves: labelled defects for
     `grad-train --defects`, the only real defects to tune on, and `--exclude` for `grad-bench accuracy`."""
-    setup_logging(verbose)
     from gradad.benchmarks.split import write_split
 
     result = write_split(list(data_roots), per_type, out_dir, layout)
@@ -220,11 +212,9 @@ def split(data_roots, per_type, layout, out_dir, verbose) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("results_dir", default=DEFAULT_OUT, type=click.Path(file_okay=False))
-@verbose_option
-@user_errors_as_exit
-def report(results_dir, verbose) -> None:
+@grad_command
+def report(results_dir) -> None:
     """Regenerate RESULTS_DIR/README.md and the accuracy-vs-latency plot from the JSON files there."""
-    setup_logging(verbose)
     from gradad.benchmarks.report_page import write_report
 
     readme, plot = write_report(results_dir)

@@ -24,7 +24,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from gradad.cli_utils import setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import grad_command
 from gradad.data.datasets import load_samples
 from gradad.errors import GradError
 
@@ -229,12 +229,10 @@ def markdown(result: dict[str, Any]) -> str:
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("-o", "--out", "out_dir", default="benchmarks/results", show_default=True)
 @click.option("--name", required=True, help="Result file stem.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, exclude, panels, assignments, device, threads,
-         out_dir, name, verbose) -> None:
+         out_dir, name) -> None:
     """F2PAD masks: IoU / DICE of coarse vs refined masks, seconds and iterations per image (NAME.json/.md)."""
-    setup_logging(verbose)
     from gradad.benchmarks.results_io import KIND_REFINE, command_line, result_header, write_result_files
 
     result = run_benchmark(bundle_dir, data_root, list(classes) or None, per_defect, pixel_threshold, assignments,

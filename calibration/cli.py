@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 
 
 @click.command(context_settings=CLI_CONTEXT)
@@ -24,17 +24,15 @@ from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, ve
               help="[default: fp16 for TensorRT, fp32 for ONNX Runtime]")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @click.option("--dry-run", is_flag=True, help="Print the table without writing bundle.json.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_recall, method, backend, precision,
-         threads, dry_run, verbose) -> None:
+         threads, dry_run) -> None:
     """Calibrate BUNDLE_DIR's thresholds through the runtime backend (the same numbers the line will see).
 
     With good images only, the image threshold is set for the target false-alarm rate (with its 95% upper
     bound, and a warning when the set is too small). With --defect, the F1-optimal and target-recall thresholds
     are reported too. The result is stored in bundle.json; grad-run uses it (--threshold overrides).
     """
-    setup_logging(verbose)
     from gradad.calibration.calibrate import calibrate, calibration_table, store_calibration
     from gradad.calibration.thresholds import CalibrationConfig
     from gradad.runtime.loader import load_backend

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 from gradad.data.demo import (
     ALL_CLASSES,
     DEFAULT_CLASSES,
@@ -57,8 +57,7 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 @click.option("--overwrite", is_flag=True,
               help=f"Replace OUT_DIR if it is a demo data set written before (it holds {MARKER_NAME}); "
                    "any other non-empty folder is never touched.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def main(
     out_dir: Path,
     seed: int,
@@ -69,7 +68,6 @@ def main(
     classes: str,
     defects: str,
     overwrite: bool,
-    verbose: bool,
 ) -> None:
     """Generate a small synthetic inspection data set with exact defect masks into OUT_DIR.
 
@@ -77,7 +75,6 @@ def main(
     with pose, lighting and noise variation. Defects: scratch, spot, crack and color, each with an exact
     ground-truth mask. Needs only numpy and OpenCV.
     """
-    setup_logging(verbose)
     config = DemoDataConfig(
         classes=_names(classes, "--classes"),
         image_size=size,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 
 log = logging.getLogger("gradad.eval")
 
@@ -26,16 +26,13 @@ log = logging.getLogger("gradad.eval")
 @click.option("--figures", "figures_per_class", type=int, default=5, help="Figures per class (0 = none).")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--batch-size", type=int, default=8)
-@verbose_option
-@user_errors_as_exit
-def main(model_path, data_root, classes, layout, out_dir, name, figures_per_class, device, batch_size,
-         verbose) -> None:
+@grad_command
+def main(model_path, data_root, classes, layout, out_dir, name, figures_per_class, device, batch_size) -> None:
     """Evaluate MODEL_PATH (a grad-train model.pt) on a test split, class by class.
 
     Writes OUT/NAME.json and OUT/NAME.md (per class and mean: image AUROC/AUPR, pixel AUROC/AUPR, PRO up to
     30% FPR, and the same per defect type) and OUT/figures/*.png (image | ground truth | heat map).
     """
-    setup_logging(verbose)
     from gradad.data.datasets import load_samples
     from gradad.evaluation.evaluate import evaluate_predictions, save_figures, write_evaluation
     from gradad.evaluation.report import markdown_table

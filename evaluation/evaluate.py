@@ -76,7 +76,7 @@ def save_figures(
         name = f"{s.class_name}_{s.defect_type}_{s.image_path.stem}.png"
         title = f"{s.class_name}/{s.defect_type}/{s.image_path.name}  score {scores[i]:.3f}"
         paths.append(save_overlay_figure(out_dir / "figures" / name, images[i],
-                                         masks[i] if s.label else None, maps[i], title, vmin, vmax))
+                                         masks[i] if s.label else None, maps[i], title=title, vmin=vmin, vmax=vmax))
     return paths
 
 

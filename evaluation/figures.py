@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 from pathlib import Path
 
 import cv2
@@ -67,24 +68,18 @@ def compose_overlay_figure(
     return np.concatenate([_title_bar(title, body.shape[1]), body], axis=0)
 
 
-def save_overlay_figure(
-    path: str | os.PathLike,
-    image_rgb_uint8: np.ndarray,
-    gt_mask_bool_or_None: np.ndarray | None,
-    anomaly_map_float: np.ndarray,
-    title: str = "",
-    vmin: float | None = None,
-    vmax: float | None = None,
-) -> Path:
+def save_overlay_figure(path: str | os.PathLike, image_rgb_uint8: np.ndarray, gt_mask_bool_or_None: np.ndarray | None,
+                        anomaly_map_float: np.ndarray, **style: Any) -> Path:
     """Write one PNG: [image | ground-truth contour (green) on the image | JET heat-map overlay (alpha 0.5)].
 
     Each panel has the image's size (the map and mask are resized to it); a white title bar of
     ``TITLE_BAR_HEIGHT`` pixels with ``title`` sits on top, so the PNG is (H + TITLE_BAR_HEIGHT) x 3W.
     ``gt_mask_bool_or_None`` None (e.g. a good image) shows the plain image in the middle panel. The map is
     normalised to [vmin, vmax] when given (use one range for a whole set to compare images), else to its own
-    min/max. Parent folders are created. Returns the path.
+    min/max (``style``: the ``title``, ``vmin`` and ``vmax`` keywords of :func:`compose_overlay_figure`). Parent
+    folders are created. Returns the path.
     """
-    fig = compose_overlay_figure(image_rgb_uint8, gt_mask_bool_or_None, anomaly_map_float, title, vmin, vmax)
+    fig = compose_overlay_figure(image_rgb_uint8, gt_mask_bool_or_None, anomaly_map_float, **style)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", cv2.cvtColor(fig, cv2.COLOR_RGB2BGR))

@@ -50,14 +50,17 @@ METRIC_KEYS: tuple[str, ...] = ("image_auroc", "image_aupr", "pixel_auroc", "pix
 # --------------------------------------------------------------------------------------------------------------
 # input handling
 # --------------------------------------------------------------------------------------------------------------
+def _per_image(arr: np.ndarray) -> np.ndarray:
+    """(N,H,W), (N,1,H,W) or one (H,W) array -> (N,H,W) (other shapes pass through for the caller to judge)."""
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    return arr[None] if arr.ndim == 2 else arr
+
+
 def _pixel_pairs(masks: Any, maps: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     """List of (mask bool 2-D, map float 2-D) per image; maps may be (N,H,W), (N,1,H,W) or a list of 2-D arrays."""
     if isinstance(maps, np.ndarray):
-        arr = maps
-        if arr.ndim == 4 and arr.shape[1] == 1:
-            arr = arr[:, 0]
-        if arr.ndim == 2:
-            arr = arr[None]
+        arr = _per_image(maps)
         if arr.ndim != 3:
             raise ValueError(f"maps must be (N,H,W) or (N,1,H,W), got shape {maps.shape}")
         map_list: list[np.ndarray] = list(arr)
@@ -66,15 +69,7 @@ def _pixel_pairs(masks: Any, maps: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     n = len(map_list)
     if masks is None:
         raise ValueError("masks is None")
-    if isinstance(masks, np.ndarray):
-        marr = masks
-        if marr.ndim == 4 and marr.shape[1] == 1:
-            marr = marr[:, 0]
-        if marr.ndim == 2:
-            marr = marr[None]
-        mask_list: list[Any] = list(marr)
-    else:
-        mask_list = list(masks)
+    mask_list: list[Any] = list(_per_image(masks) if isinstance(masks, np.ndarray) else masks)
     if len(mask_list) != n:
         raise ValueError(f"{len(mask_list)} masks but {n} anomaly maps")
     pairs = []

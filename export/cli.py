@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command, user_errors_as_exit
 
 log = logging.getLogger("gradad.export")
 
@@ -53,10 +53,9 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
 @click.option("--no-fp16", is_flag=True, help="Skip the FP16 ONNX.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle in the output folder.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max_images, input_size, no_fp16,
-                 no_simplify, overwrite, verbose) -> None:
+                 no_simplify, overwrite) -> None:
     """Export CHECKPOINT (grad-train's model.pt) to an ONNX bundle with parity gates.
 
     Writes model.onnx (FP32, opset 17, dynamic batch, normalisation + map smoothing + image score inside),
@@ -64,7 +63,6 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
     arithmetic, map head, extractor stem + blocks 0-2) and bundle.json. The bundle is written only if
     ONNX Runtime matches PyTorch and FP16 matches FP32 within the gates; otherwise the numbers are printed.
     """
-    setup_logging(verbose)
     from gradad.export.onnx_export import ExportOptions, export_bundle
 
     opts = ExportOptions(name=name, data_root=data_root, parity_images=parity_images,
@@ -87,10 +85,8 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               help="Activation range calibration.")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
-@verbose_option
-@user_errors_as_exit
-def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max_images, method, threads,
-                     verbose) -> None:
+@grad_command
+def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max_images, method, threads) -> None:
     """Add an INT8 QDQ model (model.int8.onnx) to BUNDLE_DIR: ONNX Runtime static quantisation, per-channel
     symmetric INT8 weights, symmetric INT8 activations calibrated on --calib good images.
 
@@ -101,7 +97,6 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
     <= 0.5 point on the --data test split); the gate's numbers go into bundle.json (parity.onnx_int8_vs_fp32).
     Run it with grad-run --precision int8, or build a TensorRT engine with grad-export build --int8.
     """
-    setup_logging(verbose)
     from gradad.export.int8 import QuantizeOptions, quantize_bundle
 
     opts = QuantizeOptions(calib=list(calib), calib_max_images=calib_max_images, data_roots=list(data_roots),
@@ -124,17 +119,14 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
 @click.option("--workspace-mib", type=int, default=2048, help="Builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused and updated "
               "[default: BUNDLE/timing.cache].")
-@verbose_option
-@user_errors_as_exit
-def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, workspace_mib, timing_cache,
-                  verbose) -> None:
+@grad_command
+def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, workspace_mib, timing_cache) -> None:
     """Build a TensorRT engine for BUNDLE_DIR on this device (engines are specific to TensorRT version and GPU).
 
     The engine is compared with ONNX Runtime FP32 on --parity-images (relative L2 of maps and scores, the FP16
     gates) and deleted with the numbers when it misses. Without TensorRT or a GPU this exits with code 2 and
     says so; the bundle's ONNX files stay usable with ONNX Runtime (grad-run --backend onnxruntime).
     """
-    setup_logging(verbose)
     from gradad.export.engine import build_bundle_engine
 
     stamp = build_bundle_engine(bundle_dir, parity_images, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,

@@ -47,6 +47,18 @@ def user_errors_as_exit(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def grad_command(func: F) -> F:
+    """What every grad-* command body shares: the ``-v/--verbose`` flag, logging set-up before the body runs, and
+    a GradError as one 'error: ...' line with exit code 2."""
+
+    @functools.wraps(func)
+    def body(*args: Any, verbose: bool = False, **kwargs: Any) -> Any:
+        setup_logging(verbose)
+        return func(*args, **kwargs)
+
+    return verbose_option(user_errors_as_exit(body))  # type: ignore[return-value]
+
+
 def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     """Fail before the work starts, with one line naming ``option`` and the file, when ``path`` cannot be written
     (read-only folder, a file in place of the folder, a folder in place of the file)."""

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 
@@ -71,15 +71,13 @@ def main() -> None:
               help="Training images sampled for the pixel prior.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override stored in the bundle, e.g. "
               "--set lambda0=0.5 --set time_budget_s=2.")
-@verbose_option
-@user_errors_as_exit
-def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, assignments, verbose) -> None:
+@grad_command
+def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, assignments) -> None:
     """Fit the pixel prior on good training images and add the refinement files to BUNDLE.
 
     Writes refine_model.pt (a copy of CHECKPOINT, after checking it reproduces the bundle's ONNX maps) and
     pixel_prior.npz, and records them with hashes, the config and the normal map level in bundle.json.
     """
-    setup_logging(verbose)
     from gradad.bundle import Bundle
     from gradad.data.datasets import load_samples_from_roots
     from gradad.refine.bundle_files import prepare_bundle
@@ -118,9 +116,8 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
               "noise are measured on them [default: <class>/validation/good, else training images].")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
-@verbose_option
-@user_errors_as_exit
-def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threads, assignments, verbose) -> None:
+@grad_command
+def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threads, assignments) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
     coarse threshold: the calibration's pixel rule on the class's held-out good images (a unified bundle's one
@@ -130,7 +127,6 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
     <class>/validation/good when it exists, else training images) and IoU on the tuning defects; see
     gradad.refine.tuning.
     """
-    setup_logging(verbose)
     from gradad.data.datasets import load_samples
     from gradad.refine.bundle_files import load_refine_parts, write_class_settings
     from gradad.refine.refiner import Refiner
@@ -248,12 +244,10 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
 @click.option("--class", "class_name", help="Class of the images: use its settings tuned by grad-refine tune "
               "[default: the only tuned class, else the bundle's config].")
 @click.option("--overwrite", is_flag=True, help="Write into an output folder that already holds results.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
-        class_name, overwrite, verbose) -> None:
+        class_name, overwrite) -> None:
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
-    setup_logging(verbose)
     from gradad.bundle import Bundle
     from gradad.data.images import read_image_rgb
     from gradad.refine.bundle_files import load_refine_parts

@@ -10,11 +10,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from gradad import __version__
 from gradad.errors import CheckpointError
+from gradad.plain import plain_leaf
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
 from gradad.training.model import GRADDetector, GRADModel
@@ -46,12 +46,9 @@ def plain(obj: Any) -> Any:
         return {str(k) if isinstance(k, Path) else k: plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
+    leaf = plain_leaf(obj)
+    if leaf is not obj:
+        return leaf
     if obj is None or isinstance(obj, (str, int, float, bool, torch.Tensor)):
         return obj
     raise TypeError(f"checkpoint values must be plain types or tensors, got {type(obj).__name__}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import CLI_CONTEXT, grad_command
 from gradad.training.config import PRESETS, apply_set_options, load_config, preset_config
 
 log = logging.getLogger("gradad.train")
@@ -37,10 +37,9 @@ log = logging.getLogger("gradad.train")
               help="Reuse the normal branch of this model.pt (same data and normal settings) and skip stage 2, "
                    "e.g. to add --defects to a trained model in minutes.")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.pt.")
-@verbose_option
-@user_errors_as_exit
+@grad_command
 def main(config_path, preset, data_roots, classes, output_dir, device, epochs, assignments, defects, defect_masks,
-         normal_from, resume, verbose) -> None:
+         normal_from, resume) -> None:
     """Train a GRAD anomaly detector on good images only (unified multi-class by default).
 
     Writes RUN_DIR/model.pt (final model), checkpoint.pt (resumable state), config.yaml (reproduces the run)
@@ -54,7 +53,6 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
       grad-train --config runs/demo/config.yaml --resume
       grad-train --preset tiny --data demo_data --set train.batch_size=8
     """
-    setup_logging(verbose)
     cfg = load_config(config_path) if config_path else preset_config(preset or "edge")
     if preset and config_path:
         raise click.UsageError("give either --config or --preset, not both")

@@ -6,6 +6,7 @@ training) + tyre validation/good. The report split (the rest of the test halves)
 import argparse, json, os, sys, time, subprocess
 from pathlib import Path
 import numpy as np, torch, torch.nn.functional as F, cv2
+from screen_data import tuning_ids
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -85,12 +86,7 @@ def splits(fdir, k):
             vgood = np.concatenate([vgood, np.load(fdir / "tyre_val.npy")])
         tf, tm = np.load(fdir / f"{ds}_test.npy"), np.load(fdir / f"{ds}_test_masks.npy")
         meta = json.loads((HERE / "imgs" / f"{ds}_test.json").read_text())
-        seen, idx = {}, []
-        for i, m in enumerate(meta):
-            if m["label"] == 1:
-                seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-                if seen[m["defect"]] <= k:
-                    idx.append(i)
+        idx = tuning_ids(meta, k)
         tune[ds] = dict(good=vgood, bad=tf[idx], bad_masks=tm[idx], val=f[val])
     return np.concatenate(train), tune
 

@@ -1,15 +1,14 @@
 """Session 5 scratch: border handling of the multi-scale residual map (normal branch of runs/unified_cos_pc, the
 refitted smooth-refinement model); scored on the tuning split + validation goods. Not adopted (see README)."""
-import json, numpy as np, torch, torch.nn.functional as F
-from pathlib import Path
+import numpy as np, torch, torch.nn.functional as F
 from gradad.training.checkpoint import load_detector
 from gradad.training.model import AnomalyHead
 from gradad.training.config import ModelConfig
 from gradad.evaluation.metrics import auroc, pixel_auroc_aupr
+from screen_data import load, tuning_set
 torch.set_num_threads(1)
 det, meta = load_detector("runs/unified_cos_pc/model.pt"); model = det.model.eval()
-C = Path("work/cache256"); S = (1, 3, 5, 7)
-def load(n, s): return np.load(C/f"{n}_{s}_feats.npy", mmap_mode="r"), np.load(C/f"{n}_{s}_masks.npy"), json.loads((C/f"{n}_{s}.json").read_text())
+S = (1, 3, 5, 7)
 def scale_maps(r, pad):
     return [r.norm(dim=1, keepdim=True)] + [F.avg_pool2d(r, k, 1, k // 2, count_include_pad=pad).norm(dim=1, keepdim=True) for k in S[1:]]
 def resid(x):
@@ -28,15 +27,7 @@ for pad in (False, True):
 print({k: v for k, v in G.items() if k.startswith("pad")})
 head = AnomalyHead(ModelConfig(), (256, 256))
 for ds in ("mtd", "tyre"):
-    f, _, _ = load(ds, "train"); v = np.arange(len(f)) % 10 == 5
-    tf, tm, mt = load(ds, "test"); seen = {}; tid = []
-    for i, m in enumerate(mt):
-        if m["label"] == 1:
-            seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-            if seen[m["defect"]] <= 3: tid.append(i)
-    x = torch.from_numpy(np.concatenate([tf[tid], f[v]])).float()
-    fm = np.concatenate([tm[tid], np.zeros((int(v.sum()),) + tm.shape[1:], tm.dtype)])
-    lab = np.r_[np.ones(len(tid)), np.zeros(int(v.sum()))]
+    _, _, x, fm, lab, n_def = tuning_set(ds); x = torch.from_numpy(x).float()
     r = resid(x)
     maps = {"plain": scale_maps(r, False)[0]}
     for pad in (False, True):
@@ -48,4 +39,4 @@ for ds in ("mtd", "tyre"):
         am = mp[:, 0].flatten(1).argmax(1); rr, cc = am // 256, am % 256
         border = ((rr < 24) | (rr > 231) | (cc < 24) | (cc > 231)).numpy()
         print(ds, f"{name:32s}", [round(100 * auroc(lab, s.numpy()), 1), round(100 * pa, 1), round(100 * pp, 1)],
-              "argmax at border: goods", border[len(tid):].mean().round(2), "defects", border[:len(tid)].mean().round(2), flush=True)
+              "argmax at border: goods", border[n_def:].mean().round(2), "defects", border[:n_def].mean().round(2), flush=True)

@@ -3,14 +3,14 @@ Ledoit-Wolf, per class) alone and added to GRAD's image score (sum of z-scores),
 Part 1: tuning split (3 defects/type, excluded from every report) against half B of the validation goods, z-scored on
 half A. Part 2 (tyre): negatives tire/validation/good (captured like the test images; the train goods are not),
 z-scored on train validation goods or on the other half of tire/validation/good."""
-import json, sys, numpy as np, torch
+import sys, numpy as np, torch
 from pathlib import Path
 from gradad.training.checkpoint import load_detector
 from gradad.evaluation.metrics import auroc
+from screen_data import load, tuning_ids
 torch.set_num_threads(2)
 C = Path("work/cache256")
 det, meta = load_detector(sys.argv[1] if len(sys.argv) > 1 else "runs/unified_smooth/model.pt"); model = det.model.eval()
-def load(n, s): return np.load(C/f"{n}_{s}_feats.npy", mmap_mode="r"), np.load(C/f"{n}_{s}_masks.npy"), json.loads((C/f"{n}_{s}.json").read_text())
 def pooled(x, kind):
     x = torch.from_numpy(np.asarray(x)).double()
     return x.mean((2, 3)) if kind == "gap" else torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)
@@ -29,11 +29,7 @@ for kind in ("gap", "gap+std"):
     for ds in ("mtd", "tyre"):
         f, _, _ = load(ds, "train"); v = np.where(np.arange(len(f)) % 10 == 5)[0]; tr = np.where(np.arange(len(f)) % 10 != 5)[0]
         mu, cov, sh = ledoit_wolf(pooled(f[tr], kind)); fits[ds] = (mu, torch.linalg.inv(cov))
-        tf, tm, mt = load(ds, "test"); seen = {}; tid = []
-        for i, m in enumerate(mt):
-            if m["label"] == 1:
-                seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-                if seen[m["defect"]] <= 3: tid.append(i)
+        tf, tm, mt = load(ds, "test"); tid = tuning_ids(mt)
         data[ds] = (f[v[0::2]], f[v[1::2]], tf[tid]); print(kind, ds, "LW shrinkage", round(sh, 3))
     for ds, (va, vb, dfx) in data.items():
         fa, fe = pooled(va, kind), pooled(np.concatenate([dfx, vb]), kind)
@@ -50,11 +46,7 @@ for kind in ("gap", "gap+std"):
 for kind in ("gap", "gap+std"):
     f, _, _ = load("tyre", "train"); v = np.where(np.arange(len(f)) % 10 == 5)[0]; tr = np.where(np.arange(len(f)) % 10 != 5)[0]
     mu, cov, sh = ledoit_wolf(pooled(f[tr], kind)); P = torch.linalg.inv(cov)
-    tf, tm, mt = load("tyre", "test"); seen = {}; tid = []
-    for i, m in enumerate(mt):
-        if m["label"] == 1:
-            seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-            if seen[m["defect"]] <= 3: tid.append(i)
+    tf, tm, mt = load("tyre", "test"); tid = tuning_ids(mt)
     xv = np.load(C/"tyre_val_feats.npy", mmap_mode="r"); a, b = xv[0::2], xv[1::2]
     for zname, za in (("z from train val-split", f[v]), ("z from validation/good half A", a)):
         ma = maha(mu, P, pooled(za, kind)); ga = grad_scores(za)

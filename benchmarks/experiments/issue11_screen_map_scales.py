@@ -7,10 +7,9 @@ from pathlib import Path
 from gradad.training.config import preset_config, ModelConfig
 from gradad.training.model import GRADModel, AnomalyHead
 from gradad.evaluation.metrics import auroc, pixel_auroc_aupr
+from screen_data import load, tuning_set
 torch.set_num_threads(1)
 name = sys.argv[1]; variant = name
-C = Path("work/cache256")
-def load(n, s): return np.load(C/f"{n}_{s}_feats.npy", mmap_mode="r"), np.load(C/f"{n}_{s}_masks.npy"), json.loads((C/f"{n}_{s}.json").read_text())
 def prep(a):
     x = torch.from_numpy(np.asarray(a)).float()
     if variant.startswith("cat3"): return torch.cat([x, F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)], 1)
@@ -35,14 +34,7 @@ if POSITION_NORM:
     trmaps = msmap(st, Q["mean"]); MU, SD = trmaps.mean(0, keepdim=True), trmaps.std(0, keepdim=True)
     MU1 = st[0].mean(0, keepdim=True); print("pos mean range", float(MU.min()), float(MU.max()))
 for ds in ("mtd", "tyre"):
-    f, _, _ = load(ds, "train"); v = np.arange(len(f)) % 10 == 5
-    tf, tm, meta = load(ds, "test"); seen = {}; tid = []
-    for i, m in enumerate(meta):
-        if m["label"] == 1:
-            seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-            if seen[m["defect"]] <= 3: tid.append(i)
-    fx = prep(np.concatenate([tf[tid], f[v]])); fm = np.concatenate([tm[tid], np.zeros((int(v.sum()),) + tm.shape[1:], tm.dtype)])
-    lab = np.r_[np.ones(len(tid)), np.zeros(int(v.sum()))]
+    _, _, fx, fm, lab, _ = tuning_set(ds); fx = prep(fx)
     combos = {"m15": (0, 2), "m135": (0, 1, 2), "m157": (0, 2, 3), "m17": (0, 3), "m1357": (0, 1, 2, 3)}
     maps = {"l2": []}
     with torch.no_grad():

@@ -6,14 +6,13 @@ from gradad.training.checkpoint import load_detector
 from gradad.training.model import AnomalyHead, residual_scale_maps
 from gradad.training.config import ModelConfig
 from gradad.evaluation.metrics import auroc, pixel_auroc_aupr
+from screen_data import tuning_set
 torch.set_num_threads(2)
-C = Path("work/cache256")
 det, meta = load_detector(sys.argv[1] if len(sys.argv) > 1 else "runs/unified_ms/model.pt")
 model = det.model.eval(); cfg = model.cfg
 
 print("cfg scales", cfg.map_scales, "gain", meta.get("map_scale_gain"))
 G = model.map_scale_gain
-def load(n, s): return np.load(C/f"{n}_{s}_feats.npy", mmap_mode="r"), np.load(C/f"{n}_{s}_masks.npy"), json.loads((C/f"{n}_{s}.json").read_text())
 def refine(xh, x, a, b, thr):
     m = (xh - x).pow(2).mean(1, keepdim=True)
     M = (m < thr).float() if thr is not None else torch.zeros_like(m)
@@ -27,15 +26,7 @@ variants = {"product(0.3,0.7,10)": (0.3, 0.7, 10.0), "plain(S=0)": (0, 0, None),
 heads = {"g4p16": ModelConfig(), "g4p8": ModelConfig(score_pool=8), "g4p32": ModelConfig(score_pool=32), "g2p16": ModelConfig(smoothing_sigma=2.0)}
 out = {}
 for ds in ("mtd", "tyre"):
-    f, _, _ = load(ds, "train"); v = np.arange(len(f)) % 10 == 5
-    tf, tm, mt = load(ds, "test"); seen = {}; tid = []
-    for i, m in enumerate(mt):
-        if m["label"] == 1:
-            seen[m["defect"]] = seen.get(m["defect"], 0) + 1
-            if seen[m["defect"]] <= 3: tid.append(i)
-    fx = torch.from_numpy(np.concatenate([tf[tid], f[v]])).float()
-    fm = np.concatenate([tm[tid], np.zeros((int(v.sum()),) + tm.shape[1:], tm.dtype)])
-    lab = np.r_[np.ones(len(tid)), np.zeros(int(v.sum()))]
+    _, _, fx, fm, lab, n_def = tuning_set(ds); fx = torch.from_numpy(fx).float()
     with torch.no_grad():
         xh = torch.cat([model(fx[i:i+32]).x_hat_normal for i in range(0, len(fx), 32)])
     msk = torch.from_numpy(fm).float()[:, None]
@@ -43,9 +34,9 @@ for ds in ("mtd", "tyre"):
     for vn, (a, b, thr) in variants.items():
         xr, m, cos = refine(xh, fx, a, b, thr)
         if vn.startswith("product"):
-            print(ds, "m quantiles good cells", np.quantile(m[len(tid):].numpy(), [0.5, 0.9, 0.99]).round(2),
-                  "defect cells", np.quantile(m[:len(tid)][cell[:len(tid)]].numpy(), [0.1, 0.5, 0.9]).round(2),
-                  "cos good", np.quantile(cos[len(tid):].numpy(), [0.01, 0.5]).round(3), "cos defect", np.quantile(cos[:len(tid)][cell[:len(tid)]].numpy(), [0.5]).round(3))
+            print(ds, "m quantiles good cells", np.quantile(m[n_def:].numpy(), [0.5, 0.9, 0.99]).round(2),
+                  "defect cells", np.quantile(m[:n_def][cell[:n_def]].numpy(), [0.1, 0.5, 0.9]).round(2),
+                  "cos good", np.quantile(cos[n_def:].numpy(), [0.01, 0.5]).round(3), "cos defect", np.quantile(cos[:n_def][cell[:n_def]].numpy(), [0.5]).round(3))
         amap = msmap(xr, fx)
         for hn, hc in heads.items():
             s, mp = AnomalyHead(hc, (256, 256)).postprocess(amap)

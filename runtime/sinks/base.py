@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from gradad.plain import plain_leaf
 from gradad.runtime.types import FrameResult
 
 log = logging.getLogger("gradad.runtime.sinks")
@@ -67,12 +67,9 @@ class SinkBase:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
+    leaf = plain_leaf(obj)
+    if leaf is not obj:
+        return leaf
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serialisable")

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 
 from gradad.errors import GradError
@@ -41,6 +41,14 @@ def _split_credentials(parsed: urllib.parse.SplitResult) -> tuple[str, dict[str,
     user, _, password = parsed.netloc.rpartition("@")[0].partition(":")
     token = base64.b64encode(f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}".encode()).decode()
     return url, {"Authorization": f"Basic {token}"}
+
+
+def _wait_while(busy: Callable[[], bool], timeout_s: float, wait: Callable[[float], Any]) -> None:
+    """Call ``wait(seconds)`` (at most 0.1 s at a time) while ``busy()``, for at most ``timeout_s`` (a sink's
+    shutdown drain)."""
+    deadline = time.monotonic() + timeout_s
+    while busy() and time.monotonic() < deadline:
+        wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def _redacted_error(exc: BaseException) -> str:
@@ -165,9 +173,7 @@ class WebhookSink(_RecordSink):
             if self._closed:
                 return
             self._closed = True
-            deadline = time.monotonic() + self.close_timeout_s
-            while (self._queue or self._busy) and time.monotonic() < deadline:
-                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            _wait_while(lambda: bool(self._queue or self._busy), self.close_timeout_s, self._cond.wait)
             left = len(self._queue)
             self._queue.clear()
             self._stop = True
@@ -301,11 +307,12 @@ class MqttSink(_RecordSink):
             if self._closed:
                 return
             self._closed = True
-            deadline = time.monotonic() + self.close_timeout_s
-            self._reap()
-            while self._pending and time.monotonic() < deadline:
-                time.sleep(0.01)
+
+            def unconfirmed() -> bool:
                 self._reap()
+                return bool(self._pending)
+
+            _wait_while(unconfirmed, self.close_timeout_s, lambda seconds: time.sleep(min(seconds, 0.01)))
             left = len(self._pending)
             self._pending.clear()
         self.dropped += left
