@@ -60,6 +60,32 @@ def test_feature_extractor_stride8_alignment() -> None:
     assert out.shape == (2, 152, 16, 12)
 
 
+def test_feature_extractor_runs_no_block_after_its_last_feature() -> None:
+    """timm's feature model would also run lite0's blocks 5-6 (unused by x); the extractor drops them, gives the
+    features of the full feature model bit for bit, and still loads weights saved with those blocks."""
+    fe = FeatureExtractor(BackboneConfig())
+    assert len(fe.body.blocks) == 5  # blocks 0-4: block 4 gives the stride-16 features
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3))
+    full.load_state_dict({k[len("body."):]: v for k, v in fe.state_dict().items()}, strict=False)
+    full.eval()
+    ran = []
+    for i, block in enumerate(fe.body.blocks):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        f8, f16 = full(x)
+        out = fe(x)
+    assert ran == [0, 1, 2, 3, 4]
+    expected = torch.cat([f8, torch.nn.functional.interpolate(f16, size=f8.shape[-2:], mode="bilinear",
+                                                              align_corners=False)], dim=1)
+    assert torch.equal(out, expected)
+    old_file = {f"body.{k}": v for k, v in full.state_dict().items()}  # with blocks 5-6
+    assert any(k.startswith("body.blocks.6.") for k in old_file)
+    fe.load_state_dict(old_file)
+    with pytest.raises(RuntimeError, match="Unexpected"):
+        fe.load_state_dict({**old_file, "body.other.weight": torch.zeros(1)})
+
+
 def test_missing_local_weights_file_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_imagenet_classifier("efficientnet_b0", str(tmp_path / "nope.pth"))

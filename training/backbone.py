@@ -180,9 +180,29 @@ class FeatureExtractor(nn.Module):
                 f"backbone.out_indices {spec.out_indices} of {spec.name} give strides {reductions}, need (8, 16)"
             )
         self.channels = int(sum(self.body.feature_info.channels()))
+        self._drop_blocks_after_last_feature()
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
+
+    def _drop_blocks_after_last_feature(self) -> None:
+        # timm's feature models run every block, also those after the last requested feature (lite0: blocks 5-6,
+        # 11% of the edge detector's multiply-adds). The ONNX export drops them as dead code; eager PyTorch
+        # (feature extraction, F2PAD's steps, latency rows) would compute them for nothing.
+        blocks = getattr(self.body, "blocks", None)
+        names = self.body.feature_info.module_name()
+        if not isinstance(blocks, nn.Sequential) or not all(re.fullmatch(r"blocks\.\d+", n) for n in names):
+            return
+        self.body.blocks = blocks[: max(int(n.split(".")[1]) for n in names) + 1]
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, also for weights saved before the unused last blocks were dropped
+        (refinement bundles embed the extractor's weights): their keys are ignored."""
+        kept = len(getattr(self.body, "blocks", ()))
+        unused = re.compile(r"body\.blocks\.(\d+)\.")
+        state = {k: v for k, v in state_dict.items()
+                 if not ((m := unused.match(k)) and int(m.group(1)) >= kept)}
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always frozen: BN statistics must stay ImageNet's.
