@@ -7,8 +7,9 @@ quantisation reads (``grad-export build --int8``), and the one ONNX Runtime CPU 
 Kept in FP32, by the rule shared with FP16 and TensorRT (:mod:`gradad.export.precision`, :func:`int8_fp32_nodes`):
 GridSample, the coordinate mappers (node names containing ``mapper/``: ``/mapper/`` and ``/abnormal_mapper/``), the
 grid modules and every node between a mapper and a GridSample coordinate input, the model's own arithmetic
-(cosines, refinement, map fusion), the map head (up-sampling, smoothing, image score) and the extractor's stem and
-blocks 0-2. Only convolutions and matrix products are quantised.
+(cosines, refinement, map fusion, image Gaussian), the map head (up-sampling, smoothing, image score) and, for INT8
+only, the whole extractor (FP16 keeps its blocks 3-4 in FP16; see :func:`~gradad.export.precision.keeps_fp32_in_int8`
+for the numbers). What INT8 quantises are the convolutions of the two fusion CNNs.
 
 The gate (:class:`~gradad.export.parity.ParityGates`, ``int8_*``): map and score relative L2 error against the FP32
 ONNX, and the image-AUROC drop on a labelled parity set (a dataset's test split) of at most 0.5 point. A model
@@ -44,22 +45,10 @@ log = logging.getLogger(__name__)
 #: Operators quantised: the compute (convolutions, matrix products). Element-wise arithmetic stays FP32: the
 #: GRAD model normalises features (Sqrt, Max, Div) where an INT8 denominator near zero blows the map up.
 OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm")
-#: The map head and the extractor's first layers are part of the shared FP32 rule (gradad.export.precision):
-#: INT8 noise in the first layers (the input quantised to a symmetric grid, then amplified) moved the edge model's map
-#: by 95% relative L2 (stem FP32: 27%; stem + first block: 13%), and the unified MTD + tyre model's by 39% with the
-#: stem + first block FP32 (blocks 0-2 FP32: 9.7%); the head's smoothing convolutions are no place for INT8.
-MAP_HEAD = precision.MAP_HEAD
-EXTRACTOR_FP32_PATTERNS = precision.EARLY_EXTRACTOR
-
-
-def is_early_extractor(node: onnx.NodeProto) -> bool:
-    """The extractor's stem and first blocks (:data:`EXTRACTOR_FP32_PATTERNS`)."""
-    return any(p in node.name for p in EXTRACTOR_FP32_PATTERNS)
-
-
-def is_map_head(node: onnx.NodeProto) -> bool:
-    """True for the map head's nodes: a ``/head/`` module, or ops of the detector itself (not of a submodule)."""
-    return precision.is_map_head_name(node.name)
+#: Why the extractor stays out of INT8 (the FP32 rule, gradad.export.precision): INT8 noise in its first layers (the
+#: input quantised to a symmetric grid, then amplified) moved the edge model's map by 95% relative L2 (stem FP32:
+#: 27%; stem + first block: 13%), the unified MTD + tyre model's by 39% with the stem + first block FP32 (blocks 0-2
+#: FP32: 9.7%); blocks 3-4 are in keeps_fp32_in_int8. The head's smoothing convolutions are no place for INT8.
 
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -91,12 +80,11 @@ class QuantizeOptions:
 
 
 def int8_fp32_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes kept in FP32: the shared rule of :mod:`gradad.export.precision` (GridSample, mappers,
-    grids, the model's own arithmetic, the map head, the extractor's first blocks) and the coordinate path after a
-    mapper — the same nodes the FP16 ONNX keeps FP32."""
+    """Names of the nodes kept in FP32: the FP16 ONNX's FP32 nodes (the shared rule of
+    :mod:`gradad.export.precision` and the coordinate path after a mapper) plus the rest of the extractor."""
     path = coordinate_path(model)
     return [n.name for n in model.graph.node
-            if precision.keeps_fp32(n) or (n.name in path and _after_mapper(n, model.graph))]
+            if precision.keeps_fp32_in_int8(n) or (n.name in path and _after_mapper(n, model.graph))]
 
 
 def _spread(files: list[Path], n: int) -> list[Path]:
@@ -180,16 +168,6 @@ def int8_parity(fp32_path: Path, int8_path: Path, batch: np.ndarray, labels: np.
     return report
 
 
-def _image_gaussian_hint(fp32_path: Path) -> str:
-    """What to do when a refused graph scores images with the image Gaussian (empty otherwise)."""
-    graph = onnx.load(fp32_path, load_external_data=False).graph
-    if not any("/image_gaussian/" in n.name for n in graph.node):
-        return ""
-    return (". This bundle's image score includes the image Gaussian, whose whitening of the pooled features "
-            "amplifies the INT8 error of the extractor: for INT8, refit a copy of the run without it (grad-train "
-            "--config COPY/config.yaml --resume --set model.image_gaussian=false) and export that, or use FP16")
-
-
 def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, Any]:
     """Add ``model.int8.onnx`` to a bundle when it passes the INT8 gate; returns the parity report.
 
@@ -216,8 +194,7 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
                       calibration_images=len(batches), calibration=[str(c) for c in opts.calib])
         failed = check_int8_gates(report, opts.gates)
         if failed:
-            raise ParityError(f"INT8 model of {bundle_dir} rejected (not written): " + "; ".join(failed)
-                              + _image_gaussian_hint(bundle.file(FP32_ONNX)))
+            raise ParityError(f"INT8 model of {bundle_dir} rejected (not written): " + "; ".join(failed))
         shutil.move(str(scratch / INT8_ONNX), bundle_dir / INT8_ONNX)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
