@@ -32,6 +32,7 @@ class Buffered(Generic[_T]):
         self.stop = stop or threading.Event()
         self.dropped = 0
         self._ended = False
+        self.name = name
         self._thread = threading.Thread(target=self._produce, name=name[:60], daemon=True)
         self._thread.start()
 
@@ -61,6 +62,11 @@ class Buffered(Generic[_T]):
                     except queue.Empty:
                         pass
         return False
+
+    @property
+    def ended(self) -> bool:
+        """True once the end (or an error) has been taken from the queue."""
+        return self._ended
 
     def __iter__(self) -> Buffered[_T]:
         return self

@@ -7,7 +7,6 @@ Ctrl-C or SIGTERM) always closes every sink, so no JSON line is lost.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
 import threading
@@ -126,19 +125,27 @@ class StopFlag:
 
 
 def batched(frames: Iterable[_T], size: int) -> Iterator[list[_T]]:
-    """Group consecutive items into batches of up to ``size`` (the last one may be smaller)."""
+    """Group consecutive items into batches of up to ``size`` (the last one may be smaller). An error of ``frames``
+    is raised after the partial batch before it (decoded frames are not lost)."""
     batch: list[_T] = []
-    for frame in frames:
-        batch.append(frame)
-        if len(batch) >= size:
+    try:
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) >= size:
+                yield batch
+                batch = []
+    except Exception:
+        if batch:
             yield batch
-            batch = []
+        raise
     if batch:
         yield batch
 
 
 def until(frames: Iterable[Frame], options: RunOptions, stop: StopFlag) -> Iterator[Frame]:
     """``frames`` until ``options.max_frames`` have been handed out or ``stop`` is set."""
+    if options.max_frames is not None and options.max_frames <= 0:
+        return
     for count, frame in enumerate(frames, 1):
         yield frame
         if stop or (options.max_frames is not None and count >= options.max_frames):
@@ -202,19 +209,32 @@ class Scored:
 def scored_batches(batches: Iterable[list[Captured]], backend: Backend, thresholds: Thresholds,
                    in_flight: int = 1) -> Iterator[Scored]:
     """Run each batch through the backend and yield its verdicts, in order. Backends with ``submit``/``collect``
-    (TensorRT) keep up to ``in_flight`` batches on the device, others run one ``infer`` at a time."""
+    (TensorRT) keep up to ``in_flight`` batches on the device, others run one ``infer`` at a time. An empty batch
+    (an idle camera) finishes what is in flight, so no verdict waits for the next frame; an error of ``batches`` is
+    raised after the verdicts of the batches already submitted."""
     asynchronous = callable(getattr(backend, "submit", None)) and callable(getattr(backend, "collect", None))
     depth = max(1, min(in_flight, getattr(backend, "in_flight", 1))) if asynchronous else 1
     pending: deque[tuple[list[Captured], np.ndarray, Any, float]] = deque()
-    for batch in itertools.chain(batches, [None]):  # None: the end, finish what is in flight
-        if batch is not None:
+    upstream, error = iter(batches), None
+    while True:
+        try:
+            batch = next(upstream)
+        except StopIteration:
+            batch = None  # the end: finish what is in flight
+        except Exception as exc:
+            batch, error = None, exc
+        if batch:
             inputs = np.stack([c.model_input for c in batch])
             t0 = time.perf_counter()
             pending.append((batch, inputs, backend.submit(inputs) if asynchronous else backend.infer(inputs), t0))
-        while pending and (batch is None or len(pending) >= depth):
+        while pending and (not batch or len(pending) >= depth):
             batch_done, inputs, handle, t0 = pending.popleft()
             scores, maps = backend.collect(handle) if asynchronous else handle  # type: ignore[attr-defined]
             yield _verdicts(batch_done, inputs, scores, maps, thresholds, t0)
+        if batch is None:
+            if error is not None:
+                raise error
+            return
 
 
 def _verdicts(batch: list[Captured], inputs: np.ndarray, scores: np.ndarray, maps: np.ndarray,
@@ -281,7 +301,7 @@ def run_pipeline(
     try:
         if options.warmup:
             warm_up(backend, options.batch_for(backend))
-            stats.started = time.perf_counter()
+            stats.restart_clock()
         run = _run_pipelined if options.pipelined else _run_serial
         done = run(frames, backend, thresholds, sink, options, stop, stats)
     finally:
@@ -319,14 +339,29 @@ def _paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
 
 def _batches(captured: Buffered[Captured], size: int, live: bool) -> Iterator[list[Captured]]:
     """Batches of up to ``size``: files wait for a full batch; live sources take what is queued once the first
-    frame is there (a batch never waits for a camera)."""
+    frame is there (a batch never waits for a camera), and an empty batch says the camera has nothing queued, so
+    batches in flight finish before the wait for its next frame. An error is raised after the partial batch."""
     if not live:
         yield from batched(captured, size)
         return
-    for first in captured:
-        batch = [first]
-        while len(batch) < size and (item := captured.get_nowait()) is not None:
+    while True:
+        batch: list[Captured] = []
+        try:
+            item = captured.get_nowait()
+            if item is None:
+                if captured.ended:
+                    return
+                yield batch  # empty: the camera is idle
+                item = next(captured, None)
+                if item is None:
+                    return
             batch.append(item)
+            while len(batch) < size and (item := captured.get_nowait()) is not None:
+                batch.append(item)
+        except Exception:
+            if batch:
+                yield batch
+            raise
         yield batch
 
 
@@ -346,15 +381,18 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                         drop_oldest=options.live, stop=abort)
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
                       max(2, options.in_flight + 1), "grad-inference", stop=abort)
-    done = 0
+    done, dropped_before = 0, stats.dropped
     try:
         for item in scored:
+            stats.dropped = dropped_before + captured.dropped  # live drops, visible while the loop runs
             done += write(item, sink, stats, options, stop)
     finally:
         abort.set()
         for stage in (scored, captured):
-            stage.close(5.0)
-        stats.dropped += captured.dropped
+            if not stage.close(5.0):
+                log.warning("the %s thread did not stop within 5 s (a source read that does not return?)",
+                            stage.name)
+        stats.dropped = dropped_before + captured.dropped
     return done
 
 

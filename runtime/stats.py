@@ -41,6 +41,10 @@ class LatencyStats:
         self.flagged += int(flagged)
         self._recent.append(time.perf_counter())
 
+    def restart_clock(self) -> None:
+        """Start the FPS clock and the periodic log line now (after the backend's warm-up)."""
+        self.started = self._logged = time.perf_counter()
+
     def rolling_fps(self) -> float:
         if len(self._recent) < 2:
             return 0.0

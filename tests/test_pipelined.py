@@ -55,6 +55,30 @@ class SlowBackend:
         pass
 
 
+class AsyncSlowBackend(SlowBackend):
+    """``submit``/``collect`` like the TensorRT backend (up to ``in_flight`` batches on the device, collected in
+    order); the work happens at ``collect``."""
+
+    in_flight = 2
+
+    def __init__(self, backend, delay_s: float = 0.0) -> None:
+        super().__init__(backend, delay_s)
+        self.pending: list[np.ndarray] = []
+
+    def submit(self, images: np.ndarray) -> int:
+        assert len(self.pending) < self.in_flight, "more batches in flight than the backend has slots"
+        self.pending.append(images.copy())
+        return len(self.calls) + len(self.pending)
+
+    def collect(self, _handle: int):
+        return self.infer(self.pending.pop(0))
+
+
+def failing_frames(images: list[np.ndarray], fail_at: int) -> Iterator[Frame]:
+    yield from frames(images, fail_at)
+    raise ValueError(f"frame {fail_at}: corrupt file")
+
+
 @pytest.fixture(scope="module")
 def images(tiny_demo_root: Path) -> list[np.ndarray]:
     return [read_image_rgb(s.image_path) for s in load_samples(tiny_demo_root, "test")[:6]]
@@ -98,10 +122,12 @@ def test_live_source_drops_oldest_frames_only_when_inference_lags(ort, images) -
     slow = SlowBackend(ort, delay_s=0.03)
     live = ListSink()
     stats = LatencyStats()
+    seen: list[int] = []  # drops counted while the loop runs, not only at its end
     run_pipeline(frames(images, 40, delay_s=0.002, source="camera"), slow, THRESHOLDS, [live],
-                 RunOptions(stats_every_s=0, live=True), stats=stats)
+                 RunOptions(stats_every_s=0, live=True, on_result=lambda _: seen.append(stats.dropped)),
+                 stats=stats)
     ids = [r.frame.frame_id for r in live.results]
-    assert stats.dropped > 0 and len(ids) + stats.dropped == 40
+    assert stats.dropped > 0 and len(ids) + stats.dropped == 40 and max(seen) > 0
     assert ids == sorted(ids) and ids[-1] == 39  # newest frames win, order kept
     files = ListSink()
     stats = LatencyStats()
@@ -137,6 +163,38 @@ def test_error_in_the_inference_stage_is_raised_and_sinks_are_closed(ort, images
     with pytest.raises(RuntimeError, match="engine lost"):
         run_pipeline(frames(images, 50), backend, THRESHOLDS, [sink], RunOptions(stats_every_s=0))
     assert sink.closed and [r.frame.frame_id for r in sink.results] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_frames_decoded_before_a_source_error_are_all_written(ort, images, pipelined: bool, batch: int) -> None:
+    """A corrupt file ends the run with its error, after every frame before it was scored and written: the
+    batch in hand and the batches in flight on the backend included."""
+    sink = ListSink()
+    with pytest.raises(ValueError, match="frame 10: corrupt file"):
+        run_pipeline(failing_frames(images, 10), AsyncSlowBackend(ort), THRESHOLDS, [sink],
+                     RunOptions(batch_size=batch, stats_every_s=0, in_flight=2, pipelined=pipelined))
+    assert sink.closed and [r.frame.frame_id for r in sink.results] == list(range(10))
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_max_frames_zero_writes_nothing(ort, images, pipelined: bool) -> None:
+    sink = ListSink()
+    run_pipeline(frames(images, 5), SlowBackend(ort), THRESHOLDS, [sink],
+                 RunOptions(stats_every_s=0, max_frames=0, pipelined=pipelined))
+    assert sink.results == []
+
+
+def test_a_live_verdict_does_not_wait_for_the_next_camera_frame(ort, images) -> None:
+    """With batches in flight (TensorRT), a slow or triggered camera's frame is collected while the camera is
+    idle, not when its next frame arrives (which would add a whole frame period to every verdict)."""
+    sink = ListSink()
+    run_pipeline(frames(images, 3, delay_s=0.4, source="camera"), AsyncSlowBackend(ort), THRESHOLDS, [sink],
+                 RunOptions(stats_every_s=0, live=True, in_flight=2))
+    assert [r.frame.frame_id for r in sink.results] == [0, 1, 2]
+    for r in sink.results:  # the frames helper dates each frame decode_ms before it is handed out
+        assert r.latency_ms["inference"] < 200 and r.latency_ms["end_to_end"] - r.latency_ms["decode"] < 200, \
+            r.latency_ms
 
 
 def test_stop_flag_ends_the_stream_and_flushes_what_was_captured(ort, images) -> None:
