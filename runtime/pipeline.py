@@ -216,25 +216,32 @@ def scored_batches(batches: Iterable[list[Captured]], backend: Backend, threshol
     depth = max(1, min(in_flight, getattr(backend, "in_flight", 1))) if asynchronous else 1
     pending: deque[tuple[list[Captured], np.ndarray, Any, float]] = deque()
     upstream, error = iter(batches), None
-    while True:
-        try:
-            batch = next(upstream)
-        except StopIteration:
-            batch = None  # the end: finish what is in flight
-        except Exception as exc:
-            batch, error = None, exc
-        if batch:
-            inputs = np.stack([c.model_input for c in batch])
-            t0 = time.perf_counter()
-            pending.append((batch, inputs, backend.submit(inputs) if asynchronous else backend.infer(inputs), t0))
-        while pending and (not batch or len(pending) >= depth):
-            batch_done, inputs, handle, t0 = pending.popleft()
-            scores, maps = backend.collect(handle) if asynchronous else handle  # type: ignore[attr-defined]
-            yield _verdicts(batch_done, inputs, scores, maps, thresholds, t0)
-        if batch is None:
-            if error is not None:
-                raise error
-            return
+    try:
+        while True:
+            try:
+                batch = next(upstream)
+            except StopIteration:
+                batch = None  # the end: finish what is in flight
+            except Exception as exc:
+                batch, error = None, exc
+            if batch:
+                inputs = np.stack([c.model_input for c in batch])
+                t0 = time.perf_counter()
+                pending.append((batch, inputs, backend.submit(inputs) if asynchronous else backend.infer(inputs), t0))
+            while pending and (not batch or len(pending) >= depth):
+                batch_done, inputs, handle, t0 = pending.popleft()
+                scores, maps = backend.collect(handle) if asynchronous else handle  # type: ignore[attr-defined]
+                yield _verdicts(batch_done, inputs, scores, maps, thresholds, t0)
+            if batch is None:
+                if error is not None:
+                    raise error
+                return
+    finally:  # the loop ended early (an error downstream): free the slots of the batches still on the device
+        while asynchronous and pending:
+            try:
+                backend.collect(pending.popleft()[2])  # type: ignore[attr-defined]
+            except Exception as exc:  # the error that ended the loop is the one to report
+                log.debug("collecting an abandoned batch failed: %s", exc)
 
 
 def _verdicts(batch: list[Captured], inputs: np.ndarray, scores: np.ndarray, maps: np.ndarray,

@@ -177,6 +177,24 @@ def test_frames_decoded_before_a_source_error_are_all_written(ort, images, pipel
     assert sink.closed and [r.frame.frame_id for r in sink.results] == list(range(10))
 
 
+class FailingSink(ListSink):
+    def write(self, result: FrameResult) -> None:
+        if len(self.results) == 3:
+            raise RuntimeError("disk full")
+        super().write(result)
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_batches_in_flight_are_collected_when_the_loop_ends_on_an_error(ort, images, pipelined: bool) -> None:
+    """A sink error ends the run; the batches still on the device are collected (their TensorRT slots freed), so
+    the backend can run again."""
+    backend = AsyncSlowBackend(ort)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_pipeline(frames(images, 30), backend, THRESHOLDS, [FailingSink()],
+                     RunOptions(stats_every_s=0, in_flight=2, pipelined=pipelined))
+    assert backend.pending == []
+
+
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_max_frames_zero_writes_nothing(ort, images, pipelined: bool) -> None:
     sink = ListSink()
