@@ -115,21 +115,29 @@ class RefineCounts:
     """Running totals of a worker's jobs, for the run summary."""
 
     submitted: int = 0
-    done: int = 0
-    dropped: int = 0
-    failed: int = 0
-    unfinished: int = 0
-    statuses: dict[str, int] = field(default_factory=dict)
+    done: int = 0  # jobs with a refined result
+    statuses: dict[str, int] = field(default_factory=dict)  # every outcome by status
     seconds_total: float = 0.0
     iterations_total: int = 0
     latency_total_s: float = 0.0
+
+    @property
+    def dropped(self) -> int:
+        return self.statuses.get(STATUS_DROPPED, 0)
+
+    @property
+    def unfinished(self) -> int:
+        return self.statuses.get(STATUS_UNFINISHED, 0)
+
+    @property
+    def failed(self) -> int:
+        """Jobs that ended without a result for another reason (the refiner raised, the worker died)."""
+        return sum(self.statuses.values()) - self.done - self.dropped - self.unfinished
 
     def add(self, outcome: RefineOutcome) -> None:
         """Count one outcome."""
         self.statuses[outcome.status] = self.statuses.get(outcome.status, 0) + 1
         if outcome.result is None:
-            field_name = {STATUS_DROPPED: "dropped", STATUS_UNFINISHED: "unfinished"}.get(outcome.status, "failed")
-            setattr(self, field_name, getattr(self, field_name) + 1)
             return
         self.done += 1
         self.seconds_total += float(outcome.result.seconds)

@@ -15,8 +15,8 @@ import pytest
 
 from gradad.errors import GradError
 from gradad.runtime.refine_result import STATUS_CONVERGED, RefineResult
-from gradad.runtime.refine_worker import (STATUS_DROPPED, STATUS_FAILED, STATUS_UNFINISHED, RefineWorker,
-                                          RefineWorkerConfig, RefineWorkerError)
+from gradad.runtime.refine_worker import (STATUS_DROPPED, STATUS_FAILED, STATUS_UNFINISHED, RefineCounts,
+                                          RefineOutcome, RefineWorker, RefineWorkerConfig, RefineWorkerError)
 
 HW = (16, 16)
 
@@ -188,3 +188,17 @@ def test_worker_process_side_is_named_by_module_and_lives_in_gradad_refine(monke
     monkeypatch.setattr(refine_worker, "WORKER_MODULE", "gradad.refine.no_such_worker")
     with pytest.raises(RefineWorkerError, match=r"cannot load the refinement worker gradad.refine.no_such_worker"):
         _worker(standin_factory)
+
+
+def test_refine_counts_group_the_outcomes_by_status() -> None:
+    counts = RefineCounts(submitted=7)
+    mask = np.zeros(HW, bool)
+    for seconds in (0.5, 1.5):
+        result = RefineResult(mask, mask, mask, np.zeros((*HW, 3), np.uint8), 10, seconds, STATUS_CONVERGED, 0.0)
+        counts.add(RefineOutcome(0, {}, result.status, result, latency_s=2.0))
+    for status in (STATUS_DROPPED, STATUS_DROPPED, STATUS_FAILED, STATUS_UNFINISHED, STATUS_FAILED):
+        counts.add(RefineOutcome(0, {}, status))
+    summary = counts.summary()
+    assert (summary["done"], summary["dropped"], summary["failed"], summary["unfinished"]) == (2, 2, 2, 1)
+    assert summary["statuses"] == {STATUS_CONVERGED: 2, STATUS_DROPPED: 2, STATUS_FAILED: 2, STATUS_UNFINISHED: 1}
+    assert summary["mean_seconds"] == 1.0 and summary["mean_iterations"] == 10 and summary["mean_latency_s"] == 2.0
