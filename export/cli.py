@@ -84,15 +84,19 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
               "taken in turn).")
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               help="Activation range calibration.")
+@click.option("--activations", type=click.Choice(["int8", "uint8"]), default="int8",
+              help="int8: symmetric, for TensorRT (grad-export build --int8) and ARM CPUs; uint8: asymmetric, "
+              "ONNX Runtime's faster INT8 kernels on x86 CPUs (no TensorRT engine from it).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
 @grad_command
-def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max_images, method, threads) -> None:
+def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max_images, method, activations,
+                     threads) -> None:
     """Add an INT8 QDQ model (model.int8.onnx) to BUNDLE_DIR: ONNX Runtime static quantisation, per-channel
-    symmetric INT8 weights, symmetric INT8 activations calibrated on --calib good images.
+    symmetric INT8 weights, INT8 activations (--activations) calibrated on --calib good images.
 
     FP32 as in the FP16 ONNX (gradad.export.precision): GridSample, the coordinate mappers and grid modules, the
-    model's own arithmetic (cosines, refinement, map fusion), the map head and the extractor's stem + blocks 0-2;
-    the rest of the extractor and both fusion CNNs are INT8. The model is
+    model's own arithmetic (cosines, refinement, map fusion, image Gaussian), the map head, and for INT8 the whole
+    extractor; the two fusion CNNs are INT8. The model is
     added only if it passes the INT8 gate against the FP32 ONNX (map and score relative L2 error, image-AUROC drop
     <= 0.5 point on the --data test split); the gate's numbers go into bundle.json (parity.onnx_int8_vs_fp32).
     Run it with grad-run --precision int8, or build a TensorRT engine with grad-export build --int8.
@@ -100,7 +104,8 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
     from gradad.export.int8 import QuantizeOptions, quantize_bundle
 
     opts = QuantizeOptions(calib=list(calib), calib_max_images=calib_max_images, data_roots=list(data_roots),
-                           parity_max_images=parity_max_images, method=method, threads=threads)
+                           parity_max_images=parity_max_images, method=method, activations=activations,
+                           threads=threads)
     report = quantize_bundle(bundle_dir, opts)
     click.echo(f"INT8 model: {Path(bundle_dir) / 'model.int8.onnx'}: map rel L2 {report['map_rel_l2']:.3f}, score "
                f"rel L2 {report['score_rel_l2']:.3f}, image AUROC {report['auroc_fp32']:.4f} (FP32) -> "

@@ -12,7 +12,7 @@ from typing import Any, Callable
 from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
-from gradad.errors import DatasetError
+from gradad.errors import DatasetError, GradError
 from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32_name
 from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, build_engine
@@ -63,6 +63,10 @@ def build_bundle_engine(
     map/score errors against ONNX Runtime FP32."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.load(bundle_dir)
+    if int8 and bundle.parity.get("onnx_int8_vs_fp32", {}).get("activations") == "uint8":
+        raise GradError(f"{bundle_dir / INT8_ONNX} has asymmetric uint8 activations (grad-export quantize "
+                        "--activations uint8, for ONNX Runtime on x86 CPUs); TensorRT's explicit quantisation needs "
+                        f"symmetric int8: grad-export quantize {bundle_dir} --activations int8 ... first")
     optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]
     bundle.verify([FP32_ONNX] + optional)
     if not Path(parity_images).is_dir():

@@ -18,6 +18,7 @@ from onnx import TensorProto
 from gradad.bundle import INT8_ONNX, BundleError, file_entry, read_manifest
 from gradad.data.datasets import load_samples
 from gradad.data.images import read_image_rgb
+from gradad.errors import GradError
 from gradad.export.cli import main as export_main
 from gradad.export.graph import ExportModule
 from gradad.export.int8 import QuantizeOptions, int8_fp32_nodes, quantize_bundle
@@ -189,6 +190,37 @@ def test_quantize_cli_and_run_precision_int8(int8_bundle: tuple[Path, dict], tin
     assert "--calib" in result.output and "AUROC" in result.output
     missing = CliRunner().invoke(export_main, ["quantize", str(path)])
     assert missing.exit_code == 2 and "--calib" in missing.output
+
+
+def test_uint8_activations_for_x86_onnx_runtime_and_no_tensorrt_engine_from_them(bundle: Path, tiny_demo_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """--activations uint8: asymmetric uint8 activations (ONNX Runtime's fast x86 kernels), recorded in bundle.json,
+    run by grad-run's INT8 path; grad-export build --int8 refuses the model (TensorRT needs symmetric int8)."""
+    from test_tensorrt_glue import GPU, _int8_fake
+
+    from gradad.export.engine import build_bundle_engine
+
+    copy = tmp_path / "u8"
+    shutil.copytree(bundle, copy)
+    opts = QuantizeOptions(calib=[str(tiny_demo_root / "nut" / "train" / "good")], data_roots=[str(tiny_demo_root)],
+                           activations="uint8", gates=ParityGates(int8_auroc_max_drop=1.0, int8_map_rel_l2=1.0,
+                                                                  int8_score_rel_l2=1.0))
+    report = quantize_bundle(copy, opts)
+    assert report["activations"] == "uint8"
+    assert read_manifest(copy)["parity"]["onnx_int8_vs_fp32"]["activations"] == "uint8"
+    model = onnx.load(copy / INT8_ONNX)
+    inits = {i.name: i for i in model.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(z.data_type == TensorProto.UINT8 for z in zero_points)
+    backend, _ = load_backend(copy, "onnxruntime", "int8")
+    scores, _ = backend.infer(np.zeros((1, 3, *backend.input_hw), np.uint8))
+    assert np.isfinite(scores).all()
+    with pytest.raises(GradError, match="asymmetric uint8 activations.*--activations int8"):
+        build_bundle_engine(copy, tiny_demo_root / "nut" / "test" / "good", trt=_int8_fake(input_shape=(-1, 3, 64, 64)),
+                            gpu=GPU, int8=True)
+    with pytest.raises(GradError, match="--activations 'int16'"):
+        QuantizeOptions(calib=["x"], activations="int16").validate()
 
 
 class _OrtAsEngine:
