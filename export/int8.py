@@ -1,8 +1,9 @@
 """``grad-export quantize``: an INT8 QDQ ONNX of a bundle, calibrated on good images and parity-gated.
 
 ONNX Runtime static quantisation in QDQ format (QuantizeLinear/DequantizeLinear pairs around each quantised
-operator), per-channel symmetric INT8 weights and symmetric INT8 activations: the form TensorRT's explicit
-quantisation reads (``grad-export build --int8``), and the one ONNX Runtime CPU runs with its INT8 kernels.
+operator), per-channel symmetric INT8 weights. Activations are symmetric int8 by default, the form TensorRT's
+explicit quantisation reads (``grad-export build --int8``) and ARM CPUs run; ``--activations uint8`` gives the
+asymmetric form ONNX Runtime runs fastest on x86 CPUs (no TensorRT engine is built from it).
 
 Kept in FP32, by the rule shared with FP16 and TensorRT (:mod:`gradad.export.precision`, :func:`int8_fp32_nodes`):
 GridSample, the coordinate mappers (node names containing ``mapper/``: ``/mapper/`` and ``/abnormal_mapper/``), the
@@ -45,11 +46,6 @@ log = logging.getLogger(__name__)
 #: Operators quantised: the compute (convolutions, matrix products). Element-wise arithmetic stays FP32: the
 #: GRAD model normalises features (Sqrt, Max, Div) where an INT8 denominator near zero blows the map up.
 OPS_TO_QUANTIZE = ("Conv", "MatMul", "Gemm")
-#: Why the extractor stays out of INT8 (the FP32 rule, gradad.export.precision): INT8 noise in its first layers (the
-#: input quantised to a symmetric grid, then amplified) moved the edge model's map by 95% relative L2 (stem FP32:
-#: 27%; stem + first block: 13%), the unified MTD + tyre model's by 39% with the stem + first block FP32 (blocks 0-2
-#: FP32: 9.7%); blocks 3-4 are in keeps_fp32_in_int8. The head's smoothing convolutions are no place for INT8.
-
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 #: Activation encodings: "int8" symmetric (what TensorRT's explicit quantisation and ARM CPUs take) or "uint8"
@@ -86,6 +82,10 @@ class QuantizeOptions:
             raise GradError("--calib-max-images must be >= 1 and --parity-max-images >= 2")
 
 
+# Why the extractor stays out of INT8 (the FP32 rule, gradad.export.precision): INT8 noise in its first layers (the
+# input quantised to a symmetric grid, then amplified) moved the edge model's map by 95% relative L2 (stem FP32:
+# 27%; stem + first block: 13%), the unified MTD + tyre model's by 39% with the stem + first block FP32 (blocks 0-2
+# FP32: 9.7%); blocks 3-4: see keeps_fp32_in_int8. The head's smoothing convolutions are no place for INT8.
 def int8_fp32_nodes(model: onnx.ModelProto) -> list[str]:
     """Names of the nodes kept in FP32: the FP16 ONNX's FP32 nodes (the shared rule of
     :mod:`gradad.export.precision` and the coordinate path after a mapper) plus the rest of the extractor."""
