@@ -114,10 +114,14 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 @click.option("--good", "good_dir", type=click.Path(exists=True, file_okay=False),
               help="Held-out good images of the class (not used in training): its coarse-mask threshold and the tau "
               "noise are measured on them [default: <class>/validation/good, else training images].")
+@click.option("--include-trained", is_flag=True, help="Also tune on labelled defects the model's stage 1 trained "
+              "on (left out by default: the model maps them better than new defects, so settings tuned on them do "
+              "not transfer).")
 @click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
 @grad_command
-def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threads, assignments) -> None:
+def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, include_trained, threads,
+         assignments) -> None:
     """Choose inpainting, lambda0 and tau per class on a labelled tuning split and store them in BUNDLE.
 
     coarse threshold: the calibration's pixel rule on the class's held-out good images (a unified bundle's one
@@ -131,7 +135,7 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
     from gradad.refine.bundle_files import load_refine_parts, write_class_settings
     from gradad.refine.refiner import Refiner
     from gradad.refine.tuning import (TRAINING_SOURCE, TUNING_SEED, class_coarse_threshold, good_images_for,
-                                      labelled_arrays, pick_samples, tune_class)
+                                      labelled_arrays, pick_samples, tune_class, without_trained_defects)
     from gradad.runtime.loader import load_backend
 
     parts = load_refine_parts(bundle_dir)
@@ -145,9 +149,12 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, threa
         held_out = read_held_out(split_path)
         labelled = [s for s in labelled if str(s.image_path.resolve()) in held_out]
         per_defect = 0  # every image of the split
+    if not include_trained:
+        labelled = without_trained_defects(labelled, parts.model_path)
     samples = pick_samples(labelled, per_defect, TUNING_SEED)
     if not samples:
-        raise GradError(f"no labelled defect images (with masks) under {data_root}")
+        raise GradError(f"no labelled defect images (with masks) under {data_root}"
+                        + ("" if include_trained else " that the model did not train on (--include-trained uses those)"))
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
     tuned_classes = sorted({s.class_name for s in samples})
     if good_dir and len(tuned_classes) > 1:

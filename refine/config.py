@@ -127,7 +127,8 @@ class RefineConfig:
     keep_interior_candidates: tuple[int, ...] = (0, 8, 16)
     mask_min_component_px: int = 0  # drop connected components smaller than this (0 = keep all)
     # Collapse guard: when the refined mask covers less than collapse_fraction of the coarse map's confident core
-    # (map > core_threshold_factor x pixel threshold), the core is added to the mask.
+    # (map > core_threshold_factor x pixel threshold; the whole coarse mask when no pixel is that high), the core is
+    # added to the mask.
     collapse_fraction: float = 0.25
     core_threshold_factor: float = 1.5
     reestimate_iterations: int = 0  # optional re-estimation pass with lambda = 0 inside the final mask (0 = off)

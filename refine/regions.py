@@ -13,6 +13,14 @@ def coarse_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     return np.asarray(anomaly_map) > pixel_threshold
 
 
+def confident_core(anomaly_map: np.ndarray, pixel_threshold: float, factor: float) -> np.ndarray:
+    """The coarse map's confident core kept by the collapse guard: pixels above ``factor`` x the threshold, or,
+    when none is (a defect the map only just flagged), the whole coarse mask: the guard must still keep what GRAD
+    flagged when the refined mask explains all of it away."""
+    core = coarse_mask(anomaly_map, pixel_threshold * factor)
+    return core if core.any() else coarse_mask(anomaly_map, pixel_threshold)
+
+
 def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
     """Dilate a bool mask with a disc of ``radius_px``."""
     if radius_px <= 0:

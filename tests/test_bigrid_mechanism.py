@@ -18,7 +18,8 @@ from gradad.training.config import FBPConfig, preset_config
 from gradad.training.defects import DefectSet
 from gradad.training.fbp import KINDS, synthesize_anomalies
 from gradad.training.model import AnomalyHead, GRADModel
-from gradad.training.trainer import abnormal_step, coordinate_spread, make_optimizer, stage_parameters
+from gradad.training.trainer import (abnormal_step, coordinate_spread, make_optimizer, stage_parameters,
+                                    trained_defect_files)
 from gradad.training.validation import ValidationSet, fit_fusion_weight, selfcheck, validation_indices
 
 C, H, W = 8, 12, 12
@@ -235,3 +236,17 @@ def test_validation_split_takes_every_kth_image_per_class_never_the_first() -> N
     assert len(idx) == 4 and {samples[i].class_name for i in idx} == {"a", "b"}
     assert 0 not in idx and 20 not in idx
     assert len(validation_indices(samples, 0.0)) == 0
+
+
+def test_trained_defects_are_recorded_as_the_files_their_links_point_to(tmp_path: Path) -> None:
+    """grad-refine tune compares them with test images: a tuning split's links must resolve to those."""
+    test_image = tmp_path / "data" / "test" / "crack" / "000.png"
+    test_image.parent.mkdir(parents=True)
+    test_image.write_bytes(b"")
+    link = tmp_path / "split" / "crack" / "000.png"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(test_image)
+    defects = DefectSet(torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1),
+                        [Sample(link, "defects", "train", 1, "crack", None)])
+    assert trained_defect_files(defects) == [str(test_image.resolve())]
+    assert trained_defect_files(None) == []

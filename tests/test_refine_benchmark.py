@@ -78,6 +78,29 @@ def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trai
     assert load_refine_parts(copy).class_settings["nut"]["coarse_threshold"] == stored
 
 
+def test_tune_leaves_out_defects_the_model_trained_on(bundle, trained_tiny, tiny_demo_root, tmp_path):
+    """Stage 1's labelled defects (recorded in the model file) map better than new ones: not tuned on by default."""
+    import torch
+
+    chosen = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1 and s.class_name == "nut"][:2]
+    payload = torch.load(trained_tiny, weights_only=True)
+    payload["trained_defects"] = [str(chosen[0].image_path.resolve())]  # as grad-train records them
+    model_path = tmp_path / "model.pt"
+    torch.save(payload, model_path)
+    copy, _, _, _, _ = _prepared_copy(bundle, model_path, tiny_demo_root, tmp_path)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
+    args = ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root), "--split", str(split),
+            "--good", str(tiny_demo_root / "nut" / "test" / "good"), "--threads", "1", "--set", "max_iterations=2",
+            "--set", "mask_tau_images=1", "--set", "device=cpu"]
+    res = CliRunner().invoke(refine_cli, args)
+    assert res.exit_code == 0, res.output
+    assert Bundle.load(copy).refine.tuning["nut"]["images"] == [str(chosen[1].image_path)]
+    res = CliRunner().invoke(refine_cli, [*args, "--include-trained"])
+    assert res.exit_code == 0, res.output
+    assert Bundle.load(copy).refine.tuning["nut"]["images"] == [str(s.image_path) for s in chosen]
+
+
 def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle, trained_tiny, tiny_demo_root,
                                                                            tmp_path):
     copy, defects, all_truths, all_maps, calibrated = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)

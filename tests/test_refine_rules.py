@@ -17,7 +17,7 @@ from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
 from gradad.refine.refiner import Refiner, collapse_guard, finish_mask, mask_from_norm, pixel_mask
-from gradad.refine.regions import dilate, interior, shift_fill
+from gradad.refine.regions import confident_core, dilate, interior, shift_fill
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
@@ -220,6 +220,18 @@ def test_collapse_guard_keeps_the_confident_core():
     kept[2:4, 2:6] = True  # half the core: the refined mask stands
     assert np.array_equal(collapse_guard(kept, core, 0.25), kept)
     assert np.array_equal(collapse_guard(empty, None, 0.25), empty)
+
+
+def test_confident_core_is_the_coarse_mask_when_no_pixel_is_confident():
+    """A defect the map only just flagged has no pixel above 1.5x the threshold: the guard then keeps the coarse
+    mask, so a refined mask that explained the defect away cannot return nothing."""
+    amap = np.zeros((8, 8), np.float32)
+    amap[1:3, 1:3] = 1.2  # flagged (threshold 1), not confident
+    assert np.array_equal(confident_core(amap, 1.0, 1.5), amap > 1.0)
+    assert np.array_equal(collapse_guard(np.zeros_like(amap, bool), confident_core(amap, 1.0, 1.5), 0.25), amap > 1.0)
+    amap[5, 5] = 2.0  # one confident pixel: the core is it alone
+    assert np.array_equal(confident_core(amap, 1.0, 1.5), amap > 1.5)
+    assert not confident_core(np.zeros((4, 4)), 1.0, 1.5).any()  # nothing flagged: nothing to keep
 
 
 def test_shift_fill_copies_texture_from_a_matching_offset():

@@ -186,6 +186,11 @@ def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.dev
     return DefectSet(torch.from_numpy(feats), cells, samples)
 
 
+def trained_defect_files(defects: DefectSet | None) -> list[str]:
+    """Resolved paths (symlinks followed) of the labelled defect images stage 1 trains on, sorted."""
+    return sorted(str(s.image_path.resolve()) for s in defects.samples) if defects is not None else []
+
+
 def _split_defects(defects: DefectSet | None, holdout: float) -> tuple[DefectSet | None, DefectSet | None]:
     if defects is None:
         return None, None
@@ -441,6 +446,9 @@ class Trainer:
             "data_summary": summarize(data.samples),
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
+            # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
+            # unseen defect's, so grad-refine tune leaves them out of its tuning images
+            "trained_defects": trained_defect_files(data.defects),
         }
         ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
         try:
