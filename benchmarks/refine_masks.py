@@ -113,7 +113,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     from gradad.refine.bundle_files import load_refine_parts, tuning_images
     from gradad.refine.cli import apply_refine_set
     from gradad.refine.refiner import Refiner
-    from gradad.refine.tuning import labelled_arrays, pick_samples
+    from gradad.refine.tuning import labelled_arrays, pick_samples, trained_defects
     from gradad.runtime.loader import load_backend
 
     excluded = tuning_images(bundle_dir)
@@ -123,10 +123,12 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
 
         held_out = read_held_out(exclude)
         excluded |= {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in held_out}
-    samples = pick_samples(labelled, per_defect, exclude=excluded)
+    parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
+    trained = trained_defects(parts.model_path) or set()  # never scored: the model maps them better than new ones
+    trained_excluded = {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in trained} - excluded
+    samples = pick_samples(labelled, per_defect, exclude=excluded | trained_excluded)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
-    parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
     refiner = Refiner.from_parts(parts, config)
@@ -180,7 +182,8 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         "oracle_pixel_threshold": float(oracle_threshold),
         "oracle_rule": "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)",
         "feature_scale": refiner.feature_scale, "class_settings": parts.class_settings,
-        "tuning_images_excluded": len(excluded), "tuning_split": exclude,
+        "tuning_images_excluded": len(excluded), "trained_images_excluded": len(trained_excluded),
+        "tuning_split": exclude,
         "device": str(refiner.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "config": config.to_dict(), "statuses": dict(statuses),

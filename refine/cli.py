@@ -149,12 +149,13 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
         held_out = read_held_out(split_path)
         labelled = [s for s in labelled if str(s.image_path.resolve()) in held_out]
         per_defect = 0  # every image of the split
+    left_out: list = []
     if not include_trained:
-        labelled = without_trained_defects(labelled, parts.model_path)
+        labelled, left_out = without_trained_defects(labelled, parts.model_path)
     samples = pick_samples(labelled, per_defect, TUNING_SEED)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}"
-                        + ("" if include_trained else " that the model did not train on (--include-trained uses those)"))
+                        + (" that the model did not train on (--include-trained uses those)" if left_out else ""))
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
     tuned_classes = sorted({s.class_name for s in samples})
     if good_dir and len(tuned_classes) > 1:
@@ -176,7 +177,8 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
                                         "bundle_pixel_threshold": refiner.pixel_threshold}
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
-                         "images": [str(s.image_path) for s in chosen], "settings": values}
+                         "images": [str(s.image_path) for s in chosen], "settings": values,
+                         "left_out_as_trained": [str(s.image_path) for s in left_out if s.class_name == name]}
         click.echo(f"{name}: {values} ({evidence.get('truth_beats_no_defect_at_lambda0', 0)} of "
                    f"{evidence['flagged_tuning_images']} tuning defects: truth beats 'no defect')")
     backend.close()

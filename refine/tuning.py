@@ -53,17 +53,30 @@ def pick_samples(samples: list, per_defect: int, seed: int = 0, exclude: set[str
     return out
 
 
-def without_trained_defects(samples: list, model_path: str | Path) -> list:
-    """``samples`` without the labelled defects the model file says its stage 1 trained on (``trained_defects``,
-    resolved paths); logs how many were left out. Their maps are better than an unseen defect's (on the MTD + tyre
-    model, tyre tuning IoU 23-27 against 9-11 on scored images), so settings tuned on them do not transfer."""
+def trained_defects(model_path: str | Path) -> set[str] | None:
+    """Resolved paths of the labelled defects the model's stage 1 trained on (``trained_defects`` in the model
+    file); None for a model file written before they were recorded."""
     from gradad.training.checkpoint import read_checkpoint
 
-    trained = set(read_checkpoint(model_path).get("trained_defects") or [])
+    recorded = read_checkpoint(model_path).get("trained_defects")
+    return None if recorded is None else set(recorded)
+
+
+def without_trained_defects(samples: list, model_path: str | Path) -> tuple[list, list]:
+    """(``samples`` without the labelled defects the model trained on, those left out). Their maps are better than
+    an unseen defect's (on the MTD + tyre model, tyre tuning IoU 23-27 against 9-11 on scored images), so settings
+    tuned on them do not transfer. A model file that does not record them keeps every sample, with a warning."""
+    trained = trained_defects(model_path)
+    if trained is None:
+        log.warning("%s does not record which labelled defects its stage 1 trained on (written before gradad "
+                    "recorded them): none can be left out of tuning; tune on defects the model never saw",
+                    model_path)
+        return samples, []
     kept = [s for s in samples if str(Path(s.image_path).resolve()) not in trained]
-    if len(kept) < len(samples):
-        log.info("tuning leaves out %d labelled defect(s) the model trained on", len(samples) - len(kept))
-    return kept
+    left_out = [s for s in samples if str(Path(s.image_path).resolve()) in trained]
+    if left_out:
+        log.info("tuning leaves out %d labelled defect(s) the model trained on", len(left_out))
+    return kept, left_out
 
 
 def labelled_arrays(samples: Sequence, size: int) -> tuple[np.ndarray, np.ndarray]:

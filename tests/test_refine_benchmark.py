@@ -95,7 +95,18 @@ def test_tune_leaves_out_defects_the_model_trained_on(bundle, trained_tiny, tiny
             "--set", "mask_tau_images=1", "--set", "device=cpu"]
     res = CliRunner().invoke(refine_cli, args)
     assert res.exit_code == 0, res.output
-    assert Bundle.load(copy).refine.tuning["nut"]["images"] == [str(chosen[1].image_path)]
+    tuning = Bundle.load(copy).refine.tuning["nut"]
+    assert tuning["images"] == [str(chosen[1].image_path)]
+    assert tuning["left_out_as_trained"] == [str(chosen[0].image_path)]
+    # the benchmark never scores it either (nor the tuned image)
+    out = tmp_path / "results"
+    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root), "--classes",
+                                          "nut", "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
+                                          "--no-panels", "-o", str(out), "--name", "t"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "t.json").read_text())
+    assert result["trained_images_excluded"] == 1 and result["tuning_images_excluded"] == 1
+    assert not {str(s.image_path) for s in chosen} & {r["image"] for r in result["images"]}
     res = CliRunner().invoke(refine_cli, [*args, "--include-trained"])
     assert res.exit_code == 0, res.output
     assert Bundle.load(copy).refine.tuning["nut"]["images"] == [str(s.image_path) for s in chosen]

@@ -448,7 +448,7 @@ class Trainer:
             "normal_branch_from": normal_from,
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
             # unseen defect's, so grad-refine tune leaves them out of its tuning images
-            "trained_defects": trained_defect_files(data.defects),
+            "trained_defects": trained_defect_files(data.defects) if self._stage_epochs("abnormal") else [],
         }
         ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
         try:
