@@ -111,7 +111,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
 
     from gradad.calibration.thresholds import pixel_threshold_f1
     from gradad.refine.bundle_files import load_refine_parts, tuning_images
-    from gradad.refine.cli import apply_refine_set
+    from gradad.refine.cli import apply_refine_set, with_set_over_classes
     from gradad.refine.refiner import Refiner
     from gradad.refine.tuning import labelled_arrays, pick_samples, trained_defects
     from gradad.runtime.loader import load_backend
@@ -131,6 +131,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
+    parts = with_set_over_classes(parts, assignments)
     refiner = Refiner.from_parts(parts, config)
     images, truths = labelled_arrays(samples, refiner.detector.head.image_hw[0])
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
@@ -21,6 +21,9 @@ from tqdm import tqdm
 from gradad.cli_utils import CLI_CONTEXT, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
+
+if TYPE_CHECKING:
+    from gradad.refine.bundle_files import RefineParts
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,18 @@ def apply_refine_set(config: RefineConfig, assignments: tuple[str, ...]) -> Refi
             raise ConfigError(f"--set {item!r}: expected key=value (a RefineConfig field)")
         values[key.strip()] = yaml.safe_load(raw)
     return refine_config_from_dict(values)
+
+
+def with_set_over_classes(parts: "RefineParts", assignments: tuple[str, ...]) -> "RefineParts":
+    """``parts`` whose tuned per-class settings no longer hold the keys given with ``--set``: a value the user
+    typed applies to every class (it would otherwise be replaced by each class's tuned one without a word)."""
+    named = {item.partition("=")[0].strip() for item in assignments}
+    dropped = named & {key for values in parts.class_settings.values() for key in values}
+    if not dropped:
+        return parts
+    log.info("--set %s overrides the classes' tuned value(s)", ", ".join(sorted(dropped)))
+    classes = {name: {k: v for k, v in values.items() if k not in named} for name, values in parts.class_settings.items()}
+    return dataclasses.replace(parts, class_settings=classes)
 
 
 class _DefaultToRun(click.Group):
@@ -281,7 +296,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
         raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
                         "--all to refine every image")
     runtime_backend, _ = load_backend(bundle_dir, backend)
-    refiner = Refiner.from_parts(parts, config)
+    refiner = Refiner.from_parts(with_set_over_classes(parts, assignments), config)
     h, w = bundle.input.model_hw
     started = time.perf_counter()
     counts = {"images": 0, "refined": 0}

@@ -326,3 +326,19 @@ def test_tuning_scores_the_mask_the_solver_returns():
     keep = np.zeros_like(region)
     keep[28, 28] = True
     assert (finish_mask(mask, None, keep, cfg) == (mask | keep)).all()
+
+
+def test_set_of_a_class_setting_applies_to_every_tuned_class():
+    """grad-refine --set inpaint=shift must not be silently replaced by each class's tuned inpaint."""
+    from pathlib import Path
+
+    from gradad.refine.bundle_files import RefineParts
+    from gradad.refine.cli import with_set_over_classes
+    from gradad.refine.config import RefineConfig
+
+    parts = RefineParts(Path("model.pt"), None, RefineConfig(), 1.0, [0.5] * 3, [0.5] * 3, 0.0, 1.0,
+                        {"nut": {"inpaint": "telea", "lambda0": 0.1}, "fabric": {"mask_tau": 0.2}})
+    changed = with_set_over_classes(parts, ("inpaint=shift", "max_iterations=5"))
+    assert changed.class_settings == {"nut": {"lambda0": 0.1}, "fabric": {"mask_tau": 0.2}}
+    assert parts.class_settings["nut"]["inpaint"] == "telea"  # the bundle's parts are not modified
+    assert with_set_over_classes(parts, ("max_iterations=5",)) is parts
