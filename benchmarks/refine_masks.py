@@ -151,7 +151,9 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         per_image = (time.perf_counter() - t0) / len(idx)
         cpu_per_image = (time.process_time() - c0) / len(idx)
         for i, r in zip(idx, results):
-            c_iou, c_dice = iou_dice(r.coarse_mask, truths[i])
+            # the runtime's coarse mask (the class's calibrated threshold), not F2PAD's start mask
+            coarse = maps[i] > refiner.coarse_threshold(samples[i].class_name)
+            c_iou, c_dice = iou_dice(coarse, truths[i])
             o_iou, o_dice = iou_dice(maps[i] > oracle_threshold, truths[i])
             f_iou, f_dice = iou_dice(r.mask, truths[i])
             statuses[r.status] += 1
@@ -160,11 +162,12 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
                    "coarse_iou": c_iou, "coarse_dice": c_dice, "oracle_iou": o_iou, "oracle_dice": o_dice,
                    "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": r.iterations, "status": r.status,
                    "seconds_per_image": per_image, "cpu_seconds_per_image": cpu_per_image,
-                   "truth_area_px": int(truths[i].sum()), "coarse_area_px": int(r.coarse_mask.sum()),
+                   "truth_area_px": int(truths[i].sum()), "coarse_area_px": int(coarse.sum()),
+                   "start_area_px": int(r.coarse_mask.sum()),
                    "f2pad_area_px": int(r.mask.sum())}
             if panels_dir is not None:
                 panel = panels_dir / f"{i:03d}_{s.class_name}_{s.defect_type}_{Path(s.image_path).stem}.png"
-                write_panel(panel, images[i], truths[i], r.coarse_mask, r.mask, r.repaired, (c_iou, f_iou))
+                write_panel(panel, images[i], truths[i], coarse, r.mask, r.repaired, (c_iou, f_iou))
                 row["panel"] = f"{panels_dir.name}/{panel.name}"
             rows.append(row)
         bar.update(len(idx))

@@ -17,7 +17,8 @@ DEVICES = ("auto", "cpu", "cuda")
 INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
 ADAN_SCALES = ("image", "pixel", "floored")
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
-CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "inpaint", "coarse_threshold")
+CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "inpaint", "coarse_threshold",
+                  "start_peak_fraction")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,17 @@ class RefineConfig:
     coarse_threshold: float = 0.0
     coarse_good_pixel_rate: float = 0.001
     coarse_threshold_images: int = 32
+    # The mask F2PAD starts from is the map above max(coarse threshold, start_peak_fraction x the image's map peak):
+    # the calibrated threshold keeps every flagged pixel, so a strongly flagged small defect's coarse mask is several
+    # times its size and the start inpainted over it hides the defect (demo spots: coarse IoU 0.07-0.12); a share of
+    # the peak tightens strong detections and leaves weak ones (peak near the threshold) as they are. 0 = the coarse
+    # mask; tuned per class among start_peak_candidates.
+    start_peak_fraction: float = 0.0
+    start_peak_candidates: tuple[float, ...] = (0.0, 0.4, 0.6)
+    # a start tighter than the coarse mask is kept only when its tuning IoU beats the coarse mask's by this much:
+    # a few tuning defects cannot tell smaller differences from noise (MTD, tyre: +0.006 / +0.007 on 24 / 6 tuning
+    # defects, then -0.6 / -2.0 IoU on the scored ones; demo: +0.08 to +0.26, then +17.6)
+    start_peak_margin: float = 0.02
     # --- region and initialisation -----------------------------------------------------------------------------
     # The start deliberately over-covers: x_n is inpainted over the coarse mask (map > calibrated pixel threshold)
     # dilated by start_dilation_px, so a != 0 on and around the defect and the sparsity term only has to shrink it.
@@ -154,11 +166,13 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if not self.mask_tau_quantiles or not all(0.0 < q < 1.0 for q in self.mask_tau_quantiles):
             problems.append(f"mask_tau_quantiles={self.mask_tau_quantiles} (values in (0, 1))")
+        if not self.start_peak_candidates or not all(0.0 <= f < 1.0 for f in self.start_peak_candidates):
+            problems.append(f"start_peak_candidates={self.start_peak_candidates} (values in [0, 1))")
         if not self.keep_interior_candidates or not all(px >= 0 for px in self.keep_interior_candidates):
             problems.append(f"keep_interior_candidates={self.keep_interior_candidates} (values >= 0)")
         if not self.mask_relative_candidates or not all(0.0 <= r < 1.0 for r in self.mask_relative_candidates):
             problems.append(f"mask_relative_candidates={self.mask_relative_candidates} (values in [0, 1))")
-        for name in ("mask_relative", "mask_peak_quantile"):
+        for name in ("mask_relative", "mask_peak_quantile", "start_peak_fraction", "start_peak_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:
@@ -191,6 +205,7 @@ class RefineConfig:
         d["mask_tau_quantiles"] = list(self.mask_tau_quantiles)
         d["mask_relative_candidates"] = list(self.mask_relative_candidates)
         d["keep_interior_candidates"] = list(self.keep_interior_candidates)
+        d["start_peak_candidates"] = list(self.start_peak_candidates)
         return d
 
 
@@ -201,7 +216,8 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     if unknown:
         raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
     values = dict(values)
-    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates", "keep_interior_candidates"):
+    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates", "keep_interior_candidates",
+                "start_peak_candidates"):
         if key in values:
             values[key] = tuple(values[key])
     return RefineConfig(**values)

@@ -23,8 +23,7 @@ from gradad.devices import resolve_torch_device
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import (coarse_mask, confident_core, dilate, drop_small_components, inpaint,
-                                   interior)
+from gradad.refine.regions import confident_core, dilate, drop_small_components, inpaint, interior, start_mask
 from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
                                           STATUS_TIME_BUDGET, RefineResult)
 
@@ -215,7 +214,7 @@ class Refiner:
         for i, (image, amap, name) in enumerate(zip(images, coarse_maps, names)):
             self._check_input(i, image, amap)
             threshold = self.coarse_threshold(name)
-            coarse.append(coarse_mask(amap, threshold))
+            coarse.append(start_mask(amap, threshold, self.config_for(name).start_peak_fraction))
             cores.append(confident_core(amap, threshold, self.config.core_threshold_factor))
         return self.refine_masks(images, coarse, class_names, cores)
 

@@ -13,6 +13,13 @@ def coarse_mask(anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     return np.asarray(anomaly_map) > pixel_threshold
 
 
+def start_mask(anomaly_map: np.ndarray, pixel_threshold: float, peak_fraction: float) -> np.ndarray:
+    """The coarse mask F2PAD refines: map above max(threshold, ``peak_fraction`` x the map's peak). Never empty for a
+    flagged map (its peak is above the threshold)."""
+    amap = np.asarray(anomaly_map)
+    return amap > max(pixel_threshold, peak_fraction * float(amap.max())) if amap.size else amap > pixel_threshold
+
+
 def confident_core(anomaly_map: np.ndarray, pixel_threshold: float, factor: float) -> np.ndarray:
     """The coarse map's confident core kept by the collapse guard: pixels above ``factor`` x the threshold, or,
     when none is (a defect the map only just flagged), the whole coarse mask: the guard must still keep what GRAD

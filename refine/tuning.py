@@ -26,7 +26,7 @@ import torch
 
 from gradad.refine.config import RefineConfig
 from gradad.refine.refiner import Refiner, finish_mask, pixel_mask
-from gradad.refine.regions import coarse_mask, confident_core, dilate, inpaint, interior
+from gradad.refine.regions import coarse_mask, confident_core, dilate, inpaint, interior, start_mask
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
     with the mean IoU of every triple ("<quantile>/<relative>/<px>"). ``threshold``: the coarse-mask threshold
     (default: the refiner's pixel threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
-    coarse = [coarse_mask(m, threshold) for m in maps]
+    coarse = [start_mask(m, threshold, config.start_peak_fraction) for m in maps]
     cores = [confident_core(m, threshold, config.core_threshold_factor) for m in maps]
     ious: dict[str, float] = {}
     choices: dict[str, tuple[float, float, int]] = {}
@@ -205,35 +205,58 @@ def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float
 def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
                maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], coarse_threshold: float | None = None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings (inpaint, lambda0, mask_tau, mask_relative and the class's ``coarse_threshold`` when given) for one
-    class and the evidence behind them; every step uses that coarse threshold (default: the pixel threshold)."""
-    base = refiner.config
+    """Settings (inpaint, lambda0, mask_tau, mask_relative, keep_interior_px, start_peak_fraction and the class's
+    ``coarse_threshold`` when given) for one class and the evidence behind them; every step uses that coarse
+    threshold (default: the pixel threshold). The whole tuning runs once per ``start_peak_candidates`` value (the
+    start mask's share of the map's peak, see RefineConfig) and the value with the best tuning IoU is kept, a value
+    above the smallest only when it beats the smallest by ``start_peak_margin``; the flagged tuning defects are the
+    same for every value."""
     threshold = refiner.pixel_threshold if coarse_threshold is None else coarse_threshold
     extra = {} if coarse_threshold is None else {"coarse_threshold": float(coarse_threshold)}
     flagged = [i for i, m in enumerate(maps) if coarse_mask(m, threshold).any() and truths[i].any()]
     if not flagged:
         log.warning("tuning: no tuning defect of this class is flagged at the coarse threshold; defaults kept")
         return extra, {"flagged_tuning_images": 0}
-    coarse = {i: coarse_mask(maps[i], threshold) for i in flagged}
+    tried: dict[str, float] = {}
+    best: tuple[float, dict[str, Any], dict[str, Any]] | None = None
+    for fraction in sorted(refiner.config.start_peak_candidates):
+        settings, evidence, iou = _tune_at(refiner, [images[i] for i in flagged], [truths[i] for i in flagged],
+                                           [maps[i] for i in flagged], good_images, threshold, fraction)
+        tried[str(fraction)] = round(iou, 4)
+        if best is None:  # the smallest fraction (0: the coarse mask) is the reference...
+            reference = iou
+        elif iou < reference + refiner.config.start_peak_margin or iou <= best[0]:
+            continue  # ...that a tighter start must beat by the margin
+        best = (iou, {**settings, "start_peak_fraction": float(fraction), **extra}, evidence)
+    assert best is not None
+    _, settings, evidence = best
+    return settings, {**evidence, "start_peak_iou": tried}
+
+
+def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+             maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], threshold: float, peak_fraction: float
+             ) -> tuple[dict[str, Any], dict[str, Any], float]:
+    """(settings, evidence, best mean tuning IoU) of flagged tuning defects with one start rule: inpainting,
+    lambda0 and the mask rule (see the module docstring)."""
+    base = dataclasses.replace(refiner.config, start_peak_fraction=peak_fraction)
+    coarse = [start_mask(m, threshold, peak_fraction) for m in maps]
     losses = {}
     for method in COMPARED_INPAINTS:
         cfg = dataclasses.replace(base, inpaint=method)
-        losses[method] = float(np.mean([start_feature_loss(refiner, images[i], coarse[i], cfg) for i in flagged]))
+        losses[method] = float(np.mean([start_feature_loss(refiner, image, c, cfg) for image, c in zip(images, coarse)]))
     method = min(losses, key=losses.get)
     cfg = dataclasses.replace(base, inpaint=method)
-    checks = [breakeven_lambda0(refiner, images[i], truths[i], coarse[i], cfg) for i in flagged]
+    checks = [breakeven_lambda0(refiner, image, truth, c, cfg) for image, truth, c in zip(images, truths, coarse)]
     breakevens = np.array([c["breakeven_lambda0"] for c in checks])
     lambda0 = max(base.lambda0_breakeven_factor * float(np.quantile(breakevens, base.lambda0_breakeven_quantile)),
                   base.lambda0_min)
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
-    candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], [truths[i] for i in flagged],
-                                             cfg)
-    (tau, relative, keep_px), tau_evidence["tuning_iou"] = best_tau(
-        refiner, [images[i] for i in flagged], [truths[i] for i in flagged], [maps[i] for i in flagged], cfg,
-        candidates, threshold)
+    candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], list(truths), cfg)
+    (tau, relative, keep_px), tau_evidence["tuning_iou"] = best_tau(refiner, images, truths, maps, cfg, candidates,
+                                                                    threshold)
     settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative,
-                "keep_interior_px": keep_px, **extra}
-    evidence = {"flagged_tuning_images": len(flagged), "start_feature_loss": losses,
+                "keep_interior_px": keep_px}
+    evidence = {"flagged_tuning_images": len(images), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
                 "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}
-    return settings, evidence
+    return settings, evidence, max(tau_evidence["tuning_iou"].values())

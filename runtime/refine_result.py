@@ -20,7 +20,7 @@ class RefineResult:
     """F2PAD output for one image, at the model input size."""
 
     mask: np.ndarray  # (H, W) bool: refined defect mask ||a_ij|| > tau
-    coarse_mask: np.ndarray  # (H, W) bool: coarse map > pixel threshold (what was refined)
+    coarse_mask: np.ndarray  # (H, W) bool: the start mask refined: map > max(threshold, start_peak_fraction x peak)
     region: np.ndarray  # (H, W) bool: dilated coarse mask, the only pixels the optimiser changed
     repaired: np.ndarray  # (H, W, 3) uint8 RGB: x_n, the defect-free estimate
     iterations: int

@@ -166,6 +166,13 @@ def test_tune_keeps_the_bundle_threshold_without_held_out_good_images(bundle, tr
     assert res.exit_code == 0, res.output
     refine = Bundle.load(copy).refine
     assert "coarse_threshold" not in refine.classes.get("nut", {})
+    # the start rule was tuned too: the share of the map's peak with the best tuning IoU, a tighter start than the
+    # coarse mask only when it wins by the margin
+    tried = refine.tuning["nut"]["start_peak_iou"]
+    assert set(tried) == {"0.0", "0.4", "0.6"}
+    margin = RefineConfig().start_peak_margin
+    allowed = {f: v for f, v in tried.items() if f == "0.0" or v >= tried["0.0"] + margin - 1e-4}
+    assert refine.classes["nut"]["start_peak_fraction"] == float(max(allowed, key=lambda f: (allowed[f], -float(f))))
     assert refine.tuning["nut"]["coarse_threshold"]["value"] is None
     assert refine.tuning["nut"]["coarse_threshold"]["from"] == "nut training images"
     two = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),

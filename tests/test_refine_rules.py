@@ -17,7 +17,7 @@ from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
 from gradad.refine.refiner import Refiner, collapse_guard, finish_mask, mask_from_norm, pixel_mask
-from gradad.refine.regions import confident_core, dilate, interior, shift_fill
+from gradad.refine.regions import confident_core, dilate, interior, shift_fill, start_mask
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
@@ -342,3 +342,14 @@ def test_set_of_a_class_setting_applies_to_every_tuned_class():
     assert changed.class_settings == {"nut": {"lambda0": 0.1}, "fabric": {"mask_tau": 0.2}}
     assert parts.class_settings["nut"]["inpaint"] == "telea"  # the bundle's parts are not modified
     assert with_set_over_classes(parts, ("max_iterations=5",)) is parts
+
+
+def test_start_mask_tightens_strong_detections_and_keeps_weak_ones():
+    amap = np.zeros((8, 8), np.float32)
+    amap[2:6, 2:6] = 1.5  # a blob just above the threshold 1...
+    amap[3:5, 3:5] = 6.0  # ...around a strong centre
+    assert np.array_equal(start_mask(amap, 1.0, 0.0), amap > 1.0)  # 0: the coarse mask
+    assert np.array_equal(start_mask(amap, 1.0, 0.5), amap > 3.0)  # half the peak: the centre only
+    weak = np.where(amap > 0, 1.2, 0.0)
+    assert np.array_equal(start_mask(weak, 1.0, 0.6), weak > 1.0)  # 0.6 x 1.2 < threshold: unchanged
+    assert start_mask(amap, 1.0, 0.99).any()  # a flagged map always keeps its peak
