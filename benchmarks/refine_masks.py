@@ -3,8 +3,8 @@
     grad-bench refine --bundle models/demo --data demo_data -o benchmarks/results --name demo_f2pad
 
 The coarse mask is the runtime's anomaly map (ONNX Runtime FP32, the numbers the line sees) above a pixel threshold.
-Two baselines are reported: the runtime's calibrated pixel threshold (what the line gets, and what F2PAD refines)
-and the pixel-F1-optimal threshold over the evaluated images (an oracle: the best single threshold the coarse mask
+Two baselines are reported: the runtime's calibrated pixel threshold (what the line gets; F2PAD starts from it, or
+from a tighter part of it, see RefineConfig.start_peak_fraction) and the pixel-F1-optimal threshold over the evaluated images (an oracle: the best single threshold the coarse mask
 could have). Images ``grad-refine tune`` used (recorded in bundle.json) are never scored. One panel PNG per image
 (image, truth, coarse mask, F2PAD mask, repaired x_n) goes to ``NAME_panels/``.
 """

@@ -166,13 +166,17 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if not self.mask_tau_quantiles or not all(0.0 < q < 1.0 for q in self.mask_tau_quantiles):
             problems.append(f"mask_tau_quantiles={self.mask_tau_quantiles} (values in (0, 1))")
-        if not self.start_peak_candidates or not all(0.0 <= f < 1.0 for f in self.start_peak_candidates):
-            problems.append(f"start_peak_candidates={self.start_peak_candidates} (values in [0, 1))")
+        if 0.0 not in self.start_peak_candidates or not all(0.0 <= f < 1.0 for f in self.start_peak_candidates):
+            problems.append(f"start_peak_candidates={self.start_peak_candidates} (values in [0, 1), 0 among them: "
+                            "the coarse mask is the reference a tighter start must beat)")
+        if not 0.0 <= self.start_peak_fraction < 1.0:
+            problems.append(f"start_peak_fraction={self.start_peak_fraction} (must be in [0, 1): at 1 no pixel is "
+                            "above the peak)")
         if not self.keep_interior_candidates or not all(px >= 0 for px in self.keep_interior_candidates):
             problems.append(f"keep_interior_candidates={self.keep_interior_candidates} (values >= 0)")
         if not self.mask_relative_candidates or not all(0.0 <= r < 1.0 for r in self.mask_relative_candidates):
             problems.append(f"mask_relative_candidates={self.mask_relative_candidates} (values in [0, 1))")
-        for name in ("mask_relative", "mask_peak_quantile", "start_peak_fraction", "start_peak_margin"):
+        for name in ("mask_relative", "mask_peak_quantile", "start_peak_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:

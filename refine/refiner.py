@@ -215,7 +215,7 @@ class Refiner:
             self._check_input(i, image, amap)
             threshold = self.coarse_threshold(name)
             coarse.append(start_mask(amap, threshold, self.config_for(name).start_peak_fraction))
-            cores.append(confident_core(amap, threshold, self.config.core_threshold_factor))
+            cores.append(confident_core(amap, threshold, self.config.core_threshold_factor, coarse[-1]))
         return self.refine_masks(images, coarse, class_names, cores)
 
     def coarse_threshold(self, class_name: str | None) -> float:

@@ -20,12 +20,16 @@ def start_mask(anomaly_map: np.ndarray, pixel_threshold: float, peak_fraction: f
     return amap > max(pixel_threshold, peak_fraction * float(amap.max())) if amap.size else amap > pixel_threshold
 
 
-def confident_core(anomaly_map: np.ndarray, pixel_threshold: float, factor: float) -> np.ndarray:
+def confident_core(anomaly_map: np.ndarray, pixel_threshold: float, factor: float,
+                   start: np.ndarray | None = None) -> np.ndarray:
     """The coarse map's confident core kept by the collapse guard: pixels above ``factor`` x the threshold, or,
     when none is (a defect the map only just flagged), the whole coarse mask: the guard must still keep what GRAD
-    flagged when the refined mask explains all of it away."""
+    flagged when the refined mask explains all of it away. Within ``start`` (F2PAD's start mask) when given: the
+    guard must not put back what a tighter start left out."""
     core = coarse_mask(anomaly_map, pixel_threshold * factor)
-    return core if core.any() else coarse_mask(anomaly_map, pixel_threshold)
+    if not core.any():
+        core = coarse_mask(anomaly_map, pixel_threshold)
+    return core if start is None else core & start
 
 
 def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:

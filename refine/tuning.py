@@ -175,7 +175,7 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
     (default: the refiner's pixel threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
     coarse = [start_mask(m, threshold, config.start_peak_fraction) for m in maps]
-    cores = [confident_core(m, threshold, config.core_threshold_factor) for m in maps]
+    cores = [confident_core(m, threshold, config.core_threshold_factor, c) for m, c in zip(maps, coarse)]
     ious: dict[str, float] = {}
     choices: dict[str, tuple[float, float, int]] = {}
     runs = refiner.repair_norms(images, coarse, config)
@@ -223,7 +223,7 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
         settings, evidence, iou = _tune_at(refiner, [images[i] for i in flagged], [truths[i] for i in flagged],
                                            [maps[i] for i in flagged], good_images, threshold, fraction)
         tried[str(fraction)] = round(iou, 4)
-        if best is None:  # the smallest fraction (0: the coarse mask) is the reference...
+        if best is None:  # the smallest fraction, 0 (the coarse mask; RefineConfig checks it is there), is the reference...
             reference = iou
         elif iou < reference + refiner.config.start_peak_margin or iou <= best[0]:
             continue  # ...that a tighter start must beat by the margin

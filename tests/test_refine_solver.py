@@ -212,3 +212,21 @@ def test_cli_prepare_and_refine_folder(bundle, trained_tiny, tiny_demo_root, tmp
     assert again.exit_code == 2 and "--overwrite" in again.output
     missing = runner.invoke(refine_cli, [str(tmp_path / "nope.png"), "--bundle", str(copy), "-o", str(tmp_path / "o2")])
     assert missing.exit_code == 2 and "nope.png" in missing.output
+
+
+def test_a_class_start_rule_sets_the_mask_refined_and_the_guard_stays_inside_it(prepared, defects):
+    """start_peak_fraction (a tuned class setting) decides the start mask; the collapse guard cannot put back what
+    the tighter start left out."""
+    from gradad.refine.regions import start_mask
+
+    images, maps, _, threshold = defects
+    refiner = _refiner(prepared, threshold, max_iterations=3)
+    fraction = (1.0 + threshold / float(maps[0].max())) / 2  # half-way between the threshold and the peak
+    refiner.class_configs["c"] = dataclasses.replace(refiner.config, start_peak_fraction=fraction,
+                                                     collapse_fraction=1.0)
+    (plain,) = refiner.refine([images[0]], [maps[0]], ["other"])  # an untuned class: the bundle's config
+    (tight,) = refiner.refine([images[0]], [maps[0]], ["c"])
+    assert np.array_equal(plain.coarse_mask, maps[0] > threshold)
+    expected = start_mask(maps[0], threshold, fraction)
+    assert np.array_equal(tight.coarse_mask, expected) and expected.sum() < plain.coarse_mask.sum()
+    assert not (tight.mask & ~tight.region).any()  # the guard (always firing here) added nothing outside the start
