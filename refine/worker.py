@@ -106,11 +106,13 @@ def next_batch(jobs: Any, max_batch: int, stop: Any) -> list[tuple] | None:
     return batch
 
 
-def refine_batch(refiner: Refiner, batch: list[tuple], results: Any) -> None:
-    """Refine one batch; a refiner exception fails this batch's jobs only."""
+def refine_batch(refiner: Refiner, batch: list[tuple], results: Any, class_name: str | None = None) -> None:
+    """Refine one batch (every frame with ``class_name``'s tuned settings); a refiner exception fails this batch's
+    jobs only."""
     seqs = [seq for seq, _, _ in batch]
     try:
-        refined = refiner.refine([image for _, image, _ in batch], [amap for _, _, amap in batch])
+        refined = refiner.refine([image for _, image, _ in batch], [amap for _, _, amap in batch],
+                                 [class_name] * len(batch))
         if len(refined) != len(batch):
             raise RuntimeError(f"refiner returned {len(refined)} results for {len(batch)} images")
     except Exception as exc:  # noqa: BLE001 - one bad batch must not end the worker
@@ -137,4 +139,4 @@ def serve(cfg: RefineWorkerConfig, jobs: Any, results: Any, stop: Any) -> None:
         if parent is not None and not parent.is_alive():  # main process killed (kill -9, OOM): do not linger
             return
         if batch:
-            refine_batch(refiner, batch, results)
+            refine_batch(refiner, batch, results, cfg.class_name)

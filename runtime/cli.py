@@ -177,6 +177,8 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               "end of the stream.")
 @click.option("--refine-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--refine-threads", type=int, default=1, help="Torch CPU threads of the worker (0 = all cores).")
+@click.option("--refine-class", help="Class whose tuned F2PAD settings (grad-refine tune) refine the frames of this "
+              "line [default: the only tuned class, else the bundle's settings].")
 @verbose_option
 @exit_past_stuck_captures
 @user_errors_as_exit
@@ -271,6 +273,7 @@ class RefineOptions:
     refine_drain: float = 30.0
     refine_device: str = "auto"
     refine_threads: int = 1
+    refine_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,16 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions) -> "Ref
                         f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
     if opts.refine_drain < 0:
         raise GradError(f"--refine-drain {opts.refine_drain}: must be >= 0 seconds")
+    tuned = sorted(bundle.refine.classes or {})
+    if opts.refine_class is not None and opts.refine_class not in tuned:
+        raise GradError(f"--refine-class {opts.refine_class!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
+                        f"(tuned: {', '.join(tuned) or 'none'}; grad-refine tune --bundle {bundle_dir} --classes NAME)")
+    if opts.refine_class is None and len(tuned) > 1:
+        log.warning("bundle %s has F2PAD settings tuned for %s: refining with the bundle's default settings; name "
+                    "this line's class with --refine-class", bundle_dir, ", ".join(tuned))
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=opts.refine_budget, max_batch=opts.refine_batch,
                                 queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
+                                class_name=opts.refine_class,
                                 factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
     return RefineStage(RefineWorker(config).start(), opts.refine_drain)
 

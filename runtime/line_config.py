@@ -15,7 +15,7 @@ redacted.
       flagged_max_mb: 2048
       mqtt: {host: broker.local:1883, topic: line3/results, username: line3, password: ...}
       webhook: {url: "https://mes.local/ng", timeout_s: 2.0, queue_size: 1000, only_anomalous: true}
-    refine: {enabled: true, budget: 1.0, device: cuda}
+    refine: {enabled: true, budget: 1.0, device: cuda, class: nut}
     statistics: {every_s: 10}
 """
 
@@ -39,7 +39,8 @@ KEYS: dict[str, dict[str, str]] = {
     "sinks.mqtt": {"host": "mqtt", "topic": "mqtt_topic", "username": "mqtt_user", "password": "mqtt_password"},
     "sinks.webhook": {"url": "webhook"},
     "refine": {"enabled": "refine", "budget": "refine_budget", "batch": "refine_batch", "queue": "refine_queue",
-               "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads"},
+               "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads",
+               "class": "refine_class"},
     "statistics": {"every_s": "stats_every"},
 }
 #: Sections that hold sections.

@@ -68,6 +68,7 @@ class RefineWorkerConfig:
     threads: int = 1  # torch CPU threads in the worker (0 = torch's default: all cores)
     nice: int = 19  # os.nice increment of the worker unless device="cuda" (0 = keep priority)
     start_timeout_s: float = 300.0  # ready handshake (importing torch and loading the model)
+    class_name: str | None = None  # tuned class whose settings refine every frame (None: the only tuned class, else none)
     factory: str | Callable[["RefineWorkerConfig"], Any] = DEFAULT_FACTORY  # -> a Refiner
 
     def __post_init__(self) -> None:

@@ -27,7 +27,8 @@ class StandInRefiner:
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
 
-    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray]) -> list[RefineResult]:
+    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray],
+               class_names: list[str | None] | None = None) -> list[RefineResult]:
         time.sleep(self.delay_s)
         if any(int(img.max()) == 0 for img in images):
             raise ValueError("black frame in this batch")
@@ -50,13 +51,29 @@ def failing_factory(cfg: RefineWorkerConfig) -> StandInRefiner:
 
 
 class _DyingRefiner:
-    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray]) -> list[RefineResult]:
+    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray],
+               class_names: list[str | None] | None = None) -> list[RefineResult]:
         os._exit(3)  # a hard crash: no exception, no message
 
 
 def dying_factory(cfg: RefineWorkerConfig) -> _DyingRefiner:
     """A refiner whose process dies on the first job."""
     return _DyingRefiner()
+
+
+class ClassEchoRefiner(StandInRefiner):
+    """Reports the class names it was asked to refine with as each result's objective (1 = "nut", 0 = none)."""
+
+    def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray],
+               class_names: list[str | None] | None = None) -> list[RefineResult]:
+        out = super().refine(images, coarse_maps)
+        for result, name in zip(out, class_names or [None] * len(out)):
+            result.objective = {"nut": 1.0, None: 0.0}[name]
+        return out
+
+
+def class_echo_factory(cfg: RefineWorkerConfig) -> ClassEchoRefiner:
+    return ClassEchoRefiner()
 
 
 def _job(i: int, value: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -202,3 +219,12 @@ def test_refine_counts_group_the_outcomes_by_status() -> None:
     assert (summary["done"], summary["dropped"], summary["failed"], summary["unfinished"]) == (2, 2, 2, 1)
     assert summary["statuses"] == {STATUS_CONVERGED: 2, STATUS_DROPPED: 2, STATUS_FAILED: 2, STATUS_UNFINISHED: 1}
     assert summary["mean_seconds"] == 1.0 and summary["mean_iterations"] == 10 and summary["mean_latency_s"] == 2.0
+
+
+@pytest.mark.parametrize("class_name, objective", [("nut", 1.0), (None, 0.0)])
+def test_the_line_class_reaches_the_refiner(class_name: str | None, objective: float) -> None:
+    """grad-run --refine-class NAME: every frame is refined with that class's tuned settings."""
+    with _worker(class_echo_factory, class_name=class_name) as worker:
+        assert worker.submit(0, *_job(0))
+        (outcome,) = _poll_until(worker, 1)
+    assert outcome.result is not None and outcome.result.objective == objective

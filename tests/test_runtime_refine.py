@@ -232,3 +232,9 @@ def test_real_refiner_end_to_end_torch_only_in_the_worker(bundle: Path, trained_
         assert f["status"] in STATUSES, f  # refined (none dropped or unfinished with a 120 s drain)
         mask = cv2.imread(f["mask_file"], cv2.IMREAD_UNCHANGED)
         assert mask.shape == (64, 64) and Path(f["mask_file"]).parent == flagged
+
+
+def test_an_untuned_refine_class_is_one_line_naming_the_tuned_ones(stand_in: dict, frames: Path) -> None:
+    msg = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
+                               "--refine-class", "screw"], STAND_IN))
+    assert "--refine-class 'screw'" in msg and "tuned:" in msg and "grad-refine tune" in msg
