@@ -82,6 +82,10 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         raise _not_prepared(bundle_dir, "has a malformed 'refine.classes' section in bundle.json")
     class_settings = {name: {k: v for k, v in values.items() if k in CLASS_SETTINGS}
                       for name, values in classes.items()}
+    unknown = sorted({k for values in classes.values() for k in values} - set(CLASS_SETTINGS))
+    if unknown:  # tuned by a newer gradad: the other settings were tuned together with these
+        log.warning("bundle %s: refine.classes setting(s) %s unknown to this gradad, ignored; re-run grad-refine tune "
+                    "with this version", bundle_dir, ", ".join(unknown))
     norm = bundle.input.normalisation
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
                        refine_config_from_dict(section.config or {}), pixel_threshold,

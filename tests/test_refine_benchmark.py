@@ -178,3 +178,13 @@ def test_tune_keeps_the_bundle_threshold_without_held_out_good_images(bundle, tr
     two = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
                                            "--good", str(tiny_demo_root / "nut" / "test" / "good")])
     assert two.exit_code != 0 and "tune one class at a time" in two.output
+
+
+def test_class_settings_of_a_newer_gradad_are_ignored_with_a_warning(bundle, trained_tiny, tiny_demo_root, tmp_path,
+                                                                     caplog):
+    copy, _, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    write_class_settings(copy, {"nut": {"lambda0": 0.01, "some_future_rule": 3}}, {"nut": {"images": []}})
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        parts = load_refine_parts(copy)
+    assert parts.class_settings["nut"] == {"lambda0": 0.01}
+    assert "some_future_rule unknown to this gradad" in caplog.text and "grad-refine tune" in caplog.text
