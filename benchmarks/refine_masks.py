@@ -110,29 +110,29 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     import torch
 
     from gradad.calibration.thresholds import pixel_threshold_f1
+    from gradad.data.tuning_split import partition_by_paths, read_held_out
     from gradad.refine.bundle_files import load_refine_parts, tuning_images
     from gradad.refine.cli import apply_refine_set, with_set_over_classes
     from gradad.refine.refiner import Refiner
-    from gradad.refine.tuning import labelled_arrays, pick_samples, trained_defects
+    from gradad.refine.tuning import labelled_arrays, pick_samples
     from gradad.runtime.loader import load_backend
 
     excluded = tuning_images(bundle_dir)
     labelled = load_samples(data_root, "test", classes)
     if exclude:
-        from gradad.data.tuning_split import read_held_out
-
-        held_out = read_held_out(exclude)
-        excluded |= {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in held_out}
+        _, held = partition_by_paths(labelled, read_held_out(exclude))
+        excluded |= {str(s.image_path) for s in held}
     parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
-    trained = trained_defects(parts.model_path) or set()  # never scored: the model maps them better than new ones
-    trained_excluded = {str(s.image_path) for s in labelled if str(s.image_path.resolve()) in trained} - excluded
-    samples = pick_samples(labelled, per_defect, exclude=excluded | trained_excluded)
-    if not samples:
-        raise GradError(f"no labelled defect images (with masks) under {data_root}")
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
     parts = with_set_over_classes(parts, assignments)
     refiner = Refiner.from_parts(parts, config)
+    # never scored: the model maps the defects it trained on better than new ones
+    _, trained = partition_by_paths(labelled, refiner.trained_defects or set())
+    trained_excluded = {str(s.image_path) for s in trained} - excluded
+    samples = pick_samples(labelled, per_defect, exclude=excluded | trained_excluded)
+    if not samples:
+        raise GradError(f"no labelled defect images (with masks) under {data_root}")
     images, truths = labelled_arrays(samples, refiner.detector.head.image_hw[0])
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
     _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))

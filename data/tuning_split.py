@@ -26,9 +26,18 @@ def read_held_out(path: str | Path) -> set[str]:
         raise DatasetError(f"cannot read the tuning split {path}: {exc}") from exc
 
 
+def partition_by_paths(samples: Sequence[Sample], paths: set[str]) -> tuple[list[Sample], list[Sample]]:
+    """(samples whose resolved image path is not in ``paths``, those whose path is), each in the given order."""
+    kept: list[Sample] = []
+    matched: list[Sample] = []
+    for s in samples:
+        (matched if str(s.image_path.resolve()) in paths else kept).append(s)
+    return kept, matched
+
+
 def exclude_held_out(samples: Sequence[Sample], held_out: set[str]) -> list[Sample]:
     """``samples`` without the held-out images; an exclusion list that matches nothing is an error."""
-    kept = [s for s in samples if str(s.image_path.resolve()) not in held_out]
+    kept, _ = partition_by_paths(samples, held_out)
     if held_out and len(kept) == len(samples):
         raise DatasetError("the tuning split names none of the test images: was it made for other data roots?")
     return kept

@@ -159,14 +159,13 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
     size = refiner.detector.head.image_hw[0]
     labelled = load_samples(data_root, "test", list(classes) or None)
     if split_path:
-        from gradad.data.tuning_split import read_held_out
+        from gradad.data.tuning_split import partition_by_paths, read_held_out
 
-        held_out = read_held_out(split_path)
-        labelled = [s for s in labelled if str(s.image_path.resolve()) in held_out]
+        _, labelled = partition_by_paths(labelled, read_held_out(split_path))
         per_defect = 0  # every image of the split
     left_out: list = []
     if not include_trained:
-        labelled, left_out = without_trained_defects(labelled, parts.model_path)
+        labelled, left_out = without_trained_defects(labelled, refiner.trained_defects, parts.model_path)
     samples = pick_samples(labelled, per_defect, TUNING_SEED)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}"

@@ -23,7 +23,7 @@ from gradad.devices import resolve_torch_device
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import confident_core, dilate, drop_small_components, inpaint, interior, start_mask
+from gradad.refine.regions import dilate, drop_small_components, inpaint, interior, start_and_core
 from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
                                           STATUS_TIME_BUDGET, RefineResult)
 
@@ -108,6 +108,9 @@ class Refiner:
                 raise GradError(f"refine: class {name!r} has unknown setting(s) {', '.join(sorted(unknown))}")
             self.class_configs[name] = dataclasses.replace(self.config, **values)
         self._readout_cache: dict[tuple[int, int], torch.Tensor] = {}
+        # resolved paths of the labelled defects the model's stage 1 trained on (the model file's record, set by
+        # from_parts; None: not recorded): grad-refine tune and grad-bench refine leave them out
+        self.trained_defects: set[str] | None = None
         # Map level of good training images: the feature loss only penalises the map above it, so the optimiser
         # stops once the region looks normal instead of driving the map adversarially towards zero.
         self.normal_level = float(normal_level)
@@ -125,10 +128,13 @@ class Refiner:
         """Build from already verified bundle parts (``load_refine_parts``); ``config`` defaults to the bundle's."""
         from gradad.training.checkpoint import load_detector
 
-        detector, _ = load_detector(parts.model_path)
-        return cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
-                   parts.normal_level, parts.feature_scale, parts.class_settings,
-                   threshold_given=parts.pixel_threshold_given)
+        detector, payload = load_detector(parts.model_path)
+        refiner = cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
+                      parts.normal_level, parts.feature_scale, parts.class_settings,
+                      threshold_given=parts.pixel_threshold_given)
+        recorded = payload.get("trained_defects")
+        refiner.trained_defects = None if recorded is None else set(recorded)
+        return refiner
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: RefineConfig | None = None,
@@ -214,8 +220,10 @@ class Refiner:
         for i, (image, amap, name) in enumerate(zip(images, coarse_maps, names)):
             self._check_input(i, image, amap)
             threshold = self.coarse_threshold(name)
-            coarse.append(start_mask(amap, threshold, self.config_for(name).start_peak_fraction))
-            cores.append(confident_core(amap, threshold, self.config.core_threshold_factor, coarse[-1]))
+            start, core = start_and_core(amap, threshold, self.config_for(name).start_peak_fraction,
+                                         self.config.core_threshold_factor)
+            coarse.append(start)
+            cores.append(core)
         return self.refine_masks(images, coarse, class_names, cores)
 
     def coarse_threshold(self, class_name: str | None) -> float:

@@ -32,6 +32,13 @@ def confident_core(anomaly_map: np.ndarray, pixel_threshold: float, factor: floa
     return core if start is None else core & start
 
 
+def start_and_core(anomaly_map: np.ndarray, pixel_threshold: float, peak_fraction: float,
+                   core_factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """(start mask, collapse-guard core within it) of one map: what the refiner and its tuning both use."""
+    start = start_mask(anomaly_map, pixel_threshold, peak_fraction)
+    return start, confident_core(anomaly_map, pixel_threshold, core_factor, start)
+
+
 def dilate(mask: np.ndarray, radius_px: int) -> np.ndarray:
     """Dilate a bool mask with a disc of ``radius_px``."""
     if radius_px <= 0:

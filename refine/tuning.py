@@ -26,7 +26,7 @@ import torch
 
 from gradad.refine.config import RefineConfig
 from gradad.refine.refiner import Refiner, finish_mask, pixel_mask
-from gradad.refine.regions import coarse_mask, confident_core, dilate, inpaint, interior, start_mask
+from gradad.refine.regions import coarse_mask, dilate, inpaint, interior, start_and_core, start_mask
 
 log = logging.getLogger(__name__)
 
@@ -53,27 +53,18 @@ def pick_samples(samples: list, per_defect: int, seed: int = 0, exclude: set[str
     return out
 
 
-def trained_defects(model_path: str | Path) -> set[str] | None:
-    """Resolved paths of the labelled defects the model's stage 1 trained on (``trained_defects`` in the model
-    file); None for a model file written before they were recorded."""
-    from gradad.training.checkpoint import read_checkpoint
+def without_trained_defects(samples: list, trained: set[str] | None, source: str) -> tuple[list, list]:
+    """(``samples`` without the labelled defects the model trained on, those left out); ``trained``: the refiner's
+    ``trained_defects`` (from the model file ``source``). Their maps are better than an unseen defect's (on the
+    MTD + tyre model, tyre tuning IoU 23-27 against 9-11 on scored images), so settings tuned on them do not
+    transfer. A model file that does not record them keeps every sample, with a warning."""
+    from gradad.data.tuning_split import partition_by_paths
 
-    recorded = read_checkpoint(model_path).get("trained_defects")
-    return None if recorded is None else set(recorded)
-
-
-def without_trained_defects(samples: list, model_path: str | Path) -> tuple[list, list]:
-    """(``samples`` without the labelled defects the model trained on, those left out). Their maps are better than
-    an unseen defect's (on the MTD + tyre model, tyre tuning IoU 23-27 against 9-11 on scored images), so settings
-    tuned on them do not transfer. A model file that does not record them keeps every sample, with a warning."""
-    trained = trained_defects(model_path)
     if trained is None:
         log.warning("%s does not record which labelled defects its stage 1 trained on (written before gradad "
-                    "recorded them): none can be left out of tuning; tune on defects the model never saw",
-                    model_path)
+                    "recorded them): none can be left out of tuning; tune on defects the model never saw", source)
         return samples, []
-    kept = [s for s in samples if str(Path(s.image_path).resolve()) not in trained]
-    left_out = [s for s in samples if str(Path(s.image_path).resolve()) in trained]
+    kept, left_out = partition_by_paths(samples, trained)
     if left_out:
         log.info("tuning leaves out %d labelled defect(s) the model trained on", len(left_out))
     return kept, left_out
@@ -174,8 +165,8 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
     with the mean IoU of every triple ("<quantile>/<relative>/<px>"). ``threshold``: the coarse-mask threshold
     (default: the refiner's pixel threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
-    coarse = [start_mask(m, threshold, config.start_peak_fraction) for m in maps]
-    cores = [confident_core(m, threshold, config.core_threshold_factor, c) for m, c in zip(maps, coarse)]
+    coarse, cores = zip(*(start_and_core(m, threshold, config.start_peak_fraction, config.core_threshold_factor)
+                          for m in maps))
     ious: dict[str, float] = {}
     choices: dict[str, tuple[float, float, int]] = {}
     runs = refiner.repair_norms(images, coarse, config)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from gradad.benchmarks.split import write_split
-from gradad.data.datasets import load_samples
-from gradad.data.tuning_split import exclude_held_out, read_held_out
+from gradad.data.datasets import Sample, load_samples
+from gradad.data.tuning_split import exclude_held_out, partition_by_paths, read_held_out
 from gradad.errors import DatasetError
 
 
@@ -33,3 +33,15 @@ def test_a_split_of_other_data_or_an_unreadable_file_is_refused(tiny_demo_root: 
     bad.write_text("{not json")
     with pytest.raises(DatasetError, match=str(bad)):
         read_held_out(bad)
+
+
+def test_partition_by_paths_matches_resolved_paths_and_keeps_the_order(tmp_path: Path) -> None:
+    files = []
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+        files.append(tmp_path / name)
+    link = tmp_path / "link.png"
+    link.symlink_to(files[1])
+    samples = [Sample(p, "c", "test", 1, "d", None) for p in (files[0], link, files[2])]
+    kept, matched = partition_by_paths(samples, {str(files[1].resolve()), str(files[2].resolve())})
+    assert kept == samples[:1] and matched == samples[1:]
