@@ -9,10 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp
+from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp, bundle_file
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
+from gradad.export.lint import check_external_data
 from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32_name
 from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
 from gradad.export.tensorrt_build import EngineBuildConfig, build_engine
@@ -20,6 +21,9 @@ from gradad.runtime.tensorrt_device import TensorRTUnavailable, gpu_identity, im
 from gradad.runtime.backend import Backend, infer_in_batches
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input
+
+#: the bundle's TensorRT timing cache (not a listed file: it is a build speed-up, rebuilt when missing or stale)
+TIMING_CACHE = "timing.cache"
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ def build_bundle_engine(
                         f"symmetric int8: grad-export quantize {bundle_dir} --activations int8 ... first")
     optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]
     bundle.verify([FP32_ONNX] + optional)
+    for name in [FP32_ONNX] + optional:  # TensorRT's parser reads external data itself, symlinks followed
+        check_external_data(bundle.file(name), bundle_dir)
     if not Path(parity_images).is_dir():
         raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
     try:
@@ -79,7 +85,7 @@ def build_bundle_engine(
         raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
                                   f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
-                            timing_cache=timing_cache or str(bundle_dir / "timing.cache"),
+                            timing_cache=timing_cache or str(bundle_file(bundle_dir, TIMING_CACHE)),
                             fp32_layer_name_patterns=FP32_NAME_PATTERNS,
                             fp32_layer_name_rule=keeps_fp32_name, int8=int8)
     inp = bundle.input
@@ -90,7 +96,7 @@ def build_bundle_engine(
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     try:
-        stamp = build_engine(bundle_dir / FP32_ONNX, scratch, inp.name, (3, *inp.hw), cfg,
+        stamp = build_engine(bundle.file(FP32_ONNX), scratch, inp.name, (3, *inp.hw), cfg,
                              fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu, int8_onnx_path=int8_onnx)
         engine = engine_backend(scratch / stamp["file"])
         try:

@@ -7,6 +7,7 @@ silently falls back to nearest sampling (NVIDIA/TensorRT issue 4646), so such gr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 from onnx import helper
@@ -77,3 +78,45 @@ def lint_or_raise(model: onnx.ModelProto, source: str, expected: GridSampleSetti
     if problems:
         raise ExportLintError(f"{source} refused: " + "; ".join(problems))
     return sum(n.op_type == "GridSample" for n in model.graph.node)
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of ``graph``: initializers, sparse initializers' parts and node attributes, subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def check_external_data(onnx_path: Path, root: Path) -> None:
+    """Refuse an ONNX file whose external tensor data lies outside ``root`` (the bundle folder).
+
+    TensorRT's parser reads external data itself, before ONNX Runtime or onnx ever check it, and follows symlinks:
+    a handed-over bundle could otherwise make ``grad-export engine`` read any file the user can. gradad's own
+    exports hold no external data; a file that does must keep it inside the bundle, symlinks resolved.
+    """
+    from gradad.bundle import BundleError, bundle_file
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is one line naming the file
+        raise ExportLintError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if location is None:
+            raise ExportLintError(f"{onnx_path}: tensor {tensor.name!r} has external data without a location")
+        try:
+            bundle_file(root, location)
+        except BundleError as exc:
+            raise ExportLintError(f"{onnx_path}: tensor {tensor.name!r} refused: {exc}") from None

@@ -8,6 +8,7 @@ real images first, so the refiner always differentiates the same model the line 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -122,10 +123,11 @@ def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Se
     return (pick.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
 
 
-def check_checkpoint_matches(bundle_dir: Path, detector: Any, images: np.ndarray, mean: Sequence[float],
+def check_checkpoint_matches(onnx_path: Path, detector: Any, images: np.ndarray, mean: Sequence[float],
                              std: Sequence[float], checkpoint: Path) -> tuple[float, np.ndarray]:
     """Max |map_torch - map_onnx| / max(1, |map|) over ``images`` (raises above tolerance), and the
-    feature-resolution maps of the torch model (what the refiner's feature loss sees)."""
+    feature-resolution maps of the torch model (what the refiner's feature loss sees). ``onnx_path``: the bundle's
+    verified FP32 model (``Bundle.verify`` first: a handed-over bundle's file may be a symlink out of it)."""
     from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from gradad.training.features import to_tensor
     import torch
@@ -135,7 +137,7 @@ def check_checkpoint_matches(bundle_dir: Path, detector: Any, images: np.ndarray
         _, torch_map = detector(batch)
         lowres = detector.lowres_map(batch).numpy()
     torch_map = torch_map[:, 0].numpy()
-    backend = OnnxRuntimeBackend(bundle_dir / FP32_ONNX, None, 0, len(images))
+    backend = OnnxRuntimeBackend(onnx_path, None, 0, len(images))
     try:
         _, onnx_map = backend.infer(images.astype(np.float32).transpose(0, 3, 1, 2))
     finally:
@@ -143,9 +145,16 @@ def check_checkpoint_matches(bundle_dir: Path, detector: Any, images: np.ndarray
     onnx_map = np.asarray(onnx_map).reshape(torch_map.shape)
     error = float(np.abs(torch_map - onnx_map).max() / max(1.0, float(np.abs(onnx_map).max())))
     if error > CHECKPOINT_MATCH_TOLERANCE:
-        raise GradError(f"{checkpoint} is not the model exported to {bundle_dir / FP32_ONNX}: anomaly maps differ by "
+        raise GradError(f"{checkpoint} is not the model exported to {onnx_path}: anomaly maps differ by "
                         f"{error:.2e} (relative max, tolerance {CHECKPOINT_MATCH_TOLERANCE:.0e})")
     return error, lowres
+
+
+def _is_refine_file(name: str) -> bool:
+    """Whether ``name`` is a file a preparation writes: ``refine_model[.<hash>].pt`` or ``pixel_prior[.<hash>].npz``
+    at the top of the bundle folder (no folder part)."""
+    return bool(re.fullmatch(rf"(?:{re.escape(Path(MODEL_FILE).stem)}(?:\.[0-9a-f]{{12}})?\.pt|"
+                             rf"{re.escape(Path(PRIOR_FILE).stem)}(?:\.[0-9a-f]{{12}})?\.npz)", name))
 
 
 def _hashed_name(path: Path, stem: str, suffix: str) -> str:
@@ -177,7 +186,8 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
         raise GradError(f"training images are {train_images.shape[1:3]}, the bundle's model input is {(h, w)}")
     norm = bundle.input.normalisation
     detector, _ = load_detector(checkpoint)
-    error, lowres = check_checkpoint_matches(bundle_dir, detector, train_images[:NORMAL_LEVEL_IMAGES],
+    bundle.verify([FP32_ONNX])
+    error, lowres = check_checkpoint_matches(bundle.file(FP32_ONNX), detector, train_images[:NORMAL_LEVEL_IMAGES],
                                              norm.mean, norm.std, checkpoint)
     normal_level = float(np.quantile(lowres, NORMAL_LEVEL_QUANTILE))
     calibrated = bundle.calibration.pixel_threshold if bundle.calibration else None
@@ -187,6 +197,9 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     pixels = training_pixels(train_images, norm.mean, norm.std, config.mog_pixels)
     prior = fit_pixel_prior(pixels, config.mog_components, config.mog_em_iterations, config.mog_covariance_floor)
     old = bundle.refine or RefineSection()
+    # Only files an earlier preparation wrote are dropped: bundle.json's refine names are not trusted to name
+    # them (a handed-over bundle could name model.onnx, or a path through a symlink out of the folder).
+    stale = [n for n in (old.model, old.pixel_prior) if n and n in bundle.files and _is_refine_file(n)]
     tmp_prior, tmp_model = bundle_dir / f".{PRIOR_FILE}.tmp", bundle_dir / f".{MODEL_FILE}.tmp"
     try:
         prior.save(tmp_prior)
@@ -198,9 +211,9 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     finally:
         for tmp in (tmp_prior, tmp_model):
             tmp.unlink(missing_ok=True)
-    for name in (old.model, old.pixel_prior):
-        if name and name not in (prior_name, model_name):
-            bundle.files.pop(name, None)
+    stale = [n for n in stale if n not in (prior_name, model_name)]
+    for name in stale:
+        bundle.files.pop(name)
     bundle.add_file(model_name)
     bundle.add_file(prior_name)
     bundle.refine = RefineSection(
@@ -219,9 +232,11 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
         config=config.to_dict(),
     )
     bundle.save()
-    for name in (old.model, old.pixel_prior):  # the previous preparation's files, now unreferenced
-        if name and name not in (prior_name, model_name):
-            (bundle_dir / name).unlink(missing_ok=True)
+    for name in stale:  # the previous preparation's files, now unreferenced
+        try:
+            bundle.file(name).unlink(missing_ok=True)
+        except BundleError as exc:
+            log.warning("left %s in place: %s", name, exc)
     log.info("bundle %s prepared for refinement (checkpoint matches ONNX to %.1e; prior: %d components on %d "
              "pixels)", bundle_dir, error, len(prior.means), len(pixels))
     return bundle.refine

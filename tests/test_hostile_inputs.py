@@ -153,6 +153,80 @@ def test_symlink_escaping_the_bundle_is_refused(calibrated: Path, frames: Path, 
     assert "outside the bundle" in line and "symlink" in line
 
 
+def test_refine_preparation_never_deletes_what_the_old_refine_names_point_at(calibrated: Path, trained_tiny: Path,
+                                                                            tiny_demo_root: Path, tmp_path: Path) -> None:
+    """grad-refine prepare drops the previous preparation's files; a handed-over bundle.json whose refine names point
+    through a symlink out of the bundle, or at the bundle's own model, must not make it delete them."""
+    from gradad.data.images import read_image_rgb
+    from gradad.refine.bundle_files import prepare_bundle
+    from gradad.refine.config import RefineConfig
+
+    b = _copy(calibrated, tmp_path)
+    victim_dir = tmp_path / "outside"
+    victim_dir.mkdir()
+    (victim_dir / "victim.txt").write_text("keep me")
+    (b / "escape").symlink_to(victim_dir, target_is_directory=True)
+    manifest = _manifest_json(b)
+    manifest["refine"] = {"model": "escape/victim.txt", "pixel_prior": "model.onnx", "config": {}}
+    _write_raw(b, manifest)
+    train = np.stack([read_image_rgb(p) for p in sorted(tiny_demo_root.glob("*/train/good/*.png"))])
+    cfg = RefineConfig(mog_pixels=5_000, mog_em_iterations=3)
+    prepare_bundle(b, trained_tiny, train, cfg)
+    assert (victim_dir / "victim.txt").read_text() == "keep me"
+    assert (b / "model.onnx").is_file() and "model.onnx" in read_manifest(b)["files"]
+    first = read_manifest(b)["refine"]
+    prepare_bundle(b, trained_tiny, train[::-1].copy(), cfg)  # a real re-preparation still cleans up its own files
+    second = read_manifest(b)["refine"]
+    assert not (b / first["pixel_prior"]).exists() and (b / second["pixel_prior"]).is_file()
+
+
+def test_refine_preparation_refuses_a_model_symlinked_out_of_the_bundle(calibrated: Path, trained_tiny: Path,
+                                                                       tiny_demo_root: Path, tmp_path: Path) -> None:
+    from gradad.bundle import BundleError
+    from gradad.data.images import read_image_rgb
+    from gradad.refine.bundle_files import prepare_bundle
+
+    b = _copy(calibrated, tmp_path)
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.move(b / "model.onnx", outside)
+    (b / "model.onnx").symlink_to(outside)  # same bytes: the hash still matches
+    train = np.stack([read_image_rgb(p) for p in sorted(tiny_demo_root.glob("*/train/good/*.png"))])
+    with pytest.raises(BundleError, match="outside the bundle"):
+        prepare_bundle(b, trained_tiny, train)
+
+
+@pytest.mark.parametrize("where", ["parent", "symlink", "inside"])
+def test_onnx_external_data_must_stay_in_the_bundle(tmp_path: Path, where: str) -> None:
+    """TensorRT's parser reads external data itself (symlinks followed): the engine build checks the locations."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gradad.export.lint import ExportLintError, check_external_data
+
+    b = tmp_path / "bundle"
+    b.mkdir()
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    onnx.save_model(helper.make_model(graph), str(b / "model.onnx"), save_as_external_data=True,
+                    location="w.bin", size_threshold=0)
+    if where == "inside":
+        check_external_data(b / "model.onnx", b)
+        return
+    model = onnx.load(str(b / "model.onnx"), load_external_data=False)
+    if where == "parent":
+        shutil.move(b / "w.bin", tmp_path / "w.bin")
+        model.graph.initializer[0].external_data[0].value = "../w.bin"
+        onnx.save_model(model, str(b / "model.onnx"))
+    else:
+        secret = tmp_path / "secret.bin"
+        shutil.move(b / "w.bin", secret)
+        (b / "w.bin").symlink_to(secret)
+    with pytest.raises(ExportLintError, match="tensor 'w' refused.*outside the bundle"):
+        check_external_data(b / "model.onnx", b)
+
+
 # ------------------------------------------------------------------------------------------- 3. thresholds
 
 
