@@ -88,10 +88,12 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
 
 
 def _resume_dir(config_path: Path, named: Path) -> str:
-    """The run a ``--config D/config.yaml --resume`` continues: D itself when it holds a checkpoint (a copied or
-    moved run directory resumes where it now is; its config still names the original, which must not be written)."""
+    """The run a ``--config D/config.yaml --resume`` continues: D itself when it is a run directory, with a checkpoint
+    or only a model file (a NORMAL-only run from --normal-from keeps none): a copied or moved run directory resumes
+    where it now is; its config still names the original, which must not be written."""
     here = config_path.parent
-    if (here / "checkpoint.pt").is_file() and here.resolve() != named.resolve():
+    is_run = (here / "checkpoint.pt").is_file() or (here / "model.pt").is_file()
+    if is_run and here.resolve() != named.resolve():
         log.info("resuming the run in %s (its config.yaml names %s)", here, named)
         return str(here)
     return str(named)
