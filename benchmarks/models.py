@@ -26,7 +26,8 @@ def random_detector(cfg: RunConfig) -> GRADDetector:
         x = extractor(torch.zeros(1, 3, size, size))
     model = GRADModel(x.shape[1], tuple(x.shape[-2:]), cfg.model).eval()
     if model.image_gaussian is not None:  # its ops count in size and speed: statistics of a two-class model
-        model.image_gaussian.set_statistics(placeholder_statistics(2 * x.shape[1]))
+        dims = x.shape[1] * (2 if model.image_gaussian.stats == "mean_std" else 1)
+        model.image_gaussian.set_statistics(placeholder_statistics(dims))
     return GRADDetector(extractor, model, (size, size)).eval()
 
 

@@ -27,17 +27,17 @@ def _map_score(f: torch.Tensor) -> torch.Tensor:
     return f.abs().mean(dim=(1, 2, 3)) * 3.0
 
 
-def _fit(classes: dict[str, float], n_train: int = 40, n_val: int = 12, seed: int = 0):
+def _fit(classes: dict[str, float], n_train: int = 40, n_val: int = 12, seed: int = 0, stats: str = "mean_std"):
     gen = torch.Generator().manual_seed(seed)
     train = {c: _goods(gen, n_train, o) for c, o in classes.items()}
     val = {c: _goods(gen, n_val, o) for c, o in classes.items()}
     names = list(classes)
-    stats = fit_image_gaussian(torch.cat([train[c] for c in names]), [c for c in names for _ in range(n_train)],
+    fitted = fit_image_gaussian(torch.cat([train[c] for c in names]), [c for c in names for _ in range(n_train)],
                                torch.cat([val[c] for c in names]), [c for c in names for _ in range(n_val)],
-                               _map_score)
-    module = ImageGaussian()
-    module.set_statistics(stats)
-    return module, stats, gen
+                               _map_score, stats)
+    module = ImageGaussian(stats)
+    module.set_statistics(fitted)
+    return module, fitted, gen
 
 
 def test_ledoit_wolf_matches_scikit_learn() -> None:
@@ -52,7 +52,8 @@ def test_ledoit_wolf_matches_scikit_learn() -> None:
 
 def test_an_image_whose_global_texture_changed_scores_above_every_good_image_at_the_same_map_score() -> None:
     """The case the map misses: every cell a little off (texture twice as rough on two channels), no cell an
-    outlier. At equal map scores the Gaussian part alone must rank it above every held-out good image."""
+    outlier. At equal map scores the Gaussian part alone must rank it above every held-out good image (the default
+    models the standard deviations too)."""
     module, _, gen = _fit({"a": 0.0})
     goods = _goods(gen, 30, 0.0)
     rough = _goods(gen, 5, 0.0)
@@ -67,13 +68,25 @@ def test_an_image_whose_global_texture_changed_scores_above_every_good_image_at_
     assert float(module(goods, torch.zeros(len(goods))).min()) >= 0.0
 
 
+def test_a_gaussian_of_channel_means_alone_ranks_a_shifted_image_above_every_good_one() -> None:
+    """A global shift of two channels' level (a stain, a lighting or material change), each cell within the normal
+    spread: a Gaussian of the means alone (C dimensions) ranks it above every good image at equal map scores."""
+    module, stats, gen = _fit({"a": 0.0}, stats="mean")
+    assert module.stats == "mean" and stats.mean.shape == (1, C)
+    goods = _goods(gen, 30, 0.0)
+    shifted = _goods(gen, 5, 0.0)
+    shifted[:, :2] += 1.2  # 4x the per-image level spread, about one cell-noise sigma
+    same = torch.full((len(goods),), 1.0)
+    assert module(shifted, same[: len(shifted)]).min() > module(goods, same).max()
+
+
 def test_a_unified_fit_scores_every_image_against_its_nearest_class() -> None:
     module, stats, gen = _fit({"dark": 0.0, "bright": 6.0})
     assert stats.classes == ["bright", "dark"]  # sorted rows
     for row, offset in ((0, 6.0), (1, 0.0)):
         x = _goods(gen, 8, offset)
         s = _map_score(x)
-        dist = mahalanobis(pooled_statistics(x), stats.mean[row], stats.whiten[row])
+        dist = mahalanobis(pooled_statistics(x, module.stats), stats.mean[row], stats.whiten[row])
         z_sum = (dist - stats.gauss_center[row]) / stats.gauss_scale[row] + \
             (s.double() - stats.map_center[row]) / stats.map_scale[row]
         # the sum of both z-scores, in the class's map units

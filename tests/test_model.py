@@ -212,6 +212,32 @@ def test_model_files_from_before_the_separate_mapper_still_load(tmp_path) -> Non
     GRADModel(16, (8, 8), cfg.model).load_state_dict(normal_only["state_dict"])
 
 
+
+def test_an_image_gaussian_that_does_not_match_its_setting_is_refused_and_old_files_keep_means_and_stds(tmp_path) -> None:
+    """A file whose statistics do not have the dimensions its setting implies is refused on load (one line naming
+    both); a file written before the setting existed modelled means and standard deviations, and loads so."""
+    from gradad.training.backbone import FeatureExtractor
+    from gradad.training.checkpoint import CheckpointError, load_detector, model_payload
+    from gradad.training.image_gaussian import placeholder_statistics
+
+    cfg = preset_config("tiny")
+    cfg.backbone.weights = "none"
+    cfg.model.image_gaussian, cfg.model.image_gaussian_stats = True, "mean"
+    channels = FeatureExtractor(cfg.backbone).channels
+    model = GRADModel(channels, (8, 8), cfg.model)
+    model.image_gaussian.set_statistics(placeholder_statistics(2 * channels))  # fitted on means and stds
+    payload = model_payload(cfg, model, {})
+    assert payload["config"]["model"]["image_gaussian_stats"] == "mean"
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=f"{2 * channels} dimensions.*'mean'"):
+        load_detector(tmp_path / "edited.pt")
+    del payload["config"]["model"]["image_gaussian_stats"]  # written before the setting: means and stds, as it was
+    torch.save(payload, tmp_path / "old.pt")
+    detector, _ = load_detector(tmp_path / "old.pt")
+    assert detector.model.image_gaussian.stats == "mean_std"
+    x = torch.randn(2, channels, 8, 8)
+    assert detector.model.image_gaussian(x, torch.ones(2)).shape == (2,)
+
 def _faint_patch_features(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, x_ref, mask): iid cell noise in the residual everywhere, plus a 9x9-cell patch whose residuals share one
     direction at a third of the noise's per-cell norm (a large faint defect such as MTD's "uneven")."""

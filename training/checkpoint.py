@@ -110,7 +110,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 #: model settings added after the first checkpoints, with the value that reproduces what those models were
 _LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0", "map_scales": [1],
-                          "image_gaussian": False}
+                          "image_gaussian": False, "image_gaussian_stats": "mean_std"}
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +160,11 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
         )
     model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model)
     model.load_state_dict(payload["state_dict"])
+    gaussian = model.image_gaussian
+    if gaussian is not None and gaussian.fitted and gaussian.dims(payload["channels"]) != gaussian.mean.shape[1]:
+        raise CheckpointError(f"{path}: its image Gaussian has {gaussian.mean.shape[1]} dimensions, but "
+                              f"model.image_gaussian_stats = {gaussian.stats!r} of {payload['channels']} channels "
+                              f"gives {gaussian.dims(payload['channels'])} (a config edited after the fit?)")
     if model.image_gaussian is not None and not model.image_gaussian.fitted:
         log.warning("%s: model.image_gaussian is on but the file holds no fitted image Gaussian (written before "
                     "training finished?): the image score is the map's alone", path)

@@ -2,7 +2,8 @@
 
 GRAD's map is local: a cell is scored by how well the grids reconstruct it. Image-level detection also gains from
 the global statistics of an image (Rippel et al., "Modeling the distribution of normal data in pre-trained deep
-features", 2020): per class, a Gaussian over the per-channel mean and standard deviation of the features, with
+features", 2020): per class, a Gaussian over the per-channel means and standard deviations of the features (the
+means alone with ``model.image_gaussian_stats = "mean"``), with
 Ledoit-Wolf shrinkage (fewer good images than dimensions is the normal case). Conceptually the image score is the
 sum of two z-scores,
 
@@ -53,9 +54,12 @@ def require_training_images(train_classes: list[str]) -> None:
                          "--set model.image_gaussian=false")
 
 
-def pooled_statistics(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) features -> (B, 2C): per-channel spatial mean and (population) standard deviation."""
+def pooled_statistics(x: torch.Tensor, stats: str = "mean_std") -> torch.Tensor:
+    """(B, C, H, W) features -> per-channel spatial means (B, C) (``stats="mean"``) or means and (population)
+    standard deviations (B, 2C) (``"mean_std"``)."""
     mean = x.mean(dim=(2, 3))
+    if stats == "mean":
+        return mean
     std = (x - mean[:, :, None, None]).pow(2).mean(dim=(2, 3)).clamp_min(1e-12).sqrt()
     return torch.cat([mean, std], dim=1)
 
@@ -106,12 +110,17 @@ class ImageGaussian(nn.Module):
     """Per-class Gaussians of pooled features and the normalisation of the Gaussian part (buffers; until they are
     fitted the map score passes through unchanged)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: str = "mean_std") -> None:
         super().__init__()
+        self.stats = stats  # what the Gaussians model (ModelConfig.image_gaussian_stats)
         for name, shape in (("mean", (0, 0)), ("whiten", (0, 0, 0)), ("gauss_center", (0,)), ("gauss_scale", (0,)),
                             ("map_scale", (0,))):
             self.register_buffer(name, torch.zeros(shape))
         self.n_classes = 0
+
+    def dims(self, channels: int) -> int:
+        """Dimensions of the Gaussians of features with ``channels`` channels."""
+        return channels * (2 if self.stats == "mean_std" else 1)
 
     @property
     def fitted(self) -> bool:
@@ -135,7 +144,7 @@ class ImageGaussian(nn.Module):
         """Features x (B, C, H, W) and the map's image score (B,) -> the image score (B,)."""
         if not self.fitted:
             return map_score
-        f = pooled_statistics(x)  # (B, D)
+        f = pooled_statistics(x, self.stats)  # (B, D)
         z = f[:, None, None, :] - self.mean[None, :, None, :]  # (B, K, 1, D)
         dist = torch.matmul(z, self.whiten.transpose(1, 2)).squeeze(2).pow(2).sum(-1).sqrt()  # (B, K)
         combined = map_score[:, None] + self.map_scale * (dist - self.gauss_center) / self.gauss_scale  # (B, K)
@@ -184,10 +193,12 @@ def placeholder_statistics(dims: int, classes: int = 2) -> GaussianStatistics:
 
 
 def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], val_features: torch.Tensor,
-                       val_classes: list[str], map_scores, batch_size: int = 64) -> GaussianStatistics:
+                       val_classes: list[str], map_scores, stats: str = "mean_std",
+                       batch_size: int = 64) -> GaussianStatistics:
     """Fit the per-class Gaussians on the training images and both normalisations on held-out good images.
 
-    ``map_scores(features) -> (B,)`` is the map's image score of the finished model. Per class, both parts are
+    ``map_scores(features) -> (B,)`` is the map's image score of the finished model; ``stats`` what the Gaussians
+    model (:func:`pooled_statistics`). Per class, both parts are
     normalised on the class's validation images (held out of training, though they chose the stage epochs and the
     fusion weight) when there are at least :data:`MIN_REFERENCE_IMAGES` of them; else on all of its good images —
     Gaussian distances cross-fitted, map scores of images the map trained on — with a warning.
@@ -198,7 +209,7 @@ def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], v
     for c in classes:
         tr = [i for i, k in enumerate(train_classes) if k == c]
         va = [i for i, k in enumerate(val_classes) if k == c]
-        p_tr, p_va = _pooled(train_features, tr, batch_size), _pooled(val_features, va, batch_size)
+        p_tr, p_va = _pooled(train_features, tr, stats, batch_size), _pooled(val_features, va, stats, batch_size)
         mean, cov, shrink = ledoit_wolf(p_tr)
         whiten = whitening(cov)
         if len(va) >= MIN_REFERENCE_IMAGES:
@@ -224,9 +235,10 @@ def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], v
                               torch.stack(rows["ms"]), rows["shrink"], rows["ref"])
 
 
-def _pooled(features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:
-    """Pooled statistics (N, 2C) of ``features[idx]``, a batch at a time (a class's FP32 copy can be gigabytes)."""
-    return _batched(pooled_statistics, features, idx, batch_size, (0, 2 * features.shape[1]))
+def _pooled(features: torch.Tensor, idx: list[int], stats: str, batch_size: int) -> torch.Tensor:
+    """Pooled statistics (N, D) of ``features[idx]``, a batch at a time (a class's FP32 copy can be gigabytes)."""
+    dims = features.shape[1] * (2 if stats == "mean_std" else 1)
+    return _batched(lambda f: pooled_statistics(f, stats), features, idx, batch_size, (0, dims))
 
 
 def _map_scores(map_scores, features: torch.Tensor, idx: list[int], batch_size: int) -> torch.Tensor:

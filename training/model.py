@@ -251,7 +251,7 @@ class GRADModel(nn.Module):
         # gain_k of every map scale (see ModelConfig.map_scales); ones until fit_map_scale_gains after stage 2
         self.register_buffer("map_scale_gain", torch.ones(len(cfg.map_scales)))
         # image-level Gaussian added to the image score (fitted after stage 3; see training/image_gaussian.py)
-        self.image_gaussian = ImageGaussian() if cfg.image_gaussian else None
+        self.image_gaussian = ImageGaussian(cfg.image_gaussian_stats) if cfg.image_gaussian else None
 
     @property
     def separate_mapper(self) -> bool:

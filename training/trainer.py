@@ -52,10 +52,10 @@ STAGES = ("abnormal", "normal")
 #: model settings of the map head only (fitted after stage 2 or 3), not of what the stages learn: a finished run may be
 #: resumed with other values, and a reused normal branch may differ in them
 HEAD_SETTINGS = frozenset({"map_scales", "map_refine_mask_weight", "smoothing", "smoothing_size", "smoothing_sigma",
-                           "score_pool", "image_gaussian"})
+                           "score_pool", "image_gaussian", "image_gaussian_stats"})
 #: head settings that no stage's model selection or fit reads (fitted after stage 3): a run may be resumed with
 #: other values at any point
-POST_TRAINING_SETTINGS = frozenset({"image_gaussian"})
+POST_TRAINING_SETTINGS = frozenset({"image_gaussian", "image_gaussian_stats"})
 #: settings of the similarity refinement that shape both the map and stage 2's loss, so a reused normal branch must
 #: match them; a *finished* run may still be refitted with other values (its branches keep what they learnt under
 #: the old loss; logged). refine_mask_weight shapes the loss alone, so it never changes after training.
@@ -588,7 +588,7 @@ class Trainer:
 
         with torch.no_grad():
             stats = fit_image_gaussian(ctx.data.features, ctx.data.train_classes, ctx.data.val_features,
-                                       ctx.data.val_classes, map_scores)
+                                       ctx.data.val_classes, map_scores, model.image_gaussian.stats)
         model.image_gaussian.set_statistics(stats)
         summary = stats.summary()
         self._log({"stage": "image_gaussian", "classes": summary})
