@@ -137,15 +137,24 @@ def resize_image(img: np.ndarray, size: int) -> np.ndarray:
 def resize_hw(img: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize an image to ``height x width``, the one resize rule of training and deployment.
 
-    Uses ``cv2.INTER_AREA`` when the image shrinks in both dimensions (anti-aliased downscaling) and
-    ``cv2.INTER_LINEAR`` otherwise (enlarging, or enlarging one side while shrinking the other). An image that
-    already has the target size is returned unchanged (same array).
+    Each axis that shrinks is resampled with ``cv2.INTER_AREA`` (anti-aliased), each that grows with
+    ``cv2.INTER_LINEAR``; an image that shrinks along one axis and grows along the other (a narrow tile: 476 of the
+    1,050 MTD photographs at 256 px) takes one pass per axis, so the shrinking axis is never sampled without
+    averaging (one bilinear pass skipped pixels there: 2.4x down on the 5 % narrowest). An image that already has
+    the target size is returned unchanged (same array).
     """
     h, w = img.shape[:2]
     if (h, w) == (height, width):
         return img
-    interp = cv2.INTER_AREA if (h >= height and w >= width) else cv2.INTER_LINEAR
-    return cv2.resize(img, (width, height), interpolation=interp)
+    if h >= height and w >= width:
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
+    if h <= height and w <= width:
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    if h > height:  # taller than the target, narrower: average rows down first, then widen
+        img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA)
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    img = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_mask(mask: np.ndarray, size: int, width: int | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradad.data.datasets import Sample, detect_layout, list_classes, load_samples, summarize
-from gradad.data.images import load_sample_arrays, read_image_rgb, read_mask, resize_image, resize_mask
+from gradad.data.images import load_sample_arrays, read_image_rgb, read_mask, resize_hw, resize_image, resize_mask
 from gradad.errors import DatasetError
 
 MTD_ROOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mtd"
@@ -331,6 +331,23 @@ def test_resize_varying_sizes_nearest_masks(tmp_path: Path) -> None:
     assert resize_image(big, 16).shape == (16, 16, 3)
     assert resize_image(big[:10, :40], 16).shape == (16, 16, 3)  # mixed grow/shrink
     assert set(np.unique(resize_mask(np.eye(40, dtype=bool), 20))) <= {False, True}
+
+
+@pytest.mark.parametrize("tall", [False, True])
+def test_a_narrow_tile_is_anti_aliased_along_the_axis_that_shrinks(tall: bool) -> None:
+    """A 100 x 600 tile with one-pixel stripes across its long side, resized to 256 x 256: the long axis shrinks
+    2.3x and must be averaged (the stripes become a flat grey), as a tile shrinking along both axes would be;
+    one bilinear pass sampled the stripes (aliasing: a beat pattern from black to white, std ~ 60+)."""
+    stripes = np.zeros((100, 600, 3), np.uint8)
+    stripes[:, ::2] = 255
+    img = np.ascontiguousarray(stripes.transpose(1, 0, 2)) if tall else stripes
+    out = resize_hw(img, 256, 256).astype(float)
+    assert out.shape == (256, 256, 3)
+    assert out.std() < 25.0 and abs(out.mean() - 127.5) < 3.0  # area averaging over 2.34 px: ~16 left
+    # the axis that grows is interpolated as before: a horizontal ramp on a short, wide image keeps its order
+    ramp = np.tile(np.linspace(0, 255, 600, dtype=np.float32).astype(np.uint8), (100, 1))[..., None].repeat(3, 2)
+    row = resize_hw(ramp, 256, 256)[128, :, 0].astype(int)
+    assert (np.diff(row) >= 0).all() and row[0] < 5 and row[-1] > 250
 
 
 def test_sample_is_frozen() -> None:

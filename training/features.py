@@ -23,7 +23,8 @@ from gradad.training.backbone import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+#: 2: images shrinking along one axis and growing along the other are anti-aliased along the shrinking one
+CACHE_FORMAT_VERSION = 2
 
 
 def to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
