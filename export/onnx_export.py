@@ -193,7 +193,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         files = {FP32_ONNX: FileEntry.of(work / FP32_ONNX)}
         if opts.fp16:
             files[FP16_ONNX] = FileEntry.of(work / FP16_ONNX)
-        resize = ("caller: cv2.INTER_AREA when shrinking, else INTER_LINEAR (gradad.data.images.resize_image)"
+        resize = ("caller, per axis: cv2.INTER_AREA where it shrinks, INTER_LINEAR where it grows "
+                  "(gradad.data.images.resize_hw)"
                   if (h, w) == module.model_hw else
                   f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
         bundle = Bundle(
