@@ -26,8 +26,7 @@ def random_detector(cfg: RunConfig) -> GRADDetector:
         x = extractor(torch.zeros(1, 3, size, size))
     model = GRADModel(x.shape[1], tuple(x.shape[-2:]), cfg.model).eval()
     if model.image_gaussian is not None:  # its ops count in size and speed: statistics of a two-class model
-        dims = x.shape[1] * (2 if model.image_gaussian.stats == "mean_std" else 1)
-        model.image_gaussian.set_statistics(placeholder_statistics(dims))
+        model.image_gaussian.set_statistics(placeholder_statistics(model.image_gaussian.dims(x.shape[1])))
     return GRADDetector(extractor, model, (size, size)).eval()
 
 

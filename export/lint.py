@@ -80,21 +80,41 @@ def lint_or_raise(model: onnx.ModelProto, source: str, expected: GridSampleSetti
     return sum(n.op_type == "GridSample" for n in model.graph.node)
 
 
-def _tensors(graph: onnx.GraphProto):
-    """Every TensorProto of ``graph``: initializers, sparse initializers' parts and node attributes, subgraphs too."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
+def _sparse_parts(sparse: onnx.SparseTensorProto):
+    yield sparse.values
+    yield sparse.indices
+
+
+def _node_tensors(nodes):
+    """Every TensorProto in the attributes of ``nodes``: dense and sparse, subgraphs too."""
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from _sparse_parts(attr.sparse_tensor)
+            for sparse in attr.sparse_tensors:
+                yield from _sparse_parts(sparse)
             if attr.HasField("g"):
                 yield from _tensors(attr.g)
             for sub in attr.graphs:
                 yield from _tensors(sub)
+
+
+def _tensors(graph: onnx.GraphProto):
+    """Every TensorProto of ``graph``: initializers, sparse initializers' parts and node attributes, subgraphs too."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from _sparse_parts(sparse)
+    yield from _node_tensors(graph.node)
+
+
+def _model_tensors(model: onnx.ModelProto):
+    """Every TensorProto of ``model``: its graph's and those inside its local functions (TensorRT imports both)."""
+    yield from _tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
 
 
 def check_external_data(onnx_path: Path, root: Path) -> None:
@@ -104,19 +124,20 @@ def check_external_data(onnx_path: Path, root: Path) -> None:
     a handed-over bundle could otherwise make ``grad-export engine`` read any file the user can. gradad's own
     exports hold no external data; a file that does must keep it inside the bundle, symlinks resolved.
     """
-    from gradad.bundle import BundleError, bundle_file
+    from gradad.bundle import BundleError, bundle_file, check_file_name
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is one line naming the file
         raise ExportLintError(f"{onnx_path}: not a readable ONNX model ({exc})") from None
-    for tensor in _tensors(model.graph):
+    for tensor in _model_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), None)
         if location is None:
             raise ExportLintError(f"{onnx_path}: tensor {tensor.name!r} has external data without a location")
         try:
+            check_file_name(location, f"{onnx_path}: tensor {tensor.name!r}")
             bundle_file(root, location)
         except BundleError as exc:
             raise ExportLintError(f"{onnx_path}: tensor {tensor.name!r} refused: {exc}") from None

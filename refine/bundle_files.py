@@ -199,7 +199,8 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     old = bundle.refine or RefineSection()
     # Only files an earlier preparation wrote are dropped: bundle.json's refine names are not trusted to name
     # them (a handed-over bundle could name model.onnx, or a path through a symlink out of the folder).
-    stale = [n for n in (old.model, old.pixel_prior) if n and n in bundle.files and _is_refine_file(n)]
+    stale = list(dict.fromkeys(n for n in (old.model, old.pixel_prior)  # one name may be given twice
+                               if n and n in bundle.files and _is_refine_file(n)))
     tmp_prior, tmp_model = bundle_dir / f".{PRIOR_FILE}.tmp", bundle_dir / f".{MODEL_FILE}.tmp"
     try:
         prior.save(tmp_prior)

@@ -175,9 +175,13 @@ def test_refine_preparation_never_deletes_what_the_old_refine_names_point_at(cal
     assert (victim_dir / "victim.txt").read_text() == "keep me"
     assert (b / "model.onnx").is_file() and "model.onnx" in read_manifest(b)["files"]
     first = read_manifest(b)["refine"]
+    manifest = _manifest_json(b)  # one name given twice: dropped once, no KeyError half-way
+    manifest["refine"]["model"] = manifest["refine"]["pixel_prior"]
+    _write_raw(b, manifest)
     prepare_bundle(b, trained_tiny, train[::-1].copy(), cfg)  # a real re-preparation still cleans up its own files
     second = read_manifest(b)["refine"]
     assert not (b / first["pixel_prior"]).exists() and (b / second["pixel_prior"]).is_file()
+    assert first["pixel_prior"] not in read_manifest(b)["files"]
 
 
 def test_refine_preparation_refuses_a_model_symlinked_out_of_the_bundle(calibrated: Path, trained_tiny: Path,
@@ -195,7 +199,7 @@ def test_refine_preparation_refuses_a_model_symlinked_out_of_the_bundle(calibrat
         prepare_bundle(b, trained_tiny, train)
 
 
-@pytest.mark.parametrize("where", ["parent", "symlink", "inside"])
+@pytest.mark.parametrize("where", ["parent", "symlink", "inside", "function", "sparse"])
 def test_onnx_external_data_must_stay_in_the_bundle(tmp_path: Path, where: str) -> None:
     """TensorRT's parser reads external data itself (symlinks followed): the engine build checks the locations."""
     import onnx
@@ -215,7 +219,20 @@ def test_onnx_external_data_must_stay_in_the_bundle(tmp_path: Path, where: str) 
         check_external_data(b / "model.onnx", b)
         return
     model = onnx.load(str(b / "model.onnx"), load_external_data=False)
-    if where == "parent":
+    if where in ("function", "sparse"):  # a Constant whose value lies outside, in a local function or sparse
+        outside = numpy_helper.from_array(np.ones(4, np.float32), "w")
+        outside.data_location = TensorProto.EXTERNAL
+        outside.external_data.add(key="location", value="../w.bin")
+        if where == "function":
+            const = helper.make_node("Constant", [], ["c"], value=outside)
+            model.functions.append(helper.make_function("local", "f", [], ["c"], [const],
+                                                        [helper.make_opsetid("", 17)]))
+        else:
+            sparse = helper.make_sparse_tensor(outside, numpy_helper.from_array(np.arange(4, dtype=np.int64), "i"),
+                                               [8])
+            model.graph.node.append(helper.make_node("Constant", [], ["c"], sparse_value=sparse))
+        (b / "model.onnx").write_bytes(model.SerializeToString())  # onnx.save_model itself refuses '..' here
+    elif where == "parent":
         shutil.move(b / "w.bin", tmp_path / "w.bin")
         model.graph.initializer[0].external_data[0].value = "../w.bin"
         onnx.save_model(model, str(b / "model.onnx"))

@@ -54,6 +54,11 @@ def require_training_images(train_classes: list[str]) -> None:
                          "--set model.image_gaussian=false")
 
 
+def statistics_dims(channels: int, stats: str) -> int:
+    """Dimensions of :func:`pooled_statistics` of features with ``channels`` channels."""
+    return channels * (2 if stats == "mean_std" else 1)
+
+
 def pooled_statistics(x: torch.Tensor, stats: str = "mean_std") -> torch.Tensor:
     """(B, C, H, W) features -> per-channel spatial means (B, C) (``stats="mean"``) or means and (population)
     standard deviations (B, 2C) (``"mean_std"``)."""
@@ -120,7 +125,7 @@ class ImageGaussian(nn.Module):
 
     def dims(self, channels: int) -> int:
         """Dimensions of the Gaussians of features with ``channels`` channels."""
-        return channels * (2 if self.stats == "mean_std" else 1)
+        return statistics_dims(channels, self.stats)
 
     @property
     def fitted(self) -> bool:
@@ -237,7 +242,7 @@ def fit_image_gaussian(train_features: torch.Tensor, train_classes: list[str], v
 
 def _pooled(features: torch.Tensor, idx: list[int], stats: str, batch_size: int) -> torch.Tensor:
     """Pooled statistics (N, D) of ``features[idx]``, a batch at a time (a class's FP32 copy can be gigabytes)."""
-    dims = features.shape[1] * (2 if stats == "mean_std" else 1)
+    dims = statistics_dims(features.shape[1], stats)
     return _batched(lambda f: pooled_statistics(f, stats), features, idx, batch_size, (0, dims))
 
 
