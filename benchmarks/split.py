@@ -21,9 +21,24 @@ from gradad.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
+#: defect images of every type that stay in the scored test set whatever --per-type asks (a type taken out whole
+#: would vanish from every report without a word)
+MIN_SCORED_PER_TYPE = 1
+
 
 def choose_held_out(samples: Sequence[Sample], per_type: int) -> list[Sample]:
-    """The first ``per_type`` defect images (sorted order, as listed) of every (class, defect type)."""
+    """The first ``per_type`` defect images (sorted order, as listed) of every (class, defect type), at most all but
+    :data:`MIN_SCORED_PER_TYPE` of a type's images (a warning names the types capped)."""
+    totals: dict[tuple[str, str], int] = {}
+    for s in samples:
+        if s.label == 1:
+            totals[(s.class_name, s.defect_type)] = totals.get((s.class_name, s.defect_type), 0) + 1
+    limit = {key: max(0, min(per_type, n - MIN_SCORED_PER_TYPE)) for key, n in totals.items()}
+    capped = {key: n for key, n in totals.items() if limit[key] < per_type}
+    if capped:
+        log.warning("--per-type %d would leave fewer than %d scored image(s) of %s: took %s", per_type,
+                    MIN_SCORED_PER_TYPE, ", ".join(f"{c}/{t} ({n} images)" for (c, t), n in capped.items()),
+                    ", ".join(f"{limit[key]} of {c}/{t}" for key in capped for c, t in [key]))
     seen: dict[tuple[str, str], int] = {}
     picked = []
     for s in samples:
@@ -31,7 +46,7 @@ def choose_held_out(samples: Sequence[Sample], per_type: int) -> list[Sample]:
             continue
         key = (s.class_name, s.defect_type)
         seen[key] = seen.get(key, 0) + 1
-        if seen[key] <= per_type:
+        if seen[key] <= limit[key]:
             picked.append(s)
     return picked
 

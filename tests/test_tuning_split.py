@@ -25,6 +25,22 @@ def test_split_round_trip_and_exclusion(tiny_demo_root: Path, tmp_path: Path):
     assert all(p.is_symlink() for p in (tmp_path / "split" / "defects").rglob("*.png"))
 
 
+def test_a_large_per_type_never_takes_a_defect_type_out_of_scoring_whole(tiny_demo_root: Path, tmp_path: Path, caplog):
+    test = load_samples(tiny_demo_root, "test")
+    per_type: dict[tuple[str, str], int] = {}
+    for s in test:
+        if s.label == 1:
+            per_type[(s.class_name, s.defect_type)] = per_type.get((s.class_name, s.defect_type), 0) + 1
+    ask = max(per_type.values())
+    with caplog.at_level("WARNING"):
+        split = write_split([str(tiny_demo_root)], ask, tmp_path / "split")
+    for (c, t), n in per_type.items():
+        assert split["counts"].get(f"{c}/{t}", 0) == max(0, min(ask, n - 1))
+    kept = exclude_held_out(test, read_held_out(tmp_path / "split"))
+    assert all(sum(s.class_name == c and s.defect_type == t for s in kept) >= 1 for (c, t) in per_type)
+    assert "would leave fewer than 1 scored image(s)" in caplog.text
+
+
 def test_a_split_of_other_data_or_an_unreadable_file_is_refused(tiny_demo_root: Path, tmp_path: Path):
     test = load_samples(tiny_demo_root, "test")
     with pytest.raises(DatasetError, match="names none of the test images"):
