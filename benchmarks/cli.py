@@ -202,12 +202,13 @@ def gpu(smoke, presets, batches, train_presets, train_images, cpu_train, f2pad_b
               help="Split folder: defects/, masks/ (links) and split.json.")
 @grad_command
 def split(data_roots, per_type, layout, out_dir) -> None:
-    """Take the first K defect images of every type out of the test halves: labelled defects for
-    `grad-train --defects`, the only real defects to tune on, and `--exclude` for `grad-bench accuracy`."""
+    """Take the first K defect images of every type out of the test halves (never all of a type: at least one stays
+    scored): labelled defects for `grad-train --defects`, the only real defects to tune on, and `--exclude` for
+    `grad-bench accuracy`."""
     from gradad.benchmarks.split import write_split
 
     result = write_split(list(data_roots), per_type, out_dir, layout)
-    click.echo(f"{len(result['held_out'])} images held out ({per_type} per type) -> {out_dir}/split.json")
+    click.echo(f"{len(result['held_out'])} images held out (up to {per_type} per type) -> {out_dir}/split.json")
 
 
 @main.command(context_settings=CONTEXT)
