@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,23 +30,18 @@ MIN_SCORED_PER_TYPE = 1
 def choose_held_out(samples: Sequence[Sample], per_type: int) -> list[Sample]:
     """The first ``per_type`` defect images (sorted order, as listed) of every (class, defect type), at most all but
     :data:`MIN_SCORED_PER_TYPE` of a type's images (a warning names the types capped)."""
-    totals: dict[tuple[str, str], int] = {}
-    for s in samples:
-        if s.label == 1:
-            totals[(s.class_name, s.defect_type)] = totals.get((s.class_name, s.defect_type), 0) + 1
+    defects = [s for s in samples if s.label == 1]
+    totals = Counter((s.class_name, s.defect_type) for s in defects)
     limit = {key: max(0, min(per_type, n - MIN_SCORED_PER_TYPE)) for key, n in totals.items()}
-    capped = {key: n for key, n in totals.items() if limit[key] < per_type}
+    capped = [f"{c}/{t} ({n} images): took {limit[(c, t)]}" for (c, t), n in totals.items() if limit[(c, t)] < per_type]
     if capped:
-        log.warning("--per-type %d would leave fewer than %d scored image(s) of %s: took %s", per_type,
-                    MIN_SCORED_PER_TYPE, ", ".join(f"{c}/{t} ({n} images)" for (c, t), n in capped.items()),
-                    ", ".join(f"{limit[key]} of {c}/{t}" for key in capped for c, t in [key]))
-    seen: dict[tuple[str, str], int] = {}
+        log.warning("--per-type %d would leave fewer than %d scored image(s) of %s", per_type, MIN_SCORED_PER_TYPE,
+                    "; ".join(capped))
+    seen: Counter[tuple[str, str]] = Counter()
     picked = []
-    for s in samples:
-        if s.label != 1:
-            continue
+    for s in defects:
         key = (s.class_name, s.defect_type)
-        seen[key] = seen.get(key, 0) + 1
+        seen[key] += 1
         if seen[key] <= limit[key]:
             picked.append(s)
     return picked

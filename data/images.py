@@ -144,17 +144,12 @@ def resize_hw(img: np.ndarray, height: int, width: int) -> np.ndarray:
     the target size is returned unchanged (same array).
     """
     h, w = img.shape[:2]
-    if (h, w) == (height, width):
-        return img
-    if h >= height and w >= width:
-        return cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
-    if h <= height and w <= width:
-        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
-    if h > height:  # taller than the target, narrower: average rows down first, then widen
-        img = cv2.resize(img, (w, height), interpolation=cv2.INTER_AREA)
-        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
-    img = cv2.resize(img, (width, h), interpolation=cv2.INTER_AREA)
-    return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    shrunk_h, shrunk_w = min(h, height), min(w, width)
+    if (shrunk_h, shrunk_w) != (h, w):  # average down every axis that shrinks...
+        img = cv2.resize(img, (shrunk_w, shrunk_h), interpolation=cv2.INTER_AREA)
+    if (shrunk_h, shrunk_w) != (height, width):  # ...then interpolate up every axis that grows
+        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+    return img
 
 
 def resize_mask(mask: np.ndarray, size: int, width: int | None = None) -> np.ndarray:

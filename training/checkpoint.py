@@ -165,7 +165,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise CheckpointError(f"{path}: its image Gaussian has {gaussian.mean.shape[1]} dimensions, but "
                               f"model.image_gaussian_stats = {gaussian.stats!r} of {payload['channels']} channels "
                               f"gives {gaussian.dims(payload['channels'])} (a config edited after the fit?)")
-    if model.image_gaussian is not None and not model.image_gaussian.fitted:
+    if gaussian is not None and not gaussian.fitted:
         log.warning("%s: model.image_gaussian is on but the file holds no fitted image Gaussian (written before "
                     "training finished?): the image score is the map's alone", path)
     size = cfg.data.image_size
