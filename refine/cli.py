@@ -142,8 +142,8 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
     coarse threshold: the calibration's pixel rule on the class's held-out good images (a unified bundle's one
     calibrated threshold does not fit every class; without held-out images the bundle's threshold is kept);
     lambda0: the "no defect vs true decomposition" break-even check on the tuning defects; tau (with its
-    per-image relative part and the kept coarse interior): the repair noise of good images (--good, else
-    <class>/validation/good when it exists, else training images) and IoU on the tuning defects; see
+    per-image relative part, the kept coarse interior and the spur trim): the repair noise of good images (--good,
+    else <class>/validation/good when it exists, else training images) and IoU on the tuning defects; see
     gradad.refine.tuning.
     """
     from gradad.data.datasets import load_samples

@@ -23,7 +23,7 @@ from gradad.devices import resolve_torch_device
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import dilate, drop_small_components, inpaint, interior, start_and_core
+from gradad.refine.regions import dilate, drop_small_components, inpaint, interior, start_and_core, trim_spurs
 from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
                                           STATUS_TIME_BUDGET, RefineResult)
 
@@ -69,6 +69,7 @@ class _Batch:
     readout: torch.Tensor  # (B, 1, h, w) feature-resolution weights of the feature loss
     tau: np.ndarray  # (B,) mask threshold per image (RGB units of [0, 1])
     relative: np.ndarray  # (B,) relative part of the mask rule per image (see mask_from_norm)
+    trim: np.ndarray  # (B,) spur trim radius per image (mask_trim_px)
     keep: list[np.ndarray]  # per image: the coarse mask's interior that stays in the mask (keep_interior_px)
     core: list[np.ndarray | None]  # per image: the coarse map's confident core (collapse guard), None = no guard
 
@@ -298,6 +299,7 @@ class Refiner:
         h, w = x.shape[-2:]
         return _Batch(x, x_n, region, lam, weights, self.readout_weights(len(images), h, w),
                       np.array([c.mask_tau for c in configs]), np.array([c.mask_relative for c in configs]),
+                      np.array([c.mask_trim_px for c in configs]),
                       [interior(c, cfg_i.keep_interior_px) for c, cfg_i in zip(coarse, configs)], cores)
 
     def lambda_for(self, coarse: np.ndarray, config: RefineConfig | None = None) -> float:
@@ -322,7 +324,8 @@ class Refiner:
             masks = [m & r for m, r in zip(masks, self._masks(batch.x, again, inner, batch.tau, batch.relative))]
             best_x = again
             status = [STATUS_TIME_BUDGET if s2 == STATUS_TIME_BUDGET else s1 for s1, s2 in zip(status, again_status)]
-        masks = [finish_mask(m, core, keep, cfg) for m, core, keep in zip(masks, batch.core, batch.keep)]
+        masks = [finish_mask(m, core, keep, cfg, int(trim))
+                 for m, core, keep, trim in zip(masks, batch.core, batch.keep, batch.trim)]
         seconds = time.perf_counter() - started
         repaired = self._to_uint8(best_x)
         region_np = batch.region[:, 0].bool().cpu().numpy()
@@ -416,20 +419,24 @@ def pixel_mask(norm: np.ndarray, region: np.ndarray, tau: float, relative: float
                                  config.mask_min_component_px)
 
 
-def finish_mask(mask: np.ndarray, core: np.ndarray | None, keep: np.ndarray, config: RefineConfig) -> np.ndarray:
-    """The returned mask: the pixel mask with the collapse guard applied and the coarse mask's kept interior
-    (``keep``) added. Run time and ``grad-refine tune`` both use it, so tuning scores what the line returns."""
-    return collapse_guard(mask, core, config.collapse_fraction) | keep
+def finish_mask(mask: np.ndarray, core: np.ndarray | None, keep: np.ndarray, config: RefineConfig,
+                trim_px: int = 0) -> np.ndarray:
+    """The returned mask: the pixel mask with the collapse guard applied, else with spurs thinner than ``trim_px``
+    cut (:func:`trim_spurs`), and the coarse mask's kept interior (``keep``) added. The guard judges the mask before
+    the trim: a trim cleans a shape up, it is no sign that the optimiser explained the defect away. Run time and
+    ``grad-refine tune`` both use it, so tuning scores what the line returns."""
+    if collapsed(mask, core, config.collapse_fraction):
+        return mask | core | keep
+    return trim_spurs(mask, trim_px) | keep
 
 
-def collapse_guard(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> np.ndarray:
-    """The refined mask, plus the coarse map's confident ``core`` when the mask covers less than ``fraction`` of it
-    (the optimiser explained the defect away; the core is what GRAD is sure of). ``core`` None: the mask as is."""
+def collapsed(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> bool:
+    """Whether the refined mask covers less than ``fraction`` of the coarse map's confident ``core`` (the optimiser
+    explained the defect away; the core is what GRAD is sure of). ``core`` None or empty: never."""
     if core is None or not core.any():
-        return mask
-    if np.count_nonzero(mask & core) < fraction * np.count_nonzero(core):
-        return mask | core
-    return mask
+        return False
+    return np.count_nonzero(mask & core) < fraction * np.count_nonzero(core)
+
 
 
 def _converged(history: list[float], cfg: RefineConfig) -> bool:

@@ -10,12 +10,14 @@ leave them out) and on good images:
    tuning images);
 3. tau: candidates are the ``mask_tau_quantiles`` of ||a|| after refining good images whose "coarse masks" are
    the tuning defects' ground-truth shapes (the repair noise of a surface that has no defect), in RGB units of
-   [0, 1]; the tuning defects are refined once and the candidate with the best mean IoU there is kept.
+   [0, 1]; the tuning defects are refined once and the candidate with the best mean IoU there is kept, together
+   with the per-image relative part, the kept coarse interior and the spur trim of the mask rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -158,30 +160,35 @@ def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: S
 
 def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float],
-             threshold: float | None = None) -> tuple[tuple[float, float, int], dict[str, float]]:
-    """Refine the tuning defects once with ``config`` and return the (tau, relative, keep_interior_px) triple --
-    tau among the candidates, the others among ``config.mask_relative_candidates`` and
-    ``config.keep_interior_candidates`` -- with the best mean IoU there (collapse guard included, as at run time),
-    with the mean IoU of every triple ("<quantile>/<relative>/<px>"). ``threshold``: the coarse-mask threshold
-    (default: the refiner's pixel threshold)."""
+             threshold: float | None = None) -> tuple[tuple[float, float, int, int], dict[str, float]]:
+    """Refine the tuning defects once with ``config`` and return the (tau, relative, keep_interior_px,
+    mask_trim_px) rule -- tau among the candidates, the others among ``config.mask_relative_candidates``,
+    ``config.keep_interior_candidates`` and ``config.mask_trim_candidates`` -- with the best mean IoU there
+    (collapse guard included, as at run time; a trim only when it beats the best untrimmed rule by
+    ``config.mask_trim_margin``), with the mean IoU of every rule
+    ("<quantile>/<relative>/<px>/<trim>"). ``threshold``: the coarse-mask threshold (default: the refiner's pixel
+    threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
     coarse, cores = zip(*(start_and_core(m, threshold, config.start_peak_fraction, config.core_threshold_factor)
                           for m in maps))
     ious: dict[str, float] = {}
-    choices: dict[str, tuple[float, float, int]] = {}
+    choices: dict[str, tuple[float, float, int, int]] = {}
     runs = refiner.repair_norms(images, coarse, config)
     keeps = {px: [interior(c, px) for c in coarse] for px in config.keep_interior_candidates}
     for q, tau in candidates.items():
         for rel in config.mask_relative_candidates:
-            for px in config.keep_interior_candidates:
+            for px, trim in itertools.product(config.keep_interior_candidates, config.mask_trim_candidates):
                 scores = []
                 for (norm, region), core, keep, truth in zip(runs, cores, keeps[px], truths):
-                    mask = finish_mask(pixel_mask(norm, region, tau, rel, config), core, keep, config)
+                    mask = finish_mask(pixel_mask(norm, region, tau, rel, config), core, keep, config, trim)
                     union = np.count_nonzero(mask | truth)
                     scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
-                key = f"{q}/{rel}/{px}"
-                ious[key], choices[key] = float(np.mean(scores)), (tau, float(rel), int(px))
+                key = f"{q}/{rel}/{px}/{trim}"
+                ious[key], choices[key] = float(np.mean(scores)), (tau, float(rel), int(px), int(trim))
     best = max(choices, key=lambda k: ious[k])  # first best in candidate order: ties keep the simpler rule
+    untrimmed = max((k for k in choices if choices[k][3] == 0), key=lambda k: ious[k], default=best)
+    if ious[best] < ious[untrimmed] + config.mask_trim_margin:
+        best = untrimmed
     return choices[best], ious
 
 
@@ -196,8 +203,8 @@ def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float
 def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
                maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], coarse_threshold: float | None = None
                ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Settings (inpaint, lambda0, mask_tau, mask_relative, keep_interior_px, start_peak_fraction and the class's
-    ``coarse_threshold`` when given) for one class and the evidence behind them; every step uses that coarse
+    """Settings (inpaint, lambda0, mask_tau, mask_relative, keep_interior_px, mask_trim_px, start_peak_fraction and
+    the class's ``coarse_threshold`` when given) for one class and the evidence behind them; every step uses that coarse
     threshold (default: the pixel threshold). The whole tuning runs once per ``start_peak_candidates`` value (the
     start mask's share of the map's peak, see RefineConfig) and the value with the best tuning IoU is kept, a value
     above the smallest only when it beats the smallest by ``start_peak_margin``; the flagged tuning defects are the
@@ -243,10 +250,10 @@ def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
                   base.lambda0_min)
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
     candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], list(truths), cfg)
-    (tau, relative, keep_px), tau_evidence["tuning_iou"] = best_tau(refiner, images, truths, maps, cfg, candidates,
+    (tau, relative, keep_px, trim_px), tau_evidence["tuning_iou"] = best_tau(refiner, images, truths, maps, cfg, candidates,
                                                                     threshold)
     settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative,
-                "keep_interior_px": keep_px}
+                "keep_interior_px": keep_px, "mask_trim_px": trim_px}
     evidence = {"flagged_tuning_images": len(images), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
                 "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}

@@ -16,8 +16,8 @@ from gradad.data.datasets import load_samples
 from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning_images, write_class_settings
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
-from gradad.refine.refiner import Refiner, collapse_guard, finish_mask, mask_from_norm, pixel_mask
-from gradad.refine.regions import confident_core, dilate, interior, shift_fill, start_mask
+from gradad.refine.refiner import Refiner, finish_mask, mask_from_norm, pixel_mask
+from gradad.refine.regions import confident_core, dilate, interior, shift_fill, start_mask, trim_spurs
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
@@ -159,9 +159,46 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     image, truth = _square_defect()
     amap = np.where(dilate(truth, 2), 1.0, 0.0)  # a coarse map above the 0.5 threshold around the square
     no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002,
-                                   mask_relative_candidates=(0.0,), keep_interior_candidates=(0,))
+                                   mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
+                                   mask_trim_candidates=(0,))
     chosen, ious = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
-    assert chosen == (tau, 0.0, 0) and ious["0.95/0.0/0"] > 0.5 and ious["0.999/0.0/0"] == 0.0
+    assert chosen == (tau, 0.0, 0, 0) and ious["0.95/0.0/0/0"] > 0.5 and ious["0.999/0.0/0/0"] == 0.0
+
+
+def test_spur_trim_cuts_thin_bridges_off_a_compact_defect_and_keeps_a_crack_whole():
+    yy, xx = np.mgrid[:64, :64]
+    spot = (yy - 20) ** 2 + (xx - 20) ** 2 <= 8 ** 2
+    bridge = np.zeros((64, 64), bool)
+    bridge[20, 28:50] = True  # 1 px wide, attached to the spot
+    crack = np.zeros((64, 64), bool)
+    crack[45:60, 10] = True  # 1 px wide, a component of its own
+    crack[59, 10:30] = True
+    mask = spot | bridge | crack
+    trimmed = trim_spurs(mask, 2)
+    assert (trimmed & spot).sum() >= 0.95 * spot.sum()  # the spot stays
+    assert not trimmed[20, 32:50].any()  # the bridge goes
+    assert (trimmed[crack]).all() and not (trimmed & ~(spot | bridge | crack)).any()  # the crack stays whole
+    assert (trim_spurs(mask, 0) == mask).all()
+
+
+def test_tuning_picks_the_spur_trim_when_the_solver_marks_an_edge_next_to_a_spot():
+    """A bright 1-px line touches a bright square: the solver repairs both (both are bright), the truth is the
+    square alone, so the tuner's mask rule cuts the line (a trim radius > 0); with the line gone, no trim is kept,
+    nor when the trim's gain is below mask_trim_margin."""
+    refiner = _synthetic_refiner(max_iterations=60, lambda0=0.002, collapse_fraction=0.0)
+    image, truth = _square_defect(lo=26, hi=34)
+    with_edge = image.copy()
+    with_edge[30, 34:46] = 230  # the edge: inside the refined region, not in the truth
+    amap = np.where(dilate(truth, 2), 1.0, 0.0)
+    cfg = dataclasses.replace(refiner.config, mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
+                              mask_trim_candidates=(0, 2))
+    (tau, _, _, trim), ious = best_tau(refiner, [with_edge], [truth], [amap], cfg, {0.9: 0.2})
+    assert trim == 2 and ious["0.9/0.0/0/2"] > ious["0.9/0.0/0/0"]
+    (_, _, _, trim), ious = best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
+    assert trim == 0 and ious["0.9/0.0/0/2"] <= ious["0.9/0.0/0/0"]
+    # a trim must win by the margin
+    strict = dataclasses.replace(cfg, mask_trim_margin=1.0)
+    assert best_tau(refiner, [with_edge], [truth], [amap], strict, {0.9: 0.2})[0][3] == 0
 
 
 def test_relative_mask_rule_follows_each_defects_contrast():
@@ -211,6 +248,11 @@ def test_breakeven_check_prefers_the_truth_below_its_lambda0():
         assert (true < none) == truth_wins
 
 
+def collapse_guard(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> np.ndarray:
+    """finish_mask with no kept interior and no trim: the collapse guard alone."""
+    return finish_mask(mask, core, np.zeros_like(mask), dataclasses.replace(RefineConfig(), collapse_fraction=fraction))
+
+
 def test_collapse_guard_keeps_the_confident_core():
     core = np.zeros((8, 8), bool)
     core[2:6, 2:6] = True
@@ -220,6 +262,23 @@ def test_collapse_guard_keeps_the_confident_core():
     kept[2:4, 2:6] = True  # half the core: the refined mask stands
     assert np.array_equal(collapse_guard(kept, core, 0.25), kept)
     assert np.array_equal(collapse_guard(empty, None, 0.25), empty)
+
+
+def test_collapse_guard_judges_the_mask_before_the_spur_trim():
+    """Thin parts that the trim cuts still count for the guard: a trim is a clean-up, not a collapse."""
+    mask = np.zeros((40, 40), bool)
+    mask[4:16, 4:16] = True  # the defect's body, 144 px
+    core = np.zeros_like(mask)
+    core[24:34, 20:30] = True  # 100 px, covered only by thin lines attached to the body
+    mask[16:34, 10] = True
+    for row in range(24, 34, 2):
+        mask[row, 10:30] = True
+    assert np.count_nonzero(mask & core) >= 0.25 * core.sum()
+    cfg = dataclasses.replace(RefineConfig(), collapse_fraction=0.25)
+    trimmed = trim_spurs(mask, 2)
+    assert np.count_nonzero(trimmed & core) < 0.25 * core.sum()  # after the trim it would look collapsed
+    out = finish_mask(mask, core, np.zeros_like(mask), cfg, trim_px=2)
+    assert np.array_equal(out, trimmed) and not (out & core).any()
 
 
 def test_confident_core_is_the_coarse_mask_when_no_pixel_is_confident():
