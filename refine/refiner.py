@@ -438,7 +438,6 @@ def collapsed(mask: np.ndarray, core: np.ndarray | None, fraction: float) -> boo
     return np.count_nonzero(mask & core) < fraction * np.count_nonzero(core)
 
 
-
 def _converged(history: list[float], cfg: RefineConfig) -> bool:
     """Relative drop of the windowed mean objective below the tolerance (scale-free form of the paper's rule)."""
     w = cfg.stop_window

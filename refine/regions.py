@@ -67,7 +67,9 @@ def trim_spurs(mask: np.ndarray, radius_px: int) -> np.ndarray:
 
     The solver's repair of a compact defect also touches the strong edges next to it, which adds thin spurs to the
     defect's mask (make demo's nut spot: the spot plus bridges to the nut's outline). A thin defect (a crack, a
-    scratch) is mostly thin and stays as it is. 0 leaves the mask unchanged."""
+    scratch) is mostly thin and stays as it is. 0 leaves the mask unchanged. Pixels past the image border count as
+    mask (OpenCV's default), as in :func:`interior`: a defect cut by the border keeps its edge there."""
+    mask = np.asarray(mask, dtype=bool)
     if radius_px <= 0 or not mask.any():
         return mask
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))

@@ -160,14 +160,13 @@ def calibrate_tau(refiner: Refiner, good_images: Sequence[np.ndarray], shapes: S
 
 def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              maps: Sequence[np.ndarray], config: RefineConfig, candidates: dict[float, float],
-             threshold: float | None = None) -> tuple[tuple[float, float, int, int], dict[str, float]]:
+             threshold: float | None = None) -> tuple[tuple[float, float, int, int], dict[str, float], str]:
     """Refine the tuning defects once with ``config`` and return the (tau, relative, keep_interior_px,
     mask_trim_px) rule -- tau among the candidates, the others among ``config.mask_relative_candidates``,
     ``config.keep_interior_candidates`` and ``config.mask_trim_candidates`` -- with the best mean IoU there
     (collapse guard included, as at run time; a trim only when it beats the best untrimmed rule by
-    ``config.mask_trim_margin``), with the mean IoU of every rule
-    ("<quantile>/<relative>/<px>/<trim>"). ``threshold``: the coarse-mask threshold (default: the refiner's pixel
-    threshold)."""
+    ``config.mask_trim_margin``), the mean IoU of every rule ("<quantile>/<relative>/<px>/<trim>") and the chosen
+    rule's key. ``threshold``: the coarse-mask threshold (default: the refiner's pixel threshold)."""
     threshold = refiner.pixel_threshold if threshold is None else threshold
     coarse, cores = zip(*(start_and_core(m, threshold, config.start_peak_fraction, config.core_threshold_factor)
                           for m in maps))
@@ -189,7 +188,7 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
     untrimmed = max((k for k in choices if choices[k][3] == 0), key=lambda k: ious[k], default=best)
     if ious[best] < ious[untrimmed] + config.mask_trim_margin:
         best = untrimmed
-    return choices[best], ious
+    return choices[best], ious, best
 
 
 def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float:
@@ -234,8 +233,8 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
 def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
              maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], threshold: float, peak_fraction: float
              ) -> tuple[dict[str, Any], dict[str, Any], float]:
-    """(settings, evidence, best mean tuning IoU) of flagged tuning defects with one start rule: inpainting,
-    lambda0 and the mask rule (see the module docstring)."""
+    """(settings, evidence, the chosen mask rule's mean tuning IoU) of flagged tuning defects with one start rule:
+    inpainting, lambda0 and the mask rule (see the module docstring)."""
     base = dataclasses.replace(refiner.config, start_peak_fraction=peak_fraction)
     coarse = [start_mask(m, threshold, peak_fraction) for m in maps]
     losses = {}
@@ -250,11 +249,12 @@ def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
                   base.lambda0_min)
     cfg = dataclasses.replace(cfg, lambda0=lambda0)
     candidates, tau_evidence = calibrate_tau(refiner, good_images[:base.mask_tau_images], list(truths), cfg)
-    (tau, relative, keep_px, trim_px), tau_evidence["tuning_iou"] = best_tau(refiner, images, truths, maps, cfg, candidates,
-                                                                    threshold)
+    rule, ious, chosen = best_tau(refiner, images, truths, maps, cfg, candidates, threshold)
+    tau, relative, keep_px, trim_px = rule
+    tau_evidence["tuning_iou"] = ious
     settings = {"inpaint": method, "lambda0": lambda0, "mask_tau": tau, "mask_relative": relative,
                 "keep_interior_px": keep_px, "mask_trim_px": trim_px}
     evidence = {"flagged_tuning_images": len(images), "start_feature_loss": losses,
                 "breakeven_lambda0": [round(float(b), 6) for b in breakevens],
                 "truth_beats_no_defect_at_lambda0": int((breakevens > lambda0).sum()), "tau": tau_evidence}
-    return settings, evidence, max(tau_evidence["tuning_iou"].values())
+    return settings, evidence, ious[chosen]

@@ -161,8 +161,9 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002,
                                    mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
                                    mask_trim_candidates=(0,))
-    chosen, ious = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
-    assert chosen == (tau, 0.0, 0, 0) and ious["0.95/0.0/0/0"] > 0.5 and ious["0.999/0.0/0/0"] == 0.0
+    chosen, ious, key = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
+    assert chosen == (tau, 0.0, 0, 0) and key == "0.95/0.0/0/0"
+    assert ious["0.95/0.0/0/0"] > 0.5 and ious["0.999/0.0/0/0"] == 0.0
 
 
 def test_spur_trim_cuts_thin_bridges_off_a_compact_defect_and_keeps_a_crack_whole():
@@ -179,6 +180,13 @@ def test_spur_trim_cuts_thin_bridges_off_a_compact_defect_and_keeps_a_crack_whol
     assert not trimmed[20, 32:50].any()  # the bridge goes
     assert (trimmed[crack]).all() and not (trimmed & ~(spot | bridge | crack)).any()  # the crack stays whole
     assert (trim_spurs(mask, 0) == mask).all()
+    # a crack with a thicker bit: the opening keeps the bit (less than half the component), so it stays whole too
+    thick_crack = np.zeros((64, 64), bool)
+    thick_crack[40:46, 40:46] = True
+    thick_crack[5:7, 10:60] = True
+    thick_crack[7:40, 42] = True
+    assert np.array_equal(trim_spurs(thick_crack, 2), thick_crack)
+    assert np.array_equal(trim_spurs(thick_crack.astype(np.uint8), 2), thick_crack)  # 0/1 masks too
 
 
 def test_tuning_picks_the_spur_trim_when_the_solver_marks_an_edge_next_to_a_spot():
@@ -192,13 +200,29 @@ def test_tuning_picks_the_spur_trim_when_the_solver_marks_an_edge_next_to_a_spot
     amap = np.where(dilate(truth, 2), 1.0, 0.0)
     cfg = dataclasses.replace(refiner.config, mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
                               mask_trim_candidates=(0, 2))
-    (tau, _, _, trim), ious = best_tau(refiner, [with_edge], [truth], [amap], cfg, {0.9: 0.2})
-    assert trim == 2 and ious["0.9/0.0/0/2"] > ious["0.9/0.0/0/0"]
-    (_, _, _, trim), ious = best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
+    (_, _, _, trim), ious, key = best_tau(refiner, [with_edge], [truth], [amap], cfg, {0.9: 0.2})
+    assert trim == 2 and key == "0.9/0.0/0/2" and ious["0.9/0.0/0/2"] > ious["0.9/0.0/0/0"]
+    (_, _, _, trim), ious, _ = best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
     assert trim == 0 and ious["0.9/0.0/0/2"] <= ious["0.9/0.0/0/0"]
-    # a trim must win by the margin
+    # a trim must win by the margin; the rule returned (and scored) is then the untrimmed one
     strict = dataclasses.replace(cfg, mask_trim_margin=1.0)
-    assert best_tau(refiner, [with_edge], [truth], [amap], strict, {0.9: 0.2})[0][3] == 0
+    (_, _, _, trim), _, key = best_tau(refiner, [with_edge], [truth], [amap], strict, {0.9: 0.2})
+    assert trim == 0 and key == "0.9/0.0/0/0"
+
+
+def test_a_class_spur_trim_reaches_its_images_at_run_time():
+    """Two images of two classes in one batch: only the class tuned with a trim loses the edge line."""
+    config = dataclasses.replace(RefineConfig(), **{**FIXED, "max_iterations": 60, "lambda0": 0.002,
+                                                    "collapse_fraction": 0.0, "mask_tau": 0.2})
+    refiner = Refiner(_BrightnessDetector(), [0.5] * 3, [0.5] * 3, pixel_threshold=0.5, prior=_grey_prior(),
+                      config=config, normal_level=0.0, feature_scale=0.5,
+                      class_settings={"plain": {"mask_trim_px": 0}, "trimmed": {"mask_trim_px": 2}})
+    image, truth = _square_defect(lo=26, hi=34)
+    image[30, 34:46] = 230
+    amap = np.where(dilate(truth, 2), 1.0, 0.0)
+    plain, trimmed = refiner.refine([image, image], [amap, amap], class_names=["plain", "trimmed"])
+    assert plain.mask[30, 38:44].all() and not trimmed.mask[30, 38:44].any()
+    assert trimmed.mask[truth].mean() > 0.8  # the square stays (an opening rounds its corners)
 
 
 def test_relative_mask_rule_follows_each_defects_contrast():
