@@ -77,8 +77,7 @@ def trim_spurs(mask: np.ndarray, radius_px: int) -> np.ndarray:
     count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
     area = np.bincount(labels[mask], minlength=count)
     body = np.bincount(labels[opened], minlength=count)
-    trimmed = body >= TRIM_BODY_FRACTION * np.maximum(area, 1)
-    trimmed[0] = False
+    trimmed = body >= TRIM_BODY_FRACTION * area  # background (label 0) is in neither mask: either pick is False
     return np.where(trimmed[labels], opened, mask)
 
 

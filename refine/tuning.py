@@ -176,10 +176,11 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
     keeps = {px: [interior(c, px) for c in coarse] for px in config.keep_interior_candidates}
     for q, tau in candidates.items():
         for rel in config.mask_relative_candidates:
+            masks = [pixel_mask(norm, region, tau, rel, config) for norm, region in runs]  # shared by every px, trim
             for px, trim in itertools.product(config.keep_interior_candidates, config.mask_trim_candidates):
                 scores = []
-                for (norm, region), core, keep, truth in zip(runs, cores, keeps[px], truths):
-                    mask = finish_mask(pixel_mask(norm, region, tau, rel, config), core, keep, config, trim)
+                for pixels, core, keep, truth in zip(masks, cores, keeps[px], truths):
+                    mask = finish_mask(pixels, core, keep, config, trim)
                     union = np.count_nonzero(mask | truth)
                     scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
                 key = f"{q}/{rel}/{px}/{trim}"
