@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.errors import GradError
 from gradad.evaluation.evaluate import evaluate_predictions
 from gradad.evaluation.report import TABLE_COLUMNS, markdown_table
+
+if TYPE_CHECKING:
+    from gradad.training.config import BackboneConfig
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], bundle: Bundle,
 
 
 def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str] | None,
-                  image_size: int) -> dict[str, Any]:
+                  image_size: int, backbone: BackboneConfig | None = None) -> dict[str, Any]:
     """PatchCore on the same extractor and input size, one memory bank for all classes, scored with its own map
     head (the original 21x21 mean filter and 32x32 score pool, which suits its smoother patch distances better
     than GRAD's head on MTD) so the baseline is not handicapped by GRAD's choices."""
@@ -204,16 +207,39 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
 
     pc_cfg = PatchCoreConfig(coreset_ratio=cfg.coreset_ratio)
     t0 = time.perf_counter()
-    result = run_patchcore(cfg.data_roots, classes, pc_cfg, image_size, cfg.cache_dir, test=test)
+    result = run_patchcore(cfg.data_roots, classes, pc_cfg, image_size, cfg.cache_dir, test=test, backbone=backbone)
     per_class = result["metrics"]
     return {"label": f"PatchCore {100 * cfg.coreset_ratio:g}% coreset · PyTorch CPU FP32",
             "method": METHOD_PATCHCORE, "preset": "edge", "backend": BACKEND_PYTORCH, "precision": "fp32",
             "device": "cpu", "image_size": image_size, "wall_seconds": round(time.perf_counter() - t0, 2),
             "seconds_per_image": result["seconds_per_image"], "fit_seconds": result["fit_seconds"],
             "memory_bank": result["memory_bank"], "config": result["config"], "n_train": result["n_train"],
+            "backbone": result["backbone"],
             "timing_note": "seconds_per_image: extractor + nearest-neighbour search; wall includes the fit",
             "per_class": per_class,
             "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}}
+
+
+def patchcore_reference(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[int, BackboneConfig | None]:
+    """(input size, extractor) of the GRAD model PatchCore is compared with, so both rows see the same features:
+    the checkpoint's (or the NORMAL-only one's) backbone, weights, normalisation and input size, else the bundle's;
+    (256, None = the edge preset's extractor) when no model is given."""
+    from gradad.training.config import BackboneConfig
+
+    reference = cfg.checkpoint or cfg.normal_only
+    if reference:
+        from gradad.training.checkpoint import read_checkpoint
+        from gradad.training.config import config_from_dict
+
+        run = config_from_dict(read_checkpoint(reference)["config"])
+        return run.data.image_size, run.backbone
+    if bundle is not None:
+        spec = bundle.backbone
+        norm = bundle.input.normalisation
+        return int(bundle.input.model_height), BackboneConfig(
+            name=spec.name, out_indices=tuple(spec.out_indices), weights=spec.weights,
+            mean=tuple(norm.mean), std=tuple(norm.std))
+    return 256, None
 
 
 def _default_classes(cfg: AccuracyConfig, bundle: Bundle | None) -> list[str] | None:
@@ -257,15 +283,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if cfg.normal_only:
         rows.append(checkpoint_row(cfg.normal_only, METHOD_NORMAL_ONLY, samples, cfg, None)[0])
     if cfg.patchcore:
-        reference = cfg.checkpoint or cfg.normal_only
-        if reference:  # same input size as the GRAD model
-            from gradad.training.checkpoint import read_checkpoint
-            from gradad.training.config import config_from_dict
-
-            image_size = config_from_dict(read_checkpoint(reference)["config"]).data.image_size
-        elif bundle is not None:
-            image_size = int(bundle.input.model_height)
-        rows.append(patchcore_row(cfg, samples, classes, image_size))
+        image_size, backbone = patchcore_reference(cfg, bundle)
+        rows.append(patchcore_row(cfg, samples, classes, image_size, backbone))
     n_anomalous = sum(s.label for s in samples)
     return {
         "dataset": {"root": ", ".join(cfg.data_roots), "layout": cfg.layout,

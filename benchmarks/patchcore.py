@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gradad.cli_utils import CLI_CONTEXT, setup_logging, user_errors_as_exit
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.training.backbone import FeatureExtractor
-from gradad.training.config import ModelConfig, preset_config
+from gradad.training.config import BackboneConfig, ModelConfig, preset_config
 from gradad.training.features import FeatureCache, load_images, to_tensor
 from gradad.training.model import AnomalyHead
 
@@ -108,16 +108,17 @@ class PatchCore:
 
 def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cfg: PatchCoreConfig,
                   image_size: int = 256, cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None,
-                  test: Sequence[Sample] | None = None) -> dict[str, Any]:
+                  test: Sequence[Sample] | None = None, backbone: BackboneConfig | None = None) -> dict[str, Any]:
     """Unified protocol: one memory bank for all classes of every root; returns per-class metrics and timings.
 
     ``model_cfg`` sets the map head (default: PatchCore's own, the 21x21 mean filter and 32x32 score pool);
-    ``test`` replaces the roots' test split (e.g. without a tuning split).
+    ``test`` replaces the roots' test split (e.g. without a tuning split); ``backbone`` is the extractor (default:
+    the edge preset's), which a comparison sets to the GRAD model's own so both rows see the same features.
     """
     from gradad.evaluation.evaluate import evaluate_predictions
 
     roots = [data_roots] if isinstance(data_roots, (str, Path)) else list(data_roots)
-    extractor = FeatureExtractor(preset_config("edge").backbone)
+    extractor = FeatureExtractor(backbone or preset_config("edge").backbone)
     device = torch.device("cpu")
     train = [s for s in load_samples_from_roots(roots, "train", classes) if s.label == 0]
     feats, _ = FeatureCache(cache_dir).load_or_compute(extractor, train, image_size, device)
@@ -138,7 +139,9 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
     predict_s = time.perf_counter() - t0
     metrics = evaluate_predictions(test, np.concatenate(scores), np.concatenate(maps), masks)
     return {"metrics": metrics, "fit_seconds": round(fit_s, 1), "seconds_per_image": round(predict_s / len(test), 4),
-            "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train)}
+            "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train),
+            "backbone": {"name": extractor.spec.name, "out_indices": list(extractor.spec.out_indices),
+                         "weights": extractor.weights_fingerprint}}
 
 
 @click.command(context_settings=CLI_CONTEXT)
@@ -146,20 +149,26 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
 @click.option("--classes", help="Comma-separated classes [default: all, one memory bank].")
 @click.option("--coreset-ratio", type=float, default=0.01)
 @click.option("--image-size", type=int, default=256)
+@click.option("--backbone", default=None,
+              help="timm name of the extractor [default: the edge preset's, tf_efficientnet_lite0]; packaged "
+                   "weights: tf_efficientnet_lite0/1/2.")
 @click.option("--cache-dir", default="cache/features", help="Feature cache shared with grad-train.")
 @click.option("-o", "--output", "out_dir", default="benchmarks/results", type=click.Path(file_okay=False))
 @click.option("--name", default="patchcore")
 @user_errors_as_exit
-def main(data_root, classes, coreset_ratio, image_size, cache_dir, out_dir, name) -> None:
-    """Evaluate the PatchCore baseline (same extractor, same map post-processing as GRAD)."""
+def main(data_root, classes, coreset_ratio, image_size, backbone, cache_dir, out_dir, name) -> None:
+    """Evaluate the PatchCore baseline (same extractor as GRAD's edge preset unless --backbone says otherwise).
+    `grad-bench accuracy --patchcore` runs it on the compared GRAD model's own extractor and input size."""
     setup_logging()
     from gradad.evaluation.evaluate import write_evaluation
     from gradad.evaluation.report import markdown_table
 
     wanted = [c.strip() for c in classes.split(",")] if classes else None
-    result = run_patchcore(data_root, wanted, PatchCoreConfig(coreset_ratio=coreset_ratio), image_size, cache_dir)
+    spec = BackboneConfig(name=backbone) if backbone else None
+    result = run_patchcore(data_root, wanted, PatchCoreConfig(coreset_ratio=coreset_ratio), image_size, cache_dir,
+                           backbone=spec)
     meta = {k: v for k, v in result.items() if k != "metrics"}
-    meta.update({"method": "PatchCore (same extractor: tf_efficientnet_lite0 strides 8+16)", "data_root": data_root,
+    meta.update({"method": f"PatchCore ({result['backbone']['name']} strides 8+16)", "data_root": data_root,
                  "image_size": image_size, "command": " ".join(["python -m gradad.benchmarks.patchcore",
                                                                  *sys.argv[1:]])})
     write_evaluation(out_dir, name, result["metrics"], meta)

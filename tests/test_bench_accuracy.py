@@ -53,6 +53,7 @@ def test_peer_columns_are_measured_in_the_same_run(full_run) -> None:
     assert {"grad", "grad_normal_only", "patchcore"} <= set(rows)
     patchcore = rows["patchcore"]
     assert patchcore["memory_bank"][1] == 152  # same extractor as GRAD edge/tiny
+    assert patchcore["backbone"]["name"] == "tf_efficientnet_lite0" and patchcore["image_size"] == 64
     for cls in data["dataset"]["classes"]:
         assert 0.0 <= patchcore["per_class"][cls]["image_auroc"] <= 1.0
     # --normal-only got the same checkpoint here: identical model, identical numbers.
@@ -106,3 +107,30 @@ def test_missing_checkpoint_is_one_error_line(tiny_demo_root: Path, tmp_path: Pa
 
 def test_nothing_to_evaluate_is_one_error_line(tiny_demo_root: Path, tmp_path: Path) -> None:
     assert "--checkpoint" in one_error_line(_run(["--data", str(tiny_demo_root), "-o", str(tmp_path)]))
+
+
+def test_patchcore_takes_the_compared_models_extractor_and_input_size(trained_tiny: Path, bundle: Path,
+                                                                     tmp_path: Path) -> None:
+    """PatchCore is "the same extractor" only if it uses the GRAD model's backbone, weights, normalisation and
+    input size, not the edge preset's: a model trained on another backbone gets PatchCore on that backbone."""
+    import torch
+
+    from gradad.benchmarks.accuracy import AccuracyConfig, patchcore_reference
+
+    size, backbone = patchcore_reference(AccuracyConfig([], checkpoint=str(trained_tiny)), None)
+    assert size == 64 and backbone.name == "tf_efficientnet_lite0" and tuple(backbone.out_indices) == (2, 3)
+    payload = torch.load(trained_tiny, map_location="cpu", weights_only=True)
+    payload["config"]["backbone"].update(name="tf_efficientnet_lite2", mean=[0.1, 0.2, 0.3])
+    payload["config"]["data"]["image_size"] = 96
+    other = tmp_path / "lite2.pt"
+    torch.save(payload, other)
+    size, backbone = patchcore_reference(AccuracyConfig([], normal_only=str(other)), None)
+    assert (size, backbone.name, tuple(backbone.mean)) == (96, "tf_efficientnet_lite2", (0.1, 0.2, 0.3))
+    # a bundle alone: its recorded backbone, normalisation and model input size
+    from gradad.bundle import Bundle
+
+    loaded = Bundle.load(bundle)
+    size, backbone = patchcore_reference(AccuracyConfig([]), loaded)
+    assert size == loaded.input.model_height and backbone.name == loaded.backbone.name
+    assert list(backbone.mean) == loaded.input.normalisation.mean
+    assert patchcore_reference(AccuracyConfig([]), None) == (256, None)
