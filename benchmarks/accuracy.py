@@ -22,6 +22,8 @@ from gradad.benchmarks.environment import environment
 from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.errors import GradError
+from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, METRICS as PAIRED_METRICS
+from gradad.evaluation.bootstrap import paired_differences, paired_scores
 from gradad.evaluation.evaluate import evaluate_predictions
 from gradad.evaluation.report import TABLE_COLUMNS, markdown_table
 
@@ -64,6 +66,8 @@ class AccuracyConfig:
     threads: int = 0  # 0 = library default
     device: str = "cpu"
     exclude: str | None = None  # a tuning split (benchmarks/split.py): its images are not scored
+    # paired bootstrap resamples of the test images for every row's difference to the first row (0 = none)
+    bootstrap: int = DEFAULT_RESAMPLES
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -98,6 +102,10 @@ def calibration_of(bundle: Bundle) -> Calibration | None:
                        {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")})
 
 
+#: where a row keeps its reduced predictions until the paired comparison (not written to the result files)
+PAIRED_KEY = "_paired"
+
+
 def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
               masks: np.ndarray, calibration: Calibration | None) -> dict[str, Any]:
     """Add per-class metrics and the F1 summary to ``row``.
@@ -109,6 +117,7 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
     per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
     row["per_class"] = per_class
+    row[PAIRED_KEY] = paired_scores([s.class_name for s in samples], [s.label for s in samples], scores, maps, masks)
     if calibration is None:
         row["f1"] = {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}
     else:
@@ -207,8 +216,10 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
 
     pc_cfg = PatchCoreConfig(coreset_ratio=cfg.coreset_ratio)
     t0 = time.perf_counter()
-    result = run_patchcore(cfg.data_roots, classes, pc_cfg, image_size, cfg.cache_dir, test=test, backbone=backbone)
+    result = run_patchcore(cfg.data_roots, classes, pc_cfg, image_size, cfg.cache_dir, test=test, backbone=backbone,
+                           keep_predictions=True)
     per_class = result["metrics"]
+    scores, maps, masks = result.pop("predictions")
     return {"label": f"PatchCore {100 * cfg.coreset_ratio:g}% coreset · PyTorch CPU FP32",
             "method": METHOD_PATCHCORE, "preset": "edge", "backend": BACKEND_PYTORCH, "precision": "fp32",
             "device": "cpu", "image_size": image_size, "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -217,7 +228,8 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
             "backbone": result["backbone"],
             "timing_note": "seconds_per_image: extractor + nearest-neighbour search; wall includes the fit",
             "per_class": per_class,
-            "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}}
+            "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]},
+            PAIRED_KEY: paired_scores([s.class_name for s in test], [s.label for s in test], scores, maps, masks)}
 
 
 def patchcore_reference(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[int, BackboneConfig | None]:
@@ -285,6 +297,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if cfg.patchcore:
         image_size, backbone = patchcore_reference(cfg, bundle)
         rows.append(patchcore_row(cfg, samples, classes, image_size, backbone))
+    compare_with_first_row(rows, cfg.bootstrap)
     n_anomalous = sum(s.label for s in samples)
     return {
         "dataset": {"root": ", ".join(cfg.data_roots), "layout": cfg.layout,
@@ -300,6 +313,46 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         "rows": rows,
         "skipped": list(cfg.skipped),
     }
+
+
+def compare_with_first_row(rows: list[dict[str, Any]], resamples: int, level: float = DEFAULT_LEVEL) -> None:
+    """Give every row after the first ``"vs_first_row"``: its difference to the first row in image AUROC, pixel
+    AUROC and pixel AUPR per class and mean, with a paired bootstrap interval over ``resamples`` resamples of the
+    test images (see :mod:`gradad.evaluation.bootstrap`); drops the rows' reduced predictions afterwards."""
+    paired = [row.pop(PAIRED_KEY, None) for row in rows]
+    if resamples <= 0 or len(rows) < 2 or paired[0] is None:
+        return
+    for row, other in zip(rows[1:], paired[1:]):
+        if other is None:
+            continue
+        row["vs_first_row"] = {"first_row": rows[0]["label"], "resamples": resamples, "level": level,
+                               "unit": "images of each class, defective and good resampled separately",
+                               "metrics": paired_differences(paired[0], other, resamples, level)}
+
+
+def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: every row's difference to the first row per metric and class, with its bootstrap interval."""
+    compared = [r for r in rows if "vs_first_row" in r]
+    if not compared:
+        return ""
+    first = compared[0]["vs_first_row"]
+    classes = list(first["metrics"][PAIRED_METRICS[0]])
+    lines = [f"Difference to **{first['first_row']}** (points; {100 * first['level']:g} % paired bootstrap interval "
+             f"over {first['resamples']} resamples of the test images of each class; pixel metrics from binned "
+             "maps; P(≤ 0): share of resamples where the row is not above the first):", "",
+             "| row | metric | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
+    for row in compared:
+        for metric in PAIRED_METRICS:
+            cells = [_interval(row["vs_first_row"]["metrics"][metric][c]) for c in classes]
+            lines.append(f"| {row['label']} | {metric.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _interval(cell: dict[str, float]) -> str:
+    if not np.isfinite(cell["difference"]):
+        return "–"
+    return (f"{100 * cell['difference']:+.2f} [{100 * cell['low']:+.2f}, {100 * cell['high']:+.2f}] "
+            f"P(≤ 0) {cell['share_not_above']:.2f}")
 
 
 def _pct(value: Any) -> str:
@@ -326,6 +379,9 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
              f"Dataset `{ds['root']}`: {ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), "
              f"classes {', '.join(ds['classes'])}. {result['protocol']}.", "",
              summary_table(result["rows"])]
+    table = comparison_table(result["rows"])
+    if table:
+        parts += [table]
     parts += [f"- skipped {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
     for row in result["rows"]:
         parts += ["", f"## {row['label']}", "", markdown_table(row["per_class"])]

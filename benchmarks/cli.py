@@ -86,9 +86,12 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=8)
 @click.option("--threads", type=int, default=0, help="torch and ONNX Runtime CPU threads (0 = default).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="PyTorch rows' device.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Paired bootstrap resamples of the test images for every row's difference to the first row "
+                   "(image AUROC, pixel AUROC, pixel AUPR, with intervals); 0 = none.")
 @output_options("accuracy")
 def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends, normal_only, patchcore,
-             coreset_ratio, cache_dir, batch_size, threads, device, out_dir, name) -> None:
+             coreset_ratio, cache_dir, batch_size, threads, device, bootstrap, out_dir, name) -> None:
     """Per-class and mean image/pixel AUROC, AUPR, PRO and F1 of every row on one test set (unified protocol)."""
     from gradad.benchmarks.accuracy import BACKENDS, AccuracyConfig, accuracy_markdown, run_accuracy
     from gradad.benchmarks.results_io import KIND_ACCURACY, result_header, write_result_files
@@ -96,7 +99,7 @@ def accuracy(data_roots, exclude, classes, layout, checkpoint, bundle, backends,
     cfg = AccuracyConfig(data_roots=list(data_roots), exclude=exclude, classes=_csv(classes), layout=layout,
                          checkpoint=checkpoint, bundle=bundle, backends=tuple(backends) or BACKENDS, normal_only=normal_only,
                          patchcore=patchcore, coreset_ratio=coreset_ratio, cache_dir=cache_dir,
-                         batch_size=batch_size, threads=threads, device=device)
+                         batch_size=batch_size, threads=threads, device=device, bootstrap=bootstrap)
     result = {**result_header(KIND_ACCURACY, name, _command()), **run_accuracy(cfg)}
     json_path, md_path = write_result_files(out_dir, name, result, accuracy_markdown(result))
     click.echo(accuracy_markdown(result))

@@ -108,12 +108,14 @@ class PatchCore:
 
 def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cfg: PatchCoreConfig,
                   image_size: int = 256, cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None,
-                  test: Sequence[Sample] | None = None, backbone: BackboneConfig | None = None) -> dict[str, Any]:
+                  test: Sequence[Sample] | None = None, backbone: BackboneConfig | None = None,
+                  keep_predictions: bool = False) -> dict[str, Any]:
     """Unified protocol: one memory bank for all classes of every root; returns per-class metrics and timings.
 
     ``model_cfg`` sets the map head (default: PatchCore's own, the 21x21 mean filter and 32x32 score pool);
     ``test`` replaces the roots' test split (e.g. without a tuning split); ``backbone`` is the extractor (default:
-    the edge preset's), which a comparison sets to the GRAD model's own so both rows see the same features.
+    the edge preset's), which a comparison sets to the GRAD model's own so both rows see the same features;
+    ``keep_predictions`` adds ``"predictions"`` = (scores, maps, masks) of the test images.
     """
     from gradad.evaluation.evaluate import evaluate_predictions
 
@@ -137,8 +139,10 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
             scores.append(s.numpy())
             maps.append(m[:, 0].numpy())
     predict_s = time.perf_counter() - t0
-    metrics = evaluate_predictions(test, np.concatenate(scores), np.concatenate(maps), masks)
-    return {"metrics": metrics, "fit_seconds": round(fit_s, 1), "seconds_per_image": round(predict_s / len(test), 4),
+    scores, maps = np.concatenate(scores), np.concatenate(maps)
+    metrics = evaluate_predictions(test, scores, maps, masks)
+    extra = {"predictions": (scores, maps, masks)} if keep_predictions else {}
+    return {**extra, "metrics": metrics, "fit_seconds": round(fit_s, 1), "seconds_per_image": round(predict_s / len(test), 4),
             "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train),
             "backbone": {"name": extractor.spec.name, "out_indices": list(extractor.spec.out_indices),
                          "weights": extractor.weights_fingerprint}}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
-                                        summary_table)
+                                        comparison_table, summary_table)
 from gradad.benchmarks.latency import latency_table
 from gradad.benchmarks.results_io import (KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, KIND_REFINE,
                                           load_result_files)
@@ -214,7 +214,9 @@ def accuracy_block(name: str, result: dict[str, Any]) -> list[str]:
            summary_table(result["rows"]),
            "s / image: wall time of this accuracy run per test image (PyTorch rows include reading the images; "
            "PatchCore's excludes its fit) — the Latency section has the controlled timings.", ""]
-    return out + [f"- {n}" for n in accuracy_notes(result)] + [""] + defect_table(result) + [""]
+    paired = comparison_table(result["rows"])
+    out += [f"- {n}" for n in accuracy_notes(result)] + [""]
+    return out + ([paired] if paired else []) + defect_table(result) + [""]
 
 
 def complexity_section(res: Results) -> list[str]:

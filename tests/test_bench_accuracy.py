@@ -59,6 +59,30 @@ def test_peer_columns_are_measured_in_the_same_run(full_run) -> None:
     # --normal-only got the same checkpoint here: identical model, identical numbers.
     torch_row = next(r for r in data["rows"] if r["method"] == "grad" and r["backend"] == "pytorch")
     assert rows["grad_normal_only"]["per_class"] == torch_row["per_class"]
+
+
+def test_every_row_is_compared_with_the_first_by_a_paired_bootstrap(full_run) -> None:
+    data, out, _ = full_run
+    first, rest = data["rows"][0], data["rows"][1:]
+    assert "vs_first_row" not in first and "_paired" not in json.dumps(data)
+    rows = {r["method"]: r for r in rest}
+    same = rows["grad_normal_only"]["vs_first_row"]  # the same checkpoint again: no difference, no spread
+    assert same["first_row"] == first["label"] and same["resamples"] == 1000
+    for metric in ("image_auroc", "pixel_auroc", "pixel_aupr"):
+        for cls in [*data["dataset"]["classes"], "mean"]:
+            cell = same["metrics"][metric][cls]
+            assert cell["difference"] == cell["low"] == cell["high"] == 0.0, (metric, cls)
+    pc = rows["patchcore"]["vs_first_row"]["metrics"]
+    for metric in pc.values():
+        for cell in metric.values():
+            assert cell["low"] <= cell["high"] and 0.0 <= cell["share_not_above"] <= 1.0
+    # the point difference is the difference of the table's numbers (pixel metrics from binned maps)
+    diff = pc["image_auroc"]["mean"]["difference"]
+    assert diff == pytest.approx(rows["patchcore"]["per_class"]["mean"]["image_auroc"]
+                                 - first["per_class"]["mean"]["image_auroc"], abs=1e-5)  # the table rounds
+    assert pc["pixel_auroc"]["mean"]["difference"] == pytest.approx(
+        rows["patchcore"]["per_class"]["mean"]["pixel_auroc"] - first["per_class"]["mean"]["pixel_auroc"], abs=3e-3)
+    assert "paired bootstrap interval" in (out / "tiny.md").read_text()
     assert "PatchCore" in (out / "tiny.md").read_text()
     assert data["command"].startswith("grad-bench accuracy")
 
