@@ -106,6 +106,22 @@ def paired_differences(reference: PairedScores, other: PairedScores, resamples: 
     return out
 
 
+def paired_mean_difference(reference: Sequence[float], other: Sequence[float], resamples: int = DEFAULT_RESAMPLES,
+                           level: float = DEFAULT_LEVEL, seed: int = 0) -> dict[str, float]:
+    """Mean of ``other - reference`` over paired items (e.g. one IoU per image), its ``level`` interval over
+    ``resamples`` resamples of the items, and ``share_not_above`` (resamples whose mean difference is <= 0)."""
+    diff = np.asarray(other, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
+    if diff.size == 0:
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
+                "share_not_above": float("nan")}
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"difference": float(diff.mean()), "low": float(low), "high": float(high),
+            "share_not_above": float((means <= 0).mean())}
+
+
 def _difference(reference: PairedScores, other: PairedScores, idx: np.ndarray) -> dict[str, float]:
     a, b = _metrics(reference, idx), _metrics(other, idx)
     return {m: b[m] - a[m] for m in METRICS}

@@ -72,3 +72,17 @@ def test_models_scored_on_different_images_are_refused() -> None:
     shuffled = paired_scores(classes[::-1], labels[::-1], *_model(masks[::-1], labels[::-1], rng, 1.0), masks[::-1])
     with pytest.raises(ValueError, match="same images"):
         paired_differences(s, shuffled, resamples=10)
+
+
+def test_paired_mean_difference_interval_covers_the_mean_and_narrows_with_more_items() -> None:
+    from gradad.evaluation.bootstrap import paired_mean_difference
+
+    rng = np.random.default_rng(4)
+    base = rng.uniform(size=400)
+    gain = base + 0.05 + 0.1 * rng.normal(size=400)
+    wide = paired_mean_difference(base[:40], gain[:40], resamples=500)
+    narrow = paired_mean_difference(base, gain, resamples=500)
+    assert narrow["difference"] == pytest.approx(np.mean(gain - base))
+    assert narrow["low"] < 0.05 < narrow["high"] and narrow["low"] > 0 and narrow["share_not_above"] == 0
+    assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
+    assert np.isnan(paired_mean_difference([], [])["difference"])

@@ -148,6 +148,15 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
         assert (out / row["panel"]).is_file() and row["panel"].startswith("t_panels/")
     assert result["mean"]["oracle_iou"] == pytest.approx(np.mean([r["oracle_iou"] for r in rows]), rel=1e-5)
     assert "coarse IoU (oracle)" in (out / "t.md").read_text()
+    # the gains over both baselines carry a bootstrap interval over the images, overall and per class
+    gains = result["iou_gain_intervals"]
+    assert set(gains["groups"]) == {"mean", "capsule", "fabric", "nut"}
+    for baseline, key in (("calibrated", "coarse_iou"), ("oracle", "oracle_iou")):
+        cell = gains["groups"]["mean"][baseline]
+        expect = np.mean([r["f2pad_iou"] - r[key] for r in rows])
+        assert cell["difference"] == pytest.approx(expect, abs=1e-5)
+        assert cell["low"] <= cell["difference"] <= cell["high"]
+    assert "bootstrap interval over" in (out / "t.md").read_text()
     readme, _ = write_report(out)  # the results page renders it, sentence driven by the numbers, panels linked
     text = readme.read_text()
     gain = 100 * (result["mean"]["f2pad_iou"] - result["mean"]["coarse_iou"])
