@@ -18,7 +18,7 @@ INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
 ADAN_SCALES = ("image", "pixel", "floored")
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
 CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "mask_trim_px", "inpaint",
-                  "coarse_threshold", "start_peak_fraction")
+                  "coarse_threshold", "start_peak_fraction", "use_f2pad")
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,11 @@ class RefineConfig:
     collapse_fraction: float = 0.25
     core_threshold_factor: float = 1.5
     reestimate_iterations: int = 0  # optional re-estimation pass with lambda = 0 inside the final mask (0 = off)
+    # False: a class's "refined" mask is its coarse mask, unchanged (status coarse_kept). grad-refine tune sets it
+    # when the class's tuned F2PAD rule does not beat the coarse mask on the tuning defects by f2pad_margin mean IoU
+    # (that rule's IoU is the best of many rules tried on those images, so a loss there is a loss).
+    use_f2pad: bool = True
+    f2pad_margin: float = 0.0
     # --- execution -------------------------------------------------------------------------------------------------
     device: str = "auto"  # auto = CUDA when available
     max_batch: int = 8  # flagged frames refined together
@@ -187,7 +192,7 @@ class RefineConfig:
             problems.append(f"mask_trim_candidates={self.mask_trim_candidates} (values >= 0)")
         if not self.mask_relative_candidates or not all(0.0 <= r < 1.0 for r in self.mask_relative_candidates):
             problems.append(f"mask_relative_candidates={self.mask_relative_candidates} (values in [0, 1))")
-        for name in ("mask_relative", "mask_peak_quantile", "start_peak_margin", "mask_trim_margin"):
+        for name in ("mask_relative", "mask_peak_quantile", "start_peak_margin", "mask_trim_margin", "f2pad_margin"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:

@@ -23,9 +23,10 @@ from gradad.devices import resolve_torch_device
 from gradad.errors import GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import dilate, drop_small_components, inpaint, interior, start_and_core, trim_spurs
-from gradad.runtime.refine_result import (STATUS_CONVERGED, STATUS_EMPTY_REGION, STATUS_MAX_ITERATIONS,
-                                          STATUS_TIME_BUDGET, RefineResult)
+from gradad.refine.regions import (coarse_mask, dilate, drop_small_components, inpaint, interior, start_and_core,
+                                   trim_spurs)
+from gradad.runtime.refine_result import (STATUS_COARSE_KEPT, STATUS_CONVERGED, STATUS_EMPTY_REGION,
+                                          STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET, RefineResult)
 
 try:
     import torch
@@ -221,6 +222,10 @@ class Refiner:
         for i, (image, amap, name) in enumerate(zip(images, coarse_maps, names)):
             self._check_input(i, image, amap)
             threshold = self.coarse_threshold(name)
+            if not self.config_for(name).use_f2pad:  # kept as it is: the runtime's coarse mask
+                coarse.append(coarse_mask(amap, threshold))
+                cores.append(None)
+                continue
             start, core = start_and_core(amap, threshold, self.config_for(name).start_peak_fraction,
                                          self.config.core_threshold_factor)
             coarse.append(start)
@@ -245,12 +250,14 @@ class Refiner:
         results: list[RefineResult | None] = [None] * len(images)
         todo = []
         for i, mask in enumerate(coarse):
-            if mask.any():
+            if mask.any() and self.config_for(names[i]).use_f2pad:
                 todo.append(i)
-            else:
+            else:  # nothing to refine, or a class whose tuning kept the coarse mask: no pixel changes
                 empty = np.zeros_like(mask)
-                results[i] = RefineResult(empty, mask, empty, np.array(images[i], copy=True), 0, 0.0,
-                                          STATUS_EMPTY_REGION, math.nan)
+                kept = mask.any()
+                results[i] = RefineResult(np.array(mask, dtype=bool) if kept else empty, mask, empty,
+                                          np.array(images[i], copy=True), 0, 0.0,
+                                          STATUS_COARSE_KEPT if kept else STATUS_EMPTY_REGION, math.nan)
         for start in range(0, len(todo), self.config.max_batch):
             chunk = todo[start:start + self.config.max_batch]
             done = self._refine_batch([images[i] for i in chunk], [coarse[i] for i in chunk],

@@ -11,7 +11,9 @@ leave them out) and on good images:
 3. tau: candidates are the ``mask_tau_quantiles`` of ||a|| after refining good images whose "coarse masks" are
    the tuning defects' ground-truth shapes (the repair noise of a surface that has no defect), in RGB units of
    [0, 1]; the tuning defects are refined once and the candidate with the best mean IoU there is kept, together
-   with the per-image relative part, the kept coarse interior and the spur trim of the mask rule.
+   with the per-image relative part, the kept coarse interior and the spur trim of the mask rule;
+4. F2PAD or not: when that best rule's mean IoU does not beat the runtime's coarse mask on the same defects by
+   ``f2pad_margin``, the class keeps its coarse masks (``use_f2pad`` false).
 """
 
 from __future__ import annotations
@@ -180,9 +182,7 @@ def best_tau(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
             for px, trim in itertools.product(config.keep_interior_candidates, config.mask_trim_candidates):
                 scores = []
                 for pixels, core, keep, truth in zip(masks, cores, keeps[px], truths):
-                    mask = finish_mask(pixels, core, keep, config, trim)
-                    union = np.count_nonzero(mask | truth)
-                    scores.append(np.count_nonzero(mask & truth) / union if union else 1.0)
+                    scores.append(mask_iou(finish_mask(pixels, core, keep, config, trim), truth))
                 key = f"{q}/{rel}/{px}/{trim}"
                 ious[key], choices[key] = float(np.mean(scores)), (tau, float(rel), int(px), int(trim))
     best = max(choices, key=lambda k: ious[k])  # first best in candidate order: ties keep the simpler rule
@@ -227,8 +227,23 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
             continue  # ...that a tighter start must beat by the margin
         best = (iou, {**settings, "start_peak_fraction": float(fraction), **extra}, evidence)
     assert best is not None
-    _, settings, evidence = best
-    return settings, {**evidence, "start_peak_iou": tried}
+    best_iou, settings, evidence = best
+    # the runtime's coarse mask on the same flagged defects: F2PAD must beat it to be used for this class
+    coarse_iou = float(np.mean([mask_iou(coarse_mask(maps[i], threshold), truths[i]) for i in flagged]))
+    margin = refiner.config.f2pad_margin
+    use = best_iou > coarse_iou + margin
+    if not use:
+        log.warning("tuning: F2PAD's best rule (IoU %.3f) does not beat the coarse mask (%.3f) on this class's %d "
+                    "tuning defects: its refined masks will be the coarse masks", best_iou, coarse_iou, len(flagged))
+    return ({**settings, "use_f2pad": use},
+            {**evidence, "start_peak_iou": tried, "coarse_iou": round(coarse_iou, 4), "f2pad_iou": round(best_iou, 4),
+             "f2pad_margin": margin})
+
+
+def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    union = np.logical_or(pred, truth).sum()
+    return float(np.logical_and(pred, truth).sum() / union) if union else 1.0
 
 
 def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],

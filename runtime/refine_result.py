@@ -12,7 +12,8 @@ STATUS_CONVERGED = "converged"  # the early-stopping rule fired
 STATUS_MAX_ITERATIONS = "max_iterations"  # iteration cap reached
 STATUS_TIME_BUDGET = "time_budget"  # per-frame time budget ran out: best mask so far
 STATUS_EMPTY_REGION = "empty_region"  # no pixel of the coarse map is above the pixel threshold: nothing to refine
-STATUSES = (STATUS_CONVERGED, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET, STATUS_EMPTY_REGION)
+STATUS_COARSE_KEPT = "coarse_kept"  # the class's tuning found F2PAD no better than its coarse mask: mask = coarse
+STATUSES = (STATUS_CONVERGED, STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET, STATUS_EMPTY_REGION, STATUS_COARSE_KEPT)
 
 
 @dataclass

@@ -436,3 +436,44 @@ def test_start_mask_tightens_strong_detections_and_keeps_weak_ones():
     weak = np.where(amap > 0, 1.2, 0.0)
     assert np.array_equal(start_mask(weak, 1.0, 0.6), weak > 1.0)  # 0.6 x 1.2 < threshold: unchanged
     assert start_mask(amap, 1.0, 0.99).any()  # a flagged map always keeps its peak
+
+
+def test_a_class_whose_tuning_kept_the_coarse_mask_gets_it_back_unrefined():
+    """use_f2pad false: the mask is the runtime's coarse mask (map > the class's threshold), no pixel is changed,
+    status coarse_kept; the other class in the same batch is refined as usual."""
+    config = dataclasses.replace(RefineConfig(), **{**FIXED, "max_iterations": 5})
+    refiner = Refiner(_BrightnessDetector(), [0.5] * 3, [0.5] * 3, pixel_threshold=0.5, prior=_grey_prior(),
+                      config=config, normal_level=0.0, feature_scale=0.5,
+                      class_settings={"kept": {"use_f2pad": False}, "refined": {}})
+    image, truth = _square_defect()
+    amap = np.where(dilate(truth, 6), 1.0, 0.0).astype(np.float32)
+    kept, refined = refiner.refine([image, image], [amap, amap], class_names=["kept", "refined"])
+    assert kept.status == "coarse_kept" and kept.iterations == 0
+    assert (kept.mask == (amap > 0.5)).all() and (kept.coarse_mask == (amap > 0.5)).all()
+    assert not kept.region.any() and (kept.repaired == image).all()
+    assert refined.status != "coarse_kept" and refined.iterations > 0
+    # nothing flagged stays "empty_region" whatever the class says
+    (empty,) = refiner.refine([image], [np.zeros_like(amap)], class_names=["kept"])
+    assert empty.status == "empty_region" and not empty.mask.any()
+
+
+def test_tuning_keeps_the_coarse_mask_for_a_class_where_f2pad_does_not_beat_it():
+    """A coarse map that is exactly the defect cannot be beaten (IoU 1): the class keeps its coarse masks. A coarse
+    map that over-covers a bright square is beaten by F2PAD's tight mask: the class uses F2PAD. The evidence
+    records both IoUs."""
+    from gradad.refine.tuning import tune_class
+
+    refiner = _synthetic_refiner(max_iterations=40, lambda0=0.002, collapse_fraction=0.0,
+                                 start_peak_candidates=(0.0,), mask_tau_images=1,
+                                 mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
+                                 mask_trim_candidates=(0,))
+    image, truth = _square_defect(lo=26, hi=38)
+    rng = np.random.default_rng(0)
+    good = np.clip(128 + rng.normal(0, 3, image.shape), 0, 255).astype(np.uint8)  # a little texture for tau
+    exact = np.where(truth, 1.0, 0.0).astype(np.float32)
+    settings, evidence = tune_class(refiner, [image], [truth], [exact], [good])
+    assert settings["use_f2pad"] is False and evidence["coarse_iou"] == 1.0
+    assert evidence["f2pad_iou"] <= evidence["coarse_iou"]
+    loose = np.where(dilate(truth, 10), 1.0, 0.0).astype(np.float32)
+    settings, evidence = tune_class(refiner, [image], [truth], [loose], [good])
+    assert settings["use_f2pad"] is True and evidence["f2pad_iou"] > evidence["coarse_iou"] + 0.1
