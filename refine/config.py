@@ -165,6 +165,12 @@ class RefineConfig:
     # tuned masks at 1.5 s (~10 iterations) equal those at 5 s (~33) on MTD, tyre and demo data (IoU 21.6 / 10.6 /
     # 42.1 vs 21.6 / 10.3 / 41.8, benchmarks/experiments/issue15_*_budget1p5): the start and the mask rule decide.
     time_budget_s: float = 1.5
+    # grad-refine tune refines with exactly this many iterations per image (at most max_iterations) instead of the
+    # budget (0 = the budget):
+    # under a wall-clock budget the iterations reached, and so the tuned settings, changed with the machine's load
+    # (the demo data's re-tune went 57.6 -> 53.2 IoU on unchanged code). 10 = what 1.5 s allows on 2 CPU cores, where
+    # masks no longer change with more iterations (above).
+    tune_iterations: int = 10
     threads: int = 0  # torch CPU threads (0 = torch default); the refiner also flushes denormals (~15x on CPU)
 
     def __post_init__(self) -> None:
@@ -208,7 +214,8 @@ class RefineConfig:
                      "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
                      "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing",
                      "reestimate_iterations", "threads", "min_iterations",
-                     "coarse_threshold", "coarse_threshold_images", "keep_interior_px", "mask_trim_px"):
+                     "coarse_threshold", "coarse_threshold_images", "keep_interior_px", "mask_trim_px",
+                     "tune_iterations"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 0)")
         for name in ("learning_rate", "update_clamp", "log_eps", "share_sigma_space", "share_sigma_color",

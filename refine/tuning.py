@@ -14,6 +14,9 @@ leave them out) and on good images:
    with the per-image relative part, the kept coarse interior and the spur trim of the mask rule;
 4. F2PAD or not: when that best rule's mean IoU does not beat the runtime's coarse mask on the same defects by
    ``f2pad_margin``, the class keeps its coarse masks (``use_f2pad`` false).
+
+Every refinement here runs ``tune_iterations`` solver iterations per image, not the run-time wall-clock budget
+(:func:`tuning_config`): with the budget, a busy machine gave the same command different settings.
 """
 
 from __future__ import annotations
@@ -240,6 +243,16 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
              "f2pad_margin": margin})
 
 
+def tuning_config(config: RefineConfig) -> RefineConfig:
+    """The solver settings tuning refines with: ``tune_iterations`` iterations per image (at most
+    ``max_iterations``; the early stop still applies) instead of the wall-clock budget, so the same data gives the
+    same settings whatever else runs on the machine; ``tune_iterations`` 0 keeps the budget."""
+    if config.tune_iterations <= 0:
+        return config
+    return dataclasses.replace(config, time_budget_s=0.0,
+                               max_iterations=min(config.tune_iterations, config.max_iterations))
+
+
 def mask_iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Intersection over union of two boolean masks (1.0 when both are empty)."""
     union = np.logical_or(pred, truth).sum()
@@ -251,7 +264,7 @@ def _tune_at(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np
              ) -> tuple[dict[str, Any], dict[str, Any], float]:
     """(settings, evidence, the chosen mask rule's mean tuning IoU) of flagged tuning defects with one start rule:
     inpainting, lambda0 and the mask rule (see the module docstring)."""
-    base = dataclasses.replace(refiner.config, start_peak_fraction=peak_fraction)
+    base = dataclasses.replace(tuning_config(refiner.config), start_peak_fraction=peak_fraction)
     coarse = [start_mask(m, threshold, peak_fraction) for m in maps]
     losses = {}
     for method in COMPARED_INPAINTS:

@@ -477,3 +477,30 @@ def test_tuning_keeps_the_coarse_mask_for_a_class_where_f2pad_does_not_beat_it()
     loose = np.where(dilate(truth, 10), 1.0, 0.0).astype(np.float32)
     settings, evidence = tune_class(refiner, [image], [truth], [loose], [good])
     assert settings["use_f2pad"] is True and evidence["f2pad_iou"] > evidence["coarse_iou"] + 0.1
+
+
+def test_tuning_refines_with_a_fixed_iteration_count_not_the_wall_clock_budget():
+    """Under a wall-clock budget the iterations reached depend on the machine's load, and the tuned settings with
+    them; tuning runs tune_iterations (capped by max_iterations) with no budget, so two tunings agree."""
+    from gradad.refine.tuning import tune_class, tuning_config
+
+    cfg = tuning_config(RefineConfig(time_budget_s=1.5, tune_iterations=7, max_iterations=1200))
+    assert cfg.time_budget_s == 0.0 and cfg.max_iterations == 7
+    assert tuning_config(RefineConfig(tune_iterations=7, max_iterations=3)).max_iterations == 3
+    plain = RefineConfig(tune_iterations=0)
+    assert tuning_config(plain) is plain  # 0: the run-time budget, as before
+    from gradad.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tune_iterations"):
+        RefineConfig(tune_iterations=-1)
+    # a tiny budget that would stop the solver after its first iteration does not reach the tuning
+    refiner = _synthetic_refiner(time_budget_s=1e-6, tune_iterations=8, lambda0=0.002, collapse_fraction=0.0,
+                                 start_peak_candidates=(0.0,), mask_tau_images=1, mask_relative_candidates=(0.0,),
+                                 keep_interior_candidates=(0,), mask_trim_candidates=(0,))
+    image, truth = _square_defect(lo=26, hi=38)
+    good = np.clip(128 + np.random.default_rng(0).normal(0, 3, image.shape), 0, 255).astype(np.uint8)
+    loose = np.where(dilate(truth, 10), 1.0, 0.0).astype(np.float32)
+    first = tune_class(refiner, [image], [truth], [loose], [good])
+    again = tune_class(refiner, [image], [truth], [loose], [good])
+    assert first[0] == again[0] and first[1]["f2pad_iou"] == again[1]["f2pad_iou"]
+    assert first[0]["use_f2pad"] is True
