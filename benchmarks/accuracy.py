@@ -107,7 +107,7 @@ PAIRED_KEY = "_paired"
 
 
 def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
-              masks: np.ndarray, calibration: Calibration | None) -> dict[str, Any]:
+              masks: np.ndarray, calibration: Calibration | None, paired: bool = True) -> dict[str, Any]:
     """Add per-class metrics and the F1 summary to ``row``.
 
     With a calibration, ``image_f1`` is the F1 of ``score > threshold`` (the runtime's decision rule);
@@ -117,7 +117,9 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
     per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
     row["per_class"] = per_class
-    row[PAIRED_KEY] = paired_scores([s.class_name for s in samples], [s.label for s in samples], scores, maps, masks)
+    if paired:  # reduced predictions for the paired bootstrap against the first row
+        row[PAIRED_KEY] = paired_scores([s.class_name for s in samples], [s.label for s in samples], scores, maps,
+                                        masks)
     if calibration is None:
         row["f1"] = {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}
     else:
@@ -158,7 +160,7 @@ def checkpoint_row(path: str, method: str, samples: Sequence[Sample], cfg: Accur
                         "final_losses": payload.get("final_losses"), "data_root": run_cfg.data.root},
            "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
            "timing_note": "includes reading and resizing the test images"}
-    return score_row(row, samples, preds.scores, preds.maps, preds.masks, calibration), preds
+    return score_row(row, samples, preds.scores, preds.maps, preds.masks, calibration, cfg.bootstrap > 0), preds
 
 
 def _skip(cfg: AccuracyConfig, label: str, reason: str) -> None:
@@ -203,7 +205,7 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], bundle: Bundle,
                "device": device, "engine": backend.name, "model": str(cfg.bundle), "image_size": hw[0],
                "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
                "timing_note": "inference on pre-read images"}
-        rows.append(score_row(row, samples, scores, maps, masks, calibration))
+        rows.append(score_row(row, samples, scores, maps, masks, calibration, cfg.bootstrap > 0))
     return rows
 
 
@@ -217,9 +219,9 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
     pc_cfg = PatchCoreConfig(coreset_ratio=cfg.coreset_ratio)
     t0 = time.perf_counter()
     result = run_patchcore(cfg.data_roots, classes, pc_cfg, image_size, cfg.cache_dir, test=test, backbone=backbone,
-                           keep_predictions=True)
+                           keep_predictions=cfg.bootstrap > 0)
     per_class = result["metrics"]
-    scores, maps, masks = result.pop("predictions")
+    predictions = result.pop("predictions", None)
     return {"label": f"PatchCore {100 * cfg.coreset_ratio:g}% coreset · PyTorch CPU FP32",
             "method": METHOD_PATCHCORE, "preset": "edge", "backend": BACKEND_PYTORCH, "precision": "fp32",
             "device": "cpu", "image_size": image_size, "wall_seconds": round(time.perf_counter() - t0, 2),
@@ -229,7 +231,8 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
             "timing_note": "seconds_per_image: extractor + nearest-neighbour search; wall includes the fit",
             "per_class": per_class,
             "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]},
-            PAIRED_KEY: paired_scores([s.class_name for s in test], [s.label for s in test], scores, maps, masks)}
+            **({PAIRED_KEY: paired_scores([s.class_name for s in test], [s.label for s in test], *predictions)}
+               if predictions is not None else {})}
 
 
 def patchcore_reference(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[int, BackboneConfig | None]:

@@ -145,7 +145,8 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
     return {**extra, "metrics": metrics, "fit_seconds": round(fit_s, 1), "seconds_per_image": round(predict_s / len(test), 4),
             "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train),
             "backbone": {"name": extractor.spec.name, "out_indices": list(extractor.spec.out_indices),
-                         "weights": extractor.weights_fingerprint}}
+                         "weights": extractor.weights_fingerprint, "mean": list(extractor.mean),
+                         "std": list(extractor.std)}}
 
 
 @click.command(context_settings=CLI_CONTEXT)

@@ -18,6 +18,7 @@ from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMA
 from gradad.benchmarks.latency import latency_table
 from gradad.benchmarks.results_io import (KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, KIND_REFINE,
                                           load_result_files)
+from gradad.runtime.refine_result import STATUS_COARSE_KEPT
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,14 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
     oracle = (f" (oracle coarse threshold {result['oracle_pixel_threshold']:.2f}: IoU {pct(m['oracle_iou'])}, "
               f"F2PAD {100 * (m['f2pad_iou'] - m['oracle_iou']):+.1f} points)") if "oracle_iou" in m else ""
+    statuses = result.get("statuses", {})
+    kept = statuses.get(STATUS_COARSE_KEPT, 0)
+    kept_note = ""
+    if kept:
+        off = sorted(c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False)
+        kept_note = (f" {kept} of {m['images']} images kept their coarse masks: F2PAD is off for "
+                     f"{', '.join(off) or 'their class'}, whose tuning found it no better than the coarse mask "
+                     "(no solver ran for them; their time and iterations are 0).")
     lines = [f"### {Path(result['data']).name} — `{name}`", "",
              f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
              f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
@@ -429,7 +438,7 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
              f"{m['iterations_mean']:.0f} iterations per image ({result['device']}, {result['threads']} threads); "
              f"coarse threshold: {result['threshold_rule']} = {result['pixel_threshold']:.2f}. Tuned per class: "
              f"{result.get('class_settings') or 'nothing'}. Settings different from the defaults: "
-             f"{', '.join(changed) or 'none'}.", "", refine_table(result).rstrip("\n"), ""]
+             f"{', '.join(changed) or 'none'}.{kept_note}", "", refine_table(result).rstrip("\n"), ""]
     panels = [(r["panel"], f"{r['class']}/{r['defect']}/{Path(r['image']).stem}") for r in result["images"]
               if r.get("panel")]
     if panels:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from gradad.cli_utils import CLI_CONTEXT, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
+from gradad.runtime.refine_result import STATUS_COARSE_KEPT
 
 if TYPE_CHECKING:
     from gradad.refine.bundle_files import RefineParts
@@ -246,6 +247,8 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
     for key, mask in (("mask_file", result.mask), ("coarse_mask_file", result.coarse_mask)):
         big = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_NEAREST)
         _write_png(out_dir / files[key], big)
+    if not result.region.any():  # nothing was repaired (coarse mask kept, or nothing flagged): no copy of the input
+        return {**files, "repaired_file": None}
     _write_png(out_dir / files["repaired_file"], result.repaired)
     return files
 
@@ -298,7 +301,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     refiner = Refiner.from_parts(with_set_over_classes(parts, assignments), config)
     h, w = bundle.input.model_hw
     started = time.perf_counter()
-    counts = {"images": 0, "refined": 0}
+    counts = {"images": 0, "refined": 0, "coarse_kept": 0}
     with (out / RECORDS_FILE).open("w") as records:
         for start in tqdm(range(0, len(files), config.max_batch), desc="refining", unit="batch"):
             chunk = files[start:start + config.max_batch]
@@ -309,14 +312,19 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
             images = [np.ascontiguousarray(model_in[i].transpose(1, 2, 0)).astype(np.uint8) for i in pick]
             results = dict(zip(pick, refiner.refine(images, [maps[i] for i in pick], [class_name] * len(pick))))
             for i, path in enumerate(chunk):
-                record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": i in results}
+                # a class whose tuning kept its coarse masks is not refined: its mask is the coarse one
+                refined = i in results and results[i].status != STATUS_COARSE_KEPT
+                record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": refined}
                 if i in results:
                     record.update(results[i].summary())
                     record.update(_save_outputs(out, stems[path], results[i], originals[i].shape[:2]))
                 records.write(json.dumps(record) + "\n")
                 records.flush()
             counts["images"] += len(chunk)
-            counts["refined"] += len(results)
+            kept = sum(r.status == STATUS_COARSE_KEPT for r in results.values())
+            counts["refined"] += len(results) - kept
+            counts["coarse_kept"] += kept
     runtime_backend.close()
-    click.echo(f"refined {counts['refined']} of {counts['images']} images in {time.perf_counter() - started:.1f} s "
-               f"-> {out / RECORDS_FILE}")
+    note = f" ({counts['coarse_kept']} kept their coarse masks: F2PAD off for their class)" if counts["coarse_kept"] else ""
+    click.echo(f"refined {counts['refined']} of {counts['images']} images{note} in "
+               f"{time.perf_counter() - started:.1f} s -> {out / RECORDS_FILE}")

@@ -238,9 +238,10 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     if not use:
         log.warning("tuning: F2PAD's best rule (IoU %.3f) does not beat the coarse mask (%.3f) on this class's %d "
                     "tuning defects: its refined masks will be the coarse masks", best_iou, coarse_iou, len(flagged))
-    return ({**settings, "use_f2pad": use},
+    # stored only when false: an older gradad ignores a setting it does not know, and true is every bundle's default
+    return ({**settings, **({} if use else {"use_f2pad": False})},
             {**evidence, "start_peak_iou": tried, "coarse_iou": round(coarse_iou, 4), "f2pad_iou": round(best_iou, 4),
-             "f2pad_margin": margin})
+             "f2pad_margin": margin, "use_f2pad": use})
 
 
 def tuning_config(config: RefineConfig) -> RefineConfig:

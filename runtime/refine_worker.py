@@ -26,7 +26,7 @@ import numpy as np
 
 from gradad.data.images import resize_hw
 from gradad.errors import GradError
-from gradad.runtime.refine_result import RefineResult
+from gradad.runtime.refine_result import STATUS_COARSE_KEPT, RefineResult
 
 if TYPE_CHECKING:
     from gradad.runtime.types import FrameResult
@@ -116,7 +116,8 @@ class RefineCounts:
     """Running totals of a worker's jobs, for the run summary."""
 
     submitted: int = 0
-    done: int = 0  # jobs with a refined result
+    done: int = 0  # jobs with a result (a refined mask, or the coarse mask a class keeps)
+    coarse_kept: int = 0  # results of classes whose tuning kept the coarse mask: no solver ran, not in the means
     statuses: dict[str, int] = field(default_factory=dict)  # every outcome by status
     seconds_total: float = 0.0
     iterations_total: int = 0
@@ -141,14 +142,19 @@ class RefineCounts:
         if outcome.result is None:
             return
         self.done += 1
+        if outcome.result.status == STATUS_COARSE_KEPT:
+            self.coarse_kept += 1
+            return
         self.seconds_total += float(outcome.result.seconds)
         self.iterations_total += int(outcome.result.iterations)
         self.latency_total_s += outcome.latency_s or 0.0
 
     def summary(self) -> dict[str, Any]:
         """Counts and means (seconds and iterations per refined frame, submit-to-result latency)."""
-        mean = (lambda total: round(total / self.done, 4) if self.done else None)
-        return {"submitted": self.submitted, "done": self.done, "dropped": self.dropped, "failed": self.failed,
+        solved = self.done - self.coarse_kept
+        mean = (lambda total: round(total / solved, 4) if solved else None)
+        return {"submitted": self.submitted, "done": self.done, "coarse_kept": self.coarse_kept,
+                "dropped": self.dropped, "failed": self.failed,
                 "unfinished": self.unfinished, "statuses": dict(sorted(self.statuses.items())),
                 "mean_seconds": mean(self.seconds_total), "mean_iterations": mean(self.iterations_total),
                 "mean_latency_s": mean(self.latency_total_s)}
@@ -458,8 +464,9 @@ class RefineStage:
                                       "name": meta.get("name"), **outcome.summary(), "mask_file": None,
                                       "repaired_file": None}
             if outcome.result is not None:
-                saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"),
-                                           outcome.result.mask, outcome.result.repaired)
+                result = outcome.result  # no repaired image when nothing was repaired (coarse mask kept)
+                saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"), result.mask,
+                                           result.repaired if result.region.any() else None)
                 record.update({k: v for k, v in saved.items() if v is not None})
             sink.write_record(record)
             self.records_written += 1

@@ -54,6 +54,7 @@ def test_peer_columns_are_measured_in_the_same_run(full_run) -> None:
     patchcore = rows["patchcore"]
     assert patchcore["memory_bank"][1] == 152  # same extractor as GRAD edge/tiny
     assert patchcore["backbone"]["name"] == "tf_efficientnet_lite0" and patchcore["image_size"] == 64
+    assert patchcore["backbone"]["mean"] == patchcore["backbone"]["std"] == [0.5, 0.5, 0.5]  # the model's own
     for cls in data["dataset"]["classes"]:
         assert 0.0 <= patchcore["per_class"][cls]["image_auroc"] <= 1.0
     # --normal-only got the same checkpoint here: identical model, identical numbers.
@@ -158,3 +159,12 @@ def test_patchcore_takes_the_compared_models_extractor_and_input_size(trained_ti
     assert size == loaded.input.model_height and backbone.name == loaded.backbone.name
     assert list(backbone.mean) == loaded.input.normalisation.mean
     assert patchcore_reference(AccuracyConfig([]), None) == (256, None)
+
+
+def test_bootstrap_zero_adds_no_comparison(tiny_demo_root: Path, trained_tiny: Path, tmp_path: Path) -> None:
+    result = _run(["--data", str(tiny_demo_root), "--checkpoint", str(trained_tiny), "--backend", "pytorch",
+                   "--normal-only", str(trained_tiny), "--bootstrap", "0", "-o", str(tmp_path), "--name", "nb"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "nb.json").read_text())
+    assert len(data["rows"]) == 2 and not any("vs_first_row" in r or "_paired" in r for r in data["rows"])
+    assert "paired bootstrap" not in (tmp_path / "nb.md").read_text()

@@ -86,3 +86,27 @@ def test_paired_mean_difference_interval_covers_the_mean_and_narrows_with_more_i
     assert narrow["low"] < 0.05 < narrow["high"] and narrow["low"] > 0 and narrow["share_not_above"] == 0
     assert narrow["high"] - narrow["low"] < wide["high"] - wide["low"]
     assert np.isnan(paired_mean_difference([], [])["difference"])
+
+
+def test_binned_aupr_stays_exact_when_defects_are_a_tiny_share_of_the_pixels() -> None:
+    """Edges from all pixels alone put the few defect pixels into the top bins with normal ones (AP off by points);
+    edges from the defect pixels too keep it exact."""
+    rng = np.random.default_rng(5)
+    maps = rng.normal(size=(40, 64, 64)).astype(np.float32)
+    masks = np.zeros(maps.shape, np.uint8)
+    for i in range(0, 40, 2):
+        y, x = rng.integers(0, 62, 2)
+        masks[i, y:y + 2, x:x + 2] = 1  # 0.05 % of the pixels
+    maps += 2.5 * masks
+    labels = (masks.reshape(40, -1).max(1) > 0).astype(int)
+    s = paired_scores(np.array(["a"] * 40), labels, maps.reshape(40, -1).max(1), maps, masks)
+    assert binned_auroc_aupr(s.defect_counts.sum(0), s.normal_counts.sum(0)) == pytest.approx(
+        pixel_auroc_aupr(masks, maps), abs=2e-3)
+
+
+def test_items_without_a_value_are_left_out_of_the_mean_difference() -> None:
+    from gradad.evaluation.bootstrap import paired_mean_difference
+
+    out = paired_mean_difference([0.1, np.nan, 0.2], [0.3, 0.5, 0.4], resamples=50)
+    assert out["difference"] == pytest.approx(0.2) and out["share_not_above"] == 0.0
+    assert np.isnan(paired_mean_difference([np.nan], [0.1])["difference"])

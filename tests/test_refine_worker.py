@@ -221,6 +221,45 @@ def test_refine_counts_group_the_outcomes_by_status() -> None:
     assert summary["mean_seconds"] == 1.0 and summary["mean_iterations"] == 10 and summary["mean_latency_s"] == 2.0
 
 
+def test_a_kept_coarse_mask_is_counted_apart_and_saves_no_repaired_copy() -> None:
+    """A class whose tuning kept its coarse masks returns them with no solver run: counted as done but kept out of
+    the solver's means, and the follow-up saves the mask but no "repaired" image (it would be the frame itself)."""
+    from gradad.runtime.refine_result import STATUS_COARSE_KEPT
+    from gradad.runtime.refine_worker import RefineStage
+
+    mask = np.zeros(HW, bool)
+    mask[2:5, 2:5] = True
+    solved = RefineResult(mask, mask, mask, np.zeros((*HW, 3), np.uint8), 10, 1.0, STATUS_CONVERGED, 0.0)
+    kept = RefineResult(mask, mask, np.zeros_like(mask), np.zeros((*HW, 3), np.uint8), 0, 0.0, STATUS_COARSE_KEPT,
+                        float("nan"))
+    counts = RefineCounts(submitted=2)
+    counts.add(RefineOutcome(0, {}, solved.status, solved, latency_s=2.0))
+    counts.add(RefineOutcome(1, {}, kept.status, kept, latency_s=0.5))
+    summary = counts.summary()
+    assert (summary["done"], summary["coarse_kept"], summary["failed"]) == (2, 1, 0)
+    assert summary["mean_seconds"] == 1.0 and summary["mean_iterations"] == 10
+
+    class RecordingSink:
+        def __init__(self) -> None:
+            self.refined: list[tuple[int, bool]] = []
+            self.records: list[dict] = []
+
+        def write_refined(self, frame_id, name, source, mask, repaired=None):
+            self.refined.append((frame_id, repaired is not None))
+            return {"mask_file": f"{frame_id}_mask.png", "repaired_file": None if repaired is None else "r.png"}
+
+        def write_record(self, record):
+            self.records.append(record)
+
+    sink = RecordingSink()
+    stage = RefineStage(worker=None)  # _emit only writes to the sink
+    stage._emit([RefineOutcome(0, {"name": "a"}, solved.status, solved), RefineOutcome(1, {"name": "b"}, kept.status,
+                                                                                         kept)], sink)
+    assert sink.refined == [(0, True), (1, False)]
+    assert [r["status"] for r in sink.records] == [STATUS_CONVERGED, STATUS_COARSE_KEPT]
+    assert sink.records[1]["mask_file"] == "1_mask.png" and sink.records[1]["repaired_file"] is None
+
+
 @pytest.mark.parametrize("class_name, objective", [("nut", 1.0), (None, 0.0)])
 def test_the_line_class_reaches_the_refiner(class_name: str | None, objective: float) -> None:
     """grad-run --refine-class NAME: every frame is refined with that class's tuned settings."""
