@@ -23,7 +23,7 @@ from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.errors import GradError
 from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, METRICS as PAIRED_METRICS
-from gradad.evaluation.bootstrap import paired_differences, paired_scores
+from gradad.evaluation.bootstrap import PairedScores, format_interval, paired_differences, paired_scores
 from gradad.evaluation.evaluate import evaluate_predictions
 from gradad.evaluation.report import TABLE_COLUMNS, markdown_table
 
@@ -106,6 +106,11 @@ def calibration_of(bundle: Bundle) -> Calibration | None:
 PAIRED_KEY = "_paired"
 
 
+def _paired_of(samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray, masks: np.ndarray) -> PairedScores:
+    """One row's predictions reduced for the paired bootstrap (classes and labels from the samples)."""
+    return paired_scores([s.class_name for s in samples], [s.label for s in samples], scores, maps, masks)
+
+
 def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray, maps: np.ndarray,
               masks: np.ndarray, calibration: Calibration | None, paired: bool = True) -> dict[str, Any]:
     """Add per-class metrics and the F1 summary to ``row``.
@@ -118,8 +123,7 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
     row["per_class"] = per_class
     if paired:  # reduced predictions for the paired bootstrap against the first row
-        row[PAIRED_KEY] = paired_scores([s.class_name for s in samples], [s.label for s in samples], scores, maps,
-                                        masks)
+        row[PAIRED_KEY] = _paired_of(samples, scores, maps, masks)
     if calibration is None:
         row["f1"] = {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}
     else:
@@ -231,8 +235,7 @@ def patchcore_row(cfg: AccuracyConfig, test: Sequence[Sample], classes: list[str
             "timing_note": "seconds_per_image: extractor + nearest-neighbour search; wall includes the fit",
             "per_class": per_class,
             "f1": {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]},
-            **({PAIRED_KEY: paired_scores([s.class_name for s in test], [s.label for s in test], *predictions)}
-               if predictions is not None else {})}
+            **({PAIRED_KEY: _paired_of(test, *predictions)} if predictions is not None else {})}
 
 
 def patchcore_reference(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[int, BackboneConfig | None]:
@@ -346,16 +349,9 @@ def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
              "| row | metric | " + " | ".join(classes) + " |", "|---|---|" + "---:|" * len(classes)]
     for row in compared:
         for metric in PAIRED_METRICS:
-            cells = [_interval(row["vs_first_row"]["metrics"][metric][c]) for c in classes]
+            cells = [format_interval(row["vs_first_row"]["metrics"][metric][c], 2) for c in classes]
             lines.append(f"| {row['label']} | {metric.replace('_', ' ')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _interval(cell: dict[str, float]) -> str:
-    if not np.isfinite(cell["difference"]):
-        return "–"
-    return (f"{100 * cell['difference']:+.2f} [{100 * cell['low']:+.2f}, {100 * cell['high']:+.2f}] "
-            f"P(≤ 0) {cell['share_not_above']:.2f}")
 
 
 def _pct(value: Any) -> str:

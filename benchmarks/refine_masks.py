@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gradad.cli_utils import grad_command
 from gradad.data.datasets import load_samples
 from gradad.errors import GradError
-from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, paired_mean_difference
+from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, format_interval, paired_mean_difference
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +240,8 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{gains['resamples']} resamples of the images, paired; P(≤ 0): share of resamples with no gain):",
                   "", "| group | vs calibrated coarse | vs oracle coarse |", "|---|---:|---:|"]
         for group, cells in gains["groups"].items():
-            lines.append(f"| {group} | " + " | ".join(_gain(cells[b]) for b in BASELINES) + " |")
+            lines.append(f"| {group} | " + " | ".join(format_interval(cells[b]) for b in BASELINES) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _gain(cell: dict[str, float]) -> str:
-    return (f"{100 * cell['difference']:+.1f} [{100 * cell['low']:+.1f}, {100 * cell['high']:+.1f}] "
-            f"P(≤ 0) {cell['share_not_above']:.2f}")
 
 
 @click.command("refine")

@@ -101,15 +101,7 @@ def paired_differences(reference: PairedScores, other: PairedScores, resamples: 
                 draws[c][m][r] = v
     point["mean"] = {m: float(np.nanmean([point[c][m] for c in names])) for m in METRICS}
     draws["mean"] = {m: np.nanmean(np.stack([draws[c][m] for c in names]), axis=0) for m in METRICS}
-    tail = 100 * (1 - level) / 2
-    out: dict[str, dict[str, dict[str, float]]] = {m: {} for m in METRICS}
-    for c in [*names, "mean"]:
-        for m in METRICS:
-            values = draws[c][m][np.isfinite(draws[c][m])]
-            low, high = (np.percentile(values, [tail, 100 - tail]) if len(values) else (np.nan, np.nan))
-            out[m][c] = {"difference": point[c][m], "low": float(low), "high": float(high),
-                         "share_not_above": float((values <= 0).mean()) if len(values) else float("nan")}
-    return out
+    return {m: {c: _interval(point[c][m], draws[c][m], level) for c in [*names, "mean"]} for m in METRICS}
 
 
 def paired_mean_difference(reference: Sequence[float], other: Sequence[float], resamples: int = DEFAULT_RESAMPLES,
@@ -119,14 +111,30 @@ def paired_mean_difference(reference: Sequence[float], other: Sequence[float], r
     diff = np.asarray(other, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     diff = diff[np.isfinite(diff)]  # an item without a value on either side says nothing about the difference
     if diff.size == 0:
-        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"),
-                "share_not_above": float("nan")}
+        return _interval(float("nan"), np.empty(0), level)
     rng = np.random.default_rng(seed)
     means = diff[rng.integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+    return _interval(float(diff.mean()), means, level)
+
+
+def _interval(difference: float, draws: np.ndarray, level: float) -> dict[str, float]:
+    """A difference with the ``level`` percentile interval of its resampled ``draws`` (non-finite draws left out)
+    and the share of draws <= 0; nan where no draw is finite."""
+    values = draws[np.isfinite(draws)]
+    if not len(values):
+        return {"difference": difference, "low": float("nan"), "high": float("nan"), "share_not_above": float("nan")}
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {"difference": float(diff.mean()), "low": float(low), "high": float(high),
-            "share_not_above": float((means <= 0).mean())}
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return {"difference": difference, "low": float(low), "high": float(high),
+            "share_not_above": float((values <= 0).mean())}
+
+
+def format_interval(cell: dict[str, float], decimals: int = 1) -> str:
+    """'+d [+low, +high] P(≤ 0) s' in points (x100) for a table cell; '–' for an undefined difference."""
+    if not np.isfinite(cell["difference"]):
+        return "–"
+    return (f"{100 * cell['difference']:+.{decimals}f} [{100 * cell['low']:+.{decimals}f}, "
+            f"{100 * cell['high']:+.{decimals}f}] P(≤ 0) {cell['share_not_above']:.2f}")
 
 
 def _difference(reference: PairedScores, other: PairedScores, idx: np.ndarray) -> dict[str, float]:
