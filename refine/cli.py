@@ -247,7 +247,7 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
     for key, mask in (("mask_file", result.mask), ("coarse_mask_file", result.coarse_mask)):
         big = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_NEAREST)
         _write_png(out_dir / files[key], big)
-    if not result.region.any():  # nothing was repaired (coarse mask kept, or nothing flagged): no copy of the input
+    if not result.repaired_anything:  # coarse mask kept, or nothing flagged: no copy of the input
         return {**files, "repaired_file": None}
     _write_png(out_dir / files["repaired_file"], result.repaired)
     return files

@@ -221,12 +221,12 @@ class Refiner:
         coarse, cores = [], []
         for i, (image, amap, name) in enumerate(zip(images, coarse_maps, names)):
             self._check_input(i, image, amap)
-            threshold = self.coarse_threshold(name)
-            if not self.config_for(name).use_f2pad:  # kept as it is: the runtime's coarse mask
+            threshold, config = self.coarse_threshold(name), self.config_for(name)
+            if not config.use_f2pad:  # kept as it is: the runtime's coarse mask
                 coarse.append(coarse_mask(amap, threshold))
                 cores.append(None)
                 continue
-            start, core = start_and_core(amap, threshold, self.config_for(name).start_peak_fraction,
+            start, core = start_and_core(amap, threshold, config.start_peak_fraction,
                                          self.config.core_threshold_factor)
             coarse.append(start)
             cores.append(core)

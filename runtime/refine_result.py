@@ -30,6 +30,12 @@ class RefineResult:
     objective: float  # objective of the returned (best) iterate; nan for an empty region
 
     @property
+    def repaired_anything(self) -> bool:
+        """False when no pixel was optimised (nothing flagged, or the class keeps its coarse mask): ``repaired`` is
+        then the input itself, not worth saving."""
+        return bool(self.region.any())
+
+    @property
     def budget_exhausted(self) -> bool:
         """True when the mask is the best one found before the time budget ran out (not a converged one)."""
         return self.status == STATUS_TIME_BUDGET

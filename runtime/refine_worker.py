@@ -117,7 +117,6 @@ class RefineCounts:
 
     submitted: int = 0
     done: int = 0  # jobs with a result (a refined mask, or the coarse mask a class keeps)
-    coarse_kept: int = 0  # results of classes whose tuning kept the coarse mask: no solver ran, not in the means
     statuses: dict[str, int] = field(default_factory=dict)  # every outcome by status
     seconds_total: float = 0.0
     iterations_total: int = 0
@@ -126,6 +125,11 @@ class RefineCounts:
     @property
     def dropped(self) -> int:
         return self.statuses.get(STATUS_DROPPED, 0)
+
+    @property
+    def coarse_kept(self) -> int:
+        """Results of classes whose tuning kept the coarse mask: no solver ran, so they are not in the means."""
+        return self.statuses.get(STATUS_COARSE_KEPT, 0)
 
     @property
     def unfinished(self) -> int:
@@ -143,7 +147,6 @@ class RefineCounts:
             return
         self.done += 1
         if outcome.result.status == STATUS_COARSE_KEPT:
-            self.coarse_kept += 1
             return
         self.seconds_total += float(outcome.result.seconds)
         self.iterations_total += int(outcome.result.iterations)
@@ -464,9 +467,9 @@ class RefineStage:
                                       "name": meta.get("name"), **outcome.summary(), "mask_file": None,
                                       "repaired_file": None}
             if outcome.result is not None:
-                result = outcome.result  # no repaired image when nothing was repaired (coarse mask kept)
+                result = outcome.result
                 saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"), result.mask,
-                                           result.repaired if result.region.any() else None)
+                                           result.repaired if result.repaired_anything else None)
                 record.update({k: v for k, v in saved.items() if v is not None})
             sink.write_record(record)
             self.records_written += 1
