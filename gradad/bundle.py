@@ -207,9 +207,12 @@ def bundle_file(bundle_dir: str | Path, name: str) -> Path:
     bundle_dir = Path(bundle_dir)
     check_file_name(name, str(bundle_dir / MANIFEST_NAME))
     path = bundle_dir / name
-    root = bundle_dir.resolve()
-    if not path.resolve().is_relative_to(root):
-        raise BundleError(f"bundle file {path} resolves to {path.resolve()}, outside the bundle folder {root} "
+    try:
+        root, resolved = bundle_dir.resolve(), path.resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise BundleError(f"bundle file {path}: cannot resolve it ({exc})") from None
+    if not resolved.is_relative_to(root):
+        raise BundleError(f"bundle file {path} resolves to {resolved}, outside the bundle folder {root} "
                           f"(a symlink escaping the bundle is refused)")
     return path
 

@@ -48,14 +48,21 @@ Several --source options are interleaved and batched together (multi-camera).
 
 
 def parse_mqtt(value: str) -> tuple[str, int]:
-    """``host[:port]`` -> (host, port); credentials in it are refused (redacted) in favour of the proper options."""
+    """``host[:port]`` or ``[IPv6]:port`` -> (host, port); credentials in it are refused (redacted) in favour of the
+    proper options. A bare IPv6 address without brackets is taken whole as the host."""
     if "@" in value or "://" in value:
         shown = redact_url(value if "://" in value else f"mqtt://{value}")
         raise GradError(f"--mqtt {shown}: give only host[:port]; pass the user with --mqtt-user and the password "
                         f"in the GRAD_MQTT_PASSWORD environment variable")
-    host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+    if value.startswith("["):  # IPv6 literal: [::1] or [::1]:1884
+        inside, bracket, after = value[1:].partition("]")
+        host, port = inside, after[1:] if after.startswith(":") else after
+        if not bracket or (after and not after.startswith(":")):
+            host = ""
+    else:
+        host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
     if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
-        raise GradError(f"--mqtt {value!r}: expected host or host:port with a port from 1 to 65535")
+        raise GradError(f"--mqtt {value!r}: expected host, host:port or [IPv6]:port with a port from 1 to 65535")
     return host, int(port or 1883)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from gradad.errors import GradError
-from gradad.urls import redact_url
+from gradad.urls import REDACTED, redact_url, redact_urls_in
 
 #: file key -> grad-run parameter, per section ("" = top level).
 KEYS: dict[str, dict[str, str]] = {
@@ -45,9 +45,9 @@ KEYS: dict[str, dict[str, str]] = {
 }
 #: Sections that hold sections.
 SUBSECTIONS: dict[str, set[str]] = {"": {"sinks", "refine", "statistics"}, "sinks": {"mqtt", "webhook"}}
-#: Webhook settings that have no flag: passed to WebhookSink as they are.
-WEBHOOK_OPTIONS = ("timeout_s", "queue_size", "only_anomalous")
-REDACTED = "***"
+#: Webhook settings that have no flag (passed to WebhookSink) and the types they must have.
+WEBHOOK_OPTIONS: dict[str, tuple[type, ...]] = {"timeout_s": (int, float), "queue_size": (int,),
+                                                "only_anomalous": (bool,)}
 
 
 def _section(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:
@@ -76,29 +76,54 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         node = _section(data, section, where) if section else data
         nested = SUBSECTIONS.get(section, set())
         extra = set(WEBHOOK_OPTIONS) if section == "sinks.webhook" else set()
-        unknown = set(node) - set(keys) - nested - extra
+        unknown = {str(k) for k in node} - set(keys) - nested - extra  # YAML reads `on:` as True, `1:` as 1
         if unknown:
             raise GradError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} in "
                             f"{section or 'the top level'} (known: {', '.join(sorted(set(keys) | nested | extra))})")
         for key, param in keys.items():
             if key in node:
-                value = node[key]
-                defaults[param] = tuple(str(v) for v in value) if param == "sources" else value
+                defaults[param] = _sources(node[key], where) if param == "sources" else node[key]
         if section == "sinks.webhook":
-            webhook = {k: node[k] for k in WEBHOOK_OPTIONS if k in node}
+            webhook = {k: _webhook_option(k, node[k], where) for k in WEBHOOK_OPTIONS if k in node}
     return defaults, webhook
 
 
+def _sources(value: Any, where: str) -> tuple[str, ...]:
+    """``sources``: a list of sources, or one source written without the list brackets."""
+    items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
+    if not isinstance(items, list) or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in items):
+        raise GradError(f"{where}: 'sources' must be a source or a list of sources (camera index, pipeline, URL, "
+                        f"video, folder or glob), got {redact_urls_in(repr(value))}")
+    return tuple(str(v) for v in items)
+
+
+def _webhook_option(key: str, value: Any, where: str) -> Any:
+    """A webhook setting of the right type (a quoted "false" would otherwise read as true)."""
+    types = WEBHOOK_OPTIONS[key]
+    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
+        wanted = " or ".join("true/false" if t is bool else t.__name__ for t in types)
+        raise GradError(f"{where}: sinks.webhook.{key} must be {wanted}, got {value!r}")
+    return value
+
+
+def _redacted_host(host: Any) -> Any:
+    """An MQTT host as written, without anything before an ``@`` (grad-run refuses credentials there)."""
+    return f"{REDACTED}@{host.rpartition('@')[2]}" if isinstance(host, str) and "@" in host else host
+
+
 def resolved_config(params: dict[str, Any], webhook: dict[str, Any]) -> dict[str, Any]:
-    """The line file that reproduces ``params`` (grad-run's resolved options); the password is never shown and
-    URLs lose any credentials."""
+    """The line file that reproduces ``params`` (grad-run's resolved options); the password is never shown, and
+    URLs (webhook, stream sources, GStreamer ``location=``) and the MQTT host lose any credentials."""
     out: dict[str, Any] = {}
     for section, keys in KEYS.items():
         values = {key: params.get(param) for key, param in keys.items()}
         if section == "":
-            values["sources"] = list(values["sources"] or [])
-        if section == "sinks.mqtt" and values.get("password"):
-            values["password"] = REDACTED
+            camera = [str(params["camera"])] if params.get("camera") is not None else []
+            values["sources"] = [redact_urls_in(s) for s in camera + list(values["sources"] or [])]
+        if section == "sinks.mqtt":
+            values["host"] = _redacted_host(values["host"])
+            if values.get("password"):
+                values["password"] = REDACTED
         if section == "sinks.webhook":
             values["url"] = redact_url(values["url"]) if values["url"] else None
             values.update(webhook)

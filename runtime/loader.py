@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from gradad.bundle import ONNX_BY_PRECISION, BackendKind, Bundle, Precision
+from gradad.bundle import ONNX_BY_PRECISION, BackendKind, Bundle, BundleError, Precision
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend, BackendError
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -98,7 +98,9 @@ def load_backend(
         except GradError as exc:
             if backend == "tensorrt":
                 raise
-            log.info("TensorRT backend not used (%s); using ONNX Runtime", exc)
+            # A bundle problem (an engine whose hash does not match) is news; no TensorRT on a CPU box is not.
+            (log.warning if isinstance(exc, BundleError) else log.info)(
+                "TensorRT backend not used (%s); using ONNX Runtime", exc)
     ort_backend = _onnx_backend(bundle, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)
     return ort_backend, bundle

@@ -147,6 +147,17 @@ def test_file_symlink_escaping_the_bundle_is_refused(tmp_path: Path) -> None:
         bundle.verify()
 
 
+def test_file_symlink_loop_is_a_bundle_error(tmp_path: Path) -> None:
+    folder = tmp_path / "b"
+    folder.mkdir()
+    real = tmp_path / "real.onnx"
+    real.write_bytes(b"x")
+    (folder / FP32_ONNX).symlink_to(FP32_ONNX)  # points at itself
+    bundle = minimal_bundle(folder, files={FP32_ONNX: FileEntry.of(real)})
+    with pytest.raises(BundleError, match="cannot resolve it"):
+        bundle.verify()
+
+
 def test_verify_finds_modified_files(bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)

@@ -91,6 +91,66 @@ def test_unknown_setting_is_one_clear_error(bundle: Path, tmp_path: Path) -> Non
     assert result.exit_code == 2 and "unknown setting(s) pasword in sinks.mqtt" in result.output
 
 
+def test_print_config_hides_credentials_of_sources_and_mqtt_host(bundle: Path, tmp_path: Path) -> None:
+    line = tmp_path / "line.yaml"
+    line.write_text(yaml.safe_dump({
+        "sources": ["rtsp://admin:CamPass123@10.0.0.5/live?token=TOKEN42",
+                    "rtspsrc location=rtsp://u:GstPass99@cam/live ! decodebin ! appsink"],
+        "sinks": {"mqtt": {"host": "line3:MqttHostPass@broker.local:1883"}}}))
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(line), "--camera", "2", "--print-config"])
+    assert result.exit_code == 0, result.output
+    for secret in ("CamPass123", "TOKEN42", "GstPass99", "MqttHostPass"):
+        assert secret not in result.output
+    resolved = yaml.safe_load(result.output)
+    assert resolved["sources"][0] == "2"  # --camera is a source too
+    assert resolved["sources"][1] == "rtsp://admin:***@10.0.0.5/live?token=***"
+    assert resolved["sinks"]["mqtt"]["host"] == "***@broker.local:1883"
+
+
+@pytest.mark.parametrize(("text", "sources"), [("sources: line.mp4\n", ("line.mp4",)), ("sources: 0\n", ("0",)),
+                                                ("sources: [0, rtsp://cam/live]\n", ("0", "rtsp://cam/live"))])
+def test_a_single_source_need_not_be_a_list(tmp_path: Path, text: str, sources: tuple[str, ...]) -> None:
+    from gradad.runtime.line_config import read_line_config
+
+    path = tmp_path / "line.yaml"
+    path.write_text(text)
+    assert read_line_config(path)[0]["sources"] == sources
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("sources: {cam: 0}\n", "'sources' must be a source or a list"),
+    ("on: true\n", "unknown setting(s) True in the top level"),
+    ("sinks:\n  webhook: {url: 'http://h/x', timeout_s: 2s}\n", "sinks.webhook.timeout_s must be int or float"),
+    ("sinks:\n  webhook: {url: 'http://h/x', queue_size: lots}\n", "sinks.webhook.queue_size must be int"),
+    ("sinks:\n  webhook: {url: 'http://h/x', only_anomalous: 'false'}\n",
+     "sinks.webhook.only_anomalous must be true/false"),
+])
+def test_bad_line_file_values_are_one_clear_error(bundle: Path, tmp_path: Path, text: str, message: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(bad), "--print-config"])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("broker", ("broker", 1883)), ("broker:1884", ("broker", 1884)),
+                                               ("[::1]:1884", ("::1", 1884)), ("[::1]", ("::1", 1883)),
+                                               ("fe80::1", ("fe80::1", 1883))])
+def test_mqtt_host_and_port(value: str, parsed: tuple[str, int]) -> None:
+    from gradad.runtime.cli import parse_mqtt
+
+    assert parse_mqtt(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["[::1]x", "[::1", "broker:0", "broker:http"])
+def test_mqtt_host_and_port_refused(value: str) -> None:
+    from gradad.errors import GradError
+    from gradad.runtime.cli import parse_mqtt
+
+    with pytest.raises(GradError, match="--mqtt"):
+        parse_mqtt(value)
+
+
 def test_every_grad_run_option_lands_in_one_typed_group() -> None:
     import dataclasses
 

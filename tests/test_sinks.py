@@ -283,6 +283,24 @@ def test_flagged_frames_saved_for_ng_only(tmp_path: Path) -> None:
         (folder / n).stat().st_size for n in names)
 
 
+def test_flagged_frames_of_two_sources_with_the_same_frame_id_and_name_are_both_kept(tmp_path: Path) -> None:
+    folder = tmp_path / "flagged"
+    sink = FlaggedFrameSink(folder)
+    a, b = make_result(0, True, name="part.png", seed=1), make_result(0, True, name="part.png", seed=2)
+    b.frame.source = "camB"  # every source numbers its frames from 0
+    sink.write(a)
+    sink.write(b)
+    mask = np.zeros((H, W), bool)
+    mask[2:5, 3:9] = True
+    saved_b = sink.write_refined(0, "part.png", "camB", mask)
+    sink.close()
+    assert sink.frames_on_disk == 2 and _own_keys(folder) == {"00000000_part", "00000000_part-2"}
+    for key, result in (("00000000_part", a), ("00000000_part-2", b)):
+        orig = cv2.imread(str(folder / f"{key}_orig.png"))
+        assert np.array_equal(orig[..., ::-1], result.frame.image)  # neither overwrote the other
+    assert saved_b["mask_file"] is not None and "part-2" in saved_b["mask_file"]  # refined mask: with camB's frame
+
+
 def test_flagged_frames_bounded_eviction_and_restart(tmp_path: Path) -> None:
     probe = FlaggedFrameSink(tmp_path / "probe")
     probe.write(make_result(0, True))
@@ -445,6 +463,65 @@ def test_webhook_unreachable_counts_failures() -> None:
         WebhookSink("ftp://example.org/x")
 
 
+def test_webhook_refuses_redirects_and_never_forwards_credentials() -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    class Target(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - urllib turns a redirected POST into a GET
+            seen.append(("GET", self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    target = ThreadingHTTPServer(("127.0.0.1", 0), Target)
+    target_url = f"http://localhost:{target.server_address[1]}/elsewhere"
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(302)
+            self.send_header("Location", target_url)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    origin = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    for server in (target, origin):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sink = WebhookSink(f"http://line3:S3cret@127.0.0.1:{origin.server_address[1]}/ng", timeout_s=2.0,
+                           retry_delay_s=0.01, only_anomalous=False)
+        sink.write_record({"frame_id": 1})
+        sink.close()
+        assert sink.sent == 0 and sink.failed == 1  # a redirected record is not delivered: not counted as sent
+        assert seen == []  # nothing, least of all the credentials, went to the other host
+    finally:
+        for server in (target, origin):
+            server.shutdown()
+            server.server_close()
+
+
+@pytest.mark.parametrize("url", ["https://line3:Pa55/w0rd@mes.local/ng", "https://line3:Hun#ter2@mes.local/ng",
+                                 "https://line3:1234/x@mes.local/ng"])
+def test_webhook_refuses_a_url_whose_credentials_hide_its_host(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(GradError, match="percent-encode") as err:
+        WebhookSink(url)
+    assert "w0rd" not in str(err.value) and "ter2" not in str(err.value) and "/x@" not in str(err.value)
+    assert "Pa55" not in caplog.text and "Hun" not in caplog.text
+
+
+@pytest.mark.parametrize("options", [{"timeout_s": 0}, {"timeout_s": "2s"}, {"queue_size": "lots"},
+                                     {"queue_size": 0}, {"timeout_s": True}])
+def test_webhook_settings_are_checked(options: dict) -> None:
+    with pytest.raises(GradError, match="webhook (timeout_s|queue_size)"):
+        WebhookSink("http://127.0.0.1:9/x", **options)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MQTT
 
@@ -528,6 +605,11 @@ def test_mqtt_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setitem(sys.modules, mod, None)
     with pytest.raises(GradError, match="pip install paho-mqtt"):
         MqttSink("127.0.0.1")
+
+
+def test_mqtt_password_without_user_is_refused_not_dropped() -> None:
+    with pytest.raises(GradError, match="MQTT password given without a user name"):
+        MqttSink("127.0.0.1", _free_port(), password="s3cret", connect_timeout_s=0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -95,8 +95,10 @@ class FlaggedFrameSink(SinkBase):
         self._closed = False
         # key -> {kind: size}; insertion order = age (oldest first)
         self._index: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
-        self._run_keys: dict[str, str] = {}  # base key of this run -> actual key on disk (frames still on disk)
-        self._base_of: dict[str, str] = {}  # actual key -> base key, to forget evicted frames (24/7 runs)
+        # (source, base key) of this run -> actual key on disk (frames still on disk); the source is part of it
+        # because every source numbers its frames from 0: two cameras' frame 0 are two files
+        self._run_keys: dict[tuple[str, str], str] = {}
+        self._base_of: dict[str, tuple[str, str]] = {}  # actual key -> its run key, to forget evicted frames
         self.total_bytes = 0
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -148,14 +150,15 @@ class FlaggedFrameSink(SinkBase):
 
     def _key_for(self, result: FrameResult) -> str:
         base = self._base_key(result.frame.frame_id, result.frame.name, result.frame.source)
-        if base in self._run_keys:
-            return self._run_keys[base]
+        run_key = (result.frame.source, base)
+        if run_key in self._run_keys:
+            return self._run_keys[run_key]
         key, n = base, 1
         while key in self._index or any((self.folder / f"{key}_{k}").exists() for k in _ALL_KINDS):
             n += 1
             key = f"{base}-{n}"
-        self._run_keys[base] = key
-        self._base_of[key] = base
+        self._run_keys[run_key] = key
+        self._base_of[key] = run_key
         return key
 
     def _remove_files(self, key: str, kinds: Iterable[str]) -> None:
@@ -170,7 +173,9 @@ class FlaggedFrameSink(SinkBase):
 
     def _evict_one(self) -> None:
         key, files = self._index.popitem(last=False)
-        self._run_keys.pop(self._base_of.pop(key, ""), None)
+        run_key = self._base_of.pop(key, None)
+        if run_key is not None:
+            self._run_keys.pop(run_key, None)
         self._remove_files(key, files)
         self.total_bytes -= sum(files.values())
         self.evicted += 1
@@ -258,7 +263,7 @@ class FlaggedFrameSink(SinkBase):
             log.error("refined mask of frame %d not saved: %s", frame_id, e)
             return files
         with self._lock:
-            key = self._run_keys.get(self._base_key(frame_id, name, source))
+            key = self._run_keys.get((source, self._base_key(frame_id, name, source)))
             if key is None or key not in self._index:
                 log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
                 return files

@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any, Callable
@@ -30,6 +31,31 @@ def _is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx answer is a failed POST: urllib would resend it as a GET without the record (counted as sent) and
+    carry the credentials to whatever host the redirect names."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {redact_url(newurl)} refused (point the "
+                                     f"webhook URL at the final address)", headers, fp)
+
+
+def _check_authority(url: str, parsed: urllib.parse.SplitResult, label: str) -> None:
+    """Refuse a URL whose user-info holds an unencoded ``/``, ``?`` or ``#``: urllib would end the host there,
+    send the records to a host made of the user name (or fail with the password's start quoted in the error)."""
+    rest = url.split("://", 1)[1]
+    query = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    at = rest.rfind("@", 0, query) if "/" in rest[:query] else rest.rfind("@")
+    try:
+        parsed.port  # noqa: B018 - raises ValueError for a non-numeric port
+        ambiguous = at >= len(parsed.netloc) or not parsed.hostname
+    except ValueError:
+        ambiguous = True
+    if ambiguous:
+        raise GradError(f"webhook URL {label!r}: cannot tell its host from its credentials; percent-encode '/', "
+                        f"'?', '#' and '@' in the user name and password, '@' in the path (e.g. '/' as %2F)")
 
 
 def _split_credentials(parsed: urllib.parse.SplitResult) -> tuple[str, dict[str, str]]:
@@ -90,8 +116,11 @@ class WebhookSink(_RecordSink):
         self.label = redact_url(url)  # what logs and errors show: never the URL's credentials or query values
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
-        if int(queue_size) < 1:
-            raise GradError(f"webhook queue_size must be >= 1, got {queue_size}")
+        _check_authority(url, parsed, self.label)
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise GradError(f"webhook queue_size must be an integer >= 1, got {queue_size!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+            raise GradError(f"webhook timeout_s must be a number of seconds > 0, got {timeout_s!r}")
         self.url, self._headers = _split_credentials(parsed)
         self.timeout_s = float(timeout_s)
         self.queue_size = int(queue_size)
@@ -106,8 +135,10 @@ class WebhookSink(_RecordSink):
         self._busy = False
         self._stop = False
         self._closed = False
-        self._opener = (urllib.request.build_opener(urllib.request.ProxyHandler({}))
-                        if _is_loopback(parsed.hostname) else urllib.request.build_opener())
+        handlers: list[Any] = [_RefuseRedirects()]
+        if _is_loopback(parsed.hostname):
+            handlers.append(urllib.request.ProxyHandler({}))
+        self._opener = urllib.request.build_opener(*handlers)
         self._thread = threading.Thread(target=self._run, name="gradad-webhook", daemon=True)
         self._thread.start()
 
@@ -135,8 +166,9 @@ class WebhookSink(_RecordSink):
 
     def _post(self, body: bytes) -> None:
         req = urllib.request.Request(self.url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "gradad",
-                                              **self._headers})
+                                     headers={"Content-Type": "application/json", "User-Agent": "gradad"})
+        for name, value in self._headers.items():
+            req.add_unredirected_header(name, value)  # never forwarded, even if a handler followed a redirect
         with self._opener.open(req, timeout=self.timeout_s) as resp:
             resp.read()
 
@@ -201,6 +233,10 @@ class MqttSink(_RecordSink):
                  only_anomalous: bool = False, client_id: str | None = None, username: str | None = None,
                  password: str | None = None, keepalive: int = 30, queue_size: int = 1000,
                  connect_timeout_s: float = 5.0, close_timeout_s: float = 10.0) -> None:
+        if password and username is None:
+            raise GradError("MQTT password given without a user name: set --mqtt-user (GRAD_MQTT_USER, "
+                            "sinks.mqtt.username in a line file) too; without one the broker would be used "
+                            "anonymously")
         try:
             import paho.mqtt.client as mqtt
         except ImportError as e:
