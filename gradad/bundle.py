@@ -222,10 +222,14 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     stays inside the bundle folder and its thresholds are finite positive numbers."""
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if version not in READABLE_SCHEMA_VERSIONS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_SCHEMA_VERSIONS)
+        made_by = manifest.get("gradad_version") if isinstance(manifest, dict) else None
+        remedy = (f"it was written by a newer gradad ({made_by or 'version unknown'}): upgrade gradad on this "
+                  f"machine to that version, or re-export the model with this one ({REEXPORT_COMMAND})" if newer
+                  else f"re-export the model with this version ({REEXPORT_COMMAND})")
         raise BundleError(
             f"{where}: bundle schema version {version!r}, this gradad reads versions "
-            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; re-export the model with this version "
-            f"({REEXPORT_COMMAND})"
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; {remedy}"
         )
     try:
         jsonschema.validate(manifest, BUNDLE_SCHEMA)

@@ -47,7 +47,7 @@ Several --source options are interleaved and batched together (multi-camera).
 """
 
 
-def parse_mqtt(value: str) -> tuple[str, int]:
+def parse_mqtt(value: str, default_port: int = 1883) -> tuple[str, int]:
     """``host[:port]`` or ``[IPv6]:port`` -> (host, port); credentials in it are refused (redacted) in favour of the
     proper options. A bare IPv6 address without brackets is taken whole as the host."""
     if "@" in value or "://" in value:
@@ -63,7 +63,7 @@ def parse_mqtt(value: str) -> tuple[str, int]:
         host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
     if not host or (port and not (port.isdigit() and 0 < int(port) < 65536)):
         raise GradError(f"--mqtt {value!r}: expected host, host:port or [IPv6]:port with a port from 1 to 65535")
-    return host, int(port or 1883)
+    return host, int(port or default_port)
 
 
 #: False in the test process: there ``os._exit`` would end pytest itself (tests run grad-run in-process with click's
@@ -163,6 +163,11 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--mqtt-password", envvar="GRAD_MQTT_PASSWORD", help="MQTT password; prefer the environment variable "
               "(a command line is visible to every user of the machine) [env: GRAD_MQTT_PASSWORD].")
 @click.option("--mqtt-topic", default="gradad/results")
+@click.option("--mqtt-tls", is_flag=True, help="Connect to the broker over TLS (default port 8883), verifying its "
+              "certificate against the system's CAs or --mqtt-ca; without it user name, password and records cross "
+              "the network in clear text.")
+@click.option("--mqtt-ca", type=click.Path(dir_okay=False), help="CA certificate file (PEM) that signed the "
+              "broker's certificate (implies --mqtt-tls).")
 @click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
 @click.option("--max-frames", type=int, help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Repeat file/folder sources.")
@@ -265,6 +270,8 @@ class SinkOptions:
     mqtt_user: str | None = None
     mqtt_password: str | None = field(default=None, repr=False)
     mqtt_topic: str = "gradad/results"
+    mqtt_tls: bool = False
+    mqtt_ca: str | None = None
     webhook: str | None = None
     webhook_options: dict[str, Any] = field(default_factory=dict)
 
@@ -357,9 +364,10 @@ def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
     if opts.flagged_dir:
         out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20))
     if opts.mqtt:
-        host, port = parse_mqtt(opts.mqtt)
+        tls = opts.mqtt_tls or opts.mqtt_ca is not None
+        host, port = parse_mqtt(opts.mqtt, 8883 if tls else 1883)
         out.append(kinds.MqttSink(host, port, topic=opts.mqtt_topic, username=opts.mqtt_user,
-                                  password=opts.mqtt_password))
+                                  password=opts.mqtt_password, tls=tls, ca_certs=opts.mqtt_ca))
     if opts.webhook:
         out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
     return out

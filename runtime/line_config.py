@@ -13,7 +13,7 @@ redacted.
       jsonl: /var/log/gradad/line.jsonl
       flagged: /data/flagged
       flagged_max_mb: 2048
-      mqtt: {host: broker.local:1883, topic: line3/results, username: line3, password: ...}
+      mqtt: {host: broker.local:8883, topic: line3/results, username: line3, password: ..., tls: true}
       webhook: {url: "https://mes.local/ng", timeout_s: 2.0, queue_size: 1000, only_anomalous: true}
     refine: {enabled: true, budget: 1.0, device: cuda, class: nut}
     statistics: {every_s: 10}
@@ -36,7 +36,8 @@ KEYS: dict[str, dict[str, str]] = {
     "sinks": {"jsonl": "jsonl_path", "video": "video_path", "video_fps": "video_fps",
               "video_segment": "video_segment", "display": "display", "flagged": "flagged_dir",
               "flagged_max_mb": "flagged_max_mb"},
-    "sinks.mqtt": {"host": "mqtt", "topic": "mqtt_topic", "username": "mqtt_user", "password": "mqtt_password"},
+    "sinks.mqtt": {"host": "mqtt", "topic": "mqtt_topic", "username": "mqtt_user", "password": "mqtt_password",
+                   "tls": "mqtt_tls", "ca_certs": "mqtt_ca"},
     "sinks.webhook": {"url": "webhook"},
     "refine": {"enabled": "refine", "budget": "refine_budget", "batch": "refine_batch", "queue": "refine_queue",
                "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads",

@@ -110,12 +110,17 @@ def test_old_bundle_is_migrated_or_refused(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match=r"grad-export quantize needs a bundle of schema version 2.*re-export"):
         loaded.require_current("grad-export quantize")
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    for version in (0, None, BUNDLE_SCHEMA_VERSION + 1):
+    for version in (0, None):
         manifest["schema_version"] = version
         (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
         with pytest.raises(BundleError, match=r"bundle schema version .* this gradad reads versions 1, 2; "
                                               r"re-export the model"):
             Bundle.load(tmp_path)
+    manifest["schema_version"], manifest["gradad_version"] = BUNDLE_SCHEMA_VERSION + 1, "9.9.0"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"reads versions 1, 2; it was written by a newer gradad \(9.9.0\): "
+                                          r"upgrade gradad"):
+        Bundle.load(tmp_path)
 
 
 @pytest.mark.parametrize("change", ["file", "engine", "refine", "nan", "negative"])

@@ -71,6 +71,21 @@ def test_config_file_mqtt_credentials_used_and_flag_overrides(bundle: Path, tiny
     assert "s3cret" not in result.output
 
 
+def test_mqtt_tls_from_the_line_file_defaults_to_port_8883(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sinks_module, "MqttSink", _Mqtt)
+    _Recorder.made.clear()
+    line = tmp_path / "line.yaml"
+    line.write_text(yaml.safe_dump({"sources": [str(tiny_demo_root / "nut" / "test" / "good")], "threshold": 1e6,
+                                    "sinks": {"jsonl": "", "mqtt": {"host": "broker.local", "tls": True}},
+                                    "statistics": {"every_s": 0}}))
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(line), "--backend", "onnxruntime",
+                                           "--max-frames", "1"])
+    assert result.exit_code == 0, result.output
+    (_, args, kwargs), = _Recorder.made
+    assert args == ("broker.local", 8883) and kwargs["tls"] is True and kwargs["ca_certs"] is None
+
+
 def test_print_config_resolves_and_redacts(bundle: Path, tmp_path: Path) -> None:
     line = _line_file(tmp_path, tmp_path)
     result = CliRunner().invoke(run_main, [str(bundle), "--config", str(line), "--print-config", "--threshold", "2"])

@@ -607,6 +607,38 @@ def test_mqtt_errors(monkeypatch: pytest.MonkeyPatch) -> None:
         MqttSink("127.0.0.1")
 
 
+def test_mqtt_tls_is_used_and_its_failures_are_one_line(tmp_path: Path) -> None:
+    pytest.importorskip("paho.mqtt.client", reason="paho-mqtt not installed (pip install paho-mqtt)")
+    with pytest.raises(GradError, match="CA certificate file not found: .*no-ca.pem"):
+        MqttSink("127.0.0.1", _free_port(), ca_certs=str(tmp_path / "no-ca.pem"))
+    bad_ca = tmp_path / "bad-ca.pem"
+    bad_ca.write_text("not a certificate")
+    with pytest.raises(GradError, match="MQTT TLS set-up failed"):
+        MqttSink("127.0.0.1", _free_port(), ca_certs=str(bad_ca))
+    plain = socket.socket()  # a broker that does not speak TLS: accepts and hangs up
+    plain.bind(("127.0.0.1", 0))
+    plain.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = plain.accept()
+        conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        with pytest.raises(GradError, match="cannot connect to MQTT broker 127.0.0.1:[0-9]+ over TLS"):
+            MqttSink("127.0.0.1", plain.getsockname()[1], tls=True, connect_timeout_s=2.0)
+    finally:
+        plain.close()
+
+
+def test_mqtt_cleartext_credentials_rule() -> None:
+    from gradad.runtime.sinks.network import cleartext_credentials
+
+    assert cleartext_credentials("broker.local", "line3") and cleartext_credentials("10.0.0.5", "line3")
+    assert not cleartext_credentials("127.0.0.1", "line3") and not cleartext_credentials("localhost", "line3")
+    assert not cleartext_credentials("broker.local", None)
+
+
 def test_mqtt_password_without_user_is_refused_not_dropped() -> None:
     with pytest.raises(GradError, match="MQTT password given without a user name"):
         MqttSink("127.0.0.1", _free_port(), password="s3cret", connect_timeout_s=0.5)

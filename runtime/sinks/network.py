@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -56,6 +57,11 @@ def _check_authority(url: str, parsed: urllib.parse.SplitResult, label: str) -> 
     if ambiguous:
         raise GradError(f"webhook URL {label!r}: cannot tell its host from its credentials; percent-encode '/', "
                         f"'?', '#' and '@' in the user name and password, '@' in the path (e.g. '/' as %2F)")
+
+
+def cleartext_credentials(host: str, username: str | None) -> bool:
+    """True when MQTT credentials would cross a network without TLS (a loopback broker is exempt)."""
+    return username is not None and not _is_loopback(host)
 
 
 def _split_credentials(parsed: urllib.parse.SplitResult) -> tuple[str, dict[str, str]]:
@@ -226,13 +232,16 @@ class MqttSink(_RecordSink):
     :meth:`write` never blocks on the network. paho reconnects by itself after a lost connection; QoS 1/2
     messages published meanwhile are queued (at most ``queue_size``, beyond that they are counted in
     ``dropped``) and sent on reconnection. :meth:`close` waits up to ``close_timeout_s`` for pending publishes,
-    then disconnects.
+    then disconnects. ``tls`` (implied by ``ca_certs``, a PEM file of the CA that signed the broker's certificate;
+    the system's CAs without it) encrypts the connection and verifies the broker; credentials sent without it to a
+    broker that is not on this machine are warned about.
     """
 
     def __init__(self, host: str, port: int = 1883, topic: str = "gradad/results", qos: int = 1,
                  only_anomalous: bool = False, client_id: str | None = None, username: str | None = None,
                  password: str | None = None, keepalive: int = 30, queue_size: int = 1000,
-                 connect_timeout_s: float = 5.0, close_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 5.0, close_timeout_s: float = 10.0, tls: bool = False,
+                 ca_certs: str | None = None) -> None:
         if password and username is None:
             raise GradError("MQTT password given without a user name: set --mqtt-user (GRAD_MQTT_USER, "
                             "sinks.mqtt.username in a line file) too; without one the broker would be used "
@@ -261,6 +270,17 @@ class MqttSink(_RecordSink):
             client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "")
         else:  # pragma: no cover - paho-mqtt 1.x
             client = mqtt.Client(client_id=client_id or "")
+        if ca_certs is not None and not Path(ca_certs).is_file():
+            raise GradError(f"MQTT CA certificate file not found: {ca_certs} (--mqtt-ca, sinks.mqtt.ca_certs)")
+        tls = tls or ca_certs is not None
+        if tls:
+            try:
+                client.tls_set(ca_certs=ca_certs)  # verifies the broker's certificate and host name
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: an unreadable or invalid CA file
+                raise GradError(f"MQTT TLS set-up failed ({e}) with CA file {ca_certs or '(system CAs)'}") from e
+        elif cleartext_credentials(host, username):
+            log.warning("MQTT: the user name and password for %s go over the network in clear text: use --mqtt-tls "
+                        "(sinks.mqtt.tls) with a broker listening for TLS", host)
         if username is not None:
             client.username_pw_set(username, password)
         client.max_queued_messages_set(int(queue_size))
@@ -271,7 +291,8 @@ class MqttSink(_RecordSink):
         try:
             client.connect(host, self.port, keepalive=int(keepalive))
         except (OSError, ValueError) as e:
-            raise GradError(f"cannot connect to MQTT broker {host}:{self.port}: {e}") from e
+            raise GradError(f"cannot connect to MQTT broker {host}:{self.port}{' over TLS' if tls else ''}: "
+                            f"{e}") from e
         client.loop_start()
         if not self._connected.wait(connect_timeout_s) or not self._rc_ok(self._connect_rc):
             client.loop_stop()
@@ -281,7 +302,8 @@ class MqttSink(_RecordSink):
                 pass
             why = "no answer" if self._connect_rc is None else f"refused: {self._connect_rc}"
             raise GradError(f"cannot connect to MQTT broker {host}:{self.port} ({why})")
-        log.info("MQTT: publishing to %s:%d topic %r (qos %d)", host, self.port, topic, self.qos)
+        log.info("MQTT: publishing to %s:%d topic %r (qos %d%s)", host, self.port, topic, self.qos,
+                 ", TLS" if tls else "")
 
     @staticmethod
     def _rc_ok(rc: Any) -> bool:
