@@ -6,6 +6,8 @@ features pasted from a different pattern. Nothing here uses real data.
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +20,8 @@ from gradad.training.config import FBPConfig, preset_config
 from gradad.training.defects import DefectSet
 from gradad.training.fbp import KINDS, synthesize_anomalies
 from gradad.training.model import AnomalyHead, GRADModel
-from gradad.training.trainer import (abnormal_step, coordinate_spread, make_optimizer, stage_parameters,
-                                    trained_defect_files)
+from gradad.training.trainer import (_split_defects, abnormal_step, coordinate_spread, make_optimizer,
+                                    stage_parameters, trained_defect_files)
 from gradad.training.validation import ValidationSet, fit_fusion_weight, selfcheck, validation_indices
 
 C, H, W = 8, 12, 12
@@ -168,6 +170,17 @@ def test_defect_holdout_keeps_one_per_folder_in_training_and_holds_out_a_share_o
     # features follow their samples
     assert [int(v) for v in held.features.flatten()] == [samples.index(s) for s in held.samples]
     assert defects.split(0.0)[1] is None
+
+
+def test_defect_holdout_log_names_a_few_held_out_files_with_their_folder(caplog: pytest.LogCaptureFixture) -> None:
+    samples = [Sample(Path(f"bad/{t}/{i:03d}.png"), "defects", "train", 1, t, None) for t in ("a", "b") for i in range(60)]
+    defects = DefectSet(torch.zeros(len(samples), 1, 1, 1), torch.ones(len(samples), 1, 1, 1), samples)
+    with caplog.at_level(logging.INFO, logger="gradad.training.trainer"):
+        _, held = _split_defects(defects, 0.5)
+    assert held is not None and len(held.samples) == 60
+    line = next(r.getMessage() for r in caplog.records if "held out for the self-check" in r.getMessage())
+    assert "a/001.png" in line and "(48 more)" in line  # 12 named, with the folder that tells same names apart
+    assert len(line) < 400
 
 
 def test_fusion_fit_uses_heldout_real_defects_when_there_are_any(trained_abnormal_branch) -> None:

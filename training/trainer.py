@@ -191,13 +191,19 @@ def trained_defect_files(defects: DefectSet | None) -> list[str]:
     return sorted(str(s.image_path.resolve()) for s in defects.samples) if defects is not None else []
 
 
+_NAMES_LOGGED = 12  # held-out defect files named in the log; a large synthetic set would flood it
+
+
 def _split_defects(defects: DefectSet | None, holdout: float) -> tuple[DefectSet | None, DefectSet | None]:
     if defects is None:
         return None, None
     train, held = defects.split(holdout)
     if held is not None:
+        names = [str(Path(s.image_path.parent.name, s.image_path.name)) for s in held.samples]
+        shown = ", ".join(names[:_NAMES_LOGGED]) + (f", ... ({len(names) - _NAMES_LOGGED} more)"
+                                                     if len(names) > _NAMES_LOGGED else "")
         log.info("labelled defects: %d train stage 1, %d held out for the self-check and the fusion fit (%s)",
-                 len(train.samples), len(held.samples), ", ".join(s.image_path.name for s in held.samples))
+                 len(train.samples), len(held.samples), shown)
     return train, held
 
 
