@@ -266,23 +266,8 @@ class MqttSink(_RecordSink):
         self._connected = threading.Event()
         self._connect_rc: Any = None
 
-        if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt >= 2
-            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "")
-        else:  # pragma: no cover - paho-mqtt 1.x
-            client = mqtt.Client(client_id=client_id or "")
-        if ca_certs is not None and not Path(ca_certs).is_file():
-            raise GradError(f"MQTT CA certificate file not found: {ca_certs} (--mqtt-ca, sinks.mqtt.ca_certs)")
         tls = tls or ca_certs is not None
-        if tls:
-            try:
-                client.tls_set(ca_certs=ca_certs)  # verifies the broker's certificate and host name
-            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: an unreadable or invalid CA file
-                raise GradError(f"MQTT TLS set-up failed ({e}) with CA file {ca_certs or '(system CAs)'}") from e
-        elif cleartext_credentials(host, username):
-            log.warning("MQTT: the user name and password for %s go over the network in clear text: use --mqtt-tls "
-                        "(sinks.mqtt.tls) with a broker listening for TLS", host)
-        if username is not None:
-            client.username_pw_set(username, password)
+        client = self._new_client(client_id, username, password, tls, ca_certs)
         client.max_queued_messages_set(int(queue_size))
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
@@ -304,6 +289,28 @@ class MqttSink(_RecordSink):
             raise GradError(f"cannot connect to MQTT broker {host}:{self.port} ({why})")
         log.info("MQTT: publishing to %s:%d topic %r (qos %d%s)", host, self.port, topic, self.qos,
                  ", TLS" if tls else "")
+
+    def _new_client(self, client_id: str | None, username: str | None, password: str | None, tls: bool,
+                    ca_certs: str | None) -> Any:
+        """A paho client with the credentials and, with ``tls``, an encrypted connection that verifies the broker."""
+        mqtt = self._mqtt
+        if hasattr(mqtt, "CallbackAPIVersion"):  # paho-mqtt >= 2
+            client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or "")
+        else:  # pragma: no cover - paho-mqtt 1.x
+            client = mqtt.Client(client_id=client_id or "")
+        if ca_certs is not None and not Path(ca_certs).is_file():
+            raise GradError(f"MQTT CA certificate file not found: {ca_certs} (--mqtt-ca, sinks.mqtt.ca_certs)")
+        if tls:
+            try:
+                client.tls_set(ca_certs=ca_certs)  # verifies the broker's certificate and host name
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError: an unreadable or invalid CA file
+                raise GradError(f"MQTT TLS set-up failed ({e}) with CA file {ca_certs or '(system CAs)'}") from e
+        elif cleartext_credentials(self.host, username):
+            log.warning("MQTT: the user name and password for %s go over the network in clear text: use --mqtt-tls "
+                        "(sinks.mqtt.tls) with a broker listening for TLS", self.host)
+        if username is not None:
+            client.username_pw_set(username, password)
+        return client
 
     @staticmethod
     def _rc_ok(rc: Any) -> bool:
