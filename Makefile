@@ -26,7 +26,7 @@ install: $(VENV)/.installed
 # (The demo calibrates on the test split's good images; on a real line use held-out good images.)
 demo: install
 	@test -f $(DEMO_DATA)/DEMO_DATASET.json || $(BIN)/grad-demo-data $(DEMO_DATA)
-	$(BIN)/grad-train --data $(DEMO_DATA) -o $(DEMO_RUN)
+	$(BIN)/grad-train --data $(DEMO_DATA) -o $(DEMO_RUN) --overwrite
 	$(BIN)/grad-eval $(DEMO_RUN)/model.pt
 	$(BIN)/grad-export onnx $(DEMO_RUN)/model.pt -o $(DEMO_BUNDLE) --overwrite
 	$(BIN)/grad-calibrate $(DEMO_BUNDLE) --backend onnxruntime $(foreach c,$(DEMO_CLASSES),--good $(DEMO_DATA)/$(c)/test/good)

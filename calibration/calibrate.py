@@ -62,6 +62,15 @@ def _strictly_below(t: float) -> float:
     return float(np.nextafter(np.float32(t), np.float32(-np.inf)))
 
 
+def _refuse_non_finite(files: Sequence[Path], scores: np.ndarray, maps: np.ndarray, option: str) -> None:
+    """A NaN or infinite score or map would become (or silently skew) a threshold: name the images instead."""
+    bad = [f for f, s, m in zip(files, scores, maps) if not (np.isfinite(s) and np.isfinite(m).all())]
+    if bad:
+        shown = ", ".join(str(f) for f in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise GradError(f"{option}: the model gives a non-finite score or map for {shown}: check these images "
+                        f"and the model (grad-export's parity check)")
+
+
 def calibrate(
     backend: Backend,
     good_dir: str | Path | Sequence[str | Path],
@@ -84,6 +93,7 @@ def calibrate(
         warnings_list.append(duplicates_warning(len(listed), copies))
         log.warning(warnings_list[-1])
     good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
+    _refuse_non_finite(good_files, good_scores, good_maps, "--good")
     n = len(good_scores)
     threshold, k = far_threshold(good_scores, config.false_alarm_rate)
     upper = binomial_upper_bound(k, n, config.confidence)
@@ -104,6 +114,7 @@ def calibrate(
     if defect_dir:
         defect_files = list_image_files(defect_dir, "--defect")
         defect_scores, defect_maps, sizes = score_images(backend, defect_files, desc="defect images")
+        _refuse_non_finite(defect_files, defect_scores, defect_maps, "--defect")
         n_defect = len(defect_files)
         labels = np.r_[np.zeros(n, int), np.ones(n_defect, int)]
         all_scores = np.r_[good_scores, defect_scores]
@@ -136,8 +147,11 @@ def calibrate(
     elif config.method != "far":
         raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
     active = rules[config.method]["threshold"]
-    if active <= 0:
-        raise GradError(f"calibrated threshold {active} is not positive: check the --good images")
+    if not active > 0:
+        raise GradError(f"calibrated image threshold {active} is not positive: check the --good images")
+    if not pixel["threshold"] > 0:
+        raise GradError(f"calibrated pixel threshold {pixel['threshold']} is not positive (every good map is 0 "
+                        f"there?): check the --good images")
     return Calibration(
         image_threshold=float(active),
         pixel_threshold=float(pixel["threshold"]),

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, Bundle, EngineStamp, bundle_file
+from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, bundle_file
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
@@ -21,9 +21,6 @@ from gradad.runtime.tensorrt_device import TensorRTUnavailable, gpu_identity, im
 from gradad.runtime.backend import Backend, infer_in_batches
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input
-
-#: the bundle's TensorRT timing cache (not a listed file: it is a build speed-up, rebuilt when missing or stale)
-TIMING_CACHE = "timing.cache"
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -18,7 +19,8 @@ import torch
 
 from gradad import __version__
 from gradad.bundle import (BUNDLE_SCHEMA_VERSION, FP16_ONNX, FP32_ONNX, INPUT_DTYPE_BY_VERSION, MANIFEST_NAME,
-                           Backbone, Bundle, BundleError, FileEntry, InputSpec, Normalisation, OnnxInfo)
+                           Backbone, Bundle, BundleError, FileEntry, InputSpec, Normalisation, OnnxInfo,
+                           foreign_entries, read_manifest)
 from gradad.data.datasets import Sample, list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
@@ -113,11 +115,45 @@ def load_parity_images(payload: dict[str, Any], opts: ExportOptions) -> tuple[li
 
 
 def _prepare_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder whose replacement could lose anything that is not a gradad bundle's."""
+    if out_dir.is_symlink():
+        raise BundleError(f"{out_dir} is a symbolic link: give the folder itself ({out_dir.resolve()})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BundleError(f"{out_dir} exists and is not a folder")
+    cwd = Path.cwd().resolve()
+    if out_dir.exists() and (cwd == out_dir.resolve() or out_dir.resolve() in cwd.parents):
+        raise BundleError(f"{out_dir} is the current folder or holds it: give a bundle folder such as models/NAME")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not (out_dir / MANIFEST_NAME).is_file():
             raise BundleError(f"{out_dir} exists and is not a model bundle: refusing to write into it")
         if not overwrite:
             raise BundleError(f"{out_dir} already holds a bundle: pass --overwrite to replace it")
+        try:
+            manifest = read_manifest(out_dir)
+        except BundleError as exc:
+            raise BundleError(f"{out_dir} is not a readable gradad bundle ({exc}): --overwrite replaces only "
+                              f"bundles; move it away or choose another folder") from None
+        foreign = foreign_entries(out_dir, manifest)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise BundleError(f"{out_dir} holds {shown}, which the bundle does not list: --overwrite replaces the "
+                              f"whole folder, so move them away first")
+
+
+def _swap_in(work: Path, out_dir: Path) -> None:
+    """Put the finished bundle ``work`` at ``out_dir``; the old bundle is deleted only once the new one is there
+    (restored if the move fails)."""
+    old = out_dir.parent / f".{out_dir.name}.export-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        work.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def score_meaning(detector: GRADDetector) -> str:
@@ -136,7 +172,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
     """Export ``checkpoint`` into a bundle folder; nothing is written unless every gate passes."""
     opts = opts or ExportOptions()
     out_dir = Path(out_dir)
-    _prepare_target(out_dir, opts.overwrite)
+    target = Path(os.path.abspath(out_dir))  # "." and "x/.." get a real name (the temporary folder is a sibling)
+    _prepare_target(target, opts.overwrite)
     t0 = time.perf_counter()
     detector, payload = load_detector(checkpoint, "cpu")
     cfg = payload["resolved_config"]
@@ -146,7 +183,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
     images, labels, parity_source = load_parity_images(payload, opts)
     batch = to_model_input(images, h, w)
 
-    work = out_dir.parent / f".{out_dir.name}.export-tmp"
+    work = target.parent / f".{target.name}.export-tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -201,7 +238,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             schema_version=BUNDLE_SCHEMA_VERSION,
             gradad_version=__version__,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            name=opts.name or out_dir.name,
+            name=opts.name or target.name,
             preset=cfg.preset,
             backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights),
             input=InputSpec(
@@ -230,9 +267,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             export_seconds=round(time.perf_counter() - t0, 1),
         )
         bundle.save(work)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
+        _swap_in(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log.info("bundle written to %s", out_dir)

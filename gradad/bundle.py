@@ -6,6 +6,7 @@ Torch-free: the runtime reads and verifies bundles with this module alone.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -190,6 +191,28 @@ def referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
     if isinstance(refine, dict):
         refs += [(f"refine/{key}", refine[key]) for key in ("model", "pixel_prior") if key in refine]
     return refs
+
+
+#: The bundle's TensorRT timing cache (not a listed file: a build speed-up, rebuilt when missing or stale).
+TIMING_CACHE = "timing.cache"
+#: Names gradad writes into a bundle folder: ONNX models, TensorRT engines, the timing cache, refinement files
+#: (hashed names) and their temporaries.
+BUNDLE_PRODUCT_PATTERNS = ("model*.onnx", "model*.plan", TIMING_CACHE, "refine_model*.pt", "pixel_prior*.npz",
+                           ".*tmp*")
+
+
+def foreign_entries(bundle_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
+    """Names in ``bundle_dir`` that gradad did not put there: not bundle.json, not a file the manifest lists, not
+    one of :data:`BUNDLE_PRODUCT_PATTERNS` (sub-folders and links always count). What replacing the whole
+    folder would destroy."""
+    listed = {MANIFEST_NAME} | {PurePosixPath(name).parts[0] for _, name in referenced_files(manifest)
+                                if isinstance(name, str) and name.strip()}
+    foreign = []
+    for entry in Path(bundle_dir).iterdir():
+        ours = entry.name in listed or any(fnmatch.fnmatchcase(entry.name, p) for p in BUNDLE_PRODUCT_PATTERNS)
+        if not ours or entry.is_symlink() or (entry.is_dir() and entry.name not in listed):
+            foreign.append(entry.name)
+    return sorted(foreign)
 
 
 def check_file_name(name: Any, where: str) -> None:
@@ -511,7 +534,11 @@ class Bundle(_Record):
                   directory: str | Path | None = None) -> "Bundle":
         """Check ``manifest`` (:func:`validate_manifest`) and return it typed."""
         validate_manifest(manifest, where)  # type: ignore[arg-type]
-        bundle = cls.from_json(manifest)
+        try:
+            bundle = cls.from_json(manifest)
+        except (TypeError, AttributeError, ValueError, KeyError) as exc:  # a field of the wrong shape, hand-edited
+            raise BundleError(f"{where}: a setting has the wrong type ({type(exc).__name__}: {exc}); re-export the "
+                              f"bundle ({REEXPORT_COMMAND}) or restore its bundle.json") from None
         bundle.directory = Path(directory) if directory is not None else None
         return bundle
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gradad.bundle import FP32_ONNX, Bundle, BundleError, RefineSection, check_threshold, sha256_file
-from gradad.errors import GradError
+from gradad.errors import ConfigError, GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig, refine_config_from_dict
 from gradad.refine.prior import PRIOR_FILE, PixelPrior, fit_pixel_prior
 
@@ -88,8 +88,14 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         log.warning("bundle %s: refine.classes setting(s) %s unknown to this gradad, ignored; re-run grad-refine tune "
                     "with this version", bundle_dir, ", ".join(unknown))
     norm = bundle.input.normalisation
+    if not isinstance(section.config or {}, dict):
+        raise _not_prepared(bundle_dir, "has a malformed 'refine.config' section in bundle.json")
+    try:
+        config = refine_config_from_dict(section.config or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{bundle_dir}/bundle.json refine.config: {exc}") from None
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
-                       refine_config_from_dict(section.config or {}), pixel_threshold,
+                       config, pixel_threshold,
                        list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
                        float(feature_scale), class_settings, pixel_threshold_given)
 

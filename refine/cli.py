@@ -39,7 +39,10 @@ def apply_refine_set(config: RefineConfig, assignments: tuple[str, ...]) -> Refi
         if not sep:
             raise ConfigError(f"--set {item!r}: expected key=value (a RefineConfig field)")
         values[key.strip()] = yaml.safe_load(raw)
-    return refine_config_from_dict(values)
+    try:
+        return refine_config_from_dict(values)
+    except ConfigError as exc:
+        raise ConfigError(f"--set: {exc}") from None
 
 
 def with_set_over_classes(parts: "RefineParts", assignments: tuple[str, ...]) -> "RefineParts":
@@ -220,11 +223,15 @@ def _input_files(inputs: tuple[str, ...]) -> list[Path]:
 def _unique_stems(files: list[Path]) -> dict[Path, str]:
     """Output name per input: its stem, with _2, _3, ... for repeated stems (a.png + a.jpg, two folders' 001.png),
     so no output overwrites another of the same run."""
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     names: dict[Path, str] = {}
     for path in files:
-        seen[path.stem] = seen.get(path.stem, 0) + 1
-        names[path] = path.stem if seen[path.stem] == 1 else f"{path.stem}_{seen[path.stem]}"
+        name, n = path.stem, 1
+        while name in taken:  # also when a_2 is itself an input's stem (a.png, a.png in another folder, a_2.png)
+            n += 1
+            name = f"{path.stem}_{n}"
+        taken.add(name)
+        names[path] = name
     return names
 
 
@@ -285,8 +292,8 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     files = _input_files(inputs)
     stems = _unique_stems(files)
     out = Path(out_dir)
-    if (out / RECORDS_FILE).exists() and not overwrite:
-        raise GradError(f"{out / RECORDS_FILE} exists: choose another --out or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # its masks would replace files of the same names
+        raise GradError(f"{out} is not empty: choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     parts = load_refine_parts(bundle_dir, pixel_threshold)
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))

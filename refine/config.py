@@ -174,6 +174,10 @@ class RefineConfig:
     threads: int = 0  # torch CPU threads (0 = torch default); the refiner also flushes denormals (~15x on CPU)
 
     def __post_init__(self) -> None:
+        wrong = [f"{f.name}={getattr(self, f.name)!r} (must be {_TYPE_WORDS.get(str(f.type), f.type)})"
+                 for f in fields(self) if not _has_type(getattr(self, f.name), str(f.type))]
+        if wrong:  # checked first: the range checks below compare numbers
+            raise ConfigError("refinement config: " + "; ".join(wrong))
         problems = []
         if self.device not in DEVICES:
             problems.append(f"device={self.device!r} (choose {', '.join(DEVICES)})")
@@ -237,6 +241,24 @@ class RefineConfig:
         return d
 
 
+_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "text", "bool": "true or false"}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """``value`` fits a RefineConfig field's annotation (bool is not a number here; a tuple holds numbers)."""
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation.startswith("tuple"):
+        return isinstance(value, tuple) and all(_has_type(v, "float") for v in value)
+    return True
+
+
 def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     """Build a config from (possibly partial) stored values; unknown keys are an error naming them."""
     known = {f.name for f in fields(RefineConfig)}
@@ -247,5 +269,7 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates", "keep_interior_candidates",
                 "mask_trim_candidates", "start_peak_candidates"):
         if key in values:
+            if not isinstance(values[key], (list, tuple)):
+                raise ConfigError(f"refinement config: {key}={values[key]!r} (must be a list of numbers)")
             values[key] = tuple(values[key])
     return RefineConfig(**values)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from gradad.devices import resolve_torch_device
-from gradad.errors import GradError
+from gradad.errors import ConfigError, GradError
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
 from gradad.refine.regions import (coarse_mask, dilate, drop_small_components, inpaint, interior, start_and_core,
@@ -108,7 +108,10 @@ class Refiner:
             unknown = set(values) - set(CLASS_SETTINGS)
             if unknown:
                 raise GradError(f"refine: class {name!r} has unknown setting(s) {', '.join(sorted(unknown))}")
-            self.class_configs[name] = dataclasses.replace(self.config, **values)
+            try:
+                self.class_configs[name] = dataclasses.replace(self.config, **values)
+            except ConfigError as exc:
+                raise ConfigError(f"refine: class {name!r} (bundle.json refine.classes): {exc}") from None
         self._readout_cache: dict[tuple[int, int], torch.Tensor] = {}
         # resolved paths of the labelled defects the model's stage 1 trained on (the model file's record, set by
         # from_parts; None: not recorded): grad-refine tune and grad-bench refine leave them out
@@ -285,6 +288,9 @@ class Refiner:
             raise GradError(f"refine: image {index} must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         if amap.shape != image.shape[:2]:
             raise GradError(f"refine: anomaly map {index} is {amap.shape} but its image is {image.shape[:2]}")
+        if image.shape[:2] != tuple(self.detector.head.image_hw):
+            raise GradError(f"refine: image {index} is {image.shape[1]}x{image.shape[0]} but the model takes "
+                            f"{self.detector.head.image_hw[1]}x{self.detector.head.image_hw[0]} (resize it first)")
 
     def _prepare(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
                  configs: Sequence[RefineConfig] | None = None,

@@ -107,8 +107,8 @@ def next_batch(jobs: Any, max_batch: int, stop: Any) -> list[tuple] | None:
 
 
 def refine_batch(refiner: Refiner, batch: list[tuple], results: Any, class_name: str | None = None) -> None:
-    """Refine one batch (every frame with ``class_name``'s tuned settings); a refiner exception fails this batch's
-    jobs only."""
+    """Refine one batch (every frame with ``class_name``'s tuned settings); when the batch fails, its frames are
+    refined one by one, so one bad frame fails only itself."""
     seqs = [seq for seq, _, _ in batch]
     try:
         refined = refiner.refine([image for _, image, _ in batch], [amap for _, _, amap in batch],
@@ -116,6 +116,10 @@ def refine_batch(refiner: Refiner, batch: list[tuple], results: Any, class_name:
         if len(refined) != len(batch):
             raise RuntimeError(f"refiner returned {len(refined)} results for {len(batch)} images")
     except Exception as exc:  # noqa: BLE001 - one bad batch must not end the worker
+        if len(batch) > 1:
+            for job in batch:
+                refine_batch(refiner, [job], results, class_name)
+            return
         results.put(("failed", seqs, describe(exc)))
         return
     for seq, result in zip(seqs, refined):

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gradad import __version__
-from gradad.errors import CheckpointError
+from gradad.errors import CheckpointError, ConfigError
 from gradad.plain import plain_leaf
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
@@ -105,7 +105,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is not a gradad checkpoint of format {CHECKPOINT_FORMAT} "
             f"(found {payload.get('format') if isinstance(payload, dict) else type(payload).__name__})"
         )
+    for key in ("config", "state_dict"):
+        if not isinstance(payload.get(key), dict):
+            raise _misfit(path, payload, f"its {key!r} entry is missing or not a mapping")
     return _upgrade(payload)
+
+
+def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> CheckpointError:
+    """The one error for a model file another gradad version wrote, or one damaged or edited by hand."""
+    written_by = payload.get("gradad_version") or "of unknown version"
+    return CheckpointError(f"{path} (written by gradad {written_by}) does not fit this gradad {__version__}: "
+                           f"{reason}")
 
 
 #: model settings added after the first checkpoints, with the value that reproduces what those models were
@@ -140,6 +150,15 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     them (see :func:`self_contained_payload`).
     """
     payload = read_checkpoint(path)
+    try:
+        detector = _build_detector(path, payload)
+    except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, ConfigError) as exc:
+        raise _misfit(path, payload, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+    return detector.to(device).eval(), payload
+
+
+def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
+    """The detector a checkpoint's payload describes, on the CPU (sets ``payload["resolved_config"]``)."""
     cfg = config_from_dict(payload["config"])
     embedded = payload.get("extractor_state_dict")
     if embedded is None:
@@ -169,9 +188,8 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
         log.warning("%s: model.image_gaussian is on but the file holds no fitted image Gaussian (written before "
                     "training finished?): the image score is the map's alone", path)
     size = cfg.data.image_size
-    detector = GRADDetector(extractor, model, (size, size)).to(device).eval()
     payload["resolved_config"] = cfg
-    return detector, payload
+    return GRADDetector(extractor, model, (size, size))
 
 
 def self_contained_payload(path: str | Path) -> dict[str, Any]:

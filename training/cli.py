@@ -37,9 +37,11 @@ log = logging.getLogger("gradad.train")
               help="Reuse the normal branch of this model.pt (same data and normal settings) and skip stage 2, "
                    "e.g. to add --defects to a trained model in minutes.")
 @click.option("--resume", is_flag=True, help="Continue from the run directory's checkpoint.pt.")
+@click.option("--overwrite", is_flag=True, help="Train afresh into a run directory that already holds a model.pt "
+              "or checkpoint.pt, replacing them (without it such a directory is refused unless --resume).")
 @grad_command
 def main(config_path, preset, data_roots, classes, output_dir, device, epochs, assignments, defects, defect_masks,
-         normal_from, resume) -> None:
+         normal_from, resume, overwrite) -> None:
     """Train a GRAD anomaly detector on good images only (unified multi-class by default).
 
     Writes RUN_DIR/model.pt (final model), checkpoint.pt (resumable state), config.yaml (reproduces the run)
@@ -75,6 +77,8 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
     if epochs:
         cfg.train.stage1_epochs, cfg.train.stage2_epochs = epochs
     apply_set_options(cfg, list(assignments))
+    if not resume and not overwrite:
+        _refuse_existing_run(Path(cfg.output_dir))
     from gradad.training.trainer import TrainingInterrupted, train  # heavy import after argument checks
 
     try:
@@ -85,6 +89,14 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
     click.echo(f"model: {model_path}")
     click.echo(f"evaluate with: grad-eval {model_path}")
     log.debug("run dir %s", Path(cfg.output_dir).resolve())
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A fresh run would replace a finished model and a resumable checkpoint at its first epoch: say so first."""
+    kept = [name for name in ("model.pt", "checkpoint.pt") if (run_dir / name).is_file()]
+    if kept:
+        raise click.UsageError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train "
+                               f"afresh into it with --overwrite, or choose another -o")
 
 
 def _resume_dir(config_path: Path, named: Path) -> str:

@@ -1,0 +1,234 @@
+"""Output folders and hand-edited files: no command destroys what it did not write, and a damaged input is one
+clear error (fresh-eyes review of session 12)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gradad.bundle import MANIFEST_NAME, Bundle, BundleError, read_manifest
+from gradad.errors import CheckpointError, ConfigError, GradError
+from gradad.export.cli import main as export_main
+
+
+def _export(args: list[str]) -> Any:
+    return CliRunner().invoke(export_main, ["onnx", *args, "--no-fp16", "--parity-max-images", "4"])
+
+
+def test_export_overwrite_replaces_only_a_bundle_of_its_own_files(trained_tiny: Path, bundle: Path,
+                                                                  tmp_path: Path) -> None:
+    # a folder with some other tool's bundle.json, and files no bundle lists
+    other = tmp_path / "webapp"
+    (other / "src").mkdir(parents=True)
+    (other / MANIFEST_NAME).write_text(json.dumps({"name": "my-web-app"}))
+    (other / "src" / "main.c").write_text("int main() {}")
+    result = _export([str(trained_tiny), "-o", str(other), "--overwrite"])
+    assert result.exit_code == 2 and "not a readable gradad bundle" in result.stderr, result.output
+    assert (other / "src" / "main.c").is_file()
+    # a real bundle holding a file of the user's
+    mine = tmp_path / "mine"
+    shutil.copytree(bundle, mine)
+    (mine / "NOTES.txt").write_text("line 3 settings")
+    result = _export([str(trained_tiny), "-o", str(mine), "--overwrite"])
+    assert result.exit_code == 2 and "NOTES.txt, which the bundle does not list" in result.stderr
+    assert (mine / "NOTES.txt").read_text() == "line 3 settings" and (mine / "model.fp16.onnx").is_file()
+    # without it, the bundle is replaced, and no temporary folder is left behind
+    (mine / "NOTES.txt").unlink()
+    result = _export([str(trained_tiny), "-o", str(mine), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (mine / "model.fp16.onnx").exists() and read_manifest(mine)["name"] == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_export_refuses_the_current_folder_and_a_symlink(trained_tiny: Path, bundle: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    here = tmp_path / "here"
+    shutil.copytree(bundle, here)
+    before = sorted(p.name for p in here.iterdir())
+    monkeypatch.chdir(here)
+    result = _export([str(trained_tiny), "-o", ".", "--overwrite"])
+    assert result.exit_code == 2 and "is the current folder" in result.stderr
+    assert sorted(p.name for p in here.iterdir()) == before
+    link = tmp_path / "link"
+    link.symlink_to(here)
+    result = _export([str(trained_tiny), "-o", str(link), "--overwrite"])
+    assert result.exit_code == 2 and "symbolic link" in result.stderr
+    assert sorted(p.name for p in here.iterdir()) == before
+
+
+def test_train_refuses_a_finished_run_without_resume_or_overwrite(tmp_path: Path) -> None:
+    from gradad.training.cli import main as train_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.pt").write_bytes(b"the model of last week")
+    result = CliRunner().invoke(train_main, ["--data", str(tmp_path / "nowhere"), "-o", str(run)])
+    assert result.exit_code == 2 and "already holds model.pt" in result.output and "--resume" in result.output
+    assert (run / "model.pt").read_bytes() == b"the model of last week"
+
+
+def test_bench_report_never_replaces_a_readme_it_did_not_write(tmp_path: Path) -> None:
+    from gradad.benchmarks.report_page import write_report
+
+    with pytest.raises(GradError, match="no grad-bench result files"):
+        write_report(tmp_path)
+    (tmp_path / "README.md").write_text("# My project\n\nHand-written docs.\n")
+    (tmp_path / "r.json").write_text(json.dumps({"kind": "accuracy", "datasets": []}))
+    with pytest.raises(GradError, match="was not written by grad-bench report"):
+        write_report(tmp_path)
+    assert (tmp_path / "README.md").read_text().startswith("# My project")
+
+
+@pytest.mark.parametrize(("path", "value"), [(("onnx", "gridsample"), []), (("calibration",), {"warnings": 5}),
+                                             (("refine",), {"classes": {"capsule": 5}})])
+def test_bundle_fields_of_the_wrong_type_are_a_bundle_error(bundle: Path, tmp_path: Path, path: tuple[str, ...],
+                                                            value: Any) -> None:
+    manifest = read_manifest(bundle)
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    if isinstance(value, dict) and isinstance(node.get(path[-1]), dict):
+        node[path[-1]].update(value)
+    elif isinstance(value, dict):
+        node[path[-1]] = {"image_threshold": 1.0, "pixel_threshold": 1.0, **value} if path == ("calibration",) \
+            else {"model": "refine_model.pt", "pixel_prior": "pixel_prior.npz", **value}
+    else:
+        node[path[-1]] = value
+    try:
+        Bundle.from_dict(manifest)
+    except BundleError as exc:  # the schema or the typed model: either way one line naming bundle.json
+        assert "bundle.json" in str(exc)
+    else:
+        pytest.fail("a field of the wrong type was accepted")
+
+
+@pytest.mark.parametrize(("values", "message"), [({"lambda0": "abc"}, "lambda0='abc' (must be a number)"),
+                                                 ({"betas": 5}, "betas=5 (must be a list of numbers)"),
+                                                 ({"max_iterations": None}, "max_iterations=None (must be an integer)"),
+                                                 ({"use_f2pad": "false"}, "use_f2pad='false' (must be true or false)"),
+                                                 ({"max_batch": 2.5}, "max_batch=2.5 (must be an integer)")])
+def test_refine_settings_of_the_wrong_type_are_one_config_error(values: dict, message: str) -> None:
+    from gradad.refine.config import refine_config_from_dict
+
+    with pytest.raises(ConfigError, match=r"refinement config: " + message.replace("(", r"\(").replace(")", r"\)")):
+        refine_config_from_dict(values)
+
+
+def test_refine_set_option_names_itself(tmp_path: Path) -> None:
+    from gradad.refine.cli import apply_refine_set
+    from gradad.refine.config import RefineConfig
+
+    with pytest.raises(ConfigError, match=r"--set: refinement config: lambda0='abc'"):
+        apply_refine_set(RefineConfig(), ("lambda0=abc",))
+
+
+@pytest.mark.parametrize("tamper", ["no_channels", "no_config", "extra_weight", "config_is_list"])
+def test_a_checkpoint_that_does_not_fit_is_one_error_naming_it(trained_tiny: Path, tmp_path: Path,
+                                                                tamper: str) -> None:
+    from gradad.training.checkpoint import load_detector
+
+    payload = torch.load(trained_tiny, map_location="cpu", weights_only=True)
+    if tamper == "no_channels":
+        del payload["channels"]
+    elif tamper == "no_config":
+        del payload["config"]
+    elif tamper == "extra_weight":
+        payload["state_dict"]["normal_cnn.99.weight"] = torch.zeros(1)
+    else:
+        payload["config"] = [1, 2]
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}/model.pt \(written by gradad .*\) does not fit this"):
+        load_detector(path)
+
+
+def test_refine_output_names_never_collide() -> None:
+    from gradad.refine.cli import _unique_stems
+
+    files = [Path("line1/a.png"), Path("line2/a.png"), Path("line1/a_2.png"), Path("x/a.jpg")]
+    names = _unique_stems(files)
+    assert len(set(names.values())) == len(files)
+    assert names[Path("line1/a.png")] == "a" and names[Path("line2/a.png")] == "a_2"
+
+
+def test_refine_run_refuses_a_non_empty_output_folder(tmp_path: Path) -> None:
+    from gradad.refine.cli import main as refine_main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a_mask.png").write_bytes(b"last week's mask")
+    image = tmp_path / "a.png"
+    import cv2
+
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    result = CliRunner().invoke(refine_main, ["run", str(image), "--bundle", str(tmp_path / "nobundle"),
+                                              "-o", str(out)])
+    assert result.exit_code == 2 and "is not empty" in result.output, result.output
+    assert (out / "a_mask.png").read_bytes() == b"last week's mask"
+
+
+def test_one_bad_frame_fails_only_itself_in_a_worker_batch() -> None:
+    import queue
+
+    from gradad.refine.worker import refine_batch
+
+    class Refiner:
+        def refine(self, images: list, maps: list, classes: list) -> list:
+            if any(img.shape != (4, 4, 3) for img in images):
+                raise GradError("refine: image 1 is 5x5 but the model takes 4x4")
+            return [f"refined {img.shape}" for img in images]
+
+    results: queue.Queue = queue.Queue()
+    good, bad = np.zeros((4, 4, 3), np.uint8), np.zeros((5, 5, 3), np.uint8)
+    refine_batch(Refiner(), [(1, good, None), (2, bad, None), (3, good, None)], results)  # type: ignore[arg-type]
+    got = [results.get_nowait() for _ in range(3)]
+    assert [(m[0], m[1]) for m in got] == [("done", 1), ("failed", [2]), ("done", 3)]
+    assert "5x5" in got[1][2]
+
+
+class _NanBackend:
+    """A backend whose second image scores NaN (a broken model or a corrupt frame)."""
+
+    name = "fake"
+    input_hw = (8, 8)
+    max_batch = 4
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(images)
+        scores = np.arange(self.seen, self.seen + n, dtype=np.float32) + 1.0
+        scores[(np.arange(self.seen, self.seen + n) == 1)] = np.nan
+        self.seen += n
+        return scores, np.ones((n, 8, 8), np.float32)
+
+
+def test_calibration_names_images_with_non_finite_scores(tmp_path: Path) -> None:
+    import cv2
+
+    from gradad.calibration.calibrate import calibrate
+
+    for i in range(4):
+        cv2.imwrite(str(tmp_path / f"{i:03d}.png"), np.full((8, 8, 3), 40 * i, np.uint8))
+    with pytest.raises(GradError, match=r"--good: the model gives a non-finite score or map for .*001.png"):
+        calibrate(_NanBackend(), tmp_path)  # type: ignore[arg-type]
+
+
+def test_checkout_root_readme_is_safe_from_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``grad-bench report .`` at a project root: refused, the README untouched."""
+    from gradad.benchmarks.cli import main as bench_main
+
+    (tmp_path / "README.md").write_text("# Project\n")
+    (tmp_path / "x.json").write_text(json.dumps({"kind": "accuracy", "datasets": []}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(bench_main, ["report", "."])
+    assert result.exit_code == 2 and "not written by grad-bench report" in result.output
+    assert (tmp_path / "README.md").read_text() == "# Project\n"
