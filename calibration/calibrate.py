@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def find_mask(masks_dir: Path, image: Path) -> Path | None:
-    """<stem>_mask.* or <stem>.* inside masks_dir."""
-    for pattern in (f"{image.stem}_mask.*", f"{image.stem}.*"):
-        hits = sorted(p for p in masks_dir.glob(pattern) if is_image_file(p))
+    """<stem>_mask.<ext> or <stem>.<ext> inside masks_dir, stems matched exactly (a glob would give 001.png the
+    mask of 001.5.png, and read [ ] in a name as a pattern)."""
+    for stem in (f"{image.stem}_mask", image.stem):
+        hits = sorted(p for p in masks_dir.iterdir() if p.stem == stem and is_image_file(p))
         if hits:
             return hits[0]
     return None
@@ -139,6 +140,10 @@ def calibrate(
                     found += 1
             if not found:
                 raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")
+            if found < n_defect:
+                warnings_list.append(f"--masks {masks_dir}: {n_defect - found} of {n_defect} defect images have no "
+                                     f"mask; their pixels count as good in the pixel F1")
+                log.warning(warnings_list[-1])
             maps = np.concatenate([good_maps, defect_maps])
             gt = np.concatenate([np.zeros_like(good_maps, bool), masks])
             t_px, f1_px = pixel_threshold_f1(maps, gt)

@@ -52,7 +52,9 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
               "[default: the model's input size; the caller resizes].")
 @click.option("--no-fp16", is_flag=True, help="Skip the FP16 ONNX.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim simplification.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle in the output folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle in the output folder (its calibration, "
+              "engines and refinement files go with it); refused when the folder holds anything the bundle does not "
+              "list.")
 @grad_command
 def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max_images, input_size, no_fp16,
                  no_simplify, overwrite) -> None:

@@ -232,3 +232,14 @@ def test_checkout_root_readme_is_safe_from_report(tmp_path: Path, monkeypatch: p
     result = CliRunner().invoke(bench_main, ["report", "."])
     assert result.exit_code == 2 and "not written by grad-bench report" in result.output
     assert (tmp_path / "README.md").read_text() == "# Project\n"
+
+
+def test_a_mask_is_found_by_its_exact_stem(tmp_path: Path) -> None:
+    from gradad.calibration.calibrate import find_mask
+
+    for name in ("001.5.png", "[x]_mask.png", "002_mask.png", "002.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert find_mask(tmp_path, Path("001.png")) is None  # never 001.5.png's mask
+    assert find_mask(tmp_path, Path("001.5.png")) == tmp_path / "001.5.png"
+    assert find_mask(tmp_path, Path("[x].png")) == tmp_path / "[x]_mask.png"
+    assert find_mask(tmp_path, Path("002.jpg")) == tmp_path / "002_mask.png"  # <stem>_mask first
