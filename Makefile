@@ -6,6 +6,9 @@ DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 DEMO_BUNDLE ?= models/demo
 DEMO_CLASSES := fabric nut capsule
+# 15 + 30 epochs: the demo scores as with the edge preset's 20 + 40 (image / pixel AUROC 100.0 / 99.8, PRO 98.7 vs
+# 98.8; session 12) in ~90 s less, keeping make demo well under 10 minutes on 2 cores
+DEMO_EPOCHS ?= 15 30
 
 .PHONY: install demo test test-slow clean-demo
 
@@ -26,7 +29,7 @@ install: $(VENV)/.installed
 # (The demo calibrates on the test split's good images; on a real line use held-out good images.)
 demo: install
 	@test -f $(DEMO_DATA)/DEMO_DATASET.json || $(BIN)/grad-demo-data $(DEMO_DATA)
-	$(BIN)/grad-train --data $(DEMO_DATA) -o $(DEMO_RUN) --overwrite
+	$(BIN)/grad-train --data $(DEMO_DATA) -o $(DEMO_RUN) --epochs $(DEMO_EPOCHS) --overwrite
 	$(BIN)/grad-eval $(DEMO_RUN)/model.pt
 	$(BIN)/grad-export onnx $(DEMO_RUN)/model.pt -o $(DEMO_BUNDLE) --overwrite
 	$(BIN)/grad-calibrate $(DEMO_BUNDLE) --backend onnxruntime $(foreach c,$(DEMO_CLASSES),--good $(DEMO_DATA)/$(c)/test/good)
