@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
@@ -123,7 +123,7 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               callback=_load_line_config, help="Line file (YAML): sources, sinks incl. MQTT credentials and webhook "
               "settings, threshold, refinement, statistics; flags given here override it.")
 @click.option("--print-config", is_flag=True, help="Write the resolved line file (credentials redacted) and exit.")
-@click.option("--camera", type=int, help="Camera index (same as --source N).")
+@click.option("--camera", type=click.IntRange(min=0), help="Camera index (same as --source N).")
 @click.option("--source", "sources", multiple=True, help="Camera index, GStreamer pipeline, RTSP/HTTP URL, video "
               "file, image folder or glob (repeatable).")
 @click.option("--backend", default="auto", type=click.Choice(["auto", "tensorrt", "onnxruntime"]))
@@ -132,16 +132,16 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               "TensorRT, fp32 on ONNX Runtime]")
 @click.option("--providers", help="ONNX Runtime providers, comma-separated: tensorrt,cuda,cpu [default: by "
               "availability].")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0 = default).")
-@click.option("--batch", "batch_size", type=int, default=1, help="Frames per inference call (up to the engine's "
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime CPU threads (0 = default).")
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=1, help="Frames per inference call (up to the engine's "
               "profile maximum).")
 @click.option("--serial", is_flag=True, help="Run decode, inference and sinks one after another in one thread "
               "(the pre-pipeline loop, for comparisons) instead of three pipelined threads.")
-@click.option("--in-flight", type=int, default=2, help="Batches in flight on asynchronous backends (TensorRT: "
+@click.option("--in-flight", type=click.IntRange(min=1), default=2, help="Batches in flight on asynchronous backends (TensorRT: "
               "one CUDA stream each).")
 @click.option("--ort-spin/--no-ort-spin", default=None, help="Let idle ONNX Runtime threads spin-wait [default: "
               "only with --serial; the pipelined loop's other threads need the cores].")
-@click.option("--pace", "pace_fps", type=float, default=0.0, help="Hand file frames to the pipelined loop no "
+@click.option("--pace", "pace_fps", type=click.FloatRange(min=0), default=0.0, help="Hand file frames to the pipelined loop no "
               "faster than this many per second, as a camera would (benchmarks of end-to-end latency below "
               "saturation; 0 = as fast as possible).")
 @click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
@@ -149,14 +149,14 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               "appended to, never truncated.")
 @click.option("--video", "video_path", type=click.Path(dir_okay=False), help="Write an annotated video (overlay "
               "+ OK/NG banner).")
-@click.option("--video-fps", type=float, default=10.0)
-@click.option("--video-segment", type=float, default=60.0, help="Seconds per video file: OUT.mp4 is written as "
+@click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=10.0)
+@click.option("--video-segment", type=click.FloatRange(min=0), default=60.0, help="Seconds per video file: OUT.mp4 is written as "
               "OUT.000.mp4, OUT.001.mp4, ..., each closed and playable, so a crash or a full disk loses at most the "
               "file in progress (0 = one file, lost entirely if the process is killed).")
 @click.option("--display", is_flag=True, help="Show the annotated stream in a window.")
 @click.option("--save-flagged", "flagged_dir", type=click.Path(file_okay=False), help="Folder for NG frames "
               "(original, overlay, map .npy/.png).")
-@click.option("--flagged-max-mb", type=int, default=1024, help="Disk budget of --save-flagged (oldest evicted).")
+@click.option("--flagged-max-mb", type=click.IntRange(min=1), default=1024, help="Disk budget of --save-flagged (oldest evicted).")
 @click.option("--mqtt", help="MQTT broker host[:port] for result records (needs paho-mqtt); credentials go in "
               "--mqtt-user and GRAD_MQTT_PASSWORD, never here.")
 @click.option("--mqtt-user", envvar="GRAD_MQTT_USER", help="MQTT user name [env: GRAD_MQTT_USER].")
@@ -169,26 +169,26 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--mqtt-ca", type=click.Path(dir_okay=False), help="CA certificate file (PEM) that signed the "
               "broker's certificate (implies --mqtt-tls).")
 @click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
-@click.option("--max-frames", type=int, help="Stop after this many frames.")
+@click.option("--max-frames", type=click.IntRange(min=0), help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Repeat file/folder sources.")
-@click.option("--benchmark", "benchmark_frames", type=int, help="Run N frames (looping the source, no JSON lines) "
+@click.option("--benchmark", "benchmark_frames", type=click.IntRange(min=1), help="Run N frames (looping the source, no JSON lines) "
               "and write a latency summary.")
 @click.option("--benchmark-out", type=click.Path(dir_okay=False), help="JSON file of the --benchmark summary "
               "[default: stdout].")
-@click.option("--warmup", type=int, default=5, help="Frames excluded from --benchmark statistics.")
-@click.option("--stats-every", type=float, default=10.0, help="Seconds between latency log lines (0 = off).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, help="Frames excluded from --benchmark statistics.")
+@click.option("--stats-every", type=click.FloatRange(min=0), default=10.0, help="Seconds between latency log lines (0 = off).")
 @click.option("--refine", is_flag=True, help="F2PAD pixel refinement of NG frames in a worker process (bundle "
               "prepared with grad-refine prepare; torch in the worker only): a follow-up JSON record per NG frame "
               "(same frame_id, \"type\": \"refine\"), mask saved with --save-flagged.")
-@click.option("--refine-budget", type=float, help="Refinement seconds per frame [default: the bundle's refine "
+@click.option("--refine-budget", type=click.FloatRange(min=0), help="Refinement seconds per frame [default: the bundle's refine "
               "config].")
-@click.option("--refine-batch", type=int, default=4, help="NG frames refined together (waiting ones).")
-@click.option("--refine-queue", type=int, default=8, help="NG frames waiting for the worker; more are dropped "
+@click.option("--refine-batch", type=click.IntRange(min=1), default=4, help="NG frames refined together (waiting ones).")
+@click.option("--refine-queue", type=click.IntRange(min=1), default=8, help="NG frames waiting for the worker; more are dropped "
               "(the loop never waits).")
-@click.option("--refine-drain", type=float, default=30.0, help="Seconds to wait for pending refinements at the "
+@click.option("--refine-drain", type=click.FloatRange(min=0), default=30.0, help="Seconds to wait for pending refinements at the "
               "end of the stream.")
 @click.option("--refine-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--refine-threads", type=int, default=1, help="Torch CPU threads of the worker (0 = all cores).")
+@click.option("--refine-threads", type=click.IntRange(min=0), default=1, help="Torch CPU threads of the worker (0 = all cores).")
 @click.option("--refine-class", help="Class whose tuned F2PAD settings (grad-refine tune) refine the frames of this "
               "line [default: the only tuned class, else the bundle's settings].")
 @verbose_option
@@ -373,7 +373,8 @@ def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
     return out
 
 
-def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions) -> "RefineStage":
+def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions,
+                 stopping: "Callable[[], bool] | None" = None) -> "RefineStage":
     """Start the refinement worker (fails fast, one line, when the bundle or the worker cannot refine)."""
     from gradad.runtime import refine_worker
     from gradad.runtime.refine_worker import RefineStage, RefineWorker, RefineWorkerConfig
@@ -394,7 +395,7 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions) -> "Ref
                                 queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
                                 class_name=opts.refine_class,
                                 factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
-    return RefineStage(RefineWorker(config).start(), opts.refine_drain)
+    return RefineStage(RefineWorker(config).start(stopping), opts.refine_drain)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,31 +403,62 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions) -> "Ref
 
 
 def run(settings: RunSettings) -> None:
-    """Open everything, run the loop, close everything, print the summary; exit 130/143 after a signal."""
-    from gradad.runtime.pipeline import StopFlag, interleave
-    from gradad.runtime.sinks import VideoSink
-    from gradad.runtime.sources import SourceConfig, open_source
+    """Open everything, run the loop, close everything, print the summary; exit 130/143 after a signal (also
+    after a second one, which stops at once: the sinks still close on the way out)."""
+    from gradad.runtime.pipeline import StopFlag
 
     if not settings.sources:
         raise GradError("no input: give --camera N or --source ...")
+    _refuse_mixed_sources(settings.sources)
+    stop = StopFlag()
+    restore = stop.install()
+    try:
+        _run(settings, stop)
+    except KeyboardInterrupt:
+        log.warning("stopped at once by a second signal")
+        sys.exit(128 + signal.Signals[stop.signal_name or "SIGINT"].value)
+    finally:
+        restore()
+
+
+def _refuse_mixed_sources(sources: tuple[str, ...]) -> None:
+    """Live sources drop frames when the loop falls behind; files must not: one run takes one kind."""
+    from gradad.runtime.sources import parse_source
+
+    kinds = [parse_source(s) for s in sources]
+    if len({k.live for k in kinds}) > 1:
+        live = ", ".join(k.label for k in kinds if k.live)
+        files = ", ".join(k.label for k in kinds if not k.live)
+        raise GradError(f"--source: live sources ({live}) and files ({files}) cannot share a run (the files would "
+                        f"lose frames to the cameras' newest-frame policy): run them as two grad-run processes")
+
+
+def _run(settings: RunSettings, stop: "StopFlag") -> None:
+    from gradad.runtime.pipeline import interleave
+    from gradad.runtime.sinks import VideoSink
+    from gradad.runtime.sources import SourceConfig, open_source
+    from gradad.runtime.stats import LatencyStats
+
     engine, bundle, thresholds = load_engine(settings)
     bench = settings.benchmark
     if bench.benchmark_out:
         check_writable(bench.benchmark_out, "--benchmark-out")
     source_cfg = SourceConfig(loop=settings.loop.loop or bench.enabled)
     opened, sinks, refine_stage = [], [], None
-    stop = StopFlag()
-    restore = stop.install()
+    stats, wall = LatencyStats(), 0.0
     try:
         if settings.refine.refine:
-            refine_stage = start_refine(settings.bundle_dir, bundle, settings.refine)
+            refine_stage = start_refine(settings.bundle_dir, bundle, settings.refine, stopping=stop.__bool__)
         for spec in settings.sources:
+            if stop:  # a signal during start-up: no source is opened, no frame is read
+                break
             opened.append(open_source(spec, source_cfg))
             stop.on_stop.append(opened[-1].interrupt)
-        sinks = build_sinks(settings.sinks, bench.enabled)
-        frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
-        stats, wall = _run_loop(settings, frames, engine, thresholds, sinks, refine_stage, stop,
-                                live=any(src.live for src in opened))
+        if not stop:
+            sinks = build_sinks(settings.sinks, bench.enabled)
+            frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
+            stats, wall = _run_loop(settings, frames, engine, thresholds, sinks, refine_stage, stop,
+                                    live=any(src.live for src in opened))
     except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
         raise GradError(f"output failed: {exc}") from exc
     finally:
@@ -434,7 +466,6 @@ def run(settings: RunSettings) -> None:
             refine_stage.worker.close(0.0)  # no-op after a normal run; stops the worker after an early error
         for src in opened:
             src.close()
-        restore()
     summary = stats.summary()
     summary["wall_seconds"] = round(wall, 3)
     summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords

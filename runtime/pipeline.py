@@ -144,8 +144,8 @@ def batched(frames: Iterable[_T], size: int) -> Iterator[list[_T]]:
 
 def until(frames: Iterable[Frame], options: RunOptions, stop: StopFlag) -> Iterator[Frame]:
     """``frames`` until ``options.max_frames`` have been handed out or ``stop`` is set."""
-    if options.max_frames is not None and options.max_frames <= 0:
-        return
+    if stop or (options.max_frames is not None and options.max_frames <= 0):
+        return  # a signal during start-up (a slow refinement worker, a camera opening): not one frame more
     for count, frame in enumerate(frames, 1):
         yield frame
         if stop or (options.max_frames is not None and count >= options.max_frames):
@@ -393,6 +393,10 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
         for item in scored:
             stats.dropped = dropped_before + captured.dropped  # live drops, visible while the loop runs
             done += write(item, sink, stats, options, stop)
+    except BaseException:
+        for interrupt in stop.on_stop:  # an error: unblock a source waiting for a frame an idle camera never sends
+            interrupt()
+        raise
     finally:
         abort.set()
         for stage in (scored, captured):
@@ -411,7 +415,8 @@ def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: Latenc
         if options.refine is not None:
             # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
             # soon after) gets a short drain so every sink is still flushed in time
-            options.refine.close(sink, SIGNAL_DRAIN_S if stop.signal_name else None)
+            options.refine.close(sink, SIGNAL_DRAIN_S if stop.signal_name else None, stopping=stop.__bool__,
+                                 stop_drain_s=SIGNAL_DRAIN_S)
     except Exception as exc:
         errors.append(exc)
         log.error("closing the refinement worker failed: %s", exc)

@@ -199,8 +199,12 @@ class RefineWorker:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
 
-    def start(self) -> "RefineWorker":
-        """Spawn the worker and wait for its ready handshake; :class:`RefineWorkerError` if it cannot start."""
+    def start(self, stopping: Callable[[], bool] | None = None) -> "RefineWorker":
+        """Spawn the worker and wait for its ready handshake; :class:`RefineWorkerError` if it cannot start.
+
+        When ``stopping()`` turns true during the wait (Ctrl-C while a slow model loads), the worker is stopped
+        and ``failure`` says so: the caller goes on to its clean shutdown instead of waiting up to the start
+        time-out."""
         ctx = multiprocessing.get_context("spawn")
         self._jobs = ctx.Queue(maxsize=self.config.queue_size)
         self._results = ctx.Queue()
@@ -210,10 +214,15 @@ class RefineWorker:
         started = time.perf_counter()
         self._process.start()
         try:
-            pid = self._await_ready()
+            pid = self._await_ready(stopping)
         except BaseException:
             self._shutdown(0.0)
             raise
+        if pid is None:
+            self._closed = True
+            self.failure = "stopped during start-up"
+            self._shutdown(0.0)
+            return self
         self._receiver = threading.Thread(target=self._receive, name="gradad-refine-results", daemon=True)
         self._receiver.start()
         log.info("refinement worker pid %d ready in %.1f s (device %s, batch %d, queue %d, budget %s)", pid,
@@ -221,12 +230,15 @@ class RefineWorker:
                  "bundle default" if self.config.time_budget_s is None else f"{self.config.time_budget_s:g} s")
         return self
 
-    def _await_ready(self) -> int:
+    def _await_ready(self, stopping: Callable[[], bool] | None) -> int | None:
+        """The worker's pid once it says ready; None when ``stopping()`` turned true first."""
         deadline = time.monotonic() + self.config.start_timeout_s
         while time.monotonic() < deadline:
             try:
                 message = self._results.get(timeout=0.2)
             except queue.Empty:
+                if stopping is not None and stopping():
+                    return None
                 if self._process.is_alive():
                     continue
                 try:  # it may have said why just before exiting
@@ -344,19 +356,24 @@ class RefineWorker:
                   len(self._pending))
         return out + self._take(list(self._pending), STATUS_FAILED, self.failure)
 
-    def close(self, drain_timeout_s: float = 30.0) -> list[RefineOutcome]:
+    def close(self, drain_timeout_s: float = 30.0, stopping: Callable[[], bool] | None = None,
+              stop_drain_s: float = 2.0) -> list[RefineOutcome]:
         """Wait up to ``drain_timeout_s`` for pending jobs, stop the worker; returns the last outcomes.
 
-        Jobs still pending then are returned as ``unfinished``. Idempotent (later calls return []).
+        When ``stopping()`` turns true during the wait (SIGTERM from a supervisor that kills soon after), at most
+        ``stop_drain_s`` more. Jobs still pending then are returned as ``unfinished``. Idempotent (later calls
+        return []).
         """
         if self._closed:
             return []
         out: list[RefineOutcome] = []
         try:
-            deadline = time.monotonic() + max(0.0, drain_timeout_s)
+            deadline, shortened = time.monotonic() + max(0.0, drain_timeout_s), False
             if self._pending:
                 log.info("waiting up to %.1f s for %d refinement job(s)", drain_timeout_s, len(self._pending))
             while self._pending and self.failure is None and time.monotonic() < deadline:
+                if stopping is not None and not shortened and stopping():
+                    deadline, shortened = min(deadline, time.monotonic() + stop_drain_s), True
                 out.extend(self.poll())
                 time.sleep(0.02)
             out.extend(self.poll())
@@ -440,13 +457,14 @@ class RefineStage:
                                             {"source": frame.source, "name": frame.name})
                 result.extra["refine"] = "queued" if queued else "dropped"
 
-    def close(self, sink: "SinkBase", drain_limit_s: float | None = None) -> None:
-        """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``) for pending frames, stop the worker,
-        write the last follow-ups."""
+    def close(self, sink: "SinkBase", drain_limit_s: float | None = None, stopping: Callable[[], bool] | None = None,
+              stop_drain_s: float = 2.0) -> None:
+        """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``; ``stop_drain_s`` once ``stopping()``)
+        for pending frames, stop the worker, write the last follow-ups."""
         started = time.perf_counter()
         drain = self.drain_timeout_s if drain_limit_s is None else min(self.drain_timeout_s, drain_limit_s)
         try:
-            outcomes = self.worker.close(drain)
+            outcomes = self.worker.close(drain, stopping, stop_drain_s)
         finally:
             self.drain_seconds = time.perf_counter() - started
         self._emit(outcomes, sink)

@@ -528,7 +528,8 @@ class _LiveSource(FrameSource):
         self._factory = factory
         self._stop = threading.Event()
         self._cond = threading.Condition(self._lock)
-        self._slot: tuple[int, float, np.ndarray, float] | None = None  # (frame_id, time, raw image, read_ms)
+        # (frame_id, time, raw image, read_ms, perf_counter at capture: end-to-end latency includes the slot wait)
+        self._slot: tuple[int, float, np.ndarray, float, float] | None = None
         self._next_id = 0
         self._ended = False
         cap, first, read_ms, failure = self._try_open()
@@ -624,7 +625,7 @@ class _LiveSource(FrameSource):
         with self._cond:
             if self._slot is not None:
                 self._stats["dropped"] += 1
-            self._slot = (self._next_id, time.time(), img, read_ms)
+            self._slot = (self._next_id, time.time(), img, read_ms, time.perf_counter())
             self._next_id += 1
             self._stats["captured"] += 1
             self._cond.notify_all()
@@ -703,12 +704,15 @@ class _LiveSource(FrameSource):
                 self._cond.wait(timeout=0.5)
             if self._slot is None:
                 return None
-            frame_id, ts, raw, read_ms = self._slot
+            frame_id, ts, raw, read_ms, captured = self._slot
             self._slot = None
         t0 = time.perf_counter()
         image = _to_rgb(raw)
-        decode_ms = read_ms + (time.perf_counter() - t0) * 1000.0
-        return Frame(frame_id, ts, self.label, image, name=None, decode_ms=decode_ms)
+        convert_s = time.perf_counter() - t0
+        # age = now - created + decode_ms: created shifted by the conversion it already holds, so the age counts
+        # from the start of the read, the time the frame waited in the slot included
+        return Frame(frame_id, ts, self.label, image, name=None, decode_ms=read_ms + convert_s * 1000.0,
+                     created=captured + convert_s)
 
     def _close_impl(self) -> None:
         self._stop.set()

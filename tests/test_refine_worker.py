@@ -50,6 +50,12 @@ def failing_factory(cfg: RefineWorkerConfig) -> StandInRefiner:
     raise GradError(f"bundle {cfg.bundle_dir} is not prepared for refinement (stand-in)")
 
 
+def slow_start_factory(cfg: RefineWorkerConfig) -> StandInRefiner:
+    """A refiner that takes 30 s to load (a large model on a slow disk)."""
+    time.sleep(30.0)
+    return StandInRefiner()
+
+
 class _DyingRefiner:
     def refine(self, images: list[np.ndarray], coarse_maps: list[np.ndarray],
                class_names: list[str | None] | None = None) -> list[RefineResult]:
@@ -149,6 +155,27 @@ def test_drain_timeout_reports_unfinished_and_stops_the_worker() -> None:
     assert worker.counts.unfinished == 3 and not worker.alive
     assert worker.close(5) == []  # idempotent
     assert not worker.submit(9, *_job(9)) and worker.poll()[0].reason == "refinement worker closed"
+
+
+def test_a_stop_during_the_drain_shortens_it() -> None:
+    worker = _worker(standin_factory, time_budget_s=30.0, max_batch=1, queue_size=4)
+    for i in range(2):
+        assert worker.submit(i, *_job(i))
+    t0 = time.perf_counter()
+    signalled_at = t0 + 0.5  # SIGTERM from a supervisor, half a second into a 60-second drain
+    outcomes = worker.close(drain_timeout_s=60.0, stopping=lambda: time.perf_counter() > signalled_at,
+                            stop_drain_s=0.5)
+    assert time.perf_counter() - t0 < 8.0  # 0.5 s + 0.5 s, then the busy worker is terminated
+    assert sorted(o.status for o in outcomes) == [STATUS_UNFINISHED] * 2
+
+
+def test_a_stop_during_start_up_ends_the_wait_for_the_worker() -> None:
+    config = RefineWorkerConfig("unused-bundle", factory=slow_start_factory, start_timeout_s=120)
+    t0 = time.perf_counter()
+    worker = RefineWorker(config).start(stopping=lambda: time.perf_counter() > t0 + 0.5)
+    assert time.perf_counter() - t0 < 10.0  # not the 30 s the stand-in takes to load
+    assert worker.failure == "stopped during start-up" and not worker.alive
+    assert not worker.submit(0, *_job(0)) and worker.close(1.0) == []
 
 
 def test_refiner_exception_fails_its_batch_only() -> None:

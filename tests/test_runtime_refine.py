@@ -129,9 +129,9 @@ def test_worker_start_failure_is_one_line(stand_in: dict, frames: Path) -> None:
     msg = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine"],
                                "test_refine_worker:failing_factory"))
     assert "refinement worker failed to start" in msg and "not prepared for refinement (stand-in)" in msg
-    bad = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
-                               "--refine-queue", "0"]))
-    assert "--refine-queue 0" in bad
+    bad = _run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
+                "--refine-queue", "0"])  # refused by the option's range, before anything starts
+    assert bad.exit_code == 2 and "'--refine-queue': 0 is not in the range x>=1" in bad.stderr
 
 
 def test_lean_runtime_with_refine_worker_needs_no_torch(stand_in: dict, frames: Path, tmp_path: Path) -> None:

@@ -57,7 +57,6 @@ class JsonlSink(SinkBase):
                     f.seek(-1, os.SEEK_END)
                     needs_newline = f.read(1) != b"\n"
             self._fh = open(p, "ab", buffering=0)  # unbuffered: a line is on disk (page cache) when written
-            self._good_size = p.stat().st_size
             if needs_newline:
                 log.warning("%s ends in a partial line (an interrupted run): starting on a new line", p)
                 self._append(b"\n")
@@ -86,8 +85,13 @@ class JsonlSink(SinkBase):
                 self._fsync()
 
     def _append(self, data: bytes) -> None:
-        """Write ``data`` completely, or cut the file back to its last complete line and raise one GradError."""
+        """Write ``data`` completely, or cut the file back to its last complete line and raise one GradError.
+
+        The cut happens only when the file grew by this partial line alone: another writer's lines appended
+        meanwhile are never cut (the partial line is then ended with a newline instead)."""
+        fd, start = self._fh.fileno(), -1
         try:
+            start = os.fstat(fd).st_size
             view = memoryview(data)
             while view:
                 n = self._fh.write(view)
@@ -95,14 +99,27 @@ class JsonlSink(SinkBase):
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 view = view[n:]
         except OSError as exc:
-            try:
-                os.ftruncate(self._fh.fileno(), self._good_size)
-                kept = "the file ends at its last complete line"
-            except OSError:
-                kept = "the file may end in a partial line"
             raise GradError(f"cannot write JSONL output {self.path}: {exc.strerror or exc} after {self.lines_written} "
-                            f"line(s) of this run; {kept}") from exc
-        self._good_size += len(data)
+                            f"line(s) of this run; {self._repair(fd, start, data)}") from exc
+
+    def _repair(self, fd: int, start: int, data: bytes) -> str:
+        """After a failed write of ``data`` that began at offset ``start``: cut the file back to ``start`` when
+        all it gained is a start of ``data``; otherwise (another writer appended too) end the partial line."""
+        try:
+            if start < 0:
+                return "the file may end in a partial line"
+            grown = os.fstat(fd).st_size - start
+            if grown > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(start)
+                    tail = f.read(grown)
+                if not data.startswith(tail):
+                    os.write(fd, b"\n")
+                    return "its partial line was ended with a newline (another writer had appended after it)"
+                os.ftruncate(fd, start)
+            return "the file ends at its last complete line"
+        except OSError:
+            return "the file may end in a partial line"
 
     def _fsync(self) -> None:
         try:
