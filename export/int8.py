@@ -20,6 +20,7 @@ that misses it is not added to the bundle; the numbers are printed and stored no
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle
+from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle, BundleError
 from gradad.data.datasets import list_image_files, load_samples_from_roots
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
@@ -205,7 +206,10 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
         failed = check_int8_gates(report, opts.gates)
         if failed:
             raise ParityError(f"INT8 model of {bundle_dir} rejected (not written): " + "; ".join(failed))
-        shutil.move(str(scratch / INT8_ONNX), bundle_dir / INT8_ONNX)
+        target = bundle.file(INT8_ONNX)  # checked first: a name linked out of the bundle is refused, not written
+        if target.is_dir() or target.is_symlink():
+            raise BundleError(f"{target} is a folder or a link: remove it, then quantise again")
+        os.replace(scratch / INT8_ONNX, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -243,3 +243,19 @@ def test_a_mask_is_found_by_its_exact_stem(tmp_path: Path) -> None:
     assert find_mask(tmp_path, Path("001.5.png")) == tmp_path / "001.5.png"
     assert find_mask(tmp_path, Path("[x].png")) == tmp_path / "[x]_mask.png"
     assert find_mask(tmp_path, Path("002.jpg")) == tmp_path / "002_mask.png"  # <stem>_mask first
+
+
+def test_a_failed_atomic_torch_save_leaves_no_temporary_file(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradad.training import checkpoint
+
+    def disk_full(obj: Any, f: Any) -> None:
+        Path(f).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    (tmp_path / "model.pt").write_bytes(b"the good model")
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.atomic_torch_save({"a": 1}, tmp_path / "model.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    assert (tmp_path / "model.pt").read_bytes() == b"the good model"
