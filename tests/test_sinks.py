@@ -220,6 +220,24 @@ def test_video_sink_round_trip(tmp_path: Path) -> None:
     assert count == 6 and sizes == {(H, W)}
 
 
+def test_video_segments_of_an_earlier_run_are_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "run.mp4"
+    first = VideoSink(path, fps=5.0)
+    first.write(make_result(0, True))
+    first.close()
+    before = path.with_name("run.000.mp4").read_bytes()
+    second = VideoSink(path, fps=5.0)  # the service restarted: yesterday's evidence stays
+    second.write(make_result(1, False))
+    second.close()
+    assert second.files == [path.with_name("run.001.mp4")]
+    assert path.with_name("run.000.mp4").read_bytes() == before
+    single = tmp_path / "one.mp4"
+    single.write_bytes(b"an earlier single-file video")
+    with pytest.raises(GradError, match="one.mp4 exists"):
+        VideoSink(single, segment_s=0)
+    assert single.read_bytes() == b"an earlier single-file video"
+
+
 def test_video_sink_errors(tmp_path: Path) -> None:
     with pytest.raises(GradError, match="FOURCC"):
         VideoSink(tmp_path / "a.mp4", fourcc="mp4")

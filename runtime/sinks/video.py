@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -113,7 +114,8 @@ class VideoSink(SinkBase):
     that fails or a segment that cannot be started is logged as an error, the video is reported incomplete
     (:meth:`report`) and the run goes on without video. The folder and codec are checked when the sink is created.
     The writer size is the first frame's; later frames of another size (several sources) are resized to it.
-    Existing segment files of the same name are overwritten.
+    Nothing is overwritten: segments of an earlier run with the same name stay, this run's numbering continues
+    after them (``run.005.mp4`` after ``run.004.mp4``); a single file (``segment_s=0``) that exists is refused.
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, fourcc: str | None = None,
@@ -138,12 +140,26 @@ class VideoSink(SinkBase):
         self._failed = False
         self._lock = threading.Lock()
         self._closed = False
+        if self.segment_s <= 0 and self.path.exists():
+            raise GradError(f"--video {self.path} exists: choose another name (or segments, --video-segment > 0, "
+                            f"which continue after earlier ones)")
+        self._first_index = self._next_free_index()
         self._probe()
+
+    def _next_free_index(self) -> int:
+        """One past the highest segment number of this name already in the folder (0 when there is none)."""
+        pattern = re.compile(rf"{re.escape(self.path.stem)}\.(\d{{3,}}){re.escape(self.path.suffix)}")
+        try:
+            names = os.listdir(self.path.parent) if self.path.parent.is_dir() else []
+        except OSError:
+            names = []
+        taken = [int(m.group(1)) for n in names if (m := pattern.fullmatch(n))]
+        return max(taken) + 1 if taken else 0
 
     def _segment_path(self, index: int) -> Path:
         if self.segment_s <= 0:
             return self.path
-        return self.path.with_name(f"{self.path.stem}.{index:03d}{self.path.suffix}")
+        return self.path.with_name(f"{self.path.stem}.{self._first_index + index:03d}{self.path.suffix}")
 
     def _new_writer(self, path: Path, width: int, height: int) -> cv2.VideoWriter:
         """An opened writer for ``path``, else one GradError naming the file, codec and folder."""
