@@ -355,21 +355,26 @@ def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
     from gradad.runtime import sinks as kinds  # looked up at call time: tests swap the network sinks
 
     out: list[SinkBase] = []
-    if opts.jsonl_path and not benchmark:
-        out.append(kinds.JsonlSink(opts.jsonl_path))
-    if opts.video_path:
-        out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment))
-    if opts.display:
-        out.append(kinds.DisplaySink())
-    if opts.flagged_dir:
-        out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20))
-    if opts.mqtt:
-        tls = opts.mqtt_tls or opts.mqtt_ca is not None
-        host, port = parse_mqtt(opts.mqtt, 8883 if tls else 1883)
-        out.append(kinds.MqttSink(host, port, topic=opts.mqtt_topic, username=opts.mqtt_user,
-                                  password=opts.mqtt_password, tls=tls, ca_certs=opts.mqtt_ca))
-    if opts.webhook:
-        out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
+    try:
+        if opts.jsonl_path and not benchmark:
+            out.append(kinds.JsonlSink(opts.jsonl_path))
+        if opts.video_path:
+            out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment))
+        if opts.display:
+            out.append(kinds.DisplaySink())
+        if opts.flagged_dir:
+            out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20))
+        if opts.mqtt:
+            tls = opts.mqtt_tls or opts.mqtt_ca is not None
+            host, port = parse_mqtt(opts.mqtt, 8883 if tls else 1883)
+            out.append(kinds.MqttSink(host, port, topic=opts.mqtt_topic, username=opts.mqtt_user,
+                                      password=opts.mqtt_password, tls=tls, ca_certs=opts.mqtt_ca))
+        if opts.webhook:
+            out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
+    except BaseException:
+        for sink in out:  # e.g. the MQTT broker is unreachable: the files opened before it are closed cleanly
+            sink.close()
+        raise
     return out
 
 

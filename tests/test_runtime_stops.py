@@ -203,3 +203,25 @@ def test_a_second_signal_stops_at_once_with_the_signal_exit_code(tmp_path: Path,
     assert proc.returncode == 128 + sig.value, err
     assert "Aborted!" not in err
     assert all(json.loads(line) for line in out.read_text().splitlines())  # every line whole
+
+
+def test_sinks_built_before_one_that_fails_are_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradad.runtime.sinks as kinds
+    from gradad.errors import GradError
+    from gradad.runtime.cli import SinkOptions, build_sinks
+
+    closed: list[str] = []
+    real_close = JsonlSink.close
+
+    def recording_close(self: JsonlSink) -> None:
+        closed.append(str(self.path))
+        real_close(self)
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise GradError("cannot connect to MQTT broker broker.local:1883")
+
+    monkeypatch.setattr(JsonlSink, "close", recording_close)
+    monkeypatch.setattr(kinds, "MqttSink", unreachable)
+    with pytest.raises(GradError, match="MQTT"):
+        build_sinks(SinkOptions(jsonl_path=str(tmp_path / "r.jsonl"), mqtt="broker.local"), benchmark=False)
+    assert closed == [str(tmp_path / "r.jsonl")]
