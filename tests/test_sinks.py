@@ -238,6 +238,22 @@ def test_video_segments_of_an_earlier_run_are_never_overwritten(tmp_path: Path) 
     assert single.read_bytes() == b"an earlier single-file video"
 
 
+def test_an_idle_camera_s_video_segment_is_closed_when_due(tmp_path: Path) -> None:
+    sink = VideoSink(tmp_path / "run.mp4", fps=5.0, segment_s=0.4)
+    for i in range(3):
+        sink.write(make_result(i, i == 1))
+    time.sleep(1.5)  # no frame comes: the segment is closed anyway, playable if the process dies now
+    assert sink._writer is None and not sink.incomplete
+    cap = cv2.VideoCapture(str(sink.files[0]))
+    try:
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    finally:
+        cap.release()
+    sink.write(make_result(3, False))  # the next frame starts the next segment
+    sink.close()
+    assert [f.name for f in sink.files] == ["run.000.mp4", "run.001.mp4"] and sink.report()["complete"]
+
+
 def test_video_sink_errors(tmp_path: Path) -> None:
     with pytest.raises(GradError, match="FOURCC"):
         VideoSink(tmp_path / "a.mp4", fourcc="mp4")

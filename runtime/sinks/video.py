@@ -108,7 +108,8 @@ class VideoSink(SinkBase):
     ``segment_s`` seconds (wall clock) and the finished one is closed, so it is complete and playable. SIGKILL, a
     power cut or a full disk can only lose the segment in progress (an MP4 needs its index, written at close);
     with ``.mkv`` or ``.avi`` (MJPEG) the segment in progress stays playable up to its last few hundred KB.
-    ``segment_s=0`` writes the single file ``path`` (lost entirely if the process is killed).
+    ``segment_s=0`` writes the single file ``path`` (lost entirely if the process is killed). A segment is closed
+    when it is due even if no frame comes (an idle camera), so frames written hours ago are never at risk.
 
     Each finished segment is reopened and its frame count checked: a segment the disk could not hold, a writer
     that fails or a segment that cannot be started is logged as an error, the video is reported incomplete
@@ -145,6 +146,17 @@ class VideoSink(SinkBase):
                             f"which continue after earlier ones)")
         self._first_index = self._next_free_index()
         self._probe()
+        self._idle_stop = threading.Event()
+        if self.segment_s > 0:  # an idle camera writes nothing: this thread still closes a segment when it is due
+            threading.Thread(target=self._close_due_segments, name="gradad-video-segments", daemon=True).start()
+
+    def _close_due_segments(self) -> None:
+        """Finish the segment in progress once it is ``segment_s`` old even when no frame comes (a camera
+        waiting for the next part): a crash then loses no frame written before that."""
+        while not self._idle_stop.wait(min(1.0, self.segment_s / 4)):
+            with self._lock:
+                if self._writer is not None and time.monotonic() - self._segment_start >= self.segment_s:
+                    self._finish_segment()
 
     def _next_free_index(self) -> int:
         """One past the highest segment number of this name already in the folder (0 when there is none)."""
@@ -265,6 +277,7 @@ class VideoSink(SinkBase):
 
     def close(self) -> None:
         """Finish the segment in progress and log what the video holds. Idempotent."""
+        self._idle_stop.set()
         with self._lock:
             if self._closed:
                 return
