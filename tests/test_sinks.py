@@ -335,6 +335,24 @@ def test_flagged_frames_of_two_sources_with_the_same_frame_id_and_name_are_both_
     assert saved_b["mask_file"] is not None and "part-2" in saved_b["mask_file"]  # refined mask: with camB's frame
 
 
+def test_flagged_folder_keeps_a_live_writers_temporary_file(tmp_path: Path) -> None:
+    import subprocess
+
+    folder = tmp_path / "flagged"
+    folder.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # a second grad-run
+    try:
+        live = folder / f".00000001_cam0_orig.png.tmp{other.pid}"
+        stale = folder / ".00000002_cam0_orig.png.tmp999999999"
+        live.write_bytes(b"being written")
+        stale.write_bytes(b"left by a crash")
+        FlaggedFrameSink(folder).close()
+        assert live.exists() and not stale.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_flagged_frames_bounded_eviction_and_restart(tmp_path: Path) -> None:
     probe = FlaggedFrameSink(tmp_path / "probe")
     probe.write(make_result(0, True))

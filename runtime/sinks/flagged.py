@@ -30,7 +30,7 @@ _REFINED_KINDS = {"mask_file": "refined_mask.png", "repaired_file": "repaired.pn
 _ALL_KINDS = _KINDS + tuple(_REFINED_KINDS.values())
 _NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>"
                       + "|".join(re.escape(k) for k in _ALL_KINDS) + r")$")
-_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp\d*$")  # gradad.files.atomic_file's temporary names
+_TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d*)$")  # gradad.files.atomic_file's temporary names
 
 
 def _safe_name(name: str | None, source: str) -> str:
@@ -45,6 +45,19 @@ def _safe_name(name: str | None, source: str) -> str:
     s = re.sub(r"[^A-Za-z0-9_-]+", "_", s).strip("_")
     s = re.sub(r"_+", "_", s)[:60].strip("_")
     return s or "frame"
+
+
+def _writer_alive(pid: str) -> bool:
+    """Whether the process that names a temporary file still runs (a second grad-run sharing the folder)."""
+    if not pid or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # exists, another user's: leave its file alone
+    return True
 
 
 class FlaggedFrameSink(SinkBase):
@@ -120,8 +133,9 @@ class FlaggedFrameSink(SinkBase):
                         continue
                     tmp = _TMP_RE.match(entry.name)
                     if tmp and _NAME_RE.match(tmp.group("final")):
-                        os.remove(entry.path)  # our own stale temporary file from an interrupted write
-                        continue
+                        if not _writer_alive(tmp.group("pid")):
+                            os.remove(entry.path)  # a stale temporary file of an interrupted write
+                        continue  # else another live process is writing it
                     m = _NAME_RE.match(entry.name)
                     if not m:
                         continue
