@@ -259,3 +259,17 @@ def test_a_failed_atomic_torch_save_leaves_no_temporary_file(tmp_path: Path,
         checkpoint.atomic_torch_save({"a": 1}, tmp_path / "model.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     assert (tmp_path / "model.pt").read_bytes() == b"the good model"
+
+
+@pytest.mark.parametrize(("key", "value"), [("name", "hf-hub:someone/backbone"), ("name", "local-dir:/tmp/x")])
+def test_opening_a_model_file_never_downloads_what_it_names(trained_tiny: Path, tmp_path: Path, key: str,
+                                                             value: str) -> None:
+    from gradad.training.checkpoint import load_detector
+
+    payload = torch.load(trained_tiny, map_location="cpu", weights_only=True)
+    payload["config"]["backbone"][key] = value
+    payload.pop("extractor_state_dict", None)
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="never downloads from a repository it names"):
+        load_detector(path)

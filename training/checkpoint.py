@@ -165,6 +165,11 @@ def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
     """The detector a checkpoint's payload describes, on the CPU (sets ``payload["resolved_config"]``)."""
     cfg = config_from_dict(payload["config"])
     embedded = payload.get("extractor_state_dict")
+    if ":" in cfg.backbone.name:
+        # a model file is data: opening one never fetches a repository or folder it names (hf-hub:OWNER/REPO,
+        # local-dir:PATH); a plain timm name with weights "hub" (the paper preset) loads timm's own weights
+        raise CheckpointError(f"{path} names its backbone {cfg.backbone.name!r}, a location rather than a timm "
+                              f"model: loading a model file never downloads from a repository it names")
     if embedded is None:
         extractor = FeatureExtractor(cfg.backbone)
     else:  # self-contained file (refinement bundles): no weights package or training-machine path needed
