@@ -272,6 +272,23 @@ def _default_classes(cfg: AccuracyConfig, bundle: Bundle | None) -> list[str] | 
     return None
 
 
+def _without_trained_defects(samples: list[Sample], cfg: AccuracyConfig, bundle: Bundle | None
+                             ) -> tuple[list[Sample], int]:
+    """Every row is scored without the labelled defects any compared model's stage 1 trained on (recorded in its
+    model file; a bundle's in its refinement copy), so rows stay comparable and no row scores images it learnt."""
+    from gradad.data.tuning_split import partition_by_paths
+    from gradad.training.checkpoint import trained_defect_paths
+
+    files = [p for p in (cfg.checkpoint, cfg.normal_only) if p]
+    if bundle is not None and bundle.refine is not None and bundle.refine.model:
+        files.append(str(bundle.file(bundle.refine.model)))
+    trained = set().union(*(trained_defect_paths(f) for f in files)) if files else set()
+    kept, left_out = partition_by_paths(samples, trained)
+    if left_out:
+        log.warning("%d test images left out of scoring: stage 1 of a compared model trained on them", len(left_out))
+    return kept, len(left_out)
+
+
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     """Evaluate every requested row on one test set; returns the result dict (without header fields)."""
     cfg.validate()
@@ -289,6 +306,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         kept = exclude_held_out(samples, read_held_out(cfg.exclude))
         n_excluded, samples = len(samples) - len(kept), kept
         log.info("tuning split %s: %d test images left out of scoring", cfg.exclude, n_excluded)
+    samples, n_trained = _without_trained_defects(samples, cfg, bundle)
     rows: list[dict[str, Any]] = []
     images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     image_size = 256
@@ -308,7 +326,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     return {
         "dataset": {"root": ", ".join(cfg.data_roots), "layout": cfg.layout,
                     "name": " + ".join(Path(r).name for r in cfg.data_roots), "excluded": cfg.exclude,
-                    "n_excluded": n_excluded,
+                    "n_excluded": n_excluded, "n_trained_defects_left_out": n_trained,
                     "classes": sorted({s.class_name for s in samples}), "n_test_images": len(samples),
                     "n_anomalous": n_anomalous},
         "protocol": "unified: one model for all classes, metrics class by class, mean over classes",

@@ -137,7 +137,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     labelled = load_samples(data_root, "test", classes)
     if exclude:
         _, held = partition_by_paths(labelled, read_held_out(exclude))
-        excluded |= {str(s.image_path) for s in held}
+        excluded |= {str(s.image_path.resolve()) for s in held}
     parts = load_refine_parts(bundle_dir, pixel_threshold)  # the calibrated pixel threshold unless given
     config = parts.config if device is None else dataclasses.replace(parts.config, device=device)
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
@@ -145,7 +145,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     refiner = Refiner.from_parts(parts, config)
     # never scored: the model maps the defects it trained on better than new ones
     _, trained = partition_by_paths(labelled, refiner.trained_defects or set())
-    trained_excluded = {str(s.image_path) for s in trained} - excluded
+    trained_excluded = {str(s.image_path.resolve()) for s in trained} - excluded
     samples = pick_samples(labelled, per_defect, exclude=excluded | trained_excluded)
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
@@ -170,7 +170,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
             # the runtime's coarse mask (the class's calibrated threshold), not F2PAD's start mask
             coarse = maps[i] > refiner.coarse_threshold(samples[i].class_name)
             c_iou, c_dice = iou_dice(coarse, truths[i])
-            o_iou, o_dice = iou_dice(maps[i] > oracle_threshold, truths[i])
+            o_iou, o_dice = iou_dice(maps[i] >= oracle_threshold, truths[i])  # best_f1 picks t for map >= t
             f_iou, f_dice = iou_dice(r.mask, truths[i])
             statuses[r.status] += 1
             s = samples[i]
@@ -234,6 +234,10 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['images']} | {cell(s, 'coarse_iou')} | {cell(s, 'oracle_iou')} | "
                      f"{cell(s, 'f2pad_iou')} | {cell(s, 'coarse_dice')} | {cell(s, 'oracle_dice')} | "
                      f"{cell(s, 'f2pad_dice')} | {s['seconds_per_image']:.2f} | {s['iterations_mean']:.0f} |")
+    if not legacy_oracle:
+        lines += ["", "Coarse (calibrated): the runtime's mask at the bundle's calibrated pixel threshold. Coarse "
+                  "(oracle): one pixel threshold for all these images, chosen on them for the best pooled pixel F1 "
+                  "(an optimistic baseline; not the best per image)."]
     gains = result.get("iou_gain_intervals")
     if gains:
         lines += ["", f"F2PAD IoU minus coarse IoU (points; {100 * gains['level']:g} % bootstrap interval over "

@@ -16,8 +16,11 @@ log = logging.getLogger("gradad.eval")
 
 @click.command(context_settings=CLI_CONTEXT)
 @click.argument("model_path", type=click.Path())
-@click.option("--data", "data_root", type=click.Path(), help="Dataset root [default: the one the model was "
-              "trained on].")
+@click.option("--data", "data_roots", type=click.Path(), multiple=True, help="Dataset root, repeatable [default: "
+              "the roots the model was trained on, all of them for a unified model].")
+@click.option("--exclude", type=click.Path(), help="A tuning split (grad-bench split's split.json or its folder): "
+              "its images are left out of scoring. The labelled defects the model's stage 1 trained on are always "
+              "left out.")
 @click.option("--classes", help="Comma-separated classes [default: the model's classes].")
 @click.option("--layout", default=None, help="Dataset layout: auto, mvtec, visa, goodsad, folder.")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False),
@@ -27,13 +30,15 @@ log = logging.getLogger("gradad.eval")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
 @click.option("--batch-size", type=int, default=8)
 @grad_command
-def main(model_path, data_root, classes, layout, out_dir, name, figures_per_class, device, batch_size) -> None:
+def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figures_per_class, device,
+         batch_size) -> None:
     """Evaluate MODEL_PATH (a grad-train model.pt) on a test split, class by class.
 
     Writes OUT/NAME.json and OUT/NAME.md (per class and mean: image AUROC/AUPR, pixel AUROC/AUPR, PRO up to
     30% FPR, and the same per defect type) and OUT/figures/*.png (image | ground truth | heat map).
     """
-    from gradad.data.datasets import load_samples
+    from gradad.data.datasets import load_samples_from_roots
+    from gradad.data.tuning_split import exclude_held_out, partition_by_paths, read_held_out
     from gradad.evaluation.evaluate import evaluate_predictions, save_figures, write_evaluation
     from gradad.evaluation.report import markdown_table
     from gradad.training.checkpoint import load_detector
@@ -43,9 +48,17 @@ def main(model_path, data_root, classes, layout, out_dir, name, figures_per_clas
     dev = resolve_torch_device(device, "--device")
     detector, payload = load_detector(model_path, dev)
     cfg = payload["resolved_config"]
-    root = data_root or cfg.data.root
+    roots = list(data_roots) or cfg.data.roots
     wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
-    samples = load_samples(root, "test", wanted, layout or cfg.data.layout)
+    samples = load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout)
+    n_excluded = 0
+    if exclude:
+        kept = exclude_held_out(samples, read_held_out(exclude))
+        n_excluded, samples = len(samples) - len(kept), kept
+        log.info("tuning split %s: %d test images left out of scoring", exclude, n_excluded)
+    samples, trained = partition_by_paths(samples, {str(p) for p in payload.get("trained_defects") or []})
+    if trained:  # the model learnt these: scoring them would flatter it
+        log.warning("%d test images left out of scoring: the model's stage 1 trained on them", len(trained))
     t0 = time.perf_counter()
     norm = payload["normalisation"]
     preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)
@@ -54,7 +67,8 @@ def main(model_path, data_root, classes, layout, out_dir, name, figures_per_clas
     out = Path(out_dir) if out_dir else Path(model_path).parent / "eval"
     meta = {
         "model": str(model_path),
-        "data_root": str(root),
+        "data_root": ", ".join(map(str, roots)),
+        "excluded": exclude, "n_excluded": n_excluded, "n_trained_defects_left_out": len(trained),
         "preset": cfg.preset,
         "backbone": cfg.backbone.name,
         "image_size": cfg.data.image_size,

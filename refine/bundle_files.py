@@ -115,9 +115,11 @@ def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, An
 
 
 def tuning_images(bundle_dir: str | Path) -> set[str]:
-    """Paths of the labelled images ``grad-refine tune`` used (never to be scored)."""
+    """Resolved paths of the labelled images ``grad-refine tune`` used (never to be scored). Bundles tuned before
+    paths were recorded resolved hold them as given then, resolved here from the current folder."""
     section = Bundle.load(bundle_dir).refine or RefineSection()
-    return {path for record in (section.tuning or {}).values() for path in record.get("images", [])}
+    return {str(Path(path).resolve()) for record in (section.tuning or {}).values()
+            for path in record.get("images", [])}
 
 
 def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float], count: int,

@@ -195,8 +195,9 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
                                         "bundle_pixel_threshold": refiner.pixel_threshold}
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
-                         "images": [str(s.image_path) for s in chosen], "settings": values,
-                         "left_out_as_trained": [str(s.image_path) for s in left_out if s.class_name == name]}
+                         "images": [str(s.image_path.resolve()) for s in chosen], "settings": values,
+                         "left_out_as_trained": [str(s.image_path.resolve()) for s in left_out
+                                                 if s.class_name == name]}
         click.echo(f"{name}: {values} ({evidence.get('truth_beats_no_defect_at_lambda0', 0)} of "
                    f"{evidence['flagged_tuning_images']} tuning defects: truth beats 'no defect')")
     backend.close()

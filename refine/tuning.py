@@ -45,11 +45,11 @@ TUNING_SEED = 1234  # the tuning split's own seed (benchmarks pick their images 
 
 def pick_samples(samples: list, per_defect: int, seed: int = 0, exclude: set[str] | None = None) -> list:
     """Up to ``per_defect`` labelled defect samples per (class, defect type), seeded, in a stable order, leaving
-    out images whose path is in ``exclude`` (0 = all of them)."""
+    out images whose resolved path is in ``exclude`` (0 = all of them): however the data root is spelled."""
     exclude = exclude or set()
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for s in samples:
-        if s.label == 1 and s.mask_path is not None and str(s.image_path) not in exclude:
+        if s.label == 1 and s.mask_path is not None and str(Path(s.image_path).resolve()) not in exclude:
             groups[(s.class_name, s.defect_type)].append(s)
     rng = np.random.default_rng(seed)
     out = []

@@ -273,3 +273,42 @@ def test_opening_a_model_file_never_downloads_what_it_names(trained_tiny: Path, 
     torch.save(payload, path)
     with pytest.raises(CheckpointError, match="never downloads from a repository it names"):
         load_detector(path)
+
+
+def _model_that_trained_on(trained_tiny: Path, tmp_path: Path, image: Path) -> Path:
+    payload = torch.load(trained_tiny, map_location="cpu", weights_only=True)
+    payload["trained_defects"] = [str(image.resolve())]
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    return path
+
+
+def test_evaluations_never_score_the_defects_stage_1_trained_on(trained_tiny: Path, tiny_demo_root: Path,
+                                                                tmp_path: Path) -> None:
+    from gradad.benchmarks.accuracy import AccuracyConfig, run_accuracy
+    from gradad.data.datasets import load_samples
+    from gradad.evaluation.cli import main as eval_main
+
+    samples = load_samples(tiny_demo_root, "test")
+    learnt = next(s for s in samples if s.label == 1).image_path
+    model = _model_that_trained_on(trained_tiny, tmp_path, learnt)
+    result = CliRunner().invoke(eval_main, [str(model), "--data", str(tiny_demo_root), "-o", str(tmp_path / "e"),
+                                            "--figures", "0"])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert meta["n_trained_defects_left_out"] == 1 and meta["n_test_images"] == len(samples) - 1
+    acc = run_accuracy(AccuracyConfig([str(tiny_demo_root)], checkpoint=str(model), bootstrap=0, threads=1))
+    assert acc["dataset"]["n_trained_defects_left_out"] == 1
+    assert acc["dataset"]["n_test_images"] == len(samples) - 1
+
+
+def test_tuning_images_are_left_out_however_the_data_root_is_spelled(tiny_demo_root: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradad.data.datasets import load_samples
+    from gradad.refine.tuning import pick_samples
+
+    absolute = load_samples(tiny_demo_root, "test")
+    tuned = {str(s.image_path.resolve()) for s in absolute if s.label == 1}
+    monkeypatch.chdir(tiny_demo_root.parent)
+    relative = load_samples(Path(tiny_demo_root.name), "test")  # the same images, spelled from here
+    assert not pick_samples(relative, 0, exclude=tuned)

@@ -340,7 +340,7 @@ def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny
     write_class_settings(copy, {"fabric": {"lambda0": 0.01}}, {"fabric": {"images": ["c.png"]}})  # merged
     parts = load_refine_parts(copy, 1.0)
     assert set(parts.class_settings) == {"nut", "fabric"}
-    assert tuning_images(copy) == {"a.png", "b.png", "c.png"}
+    assert tuning_images(copy) == {str(Path(n).resolve()) for n in ("a.png", "b.png", "c.png")}
     refiner = Refiner.from_parts(parts, dataclasses.replace(parts.config, **FIXED))
     # a threshold passed in (grad-refine --pixel-threshold, grad-bench refine) travels with the parts and wins
     assert parts.pixel_threshold_given and refiner.threshold_given

@@ -115,6 +115,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _upgrade(payload)
 
 
+def trained_defect_paths(path: str | Path) -> set[str]:
+    """Resolved paths of the labelled defect images the model file's stage 1 trained on (empty when none or not
+    recorded): an evaluation must not score them."""
+    recorded = read_checkpoint(path).get("trained_defects") or []
+    return {str(p) for p in recorded if isinstance(p, str)}
+
+
 def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> CheckpointError:
     """The one error for a model file another gradad version wrote, or one damaged or edited by hand."""
     written_by = payload.get("gradad_version") or "of unknown version"
