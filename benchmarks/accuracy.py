@@ -272,6 +272,17 @@ def _default_classes(cfg: AccuracyConfig, bundle: Bundle | None) -> list[str] | 
     return None
 
 
+def _exported_from(bundle: Bundle | None, checkpoint: str) -> bool:
+    """Whether ``bundle`` was exported from ``checkpoint``, so its calibrated threshold means something for it."""
+    if bundle is None or not bundle.source_checkpoint:
+        return False
+    same = Path(bundle.source_checkpoint).resolve() == Path(checkpoint).resolve()
+    if not same:
+        log.warning("bundle %s was exported from %s, not %s: the checkpoint row's F1 is its oracle best F1, not at "
+                    "the bundle's calibrated threshold", bundle.directory, bundle.source_checkpoint, checkpoint)
+    return same
+
+
 def _without_trained_defects(samples: list[Sample], cfg: AccuracyConfig, bundle: Bundle | None
                              ) -> tuple[list[Sample], int]:
     """Every row is scored without the labelled defects any compared model's stage 1 trained on (recorded in its
@@ -311,7 +322,8 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     image_size = 256
     if cfg.checkpoint and BACKEND_PYTORCH in cfg.backends:
-        row, preds = checkpoint_row(cfg.checkpoint, METHOD_GRAD, samples, cfg, calibration)
+        row, preds = checkpoint_row(cfg.checkpoint, METHOD_GRAD, samples, cfg,
+                                    calibration if _exported_from(bundle, cfg.checkpoint) else None)
         rows.append(row)
         images_by_hw[(row["image_size"], row["image_size"])] = (preds.images, preds.masks)
     if cfg.bundle:

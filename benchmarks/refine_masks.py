@@ -150,6 +150,13 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}")
     images, truths = labelled_arrays(samples, refiner.detector.head.image_hw[0])
+    outlined = [i for i in range(len(samples)) if truths[i].any()]
+    n_empty = len(samples) - len(outlined)
+    if n_empty:  # a defect too small to survive the resize: no outline to score (IoU would be 1 or 0 by convention)
+        log.warning("%d defect image(s) left out: their mask is empty at %d px", n_empty, truths.shape[1])
+        samples, images, truths = [samples[i] for i in outlined], images[outlined], truths[outlined]
+    if not samples:
+        raise GradError(f"no labelled defect images with a non-empty mask under {data_root}")
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
     _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
     backend.close()
@@ -203,6 +210,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         "oracle_rule": "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)",
         "feature_scale": refiner.feature_scale, "class_settings": parts.class_settings,
         "tuning_images_excluded": len(excluded), "trained_images_excluded": len(trained_excluded),
+        "empty_masks_excluded": n_empty,
         "tuning_split": exclude,
         "device": str(refiner.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),

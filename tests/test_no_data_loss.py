@@ -312,3 +312,23 @@ def test_tuning_images_are_left_out_however_the_data_root_is_spelled(tiny_demo_r
     monkeypatch.chdir(tiny_demo_root.parent)
     relative = load_samples(Path(tiny_demo_root.name), "test")  # the same images, spelled from here
     assert not pick_samples(relative, 0, exclude=tuned)
+
+
+def test_a_bundle_s_threshold_is_not_applied_to_another_model(bundle: Path, trained_tiny: Path, tiny_demo_root: Path,
+                                                             tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from gradad.benchmarks.accuracy import F1_CALIBRATED, AccuracyConfig, run_accuracy
+    from gradad.bundle import write_manifest
+
+    calibrated = tmp_path / "b"
+    shutil.copytree(bundle, calibrated)
+    manifest = read_manifest(calibrated)
+    manifest["calibration"] = {"image_threshold": 1.0, "pixel_threshold": 1.0, "method": "far"}
+    manifest["source_checkpoint"] = str(trained_tiny)
+    write_manifest(calibrated, manifest)
+    other = tmp_path / "other.pt"
+    shutil.copy(trained_tiny, other)  # another file: the bundle's calibration says nothing about it
+    for checkpoint, kind in ((trained_tiny, F1_CALIBRATED), (other, "oracle")):
+        result = run_accuracy(AccuracyConfig([str(tiny_demo_root)], checkpoint=str(checkpoint),
+                                             bundle=str(calibrated), backends=("pytorch",), bootstrap=0, threads=1))
+        assert (result["rows"][0]["f1"]["kind"] == F1_CALIBRATED) == (kind == F1_CALIBRATED)
+    assert "was exported from" in caplog.text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -204,3 +205,20 @@ def test_class_settings_of_a_newer_gradad_are_ignored_with_a_warning(bundle, tra
         parts = load_refine_parts(copy)
     assert parts.class_settings["nut"] == {"lambda0": 0.01}
     assert "some_future_rule unknown to this gradad" in caplog.text and "grad-refine tune" in caplog.text
+
+
+def test_a_defect_whose_mask_is_empty_at_model_size_is_not_scored(bundle, trained_tiny, tiny_demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root, root)
+    copy, *_ = _prepared_copy(bundle, trained_tiny, root, tmp_path)
+    nut = [s for s in load_samples(root, "test", ["nut"]) if s.label == 1]
+    mask = cv2.imread(str(nut[0].mask_path), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(nut[0].mask_path), np.zeros_like(mask))  # a defect too small to survive the resize
+    out = tmp_path / "results"
+    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(root), "--classes", "nut",
+                                         "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
+                                         "--no-panels", "-o", str(out), "--name", "t"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "t.json").read_text())
+    assert result["empty_masks_excluded"] == 1
+    assert str(nut[0].image_path) not in {r["image"] for r in result["images"]}
