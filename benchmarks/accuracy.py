@@ -21,6 +21,7 @@ import numpy as np
 from gradad.benchmarks.environment import environment
 from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
+from gradad.data.tuning_split import scored_samples
 from gradad.errors import GradError
 from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, METRICS as PAIRED_METRICS
 from gradad.evaluation.bootstrap import PairedScores, format_interval, paired_differences, paired_scores
@@ -283,21 +284,15 @@ def _exported_from(bundle: Bundle | None, checkpoint: str) -> bool:
     return same
 
 
-def _without_trained_defects(samples: list[Sample], cfg: AccuracyConfig, bundle: Bundle | None
-                             ) -> tuple[list[Sample], int]:
-    """Every row is scored without the labelled defects any compared model's stage 1 trained on (recorded in its
-    model file; a bundle's in its refinement copy), so rows stay comparable and no row scores images it learnt."""
-    from gradad.data.tuning_split import partition_by_paths
-    from gradad.training.checkpoint import trained_defect_paths
+def _trained_defects(cfg: AccuracyConfig, bundle: Bundle | None) -> set[str]:
+    """The labelled defects any compared model's stage 1 trained on (recorded in its model file; a bundle's in its
+    refinement copy): no row scores them, so rows stay comparable and none scores images it learnt."""
+    from gradad.training.checkpoint import read_checkpoint, trained_defect_paths
 
     files = [p for p in (cfg.checkpoint, cfg.normal_only) if p]
     if bundle is not None and bundle.refine is not None and bundle.refine.model:
         files.append(str(bundle.file(bundle.refine.model)))
-    trained = set().union(*(trained_defect_paths(f) for f in files)) if files else set()
-    kept, left_out = partition_by_paths(samples, trained)
-    if left_out:
-        log.warning("%d test images left out of scoring: stage 1 of a compared model trained on them", len(left_out))
-    return kept, len(left_out)
+    return set().union(*(trained_defect_paths(read_checkpoint(f)) for f in files))
 
 
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
@@ -309,15 +304,9 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if bundle is not None and calibration is None:
         log.info("bundle %s is not calibrated: F1 is the oracle best F1", cfg.bundle)
     classes = _default_classes(cfg, bundle)
-    samples = load_samples_from_roots(cfg.data_roots, "test", classes, cfg.layout)
-    n_excluded = 0
-    if cfg.exclude:
-        from gradad.data.tuning_split import exclude_held_out, read_held_out
-
-        kept = exclude_held_out(samples, read_held_out(cfg.exclude))
-        n_excluded, samples = len(samples) - len(kept), kept
-        log.info("tuning split %s: %d test images left out of scoring", cfg.exclude, n_excluded)
-    samples, n_trained = _without_trained_defects(samples, cfg, bundle)
+    samples, n_excluded, n_trained = scored_samples(load_samples_from_roots(cfg.data_roots, "test", classes,
+                                                                            cfg.layout),
+                                                    cfg.exclude, _trained_defects(cfg, bundle))
     rows: list[dict[str, Any]] = []
     images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     image_size = 256

@@ -5,6 +5,7 @@ needs to leave those images out; writing a split is ``gradad.benchmarks.split``.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +13,8 @@ from gradad.data.datasets import Sample
 from gradad.errors import DatasetError
 
 SPLIT_FILE = "split.json"
+
+log = logging.getLogger(__name__)
 
 
 def read_held_out(path: str | Path) -> set[str]:
@@ -41,3 +44,20 @@ def exclude_held_out(samples: Sequence[Sample], held_out: set[str]) -> list[Samp
     if held_out and len(kept) == len(samples):
         raise DatasetError("the tuning split names none of the test images: was it made for other data roots?")
     return kept
+
+
+def scored_samples(samples: Sequence[Sample], split: str | Path | None, trained: set[str]
+                   ) -> tuple[list[Sample], int, int]:
+    """The test images an evaluation may score: without a tuning split's images (``split``: its split.json or
+    folder, optional) and without the labelled defects a model's stage 1 trained on (``trained``: resolved paths).
+    Returns (kept, number left out for the split, number left out as trained)."""
+    kept = list(samples)
+    n_split = 0
+    if split:
+        kept = exclude_held_out(kept, read_held_out(split))
+        n_split = len(samples) - len(kept)
+        log.info("tuning split %s: %d test images left out of scoring", split, n_split)
+    kept, learnt = partition_by_paths(kept, trained)
+    if learnt:  # the model learnt these: scoring them would flatter it
+        log.warning("%d test images left out of scoring: stage 1 of the model trained on them", len(learnt))
+    return kept, n_split, len(learnt)

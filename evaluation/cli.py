@@ -38,10 +38,10 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     30% FPR, and the same per defect type) and OUT/figures/*.png (image | ground truth | heat map).
     """
     from gradad.data.datasets import load_samples_from_roots
-    from gradad.data.tuning_split import exclude_held_out, partition_by_paths, read_held_out
+    from gradad.data.tuning_split import scored_samples
     from gradad.evaluation.evaluate import evaluate_predictions, save_figures, write_evaluation
     from gradad.evaluation.report import markdown_table
-    from gradad.training.checkpoint import load_detector
+    from gradad.training.checkpoint import load_detector, trained_defect_paths
     from gradad.training.inference import predict
     from gradad.devices import resolve_torch_device
 
@@ -50,15 +50,9 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     cfg = payload["resolved_config"]
     roots = list(data_roots) or cfg.data.roots
     wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
-    samples = load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout)
-    n_excluded = 0
-    if exclude:
-        kept = exclude_held_out(samples, read_held_out(exclude))
-        n_excluded, samples = len(samples) - len(kept), kept
-        log.info("tuning split %s: %d test images left out of scoring", exclude, n_excluded)
-    samples, trained = partition_by_paths(samples, {str(p) for p in payload.get("trained_defects") or []})
-    if trained:  # the model learnt these: scoring them would flatter it
-        log.warning("%d test images left out of scoring: the model's stage 1 trained on them", len(trained))
+    samples, n_excluded, n_trained = scored_samples(
+        load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout), exclude,
+        trained_defect_paths(payload))
     t0 = time.perf_counter()
     norm = payload["normalisation"]
     preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)
@@ -68,7 +62,7 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     meta = {
         "model": str(model_path),
         "data_root": ", ".join(map(str, roots)),
-        "excluded": exclude, "n_excluded": n_excluded, "n_trained_defects_left_out": len(trained),
+        "excluded": exclude, "n_excluded": n_excluded, "n_trained_defects_left_out": n_trained,
         "preset": cfg.preset,
         "backbone": cfg.backbone.name,
         "image_size": cfg.data.image_size,

@@ -12,7 +12,7 @@ REDACTED = "***"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(.*)$", re.DOTALL)
 
 
-def _authority_end(rest: str) -> int:
+def userinfo_end(rest: str) -> int:
     """Index in ``rest`` (the URL after ``scheme://``) where the user-info part ends (its last ``@``), or -1.
 
     A password may itself hold ``@``, ``/``, ``?`` or ``#``, so the user-info is taken up to the last ``@`` before
@@ -47,7 +47,7 @@ def redact_url(url: str) -> str:
     if not match:
         return str(url)
     scheme, rest = match.groups()
-    at = _authority_end(rest)
+    at = userinfo_end(rest)
     if at >= 0:
         user, colon, _password = rest[:at].partition(":")
         rest = (f"{user}:{REDACTED}" if colon else REDACTED) + "@" + rest[at + 1:]

@@ -133,15 +133,18 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--providers", help="ONNX Runtime providers, comma-separated: tensorrt,cuda,cpu [default: by "
               "availability].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="ONNX Runtime CPU threads (0 = default).")
-@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=1, help="Frames per inference call (up to the engine's "
+@click.option("--batch", "batch_size", type=click.IntRange(min=1), default=1,
+              help="Frames per inference call (up to the engine's "
               "profile maximum).")
 @click.option("--serial", is_flag=True, help="Run decode, inference and sinks one after another in one thread "
               "(the pre-pipeline loop, for comparisons) instead of three pipelined threads.")
-@click.option("--in-flight", type=click.IntRange(min=1), default=2, help="Batches in flight on asynchronous backends (TensorRT: "
+@click.option("--in-flight", type=click.IntRange(min=1), default=2,
+              help="Batches in flight on asynchronous backends (TensorRT: "
               "one CUDA stream each).")
 @click.option("--ort-spin/--no-ort-spin", default=None, help="Let idle ONNX Runtime threads spin-wait [default: "
               "only with --serial; the pipelined loop's other threads need the cores].")
-@click.option("--pace", "pace_fps", type=click.FloatRange(min=0), default=0.0, help="Hand file frames to the pipelined loop no "
+@click.option("--pace", "pace_fps", type=click.FloatRange(min=0), default=0.0,
+              help="Hand file frames to the pipelined loop no "
               "faster than this many per second, as a camera would (benchmarks of end-to-end latency below "
               "saturation; 0 = as fast as possible).")
 @click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
@@ -150,13 +153,15 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--video", "video_path", type=click.Path(dir_okay=False), help="Write an annotated video (overlay "
               "+ OK/NG banner).")
 @click.option("--video-fps", type=click.FloatRange(min=0, min_open=True), default=10.0)
-@click.option("--video-segment", type=click.FloatRange(min=0), default=60.0, help="Seconds per video file: OUT.mp4 is written as "
+@click.option("--video-segment", type=click.FloatRange(min=0), default=60.0,
+              help="Seconds per video file: OUT.mp4 is written as "
               "OUT.000.mp4, OUT.001.mp4, ..., each closed and playable, so a crash or a full disk loses at most the "
               "file in progress (0 = one file, lost entirely if the process is killed).")
 @click.option("--display", is_flag=True, help="Show the annotated stream in a window.")
 @click.option("--save-flagged", "flagged_dir", type=click.Path(file_okay=False), help="Folder for NG frames "
               "(original, overlay, map .npy/.png).")
-@click.option("--flagged-max-mb", type=click.IntRange(min=1), default=1024, help="Disk budget of --save-flagged (oldest evicted).")
+@click.option("--flagged-max-mb", type=click.IntRange(min=1), default=1024,
+              help="Disk budget of --save-flagged (oldest evicted).")
 @click.option("--mqtt", help="MQTT broker host[:port] for result records (needs paho-mqtt); credentials go in "
               "--mqtt-user and GRAD_MQTT_PASSWORD, never here.")
 @click.option("--mqtt-user", envvar="GRAD_MQTT_USER", help="MQTT user name [env: GRAD_MQTT_USER].")
@@ -171,24 +176,31 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
 @click.option("--max-frames", type=click.IntRange(min=0), help="Stop after this many frames.")
 @click.option("--loop", is_flag=True, help="Repeat file/folder sources.")
-@click.option("--benchmark", "benchmark_frames", type=click.IntRange(min=1), help="Run N frames (looping the source, no JSON lines) "
+@click.option("--benchmark", "benchmark_frames", type=click.IntRange(min=1),
+              help="Run N frames (looping the source, no JSON lines) "
               "and write a latency summary.")
 @click.option("--benchmark-out", type=click.Path(dir_okay=False), help="JSON file of the --benchmark summary "
               "[default: stdout].")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Frames excluded from --benchmark statistics.")
-@click.option("--stats-every", type=click.FloatRange(min=0), default=10.0, help="Seconds between latency log lines (0 = off).")
+@click.option("--stats-every", type=click.FloatRange(min=0), default=10.0,
+              help="Seconds between latency log lines (0 = off).")
 @click.option("--refine", is_flag=True, help="F2PAD pixel refinement of NG frames in a worker process (bundle "
               "prepared with grad-refine prepare; torch in the worker only): a follow-up JSON record per NG frame "
               "(same frame_id, \"type\": \"refine\"), mask saved with --save-flagged.")
-@click.option("--refine-budget", type=click.FloatRange(min=0), help="Refinement seconds per frame [default: the bundle's refine "
+@click.option("--refine-budget", type=click.FloatRange(min=0),
+              help="Refinement seconds per frame [default: the bundle's refine "
               "config].")
-@click.option("--refine-batch", type=click.IntRange(min=1), default=4, help="NG frames refined together (waiting ones).")
-@click.option("--refine-queue", type=click.IntRange(min=1), default=8, help="NG frames waiting for the worker; more are dropped "
+@click.option("--refine-batch", type=click.IntRange(min=1), default=4,
+              help="NG frames refined together (waiting ones).")
+@click.option("--refine-queue", type=click.IntRange(min=1), default=8,
+              help="NG frames waiting for the worker; more are dropped "
               "(the loop never waits).")
-@click.option("--refine-drain", type=click.FloatRange(min=0), default=30.0, help="Seconds to wait for pending refinements at the "
+@click.option("--refine-drain", type=click.FloatRange(min=0), default=30.0,
+              help="Seconds to wait for pending refinements at the "
               "end of the stream.")
 @click.option("--refine-device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
-@click.option("--refine-threads", type=click.IntRange(min=0), default=1, help="Torch CPU threads of the worker (0 = all cores).")
+@click.option("--refine-threads", type=click.IntRange(min=0), default=1,
+              help="Torch CPU threads of the worker (0 = all cores).")
 @click.option("--refine-class", help="Class whose tuned F2PAD settings (grad-refine tune) refine the frames of this "
               "line [default: the only tuned class, else the bundle's settings].")
 @verbose_option

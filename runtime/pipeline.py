@@ -415,8 +415,7 @@ def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: Latenc
         if options.refine is not None:
             # last follow-ups go out before the sinks close; a signal (SIGTERM from a supervisor that kills
             # soon after) gets a short drain so every sink is still flushed in time
-            options.refine.close(sink, SIGNAL_DRAIN_S if stop.signal_name else None, stopping=stop.__bool__,
-                                 stop_drain_s=SIGNAL_DRAIN_S)
+            options.refine.close(sink, stopping=stop.__bool__, stop_drain_s=SIGNAL_DRAIN_S)
     except Exception as exc:
         errors.append(exc)
         log.error("closing the refinement worker failed: %s", exc)

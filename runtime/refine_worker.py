@@ -368,9 +368,12 @@ class RefineWorker:
             return []
         out: list[RefineOutcome] = []
         try:
-            deadline, shortened = time.monotonic() + max(0.0, drain_timeout_s), False
+            limit = max(0.0, drain_timeout_s)
+            shortened = stopping is not None and stopping()  # stopped already: the short drain from the start
+            deadline = time.monotonic() + (min(limit, stop_drain_s) if shortened else limit)
             if self._pending:
-                log.info("waiting up to %.1f s for %d refinement job(s)", drain_timeout_s, len(self._pending))
+                log.info("waiting up to %.1f s for %d refinement job(s)", deadline - time.monotonic(),
+                         len(self._pending))
             while self._pending and self.failure is None and time.monotonic() < deadline:
                 if stopping is not None and not shortened and stopping():
                     deadline, shortened = min(deadline, time.monotonic() + stop_drain_s), True
@@ -457,14 +460,12 @@ class RefineStage:
                                             {"source": frame.source, "name": frame.name})
                 result.extra["refine"] = "queued" if queued else "dropped"
 
-    def close(self, sink: "SinkBase", drain_limit_s: float | None = None, stopping: Callable[[], bool] | None = None,
-              stop_drain_s: float = 2.0) -> None:
-        """Wait up to ``drain_timeout_s`` (or the smaller ``drain_limit_s``; ``stop_drain_s`` once ``stopping()``)
-        for pending frames, stop the worker, write the last follow-ups."""
+    def close(self, sink: "SinkBase", stopping: Callable[[], bool] | None = None, stop_drain_s: float = 2.0) -> None:
+        """Wait up to ``drain_timeout_s`` (at most ``stop_drain_s`` more once ``stopping()``, also when it already
+        is) for pending frames, stop the worker, write the last follow-ups."""
         started = time.perf_counter()
-        drain = self.drain_timeout_s if drain_limit_s is None else min(self.drain_timeout_s, drain_limit_s)
         try:
-            outcomes = self.worker.close(drain, stopping, stop_drain_s)
+            outcomes = self.worker.close(self.drain_timeout_s, stopping, stop_drain_s)
         finally:
             self.drain_seconds = time.perf_counter() - started
         self._emit(outcomes, sink)

@@ -250,7 +250,7 @@ def test_a_failed_atomic_torch_save_leaves_no_temporary_file(tmp_path: Path,
     from gradad.training import checkpoint
 
     def disk_full(obj: Any, f: Any) -> None:
-        Path(f).write_bytes(b"half a file")
+        f.write(b"half a file")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 import re
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 
 from gradad import __version__
 from gradad.errors import CheckpointError, ConfigError
+from gradad.files import atomic_file
 from gradad.plain import plain_leaf
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
@@ -31,13 +31,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     ``weights_only=True``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half a file behind
-        raise
+    with atomic_file(path) as fh:  # a failed write (disk full) leaves neither half a file nor its temporary
+        torch.save(obj, fh)
 
 
 def plain(obj: Any) -> Any:
@@ -115,11 +110,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _upgrade(payload)
 
 
-def trained_defect_paths(path: str | Path) -> set[str]:
-    """Resolved paths of the labelled defect images the model file's stage 1 trained on (empty when none or not
-    recorded): an evaluation must not score them."""
-    recorded = read_checkpoint(path).get("trained_defects") or []
-    return {str(p) for p in recorded if isinstance(p, str)}
+def trained_defect_paths(payload: dict[str, Any]) -> set[str]:
+    """Resolved paths of the labelled defect images a model file's stage 1 trained on (its payload; empty when none
+    or not recorded): an evaluation must not score them."""
+    return {str(p) for p in payload.get("trained_defects") or [] if isinstance(p, str)}
 
 
 def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> CheckpointError:

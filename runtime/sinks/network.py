@@ -18,7 +18,7 @@ from typing import Any, Callable
 from gradad.errors import GradError
 from gradad.runtime.sinks.base import SinkBase, _passes_filter, record_to_json
 from gradad.runtime.types import FrameResult
-from gradad.urls import redact_url, redact_urls_in
+from gradad.urls import redact_url, redact_urls_in, userinfo_end
 
 log = logging.getLogger("gradad.runtime.sinks")
 
@@ -46,9 +46,7 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 def _check_authority(url: str, parsed: urllib.parse.SplitResult, label: str) -> None:
     """Refuse a URL whose user-info holds an unencoded ``/``, ``?`` or ``#``: urllib would end the host there,
     send the records to a host made of the user name (or fail with the password's start quoted in the error)."""
-    rest = url.split("://", 1)[1]
-    query = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    at = rest.rfind("@", 0, query) if "/" in rest[:query] else rest.rfind("@")
+    at = userinfo_end(url.split("://", 1)[1])  # where the credentials end, read as redact_url reads them
     try:
         parsed.port  # noqa: B018 - raises ValueError for a non-numeric port
         ambiguous = at >= len(parsed.netloc) or not parsed.hostname
