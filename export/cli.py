@@ -123,11 +123,14 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
               "explicit quantisation, no calibrator; FP16 where not quantised.")
 @click.option("--max-batch", type=int, default=8, help="Largest batch of the optimisation profile.")
 @click.option("--opt-batch", type=int, default=1, help="Batch size TensorRT optimises for.")
+@click.option("--profiles", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Optimisation profiles: the most batches grad-run keeps in flight on this engine (--in-flight).")
 @click.option("--workspace-mib", type=int, default=2048, help="Builder workspace limit.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), help="Timing cache file, reused and updated "
               "[default: BUNDLE/timing.cache].")
 @grad_command
-def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, workspace_mib, timing_cache) -> None:
+def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, profiles, workspace_mib,
+                  timing_cache) -> None:
     """Build a TensorRT engine for BUNDLE_DIR on this device (engines are specific to TensorRT version and GPU).
 
     The engine is compared with ONNX Runtime FP32 on --parity-images (relative L2 of maps and scores, the FP16
@@ -137,7 +140,8 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, w
     from gradad.export.engine import build_bundle_engine
 
     stamp = build_bundle_engine(bundle_dir, parity_images, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
-                                workspace_mib=workspace_mib, timing_cache=timing_cache, int8=int8)
+                                workspace_mib=workspace_mib, timing_cache=timing_cache, int8=int8,
+                                profiles=profiles)
     click.echo(f"engine: {Path(bundle_dir) / stamp.file} ({stamp.precision}, TensorRT "
                f"{stamp.tensorrt_version}, {stamp.gpu_name} sm{stamp.compute_capability})")
 

@@ -56,6 +56,7 @@ def build_bundle_engine(
     gpu: dict[str, str] | None = None,
     engine_backend: Callable[[Path], Backend] = _default_engine_backend,
     int8: bool = False,
+    profiles: int = 2,
 ) -> EngineStamp:
     """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
     the bundle still offers; an engine that misses the parity gate is not written and the numbers reported.
@@ -84,7 +85,7 @@ def build_bundle_engine(
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_file(bundle_dir, TIMING_CACHE)),
                             fp32_layer_name_patterns=FP32_NAME_PATTERNS,
-                            fp32_layer_name_rule=keeps_fp32_name, int8=int8)
+                            fp32_layer_name_rule=keeps_fp32_name, int8=int8, profiles=profiles)
     inp = bundle.input
     fp16_onnx = bundle.file(FP16_ONNX) if FP16_ONNX in bundle.files else None
     int8_onnx = bundle.file(INT8_ONNX) if INT8_ONNX in bundle.files else None
@@ -111,6 +112,9 @@ def build_bundle_engine(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     stamp["parity_vs_onnxruntime"] = report
+    # the runtime refuses this engine once one of these files changes (grad-export quantize again, ...)
+    stamp["built_from"] = {name: bundle.files[name].sha256
+                           for name in [FP32_ONNX] + [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]}
     typed = EngineStamp.from_json(stamp)
     bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
     bundle.add_file(typed.file)

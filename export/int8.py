@@ -216,7 +216,16 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
     bundle.add_file(INT8_ONNX)
     bundle.parity["onnx_int8_vs_fp32"] = report
     bundle.parity["gates"] = {**bundle.parity.get("gates", {}), **gates_dict(opts.gates)}
+    # INT8 engines were built from the QDQ model just replaced: they no longer run what this bundle describes
+    stale = bundle.engines_for("int8")
+    bundle.engines = [e for e in bundle.engines if e not in stale]
+    for engine in stale:
+        bundle.files.pop(engine.file, None)
     bundle.save()
+    for engine in stale:  # deleted once the manifest no longer names them
+        bundle.file(engine.file).unlink(missing_ok=True)
+        log.warning("removed INT8 engine %s: it was built from the previous %s; rebuild it on the device with "
+                    "grad-export build --int8 %s --parity-images DIR", engine.file, INT8_ONNX, bundle_dir)
     log.info("INT8: map rel L2 %.3f, image AUROC %s -> %s", report["map_rel_l2"], report["auroc_fp32"],
              report["auroc_int8"])
     return report

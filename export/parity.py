@@ -35,6 +35,27 @@ class ParityGates:
     int8_auroc_max_drop: float = 0.005  # 0.5 AUROC point
 
 
+def _nonfinite(*arrays: np.ndarray) -> int:
+    """How many NaN / inf values the arrays hold together (an FP16 overflow, a 0/0 in a cosine)."""
+    return int(sum(np.size(a) - np.count_nonzero(np.isfinite(a)) for a in arrays))
+
+
+def _exceeds(value: float, gate: float) -> bool:
+    """True when an error is above its gate or not a number (``nan > gate`` is False: NaN must fail, not pass)."""
+    return not np.isfinite(value) or value > gate
+
+
+def _nonfinite_failure(report: dict[str, Any], what: str) -> list[str]:
+    """The gate every report shares: no NaN / inf in the candidate's outputs or the reference's."""
+    n, n_ref = report.get("nonfinite", 0), report.get("nonfinite_reference", 0)
+    out = []
+    if n:
+        out.append(f"{what} outputs hold {n} NaN/inf values")
+    if n_ref:
+        out.append(f"the reference outputs {what} is compared with hold {n_ref} NaN/inf values")
+    return out
+
+
 def compare_fp32(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarray, maps: np.ndarray) -> dict[str, Any]:
     """Absolute errors of an FP32 export against the reference (PyTorch)."""
     map_err = np.abs(maps.astype(np.float64) - ref_maps)
@@ -42,6 +63,8 @@ def compare_fp32(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarra
     scale = max(1.0, float(np.abs(ref_maps).max()), float(np.abs(ref_scores).max()))
     return {
         "n_images": int(len(scores)),
+        "nonfinite": _nonfinite(scores, maps),
+        "nonfinite_reference": _nonfinite(ref_scores, ref_maps),
         "map_max_abs": float(map_err.max()),
         "map_mean_abs": float(map_err.mean()),
         "score_max_abs": float(score_err.max()),
@@ -58,6 +81,8 @@ def compare_fp16(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarra
     diff = np.abs(maps64 - ref_maps64)
     out: dict[str, Any] = {
         "n_images": int(len(scores)),
+        "nonfinite": _nonfinite(scores, maps),
+        "nonfinite_reference": _nonfinite(ref_scores, ref_maps),
         "map_rel_l2": float(np.linalg.norm(diff) / max(np.linalg.norm(ref_maps64), 1e-12)),
         "map_max_rel": float(diff.max() / max(np.abs(ref_maps64).max(), 1e-12)),
         "score_rel_l2": float(np.linalg.norm(scores.astype(np.float64) - ref_scores)
@@ -67,7 +92,7 @@ def compare_fp16(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarra
         "auroc_fp16": None,
         "auroc_change": None,
     }
-    if labels is not None and 0 < labels.sum() < len(labels):
+    if labels is not None and 0 < labels.sum() < len(labels) and not out["nonfinite"] + out["nonfinite_reference"]:
         a32, a16 = auroc(labels, ref_scores), auroc(labels, scores)
         out.update(auroc_fp32=float(a32), auroc_fp16=float(a16), auroc_change=float(a16 - a32))
     return out
@@ -75,14 +100,15 @@ def compare_fp16(ref_scores: np.ndarray, ref_maps: np.ndarray, scores: np.ndarra
 
 def check_gates(fp32: dict[str, Any], fp16: dict[str, Any] | None, gates: ParityGates) -> list[str]:
     """Every gate that failed, as readable strings with the numbers (empty = pass)."""
-    failed = []
-    if fp32["max_abs_over_scale"] > gates.fp32_max_abs:
+    failed = _nonfinite_failure(fp32, "ONNX FP32")
+    if _exceeds(fp32["max_abs_over_scale"], gates.fp32_max_abs):
         failed.append(f"ONNX FP32 vs PyTorch max abs error {fp32['max_abs_over_scale']:.2e} (relative to scale "
                       f"{fp32['scale']:.3g}) > {gates.fp32_max_abs:.0e}")
     if fp16 is not None:
-        if fp16["map_rel_l2"] > gates.fp16_map_rel_l2:
+        failed += _nonfinite_failure(fp16, "FP16")
+        if _exceeds(fp16["map_rel_l2"], gates.fp16_map_rel_l2):
             failed.append(f"FP16 map relative L2 error {fp16['map_rel_l2']:.2e} > {gates.fp16_map_rel_l2:.0e}")
-        if fp16["score_rel_l2"] > gates.fp16_score_rel_l2:
+        if _exceeds(fp16["score_rel_l2"], gates.fp16_score_rel_l2):
             failed.append(f"FP16 score relative L2 error {fp16['score_rel_l2']:.2e} > {gates.fp16_score_rel_l2:.0e}")
         if fp16["auroc_change"] is not None and -fp16["auroc_change"] > gates.fp16_auroc_max_drop:
             failed.append(f"FP16 image AUROC drop {-fp16['auroc_change']:.4f} > {gates.fp16_auroc_max_drop}")
@@ -93,10 +119,10 @@ def check_int8_gates(report: dict[str, Any], gates: ParityGates, need_auroc: boo
     """Every INT8 gate that failed (empty = pass). The AUROC gate needs labels: without them it fails unless
     ``need_auroc`` is off (a TensorRT INT8 engine against ONNX Runtime on unlabelled images: the QDQ model
     it is built from passed the AUROC gate)."""
-    failed = []
-    if report["map_rel_l2"] > gates.int8_map_rel_l2:
+    failed = _nonfinite_failure(report, "INT8")
+    if _exceeds(report["map_rel_l2"], gates.int8_map_rel_l2):
         failed.append(f"INT8 map relative L2 error {report['map_rel_l2']:.3f} > {gates.int8_map_rel_l2}")
-    if report["score_rel_l2"] > gates.int8_score_rel_l2:
+    if _exceeds(report["score_rel_l2"], gates.int8_score_rel_l2):
         failed.append(f"INT8 score relative L2 error {report['score_rel_l2']:.3f} > {gates.int8_score_rel_l2}")
     change = report.get("auroc_change")
     if change is None and need_auroc:

@@ -66,6 +66,7 @@ class EngineBuildConfig:
         fp16: build a mixed-precision FP16 engine (GridSample and coordinates stay FP32).
         min_batch, opt_batch, max_batch: the optimisation profile's batch sizes
             (``min_batch <= opt_batch <= max_batch``); TensorRT tunes kernels for ``opt_batch``.
+        profiles: how many identical profiles the engine holds: the most batches the runtime keeps in flight.
         workspace_mib: builder workspace memory pool limit, in MiB.
         timing_cache: path of a TensorRT timing cache; read when present, written back after a
             successful build. ``None`` disables the persistent cache.
@@ -86,6 +87,9 @@ class EngineBuildConfig:
     fp32_layer_name_patterns: tuple[str, ...] = ()
     fp32_layer_name_rule: Callable[[str], bool] | None = None
     int8: bool = False  # explicit-quantisation INT8 engine from the QDQ ONNX (overrides fp16)
+    # identical optimisation profiles, one per execution context the runtime runs at once (grad-run --in-flight):
+    # TensorRT requires every concurrently used context of a dynamic-shape engine to have its own
+    profiles: int = 2
 
     @property
     def precision(self) -> str:
@@ -98,6 +102,8 @@ class EngineBuildConfig:
                 "engine batch sizes must satisfy 1 <= min_batch <= opt_batch <= max_batch, got "
                 f"min_batch={self.min_batch}, opt_batch={self.opt_batch}, max_batch={self.max_batch}"
             )
+        if self.profiles < 1:
+            raise ConfigError(f"profiles must be >= 1 (one per batch in flight at run time), got {self.profiles}")
         if self.workspace_mib <= 0:
             raise ConfigError(f"workspace_mib must be positive, got {self.workspace_mib}")
 
@@ -397,9 +403,10 @@ def build_engine(
         "opt": [cfg.opt_batch, c, h, w],
         "max": [cfg.max_batch, c, h, w],
     }
-    profile = builder.create_optimization_profile()
-    profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
-    config.add_optimization_profile(profile)
+    for _ in range(cfg.profiles):
+        profile = builder.create_optimization_profile()
+        profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
+        config.add_optimization_profile(profile)
 
     cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
     _setup_timing_cache(config, cache_path)
@@ -432,6 +439,7 @@ def build_engine(
         "compute_capability": gpu["compute_capability"],
         "precision": precision,
         "profile": shapes,
+        "profiles": int(cfg.profiles),
         "build_mode": mode,
         "workspace_mib": int(cfg.workspace_mib),
         "build_seconds": round(build_seconds, 3),

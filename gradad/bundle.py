@@ -195,21 +195,20 @@ def referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
 
 #: The bundle's TensorRT timing cache (not a listed file: a build speed-up, rebuilt when missing or stale).
 TIMING_CACHE = "timing.cache"
-#: Names gradad writes into a bundle folder: ONNX models, TensorRT engines, the timing cache, refinement files
-#: (hashed names) and their temporaries.
-BUNDLE_PRODUCT_PATTERNS = ("model*.onnx", "model*.plan", TIMING_CACHE, "refine_model*.pt", "pixel_prior*.npz",
-                           ".*tmp*")
+#: Unlisted names gradad leaves in a bundle folder: the timing cache and hidden temporaries. Anything else a
+#: bundle does not list is the user's, even when named like ours (``model_backup.onnx``, a hand-built ``.plan``).
+BUNDLE_SCRATCH_PATTERNS = (TIMING_CACHE, ".*tmp*")
 
 
 def foreign_entries(bundle_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
     """Names in ``bundle_dir`` that gradad did not put there: not bundle.json, not a file the manifest lists, not
-    one of :data:`BUNDLE_PRODUCT_PATTERNS` (sub-folders and links always count). What replacing the whole
+    one of :data:`BUNDLE_SCRATCH_PATTERNS` (sub-folders and links always count). What replacing the whole
     folder would destroy."""
     listed = {MANIFEST_NAME} | {PurePosixPath(name).parts[0] for _, name in referenced_files(manifest)
                                 if isinstance(name, str) and name.strip()}
     foreign = []
     for entry in Path(bundle_dir).iterdir():
-        ours = entry.name in listed or any(fnmatch.fnmatchcase(entry.name, p) for p in BUNDLE_PRODUCT_PATTERNS)
+        ours = entry.name in listed or any(fnmatch.fnmatchcase(entry.name, p) for p in BUNDLE_SCRATCH_PATTERNS)
         if not ours or entry.is_symlink() or (entry.is_dir() and entry.name not in listed):
             foreign.append(entry.name)
     return sorted(foreign)
@@ -446,13 +445,22 @@ class EngineStamp(_Record):
     compute_capability: str
     precision: str
     profile: dict[str, Any] | None = None
+    profiles: int | None = None  # identical optimisation profiles: the most batches in flight (older: 1)
     build_mode: str | None = None
     workspace_mib: int | None = None
     build_seconds: float | None = None
     timing_cache: str | None = field(default=None, metadata=_KEEP_NONE)
     fp32_layers: list[str] | None = None
     parity_vs_onnxruntime: dict[str, Any] | None = None
+    #: sha256 of every ONNX file the engine was built from, by bundle file name (older bundles: absent)
+    built_from: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def stale_sources(self, files: dict[str, "FileEntry"]) -> list[str]:
+        """The ONNX files this engine was built from that the bundle now holds in another version (re-exported
+        or re-quantised since the build), or no longer lists."""
+        return sorted(name for name, sha in (self.built_from or {}).items()
+                      if name not in files or files[name].sha256 != sha)
 
 
 @dataclass

@@ -34,6 +34,7 @@ import numpy as np
 from gradad.bundle import Bundle, Precision
 from gradad.errors import GradError
 from gradad.runtime.backend import BackendError
+from gradad.runtime.preprocess import as_input_dtype
 from gradad.runtime.tensorrt_device import (engine_matches_device, gpu_identity, import_cudart, import_tensorrt,
                                             rebuild_command)
 
@@ -235,6 +236,7 @@ class TensorRTBackend:
             raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no name-based tensor API "
                                f"(execute_async_v3): gradad needs TensorRT 8.5 or newer (JetPack 5.1+)")
         self._describe_tensors(context)
+        self._fit_in_flight_to_profiles()
         self.input_dtype = self._input.dtype
         self.cuda_graphs = cuda_graphs and all(hasattr(self._cudart, f) for f in _GRAPH_CALLS)
         for i in range(self.in_flight):
@@ -245,6 +247,16 @@ class TensorRTBackend:
             self._input.dtype, *self.input_hw, self.min_batch, self.max_batch,
             ", ".join(f"{t.name} {t.dtype} {t.sample_shape}" for t in self._outputs), self.in_flight,
             "on" if self.cuda_graphs else "off")
+
+    def _fit_in_flight_to_profiles(self) -> None:
+        """A dynamic-shape engine runs at most one batch per optimisation profile at once: TensorRT requires every
+        context in concurrent use to have its own (engines built before ``--profiles`` hold one)."""
+        profiles = int(getattr(self._engine, "num_optimization_profiles", 1) or 1)
+        if self._dynamic and self.in_flight > profiles:
+            log.warning("TensorRT engine %s has %d optimisation profile(s): %d batch(es) in flight instead of %d "
+                        "(rebuild with grad-export build --profiles %d for more)", self.engine_path.name, profiles,
+                        profiles, self.in_flight, self.in_flight)
+            self.in_flight = profiles
 
     def _new_context(self, number: int) -> Any:
         context = self._engine.create_execution_context()
@@ -326,6 +338,11 @@ class TensorRTBackend:
         cudart = self._cudart
         stream = _cuda_ok(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._streams.append(stream)
+        if self._dynamic and index > 0:  # context 0 uses profile 0; each further one its own
+            if context.set_optimization_profile_async(index, _native_handle(stream)) is False:
+                raise BackendError(f"TensorRT could not give execution context {index + 1} of "
+                                   f"{self.engine_path.name} optimisation profile {index}")
+            _cuda_ok(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         buffers = {}
         for t in (self._input, *self._outputs):
             nbytes = t.batch_nbytes(self.max_batch)
@@ -368,7 +385,9 @@ class TensorRTBackend:
         cudart, inp = self._cudart, slot.buffers[self._input.name]
         kinds = cudart.cudaMemcpyKind
         # Pinned staging buffer in the engine's input type (uint8 for schema-2 bundles: 1 byte per channel).
-        inp.host[: n * math.prod(self._input.sample_shape)].reshape(images.shape)[...] = images
+        # float frames are rounded and clipped like ONNX Runtime's path does (a plain copy truncates and wraps)
+        inp.host[: n * math.prod(self._input.sample_shape)].reshape(images.shape)[...] = as_input_dtype(
+            images, self._input.dtype)
         _cuda_ok(cudart, cudart.cudaMemcpyAsync(inp.device_ptr, inp.host_ptr, self._input.batch_nbytes(n),
                                                 kinds.cudaMemcpyHostToDevice, slot.stream),
                  "cudaMemcpyAsync (input to GPU)")
@@ -550,6 +569,10 @@ def load_tensorrt_backend(
     reasons = []
     for candidate in reversed(stamps):  # the newest build first
         reason = engine_matches_device(candidate, trt_version, gpu, bundle=str(bundle_dir))
+        stale = candidate.stale_sources(bundle.files)
+        if reason is None and stale:
+            reason = (f"engine {candidate.file} was built from another version of {', '.join(stale)} (changed "
+                      f"since the build); rebuild it with `{rebuild_command(str(bundle_dir), precision)}`")
         if reason is None:
             stamp = candidate
             break

@@ -26,9 +26,9 @@ def _full_bundle(directory: Path) -> Bundle:
     bundle.onnx = OnnxInfo(17, "torch", True, True, gridsample_nodes=2,
                            gridsample={"mode": "bilinear"}, extra={"future_key": 1})
     bundle.engines = [EngineStamp("m.plan", "10.3.0", "Orin", "8.7", "fp16", profile={"min": [1, 3, 96, 128]},
-                                  build_mode="strongly_typed", workspace_mib=1024, build_seconds=1.5,
+                                  profiles=2, build_mode="strongly_typed", workspace_mib=1024, build_seconds=1.5,
                                   timing_cache="t.cache", fp32_layers=["grid"], parity_vs_onnxruntime={"x": 1.0},
-                                  extra={"note": "n"})]
+                                  built_from={"model.onnx": "ab" * 32}, extra={"note": "n"})]
     bundle.calibration = Calibration(2.5, 0.7, "far", "n", "d", {"far": {}}, {"method": "p"}, {"c": 1}, "ort",
                                      "2026-01-01", {"n_good": 3}, ["w"], extra={"new": True})
     bundle.refine = RefineSection("r.pt", "p.npz", "ck.pt", "2026", 1e-4, 0.1, "rule", 0.7, "rule2",

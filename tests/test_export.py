@@ -253,9 +253,10 @@ class _ScaledOnnxEngine:
         self.closed = True
 
 
-@pytest.mark.parametrize("factor,accepted", [(1.001, True), (1.2, False)])
+@pytest.mark.parametrize("factor,accepted,refusal", [(1.001, True, ""), (1.2, False, "engine map relative L2"),
+                                                     (float("nan"), False, "engine outputs hold .* NaN/inf")])
 def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: Path, factor: float,
-                                 accepted: bool) -> None:
+                                 accepted: bool, refusal: str) -> None:
     """GLUE test with the fake `tensorrt` module (tests/fakes/tensorrt.py): the engine-vs-ORT gate keeps or deletes."""
     import shutil
 
@@ -282,13 +283,36 @@ def test_engine_parity_gate_glue(bundle: Path, tiny_demo_root: Path, tmp_path: P
         manifest = read_manifest(copy)
         assert manifest["engines"][0]["file"] == stamp.file and (copy / stamp.file).is_file()
         assert stamp.parity_vs_onnxruntime["map_rel_l2"] == pytest.approx(0.001, rel=1e-3)
+        assert stamp.built_from == {n: e["sha256"] for n, e in manifest["files"].items() if n.endswith(".onnx")}
         verify_files(copy, manifest)
     else:
-        with pytest.raises(ParityError, match="engine map relative L2"):
+        with pytest.raises(ParityError, match=refusal):
             build_bundle_engine(copy, images, trt=trt, gpu=GPU, engine_backend=factory)
         assert not list(copy.glob("*.plan")) and read_manifest(copy)["engines"] == []
         assert not (copy / ".engine-build-tmp").exists()
     assert engines and engines[0].closed
+
+
+def test_nan_fails_every_parity_gate() -> None:
+    """``nan > gate`` is False: a single NaN (an FP16 overflow, 0/0 in a cosine) must fail the gates, not hide a
+    candidate that is also 10x off."""
+    from gradad.export.parity import ParityGates, check_gates, check_int8_gates, compare_fp16, compare_fp32
+
+    rng = np.random.default_rng(0)
+    ref_s, ref_m = rng.random(8) + 1, rng.random((8, 16, 16)) + 1
+    bad_s, bad_m = ref_s * 10, ref_m * 10
+    bad_m[0, 0, 0] = np.nan
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    r16 = compare_fp16(ref_s, ref_m, bad_s, bad_m, labels)  # no AUROC on NaN (it would raise): not measured
+    assert r16["nonfinite"] == 1 and r16["auroc_change"] is None
+    assert any("NaN/inf" in f for f in check_gates({"max_abs_over_scale": 0.0}, r16, ParityGates()))
+    assert any("NaN/inf" in f for f in check_int8_gates(r16, ParityGates(), need_auroc=False))
+    r32 = compare_fp32(ref_s, ref_m, np.full(8, np.inf), ref_m)
+    assert r32["nonfinite"] == 8 and check_gates(r32, None, ParityGates())
+    nan_ref = compare_fp16(np.full(8, np.nan), ref_m, ref_s, ref_m, None)  # a broken reference fails too
+    assert any("reference" in f for f in check_gates({"max_abs_over_scale": 0.0}, nan_ref, ParityGates()))
+    clean = compare_fp16(ref_s, ref_m, ref_s, ref_m, labels)
+    assert clean["nonfinite"] == 0 and check_gates({"max_abs_over_scale": 0.0}, clean, ParityGates()) == []
 
 
 def test_tensorrt_pins_follow_the_precision_rule(bundle: Path, tiny_demo_root: Path, tmp_path: Path,

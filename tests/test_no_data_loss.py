@@ -39,8 +39,17 @@ def test_export_overwrite_replaces_only_a_bundle_of_its_own_files(trained_tiny: 
     result = _export([str(trained_tiny), "-o", str(mine), "--overwrite"])
     assert result.exit_code == 2 and "NOTES.txt, which the bundle does not list" in result.stderr
     assert (mine / "NOTES.txt").read_text() == "line 3 settings" and (mine / "model.fp16.onnx").is_file()
-    # without it, the bundle is replaced, and no temporary folder is left behind
+    # files named like ours that the bundle does not list are the user's too (a backup, a hand-built engine)
     (mine / "NOTES.txt").unlink()
+    for name in ("model_backup_before_retrain.onnx", "model.trt8.6.1.fp16.sm87.Orin.plan"):
+        (mine / name).write_bytes(b"keep me")
+        result = _export([str(trained_tiny), "-o", str(mine), "--overwrite"])
+        assert result.exit_code == 2 and f"{name}, which the bundle does not list" in result.stderr
+        assert (mine / name).read_bytes() == b"keep me"
+        (mine / name).unlink()
+    (mine / ".model.onnx.tmp123").write_bytes(b"")  # a temporary of ours and the timing cache do not count
+    (mine / "timing.cache").write_bytes(b"")
+    # without them, the bundle is replaced, and no temporary folder is left behind
     result = _export([str(trained_tiny), "-o", str(mine), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (mine / "model.fp16.onnx").exists() and read_manifest(mine)["name"] == "mine"

@@ -118,6 +118,28 @@ def test_files_keep_every_frame_in_order_in_the_jsonl(ort, images, tmp_path: Pat
     assert stats.summary()["latency_ms"]["end_to_end"]["n"] == 20
 
 
+class NanScoreBackend(SlowBackend):
+    """A broken engine: the second frame of every batch scores NaN."""
+
+    def infer(self, images: np.ndarray):
+        scores, maps = super().infer(images)
+        scores = np.array(scores, dtype=np.float32)
+        scores[1::2] = np.nan
+        return scores, maps
+
+
+def test_a_nan_score_flags_the_part_never_passes_it(ort, images, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    sink, out = ListSink(), tmp_path / "run.jsonl"
+    run_pipeline(frames(images, 4), NanScoreBackend(ort), Thresholds(1e9), [JsonlSink(str(out)), sink],
+                 RunOptions(batch_size=2, stats_every_s=0), stats=LatencyStats())
+    verdicts = [r.is_anomalous for r in sink.results]
+    assert verdicts == [False, True, False, True]  # the threshold passes every finite score
+    assert "non-finite score" in caplog.text and "[1]" in caplog.text and "[3]" in caplog.text
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # strict JSON: the NaN is written null
+    assert [r["score"] for r in records][1::2] == [None, None] and [r["decision"] for r in records] == ["OK", "NG", "OK", "NG"]
+
+
 def test_live_source_drops_oldest_frames_only_when_inference_lags(ort, images) -> None:
     slow = SlowBackend(ort, delay_s=0.03)
     live = ListSink()

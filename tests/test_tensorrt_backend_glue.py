@@ -442,6 +442,20 @@ def test_uint8_engine_input_moves_one_byte_per_channel(engine_file):
     assert cudart.live() == 0
 
 
+def test_float_frames_are_rounded_and_clipped_into_a_uint8_engine_like_onnxruntime(engine_file):
+    from gradad.runtime.preprocess import as_input_dtype
+
+    backend, _, _ = make_backend(engine_file, specs=default_specs(in_dtype=FakeDataType.UINT8))
+    x = np.full((1, 3, H, W), 254.7, np.float32)
+    x[0, :, 0, 0], x[0, :, 0, 1] = 256.0, -1.0  # a plain copy would wrap these to 0 and 255
+    slot = backend.submit(x)
+    staged = backend._slots[0].buffers["image"].host[: 3 * H * W].reshape(1, 3, H, W)
+    assert staged[0, 0, 0, :3].tolist() == [255, 0, 255]
+    np.testing.assert_array_equal(staged, as_input_dtype(x, np.dtype(np.uint8)))  # what ONNX Runtime is given
+    backend.collect(slot)
+    backend.close()
+
+
 def test_in_flight_slots_have_their_own_stream_context_and_buffers(engine_file):
     cudart = FakeCudart()
     trt = make_fake_trt(cudart, specs=default_specs(in_dtype=FakeDataType.UINT8))
@@ -500,3 +514,87 @@ def test_cuda_graph_capture_failure_falls_back_to_plain_enqueues(engine_file, ca
 def test_no_cuda_graphs_without_capture_calls(engine_file):
     plain, _, _ = make_backend(engine_file)  # a cuda-python without stream capture
     assert not plain.cuda_graphs
+
+
+def _int8_bundle(tmp_path: Path, built_from: bool) -> tuple[Path, str]:
+    import onnx
+
+    from gradad.bundle import FP32_ONNX, INT8_ONNX
+
+    d = tmp_path / "bundle"
+    d.mkdir()
+    (d / FP32_ONNX).write_bytes(b"fp32")
+    (d / INT8_ONNX).write_bytes(onnx.ModelProto(producer_name="old qdq").SerializeToString())
+    engine = "model.trt10.3.0.int8.sm87.NVIDIA-Orin.plan"
+    (d / engine).write_bytes(ENGINE_BYTES)
+    files = {n: FileEntry.of(d / n) for n in (FP32_ONNX, INT8_ONNX, engine)}
+    sources = {n: files[n].sha256 for n in (FP32_ONNX, INT8_ONNX)} if built_from else None
+    bundle = minimal_bundle(d, H, W, files, [EngineStamp(engine, "10.3.0", GPU["name"], "8.7", "int8",
+                                                         built_from=sources)])
+    bundle.data_root = "x"
+    bundle.save()
+    return d, engine
+
+
+def test_an_engine_built_from_an_onnx_file_since_replaced_is_refused(tmp_path: Path) -> None:
+    from gradad.bundle import INT8_ONNX
+
+    d, engine = _int8_bundle(tmp_path, built_from=True)
+    cudart = FakeCudart()
+    load_tensorrt_backend(Bundle.load(d), "int8", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU).close()
+    bundle = Bundle.load(d)  # the QDQ model replaced (as a re-quantisation does), the engine left behind
+    (d / INT8_ONNX).write_bytes(b"new qdq")
+    bundle.add_file(INT8_ONNX)
+    bundle.save()
+    with pytest.raises(BackendError, match=f"{engine} was built from another version of {INT8_ONNX}.*grad-export build"):
+        load_tensorrt_backend(Bundle.load(d), "int8", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
+
+
+def test_requantising_removes_the_int8_engines_of_the_old_model(tmp_path: Path, monkeypatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """grad-export quantize's bookkeeping (the ONNX Runtime steps stood in for): an older bundle's INT8 engine,
+    stamped without ``built_from``, goes with the QDQ model it was built from."""
+    import onnx
+
+    import gradad.export.int8 as int8
+    from gradad.bundle import INT8_ONNX
+
+    d, engine = _int8_bundle(tmp_path, built_from=False)
+
+    def quantize(src, dst, *args, **kwargs):
+        Path(dst).write_bytes(onnx.ModelProto(producer_name="new qdq").SerializeToString())
+        return []
+
+    monkeypatch.setattr(int8, "calibration_batches", lambda *a, **k: [])
+    monkeypatch.setattr(int8, "labelled_parity_set", lambda *a, **k: ([], np.array([0, 1]), "stand-in"))
+    monkeypatch.setattr(int8, "to_model_input", lambda *a, **k: None)
+    monkeypatch.setattr(int8, "lint_or_raise", lambda *a, **k: 1)
+    monkeypatch.setattr(int8, "quantize_model", quantize)
+    monkeypatch.setattr(int8, "int8_parity", lambda *a, **k: {"map_rel_l2": 0.01, "score_rel_l2": 0.01,
+                                                              "auroc_change": 0.0, "auroc_fp32": 1.0,
+                                                              "auroc_int8": 1.0})
+    int8.quantize_bundle(d, int8.QuantizeOptions(calib=["x"]))
+    bundle = Bundle.load(d)
+    assert bundle.engines_for("int8") == [] and engine not in bundle.files and not (d / engine).exists()
+    assert f"removed INT8 engine {engine}" in caplog.text
+    assert onnx.load(d / INT8_ONNX).producer_name == "new qdq"
+
+
+def test_each_slot_context_gets_its_own_optimisation_profile(engine_file, caplog: pytest.LogCaptureFixture):
+    """TensorRT: every context of a dynamic-shape engine in concurrent use needs its own profile (a second
+    context without one cannot run on TensorRT 8.x); an engine with fewer profiles than --in-flight gets fewer
+    batches in flight, said once."""
+    cudart = FakeCudart()
+    trt = make_fake_trt(cudart, profiles=3)
+    backend = TensorRTBackend(engine_file, "image", trt=trt, cudart=cudart, in_flight=3, cuda_graphs=False)
+    assert [c.profile for c in trt.engines[0].contexts] == [0, 1, 2]
+    handles = [backend.submit(uint8_images(2, seed)) for seed in range(3)]
+    assert all(len(backend.collect(h)[0]) == 2 for h in handles)
+    backend.close()
+    old = make_fake_trt(cudart, profiles=1)  # built before --profiles
+    backend = TensorRTBackend(engine_file, "image", trt=old, cudart=cudart, in_flight=2, cuda_graphs=False)
+    assert backend.in_flight == 1 and len(old.engines[0].contexts) == 1
+    assert "1 optimisation profile(s): 1 batch(es) in flight instead of 2" in caplog.text
+    backend.infer(uint8_images(2))
+    backend.close()
+    assert cudart.live() == 0

@@ -108,8 +108,9 @@ def test_profile_shapes_and_workspace_bytes(onnx_files, tmp_path):
     cfg = EngineBuildConfig(opt_batch=4, max_batch=16, workspace_mib=512)
     stamp = _build(trt, onnx_files, tmp_path / "out", cfg)
     config = trt.rec.config
-    assert len(config.profiles) == 1
-    assert config.profiles[0].shapes == {"image": ((1, 3, 64, 64), (4, 3, 64, 64), (16, 3, 64, 64))}
+    assert len(config.profiles) == 2 and stamp["profiles"] == 2  # one per batch in flight at run time
+    for profile in config.profiles:
+        assert profile.shapes == {"image": ((1, 3, 64, 64), (4, 3, 64, 64), (16, 3, 64, 64))}
     assert config.pool_limits == {"WORKSPACE": 512 * 2**20}
     assert stamp["profile"] == {"min": [1, 3, 64, 64], "opt": [4, 3, 64, 64], "max": [16, 3, 64, 64]}
     assert stamp["workspace_mib"] == 512
@@ -117,7 +118,7 @@ def test_profile_shapes_and_workspace_bytes(onnx_files, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs", [dict(min_batch=0), dict(opt_batch=9, max_batch=8), dict(min_batch=2, opt_batch=1),
-               dict(workspace_mib=0)]
+               dict(workspace_mib=0), dict(profiles=0)]
 )
 def test_invalid_build_config_is_refused_before_touching_tensorrt(kwargs, onnx_files, tmp_path):
     trt = make_fake_trt()

@@ -320,6 +320,24 @@ class FakeContextBase:
 
 
 class FakeContextV3(FakeContextBase):
+    #: the optimisation profile in use: TensorRT (8.x's contract) gives the first context of an engine profile 0
+    #: and a further one of a dynamic-shape engine none (-1) until set_optimization_profile_async; it cannot run
+    profile = 0
+
+    def set_optimization_profile_async(self, index, stream_handle):
+        assert isinstance(stream_handle, int) and stream_handle in self.engine.cudart.streams
+        if not 0 <= index < self.engine.num_optimization_profiles:
+            return False
+        if any(c is not self and c.profile == index for c in self.engine.contexts):
+            return False  # one context per profile: concurrent contexts must not share one
+        self.profile = index
+        return True
+
+    def _run(self, addresses, stream_handle):
+        if self.profile < 0:
+            return False
+        return super()._run(addresses, stream_handle)
+
     def set_input_shape(self, name, shape):
         return self._set_shape(name, shape)
 
@@ -364,8 +382,13 @@ class FakeEngineV3(FakeEngineBase):
         assert spec.is_input, "TensorRT only has profile shapes for inputs"
         return list(spec.profile)
 
+    num_optimization_profiles = 2  # what grad-export build makes by default (--profiles)
+
     def create_execution_context(self):
         ctx = FakeContextV3(self)
+        dynamic = any(-1 in s.shape for s in self.specs if s.is_input)
+        if self.contexts and dynamic:
+            ctx.profile = -1
         self.contexts.append(ctx)
         return ctx
 
@@ -531,11 +554,13 @@ def make_fake_trt(
     parse_errors: tuple[FakeParserError, ...] = (),
     build_result: Any = b"engine-bytes",
     input_shape: tuple[int, ...] = (-1, *CHW),
+    profiles: int | None = None,
 ) -> types.ModuleType:
     """A stand-in ``tensorrt`` module.
 
     Runtime: ``Runtime(logger).deserialize_cuda_engine(ENGINE_BYTES)`` gives an engine over ``cudart`` with
-    ``specs`` (default :func:`default_specs`), the bindings-only API with ``bindings_api``; any other bytes give
+    ``specs`` (default :func:`default_specs`) and ``profiles`` optimisation profiles (default 2), the
+    bindings-only API with ``bindings_api``; any other bytes give
     None (what TensorRT does with a foreign plan). ``trt.log`` and ``trt.engines`` record what happened.
     Builder: ``trt.rec`` records the calls; the other arguments shape the builder's enums, parser and result.
     """
@@ -559,6 +584,8 @@ def make_fake_trt(
             if bytes(data) != ENGINE_BYTES:
                 return None  # what real TensorRT does with a foreign/corrupt plan
             engine = engine_cls(specs or default_specs(), cudart, trt.log)
+            if profiles is not None:
+                engine.num_optimization_profiles = profiles
             trt.engines.append(engine)
             return engine
 
