@@ -470,7 +470,7 @@ class TensorRTBackend:
                 _cuda_ok(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
             slot.graph_batch = n
             log.debug("captured a CUDA graph for batch %d on slot %d", n, slot.index)
-        except BackendError as exc:
+        except (BackendError, TypeError) as exc:  # TypeError: a cuda-python whose graph calls take other arguments
             log.warning("CUDA graph capture unavailable (%s): plain enqueues from now on", exc)
             self.cuda_graphs = False
             self._drop_graph(slot)

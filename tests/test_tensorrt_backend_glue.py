@@ -511,6 +511,24 @@ def test_cuda_graph_capture_failure_falls_back_to_plain_enqueues(engine_file, ca
     backend.close()
 
 
+def test_a_cuda_python_with_another_graph_signature_falls_back_to_plain_enqueues(engine_file, caplog):
+    """cuda-python 11 (JetPack 5) spells cudaGraphInstantiate with a log buffer, not flags: a TypeError there must
+    turn graphs off, not end the run."""
+
+    class OldGraphCudart(GraphCudart):
+        def cudaGraphInstantiate(self, graph, log_buffer, buffer_size):  # noqa: N802
+            return super().cudaGraphInstantiate(graph, 0)
+
+    cudart = OldGraphCudart()
+    backend = TensorRTBackend(engine_file, "image", trt=make_fake_trt(cudart), cudart=cudart)
+    for seed in range(2):
+        x = images(2, seed)
+        np.testing.assert_allclose(backend.infer(x)[0], expected(x)[0], rtol=1e-6)
+    assert not backend.cuda_graphs and "CUDA graph capture unavailable" in caplog.text
+    backend.close()
+    assert cudart.live() == 0
+
+
 def test_no_cuda_graphs_without_capture_calls(engine_file):
     plain, _, _ = make_backend(engine_file)  # a cuda-python without stream capture
     assert not plain.cuda_graphs
