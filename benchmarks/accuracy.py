@@ -91,16 +91,68 @@ class Calibration:
     threshold: float
     method: str
     data: dict[str, Any]
+    # resolved paths of the images the threshold was set on (None: not recorded, a bundle calibrated by an older
+    # gradad): the F1 at the threshold leaves them out, it would otherwise be measured on its own fitting data
+    images: frozenset[str] | None = None
 
 
 def calibration_of(bundle: Bundle) -> Calibration | None:
-    """The calibration of a bundle, or None for an uncalibrated bundle."""
+    """The calibration of a bundle, or None for an uncalibrated bundle; warns when the bundle does not record the
+    images it was calibrated on."""
+    from gradad.calibration.calibrate import CALIBRATION_IMAGES
+
     cal = bundle.calibration
     if cal is None:
         return None
     data = cal.data or {}
+    recorded = data.get(CALIBRATION_IMAGES)
+    if not isinstance(recorded, list):
+        log.warning("bundle %s does not record its calibration images (calibrated by an older gradad): the F1 at its "
+                    "calibrated threshold may include them; re-run grad-calibrate to leave them out",
+                    bundle.directory)
     return Calibration(float(cal.image_threshold), str(cal.method or ""),
-                       {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")})
+                       {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")},
+                       frozenset(str(p) for p in recorded) if isinstance(recorded, list) else None)
+
+
+def calibration_f1_images(samples: Sequence[Sample], calibration: Calibration | None) -> np.ndarray | None:
+    """Boolean mask over ``samples``: True for images the F1 at the calibrated threshold may score (not one the
+    threshold was calibrated on); None when nothing is left out (no calibration, or no record)."""
+    if calibration is None or not calibration.images:
+        return None
+    keep = np.array([str(s.image_path.resolve()) not in calibration.images for s in samples], bool)
+    return None if keep.all() else keep
+
+
+def _f1_without_calibration_images(per_class: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray,
+                                   threshold: float, keep: np.ndarray) -> None:
+    """Replace ``image_f1`` (per class, per defect type and mean) by the F1 of ``score >= threshold`` over the kept
+    images only. The other metrics do not depend on the threshold and keep every image, so rows stay paired."""
+    from gradad.ranking import f1_at_threshold
+
+    names = np.array([s.class_name for s in samples], dtype=object)
+    labels = np.array([s.label for s in samples], int)
+    defects = np.array([s.defect_type for s in samples], dtype=object)
+    scores = np.asarray(scores, dtype=np.float64)
+
+    def f1(idx: np.ndarray) -> float:
+        idx = idx[keep[idx]]
+        return f1_at_threshold(labels[idx], scores[idx], threshold) if idx.size else float("nan")
+
+    values = []
+    for cls, entry in per_class.items():
+        if cls == "mean":
+            continue
+        idx = np.flatnonzero(names == cls)
+        entry["image_f1"] = f1(idx)
+        entry["n_f1_calibration_images_left_out"] = int((~keep[idx]).sum())
+        good = idx[labels[idx] == 0]
+        for d, sub in (entry.get("by_defect") or {}).items():
+            if "image_f1" in sub:
+                sub["image_f1"] = f1(np.concatenate([good, idx[(labels[idx] == 1) & (defects[idx] == d)]]))
+        values.append(entry["image_f1"])
+    finite = [v for v in values if not np.isnan(v)]
+    per_class["mean"]["image_f1"] = float(np.mean(finite)) if finite else float("nan")
 
 
 #: where a row keeps its reduced predictions until the paired comparison (not written to the result files)
@@ -122,6 +174,9 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     # f1_at_threshold flags score >= t; the runtime flags score > t: move t to the next float up.
     threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
     per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
+    keep = calibration_f1_images(samples, calibration)
+    if threshold is not None and keep is not None:  # the threshold was fitted on these: no F1 on them
+        _f1_without_calibration_images(per_class, samples, scores, threshold, keep)
     row["per_class"] = per_class
     if paired:  # reduced predictions for the paired bootstrap against the first row
         row[PAIRED_KEY] = _paired_of(samples, scores, maps, masks)
@@ -129,7 +184,8 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
         row["f1"] = {"kind": F1_ORACLE, "key": "image_best_f1", "mean": per_class["mean"]["image_best_f1"]}
     else:
         row["f1"] = {"kind": F1_CALIBRATED, "key": "image_f1", "mean": per_class["mean"]["image_f1"],
-                     "threshold": calibration.threshold, "calibration_method": calibration.method}
+                     "threshold": calibration.threshold, "calibration_method": calibration.method,
+                     "calibration_images_left_out": 0 if keep is None else int((~keep).sum())}
     return row
 
 
@@ -324,10 +380,18 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         rows.append(patchcore_row(cfg, samples, classes, image_size, backbone))
     compare_with_first_row(rows, cfg.bootstrap)
     n_anomalous = sum(s.label for s in samples)
+    f1_keep = calibration_f1_images(samples, calibration)
+    n_calibration = 0 if f1_keep is None else int((~f1_keep).sum())
+    if n_calibration:
+        log.info("%d test images are calibration images of bundle %s: left out of the F1 at its calibrated "
+                 "threshold (every other metric scores them)", n_calibration, cfg.bundle)
     return {
         "dataset": {"root": ", ".join(cfg.data_roots), "layout": cfg.layout,
                     "name": " + ".join(Path(r).name for r in cfg.data_roots), "excluded": cfg.exclude,
                     "n_excluded": n_excluded, "n_trained_defects_left_out": n_trained,
+                    # None: the bundle does not record them, its calibrated F1 may include them
+                    "n_calibration_images_left_out_of_f1": (None if calibration is not None
+                                                            and calibration.images is None else n_calibration),
                     "classes": sorted({s.class_name for s in samples}), "n_test_images": len(samples),
                     "n_anomalous": n_anomalous},
         "protocol": "unified: one model for all classes, metrics class by class, mean over classes",
@@ -389,6 +453,18 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _calibration_note(dataset: dict[str, Any]) -> list[str]:
+    """The report line saying which images the F1 at the calibrated threshold leaves out (or may include)."""
+    if "n_calibration_images_left_out_of_f1" not in dataset:
+        return []
+    n = dataset["n_calibration_images_left_out_of_f1"]
+    if n is None:
+        return ["The bundle does not record its calibration images: F1 at its calibrated threshold may include "
+                "them.", ""]
+    return [f"F1 at the calibrated threshold leaves out the {n} test images the threshold was calibrated on.", ""] if n \
+        else []
+
+
 def accuracy_markdown(result: dict[str, Any]) -> str:
     """The markdown report of one accuracy result: command, summary table, skips, per-class tables."""
     ds = result["dataset"]
@@ -396,7 +472,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
              f"`{result.get('command', '')}`", "",
              f"Dataset `{ds['root']}`: {ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), "
              f"classes {', '.join(ds['classes'])}. {result['protocol']}.", "",
-             summary_table(result["rows"])]
+             *_calibration_note(ds), summary_table(result["rows"])]
     table = comparison_table(result["rows"])
     if table:
         parts += [table]

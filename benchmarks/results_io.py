@@ -37,12 +37,29 @@ def result_header(kind: str, name: str, command: str) -> dict[str, Any]:
             "command": command}
 
 
+def _refuse_foreign(json_path: Path, md_path: Path, kind: Any) -> None:
+    """Refuse to replace files that are not an earlier result of the same kind: a --name that matches a
+    hand-written record (``preparation.json``) or the folder's README.md would silently overwrite it."""
+    if json_path.exists():
+        try:
+            old_kind = json.loads(json_path.read_text(encoding="utf-8")).get("kind")
+        except (OSError, ValueError, AttributeError):  # not JSON, or not an object: not ours either
+            old_kind = None
+        if old_kind is None or old_kind != kind:
+            raise GradError(f"{json_path} exists and is not a {kind!r} result (kind {old_kind!r}): choose another "
+                            f"--name or -o")
+    elif md_path.exists():  # a markdown file without its result JSON was not written by grad-bench
+        raise GradError(f"{md_path} exists and is not a grad-bench result: choose another --name or -o")
+
+
 def write_result_files(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<name>.json`` (floats to 6 significant digits, nan as null) and ``<name>.md``."""
+    """Write ``<out_dir>/<name>.json`` (floats to 6 significant digits, nan as null) and ``<name>.md``; an existing
+    pair is replaced only when its JSON is a result of the same ``kind`` as ``payload``."""
     out = Path(out_dir)
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    _refuse_foreign(json_path, md_path, payload.get("kind"))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        json_path, md_path = out / f"{name}.json", out / f"{name}.md"
         json_path.write_text(json.dumps(to_jsonable(payload), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         md_path.write_text(markdown.rstrip("\n") + "\n", encoding="utf-8")
     except OSError as exc:

@@ -54,18 +54,59 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve())
 
 
+LINK_FOLDERS = ("defects", "masks")
+
+
+def _refuse_real_files(out: Path) -> None:
+    """Refuse a split folder whose defects/ or masks/ hold real files: this command only ever writes links there,
+    so they are someone's data (and a link of the same name would replace one)."""
+    for sub in LINK_FOLDERS:
+        root = out / sub
+        if not root.is_dir():
+            continue
+        real = next((p for p in sorted(root.rglob("*")) if not p.is_symlink() and not p.is_dir()), None)
+        if real is not None:
+            raise DatasetError(f"-o {out}: {real} is a file, not a link of a tuning split: choose an empty folder")
+
+
+def _remove_stale_links(out: Path, keep: set[Path]) -> int:
+    """Remove the links under defects/ and masks/ that the new split does not write (an earlier split's), then the
+    folders that held only those; real files are never touched. Returns the number of links removed."""
+    removed = 0
+    for sub in LINK_FOLDERS:
+        root = out / sub
+        if not root.is_dir():
+            continue
+        for p in sorted(root.rglob("*")):
+            if p.is_symlink() and p not in keep:  # grad-train --defects would read an old split's images
+                p.unlink()
+                removed += 1
+        for d in sorted((p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+            if not any(d.iterdir()):
+                d.rmdir()
+    return removed
+
+
 def write_split(roots: Sequence[str], per_type: int, out_dir: str | Path, layout: str = "auto") -> dict[str, Any]:
-    """Write the tuning split of ``roots`` to ``out_dir``; returns what split.json holds."""
+    """Write the tuning split of ``roots`` to ``out_dir``; returns what split.json holds. Links an earlier split left
+    in ``out_dir`` are removed; a real file under its defects/ or masks/ is refused."""
     if per_type < 1:
         raise DatasetError(f"--per-type {per_type}: must be at least 1")
     out = Path(out_dir)
+    _refuse_real_files(out)
     samples = load_samples_from_roots(list(roots), "test", None, layout)
     held = choose_held_out(samples, per_type)
+    links: dict[Path, Path] = {}
     for s in held:
         rel = Path(s.class_name) / s.defect_type
-        _link(s.image_path, out / "defects" / rel / s.image_path.name)
+        links[out / "defects" / rel / s.image_path.name] = s.image_path
         if s.mask_path is not None:
-            _link(s.mask_path, out / "masks" / rel / f"{s.image_path.stem}_mask{s.mask_path.suffix}")
+            links[out / "masks" / rel / f"{s.image_path.stem}_mask{s.mask_path.suffix}"] = s.mask_path
+    stale = _remove_stale_links(out, set(links))
+    if stale:
+        log.info("removed %d links of an earlier split in %s", stale, out)
+    for link, target in links.items():
+        _link(target, link)
     counts: dict[str, int] = {}
     for s in held:
         counts[f"{s.class_name}/{s.defect_type}"] = counts.get(f"{s.class_name}/{s.defect_type}", 0) + 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +19,7 @@ from gradad.calibration.thresholds import (
     min_images_for_rate,
     pixel_threshold_f1,
     pixel_threshold_good_only,
+    check_target_recall,
     rates_at,
     recall_threshold,
 )
@@ -32,12 +32,19 @@ from gradad.runtime.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
+#: key of calibration.data holding the resolved paths of every image the thresholds were set on (goods, defects)
+CALIBRATION_IMAGES = "images"
+#: the f1 and recall rules on fewer defect images than this get a warning (one defect moves recall by >= 20 %)
+FEW_DEFECTS = 5
+
 
 def find_mask(masks_dir: Path, image: Path) -> Path | None:
     """<stem>_mask.<ext> or <stem>.<ext> inside masks_dir, stems matched exactly (a glob would give 001.png the
-    mask of 001.5.png, and read [ ] in a name as a pattern)."""
+    mask of 001.5.png, and read [ ] in a name as a pattern). Never the image itself (masks kept beside the images,
+    or a link to it): an image as its own mask would mark its every bright pixel as defect."""
+    itself = image.resolve()
     for stem in (f"{image.stem}_mask", image.stem):
-        hits = sorted(p for p in masks_dir.iterdir() if p.stem == stem and is_image_file(p))
+        hits = sorted(p for p in masks_dir.iterdir() if p.stem == stem and is_image_file(p) and p.resolve() != itself)
         if hits:
             return hits[0]
     return None
@@ -72,24 +79,71 @@ def _refuse_non_finite(files: Sequence[Path], scores: np.ndarray, maps: np.ndarr
                         f"and the model (grad-export's parity check)")
 
 
+def _good_dir_class(folder: Path, classes: Sequence[str]) -> str | None:
+    """The bundle class a --good folder belongs to: the last part of its path (as given, made absolute) equal to a
+    class name (``DATA/nut/test/good`` -> nut), or None when no part names one."""
+    for part in reversed(folder.absolute().parts):
+        if part in classes:
+            return part
+    return None
+
+
+def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]]) -> list[str]:
+    """Warnings about the --good folders (each with its image files) given the bundle they calibrate: classes of a
+    unified bundle without good images (its one threshold is applied to every class), and the model's own
+    training images taken as held-out ones."""
+    out = []
+    classes = list(bundle.classes or [])
+    if len(classes) > 1:
+        seen = {_good_dir_class(d, classes) for d, _ in good_files}
+        if None not in seen:  # a folder whose class cannot be told may hold any class: say nothing then
+            missing = [c for c in classes if c not in seen]
+            if missing:
+                out.append(f"--good: no good images of class(es) {', '.join(missing)} of this {len(classes)}-class "
+                           f"bundle; its one threshold is applied to them too: add --good DIR per class")
+    if bundle.data_root:
+        train_dirs = [(Path(bundle.data_root) / c / "train").resolve() for c in classes]
+        for d, files in good_files:  # the model trained on these: they score lower than unseen parts
+            hit = next((t for f in files for t in train_dirs if f.resolve().is_relative_to(t)), None)
+            if hit is not None:
+                out.append(f"--good {d}: holds the model's training images (under {hit}); a threshold from them is "
+                           f"too low for unseen good parts: use held-out good images")
+    return out
+
+
 def calibrate(
     backend: Backend,
     good_dir: str | Path | Sequence[str | Path],
     defect_dir: str | Path | None = None,
     masks_dir: str | Path | None = None,
     config: CalibrationConfig = CalibrationConfig(),
+    bundle: Bundle | None = None,
 ) -> Calibration:
-    """Compute thresholds from one or several good-image folders; returns bundle.json's ``calibration`` section."""
+    """Compute thresholds from one or several good-image folders; returns bundle.json's ``calibration`` section.
+
+    ``bundle`` (optional): the bundle being calibrated, whose classes and training data root the --good folders
+    are checked against (warnings only). The resolved paths of every calibration image are recorded in
+    ``data`` so benchmarks can leave them out of the F1 at the calibrated threshold.
+    """
     if config.method not in ("far", "f1", "recall"):
         raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
     if not 0 < config.false_alarm_rate < 1:
         raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
+    check_target_recall(config.target_recall)
     if masks_dir and not defect_dir:
         raise GradError("--masks needs --defect: the masks belong to the defect images")
+    if masks_dir and Path(masks_dir).resolve() == Path(defect_dir).resolve():
+        # every mask file would be scored as a defect image and found as its own mask
+        raise GradError(f"--masks {masks_dir} is the --defect folder: keep the masks in a folder of their own")
     good_dirs = [good_dir] if isinstance(good_dir, (str, Path)) else list(good_dir)
-    listed = [f for d in good_dirs for f in list_image_files(d, "--good")]
+    per_dir = [(Path(d), list_image_files(d, "--good")) for d in good_dirs]
+    listed = [f for _, files in per_dir for f in files]
     good_files, copies = distinct_images(listed)
     warnings_list = []
+    if bundle is not None:
+        for msg in _input_warnings(bundle, per_dir):
+            warnings_list.append(msg)
+            log.warning(msg)
     if copies:
         warnings_list.append(duplicates_warning(len(listed), copies))
         log.warning(warnings_list[-1])
@@ -112,6 +166,7 @@ def calibrate(
              "method": f"good pixels above: {config.pixel_false_positive_rate}"}
     defect_scores = None
     n_defect = 0
+    defect_files: list[Path] = []
     if defect_dir:
         defect_files = list_image_files(defect_dir, "--defect")
         defect_scores, defect_maps, sizes = score_images(backend, defect_files, desc="defect images")
@@ -121,6 +176,10 @@ def calibrate(
         all_scores = np.r_[good_scores, defect_scores]
         from gradad.ranking import auroc, best_f1
 
+        if n_defect < FEW_DEFECTS and config.method in ("f1", "recall"):
+            warnings_list.append(f"--method {config.method} rests on {n_defect} defect image(s) (fewer than "
+                                 f"{FEW_DEFECTS}): the threshold may not hold for other defects")
+            log.warning(warnings_list[-1])
         f1, t_f1 = best_f1(labels, all_scores)
         t_f1 = _strictly_below(t_f1)
         t_rec = _strictly_below(recall_threshold(defect_scores, config.target_recall))
@@ -168,9 +227,12 @@ def calibrate(
         config=asdict(config),
         backend=backend.name,
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        data={"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies), "defect_dir": str(defect_dir) if defect_dir else None,
-                 "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
-                 "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)}},
+        data={"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies),
+              "defect_dir": str(defect_dir) if defect_dir else None,
+              "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
+              "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+              # resolved, so grad-bench accuracy can leave them out of the F1 at this threshold from any folder
+              CALIBRATION_IMAGES: [str(f.resolve()) for f in listed] + [str(f.resolve()) for f in defect_files]},
         warnings=warnings_list,
     )
 

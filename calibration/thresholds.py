@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradad.errors import GradError
 from gradad.ranking import best_f1
 
 
@@ -69,8 +70,17 @@ def far_threshold(good_scores: np.ndarray, rate: float) -> tuple[float, int]:
     return threshold, int((s > threshold).sum())
 
 
+def check_target_recall(target: float) -> float:
+    """``target`` when it is a recall in (0, 1]; a percentage (95) or 0 would silently give the lowest or the
+    highest defect score as threshold."""
+    if not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise GradError(f"--target-recall {target}: must be a fraction in (0, 1], e.g. 0.95")
+    return float(target)
+
+
 def recall_threshold(defect_scores: np.ndarray, target: float) -> float:
     """Largest threshold at which at least ``target`` of the defect scores are >= the threshold."""
+    check_target_recall(target)
     s = np.sort(np.asarray(defect_scores, dtype=np.float64))[::-1]
     need = max(1, int(math.ceil(target * s.size)))
     return float(s[need - 1])

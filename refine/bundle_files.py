@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +30,16 @@ CHECKPOINT_MATCH_TOLERANCE = 1e-3
 # The feature loss floor: this quantile of the anomaly-map pixels of the first images of the training sample.
 NORMAL_LEVEL_QUANTILE = 0.99
 NORMAL_LEVEL_IMAGES = 16
+# Key of a class's tuning record holding the ``grad-refine tune --set`` values the settings were tuned under.
+TUNED_UNDER = "tuned_under_set"
+# RefineConfig fields that run time never reads (tuning and preparation only) or that only choose where and how fast
+# it runs: a run-time value differing from the one tuned under changes no mask rule, so it is not warned about.
+NOT_RUN_TIME = frozenset({
+    "lambda0_breakeven_quantile", "lambda0_breakeven_factor", "lambda0_min", "mog_components", "mog_em_iterations",
+    "mog_pixels", "mog_covariance_floor", "coarse_good_pixel_rate", "coarse_threshold_images",
+    "start_peak_candidates", "start_peak_margin", "mask_tau_quantiles", "mask_tau_images", "mask_relative_candidates",
+    "keep_interior_candidates", "mask_trim_candidates", "mask_trim_margin", "f2pad_margin", "tune_iterations",
+    "device", "threads", "max_batch", "time_budget_s"})
 
 
 @dataclass
@@ -46,6 +56,47 @@ class RefineParts:
     feature_scale: float  # fixed divisor of the feature loss (the calibrated pixel threshold at preparation)
     class_settings: dict[str, dict[str, Any]]  # per-class tuned RefineConfig overrides (grad-refine tune)
     pixel_threshold_given: bool = False  # passed in explicitly: wins over tuned per-class coarse thresholds
+    # per tuned class, the RefineConfig values grad-refine tune --set changed while tuning it (its tuning record)
+    tuned_under: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def check_class_name(bundle_dir: str | Path, tuned: Sequence[str], class_name: str | None,
+                     option: str = "--class") -> None:
+    """The rule of ``grad-run --refine-class`` for any command that refines with a bundle's tuned settings: a named
+    class must have settings (a typo would refine with untuned defaults without a word), and no name given for a
+    bundle tuned for several classes refines with the defaults, with a warning."""
+    tuned = sorted(tuned)
+    if class_name is not None and class_name not in tuned:
+        raise GradError(f"{option} {class_name!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
+                        f"(tuned: {', '.join(tuned) or 'none'}; grad-refine tune --bundle {bundle_dir} --classes NAME)")
+    if class_name is None and len(tuned) > 1:
+        log.warning("bundle %s has F2PAD settings tuned for %s: refining with the bundle's default settings; name "
+                    "the images' class with %s", bundle_dir, ", ".join(tuned), option)
+
+
+def warn_config_differs(parts: RefineParts, config: RefineConfig) -> list[str]:
+    """Warn (and return the lines) for every tuned class whose run-time config differs from the ``--set`` values
+    its settings were tuned under (keys run time does not read, and the class's own tuned settings, excepted)."""
+    lines = []
+    for name, recorded in sorted(parts.tuned_under.items()):
+        tuned = parts.class_settings.get(name, {})
+        differing = []
+        for key, value in sorted(recorded.items()):
+            if key in NOT_RUN_TIME or key in tuned or not hasattr(config, key):
+                continue
+            now = getattr(config, key)
+            if as_recorded(now) != as_recorded(value):
+                differing.append(f"{key}={as_recorded(value)!r} (now {as_recorded(now)!r})")
+        if differing:
+            lines.append(f"F2PAD settings of class {name!r} were tuned with --set {', '.join(differing)}: pass the "
+                         f"same --set to refine as tuned, or re-tune")
+            log.warning(lines[-1])
+    return lines
+
+
+def as_recorded(value: Any) -> Any:
+    """A config value as bundle.json holds it (tuples become lists), so recorded and live values compare."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement") -> BundleError:
@@ -87,6 +138,10 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
     if unknown:  # tuned by a newer gradad: the other settings were tuned together with these
         log.warning("bundle %s: refine.classes setting(s) %s unknown to this gradad, ignored; re-run grad-refine tune "
                     "with this version", bundle_dir, ", ".join(unknown))
+    tuning = section.tuning if isinstance(section.tuning, dict) else {}
+    _warn_recalibrated(bundle_dir, tuning, class_settings, calibrated_pixel)
+    tuned_under = {name: dict(record[TUNED_UNDER]) for name, record in tuning.items()
+                   if name in class_settings and isinstance(record, dict) and isinstance(record.get(TUNED_UNDER), dict)}
     norm = bundle.input.normalisation
     if not isinstance(section.config or {}, dict):
         raise _not_prepared(bundle_dir, "has a malformed 'refine.config' section in bundle.json")
@@ -97,29 +152,76 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
                        config, pixel_threshold,
                        list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
-                       float(feature_scale), class_settings, pixel_threshold_given)
+                       float(feature_scale), class_settings, pixel_threshold_given, tuned_under)
+
+
+def _warn_recalibrated(bundle_dir: Path, tuning: dict[str, Any], class_settings: dict[str, dict[str, Any]],
+                       calibrated_pixel: float | None) -> None:
+    """Warn for each tuned class whose settings were tuned at another calibrated pixel threshold than the bundle's
+    now (grad-calibrate ran after grad-refine tune): its coarse masks, lambda0 and tau were chosen for the old one."""
+    if calibrated_pixel is None:
+        return
+    for name in sorted(class_settings):
+        record = tuning.get(name)
+        at = (record.get("coarse_threshold") or {}).get("bundle_pixel_threshold") if isinstance(record, dict) else None
+        if isinstance(at, (int, float)) and not np.isclose(float(at), float(calibrated_pixel), rtol=1e-6, atol=0):
+            log.warning("bundle %s: F2PAD settings of class %s were tuned at pixel threshold %.4g, the bundle is now "
+                        "calibrated at %.4g: re-run grad-refine tune --bundle %s --classes %s", bundle_dir, name,
+                        float(at), float(calibrated_pixel), bundle_dir, name)
 
 
 def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, Any]],
                          tuning: dict[str, dict[str, Any]]) -> None:
     """Store per-class tuned settings (``CLASS_SETTINGS`` keys) and per-class tuning records (evidence and the
     images used, so benchmarks can leave them out) in bundle.json's refine section; other classes' entries (a
-    unified bundle tuned one dataset at a time) are kept."""
+    unified bundle tuned one dataset at a time) are kept. A class given empty settings loses its earlier ones, so
+    its settings and its (new) tuning record always belong together."""
     bundle_dir = Path(bundle_dir)
     bundle = Bundle.load(bundle_dir)
     if bundle.refine is None or bundle.refine.empty:
         raise _not_prepared(bundle_dir)
-    bundle.refine.classes = {**(bundle.refine.classes or {}), **classes}
+    merged = {**(bundle.refine.classes or {}), **{k: v for k, v in classes.items() if v}}
+    for name in sorted(k for k, v in classes.items() if not v):
+        # an empty result (no tuning defect flagged): the old settings would stay active while the new record no
+        # longer names the images they were tuned on; drop them so the defaults apply, as the record says
+        if merged.pop(name, None) is not None:
+            log.warning("%s: no settings tuned; removed its earlier tuned settings from %s, the bundle's default "
+                        "settings apply", name, bundle_dir)
+    bundle.refine.classes = merged
     bundle.refine.tuning = {**(bundle.refine.tuning or {}), **tuning}
     bundle.save()
 
 
+def _resolve_tuning_path(entry: str, data_root: str | None) -> Path:
+    """A recorded tuning image path, resolved. Relative entries (bundles tuned before paths were recorded resolved)
+    are taken against the record's data root when that is absolute; with a relative or no root, both were given from
+    the folder grad-refine tune ran in, which only the current folder can stand for."""
+    path = Path(entry)
+    if path.is_absolute() or not data_root or not Path(data_root).is_absolute():
+        return path.resolve()
+    return (Path(data_root) / path).resolve()
+
+
 def tuning_images(bundle_dir: str | Path) -> set[str]:
-    """Resolved paths of the labelled images ``grad-refine tune`` used (never to be scored). Bundles tuned before
-    paths were recorded resolved hold them as given then, resolved here from the current folder."""
+    """Resolved paths of the labelled images ``grad-refine tune`` used (never to be scored); see
+    :func:`_resolve_tuning_path` for relative entries. A recorded image that does not exist after resolving is
+    warned about: nothing can leave it out of scoring."""
     section = Bundle.load(bundle_dir).refine or RefineSection()
-    return {str(Path(path).resolve()) for record in (section.tuning or {}).values()
-            for path in record.get("images", [])}
+    out: set[str] = set()
+    missing: list[tuple[str, Path]] = []
+    for record in (section.tuning or {}).values():
+        if not isinstance(record, dict):
+            continue
+        for entry in record.get("images", []):
+            path = _resolve_tuning_path(str(entry), record.get("data"))
+            if not path.exists():
+                missing.append((str(entry), path))
+            out.add(str(path))
+    if missing:
+        log.warning("bundle %s: %d recorded F2PAD tuning image(s) do not exist (e.g. %s, resolved as %s): they cannot "
+                    "be left out of scoring; run from the folder grad-refine tune ran in, or re-tune", bundle_dir,
+                    len(missing), *missing[0])
+    return out
 
 
 def training_pixels(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float], count: int,

@@ -151,14 +151,18 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
     gradad.refine.tuning.
     """
     from gradad.data.datasets import load_samples
-    from gradad.refine.bundle_files import load_refine_parts, write_class_settings
+    from gradad.refine.bundle_files import TUNED_UNDER, as_recorded, load_refine_parts, write_class_settings
     from gradad.refine.refiner import Refiner
     from gradad.refine.tuning import (TRAINING_SOURCE, TUNING_SEED, class_coarse_threshold, good_images_for,
                                       labelled_arrays, pick_samples, tune_class, without_trained_defects)
     from gradad.runtime.loader import load_backend
 
-    parts = load_refine_parts(bundle_dir)
+    # the classes' earlier --set record is being replaced: no run-time warning about it while tuning
+    parts = dataclasses.replace(load_refine_parts(bundle_dir), tuned_under={})
     config = apply_refine_set(dataclasses.replace(parts.config, threads=threads), assignments)
+    # stored with each class's record: run time warns when it refines under other values of these keys
+    tuned_under = {key: as_recorded(getattr(config, key))
+                   for key in dict.fromkeys(item.partition("=")[0].strip() for item in assignments)}
     refiner = Refiner.from_parts(parts, config)
     size = refiner.detector.head.image_hw[0]
     labelled = load_samples(data_root, "test", list(classes) or None)
@@ -196,12 +200,14 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
                          "images": [str(s.image_path.resolve()) for s in chosen], "settings": values,
+                         TUNED_UNDER: tuned_under,
                          "left_out_as_trained": [str(s.image_path.resolve()) for s in left_out
                                                  if s.class_name == name]}
         click.echo(f"{name}: {values} ({evidence.get('truth_beats_no_defect_at_lambda0', 0)} of "
                    f"{evidence['flagged_tuning_images']} tuning defects: truth beats 'no defect')")
     backend.close()
-    write_class_settings(bundle_dir, {k: v for k, v in settings.items() if v}, records)
+    # empty settings too: write_class_settings then drops the class's earlier ones, which this record no longer backs
+    write_class_settings(bundle_dir, settings, records)
 
 
 def _input_files(inputs: tuple[str, ...]) -> list[Path]:
@@ -284,7 +290,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
     from gradad.bundle import Bundle
     from gradad.data.images import read_image_rgb
-    from gradad.refine.bundle_files import load_refine_parts
+    from gradad.refine.bundle_files import check_class_name, load_refine_parts
     from gradad.refine.refiner import Refiner
     from gradad.runtime.backend import infer_in_batches
     from gradad.runtime.loader import load_backend
@@ -295,8 +301,9 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # its masks would replace files of the same names
         raise GradError(f"{out} is not empty: choose another --out or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
     parts = load_refine_parts(bundle_dir, pixel_threshold)
+    check_class_name(bundle_dir, parts.class_settings, class_name)  # grad-run --refine-class's rule
+    out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
                  if v is not None}
     config = apply_refine_set(dataclasses.replace(parts.config, **overrides), assignments)

@@ -139,6 +139,9 @@ class Refiner:
                       threshold_given=parts.pixel_threshold_given)
         recorded = payload.get("trained_defects")
         refiner.trained_defects = None if recorded is None else set(recorded)
+        from gradad.refine.bundle_files import warn_config_differs
+
+        warn_config_differs(parts, refiner.config)  # settings tuned under other --set values than these
         return refiner
 
     @classmethod

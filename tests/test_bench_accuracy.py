@@ -125,6 +125,39 @@ def test_f1_at_calibrated_threshold(tiny_demo_root: Path, bundle: Path, tmp_path
         assert row["per_class"][cls]["image_f1"] == pytest.approx(2 * anomalous / (2 * anomalous + good))
 
 
+def test_f1_at_calibrated_threshold_leaves_out_the_calibration_images(tiny_demo_root: Path, bundle: Path,
+                                                                       tmp_path: Path, caplog) -> None:
+    """The nut good images are recorded as calibration images: the nut F1 is over its defects only (all flagged:
+    F1 1), the other classes keep 2A / (2A + G); a bundle without the record gets a warning."""
+    from gradad.benchmarks.accuracy import AccuracyConfig, run_accuracy
+
+    samples = load_samples(tiny_demo_root, "test")
+    calibration_goods = [str(s.image_path.resolve()) for s in samples if s.class_name == "nut" and s.label == 0]
+    calibrated = tmp_path / "bundle"
+    shutil.copytree(bundle, calibrated)
+    manifest = read_manifest(calibrated)
+    manifest["calibration"] = {"image_threshold": 1e-12, "method": "far",
+                               "data": {"n_good": 3, "images": calibration_goods}}
+    write_manifest(calibrated, manifest)
+    cfg = dict(data_roots=[str(tiny_demo_root)], bundle=str(calibrated), backends=("onnxruntime-fp32",),
+               bootstrap=0, threads=1)
+    result = run_accuracy(AccuracyConfig(**cfg))
+    (row,) = result["rows"]
+    assert result["dataset"]["n_calibration_images_left_out_of_f1"] == len(calibration_goods)
+    assert result["dataset"]["n_test_images"] == len(samples)  # every other metric still scores them
+    assert row["per_class"]["nut"]["image_f1"] == pytest.approx(1.0)
+    for cls in ("fabric", "capsule"):
+        anomalous = sum(s.label for s in samples if s.class_name == cls)
+        good = sum(1 - s.label for s in samples if s.class_name == cls)
+        assert row["per_class"][cls]["image_f1"] == pytest.approx(2 * anomalous / (2 * anomalous + good))
+    assert "does not record its calibration images" not in caplog.text
+    del manifest["calibration"]["data"]["images"]  # calibrated before the images were recorded
+    write_manifest(calibrated, manifest)
+    old = run_accuracy(AccuracyConfig(**cfg))
+    assert "does not record its calibration images" in caplog.text
+    assert old["dataset"]["n_calibration_images_left_out_of_f1"] is None
+
+
 def test_missing_checkpoint_is_one_error_line(tiny_demo_root: Path, tmp_path: Path) -> None:
     result = _run(["--data", str(tiny_demo_root), "--checkpoint", str(tmp_path / "nope.pt"), "-o", str(tmp_path)])
     assert "nope.pt" in one_error_line(result)

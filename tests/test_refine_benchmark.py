@@ -222,3 +222,103 @@ def test_a_defect_whose_mask_is_empty_at_model_size_is_not_scored(bundle, traine
     result = json.loads((out / "t.json").read_text())
     assert result["empty_masks_excluded"] == 1
     assert str(nut[0].image_path) not in {r["image"] for r in result["images"]}
+
+
+def test_refine_run_refuses_a_class_without_tuned_settings_as_grad_run_does(bundle, trained_tiny, tiny_demo_root,
+                                                                           tmp_path, caplog):
+    from cli_helpers import one_error_line
+    from gradad.refine.bundle_files import check_class_name
+
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    write_class_settings(copy, {"nut": {"lambda0": 0.01}, "fabric": {"lambda0": 0.02}}, {})
+    res = CliRunner().invoke(refine_cli, ["run", str(defects[0].image_path), "--bundle", str(copy), "--class", "Nut",
+                                          "--all", "-o", str(tmp_path / "out")])
+    line = one_error_line(res)
+    assert "--class 'Nut'" in line and "no F2PAD settings tuned" in line and "fabric, nut" in line
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        check_class_name(copy, ["nut", "fabric"], None)
+    assert "refining with the bundle's default settings" in caplog.text and "--class" in caplog.text
+
+
+def test_retune_without_flagged_defects_drops_the_old_settings_with_their_record(bundle, trained_tiny,
+                                                                                 tiny_demo_root, tmp_path):
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    write_class_settings(copy, {"nut": {"lambda0": 0.5}}, {"nut": {"images": ["/old/tuning/image.png"]}})
+    manifest = read_manifest(copy)
+    manifest["calibration"]["pixel_threshold"] = 1e6  # re-calibrated: no tuning defect is flagged any more
+    write_manifest(copy, manifest)
+    chosen = [s for s in defects if s.class_name == "nut"][:1]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
+    res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
+                                          "--split", str(split), "--threads", "1", "--set", "max_iterations=2",
+                                          "--set", "mask_tau_images=1", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    refine = Bundle.load(copy).refine
+    assert refine.tuning["nut"]["settings"] == {} and refine.tuning["nut"]["flagged_tuning_images"] == 0
+    assert "nut" not in (refine.classes or {})  # no settings left that the new record does not back
+    assert "nut" not in load_refine_parts(copy).class_settings
+
+
+def test_relative_tuning_paths_resolve_against_the_records_data_root(bundle, trained_tiny, tiny_demo_root,
+                                                                     tmp_path, monkeypatch, caplog):
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    image = next(s.image_path for s in defects if s.class_name == "nut")
+    relative = str(image.relative_to(tiny_demo_root))
+    write_class_settings(copy, {}, {"nut": {"data": str(tiny_demo_root), "images": [relative]},
+                                    "fabric": {"data": "old_root", "images": ["old_root/fabric/test/x/000.png"]}})
+    monkeypatch.chdir(tmp_path)  # not the folder tuning ran in
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        found = tuning_images(copy)
+    assert str(image.resolve()) in found
+    assert "1 recorded F2PAD tuning image(s) do not exist" in caplog.text and "old_root/fabric" in caplog.text
+
+
+def test_settings_tuned_at_another_pixel_threshold_are_warned_about(bundle, trained_tiny, tiny_demo_root, tmp_path,
+                                                                    caplog):
+    copy, _, _, _, calibrated = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    record = {"images": [], "coarse_threshold": {"value": None, "bundle_pixel_threshold": calibrated}}
+    write_class_settings(copy, {"nut": {"lambda0": 0.01}}, {"nut": record})
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        load_refine_parts(copy)
+    assert "tuned at pixel threshold" not in caplog.text
+    manifest = read_manifest(copy)
+    manifest["calibration"]["pixel_threshold"] = 2 * calibrated  # grad-calibrate ran again after tuning
+    write_manifest(copy, manifest)
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        load_refine_parts(copy)
+    assert "class nut were tuned at pixel threshold" in caplog.text and "grad-refine tune" in caplog.text
+
+
+def test_the_set_values_a_class_was_tuned_under_are_recorded_and_checked_at_run_time(bundle, trained_tiny,
+                                                                                   tiny_demo_root, tmp_path, caplog):
+    from gradad.refine.bundle_files import TUNED_UNDER
+    from gradad.refine.cli import apply_refine_set
+    from gradad.refine.refiner import Refiner
+
+    copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
+    chosen = [s for s in defects if s.class_name == "nut"][:1]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
+    manifest = read_manifest(copy)
+    manifest["calibration"]["pixel_threshold"] = 1e6  # nothing flagged: the record is written, quickly
+    write_manifest(copy, manifest)
+    res = CliRunner().invoke(refine_cli, ["tune", "--bundle", str(copy), "--data", str(tiny_demo_root),
+                                          "--split", str(split), "--threads", "1", "--set", "max_iterations=2",
+                                          "--set", "mask_tau_images=1", "--set", "device=cpu"])
+    assert res.exit_code == 0, res.output
+    assert Bundle.load(copy).refine.tuning["nut"][TUNED_UNDER] == {"max_iterations": 2, "mask_tau_images": 1,
+                                                                   "device": "cpu"}
+    # run time: a class tuned under max_iterations=2 refined with the default warns; tuning-only and execution
+    # keys (mask_tau_images, device) never do
+    write_class_settings(copy, {"nut": {"lambda0": 0.01}},
+                         {"nut": {"images": [], TUNED_UNDER: {"max_iterations": 2, "mask_tau_images": 1,
+                                                              "device": "cpu"}}})
+    parts = load_refine_parts(copy)
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        Refiner.from_parts(parts, apply_refine_set(parts.config, ("max_iterations=2",)))
+    assert "tuned with --set" not in caplog.text
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        Refiner.from_parts(parts, parts.config)
+    assert "class 'nut' were tuned with --set max_iterations=2" in caplog.text
+    assert "mask_tau_images" not in caplog.text and "device" not in caplog.text

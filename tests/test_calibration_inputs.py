@@ -1,0 +1,144 @@
+"""What grad-calibrate and grad-bench accept as inputs and outputs: calibration images recorded, masks folders,
+the classes and training images behind --good, --target-recall, result files and tuning split folders."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gradad.benchmarks.results_io import result_header, write_result_files
+from gradad.benchmarks.split import write_split
+from gradad.calibration.calibrate import CALIBRATION_IMAGES, calibrate, find_mask
+from gradad.calibration.cli import main as calibrate_cli
+from gradad.calibration.thresholds import CalibrationConfig, recall_threshold
+from gradad.errors import GradError
+
+
+class _MeanBackend:
+    """Scores an image by its mean grey level; its map is the per-pixel channel mean."""
+
+    name = "fake"
+    max_batch = 8
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return 16, 16
+
+    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return images.mean(axis=(1, 2, 3)).astype(np.float32), images.mean(axis=1).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def _images(folder: Path, levels: list[int], suffix: str = "") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, level in enumerate(levels):
+        image = np.full((16, 16, 3), level, np.uint8)
+        image[4 + i % 8, 4] = 255 - level  # no two images identical: not dropped as copies
+        paths.append(folder / f"{i:03d}{suffix}.png")
+        cv2.imwrite(str(paths[-1]), image)
+    return paths
+
+
+def test_calibration_records_the_resolved_paths_of_its_images(tmp_path: Path, monkeypatch) -> None:
+    good = _images(tmp_path / "good", [10, 20, 30])
+    defects = _images(tmp_path / "bad", [200, 210])
+    monkeypatch.chdir(tmp_path)
+    cal = calibrate(_MeanBackend(), "good", "bad")
+    assert sorted(cal.data[CALIBRATION_IMAGES]) == sorted(str(p.resolve()) for p in good + defects)
+
+
+def test_masks_in_the_defect_folder_are_refused_and_no_image_is_its_own_mask(tmp_path: Path) -> None:
+    _images(tmp_path / "good", [10, 20, 30])
+    both = tmp_path / "defects"
+    images = _images(both, [200, 210])
+    with pytest.raises(GradError, match="--masks .* is the --defect folder"):
+        calibrate(_MeanBackend(), tmp_path / "good", both, both)
+    assert find_mask(both, images[0]) is None  # only the image itself matches its stem
+    masks = _images(both, [255, 255], suffix="_mask")
+    assert find_mask(both, images[0]) == masks[0]
+
+
+def test_unified_bundle_without_good_images_of_a_class_is_warned_about(tmp_path: Path) -> None:
+    _images(tmp_path / "nut" / "test" / "good", [10, 20, 30])
+    bundle = SimpleNamespace(classes=["fabric", "nut", "capsule"], data_root=None)
+    cal = calibrate(_MeanBackend(), tmp_path / "nut" / "test" / "good", bundle=bundle)
+    assert any("fabric, capsule" in w and "no good images" in w for w in cal.warnings)
+    _images(tmp_path / "fabric" / "test" / "good", [11, 21, 31])
+    _images(tmp_path / "capsule" / "test" / "good", [12, 22, 32])
+    every = calibrate(_MeanBackend(), [tmp_path / c / "test" / "good" for c in ("nut", "fabric", "capsule")],
+                      bundle=bundle)
+    assert not any("no good images" in w for w in every.warnings)
+
+
+def test_training_goods_given_as_held_out_are_warned_about(tmp_path: Path, caplog) -> None:
+    train = tmp_path / "data" / "nut" / "train" / "good"
+    _images(train, [10, 20, 30])
+    held_out = tmp_path / "held_out"
+    _images(held_out, [11, 21, 31])
+    bundle = SimpleNamespace(classes=["nut"], data_root=str(tmp_path / "data"))
+    with caplog.at_level(logging.WARNING):
+        cal = calibrate(_MeanBackend(), [held_out, train], bundle=bundle)
+    hits = [w for w in cal.warnings if "training images" in w]
+    assert len(hits) == 1 and str(train) in hits[0] and "\n" not in hits[0]
+    assert not any("training images" in w for w in calibrate(_MeanBackend(), held_out, bundle=bundle).warnings)
+
+
+def test_target_recall_must_be_a_fraction(tmp_path: Path) -> None:
+    for bad in (95, 0, -0.5):
+        with pytest.raises(GradError, match="--target-recall"):
+            recall_threshold(np.array([1.0, 2.0]), bad)
+    result = CliRunner().invoke(calibrate_cli, [str(tmp_path), "--good", str(tmp_path), "--target-recall", "95"])
+    assert result.exit_code == 2 and "--target-recall" in result.output and "Traceback" not in result.output
+
+
+def test_recall_and_f1_rules_on_few_defects_are_warned_about(tmp_path: Path) -> None:
+    _images(tmp_path / "good", [10, 20, 30])
+    _images(tmp_path / "bad", [200, 210])
+    cal = calibrate(_MeanBackend(), tmp_path / "good", tmp_path / "bad", config=CalibrationConfig(method="f1"))
+    assert any("rests on 2 defect image(s)" in w for w in cal.warnings)
+
+
+def test_results_never_replace_files_of_another_kind(tmp_path: Path) -> None:
+    record = {"kind": "preparation", "note": "hand-written"}
+    (tmp_path / "preparation.json").write_text(json.dumps(record))
+    (tmp_path / "README.md").write_text("# Benchmark results\n")
+    payload = {**result_header("accuracy", "x", "grad-bench accuracy"), "rows": []}
+    for name in ("preparation", "README"):
+        with pytest.raises(GradError, match=name):
+            write_result_files(tmp_path, name, payload, "# new")
+    assert json.loads((tmp_path / "preparation.json").read_text()) == record
+    assert (tmp_path / "README.md").read_text() == "# Benchmark results\n"
+    write_result_files(tmp_path, "acc", payload, "# first")
+    write_result_files(tmp_path, "acc", {**payload, "rows": [1]}, "# second")  # same kind: replaced
+    assert json.loads((tmp_path / "acc.json").read_text())["rows"] == [1]
+    assert (tmp_path / "acc.md").read_text() == "# second\n"
+
+
+def test_a_split_written_over_an_earlier_one_keeps_no_stale_links(tmp_path: Path) -> None:
+    from gradad.data.demo import DemoDataConfig, generate_demo_dataset
+
+    root = generate_demo_dataset(tmp_path / "data", DemoDataConfig(image_size=32, train_good=1, test_good=1,
+                                                                     test_per_defect=4, seed=0))
+    out = tmp_path / "split"
+    first = write_split([str(root)], 3, out)
+    split = write_split([str(root)], 1, out)
+    assert len(first["held_out"]) > len(split["held_out"])
+    links = sorted(p for p in (out / "defects").rglob("*") if p.is_symlink())
+    assert sorted(str(p.resolve()) for p in links) == sorted(split["held_out"])
+    masks = [p for p in (out / "masks").rglob("*") if p.is_symlink()]
+    assert len(masks) == len(split["held_out"])
+    real = next(p for p in links).parent / "real.png"
+    real.write_bytes(b"not a link")
+    with pytest.raises(GradError, match="real.png is a file"):
+        write_split([str(root)], 1, out)
+    assert real.read_bytes() == b"not a link"
