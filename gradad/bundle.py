@@ -9,6 +9,7 @@ import copy
 import fnmatch
 import hashlib
 import json
+import logging
 import math
 import types
 from dataclasses import dataclass, field, fields
@@ -20,6 +21,8 @@ import jsonschema
 
 from gradad.errors import GradError
 from gradad.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 #: Version 2: the graph takes uint8 RGB frames (N, 3, H, W) and casts/normalises inside (version 1: float32 0..255).
 BUNDLE_SCHEMA_VERSION = 2
@@ -616,3 +619,18 @@ class Bundle(_Record):
         """File name of the ONNX model of ``precision`` when the bundle has one."""
         name = ONNX_BY_PRECISION.get(precision)
         return name if name in self.files else None
+
+
+def check_refine_class(bundle_dir: str | Path, tuned: Sequence[str], class_name: str | None,
+                     option: str = "--class") -> None:
+    """The rule of every command that refines with a bundle's tuned F2PAD settings (grad-run --refine-class,
+    grad-refine run --class, ``option`` names the flag): a named
+    class must have settings (a typo would refine with untuned defaults without a word), and no name given for a
+    bundle tuned for several classes refines with the defaults, with a warning."""
+    tuned = sorted(tuned)
+    if class_name is not None and class_name not in tuned:
+        raise GradError(f"{option} {class_name!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
+                        f"(tuned: {', '.join(tuned) or 'none'}; grad-refine tune --bundle {bundle_dir} --classes NAME)")
+    if class_name is None and len(tuned) > 1:
+        log.warning("bundle %s has F2PAD settings tuned for %s: refining with the bundle's default settings; name "
+                    "the images' class with %s", bundle_dir, ", ".join(tuned), option)

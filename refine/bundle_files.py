@@ -60,20 +60,6 @@ class RefineParts:
     tuned_under: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def check_class_name(bundle_dir: str | Path, tuned: Sequence[str], class_name: str | None,
-                     option: str = "--class") -> None:
-    """The rule of ``grad-run --refine-class`` for any command that refines with a bundle's tuned settings: a named
-    class must have settings (a typo would refine with untuned defaults without a word), and no name given for a
-    bundle tuned for several classes refines with the defaults, with a warning."""
-    tuned = sorted(tuned)
-    if class_name is not None and class_name not in tuned:
-        raise GradError(f"{option} {class_name!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
-                        f"(tuned: {', '.join(tuned) or 'none'}; grad-refine tune --bundle {bundle_dir} --classes NAME)")
-    if class_name is None and len(tuned) > 1:
-        log.warning("bundle %s has F2PAD settings tuned for %s: refining with the bundle's default settings; name "
-                    "the images' class with %s", bundle_dir, ", ".join(tuned), option)
-
-
 def warn_config_differs(parts: RefineParts, config: RefineConfig) -> list[str]:
     """Warn (and return the lines) for every tuned class whose run-time config differs from the ``--set`` values
     its settings were tuned under (keys run time does not read, and the class's own tuned settings, excepted)."""

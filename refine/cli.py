@@ -290,7 +290,8 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
     from gradad.bundle import Bundle
     from gradad.data.images import read_image_rgb
-    from gradad.refine.bundle_files import check_class_name, load_refine_parts
+    from gradad.bundle import check_refine_class
+    from gradad.refine.bundle_files import load_refine_parts
     from gradad.refine.refiner import Refiner
     from gradad.runtime.backend import infer_in_batches
     from gradad.runtime.loader import load_backend
@@ -302,7 +303,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # its masks would replace files of the same names
         raise GradError(f"{out} is not empty: choose another --out or pass --overwrite")
     parts = load_refine_parts(bundle_dir, pixel_threshold)
-    check_class_name(bundle_dir, parts.class_settings, class_name)  # grad-run --refine-class's rule
+    check_refine_class(bundle_dir, parts.class_settings, class_name)
     out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
                  if v is not None}

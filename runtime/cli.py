@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
+from gradad.bundle import check_refine_class
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.urls import redact_url
@@ -401,13 +402,7 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions,
                         f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
     if opts.refine_drain < 0:
         raise GradError(f"--refine-drain {opts.refine_drain}: must be >= 0 seconds")
-    tuned = sorted(bundle.refine.classes or {})
-    if opts.refine_class is not None and opts.refine_class not in tuned:
-        raise GradError(f"--refine-class {opts.refine_class!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
-                        f"(tuned: {', '.join(tuned) or 'none'}; grad-refine tune --bundle {bundle_dir} --classes NAME)")
-    if opts.refine_class is None and len(tuned) > 1:
-        log.warning("bundle %s has F2PAD settings tuned for %s: refining with the bundle's default settings; name "
-                    "this line's class with --refine-class", bundle_dir, ", ".join(tuned))
+    check_refine_class(bundle_dir, bundle.refine.classes or {}, opts.refine_class, "--refine-class")
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=opts.refine_budget, max_batch=opts.refine_batch,
                                 queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
                                 class_name=opts.refine_class,

@@ -227,7 +227,7 @@ def test_a_defect_whose_mask_is_empty_at_model_size_is_not_scored(bundle, traine
 def test_refine_run_refuses_a_class_without_tuned_settings_as_grad_run_does(bundle, trained_tiny, tiny_demo_root,
                                                                            tmp_path, caplog):
     from cli_helpers import one_error_line
-    from gradad.refine.bundle_files import check_class_name
+    from gradad.bundle import check_refine_class
 
     copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
     write_class_settings(copy, {"nut": {"lambda0": 0.01}, "fabric": {"lambda0": 0.02}}, {})
@@ -236,7 +236,7 @@ def test_refine_run_refuses_a_class_without_tuned_settings_as_grad_run_does(bund
     line = one_error_line(res)
     assert "--class 'Nut'" in line and "no F2PAD settings tuned" in line and "fabric, nut" in line
     with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
-        check_class_name(copy, ["nut", "fabric"], None)
+        check_refine_class(copy, ["nut", "fabric"], None)
     assert "refining with the bundle's default settings" in caplog.text and "--class" in caplog.text
 
 
