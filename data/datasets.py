@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -137,20 +138,41 @@ def _mask_index(d: Path) -> dict[str, Path]:
     return index
 
 
-def _find_mask(stem: str, indexes: Iterable[dict[str, Path]], loose: bool = False) -> Path | None:
+def _find_mask(stem: str, indexes: Iterable[dict[str, Path]], loose: bool = False,
+               taken: frozenset[Path] | set[Path] = frozenset()) -> Path | None:
     """Find the mask of image ``stem``: ``<stem>_mask.*`` then ``<stem>.*`` in each index in turn.
 
-    With ``loose`` (generic folder layout) a unique file named ``<stem>_*`` / ``<stem>-*`` is also accepted.
+    With ``loose`` (generic folder layout) a unique file named ``<stem>_*`` / ``<stem>-*`` is also accepted, unless
+    it is in ``taken`` (the exact mask of another image: ``lot7.png`` must not take ``lot7_b_mask.png``).
     """
     for index in indexes:
         for key in (f"{stem}_mask", stem, f"{stem}-mask"):
             if key in index:
                 return index[key]
         if loose:
-            hits = [p for k, p in index.items() if k.startswith((f"{stem}_", f"{stem}-"))]
+            hits = [p for k, p in index.items() if k.startswith((f"{stem}_", f"{stem}-")) and p not in taken]
             if len(hits) == 1:
                 return hits[0]
     return None
+
+
+def _match_masks(images: Sequence[tuple[Path, Sequence[dict[str, Path]]]], loose: bool) -> list[Path | None]:
+    """The mask of every (image, mask indexes) of one class, in order: exact names first for all images, then
+    (``loose``) the loose ``<stem>_*`` names among the masks no image claims exactly. One mask file for two images
+    is refused: one of them would be scored against the other's defect."""
+    exact = [_find_mask(img.stem, indexes) for img, indexes in images]
+    taken = {m for m in exact if m is not None}
+    found = [m if m is not None or not loose else _find_mask(img.stem, indexes, loose=True, taken=taken)
+             for m, (img, indexes) in zip(exact, images)]
+    owner: dict[Path, Path] = {}
+    for (img, _), mask in zip(images, found):
+        if mask is None:
+            continue
+        if mask in owner:
+            raise DatasetError(f"mask {mask} matches two images, {owner[mask]} and {img}: rename it "
+                               "<stem>_mask.png after the image it belongs to")
+        owner[mask] = img
+    return found
 
 
 def _warn_missing_masks(class_name: str, missing: list[Path], n_defect: int) -> None:
@@ -275,11 +297,40 @@ def _visa_rows(root: Path) -> list[dict[str, str]]:
             rows = []
             for raw in reader:
                 row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
-                if row.get("object"):
-                    rows.append(row)
+                if not any(row.values()):
+                    continue  # a row of empty cells (e.g. ",,,," at the end of a spreadsheet export)
+                # the class name becomes a folder / file name part downstream (figures, reports): one plain part only
+                problem = _class_name_problem(row.get("object", ""))
+                if problem:
+                    raise DatasetError(f"VisA split file {csv_path} line {reader.line_num}: object "
+                                       f"{row.get('object', '')!r} is not a usable class name ({problem})")
+                rows.append(row)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"cannot read VisA split file ({exc}): {csv_path}") from None
     return rows
+
+
+def _class_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a class name (``None`` when it can): it must be one plain path part."""
+    if not name:
+        return "empty"
+    if "/" in name or "\\" in name:
+        return "it holds a path separator"
+    if name.startswith("."):
+        return "it starts with '.'"
+    if any(ord(ch) < 32 for ch in name):
+        return "it holds a control character"
+    return None
+
+
+def _inside_root(root: Path, rel: str, csv_path: Path, what: str) -> Path:
+    """``root / rel`` for a path listed in the VisA split file, refused when it leaves the dataset root: an absolute
+    path or one that ``..`` takes out. Checked on the names, so a dataset whose files are links into a shared
+    store still reads."""
+    normal = Path(os.path.normpath(rel)) if rel else Path()
+    if normal.is_absolute() or normal.drive or ".." in normal.parts:
+        raise DatasetError(f"{what} {rel!r} listed in {csv_path} lies outside the dataset root {root}")
+    return root / rel
 
 
 def _visa_classes(root: Path) -> list[str]:
@@ -304,12 +355,12 @@ def _visa_samples(root: Path, split: str, classes: list[str]) -> list[Sample]:
             raise DatasetError(
                 f"unknown label '{row['label']}' for {row['image']} (expected normal/anomaly): {csv_path}"
             )
-        image_path = root / row["image"]
-        if not image_path.is_file():
+        image_path = _inside_root(root, row["image"], csv_path, "image")
+        if not row["image"] or not image_path.is_file():
             raise DatasetError(f"image listed in {csv_path} not found: {image_path}")
         mask_path: Path | None = None
         if label == 1:
-            if row["mask"] and (root / row["mask"]).is_file():
+            if row["mask"] and _inside_root(root, row["mask"], csv_path, "mask").is_file():
                 mask_path = root / row["mask"]
             else:
                 missing_masks[cls].append(image_path)
@@ -349,7 +400,7 @@ def _test_dir_samples(
     cls: str, cdir: Path, mask_dirs: Sequence[Path], missing: list[Path], loose: bool
 ) -> list[Sample]:
     """Samples of an MVTec-style ``<cdir>/test/<good|defect>/`` folder; masks searched in ``<mask_dir>/<defect>/``."""
-    out: list[Sample] = []
+    found: list[tuple[Path, str, list[dict[str, Path]]]] = []  # (image, defect folder, its mask indexes)
     defect_dirs = _subdirs(cdir / "test")
     defect_dirs.sort(key=lambda d: (d.name != _GOOD, d.name))
     for ddir in defect_dirs:
@@ -357,11 +408,16 @@ def _test_dir_samples(
         indexes = [_mask_index(m / ddir.name) for m in mask_dirs] if label else []
         if label and loose:
             indexes += [_mask_index(m) for m in mask_dirs]
-        for img in _images(ddir):
-            mask_path = _find_mask(img.stem, indexes, loose=loose) if label else None
-            if label and mask_path is None:
-                missing.append(img)
-            out.append(Sample(img, cls, "test", label, ddir.name, mask_path))
+        found += [(img, ddir.name, indexes) for img in _images(ddir)]
+    defects = [(img, indexes) for img, dtype, indexes in found if dtype != _GOOD]
+    masks = iter(_match_masks(defects, loose))
+    out: list[Sample] = []
+    for img, dtype, _ in found:
+        label = 0 if dtype == _GOOD else 1
+        mask_path = next(masks) if label else None
+        if label and mask_path is None:
+            missing.append(img)
+        out.append(Sample(img, cls, "test", label, dtype, mask_path))
     return out
 
 
@@ -410,12 +466,12 @@ def _folder_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
         ]
         for sub in _subdirs(defect_root):
             groups.append((sub.name, _images(sub), [_mask_index(masks_root / sub.name), root_index]))
-        for dtype, imgs, indexes in groups:
-            for img in imgs:
-                mask_path = _find_mask(img.stem, indexes, loose=True)
-                if mask_path is None:
-                    missing.append(img)
-                out.append(Sample(img, cls, "test", 1, dtype, mask_path))
+        defects = [(dtype, img, indexes) for dtype, imgs, indexes in groups for img in imgs]
+        masks = _match_masks([(img, indexes) for _, img, indexes in defects], loose=True)
+        for (dtype, img, _), mask_path in zip(defects, masks):
+            if mask_path is None:
+                missing.append(img)
+            out.append(Sample(img, cls, "test", 1, dtype, mask_path))
     if not out:
         _raise_empty(cls, split, cdir / ("test" if has_test_dir else _GOOD))
     _warn_missing_masks(cls, missing, sum(s.label for s in out))

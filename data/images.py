@@ -83,7 +83,8 @@ def read_mask(
 ) -> np.ndarray:
     """Read a ground-truth mask file as an ``(H, W)`` bool array (``True`` = anomalous pixel).
 
-    The file is binarised with ``value > threshold`` (8-bit scale; 16-bit and float masks are rescaled). A colour
+    The file is binarised with ``value > threshold`` (8-bit scale; 16-bit and float masks are rescaled); an integer
+    mask whose largest value is 1 is a 0/1 label mask and reads with ``value > 0`` whatever the threshold. A colour
     mask counts a pixel as anomalous when any of its colour channels passes the threshold (for grey masks this
     is the same as reading them as grayscale). Use ``threshold=0`` for label masks whose defect pixels hold small
     non-zero values (raw VisA masks).
@@ -103,7 +104,11 @@ def read_mask(
         raise DatasetError(f"cannot decode mask (corrupt or not an image): {path}")
     if raw.ndim == 3:
         raw = raw[:, :, :3].max(axis=2) if raw.shape[2] >= 3 else raw[:, :, 0]
-    if raw.dtype == np.uint8:
+    if np.issubdtype(raw.dtype, np.integer) and int(raw.max()) <= 1:
+        # a 0/1 label mask (what many labelling tools export): value 1 is the defect whatever the threshold, else
+        # the mask would read as empty and its defect as a good image's pixels
+        mask = raw > 0
+    elif raw.dtype == np.uint8:
         mask = raw > threshold
     elif raw.dtype == np.uint16:
         mask = raw > threshold * 257

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Set
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -46,18 +48,38 @@ def exclude_held_out(samples: Sequence[Sample], held_out: set[str]) -> list[Samp
     return kept
 
 
-def scored_samples(samples: Sequence[Sample], split: str | Path | None, trained: set[str]
-                   ) -> tuple[list[Sample], int, int]:
+@dataclass(frozen=True)
+class ScoringSelection:
+    """The test images an evaluation may score and how many were left out, and why."""
+
+    kept: list[Sample]
+    n_split: int  # left out because the tuning split holds them
+    n_trained: int  # left out because stage 1 of the model trained on them
+    n_tuned: int  # left out because they were held out of stage 1 to pick its epoch and fit the fusion weight
+
+
+def scoring_selection(samples: Sequence[Sample], split: str | Path | None, trained: set[str],
+                      tuned: Set[str] = frozenset()) -> ScoringSelection:
     """The test images an evaluation may score: without a tuning split's images (``split``: its split.json or
-    folder, optional) and without the labelled defects a model's stage 1 trained on (``trained``: resolved paths).
-    Returns (kept, number left out for the split, number left out as trained)."""
+    folder, optional) and without the labelled defects the model's training used: ``trained`` (resolved paths;
+    may already include ``tuned``) and ``tuned`` (held out of stage 1 for its self-check and the fusion fit)."""
     kept = list(samples)
     n_split = 0
     if split:
         kept = exclude_held_out(kept, read_held_out(split))
         n_split = len(samples) - len(kept)
         log.info("tuning split %s: %d test images left out of scoring", split, n_split)
-    kept, learnt = partition_by_paths(kept, trained)
-    if learnt:  # the model learnt these: scoring them would flatter it
-        log.warning("%d test images left out of scoring: stage 1 of the model trained on them", len(learnt))
-    return kept, n_split, len(learnt)
+    kept, used = partition_by_paths(kept, set(trained) | set(tuned))
+    n_tuned = sum(str(s.image_path.resolve()) in tuned for s in used)
+    if used:  # the model learnt or was tuned on these: scoring them would flatter it
+        log.warning("%d test images left out of scoring: the model's training used them (%d trained stage 1, %d "
+                    "picked its epoch and fitted the fusion weight)", len(used), len(used) - n_tuned, n_tuned)
+    return ScoringSelection(kept, n_split, len(used) - n_tuned, n_tuned)
+
+
+def scored_samples(samples: Sequence[Sample], split: str | Path | None, trained: set[str],
+                   tuned: Set[str] = frozenset()) -> tuple[list[Sample], int, int]:
+    """:func:`scoring_selection` as (kept, number left out for the split, number left out as used by training:
+    trained and tuned defects together)."""
+    sel = scoring_selection(samples, split, trained, tuned)
+    return sel.kept, sel.n_split, sel.n_trained + sel.n_tuned

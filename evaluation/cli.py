@@ -19,8 +19,8 @@ log = logging.getLogger("gradad.eval")
 @click.option("--data", "data_roots", type=click.Path(), multiple=True, help="Dataset root, repeatable [default: "
               "the roots the model was trained on, all of them for a unified model].")
 @click.option("--exclude", type=click.Path(), help="A tuning split (grad-bench split's split.json or its folder): "
-              "its images are left out of scoring. The labelled defects the model's stage 1 trained on are always "
-              "left out.")
+              "its images are left out of scoring. The labelled defects the model's stage 1 trained on, and those "
+              "held out of stage 1 to pick its epoch and fit the fusion weight, are always left out.")
 @click.option("--classes", help="Comma-separated classes [default: the model's classes].")
 @click.option("--layout", default=None, help="Dataset layout: auto, mvtec, visa, goodsad, folder.")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False),
@@ -38,10 +38,10 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     30% FPR, and the same per defect type) and OUT/figures/*.png (image | ground truth | heat map).
     """
     from gradad.data.datasets import load_samples_from_roots
-    from gradad.data.tuning_split import scored_samples
+    from gradad.data.tuning_split import scoring_selection
     from gradad.evaluation.evaluate import evaluate_predictions, save_figures, write_evaluation
     from gradad.evaluation.report import markdown_table
-    from gradad.training.checkpoint import load_detector, trained_defect_paths
+    from gradad.training.checkpoint import load_detector, trained_defect_paths, tuned_defect_paths
     from gradad.training.inference import predict
     from gradad.devices import resolve_torch_device
 
@@ -50,9 +50,9 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     cfg = payload["resolved_config"]
     roots = list(data_roots) or cfg.data.roots
     wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
-    samples, n_excluded, n_trained = scored_samples(
-        load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout), exclude,
-        trained_defect_paths(payload))
+    selection = scoring_selection(load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout),
+                                  exclude, trained_defect_paths(payload), tuned_defect_paths(payload))
+    samples = selection.kept
     t0 = time.perf_counter()
     norm = payload["normalisation"]
     preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)
@@ -62,7 +62,8 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     meta = {
         "model": str(model_path),
         "data_root": ", ".join(map(str, roots)),
-        "excluded": exclude, "n_excluded": n_excluded, "n_trained_defects_left_out": n_trained,
+        "excluded": exclude, "n_excluded": selection.n_split,
+        "n_trained_defects_left_out": selection.n_trained, "n_tuned_defects_left_out": selection.n_tuned,
         "preset": cfg.preset,
         "backbone": cfg.backbone.name,
         "image_size": cfg.data.image_size,

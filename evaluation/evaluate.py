@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -55,6 +56,21 @@ def pick_figure_indices(samples: Sequence[Sample], scores: np.ndarray, per_class
     return chosen
 
 
+_UNSAFE_NAME_CHARS = re.compile(r"[^\w.+-]+")
+
+
+def _name_part(text: str) -> str:
+    """``text`` as a harmless file-name part: separators and other odd characters become ``-``, no leading dot."""
+    return _UNSAFE_NAME_CHARS.sub("-", text).lstrip(".") or "-"
+
+
+def figure_file_name(sample: Sample) -> str:
+    """The figure's file name: class, defect type and image stem, each made one plain name part, so a class
+    or defect name read from a dataset file (a VisA CSV) never places the figure outside the figures folder."""
+    parts = (sample.class_name, sample.defect_type, sample.image_path.stem)
+    return "_".join(_name_part(p) for p in parts) + ".png"
+
+
 def save_figures(
     out_dir: Path,
     samples: Sequence[Sample],
@@ -73,7 +89,7 @@ def save_figures(
     for i in pick_figure_indices(samples, scores, per_class):
         s = samples[i]
         vmin, vmax = ranges[s.class_name]
-        name = f"{s.class_name}_{s.defect_type}_{s.image_path.stem}.png"
+        name = figure_file_name(s)
         title = f"{s.class_name}/{s.defect_type}/{s.image_path.name}  score {scores[i]:.3f}"
         paths.append(save_overlay_figure(out_dir / "figures" / name, images[i],
                                          masks[i] if s.label else None, maps[i], title=title, vmin=vmin, vmax=vmax))

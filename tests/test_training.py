@@ -285,15 +285,16 @@ def test_grad_train_resume_of_a_copied_run_writes_the_copy_not_the_original(tiny
     assert (original / "model.pt").read_bytes() == before
     assert torch.load(copy / "model.pt", weights_only=True)["config"]["model"]["map_refine_mask_weight"] == 0.0
     assert [(r["stage"], r["epoch"]) for r in _epoch_records(copy)] == [("abnormal", 1), ("normal", 1)]
-    # a run directory without a checkpoint (a NORMAL-only run from --normal-from keeps none): still the copy
+    # a run directory without a checkpoint (a NORMAL-only run from --normal-from keeps none): still the copy, whose
+    # finished model a fresh run would replace, so this one (it trains epochs) is refused naming the copy
     second = tmp_path / "copy2"
     shutil.copytree(original, second)
     (second / "checkpoint.pt").unlink()
+    kept = (second / "model.pt").read_bytes()
     result = CliRunner().invoke(main, ["--config", str(second / "config.yaml"), "--resume",
                                        "--set", "model.map_refine_mask_weight=0"])
-    assert result.exit_code == 0, result.output
-    assert (original / "model.pt").read_bytes() == before
-    assert torch.load(second / "model.pt", weights_only=True)["config"]["model"]["map_refine_mask_weight"] == 0.0
+    assert result.exit_code != 0 and f"no checkpoint.pt to resume in {second}" in result.output, result.output
+    assert (original / "model.pt").read_bytes() == before and (second / "model.pt").read_bytes() == kept
 
 
 def test_config_errors_name_the_setting(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ lukemelas/EfficientNet-PyTorch key names; :func:`remap_lukemelas_to_timm` rename
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import re
@@ -148,6 +149,27 @@ def load_imagenet_classifier(name: str = "tf_efficientnet_lite0", weights: str =
     return model.eval()
 
 
+_FINGERPRINTS: dict[tuple[str, int, int], str] = {}
+
+
+def weights_fingerprint(path: Path) -> str:
+    """``name:sha256`` of a weights file's content (the feature cache key's weights part): two fine-tuned files of
+    one name and size must never share cached features. Memoised per (path, mtime, size), so a process hashes a
+    file once."""
+    try:
+        st = path.stat()
+        memo = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        if memo not in _FINGERPRINTS:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            _FINGERPRINTS[memo] = f"{path.name}:{digest.hexdigest()}"
+    except OSError as exc:
+        raise CheckpointError(f"cannot read backbone weights {path}: {exc.strerror or exc}") from None
+    return _FINGERPRINTS[memo]
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning x = concat(stage_s8, upsample(stage_s16)) at stride 8 (DESIGN.md section 2).
 
@@ -164,7 +186,7 @@ class FeatureExtractor(nn.Module):
         classifier = load_imagenet_classifier(spec.name, spec.weights)
         self.spec = spec
         path = resolve_weights_path(spec.name, spec.weights)
-        self.weights_fingerprint = spec.weights if path is None else f"{path.name}:{path.stat().st_size}"
+        self.weights_fingerprint = spec.weights if path is None else weights_fingerprint(path)
         cfg_mean = classifier.pretrained_cfg.get("mean", IMAGENET_MEAN)
         cfg_std = classifier.pretrained_cfg.get("std", IMAGENET_STD)
         self.mean = tuple(float(v) for v in (spec.mean or cfg_mean))

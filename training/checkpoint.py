@@ -110,10 +110,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return _upgrade(payload)
 
 
+def _recorded_paths(payload: dict[str, Any], key: str) -> set[str]:
+    return {str(p) for p in payload.get(key) or [] if isinstance(p, str)}
+
+
 def trained_defect_paths(payload: dict[str, Any]) -> set[str]:
-    """Resolved paths of the labelled defect images a model file's stage 1 trained on (its payload; empty when none
-    or not recorded): an evaluation must not score them."""
-    return {str(p) for p in payload.get("trained_defects") or [] if isinstance(p, str)}
+    """Resolved paths of the labelled defect images a model file's training used (its payload; empty when none or
+    not recorded): those stage 1 trained on (``trained_defects``) and those held out of stage 1 that picked its
+    epoch and fitted the fusion weight (``tuned_defects``). An evaluation must score neither."""
+    return _recorded_paths(payload, "trained_defects") | _recorded_paths(payload, "tuned_defects")
+
+
+def tuned_defect_paths(payload: dict[str, Any]) -> set[str]:
+    """Resolved paths of the labelled defects held out of stage 1 for its self-check and the fusion fit (part of
+    :func:`trained_defect_paths`), so that results can count them apart."""
+    return _recorded_paths(payload, "tuned_defects")
 
 
 def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> CheckpointError:

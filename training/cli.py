@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from gradad.cli_utils import CLI_CONTEXT, grad_command
-from gradad.training.config import PRESETS, apply_set_options, load_config, preset_config
+from gradad.training.config import (PRESETS, RunConfig, apply_set_options, config_text, load_config,
+                                   preset_config)
 
 log = logging.getLogger("gradad.train")
 
@@ -78,7 +79,9 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
         cfg.train.stage1_epochs, cfg.train.stage2_epochs = epochs
     apply_set_options(cfg, list(assignments))
     if not resume and not overwrite:
-        _refuse_existing_run(Path(cfg.output_dir))
+        _refuse_existing_run(Path(cfg.output_dir), cfg)
+    if resume and overwrite and not (Path(cfg.output_dir) / "checkpoint.pt").is_file():
+        resume = False  # nothing to resume: --overwrite asks for a fresh run
     from gradad.training.trainer import TrainingInterrupted, train  # heavy import after argument checks
 
     try:
@@ -91,12 +94,25 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
     log.debug("run dir %s", Path(cfg.output_dir).resolve())
 
 
-def _refuse_existing_run(run_dir: Path) -> None:
-    """A fresh run would replace a finished model and a resumable checkpoint at its first epoch: say so first."""
+def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
+    """A fresh run would replace a finished model and a resumable checkpoint at its first epoch, rewrite config.yaml
+    and delete train_log.jsonl: say so first. A config.yaml this very run would write (an earlier start of it that
+    stopped before its first checkpoint) and its log may go."""
     kept = [name for name in ("model.pt", "checkpoint.pt") if (run_dir / name).is_file()]
+    config = run_dir / "config.yaml"
+    if not kept and config.is_file():
+        try:
+            ours = config.read_text() == config_text(cfg)
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        kept += [] if ours else ["config.yaml"]
+        if "config.yaml" in kept and (run_dir / "train_log.jsonl").is_file():
+            kept.append("train_log.jsonl")
+    elif not kept and (run_dir / "train_log.jsonl").is_file():  # grad-train writes config.yaml first
+        kept.append("train_log.jsonl")
     if kept:
         raise click.UsageError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train "
-                               f"afresh into it with --overwrite, or choose another -o")
+                               f"afresh into it with --overwrite (replacing them), or choose another -o")
 
 
 def _resume_dir(config_path: Path, named: Path) -> str:

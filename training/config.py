@@ -16,6 +16,10 @@ import yaml
 from gradad.errors import ConfigError
 
 
+#: The anomaly kinds Feature Block Paste can synthesise (training/fbp.py draws them).
+FBP_KINDS: tuple[str, ...] = ("constant", "scaled", "direction", "paste", "noise")
+
+
 @dataclass
 class BackboneConfig:
     """Frozen extractor (DESIGN.md section 2)."""
@@ -200,6 +204,27 @@ class RunConfig:
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),
+            ("train.lr_grid", self.train.lr_grid > 0, "must be > 0"),
+            ("train.lr_net", self.train.lr_net > 0, "must be > 0"),
+            ("train.weight_decay", self.train.weight_decay >= 0, "must be >= 0"),
+            ("train.checkpoint_every", self.train.checkpoint_every >= 0, "must be >= 0 (0 = at each stage end)"),
+            ("train.val_every", self.train.val_every >= 0, "must be >= 0 (0 = last epoch only)"),
+            ("data.val_fraction", 0.0 <= self.data.val_fraction < 1.0, "must be in [0, 1)"),
+            ("fbp.max_block", self.fbp.max_block >= 1, "must be >= 1"),
+            ("fbp.public_steps", self.fbp.public_steps >= 1, "must be >= 1"),
+            ("fbp.blur_sigma", self.fbp.blur_sigma >= 0, "must be >= 0"),
+            ("fbp.intensity_std_range", 0 <= self.fbp.intensity_std_range[0] <= self.fbp.intensity_std_range[1],
+             "must be a range lo,hi with 0 <= lo <= hi"),
+            ("fbp.blocks_per_image", 0 <= self.fbp.blocks_per_image[0] <= self.fbp.blocks_per_image[1]
+             and self.fbp.blocks_per_image[1] >= 1, "must be a range lo,hi with 0 <= lo <= hi, hi >= 1"),
+            ("fbp.kinds", len(self.fbp.kinds) > 0 and set(self.fbp.kinds) <= set(FBP_KINDS),
+             f"must be one or more of {', '.join(FBP_KINDS)}"),
+            ("fbp.kind_weights", self.fbp.kind_weights is None
+             or (len(self.fbp.kind_weights) == len(self.fbp.kinds) and min(self.fbp.kind_weights) >= 0
+                 and sum(self.fbp.kind_weights) > 0),
+             f"must be one weight >= 0 per kind of fbp.kinds ({len(self.fbp.kinds)}), not all 0"),
+            ("train.fusion_fit_kinds", set(self.train.fusion_fit_kinds or ()) <= {*FBP_KINDS, "real"},
+             f"must name kinds among {', '.join(FBP_KINDS)}, real"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -243,29 +268,60 @@ def preset_config(name: str) -> RunConfig:
     return cfg
 
 
+def _is_optional(hint: Any) -> bool:
+    return type(None) in get_args(hint)
+
+
+def _split_items(value: str) -> list[Any]:
+    """"a,b" -> ["a", "b"]: one ``--set`` string of a list or tuple setting (YAML reads ``1,2`` as one string)."""
+    return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     args = get_args(hint)
     if value is None:
-        return None
+        if hint is Any or _is_optional(hint):
+            return None
+        # "--set train.batch_size=" (YAML null): refused here rather than crashing later with a traceback
+        raise ConfigError(f"setting {where} is empty: it needs a value (only optional settings may be empty)")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"setting {where} = {value!r}: must be one of {', '.join(map(str, args))}")
         return value
     if origin is tuple:
-        if isinstance(value, str):  # "--set model.map_scales=1,3,5" (YAML reads it as one string)
-            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        return tuple(_coerce(v, args[0] if args else Any, where) for v in value)
+        items = _split_items(value) if isinstance(value, str) else value  # "--set model.map_scales=1,3,5"
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        if args and args[-1] is Ellipsis:
+            types = [args[0]] * len(items)
+        elif args:
+            if len(items) != len(args):
+                raise ConfigError(f"setting {where} = {value!r}: expected {len(args)} values, got {len(items)}")
+            types = list(args)
+        else:
+            types = [Any] * len(items)
+        return tuple(_coerce(v, t, where) for v, t in zip(items, types))
     if origin is list:
         if isinstance(value, str):  # "--set data.classes=a,b" or a single name, not its letters
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return list(value)
-    if args and type(None) in args:  # Optional[X]
+            element = args[0] if args else Any
+            items = [v.strip() for v in value.split(",") if v.strip()] if element is str else _split_items(value)
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, dict):
+            raise ConfigError(f"setting {where} = {value!r}: expected a list")
+        else:
+            items = [value]
+        return [_coerce(v, args[0] if args else Any, where) for v in items]
+    if args and _is_optional(hint):  # Optional[X]
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where) if len(inner) == 1 else value
     if hint is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string, not a float
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"setting {where} = {value!r}: expected a finite number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"setting {where} = {value!r}: expected a finite number")
         return float(value)
@@ -317,9 +373,14 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def config_text(cfg: RunConfig) -> str:
+    """The YAML text :func:`save_config` writes for ``cfg``."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))
 
 
 def apply_set_options(cfg: RunConfig, assignments: list[str]) -> RunConfig:

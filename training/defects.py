@@ -100,10 +100,21 @@ def defect_samples(images_dir: str | Path, masks_dir: str | Path | None,
 
 
 def cell_masks(pixel_masks: torch.Tensor, feat_hw: tuple[int, int], has_mask: list[bool]) -> torch.Tensor:
-    """(N, H, W) bool pixel masks -> (N, 1, h, w) cell labels; images without a mask file are all defective."""
+    """(N, H, W) bool pixel masks -> (N, 1, h, w) cell labels; images without a mask file are all defective.
+
+    A cell is defective when at least CELL_FRACTION of its pixels are; a thin or small defect that reaches that
+    fraction in no cell still marks the cell it covers most, so a labelled defect never trains as all normal."""
     frac = F.adaptive_avg_pool2d(pixel_masks.float()[:, None], feat_hw)
     cells = (frac >= CELL_FRACTION).float()
+    thin = 0
     for i, known in enumerate(has_mask):
         if not known:
             cells[i] = 1.0
+        elif not cells[i].any() and frac[i].max() > 0:
+            flat = cells[i].view(-1)
+            flat[int(frac[i].view(-1).argmax())] = 1.0
+            thin += 1
+    if thin:
+        log.info("%d labelled defect(s) cover less than %.0f%% of every feature cell: each marks its most covered "
+                 "cell", thin, 100 * CELL_FRACTION)
     return cells

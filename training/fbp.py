@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gradad.training.config import FBPConfig
+from gradad.errors import ConfigError
+from gradad.training.config import FBP_KINDS, FBPConfig
 
 _FOUR_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
-KINDS = ("constant", "scaled", "direction", "paste", "noise")
+KINDS = FBP_KINDS  # one list: the config checks fbp.kinds against it
 
 
 def _walk_cells(block: int, cfg: FBPConfig, gen: torch.Generator) -> list[tuple[int, int]]:
@@ -94,6 +95,9 @@ def sample_fbp_masks(
 
 def _kind_probabilities(cfg: FBPConfig) -> torch.Tensor:
     weights = cfg.kind_weights or [1.0] * len(cfg.kinds)
+    if len(weights) != len(cfg.kinds):  # a shorter list would silently never draw the last kinds
+        raise ConfigError(f"setting fbp.kind_weights = {list(weights)!r}: needs one weight per kind of fbp.kinds "
+                          f"{list(cfg.kinds)!r}")
     p = torch.tensor(weights, dtype=torch.float64)
     return p / p.sum()
 

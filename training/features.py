@@ -78,7 +78,9 @@ def extract_features(
         images, _ = load_images(samples[start : start + batch_size], image_size)
         x = to_tensor(images, extractor.mean, extractor.std).to(device)
         chunks.append(extractor(x).to(torch.float16).cpu().numpy())
-    return np.concatenate(chunks, axis=0)
+    # C order, as a cached array loads: the extractor's output may be channels-last, and the memory layout changes
+    # the floating-point summation order downstream, so a cold and a warm cache would train different models
+    return np.ascontiguousarray(np.concatenate(chunks, axis=0))
 
 
 class FeatureCache:
@@ -105,7 +107,7 @@ class FeatureCache:
                 feats = np.load(path, mmap_mode=None)
                 if feats.shape[0] == len(samples):
                     log.info("feature cache hit: %s", path)
-                    return feats, True
+                    return np.ascontiguousarray(feats), True
             except (OSError, ValueError) as exc:  # truncated or corrupt cache file: recompute
                 log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
         log.info("feature cache miss: extracting %d images -> %s", len(samples), path)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.devices import resolve_torch_device
-from gradad.errors import ConfigError, DatasetError
+from gradad.errors import ConfigError, DatasetError, GradError
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
@@ -417,6 +417,8 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         cfg.validate()
+        if resume:
+            self._check_resumable()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         extractor = FeatureExtractor(cfg.backbone)
@@ -435,7 +437,7 @@ class Trainer:
         start_stage, start_epoch, opt_state, best = 0, 0, None, _Best()
         if resume and self.state_path.is_file():
             start_stage, start_epoch, opt_state, best = self._restore(model, gen)
-        elif resume:
+        elif resume:  # nothing of a finished run is lost (checked above): nothing trained yet, or no epoch to train
             log.info("no checkpoint at %s: starting from scratch", self.state_path)
         save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
         if start_stage == 0 and start_epoch == 0 and self.log_path.exists():
@@ -455,6 +457,9 @@ class Trainer:
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
             # unseen defect's, so grad-refine tune leaves them out of its tuning images
             "trained_defects": trained_defect_files(data.defects) if self._stage_epochs("abnormal") else [],
+            # the labelled defects held out of stage 1 (data.defect_holdout) chose its epoch and fitted the fusion
+            # weight: scoring them would flatter the model too, so grad-eval and grad-bench leave them out as well
+            "tuned_defects": trained_defect_files(data.heldout_defects) if val is not None else [],
         }
         ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
         try:
@@ -475,6 +480,15 @@ class Trainer:
         atomic_torch_save(model_payload(cfg, model.cpu(), meta), self.model_path)
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
+
+    def _check_resumable(self) -> None:
+        """A resume without checkpoint.pt would train from scratch and replace the run's model.pt: refuse it,
+        unless the run trains no epoch (a NORMAL-only run from train.normal_from keeps no checkpoint; resuming
+        it only refits the head)."""
+        trains = self._stage_epochs("abnormal") + self._stage_epochs("normal") > 0
+        if trains and self.model_path.is_file() and not self.state_path.is_file():
+            raise ConfigError(f"no checkpoint.pt to resume in {self.run_dir} (it holds a finished model.pt that a "
+                              "fresh run would replace); --overwrite to train afresh")
 
     def _interrupt_message(self) -> str:
         if not self.state_path.is_file():
@@ -529,7 +543,11 @@ class Trainer:
                     loss = abnormal_step(model, x, cfg, channel_std, ctx.gen, real)
                 else:
                     loss = normal_step(model, x)
+                if not torch.isfinite(loss.detach()):  # before the step: a NaN would spread into every weight
+                    raise self._diverged(stage_index, epoch, f"loss {float(loss.detach())}")
                 losses.append(optimizer_step(loss, optimizer, params, cfg.train.grad_clip))
+            if not all(bool(torch.isfinite(p).all()) for p in params):  # a step from a finite loss overflowed
+                raise self._diverged(stage_index, epoch, "non-finite weights")
             scheduler.step()
             last = epoch + 1 == epochs
             record = {"stage": stage, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
@@ -549,6 +567,12 @@ class Trainer:
         self._log({"stage": stage, "epoch": epochs, "event": "stage_end", "coordinate_spread": spread,
                    "best_epoch": best.epoch})
         log.info("stage %d (%s) done; global-coordinate spread %s", stage_index + 1, stage, spread)
+
+    def _diverged(self, stage_index: int, epoch: int, what: str) -> GradError:
+        """The one line for a run whose training diverged (nothing written after the last good checkpoint)."""
+        return GradError(f"training diverged in stage {stage_index + 1} ({STAGES[stage_index]}) epoch {epoch + 1}: "
+                         f"{what}; lower train.lr_grid / train.lr_net or set train.grad_clip > 0 "
+                         f"(run {self.run_dir})")
 
     def _fit_map_scales(self, ctx: "_StageContext") -> list[float]:
         """After stage 2: put every residual scale of the map in the plain map's units (before the fusion fit,
