@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-import resource
 import sys
 from pathlib import Path
 from typing import Any
+
+from gradad.process_memory import peak_rss_mb  # noqa: F401 - the benchmarks' import name
 
 #: Libraries whose versions every result file records (import name -> JSON key).
 LIBRARIES: dict[str, str] = {
@@ -19,7 +20,6 @@ LIBRARIES: dict[str, str] = {
     "tensorrt": "tensorrt",
 }
 CPUINFO = Path("/proc/cpuinfo")
-PROC_STATUS = Path("/proc/self/status")
 
 
 def cpu_model() -> str:
@@ -62,18 +62,3 @@ def environment() -> dict[str, Any]:
     }
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB.
-
-    Linux: ``VmHWM`` from /proc/self/status, which starts afresh at exec (``ru_maxrss`` would carry the parent's
-    peak over into a forked-and-exec'd worker). Elsewhere: ``ru_maxrss`` (KiB on Linux, bytes on macOS).
-    """
-    try:
-        for line in PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 2**10, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 2**20 if sys.platform == "darwin" else 2**10
-    return round(peak / scale, 1)

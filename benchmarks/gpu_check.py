@@ -686,7 +686,6 @@ def train_row(cfg: GpuCheckConfig, preset: str, device_name: str) -> dict[str, A
         stages[stage] = {"seconds_per_epoch": round(sum(secs) / len(secs), 3), "epochs_timed": len(secs),
                          "epoch_seconds": [round(v, 3) for v in secs], "batches_per_epoch": timed[0][1],
                          "seconds_per_batch": round(sum(secs) / sum(t[1] for t in timed), 4), "loss": timed[-1][2]}
-    extrapolate = any("extrapolated_from_batches" in v for v in stages.values())
     default = preset_config(preset).train
     projected = (stages.get("abnormal", {}).get("seconds_per_epoch", 0.0) * default.stage1_epochs
                  + stages["normal"]["seconds_per_epoch"] * default.stage2_epochs)
@@ -699,9 +698,13 @@ def train_row(cfg: GpuCheckConfig, preset: str, device_name: str) -> dict[str, A
         "threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    s1 = stages.get("abnormal", {}).get("seconds_per_epoch")
-    out["summary"] = (f"stage 1 {s1} s/epoch, stage 2 {stages['normal']['seconds_per_epoch']} s/epoch"
-                      + (" (extrapolated)" if extrapolate else ""))
+    def said(stage: str) -> str:  # each stage says whether it was extrapolated from a few batches or timed whole
+        v = stages.get(stage, {})
+        how = (f" (extrapolated from {v['extrapolated_from_batches']} batches)" if "extrapolated_from_batches" in v
+               else f" ({v.get('epochs_timed', 0)} whole epoch(s) timed)")
+        return f"{v.get('seconds_per_epoch')} s/epoch{how}"
+
+    out["summary"] = (f"stage 1 {said('abnormal')}, " if "abnormal" in stages else "") + f"stage 2 {said('normal')}"
     return out
 
 

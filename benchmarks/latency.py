@@ -146,6 +146,25 @@ def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str])
     return specs
 
 
+def patchcore_specs(cfg: LatencyConfig, work: Path, images: list[str]) -> list[RowSpec]:
+    """PatchCore on the edge extractor: PyTorch eager always, and ONNX Runtime FP32 when GRAD gets an ONNX Runtime
+    FP32 row, so the two methods are compared on one engine."""
+    from gradad.benchmarks.models import export_patchcore_onnx
+    from gradad.training.config import preset_config
+
+    size = preset_config("edge").data.image_size
+    common = {"method": "patchcore", "preset": "edge", "precision": "fp32", "device": "cpu", "image_size": size,
+              "bank_size": cfg.bank_size}
+    specs = [_spec(cfg, images, label="PatchCore · PyTorch eager CPU FP32 (same extractor)", backend="pytorch",
+                   **common)]
+    if BACKEND_ORT_FP32 in cfg.backends:
+        log.info("exporting PatchCore (random weights and bank) to ONNX")
+        specs.append(_spec(cfg, images, label="PatchCore · ONNX Runtime CPU FP32 (same extractor)",
+                           backend="onnxruntime", onnx_path=str(export_patchcore_onnx(cfg.bank_size, size, work)),
+                           **common))
+    return specs
+
+
 def bundle_specs(cfg: LatencyConfig, images: list[str], work: Path) -> list[RowSpec]:
     """ONNX Runtime FP32/FP16 and TensorRT rows of a bundle; what cannot run here becomes a skip line."""
     from gradad.bundle import Bundle
@@ -256,10 +275,7 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
 
             specs += bundle_specs(cfg, images_for(int(Bundle.load(cfg.bundle).input.height)), work)
         if cfg.patchcore:
-            size = preset_config("edge").data.image_size
-            specs.append(_spec(cfg, images_for(size), label="PatchCore · PyTorch eager CPU FP32 (same extractor)",
-                               method="patchcore", preset="edge", backend="pytorch", precision="fp32", device="cpu",
-                               image_size=size, bank_size=cfg.bank_size))
+            specs += patchcore_specs(cfg, work, images_for(preset_config("edge").data.image_size))
         from tqdm import tqdm
 
         for spec in tqdm(specs, desc="latency rows", unit="row"):
@@ -271,7 +287,9 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
             else:
                 row["complexity"] = {"gflop_total": model["gflop_total"], "gflop_extractor": model["gflop_extractor"],
                                      "gflop_grad": model["gflop_grad"],
-                                     "params_m": round(model["params_extractor_m"] + model["params_grad_m"], 3)}
+                                     "params_m": round(model["params_extractor_m"] + model["params_grad_m"], 3),
+                                     # a bundle row's model may differ from today's preset defaults
+                                     "source": f"the {spec.preset} preset's defaults in this code version"}
             rows.append(row)
         if cfg.grad_run_frames:
             from gradad.benchmarks.latency_runtime import grad_run_rows

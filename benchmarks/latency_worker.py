@@ -71,14 +71,14 @@ def _torch_engine(spec: RowSpec) -> Engine:
     torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     cfg = preset_config(spec.preset)
-    if spec.method == "patchcore":  # extractor + memory bank + GRAD's map head; no GRAD weights in memory
-        from gradad.benchmarks.patchcore import PatchCore, PatchCoreConfig
+    if spec.method == "patchcore":  # extractor + memory bank + PatchCore's map head (as its accuracy rows use)
+        from gradad.benchmarks.patchcore import PATCHCORE_HEAD, PatchCore, PatchCoreConfig
         from gradad.training.backbone import FeatureExtractor
         from gradad.training.model import AnomalyHead
 
         cfg.backbone.weights = "none"
         extractor = FeatureExtractor(cfg.backbone).to(device)
-        patchcore = PatchCore(PatchCoreConfig(), AnomalyHead(cfg.model, (spec.image_size, spec.image_size)))
+        patchcore = PatchCore(PatchCoreConfig(), AnomalyHead(PATCHCORE_HEAD, (spec.image_size, spec.image_size)))
         gen = torch.Generator().manual_seed(0)
         patchcore.bank = torch.randn(spec.bank_size, extractor.channels, generator=gen).to(device)
         forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = (
@@ -91,7 +91,10 @@ def _torch_engine(spec: RowSpec) -> Engine:
     autocast = spec.precision == "fp16" and device.type == "cuda"
 
     def preprocess(batch: np.ndarray) -> torch.Tensor:
-        return (torch.from_numpy(batch).to(device) - mean) / std
+        x = (torch.from_numpy(batch).to(device) - mean) / std
+        if device.type == "cuda":  # its kernels finish here, or their time would count as inference
+            torch.cuda.synchronize()
+        return x
 
     @torch.inference_mode()
     def inference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,3 +43,24 @@ def export_preset_onnx(preset: str, out_dir: str | Path, fp16: bool = True) -> d
         paths["fp16"] = out / f"{preset}.fp16.onnx"
         onnx.save(convert_to_fp16(model32)[0], paths["fp16"])
     return paths
+
+
+def export_patchcore_onnx(bank_size: int, image_size: int, out_dir: str | Path) -> Path:
+    """``patchcore.onnx``: PatchCore on the edge preset's extractor (random weights) with a random memory bank of
+    ``bank_size`` rows and PatchCore's own map head, exported like a bundle's FP32 graph (uint8 input, normalisation
+    inside), so its latency row runs on ONNX Runtime as GRAD's does."""
+    from gradad.benchmarks.patchcore import PATCHCORE_HEAD, PatchCoreConfig, PatchCoreGraph
+    from gradad.training.model import AnomalyHead
+
+    cfg = preset_config("edge")
+    cfg.backbone.weights = "none"
+    extractor = FeatureExtractor(cfg.backbone).eval()
+    bank = torch.randn(bank_size, extractor.channels, generator=torch.Generator().manual_seed(0))
+    graph = PatchCoreGraph(extractor, bank, AnomalyHead(PATCHCORE_HEAD, (image_size, image_size)),
+                           PatchCoreConfig().neighbourhood).eval()
+    module = ExportModule(graph, extractor.mean, extractor.std).eval()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "patchcore.onnx"
+    onnx.save(simplify(export_onnx_fp32(module, path)), path)
+    return path

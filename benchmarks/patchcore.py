@@ -106,6 +106,28 @@ class PatchCore:
         return self.head.postprocess(dists.view(b, 1, h, w))
 
 
+class PatchCoreGraph(torch.nn.Module):
+    """PatchCore as one exportable graph (extractor -> locally aware patches -> nearest bank row -> map head), for
+    timing it on the same engine as GRAD (ONNX Runtime). The distance is |p|^2 - 2 p.b + |b|^2 (one matrix product,
+    as an inference engine runs it), not ``torch.cdist``; it has ``head``, ``extractor`` and a (score, map)
+    forward like a GRAD detector, so ``gradad.export.graph.ExportModule`` wraps it unchanged."""
+
+    def __init__(self, extractor: FeatureExtractor, bank: torch.Tensor, head: AnomalyHead, neighbourhood: int) -> None:
+        super().__init__()
+        self.extractor, self.head, self.neighbourhood = extractor.eval(), head.eval(), neighbourhood
+        self.register_buffer("bank_t", bank.t().contiguous())
+        self.register_buffer("bank_sq", (bank * bank).sum(dim=1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.extractor(x)
+        b, c, h, w = features.shape
+        patches = F.avg_pool2d(features, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
+                               count_include_pad=False).permute(0, 2, 3, 1).reshape(-1, c)
+        sq = (patches * patches).sum(dim=1, keepdim=True) - 2.0 * patches @ self.bank_t + self.bank_sq
+        dists = sq.amin(dim=1).clamp_min(0.0).sqrt()
+        return self.head.postprocess(dists.view(b, 1, h, w))
+
+
 def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cfg: PatchCoreConfig,
                   image_size: int = 256, cache_dir: str = "cache/features", model_cfg: ModelConfig | None = None,
                   test: Sequence[Sample] | None = None, backbone: BackboneConfig | None = None,

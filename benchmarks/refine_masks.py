@@ -161,6 +161,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
     backend.close()
     oracle_threshold, _ = pixel_threshold_f1(maps, truths)
+    calibrated_threshold = float(parts.pixel_threshold if pixel_threshold is None else pixel_threshold)
     if panels_dir is not None:
         panels_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -174,8 +175,9 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         per_image = (time.perf_counter() - t0) / len(idx)
         cpu_per_image = (time.process_time() - c0) / len(idx)
         for i, r in zip(idx, results):
-            # the runtime's coarse mask (the class's calibrated threshold), not F2PAD's start mask
-            coarse = maps[i] > refiner.coarse_threshold(samples[i].class_name)
+            # the runtime's coarse mask without F2PAD: the bundle's calibrated pixel threshold (or the one given);
+            # a class's tuned coarse threshold is an F2PAD setting, part of what F2PAD is measured on
+            coarse = maps[i] > calibrated_threshold
             c_iou, c_dice = iou_dice(coarse, truths[i])
             o_iou, o_dice = iou_dice(maps[i] >= oracle_threshold, truths[i])  # best_f1 picks t for map >= t
             f_iou, f_dice = iou_dice(r.mask, truths[i])
@@ -185,6 +187,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
                    "coarse_iou": c_iou, "coarse_dice": c_dice, "oracle_iou": o_iou, "oracle_dice": o_dice,
                    "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": r.iterations, "status": r.status,
                    "seconds_per_image": per_image, "cpu_seconds_per_image": cpu_per_image,
+                   "f2pad_coarse_threshold": float(refiner.coarse_threshold(s.class_name)),
                    "truth_area_px": int(truths[i].sum()), "coarse_area_px": int(coarse.sum()),
                    "start_area_px": int(r.coarse_mask.sum()),
                    "f2pad_area_px": int(r.mask.sum())}
@@ -204,8 +207,14 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         by_defect[f"{r['class']}/{r['defect']}"].append(r)
     return {
         "bundle": str(bundle_dir), "data": str(data_root), "images_per_defect_type": per_defect,
-        "pixel_threshold": float(parts.pixel_threshold),
+        "pixel_threshold": calibrated_threshold,
         "threshold_rule": "given" if pixel_threshold is not None else "the bundle's calibrated pixel threshold",
+        # the threshold F2PAD's own coarse mask used per class (a tuned one where grad-refine tune chose it)
+        "f2pad_coarse_thresholds": {c: float(refiner.coarse_threshold(c)) for c in sorted(by_class)},
+        "scored_at": f"{images.shape[1]}x{images.shape[2]} px, the model input (truth masks resized with nearest "
+                     "neighbour; maps and masks at that size)",
+        "seconds_per_image_rule": f"wall time of each refine call / its images (batches of up to "
+                                  f"{config.max_batch}; the time budget scales with the batch)",
         "oracle_pixel_threshold": float(oracle_threshold),
         "oracle_rule": "pixel-F1-optimal over the evaluated images (oracle for the coarse mask)",
         "feature_scale": refiner.feature_scale, "class_settings": parts.class_settings,
@@ -245,7 +254,10 @@ def markdown(result: dict[str, Any]) -> str:
     if not legacy_oracle:
         lines += ["", "Coarse (calibrated): the runtime's mask at the bundle's calibrated pixel threshold. Coarse "
                   "(oracle): one pixel threshold for all these images, chosen on them for the best pooled pixel F1 "
-                  "(an optimistic baseline; not the best per image)."]
+                  "(an optimistic baseline; not the best per image)."
+                  + (f" Scored at {result['scored_at']}." if "scored_at" in result else "")
+                  + (f" s / image: {result['seconds_per_image_rule']}." if "seconds_per_image_rule" in result
+                     else "")]
     gains = result.get("iou_gain_intervals")
     if gains:
         lines += ["", f"F2PAD IoU minus coarse IoU (points; {100 * gains['level']:g} % bootstrap interval over "

@@ -20,7 +20,7 @@ from gradad.benchmarks.results_io import (KIND_ACCURACY, KIND_LATENCY, KIND_PREP
                                           load_result_files)
 from gradad.errors import GradError
 from gradad.files import atomic_write_text
-from gradad.runtime.refine_result import STATUS_COARSE_KEPT
+from gradad.runtime.refine_result import STATUS_EMPTY_REGION
 
 log = logging.getLogger(__name__)
 
@@ -377,12 +377,20 @@ def write_plot(points: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def headline(res: Results) -> list[str]:
-    """The ratios users choose by: GRAD ONNX Runtime vs PatchCore (speed and accuracy), eager vs ONNX Runtime."""
+    """The ratios users choose by: GRAD vs PatchCore on one engine (speed and accuracy), eager vs ONNX Runtime.
+
+    Speed is compared engine with engine: GRAD's ONNX Runtime FP32 row against PatchCore's ONNX Runtime row; a
+    result that timed PatchCore in PyTorch eager only is compared eager with eager, and says so."""
     lines = []
     for result in res.latency.values():
         rows = result["rows"]
         grad = find(rows, method=METHOD_GRAD, preset="edge", backend="onnxruntime", precision="fp32", device="cpu")
-        patchcore = find(rows, method=METHOD_PATCHCORE)
+        patchcore = find(rows, method=METHOD_PATCHCORE, backend="onnxruntime")
+        engine = "ONNX Runtime FP32"
+        if patchcore is None:  # older results: PatchCore in PyTorch eager only
+            grad = find(rows, method=METHOD_GRAD, preset="edge", backend="pytorch", device="cpu")
+            patchcore = find(rows, method=METHOD_PATCHCORE, backend="pytorch")
+            engine = "PyTorch eager"
         if not (grad and patchcore):
             continue
         speed = batch1_ms(patchcore) / batch1_ms(grad)
@@ -395,13 +403,14 @@ def headline(res: Results) -> list[str]:
                 acc.append(f"{word} image AUROC on {data['dataset']['name']} ({pct(a)} vs {pct(b)})")
         infer = [r["batch1"]["latency_ms"]["inference"]["p50"] for r in (patchcore, grad)]
         fastest = [batch1_ms(r, "min") for r in (patchcore, grad)]
-        robust = (f"; {fastest[0] / fastest[1]:.1f}× on the fastest image of each, which other jobs on a shared "
-                  "CPU disturb least" if None not in fastest else "")
-        lines.append(f"**GRAD-edge ONNX Runtime FP32 is {speed:.1f}× faster than PatchCore on the same extractor** "
-                     f"({batch1_ms(grad):.1f} vs {batch1_ms(patchcore):.1f} ms per image end to end, "
-                     f"{infer[0] / infer[1]:.1f}× on the inference stage alone{robust}; batch 1, "
+        robust = (f"; {_ratio_words(fastest[0] / fastest[1])} on the fastest image of each, which other jobs on a "
+                  "shared CPU disturb least" if None not in fastest else "")
+        lines.append(f"**GRAD-edge is {_ratio_words(speed)} than PatchCore on the same extractor and the same engine, "
+                     f"{engine}** ({batch1_ms(grad):.1f} vs {batch1_ms(patchcore):.1f} ms per image end to end, "
+                     f"{_ratio_words(infer[0] / infer[1])} on the inference stage alone{robust}; batch 1, "
                      f"{result['threads']} CPU threads, {grad['best_fps']:.0f} vs {patchcore['best_fps']:.0f} FPS at "
-                     f"the best batch), at {', '.join(acc) or 'no common accuracy run'}.")
+                     f"the best batch; PatchCore's bank: {patchcore.get('bank_size')} rows), at "
+                     f"{', '.join(acc) or 'no common accuracy run'}.")
         loads = [max(r.get("load_average_1min") or [0.0]) for r in (grad, patchcore)]
         if max(loads) > result["threads"] + LOAD_MARGIN:
             lines[-1] += (f" **Caveat: measured while other jobs loaded the CPU (1-min load average up to "
@@ -410,6 +419,30 @@ def headline(res: Results) -> list[str]:
                           "`grad-bench latency` on an idle machine.**")
         lines += latency_notes({**result, "skipped": [], "patchcore_bank": None})[:2]
     return [f"- {line}" for line in lines]
+
+
+def _ratio_words(ratio: float) -> str:
+    """``2.1× faster`` / ``1.3× slower`` / ``as fast`` for a time ratio other / GRAD."""
+    if abs(ratio - 1) < 0.05:
+        return "as fast"
+    return f"{ratio:.1f}× faster" if ratio > 1 else f"{1 / ratio:.1f}× slower"
+
+
+def _kept_note(result: dict[str, Any]) -> str:
+    """How many images kept a coarse mask and why: their class has F2PAD off (its tuning found it no better), or
+    their coarse mask was empty (nothing to refine)."""
+    off = {c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False}
+    images = result.get("images") or []
+    n_off = sum(1 for r in images if r["class"] in off)
+    n_empty = sum(1 for r in images if r["class"] not in off and r.get("status") == STATUS_EMPTY_REGION)
+    note = ""
+    if n_off:
+        note += (f" {n_off} of {len(images)} images kept their coarse masks: F2PAD is off for "
+                 f"{', '.join(sorted(off))}, whose tuning found it no better than the coarse mask (no solver ran for "
+                 "them; their time and iterations are 0).")
+    if n_empty:
+        note += f" {n_empty} image(s) had an empty coarse mask: nothing to refine, the empty mask kept."
+    return note
 
 
 def refine_block(name: str, result: dict[str, Any]) -> list[str]:
@@ -426,20 +459,18 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
     oracle = (f" (oracle coarse threshold {result['oracle_pixel_threshold']:.2f}: IoU {pct(m['oracle_iou'])}, "
               f"F2PAD {100 * (m['f2pad_iou'] - m['oracle_iou']):+.1f} points)") if "oracle_iou" in m else ""
-    statuses = result.get("statuses", {})
-    kept = statuses.get(STATUS_COARSE_KEPT, 0)
-    kept_note = ""
-    if kept:
-        off = sorted(c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False)
-        kept_note = (f" {kept} of {m['images']} images kept their coarse masks: F2PAD is off for "
-                     f"{', '.join(off) or 'their class'}, whose tuning found it no better than the coarse mask "
-                     "(no solver ran for them; their time and iterations are 0).")
+    kept_note = _kept_note(result)
+    own = result.get("f2pad_coarse_thresholds") or {}
+    own_note = (f" F2PAD's own coarse threshold per class: "
+                f"{', '.join(f'{c} {t:.2f}' for c, t in own.items())}."
+                if any(abs(t - result["pixel_threshold"]) > 1e-6 for t in own.values()) else "")
     lines = [f"### {Path(result['data']).name} — `{name}`", "",
              f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
              f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
              f"{m['images']} defect images{oracle}, at {m['seconds_per_image']:.1f} s and "
              f"{m['iterations_mean']:.0f} iterations per image ({result['device']}, {result['threads']} threads); "
-             f"coarse threshold: {result['threshold_rule']} = {result['pixel_threshold']:.2f}. Tuned per class: "
+             f"coarse threshold: {result['threshold_rule']} = {result['pixel_threshold']:.2f}.{own_note} "
+             f"Tuned per class: "
              f"{result.get('class_settings') or 'nothing'}. Settings different from the defaults: "
              f"{', '.join(changed) or 'none'}.{kept_note}", "", refine_table(result).rstrip("\n"), ""]
     panels = [(r["panel"], f"{r['class']}/{r['defect']}/{Path(r['image']).stem}") for r in result["images"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,27 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def code_version() -> dict[str, Any]:
+    """The git commit the code ran from and whether the working tree had changes (``dirty``), so a result can be
+    tied to the code that made it; nulls outside a git checkout (an installed wheel)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
 def result_header(kind: str, name: str, command: str) -> dict[str, Any]:
-    """The fields every ``grad-bench`` result file starts with."""
+    """The fields every ``grad-bench`` result file starts with (kind, exact command, time, code version)."""
     return {"kind": kind, "schema_version": RESULTS_SCHEMA_VERSION, "name": name, "created": now_iso(),
-            "command": command}
+            "command": command, "code": code_version()}
 
 
 def _refuse_foreign(json_path: Path, md_path: Path, kind: Any) -> None:

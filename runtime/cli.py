@@ -24,6 +24,7 @@ import click
 from gradad.bundle import check_refine_class
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
+from gradad.process_memory import peak_rss_mb
 from gradad.urls import redact_url
 
 if TYPE_CHECKING:
@@ -521,7 +522,7 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
     summary.update({
         "bundle": bundle.name, "backend": engine.name, "batch_size": settings.loop.batch_size,
         "loop": "serial" if settings.loop.serial else "pipelined", "pace_fps": settings.loop.pace_fps,
-        "precision": settings.backend.precision, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "precision": settings.backend.precision, "peak_rss_mb": peak_rss_mb(),
         "load_average_1min": round(os.getloadavg()[0], 2), "input": list(bundle.input.hw),
         "threads": settings.backend.threads, "warmup_frames": bench.warmup, "machine": platform.machine(),
         "processor": platform.processor(), "python": platform.python_version(),
@@ -534,13 +535,6 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
         click.echo(f"benchmark summary: {bench.benchmark_out}", err=True)
     else:
         click.echo(text)
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux: ru_maxrss is in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _version(module: str) -> str | None:

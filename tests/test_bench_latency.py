@@ -31,10 +31,13 @@ def latency_run(bundle: Path, tiny_demo_root: Path, tmp_path_factory: pytest.Tem
 def test_latency_json_has_every_required_field(latency_run: dict) -> None:
     data = latency_run
     assert data["kind"] == "latency" and data["command"].startswith("grad-bench latency")
+    code = data["code"]  # the commit the result came from (null outside a git checkout)
+    assert set(code) == {"commit", "dirty"} and (code["commit"] is None or len(code["commit"]) == 40)
     assert all(k in data["environment"] for k in ENV_KEYS)
     assert data["threads"] == 1
     methods = {(r["method"], r["backend"]) for r in data["rows"]}
-    assert methods == {("grad", "onnxruntime"), ("patchcore", "pytorch")}
+    # PatchCore also on ONNX Runtime: the speed comparison is engine with engine
+    assert methods == {("grad", "onnxruntime"), ("patchcore", "pytorch"), ("patchcore", "onnxruntime")}
     for row in data["rows"]:
         assert [b["batch"] for b in row["by_batch"]] == [1, 2]
         assert row["batch1"]["batch"] == 1 and row["best_batch"] in (1, 2)
@@ -51,8 +54,8 @@ def test_latency_json_has_every_required_field(latency_run: dict) -> None:
 
 def test_peak_rss_is_measured_per_row(latency_run: dict) -> None:
     """The ONNX Runtime worker never imports torch; the PatchCore worker does: their peaks must differ."""
-    rows = {r["method"]: r for r in latency_run["rows"]}
-    assert rows["grad"]["peak_rss_mb"] + 100 < rows["patchcore"]["peak_rss_mb"]
+    rows = {(r["method"], r["backend"]): r for r in latency_run["rows"]}
+    assert rows["grad", "onnxruntime"]["peak_rss_mb"] + 100 < rows["patchcore", "pytorch"]["peak_rss_mb"]
 
 
 def test_patchcore_cost_counts_the_search(latency_run: dict) -> None:
@@ -94,3 +97,21 @@ def test_today_vs_new_rows_and_ratios(bundle: Path, tiny_demo_root: Path, tmp_pa
     for c in data["comparisons"]:
         assert c["e2e_speedup"] > 0 and c["fps_ratio"] > 0
     assert "Today's path vs the new one" in (tmp_path / "cmp.md").read_text()
+
+
+def test_peak_rss_is_the_process_own_not_its_parents() -> None:
+    """grad-run's summary and the latency rows report their own peak: ru_maxrss carries the parent's peak across
+    fork and exec (every grad-run row of a benchmark showed the benchmark's 900 MiB)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from gradad.process_memory import peak_rss_mb
+
+    ballast = np.ones(400 * 2**20 // 8)  # the parent peaks above 400 MiB
+    assert peak_rss_mb() > 400
+    child = subprocess.run([sys.executable, "-c", "from gradad.process_memory import peak_rss_mb; "
+                            "print(peak_rss_mb())"], capture_output=True, text=True, check=True)
+    assert float(child.stdout) < 200, child.stdout
+    del ballast

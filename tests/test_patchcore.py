@@ -41,3 +41,35 @@ def test_patch_features_neighbourhood_mean() -> None:
     x[0, 0, 1, 1] = 9.0
     p = patch_features(x, 3).view(3, 3)
     assert p[1, 1] == 1.0 and p[0, 0] == 9.0 / 4  # borders average only the valid cells
+
+
+def test_patchcore_graph_on_onnx_runtime_matches_patchcore_predict(tmp_path) -> None:
+    """The latency benchmark times PatchCore on ONNX Runtime through PatchCoreGraph: it must compute what
+    PatchCore.predict does (matrix-product distances vs cdist), end to end from uint8 pixels."""
+    import numpy as np
+
+    from gradad.benchmarks.patchcore import PATCHCORE_HEAD, PatchCoreGraph
+    from gradad.export.graph import ExportModule
+    from gradad.export.onnx_export import export_onnx_fp32
+    from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from gradad.training.backbone import FeatureExtractor
+    from gradad.training.config import preset_config
+
+    cfg = preset_config("tiny")
+    cfg.backbone.weights = "none"
+    size = cfg.data.image_size
+    extractor = FeatureExtractor(cfg.backbone).eval()
+    head = AnomalyHead(PATCHCORE_HEAD, (size, size))
+    bank = torch.randn(50, extractor.channels, generator=torch.Generator().manual_seed(1))
+    reference = PatchCore(PatchCoreConfig(), head)
+    reference.bank = bank
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    module = ExportModule(PatchCoreGraph(extractor, bank, head, PatchCoreConfig().neighbourhood),
+                          extractor.mean, extractor.std).eval()
+    with torch.no_grad():
+        x = (images.float() - module.mean) * module.inv_std
+        want_s, want_m = reference.predict(extractor(x))
+    export_onnx_fp32(module, tmp_path / "patchcore.onnx")
+    got_s, got_m = OnnxRuntimeBackend(tmp_path / "patchcore.onnx", ["cpu"], 1).infer(images.numpy())
+    np.testing.assert_allclose(got_s, want_s.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got_m, want_m[:, 0].numpy(), rtol=1e-3, atol=1e-3)

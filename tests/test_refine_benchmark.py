@@ -117,7 +117,9 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
                                                                            tmp_path):
     copy, defects, all_truths, all_maps, calibrated = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
     tuned = str(defects[0].image_path)  # one image "used for tuning": never scored
-    write_class_settings(copy, {}, {defects[0].class_name: {"images": [tuned]}})
+    # a class with its own tuned coarse threshold: an F2PAD setting, never the calibrated baseline's threshold
+    write_class_settings(copy, {"nut": {"coarse_threshold": 0.5 * calibrated}},
+                         {defects[0].class_name: {"images": [tuned]}})
     split_held = str(defects[1].image_path)  # one image of the model's tuning split (grad-bench split): not scored
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"held_out": [str(defects[1].image_path.resolve())]}))
@@ -140,6 +142,9 @@ def test_benchmark_cli_reports_calibrated_and_oracle_baselines_and_panels(bundle
     picked = [index[r["image"]] for r in rows]
     oracle, _ = pixel_threshold_f1(all_maps[picked], all_truths[picked])
     assert result["oracle_pixel_threshold"] == pytest.approx(oracle, rel=1e-5)
+    assert result["f2pad_coarse_thresholds"]["nut"] == pytest.approx(0.5 * calibrated, rel=1e-5)
+    assert result["f2pad_coarse_thresholds"]["fabric"] == pytest.approx(calibrated, rel=1e-5)
+    assert "model input" in result["scored_at"] and "batches of up to" in result["seconds_per_image_rule"]
     for row, i in zip(rows, picked):
         assert (row["coarse_iou"], row["coarse_dice"]) == pytest.approx(iou_dice(all_maps[i] > calibrated,
                                                                                 all_truths[i]), abs=1e-6)
