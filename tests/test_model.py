@@ -116,6 +116,22 @@ def test_grid_sampling_reads_the_grid_at_the_coordinates() -> None:
     assert q.flatten().tolist() == pytest.approx([30.0, 70.0, 0.0, 4.0])
 
 
+def test_cells_span_reads_every_global_cell_at_full_weight() -> None:
+    """model.global_coord_span: with "tanh", g = +-1 lies in the zero-padding band (a quarter of the corner cell is
+    read); with "cells", [-1, 1] spans the outer cell centres: the corner cell at full weight, the centre unchanged."""
+    values = torch.arange(16.0).view(1, 1, 4, 4)
+    for span, corner in (("tanh", 0.25 * 15.0), ("cells", 15.0)):
+        mem = BiGridMemory(channels=1, feat_hw=(1, 1), local_size=2, global_size=4, global_span=span)
+        with torch.no_grad():
+            mem.global_grid.copy_(values)
+        u = torch.zeros(1, 1, 1, 2)
+        assert mem(torch.tensor([[[[1.0, 1.0]]]]), u)[0, 0].item() == pytest.approx(corner)
+        assert mem(torch.zeros(1, 1, 1, 2), u)[0, 0].item() == pytest.approx(values.mean().item())
+    cfg = ModelConfig(global_coord_span="cells")
+    model = GRADModel(4, (2, 2), cfg)
+    assert model.normal_grid.global_scale == pytest.approx(3 / 4)
+
+
 def test_model_forward_shapes_and_fusion_forms() -> None:
     cfg = preset_config("tiny").model
     model = GRADModel(16, (8, 8), cfg).eval()

@@ -40,6 +40,11 @@ class ModelConfig:
 
     local_grid_size: int = 8
     global_grid_size: int = 4  # R_g: 4 in CRAD, 8 in GRAD
+    # Where the global coordinate g = tanh(...) reads the global grid: "tanh" as is (with align_corners=False and zero
+    # padding, |g| > (R-1)/R falls in the padding band and fades towards 0: trained edge models read ~0.7 weight and
+    # leave ~62 % of the global grid untrained); "cells": g scaled by (R-1)/R, so [-1, 1] spans the outer cell
+    # centres and every cell is reachable at full weight.
+    global_coord_span: Literal["tanh", "cells"] = "tanh"
     fusion_block: Literal["inverted_residual", "basic"] = "inverted_residual"
     fusion_depth: int = 2
     fusion_expand: float = 1.0  # inverted-residual expansion ratio

@@ -37,10 +37,13 @@ class CoordinateMapper(nn.Module):
 class BiGridMemory(nn.Module):
     """One local + global grid pair (continuous memory) sampled with bilinear grid_sample, zero padding."""
 
-    def __init__(self, channels: int, feat_hw: tuple[int, int], local_size: int, global_size: int) -> None:
+    def __init__(self, channels: int, feat_hw: tuple[int, int], local_size: int, global_size: int,
+                 global_span: str = "tanh") -> None:
         super().__init__()
         h, w = feat_hw
         self.channels, self.feat_hw = channels, (h, w)
+        # ModelConfig.global_coord_span: "cells" keeps g between the outer cell centres (no fade into the padding)
+        self.global_scale = (global_size - 1) / global_size if global_span == "cells" else 1.0
         self.local_grid = nn.Parameter(torch.empty(1, channels, local_size, local_size))
         self.global_grid = nn.Parameter(torch.empty(1, channels * h * w, global_size, global_size))
         nn.init.xavier_normal_(self.local_grid)
@@ -57,7 +60,8 @@ class BiGridMemory(nn.Module):
             self.local_grid, u.reshape(1, b * h, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
         )  # (1, C, B*H, W)
         local = local.reshape(self.channels, b, h, w).transpose(0, 1)
-        glob = bilinear_weights(g.reshape(b, 2), self.global_grid.shape[-2:]) @ self.global_grid.flatten(2)[0].T
+        points = g.reshape(b, 2) * self.global_scale if self.global_scale != 1.0 else g.reshape(b, 2)
+        glob = bilinear_weights(points, self.global_grid.shape[-2:]) @ self.global_grid.flatten(2)[0].T
         return torch.cat([glob.reshape(b, self.channels, h, w), local], dim=1)
 
 
@@ -235,12 +239,14 @@ class GRADModel(nn.Module):
         self.cfg = cfg
         self.channels, self.feat_hw = channels, tuple(feat_hw)
         self.mapper = CoordinateMapper(channels)
-        self.normal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
+        self.normal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size,
+                                        cfg.global_coord_span)
         self.normal_cnn = fusion_cnn(channels, cfg)
         if cfg.abnormal_branch:
             if cfg.abnormal_mapper == "separate":
                 self.abnormal_mapper = CoordinateMapper(channels)
-            self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size)
+            self.abnormal_grid = BiGridMemory(channels, self.feat_hw, cfg.local_grid_size, cfg.global_grid_size,
+                                              cfg.global_coord_span)
             self.abnormal_cnn = fusion_cnn(channels, cfg)
         self.fusion_weight = nn.Parameter(torch.tensor(float(cfg.fusion_weight_init)))
         # Named scopes of the model's own arithmetic (no weights): see MapFusion.
