@@ -11,21 +11,7 @@ import pytest
 
 from gradad.data.datasets import Sample, load_samples
 from gradad.errors import DatasetError
-
-
-def _img(path: Path, hw: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8))
-    return path
-
-
-def _mask(path: Path, value: int = 255, hw: tuple[int, int] = (32, 32), box=(8, 16, 8, 16)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    m = np.zeros(hw, np.uint8)
-    y0, y1, x0, x1 = box
-    m[y0:y1, x0:x1] = value
-    assert cv2.imwrite(str(path), m)
-    return path
+from test_datasets import _img, _mask  # the image and mask file writers the dataset tests use
 
 
 # ------------------------------------------------------------------------------- 1. VisA CSV path traversal
