@@ -9,8 +9,9 @@ space the frozen GRAD model sees; with EfficientNet-Lite's mean = std = 0.5 that
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, get_type_hints
 
+from gradad.config_values import coerce_setting
 from gradad.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -174,9 +175,13 @@ class RefineConfig:
     threads: int = 0  # torch CPU threads (0 = torch default); the refiner also flushes denormals (~15x on CPU)
 
     def __post_init__(self) -> None:
-        wrong = [f"{f.name}={getattr(self, f.name)!r} (must be {_TYPE_WORDS.get(str(f.type), f.type)})"
-                 for f in fields(self) if not _has_type(getattr(self, f.name), str(f.type))]
-        if wrong:  # checked first: the range checks below compare numbers
+        wrong = []
+        for name, hint in get_type_hints(type(self)).items():  # checked first: the range checks compare numbers
+            try:  # one rule for every typed config (gradad.config_values): "1e-4" a number, tuples element-wise
+                object.__setattr__(self, name, coerce_setting(getattr(self, name), hint, name))
+            except ConfigError as exc:
+                wrong.append(str(exc).removeprefix("setting "))
+        if wrong:
             raise ConfigError("refinement config: " + "; ".join(wrong))
         problems = []
         if self.device not in DEVICES:
@@ -241,35 +246,10 @@ class RefineConfig:
         return d
 
 
-_TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "text", "bool": "true or false"}
-
-
-def _has_type(value: Any, annotation: str) -> bool:
-    """``value`` fits a RefineConfig field's annotation (bool is not a number here; a tuple holds numbers)."""
-    if annotation == "bool":
-        return isinstance(value, bool)
-    if annotation == "str":
-        return isinstance(value, str)
-    if annotation == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation.startswith("tuple"):
-        return isinstance(value, tuple) and all(_has_type(v, "float") for v in value)
-    return True
-
-
 def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     """Build a config from (possibly partial) stored values; unknown keys are an error naming them."""
     known = {f.name for f in fields(RefineConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
-    values = dict(values)
-    for key in ("betas", "mask_tau_quantiles", "mask_relative_candidates", "keep_interior_candidates",
-                "mask_trim_candidates", "start_peak_candidates"):
-        if key in values:
-            if not isinstance(values[key], (list, tuple)):
-                raise ConfigError(f"refinement config: {key}={values[key]!r} (must be a list of numbers)")
-            values[key] = tuple(values[key])
-    return RefineConfig(**values)
+    return RefineConfig(**values)  # its __post_init__ coerces and checks every value

@@ -118,11 +118,12 @@ def test_bundle_fields_of_the_wrong_type_are_a_bundle_error(bundle: Path, tmp_pa
         pytest.fail("a field of the wrong type was accepted")
 
 
-@pytest.mark.parametrize(("values", "message"), [({"lambda0": "abc"}, "lambda0='abc' (must be a number)"),
-                                                 ({"betas": 5}, "betas=5 (must be a list of numbers)"),
-                                                 ({"max_iterations": None}, "max_iterations=None (must be an integer)"),
-                                                 ({"use_f2pad": "false"}, "use_f2pad='false' (must be true or false)"),
-                                                 ({"max_batch": 2.5}, "max_batch=2.5 (must be an integer)")])
+@pytest.mark.parametrize(("values", "message"), [({"lambda0": "abc"}, "lambda0 = 'abc': expected a finite number"),
+                                                 ({"lambda0": float("nan")}, "lambda0 = nan: expected a finite number"),
+                                                 ({"betas": 5}, "betas = 5: expected 3 values, got 1"),
+                                                 ({"max_iterations": None}, "max_iterations is empty"),
+                                                 ({"use_f2pad": "false"}, "use_f2pad = 'false': expected bool"),
+                                                 ({"max_batch": 2.5}, "max_batch = 2.5: expected int")])
 def test_refine_settings_of_the_wrong_type_are_one_config_error(values: dict, message: str) -> None:
     from gradad.refine.config import refine_config_from_dict
 
@@ -134,8 +135,11 @@ def test_refine_set_option_names_itself(tmp_path: Path) -> None:
     from gradad.refine.cli import apply_refine_set
     from gradad.refine.config import RefineConfig
 
-    with pytest.raises(ConfigError, match=r"--set: refinement config: lambda0='abc'"):
+    with pytest.raises(ConfigError, match=r"--set: refinement config: lambda0 = 'abc'"):
         apply_refine_set(RefineConfig(), ("lambda0=abc",))
+    # the same --set strings as grad-train (gradad.config_values): 1e-4 is a number, tuples take their elements
+    config = apply_refine_set(RefineConfig(), ("lambda0=1e-4", "mask_tau_quantiles=0.9,0.99"))
+    assert config.lambda0 == 1e-4 and config.mask_tau_quantiles == (0.9, 0.99)
 
 
 @pytest.mark.parametrize("tamper", ["no_channels", "no_config", "extra_weight", "config_is_list"])

@@ -1,0 +1,79 @@
+"""One rule for turning configuration values into their typed fields (grad-train's RunConfig, F2PAD's
+RefineConfig): the same ``--set`` string means the same value in every command."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from gradad.errors import ConfigError
+
+
+def _is_optional(hint: Any) -> bool:
+    return type(None) in get_args(hint)
+
+
+def _split_items(value: str) -> list[Any]:
+    """"a,b" -> ["a", "b"]: one ``--set`` string of a list or tuple setting (YAML reads ``1,2`` as one string)."""
+    return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+
+
+def coerce_setting(value: Any, hint: Any, where: str) -> Any:
+    """``value`` (from YAML, JSON or a ``--set key=value`` string) as the type ``hint`` of a typed config field
+    names, or a one-line ConfigError naming the setting ``where``: Literal choices, tuples (length checked) and
+    lists element by element, floats from strings such as ``1e-4`` (which PyYAML reads as text) and finite only,
+    no bool for a number, empty only where the field is optional."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if value is None:
+        if hint is Any or _is_optional(hint):
+            return None
+        # "--set train.batch_size=" (YAML null): refused here rather than crashing later with a traceback
+        raise ConfigError(f"setting {where} is empty: it needs a value (only optional settings may be empty)")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"setting {where} = {value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        items = _split_items(value) if isinstance(value, str) else value  # "--set model.map_scales=1,3,5"
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        if args and args[-1] is Ellipsis:
+            types = [args[0]] * len(items)
+        elif args:
+            if len(items) != len(args):
+                raise ConfigError(f"setting {where} = {value!r}: expected {len(args)} values, got {len(items)}")
+            types = list(args)
+        else:
+            types = [Any] * len(items)
+        return tuple(coerce_setting(v, t, where) for v, t in zip(items, types))
+    if origin is list:
+        if isinstance(value, str):  # "--set data.classes=a,b" or a single name, not its letters
+            element = args[0] if args else Any
+            items = [v.strip() for v in value.split(",") if v.strip()] if element is str else _split_items(value)
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        elif isinstance(value, dict):
+            raise ConfigError(f"setting {where} = {value!r}: expected a list")
+        else:
+            items = [value]
+        return [coerce_setting(v, args[0] if args else Any, where) for v in items]
+    if args and _is_optional(hint):  # Optional[X]
+        inner = [a for a in args if a is not type(None)]
+        return coerce_setting(value, inner[0], where) if len(inner) == 1 else value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string, not a float
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"setting {where} = {value!r}: expected a finite number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"setting {where} = {value!r}: expected a finite number")
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"setting {where} = {value!r}: expected an integer")
+    if hint in (int, str, bool) and not isinstance(value, hint):
+        raise ConfigError(f"setting {where} = {value!r}: expected {hint.__name__}")
+    return value
