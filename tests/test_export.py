@@ -122,7 +122,8 @@ def test_bundle_manifest_valid_and_complete(bundle: Path) -> None:
     assert manifest["onnx"]["opset"] == 17 and manifest["onnx"]["gridsample_nodes"] == 2
     assert manifest["input"]["height"] == 64 and manifest["input"]["normalisation"]["in_graph"]
     parity = manifest["parity"]
-    assert parity["passed"] and parity["onnx_fp32_vs_pytorch"]["map_max_abs"] < 1e-4
+    # the gate: max abs error relative to max(1, largest |reference|) (maps of some models reach hundreds)
+    assert parity["passed"] and parity["onnx_fp32_vs_pytorch"]["max_abs_over_scale"] < 1e-4
     assert parity["onnx_fp16_vs_fp32"]["auroc_fp32"] is not None
     assert set(manifest["files"]) == {"model.onnx", "model.fp16.onnx"}
     # the map's form is named: its scales and its refinement (the hard mask off by default)
