@@ -143,8 +143,8 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     config = apply_refine_set(dataclasses.replace(config, threads=threads), assignments)
     parts = with_set_over_classes(parts, assignments)
     refiner = Refiner.from_parts(parts, config)
-    # never scored: the model maps the defects it trained on better than new ones
-    _, trained = partition_by_paths(labelled, refiner.trained_defects or set())
+    # never scored: the model maps the defects it trained on better than new ones, and the ones that selected it
+    _, trained = partition_by_paths(labelled, (refiner.trained_defects or set()) | refiner.tuned_defects)
     trained_excluded = {str(s.image_path.resolve()) for s in trained} - excluded
     samples = pick_samples(labelled, per_defect, exclude=excluded | trained_excluded)
     if not samples:

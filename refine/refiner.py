@@ -116,6 +116,9 @@ class Refiner:
         # resolved paths of the labelled defects the model's stage 1 trained on (the model file's record, set by
         # from_parts; None: not recorded): grad-refine tune and grad-bench refine leave them out
         self.trained_defects: set[str] | None = None
+        # those held out of stage 1 that picked its epoch and fitted the fusion weight (``tuned_defects``): not
+        # memorised, so tuning may use them, but a benchmark must not score them
+        self.tuned_defects: set[str] = set()
         # Map level of good training images: the feature loss only penalises the map above it, so the optimiser
         # stops once the region looks normal instead of driving the map adversarially towards zero.
         self.normal_level = float(normal_level)
@@ -139,6 +142,7 @@ class Refiner:
                       threshold_given=parts.pixel_threshold_given)
         recorded = payload.get("trained_defects")
         refiner.trained_defects = None if recorded is None else set(recorded)
+        refiner.tuned_defects = set(payload.get("tuned_defects") or [])
         from gradad.refine.bundle_files import warn_config_differs
 
         warn_config_differs(parts, refiner.config)  # settings tuned under other --set values than these

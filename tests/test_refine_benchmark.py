@@ -327,3 +327,25 @@ def test_the_set_values_a_class_was_tuned_under_are_recorded_and_checked_at_run_
         Refiner.from_parts(parts, parts.config)
     assert "class 'nut' were tuned with --set max_iterations=2" in caplog.text
     assert "mask_tau_images" not in caplog.text and "device" not in caplog.text
+
+
+def test_benchmark_never_scores_the_defects_that_selected_the_model(bundle, trained_tiny, tiny_demo_root, tmp_path):
+    """The defects held out of stage 1 picked its epoch and fitted the fusion weight (``tuned_defects``): tuning may
+    use them, grad-bench refine does not score them."""
+    import torch
+
+    nut = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1 and s.class_name == "nut"]
+    payload = torch.load(trained_tiny, weights_only=True)
+    payload["tuned_defects"] = [str(nut[0].image_path.resolve())]  # as grad-train records them
+    model_path = tmp_path / "model.pt"
+    torch.save(payload, model_path)
+    copy, _, _, _, _ = _prepared_copy(bundle, model_path, tiny_demo_root, tmp_path)
+    out = tmp_path / "results"
+    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root), "--classes",
+                                          "nut", "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
+                                          "--no-panels", "-o", str(out), "--name", "t"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((out / "t.json").read_text())
+    assert result["trained_images_excluded"] == 1
+    scored = {r["image"] for r in result["images"]}
+    assert str(nut[0].image_path) not in scored and len(scored) == len(nut) - 1
