@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -57,6 +58,28 @@ def _prepared_copy(bundle, trained_tiny, root, tmp_path):
     return copy, defects, all_truths, all_maps, calibrated
 
 
+def _model_recording(model: Path, tmp_path: Path, key: str, sample) -> Path:
+    """A copy of the model file recording ``sample`` under ``key`` (trained_defects / tuned_defects), as grad-train
+    records them (resolved paths)."""
+    import torch
+
+    payload = torch.load(model, weights_only=True)
+    payload[key] = [str(sample.image_path.resolve())]
+    path = tmp_path / "model.pt"
+    torch.save(payload, path)
+    return path
+
+
+def _bench_nut(bundle_dir: Path, root: Path, tmp_path: Path) -> dict:
+    """grad-bench refine of the nut class, one iteration per image, no panels: the result JSON."""
+    out = tmp_path / "results"
+    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(bundle_dir), "--data", str(root), "--classes",
+                                          "nut", "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
+                                          "--no-panels", "-o", str(out), "--name", "t"])
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "t.json").read_text())
+
+
 def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trained_tiny, tiny_demo_root, tmp_path):
     copy, defects, _, _, _ = _prepared_copy(bundle, trained_tiny, tiny_demo_root, tmp_path)
     chosen = [s for s in defects if s.class_name == "nut"][:2]
@@ -81,13 +104,8 @@ def test_tune_on_a_tuning_split_uses_and_records_exactly_its_images(bundle, trai
 
 def test_tune_leaves_out_defects_the_model_trained_on(bundle, trained_tiny, tiny_demo_root, tmp_path):
     """Stage 1's labelled defects (recorded in the model file) map better than new ones: not tuned on by default."""
-    import torch
-
     chosen = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1 and s.class_name == "nut"][:2]
-    payload = torch.load(trained_tiny, weights_only=True)
-    payload["trained_defects"] = [str(chosen[0].image_path.resolve())]  # as grad-train records them
-    model_path = tmp_path / "model.pt"
-    torch.save(payload, model_path)
+    model_path = _model_recording(trained_tiny, tmp_path, "trained_defects", chosen[0])
     copy, _, _, _, _ = _prepared_copy(bundle, model_path, tiny_demo_root, tmp_path)
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"held_out": [str(s.image_path.resolve()) for s in chosen]}))
@@ -100,12 +118,7 @@ def test_tune_leaves_out_defects_the_model_trained_on(bundle, trained_tiny, tiny
     assert tuning["images"] == [str(chosen[1].image_path)]
     assert tuning["left_out_as_trained"] == [str(chosen[0].image_path)]
     # the benchmark never scores it either (nor the tuned image)
-    out = tmp_path / "results"
-    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root), "--classes",
-                                          "nut", "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
-                                          "--no-panels", "-o", str(out), "--name", "t"])
-    assert res.exit_code == 0, res.output
-    result = json.loads((out / "t.json").read_text())
+    result = _bench_nut(copy, tiny_demo_root, tmp_path)
     assert result["trained_images_excluded"] == 1 and result["tuning_images_excluded"] == 1
     assert not {str(s.image_path) for s in chosen} & {r["image"] for r in result["images"]}
     res = CliRunner().invoke(refine_cli, [*args, "--include-trained"])
@@ -332,20 +345,10 @@ def test_the_set_values_a_class_was_tuned_under_are_recorded_and_checked_at_run_
 def test_benchmark_never_scores_the_defects_that_selected_the_model(bundle, trained_tiny, tiny_demo_root, tmp_path):
     """The defects held out of stage 1 picked its epoch and fitted the fusion weight (``tuned_defects``): tuning may
     use them, grad-bench refine does not score them."""
-    import torch
-
     nut = [s for s in load_samples(tiny_demo_root, "test") if s.label == 1 and s.class_name == "nut"]
-    payload = torch.load(trained_tiny, weights_only=True)
-    payload["tuned_defects"] = [str(nut[0].image_path.resolve())]  # as grad-train records them
-    model_path = tmp_path / "model.pt"
-    torch.save(payload, model_path)
+    model_path = _model_recording(trained_tiny, tmp_path, "tuned_defects", nut[0])
     copy, _, _, _, _ = _prepared_copy(bundle, model_path, tiny_demo_root, tmp_path)
-    out = tmp_path / "results"
-    res = CliRunner().invoke(bench_cli, ["refine", "--bundle", str(copy), "--data", str(tiny_demo_root), "--classes",
-                                          "nut", "--set", "max_iterations=1", "--device", "cpu", "--threads", "1",
-                                          "--no-panels", "-o", str(out), "--name", "t"])
-    assert res.exit_code == 0, res.output
-    result = json.loads((out / "t.json").read_text())
+    result = _bench_nut(copy, tiny_demo_root, tmp_path)
     assert result["trained_images_excluded"] == 1
     scored = {r["image"] for r in result["images"]}
     assert str(nut[0].image_path) not in scored and len(scored) == len(nut) - 1
