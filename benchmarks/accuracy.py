@@ -124,37 +124,6 @@ def calibration_f1_images(samples: Sequence[Sample], calibration: Calibration | 
     return None if keep.all() else keep
 
 
-def _f1_without_calibration_images(per_class: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray,
-                                   threshold: float, keep: np.ndarray) -> None:
-    """Replace ``image_f1`` (per class, per defect type and mean) by the F1 of ``score >= threshold`` over the kept
-    images only. The other metrics do not depend on the threshold and keep every image, so rows stay paired."""
-    from gradad.ranking import f1_at_threshold
-
-    names = np.array([s.class_name for s in samples], dtype=object)
-    labels = np.array([s.label for s in samples], int)
-    defects = np.array([s.defect_type for s in samples], dtype=object)
-    scores = np.asarray(scores, dtype=np.float64)
-
-    def f1(idx: np.ndarray) -> float:
-        idx = idx[keep[idx]]
-        return f1_at_threshold(labels[idx], scores[idx], threshold) if idx.size else float("nan")
-
-    values = []
-    for cls, entry in per_class.items():
-        if cls == "mean":
-            continue
-        idx = np.flatnonzero(names == cls)
-        entry["image_f1"] = f1(idx)
-        entry["n_f1_calibration_images_left_out"] = int((~keep[idx]).sum())
-        good = idx[labels[idx] == 0]
-        for d, sub in (entry.get("by_defect") or {}).items():
-            if "image_f1" in sub:
-                sub["image_f1"] = f1(np.concatenate([good, idx[(labels[idx] == 1) & (defects[idx] == d)]]))
-        values.append(entry["image_f1"])
-    finite = [v for v in values if not np.isnan(v)]
-    per_class["mean"]["image_f1"] = float(np.mean(finite)) if finite else float("nan")
-
-
 #: where a row keeps its reduced predictions until the paired comparison (not written to the result files)
 PAIRED_KEY = "_paired"
 
@@ -173,10 +142,8 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     """
     # f1_at_threshold flags score >= t; the runtime flags score > t: move t to the next float up.
     threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
-    per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold)
-    keep = calibration_f1_images(samples, calibration)
-    if threshold is not None and keep is not None:  # the threshold was fitted on these: no F1 on them
-        _f1_without_calibration_images(per_class, samples, scores, threshold, keep)
+    keep = calibration_f1_images(samples, calibration)  # the threshold was fitted on the others: no F1 on them
+    per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold, f1_images=keep)
     row["per_class"] = per_class
     if paired:  # reduced predictions for the paired bootstrap against the first row
         row[PAIRED_KEY] = _paired_of(samples, scores, maps, masks)

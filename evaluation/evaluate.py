@@ -23,8 +23,10 @@ def evaluate_predictions(
     maps: np.ndarray,
     masks: np.ndarray,
     threshold: float | None = None,
+    f1_images: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Per-class and mean metrics (unified protocol: one model, metrics class by class)."""
+    """Per-class and mean metrics (unified protocol: one model, metrics class by class); ``f1_images``: the
+    images the F1 at ``threshold`` may score (see :func:`gradad.evaluation.metrics.compute_metrics`)."""
     return per_class_metrics(
         [s.class_name for s in samples],
         [s.defect_type for s in samples],
@@ -33,6 +35,7 @@ def evaluate_predictions(
         masks,
         maps,
         threshold=threshold,
+        f1_images=f1_images,
     )
 
 

@@ -232,6 +232,7 @@ def compute_metrics(
     maps: Any = None,
     *,
     threshold: float | None = None,
+    f1_images: Any = None,
     fpr_limit: float = 0.3,
     num_thresholds: int = 200,
 ) -> dict[str, float | int]:
@@ -239,7 +240,9 @@ def compute_metrics(
 
     Keys: ``image_auroc``, ``image_aupr``, ``image_best_f1``, ``n_images``, ``n_anomalous``; with ``threshold``
     (e.g. the calibrated one) also ``image_f1``; with both ``masks`` and ``maps`` also ``pixel_auroc``,
-    ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan.
+    ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan. ``f1_images`` (bool per
+    image): the images ``image_f1`` may score (not those the threshold was fitted on); the others are counted in
+    ``n_left_out_of_f1``.
     """
     s = _as_scores(scores)
     y = _as_labels(labels, s.size)
@@ -252,7 +255,10 @@ def compute_metrics(
         "n_anomalous": int(y.sum()),
     }
     if threshold is not None:
-        out["image_f1"] = f1_at_threshold(y, s, threshold)
+        keep = np.ones(s.size, bool) if f1_images is None else np.asarray(f1_images, bool)
+        out["image_f1"] = f1_at_threshold(y[keep], s[keep], threshold) if keep.any() else _NAN
+        if f1_images is not None:
+            out["n_left_out_of_f1"] = int((~keep).sum())
     if masks is not None and maps is not None:
         pairs = _pixel_pairs(masks, maps)
         if len(pairs) != s.size:
@@ -294,6 +300,7 @@ def per_class_metrics(
     *,
     by_defect: bool = True,
     threshold: float | None = None,
+    f1_images: Any = None,
     fpr_limit: float = 0.3,
     num_thresholds: int = 200,
 ) -> dict[str, dict[str, Any]]:
@@ -304,7 +311,8 @@ def per_class_metrics(
     order of first appearance. ``mean`` holds the mean over classes of each metric, skipping nan, and the
     summed counts (``n_images``, ``n_anomalous``) plus ``n_classes``. ``by_defect`` (when ``defect_types`` is
     given and ``by_defect`` is True) scores each defect type of a class against the good (label 0) images of
-    that class: image AUROC/AUPR and, with masks/maps, pixel AUROC/AUPR and PRO.
+    that class: image AUROC/AUPR and, with masks/maps, pixel AUROC/AUPR and PRO. ``f1_images``: as in
+    :func:`compute_metrics`, per image.
     """
     s = _as_scores(scores)
     y = _as_labels(labels, s.size)
@@ -319,11 +327,15 @@ def per_class_metrics(
     if pairs is not None and len(pairs) != s.size:
         raise ValueError(f"{len(pairs)} anomaly maps but {s.size} image scores")
 
+    f1_keep = None if f1_images is None else np.asarray(f1_images, bool)
+
     def subset(idx: np.ndarray) -> dict[str, Any]:
+        f1 = None if f1_keep is None else f1_keep[idx]
         if pairs is None:
-            return compute_metrics(y[idx], s[idx], threshold=threshold)
+            return compute_metrics(y[idx], s[idx], threshold=threshold, f1_images=f1)
         return compute_metrics(y[idx], s[idx], [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                               threshold=threshold, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
+                               threshold=threshold, f1_images=f1, fpr_limit=fpr_limit,
+                               num_thresholds=num_thresholds)
 
     names_arr = np.asarray(names, dtype=object)
     result: dict[str, dict[str, Any]] = {}

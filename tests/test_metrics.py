@@ -317,3 +317,19 @@ def test_heatmap_overlay():
     bgr = figures.heatmap_overlay(img, amap, 0.0, 1.0, channel_order="bgr")
     np.testing.assert_array_equal(bgr[..., ::-1], ov)
     assert np.array_equal(figures.heatmap_overlay(img, amap, alpha=0.0), img)
+
+
+def test_f1_images_leave_images_out_of_the_threshold_f1_only() -> None:
+    """The images a threshold was fitted on are left out of its F1, per class and per defect type; every other
+    metric still scores them and the mean counts them."""
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.9, 0.1, 0.8, 0.7, 0.2, 0.6])  # image 0: a good image above the threshold
+    keep = np.array([False, True, True, True, True, True])
+    out = per_class_metrics(["a"] * 4 + ["b"] * 2, ["good", "good", "x", "x", "good", "x"], labels, scores,
+                            threshold=0.5, f1_images=keep)
+    assert out["a"]["image_f1"] == pytest.approx(1.0) and out["a"]["n_left_out_of_f1"] == 1
+    assert out["a"]["by_defect"]["x"]["image_f1"] == pytest.approx(1.0)
+    assert out["a"]["image_auroc"] == per_class_metrics(["a"] * 4, None, labels[:4], scores[:4])["a"]["image_auroc"]
+    assert out["mean"]["n_left_out_of_f1"] == 1 and out["mean"]["image_f1"] == pytest.approx(1.0)
+    assert compute_metrics(labels[:4], scores[:4], threshold=0.5)["image_f1"] == pytest.approx(0.8)
+    assert np.isnan(compute_metrics(labels[:1], scores[:1], threshold=0.5, f1_images=[False])["image_f1"])
