@@ -104,7 +104,7 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
     if bundle.data_root:
         train_dirs = [(Path(bundle.data_root) / c / "train").resolve() for c in classes]
         for d, files in good_files:  # the model trained on these: they score lower than unseen parts
-            hit = next((t for f in files for t in train_dirs if f.resolve().is_relative_to(t)), None)
+            hit = next((t for f in map(Path.resolve, files) for t in train_dirs if f.is_relative_to(t)), None)
             if hit is not None:
                 out.append(f"--good {d}: holds the model's training images (under {hit}); a threshold from them is "
                            f"too low for unseen good parts: use held-out good images")

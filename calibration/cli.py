@@ -16,7 +16,8 @@ from gradad.cli_utils import CLI_CONTEXT, grad_command
 @click.option("--masks", "masks_dir", type=click.Path(), help="Masks of the defect images (<stem>_mask.png); "
               "sets the pixel threshold by F1.")
 @click.option("--false-alarm-rate", type=float, default=0.01, help="Target fraction of good parts flagged.")
-@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95, help="Recall for the 'recall' rule (with --defect).")
+@click.option("--target-recall", type=click.FloatRange(0, 1, min_open=True), default=0.95,
+              help="Recall for the 'recall' rule (with --defect).")
 @click.option("--method", type=click.Choice(["far", "f1", "recall"]), default="far",
               help="Rule that sets the active threshold (f1/recall need --defect).")
 @click.option("--backend", default="auto", help="auto, onnxruntime or tensorrt: calibrate on what the line runs.")
@@ -37,11 +38,9 @@ def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_r
     from gradad.calibration.thresholds import CalibrationConfig
     from gradad.runtime.loader import load_backend
 
-    engine, _ = load_backend(bundle_dir, backend, precision, threads=threads)
+    engine, bundle = load_backend(bundle_dir, backend, precision, threads=threads)
     cfg = CalibrationConfig(false_alarm_rate=false_alarm_rate, target_recall=target_recall, method=method)
-    from gradad.bundle import Bundle
-
-    cal = calibrate(engine, good_dir, defect_dir, masks_dir, cfg, bundle=Bundle.load(bundle_dir))
+    cal = calibrate(engine, good_dir, defect_dir, masks_dir, cfg, bundle=bundle)
     click.echo(calibration_table(cal))
     for w in cal.warnings or []:
         click.echo(f"warning: {w}", err=True)
