@@ -288,9 +288,8 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
 def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
         class_name, overwrite) -> None:
     """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
-    from gradad.bundle import Bundle
+    from gradad.bundle import Bundle, check_refine_class
     from gradad.data.images import read_image_rgb
-    from gradad.bundle import check_refine_class
     from gradad.refine.bundle_files import load_refine_parts
     from gradad.refine.refiner import Refiner
     from gradad.runtime.backend import infer_in_batches

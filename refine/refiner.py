@@ -134,7 +134,7 @@ class Refiner:
     @classmethod
     def from_parts(cls, parts: "RefineParts", config: RefineConfig | None = None) -> "Refiner":
         """Build from already verified bundle parts (``load_refine_parts``); ``config`` defaults to the bundle's."""
-        from gradad.training.checkpoint import load_detector
+        from gradad.training.checkpoint import load_detector, tuned_defect_paths
 
         detector, payload = load_detector(parts.model_path)
         refiner = cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
@@ -142,7 +142,7 @@ class Refiner:
                       threshold_given=parts.pixel_threshold_given)
         recorded = payload.get("trained_defects")
         refiner.trained_defects = None if recorded is None else set(recorded)
-        refiner.tuned_defects = set(payload.get("tuned_defects") or [])
+        refiner.tuned_defects = tuned_defect_paths(payload)
         from gradad.refine.bundle_files import warn_config_differs
 
         warn_config_differs(parts, refiner.config)  # settings tuned under other --set values than these
