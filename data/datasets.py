@@ -360,8 +360,9 @@ def _visa_samples(root: Path, split: str, classes: list[str]) -> list[Sample]:
             raise DatasetError(f"image listed in {csv_path} not found: {image_path}")
         mask_path: Path | None = None
         if label == 1:
-            if row["mask"] and _inside_root(root, row["mask"], csv_path, "mask").is_file():
-                mask_path = root / row["mask"]
+            listed = _inside_root(root, row["mask"], csv_path, "mask") if row["mask"] else None
+            if listed is not None and listed.is_file():
+                mask_path = listed
             else:
                 missing_masks[cls].append(image_path)
         per_class[cls].append(

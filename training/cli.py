@@ -99,20 +99,20 @@ def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
     and delete train_log.jsonl: say so first. A config.yaml this very run would write (an earlier start of it that
     stopped before its first checkpoint) and its log may go."""
     kept = [name for name in ("model.pt", "checkpoint.pt") if (run_dir / name).is_file()]
-    config = run_dir / "config.yaml"
-    if not kept and config.is_file():
-        try:
-            ours = config.read_text() == config_text(cfg)
-        except (OSError, UnicodeDecodeError):
-            ours = False
-        kept += [] if ours else ["config.yaml"]
-        if "config.yaml" in kept and (run_dir / "train_log.jsonl").is_file():
-            kept.append("train_log.jsonl")
-    elif not kept and (run_dir / "train_log.jsonl").is_file():  # grad-train writes config.yaml first
-        kept.append("train_log.jsonl")
+    if not kept:  # grad-train writes config.yaml first: a log without this run's config.yaml is not this run's
+        ours = _holds_text(run_dir / "config.yaml", config_text(cfg))
+        kept = [name for name in ("config.yaml", "train_log.jsonl") if (run_dir / name).is_file() and not ours]
     if kept:
         raise click.UsageError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train "
                                f"afresh into it with --overwrite (replacing them), or choose another -o")
+
+
+def _holds_text(path: Path, text: str) -> bool:
+    """True when the file at ``path`` reads exactly ``text`` (False when missing or unreadable)."""
+    try:
+        return path.read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _resume_dir(config_path: Path, named: Path) -> str:
