@@ -251,11 +251,13 @@ def _verdicts(batch: list[Captured], inputs: np.ndarray, scores: np.ndarray, map
     t1 = time.perf_counter()
     # fail safe: a NaN / inf score (a broken engine, an FP16 overflow) flags the part instead of passing it
     # (nan > threshold is False)
+    finite = np.isfinite(scores)
     results = [FrameResult(frame=c.frame, score=float(score), normalised_score=th.normalise(score),
-                           is_anomalous=bool(not np.isfinite(score) or score > th.image), threshold=th.image,
-                           anomaly_map=amap, pixel_threshold=th.pixel) for c, score, amap in zip(batch, scores, maps)]
-    bad = [c.frame.frame_id for c, score in zip(batch, scores) if not np.isfinite(score)]
-    if bad:
+                           is_anomalous=bool(not ok or score > th.image), threshold=th.image,
+                           anomaly_map=amap, pixel_threshold=th.pixel)
+               for c, score, ok, amap in zip(batch, scores, finite, maps)]
+    if not finite.all():
+        bad = [c.frame.frame_id for c, ok in zip(batch, finite) if not ok]
         log.warning("frame(s) %s: the model returned a non-finite score (NaN / inf), flagged as anomalous; "
                     "check the engine with grad-export build's parity check", bad)
     t2 = time.perf_counter()
