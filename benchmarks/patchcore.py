@@ -120,9 +120,8 @@ class PatchCoreGraph(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.extractor(x)
-        b, c, h, w = features.shape
-        patches = F.avg_pool2d(features, self.neighbourhood, stride=1, padding=self.neighbourhood // 2,
-                               count_include_pad=False).permute(0, 2, 3, 1).reshape(-1, c)
+        b, _, h, w = features.shape
+        patches = patch_features(features, self.neighbourhood)
         sq = (patches * patches).sum(dim=1, keepdim=True) - 2.0 * patches @ self.bank_t + self.bank_sq
         dists = sq.amin(dim=1).clamp_min(0.0).sqrt()
         return self.head.postprocess(dists.view(b, 1, h, w))
