@@ -161,7 +161,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
     _, maps = backend.infer_all(images.astype(np.float32).transpose(0, 3, 1, 2))
     backend.close()
     oracle_threshold, _ = pixel_threshold_f1(maps, truths)
-    calibrated_threshold = float(parts.pixel_threshold if pixel_threshold is None else pixel_threshold)
+    calibrated_threshold = float(parts.pixel_threshold)  # the bundle's calibrated one, or the one given
     if panels_dir is not None:
         panels_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
