@@ -622,11 +622,11 @@ class Bundle(_Record):
 
 
 def check_refine_class(bundle_dir: str | Path, tuned: Sequence[str], class_name: str | None,
-                     option: str = "--class") -> None:
+                       option: str = "--class") -> None:
     """The rule of every command that refines with a bundle's tuned F2PAD settings (grad-run --refine-class,
-    grad-refine run --class, ``option`` names the flag): a named
-    class must have settings (a typo would refine with untuned defaults without a word), and no name given for a
-    bundle tuned for several classes refines with the defaults, with a warning."""
+    grad-refine run --class; ``option`` names the flag): a named class must have settings (a typo would refine
+    with untuned defaults without a word), and no name given for a bundle tuned for several classes refines with
+    the defaults, with a warning."""
     tuned = sorted(tuned)
     if class_name is not None and class_name not in tuned:
         raise GradError(f"{option} {class_name!r}: bundle {bundle_dir} has no F2PAD settings tuned for it "
