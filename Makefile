@@ -33,7 +33,7 @@ demo: install
 	$(BIN)/grad-eval $(DEMO_RUN)/model.pt
 	$(BIN)/grad-export onnx $(DEMO_RUN)/model.pt -o $(DEMO_BUNDLE) --overwrite
 	$(BIN)/grad-calibrate $(DEMO_BUNDLE) --backend onnxruntime $(foreach c,$(DEMO_CLASSES),--good $(DEMO_DATA)/$(c)/test/good)
-	$(BIN)/grad-run $(DEMO_BUNDLE) --backend onnxruntime --source $(DEMO_DATA)/nut/test/crack \
+	$(BIN)/grad-run $(DEMO_BUNDLE) --backend onnxruntime --class nut --source $(DEMO_DATA)/nut/test/crack \
 		--jsonl $(DEMO_RUN)/run.jsonl --video $(DEMO_RUN)/run.mp4 --save-flagged $(DEMO_RUN)/flagged
 	$(BIN)/grad-refine prepare --bundle $(DEMO_BUNDLE) --checkpoint $(DEMO_RUN)/model.pt --data $(DEMO_DATA)
 	$(BIN)/grad-refine tune --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA) --classes nut --per-defect 1

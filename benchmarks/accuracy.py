@@ -94,6 +94,8 @@ class Calibration:
     # resolved paths of the images the threshold was set on (None: not recorded, a bundle calibrated by an older
     # gradad): the F1 at the threshold leaves them out, it would otherwise be measured on its own fitting data
     images: frozenset[str] | None = None
+    # classes calibrated on their own (grad-calibrate, one --good DIR per class): the threshold grad-run --class uses
+    class_thresholds: dict[str, float] | None = None
 
 
 def calibration_of(bundle: Bundle) -> Calibration | None:
@@ -112,7 +114,8 @@ def calibration_of(bundle: Bundle) -> Calibration | None:
                     bundle.directory)
     return Calibration(float(cal.image_threshold), str(cal.method or ""),
                        {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")},
-                       frozenset(str(p) for p in recorded) if isinstance(recorded, list) else None)
+                       frozenset(str(p) for p in recorded) if isinstance(recorded, list) else None,
+                       {c: float(v["image_threshold"]) for c, v in cal.classes.items()} if cal.classes else None)
 
 
 def calibration_f1_images(samples: Sequence[Sample], calibration: Calibration | None) -> np.ndarray | None:
@@ -141,9 +144,15 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     without one, the row reports ``image_best_f1`` and says it is an oracle.
     """
     # f1_at_threshold flags score >= t; the runtime flags score > t: move t to the next float up.
-    threshold = None if calibration is None else float(np.nextafter(np.float32(calibration.threshold), np.inf))
+    def above(t: float) -> float:
+        return float(np.nextafter(np.float32(t), np.inf))
+
+    threshold = None if calibration is None else above(calibration.threshold)
+    own = {c: above(t) for c, t in ((calibration.class_thresholds or {}) if calibration else {}).items()}
     keep = calibration_f1_images(samples, calibration)  # the threshold was fitted on the others: no F1 on them
-    per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold, f1_images=keep)
+    # a class calibrated on its own is scored at its threshold, the one grad-run --class runs at
+    per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold, f1_images=keep,
+                                     class_thresholds=own or None)
     row["per_class"] = per_class
     if paired:  # reduced predictions for the paired bootstrap against the first row
         row[PAIRED_KEY] = _paired_of(samples, scores, maps, masks)
@@ -152,6 +161,7 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
     else:
         row["f1"] = {"kind": F1_CALIBRATED, "key": "image_f1", "mean": per_class["mean"]["image_f1"],
                      "threshold": calibration.threshold, "calibration_method": calibration.method,
+                     **({"class_thresholds": calibration.class_thresholds} if calibration.class_thresholds else {}),
                      "calibration_images_left_out": 0 if keep is None else int((~keep).sum())}
     return row
 
@@ -432,6 +442,15 @@ def _calibration_note(dataset: dict[str, Any]) -> list[str]:
         else []
 
 
+def _class_threshold_note(rows: list[dict[str, Any]]) -> list[str]:
+    """The report line naming the classes scored at their own calibrated threshold (grad-run --class)."""
+    own = next((r["f1"]["class_thresholds"] for r in rows if (r.get("f1") or {}).get("class_thresholds")), None)
+    if not own:
+        return []
+    listed = ", ".join(f"{c} {t:.4g}" for c, t in sorted(own.items()))
+    return [f"F1 at the calibrated threshold: each class at its own ({listed}), as `grad-run --class` runs.", ""]
+
+
 def accuracy_markdown(result: dict[str, Any]) -> str:
     """The markdown report of one accuracy result: command, summary table, skips, per-class tables."""
     ds = result["dataset"]
@@ -439,7 +458,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
              f"`{result.get('command', '')}`", "",
              f"Dataset `{ds['root']}`: {ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), "
              f"classes {', '.join(ds['classes'])}. {result['protocol']}.", "",
-             *_calibration_note(ds), summary_table(result["rows"])]
+             *_calibration_note(ds), *_class_threshold_note(result["rows"]), summary_table(result["rows"])]
     table = comparison_table(result["rows"])
     if table:
         parts += [table]

@@ -165,7 +165,7 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
 @click.option("--train-images", type=int, help="Feature maps per training epoch [default: 760, MTD's size].")
 @click.option("--cpu-train/--no-cpu-train", default=True, help="Add the CPU training row (a few batches, "
               "extrapolated to an epoch) for comparison.")
-@click.option("--f2pad-budget", type=float, help="F2PAD time budget per frame, seconds [default: 5, the product's].")
+@click.option("--f2pad-budget", type=float, help="F2PAD time budget per frame, seconds [default: 1.5, the product's].")
 @click.option("--time-budget", type=float, help="Skip rows that would start after this many seconds; a worker still "
               "running then (plus 20 s) is stopped [default: 390; --smoke: 240].")
 @click.option("--allow-cpu", is_flag=True, help="Testing without a GPU: run the CUDA rows on the CPU (labelled 'CPU "

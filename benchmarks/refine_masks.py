@@ -175,9 +175,10 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         per_image = (time.perf_counter() - t0) / len(idx)
         cpu_per_image = (time.process_time() - c0) / len(idx)
         for i, r in zip(idx, results):
-            # the runtime's coarse mask without F2PAD: the bundle's calibrated pixel threshold (or the one given);
-            # a class's tuned coarse threshold is an F2PAD setting, part of what F2PAD is measured on
-            coarse = maps[i] > calibrated_threshold
+            # the runtime's coarse mask without F2PAD (grad-run --class): the class's calibrated pixel threshold, else
+            # the bundle's (or the one given); a class's tuned coarse threshold is an F2PAD setting, part of what
+            # F2PAD is measured on
+            coarse = maps[i] > parts.calibrated_pixel(samples[i].class_name)
             c_iou, c_dice = iou_dice(coarse, truths[i])
             o_iou, o_dice = iou_dice(maps[i] >= oracle_threshold, truths[i])  # best_f1 picks t for map >= t
             f_iou, f_dice = iou_dice(r.mask, truths[i])
@@ -209,6 +210,8 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         "bundle": str(bundle_dir), "data": str(data_root), "images_per_defect_type": per_defect,
         "pixel_threshold": calibrated_threshold,
         "threshold_rule": "given" if pixel_threshold is not None else "the bundle's calibrated pixel threshold",
+        # classes calibrated on their own: the runtime's (grad-run --class) coarse baseline uses theirs
+        "class_pixel_thresholds": dict(sorted(parts.class_pixel_thresholds.items())),
         # the threshold F2PAD's own coarse mask used per class (a tuned one where grad-refine tune chose it)
         "f2pad_coarse_thresholds": {c: float(refiner.coarse_threshold(c)) for c in sorted(by_class)},
         "scored_at": f"{images.shape[1]}x{images.shape[2]} px, the model input (truth masks resized with nearest "
@@ -252,8 +255,10 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{cell(s, 'f2pad_iou')} | {cell(s, 'coarse_dice')} | {cell(s, 'oracle_dice')} | "
                      f"{cell(s, 'f2pad_dice')} | {s['seconds_per_image']:.2f} | {s['iterations_mean']:.0f} |")
     if not legacy_oracle:
-        lines += ["", "Coarse (calibrated): the runtime's mask at the bundle's calibrated pixel threshold. Coarse "
-                  "(oracle): one pixel threshold for all these images, chosen on them for the best pooled pixel F1 "
+        own = result.get("class_pixel_thresholds") or {}
+        lines += ["", "Coarse (calibrated): the runtime's mask at the bundle's calibrated pixel threshold"
+                  + (f" (each class's own: {', '.join(f'{c} {t:.2f}' for c, t in own.items())})" if own else "")
+                  + ". Coarse (oracle): one pixel threshold for all these images, chosen on them for the best pooled pixel F1 "
                   "(an optimistic baseline; not the best per image)."
                   + (f" Scored at {result['scored_at']}." if "scored_at" in result else "")
                   + (f" s / image: {result['seconds_per_image_rule']}." if "seconds_per_image_rule" in result

@@ -88,6 +88,43 @@ def _good_dir_class(folder: Path, classes: Sequence[str]) -> str | None:
     return None
 
 
+def _classes_of(bundle: Bundle | None, per_dir: Sequence[tuple[Path, list[Path]]],
+                good_files: Sequence[Path]) -> list[str] | None:
+    """The bundle class of every distinct good image, or None for a one-class bundle or when a --good folder
+    names no class (its images may be of any class)."""
+    classes = list(bundle.classes or []) if bundle is not None else []
+    if len(classes) < 2:
+        return None
+    owner: dict[Path, str] = {}
+    for folder, files in per_dir:
+        cls = _good_dir_class(folder, classes)
+        if cls is None:
+            return None
+        for f in files:
+            owner.setdefault(f, cls)
+    return [owner[f] for f in good_files]
+
+
+def class_thresholds(good_classes: Sequence[str], good_scores: np.ndarray, good_maps: np.ndarray,
+                     config: CalibrationConfig) -> dict[str, dict[str, Any]]:
+    """The good-only rules applied to each class's good images: a unified bundle's one threshold holds its
+    false-alarm target over the mix of classes, not for each (a class whose good parts score higher gets more
+    false alarms); a line that inspects one class runs at that class's thresholds (``grad-run --class``)."""
+    labels = np.asarray(good_classes)
+    out = {}
+    for cls in sorted(set(good_classes)):
+        mine = labels == cls
+        threshold, k = far_threshold(good_scores[mine], config.false_alarm_rate)
+        pixel = pixel_threshold_good_only(good_maps[mine], config.pixel_false_positive_rate)
+        if not (threshold > 0 and pixel > 0):
+            raise GradError(f"calibrated thresholds of class {cls} ({threshold}, pixel {pixel}) are not positive: "
+                            f"check its --good images")
+        out[cls] = {"image_threshold": float(threshold), "pixel_threshold": float(pixel), "n_good": int(mine.sum()),
+                    "good_above": k, "false_alarm_rate_upper": binomial_upper_bound(k, int(mine.sum()),
+                                                                                    config.confidence)}
+    return out
+
+
 def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]]) -> list[str]:
     """Warnings about the --good folders (each with its image files) given the bundle they calibrate: classes of a
     unified bundle without good images (its one threshold is applied to every class), and the model's own
@@ -210,6 +247,17 @@ def calibrate(
                      "good_only_threshold": pixel["threshold"], "masks_found": found}
     elif config.method != "far":
         raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
+    per_class = None
+    good_classes = _classes_of(bundle, per_dir, good_files)
+    if good_classes is not None and config.method == "far" and not masks_dir:
+        per_class = class_thresholds(good_classes, good_scores, good_maps, config)
+        few = [f"{c} {v['n_good']}" for c, v in per_class.items() if v["n_good"] < needed]
+        if few:
+            warnings_list.append(f"per-class thresholds rest on few good images ({', '.join(few)}; >= {needed} "
+                                 f"bound a {config.false_alarm_rate:.1%} rate at {config.confidence:.0%} confidence)")
+            log.warning(warnings_list[-1])
+    elif good_classes is not None:
+        log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
     active = rules[config.method]["threshold"]
     if not active > 0:
         raise GradError(f"calibrated image threshold {active} is not positive: check the --good images")
@@ -234,6 +282,7 @@ def calibrate(
               # resolved, so grad-bench accuracy can leave them out of the F1 at this threshold from any folder
               CALIBRATION_IMAGES: [str(f.resolve()) for f in listed] + [str(f.resolve()) for f in defect_files]},
         warnings=warnings_list,
+        classes=per_class,
     )
 
 
@@ -262,4 +311,8 @@ def calibration_table(cal: Calibration) -> str:
         lines.append(f"| {name}{active} | {r['threshold']:.4f} | {pct(r['false_alarm_rate'])} | "
                      f"{pct(r['recall'])} | {note} |")
     lines.append(f"\npixel threshold {cal.pixel_threshold:.4f} ({(cal.pixel or {}).get('method')})")
+    for cls, t in (cal.classes or {}).items():
+        lines.append(f"class {cls}: image threshold {t['image_threshold']:.4f}, pixel {t['pixel_threshold']:.4f} "
+                     f"({t['n_good']} good images, {t['good_above']} above; 95% upper bound of its false-alarm rate "
+                     f"{pct(t['false_alarm_rate_upper'])})")
     return "\n".join(lines)

@@ -619,7 +619,7 @@ def _check_target(out: Path, overwrite: bool) -> bool:
     if not overwrite:
         raise DatasetError(
             f"demo data output folder {out} is not empty; choose a new or empty folder, or pass --overwrite "
-            f"(overwrite=True) to replace a demo data set generated there before"
+            f"to replace a demo data set generated there before"
         )
     if _read_marker(out) is None:
         raise DatasetError(

@@ -24,9 +24,11 @@ def evaluate_predictions(
     masks: np.ndarray,
     threshold: float | None = None,
     f1_images: np.ndarray | None = None,
+    class_thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-class and mean metrics (unified protocol: one model, metrics class by class); ``f1_images``: the
-    images the F1 at ``threshold`` may score (see :func:`gradad.evaluation.metrics.compute_metrics`)."""
+    images the F1 at ``threshold`` may score (see :func:`gradad.evaluation.metrics.compute_metrics`);
+    ``class_thresholds``: a class's own threshold in place of ``threshold``."""
     return per_class_metrics(
         [s.class_name for s in samples],
         [s.defect_type for s in samples],
@@ -36,6 +38,7 @@ def evaluate_predictions(
         maps,
         threshold=threshold,
         f1_images=f1_images,
+        class_thresholds=class_thresholds,
     )
 
 

@@ -17,7 +17,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -303,6 +303,7 @@ def per_class_metrics(
     f1_images: Any = None,
     fpr_limit: float = 0.3,
     num_thresholds: int = 200,
+    class_thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per class (unified protocol: one model, scores of all classes evaluated class by class).
 
@@ -312,7 +313,7 @@ def per_class_metrics(
     summed counts (``n_images``, ``n_anomalous``) plus ``n_classes``. ``by_defect`` (when ``defect_types`` is
     given and ``by_defect`` is True) scores each defect type of a class against the good (label 0) images of
     that class: image AUROC/AUPR and, with masks/maps, pixel AUROC/AUPR and PRO. ``f1_images``: as in
-    :func:`compute_metrics`, per image.
+    :func:`compute_metrics`, per image. ``class_thresholds``: a class's own F1 threshold in place of ``threshold``.
     """
     s = _as_scores(scores)
     y = _as_labels(labels, s.size)
@@ -329,25 +330,25 @@ def per_class_metrics(
 
     f1_keep = None if f1_images is None else np.asarray(f1_images, bool)
 
-    def subset(idx: np.ndarray) -> dict[str, Any]:
+    def subset(idx: np.ndarray, t: float | None) -> dict[str, Any]:
         f1 = None if f1_keep is None else f1_keep[idx]
         if pairs is None:
-            return compute_metrics(y[idx], s[idx], threshold=threshold, f1_images=f1)
+            return compute_metrics(y[idx], s[idx], threshold=t, f1_images=f1)
         return compute_metrics(y[idx], s[idx], [pairs[i][0] for i in idx], [pairs[i][1] for i in idx],
-                               threshold=threshold, f1_images=f1, fpr_limit=fpr_limit,
-                               num_thresholds=num_thresholds)
+                               threshold=t, f1_images=f1, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
 
     names_arr = np.asarray(names, dtype=object)
     result: dict[str, dict[str, Any]] = {}
     for cls in dict.fromkeys(names):
         idx = np.flatnonzero(names_arr == cls)
-        entry = subset(idx)
+        t = (class_thresholds or {}).get(str(cls), threshold)
+        entry = subset(idx, t)
         if defects is not None and by_defect:
             good = idx[~y[idx]]
             per_def: dict[str, Any] = {}
             for d in dict.fromkeys(defects[i] for i in idx if y[i]):
                 didx = np.array([i for i in idx if y[i] and defects[i] == d], dtype=np.int64)
-                per_def[str(d)] = subset(np.concatenate([good, didx]))
+                per_def[str(d)] = subset(np.concatenate([good, didx]), t)
             entry["by_defect"] = per_def
         result[str(cls)] = entry
     mean = _nanmean_dicts(list(result.values()))

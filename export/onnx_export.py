@@ -74,6 +74,22 @@ def export_onnx_fp32(module: ExportModule, path: Path) -> onnx.ModelProto:
     return model
 
 
+def declare_output_shapes(model: onnx.ModelProto, map_chw: tuple[int, ...]) -> None:
+    """Write the outputs' declared shapes: score (batch,), anomaly_map (batch, 1, H, W). The TorchScript exporter's
+    shape inference names the map's height after the batch axis ("batch") and its width after a Conv: tools that
+    read the graph (TensorRT's bindings, Netron, an integrator's code) would see a wrong shape."""
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        want: list[int | str] = ["batch", *map_chw] if output.name == "anomaly_map" else ["batch"]
+        del dims[:]
+        for value in want:
+            dim = dims.add()
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = int(value)
+
+
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     """onnxslim: constant folding and dead-node removal (keeps opset and dynamic axes)."""
     import onnxslim
@@ -191,6 +207,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
         model = export_onnx_fp32(module, work / "raw.onnx")
         if opts.simplify:
             model = simplify(model)
+        with torch.no_grad():
+            declare_output_shapes(model, tuple(module(torch.from_numpy(batch[:1]))[1].shape[1:]))
         onnx.checker.check_model(model)
         grid_settings = GridSampleSettings()
         n_grid = lint_or_raise(model, "FP32 ONNX", grid_settings)

@@ -138,7 +138,12 @@ BUNDLE_SCHEMA: dict[str, Any] = {
         "calibration": {
             "type": ["object", "null"],
             "required": ["image_threshold"],
-            "properties": {"image_threshold": {"type": "number"}, "pixel_threshold": {"type": ["number", "null"]}},
+            "properties": {
+                "image_threshold": {"type": "number"}, "pixel_threshold": {"type": ["number", "null"]},
+                "classes": {"type": ["object", "null"], "additionalProperties": {
+                    "type": "object", "required": ["image_threshold", "pixel_threshold"],
+                    "properties": {"image_threshold": {"type": "number"}, "pixel_threshold": {"type": "number"}}}},
+            },
         },
         "refine": {
             "type": ["object", "null"],
@@ -183,6 +188,16 @@ def check_calibration(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     check_threshold(cal.get("image_threshold"), f"{where}: calibration.image_threshold")
     if cal.get("pixel_threshold") is not None:
         check_threshold(cal["pixel_threshold"], f"{where}: calibration.pixel_threshold")
+    classes = cal.get("classes")
+    if classes is None:
+        return
+    if not isinstance(classes, dict):
+        raise BundleError(f"{where}: calibration.classes must be a mapping of class name to thresholds")
+    for name, entry in classes.items():
+        if not isinstance(entry, dict):
+            raise BundleError(f"{where}: calibration.classes.{name} must be a mapping")
+        for key in ("image_threshold", "pixel_threshold"):
+            check_threshold(entry.get(key), f"{where}: calibration.classes.{name}.{key}")
 
 
 def referenced_files(manifest: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -482,7 +497,15 @@ class Calibration(_Record):
     date: str | None = None
     data: dict[str, Any] | None = None
     warnings: list[str] | None = None
+    # per class of a unified bundle (grad-run --class): image_threshold, pixel_threshold, n_good, good_above,
+    # false_alarm_rate_upper, set by the good-only rules on that class's --good images
+    classes: dict[str, dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def for_class(self, name: str) -> tuple[float, float | None] | None:
+        """(image, pixel) thresholds of class ``name``, or None when it was not calibrated on its own."""
+        entry = (self.classes or {}).get(name)
+        return None if entry is None else (entry["image_threshold"], entry["pixel_threshold"])
 
 
 @dataclass

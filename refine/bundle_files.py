@@ -58,6 +58,14 @@ class RefineParts:
     pixel_threshold_given: bool = False  # passed in explicitly: wins over tuned per-class coarse thresholds
     # per tuned class, the RefineConfig values grad-refine tune --set changed while tuning it (its tuning record)
     tuned_under: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # per class calibrated on its own (grad-calibrate, one --good DIR per class): its pixel threshold; empty when
+    # a threshold was passed in (that one then holds for every class)
+    class_pixel_thresholds: dict[str, float] = field(default_factory=dict)
+
+    def calibrated_pixel(self, class_name: str | None) -> float:
+        """The runtime's coarse-mask threshold for an image of ``class_name`` (``grad-run --class``): the class's
+        own calibrated pixel threshold where it has one, else :attr:`pixel_threshold`."""
+        return self.class_pixel_thresholds.get(class_name, self.pixel_threshold) if class_name else self.pixel_threshold
 
 
 def warn_config_differs(parts: RefineParts, config: RefineConfig) -> list[str]:
@@ -135,10 +143,12 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         config = refine_config_from_dict(section.config or {})
     except ConfigError as exc:
         raise ConfigError(f"{bundle_dir}/bundle.json refine.config: {exc}") from None
+    class_pixel = ({} if pixel_threshold_given or bundle.calibration is None else
+                   {name: float(entry["pixel_threshold"]) for name, entry in (bundle.calibration.classes or {}).items()})
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
                        config, pixel_threshold,
                        list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
-                       float(feature_scale), class_settings, pixel_threshold_given, tuned_under)
+                       float(feature_scale), class_settings, pixel_threshold_given, tuned_under, class_pixel)
 
 
 def _warn_recalibrated(bundle_dir: Path, tuning: dict[str, Any], class_settings: dict[str, dict[str, Any]],

@@ -94,8 +94,8 @@ def main() -> None:
 def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, assignments) -> None:
     """Fit the pixel prior on good training images and add the refinement files to BUNDLE.
 
-    Writes refine_model.pt (a copy of CHECKPOINT, after checking it reproduces the bundle's ONNX maps) and
-    pixel_prior.npz, and records them with hashes, the config and the normal map level in bundle.json.
+    Writes refine_model.<hash>.pt (a copy of CHECKPOINT, after checking it reproduces the bundle's ONNX maps) and
+    pixel_prior.<hash>.npz, and records them with hashes, the config and the normal map level in bundle.json.
     """
     from gradad.bundle import Bundle
     from gradad.data.datasets import load_samples_from_roots

@@ -81,12 +81,13 @@ class Refiner:
     def __init__(self, detector: torch.nn.Module, mean: Sequence[float], std: Sequence[float], pixel_threshold: float,
                  prior: PixelPrior, config: RefineConfig | None = None, normal_level: float = 0.0,
                  feature_scale: float | None = None, class_settings: dict[str, dict[str, Any]] | None = None,
-                 threshold_given: bool = False) -> None:
+                 threshold_given: bool = False, class_pixel_thresholds: dict[str, float] | None = None) -> None:
         """``pixel_threshold`` makes the coarse mask; ``feature_scale`` (the bundle's fixed scale of the feature
         term, default: ``pixel_threshold``) divides the feature loss; ``class_settings`` maps a class name to
         RefineConfig overrides (``CLASS_SETTINGS``: tuned lambda0, tau, inpainting, coarse threshold, ...) used for
         images of that class; ``threshold_given``: ``pixel_threshold`` was passed in explicitly and then wins over
-        the classes' tuned coarse thresholds."""
+        the classes' tuned coarse thresholds; ``class_pixel_thresholds``: the calibrated pixel threshold of each
+        class calibrated on its own, for classes without a tuned coarse threshold."""
         self.config = config or RefineConfig()
         if not pixel_threshold > 0:
             raise GradError(f"pixel threshold must be > 0 for refinement, got {pixel_threshold}")
@@ -100,6 +101,7 @@ class Refiner:
         self.pixel_threshold = float(pixel_threshold)
         # a threshold passed in explicitly (--pixel-threshold) wins over tuned per-class coarse thresholds
         self.threshold_given = threshold_given
+        self.class_pixel_thresholds = dict(class_pixel_thresholds or {})
         self.feature_scale = float(feature_scale if feature_scale is not None else pixel_threshold)
         if not self.feature_scale > 0:
             raise GradError(f"feature scale must be > 0 for refinement, got {self.feature_scale}")
@@ -139,7 +141,8 @@ class Refiner:
         detector, payload = load_detector(parts.model_path)
         refiner = cls(detector, parts.mean, parts.std, parts.pixel_threshold, parts.prior, config or parts.config,
                       parts.normal_level, parts.feature_scale, parts.class_settings,
-                      threshold_given=parts.pixel_threshold_given)
+                      threshold_given=parts.pixel_threshold_given,
+                      class_pixel_thresholds=parts.class_pixel_thresholds)
         recorded = payload.get("trained_defects")
         refiner.trained_defects = None if recorded is None else set(recorded)
         refiner.tuned_defects = tuned_defect_paths(payload)
@@ -244,9 +247,13 @@ class Refiner:
 
     def coarse_threshold(self, class_name: str | None) -> float:
         """Threshold of the coarse mask for an image of ``class_name``: a threshold passed in explicitly, else the
-        class's tuned coarse threshold, else the bundle's calibrated pixel threshold."""
+        class's tuned coarse threshold, else its own calibrated pixel threshold, else the bundle's."""
+        if self.threshold_given:
+            return self.pixel_threshold
         tuned = self.config_for(class_name).coarse_threshold
-        return tuned if tuned > 0 and not self.threshold_given else self.pixel_threshold
+        if tuned > 0:
+            return tuned
+        return self.class_pixel_thresholds.get(class_name, self.pixel_threshold) if class_name else self.pixel_threshold
 
     def refine_masks(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
                      class_names: Sequence[str | None] | None = None,

@@ -149,6 +149,9 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               help="Hand file frames to the pipelined loop no "
               "faster than this many per second, as a camera would (benchmarks of end-to-end latency below "
               "saturation; 0 = as fast as possible).")
+@click.option("--class", "class_name", help="The class (product) this line inspects, for a bundle of several: its "
+              "own calibrated thresholds (grad-calibrate with one --good DIR per class) and its tuned F2PAD settings "
+              "[default: the bundle's one threshold for all classes].")
 @click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
 @click.option("--jsonl", "jsonl_path", default="-", help="Per-frame JSON lines file ('-' = stdout, '' = off); "
               "appended to, never truncated.")
@@ -204,7 +207,7 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--refine-threads", type=click.IntRange(min=0), default=1,
               help="Torch CPU threads of the worker (0 = all cores).")
 @click.option("--refine-class", help="Class whose tuned F2PAD settings (grad-refine tune) refine the frames of this "
-              "line [default: the only tuned class, else the bundle's settings].")
+              "line [default: --class, else the only tuned class, else the bundle's settings].")
 @verbose_option
 @exit_past_stuck_captures
 @user_errors_as_exit
@@ -324,6 +327,7 @@ class RunSettings:
     bundle_dir: str
     sources: tuple[str, ...]
     threshold: float | None
+    class_name: str | None
     backend: BackendOptions
     loop: LoopOptions
     sinks: SinkOptions
@@ -332,12 +336,14 @@ class RunSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], webhook_options: dict[str, Any] | None = None) -> "RunSettings":
-        """Group grad-run's parameters; ``--camera N`` joins the sources."""
-        camera = params["camera"]
+        """Group grad-run's parameters; ``--camera N`` joins the sources; ``--class`` is the refinement's class
+        unless ``--refine-class`` names one."""
+        camera, class_name = params["camera"], params["class_name"]
+        refine_class = params["refine_class"] if params["refine_class"] is not None else class_name
         return cls(params["bundle_dir"], tuple(params["sources"]) + ((str(camera),) if camera is not None else ()),
-                   params["threshold"], _pick(BackendOptions, params), _pick(LoopOptions, params),
+                   params["threshold"], class_name, _pick(BackendOptions, params), _pick(LoopOptions, params),
                    _pick(SinkOptions, params, webhook_options=dict(webhook_options or {})),
-                   _pick(RefineOptions, params), _pick(BenchmarkOptions, params))
+                   _pick(RefineOptions, params, refine_class=refine_class), _pick(BenchmarkOptions, params))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def load_engine(settings: RunSettings) -> tuple[Any, "Bundle", "Thresholds"]:
                                   opts.providers.split(",") if opts.providers else None, opts.threads,
                                   in_flight=1 if serial else max(1, opts.in_flight),
                                   spin=serial if opts.ort_spin is None else opts.ort_spin)
-    thresholds = thresholds_from_bundle(bundle, settings.threshold)
+    thresholds = thresholds_from_bundle(bundle, settings.threshold, settings.class_name)
     calibrated_on = bundle.calibration.backend if bundle.calibration else None
     if settings.threshold is None and calibrated_on and calibrated_on != engine.name:
         log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
@@ -485,7 +491,7 @@ def _run(settings: RunSettings, stop: "StopFlag") -> None:
     summary.update({"video": sink.report() for sink in sinks if isinstance(sink, VideoSink)})
     if refine_stage is not None:
         summary["refine"] = refine_stage.summary()
-    log.info("done: %s", stats.format_line() if stats.frames else "no frames")
+    log.info("done: %s", stats.format_line(rolling=False) if stats.frames else "no frames")  # as the summary
     _report(settings, summary, bundle, engine)
     if stop.signal_name in ("SIGINT", "SIGTERM"):  # stopped cleanly, but not finished: the shell convention
         sys.exit(128 + signal.Signals[stop.signal_name].value)

@@ -8,6 +8,7 @@ redacted.
     sources: ["0"]                    # camera index, pipeline, URL, video, folder or glob
     backend: auto                     # auto | tensorrt | onnxruntime
     precision: fp16
+    class: nut                        # the class this line inspects: its own thresholds and F2PAD settings
     threshold: 0.8                    # overrides the bundle's calibration
     sinks:
       jsonl: /var/log/gradad/line.jsonl
@@ -15,7 +16,7 @@ redacted.
       flagged_max_mb: 2048
       mqtt: {host: broker.local:8883, topic: line3/results, username: line3, password: ..., tls: true}
       webhook: {url: "https://mes.local/ng", timeout_s: 2.0, queue_size: 1000, only_anomalous: true}
-    refine: {enabled: true, budget: 1.0, device: cuda, class: nut}
+    refine: {enabled: true, budget: 1.0, device: cuda}       # class: the top-level class unless given here
     statistics: {every_s: 10}
 """
 
@@ -32,7 +33,8 @@ from gradad.urls import REDACTED, redact_url, redact_urls_in
 #: file key -> grad-run parameter, per section ("" = top level).
 KEYS: dict[str, dict[str, str]] = {
     "": {"sources": "sources", "backend": "backend", "precision": "precision", "threads": "threads",
-         "batch": "batch_size", "threshold": "threshold", "max_frames": "max_frames", "loop": "loop"},
+         "batch": "batch_size", "class": "class_name", "threshold": "threshold", "max_frames": "max_frames",
+         "loop": "loop"},
     "sinks": {"jsonl": "jsonl_path", "video": "video_path", "video_fps": "video_fps",
               "video_segment": "video_segment", "display": "display", "flagged": "flagged_dir",
               "flagged_max_mb": "flagged_max_mb"},

@@ -49,19 +49,33 @@ class Thresholds:
         return float(score) / (2.0 * self.image)
 
 
-def thresholds_from_bundle(bundle: Bundle, override: float | None = None) -> Thresholds:
-    """Thresholds from bundle.json's calibration; --threshold overrides; neither is a clear error."""
-    cal = bundle.calibration
-    if cal is not None:  # Bundle.load checked them; a bundle built in Python may not have been
-        check_threshold(cal.image_threshold, f"bundle {bundle.name}: calibration.image_threshold")
-    pixel = (check_threshold(cal.pixel_threshold, f"bundle {bundle.name}: calibration.pixel_threshold")
-             if cal is not None and cal.pixel_threshold is not None else None)
+def thresholds_from_bundle(bundle: Bundle, override: float | None = None,
+                           class_name: str | None = None) -> Thresholds:
+    """Thresholds from bundle.json's calibration (``class_name``: that class's own where it was calibrated on
+    its own); --threshold overrides the image threshold; neither is a clear error."""
+    cal, classes = bundle.calibration, bundle.classes or []
+    if class_name is not None and class_name not in classes:
+        raise GradError(f"--class {class_name}: bundle {bundle.name} has the classes {', '.join(classes)}")
+    if cal is None:
+        if override is None:
+            raise GradError(f"bundle {bundle.name} is not calibrated: run grad-calibrate BUNDLE --good DIR "
+                            f"or give --threshold")
+        return Thresholds(check_threshold(override, "--threshold"), None, "--threshold")
+    image, pixel, source = cal.image_threshold, cal.pixel_threshold, f"calibration {cal.date or ''}".strip()
+    own = cal.for_class(class_name) if class_name is not None else None
+    if own is not None:
+        (image, pixel), source = own, f"{source}, class {class_name}"
+    elif class_name is not None and len(classes) > 1:
+        log.warning("bundle %s has no thresholds of class %s alone (calibrated before per-class thresholds, or "
+                    "without a --good folder of that class): using its one threshold for all classes; re-run "
+                    "grad-calibrate with one --good DIR per class", bundle.name, class_name)
+    # Bundle.load checked them; a bundle built in Python may not have been
+    where = f"bundle {bundle.name}: calibration" + (f".classes.{class_name}" if own is not None else "")
+    image = check_threshold(image, f"{where}.image_threshold")
+    pixel = None if pixel is None else check_threshold(pixel, f"{where}.pixel_threshold")
     if override is not None:
         return Thresholds(check_threshold(override, "--threshold"), pixel, "--threshold")
-    if cal is None:
-        raise GradError(f"bundle {bundle.name} is not calibrated: run grad-calibrate BUNDLE --good DIR "
-                        f"or give --threshold")
-    return Thresholds(float(cal.image_threshold), pixel, f"calibration {cal.date or ''}".strip())
+    return Thresholds(image, pixel, source)
 
 
 @dataclass

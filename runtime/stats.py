@@ -80,8 +80,9 @@ class LatencyStats:
             log.info("%s", self.format_line())
             self._logged = now
 
-    def format_line(self) -> str:
-        """One log line: FPS and p50/p95 of each stage over the rolling window."""
-        s = self.summary(rolling=True)
+    def format_line(self, rolling: bool = True) -> str:
+        """One log line: FPS and p50/p95 of each stage over the rolling window (``rolling=False``: over the whole
+        run, as in :meth:`summary`)."""
+        s = self.summary(rolling=rolling)
         parts = [f"{k} {v['p50']:.1f}/{v['p95']:.1f}" for k, v in s["latency_ms"].items()]
         return f"{s['frames']} frames, {s['flagged']} NG, {s['fps']:.1f} FPS | p50/p95 ms: " + ", ".join(parts)

@@ -45,6 +45,12 @@ def test_onnx_runtime_matches_pytorch(bundle: Path, trained_tiny: Path, test_bat
     # Dynamic batch: batch 1 gives the same as batch 4.
     s1, m1 = OnnxRuntimeBackend(bundle / "model.onnx", ["cpu"]).infer(test_batch[:1])
     assert np.allclose(m1, maps[:1], atol=1e-5)
+    # the graph declares the shapes it returns (the exporter had named the map's height after the batch axis)
+    import onnxruntime as ort
+
+    for name in ("model.onnx", "model.fp16.onnx"):
+        declared = {o.name: o.shape for o in ort.InferenceSession(str(bundle / name)).get_outputs()}
+        assert declared == {"score": ["batch"], "anomaly_map": ["batch", 1, *maps.shape[1:]]}, name
 
 
 def test_fp16_onnx_close_to_fp32_with_fp32_gridsample(bundle: Path, test_batch: np.ndarray) -> None:

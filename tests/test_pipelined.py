@@ -259,3 +259,16 @@ def test_pipelined_grad_run_stops_ort_threads_spinning(bundle: Path) -> None:
     assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError, match="does not have configuration"):  # no entry: ORT's default, spinning
         spinning.session.get_session_options().get_session_config_entry(key)
+
+
+def test_the_final_log_line_reports_the_summary_fps_not_the_rolling_one() -> None:
+    stats = LatencyStats()
+    stats.restart_clock()
+    for _ in range(3):
+        stats.add({"inference": 5.0})
+    stats.started -= 10.0  # 3 frames over ~10 s: overall 0.3 FPS, the rolling window saw them back to back
+    stats.mark_end()
+    summary = stats.summary()
+    assert summary["fps"] < 0.31 and stats.rolling_fps() > 1.0
+    assert f"{summary['fps']:.1f} FPS" in stats.format_line(rolling=False)
+    assert f"{stats.rolling_fps():.1f} FPS" in stats.format_line()

@@ -332,6 +332,18 @@ def test_a_users_config_and_log_in_the_run_directory_are_refused(tiny_demo_root:
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "already holds model.pt and checkpoint.pt" in result.output
+    assert result.output.startswith("error: ") and "Usage:" not in result.output  # one line, like every refusal
+
+
+def test_a_refused_dataset_leaves_no_run_folder(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gradad.training.cli import main
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["--data", str(tmp_path / "missing"), "-o", str(out), "--preset", "tiny"])
+    assert result.exit_code == 2 and "dataset root does not exist" in result.output
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------- 7. one seed, one model, cold or warm cache

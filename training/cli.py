@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from gradad.cli_utils import CLI_CONTEXT, grad_command
+from gradad.errors import GradError
 from gradad.training.config import (PRESETS, RunConfig, apply_set_options, config_text, load_config,
                                    preset_config)
 
@@ -103,8 +104,8 @@ def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
         ours = _holds_text(run_dir / "config.yaml", config_text(cfg))
         kept = [name for name in ("config.yaml", "train_log.jsonl") if (run_dir / name).is_file() and not ours]
     if kept:
-        raise click.UsageError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train "
-                               f"afresh into it with --overwrite (replacing them), or choose another -o")
+        raise GradError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train afresh "
+                        f"into it with --overwrite (replacing them), or choose another -o")
 
 
 def _holds_text(path: Path, text: str) -> bool:

@@ -419,10 +419,10 @@ class Trainer:
         cfg.validate()
         if resume:
             self._check_resumable()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         extractor = FeatureExtractor(cfg.backbone)
         data = prepare_training_data(cfg, extractor, self.device)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a refused run leaves no folder
         if cfg.model.image_gaussian:  # before the stages, not after an hour of training
             try:
                 require_training_images(data.train_classes)
