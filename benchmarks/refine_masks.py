@@ -178,7 +178,7 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
             # the runtime's coarse mask without F2PAD (grad-run --class): the class's calibrated pixel threshold, else
             # the bundle's (or the one given); a class's tuned coarse threshold is an F2PAD setting, part of what
             # F2PAD is measured on
-            coarse = maps[i] > parts.calibrated_pixel(samples[i].class_name)
+            coarse = maps[i] > refiner.calibrated_pixel(samples[i].class_name)
             c_iou, c_dice = iou_dice(coarse, truths[i])
             o_iou, o_dice = iou_dice(maps[i] >= oracle_threshold, truths[i])  # best_f1 picks t for map >= t
             f_iou, f_dice = iou_dice(r.mask, truths[i])

@@ -62,11 +62,6 @@ class RefineParts:
     # a threshold was passed in (that one then holds for every class)
     class_pixel_thresholds: dict[str, float] = field(default_factory=dict)
 
-    def calibrated_pixel(self, class_name: str | None) -> float:
-        """The runtime's coarse-mask threshold for an image of ``class_name`` (``grad-run --class``): the class's
-        own calibrated pixel threshold where it has one, else :attr:`pixel_threshold`."""
-        return self.class_pixel_thresholds.get(class_name, self.pixel_threshold) if class_name else self.pixel_threshold
-
 
 def warn_config_differs(parts: RefineParts, config: RefineConfig) -> list[str]:
     """Warn (and return the lines) for every tuned class whose run-time config differs from the ``--set`` values
@@ -133,7 +128,9 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         log.warning("bundle %s: refine.classes setting(s) %s unknown to this gradad, ignored; re-run grad-refine tune "
                     "with this version", bundle_dir, ", ".join(unknown))
     tuning = section.tuning if isinstance(section.tuning, dict) else {}
-    _warn_recalibrated(bundle_dir, tuning, class_settings, calibrated_pixel)
+    class_pixel = ({} if pixel_threshold_given or bundle.calibration is None else
+                   {name: float(entry["pixel_threshold"]) for name, entry in (bundle.calibration.classes or {}).items()})
+    _warn_recalibrated(bundle_dir, tuning, class_settings, calibrated_pixel, class_pixel)
     tuned_under = {name: dict(record[TUNED_UNDER]) for name, record in tuning.items()
                    if name in class_settings and isinstance(record, dict) and isinstance(record.get(TUNED_UNDER), dict)}
     norm = bundle.input.normalisation
@@ -143,8 +140,6 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         config = refine_config_from_dict(section.config or {})
     except ConfigError as exc:
         raise ConfigError(f"{bundle_dir}/bundle.json refine.config: {exc}") from None
-    class_pixel = ({} if pixel_threshold_given or bundle.calibration is None else
-                   {name: float(entry["pixel_threshold"]) for name, entry in (bundle.calibration.classes or {}).items()})
     return RefineParts(bundle.file(section.model), PixelPrior.load(bundle.file(section.pixel_prior)),
                        config, pixel_threshold,
                        list(norm.mean), list(norm.std), float(section.normal_map_level or 0.0),
@@ -152,18 +147,20 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
 
 
 def _warn_recalibrated(bundle_dir: Path, tuning: dict[str, Any], class_settings: dict[str, dict[str, Any]],
-                       calibrated_pixel: float | None) -> None:
-    """Warn for each tuned class whose settings were tuned at another calibrated pixel threshold than the bundle's
-    now (grad-calibrate ran after grad-refine tune): its coarse masks, lambda0 and tau were chosen for the old one."""
+                       calibrated_pixel: float | None, class_pixel: dict[str, float]) -> None:
+    """Warn for each tuned class whose settings were tuned at another calibrated pixel threshold than the class's
+    now (its own, else the bundle's; grad-calibrate ran after grad-refine tune): its coarse masks, lambda0 and tau
+    were chosen for the old one."""
     if calibrated_pixel is None:
         return
     for name in sorted(class_settings):
         record = tuning.get(name)
         at = (record.get("coarse_threshold") or {}).get("bundle_pixel_threshold") if isinstance(record, dict) else None
-        if isinstance(at, (int, float)) and not np.isclose(float(at), float(calibrated_pixel), rtol=1e-6, atol=0):
-            log.warning("bundle %s: F2PAD settings of class %s were tuned at pixel threshold %.4g, the bundle is now "
+        now = class_pixel.get(name, calibrated_pixel)
+        if isinstance(at, (int, float)) and not np.isclose(float(at), float(now), rtol=1e-6, atol=0):
+            log.warning("bundle %s: F2PAD settings of class %s were tuned at pixel threshold %.4g, the class is now "
                         "calibrated at %.4g: re-run grad-refine tune --bundle %s --classes %s", bundle_dir, name,
-                        float(at), float(calibrated_pixel), bundle_dir, name)
+                        float(at), float(now), bundle_dir, name)
 
 
 def write_class_settings(bundle_dir: str | Path, classes: dict[str, dict[str, Any]],

@@ -194,9 +194,11 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
         if not good_source.endswith(TRAINING_SOURCE):
             _, good_maps = backend.infer_all(np.stack(good).astype(np.float32).transpose(0, 3, 1, 2))
             threshold = class_coarse_threshold(good_maps, config)
-        values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good, threshold)
+        # without its own coarse threshold the class refines at run time from its calibrated one: tune at that
+        calibrated = refiner.calibrated_pixel(name)
+        values, evidence = tune_class(refiner, list(images), list(truths), list(maps), good, threshold, calibrated)
         evidence["coarse_threshold"] = {"value": threshold, "good_images": len(good), "from": good_source,
-                                        "bundle_pixel_threshold": refiner.pixel_threshold}
+                                        "bundle_pixel_threshold": calibrated}
         settings[name] = values
         records[name] = {**evidence, "data": str(data_root), "good_images_from": good_source,
                          "images": [str(s.image_path.resolve()) for s in chosen], "settings": values,
@@ -294,6 +296,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     from gradad.refine.refiner import Refiner
     from gradad.runtime.backend import infer_in_batches
     from gradad.runtime.loader import load_backend
+    from gradad.runtime.pipeline import thresholds_from_bundle
     from gradad.runtime.preprocess import to_model_input
 
     files = _input_files(inputs)
@@ -308,10 +311,11 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
                  if v is not None}
     config = apply_refine_set(dataclasses.replace(parts.config, **overrides), assignments)
     bundle = Bundle.load(bundle_dir)
-    image_threshold = bundle.calibration.image_threshold if bundle.calibration else None
-    if image_threshold is None and not refine_all:
+    if bundle.calibration is None and not refine_all:
         raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
                         "--all to refine every image")
+    # the frames grad-run --class flags: the class's own image threshold where it was calibrated on its own
+    image_threshold = thresholds_from_bundle(bundle, None, class_name).image if bundle.calibration else None
     runtime_backend, _ = load_backend(bundle_dir, backend)
     refiner = Refiner.from_parts(with_set_over_classes(parts, assignments), config)
     h, w = bundle.input.model_hw

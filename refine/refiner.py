@@ -245,15 +245,21 @@ class Refiner:
             cores.append(core)
         return self.refine_masks(images, coarse, class_names, cores)
 
+    def calibrated_pixel(self, class_name: str | None) -> float:
+        """The runtime's calibrated pixel threshold for an image of ``class_name`` (an image of unknown class is
+        the only tuned class's, as in :meth:`config_for`): a threshold passed in explicitly, else the class's own
+        calibrated one, else the bundle's."""
+        if class_name is None and len(self.class_configs) == 1:
+            class_name = next(iter(self.class_configs))
+        if self.threshold_given or class_name is None:
+            return self.pixel_threshold
+        return self.class_pixel_thresholds.get(class_name, self.pixel_threshold)
+
     def coarse_threshold(self, class_name: str | None) -> float:
         """Threshold of the coarse mask for an image of ``class_name``: a threshold passed in explicitly, else the
-        class's tuned coarse threshold, else its own calibrated pixel threshold, else the bundle's."""
-        if self.threshold_given:
-            return self.pixel_threshold
+        class's tuned coarse threshold, else its calibrated pixel threshold (:meth:`calibrated_pixel`)."""
         tuned = self.config_for(class_name).coarse_threshold
-        if tuned > 0:
-            return tuned
-        return self.class_pixel_thresholds.get(class_name, self.pixel_threshold) if class_name else self.pixel_threshold
+        return tuned if tuned > 0 and not self.threshold_given else self.calibrated_pixel(class_name)
 
     def refine_masks(self, images: Sequence[np.ndarray], coarse: Sequence[np.ndarray],
                      class_names: Sequence[str | None] | None = None,

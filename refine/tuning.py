@@ -204,15 +204,17 @@ def class_coarse_threshold(good_maps: np.ndarray, config: RefineConfig) -> float
 
 
 def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-               maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], coarse_threshold: float | None = None
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+               maps: Sequence[np.ndarray], good_images: Sequence[np.ndarray], coarse_threshold: float | None = None,
+               reference_threshold: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Settings (inpaint, lambda0, mask_tau, mask_relative, keep_interior_px, mask_trim_px, start_peak_fraction and
     the class's ``coarse_threshold`` when given) for one class and the evidence behind them; every step uses that coarse
-    threshold (default: the pixel threshold). The whole tuning runs once per ``start_peak_candidates`` value (the
+    threshold (default: ``reference_threshold``, the class's calibrated pixel threshold, else the refiner's pixel
+    threshold). The whole tuning runs once per ``start_peak_candidates`` value (the
     start mask's share of the map's peak, see RefineConfig) and the value with the best tuning IoU is kept, a value
     above the smallest only when it beats the smallest by ``start_peak_margin``; the flagged tuning defects are the
     same for every value."""
-    threshold = refiner.pixel_threshold if coarse_threshold is None else coarse_threshold
+    fallback = refiner.pixel_threshold if reference_threshold is None else reference_threshold
+    threshold = fallback if coarse_threshold is None else coarse_threshold
     extra = {} if coarse_threshold is None else {"coarse_threshold": float(coarse_threshold)}
     flagged = [i for i, m in enumerate(maps) if coarse_mask(m, threshold).any() and truths[i].any()]
     if not flagged:

@@ -304,7 +304,8 @@ class RefineOptions:
     refine_drain: float = 30.0
     refine_device: str = "auto"
     refine_threads: int = 1
-    refine_class: str | None = None
+    refine_class: str | None = None  # given: its tuned settings must exist
+    line_class: str | None = None  # --class: its tuned settings where they exist, else the bundle's
 
 
 @dataclass(frozen=True)
@@ -339,11 +340,10 @@ class RunSettings:
         """Group grad-run's parameters; ``--camera N`` joins the sources; ``--class`` is the refinement's class
         unless ``--refine-class`` names one."""
         camera, class_name = params["camera"], params["class_name"]
-        refine_class = params["refine_class"] if params["refine_class"] is not None else class_name
         return cls(params["bundle_dir"], tuple(params["sources"]) + ((str(camera),) if camera is not None else ()),
                    params["threshold"], class_name, _pick(BackendOptions, params), _pick(LoopOptions, params),
                    _pick(SinkOptions, params, webhook_options=dict(webhook_options or {})),
-                   _pick(RefineOptions, params, refine_class=refine_class), _pick(BenchmarkOptions, params))
+                   _pick(RefineOptions, params, line_class=class_name), _pick(BenchmarkOptions, params))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,10 +409,18 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions,
                         f"{bundle_dir} --checkpoint MODEL.pt --data TRAIN_ROOT")
     if opts.refine_drain < 0:
         raise GradError(f"--refine-drain {opts.refine_drain}: must be >= 0 seconds")
-    check_refine_class(bundle_dir, bundle.refine.classes or {}, opts.refine_class, "--refine-class")
+    tuned = bundle.refine.classes or {}
+    class_name = opts.refine_class
+    if class_name is not None:  # asked for by name: refused unless tuned
+        check_refine_class(bundle_dir, tuned, class_name, "--refine-class")
+    elif opts.line_class is not None:  # the line's class: its tuned settings where there are some
+        class_name = opts.line_class
+        if class_name not in tuned:
+            log.warning("F2PAD refines class %s with the bundle's settings: it was not tuned (grad-refine tune "
+                        "--bundle %s --classes %s)", class_name, bundle_dir, class_name)
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=opts.refine_budget, max_batch=opts.refine_batch,
                                 queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
-                                class_name=opts.refine_class,
+                                class_name=class_name,
                                 factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
     return RefineStage(RefineWorker(config).start(stopping), opts.refine_drain)
 

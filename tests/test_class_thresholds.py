@@ -137,32 +137,47 @@ def test_refinement_coarse_mask_uses_the_class_calibrated_threshold_unless_tuned
     refiner.class_pixel_thresholds = {"high": 0.7, "tuned": 0.7}
     refiner.class_configs = {"tuned": dataclasses.replace(refiner.config, coarse_threshold=0.3)}
     assert refiner.coarse_threshold("high") == 0.7 and refiner.coarse_threshold("other") == 0.5
+    assert refiner.calibrated_pixel("tuned") == 0.7  # grad-bench refine's calibrated baseline for the class
     assert refiner.coarse_threshold("tuned") == 0.3  # a tuned coarse threshold is an F2PAD setting: it wins
     high, other = refiner.refine([image] * 2, [amap] * 2, ["high", "other"])
     assert not high.coarse_mask.any() and (other.coarse_mask == truth).all()
+    refiner.class_configs = {"high": refiner.config}  # one tuned class: an image of unknown class is its
+    assert refiner.calibrated_pixel(None) == refiner.coarse_threshold(None) == 0.7
     refiner.threshold_given = True
-    assert refiner.coarse_threshold("high") == 0.5
+    assert refiner.coarse_threshold("high") == 0.5 == refiner.calibrated_pixel("high")
 
 
-def test_refine_parts_carry_the_class_pixel_thresholds(tmp_path: Path, bundle: Path, trained_tiny: Path,
-                                                       tiny_demo_root: Path) -> None:
+@pytest.fixture(scope="module")
+def prepared(bundle: Path, trained_tiny: Path, tiny_demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle prepared for F2PAD, nut tuned, calibrated with thresholds of its own for nut."""
     from gradad.data.datasets import load_samples
-    from gradad.refine.bundle_files import load_refine_parts, prepare_bundle
+    from gradad.refine.bundle_files import prepare_bundle, write_class_settings
     from gradad.refine.config import RefineConfig
     from gradad.training.features import load_images
 
-    copy = tmp_path / "bundle"
+    copy = tmp_path_factory.mktemp("prepared") / "bundle"
     shutil.copytree(bundle, copy)
-    typed = Bundle.load(copy)
-    typed.calibration = _calibration(nut=(4.0, 2.0))
-    typed.save()
     train = [s for s in load_samples(tiny_demo_root, "train") if s.label == 0][:6]
     prepare_bundle(copy, trained_tiny, load_images(train, 64)[0], RefineConfig(mog_components=2, mog_pixels=5000))
+    write_class_settings(copy, {"nut": {"lambda0": 0.5}}, {"nut": {"images": ["a.png"]}})
+    return copy
+
+
+def _calibrate(bundle_dir: Path, cal: Calibration) -> None:
+    typed = Bundle.load(bundle_dir)
+    typed.calibration = cal
+    typed.save()
+
+
+def test_refine_parts_carry_the_class_pixel_thresholds(prepared: Path) -> None:
+    from gradad.refine.bundle_files import load_refine_parts
+
+    copy = prepared
+    _calibrate(copy, _calibration(nut=(4.0, 2.0)))
     parts = load_refine_parts(copy)
     assert parts.class_pixel_thresholds == {"nut": 2.0}
-    assert parts.calibrated_pixel("nut") == 2.0 and parts.calibrated_pixel("fabric") == parts.calibrated_pixel(None) == 5.0
     given = load_refine_parts(copy, 1.0)  # a threshold passed in holds for every class
-    assert given.class_pixel_thresholds == {} and given.calibrated_pixel("nut") == 1.0
+    assert given.class_pixel_thresholds == {} and given.pixel_threshold_given
 
 
 def test_f1_is_scored_at_each_class_own_threshold() -> None:
@@ -178,3 +193,39 @@ def test_f1_is_scored_at_each_class_own_threshold() -> None:
     rows = [{"f1": {"class_thresholds": {"b": 11.5, "a": 2.5}}}]
     assert "each class at its own (a 2.5, b 11.5)" in _class_threshold_note(rows)[0]
     assert _class_threshold_note([{"f1": {"kind": "oracle"}}]) == []
+
+
+def test_grad_refine_run_picks_the_frames_grad_run_class_flags(prepared: Path, tiny_demo_root: Path,
+                                                              tmp_path: Path) -> None:
+    from gradad.refine.cli import main as refine_main
+
+    image = sorted((tiny_demo_root / "nut" / "test").rglob("*.png"))[0]
+    args = [str(image), "--bundle", str(prepared), "--backend", "onnxruntime", "--class", "nut", "--budget", "0.05",
+            "--set", "max_iterations=1", "--overwrite"]
+
+    def refined(out: str) -> bool:
+        result = CliRunner().invoke(refine_main, ["run", *args, "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "refine.jsonl").read_text().splitlines()[0])["refined"]
+
+    _calibrate(prepared, _calibration(nut=(1000.0, 2.0)))  # nut's own image threshold flags nothing
+    assert not refined("none")
+    _calibrate(prepared, Calibration(1000.0, 5.0, "far", classes={"nut": {"image_threshold": 1e-6,
+                                                                          "pixel_threshold": 1e-6}}))
+    assert refined("all")  # the bundle's 1000 would flag nothing: the class's threshold picks the frame
+
+
+def test_tuning_without_held_out_goods_uses_the_class_calibrated_threshold(monkeypatch) -> None:
+    from test_refine_rules import _square_defect, _synthetic_refiner
+
+    import gradad.refine.tuning as tuning
+
+    image, truth = _square_defect()
+    amap = np.where(truth, 0.6, 0.0).astype(np.float32)  # flagged at the bundle's 0.5, not at the class's 0.7
+    refiner = _synthetic_refiner(max_iterations=1)
+    seen: list[float] = []
+    monkeypatch.setattr(tuning, "_tune_at", lambda r, i, t, m, g, threshold, f: (seen.append(threshold) or
+                                                                                  ({}, {}, 0.0)))
+    assert tuning.tune_class(refiner, [image], [truth], [amap], [], None, 0.7)[1] == {"flagged_tuning_images": 0}
+    tuning.tune_class(refiner, [image], [truth], [amap], [], None, None)
+    assert seen and set(seen) == {0.5}  # no class threshold: the bundle's

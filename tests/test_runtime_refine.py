@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -238,3 +239,16 @@ def test_an_untuned_refine_class_is_one_line_naming_the_tuned_ones(stand_in: dic
     msg = one_error_line(_run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
                                "--refine-class", "screw"], STAND_IN))
     assert "--refine-class 'screw'" in msg and "tuned:" in msg and "grad-refine tune" in msg
+
+
+def test_the_line_class_refines_untuned_with_the_bundle_settings(stand_in: dict, frames: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """--class names the line's product: it must not make a working --refine run refuse to start (only an explicit
+    --refine-class must be tuned)."""
+    out = tmp_path / "r.jsonl"
+    with caplog.at_level(logging.WARNING):
+        result = _run([str(stand_in["bundle"]), "--source", str(frames), "--threshold", "1", "--refine",
+                       "--class", "fabric", "--jsonl", str(out)], STAND_IN)
+    assert result.exit_code == 0, result.output
+    assert "F2PAD refines class fabric with the bundle's settings" in caplog.text
+    assert _split(out)[2]  # follow-up records: the worker ran
