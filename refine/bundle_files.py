@@ -150,10 +150,12 @@ def _warn_recalibrated(bundle_dir: Path, tuning: dict[str, Any], class_settings:
                        calibrated_pixel: float | None, class_pixel: dict[str, float]) -> None:
     """Warn for each tuned class whose settings were tuned at another calibrated pixel threshold than the class's
     now (its own, else the bundle's; grad-calibrate ran after grad-refine tune): its coarse masks, lambda0 and tau
-    were chosen for the old one."""
+    were chosen for the old one. A class with a tuned coarse threshold of its own is not affected."""
     if calibrated_pixel is None:
         return
     for name in sorted(class_settings):
+        if (class_settings[name].get("coarse_threshold") or 0) > 0:
+            continue  # tuned at a coarse threshold of its own (held-out goods): no calibrated one enters its masks
         record = tuning.get(name)
         at = (record.get("coarse_threshold") or {}).get("bundle_pixel_threshold") if isinstance(record, dict) else None
         now = class_pixel.get(name, calibrated_pixel)

@@ -306,6 +306,18 @@ def test_settings_tuned_at_another_pixel_threshold_are_warned_about(bundle, trai
     with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
         load_refine_parts(copy)
     assert "class nut were tuned at pixel threshold" in caplog.text and "grad-refine tune" in caplog.text
+    caplog.clear()  # a class calibrated on its own is compared with its own threshold
+    manifest["calibration"]["classes"] = {"nut": {"image_threshold": 1.0, "pixel_threshold": calibrated}}
+    write_manifest(copy, manifest)
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        load_refine_parts(copy)
+    assert "tuned at pixel threshold" not in caplog.text
+    manifest["calibration"]["classes"]["nut"]["pixel_threshold"] = 3 * calibrated
+    write_manifest(copy, manifest)
+    write_class_settings(copy, {"nut": {"lambda0": 0.01, "coarse_threshold": 0.5}}, {"nut": record})
+    with caplog.at_level("WARNING", logger="gradad.refine.bundle_files"):
+        load_refine_parts(copy)
+    assert "tuned at pixel threshold" not in caplog.text  # its own coarse threshold: calibration does not enter
 
 
 def test_the_set_values_a_class_was_tuned_under_are_recorded_and_checked_at_run_time(bundle, trained_tiny,
