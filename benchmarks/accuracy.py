@@ -115,7 +115,7 @@ def calibration_of(bundle: Bundle) -> Calibration | None:
     return Calibration(float(cal.image_threshold), str(cal.method or ""),
                        {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")},
                        frozenset(str(p) for p in recorded) if isinstance(recorded, list) else None,
-                       {c: float(v["image_threshold"]) for c, v in cal.classes.items()} if cal.classes else None)
+                       cal.class_values("image_threshold") or None)
 
 
 def calibration_f1_images(samples: Sequence[Sample], calibration: Calibration | None) -> np.ndarray | None:
@@ -148,7 +148,7 @@ def score_row(row: dict[str, Any], samples: Sequence[Sample], scores: np.ndarray
         return float(np.nextafter(np.float32(t), np.inf))
 
     threshold = None if calibration is None else above(calibration.threshold)
-    own = {c: above(t) for c, t in ((calibration.class_thresholds or {}) if calibration else {}).items()}
+    own = {c: above(t) for c, t in (calibration.class_thresholds or {}).items()} if calibration else {}
     keep = calibration_f1_images(samples, calibration)  # the threshold was fitted on the others: no F1 on them
     # a class calibrated on its own is scored at its threshold, the one grad-run --class runs at
     per_class = evaluate_predictions(samples, scores, maps, masks, threshold=threshold, f1_images=keep,

@@ -507,6 +507,10 @@ class Calibration(_Record):
         entry = (self.classes or {}).get(name)
         return None if entry is None else (entry["image_threshold"], entry["pixel_threshold"])
 
+    def class_values(self, key: str) -> dict[str, float]:
+        """``key`` (``image_threshold`` or ``pixel_threshold``) of every class calibrated on its own."""
+        return {name: float(entry[key]) for name, entry in (self.classes or {}).items()}
+
 
 @dataclass
 class RefineSection(_Record):

@@ -128,8 +128,8 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         log.warning("bundle %s: refine.classes setting(s) %s unknown to this gradad, ignored; re-run grad-refine tune "
                     "with this version", bundle_dir, ", ".join(unknown))
     tuning = section.tuning if isinstance(section.tuning, dict) else {}
-    class_pixel = ({} if pixel_threshold_given or bundle.calibration is None else
-                   {name: float(entry["pixel_threshold"]) for name, entry in (bundle.calibration.classes or {}).items()})
+    class_pixel = ({} if pixel_threshold_given or bundle.calibration is None
+                   else bundle.calibration.class_values("pixel_threshold"))
     _warn_recalibrated(bundle_dir, tuning, class_settings, calibrated_pixel, class_pixel)
     tuned_under = {name: dict(record[TUNED_UNDER]) for name, record in tuning.items()
                    if name in class_settings and isinstance(record, dict) and isinstance(record.get(TUNED_UNDER), dict)}
