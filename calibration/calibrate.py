@@ -138,14 +138,24 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
             if missing:
                 out.append(f"--good: no good images of class(es) {', '.join(missing)} of this {len(classes)}-class "
                            f"bundle; its one threshold is applied to them too: add --good DIR per class")
-    if bundle.data_root:
-        train_dirs = [(Path(bundle.data_root) / c / "train").resolve() for c in classes]
-        for d, files in good_files:  # the model trained on these: they score lower than unseen parts
-            hit = next((t for f in map(Path.resolve, files) for t in train_dirs if f.is_relative_to(t)), None)
-            if hit is not None:
-                out.append(f"--good {d}: holds the model's training images (under {hit}); a threshold from them is "
-                           f"too low for unseen good parts: use held-out good images")
+    train_dirs = _training_dirs(bundle)
+    held_out = set(bundle.training_data.get("held_out_goods", []))
+    for d, files in good_files:  # the model trained on these: they score lower than unseen parts
+        trained = [f for f in map(Path.resolve, files)
+                   if str(f) not in held_out and any(f.is_relative_to(t) for t in train_dirs)]
+        if trained:
+            hit = next(t for t in train_dirs if trained[0].is_relative_to(t))
+            out.append(f"--good {d}: holds {len(trained)} of the model's training images (under {hit}); a "
+                       f"threshold from them is too low for unseen good parts: use held-out good images")
     return out
+
+
+def _training_dirs(bundle: Bundle) -> list[Path]:
+    """The ``<root>/<class>/train`` folders the model's good images came from (every training root where the model
+    file recorded them, else the bundle's one data root). Images the trainer held out for validation
+    (``training_data.held_out_goods``) are not training images, though they lie there."""
+    roots = bundle.training_data.get("data_roots") or ([bundle.data_root] if bundle.data_root else [])
+    return [(Path(r) / c / "train").resolve() for r in roots for c in bundle.classes or []]
 
 
 def calibrate(

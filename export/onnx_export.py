@@ -172,6 +172,16 @@ def _swap_in(work: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def training_data_section(payload: dict[str, Any]) -> dict[str, Any]:
+    """bundle.json's ``training_data``: the model's data summary plus, where the model file records them, its
+    training roots and the good training images it held out for validation (grad-calibrate's input check)."""
+    section = dict(payload.get("data_summary", {}))
+    for key in ("data_roots", "held_out_goods"):
+        if key in payload:
+            section[key] = list(payload[key])
+    return section
+
+
 def score_meaning(detector: GRADDetector) -> str:
     """What the bundle's image score is, in words (bundle.json ``outputs.score.meaning``)."""
     pooled = f"max of the {detector.head.score_pool}x{detector.head.score_pool} mean-pooled map"
@@ -271,7 +281,7 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
                                 "refine_mask_weight": cfg.model.map_refine_mask_weight},
             },
             classes=payload["classes"],
-            training_data=payload.get("data_summary", {}),
+            training_data=training_data_section(payload),
             onnx=OnnxInfo(opset=OPSET, exporter=f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
                           dynamic_batch=True, simplified=opts.simplify, gridsample_nodes=n_grid,
                           gridsample={"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,

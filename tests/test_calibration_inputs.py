@@ -70,7 +70,7 @@ def test_masks_in_the_defect_folder_are_refused_and_no_image_is_its_own_mask(tmp
 
 def test_unified_bundle_without_good_images_of_a_class_is_warned_about(tmp_path: Path) -> None:
     _images(tmp_path / "nut" / "test" / "good", [10, 20, 30])
-    bundle = SimpleNamespace(classes=["fabric", "nut", "capsule"], data_root=None)
+    bundle = SimpleNamespace(classes=["fabric", "nut", "capsule"], data_root=None, training_data={})
     cal = calibrate(_MeanBackend(), tmp_path / "nut" / "test" / "good", bundle=bundle)
     assert any("fabric, capsule" in w and "no good images" in w for w in cal.warnings)
     _images(tmp_path / "fabric" / "test" / "good", [11, 21, 31])
@@ -85,12 +85,35 @@ def test_training_goods_given_as_held_out_are_warned_about(tmp_path: Path, caplo
     _images(train, [10, 20, 30])
     held_out = tmp_path / "held_out"
     _images(held_out, [11, 21, 31])
-    bundle = SimpleNamespace(classes=["nut"], data_root=str(tmp_path / "data"))
+    bundle = SimpleNamespace(classes=["nut"], data_root=str(tmp_path / "data"), training_data={})
     with caplog.at_level(logging.WARNING):
         cal = calibrate(_MeanBackend(), [held_out, train], bundle=bundle)
     hits = [w for w in cal.warnings if "training images" in w]
     assert len(hits) == 1 and str(train) in hits[0] and "\n" not in hits[0]
     assert not any("training images" in w for w in calibrate(_MeanBackend(), held_out, bundle=bundle).warnings)
+
+
+def test_goods_the_trainer_held_out_are_not_taken_for_training_images(tmp_path: Path) -> None:
+    """The model file records its training roots and held-out validation goods (bundle.json's training_data): a
+    folder of those is fine though it lies under train/, a folder mixing in trained ones is warned about with the
+    count, and every training root is checked, not only the first."""
+    mtd, tyre = tmp_path / "mtd", tmp_path / "mvtec3d"
+    tiles = _images(mtd / "magnetic_tile" / "train" / "good", [10, 20, 30, 40])
+    tyres = _images(tyre / "tire" / "train" / "good", [15, 25, 35])
+    bundle = SimpleNamespace(classes=["magnetic_tile", "tire"], data_root=str(mtd), training_data={
+        "data_roots": [str(mtd.resolve()), str(tyre.resolve())],
+        "held_out_goods": [str(p.resolve()) for p in tiles[:2]]})
+    held = tmp_path / "calib" / "magnetic_tile"
+    held.mkdir(parents=True)
+    for p in tiles[:2]:
+        (held / p.name).symlink_to(p)
+    assert not any("training images" in w for w in calibrate(_MeanBackend(), held, bundle=bundle).warnings)
+    (held / tiles[2].name).symlink_to(tiles[2])
+    hits = [w for w in calibrate(_MeanBackend(), held, bundle=bundle).warnings if "training images" in w]
+    assert len(hits) == 1 and "holds 1 of the model's training images" in hits[0]
+    hits = [w for w in calibrate(_MeanBackend(), [held, tyres[0].parent], bundle=bundle).warnings
+            if "training images" in w]
+    assert len(hits) == 2 and "holds 3 of" in hits[1] and "tire" in hits[1]
 
 
 def test_target_recall_must_be_a_fraction(tmp_path: Path) -> None:

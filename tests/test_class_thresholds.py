@@ -29,7 +29,7 @@ def _two_classes(tmp_path: Path) -> tuple[list[Path], SimpleNamespace]:
     dirs = [tmp_path / "nut" / "test" / "good", tmp_path / "fabric" / "test" / "good"]
     _images(dirs[0], [10, 20, 30])
     _images(dirs[1], [100, 120, 140])
-    return dirs, SimpleNamespace(classes=["fabric", "nut"], data_root=None)
+    return dirs, SimpleNamespace(classes=["fabric", "nut"], data_root=None, training_data={})
 
 
 def test_each_class_gets_the_far_threshold_of_its_own_good_images(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_each_class_gets_the_far_threshold_of_its_own_good_images(tmp_path: Path
 def test_no_class_thresholds_for_one_class_a_folder_of_no_class_or_a_labelled_rule(tmp_path: Path) -> None:
     dirs, bundle = _two_classes(tmp_path)
     backend = _MeanBackend()
-    assert calibrate(backend, dirs, bundle=SimpleNamespace(classes=["nut"], data_root=None)).classes is None
+    assert calibrate(backend, dirs, bundle=SimpleNamespace(classes=["nut"], data_root=None, training_data={})).classes is None
     assert calibrate(backend, dirs).classes is None  # no bundle: classes unknown
     other = tmp_path / "mixed"
     _images(other, [50, 60])

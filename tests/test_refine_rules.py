@@ -161,9 +161,10 @@ def test_tau_calibration_is_a_high_quantile_of_the_repair_noise_of_good_images()
     no_guard = dataclasses.replace(refiner.config, collapse_fraction=0.0, max_iterations=60, lambda0=0.002,
                                    mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
                                    mask_trim_candidates=(0,))
-    chosen, ious, key = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
+    chosen, ious, key, held_out = best_tau(refiner, [image], [truth], [amap], no_guard, {0.95: tau, 0.999: 2.0})
     assert chosen == (tau, 0.0, 0, 0) and key == "0.95/0.0/0/0"
     assert ious["0.95/0.0/0/0"] > 0.5 and ious["0.999/0.0/0/0"] == 0.0
+    assert held_out == ious[key]  # one image: nothing to hold out
 
 
 def test_spur_trim_cuts_thin_bridges_off_a_compact_defect_and_keeps_a_crack_whole():
@@ -200,13 +201,13 @@ def test_tuning_picks_the_spur_trim_when_the_solver_marks_an_edge_next_to_a_spot
     amap = np.where(dilate(truth, 2), 1.0, 0.0)
     cfg = dataclasses.replace(refiner.config, mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
                               mask_trim_candidates=(0, 2))
-    (_, _, _, trim), ious, key = best_tau(refiner, [with_edge], [truth], [amap], cfg, {0.9: 0.2})
+    (_, _, _, trim), ious, key, _ = best_tau(refiner, [with_edge], [truth], [amap], cfg, {0.9: 0.2})
     assert trim == 2 and key == "0.9/0.0/0/2" and ious["0.9/0.0/0/2"] > ious["0.9/0.0/0/0"]
-    (_, _, _, trim), ious, _ = best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
+    (_, _, _, trim), ious, _, _ = best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
     assert trim == 0 and ious["0.9/0.0/0/2"] <= ious["0.9/0.0/0/0"]
     # a trim must win by the margin; the rule returned (and scored) is then the untrimmed one
     strict = dataclasses.replace(cfg, mask_trim_margin=1.0)
-    (_, _, _, trim), _, key = best_tau(refiner, [with_edge], [truth], [amap], strict, {0.9: 0.2})
+    (_, _, _, trim), _, key, _ = best_tau(refiner, [with_edge], [truth], [amap], strict, {0.9: 0.2})
     assert trim == 0 and key == "0.9/0.0/0/0"
 
 
@@ -478,6 +479,40 @@ def test_tuning_keeps_the_coarse_mask_for_a_class_where_f2pad_does_not_beat_it()
     settings, evidence = tune_class(refiner, [image], [truth], [loose], [good])
     assert "use_f2pad" not in settings and evidence["use_f2pad"] is True  # stored only when false
     assert evidence["f2pad_iou"] > evidence["coarse_iou"] + 0.1
+
+
+def test_held_out_rule_iou_scores_each_tuning_defect_with_the_rule_the_others_chose():
+    """Two rules, each perfect on one defect and useless on the other: each mean 0.4 in-sample, but a rule chosen
+    without a defect is the wrong one for it, so the held-out IoU is far lower; a rule that is best everywhere
+    keeps its in-sample IoU; the trim margin applies within each choice."""
+    from gradad.refine.tuning import held_out_rule_iou
+
+    choices = {"a": (0.1, 0.0, 0, 0), "b": (0.2, 0.0, 0, 0)}
+    per_image = {"a": [0.9, 0.0, 0.3], "b": [0.0, 0.9, 0.3]}
+    assert held_out_rule_iou(per_image, choices, 0.0) == pytest.approx((0.0 + 0.0 + 0.3) / 3)
+    steady = {"a": [0.6, 0.5, 0.7], "b": [0.1, 0.2, 0.3]}
+    assert held_out_rule_iou(steady, choices, 0.0) == pytest.approx(0.6)
+    trimmed = {"a": (0.1, 0.0, 0, 0), "t": (0.1, 0.0, 0, 2)}  # "t" wins by 0.05: kept only under a smaller margin
+    table = {"a": [0.5, 0.5, 0.5], "t": [0.55, 0.55, 0.55]}
+    assert held_out_rule_iou(table, trimmed, 0.01) == pytest.approx(0.55)
+    assert held_out_rule_iou(table, trimmed, 0.1) == pytest.approx(0.5)
+
+
+def test_f2pad_is_kept_off_when_only_its_in_sample_tuning_iou_beats_the_coarse_mask(monkeypatch):
+    """The class's F2PAD decision weighs the held-out IoU of the mask rule, not the best rule's own IoU."""
+    import gradad.refine.tuning as tuning
+
+    image, truth = _square_defect(lo=26, hi=38)
+    loose = np.where(dilate(truth, 6), 1.0, 0.0).astype(np.float32)
+    coarse = float(np.logical_and(loose > 0.5, truth).sum() / np.logical_or(loose > 0.5, truth).sum())
+    refiner = _synthetic_refiner(max_iterations=1, start_peak_candidates=(0.0,))
+    for held_out, use in ((coarse - 0.05, False), (coarse + 0.05, True)):
+        monkeypatch.setattr(tuning, "_tune_at", lambda *a, h=held_out: ({"mask_tau": 0.1},
+                                                                         {"held_out_iou": h}, coarse + 0.2))
+        settings, evidence = tuning.tune_class(refiner, [image, image], [truth, truth], [loose, loose], [])
+        assert evidence["use_f2pad"] is use and evidence["f2pad_iou"] == pytest.approx(coarse + 0.2, abs=1e-4)
+        assert evidence["f2pad_held_out_iou"] == pytest.approx(held_out, abs=1e-4)
+        assert settings.get("use_f2pad", True) is use
 
 
 def test_tuning_refines_with_a_fixed_iteration_count_not_the_wall_clock_budget():

@@ -124,6 +124,15 @@ def test_defects_held_out_for_the_self_check_are_recorded_and_never_scored(tiny_
     trained, tuned = set(payload["trained_defects"]), set(payload["tuned_defects"])
     assert tuned and trained and not tuned & trained and tuned | trained == {str(p) for p in linked}
     assert tuned_defect_paths(payload) == tuned and trained_defect_paths(payload) == trained | tuned
+    # the good images held out for validation, and the training roots: what grad-calibrate's input check reads
+    from gradad.export.onnx_export import training_data_section
+    from gradad.training.validation import validation_indices
+
+    goods = [s for s in load_samples(tiny_demo_root, "train", ["nut"]) if s.label == 0]
+    held = sorted(str(goods[i].image_path.resolve()) for i in validation_indices(goods, cfg.data.val_fraction))
+    assert held and payload["held_out_goods"] == held and payload["data_roots"] == [str(tiny_demo_root.resolve())]
+    section = training_data_section(payload)
+    assert section["held_out_goods"] == held and section["total"] == len(goods)
 
     test = load_samples(tiny_demo_root, "test", ["nut"])
     sel = scoring_selection(test, None, trained_defect_paths(payload), tuned_defect_paths(payload))

@@ -14,7 +14,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -166,6 +166,7 @@ class TrainingData:
     defects: DefectSet | None  # labelled defects stage 1 trains on
     heldout_defects: DefectSet | None  # labelled defects kept for the self-check and the fusion fit
     cache_hit: bool
+    val_files: list[str] = field(default_factory=list)  # resolved paths of the held-out good training images
 
     @property
     def feature_std(self) -> float:
@@ -229,7 +230,8 @@ def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: t
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
     return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)],
                         [samples[i].class_name for i in val_idx], [samples[i].class_name for i in keep],
-                        channel_std, defects, heldout, hit)
+                        channel_std, defects, heldout, hit,
+                        val_files=sorted(str(samples[i].image_path.resolve()) for i in val_idx))
 
 
 def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
@@ -452,6 +454,10 @@ class Trainer:
             "classes": sorted({s.class_name for s in data.samples}),
             "feature_std": data.feature_std,
             "data_summary": summarize(data.samples),
+            # the training roots and the good training images held out for validation (never trained on), so
+            # grad-calibrate can tell a folder of held-out goods from one of training images
+            "data_roots": [str(Path(r).resolve()) for r in cfg.data.roots],
+            "held_out_goods": data.val_files,
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
