@@ -496,6 +496,9 @@ def test_held_out_rule_iou_scores_each_tuning_defect_with_the_rule_the_others_ch
     table = {"a": [0.5, 0.5, 0.5], "t": [0.55, 0.55, 0.55]}
     assert held_out_rule_iou(table, trimmed, 0.01) == pytest.approx(0.55)
     assert held_out_rule_iou(table, trimmed, 0.1) == pytest.approx(0.5)
+    one = {"a": [0.5], "t": [0.55]}  # one image: the rule the margin keeps, not the best score
+    assert held_out_rule_iou(one, trimmed, 0.1) == pytest.approx(0.5)
+    assert held_out_rule_iou(one, trimmed, 0.01) == pytest.approx(0.55)
 
 
 def test_f2pad_is_kept_off_when_only_its_in_sample_tuning_iou_beats_the_coarse_mask(monkeypatch):
@@ -506,7 +509,7 @@ def test_f2pad_is_kept_off_when_only_its_in_sample_tuning_iou_beats_the_coarse_m
     loose = np.where(dilate(truth, 6), 1.0, 0.0).astype(np.float32)
     coarse = float(np.logical_and(loose > 0.5, truth).sum() / np.logical_or(loose > 0.5, truth).sum())
     refiner = _synthetic_refiner(max_iterations=1, start_peak_candidates=(0.0,))
-    for held_out, use in ((coarse - 0.05, False), (coarse + 0.05, True)):
+    for held_out, use in ((coarse - 0.05, False), (coarse + 0.05, True), (coarse + 4e-5, True)):
         monkeypatch.setattr(tuning, "_tune_at", lambda *a, h=held_out: ({"mask_tau": 0.1},
                                                                          {"held_out_iou": h}, coarse + 0.2))
         settings, evidence = tuning.tune_class(refiner, [image, image], [truth, truth], [loose, loose], [])
