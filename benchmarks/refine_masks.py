@@ -255,7 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{cell(s, 'f2pad_iou')} | {cell(s, 'coarse_dice')} | {cell(s, 'oracle_dice')} | "
                      f"{cell(s, 'f2pad_dice')} | {s['seconds_per_image']:.2f} | {s['iterations_mean']:.0f} |")
     if not legacy_oracle:
-        own = result.get("class_pixel_thresholds") or {}
+        scored = result.get("per_class") or {}
+        own = {c: t for c, t in (result.get("class_pixel_thresholds") or {}).items() if not scored or c in scored}
         lines += ["", "Coarse (calibrated): the runtime's mask at the bundle's calibrated pixel threshold"
                   + (f" (each class's own: {', '.join(f'{c} {t:.2f}' for c, t in own.items())})" if own else "")
                   + ". Coarse (oracle): one pixel threshold for all these images, chosen on them for the best pooled pixel F1 "

@@ -457,19 +457,29 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     changed = [f"{k}={v}" for k, v in result.get("config", {}).items()
                if k not in ("device", "threads") and defaults.get(k) != v]
     verdict = "raises" if gain > 0.05 else "lowers" if gain < -0.05 else "keeps"
-    oracle = (f" (oracle coarse threshold {result['oracle_pixel_threshold']:.2f}: IoU {pct(m['oracle_iou'])}, "
-              f"F2PAD {100 * (m['f2pad_iou'] - m['oracle_iou']):+.1f} points)") if "oracle_iou" in m else ""
     kept_note = _kept_note(result)
     own = result.get("f2pad_coarse_thresholds") or {}
+    classes = result.get("per_class") or {}
+    calibrated = {c: v for c, v in (result.get("class_pixel_thresholds") or {}).items() if c in classes}
     own_note = (f" F2PAD's own coarse threshold per class: "
                 f"{', '.join(f'{c} {t:.2f}' for c, t in own.items())}."
-                if any(abs(t - result["pixel_threshold"]) > 1e-6 for t in own.values()) else "")
+                if any(abs(t - calibrated.get(c, result["pixel_threshold"])) > 1e-6 for c, t in own.items()) else "")
+    threshold = (f"each class's own calibrated pixel threshold "
+                 f"({', '.join(f'{c} {v:.2f}' for c, v in calibrated.items())})" if calibrated
+                 else f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}")
+    off = {c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False}
+    # F2PAD off for every class scored: its "F2PAD" masks are the coarse masks at the tuned coarse threshold
+    all_off = bool(classes) and set(classes) <= off
+    subject = "Refinement (F2PAD off here: the coarse masks at the tuned coarse threshold)" if all_off else "F2PAD"
+    oracle = (f" (oracle coarse threshold {result['oracle_pixel_threshold']:.2f}: IoU {pct(m['oracle_iou'])}, "
+              f"{'refined' if all_off else 'F2PAD'} {100 * (m['f2pad_iou'] - m['oracle_iou']):+.1f} points)"
+              ) if "oracle_iou" in m else ""
     lines = [f"### {Path(result['data']).name} — `{name}`", "",
-             f"F2PAD {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
+             f"{subject} {verdict} the mean IoU from {pct(m['coarse_iou'])} to {pct(m['f2pad_iou'])} "
              f"({gain:+.1f} points) and DICE from {pct(m['coarse_dice'])} to {pct(m['f2pad_dice'])} on "
              f"{m['images']} defect images{oracle}, at {m['seconds_per_image']:.1f} s and "
              f"{m['iterations_mean']:.0f} iterations per image ({result['device']}, {result['threads']} threads); "
-             f"coarse threshold: {result['threshold_rule']} = {result['pixel_threshold']:.2f}.{own_note} "
+             f"coarse threshold: {threshold}.{own_note} "
              f"Tuned per class: "
              f"{result.get('class_settings') or 'nothing'}. Settings different from the defaults: "
              f"{', '.join(changed) or 'none'}.{kept_note}", "", refine_table(result).rstrip("\n"), ""]

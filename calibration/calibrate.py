@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -138,24 +138,31 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
             if missing:
                 out.append(f"--good: no good images of class(es) {', '.join(missing)} of this {len(classes)}-class "
                            f"bundle; its one threshold is applied to them too: add --good DIR per class")
-    train_dirs = _training_dirs(bundle)
-    held_out = set(bundle.training_data.get("held_out_goods", []))
+    trained_under = _training_image_check(bundle)
     for d, files in good_files:  # the model trained on these: they score lower than unseen parts
-        trained = [f for f in map(Path.resolve, files)
-                   if str(f) not in held_out and any(f.is_relative_to(t) for t in train_dirs)]
+        trained = [f for f in map(Path.resolve, files) if trained_under(f) is not None]
         if trained:
-            hit = next(t for t in train_dirs if trained[0].is_relative_to(t))
-            out.append(f"--good {d}: holds {len(trained)} of the model's training images (under {hit}); a "
-                       f"threshold from them is too low for unseen good parts: use held-out good images")
+            out.append(f"--good {d}: holds {len(trained)} of the model's training images (under "
+                       f"{trained_under(trained[0])}); a threshold from them is too low for unseen good parts: use "
+                       f"held-out good images")
     return out
 
 
-def _training_dirs(bundle: Bundle) -> list[Path]:
-    """The ``<root>/<class>/train`` folders the model's good images came from (every training root where the model
-    file recorded them, else the bundle's one data root). Images the trainer held out for validation
-    (``training_data.held_out_goods``) are not training images, though they lie there."""
+def _training_image_check(bundle: Bundle) -> Callable[[Path], Path | None]:
+    """For a resolved image path, the folder the model trained on it from, or None when it is not a training image.
+
+    Exact where the model file recorded the good images it trained on (``training_data.trained_goods``, by folder:
+    any dataset layout, also those that keep training and test goods in one folder). For models trained before
+    that: anything under ``<root>/<class>/train`` of every recorded training root (or the bundle's one data root)
+    except the goods the trainer held out for validation (``training_data.held_out_goods``)."""
+    recorded = bundle.training_data.get("trained_goods")
+    if recorded is not None:
+        names = {Path(folder): set(files) for folder, files in recorded.items()}
+        return lambda f: f.parent if f.name in names.get(f.parent, ()) else None
+    held_out = set(bundle.training_data.get("held_out_goods", []))
     roots = bundle.training_data.get("data_roots") or ([bundle.data_root] if bundle.data_root else [])
-    return [(Path(r) / c / "train").resolve() for r in roots for c in bundle.classes or []]
+    dirs = [(Path(r) / c / "train").resolve() for r in roots for c in bundle.classes or []]
+    return lambda f: None if str(f) in held_out else next((t for t in dirs if f.is_relative_to(t)), None)
 
 
 def calibrate(

@@ -174,11 +174,12 @@ def _swap_in(work: Path, out_dir: Path) -> None:
 
 def training_data_section(payload: dict[str, Any]) -> dict[str, Any]:
     """bundle.json's ``training_data``: the model's data summary plus, where the model file records them, its
-    training roots and the good training images it held out for validation (grad-calibrate's input check)."""
+    training roots, the good images it trained on (by folder) and the ones it held out for validation
+    (grad-calibrate's input check)."""
     section = dict(payload.get("data_summary", {}))
-    for key in ("data_roots", "held_out_goods"):
+    for key in ("data_roots", "trained_goods", "held_out_goods"):
         if key in payload:
-            section[key] = list(payload[key])
+            section[key] = dict(payload[key]) if isinstance(payload[key], dict) else list(payload[key])
     return section
 
 

@@ -278,7 +278,10 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     # the runtime's coarse mask on the same flagged defects: F2PAD must beat it to be used for this class, judged by
     # the held-out IoU of its mask rule (the best rule's own IoU was chosen on these very images)
     coarse_iou = float(np.mean([mask_iou(coarse_mask(maps[i], threshold), truths[i]) for i in flagged]))
-    held_out = float(evidence.pop("held_out_iou", best_iou))  # unrounded: the evidence shows it rounded
+    held_out = float(evidence.pop("held_out_iou"))  # unrounded: the evidence shows it rounded
+    if len(flagged) == 1:
+        log.warning("tuning: one flagged tuning defect: nothing to hold out, so the F2PAD decision rests on the kept "
+                    "rule's own IoU on it (optimistic); add tuning defects for a held-out estimate")
     margin = refiner.config.f2pad_margin
     use = held_out > coarse_iou + margin
     if not use:
@@ -288,7 +291,9 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     # stored only when false: an older gradad ignores a setting it does not know, and true is every bundle's default
     return ({**settings, **({} if use else {"use_f2pad": False})},
             {**evidence, "start_peak_iou": tried, "coarse_iou": round(coarse_iou, 4), "f2pad_iou": round(best_iou, 4),
-             "f2pad_held_out_iou": round(held_out, 4), "f2pad_margin": margin, "use_f2pad": use})
+             "f2pad_held_out_iou": round(held_out, 4),
+             "f2pad_decision_basis": "held_out" if len(flagged) > 1 else "in_sample (one tuning defect)",
+             "f2pad_margin": margin, "use_f2pad": use})
 
 
 def tuning_config(config: RefineConfig) -> RefineConfig:

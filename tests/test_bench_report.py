@@ -119,3 +119,29 @@ def test_the_conclusion_follows_the_numbers(tmp_path: Path) -> None:
 def test_corrupt_result_file_is_one_error_line(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text("{not json")
     assert "broken.json" in one_error_line(CliRunner().invoke(main, ["report", str(tmp_path)]))
+
+
+def _refine_result(class_settings: dict, class_thresholds: dict) -> dict:
+    summary = {"images": 2, "coarse_iou": 0.132, "oracle_iou": 0.147, "f2pad_iou": 0.138, "coarse_dice": 0.2,
+               "oracle_dice": 0.22, "f2pad_dice": 0.21, "seconds_per_image": 0.0, "iterations_mean": 0.0}
+    return {"data": "/data/mvtec3d", "device": "cpu", "threads": 2, "pixel_threshold": 31.45,
+            "threshold_rule": "the bundle's calibrated pixel threshold", "oracle_pixel_threshold": 20.8,
+            "class_pixel_thresholds": class_thresholds, "f2pad_coarse_thresholds": {"tire": 21.21},
+            "class_settings": class_settings, "config": {}, "per_class": {"tire": summary}, "per_defect": {},
+            "mean": summary, "images": [{"class": "tire", "defect": "hole", "image": "/x/000.png"}] * 2}
+
+
+def test_refine_sentence_names_each_class_threshold_and_says_when_f2pad_is_off() -> None:
+    """A bundle calibrated class by class: the sentence gives the scored class's own calibrated pixel threshold,
+    not the bundle's one; where F2PAD is off for every scored class, the gain is not called F2PAD's."""
+    from gradad.benchmarks.report_page import refine_block
+
+    text = " ".join(refine_block("tyre", _refine_result({"tire": {"use_f2pad": False}},
+                                                         {"magnetic_tile": 32.42, "tire": 21.42})))
+    assert "coarse threshold: each class's own calibrated pixel threshold (tire 21.42)" in text
+    assert "31.45" not in text and "magnetic_tile 32.42" not in text
+    assert "Refinement (F2PAD off here" in text and "F2PAD raises" not in text and "F2PAD -0.9" not in text
+    assert "refined -0.9 points" in text
+    assert "F2PAD's own coarse threshold per class: tire 21.21" in text
+    text = " ".join(refine_block("tyre", _refine_result({"tire": {}}, {})))
+    assert "F2PAD raises the mean IoU" in text and "the bundle's calibrated pixel threshold = 31.45" in text

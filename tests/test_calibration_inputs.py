@@ -116,6 +116,29 @@ def test_goods_the_trainer_held_out_are_not_taken_for_training_images(tmp_path: 
     assert len(hits) == 2 and "holds 3 of" in hits[1] and "tire" in hits[1]
 
 
+def test_the_recorded_training_goods_decide_not_their_folder(tmp_path: Path) -> None:
+    """Where the model file recorded the good images it trained on (``trained_goods``, by folder), a --good image
+    is a training image exactly when it is one of them: a flat folder layout that keeps its test goods next to the
+    training ones (every 5th) is calibrated on those test goods without a warning, and a trained one is counted."""
+    goods = _images(tmp_path / "parts" / "good", [10, 20, 30, 40, 50, 60])
+    test_goods, trained = goods[4:], goods[:4]
+    bundle = SimpleNamespace(classes=["parts"], data_root=str(tmp_path / "parts"), training_data={
+        "data_roots": [str((tmp_path / "parts").resolve())],
+        "trained_goods": {str(goods[0].parent.resolve()): [p.name for p in trained[1:]]},
+        "held_out_goods": [str(trained[0].resolve())]})
+    calib = tmp_path / "calib" / "parts"
+    calib.mkdir(parents=True)
+    for p in test_goods + trained[:1]:  # the test goods and the held-out one
+        (calib / p.name).symlink_to(p)
+    assert not any("training images" in w for w in calibrate(_MeanBackend(), calib, bundle=bundle).warnings)
+    (calib / trained[2].name).symlink_to(trained[2])
+    hits = [w for w in calibrate(_MeanBackend(), calib, bundle=bundle).warnings if "training images" in w]
+    assert len(hits) == 1 and "holds 1 of the model's training images" in hits[0]
+    assert str(goods[0].parent.resolve()) in hits[0]
+    hits = [w for w in calibrate(_MeanBackend(), goods[0].parent, bundle=bundle).warnings if "training images" in w]
+    assert len(hits) == 1 and "holds 3 of" in hits[0]
+
+
 def test_target_recall_must_be_a_fraction(tmp_path: Path) -> None:
     for bad in (95, 0, -0.5):
         with pytest.raises(GradError, match="--target-recall"):

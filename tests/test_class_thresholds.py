@@ -225,7 +225,7 @@ def test_tuning_without_held_out_goods_uses_the_class_calibrated_threshold(monke
     refiner = _synthetic_refiner(max_iterations=1)
     seen: list[float] = []
     monkeypatch.setattr(tuning, "_tune_at", lambda r, i, t, m, g, threshold, f: (seen.append(threshold) or
-                                                                                  ({}, {}, 0.0)))
+                                                                                  ({}, {"held_out_iou": 0.0}, 0.0)))
     assert tuning.tune_class(refiner, [image], [truth], [amap], [], None, 0.7)[1] == {"flagged_tuning_images": 0}
     tuning.tune_class(refiner, [image], [truth], [amap], [], None, None)
     assert seen and set(seen) == {0.5}  # no class threshold: the bundle's

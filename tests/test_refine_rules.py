@@ -501,6 +501,28 @@ def test_held_out_rule_iou_scores_each_tuning_defect_with_the_rule_the_others_ch
     assert held_out_rule_iou(one, trimmed, 0.01) == pytest.approx(0.55)
 
 
+def test_best_tau_scores_each_tuning_defect_with_the_rule_chosen_without_it():
+    """Two tuning defects on the real refiner: a small spot with an edge line touching it wants the spur trim, a
+    large plain square loses a little to it. Together they choose the trim; held out, the spot is scored with the
+    rule the square alone chooses (untrimmed) and the square with the trim, so the held-out IoU is below the
+    chosen rule's own."""
+    refiner = _synthetic_refiner(max_iterations=60, lambda0=0.002, collapse_fraction=0.0)
+    spot, spot_truth = _square_defect(lo=26, hi=34)
+    spot[30, 34:46] = 230  # the edge line: inside the refined region, not in the truth
+    square, square_truth = _square_defect(lo=16, hi=40)
+    spot_map, square_map = (np.where(dilate(t, 2), 1.0, 0.0) for t in (spot_truth, square_truth))
+    cfg = dataclasses.replace(refiner.config, mask_relative_candidates=(0.0,), keep_interior_candidates=(0,),
+                              mask_trim_candidates=(0, 2), mask_trim_margin=0.0)
+    alone = [best_tau(refiner, [image], [truth], [amap], cfg, {0.9: 0.2})
+             for image, truth, amap in ((spot, spot_truth, spot_map), (square, square_truth, square_map))]
+    assert [c.key for c in alone] == ["0.9/0.0/0/2", "0.9/0.0/0/0"]
+    both = best_tau(refiner, [spot, square], [spot_truth, square_truth], [spot_map, square_map], cfg, {0.9: 0.2})
+    assert both.key == "0.9/0.0/0/2"
+    expected = (alone[0].ious["0.9/0.0/0/0"] + alone[1].ious["0.9/0.0/0/2"]) / 2
+    assert both.held_out_iou == pytest.approx(expected, abs=1e-3)
+    assert both.held_out_iou < both.ious[both.key] - 0.005
+
+
 def test_f2pad_is_kept_off_when_only_its_in_sample_tuning_iou_beats_the_coarse_mask(monkeypatch):
     """The class's F2PAD decision weighs the held-out IoU of the mask rule, not the best rule's own IoU."""
     import gradad.refine.tuning as tuning

@@ -131,8 +131,12 @@ def test_defects_held_out_for_the_self_check_are_recorded_and_never_scored(tiny_
     goods = [s for s in load_samples(tiny_demo_root, "train", ["nut"]) if s.label == 0]
     held = sorted(str(goods[i].image_path.resolve()) for i in validation_indices(goods, cfg.data.val_fraction))
     assert held and payload["held_out_goods"] == held and payload["data_roots"] == [str(tiny_demo_root.resolve())]
+    folder = str((tiny_demo_root / "nut" / "train" / "good").resolve())
+    trained_goods = sorted(s.image_path.name for s in goods if str(s.image_path.resolve()) not in held)
+    assert payload["trained_goods"] == {folder: trained_goods} and len(trained_goods) + len(held) == len(goods)
     section = training_data_section(payload)
     assert section["held_out_goods"] == held and section["total"] == len(goods)
+    assert section["trained_goods"] == payload["trained_goods"]
 
     test = load_samples(tiny_demo_root, "test", ["nut"])
     sel = scoring_selection(test, None, trained_defect_paths(payload), tuned_defect_paths(payload))

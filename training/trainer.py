@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -185,6 +185,18 @@ def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.dev
     log.info("real-defect supervision: %d images from %s (%.1f%% defective cells)", len(samples), cfg.data.defects,
              100 * float(cells.mean()))
     return DefectSet(torch.from_numpy(feats), cells, samples)
+
+
+def trained_goods_by_folder(samples: Sequence[Sample], held_out: Sequence[str]) -> dict[str, list[str]]:
+    """The good images the model trains on (``samples`` less the ``held_out`` resolved paths), as resolved folder ->
+    sorted file names: compact enough for bundle.json, exact where training and test goods share a folder."""
+    skip = set(held_out)
+    out: dict[str, list[str]] = {}
+    for s in samples:
+        path = s.image_path.resolve()
+        if str(path) not in skip:
+            out.setdefault(str(path.parent), []).append(path.name)
+    return {folder: sorted(names) for folder, names in sorted(out.items())}
 
 
 def trained_defect_files(defects: DefectSet | None) -> list[str]:
@@ -454,9 +466,10 @@ class Trainer:
             "classes": sorted({s.class_name for s in data.samples}),
             "feature_std": data.feature_std,
             "data_summary": summarize(data.samples),
-            # the training roots and the good training images held out for validation (never trained on), so
-            # grad-calibrate can tell a folder of held-out goods from one of training images
+            # the training roots, the good images trained on (by folder, whatever the dataset layout) and the ones
+            # held out for validation, so grad-calibrate can tell a folder of held-out goods from training images
             "data_roots": [str(Path(r).resolve()) for r in cfg.data.roots],
+            "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
             "held_out_goods": data.val_files,
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
