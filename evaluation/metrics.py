@@ -298,12 +298,12 @@ def per_class_metrics(
     masks: Any = None,
     maps: Any = None,
     *,
-    by_defect: bool = True,
+    class_thresholds: Mapping[str, float] | None = None,
     threshold: float | None = None,
+    by_defect: bool = True,
     f1_images: Any = None,
     fpr_limit: float = 0.3,
     num_thresholds: int = 200,
-    class_thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per class (unified protocol: one model, scores of all classes evaluated class by class).
 
