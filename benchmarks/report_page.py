@@ -428,10 +428,15 @@ def _ratio_words(ratio: float) -> str:
     return f"{ratio:.1f}× faster" if ratio > 1 else f"{1 / ratio:.1f}× slower"
 
 
+def _f2pad_off_classes(result: dict[str, Any]) -> set[str]:
+    """The classes whose tuning switched F2PAD off (``use_f2pad: false``): their masks are the coarse ones."""
+    return {c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False}
+
+
 def _kept_note(result: dict[str, Any]) -> str:
     """How many images kept a coarse mask and why: their class has F2PAD off (its tuning found it no better), or
     their coarse mask was empty (nothing to refine)."""
-    off = {c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False}
+    off = _f2pad_off_classes(result)
     images = result.get("images") or []
     n_off = sum(1 for r in images if r["class"] in off)
     n_empty = sum(1 for r in images if r["class"] not in off and r.get("status") == STATUS_EMPTY_REGION)
@@ -467,7 +472,7 @@ def refine_block(name: str, result: dict[str, Any]) -> list[str]:
     threshold = (f"each class's own calibrated pixel threshold "
                  f"({', '.join(f'{c} {v:.2f}' for c, v in calibrated.items())})" if calibrated
                  else f"{result['threshold_rule']} = {result['pixel_threshold']:.2f}")
-    off = {c for c, v in (result.get("class_settings") or {}).items() if v.get("use_f2pad") is False}
+    off = _f2pad_off_classes(result)
     # F2PAD off for every class scored: its "F2PAD" masks are the coarse masks at the tuned coarse threshold
     all_off = bool(classes) and set(classes) <= off
     subject = "Refinement (F2PAD off here: the coarse masks at the tuned coarse threshold)" if all_off else "F2PAD"

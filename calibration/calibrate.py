@@ -140,10 +140,10 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
                            f"bundle; its one threshold is applied to them too: add --good DIR per class")
     trained_under = _training_image_check(bundle)
     for d, files in good_files:  # the model trained on these: they score lower than unseen parts
-        trained = [f for f in map(Path.resolve, files) if trained_under(f) is not None]
-        if trained:
-            out.append(f"--good {d}: holds {len(trained)} of the model's training images (under "
-                       f"{trained_under(trained[0])}); a threshold from them is too low for unseen good parts: use "
+        folders = [t for t in map(trained_under, map(Path.resolve, files)) if t is not None]
+        if folders:
+            out.append(f"--good {d}: holds {len(folders)} of the model's training images (under "
+                       f"{folders[0]}); a threshold from them is too low for unseen good parts: use "
                        f"held-out good images")
     return out
 

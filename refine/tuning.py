@@ -279,7 +279,8 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     # the held-out IoU of its mask rule (the best rule's own IoU was chosen on these very images)
     coarse_iou = float(np.mean([mask_iou(coarse_mask(maps[i], threshold), truths[i]) for i in flagged]))
     held_out = float(evidence.pop("held_out_iou"))  # unrounded: the evidence shows it rounded
-    if len(flagged) == 1:
+    in_sample = len(flagged) == 1
+    if in_sample:
         log.warning("tuning: one flagged tuning defect: nothing to hold out, so the F2PAD decision rests on the kept "
                     "rule's own IoU on it (optimistic); add tuning defects for a held-out estimate")
     margin = refiner.config.f2pad_margin
@@ -292,7 +293,7 @@ def tune_class(refiner: Refiner, images: Sequence[np.ndarray], truths: Sequence[
     return ({**settings, **({} if use else {"use_f2pad": False})},
             {**evidence, "start_peak_iou": tried, "coarse_iou": round(coarse_iou, 4), "f2pad_iou": round(best_iou, 4),
              "f2pad_held_out_iou": round(held_out, 4),
-             "f2pad_decision_basis": "held_out" if len(flagged) > 1 else "in_sample (one tuning defect)",
+             "f2pad_decision_basis": "in_sample (one tuning defect)" if in_sample else "held_out",
              "f2pad_margin": margin, "use_f2pad": use})
 
 
