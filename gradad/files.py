@@ -19,7 +19,7 @@ def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[B
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(_create_exclusive(tmp), "wb") as fh:
             yield fh
             if fsync:
                 fh.flush()
@@ -28,6 +28,20 @@ def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[B
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_exclusive(tmp: Path) -> int:
+    """Open a new ``tmp`` for writing without following a link planted at its name.
+
+    The folder may come from someone else (a bundle): a symlink named like our temporary file would otherwise have
+    the write land on its target (any file the user can write), so an entry already there is removed, never opened.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        return os.open(tmp, flags, 0o666)
+    except FileExistsError:
+        tmp.unlink()  # a stale temporary file or a planted link: unlinking removes the entry, not its target
+        return os.open(tmp, flags, 0o666)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: Any, fsync: bool = False) -> None:

@@ -556,3 +556,20 @@ def test_signals_exit_130_and_143(calibrated: Path, frames: Path, tmp_path: Path
             if proc.poll() is None:
                 proc.kill()
         assert proc.returncode == 128 + sig
+
+
+def test_a_link_planted_at_the_temporary_name_never_redirects_a_bundle_write(bundle: Path, tmp_path: Path) -> None:
+    """A bundle from elsewhere holding ``.bundle.json.tmp<pid>`` -> ~/.bashrc must not get that file overwritten
+    when a command rewrites bundle.json (the write would follow the link, then rename it into place)."""
+    from gradad.bundle import Bundle
+
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (out / f".bundle.json.tmp{os.getpid()}").symlink_to(victim)
+    before = (out / "bundle.json").read_text()
+    Bundle.load(out).save(out)
+    assert victim.read_text() == "precious\n"
+    assert not (out / "bundle.json").is_symlink() and (out / "bundle.json").read_text() == before
+    assert not (out / f".bundle.json.tmp{os.getpid()}").exists()

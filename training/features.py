@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from gradad.data.datasets import Sample
 from gradad.data.images import load_sample_arrays
+from gradad.files import atomic_file
 from gradad.training.backbone import FeatureExtractor
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,8 @@ class FeatureCache:
         log.info("feature cache miss: extracting %d images -> %s", len(samples), path)
         feats = extract_features(extractor, samples, image_size, device)
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, feats)
-        os.replace(tmp, path)
+        with atomic_file(path) as fh:
+            np.save(fh, feats)
         meta = {"backbone": extractor.spec.name, "image_size": image_size, "n": len(samples),
                 "shape": list(feats.shape), "first_file": str(samples[0].image_path) if samples else None}
         path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
