@@ -25,6 +25,7 @@ def main() -> None:
       grad-export quantize models/demo --calib good/ --data DATA   # INT8 QDQ ONNX, AUROC-gated
       grad-export build --int8 models/demo --parity-images imgs/  # INT8 TensorRT engine from the QDQ model
       grad-export inspect models/demo                          # what is in a bundle
+      grad-export trust models/demo        # load engines built on another (identical) device
     """
 
 
@@ -159,6 +160,32 @@ def inspect_command(bundle_dir, as_json, no_verify) -> None:
     if not no_verify:
         bundle.verify()
     click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir))
+
+
+@main.command("trust", context_settings=_CTX)
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@user_errors_as_exit
+def trust_command(bundle_dir) -> None:
+    """Let this machine load BUNDLE_DIR's TensorRT engines although they were built elsewhere.
+
+    \b
+    An engine is native code: grad-run and grad-calibrate load only engines this machine built (grad-export build)
+    or that you trusted here. Use this for engines built by someone you trust on an identical device, e.g. one
+    build copied to a fleet of identical Jetsons. The files are verified against bundle.json first; their hashes
+    are added to the trust list (GRADAD_TRUST_FILE, default ~/.config/gradad/trusted_engines.json).
+    """
+    from gradad.bundle import Bundle
+    from gradad.engine_trust import trust, trust_file
+
+    bundle = Bundle.load(bundle_dir)
+    if not bundle.engines:
+        raise click.ClickException(f"bundle {bundle_dir} has no TensorRT engine to trust")
+    bundle.verify([e.file for e in bundle.engines])
+    for engine in bundle.engines:
+        trust(bundle.files[engine.file].sha256, bundle.file(engine.file), "engine")
+        click.echo(f"trusted {engine.file} ({engine.precision}, TensorRT {engine.tensorrt_version}, "
+                   f"{engine.gpu_name}) sha256 {bundle.files[engine.file].sha256}")
+    click.echo(f"trust list: {trust_file()}")
 
 
 def summary_text(bundle_dir: str | Path) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, bundle_file
 from gradad.data.datasets import list_image_files
+from gradad.engine_trust import trust
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
 from gradad.export.lint import check_external_data
@@ -118,6 +119,7 @@ def build_bundle_engine(
     typed = EngineStamp.from_json(stamp)
     bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
     bundle.add_file(typed.file)
+    trust(bundle.files[typed.file].sha256, engine_path, "engine")  # built here: this machine may load it
     bundle.save()
     log.info("engine %s: map rel L2 %.2e vs ONNX Runtime", typed.file, report["map_rel_l2"])
     return typed

@@ -29,6 +29,7 @@ the glue can be tested with a fake ``tensorrt`` module on machines without Tenso
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -39,6 +40,7 @@ from typing import Any, Callable
 
 from gradad.bundle import Precision
 from gradad.errors import ConfigError, GradError
+from gradad.engine_trust import is_trusted, trust
 from gradad.files import atomic_write_bytes
 from gradad.runtime.tensorrt_device import (  # noqa: F401 - re-exported: the device side lives in the runtime
     TensorRTUnavailable,
@@ -318,7 +320,12 @@ def _setup_timing_cache(config: Any, path: Path | None) -> Any:
     data = b""
     if path.is_file():
         data = path.read_bytes()
-        log.info("Reusing TensorRT timing cache %s (%d bytes)", path, len(data))
+        if is_trusted(hashlib.sha256(data).hexdigest()):
+            log.info("Reusing TensorRT timing cache %s (%d bytes)", path, len(data))
+        else:  # the builder deserialises it: a cache from elsewhere (a bundle someone sent) is not read
+            log.warning("Ignoring TensorRT timing cache %s: not written on this machine (replaced after the build)",
+                        path)
+            data = b""
     try:
         cache = config.create_timing_cache(data)
         ok = config.set_timing_cache(cache, ignore_mismatch=False)
@@ -429,7 +436,9 @@ def build_engine(
         cache = config.get_timing_cache()
         if cache is not None:
             cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(cache_path, cache.serialize(), fsync=True)
+            data = bytes(memoryview(cache.serialize()))
+            atomic_write_bytes(cache_path, data, fsync=True)
+            trust(hashlib.sha256(data).hexdigest(), cache_path, "timing cache")
             log.info("Saved TensorRT timing cache %s", cache_path)
 
     return {

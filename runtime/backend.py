@@ -13,6 +13,10 @@ class BackendError(GradError):
     """A backend that cannot be created or run with the given model/settings (any backend)."""
 
 
+class UntrustedEngineError(BackendError):
+    """A TensorRT engine this machine neither built nor was told to trust (see gradad.engine_trust)."""
+
+
 class Backend(Protocol):
     """images (N, 3, H, W) float32 RGB in 0..255 -> (scores (N,), maps (N, H, W)), both float32."""
 

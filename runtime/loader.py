@@ -8,7 +8,7 @@ from typing import Sequence
 
 from gradad.bundle import ONNX_BY_PRECISION, BackendKind, Bundle, BundleError, Precision
 from gradad.errors import GradError
-from gradad.runtime.backend import Backend, BackendError
+from gradad.runtime.backend import Backend, BackendError, UntrustedEngineError
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ def load_backend(
         except GradError as exc:
             if backend == "tensorrt":
                 raise
-            # A bundle problem (an engine whose hash does not match) is news; no TensorRT on a CPU box is not.
-            (log.warning if isinstance(exc, BundleError) else log.info)(
+            # A bundle problem (an engine whose hash does not match, one from elsewhere) is news; no TensorRT on a
+            # CPU box is not.
+            (log.warning if isinstance(exc, (BundleError, UntrustedEngineError)) else log.info)(
                 "TensorRT backend not used (%s); using ONNX Runtime", exc)
     ort_backend = _onnx_backend(bundle, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)

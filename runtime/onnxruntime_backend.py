@@ -40,6 +40,23 @@ def resolve_providers(requested: Sequence[str] | None) -> list[str]:
     return providers
 
 
+#: the op type of ONNX Runtime's "EP context" nodes, which embed a compiled engine (TensorRT's: native code)
+_EP_CONTEXT_OP = b"EPContext"
+
+
+def holds_precompiled_engine(path: Path) -> bool:
+    """Whether an ONNX file names an EPContext node: ONNX Runtime's TensorRT provider would deserialise the engine
+    it embeds. gradad never exports one, so a graph that has one came from elsewhere; its op type is stored as
+    plain bytes, so a scan of the file finds it without parsing (or importing onnx)."""
+    tail = b""
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            if _EP_CONTEXT_OP in tail + chunk:
+                return True
+            tail = chunk[-len(_EP_CONTEXT_OP):]
+    return False
+
+
 ORT_INPUT_DTYPES = {"tensor(uint8)": np.dtype(np.uint8), "tensor(float)": np.dtype(np.float32)}
 
 
@@ -60,6 +77,10 @@ class OnnxRuntimeBackend:
         path = Path(onnx_path)
         if not path.is_file():
             raise BackendError(f"ONNX model not found: {path}")
+        if holds_precompiled_engine(path):
+            raise BackendError(f"{path} holds an EPContext node (a precompiled engine, i.e. native code); gradad never "
+                               f"exports one, so this graph was changed elsewhere: re-export the bundle with "
+                               f"grad-export onnx")
         options = ort.SessionOptions()
         if threads > 0:
             options.intra_op_num_threads = threads

@@ -33,7 +33,8 @@ import numpy as np
 
 from gradad.bundle import Bundle, Precision
 from gradad.errors import GradError
-from gradad.runtime.backend import BackendError
+from gradad.engine_trust import is_trusted, untrusted_message
+from gradad.runtime.backend import BackendError, UntrustedEngineError
 from gradad.runtime.preprocess import as_input_dtype
 from gradad.runtime.tensorrt_device import (engine_matches_device, gpu_identity, import_cudart, import_tensorrt,
                                             rebuild_command)
@@ -553,7 +554,7 @@ def load_tensorrt_backend(
 
     Refuses (BackendError) a bundle without such an engine and an engine stamped for another TensorRT
     version or GPU, both with the command that builds one; a modified engine file fails the hash check
-    (BundleError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
+    (BundleError); an engine not in this machine's trust list is never deserialised (UntrustedEngineError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
     """
     bundle_dir = bundle.directory
     if precision not in list(Precision):
@@ -581,6 +582,9 @@ def load_tensorrt_backend(
         others = f" (and {len(reasons) - 1} other {precision} engine(s) for other devices)" if len(reasons) > 1 else ""
         raise BackendError(f"bundle {bundle_dir}: {reasons[0]}{others}")
     bundle.verify([stamp.file])
+    if not is_trusted(bundle.files[stamp.file].sha256):
+        rebuild = rebuild_command(str(bundle_dir), precision)
+        raise UntrustedEngineError(untrusted_message(stamp.file, bundle_dir, rebuild))
     backend = TensorRTBackend(bundle.file(stamp.file), bundle.input.name, trt=trt, cudart=cudart,
                               in_flight=in_flight)
     want = bundle.input.hw

@@ -30,6 +30,15 @@ def _no_hard_exit_in_process() -> None:
     gradad.runtime.cli.HARD_EXIT_PAST_STUCK_CAPTURES = False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_trust_list(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Engines the tests build are trusted in a list of their own, never the user's ~/.config one (subprocesses
+    inherit it)."""
+    from gradad.engine_trust import TRUST_FILE_ENV
+
+    os.environ[TRUST_FILE_ENV] = str(tmp_path_factory.mktemp("trust") / "trusted_engines.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 classes, 64 px, 8 train + 3 good + 2 per defect test images per class."""

@@ -573,3 +573,43 @@ def test_a_link_planted_at_the_temporary_name_never_redirects_a_bundle_write(bun
     assert victim.read_text() == "precious\n"
     assert not (out / "bundle.json").is_symlink() and (out / "bundle.json").read_text() == before
     assert not (out / f".bundle.json.tmp{os.getpid()}").exists()
+
+
+def test_a_graph_embedding_a_precompiled_engine_is_refused_before_onnx_runtime_reads_it(tmp_path: Path) -> None:
+    """ONNX Runtime's TensorRT provider deserialises the engine an EPContext node embeds (native code): such a
+    graph is refused, whichever providers are available, with the file named."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gradad.runtime.backend import BackendError
+    from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend, holds_precompiled_engine
+
+    node = helper.make_node("EPContext", ["image"], ["score"], domain="com.microsoft", embed_mode=1,
+                            ep_cache_context=b"\x7fELF... a plan with a plugin", source="TensorrtExecutionProvider")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), path)
+    with pytest.raises(BackendError, match=f"{path} holds an EPContext node"):
+        OnnxRuntimeBackend(path, ["cpu"])
+    straddling = tmp_path / "straddling.bin"  # the op name across the scan's 1 MiB chunks
+    straddling.write_bytes(b"\0" * ((1 << 20) - 4) + b"EPContext")
+    assert holds_precompiled_engine(straddling)
+    straddling.write_bytes(b"\0" * ((1 << 20) - 4) + b"EPContex")
+    assert not holds_precompiled_engine(straddling)
+
+
+def test_an_image_that_decodes_to_gigabytes_is_one_error_not_an_out_of_memory_kill(tmp_path: Path) -> None:
+    """A 20000 x 20000 PNG is a few hundred KB on disk and 1.2 GB decoded (x the prefetch queue on a Jetson): it is
+    refused at decode, in a fresh process so the cap set on import is the one OpenCV reads."""
+    bomb = tmp_path / "bomb.png"
+    ok, buf = cv2.imencode(".png", np.zeros((20_000, 20_000), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert ok and len(buf) < 2_000_000
+    buf.tofile(str(bomb))
+    code = ("import sys; from gradad.data.images import read_image_rgb\n"
+            "try:\n    print(read_image_rgb(sys.argv[1]).shape)\nexcept Exception as e:\n    print(type(e).__name__, e)")
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, env=env,
+                         timeout=120).stdout
+    assert out == f"DatasetError cannot decode image (corrupt, not an image, or over 100000000 pixels): {bomb}\n"

@@ -27,6 +27,7 @@ from fakes.bundles import minimal_bundle
 from fakes.tensorrt import (ENGINE_BYTES, MAX_BATCH, TRT_VERSION, FakeCudart, FakeDataType, FakeEngineV3,
                             GraphCudart, H, W, cudaMemcpyKind, default_specs, make_fake_trt)
 from gradad.bundle import Bundle, BundleError, EngineStamp, FileEntry
+from gradad.engine_trust import trust
 from gradad.errors import GradError
 from gradad.runtime.tensorrt_device import TensorRTUnavailable
 from gradad.runtime.backend import BackendError
@@ -264,13 +265,17 @@ def stamp(precision: str = "fp16", trt_version: str = TRT_VERSION, gpu: dict[str
             "compute_capability": gpu["compute_capability"], "precision": precision}
 
 
-def make_bundle(root: Path, stamps: list[dict[str, Any]]) -> tuple[Path, Bundle]:
+def make_bundle(root: Path, stamps: list[dict[str, Any]], engine_bytes: bytes = ENGINE_BYTES,
+                trusted: bool = True) -> tuple[Path, Bundle]:
+    """A bundle of fake engines; ``trusted``: as if built on this machine (in the tests' trust list)."""
     bundle = root / "bundle"
     bundle.mkdir()
     files = {}
     for s in stamps:
-        (bundle / s["file"]).write_bytes(ENGINE_BYTES)
+        (bundle / s["file"]).write_bytes(engine_bytes)
         files[s["file"]] = FileEntry.of(bundle / s["file"])
+        if trusted:
+            trust(files[s["file"]].sha256, bundle / s["file"], "engine")
     return bundle, minimal_bundle(bundle, H, W, files, [EngineStamp.from_json(s) for s in stamps])
 
 
@@ -285,6 +290,33 @@ def test_load_picks_the_matching_engine(tmp_path):
     x = images(2)
     np.testing.assert_allclose(backend.infer(x)[0], expected(x)[0], rtol=1e-6)
     backend.close()
+
+
+def test_an_engine_from_elsewhere_is_never_deserialised_until_trusted(tmp_path, caplog):
+    """An engine is native code and a bundle's hash is its author's word: one this machine did not build is refused
+    before TensorRT sees it (auto falls back to ONNX Runtime with a warning); grad-export trust lets it in."""
+    from click.testing import CliRunner
+
+    from gradad.export.cli import main as export_main
+    from gradad.runtime.backend import UntrustedEngineError
+
+    foreign = ENGINE_BYTES + b"\0built elsewhere"
+    bundle, manifest = make_bundle(tmp_path, [stamp()], engine_bytes=foreign, trusted=False)
+    (bundle / "model.onnx").write_bytes(b"fp32")  # bundle.json must name one for grad-export trust to load it
+    manifest.add_file("model.onnx")
+    manifest.save()
+    cudart = FakeCudart()
+    trt = make_fake_trt(cudart)
+    with pytest.raises(UntrustedEngineError, match=r"not built on this machine.*grad-export build --fp16 .*"
+                                                   r"grad-export trust"):
+        load_tensorrt_backend(manifest, "fp16", trt=trt, cudart=cudart, gpu=GPU)
+    assert cudart.calls == [] and trt.log == []  # TensorRT never saw the file
+    result = CliRunner().invoke(export_main, ["trust", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert f"trusted {stamp()['file']}" in result.output
+    with pytest.raises(BackendError) as info:  # trusted now: TensorRT reads it (and the fake refuses its bytes)
+        load_tensorrt_backend(manifest, "fp16", trt=trt, cudart=cudart, gpu=GPU)
+    assert not isinstance(info.value, UntrustedEngineError) and ("deserialize", len(foreign)) in trt.log
 
 
 def test_load_refuses_engine_from_another_tensorrt(tmp_path):
@@ -546,6 +578,7 @@ def _int8_bundle(tmp_path: Path, built_from: bool) -> tuple[Path, str]:
     engine = "model.trt10.3.0.int8.sm87.NVIDIA-Orin.plan"
     (d / engine).write_bytes(ENGINE_BYTES)
     files = {n: FileEntry.of(d / n) for n in (FP32_ONNX, INT8_ONNX, engine)}
+    trust(files[engine].sha256, d / engine, "engine")
     sources = {n: files[n].sha256 for n in (FP32_ONNX, INT8_ONNX)} if built_from else None
     bundle = minimal_bundle(d, H, W, files, [EngineStamp(engine, "10.3.0", GPU["name"], "8.7", "int8",
                                                          built_from=sources)])

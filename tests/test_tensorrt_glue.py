@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 
 from fakes.tensorrt import CHW, FakeLayer, FakeParserError, make_fake_trt
+from gradad.engine_trust import is_trusted, trust
 from gradad.errors import ConfigError, GradError
 from gradad.bundle import EngineStamp
 from gradad.export import tensorrt_build as tb
@@ -131,6 +134,7 @@ def test_timing_cache_read_when_present_and_written_after_build(onnx_files, tmp_
     cache = tmp_path / "cache" / "trt.timing"
     cache.parent.mkdir()
     cache.write_bytes(b"old-cache")
+    trust(hashlib.sha256(b"old-cache").hexdigest(), cache, "timing cache")  # as an earlier build here does
     trt = make_fake_trt()
     stamp = _build(trt, onnx_files, tmp_path / "out", EngineBuildConfig(timing_cache=str(cache)))
     assert trt.rec.timing_cache_inputs == [b"old-cache"]
@@ -138,6 +142,19 @@ def test_timing_cache_read_when_present_and_written_after_build(onnx_files, tmp_
     assert cache.read_bytes() == b"old-cache|tuned"
     assert stamp["timing_cache"] == str(cache)
     assert [p.name for p in cache.parent.iterdir()] == ["trt.timing"]  # no temp file left
+
+
+def test_a_timing_cache_from_elsewhere_is_never_deserialised(onnx_files, tmp_path, caplog):
+    """The builder deserialises the cache (native TensorRT data): one that came with a bundle is ignored, replaced
+    by the build's own, and that one is trusted for the next build."""
+    cache = tmp_path / "trt.timing"
+    cache.write_bytes(b"planted-cache")
+    trt = make_fake_trt()
+    with caplog.at_level(logging.WARNING):
+        _build(trt, onnx_files, tmp_path / "out", EngineBuildConfig(timing_cache=str(cache)))
+    assert trt.rec.timing_cache_inputs == [b""]
+    assert "not written on this machine" in caplog.text
+    assert cache.read_bytes() == b"|tuned" and is_trusted(hashlib.sha256(b"|tuned").hexdigest())
 
 
 def test_timing_cache_created_when_absent(onnx_files, tmp_path):
