@@ -39,6 +39,7 @@ from gradad.export import precision
 from gradad.export.fp16 import _after_mapper, coordinate_path
 from gradad.export.lint import GridSampleSettings, lint_or_raise
 from gradad.export.parity import ParityError, ParityGates, check_int8_gates, compare_fp16, gates_dict
+from gradad.export.tensorrt_build import is_engine_filename
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from gradad.runtime.preprocess import to_model_input
 
@@ -222,7 +223,11 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
     for engine in stale:
         bundle.files.pop(engine.file, None)
     bundle.save()
-    for engine in stale:  # deleted once the manifest no longer names them
+    for engine in stale:  # deleted once the manifest no longer names them; a name we never write is left alone
+        if not is_engine_filename(engine.file):
+            log.warning("INT8 engine %s no longer listed (built from the previous %s); not deleted: gradad never "
+                        "names an engine so", engine.file, INT8_ONNX)
+            continue
         bundle.file(engine.file).unlink(missing_ok=True)
         log.warning("removed INT8 engine %s: it was built from the previous %s; rebuild it on the device with "
                     "grad-export build --int8 %s --parity-images DIR", engine.file, INT8_ONNX, bundle_dir)

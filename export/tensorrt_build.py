@@ -120,6 +120,11 @@ def _sanitise(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).strip()).strip("-") or "unknown"
 
 
+def is_engine_filename(name: str) -> bool:
+    """Whether ``name`` is one :func:`engine_filename` writes (only those are ever deleted from a bundle)."""
+    return bool(re.fullmatch(r"model\.trt[\w.+-]*\.(?:fp16|fp32|int8)\.sm\d*\.[\w.+-]+\.plan", name))
+
+
 def engine_filename(trt_version: str, gpu_name: str, compute_capability: str, precision: str) -> str:
     """Engine file name, e.g. ``model.trt10.3.0.fp16.sm87.NVIDIA-Orin.plan``."""
     if precision not in tuple(Precision):

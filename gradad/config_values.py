@@ -11,6 +11,22 @@ import yaml
 from gradad.errors import ConfigError
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without anchors and aliases: a 300-byte file of nested aliases ("billion laughs")
+    expands to gigabytes once anything walks it (an error message's repr, a type check)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed here; write the values out",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def load_settings_file(text: str) -> Any:
+    """A YAML or JSON settings file's content (plain values only, no aliases); errors are ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _is_optional(hint: Any) -> bool:
     return type(None) in get_args(hint)
 

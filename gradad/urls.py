@@ -36,12 +36,14 @@ def _redact_query(tail: str) -> str:
     return query + (f"#{REDACTED}" if hash_mark else "")
 
 
-def redact_url(url: str) -> str:
+def redact_url(url: str, hide_path: bool = False) -> str:
     """``url`` with user name, password, token-only user part, query values and fragment replaced by ``***``.
 
     ``rtsp://admin:p@ss/w0rd@10.0.0.5/live?token=abc`` -> ``rtsp://admin:***@10.0.0.5/live?token=***``. The user
     name is kept when a password follows it (it helps to tell cameras apart); a user part without ``:`` is
-    treated as a token and hidden. Text that is not a URL (no ``scheme://``) is returned unchanged.
+    treated as a token and hidden. ``hide_path`` hides the path too, for webhook URLs, which often carry their
+    token there (``https://hooks.slack.com/services/T/B/SECRET`` -> ``https://hooks.slack.com/***``). Text that
+    is not a URL (no ``scheme://``) is returned unchanged.
     """
     match = _SCHEME.match(str(url))
     if not match:
@@ -52,13 +54,24 @@ def redact_url(url: str) -> str:
         user, colon, _password = rest[:at].partition(":")
         rest = (f"{user}:{REDACTED}" if colon else REDACTED) + "@" + rest[at + 1:]
     cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    return scheme + rest[:cut] + _redact_query(rest[cut:])
+    head = rest[:cut]
+    if hide_path and "/" in head and head.partition("/")[2]:
+        head = head.partition("/")[0] + "/" + REDACTED
+    return scheme + head + _redact_query(rest[cut:])
 
 
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
+#: ``name=value`` properties whose value is a secret (GStreamer ``rtspsrc user-pw=``, ``proxy-pw=``, a
+#: ``souphttpsrc`` cookie or token, ...): the name is kept, the value (quoted or not) hidden
+_SECRET_PROPERTY = re.compile(r"(?i)\b([\w.-]*(?:-pw|pass|passwd|password|secret|token|cookies?|api-?key|"
+                              r"auth[\w-]*))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
+
+
 def redact_urls_in(text: str) -> str:
     """Every URL inside ``text`` (e.g. ``rtspsrc location=rtsp://u:p@cam/live ! ...``) passed through
-    :func:`redact_url`."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    :func:`redact_url`, and the values of secret-looking properties (``user-pw=...``, ``proxy-pw=...``,
+    ``extra-headers="Authorization: ..."`` is not matched by name, so keep headers out of pipelines) hidden."""
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    return _SECRET_PROPERTY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)

@@ -25,7 +25,7 @@ from gradad.bundle import check_refine_class
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.process_memory import peak_rss_mb
-from gradad.urls import redact_url
+from gradad.urls import REDACTED, redact_url, redact_urls_in
 
 if TYPE_CHECKING:
     from gradad.bundle import Bundle
@@ -540,7 +540,7 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
         "load_average_1min": round(os.getloadavg()[0], 2), "input": list(bundle.input.hw),
         "threads": settings.backend.threads, "warmup_frames": bench.warmup, "machine": platform.machine(),
         "processor": platform.processor(), "python": platform.python_version(),
-        "onnxruntime": _version("onnxruntime"), "command": " ".join(["grad-run", *sys.argv[1:]]),
+        "onnxruntime": _version("onnxruntime"), "command": redacted_command(sys.argv[1:]),
     })
     text = json.dumps(summary, indent=2)
     if bench.benchmark_out:
@@ -549,6 +549,24 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
         click.echo(f"benchmark summary: {bench.benchmark_out}", err=True)
     else:
         click.echo(text)
+
+
+def redacted_command(argv: list[str]) -> str:
+    """The command line as a benchmark summary records it: no password, URL credentials or webhook path."""
+    shown, previous = ["grad-run"], ""
+    for arg in argv:
+        option, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if not eq:  # a value given as the next argument belongs to the option before it
+            option, value = previous, arg
+        if option == "--mqtt-password":
+            value = REDACTED
+        elif option == "--webhook":
+            value = redact_url(value, hide_path=True)
+        else:
+            value = redact_urls_in(value)
+        shown.append(f"{option}={value}" if eq else value)
+        previous = arg
+    return " ".join(shown)
 
 
 def _version(module: str) -> str | None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from gradad.config_values import load_settings_file
 from gradad.errors import GradError
 from gradad.urls import REDACTED, redact_url, redact_urls_in
 
@@ -68,7 +69,7 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(grad-run parameter defaults, extra webhook settings) from a line file; unknown keys are an error."""
     where = f"--config {path}"
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_settings_file(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise GradError(f"{where}: cannot read it ({exc})") from None
     if not isinstance(data, dict):
@@ -128,7 +129,7 @@ def resolved_config(params: dict[str, Any], webhook: dict[str, Any]) -> dict[str
             if values.get("password"):
                 values["password"] = REDACTED
         if section == "sinks.webhook":
-            values["url"] = redact_url(values["url"]) if values["url"] else None
+            values["url"] = redact_url(values["url"], hide_path=True) if values["url"] else None
             values.update(webhook)
         node = out
         for part in [p for p in section.split(".") if p]:

@@ -428,6 +428,56 @@ def test_webhook_logs_hide_credentials(caplog) -> None:
     assert "hunter2" not in caplog.text and "SECRET" not in caplog.text and "127.0.0.1" in caplog.text
 
 
+def test_secrets_outside_a_url_are_hidden_too(caplog) -> None:
+    """GStreamer passwords are properties, not URL parts; Slack/Teams/Discord webhooks carry their token in the
+    path; a benchmark summary records the command line: none of them may show the secret."""
+    from gradad.runtime.cli import redacted_command
+    from gradad.runtime.sinks import WebhookSink
+    from gradad.runtime.sources import parse_source
+
+    label = parse_source("rtspsrc location=rtsp://cam/live user-id=admin user-pw=S3cret proxy-pw='p w' ! "
+                         "decodebin ! videoconvert ! appsink").label
+    assert "S3cret" not in label and "p w" not in label and "user-id=admin" in label and "user-pw=***" in label
+    assert parse_source("videotestsrc pattern=ball ! appsink").label == "videotestsrc pattern=ball ! appsink"
+    with caplog.at_level(logging.WARNING):
+        sink = WebhookSink("http://bot:hunter2@hooks.example.com/services/T0/B0/XOXB-SECRET", close_timeout_s=0.1)
+        sink.close()
+    assert sink.label == "http://bot:***@hooks.example.com/***"
+    assert "unencrypted (http)" in caplog.text and "hunter2" not in caplog.text and "XOXB" not in caplog.text
+    command = redacted_command(["models/m", "--mqtt-password", "hunter2", "--webhook=https://h/T/XOXB-SECRET",
+                                "--source", "rtsp://u:pw@cam/live", "--benchmark"])
+    assert command == ("grad-run models/m --mqtt-password *** --webhook=https://h/*** --source rtsp://u:***@cam/live "
+                       "--benchmark")
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    """A 300-byte line or training file of nested aliases expands to gigabytes once walked (a repr in an error
+    message hung grad-run with memory growing): aliases are one clear error, the file named."""
+    from gradad.errors import ConfigError, GradError
+    from gradad.runtime.line_config import read_line_config
+    from gradad.training.config import load_config
+
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = tmp_path / "line.yaml"
+    bomb.write_text("\n".join(levels) + "\nsources: *a8\n")
+    started = time.perf_counter()
+    with pytest.raises(GradError, match=f"--config {bomb}: cannot read it .*aliases"):
+        read_line_config(bomb)
+    with pytest.raises(ConfigError, match=f"config file {bomb} is not valid YAML/JSON: .*aliases"):
+        load_config(bomb)
+    assert time.perf_counter() - started < 5
+
+
+def test_only_names_gradad_gives_engines_are_ever_deleted() -> None:
+    from gradad.export.tensorrt_build import engine_filename, is_engine_filename
+
+    for precision in ("fp16", "fp32", "int8"):
+        assert is_engine_filename(engine_filename("10.3.0", "NVIDIA Orin (nvgpu)", "8.7", precision))
+    assert not any(is_engine_filename(n) for n in ("notes.txt", "model.onnx", "model_int8.onnx", "bundle.json",
+                                                   "sub/model.trt10.int8.sm87.x.plan", "model.plan"))
+
+
 def test_mqtt_credentials_in_host_are_refused_without_echo(calibrated: Path, frames: Path) -> None:
     result = _run([str(calibrated), "--source", str(frames), "--mqtt", "user:hunter2@broker"])
     line = one_error_line(result)

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from gradad.config_values import coerce_setting
+from gradad.config_values import coerce_setting, load_settings_file
 from gradad.errors import ConfigError
 
 
@@ -303,7 +303,7 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_settings_file(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
     return config_from_dict(data)

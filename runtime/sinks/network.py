@@ -81,9 +81,11 @@ def _wait_while(busy: Callable[[], bool], timeout_s: float, wait: Callable[[floa
         wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
-def _redacted_error(exc: BaseException) -> str:
-    """An exception's text with every URL in it redacted (urllib errors may quote the URL)."""
-    return redact_urls_in(" ".join(str(exc).split()))
+def _redacted_error(exc: BaseException, url: str | None = None, label: str = "") -> str:
+    """An exception's text with every URL in it redacted (urllib errors may quote the URL); ``url`` (a webhook's,
+    whose path may hold its token) is shown as ``label``."""
+    text = " ".join(str(exc).split())
+    return redact_urls_in(text.replace(url, label) if url else text)
 
 
 class _RecordSink(SinkBase):
@@ -117,7 +119,9 @@ class WebhookSink(_RecordSink):
     def __init__(self, url: str, timeout_s: float = 2.0, queue_size: int = 1000, only_anomalous: bool = True,
                  close_timeout_s: float = 10.0, retry_delay_s: float = 0.2) -> None:
         parsed = urllib.parse.urlsplit(url)
-        self.label = redact_url(url)  # what logs and errors show: never the URL's credentials or query values
+        # what logs and errors show: never the URL's credentials, query values or path (Slack, Teams and Discord
+        # webhooks carry their token in the path)
+        self.label = redact_url(url, hide_path=True)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
         _check_authority(url, parsed, self.label)
@@ -126,6 +130,9 @@ class WebhookSink(_RecordSink):
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
             raise GradError(f"webhook timeout_s must be a number of seconds > 0, got {timeout_s!r}")
         self.url, self._headers = _split_credentials(parsed)
+        if self._headers and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
+            log.warning("webhook %s: user name and password go to %s unencrypted (http); use https", self.label,
+                        parsed.hostname)
         self.timeout_s = float(timeout_s)
         self.queue_size = int(queue_size)
         self.only_anomalous = bool(only_anomalous)
@@ -194,9 +201,11 @@ class WebhookSink(_RecordSink):
                     except Exception as e:  # noqa: BLE001 - network errors must never kill the thread
                         if attempt == 2 or self._stop:
                             self.failed += 1
-                            log.warning("webhook POST to %s failed: %s", self.label, _redacted_error(e))
+                            log.warning("webhook POST to %s failed: %s", self.label,
+                                        _redacted_error(e, self.url, self.label))
                             break
-                        log.debug("webhook POST to %s failed (%s): retrying once", self.label, _redacted_error(e))
+                        log.debug("webhook POST to %s failed (%s): retrying once", self.label,
+                                  _redacted_error(e, self.url, self.label))
                         time.sleep(self.retry_delay_s)
             finally:
                 with self._cond:
