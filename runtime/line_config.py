@@ -22,6 +22,7 @@ redacted.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ import yaml
 from gradad.config_values import load_settings_file
 from gradad.errors import GradError
 from gradad.urls import REDACTED, redact_url, redact_urls_in
+
+log = logging.getLogger(__name__)
 
 #: file key -> grad-run parameter, per section ("" = top level).
 KEYS: dict[str, dict[str, str]] = {
@@ -89,7 +92,17 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 defaults[param] = _sources(node[key], where) if param == "sources" else node[key]
         if section == "sinks.webhook":
             webhook = {k: _webhook_option(k, node[k], where) for k in WEBHOOK_OPTIONS if k in node}
+    if defaults.get("mqtt_password") is not None:
+        _warn_if_others_can_read(Path(path))
     return defaults, webhook
+
+
+def _warn_if_others_can_read(path: Path) -> None:
+    """A line file holding the MQTT password should be the station user's alone (as ~/.netrc or an SSH key)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("--config %s holds the MQTT password and other users can read it (mode %03o): chmod 600 %s",
+                    path, mode, path)
 
 
 def _sources(value: Any, where: str) -> tuple[str, ...]:

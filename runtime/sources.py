@@ -535,7 +535,8 @@ class _LiveSource(FrameSource):
         cap, first, read_ms, failure = self._try_open()
         if failure:
             err = self._open_error(failure)
-            raise err if failure in ("open", "read", "timeout") else SourceError(f"{err} ({failure})")
+            # an exception's text may quote the URL: shown masked, once
+            raise err if failure in ("open", "read", "timeout") else SourceError(f"{err} ({redact_urls_in(failure)})")
         self._store(first, read_ms)
         self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
 
@@ -618,7 +619,7 @@ class _LiveSource(FrameSource):
                     "timeout": f"stream gave no frame within {t:g}s (unreachable or stalled)"}.get(
                         failure, "cannot open stream")
             return SourceError(f"{what}: {label}")
-        return SourceError(f"cannot open {label}: {failure}")
+        return SourceError(f"cannot open {label}")  # the caller appends an exception's text
 
     # -- capture thread
     def _store(self, img: np.ndarray, read_ms: float) -> None:

@@ -3,6 +3,8 @@ the file, --print-config writes the resolved file without the password."""
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +132,22 @@ def test_a_single_source_need_not_be_a_list(tmp_path: Path, text: str, sources: 
     path = tmp_path / "line.yaml"
     path.write_text(text)
     assert read_line_config(path)[0]["sources"] == sources
+
+
+def test_a_line_file_with_the_mqtt_password_readable_by_others_is_warned_about(tmp_path: Path, caplog) -> None:
+    from gradad.runtime.line_config import read_line_config
+
+    path = tmp_path / "line.yaml"
+    path.write_text("sinks:\n  mqtt: {host: broker, username: cell7, password: hunter2}\n")
+    path.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        assert read_line_config(path)[0]["mqtt_password"] == "hunter2"
+    assert f"--config {path} holds the MQTT password and other users can read it (mode 644)" in caplog.text
+    caplog.clear()
+    path.chmod(0o600)
+    with caplog.at_level(logging.WARNING):
+        read_line_config(path)
+    assert "hunter2" not in caplog.text and "other users" not in caplog.text
 
 
 @pytest.mark.parametrize(("text", "message"), [

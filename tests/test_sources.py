@@ -412,6 +412,18 @@ def test_stream_errors_mask_password() -> None:
     assert "s3cret" not in str(info.value) and "cannot open stream" in str(info.value)
 
 
+def test_an_exception_while_opening_is_named_once_and_masked() -> None:
+    def raising(kind: str, value: Any, config: SourceConfig) -> _FakeCap:
+        raise RuntimeError(f"backend refused {value}")
+
+    with pytest.raises(SourceError) as info:
+        open_source(0, _fast(), capture_factory=raising)
+    assert str(info.value) == "cannot open camera 0 (RuntimeError: backend refused 0)"
+    with pytest.raises(SourceError) as info:
+        open_source("rtsp://admin:s3cret@10.0.0.5/stream", _fast(), capture_factory=raising)
+    assert "s3cret" not in str(info.value) and "backend refused rtsp://admin:***@10.0.0.5/stream" in str(info.value)
+
+
 def test_sources_module_does_not_import_torch() -> None:
     import subprocess
     import sys
