@@ -4,7 +4,6 @@ the file, --print-config writes the resolved file without the password."""
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 from typing import Any
 
