@@ -47,7 +47,6 @@ from gradad.runtime.tensorrt_device import (  # noqa: F401 - re-exported: the de
     engine_matches_device,
     gpu_identity,
     import_tensorrt,
-    parse_nvidia_smi_line,
     rebuild_command,
 )
 

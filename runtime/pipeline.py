@@ -89,7 +89,6 @@ class RunOptions:
     refine: "RefineStage | None" = None  # grad-run --refine: flagged frames go to the refinement worker
     pipelined: bool = True  # capture, inference and sinks on separate threads (False: one after another)
     live: bool = False  # a live source: the capture queue keeps the newest frames (drops the oldest)
-    queue_frames: int = 0  # frames between capture and inference (0 = 2 batches, at least 2; live: 1 batch)
     in_flight: int = 2  # batches in flight on backends that run asynchronously (TensorRT: one stream each)
     warmup: bool = True  # blank batches through the backend before the first real frame
     pace_fps: float = 0.0  # pipelined: deliver frames no faster than this (a simulated camera; 0 = unpaced)
@@ -180,7 +179,7 @@ def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
         iterators = alive
 
 
-def warm_up(backend: Backend, batch_size: int, rounds: int = 2) -> float:
+def warm_up(backend: Backend, batch_size: int) -> float:
     """Run the backend on blank frames before the first real one (ORT arena/thread pool, TensorRT context and
     CUDA-graph capture): the first frame then costs what every frame costs. Returns the seconds it took."""
     h, w = backend.input_hw
@@ -188,7 +187,7 @@ def warm_up(backend: Backend, batch_size: int, rounds: int = 2) -> float:
     started = time.perf_counter()
     for n in sorted({1, batch_size}):
         blank = np.zeros((n, 3, h, w), dtype)
-        for _ in range(rounds):
+        for _ in range(2):
             backend.infer(blank)
     seconds = time.perf_counter() - started
     log.info("backend warmed up in %.2f s (batch %s)", seconds, "/".join(map(str, sorted({1, batch_size}))))
@@ -406,7 +405,7 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     size, hw = options.batch_for(backend), backend.input_hw
     abort = threading.Event()  # set when the calling thread leaves: releases a stage blocked on a queue
     captured = Buffered((prepare(f, hw) for f in _paced(until(frames, options, stop), options.pace_fps)),
-                        options.queue_frames or (size if options.live else max(2, 2 * size)), "grad-capture",
+                        size if options.live else max(2, 2 * size), "grad-capture",
                         drop_oldest=options.live, stop=abort)
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
                       max(2, options.in_flight + 1), "grad-inference", stop=abort)

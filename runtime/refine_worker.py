@@ -269,11 +269,6 @@ class RefineWorker:
         self.close(0.0)
 
     @property
-    def pending(self) -> int:
-        """Jobs queued or being refined."""
-        return len(self._pending)
-
-    @property
     def alive(self) -> bool:
         """True while the worker process runs."""
         return self._process is not None and self._process.is_alive()

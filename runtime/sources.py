@@ -100,9 +100,6 @@ class SourceConfig:
     reconnect_attempts: int = 0  # failed reopen tries in a row before giving up (0 = retry forever)
     open_timeout_s: float = 10.0  # a live source must open and deliver its first frame within this time
     loop: bool = False  # start file sources again at the end (benchmarks, demos)
-    width: int | None = None  # capture hints for cameras (None = the camera's default)
-    height: int | None = None
-    fps: int | None = None
     prefetch: int = 4  # frames a file source decodes ahead in a thread (0 = in the consumer's thread)
     close_timeout_s: float = 2.0  # how long close() waits for the reader thread
 
@@ -115,10 +112,6 @@ class SourceConfig:
             raise SourceError(f"open_timeout_s must be > 0 seconds, got {self.open_timeout_s}")
         if self.prefetch < 0:
             raise SourceError(f"prefetch must be >= 0, got {self.prefetch}")
-        for name in ("width", "height", "fps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise SourceError(f"camera {name} must be a positive integer, got {value}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +141,7 @@ class SourceSpec:
         return redact_urls_in(" ".join(str(self.value).split()))
 
 
-def parse_source(spec: str | int | SourceSpec) -> SourceSpec:
+def parse_source(spec: str | int | os.PathLike[str]) -> SourceSpec:
     """Classify a ``--source`` / ``--camera`` value.
 
     Rules, in order: an int or a string of digits is a camera index (``/dev/videoN`` is a camera too); a string
@@ -157,19 +150,11 @@ def parse_source(spec: str | int | SourceSpec) -> SourceSpec:
     containing ``!`` is a GStreamer pipeline; a string containing ``*``, ``?`` or ``[`` is a glob pattern (``**``
     recurses; a folder is not searched recursively). Anything else is a SourceError.
     """
-    if isinstance(spec, SourceSpec):
-        return spec
-    if isinstance(spec, bool):
-        raise SourceError(f"invalid source: {spec!r}")
-    if isinstance(spec, (int, np.integer)):
-        if int(spec) < 0:
-            raise SourceError(f"invalid camera index {int(spec)} (must be 0 or more)")
-        return SourceSpec("camera", int(spec))
-    if isinstance(spec, os.PathLike):
-        spec = os.fspath(spec)
-    if not isinstance(spec, str):
-        raise SourceError(f"invalid source: {spec!r}")
-    text = spec.strip()
+    if isinstance(spec, int):
+        if spec < 0:
+            raise SourceError(f"invalid camera index {spec} (must be 0 or more)")
+        return SourceSpec("camera", spec)
+    text = os.fspath(spec).strip()
     if not text:
         raise SourceError("empty source (give a camera index, pipeline, URL, video file, folder or glob)")
     if text.isdigit():
@@ -220,12 +205,6 @@ def _open_capture(kind: str, value: int | str, config: SourceConfig) -> Capture:
     if kind == "camera":
         cap = cv2.VideoCapture(value)
         if cap.isOpened():
-            if config.width:
-                cap.set(cv2.CAP_PROP_FRAME_WIDTH, float(config.width))
-            if config.height:
-                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, float(config.height))
-            if config.fps:
-                cap.set(cv2.CAP_PROP_FPS, float(config.fps))
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1.0)  # the driver's queue adds latency; ignored where unsupported
         return cap
     if kind == "gstreamer":
@@ -733,7 +712,7 @@ class _LiveSource(FrameSource):
 
 
 def open_source(
-    spec: str | int | SourceSpec,
+    spec: str | int | os.PathLike[str],
     config: SourceConfig | None = None,
     *,
     capture_factory: CaptureFactory | None = None,

@@ -318,18 +318,19 @@ class TensorRTBackend:
         self._score, self._map = self._pick_outputs(outputs)
 
     def _pick_outputs(self, outputs: list[_IOTensor]) -> tuple[_IOTensor, _IOTensor]:
-        """The score (one value per image) and anomaly map ((1, h, w) or (h, w) per image) outputs."""
+        """The score (one value per image) and anomaly map ((1, h, w) or (h, w) per image) outputs, by the names
+        grad-export gives them."""
         by_name = {t.name: t for t in outputs}
-        score = by_name.get(SCORE_OUTPUT) or next(
-            (t for t in outputs if math.prod(t.sample_shape) == 1), None)
-        amap = by_name.get(MAP_OUTPUT) or next(
-            (t for t in outputs if t is not score and len(t.sample_shape) in (2, 3)), None)
+        score, amap = by_name.get(SCORE_OUTPUT), by_name.get(MAP_OUTPUT)
         listing = ", ".join(f"{t.name} {list(t.sample_shape)}" for t in outputs) or "none"
-        if score is None or math.prod(score.sample_shape) != 1:
+        if score is None or amap is None:
+            raise BackendError(f"TensorRT engine {self.engine_path.name} has no {SCORE_OUTPUT!r} and {MAP_OUTPUT!r} "
+                               f"outputs (outputs per image: {listing}): not a gradad engine, rebuild it with "
+                               "grad-export build")
+        if math.prod(score.sample_shape) != 1:
             raise BackendError(f"TensorRT engine {self.engine_path.name} has no score output (one value per "
                                f"image; outputs per image: {listing})")
-        if amap is None or not (len(amap.sample_shape) == 2
-                                or (len(amap.sample_shape) == 3 and amap.sample_shape[0] == 1)):
+        if not (len(amap.sample_shape) == 2 or (len(amap.sample_shape) == 3 and amap.sample_shape[0] == 1)):
             raise BackendError(f"TensorRT engine {self.engine_path.name} has no anomaly map output "
                                f"((1, h, w) per image; outputs per image: {listing})")
         return score, amap

@@ -6,27 +6,15 @@ depends on the runtime, never the reverse).
 
 from __future__ import annotations
 
-import logging
-import os
-import re
-import shutil
-import subprocess
 from typing import Any
 
 from gradad.bundle import EngineStamp, Precision
 from gradad.errors import GradError
 
-log = logging.getLogger(__name__)
-
 
 def rebuild_command(bundle: str, precision: str = "fp16") -> str:
     """The command that builds a bundle's engine on the device at hand (quoted in every stale-engine error)."""
     return f"grad-export build --{precision} {bundle} --parity-images DIR"
-
-
-# CUdevice_attribute values from cuda.h (stable across CUDA versions).
-_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
-_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
 
 
 class TensorRTUnavailable(GradError):
@@ -64,120 +52,23 @@ def import_cudart() -> Any:
     return cudart
 
 
-def _visible_device_index() -> int | None:
-    """The physical index of CUDA device 0 when CUDA_VISIBLE_DEVICES names it by number."""
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
-    return int(first) if first.isdigit() else None
-
-
-def _gpu_from_cuda_python() -> dict[str, str] | None:
-    """GPU 0 through cuda-python (``cuda.bindings.runtime``, or the older ``cuda.cudart``)."""
-    try:
-        runtime = import_cudart()
-    except TensorRTUnavailable:
-        return None
-    try:
-        err, prop = runtime.cudaGetDeviceProperties(0)
-        if err != runtime.cudaError_t.cudaSuccess:
-            log.debug("cudaGetDeviceProperties failed: %s", err)
-            return None
-        name = prop.name
-        if isinstance(name, (bytes, bytearray)):
-            name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-        return {"name": str(name).strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
-    except Exception as exc:  # noqa: BLE001 - any failure here just means "try the next way"
-        log.debug("cuda-python GPU query failed: %s", exc)
-        return None
-
-
-def _gpu_from_nvidia_smi() -> dict[str, str] | None:
-    """GPU 0 (or the CUDA_VISIBLE_DEVICES one) through ``nvidia-smi``."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    cmd = [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"]
-    index = _visible_device_index()
-    if index is not None:
-        cmd.append(f"--id={index}")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        log.debug("nvidia-smi failed: %s", exc)
-        return None
-    if proc.returncode != 0:
-        log.debug("nvidia-smi exited %s: %s", proc.returncode, proc.stderr.strip())
-        return None
-    return parse_nvidia_smi_line(proc.stdout)
-
-
-def parse_nvidia_smi_line(text: str) -> dict[str, str] | None:
-    """Parse the first ``name, compute_cap`` line printed by nvidia-smi; None when unusable."""
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        name, sep, cap = line.rpartition(",")
-        cap = cap.strip()
-        if not sep or not re.fullmatch(r"\d+\.\d+", cap):
-            return None
-        return {"name": name.strip(), "compute_capability": cap}
-    return None
-
-
-def _gpu_from_libcuda() -> dict[str, str] | None:
-    """GPU 0 through the CUDA driver library with ctypes (works where cuda-python is absent)."""
-    import ctypes
-    import ctypes.util
-
-    candidates = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda"), "nvcuda.dll"]
-    lib = None
-    for candidate in candidates:
-        if not candidate:
-            continue
-        try:
-            lib = ctypes.CDLL(candidate)
-            break
-        except OSError:
-            continue
-    if lib is None:
-        return None
-    try:
-        if lib.cuInit(0) != 0:
-            return None
-        dev = ctypes.c_int()
-        if lib.cuDeviceGet(ctypes.byref(dev), 0) != 0:
-            return None
-        buf = ctypes.create_string_buffer(256)
-        if lib.cuDeviceGetName(buf, 256, dev) != 0:
-            return None
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        if lib.cuDeviceGetAttribute(
-            ctypes.byref(major), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev
-        ) != 0 or lib.cuDeviceGetAttribute(
-            ctypes.byref(minor), _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev
-        ) != 0:
-            return None
-    except (AttributeError, OSError) as exc:
-        log.debug("libcuda GPU query failed: %s", exc)
-        return None
-    name = buf.value.decode("utf-8", "replace").strip()
-    return {"name": name, "compute_capability": f"{major.value}.{minor.value}"}
-
-
 def gpu_identity() -> dict[str, str]:
-    """Name and compute capability (e.g. ``"8.7"``) of the CUDA GPU TensorRT will build for.
+    """Name and compute capability (e.g. ``"8.7"``) of CUDA GPU 0, the one TensorRT builds for and runs on.
 
-    Tries cuda-python, then ``nvidia-smi``, then the CUDA driver library through ctypes.
-    Raises TensorRTUnavailable when none of them finds a GPU.
+    Raises TensorRTUnavailable when cuda-python is not installed or finds no GPU.
     """
-    for probe in (_gpu_from_cuda_python, _gpu_from_nvidia_smi, _gpu_from_libcuda):
-        found = probe()
-        if found:
-            log.debug("GPU found by %s: %s", probe.__name__, found)
-            return found
-    raise TensorRTUnavailable(
-        "no CUDA GPU found (tried cuda-python, nvidia-smi and the CUDA driver library); "
-        "TensorRT engines must be built on the target GPU"
-    )
+    cudart = import_cudart()
+    try:
+        err, prop = cudart.cudaGetDeviceProperties(0)
+    except Exception as exc:  # noqa: BLE001 - a broken driver install reads as no GPU, with its message
+        err = exc
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise TensorRTUnavailable(f"no CUDA GPU found (cudaGetDeviceProperties: {getattr(err, 'name', err)}); "
+                                  "TensorRT engines must be built on the target GPU")
+    name = prop.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
+    return {"name": str(name).strip(), "compute_capability": f"{prop.major}.{prop.minor}"}
 
 
 def engine_matches_device(

@@ -18,7 +18,6 @@ from gradad.runtime.sources import (
     FrameSource,
     SourceConfig,
     SourceError,
-    SourceSpec,
     open_source,
     parse_source,
 )
@@ -91,8 +90,6 @@ def test_parse_source_errors(files: dict[str, Path]) -> None:
     with pytest.raises(SourceError):
         parse_source("")
     assert issubclass(SourceError, GradError)
-    spec = SourceSpec("camera", 1)
-    assert parse_source(spec) is spec
 
 
 def test_stream_label_masks_password() -> None:

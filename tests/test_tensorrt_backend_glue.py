@@ -136,6 +136,15 @@ def test_map_output_without_channel_axis(engine_file):
     np.testing.assert_allclose(maps, expected(x)[1], rtol=1e-6)
 
 
+def test_outputs_are_found_by_name_only(engine_file):
+    specs = default_specs()
+    specs[1].name = "output_0"  # a score-shaped output under another name is not guessed
+    with pytest.raises(BackendError, match=r"engine model\.trt.*\.plan has no 'score' and 'anomaly_map' outputs "
+                                           r"\(outputs per image: output_0 \[\], anomaly_map .*rebuild it with "
+                                           r"grad-export build"):
+        make_backend(engine_file, specs=specs)
+
+
 def test_tensorrt_older_than_8_5_is_refused(engine_file):
     cudart = FakeCudart()
     with pytest.raises(BackendError, match=r"TensorRT 8.4.1 has no name-based tensor API \(execute_async_v3\): "

@@ -20,12 +20,13 @@ import hashlib
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fakes.tensorrt import CHW, FakeLayer, FakeParserError, make_fake_trt
+from fakes.tensorrt import CHW, FakeLayer, FakeParserError, cudaError_t, make_fake_trt
 from gradad.engine_trust import is_trusted, trust
 from gradad.errors import ConfigError, GradError
 from gradad.bundle import EngineStamp
@@ -356,26 +357,34 @@ def test_import_tensorrt_missing(monkeypatch):
     assert isinstance(info.value, GradError)
 
 
+class _DeviceCudart:
+    """cuda-python's runtime as gpu_identity sees it: cudaGetDeviceProperties(0) -> (err, prop)."""
+    cudaError_t = cudaError_t
+
+    def __init__(self, err=cudaError_t.cudaSuccess) -> None:
+        self.err = err
+
+    def cudaGetDeviceProperties(self, device):  # noqa: N802 - the real name
+        prop = SimpleNamespace(name=b"NVIDIA H100 80GB HBM3\0\0", major=9, minor=0)
+        return (self.err, prop)
+
+
+def test_gpu_identity_through_cuda_python(monkeypatch):
+    monkeypatch.setattr(td, "import_cudart", lambda: _DeviceCudart())
+    assert td.gpu_identity() == {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+
 def test_gpu_identity_without_any_gpu(monkeypatch):
-    for probe in ("_gpu_from_cuda_python", "_gpu_from_nvidia_smi", "_gpu_from_libcuda"):
-        monkeypatch.setattr(td, probe, lambda: None)
+    monkeypatch.setattr(td, "import_cudart", lambda: _DeviceCudart(cudaError_t.cudaErrorNoDevice))
     with pytest.raises(TensorRTUnavailable, match="no CUDA GPU found"):
         td.gpu_identity()
 
 
-def test_gpu_identity_falls_back_to_nvidia_smi(monkeypatch):
-    monkeypatch.setattr(td, "_gpu_from_cuda_python", lambda: None)
-    monkeypatch.setattr(td, "_gpu_from_nvidia_smi", lambda: {"name": "NVIDIA H100", "compute_capability": "9.0"})
-    assert td.gpu_identity() == {"name": "NVIDIA H100", "compute_capability": "9.0"}
-
-
-def test_parse_nvidia_smi_line():
-    assert td.parse_nvidia_smi_line("NVIDIA H100 80GB HBM3, 9.0\n") == {
-        "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
-    assert td.parse_nvidia_smi_line("\nOrin (nvgpu), 8.7\nother, 8.6\n") == {
-        "name": "Orin (nvgpu)", "compute_capability": "8.7"}
-    assert td.parse_nvidia_smi_line("NVIDIA Orin, [N/A]") is None
-    assert td.parse_nvidia_smi_line("") is None
+def test_gpu_identity_without_cuda_python(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda", None)  # makes both cuda-python imports raise ImportError
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    with pytest.raises(TensorRTUnavailable, match=r"cuda-python not installed .*pip install"):
+        td.gpu_identity()
 
 
 def test_supports_fp16_flag():

@@ -40,6 +40,7 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 - the real name
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorNoDevice = 100
 
 
 class cudaMemcpyKind(enum.IntEnum):  # noqa: N801
