@@ -76,7 +76,8 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
         if img is not None:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
-        raise DatasetError(f"cannot decode image (corrupt, not an image, or over {_max_pixels()} pixels): {path}")
+        raise DatasetError(f"cannot decode image (corrupt, not an image, or over {_max_pixels()} pixels: raise "
+                           f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {path}")
     if img.dtype != np.uint8:  # defensive; IMREAD_COLOR already yields uint8
         img = cv2.convertScaleAbs(img)
     return np.ascontiguousarray(img)
@@ -107,7 +108,8 @@ def read_mask(
     buf = _read_bytes(path, "mask")
     raw = _decode(buf, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0 or raw.ndim not in (2, 3):
-        raise DatasetError(f"cannot decode mask (corrupt, not an image, or over {_max_pixels()} pixels): {path}")
+        raise DatasetError(f"cannot decode mask (corrupt, not an image, or over {_max_pixels()} pixels: raise "
+                           f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {path}")
     if raw.ndim == 3:
         raw = raw[:, :, :3].max(axis=2) if raw.shape[2] >= 3 else raw[:, :, 0]
     if np.issubdtype(raw.dtype, np.integer) and int(raw.max()) <= 1:

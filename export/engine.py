@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, bundle_file
 from gradad.data.datasets import list_image_files
-from gradad.engine_trust import trust
+from gradad.engine_trust import TrustListError, trust
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
 from gradad.export.lint import check_external_data
@@ -119,7 +119,11 @@ def build_bundle_engine(
     typed = EngineStamp.from_json(stamp)
     bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
     bundle.add_file(typed.file)
-    trust(bundle.files[typed.file].sha256, engine_path, "engine")  # built here: this machine may load it
     bundle.save()
+    try:  # built here: this machine may load it (after the save: a trust-list problem never loses the build)
+        trust(bundle.files[typed.file].sha256, engine_path, "engine")
+    except TrustListError as exc:
+        log.warning("engine %s built and recorded, but not trusted (%s): grad-run will not load it until "
+                    "`grad-export trust %s` succeeds", typed.file, exc, bundle_dir)
     log.info("engine %s: map rel L2 %.2e vs ONNX Runtime", typed.file, report["map_rel_l2"])
     return typed

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from gradad.errors import GradError
 from gradad.files import atomic_write_text
@@ -32,7 +33,11 @@ def trust_file() -> Path:
     """Where this user's trust list lives (see the module docstring)."""
     if os.environ.get(TRUST_FILE_ENV):
         return Path(os.environ[TRUST_FILE_ENV])
-    config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    try:
+        config_home = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    except RuntimeError:  # no HOME and no passwd entry (docker --user N): say what to set, no traceback
+        raise TrustListError(f"no home folder for the TensorRT trust list: set {TRUST_FILE_ENV} to a file "
+                             "this user may write") from None
     return Path(config_home) / "gradad" / "trusted_engines.json"
 
 
@@ -58,21 +63,41 @@ def is_trusted(sha256: str) -> bool:
 
 
 def trust(sha256: str, file: str | Path, kind: str) -> None:
-    """Add one file's hash to the trust list (``kind``: "engine" or "timing cache"); the list stays private."""
-    entries = trusted_hashes()
-    entries[sha256] = {"file": str(Path(file).resolve()), "kind": kind,
-                       "added": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    """Add one file's hash to the trust list (``kind``: "engine" or "timing cache"); the list stays private.
+
+    Read, update and write happen under a lock, so two builds at once (fp16 and int8) both land."""
     path = trust_file()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"format": 1, "sha256": entries}, indent=1) + "\n")
-        path.chmod(0o600)
+        with _locked(path.with_name(path.name + ".lock")):
+            entries = trusted_hashes()
+            entries[sha256] = {"file": str(Path(file).resolve()), "kind": kind,
+                               "added": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            atomic_write_text(path, json.dumps({"format": 1, "sha256": entries}, indent=1) + "\n")
+            path.chmod(0o600)
     except OSError as exc:
         raise TrustListError(f"cannot write the TensorRT trust list {path}: {exc}") from None
 
 
+@contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX; elsewhere none: one build at a time there)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def untrusted_message(file: str | Path, bundle_dir: str | Path, rebuild: str) -> str:
     """Why an engine is refused and the two ways forward."""
-    return (f"engine {file} in {bundle_dir} was not built on this machine (its SHA-256 is not in {trust_file()}): "
-            f"a TensorRT engine is native code, so one from elsewhere is only loaded once you trust it. Build it "
-            f"here with `{rebuild}`, or, if you trust whoever built it, `grad-export trust {bundle_dir}`")
+    return (f"engine {file} in {bundle_dir} is not in this user's trust list {trust_file()} (built elsewhere, by "
+            f"another user, or by a gradad without trust lists): a TensorRT engine is native code, so it is only "
+            f"loaded once trusted. Build it here with `{rebuild}`, or, if you trust whoever built it, run "
+            f"`grad-export trust {bundle_dir}` as the user that runs grad-run")

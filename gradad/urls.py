@@ -63,10 +63,12 @@ def redact_url(url: str, hide_path: bool = False) -> str:
 _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
-#: ``name=value`` properties whose value is a secret (GStreamer ``rtspsrc user-pw=``, ``proxy-pw=``, a
-#: ``souphttpsrc`` cookie or token, ...): the name is kept, the value (quoted or not) hidden
-_SECRET_PROPERTY = re.compile(r"(?i)\b([\w.-]*(?:-pw|pass|passwd|password|secret|token|cookies?|api-?key|"
-                              r"auth[\w-]*))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
+#: ``name=value`` properties whose value is a secret: the name, or its last ``-``/``_``/``.`` part, is a secret word
+#: (GStreamer ``rtspsrc user-pw=``, ``proxy-pw=``, ``srtsrc passphrase=``, ``aes-key=``, a ``cookies=``); the name is
+#: kept, the value (quoted or not) hidden. ``bypass=``, ``passthrough=`` or ``key-int-max=`` are left alone.
+_SECRET_PROPERTY = re.compile(
+    r"(?i)(?<![\w.-])((?:[a-z0-9]+[-_.])*(?:pw|pass|passwd|password|passphrase|secret|token|cookies?|key|apikey|"
+    r"auth|authorization|credentials?))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
 
 
 def redact_urls_in(text: str) -> str:

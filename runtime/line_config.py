@@ -23,6 +23,7 @@ redacted.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,10 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _warn_if_others_can_read(path: Path) -> None:
-    """A line file holding the MQTT password should be the station user's alone (as ~/.netrc or an SSH key)."""
+    """A line file holding the MQTT password should not be world-readable (group-readable by a service group is a
+    normal set-up; Windows has no such bits)."""
     mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
+    if os.name != "nt" and mode & 0o004:
         log.warning("--config %s holds the MQTT password and other users can read it (mode %03o): chmod 600 %s",
                     path, mode, path)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from gradad.bundle import ONNX_BY_PRECISION, BackendKind, Bundle, BundleError, Precision
+from gradad.engine_trust import TrustListError
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend, BackendError, UntrustedEngineError
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -100,7 +101,7 @@ def load_backend(
                 raise
             # A bundle problem (an engine whose hash does not match, one from elsewhere) is news; no TensorRT on a
             # CPU box is not.
-            (log.warning if isinstance(exc, (BundleError, UntrustedEngineError)) else log.info)(
+            (log.warning if isinstance(exc, (BundleError, UntrustedEngineError, TrustListError)) else log.info)(
                 "TensorRT backend not used (%s); using ONNX Runtime", exc)
     ort_backend = _onnx_backend(bundle, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)

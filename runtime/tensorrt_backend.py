@@ -23,6 +23,7 @@ glue tests pass fakes). A backend is not thread-safe: give each thread its own.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -181,13 +182,15 @@ class TensorRTBackend:
     ``trt``/``cudart`` default to the installed modules (TensorRTUnavailable when absent); each of the ``in_flight``
     slots holds one submitted batch; ``cuda_graphs`` captures each batch size's enqueue where possible.
     ``max_batch``/``min_batch`` are the optimisation profile's limits; ``api`` is the one execution API used.
+    ``expected_sha256``: the bytes read must hash to this (the value the bundle recorded and the trust list holds).
     """
 
     name = "tensorrt"
     api = "tensors-v3"
 
     def __init__(self, engine_path: str | Path, input_name: str = "image", trt: Any = None,
-                 cudart: Any = None, in_flight: int = 1, cuda_graphs: bool = True) -> None:
+                 cudart: Any = None, in_flight: int = 1, cuda_graphs: bool = True,
+                 expected_sha256: str | None = None) -> None:
         # Everything close() looks at exists before anything can fail.
         self._closed = False
         self._slots: list[_Slot] = []
@@ -196,6 +199,7 @@ class TensorRTBackend:
         self._device_ptrs: list[int] = []
         self._next_slot = 0
         self.in_flight = max(1, int(in_flight))
+        self._expected_sha256 = expected_sha256
         self.cuda_graphs = False  # set in _load: wanted, and possible with this TensorRT/cuda-python
         self._context: Any = None
         self._engine: Any = None
@@ -223,6 +227,9 @@ class TensorRTBackend:
             data = path.read_bytes()
         except OSError as exc:
             raise BackendError(f"cannot read TensorRT engine {path}: {exc.strerror or exc}") from None
+        if self._expected_sha256 and hashlib.sha256(data).hexdigest() != self._expected_sha256:
+            # the bytes TensorRT gets are the ones that were checked (and trusted), not a file swapped in since
+            raise BackendError(f"TensorRT engine {path} changed while it was being loaded; not loaded")
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self._engine = self._runtime.deserialize_cuda_engine(data)
@@ -587,7 +594,7 @@ def load_tensorrt_backend(
         rebuild = rebuild_command(str(bundle_dir), precision)
         raise UntrustedEngineError(untrusted_message(stamp.file, bundle_dir, rebuild))
     backend = TensorRTBackend(bundle.file(stamp.file), bundle.input.name, trt=trt, cudart=cudart,
-                              in_flight=in_flight)
+                              in_flight=in_flight, expected_sha256=bundle.files[stamp.file].sha256)
     want = bundle.input.hw
     if tuple(backend.input_hw) != want:
         backend.close()

@@ -439,6 +439,10 @@ def test_secrets_outside_a_url_are_hidden_too(caplog) -> None:
                          "decodebin ! videoconvert ! appsink").label
     assert "S3cret" not in label and "p w" not in label and "user-id=admin" in label and "user-pw=***" in label
     assert parse_source("videotestsrc pattern=ball ! appsink").label == "videotestsrc pattern=ball ! appsink"
+    plain = "v4l2src ! x264enc bypass=1 key-int-max=30 ! identity passthrough=true authority=x ! appsink"
+    assert parse_source(plain).label == plain  # ordinary properties that merely contain a secret word
+    assert parse_source("srtsrc uri=srt://h:9 passphrase=hunter2 aes-key=k ! appsink").label == \
+        "srtsrc uri=srt://h:9 passphrase=*** aes-key=*** ! appsink"
     with caplog.at_level(logging.WARNING):
         sink = WebhookSink("http://bot:hunter2@hooks.example.com/services/T0/B0/XOXB-SECRET", close_timeout_s=0.1)
         sink.close()
@@ -662,4 +666,5 @@ def test_an_image_that_decodes_to_gigabytes_is_one_error_not_an_out_of_memory_ki
     env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
     out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, env=env,
                          timeout=120).stdout
-    assert out == f"DatasetError cannot decode image (corrupt, not an image, or over 100000000 pixels): {bomb}\n"
+    assert out == (f"DatasetError cannot decode image (corrupt, not an image, or over 100000000 pixels: raise "
+                   f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {bomb}\n")

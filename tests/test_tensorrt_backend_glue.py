@@ -316,7 +316,7 @@ def test_an_engine_from_elsewhere_is_never_deserialised_until_trusted(tmp_path, 
     manifest.save()
     cudart = FakeCudart()
     trt = make_fake_trt(cudart)
-    with pytest.raises(UntrustedEngineError, match=r"not built on this machine.*grad-export build --fp16 .*"
+    with pytest.raises(UntrustedEngineError, match=r"not in this user's trust list.*grad-export build --fp16 .*"
                                                    r"grad-export trust"):
         load_tensorrt_backend(manifest, "fp16", trt=trt, cudart=cudart, gpu=GPU)
     assert cudart.calls == [] and trt.log == []  # TensorRT never saw the file
@@ -658,3 +658,62 @@ def test_each_slot_context_gets_its_own_optimisation_profile(engine_file, caplog
     backend.infer(uint8_images(2))
     backend.close()
     assert cudart.live() == 0
+
+
+def test_an_engine_swapped_after_the_check_is_not_loaded(tmp_path: Path) -> None:
+    """The backend hashes the bytes it hands TensorRT: a file replaced between the bundle check and the read (a
+    shared drop folder) is refused."""
+    bundle, manifest = make_bundle(tmp_path, [stamp()])
+    cudart = FakeCudart()
+    trt = make_fake_trt(cudart)
+    with pytest.raises(BackendError, match="changed while it was being loaded"):
+        TensorRTBackend(bundle / stamp()["file"], trt=trt, cudart=cudart, expected_sha256="0" * 64)
+    assert trt.log == []
+
+
+def test_auto_runs_a_bundle_with_a_foreign_engine_on_onnx_runtime_and_says_why(bundle: Path, tmp_path: Path,
+                                                                               monkeypatch, caplog) -> None:
+    """A real exported bundle plus an engine from elsewhere, on a 'GPU' (fake TensorRT): auto warns, naming the
+    trust list and grad-export trust, and runs the ONNX graph; TensorRT never reads the engine."""
+    import logging
+    import shutil
+
+    from gradad.runtime import tensorrt_backend
+    from gradad.runtime.loader import load_backend
+
+    d = tmp_path / "bundle"
+    shutil.copytree(bundle, d)
+    engine = stamp()
+    (d / engine["file"]).write_bytes(ENGINE_BYTES + b"\0foreign")
+    manifest = Bundle.load(d)
+    manifest.engines.append(EngineStamp.from_json(engine))
+    manifest.add_file(engine["file"])
+    manifest.save()
+    cudart = FakeCudart()
+    trt = make_fake_trt(cudart)
+    monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tensorrt_backend, "gpu_identity", lambda: GPU)
+    with caplog.at_level(logging.WARNING):
+        backend, _ = load_backend(d, "auto", threads=1)
+    assert backend.name.startswith("onnxruntime") and trt.log == []
+    assert "not in this user's trust list" in caplog.text and f"grad-export trust {d}" in caplog.text
+    backend.close()
+
+
+def test_trust_list_problems_are_one_clear_error(tmp_path: Path, monkeypatch) -> None:
+    from gradad.engine_trust import TRUST_FILE_ENV, TrustListError, is_trusted, trust
+
+    listing = tmp_path / "trusted.json"
+    monkeypatch.setenv(TRUST_FILE_ENV, str(listing))
+    trust("a" * 64, tmp_path / "x.plan", "engine")
+    trust("b" * 64, tmp_path / "y.plan", "engine")
+    assert is_trusted("a" * 64) and is_trusted("b" * 64) and not is_trusted("c" * 64)
+    assert listing.stat().st_mode & 0o777 == 0o600
+    listing.write_text("{not json")
+    with pytest.raises(TrustListError, match=f"trust list {listing} is unreadable.*delete it"):
+        is_trusted("a" * 64)
+    monkeypatch.delenv(TRUST_FILE_ENV)
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    with pytest.raises(TrustListError, match=f"set {TRUST_FILE_ENV}"):
+        is_trusted("a" * 64)
