@@ -150,6 +150,8 @@ def parse_source(spec: str | int | os.PathLike[str]) -> SourceSpec:
     containing ``!`` is a GStreamer pipeline; a string containing ``*``, ``?`` or ``[`` is a glob pattern (``**``
     recurses; a folder is not searched recursively). Anything else is a SourceError.
     """
+    if isinstance(spec, bool):  # an int to Python, never a camera index to a user
+        raise SourceError(f"invalid source: {spec!r}")
     if isinstance(spec, int):
         if spec < 0:
             raise SourceError(f"invalid camera index {spec} (must be 0 or more)")

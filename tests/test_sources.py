@@ -409,6 +409,11 @@ def test_stream_errors_mask_password() -> None:
     assert "s3cret" not in str(info.value) and "cannot open stream" in str(info.value)
 
 
+def test_a_bool_is_not_a_camera_index() -> None:
+    with pytest.raises(SourceError, match="invalid source: True"):
+        parse_source(True)
+
+
 def test_an_exception_while_opening_is_named_once_and_masked() -> None:
     def raising(kind: str, value: Any, config: SourceConfig) -> _FakeCap:
         raise RuntimeError(f"backend refused {value}")
