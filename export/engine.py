@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, bundle_file
 from gradad.data.datasets import list_image_files
-from gradad.engine_trust import TrustListError, trust
 from gradad.data.images import read_image_rgb
+from gradad.engine_trust import TrustListError, trust
 from gradad.errors import DatasetError, GradError
 from gradad.export.lint import check_external_data
 from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32_name

@@ -1,6 +1,7 @@
 """One way to show a URL anywhere (logs, JSON lines, summaries, errors): without its credentials.
 
-Torch-free and dependency-free: the runtime, the sinks and the sources all use :func:`redact_url`.
+Torch-free and dependency-free: the runtime, the sinks and the sources all use :func:`redact_url` and
+:func:`redact_secrets_in`.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ _SECRET_PROPERTY = re.compile(
     r"auth|authorization|credentials?))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
 
 
-def redact_urls_in(text: str) -> str:
-    """Every URL inside ``text`` (e.g. ``rtspsrc location=rtsp://u:p@cam/live ! ...``) passed through
-    :func:`redact_url`, and the values of secret-looking properties (``user-pw=...``, ``proxy-pw=...``,
-    ``extra-headers="Authorization: ..."`` is not matched by name, so keep headers out of pipelines) hidden."""
+def redact_secrets_in(text: str) -> str:
+    """``text`` (a source, an error message) with every URL in it (e.g. ``rtspsrc location=rtsp://u:p@cam/live !
+    ...``) passed through :func:`redact_url`, and the values of secret-looking properties (``user-pw=...``,
+    ``proxy-pw=...``; ``extra-headers="Authorization: ..."`` is not matched by name, so keep headers out of
+    pipelines) hidden."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
     return _SECRET_PROPERTY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)

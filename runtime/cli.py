@@ -25,7 +25,7 @@ from gradad.bundle import check_refine_class
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.process_memory import peak_rss_mb
-from gradad.urls import REDACTED, redact_url, redact_urls_in
+from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
 if TYPE_CHECKING:
     from gradad.bundle import Bundle
@@ -563,7 +563,7 @@ def redacted_command(argv: list[str]) -> str:
         elif option == "--webhook":
             value = redact_url(value, hide_path=True)
         else:
-            value = redact_urls_in(value)
+            value = redact_secrets_in(value)
         shown.append(f"{option}={value}" if eq else value)
         previous = arg
     return " ".join(shown)

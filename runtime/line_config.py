@@ -31,7 +31,7 @@ import yaml
 
 from gradad.config_values import load_settings_file
 from gradad.errors import GradError
-from gradad.urls import REDACTED, redact_url, redact_urls_in
+from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _sources(value: Any, where: str) -> tuple[str, ...]:
     items = [value] if isinstance(value, (str, int)) and not isinstance(value, bool) else value
     if not isinstance(items, list) or any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in items):
         raise GradError(f"{where}: 'sources' must be a source or a list of sources (camera index, pipeline, URL, "
-                        f"video, folder or glob), got {redact_urls_in(repr(value))}")
+                        f"video, folder or glob), got {redact_secrets_in(repr(value))}")
     return tuple(str(v) for v in items)
 
 
@@ -138,7 +138,7 @@ def resolved_config(params: dict[str, Any], webhook: dict[str, Any]) -> dict[str
         values = {key: params.get(param) for key, param in keys.items()}
         if section == "":
             camera = [str(params["camera"])] if params.get("camera") is not None else []
-            values["sources"] = [redact_urls_in(s) for s in camera + list(values["sources"] or [])]
+            values["sources"] = [redact_secrets_in(s) for s in camera + list(values["sources"] or [])]
         if section == "sinks.mqtt":
             values["host"] = _redacted_host(values["host"])
             if values.get("password"):

@@ -38,7 +38,7 @@ from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.buffered import Buffered
 from gradad.runtime.types import Frame
-from gradad.urls import redact_url, redact_urls_in
+from gradad.urls import redact_url, redact_secrets_in
 
 logger = logging.getLogger(__name__)
 
@@ -133,12 +133,13 @@ class SourceSpec:
     @property
     def label(self) -> str:
         """One-line name for logs, errors and ``Frame.source``: credentials, query values and fragments of every
-        URL in it (a stream, a GStreamer ``location=``) are masked with :func:`gradad.urls.redact_url`."""
+        URL in it (a stream, a GStreamer ``location=``) and secret properties (``user-pw=``) are masked
+        (:mod:`gradad.urls`)."""
         if self.kind == "camera":
             return f"camera {self.value}"
         if self.kind == "stream":
             return redact_url(" ".join(str(self.value).split()))
-        return redact_urls_in(" ".join(str(self.value).split()))
+        return redact_secrets_in(" ".join(str(self.value).split()))
 
 
 def parse_source(spec: str | int | os.PathLike[str]) -> SourceSpec:
@@ -516,8 +517,9 @@ class _LiveSource(FrameSource):
         cap, first, read_ms, failure = self._try_open()
         if failure:
             err = self._open_error(failure)
-            # an exception's text may quote the URL: shown masked, once
-            raise err if failure in ("open", "read", "timeout") else SourceError(f"{err} ({redact_urls_in(failure)})")
+            if failure in ("open", "read", "timeout"):
+                raise err
+            raise SourceError(f"{err} ({redact_secrets_in(failure)})")  # an exception's text may quote the URL
         self._store(first, read_ms)
         self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
 

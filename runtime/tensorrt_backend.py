@@ -562,7 +562,8 @@ def load_tensorrt_backend(
 
     Refuses (BackendError) a bundle without such an engine and an engine stamped for another TensorRT
     version or GPU, both with the command that builds one; a modified engine file fails the hash check
-    (BundleError); an engine not in this machine's trust list is never deserialised (UntrustedEngineError). Without TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
+    (BundleError); an engine not in this user's trust list is never deserialised (UntrustedEngineError). Without
+    TensorRT, cuda-python or a GPU: TensorRTUnavailable. All are GradErrors.
     """
     bundle_dir = bundle.directory
     if precision not in list(Precision):

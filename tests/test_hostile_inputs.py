@@ -399,7 +399,7 @@ def test_truncated_video_source_warns(tmp_path: Path, caplog) -> None:
 
 
 def test_one_redaction_for_every_url() -> None:
-    from gradad.urls import redact_url, redact_urls_in
+    from gradad.urls import redact_url, redact_secrets_in
 
     cases = {
         "rtsp://admin:p@ss/w0rd@10.0.0.5/live": "rtsp://admin:***@10.0.0.5/live",
@@ -410,7 +410,7 @@ def test_one_redaction_for_every_url() -> None:
     }
     for url, want in cases.items():
         assert redact_url(url) == want
-    assert "secret" not in redact_urls_in("rtspsrc location=rtsp://u:secret@cam/x ! appsink")
+    assert "secret" not in redact_secrets_in("rtspsrc location=rtsp://u:secret@cam/x ! appsink")
 
 
 def test_webhook_logs_hide_credentials(caplog) -> None:

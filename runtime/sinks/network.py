@@ -18,7 +18,7 @@ from typing import Any, Callable
 from gradad.errors import GradError
 from gradad.runtime.sinks.base import SinkBase, _passes_filter, record_to_json
 from gradad.runtime.types import FrameResult
-from gradad.urls import redact_url, redact_urls_in, userinfo_end
+from gradad.urls import redact_url, redact_secrets_in, userinfo_end
 
 log = logging.getLogger("gradad.runtime.sinks")
 
@@ -85,7 +85,7 @@ def _redacted_error(exc: BaseException, url: str | None = None, label: str = "")
     """An exception's text with every URL in it redacted (urllib errors may quote the URL); ``url`` (a webhook's,
     whose path may hold its token) is shown as ``label``."""
     text = " ".join(str(exc).split())
-    return redact_urls_in(text.replace(url, label) if url else text)
+    return redact_secrets_in(text.replace(url, label) if url else text)
 
 
 class _RecordSink(SinkBase):
