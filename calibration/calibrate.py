@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from gradad.bundle import Bundle, Calibration
+from gradad.bundle import Bundle, Calibration, image_digest
 from gradad.calibration.thresholds import (
     CalibrationConfig,
     binomial_upper_bound,
@@ -138,31 +138,35 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
             if missing:
                 out.append(f"--good: no good images of class(es) {', '.join(missing)} of this {len(classes)}-class "
                            f"bundle; its one threshold is applied to them too: add --good DIR per class")
-    trained_under = _training_image_check(bundle)
+    is_trained = _training_image_check(bundle)
     for d, files in good_files:  # the model trained on these: they score lower than unseen parts
-        folders = [t for t in map(trained_under, map(Path.resolve, files)) if t is not None]
-        if folders:
-            out.append(f"--good {d}: holds {len(folders)} of the model's training images (under "
-                       f"{folders[0]}); a threshold from them is too low for unseen good parts: use "
-                       f"held-out good images")
+        trained = [f for f in map(Path.resolve, files) if is_trained(f)]
+        if trained:
+            out.append(f"--good {d}: holds {len(trained)} of the model's training images (e.g. {trained[0]}); "
+                       f"a threshold from them is too low for unseen good parts: use held-out good images")
     return out
 
 
-def _training_image_check(bundle: Bundle) -> Callable[[Path], Path | None]:
-    """For a resolved image path, the folder the model trained on it from, or None when it is not a training image.
+def _training_image_check(bundle: Bundle) -> Callable[[Path], bool]:
+    """For a resolved image path: is it one of the good images the model trained on?
 
-    Exact where the model file recorded the good images it trained on (``training_data.trained_goods``, by folder:
-    any dataset layout, also those that keep training and test goods in one folder). For models trained before
-    that: anything under ``<root>/<class>/train`` of every recorded training root (or the bundle's one data root)
-    except the goods the trainer held out for validation (``training_data.held_out_goods``)."""
+    Models that record content digests of their training goods (``training_data.trained_good_digests``): any
+    byte-identical copy, whatever its name or machine. Older ones, by path: exact where the model file recorded
+    the good images it trained on (``trained_goods``, by folder: any dataset layout); before that, anything under
+    ``<root>/<class>/train`` of every recorded training root (or the bundle's one data root) except the goods the
+    trainer held out for validation (``held_out_goods``)."""
+    digests = bundle.training_data.get("trained_good_digests")
+    if digests is not None:
+        known = set(digests)
+        return lambda f: image_digest(f) in known
     recorded = bundle.training_data.get("trained_goods")
     if recorded is not None:
         names = {Path(folder): set(files) for folder, files in recorded.items()}
-        return lambda f: f.parent if f.name in names.get(f.parent, ()) else None
+        return lambda f: f.name in names.get(f.parent, ())
     held_out = set(bundle.training_data.get("held_out_goods", []))
     roots = bundle.training_data.get("data_roots") or ([bundle.data_root] if bundle.data_root else [])
     dirs = [(Path(r) / c / "train").resolve() for r in roots for c in bundle.classes or []]
-    return lambda f: None if str(f) in held_out else next((t for t in dirs if f.is_relative_to(t)), None)
+    return lambda f: str(f) not in held_out and any(f.is_relative_to(t) for t in dirs)
 
 
 def calibrate(

@@ -173,11 +173,15 @@ def _swap_in(work: Path, out_dir: Path) -> None:
 
 
 def training_data_section(payload: dict[str, Any]) -> dict[str, Any]:
-    """bundle.json's ``training_data``: the model's data summary plus, where the model file records them, its
-    training roots, the good images it trained on (by folder) and the ones it held out for validation
-    (grad-calibrate's input check)."""
+    """bundle.json's ``training_data``: the model's data summary plus what grad-calibrate's input check reads.
+
+    Models that record content digests of their training goods hand on those alone: they find copies of a
+    training image on any machine, and a bundle that travels to a line or a customer names none of the training
+    machine's files. Older models hand on their training roots, trained goods (by folder) and held-out goods."""
     section = dict(payload.get("data_summary", {}))
-    for key in ("data_roots", "trained_goods", "held_out_goods"):
+    keys = ("trained_good_digests",) if "trained_good_digests" in payload else \
+        ("data_roots", "trained_goods", "held_out_goods")
+    for key in keys:
         if key in payload:
             section[key] = dict(payload[key]) if isinstance(payload[key], dict) else list(payload[key])
     return section

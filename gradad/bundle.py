@@ -162,6 +162,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+#: Hex digits of an image's SHA-256 that bundle.json keeps per training image (64 bits: no collision among a
+#: dataset's images, a few kB for a thousand of them).
+IMAGE_DIGEST_CHARS = 16
+
+
+def image_digest(path: str | Path) -> str:
+    """The short content digest of an image file that ``training_data.trained_good_digests`` records: it names
+    the image wherever a copy of it lies, without naming the training machine's folders."""
+    return sha256_file(path)[:IMAGE_DIGEST_CHARS]
+
+
 def file_entry(path: str | Path) -> dict[str, Any]:
     """The manifest entry of one bundle file: its hash and size."""
     return {"sha256": sha256_file(path), "bytes": Path(path).stat().st_size}

@@ -139,6 +139,26 @@ def test_the_recorded_training_goods_decide_not_their_folder(tmp_path: Path) -> 
     assert len(hits) == 1 and "holds 3 of" in hits[0]
 
 
+def test_copies_of_training_goods_are_found_by_content_on_any_machine(tmp_path: Path) -> None:
+    """A bundle that records content digests of its training goods finds them copied to another machine under
+    other names, and takes held-out goods (not in the digests) and re-encoded-looking new images for what they
+    are."""
+    from gradad.bundle import image_digest
+
+    trained = _images(tmp_path / "train_machine" / "nut" / "train" / "good", [10, 20, 30])
+    bundle = SimpleNamespace(classes=["nut"], data_root="/somewhere/else", training_data={
+        "trained_good_digests": sorted(image_digest(p) for p in trained[:2])})
+    line = tmp_path / "jetson" / "held_out"
+    line.mkdir(parents=True)
+    (line / "renamed.png").write_bytes(trained[2].read_bytes())  # the one the trainer held out
+    _images(line, [44, 55])
+    assert not any("training images" in w for w in calibrate(_MeanBackend(), line, bundle=bundle).warnings)
+    (line / "copy_of_trained.png").write_bytes(trained[0].read_bytes())
+    hits = [w for w in calibrate(_MeanBackend(), line, bundle=bundle).warnings if "training images" in w]
+    assert len(hits) == 1 and "holds 1 of the model's training images" in hits[0]
+    assert str((line / "copy_of_trained.png").resolve()) in hits[0]
+
+
 def test_target_recall_must_be_a_fraction(tmp_path: Path) -> None:
     for bad in (95, 0, -0.5):
         with pytest.raises(GradError, match="--target-recall"):

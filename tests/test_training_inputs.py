@@ -134,9 +134,16 @@ def test_defects_held_out_for_the_self_check_are_recorded_and_never_scored(tiny_
     folder = str((tiny_demo_root / "nut" / "train" / "good").resolve())
     trained_goods = sorted(s.image_path.name for s in goods if str(s.image_path.resolve()) not in held)
     assert payload["trained_goods"] == {folder: trained_goods} and len(trained_goods) + len(held) == len(goods)
+    # the bundle names no training-machine file: content digests of the trained goods (none of the held-out ones)
+    from gradad.bundle import image_digest
+
+    digests = sorted({image_digest(s.image_path) for s in goods if str(s.image_path.resolve()) not in held})
+    assert payload["trained_good_digests"] == digests
+    assert not {image_digest(p) for p in held} & set(digests)
     section = training_data_section(payload)
-    assert section["held_out_goods"] == held and section["total"] == len(goods)
-    assert section["trained_goods"] == payload["trained_goods"]
+    assert section["trained_good_digests"] == digests and section["total"] == len(goods)
+    assert not {"trained_goods", "held_out_goods", "data_roots"} & set(section)
+    assert not any(str(tiny_demo_root.resolve()) in str(v) for v in section.values())
 
     test = load_samples(tiny_demo_root, "test", ["nut"])
     sel = scoring_selection(test, None, trained_defect_paths(payload), tuned_defect_paths(payload))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gradad.bundle import image_digest
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, DatasetError, GradError
@@ -197,6 +198,15 @@ def trained_goods_by_folder(samples: Sequence[Sample], held_out: Sequence[str]) 
         if str(path) not in skip:
             out.setdefault(str(path.parent), []).append(path.name)
     return {folder: sorted(names) for folder, names in sorted(out.items())}
+
+
+def trained_good_digests(samples: Sequence[Sample], held_out: Sequence[str]) -> list[str]:
+    """Content digests (:func:`gradad.bundle.image_digest`) of the good images the model trains on, sorted:
+    grad-calibrate recognises copies of them on any machine, under any name, and the bundle names no files."""
+    skip = set(held_out)
+    digests = {image_digest(s.image_path) for s in tqdm(samples, desc="training-image digests", leave=False)
+               if str(s.image_path.resolve()) not in skip}
+    return sorted(digests)
 
 
 def trained_defect_files(defects: DefectSet | None) -> list[str]:
@@ -471,6 +481,7 @@ class Trainer:
             "data_roots": [str(Path(r).resolve()) for r in cfg.data.roots],
             "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
             "held_out_goods": data.val_files,
+            "trained_good_digests": trained_good_digests(data.samples, data.val_files),
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
