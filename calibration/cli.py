@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, grad_command
+from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
 
 
 @click.command(context_settings=CLI_CONTEXT)
@@ -39,6 +39,8 @@ def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_r
     from gradad.runtime.loader import load_backend
 
     engine, bundle = load_backend(bundle_dir, backend, precision, threads=threads)
+    if not dry_run:
+        check_folder_writable(bundle_dir, "BUNDLE_DIR")
     cfg = CalibrationConfig(false_alarm_rate=false_alarm_rate, target_recall=target_recall, method=method)
     cal = calibrate(engine, good_dir, defect_dir, masks_dir, cfg, bundle=bundle)
     click.echo(calibration_table(cal))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, grad_command, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, user_errors_as_exit
+from gradad.errors import GradError
 
 log = logging.getLogger("gradad.export")
 
@@ -104,8 +105,11 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
     <= 0.5 point on the --data test split); the gate's numbers go into bundle.json (parity.onnx_int8_vs_fp32).
     Run it with grad-run --precision int8, or build a TensorRT engine with grad-export build --int8.
     """
+    from gradad.bundle import Bundle
     from gradad.export.int8 import QuantizeOptions, quantize_bundle
 
+    Bundle.load(bundle_dir)
+    check_folder_writable(bundle_dir, "BUNDLE_DIR")
     opts = QuantizeOptions(calib=list(calib), calib_max_images=calib_max_images, data_roots=list(data_roots),
                            parity_max_images=parity_max_images, method=method, activations=activations,
                            threads=threads)
@@ -138,8 +142,11 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, p
     gates) and deleted with the numbers when it misses. Without TensorRT or a GPU this exits with code 2 and
     says so; the bundle's ONNX files stay usable with ONNX Runtime (grad-run --backend onnxruntime).
     """
+    from gradad.bundle import Bundle
     from gradad.export.engine import build_bundle_engine
 
+    Bundle.load(bundle_dir)
+    check_folder_writable(bundle_dir, "BUNDLE_DIR")
     stamp = build_bundle_engine(bundle_dir, parity_images, fp16=fp16, max_batch=max_batch, opt_batch=opt_batch,
                                 workspace_mib=workspace_mib, timing_cache=timing_cache, int8=int8,
                                 profiles=profiles)
@@ -154,12 +161,19 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, p
 @user_errors_as_exit
 def inspect_command(bundle_dir, as_json, no_verify) -> None:
     """Print a bundle's summary: files and hashes, opset, precision, parity, calibration, engine stamps."""
-    from gradad.bundle import Bundle
+    from gradad.bundle import Bundle, BundleError
 
     bundle = Bundle.load(bundle_dir)
-    if not no_verify:
-        bundle.verify()
-    click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir))
+    problems: dict[str, str] = {}
+    for name in [] if no_verify else list(bundle.files):  # file by file: one bad file hides nothing else
+        try:
+            bundle.verify([name])
+        except BundleError as exc:
+            problems[name] = str(exc)
+    click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir, problems))
+    if problems:
+        raise GradError(f"{len(problems)} of {len(bundle.files)} bundle files failed verification: "
+                        + "; ".join(problems.values()))
 
 
 @main.command("trust", context_settings=_CTX)
@@ -179,7 +193,7 @@ def trust_command(bundle_dir) -> None:
 
     bundle = Bundle.load(bundle_dir)
     if not bundle.engines:
-        raise click.ClickException(f"bundle {bundle_dir} has no TensorRT engine to trust")
+        raise GradError(f"bundle {bundle_dir} has no TensorRT engine to trust")
     bundle.verify([e.file for e in bundle.engines])
     for engine in bundle.engines:
         trust(bundle.files[engine.file].sha256, bundle.file(engine.file), "engine")
@@ -188,8 +202,8 @@ def trust_command(bundle_dir) -> None:
     click.echo(f"trust list: {trust_file()}")
 
 
-def summary_text(bundle_dir: str | Path) -> str:
-    """Human-readable summary of a bundle."""
+def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None) -> str:
+    """Human-readable summary of a bundle; ``problems``: files that failed verification (marked)."""
     from gradad.bundle import Bundle
 
     m = Bundle.load(bundle_dir)
@@ -205,7 +219,8 @@ def summary_text(bundle_dir: str | Path) -> str:
         "  files:",
     ]
     for name, entry in m.files.items():
-        lines.append(f"    {name:24s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…")
+        mark = "  FAILED VERIFICATION" if name in (problems or {}) else ""
+        lines.append(f"    {name:24s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}")
     p32 = m.parity["onnx_fp32_vs_pytorch"]
     lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "
                  f"mean {p32['map_mean_abs']:.2e}; score max abs {p32['score_max_abs']:.2e}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -33,8 +35,23 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+#: OSErrors that are the machine's state, not a bug: one line for the user, no traceback.
+_ENVIRONMENT_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EISDIR,
+                                 errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EMFILE})
+
+
+def os_error_line(exc: OSError) -> str:
+    """'<file>: <reason>' for an OSError; an atomic write's hidden temporary file is named by its folder."""
+    name = exc.filename
+    if isinstance(name, (str, os.PathLike)) and Path(name).name.startswith(".") and ".tmp" in Path(name).name:
+        name = Path(name).parent
+    where = f"{name}: " if name is not None else ""
+    return f"{where}{exc.strerror or exc}"
+
+
 def user_errors_as_exit(func: F) -> F:
-    """Turn a GradError into a single 'error: ...' line on stderr and exit code 2 (no traceback)."""
+    """Turn a GradError, or an OSError of the machine's state (read-only or full disk, no permission, missing
+    file), into a single 'error: ...' line on stderr and exit code 2 (no traceback)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -42,6 +59,11 @@ def user_errors_as_exit(func: F) -> F:
             return func(*args, **kwargs)
         except GradError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in _ENVIRONMENT_ERRNOS:
+                raise
+            click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
@@ -73,3 +95,16 @@ def check_writable(path: str | os.PathLike[str], option: str) -> Path:
     if not existed:
         path.unlink(missing_ok=True)
     return path
+
+
+def check_folder_writable(folder: str | os.PathLike[str], what: str) -> Path:
+    """Fail before the work starts, with one line naming ``what`` and the folder, when no file can be created in
+    ``folder`` (read-only file system, no permission): commands that write into a bundle find out before minutes
+    of inference, not after."""
+    folder = Path(folder)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".gradad-write-check-"):
+            pass
+    except OSError as exc:
+        raise GradError(f"{what} {folder}: cannot write there ({exc.strerror or exc})") from None
+    return folder

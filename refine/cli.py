@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from gradad.cli_utils import CLI_CONTEXT, grad_command
+from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 from gradad.runtime.refine_result import STATUS_COARSE_KEPT
@@ -104,6 +104,7 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 
     config = apply_refine_set(RefineConfig(), assignments)
     bundle = Bundle.load(bundle_dir)
+    check_folder_writable(bundle_dir, "BUNDLE")
     samples = [s for s in load_samples_from_roots(list(data_roots), "train", list(classes) or None, layout)
                if s.label == 0]
     if not samples:
@@ -179,6 +180,7 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
         raise GradError(f"no labelled defect images (with masks) under {data_root}"
                         + (" that the model did not train on (--include-trained uses those)" if left_out else ""))
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
+    check_folder_writable(bundle_dir, "--bundle")
     tuned_classes = sorted({s.class_name for s in samples})
     if good_dir and len(tuned_classes) > 1:
         raise GradError(f"--good {good_dir} names one class's good images but {len(tuned_classes)} classes are being "

@@ -77,7 +77,10 @@ def describe(exc: BaseException) -> str:
 
 def _prepare_process(cfg: RefineWorkerConfig) -> None:
     """Worker-process set-up before the refiner is built: signals, thread count, priority."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole group: the main process stops us
+    # Ctrl-C, and a supervisor's SIGTERM (systemd signals the whole control group), reach the main process too: it
+    # drains the pending jobs and then stops us; dying on the signal would fail every pending frame
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if cfg.threads > 0:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = str(cfg.threads)

@@ -185,7 +185,7 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               help="Run N frames (looping the source, no JSON lines) "
               "and write a latency summary.")
 @click.option("--benchmark-out", type=click.Path(dir_okay=False), help="JSON file of the --benchmark summary "
-              "[default: stdout].")
+              "(needs --benchmark) [default: stdout].")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, help="Frames excluded from --benchmark statistics.")
 @click.option("--stats-every", type=click.FloatRange(min=0), default=10.0,
               help="Seconds between latency log lines (0 = off).")
@@ -315,6 +315,10 @@ class BenchmarkOptions:
     benchmark_frames: int | None = None
     benchmark_out: str | None = None
     warmup: int = 5
+
+    def __post_init__(self) -> None:
+        if self.benchmark_out and self.benchmark_frames is None:  # else it would be ignored without a word
+            raise GradError(f"--benchmark-out {self.benchmark_out} needs --benchmark N (the frames to measure)")
 
     @property
     def enabled(self) -> bool:

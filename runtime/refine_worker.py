@@ -362,6 +362,8 @@ class RefineWorker:
         if self._closed:
             return []
         out: list[RefineOutcome] = []
+        started = time.monotonic()
+        shortened = False
         try:
             limit = max(0.0, drain_timeout_s)
             shortened = stopping is not None and stopping()  # stopped already: the short drain from the start
@@ -379,8 +381,9 @@ class RefineWorker:
             self._closed = True
             self._shutdown(1.0 if not self._pending else 0.0)
         out.extend(self._counted(self._drain_inbox()))
-        left = self._take(list(self._pending), STATUS_UNFINISHED,
-                          f"not refined within the drain time ({drain_timeout_s:g} s)")
+        waited = f"{time.monotonic() - started:.1f} s, cut short by a stop signal" if shortened \
+            else f"{drain_timeout_s:g} s"
+        left = self._take(list(self._pending), STATUS_UNFINISHED, f"not refined within the drain time ({waited})")
         if left:
             log.warning("%d refinement job(s) unfinished at shutdown", len(left))
         self._counted(left)
@@ -408,10 +411,7 @@ class RefineWorker:
         except (queue.Full, ValueError, OSError):
             pass
         self._process.join(grace_s)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        if self._process.is_alive():  # pragma: no cover - a worker ignoring SIGTERM
+        if self._process.is_alive():  # it ignores SIGTERM (see gradad.refine.worker) and holds nothing to save
             self._process.kill()
             self._process.join(5.0)
         if self._receiver is not None:

@@ -230,6 +230,24 @@ def test_cli_inspect_build_and_refusals(bundle: Path, trained_tiny: Path, tmp_pa
     assert result.exit_code == 2 and "--overwrite" in result.stderr
 
 
+def test_inspect_shows_the_bundle_when_one_file_fails_and_trust_needs_an_engine(bundle: Path, tmp_path: Path) -> None:
+    """The diagnostic tool shows everything it can and marks the bad file (exit 2 with one error line), and
+    `trust` on a bundle without engines is the usual one-line error with exit code 2."""
+    import shutil
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    (copy / "model.fp16.onnx").unlink()
+    result = CliRunner().invoke(export_main, ["inspect", str(copy)])
+    assert result.exit_code == 2, result.output
+    assert "parity FP16" in result.stdout and "opset 17" in result.stdout
+    marked = [line for line in result.stdout.splitlines() if "FAILED VERIFICATION" in line]
+    assert len(marked) == 1 and "model.fp16.onnx" in marked[0]
+    assert result.stderr.startswith("error: 1 of ") and "bundle file missing" in result.stderr
+    result = CliRunner().invoke(export_main, ["trust", str(bundle)])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "no TensorRT engine" in result.stderr
+
+
 def test_parity_gate_failure_writes_nothing(trained_tiny: Path, tmp_path: Path) -> None:
     from gradad.export.parity import ParityError, ParityGates
 

@@ -373,6 +373,8 @@ def test_bad_output_paths_fail_before_the_run(calibrated: Path, frames: Path, tm
     blocker.write_text("x")
     assert "--benchmark-out" in one_error_line(_run([str(calibrated), "--source", str(frames), "--benchmark", "2",
                                                      "--benchmark-out", str(blocker / "b.json")]))
+    line = one_error_line(_run([str(calibrated), "--source", str(frames), "--benchmark-out", str(tmp_path / "b.json")]))
+    assert "--benchmark-out" in line and "needs --benchmark N" in line  # was ignored without a word
     jsonl = tmp_path / "r.jsonl"
     line = one_error_line(_run([str(calibrated), "--source", str(frames), "--jsonl", str(jsonl), "--video",
                                 str(blocker / "v.mp4")]))

@@ -294,3 +294,28 @@ def test_the_line_class_reaches_the_refiner(class_name: str | None, objective: f
         assert worker.submit(0, *_job(0))
         (outcome,) = _poll_until(worker, 1)
     assert outcome.result is not None and outcome.result.objective == objective
+
+
+def test_a_supervisors_sigterm_to_the_group_does_not_fail_pending_jobs() -> None:
+    """systemd stops a service by signalling its whole control group: the worker outlives the SIGTERM, the main
+    process drains (shortened by the stop) and the pending frames are refined, not failed."""
+    import signal
+
+    worker = _worker(standin_factory, time_budget_s=0.3, max_batch=1, queue_size=8)
+    for i in range(3):
+        assert worker.submit(i, *_job(i))
+    os.kill(worker._process.pid, signal.SIGTERM)
+    time.sleep(0.2)
+    assert worker.alive
+    outcomes = worker.close(drain_timeout_s=30.0, stopping=lambda: True, stop_drain_s=5.0)
+    assert sorted(o.frame_id for o in outcomes) == [0, 1, 2]
+    assert {o.status for o in outcomes} == {STATUS_CONVERGED} and worker.counts.failed == 0
+    assert not worker.alive
+
+
+def test_jobs_cut_off_by_a_stop_say_how_long_the_drain_was() -> None:
+    worker = _worker(standin_factory, time_budget_s=30.0, max_batch=1, queue_size=4)
+    assert worker.submit(0, *_job(0))
+    outcomes = worker.close(drain_timeout_s=30.0, stopping=lambda: True, stop_drain_s=0.3)
+    assert outcomes[0].status == STATUS_UNFINISHED and "cut short by a stop signal" in outcomes[0].reason
+    assert "30 s" not in outcomes[0].reason

@@ -340,6 +340,27 @@ def test_resume_after_interruption_at_the_stage_boundary(tiny_demo_root: Path, t
                                                            ("normal", 2)]
 
 
+def test_ctrl_c_outside_the_stages_says_what_can_be_resumed(tiny_demo_root: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """Ctrl-C while the features are extracted (nothing to resume) or during the fits after the last stage (the
+    checkpoint holds the end of training) gives the same TrainingInterrupted message as inside a stage."""
+    import gradad.training.trainer as trainer_module
+
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_prepare = trainer_module.prepare_training_data
+    monkeypatch.setattr(trainer_module, "prepare_training_data", interrupted)
+    with pytest.raises(trainer_module.TrainingInterrupted, match="before the first checkpoint"):
+        train(cfg)
+    monkeypatch.setattr(trainer_module, "prepare_training_data", real_prepare)
+    monkeypatch.setattr(trainer_module.Trainer, "_fit_fusion", interrupted)
+    with pytest.raises(trainer_module.TrainingInterrupted, match=r"holds end of training.*--resume"):
+        train(cfg)
+
+
 def test_invalid_ranges_are_config_errors(tiny_demo_root: Path, tmp_path: Path) -> None:
     cfg = _tiny_cfg(tiny_demo_root, tmp_path)
     cfg.model.smoothing_size = 20

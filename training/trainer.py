@@ -437,7 +437,16 @@ class Trainer:
         self.log_path.write_text("".join(f"{line}\n" for line in kept))
 
     def run(self, resume: bool = False) -> Path:
-        """Train and return the path of the final model file."""
+        """Train and return the path of the final model file; Ctrl-C anywhere (feature extraction, a stage, the
+        fits after the stages) raises :class:`TrainingInterrupted` saying what can be resumed."""
+        try:
+            return self._run(resume)
+        except TrainingInterrupted:
+            raise
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupt_message()) from None
+
+    def _run(self, resume: bool) -> Path:
         cfg = self.cfg
         seed_everything(cfg.train.seed)
         cfg.validate()
@@ -492,13 +501,10 @@ class Trainer:
             "tuned_defects": trained_defect_files(data.heldout_defects) if val is not None else [],
         }
         ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
-        try:
-            for stage_index in range(start_stage, len(STAGES)):
-                first = start_epoch if stage_index == start_stage else 0
-                self._run_stage(ctx, stage_index, first, opt_state if stage_index == start_stage else None,
-                                best if stage_index == start_stage else _Best())
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(self._interrupt_message()) from None
+        for stage_index in range(start_stage, len(STAGES)):
+            first = start_epoch if stage_index == start_stage else 0
+            self._run_stage(ctx, stage_index, first, opt_state if stage_index == start_stage else None,
+                            best if stage_index == start_stage else _Best())
         gains = self._fit_map_scales(ctx)
         fusion = self._fit_fusion(ctx)
         model.eval()
