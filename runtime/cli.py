@@ -152,7 +152,8 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--class", "class_name", help="The class (product) this line inspects, for a bundle of several: its "
               "own calibrated thresholds (grad-calibrate with one --good DIR per class) and its tuned F2PAD settings "
               "[default: the bundle's one threshold for all classes].")
-@click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration.")
+@click.option("--threshold", type=float, help="Image threshold overriding the bundle's calibration: a raw score in "
+              "the bundle's units, not a probability (grad-export inspect shows the calibrated one).")
 @click.option("--jsonl", "jsonl_path", default="-", help="Per-frame JSON lines file ('-' = stdout, '' = off); "
               "appended to, never truncated.")
 @click.option("--video", "video_path", type=click.Path(dir_okay=False), help="Write an annotated video (overlay "
