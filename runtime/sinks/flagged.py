@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import logging
 import os
@@ -31,6 +32,8 @@ _ALL_KINDS = _KINDS + tuple(_REFINED_KINDS.values())
 _NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>"
                       + "|".join(re.escape(k) for k in _ALL_KINDS) + r")$")
 _TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d*)$")  # gradad.files.atomic_file's temporary names
+# "no space left" and "quota exceeded": deleting our oldest frames can make room (EDQUOT is missing on Windows)
+_DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 
 
 def _safe_name(name: str | None, source: str) -> str:
@@ -80,7 +83,11 @@ class FlaggedFrameSink(SinkBase):
     * At start it indexes its own files already in the folder, so the limits hold across runs. Frame ids restart
       at 0 every run: a frame whose file names exist from an earlier run gets a ``-2``, ``-3``, ... suffix on its
       name instead of overwriting them; writing the same frame twice in one run (e.g. refined) overwrites.
-    * Disk errors (full, read-only) are logged and counted in ``errors``; they do not stop the camera loop.
+    * A full disk (``ENOSPC``, ``EDQUOT``) while writing a frame evicts the oldest saved frames, one at a time, and
+      retries, so the newest frames are kept; only when none of its own is left is the frame lost (``errors``,
+      one log line per streak of lost frames). Other disk errors (read-only, permissions) are logged and counted
+      in ``errors``. A frame is indexed and counted in ``saved`` only once all its files are written: a failed
+      frame leaves none behind. Disk errors do not stop the camera loop.
     * :meth:`write_refined` adds a refined mask (``refined_mask.png``, 0/255 at model resolution) and the repaired
       image (``repaired.png``) to a frame saved earlier in this run (``grad-run --refine``); they share the frame's
       disk budget and are evicted with it.
@@ -104,6 +111,8 @@ class FlaggedFrameSink(SinkBase):
         self.skipped = 0
         self.errors = 0
         self._normal_seen = 0
+        self._full_evict_logged = False  # the first eviction for a full disk is logged, later ones are counted
+        self._lost_to_full_disk = 0  # frames lost in a row because the disk is full and nothing is left to evict
         self._lock = threading.Lock()
         self._closed = False
         # key -> {kind: size}; insertion order = age (oldest first)
@@ -244,20 +253,43 @@ class FlaggedFrameSink(SinkBase):
             while self._index and (self.total_bytes + size > self.max_bytes
                                    or (self.max_files is not None and len(self._index) >= self.max_files)):
                 self._evict_one()
-            written: dict[str, int] = {}
+            if self._write_frame(key, payload, result.frame.frame_id):
+                self._index[key] = {kind: len(payload[kind]) for kind in _KINDS}
+                self.total_bytes += size
+                self.saved += 1
+
+    def _write_frame(self, key: str, payload: dict[str, bytes], frame_id: int) -> bool:
+        """Write a frame's files; on a full disk evict the oldest frames and retry. False (no file left) if lost."""
+        while True:
             try:
                 for kind in _KINDS:
                     atomic_write_bytes(self.folder / f"{key}_{kind}", payload[kind])
-                    written[kind] = len(payload[kind])
             except OSError as e:
+                # a frame missing its map is useless and would hold disk outside the index: none of its files stay
+                # (all kinds: when the frame is written again in this run, its old files are unindexed already)
+                self._remove_files(key, _ALL_KINDS)
+                if e.errno not in _DISK_FULL:
+                    self.errors += 1
+                    log.error("flagged frame %d not saved to %s: %s", frame_id, self.folder, e)
+                    return False
+                if self._index:  # the README promises the newest frames survive a full disk, not the oldest
+                    if not self._full_evict_logged:
+                        self._full_evict_logged = True
+                        log.warning("flagged-frame folder %s: disk full (%s): evicting the oldest frames to make "
+                                    "room", self.folder, e.strerror or e)
+                    self._evict_one()
+                    continue
                 self.errors += 1
-                log.error("flagged frame %d not (fully) saved to %s: %s", result.frame.frame_id, self.folder, e)
-            finally:
-                if written:
-                    self._index[key] = written
-                    self.total_bytes += sum(written.values())
-            if len(written) == len(_KINDS):
-                self.saved += 1
+                self._lost_to_full_disk += 1
+                if self._lost_to_full_disk == 1:  # a camera loop would otherwise log every NG frame
+                    log.error("flagged-frame folder %s: disk full (%s) and no saved frame left to evict: NG frames "
+                              "are not saved until space is freed", self.folder, e.strerror or e)
+                return False
+            if self._lost_to_full_disk:
+                log.warning("flagged-frame folder %s: saving again after %d frames lost to a full disk", self.folder,
+                            self._lost_to_full_disk)
+                self._lost_to_full_disk = 0
+            return True
 
     def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
                       repaired: np.ndarray | None = None) -> dict[str, str | None]:
