@@ -1,15 +1,16 @@
 """Frame sources for the lean runtime: cameras, GStreamer pipelines, network streams, video files, image folders.
 
 :func:`open_source` returns a :class:`FrameSource`: an iterator of RGB uint8 :class:`~gradad.runtime.types.Frame`
-objects, a context manager, with :meth:`FrameSource.stats` (captured / delivered / dropped / skipped / reconnects /
-gave_up). :func:`parse_source` says how a ``--source`` value is classified.
+objects, a context manager, with :meth:`FrameSource.stats` (captured / delivered / dropped / skipped / ignored /
+reconnects / gave_up). :func:`parse_source` says how a ``--source`` value is classified.
 
 Live sources (camera, gstreamer, stream) are read by a daemon capture thread that keeps only the newest frame: a
 slower consumer gets the latest image and the frames it never saw are counted as ``dropped`` (they still use up a
 ``frame_id``). A live source that fails after it was opened is reopened with exponential back-off
 (``SourceConfig.reconnect_*``); after ``reconnect_attempts`` failed tries (0 = never give up) the iteration ends
 with ``stats()["gave_up"] = True``. File sources (video, folder, glob, image) never drop frames: a prefetch thread
-decodes ahead into a bounded queue; an unreadable image is logged, counted as ``skipped`` and passed over.
+decodes ahead into a bounded queue; an unreadable image or video frame is logged, counted as ``skipped`` and passed
+over. A video frame's name carries its index in the file (``clip.avi#12``), also after frames lost to corruption.
 
 A source that cannot be opened raises :class:`SourceError` (one line, no traceback). Only numpy, OpenCV and the
 standard library are used here.
@@ -25,7 +26,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -217,8 +218,32 @@ def _open_capture(kind: str, value: int | str, config: SourceConfig) -> Capture:
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
         return cv2.VideoCapture(str(value), cv2.CAP_FFMPEG, params)
     if kind == "video":
-        return cv2.VideoCapture(str(value))
+        cap = cv2.VideoCapture(str(value))
+        return _avi_index_reader(str(value), cap) or cap
     raise ValueError(f"no capture for source kind {kind!r}")
+
+
+def _avi_index_reader(path: str, cap: Capture) -> Capture | None:
+    """OpenCV's own MJPEG AVI reader for ``path`` when it sees the same video as ``cap`` (FFmpeg), else None.
+
+    It reads every frame through the AVI's index, so ``CAP_PROP_POS_FRAMES`` is the frame's index in the file and a
+    damaged frame fails alone. FFmpeg instead resyncs past a damaged chunk and numbers what follows as if the lost
+    frames never existed (its POS_FRAMES and its AVI timestamps both count decoded frames), so names would point
+    early. Frame count and size must agree, so an AVI this reader only partly understands stays with FFmpeg (a
+    truncated file has no index: it never opens here).
+    """
+    if not path.lower().endswith(".avi") or not cap.isOpened():
+        return None
+    try:
+        alt = cv2.VideoCapture(path, cv2.CAP_OPENCV_MJPEG)
+    except cv2.error:  # pragma: no cover - a build without the reader
+        return None
+    props = (cv2.CAP_PROP_FRAME_COUNT, cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT)
+    if alt.isOpened() and alt.get(cv2.CAP_PROP_FRAME_COUNT) > 0 and all(alt.get(p) == cap.get(p) for p in props):
+        _release(cap)
+        return alt
+    _release(alt)
+    return None
 
 
 def _gstreamer_available() -> bool:
@@ -258,8 +283,8 @@ class FrameSource:
         self.spec = spec
         self.config = config
         self._lock = threading.Lock()
-        self._stats: dict[str, Any] = {"captured": 0, "delivered": 0, "dropped": 0, "skipped": 0, "reconnects": 0,
-                                       "gave_up": False}
+        self._stats: dict[str, Any] = {"captured": 0, "delivered": 0, "dropped": 0, "skipped": 0, "ignored": 0,
+                                       "reconnects": 0, "gave_up": False}
         self._closed = False
 
     # -- public API
@@ -279,7 +304,8 @@ class FrameSource:
 
     def stats(self) -> dict[str, Any]:
         """Counters: ``captured`` (frames read from the source), ``delivered`` (returned by ``next``),
-        ``dropped`` (live frames overwritten before they were read), ``skipped`` (unreadable image files),
+        ``dropped`` (live frames overwritten before they were read), ``skipped`` (unreadable image files or video
+        frames), ``ignored`` (files of a folder or glob that are not images of a known type, never read),
         ``reconnects`` (successful reopens of a live source), ``gave_up`` (a live source was lost for good)."""
         with self._lock:
             return dict(self._stats)
@@ -398,33 +424,50 @@ def _unique_files(paths: list[Path], pattern: str) -> list[Path]:
     return kept
 
 
-def _list_images(spec: SourceSpec) -> list[tuple[Path, str]]:
-    """(file, record name) of every image of a folder, glob or image source, in reading order.
+def _list_images(spec: SourceSpec) -> tuple[list[tuple[Path, str]], int]:
+    """(file, record name) of every image of a folder, glob or image source, in reading order, and how many other
+    files the folder or glob holds (logged once: see :func:`_log_ignored`).
 
     The name is the path relative to the source root (the folder, or a glob's leading folder), so
     ``crack/000.png`` and ``good/000.png`` stay distinguishable in the records.
     """
     if spec.kind == "image":
         path = Path(str(spec.value))
-        return [(path, path.name)]
+        return [(path, path.name)], 0
     if spec.kind == "folder":
         folder = Path(str(spec.value))
         try:
-            files = sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+            entries = list(folder.iterdir())
+            files = sorted((p for p in entries if is_image_file(p)), key=lambda p: p.name)
         except OSError as exc:
             raise SourceError(f"cannot list folder ({exc.strerror or exc}): {folder}") from None
+        ignored = _log_ignored(f"folder {folder}", entries)
         if not files:
             raise SourceError(
                 f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in folder (subfolders are not searched): {folder}"
             )
-        return [(p, p.name) for p in files]
+        return [(p, p.name) for p in files], ignored
     pattern = str(spec.value)
-    hits = sorted({Path(p) for p in _glob.glob(pattern, recursive=True) if is_image_file(Path(p))}, key=str)
+    found = {Path(p) for p in _glob.glob(pattern, recursive=True)}
+    hits = sorted((p for p in found if is_image_file(p)), key=str)
     files = _unique_files(hits, pattern)
+    ignored = _log_ignored(f"glob {spec.label}", found)
     if not files:
         raise SourceError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) match the glob: {pattern}")
     root = _glob_root(pattern)
-    return [(p, Path(os.path.relpath(p, root)).as_posix()) for p in files]
+    return [(p, Path(os.path.relpath(p, root)).as_posix()) for p in files], ignored
+
+
+def _log_ignored(where: str, paths: Iterable[Path]) -> int:
+    """Count, and log once, the visible files among ``paths`` that are not images of a known type: they are never
+    read, and a folder of ``.webp`` frames OpenCV could decode must not look empty or short without a word.
+    Subfolders and hidden files (``.DS_Store``) are passed over by design and not counted."""
+    others = sorted(p for p in paths if not p.name.startswith(".") and not is_image_file(p) and p.is_file())
+    if others:
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
+        logger.warning("%s: skipped %d file(s) that are not images of a known type (%s; known: %s)", where,
+                       len(others), ", ".join(kinds), " ".join(IMAGE_EXTENSIONS))
+    return len(others)
 
 
 def _file_frames(source: _FileSource, stop: threading.Event, one_pass: Callable[[], Iterator[tuple[np.ndarray, str]]],
@@ -471,32 +514,67 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
         caps[0] = factory("video", path, source.config)
         if not caps[0].isOpened():
             raise SourceError(f"cannot reopen video file: {path}")
-    cap, index = caps[0], 0
+    cap, index = caps[0], -1  # index: the last frame's index in the file
+    unreadable: list[int] = []
+    announced = _capture_prop(cap, cv2.CAP_PROP_FRAME_COUNT)
+    trusted = True  # the container's positions, until the first read shows they are not frame indices
     try:
         while True:
             try:
                 ok, img = cap.read()
             except cv2.error:
                 ok, img = False, None
-            if not ok or img is None:
+            # the container's position after a read is the index of the next frame: the name follows the file
+            # across frames lost to damage; a count of decoded frames where there is no position, the first read
+            # does not leave it at 1 (another unit, a backend that does not know) or it does not move on
+            pos = _capture_prop(cap, cv2.CAP_PROP_POS_FRAMES) if trusted else None
+            trusted = trusted and (index >= 0 or pos == 1)
+            at = pos - 1 if trusted and pos is not None and pos - 1 > index else None
+            if ok and img is not None:
+                index = at if at is not None else index + 1
+                yield _to_rgb(img), f"{Path(path).name}#{index}"
+            elif at is not None and announced is not None and at < announced:
+                index = at  # a damaged frame an index-based reader stepped over: go on after it
+                unreadable.append(at)
+                source._count("skipped")
+            else:
                 break
-            yield _to_rgb(img), f"{Path(path).name}#{index}"
-            index += 1
-        _warn_if_short(cap, index, path)
+        _warn_if_short(path, index + 1, announced, unreadable)
     finally:
         caps[0] = None
         _release(cap)
 
 
-def _warn_if_short(cap: Capture, delivered: int, path: str) -> None:
-    """Log a warning when a video ended before the frame count its container announces (truncated / corrupt)."""
+def _capture_prop(cap: Capture, prop: int) -> int | None:
+    """A capture property as a whole number, None where it is unknown (fakes without get(), -1, NaN)."""
     try:
-        announced = float(cap.get(cv2.CAP_PROP_FRAME_COUNT))  # type: ignore[attr-defined]
+        value = float(cap.get(prop))  # type: ignore[attr-defined]
     except Exception:  # fakes without get(), backends without the property
-        return
-    if math.isfinite(announced) and delivered < int(announced):
+        return None
+    return int(value) if math.isfinite(value) and value >= 0 else None
+
+
+def _warn_if_short(path: str, reached: int, announced: int | None, unreadable: list[int]) -> None:
+    """Warn about frames of a video that could not be read: damaged ones in between (their indices, which the
+    other frames' names skip) and a missing end (``reached`` < the frame count the container announces)."""
+    if unreadable:  # only ever found below a known frame count
+        logger.warning("video file %s: %d of %s frames unreadable (%s; corrupt): passed over, the other frames keep "
+                       "their index in the file as names", path, len(unreadable), announced, _index_ranges(unreadable))
+    if announced is not None and reached < announced:
         logger.warning("video file %s ended after %d of the %d frames its container announces (truncated or "
-                       "corrupt): the rest is missing", path, delivered, int(announced))
+                       "corrupt): the rest is missing", path, reached, announced)
+
+
+def _index_ranges(indices: list[int], most: int = 4) -> str:
+    """``#7-#12, #20`` for sorted frame indices (the first ``most`` runs, then how many more)."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"#{a}" if a == b else f"#{a}-#{b}" for a, b in runs[:most])
+    return text + (f" and {len(runs) - most} more runs" if len(runs) > most else "")
 
 
 # --------------------------------------------------------------------------------------------- live sources
@@ -742,6 +820,9 @@ def open_source(
         nothing = f"cannot decode any frame of video file (corrupt or unsupported codec): {path}"
         return _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _video_pass(src, caps, factory),
                                                                        nothing), on_close=lambda: _release(caps[0]))
-    files = _list_images(parsed)
+    files, ignored = _list_images(parsed)
     nothing = f"no readable image in {parsed.label} ({len(files)} file(s) skipped as unreadable)"
-    return _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _image_pass(src, files), nothing))
+    source = _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _image_pass(src, files),
+                                                                     nothing))
+    source._count("ignored", ignored)
+    return source
