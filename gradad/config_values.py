@@ -21,9 +21,29 @@ class _NoAliasLoader(yaml.SafeLoader):
                                               self.peek_event().start_mark)
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping whose keys are all different: PyYAML keeps the last of two equal keys, so a forgotten
+        ``threshold: 20`` above a ``threshold: 30`` would silently run at 30."""
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<:" overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not None:
+                lines = f"twice on line {line}" if first == line else f"on lines {first} and {line}"
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} {lines}: keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
 
 def load_settings_file(text: str) -> Any:
-    """A YAML or JSON settings file's content (plain values only, no aliases); errors are ``yaml.YAMLError``."""
+    """A YAML or JSON settings file's content (plain values only, no aliases, no key twice in one mapping); errors
+    are ``yaml.YAMLError``."""
     return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 

@@ -113,8 +113,8 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 
     try:
         defaults, webhook = read_line_config(path)
-    except GradError as exc:
-        raise click.BadParameter(str(exc)) from None
+    except GradError as exc:  # the message names the file already: no "Invalid value for '--config'" before it
+        raise click.UsageError(str(exc), ctx) from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["webhook_options"] = webhook
 

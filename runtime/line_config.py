@@ -9,7 +9,9 @@ redacted.
     backend: auto                     # auto | tensorrt | onnxruntime
     precision: fp16
     class: nut                        # the class this line inspects: its own thresholds and F2PAD settings
-    threshold: 0.8                    # overrides the bundle's calibration
+    # threshold: 19.5                 # overrides the bundle's calibration (leave it out to keep that): a raw
+                                      # anomaly score in the bundle's units, not 0-1; compare the calibrated
+                                      # calibration.image_threshold in `grad-export inspect BUNDLE`
     sinks:
       jsonl: /var/log/gradad/line.jsonl
       flagged: /data/flagged
@@ -25,12 +27,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from gradad.config_values import load_settings_file
-from gradad.errors import GradError
+from gradad.config_values import coerce_setting, load_settings_file
+from gradad.errors import ConfigError, GradError
 from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,20 @@ KEYS: dict[str, dict[str, str]] = {
                "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads",
                "class": "refine_class"},
     "statistics": {"every_s": "stats_every"},
+}
+#: The type of each parameter's file value, checked here: click would read `threshold: yes` as 1.0 and
+#: `max_frames: 2.7` as 2, crash on `loop: 1`, and blame its --flag for a mistake made in the file.
+#: Ranges are left to the options (test_line_config_types checks this table against them).
+TYPES: dict[str, Any] = {
+    "backend": Literal["auto", "tensorrt", "onnxruntime"], "precision": Literal["fp32", "fp16", "int8"],
+    "threads": int, "batch_size": int, "class_name": str, "threshold": float, "max_frames": int, "loop": bool,
+    "jsonl_path": str, "video_path": str, "video_fps": float, "video_segment": float, "display": bool,
+    "flagged_dir": str, "flagged_max_mb": int,
+    "mqtt": str, "mqtt_topic": str, "mqtt_user": str, "mqtt_password": str, "mqtt_tls": bool, "mqtt_ca": str,
+    "webhook": str,
+    "refine": bool, "refine_budget": float, "refine_batch": int, "refine_queue": int, "refine_drain": float,
+    "refine_device": Literal["auto", "cpu", "cuda"], "refine_threads": int, "refine_class": str,
+    "stats_every": float,
 }
 #: Sections that hold sections.
 SUBSECTIONS: dict[str, set[str]] = {"": {"sinks", "refine", "statistics"}, "sinks": {"mqtt", "webhook"}}
@@ -90,7 +106,8 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
                             f"{section or 'the top level'} (known: {', '.join(sorted(set(keys) | nested | extra))})")
         for key, param in keys.items():
             if key in node:
-                defaults[param] = _sources(node[key], where) if param == "sources" else node[key]
+                defaults[param] = (_sources(node[key], where) if param == "sources"
+                                   else _typed(f"{section}.{key}" if section else key, param, node[key], where))
         if section == "sinks.webhook":
             webhook = {k: _webhook_option(k, node[k], where) for k in WEBHOOK_OPTIONS if k in node}
     if defaults.get("mqtt_password") is not None:
@@ -114,6 +131,20 @@ def _sources(value: Any, where: str) -> tuple[str, ...]:
         raise GradError(f"{where}: 'sources' must be a source or a list of sources (camera index, pipeline, URL, "
                         f"video, folder or glob), got {redact_secrets_in(repr(value))}")
     return tuple(str(v) for v in items)
+
+
+def _typed(name: str, param: str, value: Any, where: str) -> Any:
+    """The file's ``name: value`` as grad-run's ``param`` takes it, by grad-train's ``--set`` rule (no bool for a
+    number, no float (even 2.0) for an int, only true/false for a flag); empty (what --print-config writes for an unset
+    option) keeps the option's default."""
+    if value is None:
+        return None
+    try:
+        return coerce_setting(value, TYPES[param], name)
+    except ConfigError as exc:
+        if param == "mqtt_password":  # never echo it
+            raise ConfigError(f"{where}: setting {name}: expected str (quote it)") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _webhook_option(key: str, value: Any, where: str) -> Any:
