@@ -109,12 +109,19 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
     """--config: the file's settings become the defaults of the other options (flags and env vars still win)."""
     if path is None:
         return
-    from gradad.runtime.line_config import read_line_config
+    from gradad.runtime.line_config import file_key, read_line_config
 
     try:
         defaults, webhook = read_line_config(path)
     except GradError as exc:  # the message names the file already: no "Invalid value for '--config'" before it
         raise click.UsageError(str(exc), ctx) from None
+    by_name = {p.name: p for p in ctx.command.params}
+    for name, value in defaults.items():  # ranges (threads >= 0, ...): click would blame a flag nobody gave
+        if value is not None and name in by_name and name != "sources":
+            try:
+                by_name[name].type.convert(value, by_name[name], ctx)
+            except click.BadParameter as exc:
+                raise click.UsageError(f"--config {path}: setting {file_key(name)}: {exc.message}", ctx) from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["webhook_options"] = webhook
 

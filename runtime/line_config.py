@@ -133,6 +133,12 @@ def _sources(value: Any, where: str) -> tuple[str, ...]:
     return tuple(str(v) for v in items)
 
 
+def file_key(param: str) -> str:
+    """The line file's dotted key of grad-run parameter ``param`` (``sinks.mqtt.tls`` for ``mqtt_tls``)."""
+    return next((f"{section}.{key}" if section else key for section, keys in KEYS.items()
+                 for key, name in keys.items() if name == param), param)
+
+
 def _typed(name: str, param: str, value: Any, where: str) -> Any:
     """The file's ``name: value`` as grad-run's ``param`` takes it, by grad-train's ``--set`` rule (no bool for a
     number, no float (even 2.0) for an int, only true/false for a flag); empty (what --print-config writes for an unset

@@ -48,6 +48,17 @@ def test_a_value_of_the_wrong_type_is_one_error_naming_file_and_key(tmp_path: Pa
     assert f"--config {path}: {message}" in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(("text", "message"), [
+    ("threads: -1\n", "setting threads: -1 is not in the range x>=0"),
+    ("sinks: {video_fps: 0}\n", "setting sinks.video_fps: 0.0 is not in the range x>0"),
+])
+def test_a_value_out_of_range_blames_the_file_not_a_flag(tmp_path: Path, text: str, message: str) -> None:
+    result, path = _print_config(tmp_path, text)
+    assert result.exit_code == 2 and (result.exception is None or isinstance(result.exception, SystemExit))
+    flat = " ".join(result.output.split())
+    assert f"--config {path}: {message}" in flat and "Invalid value for '--" not in flat, result.output
+
+
 def test_the_mqtt_password_is_not_shown_when_it_has_the_wrong_type(tmp_path: Path) -> None:
     result, _ = _print_config(tmp_path, "sinks: {mqtt: {host: broker, password: 73104}}\n")
     assert result.exit_code == 2 and "setting sinks.mqtt.password: expected str" in result.output, result.output
