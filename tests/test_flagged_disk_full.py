@@ -43,8 +43,8 @@ class _SmallDisk:
             used = sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file() and p != path)
             if used + len(data) > self.capacity:
                 self.refusals += 1
-                key = next(path.name[: -len(s)] for s in _SUFFIXES if path.name.endswith(s))
-                self.refusals_with_partial_frame += bool(_frames(self.folder).get(key))
+                key = next((path.name[: -len(s)] for s in _SUFFIXES if path.name.endswith(s)), None)
+                self.refusals_with_partial_frame += bool(key and _frames(self.folder).get(key))
                 raise OSError(self.err, "simulated full disk", str(path))
             real(path, data, fsync)
 
@@ -184,3 +184,32 @@ def test_flagged_frame_written_again_on_a_full_disk_leaves_no_stale_files(
     assert disk.refusals >= 1 and sink.errors == 1 and sink.saved == 1
     assert _frames(folder) == {}  # neither a mix of old and new files nor unindexed old ones
     _assert_index_matches_disk(sink, folder)
+
+
+def test_a_refined_mask_on_a_full_disk_evicts_an_older_frame_not_its_own(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    one, _ = _one_frame_bytes(tmp_path)
+    folder = tmp_path / "flagged"
+    folder.mkdir()
+    disk = _SmallDisk(monkeypatch, folder, capacity=10 * one)
+    sink = FlaggedFrameSink(folder)
+    sink.write(make_result(0, True, seed=1))
+    sink.write(make_result(1, True, seed=2))
+    assert sink.frames_on_disk == 2 and sink.evicted == 0
+    disk.capacity = sink.total_bytes + 10  # now full: no refined file fits beside both frames
+    mask = np.zeros((16, 16), bool)
+    mask[3:9, 2:7] = True
+    saved = sink.write_refined(1, None, make_result(1, True).frame.source, mask)
+    assert disk.refusals >= 1 and saved["mask_file"] is not None and Path(saved["mask_file"]).is_file()
+    assert sink.evicted == 1 and sink.errors == 0 and sink.frames_on_disk == 1
+    assert sorted(_frames(folder)) == [Path(saved["mask_file"]).name[: -len("_refined_mask.png")]]
+    assert _temporaries(folder) == []
+    # its own frame is never evicted for its refined file: with nothing older left, the write fails and counts
+    disk.capacity = sink.total_bytes + 10
+    noisy = np.random.default_rng(0).random((16, 16)) > 0.5  # a larger PNG than the first mask
+    saved = sink.write_refined(1, None, make_result(1, True).frame.source, noisy)
+    sink.close()
+    assert saved["mask_file"] is None and sink.errors == 1
+    assert sink.frames_on_disk == 1 and sink.evicted == 1 and _temporaries(folder) == []

@@ -323,16 +323,27 @@ class FlaggedFrameSink(SinkBase):
                 if kind not in payload:
                     continue
                 path = self.folder / f"{key}_{kind}"
-                try:
-                    atomic_write_bytes(path, payload[kind])
-                except OSError as e:
-                    self.errors += 1
-                    log.error("refined file %s not saved: %s", path, e)
+                if not self._write_refined_file(key, path, payload[kind]):
                     break
                 self.total_bytes += len(payload[kind]) - entry.get(kind, 0)
                 entry[kind] = len(payload[kind])
                 files[field_name] = str(path)
         return files
+
+    def _write_refined_file(self, key: str, path: Path, data: bytes) -> bool:
+        """Write one refined file of frame ``key``; a full disk evicts frames older than it and retries, as
+        :meth:`write` does (the frame itself stays)."""
+        while True:
+            try:
+                atomic_write_bytes(path, data)
+                return True
+            except OSError as e:
+                if e.errno in _DISK_FULL and next(iter(self._index)) != key:
+                    self._evict_one()
+                    continue
+                self.errors += 1
+                log.error("refined file %s not saved: %s", path, e)
+                return False
 
     def _make_room(self, key: str, payload: dict[str, bytes]) -> bool:
         """Evict frames older than ``key`` until ``payload`` (replacing key's files of those kinds) fits."""
