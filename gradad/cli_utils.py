@@ -63,6 +63,8 @@ def user_errors_as_exit(func: F) -> F:
         except OSError as exc:
             if exc.errno not in _ENVIRONMENT_ERRNOS:
                 raise
+            # a missing file can also be a wrong internal path: -v keeps the traceback for that case
+            logging.getLogger("gradad").debug("the error's traceback", exc_info=True)
             click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(2)
 

@@ -465,7 +465,7 @@ def _log_ignored(where: str, paths: Iterable[Path]) -> int:
     others = sorted(p for p in paths if not p.name.startswith(".") and not is_image_file(p) and p.is_file())
     if others:
         kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
-        logger.warning("%s: skipped %d file(s) that are not images of a known type (%s; known: %s)", where,
+        logger.warning("%s: ignored %d file(s) that are not images of a known type (%s; known: %s)", where,
                        len(others), ", ".join(kinds), " ".join(IMAGE_EXTENSIONS))
     return len(others)
 
@@ -517,7 +517,9 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
     cap, index = caps[0], -1  # index: the last frame's index in the file
     unreadable: list[int] = []
     announced = _capture_prop(cap, cv2.CAP_PROP_FRAME_COUNT)
-    trusted = True  # the container's positions, until the first read shows they are not frame indices
+    # only OpenCV's MJPEG AVI reader (see _avi_index_reader) reports a frame's index in the file; FFmpeg counts
+    # decoded frames and GStreamer/MSMF may derive positions from timestamps (gaps in a clean VFR file's names)
+    trusted = _backend_name(cap) == _INDEX_READER
     try:
         while True:
             try:
@@ -543,6 +545,17 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
     finally:
         caps[0] = None
         _release(cap)
+
+
+_INDEX_READER = "CV_MJPEG"  # cv2.VideoCapture.getBackendName() of OpenCV's own MJPEG AVI reader
+
+
+def _backend_name(cap: Capture) -> str | None:
+    """The capture's OpenCV backend name, None for fakes and backends that do not say."""
+    try:
+        return str(cap.getBackendName())  # type: ignore[attr-defined]
+    except Exception:
+        return None
 
 
 def _capture_prop(cap: Capture, prop: int) -> int | None:

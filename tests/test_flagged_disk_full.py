@@ -213,3 +213,21 @@ def test_a_refined_mask_on_a_full_disk_evicts_an_older_frame_not_its_own(tmp_pat
     sink.close()
     assert saved["mask_file"] is None and sink.errors == 1
     assert sink.frames_on_disk == 1 and sink.evicted == 1 and _temporaries(folder) == []
+
+
+def test_a_disk_filled_by_someone_else_does_not_cost_the_whole_archive(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """When evicting does not make room (another writer, deleted files held open), the sink stops after freeing
+    twice the frame's size: the frame is lost, the archive is not."""
+    folder = tmp_path / "flagged"
+    sink = FlaggedFrameSink(folder)
+    for i in range(20):
+        sink.write(make_result(i, True, seed=i))
+
+    def always_full(path: Path, data: bytes, fsync: bool = False) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(flagged, "atomic_write_bytes", always_full)
+    sink.write(make_result(20, True, seed=20))
+    assert sink.errors == 1 and 1 <= sink.evicted <= 3 and sink.frames_on_disk == 20 - sink.evicted
+    _assert_index_matches_disk(sink, folder)

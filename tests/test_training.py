@@ -359,6 +359,10 @@ def test_ctrl_c_outside_the_stages_says_what_can_be_resumed(tiny_demo_root: Path
     monkeypatch.setattr(trainer_module.Trainer, "_fit_fusion", interrupted)
     with pytest.raises(trainer_module.TrainingInterrupted, match=r"holds end of training.*--resume"):
         train(cfg)
+    # a resume stopped while the features are extracted names the checkpoint's position, not stage 1 epoch 0
+    monkeypatch.setattr(trainer_module, "prepare_training_data", interrupted)
+    with pytest.raises(trainer_module.TrainingInterrupted, match=r"holds end of training.*--resume"):
+        train(cfg, resume=True)
 
 
 def test_invalid_ranges_are_config_errors(tiny_demo_root: Path, tmp_path: Path) -> None:

@@ -121,6 +121,11 @@ class _PosCap(_Cap):
     """With get(): CAP_PROP_POS_FRAMES after a read is the next frame's index (``positions="index"``, an
     index-based reader) or always 0 (``"zero"``, a backend that does not know)."""
 
+    backend = "CV_MJPEG"  # OpenCV's index-based AVI reader: the only backend whose positions are trusted
+
+    def getBackendName(self) -> str:  # noqa: N802 - OpenCV's name
+        return self.backend
+
     def get(self, prop: int) -> float:
         if prop == cv2.CAP_PROP_FRAME_COUNT:
             return float(self.n)
@@ -151,6 +156,16 @@ def test_without_usable_positions_names_count_decoded_frames(tmp_path: Path, pos
     assert [n for n, _ in _names(kind(5, {2}, positions), path)] == ["x.avi#0", "x.avi#1"]
 
 
+def test_positions_of_other_backends_are_not_taken_for_file_indices(tmp_path: Path) -> None:
+    """FFmpeg, GStreamer or MSMF positions may count decoded frames or come from timestamps: names count decoded
+    frames there and a failed read ends the video, as before."""
+    path = tmp_path / "x.avi"
+    path.write_bytes(b"")
+    cap = _PosCap(10, {3}, "index")
+    cap.backend = "GSTREAMER"
+    assert [n for n, _ in _names(cap, path)] == ["x.avi#0", "x.avi#1", "x.avi#2"]
+
+
 # ------------------------------------------------------------------------------------------------ image folders
 
 
@@ -171,7 +186,7 @@ def test_folder_logs_files_it_does_not_read(tmp_path: Path, caplog: pytest.LogCa
     assert stats["ignored"] == 3 and stats["skipped"] == 0
     lines = [r.getMessage() for r in caplog.records if "not images of a known type" in r.getMessage()]
     assert len(lines) == 1
-    assert "skipped 3 file(s) that are not images of a known type ((no extension), .txt, .webp" in lines[0]
+    assert "ignored 3 file(s) that are not images of a known type ((no extension), .txt, .webp" in lines[0]
 
     with caplog.at_level(logging.INFO, logger=LOGGER), open_source(str(tmp_path / "*")) as src:
         assert [f.name for f in src] == ["a.png", "c.jpg"] and src.stats()["ignored"] == 3

@@ -367,7 +367,8 @@ class Trainer:
         self.device = resolve_torch_device(cfg.train.device, "train.device")
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        self.position = (0, 0)  # (stage index, next epoch) of the newest checkpoint
+        # (stage index, next epoch) of the newest checkpoint; None until this run restored or wrote one
+        self.position: tuple[int, int] | None = None
 
     @property
     def state_path(self) -> Path:
@@ -529,6 +530,9 @@ class Trainer:
     def _interrupt_message(self) -> str:
         if not self.state_path.is_file():
             return f"training interrupted before the first checkpoint; nothing to resume in {self.run_dir}"
+        if self.position is None:  # stopped before this run read or wrote it (e.g. while extracting features)
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            self.position = (int(state["stage_index"]), int(state["next_epoch"]))
         stage, epoch = self.position
         where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "end of training"
         return (f"training interrupted; checkpoint {self.state_path} holds {where}. Continue with: "

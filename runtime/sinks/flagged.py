@@ -259,7 +259,12 @@ class FlaggedFrameSink(SinkBase):
                 self.saved += 1
 
     def _write_frame(self, key: str, payload: dict[str, bytes], frame_id: int) -> bool:
-        """Write a frame's files; on a full disk evict the oldest frames and retry. False (no file left) if lost."""
+        """Write a frame's files; on a full disk evict the oldest frames and retry. False (no file left) if lost.
+
+        Eviction for one frame stops once it freed twice the frame's size without making room: then something
+        else fills the disk (another writer, deleted files still held open, a snapshot), and deleting the whole
+        archive would not save this frame either."""
+        freed, budget = 0, 2 * sum(len(b) for b in payload.values())
         while True:
             try:
                 for kind in _KINDS:
@@ -272,19 +277,24 @@ class FlaggedFrameSink(SinkBase):
                     self.errors += 1
                     log.error("flagged frame %d not saved to %s: %s", frame_id, self.folder, e)
                     return False
-                if self._index:  # the README promises the newest frames survive a full disk, not the oldest
+                if self._index and freed < budget:  # the README promises the newest frames survive a full disk
                     if not self._full_evict_logged:
                         self._full_evict_logged = True
                         log.warning("flagged-frame folder %s: disk full (%s): evicting the oldest frames to make "
                                     "room", self.folder, e.strerror or e)
+                    before = self.total_bytes
                     self._evict_one()
+                    freed += before - self.total_bytes
                     continue
                 self.errors += 1
                 self._lost_to_full_disk += 1
                 if self._lost_to_full_disk == 1:  # a camera loop would otherwise log every NG frame
-                    log.error("flagged-frame folder %s: disk full (%s) and no saved frame left to evict: NG frames "
-                              "are not saved until space is freed", self.folder, e.strerror or e)
+                    log.error("flagged-frame folder %s: disk full (%s) and evicting %s did not make room: NG frames "
+                              "are not saved until space is freed", self.folder, e.strerror or e,
+                              "every saved frame" if not self._index else f"{freed} bytes of the oldest frames")
                 return False
+            if freed == 0:  # written without evicting: a later full disk is announced again
+                self._full_evict_logged = False
             if self._lost_to_full_disk:
                 log.warning("flagged-frame folder %s: saving again after %d frames lost to a full disk", self.folder,
                             self._lost_to_full_disk)
