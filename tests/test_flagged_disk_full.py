@@ -61,6 +61,15 @@ def _one_frame_bytes(tmp_path: Path) -> tuple[int, int]:
     return probe.total_bytes, files["orig.png"]
 
 
+def _sink_with_frame_0(tmp_path: Path) -> tuple[int, Path, FlaggedFrameSink]:
+    """(one frame's size, the folder, a sink that saved frame 0 there)."""
+    one, _ = _one_frame_bytes(tmp_path)
+    folder = tmp_path / "flagged"
+    sink = FlaggedFrameSink(folder)
+    sink.write(make_result(0, True))
+    return one, folder, sink
+
+
 def _assert_index_matches_disk(sink: FlaggedFrameSink, folder: Path) -> None:
     frames = _frames(folder)
     assert all(kinds == set(_SUFFIXES) for kinds in frames.values()), frames  # only complete frames
@@ -136,10 +145,7 @@ def test_flagged_full_disk_with_nothing_to_evict_loses_the_frame_cleanly(
 
 def test_flagged_full_disk_keeps_foreign_files_and_loses_the_frame_when_only_they_remain(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    one, orig = _one_frame_bytes(tmp_path)
-    folder = tmp_path / "flagged"
-    sink = FlaggedFrameSink(folder)
-    sink.write(make_result(0, True))
+    one, folder, sink = _sink_with_frame_0(tmp_path)
     (folder / "other.bin").write_bytes(b"x" * int(one * 1.5))  # someone else's file fills the disk
     _SmallDisk(monkeypatch, folder, capacity=int(one * 2.2))
     sink.write(make_result(1, True))  # frame 0 is evicted, then frame 1 still does not fit
@@ -174,10 +180,7 @@ def test_flagged_other_write_errors_do_not_evict_and_leave_no_partial_frame(
 
 def test_flagged_frame_written_again_on_a_full_disk_leaves_no_stale_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    one, orig = _one_frame_bytes(tmp_path)
-    folder = tmp_path / "flagged"
-    sink = FlaggedFrameSink(folder)
-    sink.write(make_result(0, True))
+    one, folder, sink = _sink_with_frame_0(tmp_path)
     disk = _SmallDisk(monkeypatch, folder, capacity=one // 2)
     sink.write(make_result(0, True, score=1.9))  # the same frame again (e.g. refined); nothing else to evict
     sink.close()
