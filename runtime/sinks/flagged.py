@@ -277,14 +277,9 @@ class FlaggedFrameSink(SinkBase):
                     self.errors += 1
                     log.error("flagged frame %d not saved to %s: %s", frame_id, self.folder, e)
                     return False
-                if self._index and freed < budget:  # the README promises the newest frames survive a full disk
-                    if not self._full_evict_logged:
-                        self._full_evict_logged = True
-                        log.warning("flagged-frame folder %s: disk full (%s): evicting the oldest frames to make "
-                                    "room", self.folder, e.strerror or e)
-                    before = self.total_bytes
-                    self._evict_one()
-                    freed += before - self.total_bytes
+                more = self._evict_for_full_disk(e, freed, budget)  # the README: the newest frames survive
+                if more is not None:
+                    freed = more
                     continue
                 self.errors += 1
                 self._lost_to_full_disk += 1
@@ -343,17 +338,33 @@ class FlaggedFrameSink(SinkBase):
     def _write_refined_file(self, key: str, path: Path, data: bytes) -> bool:
         """Write one refined file of frame ``key``; a full disk evicts frames older than it and retries, as
         :meth:`write` does (the frame itself stays)."""
+        freed, budget = 0, 2 * len(data)
         while True:
             try:
                 atomic_write_bytes(path, data)
                 return True
             except OSError as e:
-                if e.errno in _DISK_FULL and next(iter(self._index)) != key:
-                    self._evict_one()
+                more = self._evict_for_full_disk(e, freed, budget, keep=key) if e.errno in _DISK_FULL else None
+                if more is not None:
+                    freed = more
                     continue
                 self.errors += 1
                 log.error("refined file %s not saved: %s", path, e)
                 return False
+
+    def _evict_for_full_disk(self, error: OSError, freed: int, budget: int, keep: str | None = None) -> int | None:
+        """On a full disk, evict the oldest frame (never ``keep``) and return the bytes freed so far for this write;
+        None when nothing may go: no frame left, or ``budget`` bytes freed already without making room (something
+        else fills the disk: another writer, deleted files held open, a snapshot; the archive would not help)."""
+        if not self._index or freed >= budget or next(iter(self._index)) == keep:
+            return None
+        if not self._full_evict_logged:
+            self._full_evict_logged = True
+            log.warning("flagged-frame folder %s: disk full (%s): evicting the oldest frames to make room",
+                        self.folder, error.strerror or error)
+        before = self.total_bytes
+        self._evict_one()
+        return freed + before - self.total_bytes
 
     def _make_room(self, key: str, payload: dict[str, bytes]) -> bool:
         """Evict frames older than ``key`` until ``payload`` (replacing key's files of those kinds) fits."""
