@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 CALIBRATION_IMAGES = "images"
 #: the f1 and recall rules on fewer defect images than this get a warning (one defect moves recall by >= 20 %)
 FEW_DEFECTS = 5
+#: an f1 or recall threshold that flags more than this share of the good calibration images gets a warning
+GOOD_FLAGGED_WARNING = 0.1
 
 
 def find_mask(masks_dir: Path, image: Path) -> Path | None:
@@ -68,6 +70,20 @@ def score_images(backend: Backend, files: Sequence[Path], batch_size: int = 8,
 def _strictly_below(t: float) -> float:
     """Decisions are ``score > threshold``; a rule defined with >= t becomes > nextafter(t, -inf)."""
     return float(np.nextafter(np.float32(t), np.float32(-np.inf)))
+
+
+def inside_gap(t: float, scores: np.ndarray) -> tuple[float, list[float] | None]:
+    """A rule defined as ``score >= t`` on calibration scores, as a ``score > threshold`` threshold in the middle of
+    the gap below t: every threshold between the next lower calibration score and t decides the calibration images
+    alike, and the middle leaves the most room for a slightly weaker defect, or for the score differences between
+    backends and precisions (just below t, a defect 1e-5 weaker than the weakest one calibrated would pass).
+    Returns (threshold, [lower score, t]); the gap is None when no calibration score lies below t."""
+    below = np.asarray(scores, dtype=np.float64)
+    below = below[below < t]
+    if below.size == 0:
+        return _strictly_below(t), None
+    lower = float(below.max())
+    return float((lower + t) / 2), [lower, float(t)]
 
 
 def _refuse_non_finite(files: Sequence[Path], scores: np.ndarray, maps: np.ndarray, option: str) -> None:
@@ -133,17 +149,48 @@ def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]
     classes = list(bundle.classes or [])
     if len(classes) > 1:
         seen = {_good_dir_class(d, classes) for d, _ in good_files}
-        if None not in seen:  # a folder whose class cannot be told may hold any class: say nothing then
+        if None not in seen:
             missing = [c for c in classes if c not in seen]
             if missing:
                 out.append(f"--good: no good images of class(es) {', '.join(missing)} of this {len(classes)}-class "
                            f"bundle; its one threshold is applied to them too: add --good DIR per class")
+        else:  # a folder whose class cannot be told may hold any class: no per-class thresholds
+            unnamed = [str(d) for d, _ in good_files if _good_dir_class(d, classes) is None]
+            previous = getattr(bundle, "calibration", None)
+            before = sorted((previous.classes or {}) if previous else {})
+            dropped = (f"; the bundle's per-class thresholds ({', '.join(before)}) are replaced by one threshold"
+                       if before else "")
+            out.append(f"--good {', '.join(unnamed)}: the path names no class of this {len(classes)}-class bundle "
+                       f"({', '.join(classes)}), so no per-class thresholds are set{dropped}: keep good images in "
+                       f"folders named by class (DATA/<class>/...) to calibrate each class")
     is_trained = _training_image_check(bundle)
     for d, files in good_files:  # the model trained on these: they score lower than unseen parts
         trained = [f for f in map(Path.resolve, files) if is_trained(f)]
         if trained:
             out.append(f"--good {d}: holds {len(trained)} of the model's training images (e.g. {trained[0]}); "
                        f"a threshold from them is too low for unseen good parts: use held-out good images")
+    return out
+
+
+def _defect_warnings(bundle: Bundle | None, per_dir: Sequence[tuple[Path, list[Path]]], good_files: Sequence[Path],
+                     defect_dir: Path, defect_files: Sequence[Path]) -> list[str]:
+    """Warnings about the --defect folder given the --good ones: defects of another class than the goods (the f1
+    and recall rules would weigh one part's defects against another part's good images), and images that are in
+    both (a good part counted as a defect)."""
+    out = []
+    classes = list(bundle.classes or []) if bundle is not None else []
+    if len(classes) > 1:
+        defect_class = _good_dir_class(defect_dir, classes)
+        good_classes = {_good_dir_class(d, classes) for d, _ in per_dir}
+        if defect_class is not None and None not in good_classes and defect_class not in good_classes:
+            out.append(f"--defect {defect_dir}: defects of class {defect_class}, but --good holds class(es) "
+                       f"{', '.join(sorted(good_classes))}: the f1 and recall thresholds would compare different "
+                       f"parts: give --good images of {defect_class}")
+    good_digests = {image_digest(f): f for f in good_files}
+    both = [(f, good_digests[d]) for f in defect_files if (d := image_digest(f)) in good_digests]
+    if both:
+        out.append(f"--defect {defect_dir}: {len(both)} of its images are also --good images (e.g. {both[0][0]} = "
+                   f"{both[0][1]}): a good part counted as a defect lowers the f1 and recall thresholds")
     return out
 
 
@@ -234,16 +281,19 @@ def calibrate(
         all_scores = np.r_[good_scores, defect_scores]
         from gradad.ranking import auroc, best_f1
 
+        for msg in _defect_warnings(bundle, per_dir, good_files, Path(defect_dir), defect_files):
+            warnings_list.append(msg)
+            log.warning(msg)
         if n_defect < FEW_DEFECTS and config.method in ("f1", "recall"):
             warnings_list.append(f"--method {config.method} rests on {n_defect} defect image(s) (fewer than "
                                  f"{FEW_DEFECTS}): the threshold may not hold for other defects")
             log.warning(warnings_list[-1])
         f1, t_f1 = best_f1(labels, all_scores)
-        t_f1 = _strictly_below(t_f1)
-        t_rec = _strictly_below(recall_threshold(defect_scores, config.target_recall))
+        t_f1, gap_f1 = inside_gap(t_f1, all_scores)
+        t_rec, gap_rec = inside_gap(recall_threshold(defect_scores, config.target_recall), all_scores)
         rules["far"].update(rates_at(threshold, good_scores, defect_scores))
-        rules["f1"] = {"threshold": t_f1, "f1": f1, **rates_at(t_f1, good_scores, defect_scores)}
-        rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall,
+        rules["f1"] = {"threshold": t_f1, "f1": f1, "gap": gap_f1, **rates_at(t_f1, good_scores, defect_scores)}
+        rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall, "gap": gap_rec,
                            **rates_at(t_rec, good_scores, defect_scores)}
         rules["image_auroc"] = auroc(labels, all_scores)
         if masks_dir:
@@ -280,6 +330,12 @@ def calibrate(
     elif good_classes is not None:
         log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
     active = rules[config.method]["threshold"]
+    flagged = float(np.mean(good_scores > active))
+    if config.method != "far" and flagged > max(GOOD_FLAGGED_WARNING, config.false_alarm_rate):
+        warnings_list.append(f"--method {config.method}: the threshold {active:.4f} flags {flagged:.0%} of the good "
+                             f"calibration images (--method far: {rules['far']['threshold']:.4f}); check that "
+                             f"--defect holds defects of the parts in --good")
+        log.warning(warnings_list[-1])
     if not active > 0:
         raise GradError(f"calibrated image threshold {active} is not positive: check the --good images")
     if not pixel["threshold"] > 0:
@@ -329,6 +385,8 @@ def calibration_table(cal: Calibration) -> str:
                        f"{pct(r.get('false_alarm_rate_upper'))}",
                 "f1": f"F1 {r.get('f1', 0):.3f}",
                 "recall": f"target recall {pct(r.get('target_recall'))}"}[name]
+        if r.get("gap"):
+            note += f"; middle of the gap {r['gap'][0]:.4f} - {r['gap'][1]:.4f}"
         lines.append(f"| {name}{active} | {r['threshold']:.4f} | {pct(r['false_alarm_rate'])} | "
                      f"{pct(r['recall'])} | {note} |")
     lines.append(f"\npixel threshold {cal.pixel_threshold:.4f} ({(cal.pixel or {}).get('method')})")

@@ -125,7 +125,10 @@ def list_image_files(folder: str | Path, what: str = "image") -> list[Path]:
         raise DatasetError(f"{what} folder not found: {folder}")
     files = _images(folder)
     if not files:
-        raise DatasetError(f"{what} folder {folder} holds no images")
+        nested = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d))
+        hint = (f" (subfolders are not searched; {', '.join(nested[:4])}{' ...' if len(nested) > 4 else ''} "
+                f"hold images: give one of them)" if nested else "")
+        raise DatasetError(f"{what} folder {folder} holds no images{hint}")
     return files
 
 

@@ -51,12 +51,17 @@ def os_error_line(exc: OSError) -> str:
 
 def user_errors_as_exit(func: F) -> F:
     """Turn a GradError, or an OSError of the machine's state (read-only or full disk, no permission, missing
-    file), into a single 'error: ...' line on stderr and exit code 2 (no traceback)."""
+    file), into a single 'error: ...' line on stderr and exit code 2 (no traceback); Ctrl-C into one line and exit
+    code 130, as a shell reports a process stopped by SIGINT (click's own handling says 'Aborted!' and exits 1,
+    which scripts and service managers read as a failure of the command)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            click.echo("interrupted (Ctrl-C)", err=True)
+            sys.exit(130)
         except GradError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)

@@ -19,34 +19,7 @@ from gradad.calibration.calibrate import CALIBRATION_IMAGES, calibrate, find_mas
 from gradad.calibration.cli import main as calibrate_cli
 from gradad.calibration.thresholds import CalibrationConfig, recall_threshold
 from gradad.errors import GradError
-
-
-class _MeanBackend:
-    """Scores an image by its mean grey level; its map is the per-pixel channel mean."""
-
-    name = "fake"
-    max_batch = 8
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        return 16, 16
-
-    def infer(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return images.mean(axis=(1, 2, 3)).astype(np.float32), images.mean(axis=1).astype(np.float32)
-
-    def close(self) -> None:
-        pass
-
-
-def _images(folder: Path, levels: list[int], suffix: str = "") -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, level in enumerate(levels):
-        image = np.full((16, 16, 3), level, np.uint8)
-        image[4 + i % 8, 4] = 255 - level  # no two images identical: not dropped as copies
-        paths.append(folder / f"{i:03d}{suffix}.png")
-        cv2.imwrite(str(paths[-1]), image)
-    return paths
+from fakes.calibration import MeanBackend as _MeanBackend, grey_images as _images
 
 
 def test_calibration_records_the_resolved_paths_of_its_images(tmp_path: Path, monkeypatch) -> None:

@@ -40,6 +40,11 @@ def test_other_os_errors_still_raise() -> None:
         "x.png: No such file or directory"
 
 
+def test_ctrl_c_in_any_grad_command_is_one_line_and_exit_130() -> None:
+    result = CliRunner().invoke(_command(KeyboardInterrupt()))
+    assert result.exit_code == 130 and result.output.strip() == "interrupted (Ctrl-C)"  # not click's "Aborted!", 1
+
+
 def test_a_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path: Path) -> None:
     """A file in place of the folder (what a read-only mount or a missing permission also give: the temporary
     file cannot be created; the tests run as root, for whom permission bits do not stop a write)."""
