@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any, Callable
 
 import click
 
@@ -35,11 +37,24 @@ def _batches(value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"{value!r}: comma-separated integers, e.g. 1,2,4,8") from None
 
 
+def _plain_name(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Check ``--name`` before the command runs: a file stem inside the -o folder (one 'error:' line otherwise)."""
+
+    @functools.wraps(command)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        from gradad.benchmarks.results_io import check_result_name
+
+        check_result_name(kwargs["name"])
+        return command(*args, **kwargs)
+
+    return checked
+
+
 def output_options(default_name: str, what: str = "JSON/markdown files"):
     """-o/--output, --name, -v and the one-line user errors of every command that writes result files."""
 
     def wrap(command):
-        command = grad_command(command)
+        command = grad_command(_plain_name(command))
         command = click.option("--name", default=default_name, help=f"Base name of the {what}.")(command)
         return click.option("-o", "--output", "out_dir", default=DEFAULT_OUT,
                             type=click.Path(file_okay=False))(command)
@@ -228,7 +243,7 @@ def report(results_dir) -> None:
 def _add_refine_command() -> None:
     from gradad.benchmarks.refine_masks import main as refine_command
 
-    main.add_command(refine_command, "refine")
+    main.add_command(refine_command, "refine")  # checks its own --name
 
 
 _add_refine_command()

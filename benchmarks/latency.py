@@ -124,6 +124,7 @@ def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str])
     size = preset_config(preset).data.image_size
     specs = []
     common = {"method": "grad", "preset": preset, "image_size": size}
+    log.info("GRAD %s preset rows: random weights (latency does not depend on their values)", preset)
     if BACKEND_PYTORCH in cfg.backends:
         specs.append(_spec(cfg, images, label=f"GRAD {preset} · PyTorch eager CPU FP32", backend="pytorch",
                            precision="fp32", device="cpu", **common))
@@ -133,7 +134,7 @@ def preset_specs(cfg: LatencyConfig, preset: str, work: Path, images: list[str])
                                    backend="pytorch", precision=precision, device="cuda", **common))
     wanted = [b for b in (BACKEND_ORT_FP32, BACKEND_ORT_FP16) if b in cfg.backends]
     if wanted:
-        log.info("exporting %s (random weights) to ONNX", preset)
+        log.info("exporting %s to ONNX", preset)
         paths = export_preset_onnx(preset, work, fp16=BACKEND_ORT_FP16 in wanted)
         for name in wanted:
             precision = BUNDLE_BACKENDS[name][1]
@@ -233,11 +234,20 @@ def run_worker(spec: RowSpec, threads: int, timeout_s: float) -> dict[str, Any]:
 
 
 def _complexity(preset: str, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """GFLOP and parameters of ``preset``, counted on a random-weight copy: the count does not depend on the
+    weights, so the backbone's "random weights" warning would be false for the row it is counted for (a bundle
+    carries its trained weights; a preset row says so where it is built)."""
     from gradad.benchmarks.complexity import preset_complexity
     from gradad.training.config import preset_config
 
     if preset not in cache:
-        cache[preset] = preset_complexity(preset_config(preset))
+        backbone_log = logging.getLogger("gradad.training.backbone")
+        level = backbone_log.level
+        backbone_log.setLevel(logging.ERROR)
+        try:
+            cache[preset] = preset_complexity(preset_config(preset))
+        finally:
+            backbone_log.setLevel(level)
     return cache[preset]
 
 

@@ -294,8 +294,10 @@ def markdown(result: dict[str, Any]) -> str:
 def main(bundle_dir, data_root, classes, per_defect, pixel_threshold, exclude, panels, assignments, device, threads,
          out_dir, name) -> None:
     """F2PAD masks: IoU / DICE of coarse vs refined masks, seconds and iterations per image (NAME.json/.md)."""
-    from gradad.benchmarks.results_io import KIND_REFINE, command_line, result_header, write_result_files
+    from gradad.benchmarks.results_io import (KIND_REFINE, check_result_name, command_line, result_header,
+                                              write_result_files)
 
+    check_result_name(name)  # before NAME_panels/ is made
     result = run_benchmark(bundle_dir, data_root, list(classes) or None, per_defect, pixel_threshold, assignments,
                            device, threads, Path(out_dir) / f"{name}_panels" if panels else None, exclude)
     ctx = click.get_current_context()

@@ -71,7 +71,8 @@ def classify(files: dict[str, dict[str, Any]]) -> Results:
             out.runtime[name] = data
         else:
             out.other.append(name)
-            log.info("%s: not a grad-bench result file (no 'kind'); listed under other results", name)
+            log.info("%s: not a grad-bench result file (no JSON object with a 'kind'); listed under other results",
+                     name)
     return out
 
 
@@ -521,6 +522,8 @@ def commands_section(files: dict[str, dict[str, Any]]) -> list[str]:
     """The exact command behind each result file (and its training command where recorded)."""
     out = ["## How each file was made", ""]
     for name, data in files.items():
+        if not isinstance(data, dict):  # another tool's JSON (a list, a number): listed under other results
+            continue
         cmds = [data.get("command")] if data.get("command") else [r.get("command") for r in data.get("runs", [])]
         cmds += [data[k] for k in ("train_command", "train_commands") if data.get(k)]
         flat = [c for item in cmds for c in (item if isinstance(item, list) else [item]) if c]
@@ -552,6 +555,26 @@ def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+#: what a result file of a known kind with missing or wrongly shaped fields raises while its part is rendered
+MALFORMED = (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDivisionError)
+
+
+def check_each_file(res: Results, files: dict[str, Any], folder: Path) -> None:
+    """Render each result file on its own first: one whose fields are missing or of the wrong shape (hand-edited,
+    cut short) is one error naming it, as a file that is not JSON is, rather than a traceback from the page."""
+    for field_name in ("accuracy", "latency", "complexity", "runtime", "preparation", "refine"):
+        for name, data in getattr(res, field_name).items():
+            alone = Results(**{field_name: {name: data}})
+            try:
+                render(alone, {name: data}, None, folder)
+                plot_points(alone)
+            except MALFORMED as exc:
+                log.debug("rendering %s", name, exc_info=True)
+                why = f"no field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+                raise GradError(f"{folder / name} is not a readable {field_name} result ({why}): fix it or move it "
+                                f"out of {folder}") from None
+
+
 def write_report(results_dir: str | Path) -> tuple[Path, Path | None]:
     """Regenerate ``README.md`` (and the plot PNG when there is something to plot) in ``results_dir``."""
     folder = Path(results_dir)
@@ -563,6 +586,7 @@ def write_report(results_dir: str | Path) -> tuple[Path, Path | None]:
         raise GradError(f"{readme} was not written by grad-bench report: refusing to replace it (move it away, or "
                         f"give the folder that holds the result files)")
     res = classify(files)
+    check_each_file(res, files, folder)
     plot = write_plot(plot_points(res), folder / PLOT)
     atomic_write_text(readme, render(res, files, plot.name if plot else None, folder))
     return readme, plot

@@ -70,9 +70,19 @@ def _refuse_foreign(json_path: Path, md_path: Path, kind: Any) -> None:
         raise GradError(f"{md_path} exists and is not a grad-bench result: choose another --name or -o")
 
 
+def check_result_name(name: str, option: str = "--name") -> str:
+    """A result name is a file stem in the ``-o`` folder: one with a path separator, or ``.``/``..``, would put the
+    files (and a refine run's ``NAME_panels/``) somewhere else, so it is refused naming ``option``."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise GradError(f"{option} {name!r}: give a plain file name (no path separator, not '..'); choose the "
+                        f"folder with -o")
+    return name
+
+
 def write_result_files(out_dir: str | Path, name: str, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.json`` (floats to 6 significant digits, nan as null) and ``<name>.md``; an existing
     pair is replaced only when its JSON is a result of the same ``kind`` as ``payload``."""
+    check_result_name(name)
     out = Path(out_dir)
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
     _refuse_foreign(json_path, md_path, payload.get("kind"))

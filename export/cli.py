@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -156,7 +157,8 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, p
 
 @main.command("inspect", context_settings=_CTX)
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole bundle.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole bundle.json (the calibration's full record "
+              "included: rules, image lists, score quantiles).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the files.")
 @user_errors_as_exit
 def inspect_command(bundle_dir, as_json, no_verify) -> None:
@@ -164,15 +166,17 @@ def inspect_command(bundle_dir, as_json, no_verify) -> None:
     from gradad.bundle import Bundle, BundleError
 
     bundle = Bundle.load(bundle_dir)
+    # every listed file and every engine (an engine its files do not list is as bad as a missing one)
+    names = list(dict.fromkeys([*bundle.files, *(e.file for e in bundle.engines)]))
     problems: dict[str, str] = {}
-    for name in [] if no_verify else list(bundle.files):  # file by file: one bad file hides nothing else
+    for name in [] if no_verify else names:  # file by file: one bad file hides nothing else
         try:
             bundle.verify([name])
         except BundleError as exc:
             problems[name] = str(exc)
     click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir, problems))
     if problems:
-        raise GradError(f"{len(problems)} of {len(bundle.files)} bundle files failed verification: "
+        raise GradError(f"{len(problems)} of {len(names)} bundle files failed verification: "
                         + "; ".join(problems.values()))
 
 
@@ -209,6 +213,7 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
     m = Bundle.load(bundle_dir)
     inp = m.input
     grid_nodes = "?" if m.onnx.gridsample_nodes is None else m.onnx.gridsample_nodes
+    problems = problems or {}
     lines = [
         f"bundle {m.name} at {bundle_dir} (schema {m.schema_version}, gradad {m.gradad_version}, "
         f"created {m.created})",
@@ -218,9 +223,10 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
         f"  onnx: opset {m.onnx.opset}, {grid_nodes} GridSample nodes, simplified {m.onnx.simplified}",
         "  files:",
     ]
+    width = max([24, *(len(name) for name in m.files)])
     for name, entry in m.files.items():
-        mark = "  FAILED VERIFICATION" if name in (problems or {}) else ""
-        lines.append(f"    {name:24s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}")
+        mark = "  FAILED VERIFICATION" if name in problems else ""
+        lines.append(f"    {name:{width}s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}")
     p32 = m.parity["onnx_fp32_vs_pytorch"]
     lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "
                  f"mean {p32['map_mean_abs']:.2e}; score max abs {p32['score_max_abs']:.2e}")
@@ -236,13 +242,48 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
         lines.append(f"  parity INT8 vs FP32 ({p8['n_images']} images): map rel L2 {p8['map_rel_l2']:.2e}, score rel "
                      f"L2 {p8['score_rel_l2']:.2e}; image AUROC {p8['auroc_fp32']:.4f} -> {p8['auroc_int8']:.4f}")
     for e in m.engines:
+        mark = ("  FAILED VERIFICATION" + ("" if e.file in m.files else " (not in the files list)")
+                if e.file in problems else "")
         lines.append(f"  engine: {e.file} ({e.precision}, TensorRT {e.tensorrt_version}, {e.gpu_name}, "
-                     f"sm{e.compute_capability})")
+                     f"sm{e.compute_capability}){mark}")
     if not m.engines:
         lines.append("  engines: none (build one on the target with grad-export build --fp16 BUNDLE --parity-images DIR)")
-    cal = m.calibration
-    lines.append(f"  calibration: {json.dumps(cal.to_dict()) if cal else 'none (run grad-calibrate)'}")
-    return "\n".join(lines)
+    return "\n".join(lines + calibration_lines(m.calibration))
+
+
+def _thr(value: Any) -> str:
+    return "–" if value is None else f"{value:#.4g}"
+
+
+def calibration_lines(cal: Any) -> list[str]:
+    """The calibration as a reader wants it: method, thresholds, per-class thresholds as a small table, how many
+    good and defect images from where, warnings (the full record, with every image path: inspect --json)."""
+    if cal is None:
+        return ["  calibration: none (run grad-calibrate)"]
+    data = cal.data if isinstance(cal.data, dict) else {}
+    lines = [f"  calibration: method {cal.method or '?'}, image threshold {_thr(cal.image_threshold)}, pixel "
+             f"threshold {_thr(cal.pixel_threshold)} (raw scores; {cal.backend or 'backend ?'}, {cal.date or 'date ?'})"]
+    good = f"{data.get('n_good', '?')} good images"
+    if data.get("good_dirs"):
+        good += " from " + ", ".join(str(d) for d in data["good_dirs"])
+    if data.get("n_good_copies_ignored"):
+        good += f" ({data['n_good_copies_ignored']} duplicates counted once)"
+    defects = f"{data.get('n_defect') or 0} defect images"
+    if data.get("defect_dir"):
+        defects += f" from {data['defect_dir']}"
+        if data.get("masks_dir"):
+            defects += f", masks from {data['masks_dir']}"
+    lines.append(f"    data: {good}; {defects}")
+    classes = cal.classes if isinstance(cal.classes, dict) else {}
+    if classes:
+        width = max(5, *(len(str(c)) for c in classes))
+        lines.append(f"    {'class':{width}s}  image thr  pixel thr  good images")
+        for name, entry in classes.items():
+            entry = entry if isinstance(entry, dict) else {}
+            lines.append(f"    {str(name):{width}s}  {_thr(entry.get('image_threshold')):>9s}  "
+                         f"{_thr(entry.get('pixel_threshold')):>9s}  {entry.get('n_good', '?')!s:>11s}")
+    lines += [f"    warning: {w}" for w in cal.warnings or []]
+    return lines + ["    (full calibration record: grad-export inspect --json)"]
 
 
 if __name__ == "__main__":

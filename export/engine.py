@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from gradad.bundle import FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, bundle_file
+from gradad.bundle import (FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, FileEntry,
+                           bundle_file)
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.engine_trust import TrustListError, trust
@@ -108,18 +109,19 @@ def build_bundle_engine(
             failed = [f.replace("FP16", "engine") for f in check_gates({"max_abs_over_scale": 0.0}, report, gates)]
         if failed:
             raise ParityError(f"engine {stamp['file']} rejected (not written): " + "; ".join(failed))
-        engine_path = bundle_dir / stamp["file"]
-        os.replace(scratch / stamp["file"], engine_path)
+        stamp["parity_vs_onnxruntime"] = report
+        # the runtime refuses this engine once one of these files changes (grad-export quantize again, ...)
+        stamp["built_from"] = {name: bundle.files[name].sha256
+                               for name in [FP32_ONNX] + [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]}
+        typed = EngineStamp.from_json(stamp)
+        entry = FileEntry.of(scratch / typed.file)  # hashed before the move: the move and the save follow at once
+        engine_path = bundle.file(typed.file)
+        bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
+        bundle.files[typed.file] = entry
+        os.replace(scratch / typed.file, engine_path)
+        bundle.save()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    stamp["parity_vs_onnxruntime"] = report
-    # the runtime refuses this engine once one of these files changes (grad-export quantize again, ...)
-    stamp["built_from"] = {name: bundle.files[name].sha256
-                           for name in [FP32_ONNX] + [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]}
-    typed = EngineStamp.from_json(stamp)
-    bundle.engines = [e for e in bundle.engines if e.file != typed.file] + [typed]
-    bundle.add_file(typed.file)
-    bundle.save()
     try:  # built here: this machine may load it (after the save: a trust-list problem never loses the build)
         trust(bundle.files[typed.file].sha256, engine_path, "engine")
     except TrustListError as exc:

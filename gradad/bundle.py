@@ -15,7 +15,7 @@ import types
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Collection, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
 
 import jsonschema
 
@@ -622,15 +622,30 @@ class Bundle(_Record):
         for name in names if names is not None else list(self.files):
             entry = self.files.get(name)
             if entry is None:
-                raise BundleError(f"{bundle_dir / MANIFEST_NAME} lists no file {name!r}")
+                raise BundleError(f"{bundle_dir / MANIFEST_NAME} lists no file {name!r}{self._fix(name)}")
             path = bundle_file(bundle_dir, name)
             if not path.is_file():
-                raise BundleError(f"bundle file missing: {path}; re-export the bundle with grad-export onnx")
+                raise BundleError(f"bundle file missing: {path}{self._fix(name)}")
             if path.stat().st_size != entry.bytes or sha256_file(path) != entry.sha256:
                 raise BundleError(
-                    f"bundle file {path} does not match the hash in {MANIFEST_NAME} (modified or corrupt); "
-                    f"re-export the bundle with grad-export onnx"
+                    f"bundle file {path} does not match the hash in {MANIFEST_NAME} (modified or corrupt)"
+                    f"{self._fix(name)}"
                 )
+
+    def _fix(self, name: str) -> str:
+        """How to restore bundle file ``name``: an engine is rebuilt on this device, or copied again with the
+        bundle.json that records it and trusted; an ONNX file comes from a re-export."""
+        engine = next((e for e in self.engines if e.file == name), None)
+        if self.refine is not None and name in (self.refine.model, self.refine.pixel_prior):
+            return (f"; grad-refine prepare --bundle {self._dir()} --checkpoint MODEL.pt --data TRAIN_ROOT writes the "
+                    f"refinement files anew (it drops tuned F2PAD settings: run grad-refine tune after it)")
+        if engine is None:
+            return "; re-export the bundle with grad-export onnx" if name in self.files else ""
+        where = self._dir()
+        listed = "" if name in self.files else " (its engines name it)"
+        return (f"{listed}; rebuild the engine on this device (grad-export build --{engine.precision} {where} "
+                f"--parity-images DIR), or copy it again with the bundle.json that records it from the machine that "
+                f"built it and trust it (grad-export trust {where})")
 
     @property
     def input_dtype(self) -> str:
@@ -657,6 +672,37 @@ class Bundle(_Record):
         """File name of the ONNX model of ``precision`` when the bundle has one."""
         name = ONNX_BY_PRECISION.get(precision)
         return name if name in self.files else None
+
+
+def tuned_class_for(tuned: Collection[str], class_name: str | None) -> str | None:
+    """The tuned class whose F2PAD settings refine an image of ``class_name`` (``tuned``: the classes with tuned
+    settings), None for the bundle's defaults: the class itself when it was tuned, an untuned class the defaults;
+    an image of unknown class (None) the only tuned class's when exactly one was tuned. The one rule of
+    ``grad-refine run`` and of ``grad-run --refine``'s worker."""
+    if class_name is not None:
+        return class_name if class_name in tuned else None
+    return next(iter(tuned)) if len(tuned) == 1 else None
+
+
+def warn_refine_settings(bundle_dir: str | Path, classes: Sequence[str], tuned: Collection[str],
+                         class_name: str | None, option: str = "--class") -> str:
+    """Which settings refine images of ``class_name`` (:func:`tuned_class_for`): a tuned class's name, or
+    ``"defaults"``; one log line when they are not the images' class's own tuned ones (``classes``: the bundle's,
+    ``option``: the flag that names the class). Shared by grad-refine run and grad-run --refine."""
+    chosen = tuned_class_for(tuned, class_name)
+    if class_name is not None and chosen is None:
+        log.warning("F2PAD refines class %s with the bundle's settings: it was not tuned (grad-refine tune "
+                    "--bundle %s --classes %s)", class_name, bundle_dir, class_name)
+    elif class_name is None and chosen is not None and set(classes) - {chosen}:
+        log.warning("no %s: F2PAD refines every image with the settings tuned for %s, the bundle's only tuned "
+                    "class; name the images' class with %s (an untuned one refines with the bundle's settings)",
+                    option, chosen, option)
+    elif class_name is None and len(tuned) > 1:
+        check_refine_class(bundle_dir, sorted(tuned), None, option)  # its warning: the defaults, name the class
+    elif not tuned:
+        log.info("bundle %s has no tuned F2PAD settings: refining with its default settings (grad-refine tune)",
+                 bundle_dir)
+    return chosen or "defaults"
 
 
 def check_refine_class(bundle_dir: str | Path, tuned: Sequence[str], class_name: str | None,

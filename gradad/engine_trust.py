@@ -41,9 +41,18 @@ def trust_file() -> Path:
     return Path(config_home) / "gradad" / "trusted_engines.json"
 
 
+def _refuse_non_file(path: Path) -> None:
+    """A trust list path that exists but is no file (a folder, a device) is refused before anything is written."""
+    if path.exists() and not path.is_file():
+        example = f" (e.g. {path / 'trusted_engines.json'})" if path.is_dir() else ""
+        raise TrustListError(f"TensorRT trust list {path} is {'a folder' if path.is_dir() else 'not a file'}: set "
+                             f"{TRUST_FILE_ENV} to the path of a file{example}")
+
+
 def trusted_hashes() -> dict[str, dict[str, Any]]:
     """sha256 -> what was trusted (file, kind, time); empty when no list exists yet."""
     path = trust_file()
+    _refuse_non_file(path)
     if not path.is_file():
         return {}
     try:
@@ -67,6 +76,7 @@ def trust(sha256: str, file: str | Path, kind: str) -> None:
 
     Read, update and write happen under a lock, so two builds at once (fp16 and int8) both land."""
     path = trust_file()
+    _refuse_non_file(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.with_name(path.name + ".lock")):
@@ -81,18 +91,25 @@ def trust(sha256: str, file: str | Path, kind: str) -> None:
 
 @contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX; elsewhere none: one build at a time there)."""
+    """An exclusive advisory lock (POSIX; elsewhere none: one build at a time there). A lock file this call created
+    is removed again when the locked work fails (Ctrl-C included): an error leaves nothing behind."""
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
+    created = not lock_path.exists()
     with lock_path.open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        except BaseException:
+            if created:
+                lock_path.unlink(missing_ok=True)
+            raise
 
 
 def untrusted_message(file: str | Path, bundle_dir: str | Path, rebuild: str) -> str:

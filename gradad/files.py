@@ -53,3 +53,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: Any, fsync: bool = Fa
 def atomic_write_text(path: str | os.PathLike[str], text: str, fsync: bool = False) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"), fsync)
+
+
+def looks_like_onnx(path: str | os.PathLike[str]) -> bool:
+    """An ONNX model where a torch checkpoint is expected: the ``.onnx`` suffix, or a protobuf's first byte (0x08,
+    the ir_version field) on a file that is no zip archive (torch checkpoints are zip archives)."""
+    import zipfile
+
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return True
+    with path.open("rb") as f:
+        first = f.read(1)
+    return first == b"\x08" and not zipfile.is_zipfile(path)

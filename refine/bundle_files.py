@@ -88,9 +88,33 @@ def as_recorded(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement") -> BundleError:
+def _not_prepared(bundle_dir: Path, why: str = "is not prepared for refinement", tuned: bool = False) -> BundleError:
+    """The error of a bundle without usable refinement files: grad-refine prepare writes them (anew: a ``tuned``
+    bundle's tuned settings go with the old ones)."""
+    again = " (it drops the tuned F2PAD settings: re-run grad-refine tune after it)" if tuned else ""
     return BundleError(f"bundle {bundle_dir} {why}; run: grad-refine prepare --bundle {bundle_dir} "
-                       f"--checkpoint MODEL.pt --data TRAIN_ROOT")
+                       f"--checkpoint MODEL.pt --data TRAIN_ROOT{again}")
+
+
+def _check_refine_files(bundle: Bundle, bundle_dir: Path, names: Sequence[str], tuned: bool) -> None:
+    """Each refinement file listed, present and unmodified, else one line naming it and grad-refine prepare (which
+    writes them anew; Bundle.verify's remedy, a re-export, would not bring them back)."""
+    for name in names:
+        try:
+            path = bundle.file(name)
+        except BundleError as exc:  # a name leaving the bundle folder
+            raise _not_prepared(bundle_dir, f"names a refinement file it cannot use ({exc})", tuned) from None
+        if name not in bundle.files:
+            why = f"does not list its refinement file {name} in bundle.json's files"
+        elif not path.is_file():
+            why = f"misses its refinement file {path}"
+        else:
+            try:
+                bundle.verify([name])
+                continue
+            except BundleError:
+                why = f"has a refinement file {path} that does not match its hash in bundle.json (modified or corrupt)"
+        raise _not_prepared(bundle_dir, why, tuned)
 
 
 def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = None) -> RefineParts:
@@ -102,10 +126,7 @@ def load_refine_parts(bundle_dir: str | Path, pixel_threshold: float | None = No
         raise _not_prepared(bundle_dir)
     if section.model is None or section.pixel_prior is None:
         raise _not_prepared(bundle_dir, "has a malformed 'refine' section in bundle.json")
-    try:
-        bundle.verify([section.model, section.pixel_prior])
-    except BundleError as exc:
-        raise _not_prepared(bundle_dir, f"has a missing or modified refinement file ({exc})") from exc
+    _check_refine_files(bundle, bundle_dir, [section.model, section.pixel_prior], bool(section.classes))
     calibrated_pixel = bundle.calibration.pixel_threshold if bundle.calibration else None
     pixel_threshold_given = pixel_threshold is not None
     if pixel_threshold is None:
@@ -276,13 +297,13 @@ def prepare_bundle(bundle_dir: str | Path, checkpoint: str | Path, train_images:
     embeds the extractor weights, so the refinement worker needs neither the weight packages nor the training
     machine's paths. Files of an earlier preparation are removed only after the new bundle.json is written.
     """
-    from gradad.training.checkpoint import atomic_torch_save, load_detector, self_contained_payload
+    from gradad.training.checkpoint import (atomic_torch_save, check_checkpoint_file, load_detector,
+                                            self_contained_payload)
 
     bundle_dir, checkpoint = Path(bundle_dir), Path(checkpoint)
     config = config or RefineConfig()
     bundle = Bundle.load(bundle_dir)
-    if not checkpoint.is_file():
-        raise GradError(f"checkpoint not found: {checkpoint}")
+    check_checkpoint_file(checkpoint, "--checkpoint")
     if bundle.input.hw != bundle.input.model_hw:
         raise GradError(f"bundle {bundle_dir} resizes inside the graph (exported with --input-size); refinement "
                         "needs a bundle whose input is the model size")

@@ -11,13 +11,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import click
 import numpy as np
 import yaml
 from tqdm import tqdm
 
+from gradad.bundle import warn_refine_settings
 from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
@@ -86,7 +87,7 @@ def main() -> None:
               "roots: the prior sees every class).")
 @click.option("--classes", multiple=True, help="Classes to use [default: all].")
 @click.option("--layout", default="auto", help="Dataset layout (auto, mvtec, visa, goodsad, folder).")
-@click.option("--images", "max_images", type=int, default=64, show_default=True,
+@click.option("--images", "max_images", type=click.IntRange(min=1), default=64, show_default=True,
               help="Training images sampled for the pixel prior.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override stored in the bundle, e.g. "
               "--set lambda0=0.5 --set time_budget_s=2.")
@@ -100,10 +101,12 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
     from gradad.bundle import Bundle
     from gradad.data.datasets import load_samples_from_roots
     from gradad.refine.bundle_files import prepare_bundle
+    from gradad.training.checkpoint import check_checkpoint_file
     from gradad.training.features import load_images
 
     config = apply_refine_set(RefineConfig(), assignments)
     bundle = Bundle.load(bundle_dir)
+    check_checkpoint_file(checkpoint, "--checkpoint")  # before minutes of reading images
     check_folder_writable(bundle_dir, "BUNDLE")
     samples = [s for s in load_samples_from_roots(list(data_roots), "train", list(classes) or None, layout)
                if s.label == 0]
@@ -126,8 +129,9 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
               help="Labelled dataset root (MVTec layout): the tuning split comes out of its test defects.")
 @click.option("--classes", multiple=True, help="Classes to tune [default: all].")
-@click.option("--per-defect", type=int, default=2, show_default=True,
-              help="Labelled defects per (class, defect type) taken out for tuning (recorded; benchmarks skip them).")
+@click.option("--per-defect", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Labelled defects per (class, defect type) taken out for tuning (recorded; benchmarks skip them); "
+              "0 = all of them, which leaves grad-bench refine none of those types to score.")
 @click.option("--split", "split_path", type=click.Path(exists=True),
               help="Tune on the labelled images of this tuning split (grad-bench split's split.json, the images a "
               "model was already tuned on) instead of a fresh --per-defect pick; they are recorded the same way.")
@@ -137,7 +141,8 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 @click.option("--include-trained", is_flag=True, help="Also tune on labelled defects the model's stage 1 trained "
               "on (left out by default: the model maps them better than new defects, so settings tuned on them do "
               "not transfer).")
-@click.option("--threads", type=int, default=2, show_default=True, help="CPU threads (torch and ONNX Runtime).")
+@click.option("--threads", type=click.IntRange(min=0), default=2, show_default=True,
+              help="CPU threads (torch and ONNX Runtime).")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override used while tuning.")
 @grad_command
 def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, include_trained, threads,
@@ -166,7 +171,7 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
                    for key in dict.fromkeys(item.partition("=")[0].strip() for item in assignments)}
     refiner = Refiner.from_parts(parts, config)
     size = refiner.detector.head.image_hw[0]
-    labelled = load_samples(data_root, "test", list(classes) or None)
+    labelled = every_labelled = load_samples(data_root, "test", list(classes) or None)
     if split_path:
         from gradad.data.tuning_split import partition_by_paths, read_held_out
 
@@ -179,6 +184,7 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
     if not samples:
         raise GradError(f"no labelled defect images (with masks) under {data_root}"
                         + (" that the model did not train on (--include-trained uses those)" if left_out else ""))
+    warn_none_left_to_score(samples, every_labelled, (refiner.trained_defects or set()) | refiner.tuned_defects)
     backend, _ = load_backend(bundle_dir, "onnxruntime", "fp32", threads=threads)
     check_folder_writable(bundle_dir, "--bundle")
     tuned_classes = sorted({s.class_name for s in samples})
@@ -212,6 +218,24 @@ def tune(bundle_dir, data_root, classes, per_defect, split_path, good_dir, inclu
     backend.close()
     # empty settings too: write_class_settings then drops the class's earlier ones, which this record no longer backs
     write_class_settings(bundle_dir, settings, records)
+
+
+def warn_none_left_to_score(chosen: list, labelled: list, unscored: set[str]) -> list[str]:
+    """One warning naming the (class, defect type)s whose every labelled defect image (with a mask) that
+    grad-bench refine could score is among the tuning images ``chosen`` (``unscored``: resolved paths it never
+    scores anyway: the model's trained and tuned defects); returns them as ``class/type``."""
+    from gradad.refine.tuning import pick_samples
+
+    taken = {str(Path(s.image_path).resolve()) for s in chosen}
+    left: dict[str, int] = {}
+    for s in pick_samples(labelled, 0, exclude=unscored):  # every scorable labelled defect
+        key = f"{s.class_name}/{s.defect_type}"
+        left[key] = left.get(key, 0) + (str(Path(s.image_path).resolve()) not in taken)
+    used_up = sorted({f"{s.class_name}/{s.defect_type}" for s in chosen} & {k for k, n in left.items() if not n})
+    if used_up:
+        log.warning("tuning uses every labelled defect image of %s: grad-bench refine has none of them left to score "
+                    "without bias (a smaller --per-defect, or split, leaves some)", ", ".join(used_up))
+    return used_up
 
 
 def _input_files(inputs: tuple[str, ...]) -> list[Path]:
@@ -255,20 +279,29 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise GradError(f"cannot write {path}")
 
 
-def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int, int]) -> dict[str, str]:
-    """Masks at the original image size (nearest up-sampling), x_n at the model size."""
+def _save_outputs(out_dir: Path, stem: str, result: Any, original: np.ndarray) -> dict[str, Any]:
+    """Write every file of one image at the image's own size, and return the record's file names, size and areas
+    (those of the files; the solver's model-size ones as ``model_*``): the masks resampled nearest, the repaired
+    image = the image with the solver's region (resampled likewise) replaced by x_n resized back."""
     import cv2
 
-    files = {"mask_file": f"{stem}_mask.png", "coarse_mask_file": f"{stem}_coarse.png",
-             "repaired_file": f"{stem}_repaired.png"}
-    h, w = original_hw
-    for key, mask in (("mask_file", result.mask), ("coarse_mask_file", result.coarse_mask)):
-        big = cv2.resize(mask.astype(np.uint8) * 255, (w, h), interpolation=cv2.INTER_NEAREST)
-        _write_png(out_dir / files[key], big)
-    if not result.repaired_anything:  # coarse mask kept, or nothing flagged: no copy of the input
-        return {**files, "repaired_file": None}
-    _write_png(out_dir / files["repaired_file"], result.repaired)
-    return files
+    from gradad.data.images import resize_hw
+
+    h, w = original.shape[:2]
+    at_size = {key: cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+               for key, mask in (("mask", result.mask), ("coarse", result.coarse_mask), ("region", result.region))}
+    out: dict[str, Any] = {
+        "height": h, "width": w, **{f"{key}_area_px": int(np.count_nonzero(m)) for key, m in at_size.items()},
+        "model_height": int(result.mask.shape[0]), "model_width": int(result.mask.shape[1]),
+        "model_mask_area_px": int(np.count_nonzero(result.mask)),
+        "mask_file": f"{stem}_mask.png", "coarse_mask_file": f"{stem}_coarse.png", "repaired_file": None}
+    for key, name in (("mask", "mask_file"), ("coarse", "coarse_mask_file")):
+        _write_png(out_dir / out[name], at_size[key].astype(np.uint8) * 255)
+    if result.repaired_anything:  # else coarse mask kept, or nothing flagged: no copy of the input
+        out["repaired_file"] = f"{stem}_repaired.png"
+        repaired = np.where(at_size["region"][..., None], resize_hw(result.repaired, h, w), original)
+        _write_png(out_dir / out["repaired_file"], repaired)
+    return out
 
 
 @main.command()
@@ -285,14 +318,16 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original_hw: tuple[int,
 @click.option("--batch", type=int, help="Images refined together [default: the bundle's config].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Refinement device.")
 @click.option("--set", "assignments", multiple=True, help="RefineConfig override, e.g. --set max_iterations=300.")
-@click.option("--class", "class_name", help="Class of the images: use its settings tuned by grad-refine tune "
-              "[default: the only tuned class, else the bundle's config].")
+@click.option("--class", "class_name", help="Class of the images: its image threshold, and its settings tuned by "
+              "grad-refine tune (an untuned class: the bundle's settings, with a warning) [default: the only tuned "
+              "class's settings, else the bundle's].")
 @click.option("--overwrite", is_flag=True, help="Write into an output folder that already holds results.")
 @grad_command
 def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budget, batch, device, assignments,
         class_name, overwrite) -> None:
-    """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png and refine.jsonl."""
-    from gradad.bundle import Bundle, check_refine_class
+    """Refine IMAGE|DIR...: writes <stem>_mask.png, <stem>_coarse.png, <stem>_repaired.png (each at the image's
+    own size) and refine.jsonl (per image: its size, mask areas at that size, the settings used)."""
+    from gradad.bundle import Bundle
     from gradad.data.images import read_image_rgb
     from gradad.refine.bundle_files import load_refine_parts
     from gradad.refine.refiner import Refiner
@@ -307,12 +342,15 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
     if out.is_dir() and any(out.iterdir()) and not overwrite:  # its masks would replace files of the same names
         raise GradError(f"{out} is not empty: choose another --out or pass --overwrite")
     parts = load_refine_parts(bundle_dir, pixel_threshold)
-    check_refine_class(bundle_dir, parts.class_settings, class_name)
+    bundle = Bundle.load(bundle_dir)
+    classes = bundle.classes or []
+    if class_name is not None and class_name not in classes:  # a typo: grad-run --class refuses it alike
+        raise GradError(f"--class {class_name}: bundle {bundle.name} has the classes {', '.join(classes)}")
+    settings = warn_refine_settings(bundle_dir, classes, parts.class_settings, class_name)
     out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
                  if v is not None}
     config = apply_refine_set(dataclasses.replace(parts.config, **overrides), assignments)
-    bundle = Bundle.load(bundle_dir)
     if bundle.calibration is None and not refine_all:
         raise GradError(f"bundle {bundle_dir} is not calibrated (no image threshold): run grad-calibrate or pass "
                         "--all to refine every image")
@@ -338,7 +376,7 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
                 record: dict[str, Any] = {"image": str(path), "score": float(scores[i]), "refined": refined}
                 if i in results:
                     record.update(results[i].summary())
-                    record.update(_save_outputs(out, stems[path], results[i], originals[i].shape[:2]))
+                    record.update(_save_outputs(out, stems[path], results[i], originals[i]), settings=settings)
                 records.write(json.dumps(record) + "\n")
                 records.flush()
             counts["images"] += len(chunk)

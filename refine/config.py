@@ -20,8 +20,6 @@ ADAN_SCALES = ("image", "pixel", "floored")
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
 CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "mask_trim_px", "inpaint",
                   "coarse_threshold", "start_peak_fraction", "use_f2pad")
-
-
 @dataclass(frozen=True)
 class RefineConfig:
     """F2PAD objective, optimiser and execution settings."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, GradError
+from gradad.bundle import tuned_class_for
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
 from gradad.refine.regions import (coarse_mask, dilate, drop_small_components, inpaint, interior, start_and_core,
@@ -218,9 +219,8 @@ class Refiner:
     def config_for(self, class_name: str | None) -> RefineConfig:
         """The config for an image of ``class_name``: the bundle's, with that class's tuned settings on top. An
         image of unknown class (None) gets the only tuned class's settings when exactly one class was tuned."""
-        if class_name is None and len(self.class_configs) == 1:
-            return next(iter(self.class_configs.values()))
-        return self.class_configs.get(class_name, self.config) if class_name is not None else self.config
+        chosen = tuned_class_for(self.class_configs, class_name)
+        return self.config if chosen is None else self.class_configs[chosen]
 
     def refine(self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray],
                class_names: Sequence[str | None] | None = None) -> list[RefineResult]:
@@ -249,8 +249,8 @@ class Refiner:
         """The runtime's calibrated pixel threshold for an image of ``class_name`` (an image of unknown class is
         the only tuned class's, as in :meth:`config_for`): a threshold passed in explicitly, else the class's own
         calibrated one, else the bundle's."""
-        if class_name is None and len(self.class_configs) == 1:
-            class_name = next(iter(self.class_configs))
+        if class_name is None:
+            class_name = tuned_class_for(self.class_configs, None)
         if self.threshold_given or class_name is None:
             return self.pixel_threshold
         return self.class_pixel_thresholds.get(class_name, self.pixel_threshold)

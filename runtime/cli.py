@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import click
 
-from gradad.bundle import check_refine_class
+from gradad.bundle import check_refine_class, warn_refine_settings
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.process_memory import peak_rss_mb
@@ -124,6 +124,7 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
                 raise click.UsageError(f"--config {path}: setting {file_key(name)}: {exc.message}", ctx) from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["webhook_options"] = webhook
+    ctx.meta["line_config"] = path
 
 
 @click.command(context_settings=CLI_CONTEXT, epilog=EPILOG)
@@ -232,19 +233,42 @@ def main(**params: Any) -> None:
     (a full queue drops the frame's refinement, counted in the summary).
     """
     setup_logging(params["verbose"])
-    webhook_options = click.get_current_context().meta.get("webhook_options", {})
+    ctx = click.get_current_context()
+    webhook_options = ctx.meta.get("webhook_options", {})
     if params["print_config"]:
         import yaml
 
-        from gradad.runtime.line_config import resolved_config
+        from gradad.runtime.line_config import PRINT_CONFIG_HEADER, resolved_config
 
-        click.echo(yaml.safe_dump(resolved_config(params, webhook_options), sort_keys=False), nl=False)
+        click.echo(PRINT_CONFIG_HEADER + yaml.safe_dump(resolved_config(params, webhook_options), sort_keys=False),
+                   nl=False)
         return
+    _refuse_placeholders(ctx, params)
     import cv2
 
     if not params["verbose"]:  # OpenCV's own open/probe warnings duplicate our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     run(RunSettings.from_params(params, webhook_options))
+
+
+def _refuse_placeholders(ctx: click.Context, params: dict[str, Any]) -> None:
+    """A value that still holds the ``***`` --print-config wrote in place of a secret is one error naming where it
+    came from (the line file and key, the flag or the environment variable), not a run against a path ``/***``
+    or with the password ``***``."""
+    from gradad.runtime.line_config import REDACTED_PARAMS, file_key, holds_placeholder, placeholder_error
+
+    options = {p.name: p for p in ctx.command.params}
+    for name in REDACTED_PARAMS:
+        if not holds_placeholder(name, params.get(name)):
+            continue
+        source = ctx.get_parameter_source(name)
+        if source == click.core.ParameterSource.DEFAULT_MAP:
+            where = f"--config {ctx.meta.get('line_config')}: setting {file_key(name)}"
+        elif source == click.core.ParameterSource.ENVIRONMENT:
+            where = f"the environment variable {getattr(options[name], 'envvar', None) or name}"
+        else:
+            where = max(options[name].opts, key=len)
+        raise placeholder_error(where, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,16 +449,15 @@ def start_refine(bundle_dir: str, bundle: "Bundle", opts: RefineOptions,
     class_name = opts.refine_class
     if class_name is not None:  # asked for by name: refused unless tuned
         check_refine_class(bundle_dir, tuned, class_name, "--refine-class")
-    elif opts.line_class is not None:  # the line's class: its tuned settings where there are some
+        settings = class_name
+    else:  # the line's class: its tuned settings where there are some (grad-refine run's rule and words)
         class_name = opts.line_class
-        if class_name not in tuned:
-            log.warning("F2PAD refines class %s with the bundle's settings: it was not tuned (grad-refine tune "
-                        "--bundle %s --classes %s)", class_name, bundle_dir, class_name)
+        settings = warn_refine_settings(bundle_dir, bundle.classes or [], tuned, class_name, "--class")
     config = RefineWorkerConfig(str(bundle_dir), time_budget_s=opts.refine_budget, max_batch=opts.refine_batch,
                                 queue_size=opts.refine_queue, device=opts.refine_device, threads=opts.refine_threads,
                                 class_name=class_name,
                                 factory=refine_worker.DEFAULT_FACTORY)  # read now: tests set a stand-in
-    return RefineStage(RefineWorker(config).start(stopping), opts.refine_drain)
+    return RefineStage(RefineWorker(config).start(stopping), opts.refine_drain, settings)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -509,9 +532,18 @@ def _run(settings: RunSettings, stop: "StopFlag") -> None:
     summary["wall_seconds"] = round(wall, 3)
     summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords
     summary.update({"video": sink.report() for sink in sinks if isinstance(sink, VideoSink)})
+    delivery = {kind: block for sink in sinks for kind, block in sink.delivery_report().items()}
+    summary.update(delivery)  # MQTT / webhook counts: records they lost are in the summary, not only in the log
     if refine_stage is not None:
         summary["refine"] = refine_stage.summary()
-    log.info("done: %s", stats.format_line(rolling=False) if stats.frames else "no frames")  # as the summary
+    done = stats.format_line(rolling=False) if stats.frames else "no frames"  # as the summary
+    lost = [f"{kind} {block['target']} lost {block['records_lost']} ("
+            + ", ".join(f"{block[k]} {k}" for k in ("published", "sent", "failed", "dropped") if k in block) + ")"
+            for kind, block in delivery.items() if block["records_lost"]]
+    if lost:  # the exit code stays 0: the JSONL / flagged archive, not the network, is the record of truth
+        log.warning("done: %s; records NOT delivered: %s", done, "; ".join(lost))
+    else:
+        log.info("done: %s", done)
     _report(settings, summary, bundle, engine)
     if stop.signal_name in ("SIGINT", "SIGTERM"):  # stopped cleanly, but not finished: the shell convention
         sys.exit(128 + signal.Signals[stop.signal_name].value)

@@ -3,7 +3,7 @@
 The file's sections map onto grad-run's options (click ``default_map``), so the precedence is the usual one:
 command-line flag > environment variable (GRAD_MQTT_USER/GRAD_MQTT_PASSWORD) > file > built-in default.
 Webhook settings beyond the URL exist only here. ``--print-config`` writes the resolved file, credentials
-redacted.
+redacted as ``***`` under a comment saying so; a run refuses a value that still holds that placeholder.
 
     sources: ["0"]                    # camera index, pipeline, URL, video, folder or glob
     backend: auto                     # auto | tensorrt | onnxruntime
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,18 +112,63 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
                                    else _typed(f"{section}.{key}" if section else key, param, node[key], where))
         if section == "sinks.webhook":
             webhook = {k: _webhook_option(k, node[k], where) for k in WEBHOOK_OPTIONS if k in node}
-    if defaults.get("mqtt_password") is not None:
-        _warn_if_others_can_read(Path(path))
+    secrets = [what for what, held in (("the MQTT password", defaults.get("mqtt_password") not in (None, REDACTED)),
+                                       ("webhook credentials (sinks.webhook.url)", _webhook_secret(defaults)))
+               if held]
+    if secrets:
+        _warn_if_others_can_read(Path(path), " and ".join(secrets))
     return defaults, webhook
 
 
-def _warn_if_others_can_read(path: Path) -> None:
-    """A line file holding the MQTT password should not be world-readable (group-readable by a service group is a
-    normal set-up; Windows has no such bits)."""
+def _warn_if_others_can_read(path: Path, what: str) -> None:
+    """A line file holding a secret should not be world-readable (group-readable by a service group is a normal
+    set-up; Windows has no such bits)."""
     mode = path.stat().st_mode & 0o777
     if os.name != "nt" and mode & 0o004:
-        log.warning("--config %s holds the MQTT password and other users can read it (mode %03o): chmod 600 %s",
-                    path, mode, path)
+        log.warning("--config %s holds %s and other users can read it (mode %03o): chmod 600 %s", path, what, mode,
+                    path)
+
+
+#: A path segment that looks like a token (Slack, Teams and Discord webhooks carry theirs in the path).
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
+
+
+def _webhook_secret(defaults: dict[str, Any]) -> bool:
+    """True when the file's webhook URL carries a secret: ``user:password@``, a query or fragment (``?key=``), or
+    a token-like path segment."""
+    url = defaults.get("webhook")
+    if not url:
+        return False
+    path = urllib.parse.urlsplit(url).path
+    return redact_url(url) != url or any(_TOKEN_SEGMENT.fullmatch(part) for part in path.split("/"))
+
+
+#: grad-run parameters whose values --print-config may write with ``***`` in place of a secret.
+REDACTED_PARAMS = ("sources", "mqtt", "mqtt_password", "webhook")
+
+#: The first line of --print-config's output.
+PRINT_CONFIG_HEADER = (f"# grad-run resolved line file. Credentials are redacted as '{REDACTED}' (the MQTT password; "
+                       f"passwords, tokens and query\n# values in URLs; the webhook URL's path): fill in the real "
+                       f"values, or set the password via GRAD_MQTT_PASSWORD,\n# before using it as --config (a run "
+                       f"refuses '{REDACTED}').\n")
+
+
+def holds_placeholder(param: str, value: Any) -> bool:
+    """True when grad-run parameter ``param``'s ``value`` holds the ``***`` that --print-config writes in place of
+    a secret (a source only where it can be a URL or a property, not a glob)."""
+    if value is None or param not in REDACTED_PARAMS:
+        return False
+    if param == "sources":
+        return any(REDACTED in s and ("://" in s or "=" in s) for s in value)
+    return REDACTED in str(value)
+
+
+def placeholder_error(where: str, param: str) -> GradError:
+    """The one-line refusal of a value that holds --print-config's placeholder; ``where`` names the file and key or
+    the flag."""
+    fix = ("fill in the real value or set it via the environment (GRAD_MQTT_PASSWORD)" if param == "mqtt_password"
+           else "fill in the real value")
+    return GradError(f"{where} holds the redaction placeholder '{REDACTED}' written by --print-config: {fix}")
 
 
 def _sources(value: Any, where: str) -> tuple[str, ...]:

@@ -437,9 +437,10 @@ def model_image(model_input: np.ndarray, frame_image: np.ndarray, map_hw: tuple[
 class RefineStage:
     """Connects a started :class:`RefineWorker` to the loop's sinks."""
 
-    def __init__(self, worker: RefineWorker, drain_timeout_s: float = 30.0) -> None:
+    def __init__(self, worker: RefineWorker, drain_timeout_s: float = 30.0, settings: str | None = None) -> None:
         self.worker = worker
         self.drain_timeout_s = float(drain_timeout_s)
+        self.settings = settings  # the tuned class whose F2PAD settings apply, or "defaults": named in each record
         self.records_written = 0
         self.drain_seconds: float | None = None
 
@@ -480,6 +481,8 @@ class RefineStage:
             record: dict[str, Any] = {"type": RECORD_TYPE, "frame_id": outcome.frame_id, "source": meta.get("source"),
                                       "name": meta.get("name"), **outcome.summary(), "mask_file": None,
                                       "repaired_file": None}
+            if self.settings is not None:
+                record["settings"] = self.settings
             if outcome.result is not None:
                 result = outcome.result
                 saved = sink.write_refined(outcome.frame_id, meta.get("name"), meta.get("source"), result.mask,

@@ -83,7 +83,7 @@ def test_reprepare_replaces_files_and_keeps_bundle_valid(prepared, trained_tiny,
     assert old["pixel_prior"] not in manifest["files"]
     verify_files(copy, manifest)  # every listed file present with its hash
     (copy / new["pixel_prior"]).write_bytes(b"tampered")
-    with pytest.raises(GradError, match="modified refinement file.*grad-refine prepare"):
+    with pytest.raises(GradError, match=r"refinement file .* \(modified or corrupt\); run: grad-refine prepare"):
         Refiner.from_bundle(copy, pixel_threshold=1.0)
 
 

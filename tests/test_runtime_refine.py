@@ -251,4 +251,22 @@ def test_the_line_class_refines_untuned_with_the_bundle_settings(stand_in: dict,
                        "--class", "fabric", "--jsonl", str(out)], STAND_IN)
     assert result.exit_code == 0, result.output
     assert "F2PAD refines class fabric with the bundle's settings" in caplog.text
-    assert _split(out)[2]  # follow-up records: the worker ran
+    follow_ups = _split(out)[2]
+    assert follow_ups and all(f["settings"] == "defaults" for f in follow_ups)  # as grad-refine run's records
+
+
+def test_without_a_class_the_only_tuned_class_refines_every_frame_and_says_so(
+        stand_in: dict, frames: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tuned = tmp_path / "tuned"
+    shutil.copytree(stand_in["bundle"], tuned)
+    manifest = read_manifest(tuned)
+    manifest["refine"]["classes"] = {"fabric": {"lambda0": 0.1}}
+    write_manifest(tuned, manifest)
+    out = tmp_path / "r.jsonl"
+    with caplog.at_level(logging.WARNING):
+        result = _run([str(tuned), "--source", str(frames), "--threshold", "1", "--refine", "--jsonl", str(out)],
+                      STAND_IN)
+    assert result.exit_code == 0, result.output
+    assert "no --class: F2PAD refines every image with the settings tuned for fabric" in caplog.text
+    follow_ups = _split(out)[2]
+    assert follow_ups and all(f["settings"] == "fabric" for f in follow_ups)

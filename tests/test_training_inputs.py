@@ -486,3 +486,22 @@ def test_a_diverged_run_stops_with_one_line_naming_stage_and_epoch(tiny_demo_roo
     cfg.output_dir = str(tmp_path / "run2")
     with pytest.raises(GradError, match=r"stage 1 \(abnormal\) epoch 1: non-finite weights"):
         trainer_module.train(cfg)
+
+
+def test_an_onnx_model_given_as_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from gradad.errors import CheckpointError
+    from gradad.training.checkpoint import read_checkpoint
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx_path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(onnx_path))
+    renamed = tmp_path / "model.pt"  # the protobuf's first byte gives it away without the suffix too
+    renamed.write_bytes(onnx_path.read_bytes())
+    for path in (onnx_path, renamed):
+        with pytest.raises(CheckpointError, match=r"looks like an ONNX model .* give the model\.pt from grad-train"):
+            read_checkpoint(path)

@@ -13,7 +13,7 @@ import torch
 
 from gradad import __version__
 from gradad.errors import CheckpointError, ConfigError
-from gradad.files import atomic_file
+from gradad.files import atomic_file, looks_like_onnx
 from gradad.plain import plain_leaf
 from gradad.training.backbone import FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
@@ -93,11 +93,21 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {first}") from None
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint dict with a clear error for a missing, corrupt or foreign file."""
+def check_checkpoint_file(path: str | Path, option: str = "") -> Path:
+    """``path`` exists and is no ONNX model (the file users mix up with model.pt), else one CheckpointError line
+    (``option``: the flag that named it, as its prefix)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{option + ' ' if option else ''}checkpoint not found: {path}")
+    if looks_like_onnx(path):
+        raise CheckpointError(f"{option + ' ' if option else ''}{path} looks like an ONNX model (grad-export's "
+                              f"output), not a training checkpoint: give the model.pt from grad-train")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict with a clear error for a missing, corrupt or foreign file."""
+    path = check_checkpoint_file(path)
     payload = safe_torch_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(

@@ -30,7 +30,8 @@ class SinkBase:
     """Every sink's base: one interface, with no-op defaults, so the loop and the refinement stage call every
     sink the same way (no ``hasattr``): ``write`` each frame, ``write_record`` follow-up records (refinement),
     ``write_refined`` refined masks (returns the files saved), ``quit_requested`` (a display window asks to stop),
-    ``close`` once; plus context-manager support and the ``closed`` flag."""
+    ``delivery_report`` (a network sink's counts for the summary), ``close`` once; plus context-manager support
+    and the ``closed`` flag."""
 
     _closed: bool = False
 
@@ -53,6 +54,11 @@ class SinkBase:
     def write_refined(self, frame_id: int, name: str | None, source: str, mask: np.ndarray,
                       repaired: np.ndarray | None = None) -> dict[str, str | None]:
         """Save a refined mask with its frame; returns the saved files by record field (default: none)."""
+        return {}
+
+    def delivery_report(self) -> dict[str, dict[str, Any]]:
+        """A network sink's delivery counts for the run summary, under its kind (``{"mqtt": {...}}``: target,
+        records delivered, failed, dropped, ``records_lost``, ``complete``); the other sinks report nothing."""
         return {}
 
     def close(self) -> None:

@@ -44,17 +44,24 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _check_authority(url: str, parsed: urllib.parse.SplitResult, label: str) -> None:
-    """Refuse a URL whose user-info holds an unencoded ``/``, ``?`` or ``#``: urllib would end the host there,
-    send the records to a host made of the user name (or fail with the password's start quoted in the error)."""
+    """Refuse a URL whose user-info holds an unencoded ``/``, ``?`` or ``#`` (urllib would end the host there and
+    send the records to a host made of the user name, or fail with the password's start quoted in the error) or
+    whose path holds an ``@`` (the redaction would take the path for credentials), and one with a bad port. An
+    ``@`` in the user-info is fine: the last ``@`` before the host ends the credentials, as urllib reads them."""
     at = userinfo_end(url.split("://", 1)[1])  # where the credentials end, read as redact_url reads them
-    try:
-        parsed.port  # noqa: B018 - raises ValueError for a non-numeric port
-        ambiguous = at >= len(parsed.netloc) or not parsed.hostname
-    except ValueError:
-        ambiguous = True
-    if ambiguous:
+    if at >= len(parsed.netloc):
         raise GradError(f"webhook URL {label!r}: cannot tell its host from its credentials; percent-encode '/', "
-                        f"'?', '#' and '@' in the user name and password, '@' in the path (e.g. '/' as %2F)")
+                        f"'?' and '#' in the user name and password and '@' in the path (e.g. '/' as %2F)")
+    port = parsed.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]  # after the credentials
+    try:
+        number = parsed.port  # raises ValueError for a non-numeric port or one above 65535
+    except ValueError:
+        number = -1
+    if number is not None and not 0 < number < 65536:
+        problem = "is out of range (1-65535)" if port.isdigit() else "is not a number"
+        raise GradError(f"webhook URL {label!r}: port {port!r} {problem}")
+    if not parsed.hostname:
+        raise GradError(f"webhook URL {label!r}: expected http(s)://host[:port]/path, the host is missing")
 
 
 def cleartext_credentials(host: str, username: str | None) -> bool:
@@ -88,6 +95,52 @@ def _redacted_error(exc: BaseException, url: str | None = None, label: str = "")
     return redact_secrets_in(text.replace(url, label) if url else text)
 
 
+#: Seconds between two log lines of one delivery outage (its first failure is logged at once).
+OUTAGE_LOG_EVERY_S = 60.0
+
+
+class _Outage:
+    """A network sink's failure streak, logged without flooding a 24/7 line's log: its first failure at once
+    (WARNING, with the reason), then at most one line per :data:`OUTAGE_LOG_EVERY_S` with the records lost so far,
+    and one INFO line when delivery works again. Records are numbered in the order they were queued: the streak
+    ends when a record queued after its last failure is delivered (a slow endpoint that succeeds while its full
+    queue keeps dropping stays one streak). Thread-safe (paho's thread and the sink's writer both report)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._since: float | None = None  # monotonic start of the streak in progress
+        self._logged_at = 0.0
+        self._lost = 0
+        self._mark = -1  # the newest record number concerned by the last failure
+
+    def failed(self, reason: str, seq: int, lost: int = 1) -> None:
+        """A failure concerning the records up to number ``seq``; ``lost`` records given up on (0 for a lost
+        connection whose records are still queued)."""
+        now = time.monotonic()
+        with self._lock:
+            self._lost += lost
+            self._mark = max(self._mark, seq)
+            if self._since is None:
+                self._since, self._logged_at = now, now
+                log.warning("%s: %s (logged again at most every %.0f s while it lasts; the run goes on)",
+                            self.name, reason, OUTAGE_LOG_EVERY_S)
+            elif now - self._logged_at >= OUTAGE_LOG_EVERY_S:
+                self._logged_at = now
+                log.warning("%s: still not delivering after %.0f s, %d records lost so far (last: %s)", self.name,
+                            now - self._since, self._lost, reason)
+
+    def delivered(self, seq: int) -> None:
+        """Record number ``seq`` was delivered: ends the streak (one INFO line) if it was queued after its last
+        failure."""
+        with self._lock:
+            if self._since is None or seq <= self._mark:
+                return
+            log.info("%s: delivering again after %.0f s, %d records lost meanwhile", self.name,
+                     time.monotonic() - self._since, self._lost)
+            self._since, self._lost = None, 0
+
+
 class _RecordSink(SinkBase):
     """A sink that forwards JSON records, optionally only those of anomalous frames."""
 
@@ -102,6 +155,19 @@ class _RecordSink(SinkBase):
     def write_record(self, record: dict[str, Any]) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def _report(self, kind: str, target: str, **counts: int) -> dict[str, dict[str, Any]]:
+        """The summary block of :meth:`delivery_report`: the counts, the records lost (failed + dropped) and
+        ``complete`` (none lost)."""
+        lost = counts.get("failed", 0) + counts["dropped"]
+        return {kind: {"target": target, **counts, "records_lost": lost, "complete": lost == 0}}
+
+    def _log_totals(self, name: str, counts: str, lost: int) -> None:
+        """The sink's last line: a warning when records were lost (the run's summary says so too)."""
+        if lost:
+            log.warning("%s: %s: %d records NOT delivered", name, counts, lost)
+        else:
+            log.info("%s: %s", name, counts)
+
 
 class WebhookSink(_RecordSink):
     """POSTs each record as JSON (``Content-Type: application/json``) to ``url`` from a background thread.
@@ -109,7 +175,8 @@ class WebhookSink(_RecordSink):
     * The camera loop never waits on the network: records go to a bounded queue (``queue_size``); when it is
       full the **oldest** queued record is dropped (``dropped`` counts them).
     * Each POST has ``timeout_s``; a failed POST (network error, timeout, HTTP error) is retried once, then
-      given up (``failed``); ``sent`` counts successes.
+      given up (``failed``); ``sent`` counts successes. Failures are logged once per outage (then at most every
+      :data:`OUTAGE_LOG_EVERY_S`), and once when delivery works again; the counts go into the run summary.
     * ``only_anomalous`` (default) sends only NG records (records without a ``decision`` always go).
     * :meth:`close` waits up to ``close_timeout_s`` for the queue to drain, then stops the thread; records still
       queued then are counted as dropped.
@@ -141,7 +208,9 @@ class WebhookSink(_RecordSink):
         self.sent = 0
         self.failed = 0
         self.dropped = 0
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[tuple[int, bytes]] = collections.deque()  # (record number, body)
+        self._seq = 0
+        self._outage = _Outage(f"webhook {self.label}")
         self._cond = threading.Condition()
         self._busy = False
         self._stop = False
@@ -161,12 +230,13 @@ class WebhookSink(_RecordSink):
         with self._cond:
             if self._closed:
                 raise RuntimeError(f"WebhookSink({self.label}) is closed")
+            self._seq += 1
             if len(self._queue) >= self.queue_size:
                 self._queue.popleft()
                 self.dropped += 1
-                if self.dropped == 1 or self.dropped % 100 == 0:
-                    log.warning("webhook %s is not keeping up: %d records dropped so far", self.label, self.dropped)
-            self._queue.append(body)
+                self._outage.failed(f"not keeping up: its queue of {self.queue_size} records is full, dropping "
+                                    f"the oldest", self._seq)
+            self._queue.append((self._seq, body))
             self._cond.notify_all()
 
     @property
@@ -190,19 +260,19 @@ class WebhookSink(_RecordSink):
                     self._cond.wait()
                 if self._stop:
                     return
-                body = self._queue.popleft()
+                seq, body = self._queue.popleft()
                 self._busy = True
             try:
                 for attempt in (1, 2):
                     try:
                         self._post(body)
                         self.sent += 1
+                        self._outage.delivered(seq)
                         break
                     except Exception as e:  # noqa: BLE001 - network errors must never kill the thread
                         if attempt == 2 or self._stop:
                             self.failed += 1
-                            log.warning("webhook POST to %s failed: %s", self.label,
-                                        _redacted_error(e, self.url, self.label))
+                            self._outage.failed(f"POST failed: {_redacted_error(e, self.url, self.label)}", seq)
                             break
                         log.debug("webhook POST to %s failed (%s): retrying once", self.label,
                                   _redacted_error(e, self.url, self.label))
@@ -228,7 +298,12 @@ class WebhookSink(_RecordSink):
             self.dropped += left
             log.warning("webhook %s: %d queued records not sent within %.1f s at shutdown", self.label, left,
                         self.close_timeout_s)
-        log.info("webhook %s: %d sent, %d failed, %d dropped", self.label, self.sent, self.failed, self.dropped)
+        self._log_totals(f"webhook {self.label}", f"{self.sent} sent, {self.failed} failed, {self.dropped} dropped",
+                         self.failed + self.dropped)
+
+    def delivery_report(self) -> dict[str, dict[str, Any]]:
+        """``{"webhook": {target, sent, failed, dropped, records_lost, complete}}`` for the run summary."""
+        return self._report("webhook", self.label, sent=self.sent, failed=self.failed, dropped=self.dropped)
 
 
 class MqttSink(_RecordSink):
@@ -238,10 +313,12 @@ class MqttSink(_RecordSink):
     :class:`GradError` if it cannot), then paho's background network thread (``loop_start``) sends, so
     :meth:`write` never blocks on the network. paho reconnects by itself after a lost connection; QoS 1/2
     messages published meanwhile are queued (at most ``queue_size``, beyond that they are counted in
-    ``dropped``) and sent on reconnection. :meth:`close` waits up to ``close_timeout_s`` for pending publishes,
-    then disconnects. ``tls`` (implied by ``ca_certs``, a PEM file of the CA that signed the broker's certificate;
-    the system's CAs without it) encrypts the connection and verifies the broker; credentials sent without it to a
-    broker that is not on this machine are warned about.
+    ``dropped``) and sent on reconnection. A lost connection and the drops are logged once per outage (then at most
+    every :data:`OUTAGE_LOG_EVERY_S`), and once when delivery works again; the counts go into the run summary.
+    :meth:`close` waits up to ``close_timeout_s`` for pending publishes, then disconnects. ``tls`` (implied by
+    ``ca_certs``, a PEM file of the CA that signed the broker's certificate; the system's CAs without it) encrypts
+    the connection and verifies the broker; credentials sent without it to a broker that is not on this machine are
+    warned about.
     """
 
     def __init__(self, host: str, port: int = 1883, topic: str = "gradad/results", qos: int = 1,
@@ -267,9 +344,13 @@ class MqttSink(_RecordSink):
         self.close_timeout_s = float(close_timeout_s)
         self.published = 0
         self.dropped = 0
-        self._pending: collections.deque[Any] = collections.deque()
+        self.queue_size = int(queue_size)
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()  # (record number, paho info)
+        self._seq = 0
+        self._outage = _Outage(f"MQTT {host}:{self.port}")
         self._lock = threading.Lock()
         self._closed = False
+        self._started = False  # connected once: until then a refusal is the constructor's one error, not a warning
         self._connected = threading.Event()
         self._connect_rc: Any = None
 
@@ -294,6 +375,7 @@ class MqttSink(_RecordSink):
                 pass
             why = "no answer" if self._connect_rc is None else f"refused: {self._connect_rc}"
             raise GradError(f"cannot connect to MQTT broker {host}:{self.port} ({why})")
+        self._started = True
         log.info("MQTT: publishing to %s:%d topic %r (qos %d%s)", host, self.port, topic, self.qos,
                  ", TLS" if tls else "")
 
@@ -331,13 +413,14 @@ class MqttSink(_RecordSink):
         self._connected.set()
         if self._rc_ok(rc):
             log.debug("MQTT connected to %s:%d", self.host, self.port)
-        else:
-            log.warning("MQTT broker %s:%d refused the connection: %s", self.host, self.port, rc)
+        elif self._started:  # at start-up the constructor's error says it
+            self._outage.failed(f"the broker refused the reconnection: {rc}; retrying", self._seq, lost=0)
 
     def _on_disconnect(self, client: Any, userdata: Any, *args: Any) -> None:
-        if not self._closed:
-            log.warning("MQTT: disconnected from %s:%d (%s); reconnecting", self.host, self.port,
-                        args[-2] if len(args) >= 2 else (args[0] if args else "?"))
+        if self._started and not self._closed:  # at start-up: the refusal that the constructor reports
+            reason = args[-2] if len(args) >= 2 else (args[0] if args else "?")
+            self._outage.failed(f"connection lost ({reason}); reconnecting, records queued meanwhile (at most "
+                                f"{self.queue_size}, newer ones dropped)", self._seq, lost=0)
 
     def _state(self, info: Any) -> bool | None:
         """True published, False still pending, None failed (not queued / no connection for QoS 0)."""
@@ -352,14 +435,22 @@ class MqttSink(_RecordSink):
 
     def _reap(self) -> None:
         while self._pending:
-            state = self._state(self._pending[0])
+            seq, info = self._pending[0]
+            state = self._state(info)
             if state is False:
                 break
             self._pending.popleft()
             if state:
                 self.published += 1
+                self._outage.delivered(seq)
             else:
-                self.dropped += 1
+                self._dropped(info, seq)
+
+    def _dropped(self, info: Any, seq: int) -> None:
+        self.dropped += 1
+        why = (f"the outgoing queue is full ({self.queue_size} records waiting for the broker)"
+               if info.rc == self._mqtt.MQTT_ERR_QUEUE_SIZE else f"publish failed ({self._mqtt.error_string(info.rc)})")
+        self._outage.failed(f"dropping records: {why}", seq)
 
     def write_record(self, record: dict[str, Any]) -> None:
         """Publish any record (follow-ups included); never blocks on the network."""
@@ -370,7 +461,11 @@ class MqttSink(_RecordSink):
             if self._closed:
                 raise RuntimeError(f"MqttSink({self.host}:{self.port}) is closed")
             info = self._client.publish(self.topic, payload, qos=self.qos)
-            self._pending.append(info)
+            self._seq += 1
+            if self._state(info) is None:  # not queued: counted now, not after the messages ahead of it
+                self._dropped(info, self._seq)
+            else:
+                self._pending.append((self._seq, info))
             self._reap()
 
     def close(self) -> None:
@@ -395,4 +490,9 @@ class MqttSink(_RecordSink):
             self._client.disconnect()
         finally:
             self._client.loop_stop()
-        log.info("MQTT %s:%d: %d published, %d dropped", self.host, self.port, self.published, self.dropped)
+        self._log_totals(f"MQTT {self.host}:{self.port}", f"{self.published} published, {self.dropped} dropped",
+                         self.dropped)
+
+    def delivery_report(self) -> dict[str, dict[str, Any]]:
+        """``{"mqtt": {target, published, dropped, records_lost, complete}}`` for the run summary."""
+        return self._report("mqtt", f"{self.host}:{self.port}", published=self.published, dropped=self.dropped)
