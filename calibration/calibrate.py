@@ -83,7 +83,11 @@ def inside_gap(t: float, scores: np.ndarray) -> tuple[float, list[float] | None]
     if below.size == 0:
         return _strictly_below(t), None
     lower = float(below.max())
-    return float((lower + t) / 2), [lower, float(t)]
+    # the line compares float32 scores: a middle that rounds onto t (a gap of one float32 step) would let t pass
+    middle = np.float32((lower + t) / 2)
+    if not np.float32(lower) <= middle < np.float32(t):
+        return _strictly_below(t), [lower, float(t)]
+    return float(middle), [lower, float(t)]
 
 
 def _refuse_non_finite(files: Sequence[Path], scores: np.ndarray, maps: np.ndarray, option: str) -> None:

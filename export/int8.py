@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
-from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle, BundleError
+from gradad.bundle import FP32_ONNX, INT8_ONNX, Bundle, BundleError, FileEntry
 from gradad.data.datasets import list_image_files, load_samples_from_roots
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError, GradError
@@ -210,11 +210,12 @@ def quantize_bundle(bundle_dir: str | Path, opts: QuantizeOptions) -> dict[str, 
         target = bundle.file(INT8_ONNX)  # checked first: a name linked out of the bundle is refused, not written
         if target.is_dir() or target.is_symlink():
             raise BundleError(f"{target} is a folder or a link: remove it, then quantise again")
+        entry = FileEntry.of(scratch / INT8_ONNX)  # hashed before the swap: replace and save back to back
         os.replace(scratch / INT8_ONNX, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    bundle.add_file(INT8_ONNX)
+    bundle.files[INT8_ONNX] = entry
     bundle.parity["onnx_int8_vs_fp32"] = report
     bundle.parity["gates"] = {**bundle.parity.get("gates", {}), **gates_dict(opts.gates)}
     # INT8 engines were built from the QDQ model just replaced: they no longer run what this bundle describes

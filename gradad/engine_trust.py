@@ -91,25 +91,20 @@ def trust(sha256: str, file: str | Path, kind: str) -> None:
 
 @contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX; elsewhere none: one build at a time there). A lock file this call created
-    is removed again when the locked work fails (Ctrl-C included): an error leaves nothing behind."""
+    """An exclusive advisory lock (POSIX; elsewhere none: one build at a time there). The lock file is never
+    removed: flock locks the open file, so removing its path while another process waits on it would let a third
+    one lock a new file at the same path."""
     try:
         import fcntl
     except ImportError:  # Windows
         yield
         return
-    created = not lock_path.exists()
     with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-        except BaseException:
-            if created:
-                lock_path.unlink(missing_ok=True)
-            raise
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def untrusted_message(file: str | Path, bundle_dir: str | Path, rebuild: str) -> str:

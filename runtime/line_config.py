@@ -129,8 +129,15 @@ def _warn_if_others_can_read(path: Path, what: str) -> None:
                     path)
 
 
-#: A path segment that looks like a token (Slack, Teams and Discord webhooks carry theirs in the path).
+#: A path segment that may be a token (Slack, Teams and Discord webhooks carry theirs in the path): 20 or more
+#: URL-safe characters ...
 _TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
+
+
+def _looks_like_token(segment: str) -> bool:
+    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name)."""
+    return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
+                                                         or (segment.lower() != segment != segment.upper()))
 
 
 def _webhook_secret(defaults: dict[str, Any]) -> bool:
@@ -140,7 +147,7 @@ def _webhook_secret(defaults: dict[str, Any]) -> bool:
     if not url:
         return False
     path = urllib.parse.urlsplit(url).path
-    return redact_url(url) != url or any(_TOKEN_SEGMENT.fullmatch(part) for part in path.split("/"))
+    return redact_url(url) != url or any(_looks_like_token(part) for part in path.split("/"))
 
 
 #: grad-run parameters whose values --print-config may write with ``***`` in place of a secret.
@@ -158,9 +165,17 @@ def holds_placeholder(param: str, value: Any) -> bool:
     a secret (a source only where it can be a URL or a property, not a glob)."""
     if value is None or param not in REDACTED_PARAMS:
         return False
+    if param == "mqtt_password":
+        return value == REDACTED
     if param == "sources":
-        return any(REDACTED in s and ("://" in s or "=" in s) for s in value)
-    return REDACTED in str(value)
+        return any(_PLACEHOLDER.search(s) and ("://" in s or "=" in s) for s in value)
+    return bool(_PLACEHOLDER.search(str(value)))
+
+
+#: Where --print-config's redaction puts ``***`` (gradad.urls): ``user:***@`` / ``//***@``, a query or property
+#: value ``=***`` or a bare query item, a fragment ``#***``, a hidden webhook path ``host/***``; a real value that
+#: merely contains ``***`` (a password ``Pa***word``) is not one.
+_PLACEHOLDER = re.compile(r"(?:^|[/:])\*\*\*@|=\*\*\*(?=$|[&#\s!\"'])|[?&]\*\*\*(?=$|[&#])|#\*\*\*$|/\*\*\*(?=$|[?#\s])")
 
 
 def placeholder_error(where: str, param: str) -> GradError:

@@ -51,6 +51,17 @@ def test_a_threshold_with_no_score_below_stays_just_below_the_rule() -> None:
     assert gap == [3.0, 5.0] and t == 4.0
 
 
+def test_a_gap_of_one_float32_step_keeps_the_weakest_defect_flagged() -> None:
+    from gradad.calibration.thresholds import rates_at
+
+    lowers = np.float32(20.0) + np.arange(1000, dtype=np.float32) * np.float32(1e-3)
+    for lower in lowers:  # a middle computed in float64 rounds onto the defect's score about half the time
+        weakest = np.nextafter(lower, np.float32(np.inf))
+        good, bad = np.array([10.0, lower], np.float32), np.array([weakest, 30.0], np.float32)
+        t, _ = inside_gap(float(weakest), np.r_[good, bad])
+        assert rates_at(t, good, bad) == {"false_alarm_rate": 0.0, "recall": 1.0}
+
+
 def test_defects_of_another_class_than_the_goods_are_warned_about(tmp_path: Path) -> None:
     grey_images(tmp_path / "nut" / "test" / "good", [10, 20, 30])
     grey_images(tmp_path / "fabric" / "test" / "crack", [150, 160])

@@ -137,6 +137,19 @@ def test_a_working_webhook_reports_complete(hook: _Hook, caplog) -> None:
     assert _warnings(caplog) == [] and not any("delivering again" in m for m in _infos(caplog))
 
 
+def test_a_post_still_hanging_at_shutdown_counts_as_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    monkeypatch.setattr(WebhookSink, "_post", lambda self, body: release.wait(10))  # outlasts the join
+    sink = WebhookSink("http://127.0.0.1:9/ng", timeout_s=0.05, close_timeout_s=0.05, retry_delay_s=0.0,
+                       only_anomalous=False)
+    sink.write_record({"frame_id": 0})
+    time.sleep(0.1)  # the thread has taken the record
+    sink.close()
+    release.set()
+    report = sink.delivery_report()["webhook"]
+    assert (report["sent"], report["failed"], report["dropped"], report["complete"]) == (0, 0, 1, False)
+
+
 def test_base_sinks_report_no_delivery() -> None:
     assert SinkBase().delivery_report() == {}
 
@@ -348,6 +361,19 @@ def test_a_placeholder_in_a_flag_is_refused(bundle: Path, args: list[str], where
     assert where in line and "redaction placeholder '***'" in line
 
 
+@pytest.mark.parametrize(("param", "value"), [
+    ("mqtt_password", "Pa***word"), ("webhook", "https://mes.local/x?q=a***b"), ("webhook", "https://h/api/a***b"),
+    ("sources", ["frames/***"]), ("mqtt", "broker.local:1883"),
+])
+def test_a_real_value_that_merely_contains_stars_is_no_placeholder(param: str, value) -> None:
+    from gradad.runtime.line_config import holds_placeholder
+    from gradad.urls import redact_url
+
+    assert not holds_placeholder(param, value)
+    assert holds_placeholder("webhook", redact_url("https://u:p@h/x?a=1&b#f", hide_path=True))  # what it writes
+    assert holds_placeholder("mqtt_password", "***")
+
+
 def test_a_placeholder_password_in_the_environment_is_refused(bundle: Path, tiny_demo_root: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GRAD_MQTT_PASSWORD", "***")
@@ -387,8 +413,8 @@ def test_an_at_sign_in_the_webhook_password_is_sent_as_written(hook: _Hook) -> N
 
 @pytest.mark.parametrize(("url", "secret"), [
     ("https://bot:hunter2@mes.local/ng", True), ("https://mes.local/ng?key=abc", True),
-    ("https://hooks.slack.com/services/T000/B000/XXXXXXXXXXXXXXXXXXXXXXXX", True),
-    ("https://mes.local/api/ng", False),
+    ("https://hooks.slack.com/services/T000/B000/XXXXxxxx3456XXXXXXXXXXXX", True),
+    ("https://mes.local/api/ng", False), ("https://mes.local/api/anomaly_detection_results", False),
 ])
 def test_a_world_readable_line_file_with_webhook_credentials_is_warned_about(tmp_path: Path, caplog, url: str,
                                                                              secret: bool) -> None:

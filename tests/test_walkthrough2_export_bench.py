@@ -189,20 +189,15 @@ def test_a_trust_list_folder_is_refused_before_any_lock_file(bundle: Path, tmp_p
         is_trusted("a" * 64)
 
 
-def test_a_failed_trust_leaves_no_lock_file_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_trust_keeps_the_lock_file_and_the_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock file stays, also after a failure: removing a path another process may hold or wait on would let a
+    third one lock a new file at the same path while the waiter gets the old one."""
     listing = tmp_path / "trusted.json"
     listing.write_text("{not json")  # e.g. provided by a container, never written here
     monkeypatch.setenv(TRUST_FILE_ENV, str(listing))
     with pytest.raises(TrustListError, match="unreadable"):
         trust("a" * 64, tmp_path / "x.plan", "engine")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["trusted.json"]
-    listing.unlink()
-    trust("a" * 64, tmp_path / "x.plan", "engine")  # a successful write keeps its lock file (the lock protocol)
-    assert (tmp_path / "trusted.json.lock").exists()
-    listing.write_text("{not json")
-    with pytest.raises(TrustListError):
-        trust("b" * 64, tmp_path / "y.plan", "engine")
-    assert (tmp_path / "trusted.json.lock").exists()  # not ours to remove: it was there before
+    assert listing.read_text() == "{not json" and (tmp_path / "trusted.json.lock").exists()
 
 
 # --- 8. Ctrl-C during quantize / build: exit 130, the bundle as it was ------------------------------------------

@@ -294,6 +294,10 @@ class WebhookSink(_RecordSink):
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout=2 * self.timeout_s + self.retry_delay_s + 1.0)
+        if self._thread.is_alive():  # a POST still hanging (urllib's timeout is per socket call, DNS unbounded)
+            with self._cond:
+                left += int(self._busy)  # counted as dropped: never reported sent or failed
+                self._busy = False
         if left:
             self.dropped += left
             log.warning("webhook %s: %d queued records not sent within %.1f s at shutdown", self.label, left,
