@@ -38,7 +38,7 @@ demo: install
 		--jsonl $(DEMO_RUN)/run.jsonl --video $(DEMO_RUN)/run.mp4 --save-flagged $(DEMO_RUN)/flagged
 	$(BIN)/grad-refine prepare --bundle $(DEMO_BUNDLE) --checkpoint $(DEMO_RUN)/model.pt --data $(DEMO_DATA)
 	$(BIN)/grad-refine tune --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA) --classes nut --per-defect 1
-	$(BIN)/grad-refine $(DEMO_DATA)/nut/test/spot --bundle $(DEMO_BUNDLE) -o $(DEMO_RUN)/refined --overwrite
+	$(BIN)/grad-refine $(DEMO_DATA)/nut/test/spot --bundle $(DEMO_BUNDLE) --class nut -o $(DEMO_RUN)/refined --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
