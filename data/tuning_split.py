@@ -56,13 +56,16 @@ class ScoringSelection:
     n_split: int  # left out because the tuning split holds them
     n_trained: int  # left out because stage 1 of the model trained on them
     n_tuned: int  # left out because they were held out of stage 1 to pick its epoch and fit the fusion weight
+    n_trained_goods: int = 0  # good test images that are copies of the model's training goods (by content)
 
 
 def scoring_selection(samples: Sequence[Sample], split: str | Path | None, trained: set[str],
-                      tuned: Set[str] = frozenset()) -> ScoringSelection:
+                      tuned: Set[str] = frozenset(), trained_goods: Set[str] = frozenset()) -> ScoringSelection:
     """The test images an evaluation may score: without a tuning split's images (``split``: its split.json or
-    folder, optional) and without the labelled defects the model's training used: ``trained`` (resolved paths;
-    may already include ``tuned``) and ``tuned`` (held out of stage 1 for its self-check and the fusion fit)."""
+    folder, optional), without the labelled defects the model's training used: ``trained`` (resolved paths;
+    may already include ``tuned``) and ``tuned`` (held out of stage 1 for its self-check and the fusion fit), and
+    without good images whose content digest is among ``trained_goods`` (the model's ``trained_good_digests``: a
+    generic folder layout picks its test goods by position, so goods added later move training images there)."""
     kept = list(samples)
     n_split = 0
     if split:
@@ -74,7 +77,18 @@ def scoring_selection(samples: Sequence[Sample], split: str | Path | None, train
     if used:  # the model learnt or was tuned on these: scoring them would flatter it
         log.warning("%d test images left out of scoring: the model's training used them (%d trained stage 1, %d "
                     "picked its epoch and fitted the fusion weight)", len(used), len(used) - n_tuned, n_tuned)
-    return ScoringSelection(kept, n_split, len(used) - n_tuned, n_tuned)
+    n_goods = 0
+    if trained_goods:
+        from gradad.bundle import image_digest
+
+        before = len(kept)
+        kept = [s for s in kept if s.label != 0 or image_digest(s.image_path) not in trained_goods]
+        n_goods = before - len(kept)
+        if n_goods:
+            log.warning("%d good test images left out of scoring: the model trained on them (the same content; "
+                        "a folder layout picks its test goods by position, and goods added since moved these)",
+                        n_goods)
+    return ScoringSelection(kept, n_split, len(used) - n_tuned, n_tuned, n_goods)
 
 
 def scored_samples(samples: Sequence[Sample], split: str | Path | None, trained: set[str],

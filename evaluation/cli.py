@@ -26,9 +26,9 @@ log = logging.getLogger("gradad.eval")
 @click.option("--output", "-o", "out_dir", type=click.Path(file_okay=False),
               help="Output folder [default: <model dir>/eval].")
 @click.option("--name", default="metrics", help="Base name of the JSON/markdown result files.")
-@click.option("--figures", "figures_per_class", type=int, default=5, help="Figures per class (0 = none).")
+@click.option("--figures", "figures_per_class", type=click.IntRange(min=0), default=5, help="Figures per class (0 = none).")
 @click.option("--device", default="auto", help="cpu, cuda or auto.")
-@click.option("--batch-size", type=int, default=8)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8)
 @grad_command
 def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figures_per_class, device,
          batch_size) -> None:
@@ -51,7 +51,8 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     roots = list(data_roots) or cfg.data.roots
     wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
     selection = scoring_selection(load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout),
-                                  exclude, trained_defect_paths(payload), tuned_defect_paths(payload))
+                                  exclude, trained_defect_paths(payload), tuned_defect_paths(payload),
+                                  frozenset(payload.get("trained_good_digests") or ()))
     samples = selection.kept
     t0 = time.perf_counter()
     norm = payload["normalisation"]
@@ -64,6 +65,7 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
         "data_root": ", ".join(map(str, roots)),
         "excluded": exclude, "n_excluded": selection.n_split,
         "n_trained_defects_left_out": selection.n_trained, "n_tuned_defects_left_out": selection.n_tuned,
+        "n_trained_goods_left_out": selection.n_trained_goods,
         "preset": cfg.preset,
         "backbone": cfg.backbone.name,
         "image_size": cfg.data.image_size,

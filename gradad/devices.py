@@ -22,4 +22,7 @@ def resolve_torch_device(name: str, setting: str) -> "torch.device":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{setting} = {name!r} but no CUDA device is available (use cpu or auto)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's "Invalid device string"
+        raise ConfigError(f"{setting} = {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None

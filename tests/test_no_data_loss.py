@@ -79,7 +79,7 @@ def test_train_refuses_a_finished_run_without_resume_or_overwrite(tmp_path: Path
     run.mkdir()
     (run / "model.pt").write_bytes(b"the model of last week")
     result = CliRunner().invoke(train_main, ["--data", str(tmp_path / "nowhere"), "-o", str(run)])
-    assert result.exit_code == 2 and "already holds model.pt" in result.output and "--resume" in result.output
+    assert result.exit_code == 2 and "already holds model.pt" in result.output and "--overwrite" in result.output
     assert (run / "model.pt").read_bytes() == b"the model of last week"
 
 

@@ -328,6 +328,7 @@ def test_a_users_config_and_log_in_the_run_directory_are_refused(tiny_demo_root:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert "already holds config.yaml and train_log.jsonl" in result.output and "--overwrite" in result.output
+    assert "--resume" not in result.output  # no checkpoint there: nothing to resume
     assert (run / "config.yaml").read_text() == mine and "mine" in (run / "train_log.jsonl").read_text()
     (run / "config.yaml").unlink()
     result = CliRunner().invoke(main, args[2:] + ["--preset", "tiny", "--data", str(tiny_demo_root)])
@@ -444,6 +445,7 @@ def test_list_and_tuple_values_are_coerced_and_counted() -> None:
     ("train.lr_grid=0", "train.lr_grid .*> 0"),
     ("train.checkpoint_every=-1", "train.checkpoint_every"),
     ("train.fusion_fit_kinds=real,nosie", "train.fusion_fit_kinds"),
+    ("data.defect_masks=runs/split/masks", "data.defect_masks .*--masks needs --defects"),
 ])
 def test_validate_refuses_values_that_types_allow(setting: str, why: str) -> None:
     from gradad.errors import ConfigError
@@ -505,3 +507,65 @@ def test_an_onnx_model_given_as_checkpoint_is_named_as_such(tmp_path: Path) -> N
     for path in (onnx_path, renamed):
         with pytest.raises(CheckpointError, match=r"looks like an ONNX model .* give the model\.pt from grad-train"):
             read_checkpoint(path)
+
+
+def test_bad_device_and_count_options_are_one_line_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from gradad.devices import resolve_torch_device
+    from gradad.errors import ConfigError
+    from gradad.evaluation.cli import main as eval_main
+
+    with pytest.raises(ConfigError, match=r"--device = 'gpu0' is not a device: use auto, cpu, cuda or cuda:N"):
+        resolve_torch_device("gpu0", "--device")
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"")
+    for args in (["--batch-size", "0"], ["--batch-size", "-3"], ["--figures", "-1"]):
+        result = CliRunner().invoke(eval_main, [str(model), *args])
+        assert result.exit_code == 2 and "Traceback" not in result.output and args[0] in result.output
+
+
+def test_a_normal_branch_or_checkpoint_trained_on_other_goods_is_refused(trained_tiny: Path, tmp_path: Path) -> None:
+    """The same data settings can name other files (a relative root run from another folder): the recorded content
+    digests of the training goods decide."""
+    from gradad.errors import ConfigError
+    from gradad.training.checkpoint import atomic_torch_save, read_checkpoint
+    from gradad.training.config import config_from_dict
+    from gradad.training.model import GRADModel
+    from gradad.training.trainer import load_normal_branch, refuse_other_goods
+
+    payload = read_checkpoint(trained_tiny)
+    digests = list(payload["trained_good_digests"])
+    assert digests
+    cfg = config_from_dict(payload["config"])
+    model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model)
+    cfg.train.normal_from = str(trained_tiny)
+    load_normal_branch(model, cfg, digests)  # the same goods: taken
+    other = digests[1:] + ["0" * 16]
+    with pytest.raises(ConfigError, match=r"trained on other good images: 1 of its \d+ are not among this run's"):
+        load_normal_branch(model, cfg, other)
+    with pytest.raises(ConfigError, match="cannot resume .* it was trained on other good images"):
+        refuse_other_goods(payload, other, "cannot resume X: it")
+    del payload["trained_good_digests"]  # a model from before digests: the settings comparison is all there is
+    old = tmp_path / "old.pt"
+    atomic_torch_save(payload, old)
+    cfg.train.normal_from = str(old)
+    load_normal_branch(model, cfg, other)
+
+
+def test_test_goods_that_are_copies_of_training_goods_are_not_scored(tmp_path: Path) -> None:
+    from gradad.bundle import image_digest
+    from gradad.data.tuning_split import scoring_selection
+
+    trained = _img(tmp_path / "train" / "000.png", seed=10)
+    copy = tmp_path / "test" / "good_000.png"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(trained.read_bytes())  # e.g. a folder layout whose test goods moved after goods were added
+    fresh = _img(tmp_path / "test" / "good_001.png", seed=20)
+    defect = _img(tmp_path / "test" / "bad_000.png", seed=10)
+    defect.write_bytes(trained.read_bytes())  # a defect image is never dropped by this rule
+    samples = [Sample(copy, "nut", "test", 0, "good", None), Sample(fresh, "nut", "test", 0, "good", None),
+               Sample(defect, "nut", "test", 1, "crack", None)]
+    selection = scoring_selection(samples, None, set(), frozenset(), frozenset({image_digest(trained)}))
+    assert [s.image_path for s in selection.kept] == [fresh, defect] and selection.n_trained_goods == 1
+    assert len(scoring_selection(samples, None, set()).kept) == 3

@@ -104,8 +104,9 @@ def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
         ours = _holds_text(run_dir / "config.yaml", config_text(cfg))
         kept = [name for name in ("config.yaml", "train_log.jsonl") if (run_dir / name).is_file() and not ours]
     if kept:
-        raise GradError(f"{run_dir} already holds {' and '.join(kept)}: continue it with --resume, train afresh "
-                        f"into it with --overwrite (replacing them), or choose another -o")
+        resumable = "continue it with --resume, " if (run_dir / "checkpoint.pt").is_file() else ""
+        raise GradError(f"{run_dir} already holds {' and '.join(kept)}: {resumable}train afresh into it with "
+                        f"--overwrite (replacing them), or choose another -o")
 
 
 def _holds_text(path: Path, text: str) -> bool:

@@ -230,6 +230,8 @@ class RunConfig:
              f"must be one weight >= 0 per kind of fbp.kinds ({len(self.fbp.kinds)}), not all 0"),
             ("train.fusion_fit_kinds", set(self.train.fusion_fit_kinds or ()) <= {*FBP_KINDS, "real"},
              f"must name kinds among {', '.join(FBP_KINDS)}, real"),
+            ("data.defect_masks", not self.data.defect_masks or bool(self.data.defects),
+             "needs data.defects (--masks needs --defects: the masks belong to the defect images)"),
         ]
         for name, ok, why in checks:
             if not ok:

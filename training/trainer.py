@@ -309,8 +309,22 @@ ABNORMAL_ONLY_SETTINGS = {"fusion_form", "abnormal_branch", "fusion_weight_init"
 NORMAL_BRANCH_PREFIXES = ("mapper.", "normal_grid.", "normal_cnn.")
 
 
-def load_normal_branch(model: GRADModel, cfg: RunConfig) -> str:
-    """Copy the normal branch of ``cfg.train.normal_from`` into ``model``; refuse a model trained otherwise."""
+def refuse_other_goods(payload: dict[str, Any], digests: Sequence[str], what: str) -> None:
+    """A model or checkpoint recorded the content digests of the good images it trained on: refuse to continue it
+    on other images (the same ``data.root`` text can name other files, e.g. a relative root from another folder)."""
+    recorded = payload.get("trained_good_digests")
+    if recorded is None:  # from before digests were recorded: the settings comparison is all there is
+        return
+    theirs, mine = set(recorded), set(digests)
+    if theirs != mine:
+        raise ConfigError(f"{what} was trained on other good images: {len(theirs - mine)} of its {len(theirs)} are "
+                          f"not among this run's {len(mine)} (same data settings, other files: check --data and the "
+                          f"folder you run from)")
+
+
+def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str]) -> str:
+    """Copy the normal branch of ``cfg.train.normal_from`` into ``model``; refuse a model trained otherwise, by
+    settings or on other good images (``digests``: this run's)."""
     path = cfg.train.normal_from
     payload = read_checkpoint(path)
     source = payload["config"]
@@ -329,6 +343,7 @@ def load_normal_branch(model: GRADModel, cfg: RunConfig) -> str:
     if diffs:
         raise ConfigError(f"train.normal_from = {path} was trained with other settings: "
                           f"{'; '.join(map(str, diffs[:5]))}")
+    refuse_other_goods(payload, digests, f"train.normal_from = {path}")
     state = {k: v for k, v in payload["state_dict"].items() if k.startswith(NORMAL_BRANCH_PREFIXES)}
     missing = [k for k in model.state_dict() if k.startswith(NORMAL_BRANCH_PREFIXES) and k not in state]
     if missing or tuple(payload["feat_hw"]) != model.feat_hw or payload["channels"] != model.channels:
@@ -386,10 +401,11 @@ class Trainer:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _restore(self, model: GRADModel, gen: torch.Generator) -> tuple[int, int, Any, _Best]:
-        """Load checkpoint.pt into model/gen; refuse a changed config naming the settings; drop log lines that
-        the resumed epochs will write again."""
+    def _restore(self, model: GRADModel, gen: torch.Generator, digests: Sequence[str]) -> tuple[int, int, Any, _Best]:
+        """Load checkpoint.pt into model/gen; refuse a changed config naming the settings, or other good images
+        (``digests``: this run's); drop log lines that the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
+        refuse_other_goods(state, digests, f"cannot resume {self.state_path}: it")
         diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
                  if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS]
         if model.image_gaussian is None:  # switched off: the statistics in the file have no module to go to
@@ -466,13 +482,14 @@ class Trainer:
         del extractor  # features are cached; free the backbone during training
         _, c, h, w = data.features.shape
         model = GRADModel(c, (h, w), cfg.model).to(self.device)
-        normal_from = load_normal_branch(model, cfg) if cfg.train.normal_from else None
+        digests = trained_good_digests(data.samples, data.val_files)
+        normal_from = load_normal_branch(model, cfg, digests) if cfg.train.normal_from else None
         gen = torch.Generator().manual_seed(cfg.train.seed)
         start_stage, start_epoch, opt_state, best = 0, 0, None, _Best()
         if resume and self.state_path.is_file():
-            start_stage, start_epoch, opt_state, best = self._restore(model, gen)
+            start_stage, start_epoch, opt_state, best = self._restore(model, gen, digests)
         elif resume:  # nothing of a finished run is lost (checked above): nothing trained yet, or no epoch to train
-            log.info("no checkpoint at %s: starting from scratch", self.state_path)
+            log.warning("--resume: no checkpoint at %s: starting from scratch", self.state_path)
         save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
         if start_stage == 0 and start_epoch == 0 and self.log_path.exists():
             self.log_path.unlink()
@@ -491,7 +508,7 @@ class Trainer:
             "data_roots": [str(Path(r).resolve()) for r in cfg.data.roots],
             "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
             "held_out_goods": data.val_files,
-            "trained_good_digests": trained_good_digests(data.samples, data.val_files),
+            "trained_good_digests": digests,
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
