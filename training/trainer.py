@@ -405,7 +405,6 @@ class Trainer:
         """Load checkpoint.pt into model/gen; refuse a changed config naming the settings, or other good images
         (``digests``: this run's); drop log lines that the resumed epochs will write again."""
         state = read_checkpoint(self.state_path)
-        refuse_other_goods(state, digests, f"cannot resume {self.state_path}: it")
         diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
                  if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS]
         if model.image_gaussian is None:  # switched off: the statistics in the file have no module to go to
@@ -432,6 +431,7 @@ class Trainer:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
                               f"{'; '.join(map(str, diffs[:5]))}{' ...' if len(diffs) > 5 else ''} (to resume it as "
                               f"it was: {' '.join(d.restoring_option for d in diffs)})")
+        refuse_other_goods(state, digests, f"cannot resume {self.state_path}: it")  # after the settings: they say why
         model.load_state_dict(state["state_dict"])
         stage, epoch = int(state["stage_index"]), int(state["next_epoch"])
         gen.set_state(state["generator"])
