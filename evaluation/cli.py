@@ -48,7 +48,8 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     dev = resolve_torch_device(device, "--device")
     detector, payload = load_detector(model_path, dev)
     cfg = payload["resolved_config"]
-    roots = list(data_roots) or cfg.data.roots
+    # the roots as the training run resolved them: a relative --data means nothing from another folder
+    roots = list(data_roots) or payload.get("data_roots") or cfg.data.roots
     wanted = [c.strip() for c in classes.split(",")] if classes else payload["classes"]
     selection = scoring_selection(load_samples_from_roots(roots, "test", wanted, layout or cfg.data.layout),
                                   exclude, trained_defect_paths(payload), tuned_defect_paths(payload),

@@ -569,3 +569,19 @@ def test_test_goods_that_are_copies_of_training_goods_are_not_scored(tmp_path: P
     selection = scoring_selection(samples, None, set(), frozenset(), frozenset({image_digest(trained)}))
     assert [s.image_path for s in selection.kept] == [fresh, defect] and selection.n_trained_goods == 1
     assert len(scoring_selection(samples, None, set()).kept) == 3
+
+
+def test_grad_eval_finds_a_relative_training_root_from_another_folder(trained_tiny: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from gradad.evaluation.cli import main as eval_main
+    from gradad.training.checkpoint import atomic_torch_save, read_checkpoint
+
+    payload = read_checkpoint(trained_tiny)
+    payload["config"]["data"]["root"] = "demo_data_as_typed"  # what a relative --data leaves in the config
+    model = tmp_path / "model.pt"
+    atomic_torch_save(payload, model)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(eval_main, [str(model), "--device", "cpu", "--figures", "0", "-o", "eval"])
+    assert result.exit_code == 0, result.output  # the absolute root the model recorded, not the typed one
