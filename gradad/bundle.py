@@ -674,6 +674,14 @@ class Bundle(_Record):
         return name if name in self.files else None
 
 
+def check_bundle_class(bundle: Bundle, class_name: str | None) -> None:
+    """A ``--class`` the bundle was not trained on (a typo) is one error naming its classes; None passes. The rule
+    of grad-run --class and grad-refine run --class."""
+    classes = bundle.classes or []
+    if class_name is not None and class_name not in classes:
+        raise GradError(f"--class {class_name}: bundle {bundle.name} has the classes {', '.join(classes)}")
+
+
 def tuned_class_for(tuned: Collection[str], class_name: str | None) -> str | None:
     """The tuned class whose F2PAD settings refine an image of ``class_name`` (``tuned``: the classes with tuned
     settings), None for the bundle's defaults: the class itself when it was tuned, an untuned class the defaults;

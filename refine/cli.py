@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from gradad.bundle import warn_refine_settings
+from gradad.bundle import check_bundle_class, warn_refine_settings
 from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
@@ -285,10 +285,10 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original: np.ndarray) -
     image = the image with the solver's region (resampled likewise) replaced by x_n resized back."""
     import cv2
 
-    from gradad.data.images import resize_hw
+    from gradad.data.images import resize_hw, resize_mask
 
     h, w = original.shape[:2]
-    at_size = {key: cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    at_size = {key: resize_mask(mask, h, w)
                for key, mask in (("mask", result.mask), ("coarse", result.coarse_mask), ("region", result.region))}
     out: dict[str, Any] = {
         "height": h, "width": w, **{f"{key}_area_px": int(np.count_nonzero(m)) for key, m in at_size.items()},
@@ -343,10 +343,8 @@ def run(inputs, bundle_dir, out_dir, pixel_threshold, refine_all, backend, budge
         raise GradError(f"{out} is not empty: choose another --out or pass --overwrite")
     parts = load_refine_parts(bundle_dir, pixel_threshold)
     bundle = Bundle.load(bundle_dir)
-    classes = bundle.classes or []
-    if class_name is not None and class_name not in classes:  # a typo: grad-run --class refuses it alike
-        raise GradError(f"--class {class_name}: bundle {bundle.name} has the classes {', '.join(classes)}")
-    settings = warn_refine_settings(bundle_dir, classes, parts.class_settings, class_name)
+    check_bundle_class(bundle, class_name)  # a typo: grad-run --class refuses it alike
+    settings = warn_refine_settings(bundle_dir, bundle.classes or [], parts.class_settings, class_name)
     out.mkdir(parents=True, exist_ok=True)
     overrides = {k: v for k, v in (("time_budget_s", budget), ("max_batch", batch), ("device", device))
                  if v is not None}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, T
 
 import numpy as np
 
-from gradad.bundle import Bundle, check_threshold
+from gradad.bundle import Bundle, check_bundle_class, check_threshold
 from gradad.errors import GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.buffered import Buffered
@@ -54,8 +54,7 @@ def thresholds_from_bundle(bundle: Bundle, override: float | None = None,
     """Thresholds from bundle.json's calibration (``class_name``: that class's own where it was calibrated on
     its own); --threshold overrides the image threshold; neither is a clear error."""
     cal, classes = bundle.calibration, bundle.classes or []
-    if class_name is not None and class_name not in classes:
-        raise GradError(f"--class {class_name}: bundle {bundle.name} has the classes {', '.join(classes)}")
+    check_bundle_class(bundle, class_name)
     if cal is None:
         if override is None:
             raise GradError(f"bundle {bundle.name} is not calibrated: run grad-calibrate BUNDLE --good DIR "
