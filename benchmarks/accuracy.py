@@ -21,7 +21,7 @@ import numpy as np
 from gradad.benchmarks.environment import environment
 from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
-from gradad.data.tuning_split import scored_samples
+from gradad.data.tuning_split import scoring_selection
 from gradad.errors import GradError
 from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, METRICS as PAIRED_METRICS
 from gradad.evaluation.bootstrap import PairedScores, format_interval, paired_differences, paired_scores
@@ -328,6 +328,19 @@ def _trained_defects(cfg: AccuracyConfig, bundle: Bundle | None) -> set[str]:
     return set().union(*(trained_defect_paths(read_checkpoint(f)) for f in files))
 
 
+def _trained_goods(cfg: AccuracyConfig, bundle: Bundle | None) -> frozenset[str]:
+    """Content digests of the good images any compared model trained on (as grad-eval leaves them out): a test
+    good that is a copy of a training good would flatter every row that learnt it."""
+    from gradad.training.checkpoint import read_checkpoint
+
+    digests: set[str] = set()
+    for f in (p for p in (cfg.checkpoint, cfg.normal_only) if p):
+        digests.update(read_checkpoint(f).get("trained_good_digests") or ())
+    if bundle is not None:
+        digests.update(bundle.training_data.get("trained_good_digests") or ())
+    return frozenset(digests)
+
+
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     """Evaluate every requested row on one test set; returns the result dict (without header fields)."""
     cfg.validate()
@@ -337,9 +350,10 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if bundle is not None and calibration is None:
         log.info("bundle %s is not calibrated: F1 is the oracle best F1", cfg.bundle)
     classes = _default_classes(cfg, bundle)
-    samples, n_excluded, n_trained = scored_samples(load_samples_from_roots(cfg.data_roots, "test", classes,
-                                                                            cfg.layout),
-                                                    cfg.exclude, _trained_defects(cfg, bundle))
+    selection = scoring_selection(load_samples_from_roots(cfg.data_roots, "test", classes, cfg.layout),
+                                  cfg.exclude, _trained_defects(cfg, bundle), trained_goods=_trained_goods(cfg, bundle))
+    samples, n_excluded = selection.kept, selection.n_split
+    n_trained = selection.n_trained + selection.n_tuned
     rows: list[dict[str, Any]] = []
     images_by_hw: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     image_size = 256
@@ -366,6 +380,7 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
         "dataset": {"root": ", ".join(cfg.data_roots), "layout": cfg.layout,
                     "name": " + ".join(Path(r).name for r in cfg.data_roots), "excluded": cfg.exclude,
                     "n_excluded": n_excluded, "n_trained_defects_left_out": n_trained,
+                    "n_trained_goods_left_out": selection.n_trained_goods,
                     # None: the bundle does not record them, its calibrated F1 may include them
                     "n_calibration_images_left_out_of_f1": (None if calibration is not None
                                                             and calibration.images is None else n_calibration),

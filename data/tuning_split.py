@@ -89,11 +89,3 @@ def scoring_selection(samples: Sequence[Sample], split: str | Path | None, train
                         "a folder layout picks its test goods by position, and goods added since moved these)",
                         n_goods)
     return ScoringSelection(kept, n_split, len(used) - n_tuned, n_tuned, n_goods)
-
-
-def scored_samples(samples: Sequence[Sample], split: str | Path | None, trained: set[str],
-                   tuned: Set[str] = frozenset()) -> tuple[list[Sample], int, int]:
-    """:func:`scoring_selection` as (kept, number left out for the split, number left out as used by training:
-    trained and tuned defects together)."""
-    sel = scoring_selection(samples, split, trained, tuned)
-    return sel.kept, sel.n_split, sel.n_trained + sel.n_tuned

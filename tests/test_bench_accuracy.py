@@ -201,3 +201,23 @@ def test_bootstrap_zero_adds_no_comparison(tiny_demo_root: Path, trained_tiny: P
     data = json.loads((tmp_path / "nb.json").read_text())
     assert len(data["rows"]) == 2 and not any("vs_first_row" in r or "_paired" in r for r in data["rows"])
     assert "paired bootstrap" not in (tmp_path / "nb.md").read_text()
+
+
+def test_test_goods_that_are_copies_of_training_goods_are_left_out_as_grad_eval_does(
+        tiny_demo_root: Path, trained_tiny: Path, tmp_path: Path) -> None:
+    """A test good with the content of a good the model trained on would flatter every row: grad-bench accuracy
+    leaves it out by the model file's digests, as grad-eval does, and says how many it left out."""
+    from gradad.bundle import image_digest
+    from gradad.training.checkpoint import read_checkpoint
+
+    digests = set(read_checkpoint(trained_tiny)["trained_good_digests"])
+    root = tmp_path / "data"
+    shutil.copytree(tiny_demo_root, root)
+    trained = next(p for p in sorted((root / "nut" / "train" / "good").glob("*.png")) if image_digest(p) in digests)
+    shutil.copy(trained, root / "nut" / "test" / "good" / "copy_of_a_training_good.png")
+    n_before = len(load_samples(tiny_demo_root, "test", ["nut"]))
+    result = _run(["--data", str(root), "--checkpoint", str(trained_tiny), "--backend", "pytorch", "--classes", "nut",
+                   "--bootstrap", "0", "-o", str(tmp_path), "--name", "copies"])
+    assert result.exit_code == 0, result.output
+    dataset = json.loads((tmp_path / "copies.json").read_text())["dataset"]
+    assert dataset["n_trained_goods_left_out"] == 1 and dataset["n_test_images"] == n_before
