@@ -509,6 +509,26 @@ def test_an_onnx_model_given_as_checkpoint_is_named_as_such(tmp_path: Path) -> N
             read_checkpoint(path)
 
 
+def test_a_run_folder_or_its_config_given_as_checkpoint_points_at_model_pt(trained_tiny: Path,
+                                                                            tmp_path: Path) -> None:
+    """The files users mix up with model.pt: the run folder and the run's config.yaml; the message names the
+    model.pt beside them."""
+    import shutil
+
+    from gradad.errors import CheckpointError
+    from gradad.training.checkpoint import read_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_tiny, run / "model.pt")
+    (run / "config.yaml").write_text("preset: edge\ndata:\n  roots: [demo_data]\n")
+    with pytest.raises(CheckpointError, match=rf"{run} is a folder, not a checkpoint: give {run / 'model.pt'}"):
+        read_checkpoint(run)
+    with pytest.raises(CheckpointError, match=rf"config.yaml is a text file .* give {run / 'model.pt'}"):
+        read_checkpoint(run / "config.yaml")
+    assert read_checkpoint(run / "model.pt")["format"]
+
+
 def test_bad_device_and_count_options_are_one_line_errors(tmp_path: Path) -> None:
     from click.testing import CliRunner
 

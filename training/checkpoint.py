@@ -93,12 +93,39 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {first}") from None
 
 
+def _looks_like_text(path: Path) -> bool:
+    """Whether ``path`` starts like a text file: torch.save writes a zip (``PK``) or, in the legacy format, a
+    pickle (``0x80``); neither decodes as printable UTF-8."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return False
+    if not head or head[:2] == b"PK" or head[:1] == b"\x80":
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\r\n\t" for ch in text)
+
+
 def check_checkpoint_file(path: str | Path, option: str = "") -> Path:
     """``path`` exists and is no ONNX model (the file users mix up with model.pt), else one CheckpointError line
     (``option``: the flag that named it, as its prefix)."""
     path = Path(path)
+    prefix = option + " " if option else ""
+    if path.is_dir():
+        inside = path / "model.pt"
+        hint = f": give {inside}" if inside.is_file() else ": give the model.pt that grad-train wrote"
+        raise CheckpointError(f"{prefix}{path} is a folder, not a checkpoint{hint}")
     if not path.is_file():
-        raise CheckpointError(f"{option + ' ' if option else ''}checkpoint not found: {path}")
+        raise CheckpointError(f"{prefix}checkpoint not found: {path}")
+    if _looks_like_text(path):
+        beside = path.parent / "model.pt"
+        hint = f"give {beside}" if beside.is_file() and beside != path else "give the model.pt that grad-train wrote"
+        raise CheckpointError(f"{prefix}{path} is a text file (a run's config.yaml or a log?), not a training "
+                              f"checkpoint: {hint}")
     if looks_like_onnx(path):
         raise CheckpointError(f"{option + ' ' if option else ''}{path} looks like an ONNX model (grad-export's "
                               f"output), not a training checkpoint: give the model.pt from grad-train")
