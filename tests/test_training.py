@@ -151,6 +151,9 @@ def test_training_writes_model_log_and_resumes(tiny_demo_root: Path, tmp_path: P
     assert [(r["stage"], r["epoch"]) for r in records] == [("abnormal", 1), ("abnormal", 2), ("normal", 1),
                                                            ("normal", 2)]
     assert all(np.isfinite(r["loss"]) for r in records)
+    # seconds: since the run started (grows); epoch_seconds: that epoch's steps alone (what a speed-up changes)
+    assert all(0 < r["epoch_seconds"] <= r["seconds"] for r in records)
+    assert [r["seconds"] for r in records] == sorted(r["seconds"] for r in records)
     events = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     spreads = [e["coordinate_spread"] for e in events if e.get("event") == "stage_end"]
     assert len(spreads) == 2 and set(spreads[0]) == {"normal", "abnormal"}  # g spread logged per stage

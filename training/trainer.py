@@ -592,6 +592,7 @@ class Trainer:
         for epoch in bar:
             set_stage_mode(model, stage)
             losses = []
+            epoch_t0 = time.perf_counter()
             for idx in _batches(n, cfg.train.batch_size, ctx.gen):
                 x = data.features[idx].to(self.device, torch.float32, non_blocking=True)
                 if stage == "abnormal":
@@ -608,7 +609,8 @@ class Trainer:
             scheduler.step()
             last = epoch + 1 == epochs
             record = {"stage": stage, "epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else None,
-                      "lr_grid": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - ctx.t0, 2)}
+                      "lr_grid": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - ctx.t0, 2),  # since the run started
+                      "epoch_seconds": round(time.perf_counter() - epoch_t0, 2)}  # this epoch's steps alone
             if last or (cfg.train.val_every > 0 and (epoch + 1) % cfg.train.val_every == 0):
                 score, extra = self._selection_score(ctx, stage)
                 record.update(val_score=round(score, 4), best=best.offer(score, epoch + 1, model), **extra)
