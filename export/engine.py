@@ -6,11 +6,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from gradad.bundle import (FP16_ONNX, FP32_ONNX, INT8_ONNX, TIMING_CACHE, Bundle, EngineStamp, FileEntry,
                            bundle_file)
+from gradad.cli_utils import check_writable
 from gradad.data.datasets import list_image_files
 from gradad.data.images import read_image_rgb
 from gradad.engine_trust import TrustListError, trust
@@ -18,7 +22,7 @@ from gradad.errors import DatasetError, GradError
 from gradad.export.lint import check_external_data
 from gradad.export.precision import FP32_NAME_PATTERNS, keeps_fp32_name
 from gradad.export.parity import ParityError, ParityGates, check_gates, check_int8_gates, compare_fp16
-from gradad.export.tensorrt_build import EngineBuildConfig, build_engine
+from gradad.export.tensorrt_build import EngineBuildConfig, build_engine, check_tensorrt_version
 from gradad.runtime.tensorrt_device import TensorRTUnavailable, gpu_identity, import_tensorrt
 from gradad.runtime.backend import Backend, infer_in_batches
 from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -33,15 +37,43 @@ def _default_engine_backend(path: Path) -> Backend:
     return TensorRTBackend(path)
 
 
-def engine_parity(bundle: Bundle, engine: Backend, images_dir: str | Path,
-                  max_images: int = 32) -> dict[str, Any]:
-    """Engine vs ONNX Runtime FP32 on real images: relative L2 errors of maps and scores."""
+@dataclass(frozen=True)
+class ParityImages:
+    """The decoded images an engine is gated on: the model input batch and where it came from."""
+
+    batch: np.ndarray
+    description: str  # "N images from DIR", recorded in the engine's parity report
+
+
+def load_parity_images(bundle: Bundle, images_dir: str | Path, max_images: int = 32) -> ParityImages:
+    """List and decode up to ``max_images`` images of ``images_dir`` into the bundle's model input.
+
+    :func:`build_bundle_engine` calls this before building: an empty folder or a file that is no image is then
+    found in seconds, not after a build that takes minutes on a Jetson.
+
+    Raises:
+        DatasetError: the folder is missing or holds no images, or an image cannot be decoded.
+    """
     files = list_image_files(images_dir, "--parity-images")[:max_images]
-    batch = to_model_input([read_image_rgb(f) for f in files], *bundle.input.hw)
-    ref_scores, ref_maps = OnnxRuntimeBackend(bundle.file(FP32_ONNX), ["cpu"]).infer_all(batch)
-    scores, maps = infer_in_batches(engine, batch)
+    try:
+        images = [read_image_rgb(f) for f in files]
+    except DatasetError as exc:  # name the option: the message alone names a file, not what it was given for
+        raise DatasetError(f"--parity-images {images_dir}: {exc}") from None
+    return ParityImages(to_model_input(images, *bundle.input.hw), f"{len(files)} images from {images_dir}")
+
+
+def engine_parity(bundle: Bundle, engine: Backend, images: ParityImages | str | Path,
+                  max_images: int = 32) -> dict[str, Any]:
+    """Engine vs ONNX Runtime FP32 on real images: relative L2 errors of maps and scores.
+
+    ``images`` is what :func:`load_parity_images` returned, or a folder it is called on (``max_images`` applies
+    to a folder only)."""
+    if not isinstance(images, ParityImages):
+        images = load_parity_images(bundle, images, max_images)
+    ref_scores, ref_maps = OnnxRuntimeBackend(bundle.file(FP32_ONNX), ["cpu"]).infer_all(images.batch)
+    scores, maps = infer_in_batches(engine, images.batch)
     report = compare_fp16(ref_scores, ref_maps, scores, maps, labels=None)
-    report["images"] = f"{len(files)} images from {images_dir}"
+    report["images"] = images.description
     return report
 
 
@@ -60,8 +92,10 @@ def build_bundle_engine(
     int8: bool = False,
     profiles: int = 2,
 ) -> EngineStamp:
-    """Build, parity-check, stamp and register an engine. TensorRT or GPU absence is a one-line error naming what
-    the bundle still offers; an engine that misses the parity gate is not written and the numbers reported.
+    """Build, parity-check, stamp and register an engine. TensorRT or GPU absence, or a TensorRT older than 8.5, is
+    a one-line error naming the ONNX files the bundle still offers; an engine that misses the parity gate is not
+    written and the numbers reported. The settings, the TensorRT version and the parity images (listed and
+    decoded) are all checked before the build starts.
 
     ``int8`` builds from the bundle's QDQ model (explicit quantisation) and gates the engine with the INT8
     map/score errors against ONNX Runtime FP32."""
@@ -77,17 +111,26 @@ def build_bundle_engine(
         check_external_data(bundle.file(name), bundle_dir)
     if not Path(parity_images).is_dir():
         raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
-    try:
-        trt = trt or import_tensorrt()
-        gpu = gpu or gpu_identity()
-    except TensorRTUnavailable as exc:
-        onnx_files = ", ".join(sorted(bundle.files))
-        raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
-                                  f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
+    # Everything that can be checked is checked before the build, which takes minutes on a Jetson.
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_file(bundle_dir, TIMING_CACHE)),
                             fp32_layer_name_patterns=FP32_NAME_PATTERNS,
                             fp32_layer_name_rule=keeps_fp32_name, int8=int8, profiles=profiles)
+    cfg.validate()
+    if timing_cache:  # the default lives in the bundle folder, whose writability the CLI has checked
+        check_writable(timing_cache, "--timing-cache")
+    try:
+        trt = trt or import_tensorrt()
+        check_tensorrt_version(trt)  # right after the import: an 8.4 build would be refused only once it is done
+        gpu = gpu or gpu_identity()
+    except TensorRTUnavailable as exc:
+        # only what ONNX Runtime can run: not the engines, the refinement weights or the pixel prior
+        onnx_files = ", ".join(sorted(n for n in bundle.files if n.endswith(".onnx")))
+        raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
+                                  f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
+    # after the TensorRT check (no TensorRT is the first thing to say) and before the build
+    images = load_parity_images(bundle, parity_images)
+    log.info("parity gate: %s, decoded before the build", images.description)
     inp = bundle.input
     fp16_onnx = bundle.file(FP16_ONNX) if FP16_ONNX in bundle.files else None
     int8_onnx = bundle.file(INT8_ONNX) if INT8_ONNX in bundle.files else None
@@ -100,7 +143,7 @@ def build_bundle_engine(
                              fp16_onnx_path=fp16_onnx, trt=trt, gpu=gpu, int8_onnx_path=int8_onnx)
         engine = engine_backend(scratch / stamp["file"])
         try:
-            report = engine_parity(bundle, engine, parity_images)
+            report = engine_parity(bundle, engine, images)
         finally:
             engine.close()
         if int8:

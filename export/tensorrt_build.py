@@ -21,6 +21,13 @@ implicit calibrator is ever set. ``"int8-qdq-flags"`` (TensorRT 8.5 - 10.x): ``B
 where present, for the layers left unquantised) with the same FP32 pins as the FP16 route;
 ``"int8-qdq-strongly-typed"`` (TensorRT 11+, no INT8 flag): a strongly typed network, the QDQ nodes decide.
 
+TensorRT versions: 8.5 to 10.x are supported and tested. :func:`check_tensorrt_version` refuses anything older
+before any build work, in the words the runtime uses when it meets such a TensorRT: the runtime only drives
+engines through the name-based tensor API (``execute_async_v3``) that TensorRT 8.5 introduced, so an engine built
+on 8.4 could never be loaded, and 8.2 lacks builder calls used here (``set_memory_pool_limit``). A major version
+above 10 (the TensorRT 11+ routes above) is built with a warning, not refused: the parity gate against ONNX
+Runtime still decides whether its engine is kept.
+
 An engine only runs on the TensorRT version and GPU it was built with: the file name and the stamp
 returned by :func:`build_engine` record both, and :func:`engine_matches_device` is what the runtime
 uses to refuse a stale engine. The ``trt`` and ``gpu`` arguments of :func:`build_engine` exist so
@@ -29,6 +36,7 @@ the glue can be tested with a fake ``tensorrt`` module on machines without Tenso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -57,6 +65,12 @@ BUILD_MODE_STRONGLY_TYPED = "strongly-typed-fp16-onnx"
 BUILD_MODE_FP32 = "fp32"
 BUILD_MODE_INT8_FLAGS = "int8-qdq-flags"
 BUILD_MODE_INT8_STRONGLY_TYPED = "int8-qdq-strongly-typed"
+
+#: Oldest TensorRT an engine is built with: the runtime uses only the name-based tensor API (``execute_async_v3``),
+#: new in TensorRT 8.5 (JetPack 5.1), so an engine from an older one could never run.
+MIN_TENSORRT_VERSION: tuple[int, int] = (8, 5)
+#: Newest TensorRT major version gradad is tested on; a newer one builds with a warning (README "Supported TensorRT").
+NEWEST_TESTED_TENSORRT_MAJOR = 10
 
 
 @dataclass(frozen=True)
@@ -132,14 +146,56 @@ def engine_filename(trt_version: str, gpu_name: str, compute_capability: str, pr
     return f"model.trt{_sanitise(trt_version)}.{precision}.{sm}.{_sanitise(gpu_name)}.plan"
 
 
-def trt_major_version(trt: Any) -> int:
-    """Major version of a tensorrt module (``trt.__version__`` like ``"10.3.0"``)."""
-    match = re.match(r"\s*(\d+)", str(getattr(trt, "__version__", "")))
+def trt_version_tuple(trt: Any) -> tuple[int, int]:
+    """(major, minor) of a tensorrt module (``trt.__version__`` like ``"10.3.0"``; a missing minor reads as 0).
+
+    Raises:
+        TensorRTUnavailable: the version cannot be read.
+    """
+    match = re.match(r"\s*(\d+)(?:\.(\d+))?", str(getattr(trt, "__version__", "")))
     if not match:
         raise TensorRTUnavailable(
             f"cannot read the TensorRT version (tensorrt.__version__={getattr(trt, '__version__', None)!r})"
         )
-    return int(match.group(1))
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def trt_major_version(trt: Any) -> int:
+    """Major version of a tensorrt module (``trt.__version__`` like ``"10.3.0"``)."""
+    return trt_version_tuple(trt)[0]
+
+
+def check_tensorrt_version(trt: Any) -> str:
+    """Refuse a TensorRT gradad cannot build a usable engine with; warn once about one newer than tested.
+
+    Called right after TensorRT is imported and before any build work: on TensorRT 8.4 the build would otherwise
+    take minutes on a Jetson and write a timing cache before the engine is refused at load time, and on 8.2 it
+    stops with an AttributeError (no ``set_memory_pool_limit``). The refusal reads as the runtime's own
+    (``TensorRTBackend`` checks the engine's API, which is only known once an engine exists).
+
+    Returns:
+        ``trt.__version__`` as a string.
+
+    Raises:
+        TensorRTUnavailable: older than :data:`MIN_TENSORRT_VERSION`, or no readable version.
+    """
+    version = str(getattr(trt, "__version__", "?"))
+    major, minor = trt_version_tuple(trt)
+    if (major, minor) < MIN_TENSORRT_VERSION:
+        oldest = ".".join(map(str, MIN_TENSORRT_VERSION))
+        raise TensorRTUnavailable(f"TensorRT {version} has no name-based tensor API (execute_async_v3): gradad "
+                                  f"needs TensorRT {oldest} or newer (JetPack 5.1+)")
+    if major > NEWEST_TESTED_TENSORRT_MAJOR:
+        _warn_untested_tensorrt(version)
+    return version
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untested_tensorrt(version: str) -> None:
+    """Once per version and process: build_bundle_engine and build_engine both check, benchmarks build several."""
+    log.warning("TensorRT %s is newer than the tested range (%s to %d.x): building anyway (grad-export build keeps "
+                "the engine only if it matches ONNX Runtime on the parity images)", version,
+                ".".join(map(str, MIN_TENSORRT_VERSION)), NEWEST_TESTED_TENSORRT_MAJOR)
 
 
 def supports_fp16_flag(trt: Any) -> bool:
@@ -374,16 +430,16 @@ def build_engine(
         fp32_layers (layers pinned to FP32 under the FP16 flag).
 
     Raises:
-        TensorRTUnavailable: no TensorRT or no GPU.
+        TensorRTUnavailable: no TensorRT, a TensorRT older than 8.5, or no GPU.
         GradError: unreadable/unparsable ONNX, missing FP16 ONNX, wrong input, failed build.
         ConfigError: invalid cfg.
     """
     cfg.validate()
     trt = import_tensorrt() if trt is None else trt
+    trt_version = check_tensorrt_version(trt)  # before any builder call: 8.2 lacks some, 8.4 engines never load
     gpu = gpu_identity() if gpu is None else gpu
     onnx_path = Path(onnx_path)
     out_dir = Path(out_dir)
-    trt_version = str(trt.__version__)
     c, h, w = (int(v) for v in input_chw)
 
     mode, source, strongly_typed = select_build_mode(
