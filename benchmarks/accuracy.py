@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from gradad.benchmarks.environment import environment
+from gradad.benchmarks.environment import engine_note, environment, tensorrt_engine_record
 from gradad.bundle import Bundle
 from gradad.data.datasets import Sample, load_samples_from_roots
 from gradad.data.tuning_split import scoring_selection
@@ -222,10 +222,13 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], bundle: Bundle,
             _skip(cfg, label, "TensorRT is not importable here (no tensorrt Python package)")
             continue
         try:
-            backend, _ = load_backend(cfg.bundle, kind, precision, threads=cfg.threads, max_batch=cfg.batch_size)
+            backend, loaded = load_backend(cfg.bundle, kind, precision, threads=cfg.threads,
+                                           max_batch=cfg.batch_size)
         except GradError as exc:
             _skip(cfg, label, str(exc))
             continue
+        # a TensorRT row's numbers hold for one engine file, TensorRT version and GPU: the row names them
+        engine_record = tensorrt_engine_record(backend, loaded)
         hw = backend.input_hw
         if hw not in images_by_hw:
             if hw[0] != hw[1]:
@@ -243,6 +246,8 @@ def bundle_rows(cfg: AccuracyConfig, samples: Sequence[Sample], bundle: Bundle,
                "device": device, "engine": backend.name, "model": str(cfg.bundle), "image_size": hw[0],
                "wall_seconds": round(wall, 2), "seconds_per_image": round(wall / max(1, len(samples)), 4),
                "timing_note": "inference on pre-read images"}
+        if engine_record is not None:
+            row["tensorrt_engine"] = engine_record
         rows.append(score_row(row, samples, scores, maps, masks, calibration, cfg.bootstrap > 0))
     return rows
 
@@ -477,6 +482,7 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
     table = comparison_table(result["rows"])
     if table:
         parts += [table]
+    parts += [f"- {note}." for note in filter(None, map(engine_note, result["rows"]))]
     parts += [f"- skipped {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
     for row in result["rows"]:
         parts += ["", f"## {row['label']}", "", markdown_table(row["per_class"])]

@@ -154,9 +154,10 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
     INT8, pipelined grad-run loop), with their ratios:
       grad-bench latency --bundle models/demo --today --grad-run 300 --threads 2 --no-patchcore --name edge_speed
     """
-    from gradad.benchmarks.latency import (BACKENDS, MTD_CORESET_BANK, LatencyConfig, latency_markdown,
-                                           run_latency)
+    from gradad.benchmarks.latency import (BACKENDS, MTD_CORESET_BANK, LatencyConfig, failed_rows,
+                                           latency_markdown, run_latency)
     from gradad.benchmarks.results_io import KIND_LATENCY, result_header, write_result_files
+    from gradad.errors import GradError
 
     cfg = LatencyConfig(presets=list(presets), bundle=bundle, backends=tuple(backends) or BACKENDS,
                         patchcore=patchcore, bank_size=MTD_CORESET_BANK if bank_size is None else bank_size,
@@ -167,6 +168,10 @@ def latency(presets, bundle, backends, today, grad_run_frames, pace_fps, patchco
     json_path, md_path = write_result_files(out_dir, name, result, latency_markdown(result))
     click.echo(latency_markdown(result))
     click.echo(f"results: {json_path} and {md_path}")
+    failed = failed_rows(result)
+    if failed:  # the files hold every row that finished; the exit status tells a script that some did not
+        raise GradError(f"{len(failed)} latency row(s) failed ({'; '.join(f['label'] for f in failed)}); the "
+                        f"{len(result['rows'])} row(s) that finished and the errors are in {json_path}")
 
 
 @main.command(context_settings=CONTEXT)

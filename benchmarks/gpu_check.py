@@ -1102,16 +1102,35 @@ def f2pad_row(cfg: GpuCheckConfig, device_name: str, state: dict[str, Any], batc
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def gpu_device_line(result: dict[str, Any]) -> str:
+    """The sentence naming what a gpu-check result ran on: device, torch/CUDA/cuDNN, ONNX Runtime providers,
+    and the GPU cuda-python saw where torch saw none (a Jetson with a CPU-only torch)."""
+    cuda = result.get("cuda") or {}
+    env = result.get("environment") or {}
+    device = str(result.get("device", "?"))
+    seen = (f" (cuda-python sees {env['gpu']}, compute capability {env.get('gpu_compute_capability')})"
+            if env.get("gpu_source") == "cuda-python" and env.get("gpu") and env["gpu"] != device else "")
+    return (f"Device: {device}{seen}; torch {cuda.get('torch')} (CUDA {cuda.get('torch_cuda')}, "
+            f"cuDNN {cuda.get('cudnn')}); onnxruntime {cuda.get('onnxruntime')} providers "
+            f"{cuda.get('ort_providers')}; status: {result.get('status')}.")
+
+
+def gpu_row_groups(result: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """(rows that ran: ok or failed, {skip reason: labels of the rows skipped for it}) of a gpu-check result;
+    reasons in the order they first appear (a CPU machine skips a dozen rows for three reasons)."""
+    measured = [r for r in result.get("rows", []) if r.get("status") != STATUS_SKIPPED]
+    skipped: dict[str, list[str]] = {}
+    for r in iter_rows(result, STATUS_SKIPPED):
+        skipped.setdefault(str(r.get("reason") or "no reason recorded"), []).append(str(r["label"]))
+    return measured, skipped
+
+
 def gpu_markdown(result: dict[str, Any]) -> str:
     """One line per row: status, the row's summary or reason."""
-    cuda = result.get("cuda") or {}
     lines = [f"# {result.get('name', 'gpu_check')}", "", f"`{result.get('command', '')}`", ""]
     if result.get("wrapper_command"):
         lines += [f"Run as `{result['wrapper_command']}`.", ""]
-    lines += [f"Device: {result.get('device', '?')}; torch {cuda.get('torch')} (CUDA {cuda.get('torch_cuda')}, "
-              f"cuDNN {cuda.get('cudnn')}); onnxruntime {cuda.get('onnxruntime')} providers "
-              f"{cuda.get('ort_providers')}; status: {result.get('status')}.", "",
-              "| section | row | status | result / reason |", "|---|---|---|---|"]
+    lines += [gpu_device_line(result), "", "| section | row | status | result / reason |", "|---|---|---|---|"]
     for r in result.get("rows", []):
         text = str(r.get("summary") or r.get("reason") or "").replace("|", "/")
         lines.append(f"| {r['section']} | {r['label']} | {r['status']} | {text} |")

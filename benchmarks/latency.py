@@ -27,8 +27,8 @@ import numpy as np
 
 from gradad.benchmarks.accuracy import (BACKEND_ORT_FP16, BACKEND_ORT_FP32, BACKEND_ORT_INT8, BACKEND_PYTORCH,
                                         BACKEND_TENSORRT, BACKENDS, BUNDLE_BACKENDS)
-from gradad.benchmarks.environment import environment
-from gradad.benchmarks.latency_worker import RowSpec
+from gradad.benchmarks.environment import engine_note, environment
+from gradad.benchmarks.latency_worker import SKIPPED_KEY, RowSpec
 from gradad.errors import GradError
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ WORKER_MODULE = "gradad.benchmarks.latency_worker"
 SYNTHETIC_IMAGES = 8
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+#: ``status`` of a ``skipped`` entry whose row was attempted and failed (a plain skip line has none)
+STATUS_FAILED = "failed"
 
 
 @dataclass
@@ -219,6 +221,18 @@ def _skip(cfg: LatencyConfig, label: str, reason: str) -> None:
     cfg.skipped.append({"label": label, "reason": reason})
 
 
+def _fail(cfg: LatencyConfig, label: str, error: str) -> None:
+    """Record a row whose measurement failed: beside the skip lines (every reader of ``skipped`` shows it), marked
+    ``status: failed`` so the command can end non-zero once the rows that did finish are written."""
+    log.error("latency row %s failed: %s", label, error)
+    cfg.skipped.append({"label": label, "reason": error, "status": STATUS_FAILED})
+
+
+def failed_rows(result: dict[str, Any]) -> list[dict[str, str]]:
+    """The ``skipped`` entries of a latency result that are failures, not rows that cannot run here."""
+    return [s for s in result.get("skipped", []) if s.get("status") == STATUS_FAILED]
+
+
 def run_worker(spec: RowSpec, threads: int, timeout_s: float) -> dict[str, Any]:
     """Measure one row in a fresh Python process with the thread count fixed in its environment."""
     env = {**os.environ, **{k: str(threads) for k in THREAD_ENV}}
@@ -290,7 +304,16 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
 
         for spec in tqdm(specs, desc="latency rows", unit="row"):
             log.info("measuring %s", spec.label)
-            row = run_worker(spec, cfg.threads, cfg.timeout_s)
+            try:
+                row = run_worker(spec, cfg.threads, cfg.timeout_s)
+            except GradError as exc:  # the rows measured so far (and the ones after) still reach the files
+                _fail(cfg, spec.label, str(exc))
+                continue
+            if SKIPPED_KEY in row:  # the worker found nothing it could measure (no batch size fits the engine)
+                _skip(cfg, spec.label, row[SKIPPED_KEY])
+                continue
+            if row.get("batches_note"):
+                log.warning("%s: %s", spec.label, row["batches_note"])
             model = _complexity(spec.preset, sizes)
             if spec.method == "patchcore":
                 row["complexity"] = patchcore_complexity(model, spec.bank_size)
@@ -305,7 +328,12 @@ def run_latency(cfg: LatencyConfig) -> dict[str, Any]:
             from gradad.benchmarks.latency_runtime import grad_run_rows
 
             size = int(Bundle.load(cfg.bundle).input.height)
-            for row in grad_run_rows(cfg, str(Path(images_for(size)[0]).parent), work):
+            try:
+                run_rows = grad_run_rows(cfg, str(Path(images_for(size)[0]).parent), work)
+            except GradError as exc:
+                _fail(cfg, f"GRAD {Bundle.load(cfg.bundle).preset} · grad-run rows", str(exc))
+                run_rows = []
+            for row in run_rows:
                 row["complexity"] = rows[-1]["complexity"] if rows else {}
                 rows.append(row)
         decode = {size: desc for size, (_, desc) in image_sets.items()}
@@ -395,5 +423,18 @@ def latency_markdown(result: dict[str, Any]) -> str:
              f"{env['cpu_model']} ({env['cpu_count']} cores), GPU: {env['gpu'] or 'none'}; {result['threads']} "
              f"threads; torch {env['torch']}, onnxruntime {env['onnxruntime']}. Stages in ms per image (p50, batch 1).",
              "", latency_table(result["rows"])]
-    parts += [f"- skipped {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
+    parts += [f"- {note}." for note in row_notes(result["rows"])]
+    parts += [f"- {s.get('status', 'skipped')} {s['label']}: {s['reason']}" for s in result.get("skipped", [])]
     return "\n".join(parts)
+
+
+def row_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """What a row's table line does not say: the TensorRT engine it ran, the batch sizes it could not run."""
+    notes = []
+    for row in rows:
+        note = engine_note(row)
+        if note:
+            notes.append(note)
+        if row.get("batches_note"):
+            notes.append(f"{row['label']}: {row['batches_note']}")
+    return notes

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Decision threshold of the postprocess stage (its value does not change the timing).
 DUMMY_THRESHOLD = 1.0
+#: The key of a worker's answer for a row it could not measure at any batch size (its value: the reason).
+SKIPPED_KEY = "skipped"
 
 
 @dataclass
@@ -110,14 +112,49 @@ def _torch_engine(spec: RowSpec) -> Engine:
     return preprocess, inference, postprocess
 
 
+class NoBatchFits(Exception):
+    """None of a row's batch sizes fits its engine: the row is a skip line (with this reason), not a failure."""
+
+
+def fit_batches(spec: RowSpec, min_batch: int, max_batch: int, engine: str) -> None:
+    """Keep the batch sizes of ``spec`` that the engine's optimisation profile accepts (``min_batch..max_batch``)
+    and note the others in the row (``batches_skipped``, ``batches_note``): a TensorRT engine refuses any other
+    batch, and one batch size it cannot take must not cost the row (or the whole run) its other numbers.
+
+    Raises NoBatchFits when no batch size is left."""
+    fits = [b for b in spec.batches if min_batch <= b <= max_batch]
+    dropped = [b for b in spec.batches if b not in fits]
+    if not dropped:
+        return
+    note = (f"batch size(s) {', '.join(map(str, dropped))} not measured: outside the batch range {min_batch}.."
+            f"{max_batch} of {engine} (its optimisation profile); rebuild it with a larger `grad-export build "
+            f"--max-batch` to measure them")
+    if not fits:
+        raise NoBatchFits(f"no requested batch size ({', '.join(map(str, spec.batches))}) fits: {note}")
+    log.warning("%s: %s", spec.label, note)
+    spec.batches = fits
+    spec.extra.update(batches_skipped=dropped, batches_note=note)
+
+
 def _runtime_engine(spec: RowSpec) -> Engine:
     """(preprocess, inference, postprocess) of an ONNX Runtime / TensorRT row: the lean runtime, no torch."""
+    from gradad.benchmarks.environment import tensorrt_engine_record
+
     providers = None if spec.backend == "tensorrt" else ["cuda" if spec.device == "cuda" else "cpu"]
     if spec.bundle:
         from gradad.runtime.loader import load_backend
 
-        backend, _ = load_backend(spec.bundle, spec.backend, spec.precision, providers, spec.threads,
-                                  max(spec.batches))
+        # max_batch sizes ONNX Runtime's buffers; a TensorRT engine's batch range is fixed when it is built
+        backend, bundle = load_backend(spec.bundle, spec.backend, spec.precision, providers, spec.threads,
+                                       max(spec.batches))
+        record = tensorrt_engine_record(backend, bundle)
+        if record is not None:  # the engine file, TensorRT version and GPU it was built for: the row says so
+            spec.extra["tensorrt_engine"] = record
+            try:
+                fit_batches(spec, record["min_batch"], record["max_batch"], f"TensorRT engine {record['file']}")
+            except NoBatchFits:
+                backend.close()
+                raise
     else:
         from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -197,11 +234,17 @@ def measure(spec: RowSpec) -> dict[str, Any]:
 
 
 def main() -> None:
-    """Read a RowSpec (JSON) on stdin, print the measured row (JSON) as the last stdout line."""
+    """Read a RowSpec (JSON) on stdin, print the measured row (JSON) as the last stdout line; a row that cannot be
+    measured at any of its batch sizes prints ``{"skipped": reason}`` instead (exit 0: a skip, not a failure)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     spec = RowSpec(**json.loads(sys.stdin.read()))
-    print(json.dumps(measure(spec)))
+    try:
+        row = measure(spec)
+    except NoBatchFits as exc:
+        log.warning("%s skipped: %s", spec.label, exc)
+        row = {SKIPPED_KEY: str(exc)}
+    print(json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ from typing import Any, Callable, Iterable
 
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
                                         comparison_table, summary_table)
-from gradad.benchmarks.latency import latency_table
+from gradad.benchmarks.environment import engine_note
+from gradad.benchmarks.gpu_check import KIND_GPU, gpu_device_line, gpu_row_groups
+from gradad.benchmarks.latency import latency_table, row_notes
 from gradad.benchmarks.results_io import (KIND_ACCURACY, KIND_LATENCY, KIND_PREPARATION, KIND_REFINE,
                                           load_result_files)
 from gradad.errors import GradError
@@ -49,11 +51,13 @@ class Results:
     runtime: dict[str, dict[str, Any]] = field(default_factory=dict)
     preparation: dict[str, dict[str, Any]] = field(default_factory=dict)
     refine: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gpu: dict[str, dict[str, Any]] = field(default_factory=dict)  # grad-bench gpu
     other: list[str] = field(default_factory=list)  # JSON of other tools: linked, with their command
 
 
 def classify(files: dict[str, dict[str, Any]]) -> Results:
-    """Sort result files by kind: grad-bench accuracy/latency, complexity counts, grad-run benchmark summaries."""
+    """Sort result files by kind: grad-bench accuracy/latency/refine/gpu, complexity counts, grad-run benchmark
+    summaries; anything else is listed under other results."""
     out = Results()
     for name, data in files.items():
         kind = data.get("kind") if isinstance(data, dict) else None
@@ -65,14 +69,19 @@ def classify(files: dict[str, dict[str, Any]]) -> Results:
             out.preparation[name] = data
         elif kind == KIND_REFINE:
             out.refine[name] = data
+        elif kind == KIND_GPU:
+            out.gpu[name] = data
         elif isinstance(data, dict) and isinstance(data.get("presets"), list):
             out.complexity[name] = data
         elif isinstance(data, dict) and isinstance(data.get("runs"), list):
             out.runtime[name] = data
         else:
             out.other.append(name)
-            log.info("%s: not a grad-bench result file (no JSON object with a 'kind'); listed under other results",
-                     name)
+            # the message says which of the two it is: a file with a kind this page has no section for is a
+            # grad-bench (or newer) result, not a foreign file
+            why = (f"kind {kind!r} not rendered here" if kind is not None
+                   else "not a grad-bench result file (no JSON object with a 'kind')")
+            log.info("%s: %s; listed under other results", name, why)
     return out
 
 
@@ -120,8 +129,10 @@ def comparison_sentence(subject: str, other: str, a: dict[str, Any], b: dict[str
 
 
 def skip_notes(result: dict[str, Any]) -> list[str]:
-    """One sentence per row the run could not measure here, with the reason."""
-    return [f"Skipped {s['label']}: {s['reason']}." for s in result.get("skipped", [])]
+    """One sentence per row the run could not measure here, with the reason (``Failed`` for a row that was
+    attempted and failed)."""
+    return [f"{str(s.get('status', 'skipped')).capitalize()} {s['label']}: {s['reason']}."
+            for s in result.get("skipped", [])]
 
 
 def accuracy_notes(result: dict[str, Any]) -> list[str]:
@@ -173,6 +184,7 @@ def accuracy_notes(result: dict[str, Any]) -> list[str]:
         else:
             verdict = f"The NORMAL-only ablation and the full bi-grid model are level here ({tally})."
         notes.append(comparison_sentence("NORMAL-only", f"full GRAD {ref['preset']}", normal, ref) + " " + verdict)
+    notes += [f"{note}." for note in filter(None, map(engine_note, rows))]  # what each TensorRT row ran
     return notes + skip_notes(result)
 
 
@@ -279,6 +291,7 @@ def latency_notes(result: dict[str, Any]) -> list[str]:
     if not any(r["device"] == "cuda" for r in rows):
         notes.append("No GPU on this machine: no CUDA or TensorRT rows (the harness adds them where torch.cuda / "
                      "tensorrt are available).")
+    notes += [f"{note}." for note in row_notes(rows)]  # TensorRT engines run, batch sizes not measured
     return notes + skip_notes(result)
 
 
@@ -314,6 +327,26 @@ def runtime_section(res: Results) -> list[str]:
                 f"{lat[s]['p50']:.2f} ms" for s in ("decode", "preprocess", "inference", "total")) + " |")
         out.append("")
     return out
+
+
+def gpu_block(name: str, result: dict[str, Any]) -> list[str]:
+    """One ``grad-bench gpu`` file: the device it ran on, what was measured (ok and failed rows with their
+    summary or error) and the rows skipped here, grouped by reason."""
+    measured, skipped = gpu_row_groups(result)
+    counts = result.get("row_counts") or {}
+    out = [f"### `{name}`", "", gpu_device_line(result)
+           + (f" Rows: {counts.get('ok', 0)} ok, {counts.get('skipped', 0)} skipped, {counts.get('failed', 0)} "
+              "failed." if counts else ""), ""]
+    if measured:
+        out += ["| section | row | status | result / error |", "|---|---|---|---|"]
+        out += [f"| {r['section']} | {r['label']} | {r['status']} | "
+                f"{str(r.get('summary') or r.get('reason') or '').replace('|', '/')} |" for r in measured]
+        out.append("")
+    else:
+        out += ["Nothing was measured on this machine: every row was skipped.", ""]
+    for reason, labels in skipped.items():
+        out.append(f"- Skipped {', '.join(labels)}: {reason}.")
+    return out + ([""] if skipped else [])
 
 
 def short_label(row: dict[str, Any]) -> str:
@@ -551,6 +584,7 @@ def render(res: Results, files: dict[str, dict[str, Any]], plot_name: str | None
         out += [PAPER_WEIGHTS_NOTE, ""]
     out += sections("F2PAD pixel refinement (coarse thresholded GRAD mask vs F2PAD mask)", res.refine, refine_block)
     out += complexity_section(res) + sections("Latency", res.latency, latency_block) + runtime_section(res)
+    out += sections("GPU check (`grad-bench gpu`)", res.gpu, gpu_block)
     out += other_section(res, folder) + preparation_section(res) + commands_section(files)
     return "\n".join(out).rstrip("\n") + "\n"
 
@@ -562,7 +596,7 @@ MALFORMED = (KeyError, TypeError, AttributeError, ValueError, IndexError, ZeroDi
 def check_each_file(res: Results, files: dict[str, Any], folder: Path) -> None:
     """Render each result file on its own first: one whose fields are missing or of the wrong shape (hand-edited,
     cut short) is one error naming it, as a file that is not JSON is, rather than a traceback from the page."""
-    for field_name in ("accuracy", "latency", "complexity", "runtime", "preparation", "refine"):
+    for field_name in ("accuracy", "latency", "complexity", "runtime", "preparation", "refine", "gpu"):
         for name, data in getattr(res, field_name).items():
             alone = Results(**{field_name: {name: data}})
             try:
