@@ -7,6 +7,19 @@ import cv2
 import numpy as np
 
 
+def map_2d(amap: np.ndarray) -> np.ndarray:
+    """An anomaly map as float32 (h, w): leading batch and trailing channel axes of size 1 dropped, never a real
+    axis (``np.squeeze`` turned the map of a 1x1, one-row or one-column frame into a scalar or a vector)."""
+    a = np.asarray(amap, dtype=np.float32)
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    while a.ndim > 2 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2:
+        raise ValueError(f"anomaly map must be 2-D, got shape {np.asarray(amap).shape}")
+    return a
+
+
 def map_to_uint8(amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``amap`` scaled from [lo, hi] to 0..255 uint8 (clipped; NaN reads as ``lo``; all 0 when hi <= lo)."""
     a = np.asarray(amap, dtype=np.float32)
@@ -46,10 +59,7 @@ def colorize_map(
 
     ``size`` = (width, height) resizes the map first (bilinear). ``channel_order`` "rgb" or "bgr" of the output.
     """
-    a = np.asarray(amap, dtype=np.float32)
-    a = np.squeeze(a)
-    if a.ndim != 2:
-        raise ValueError(f"anomaly map must be 2-D, got shape {np.asarray(amap).shape}")
+    a = map_2d(amap)
     if size is not None and (a.shape[1], a.shape[0]) != tuple(size):
         a = cv2.resize(a, tuple(int(s) for s in size), interpolation=cv2.INTER_LINEAR)
     finite = np.isfinite(a)

@@ -45,7 +45,8 @@ Sources:
   --source "nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width=1920,height=1080,framerate=30/1 !
             nvvidconv ! video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=1"
                                      Jetson CSI camera through GStreamer (OpenCV built with GStreamer)
-Several --source options are interleaved and batched together (multi-camera).
+Several --source options are read as one stream and batched together (multi-camera): cameras and streams
+frame by frame as each has one ready (one that is down or slower holds no other back), files in turn.
 """
 
 
@@ -171,6 +172,9 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
               help="Seconds per video file: OUT.mp4 is written as "
               "OUT.000.mp4, OUT.001.mp4, ..., each closed and playable, so a crash or a full disk loses at most the "
               "file in progress (0 = one file, lost entirely if the process is killed).")
+@click.option("--video-max-side", type=click.IntRange(min=0), default=1920,
+              help="Longest side of the video's frames in pixels, scaled down from the camera's (0 = full size; a "
+              "12 MP frame costs seconds to draw and encode).")
 @click.option("--display", is_flag=True, help="Show the annotated stream in a window.")
 @click.option("--save-flagged", "flagged_dir", type=click.Path(file_okay=False), help="Folder for NG frames "
               "(original, overlay, map .npy/.png).")
@@ -188,8 +192,16 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--mqtt-ca", type=click.Path(dir_okay=False), help="CA certificate file (PEM) that signed the "
               "broker's certificate (implies --mqtt-tls).")
 @click.option("--webhook", help="URL receiving NG records as JSON POSTs.")
-@click.option("--max-frames", type=click.IntRange(min=0), help="Stop after this many frames.")
+@click.option("--max-frames", type=click.IntRange(min=0), help="Stop after this many frames scored (records "
+              "written; live sources read more, dropping those the loop cannot keep up with) [default: 0 = no "
+              "limit].")
 @click.option("--loop", is_flag=True, help="Repeat file/folder sources.")
+@click.option("--reconnect-give-up", type=click.FloatRange(min=0), default=0.0,
+              help="Seconds a lost camera/stream may stay down (since its last frame) before grad-run gives up: "
+              "the run stops (every source), writes its summary and exits with code 2 (0 = keep trying for ever).")
+@click.option("--reconnect-backoff-max", type=click.FloatRange(min=0), default=2.0,
+              help="Longest wait in seconds between two reconnect attempts of a lost camera/stream (the wait "
+              "starts at 0.5 s and doubles).")
 @click.option("--benchmark", "benchmark_frames", type=click.IntRange(min=1),
               help="Run N frames (looping the source, no JSON lines) "
               "and write a latency summary.")
@@ -248,6 +260,9 @@ def main(**params: Any) -> None:
 
     if not params["verbose"]:  # OpenCV's own open/probe warnings duplicate our one-line errors
         cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        # FFmpeg's own lines ("Connection refused" per reconnect attempt, "huffman table decode error" per corrupt
+        # frame) bypass OpenCV's log level; OpenCV reads this when it first opens an FFmpeg capture (AV_LOG_QUIET)
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     run(RunSettings.from_params(params, webhook_options))
 
 
@@ -299,9 +314,11 @@ class LoopOptions:
     batch_size: int = 1
     serial: bool = False
     pace_fps: float = 0.0
-    max_frames: int | None = None
+    max_frames: int | None = None  # frames scored; 0 = no limit
     loop: bool = False
     stats_every: float = 10.0
+    reconnect_give_up: float = 0.0  # seconds a lost live source may stay down before the run ends (0 = never)
+    reconnect_backoff_max: float = 2.0  # longest wait between two reconnect attempts
 
 
 @dataclass(frozen=True)
@@ -312,6 +329,7 @@ class SinkOptions:
     video_path: str | None = None
     video_fps: float = 10.0
     video_segment: float = 60.0
+    video_max_side: int = 1920
     display: bool = False
     flagged_dir: str | None = None
     flagged_max_mb: int = 1024
@@ -388,7 +406,7 @@ class RunSettings:
 
 def load_engine(settings: RunSettings) -> tuple[Any, "Bundle", "Thresholds"]:
     """(backend, bundle, thresholds), with a warning when the thresholds were calibrated on another backend."""
-    from gradad.runtime.loader import load_backend
+    from gradad.runtime.loader import calibration_backend_warning, load_backend
     from gradad.runtime.pipeline import thresholds_from_bundle
 
     opts, serial = settings.backend, settings.loop.serial
@@ -398,28 +416,34 @@ def load_engine(settings: RunSettings) -> tuple[Any, "Bundle", "Thresholds"]:
                                   spin=serial if opts.ort_spin is None else opts.ort_spin)
     thresholds = thresholds_from_bundle(bundle, settings.threshold, settings.class_name)
     calibrated_on = bundle.calibration.backend if bundle.calibration else None
-    if settings.threshold is None and calibrated_on and calibrated_on != engine.name:
-        log.warning("thresholds were calibrated on %s but this run uses %s: scores may shift slightly; "
-                    "re-run grad-calibrate with --backend/--precision of the line", calibrated_on, engine.name)
+    mismatch = calibration_backend_warning(calibrated_on, engine.name, bundle) if calibrated_on else None
+    if settings.threshold is None and mismatch:
+        log.warning("%s", mismatch)
     log.info("bundle %s, backend %s, threshold %.4f (%s)", bundle.name, engine.name, thresholds.image,
              thresholds.source)
     return engine, bundle, thresholds
 
 
 def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
-    """The sinks the options ask for (no JSON lines in benchmark mode)."""
+    """The sinks the options ask for (no JSON lines in benchmark mode); the video and the flagged folder write on
+    threads of their own, so the JSONL and the network sinks never wait for their encoding."""
     from gradad.runtime import sinks as kinds  # looked up at call time: tests swap the network sinks
 
+    if benchmark and opts.jsonl_path not in ("", "-"):  # '-' is the default (stdout holds the benchmark JSON)
+        log.warning("--jsonl %s: not written with --benchmark, which measures latency and writes no JSON lines "
+                    "(run without --benchmark for them)", opts.jsonl_path)
     out: list[SinkBase] = []
     try:
         if opts.jsonl_path and not benchmark:
             out.append(kinds.JsonlSink(opts.jsonl_path))
         if opts.video_path:
-            out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment))
+            out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment,
+                                       max_side=opts.video_max_side, queue_size=kinds.FILE_QUEUE_FRAMES))
         if opts.display:
             out.append(kinds.DisplaySink())
         if opts.flagged_dir:
-            out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20))
+            out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20,
+                                              queue_size=kinds.FILE_QUEUE_FRAMES))
         if opts.mqtt:
             tls = opts.mqtt_tls or opts.mqtt_ca is not None
             host, port = parse_mqtt(opts.mqtt, 8883 if tls else 1883)
@@ -478,7 +502,8 @@ def run(settings: RunSettings) -> None:
         _run(settings, stop)
     except KeyboardInterrupt:
         log.warning("stopped at once by a second signal")
-        sys.exit(128 + signal.Signals[stop.signal_name or "SIGINT"].value)
+        signalled = stop.signal_name if stop.signal_name in ("SIGINT", "SIGTERM") else "SIGINT"  # not "quit key"
+        sys.exit(128 + signal.Signals[signalled].value)
     finally:
         restore()
 
@@ -495,27 +520,25 @@ def _refuse_mixed_sources(sources: tuple[str, ...]) -> None:
                         f"lose frames to the cameras' newest-frame policy): run them as two grad-run processes")
 
 
+#: The counts a summary block may have, as the closing ``done:`` warning lists them for a block that lost records.
+_LOSS_COUNTS = ("published", "sent", "written", "saved", "failed", "skipped", "dropped", "deleted")
+
+
 def _run(settings: RunSettings, stop: "StopFlag") -> None:
     from gradad.runtime.pipeline import interleave
     from gradad.runtime.sinks import VideoSink
-    from gradad.runtime.sources import SourceConfig, open_source
     from gradad.runtime.stats import LatencyStats
 
     engine, bundle, thresholds = load_engine(settings)
     bench = settings.benchmark
     if bench.benchmark_out:
         check_writable(bench.benchmark_out, "--benchmark-out")
-    source_cfg = SourceConfig(loop=settings.loop.loop or bench.enabled)
     opened, sinks, refine_stage = [], [], None
     stats, wall = LatencyStats(), 0.0
     try:
         if settings.refine.refine:
             refine_stage = start_refine(settings.bundle_dir, bundle, settings.refine, stopping=stop.__bool__)
-        for spec in settings.sources:
-            if stop:  # a signal during start-up: no source is opened, no frame is read
-                break
-            opened.append(open_source(spec, source_cfg))
-            stop.on_stop.append(opened[-1].interrupt)
+        _open_sources(settings, stop, opened)
         if not stop:
             sinks = build_sinks(settings.sinks, bench.enabled)
             frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
@@ -533,20 +556,48 @@ def _run(settings: RunSettings, stop: "StopFlag") -> None:
     summary["source_stats"] = {s.label: s.stats() for s in opened}  # labels hide stream passwords
     summary.update({"video": sink.report() for sink in sinks if isinstance(sink, VideoSink)})
     delivery = {kind: block for sink in sinks for kind, block in sink.delivery_report().items()}
-    summary.update(delivery)  # MQTT / webhook counts: records they lost are in the summary, not only in the log
+    summary.update(delivery)  # MQTT / webhook / JSONL / flagged counts: losses are in the summary, not only the log
     if refine_stage is not None:
         summary["refine"] = refine_stage.summary()
     done = stats.format_line(rolling=False) if stats.frames else "no frames"  # as the summary
     lost = [f"{kind} {block['target']} lost {block['records_lost']} ("
-            + ", ".join(f"{block[k]} {k}" for k in ("published", "sent", "failed", "dropped") if k in block) + ")"
+            + ", ".join(f"{block[k]} {k}" for k in _LOSS_COUNTS if k in block) + ")"
             for kind, block in delivery.items() if block["records_lost"]]
-    if lost:  # the exit code stays 0: the JSONL / flagged archive, not the network, is the record of truth
+    if lost:  # exit code 0: the run went on (a JSONL it cannot write again is exit 2); `complete` tells
         log.warning("done: %s; records NOT delivered: %s", done, "; ".join(lost))
     else:
         log.info("done: %s", done)
     _report(settings, summary, bundle, engine)
     if stop.signal_name in ("SIGINT", "SIGTERM"):  # stopped cleanly, but not finished: the shell convention
         sys.exit(128 + signal.Signals[stop.signal_name].value)
+    _refuse_lost_sources(summary["source_stats"], settings.loop.reconnect_give_up)
+
+
+def _open_sources(settings: RunSettings, stop: "StopFlag", opened: list[Any]) -> None:
+    """Open every source into ``opened`` (the caller closes them). The stop flag reaches each open: a signal while
+    a stream is still connecting ends the wait at once (not a source error); a source lost for good stops the run."""
+    from gradad.runtime.sources import OpenInterrupted, SourceConfig, open_source
+
+    loop = settings.loop
+    config = SourceConfig(loop=loop.loop or settings.benchmark.enabled, reconnect_give_up_s=loop.reconnect_give_up,
+                          reconnect_max_s=loop.reconnect_backoff_max)
+    for spec in settings.sources:
+        if stop:  # a signal during start-up: no source is opened, no frame is read
+            return
+        try:
+            source = open_source(spec, config, stopping=stop.__bool__, on_give_up=lambda: stop.set("a lost source"))
+        except OpenInterrupted:
+            return  # the signal's own exit code follows
+        opened.append(source)
+        stop.on_stop.append(source.interrupt)
+
+
+def _refuse_lost_sources(source_stats: dict[str, dict[str, Any]], give_up_s: float) -> None:
+    """Exit code 2, one line, when a live source was given up on (the summary and the log said the rest)."""
+    lost = [f"{label} (down {s.get('down_seconds', 0):.0f} s)" for label, s in source_stats.items() if s["gave_up"]]
+    if lost:
+        why = f"no frame for longer than --reconnect-give-up {give_up_s:g} s" if give_up_s else "see the log"
+        raise GradError(f"lost for good, the run stopped: {', '.join(lost)} ({why})")
 
 
 def _run_loop(settings: RunSettings, frames: Any, engine: Any, thresholds: "Thresholds", sinks: list["SinkBase"],
@@ -556,7 +607,7 @@ def _run_loop(settings: RunSettings, frames: Any, engine: Any, thresholds: "Thre
     from gradad.runtime.stats import LatencyStats
 
     loop, bench = settings.loop, settings.benchmark
-    total = (bench.benchmark_frames + bench.warmup) if bench.enabled else loop.max_frames
+    total = (bench.benchmark_frames + bench.warmup) if bench.enabled else (loop.max_frames or None)  # 0: no limit
     shared = {"pipelined": not loop.serial, "live": live, "in_flight": settings.backend.in_flight,
               "pace_fps": loop.pace_fps}
     if bench.enabled and bench.warmup:

@@ -20,6 +20,8 @@ redacted as ``***`` under a comment saying so; a run refuses a value that still 
       webhook: {url: "https://mes.local/ng", timeout_s: 2.0, queue_size: 1000, only_anomalous: true}
     refine: {enabled: true, budget: 1.0, device: cuda}       # class: the top-level class unless given here
     statistics: {every_s: 10}
+    reconnect: {give_up_s: 0, backoff_max_s: 2}   # a lost camera/stream: seconds down before the run stops with
+                                                  # exit code 2 (0 = keep trying), longest wait between attempts
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ KEYS: dict[str, dict[str, str]] = {
          "batch": "batch_size", "class": "class_name", "threshold": "threshold", "max_frames": "max_frames",
          "loop": "loop"},
     "sinks": {"jsonl": "jsonl_path", "video": "video_path", "video_fps": "video_fps",
-              "video_segment": "video_segment", "display": "display", "flagged": "flagged_dir",
-              "flagged_max_mb": "flagged_max_mb"},
+              "video_segment": "video_segment", "video_max_side": "video_max_side", "display": "display",
+              "flagged": "flagged_dir", "flagged_max_mb": "flagged_max_mb"},
     "sinks.mqtt": {"host": "mqtt", "topic": "mqtt_topic", "username": "mqtt_user", "password": "mqtt_password",
                    "tls": "mqtt_tls", "ca_certs": "mqtt_ca"},
     "sinks.webhook": {"url": "webhook"},
@@ -54,6 +56,7 @@ KEYS: dict[str, dict[str, str]] = {
                "drain": "refine_drain", "device": "refine_device", "threads": "refine_threads",
                "class": "refine_class"},
     "statistics": {"every_s": "stats_every"},
+    "reconnect": {"give_up_s": "reconnect_give_up", "backoff_max_s": "reconnect_backoff_max"},
 }
 #: The type of each parameter's file value, checked here: click would read `threshold: yes` as 1.0 and
 #: `max_frames: 2.7` as 2, crash on `loop: 1`, and blame its --flag for a mistake made in the file.
@@ -61,16 +64,16 @@ KEYS: dict[str, dict[str, str]] = {
 TYPES: dict[str, Any] = {
     "backend": Literal["auto", "tensorrt", "onnxruntime"], "precision": Literal["fp32", "fp16", "int8"],
     "threads": int, "batch_size": int, "class_name": str, "threshold": float, "max_frames": int, "loop": bool,
-    "jsonl_path": str, "video_path": str, "video_fps": float, "video_segment": float, "display": bool,
-    "flagged_dir": str, "flagged_max_mb": int,
+    "jsonl_path": str, "video_path": str, "video_fps": float, "video_segment": float, "video_max_side": int,
+    "display": bool, "flagged_dir": str, "flagged_max_mb": int,
     "mqtt": str, "mqtt_topic": str, "mqtt_user": str, "mqtt_password": str, "mqtt_tls": bool, "mqtt_ca": str,
     "webhook": str,
     "refine": bool, "refine_budget": float, "refine_batch": int, "refine_queue": int, "refine_drain": float,
     "refine_device": Literal["auto", "cpu", "cuda"], "refine_threads": int, "refine_class": str,
-    "stats_every": float,
+    "stats_every": float, "reconnect_give_up": float, "reconnect_backoff_max": float,
 }
 #: Sections that hold sections.
-SUBSECTIONS: dict[str, set[str]] = {"": {"sinks", "refine", "statistics"}, "sinks": {"mqtt", "webhook"}}
+SUBSECTIONS: dict[str, set[str]] = {"": {"sinks", "refine", "statistics", "reconnect"}, "sinks": {"mqtt", "webhook"}}
 #: Webhook settings that have no flag (passed to WebhookSink) and the types they must have.
 WEBHOOK_OPTIONS: dict[str, tuple[type, ...]] = {"timeout_s": (int, float), "queue_size": (int,),
                                                 "only_anomalous": (bool,)}

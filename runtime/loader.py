@@ -61,6 +61,48 @@ def _onnx_backend(bundle: Bundle, precision: str, providers: Sequence[str] | Non
     return backend
 
 
+def _log_tensorrt_fallback(bundle: Bundle, precision: str, exc: GradError) -> None:
+    """``--backend auto`` runs ONNX Runtime instead of TensorRT: say why, loud enough.
+
+    A bundle problem (an engine whose hash does not match, one from elsewhere) and an engine of this precision
+    that cannot run here (stamped for another TensorRT after a JetPack update, another GPU, TensorRT or cuda-python
+    missing) are WARNINGs: the line silently runs on ONNX Runtime, often the CPU, at a fraction of the speed it was
+    set up for. A bundle without such an engine (a CPU box's bundle) is normal: INFO.
+    """
+    from gradad.runtime.tensorrt_device import rebuild_command
+
+    bundle_problem = isinstance(exc, (BundleError, UntrustedEngineError, TrustListError))
+    if not (bundle_problem or bundle.engines_for(precision)):
+        log.info("TensorRT backend not used (%s); using ONNX Runtime", exc)
+        return
+    how = ""
+    if "grad-export" not in str(exc):  # stamp, parity and trust refusals already name their fix
+        how = (f"; fix that (should the engine still not load, rebuild it on this device with "
+               f"`{rebuild_command(str(bundle.directory), precision)}`)")
+    log.warning("TensorRT backend not used: the bundle's %s engine cannot run here (%s)%s; running on ONNX Runtime "
+                "instead", precision, exc, how)
+
+
+def calibration_backend_warning(calibrated_on: str, engine_name: str, bundle: Bundle) -> str | None:
+    """The warning for thresholds calibrated on ``calibrated_on`` (``bundle.calibration.backend``) used with the
+    backend named ``engine_name``, or None when they are the same.
+
+    Names are ``onnxruntime:<provider>:<file>`` and ``tensorrt:<precision>:<engine file>``. grad-calibrate before
+    the TensorRT name said which engine recorded plain ``tensorrt``: that matches any TensorRT run while the bundle
+    has engines of one precision only (the calibration ran on that precision), else the precision is unknown.
+    """
+    if calibrated_on == engine_name:
+        return None
+    advice = "re-run grad-calibrate with --backend/--precision of the line"
+    if calibrated_on == BackendKind.TENSORRT.value and engine_name.startswith(f"{BackendKind.TENSORRT.value}:"):
+        if len({e.precision for e in bundle.engines}) <= 1:
+            return None
+        return (f"thresholds were calibrated on a TensorRT engine of unrecorded precision (an older grad-calibrate) "
+                f"and this run uses {engine_name}: scores shift between precisions (INT8 most); {advice}")
+    return f"thresholds were calibrated on {calibrated_on} but this run uses {engine_name}: scores may shift " \
+           f"slightly; {advice}"
+
+
 def load_backend(
     bundle_dir: str | Path,
     backend: str = "auto",
@@ -99,10 +141,7 @@ def load_backend(
         except GradError as exc:
             if backend == "tensorrt":
                 raise
-            # A bundle problem (an engine whose hash does not match, one from elsewhere) is news; no TensorRT on a
-            # CPU box is not.
-            (log.warning if isinstance(exc, (BundleError, UntrustedEngineError, TrustListError)) else log.info)(
-                "TensorRT backend not used (%s); using ONNX Runtime", exc)
+            _log_tensorrt_fallback(bundle, precision or "fp16", exc)
     ort_backend = _onnx_backend(bundle, precision or "fp32", providers, threads, max_batch, spin)
     log.info("backend %s on %s", ort_backend.name, ort_backend.path.name)
     return ort_backend, bundle

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,10 @@ _T = TypeVar("_T")
 
 
 SIGNAL_DRAIN_S = 2.0  # refinement drain after SIGINT/SIGTERM (docker stop kills after 10 s)
+#: A repeat of the signal that stopped the run this soon after it is the same request, not a second one that
+#: insists: `timeout N cmd` and some supervisors signal the process and then its whole group at once.
+REPEAT_SIGNAL_S = 1.0
+_WAKE_S = 0.1  # how often a wait for the first ready live frame looks again (interrupt() only sets a flag)
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class RunOptions:
     """How the loop batches, reports and stops."""
 
     batch_size: int = 1
-    max_frames: int | None = None
+    max_frames: int | None = None  # frames to score (None = no limit; 0 = none); live: scored, not read
     stats_every_s: float = 10.0
     on_result: Callable[[FrameResult], None] | None = None
     refine: "RefineStage | None" = None  # grad-run --refine: flagged frames go to the refinement worker
@@ -104,6 +108,7 @@ class StopFlag:
         self._event = threading.Event()
         self.signal_name: str | None = None
         self.on_stop: list[Callable[[], None]] = []  # e.g. FrameSource.interrupt, to unblock a waiting source
+        self._signalled_at = -float("inf")  # time.monotonic() of the signal that set the flag
 
     def set(self, name: str = "stop") -> None:
         self.signal_name = name
@@ -121,9 +126,13 @@ class StopFlag:
         previous = {}
 
         def handler(signum: int, _frame: object) -> None:
+            name, now = signal.Signals(signum).name, time.monotonic()
+            if self and name == self.signal_name and now - self._signalled_at < REPEAT_SIGNAL_S:
+                return  # the same request delivered twice (timeout(1): to the process, then to its group)
             if self:  # second signal: the user insists, stop now (sinks still close in `finally` blocks)
                 raise KeyboardInterrupt
-            self.set(signal.Signals(signum).name)
+            self._signalled_at = now
+            self.set(name)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig)
@@ -154,18 +163,33 @@ def batched(frames: Iterable[_T], size: int) -> Iterator[list[_T]]:
         yield batch
 
 
-def until(frames: Iterable[Frame], options: RunOptions, stop: StopFlag) -> Iterator[Frame]:
-    """``frames`` until ``options.max_frames`` have been handed out or ``stop`` is set."""
-    if stop or (options.max_frames is not None and options.max_frames <= 0):
+def until(frames: Iterable[Frame], stop: StopFlag, limit: int | None) -> Iterator[Frame]:
+    """``frames`` until ``limit`` (None: no limit) have been handed out or ``stop`` is set."""
+    if stop or (limit is not None and limit <= 0):
         return  # a signal during start-up (a slow refinement worker, a camera opening): not one frame more
     for count, frame in enumerate(frames, 1):
         yield frame
-        if stop or (options.max_frames is not None and count >= options.max_frames):
+        if stop or (limit is not None and count >= limit):
             return
 
 
-def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
-    """Round-robin over several sources (multi-camera), until every one is exhausted."""
+class LiveFrames(Protocol):
+    """What :func:`first_ready` needs of a live source (``gradad.runtime.sources.FrameSource``)."""
+
+    @property
+    def finished(self) -> bool: ...
+
+    def poll(self) -> Frame | None: ...
+
+    def watch(self, event: threading.Event) -> None: ...
+
+
+def interleave(sources: Sequence[Any]) -> Iterator[Frame]:
+    """Several sources as one stream (multi-camera), until every one is exhausted. Live sources: the frame of
+    whichever has one ready (see :func:`first_ready`); files: round-robin, each frame in turn."""
+    if sources and all(getattr(s, "live", False) for s in sources):
+        yield from first_ready(sources)
+        return
     iterators = [iter(s) for s in sources]
     while iterators:
         alive = []
@@ -178,18 +202,51 @@ def interleave(sources: Sequence[Iterable[Frame]]) -> Iterator[Frame]:
         iterators = alive
 
 
-def warm_up(backend: Backend, batch_size: int) -> float:
+def first_ready(sources: Sequence[LiveFrames]) -> Iterator[Frame]:
+    """Frames of several live sources as they arrive: never waits on one source while another has a frame ready,
+    so a camera that is down (reconnecting) or slower does not hold the others back. The sources take turns going
+    first, so under load each still gets its share. Ends when every source has finished."""
+    ready = threading.Event()  # set by a source whenever it has a new frame or ends
+    for source in sources:
+        source.watch(ready)
+    turn = 0
+    while True:
+        ready.clear()  # before polling: a frame stored after this sets it again, so none is slept through
+        alive = [s for s in sources if not s.finished]
+        if not alive:
+            return
+        for k in range(len(alive)):
+            frame = alive[(turn + k) % len(alive)].poll()
+            if frame is not None:
+                turn = (turn + k + 1) % len(alive)
+                yield frame
+                break
+        else:
+            ready.wait(_WAKE_S)
+
+
+def warm_up(backend: Backend, batch_size: int, every_size: bool = False) -> float:
     """Run the backend on blank frames before the first real one (ORT arena/thread pool, TensorRT context and
-    CUDA-graph capture): the first frame then costs what every frame costs. Returns the seconds it took."""
+    CUDA-graph capture): the first frame then costs what every frame costs. Returns the seconds it took.
+
+    Batches of 1 and ``batch_size`` go twice through each of the backend's ``in_flight`` slots (TensorRT: calls
+    take the slots in turn, and each slot captures a CUDA graph per batch size, then replays it). ``every_size``
+    (a live run: a batch holds whatever frames are queued) warms every size 1..batch_size on a backend that
+    captures CUDA graphs, so no size is first captured mid-run.
+    """
     h, w = backend.input_hw
     dtype = getattr(backend, "input_dtype", INPUT_DTYPE)
+    sizes = sorted({1, batch_size})
+    if every_size and getattr(backend, "cuda_graphs", False):
+        sizes = list(range(1, batch_size + 1))
+    rounds = 2 * max(1, int(getattr(backend, "in_flight", 1)))
     started = time.perf_counter()
-    for n in sorted({1, batch_size}):
+    for n in sizes:
         blank = np.zeros((n, 3, h, w), dtype)
-        for _ in range(2):
+        for _ in range(rounds):
             backend.infer(blank)
     seconds = time.perf_counter() - started
-    log.info("backend warmed up in %.2f s (batch %s)", seconds, "/".join(map(str, sorted({1, batch_size}))))
+    log.info("backend warmed up in %.2f s (batch %s)", seconds, "/".join(map(str, sizes)))
     return seconds
 
 
@@ -324,15 +381,16 @@ def run_pipeline(
     stop = stop if stop is not None else StopFlag()  # StopFlag is falsy until set: no `or` here
     stats = stats if stats is not None else LatencyStats()
     sink = MultiSink(sinks)
-    done = 0
+    before = stats.frames  # frames done = those added since: the count survives a second signal's exception
     try:
         if options.warmup:
-            warm_up(backend, options.batch_for(backend))
+            # live + pipelined: batches take what is queued, so any size up to the batch size comes up
+            warm_up(backend, options.batch_for(backend), every_size=options.live and options.pipelined)
             stats.restart_clock()
         run = _run_pipelined if options.pipelined else _run_serial
-        done = run(frames, backend, thresholds, sink, options, stop, stats)
+        run(frames, backend, thresholds, sink, options, stop, stats)
     finally:
-        _shutdown(sink, options, stop, stats, done)
+        _shutdown(sink, options, stop, stats, stats.frames - before)
     return stats
 
 
@@ -340,7 +398,7 @@ def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Threshold
                 options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
     """Decode, preprocess, inference and sinks one after another in this thread. Returns the frames done."""
     hw = backend.input_hw
-    captured = (prepare(f, hw) for f in until(frames, options, stop))
+    captured = (prepare(f, hw) for f in until(frames, stop, options.max_frames))  # nothing drops: read = scored
     done = 0
     for scored in scored_batches(batched(captured, options.batch_for(backend)), backend, thresholds):
         done += write(scored, sink, stats, options, stop)
@@ -403,7 +461,10 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     """
     size, hw = options.batch_for(backend), backend.input_hw
     abort = threading.Event()  # set when the calling thread leaves: releases a stage blocked on a queue
-    captured = Buffered((prepare(f, hw) for f in _paced(until(frames, options, stop), options.pace_fps)),
+    # live: the capture queue drops frames, so max_frames counts the frames scored (below), not those read
+    limit = options.max_frames if options.live and options.max_frames else None
+    read_limit = None if limit else options.max_frames
+    captured = Buffered((prepare(f, hw) for f in _paced(until(frames, stop, read_limit), options.pace_fps)),
                         size if options.live else max(2, 2 * size), "grad-capture",
                         drop_oldest=options.live, stop=abort)
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
@@ -412,7 +473,9 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     try:
         for item in scored:
             stats.dropped = dropped_before + captured.dropped  # live drops, visible while the loop runs
-            done += write(item, sink, stats, options, stop)
+            done += write(_first(item, limit - done) if limit else item, sink, stats, options, stop)
+            if limit and done >= limit:
+                break
     except BaseException:
         for interrupt in stop.on_stop:  # an error: unblock a source waiting for a frame an idle camera never sends
             interrupt()
@@ -425,6 +488,11 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                             stage.name)
         stats.dropped = dropped_before + captured.dropped
     return done
+
+
+def _first(scored: Scored, n: int) -> Scored:
+    """The first ``n`` results of a batch (the rest was scored past ``max_frames``)."""
+    return scored if len(scored.results) <= n else Scored(scored.results[:n], scored.inputs[:n])
 
 
 def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: LatencyStats, done: int) -> None:

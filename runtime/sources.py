@@ -6,14 +6,22 @@ reconnects / gave_up). :func:`parse_source` says how a ``--source`` value is cla
 
 Live sources (camera, gstreamer, stream) are read by a daemon capture thread that keeps only the newest frame: a
 slower consumer gets the latest image and the frames it never saw are counted as ``dropped`` (they still use up a
-``frame_id``). A live source that fails after it was opened is reopened with exponential back-off
-(``SourceConfig.reconnect_*``); after ``reconnect_attempts`` failed tries (0 = never give up) the iteration ends
-with ``stats()["gave_up"] = True``. File sources (video, folder, glob, image) never drop frames: a prefetch thread
-decodes ahead into a bounded queue; an unreadable image or video frame is logged, counted as ``skipped`` and passed
-over. A video frame's name carries its index in the file (``clip.avi#12``), also after frames lost to corruption.
+``frame_id``). A frame that cannot be read (a corrupt JPEG in an MJPEG stream) is passed over on the same
+connection (``skipped``); only ``SourceConfig.read_failures`` failed reads in a row, or ``read_stall_s`` without a
+good frame, count as a lost source, which is reopened with exponential back-off (``SourceConfig.reconnect_*``). An
+outage is logged once when it starts, at most once a minute while it lasts and once when it ends; after
+``reconnect_give_up_s`` down (or ``reconnect_attempts`` failed tries; 0 = never give up) the iteration ends with
+``stats()["gave_up"] = True``. :meth:`FrameSource.poll` takes a live frame without waiting, so several cameras can
+be read as one stream (``gradad.runtime.pipeline.interleave``).
 
-A source that cannot be opened raises :class:`SourceError` (one line, no traceback). Only numpy, OpenCV and the
-standard library are used here.
+File sources (video, folder, glob, image) never drop frames: a prefetch thread decodes ahead into a bounded queue; an
+unreadable image or video frame is logged, counted as ``skipped`` and passed over. A video frame's name carries its
+index in the file (``clip.avi#12``), also after frames lost to corruption where the reader knows the index (OpenCV's
+MJPEG AVI reader; other containers count decoded frames).
+
+A source that cannot be opened raises :class:`SourceError` (one line, no traceback); :class:`OpenInterrupted` when
+the run's stop flag ends the open. Only numpy, OpenCV and the standard library (and :mod:`gradad.runtime.outage`)
+are used here.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.buffered import Buffered
+from gradad.runtime.outage import Outage, OutageWords
 from gradad.runtime.types import Frame
 from gradad.urls import redact_url, redact_secrets_in
 
@@ -60,10 +69,15 @@ STREAM_SCHEMES: tuple[str, ...] = (
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DEV_VIDEO = re.compile(r"^/dev/video\d+$")
 _POLL_S = 0.05  # how often blocking waits look at the stop flag
+_SLOW_OPEN_SHARE = 0.7  # an open that fails after this share of open_timeout_s timed out (no answer): "timeout"
 
 
 class SourceError(GradError):
     """A frame source that cannot be opened or read (missing file, empty folder, camera busy, bad pipeline...)."""
+
+
+class OpenInterrupted(SourceError):
+    """The run was stopped (Ctrl-C, SIGTERM) while a live source was still opening: not a fault of the source."""
 
 
 _NATIVE_THREADS: list[threading.Thread] = []  # open/capture threads that may be blocked inside OpenCV's C++ code
@@ -97,8 +111,12 @@ class SourceConfig:
 
     reconnect: bool = True  # reopen a live source that fails after it was opened
     reconnect_initial_s: float = 0.5  # wait before the first reopen try; doubled after every failed try...
-    reconnect_max_s: float = 10.0  # ...up to this
+    reconnect_max_s: float = 2.0  # ...up to this (short: a camera back after a blip is read again within 2 s)
     reconnect_attempts: int = 0  # failed reopen tries in a row before giving up (0 = retry forever)
+    reconnect_give_up_s: float = 0.0  # seconds down (since the last good frame) before giving up (0 = never)
+    read_failures: int = 10  # failed reads in a row on one connection before it counts as lost...
+    read_stall_s: float = 2.0  # ...or a failed read this long after the last good frame (corrupt frames between
+    # good ones are passed over on the same connection: reopening a stream costs seconds and loses frames)
     open_timeout_s: float = 10.0  # a live source must open and deliver its first frame within this time
     loop: bool = False  # start file sources again at the end (benchmarks, demos)
     prefetch: int = 4  # frames a file source decodes ahead in a thread (0 = in the consumer's thread)
@@ -109,6 +127,11 @@ class SourceConfig:
             raise SourceError("reconnect back-off times must be >= 0 seconds")
         if self.reconnect_attempts < 0:
             raise SourceError(f"reconnect_attempts must be >= 0 (0 = forever), got {self.reconnect_attempts}")
+        if not self.reconnect_give_up_s >= 0:  # NaN too
+            raise SourceError(f"reconnect_give_up_s must be >= 0 seconds (0 = never), got {self.reconnect_give_up_s}")
+        if self.read_failures < 1 or not self.read_stall_s > 0:
+            raise SourceError(f"read_failures must be >= 1 and read_stall_s > 0, got {self.read_failures} and "
+                              f"{self.read_stall_s}")
         if self.open_timeout_s <= 0:
             raise SourceError(f"open_timeout_s must be > 0 seconds, got {self.open_timeout_s}")
         if self.prefetch < 0:
@@ -191,7 +214,8 @@ def parse_source(spec: str | int | os.PathLike[str]) -> SourceSpec:
 
 
 class Capture(Protocol):
-    """The part of ``cv2.VideoCapture`` the sources use (tests pass fakes)."""
+    """The part of ``cv2.VideoCapture`` the sources use (tests pass fakes). Live sources call ``grab()`` and
+    ``retrieve()`` where the capture has them (OpenCV's do), to time the wait for a frame apart from its decoding."""
 
     def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
 
@@ -214,8 +238,11 @@ def _open_capture(kind: str, value: int | str, config: SourceConfig) -> Capture:
     if kind == "gstreamer":
         return cv2.VideoCapture(str(value), cv2.CAP_GSTREAMER)
     if kind == "stream":
+        # FFmpeg gives up opening before the open watchdog (_try_open): a stream that never answers then fails as
+        # not opened, and one that sends only frames it cannot decode (its probe finds no picture size) opens and
+        # fails its first reads, so the two get their own errors instead of one "no frame within N s"
         ms = int(config.open_timeout_s * 1000)
-        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(ms * _SLOW_OPEN_SHARE), cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
         return cv2.VideoCapture(str(value), cv2.CAP_FFMPEG, params)
     if kind == "video":
         cap = cv2.VideoCapture(str(value))
@@ -305,8 +332,11 @@ class FrameSource:
     def stats(self) -> dict[str, Any]:
         """Counters: ``captured`` (frames read from the source), ``delivered`` (returned by ``next``),
         ``dropped`` (live frames overwritten before they were read), ``skipped`` (unreadable image files or video
-        frames), ``ignored`` (files of a folder or glob that are not images of a known type, never read),
-        ``reconnects`` (successful reopens of a live source), ``gave_up`` (a live source was lost for good)."""
+        frames; live: failed reads passed over on a connection that went on delivering), ``ignored`` (files of a
+        folder or glob that are not images of a known type, never read), ``reconnects`` (successful reopens of a
+        live source), ``gave_up`` (a live source was lost for good). Live sources add ``outages`` (times it was
+        lost), ``down_seconds`` (time without a connection delivering, counted from the last good frame) and
+        ``connected`` (False while it is down, also when the run ended during an outage)."""
         with self._lock:
             return dict(self._stats)
 
@@ -329,6 +359,20 @@ class FrameSource:
             raise StopIteration
         self._count("delivered")
         return frame
+
+    def poll(self) -> Frame | None:
+        """The next frame if one is ready now, else None; never waits (live sources; see :meth:`watch`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no poll(): iterate it")
+
+    def watch(self, event: threading.Event) -> None:
+        """Have ``event`` set whenever a frame becomes ready or the source ends (live sources), so one consumer
+        can wait for whichever of several sources has a frame first."""
+        raise NotImplementedError(f"{type(self).__name__} has no watch(): iterate it")
+
+    @property
+    def finished(self) -> bool:
+        """True once :meth:`poll` will never return a frame again (ended, closed or interrupted)."""
+        return self._closed or self._interrupted
 
     def close(self) -> None:
         """Stop reading and release the source (idempotent)."""
@@ -505,17 +549,25 @@ def _image_pass(source: _FileSource, files: list[tuple[Path, str]]) -> Iterator[
         yield image, name
 
 
+#: Failed reads in a row after which a video counts as ended although its container announces more frames.
+VIDEO_FAILURES_IN_A_ROW = 25
+
+
 def _video_pass(source: _FileSource, caps: list[Capture | None], factory: CaptureFactory
                 ) -> Iterator[tuple[np.ndarray, str]]:
     """One pass through a video file: the capture opened by :func:`open_source` first, a reopened one when looping
-    (``caps`` holds the open capture so the source can release it when closed early)."""
+    (``caps`` holds the open capture so the source can release it when closed early).
+
+    A frame that cannot be decoded is passed over (``skipped``): an index-based reader says where the next frame is;
+    other backends (FFmpeg: a damaged MP4 fails the damaged frame's read alone) are read on while fewer frames than
+    the container announces were read, up to :data:`VIDEO_FAILURES_IN_A_ROW` failures in a row (a truncated end)."""
     path = str(source.spec.value)
     if caps[0] is None:
         caps[0] = factory("video", path, source.config)
         if not caps[0].isOpened():
             raise SourceError(f"cannot reopen video file: {path}")
-    cap, index = caps[0], -1  # index: the last frame's index in the file
-    unreadable: list[int] = []
+    cap, index, failed = caps[0], -1, 0  # index: the last frame's index in the file; failed: failed reads in a row
+    unreadable: list[int] = []  # their indices (index-based reader), else the index of the frame before each
     announced = _capture_prop(cap, cv2.CAP_PROP_FRAME_COUNT)
     # only OpenCV's MJPEG AVI reader (see _avi_index_reader) reports a frame's index in the file; FFmpeg counts
     # decoded frames and GStreamer/MSMF may derive positions from timestamps (gaps in a clean VFR file's names)
@@ -533,15 +585,20 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
             trusted = trusted and (index >= 0 or pos == 1)
             at = pos - 1 if trusted and pos is not None and pos - 1 > index else None
             if ok and img is not None:
-                index = at if at is not None else index + 1
+                unreadable += [index] * failed  # frames passed over since the last decoded one (untrusted)
+                source._count("skipped", failed)
+                index, failed = (at if at is not None else index + 1), 0
                 yield _to_rgb(img), f"{Path(path).name}#{index}"
             elif at is not None and announced is not None and at < announced:
                 index = at  # a damaged frame an index-based reader stepped over: go on after it
                 unreadable.append(at)
                 source._count("skipped")
+            elif (not trusted and announced is not None and failed + 1 < VIDEO_FAILURES_IN_A_ROW
+                  and index + len(unreadable) + failed + 2 < announced):  # frames read so far, this one included
+                failed += 1  # damaged: the next read may decode again (failures at the very end are not skipped)
             else:
                 break
-        _warn_if_short(path, index + 1, announced, unreadable)
+        _warn_if_short(path, index + 1 + (0 if trusted else len(unreadable)), announced, unreadable, trusted)
     finally:
         caps[0] = None
         _release(cap)
@@ -567,12 +624,19 @@ def _capture_prop(cap: Capture, prop: int) -> int | None:
     return int(value) if math.isfinite(value) and value >= 0 else None
 
 
-def _warn_if_short(path: str, reached: int, announced: int | None, unreadable: list[int]) -> None:
-    """Warn about frames of a video that could not be read: damaged ones in between (their indices, which the
-    other frames' names skip) and a missing end (``reached`` < the frame count the container announces)."""
+def _warn_if_short(path: str, reached: int, announced: int | None, unreadable: list[int], by_index: bool) -> None:
+    """Warn about frames of a video that could not be read: damaged ones in between and a missing end (``reached``,
+    the frames read, < the frame count the container announces). ``by_index``: ``unreadable`` holds their indices in
+    the file, which the other frames' names skip; else the index of the decoded frame before each, and the names
+    after them count decoded frames (they are early by the frames lost)."""
     if unreadable:  # only ever found below a known frame count
-        logger.warning("video file %s: %d of %s frames unreadable (%s; corrupt): passed over, the other frames keep "
-                       "their index in the file as names", path, len(unreadable), announced, _index_ranges(unreadable))
+        where, names = ((_index_ranges(unreadable), "the other frames keep their index in the file as names")
+                        if by_index else
+                        (f"after {_index_ranges(sorted(set(unreadable)))}", "the frames after them are named by the "
+                         "count of decoded frames (this container gives no frame index), so each name is early by "
+                         "the frames lost before it"))
+        logger.warning("video file %s: %d of %s frames unreadable (%s; corrupt): passed over, %s", path,
+                       len(unreadable), announced, where, names)
     if announced is not None and reached < announced:
         logger.warning("video file %s ended after %d of the %d frames its container announces (truncated or "
                        "corrupt): the rest is missing", path, reached, announced)
@@ -593,33 +657,80 @@ def _index_ranges(indices: list[int], most: int = 4) -> str:
 # --------------------------------------------------------------------------------------------- live sources
 
 
-class _LiveSource(FrameSource):
-    """Camera / GStreamer / stream: a capture thread keeps the newest frame; reconnects with back-off."""
+def _grab(cap: Capture, label: str) -> tuple[np.ndarray | None, float, float]:
+    """Read one frame: ``(image or None, began, decode_ms)``.
 
-    def __init__(self, spec: SourceSpec, config: SourceConfig, factory: CaptureFactory) -> None:
+    ``grab()`` waits for the next frame and ``retrieve()`` decodes it: ``began`` is when grab returned and
+    ``decode_ms`` the retrieve, so neither the decode nor the end-to-end latency counts the wait for a frame the
+    camera has not sent yet (with FFmpeg, grab also unpacks the compressed frame; retrieve converts it). A capture
+    with ``read()`` only (test fakes) cannot tell the two apart: ``began`` is when the read began and all of it
+    counts as decode.
+    """
+    grab, retrieve = getattr(cap, "grab", None), getattr(cap, "retrieve", None)
+    began = time.perf_counter()
+    try:
+        if grab is None or retrieve is None:
+            ok, img = cap.read()
+        elif grab():
+            began = time.perf_counter()
+            ok, img = retrieve()
+        else:
+            ok, img = False, None
+    except Exception as exc:  # cv2.error from a broken device / stream
+        logger.debug("%s: read raised %s", label, exc)
+        ok, img = False, None
+    return (img if ok and img is not None else None), began, (time.perf_counter() - began) * 1000.0
+
+
+#: How a live source's outage reads in the log (the first line is the reason it was lost).
+_SOURCE_OUTAGE = OutageWords(
+    still="still down after {seconds:.0f} s, {lost} reconnect attempt(s) failed so far (last: {reason})",
+    again="reconnected after {seconds:.0f} s down ({lost} failed reconnect attempt(s) meanwhile)")
+#: Why a reopen try failed (``_try_open``'s failure codes), for the outage log and the give-up line.
+_TRY_FAILURES = {"open": "cannot open it (unreachable, unplugged, busy, wrong URL or credentials)",
+                 "read": "it opens but sends no decodable frame (corrupt data or an unsupported encoding)",
+                 "timeout": "no frame within the open timeout (stalled)"}
+
+
+class _LiveSource(FrameSource):
+    """Camera / GStreamer / stream: a capture thread keeps the newest frame, passes over unreadable frames and
+    reconnects with back-off when the source is lost; ``stopping`` (the run's stop flag) cuts an open short,
+    ``on_give_up`` hears that the source is lost for good."""
+
+    def __init__(self, spec: SourceSpec, config: SourceConfig, factory: CaptureFactory,
+                 stopping: Callable[[], bool] | None = None, on_give_up: Callable[[], None] | None = None) -> None:
         super().__init__(spec, config)
         self._factory = factory
+        self._stopping = stopping or (lambda: False)
+        self._on_give_up = on_give_up
         self._stop = threading.Event()
         self._cond = threading.Condition(self._lock)
-        # (frame_id, time, raw image, read_ms, perf_counter at capture: end-to-end latency includes the slot wait)
+        # (frame_id, time, raw image, decode_ms, perf_counter when its decode began: see _grab)
         self._slot: tuple[int, float, np.ndarray, float, float] | None = None
         self._next_id = 0
         self._ended = False
-        cap, first, read_ms, failure = self._try_open()
+        self._watchers: list[threading.Event] = []
+        self._failures = 0  # failed reads in a row on the current connection (capture thread only)
+        self._last_good = time.monotonic()
+        self._down_since: float | None = None  # monotonic time of the last good frame while the source is down
+        self._down_s = 0.0  # seconds of the outages that ended
+        self._closed_at: float | None = None
+        self._events = 0  # numbers losses, failed tries and recoveries for the outage log
+        self._outage = Outage(self.label, logger, words=_SOURCE_OUTAGE)
+        self._stats["outages"] = 0
+        cap, first, failure = self._try_open()
         if failure:
-            err = self._open_error(failure)
-            if failure in ("open", "read", "timeout"):
-                raise err
-            raise SourceError(f"{err} ({redact_secrets_in(failure)})")  # an exception's text may quote the URL
-        self._store(first, read_ms)
+            raise self._open_failure(failure)
+        assert first is not None
+        self._store(*first)
         self._thread = _native_thread(self._run, f"gradad-capture-{self.label}", (cap,))
 
     # -- opening
-    def _try_open(self) -> tuple[Capture | None, np.ndarray | None, float, str]:
+    def _try_open(self) -> tuple[Capture | None, tuple[np.ndarray, float, float] | None, str]:
         """Open and read a first frame within ``open_timeout_s`` (in a helper thread, so a hung open can't block).
 
-        Returns ``(cap, first_image, read_ms, failure)``; ``failure`` is "" on success, else "open", "read",
-        "timeout", "stopped" or an exception text.
+        Returns ``(cap, (image, began, decode_ms), failure)``; ``failure`` is "" on success, else "open", "read",
+        "timeout", "stopped" (closed, or the run's stop flag set) or an exception text.
         """
         box: dict[str, Any] = {}
         lock = threading.Lock()
@@ -629,17 +740,16 @@ class _LiveSource(FrameSource):
             cap: Capture | None = None
             result: dict[str, Any] = {}
             try:
+                started = time.monotonic()
                 cap = self._factory(self.spec.kind, self.spec.value, self.config)
-                if cap is None or not cap.isOpened():
-                    result["failure"] = "open"
+                opened = cap is not None and cap.isOpened()
+                slow = time.monotonic() - started >= _SLOW_OPEN_SHARE * self.config.open_timeout_s
+                first = self._first_frame(cap, box) if opened else None
+                if first is not None:
+                    result.update(cap=cap, first=first)
+                    cap = None  # handed over
                 else:
-                    t0 = time.perf_counter()
-                    ok, img = cap.read()
-                    if ok and img is not None:
-                        result.update(cap=cap, img=img, read_ms=(time.perf_counter() - t0) * 1000.0)
-                        cap = None  # handed over
-                    else:
-                        result["failure"] = "read"
+                    result["failure"] = "read" if opened else ("timeout" if slow else "open")
             except Exception as exc:
                 result["failure"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             with lock:
@@ -653,15 +763,36 @@ class _LiveSource(FrameSource):
         _native_thread(work, f"gradad-open-{self.label}")
         deadline = time.monotonic() + self.config.open_timeout_s
         while not finished.wait(_POLL_S):
-            if self._stop.is_set() or time.monotonic() >= deadline:
+            stopped = self._stop.is_set() or self._stopping()
+            if stopped or time.monotonic() >= deadline:
                 with lock:
                     if not finished.is_set():
                         box["abandoned"] = True
-                        return None, None, 0.0, "stopped" if self._stop.is_set() else "timeout"
+                        return None, None, "stopped" if stopped else "timeout"
                 break
         if "cap" in box:
-            return box["cap"], box["img"], box["read_ms"], ""
-        return None, None, 0.0, box.get("failure", "open")
+            return box["cap"], box["first"], ""
+        return None, None, box.get("failure", "open")
+
+    def _first_frame(self, cap: Capture, box: dict[str, Any]) -> tuple[np.ndarray, float, float] | None:
+        """The first good frame of a new connection, passing over up to ``read_failures - 1`` unreadable ones (a
+        stream may start on a corrupt frame); None when none came or the open was abandoned meanwhile."""
+        for _ in range(self.config.read_failures):
+            img, began, decode_ms = _grab(cap, self.label)
+            if img is not None:
+                return img, began, decode_ms
+            if box.get("abandoned"):
+                break
+        return None
+
+    def _open_failure(self, failure: str) -> SourceError:
+        """The error of a first open that failed with ``failure`` (see :meth:`_try_open`)."""
+        if failure == "stopped":
+            return OpenInterrupted(f"opening {self.label} was interrupted")
+        err = self._open_error(failure)
+        if failure in _TRY_FAILURES:
+            return err
+        return SourceError(f"{err} ({redact_secrets_in(failure)})")  # an exception's text may quote the URL
 
     def _open_error(self, failure: str) -> SourceError:
         kind, label, t = self.spec.kind, self.label, self.config.open_timeout_s
@@ -688,28 +819,43 @@ class _LiveSource(FrameSource):
                                                                                      "cannot open GStreamer pipeline")
             return SourceError(f"{what} ({hint}): {label}")
         if kind == "stream":
+            n = self.config.read_failures
             what = {"open": "cannot open stream (unreachable, wrong URL or credentials)",
-                    "read": "stream opened but delivered no frame",
+                    "read": f"stream connected but its first {n} frames could not be decoded (corrupt data or an "
+                            f"unsupported encoding; or the stream ended at once)",
                     "timeout": f"stream gave no frame within {t:g}s (unreachable or stalled)"}.get(
                         failure, "cannot open stream")
             return SourceError(f"{what}: {label}")
         return SourceError(f"cannot open {label}")  # the caller appends an exception's text
 
     # -- capture thread
-    def _store(self, img: np.ndarray, read_ms: float) -> None:
+    def _store(self, img: np.ndarray, began: float, decode_ms: float) -> None:
+        """A good frame into the slot (replacing one never taken: ``dropped``); the unreadable frames passed over
+        before it on this connection count as ``skipped``."""
         with self._cond:
             if self._slot is not None:
                 self._stats["dropped"] += 1
-            self._slot = (self._next_id, time.time(), img, read_ms, time.perf_counter())
+            self._slot = (self._next_id, time.time(), img, decode_ms, began)
             self._next_id += 1
             self._stats["captured"] += 1
-            self._cond.notify_all()
+            self._stats["skipped"] += self._failures
+            self._failures = 0
+            self._last_good = time.monotonic()
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consumer and the watchers (the caller holds the lock)."""
+        self._cond.notify_all()
+        for event in self._watchers:
+            event.set()
 
     def _end(self, gave_up: bool = False) -> None:
         with self._cond:
             self._ended = True
             self._stats["gave_up"] |= gave_up
-            self._cond.notify_all()
+            self._wake()
+        if gave_up and self._on_give_up is not None:
+            self._on_give_up()
 
     def _run(self, cap: Capture | None) -> None:
         try:
@@ -718,25 +864,13 @@ class _LiveSource(FrameSource):
                     cap = self._reconnect()
                     if cap is None:
                         return
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    ok, img = cap.read()
-                except Exception as exc:  # cv2.error from a broken device / stream
-                    logger.debug("%s: read raised %s", self.label, exc)
-                    ok, img = False, None
-                if self._stop.is_set():
-                    return
-                if not ok or img is None:
+                elif not self._read_next(cap):
                     _release(cap)
                     cap = None
                     if not self.config.reconnect:
-                        logger.error("%s: lost (read failed) and reconnect is off; stopping", self.label)
+                        logger.error("%s: lost and reconnect is off; stopping", self.label)
                         self._end(gave_up=True)
                         return
-                    logger.warning("%s: read failed (camera/stream lost); reconnecting", self.label)
-                    continue
-                self._store(img, (time.perf_counter() - t0) * 1000.0)
         except BaseException as exc:  # pragma: no cover - unexpected; never leave the consumer waiting
             logger.exception("%s: capture thread failed: %s", self.label, exc)
             self._end(gave_up=True)
@@ -744,52 +878,132 @@ class _LiveSource(FrameSource):
             _release(cap)
             self._end()
 
+    def _read_next(self, cap: Capture) -> bool:
+        """Read one frame into the slot. An unreadable one (a corrupt JPEG) is passed over on the same connection;
+        False when the connection counts as lost: ``read_failures`` failed reads in a row, or a failed read
+        ``read_stall_s`` after the last good frame (reopening a stream costs seconds and the frames meanwhile)."""
+        img, began, decode_ms = _grab(cap, self.label)
+        if self._stop.is_set():
+            return True  # closing: the loop ends
+        if img is not None:
+            self._store(img, began, decode_ms)
+            return True
+        self._failures += 1
+        quiet = time.monotonic() - self._last_good
+        if self._failures < self.config.read_failures and quiet < self.config.read_stall_s:
+            return True
+        then = "reconnecting" if self.config.reconnect else "reconnect is off"
+        self._lost(f"lost: {self._failures} read(s) in a row gave no frame, the last good one {quiet:.1f} s ago "
+                   f"(the source ended, stalled or sends undecodable frames); {then}")
+        return False
+
+    def _lost(self, reason: str) -> None:
+        """Start an outage (logged once; it counts as down from the last good frame)."""
+        with self._lock:
+            self._failures = 0
+            self._down_since = self._last_good
+            self._stats["outages"] += 1
+            self._events += 1
+            seq = self._events
+        self._outage.failed(reason, seq, lost=0)
+
     def _reconnect(self) -> Capture | None:
-        """Reopen with exponential back-off; None when stopped or after ``reconnect_attempts`` failed tries."""
+        """Reopen with exponential back-off up to ``reconnect_max_s``; None when stopped, or given up after
+        ``reconnect_give_up_s`` down or ``reconnect_attempts`` failed tries."""
         cfg = self.config
-        delay = cfg.reconnect_initial_s
-        tries = 0
+        delay, tries, last = min(cfg.reconnect_initial_s, cfg.reconnect_max_s), 0, "no reconnect attempt yet"
+        give_up_at = self._last_good + cfg.reconnect_give_up_s if cfg.reconnect_give_up_s > 0 else math.inf
         while not self._stop.is_set():
-            if cfg.reconnect_attempts > 0 and tries >= cfg.reconnect_attempts:
-                logger.error("%s: giving up after %d failed reconnect attempt(s)", self.label, tries)
-                self._end(gave_up=True)
+            left = give_up_at - time.monotonic()
+            if left <= 0 or 0 < cfg.reconnect_attempts <= tries:
+                self._give_up(tries, last)
                 return None
-            if self._stop.wait(delay):
-                return None
+            if self._stop.wait(min(delay, left)) or delay > left:
+                continue  # closed, or the give-up time came during the wait: the loop's test decides
             tries += 1
-            cap, img, read_ms, failure = self._try_open()
+            cap, first, failure = self._try_open()
             if failure == "stopped":
                 return None
-            if not failure:
-                assert cap is not None and img is not None
-                self._count("reconnects")
-                logger.warning("%s: reconnected after %d attempt(s)", self.label, tries)
-                self._store(img, read_ms)
+            if first is not None:
+                self._reconnected()
+                self._store(*first)
                 return cap
+            last = _TRY_FAILURES.get(failure, redact_secrets_in(failure))
+            logger.debug("%s: reconnect attempt %d failed (%s)", self.label, tries, last)
+            with self._lock:
+                self._events += 1
+                seq = self._events
+            self._outage.failed(last, seq)
             delay = min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s)
-            logger.warning(
-                "%s: reconnect attempt %d failed (%s); next try in %.1fs", self.label, tries, failure, delay
-            )
         return None
+
+    def _give_up(self, tries: int, last: str) -> None:
+        down = time.monotonic() - self._last_good
+        logger.error("%s: giving up: no frame for %.0f s, %d reconnect attempt(s) failed (last: %s)", self.label,
+                     down, tries, last)
+        self._end(gave_up=True)
+
+    def _reconnected(self) -> None:
+        """End the outage (one INFO line saying how long it lasted)."""
+        with self._lock:
+            self._stats["reconnects"] += 1
+            self._down_s += time.monotonic() - (self._down_since if self._down_since is not None else self._last_good)
+            self._down_since = None
+            self._events += 1
+            seq = self._events
+        self._outage.delivered(seq)
 
     # -- consumer side
     def _next_frame(self) -> Frame | None:
         with self._cond:
             while self._slot is None and not self._ended and not self._closed and not self._interrupted:
                 self._cond.wait(timeout=0.5)
-            if self._slot is None:
-                return None
-            frame_id, ts, raw, read_ms, captured = self._slot
-            self._slot = None
+        return self._take()
+
+    def poll(self) -> Frame | None:
+        if self._closed or self._interrupted:
+            return None
+        frame = self._take()
+        if frame is not None:
+            self._count("delivered")
+        return frame
+
+    def watch(self, event: threading.Event) -> None:
+        with self._cond:
+            self._watchers.append(event)
+            if self._slot is not None or self._ended:
+                event.set()
+
+    @property
+    def finished(self) -> bool:
+        with self._lock:
+            return self._closed or self._interrupted or (self._ended and self._slot is None)
+
+    def _take(self) -> Frame | None:
+        """The frame in the slot, converted to RGB, or None."""
+        with self._cond:
+            slot, self._slot = self._slot, None
+        if slot is None:
+            return None
+        frame_id, ts, raw, decode_ms, began = slot
         t0 = time.perf_counter()
         image = _to_rgb(raw)
-        convert_s = time.perf_counter() - t0
-        # age = now - created + decode_ms: created shifted by the conversion it already holds, so the age counts
-        # from the start of the read, the time the frame waited in the slot included
-        return Frame(frame_id, ts, self.label, image, name=None, decode_ms=read_ms + convert_s * 1000.0,
-                     created=captured + convert_s)
+        decode_ms += (time.perf_counter() - t0) * 1000.0
+        # age_ms() = now - created + decode_ms: created is `began` shifted by the decode it already holds, so the
+        # age counts from the moment the frame had arrived, the time it waited in the slot included
+        return Frame(frame_id, ts, self.label, image, name=None, decode_ms=decode_ms,
+                     created=began + decode_ms / 1000.0)
+
+    def stats(self) -> dict[str, Any]:
+        out = super().stats()
+        with self._lock:
+            since, now = self._down_since, self._closed_at or time.monotonic()
+            out["down_seconds"] = round(self._down_s + (now - since if since is not None else 0.0), 3)
+            out["connected"] = since is None and not out["gave_up"]
+        return out
 
     def _close_impl(self) -> None:
+        self._closed_at = time.monotonic()
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
@@ -811,15 +1025,20 @@ def open_source(
     config: SourceConfig | None = None,
     *,
     capture_factory: CaptureFactory | None = None,
+    stopping: Callable[[], bool] | None = None,
+    on_give_up: Callable[[], None] | None = None,
 ) -> FrameSource:
     """Open a frame source (see :func:`parse_source` for the accepted values); close it (or use a ``with`` block)
     to stop its reader thread. ``capture_factory`` opens camera, gstreamer, stream and video captures (default:
-    OpenCV; tests inject fakes). Raises SourceError, one line naming the source, when it cannot be opened."""
+    OpenCV; tests inject fakes). Raises SourceError, one line naming the source, when it cannot be opened, and
+    OpenInterrupted as soon as ``stopping()`` (the run's stop flag) turns true while a live source is opening (an
+    open or first read may otherwise take ``open_timeout_s``). ``on_give_up`` is called (from the capture thread)
+    when a live source is lost for good (``reconnect_give_up_s``, ``reconnect_attempts``)."""
     parsed = parse_source(spec)
     cfg = config or SourceConfig()
     factory = capture_factory or _open_capture
     if parsed.live:
-        return _LiveSource(parsed, cfg, factory)
+        return _LiveSource(parsed, cfg, factory, stopping, on_give_up)
     if parsed.kind == "video":
         path = str(parsed.value)
         try:

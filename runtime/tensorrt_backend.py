@@ -26,7 +26,7 @@ import ctypes
 import hashlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ from gradad.errors import GradError
 from gradad.engine_trust import is_trusted, untrusted_message
 from gradad.runtime.backend import BackendError, UntrustedEngineError
 from gradad.runtime.preprocess import as_input_dtype
-from gradad.runtime.tensorrt_device import (engine_matches_device, gpu_identity, import_cudart, import_tensorrt,
-                                            rebuild_command)
+from gradad.runtime.tensorrt_device import (TensorRTUnavailable, engine_matches_device, gpu_identity,
+                                            import_cudart, import_tensorrt, rebuild_command)
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +162,16 @@ class _Buffer:
 
 @dataclass
 class _Slot:
-    """One in-flight batch's resources: execution context, CUDA stream, IO buffers, captured graph."""
+    """One in-flight batch's resources: execution context, CUDA stream, IO buffers, captured graphs."""
 
     index: int
     context: Any
     stream: Any
     buffers: dict[str, _Buffer]  # by tensor name
     pending: int | None = None  # batch size submitted and not collected yet
-    graph_exec: Any = None  # captured CUDA graph of the enqueue for ``graph_batch``
-    graph_batch: int | None = None
+    # One instantiated CUDA graph per batch size (at most max_batch of them): a live run's batches hold whatever
+    # frames are queued (1..--batch), and a single cached graph would be re-captured on nearly every batch.
+    graphs: dict[int, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------- The backend
@@ -183,16 +184,21 @@ class TensorRTBackend:
     slots holds one submitted batch; ``cuda_graphs`` captures each batch size's enqueue where possible.
     ``max_batch``/``min_batch`` are the optimisation profile's limits; ``api`` is the one execution API used.
     ``expected_sha256``: the bytes read must hash to this (the value the bundle recorded and the trust list holds).
+    ``precision`` (the engine stamp's, given by :func:`load_tensorrt_backend`) makes :attr:`name`
+    ``tensorrt:<precision>:<engine file>``, like ONNX Runtime's ``onnxruntime:<provider>:<file>``: grad-calibrate
+    records it, and grad-run warns when thresholds calibrated on one engine meet another (INT8 moves scores).
     """
 
-    name = "tensorrt"
+    name = "tensorrt"  # without a precision (an engine file opened directly)
     api = "tensors-v3"
 
     def __init__(self, engine_path: str | Path, input_name: str = "image", trt: Any = None,
                  cudart: Any = None, in_flight: int = 1, cuda_graphs: bool = True,
-                 expected_sha256: str | None = None) -> None:
+                 expected_sha256: str | None = None, precision: str | None = None) -> None:
         # Everything close() looks at exists before anything can fail.
         self._closed = False
+        if precision:
+            self.name = f"tensorrt:{precision}:{Path(engine_path).name}"
         self._slots: list[_Slot] = []
         self._streams: list[Any] = []
         self._host_ptrs: list[int] = []
@@ -444,8 +450,9 @@ class TensorRTBackend:
     def _enqueue(self, slot: _Slot, n: int) -> None:
         """Run the engine on the slot's stream: its captured graph for this batch size, else a plain enqueue
         (then, with graphs on, capture one for the next batches of this size)."""
-        if self.cuda_graphs and slot.graph_batch == n and slot.graph_exec is not None:
-            _cuda_ok(self._cudart, self._cudart.cudaGraphLaunch(slot.graph_exec, slot.stream), "cudaGraphLaunch")
+        graph_exec = slot.graphs.get(n) if self.cuda_graphs else None
+        if graph_exec is not None:
+            _cuda_ok(self._cudart, self._cudart.cudaGraphLaunch(graph_exec, slot.stream), "cudaGraphLaunch")
             return
         if not self._execute(slot):
             raise BackendError(f"TensorRT failed to enqueue {self.engine_path.name} for a batch of {n} "
@@ -460,9 +467,9 @@ class TensorRTBackend:
         return slot.context.execute_async_v3(_native_handle(slot.stream)) is not False
 
     def _capture_graph(self, slot: _Slot, n: int) -> None:
-        """Capture the slot's enqueue for batch ``n`` into a CUDA graph; on any failure, turn graphs off."""
+        """Capture the slot's enqueue for batch ``n`` into a CUDA graph kept beside the slot's graphs for other
+        sizes; on any failure, turn graphs off and destroy every slot's graphs (none will be launched again)."""
         cudart = self._cudart
-        self._drop_graph(slot)
         mode_enum = getattr(cudart, "cudaStreamCaptureMode", None)
         mode = getattr(mode_enum, "cudaStreamCaptureModeThreadLocal", 2)
         try:
@@ -474,23 +481,25 @@ class TensorRTBackend:
             if not ok:
                 raise BackendError("execute_async_v3 refused to run under stream capture")
             try:
-                slot.graph_exec = _cuda_ok(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+                # stored before the template graph is destroyed: should that fail, _drop_graphs still frees it
+                slot.graphs[n] = _cuda_ok(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             finally:
                 _cuda_ok(cudart, cudart.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            slot.graph_batch = n
             log.debug("captured a CUDA graph for batch %d on slot %d", n, slot.index)
         except (BackendError, TypeError) as exc:  # TypeError: a cuda-python whose graph calls take other arguments
             log.warning("CUDA graph capture unavailable (%s): plain enqueues from now on", exc)
             self.cuda_graphs = False
-            self._drop_graph(slot)
+            self._drop_graphs()
 
-    def _drop_graph(self, slot: _Slot) -> None:
-        if slot.graph_exec is not None:
-            try:
-                _cuda_ok(self._cudart, self._cudart.cudaGraphExecDestroy(slot.graph_exec), "cudaGraphExecDestroy")
-            except BackendError as exc:
-                log.warning("%s", exc)
-        slot.graph_exec, slot.graph_batch = None, None
+    def _drop_graphs(self) -> None:
+        """Destroy every slot's instantiated graphs (errors logged: this also runs from close())."""
+        for slot in self._slots:
+            while slot.graphs:
+                _, graph_exec = slot.graphs.popitem()
+                try:
+                    _cuda_ok(self._cudart, self._cudart.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
+                except Exception as exc:  # noqa: BLE001 - keep destroying the rest
+                    log.warning("%s", exc)
 
     # ---- teardown ------------------------------------------------------------------------
 
@@ -513,8 +522,8 @@ class TensorRTBackend:
         for stream in self._streams:
             # An interrupted infer() may have copies in flight on the buffers about to be freed.
             release(cudart.cudaStreamSynchronize, stream, "cudaStreamSynchronize (close)")
+        self._drop_graphs()  # before the streams they were captured on are destroyed
         for slot in self._slots:
-            self._drop_graph(slot)
             for buf in slot.buffers.values():
                 buf.host = None  # no view may outlive the pinned memory
             slot.context = None
@@ -550,6 +559,22 @@ class TensorRTBackend:
 # ------------------------------------------------------------------------------------------------ Bundle loading
 
 
+def _check_can_build(bundle_dir: Path, precision: str, trt: Any, gpu: dict[str, str] | None) -> None:
+    """A bundle without an engine: raise TensorRTUnavailable when this machine could not build one either
+    (grad-export build needs TensorRT, cuda-python and the GPU here), so the error does not suggest a build that
+    then fails for the same reason."""
+    try:
+        if trt is None:
+            import_tensorrt()
+        if gpu is None:
+            gpu_identity()  # building=True: where an engine must be built is the point here
+    except TensorRTUnavailable as exc:
+        raise TensorRTUnavailable(
+            f"bundle {bundle_dir} has no {precision} TensorRT engine, and none can be built here: {exc}. Run its "
+            f"ONNX model with --backend onnxruntime, or build the engine on the device that will run it (TensorRT "
+            f"installed) with `{rebuild_command(str(bundle_dir), precision)}`") from None
+
+
 def load_tensorrt_backend(
     bundle: Bundle,
     precision: str = "fp16",
@@ -570,10 +595,11 @@ def load_tensorrt_backend(
         raise BackendError(f"precision {precision!r}: choose one of {', '.join(p.value for p in Precision)}")
     stamps = bundle.engines_for(precision)
     if not stamps:
+        _check_can_build(bundle_dir, precision, trt, gpu)
         raise BackendError(f"bundle {bundle_dir} has no {precision} TensorRT engine: build one on this device "
                            f"with {rebuild_command(str(bundle_dir), precision)}")
     trt = import_tensorrt() if trt is None else trt
-    gpu = gpu_identity() if gpu is None else gpu
+    gpu = gpu_identity(building=False) if gpu is None else gpu
     trt_version = str(trt.__version__)
     stamp = None
     reasons = []
@@ -595,7 +621,8 @@ def load_tensorrt_backend(
         rebuild = rebuild_command(str(bundle_dir), precision)
         raise UntrustedEngineError(untrusted_message(stamp.file, bundle_dir, rebuild))
     backend = TensorRTBackend(bundle.file(stamp.file), bundle.input.name, trt=trt, cudart=cudart,
-                              in_flight=in_flight, expected_sha256=bundle.files[stamp.file].sha256)
+                              in_flight=in_flight, expected_sha256=bundle.files[stamp.file].sha256,
+                              precision=stamp.precision)
     want = bundle.input.hw
     if tuple(backend.input_hw) != want:
         backend.close()

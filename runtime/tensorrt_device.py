@@ -52,10 +52,49 @@ def import_cudart() -> Any:
     return cudart
 
 
-def gpu_identity() -> dict[str, str]:
+def cuda_python_version() -> str:
+    """The installed cuda-python as pip names it, e.g. ``"cuda-python 12.6.0 (cuda-bindings 12.6.0)"`` or
+    ``"cuda-bindings 13.5.0"`` (cuda-python 12.6+ is a meta package over cuda-bindings; older ones are one)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("cuda-python", "cuda-bindings"):
+        try:
+            found.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    if not found:  # installed outside pip's view (a JetPack or conda build): the module may still say
+        try:
+            import cuda.bindings as bindings  # type: ignore[import-not-found]
+        except ImportError:
+            return "cuda-python (version unknown)"
+        return f"cuda-bindings {getattr(bindings, '__version__', '(version unknown)')}"
+    return found[0] + (f" ({found[1]})" if len(found) > 1 else "")
+
+
+def _no_gpu_message(err: Any, building: bool) -> str:
+    """Why cudaGetDeviceProperties(0) failed, and the fix, for TensorRTUnavailable."""
+    name = getattr(err, "name", None) or str(err)
+    call = f"cudaGetDeviceProperties: {name}"
+    if name == "cudaErrorInsufficientDriver":
+        # The driver is there (or absent) but older than the CUDA these bindings were built for: typically a
+        # pip-installed cuda-python newer than JetPack's CUDA. "No GPU" would send the user looking for hardware.
+        return (f"the NVIDIA driver is missing or too old for the installed {cuda_python_version()} ({call}): "
+                "install the cuda-python that matches the driver's CUDA version (JetPack 5: "
+                "pip install 'cuda-python==11.8.*'; JetPack 6: pip install 'cuda-python==12.*'; on a PC: the "
+                "CUDA major version nvidia-smi shows, or update the driver)")
+    what = "no CUDA GPU found" if name == "cudaErrorNoDevice" else "CUDA cannot use GPU 0"
+    # Only a build is about where an engine comes from; a run on a GPU-less box just has no TensorRT.
+    tail = "; TensorRT engines must be built on the target GPU" if building else ""
+    return f"{what} ({call}){tail}"
+
+
+def gpu_identity(building: bool = True) -> dict[str, str]:
     """Name and compute capability (e.g. ``"8.7"``) of CUDA GPU 0, the one TensorRT builds for and runs on.
 
-    Raises TensorRTUnavailable when cuda-python is not installed or finds no GPU.
+    Raises TensorRTUnavailable when cuda-python is not installed, the driver is too old for it or there is no GPU;
+    ``building``: the caller is about to build an engine (its message then says engines are built on the target
+    GPU; the runtime passes False).
     """
     cudart = import_cudart()
     try:
@@ -63,8 +102,7 @@ def gpu_identity() -> dict[str, str]:
     except Exception as exc:  # noqa: BLE001 - a broken driver install reads as no GPU, with its message
         err = exc
     if err != cudart.cudaError_t.cudaSuccess:
-        raise TensorRTUnavailable(f"no CUDA GPU found (cudaGetDeviceProperties: {getattr(err, 'name', err)}); "
-                                  "TensorRT engines must be built on the target GPU")
+        raise TensorRTUnavailable(_no_gpu_message(err, building))
     name = prop.name
     if isinstance(name, (bytes, bytearray)):
         name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")

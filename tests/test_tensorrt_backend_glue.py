@@ -295,7 +295,7 @@ def test_load_picks_the_matching_engine(tmp_path):
     cudart = FakeCudart()
     backend = load_tensorrt_backend(manifest, "fp16", trt=make_fake_trt(cudart), cudart=cudart, gpu=GPU)
     assert backend.engine_path == bundle / good["file"]
-    assert backend.name == "tensorrt" and backend.max_batch == MAX_BATCH
+    assert backend.name == f"tensorrt:fp16:{good['file']}" and backend.max_batch == MAX_BATCH
     x = images(2)
     np.testing.assert_allclose(backend.infer(x)[0], expected(x)[0], rtol=1e-6)
     backend.close()
@@ -533,9 +533,12 @@ def test_cuda_graph_captured_once_per_batch_size_and_replayed(engine_file):
     # first call: a plain enqueue, then the capture; the next three: graph launches only
     assert events == ["execute", "captured", "execute", "execute", "execute"]
     assert cudart.count("cudaGraphLaunch") == 3 and cudart.count("cudaGraphInstantiate") == 1
-    x = uint8_images(3, 9)  # another batch size: re-captured
+    x = uint8_images(3, 9)  # another batch size: captured beside the first graph, which is kept
     np.testing.assert_allclose(backend.infer(x)[0], expected(x.astype(np.float32))[0], rtol=1e-6)
-    assert cudart.count("cudaGraphInstantiate") == 2 and cudart.count("cudaGraphExecDestroy") == 1
+    assert cudart.count("cudaGraphInstantiate") == 2 and cudart.count("cudaGraphExecDestroy") == 0
+    x = uint8_images(2, 10)  # back to the first size: replayed, not re-captured
+    np.testing.assert_allclose(backend.infer(x)[0], expected(x.astype(np.float32))[0], rtol=1e-6)
+    assert cudart.count("cudaGraphInstantiate") == 2 and cudart.count("cudaGraphLaunch") == 4
     backend.close()
     assert not cudart.execs and cudart.live() == 0
 
@@ -692,7 +695,7 @@ def test_auto_runs_a_bundle_with_a_foreign_engine_on_onnx_runtime_and_says_why(b
     cudart = FakeCudart()
     trt = make_fake_trt(cudart)
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(tensorrt_backend, "gpu_identity", lambda: GPU)
+    monkeypatch.setattr(tensorrt_backend, "gpu_identity", lambda **_: GPU)
     with caplog.at_level(logging.WARNING):
         backend, _ = load_backend(d, "auto", threads=1)
     assert backend.name.startswith("onnxruntime") and trt.log == []

@@ -14,11 +14,12 @@ run with the same calibration.
 
 Package layout: :mod:`.base` (the ``SinkBase`` interface with no-op defaults, JSON helpers, ``MultiSink``),
 :mod:`.jsonl`, :mod:`.video` (overlay drawing, video file, display window), :mod:`.flagged` (the flagged-frame
-folder) and :mod:`.network` (webhook, MQTT).
+folder), :mod:`.network` (webhook, MQTT) and :mod:`.background` (the video and flagged folder's writer thread).
 """
 
 from __future__ import annotations
 
+from gradad.runtime.sinks.background import FILE_QUEUE_FRAMES, BackgroundWriter
 from gradad.runtime.sinks.base import (NG_COLOR_BGR, OK_COLOR_BGR, MultiSink, SinkBase, map_display_range,
                                        record_to_json)
 from gradad.runtime.sinks.flagged import FlaggedFrameSink
@@ -28,6 +29,8 @@ from gradad.runtime.sinks.video import DisplaySink, VideoSink, annotate_frame
 
 __all__ = [
     "SinkBase",
+    "BackgroundWriter",
+    "FILE_QUEUE_FRAMES",
     "JsonlSink",
     "VideoSink",
     "DisplaySink",

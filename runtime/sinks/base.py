@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from gradad.imaging import map_2d as _map2d  # noqa: F401 - the sinks' (h, w) map, re-exported for them
 from gradad.plain import plain_leaf
 from gradad.runtime.types import FrameResult
 
@@ -121,13 +122,6 @@ def map_display_range(threshold: float, amap: np.ndarray | None = None) -> tuple
     if not finite.any():
         return 0.0, 1.0
     return float(a[finite].min()), float(a[finite].max())
-
-
-def _map2d(amap: np.ndarray) -> np.ndarray:
-    a = np.squeeze(np.asarray(amap, dtype=np.float32))
-    if a.ndim != 2:
-        raise ValueError(f"anomaly map must be 2-D, got shape {np.asarray(amap).shape}")
-    return a
 
 
 def _fmt(x: float) -> str:

@@ -10,7 +10,7 @@ import os
 import re
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
@@ -19,8 +19,10 @@ from gradad.data.datasets import IMAGE_EXTENSIONS
 from gradad.errors import GradError
 from gradad.files import atomic_write_bytes
 from gradad.imaging import map_to_uint8, to_bgr_uint8
-from gradad.runtime.sinks.base import SinkBase, _map2d, map_display_range
-from gradad.runtime.sinks.video import annotate_frame
+from gradad.runtime.outage import Outage, OutageWords
+from gradad.runtime.sinks.background import OffloadedSink
+from gradad.runtime.sinks.base import _map2d, map_display_range
+from gradad.runtime.sinks.video import OVERLAY_MAX_SIDE, capped_overlay
 from gradad.runtime.types import FrameResult
 
 log = logging.getLogger("gradad.runtime.sinks")
@@ -34,6 +36,10 @@ _NAME_RE = re.compile(r"^(?P<key>\d{8,}_[A-Za-z0-9_-]+?)_(?P<kind>"
 _TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d*)$")  # gradad.files.atomic_file's temporary names
 # "no space left" and "quota exceeded": deleting our oldest frames can make room (EDQUOT is missing on Windows)
 _DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+_NOT_SAVING = OutageWords(still="still not saving after {seconds:.0f} s, {lost} frames lost so far (last: {reason})",
+                          again="saving again after {seconds:.0f} s, {lost} frames lost meanwhile")
+#: Seconds a refined mask waits for its frame's own files, still queued for the writer thread.
+REFINED_WAIT_S = 10.0
 
 
 def _safe_name(name: str | None, source: str) -> str:
@@ -63,12 +69,13 @@ def _writer_alive(pid: str) -> bool:
     return True
 
 
-class FlaggedFrameSink(SinkBase):
+class FlaggedFrameSink(OffloadedSink):
     """Saves anomalous frames to a folder, with bounded disk use.
 
     For every result with ``is_anomalous`` (and, with ``save_normal_every=N > 0``, every N-th normal result, for
     audits) it writes four files named ``<frame_id:08d>_<name>_`` + ``orig.png`` (the frame), ``overlay.jpg``
-    (:func:`annotate_frame`), ``map.npy`` (the raw float32 anomaly map at model resolution) and ``map.png``
+    (:func:`~gradad.runtime.sinks.video.annotate_frame`, scaled to ``overlay_max_side`` pixels on its longer side;
+    the original keeps the full size), ``map.npy`` (the raw float32 anomaly map at model resolution) and ``map.png``
     (the map as 8-bit grey, scaled from ``[0, 2 * threshold]``). ``<name>`` is the frame's file name (or its
     source) reduced to ``[A-Za-z0-9_-]``.
 
@@ -86,15 +93,25 @@ class FlaggedFrameSink(SinkBase):
     * A full disk (``ENOSPC``, ``EDQUOT``) while writing a frame evicts the oldest saved frames, one at a time, and
       retries, so the newest frames are kept; only when none of its own is left is the frame lost (``errors``,
       one log line per streak of lost frames). Other disk errors (read-only, permissions) are logged and counted
-      in ``errors``. A frame is indexed and counted in ``saved`` only once all its files are written: a failed
-      frame leaves none behind. Disk errors do not stop the camera loop.
+      in ``errors``, logged once per streak of failures (then at most once a minute, and once when saving works
+      again). A frame is indexed and counted in ``saved`` only once all its files are written: a failed frame
+      leaves none behind. Disk errors do not stop the camera loop.
+    * A folder that takes no file (read-only, no permission) is refused at start (:class:`GradError`). A folder
+      removed during the run is created again by the next frame's write (one warning; the frames of this run it
+      held are counted in ``deleted``).
+    * ``queue_size > 0``: frames are encoded and written on a thread of the sink's own (a
+      :class:`~gradad.runtime.sinks.background.BackgroundWriter`), so :meth:`write` never waits for a multi-megapixel
+      PNG; a full queue drops the frame (``dropped``), :meth:`close` writes every queued frame first.
+      :meth:`delivery_report` gives the counts for the run summary (``flagged_folder``: ``complete`` when no frame
+      of this run was lost).
     * :meth:`write_refined` adds a refined mask (``refined_mask.png``, 0/255 at model resolution) and the repaired
       image (``repaired.png``) to a frame saved earlier in this run (``grad-run --refine``); they share the frame's
       disk budget and are evicted with it.
     """
 
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = 1 << 30, max_files: int | None = None,
-                 save_normal_every: int = 0, jpeg_quality: int = 90) -> None:
+                 save_normal_every: int = 0, jpeg_quality: int = 90, overlay_max_side: int = OVERLAY_MAX_SIDE,
+                 queue_size: int = 0) -> None:
         if int(max_bytes) <= 0:
             raise GradError(f"flagged-frame max_bytes must be > 0, got {max_bytes}")
         if max_files is not None and int(max_files) < 1:
@@ -106,7 +123,9 @@ class FlaggedFrameSink(SinkBase):
         self.max_files = None if max_files is None else int(max_files)
         self.save_normal_every = int(save_normal_every)
         self.jpeg_quality = int(jpeg_quality)
+        self.overlay_max_side = int(overlay_max_side)
         self.saved = 0
+        self.deleted = 0  # frames of this run that went with the folder when it was removed during the run
         self.evicted = 0
         self.skipped = 0
         self.errors = 0
@@ -114,6 +133,10 @@ class FlaggedFrameSink(SinkBase):
         self._full_evict_logged = False  # the first eviction for a full disk is logged, later ones are counted
         self._lost_to_full_disk = 0  # frames lost in a row because the disk is full and nothing is left to evict
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # notified when a queued frame is written (write_refined waits)
+        self._pending: collections.Counter[tuple[str, str]] = collections.Counter()  # run keys queued, not written
+        self._failure = Outage(f"flagged-frame folder {self.folder}", log, words=_NOT_SAVING)
+        self._writes = 0  # frame writes attempted: their numbers for the failure log
         self._closed = False
         # key -> {kind: size}; insertion order = age (oldest first)
         self._index: collections.OrderedDict[str, dict[str, int]] = collections.OrderedDict()
@@ -128,7 +151,19 @@ class FlaggedFrameSink(SinkBase):
             raise GradError(f"cannot create flagged-frame folder {self.folder}: {e.strerror or e}") from e
         if not self.folder.is_dir():
             raise GradError(f"flagged-frame folder {self.folder} is not a directory")
+        self._probe()
         self._scan()
+        self._offload(f"flagged-frame folder {self.folder}", self._save_queued, queue_size)
+
+    def _probe(self) -> None:
+        """Fail at start, not at every NG frame, when the folder takes no file (read-only file system, no
+        permission), as ``--jsonl`` and ``--video`` do."""
+        probe = self.folder / f".gradad-write-probe{os.getpid()}"
+        try:
+            atomic_write_bytes(probe, b"")  # what a frame's file takes: a temporary file, renamed into place
+            probe.unlink()
+        except OSError as e:
+            raise GradError(f"flagged-frame folder {self.folder}: cannot write there ({e.strerror or e})") from None
 
     # -- index ---------------------------------------------------------------------------------------------------
 
@@ -171,9 +206,13 @@ class FlaggedFrameSink(SinkBase):
     def _base_key(frame_id: int, name: str | None, source: str) -> str:
         return f"{int(frame_id):08d}_{_safe_name(name, source)}"
 
+    def _run_key(self, result: FrameResult) -> tuple[str, str]:
+        """(source, base key): a frame of this run, whatever suffix its files got on disk."""
+        return result.frame.source, self._base_key(result.frame.frame_id, result.frame.name, result.frame.source)
+
     def _key_for(self, result: FrameResult) -> str:
-        base = self._base_key(result.frame.frame_id, result.frame.name, result.frame.source)
-        run_key = (result.frame.source, base)
+        run_key = self._run_key(result)
+        base = run_key[1]
         if run_key in self._run_keys:
             return self._run_keys[run_key]
         key, n = base, 1
@@ -187,6 +226,8 @@ class FlaggedFrameSink(SinkBase):
     def _remove_files(self, key: str, kinds: Iterable[str]) -> None:
         for kind in kinds:
             p = self.folder / f"{key}_{kind}"
+            if not os.path.lexists(p):  # never written (a failed frame): nothing to delete, nothing to warn about
+                continue
             try:
                 os.remove(p)
             except FileNotFoundError:
@@ -209,7 +250,8 @@ class FlaggedFrameSink(SinkBase):
     def _encode(self, result: FrameResult) -> dict[str, bytes]:
         amap = _map2d(result.anomaly_map)
         ok1, orig = cv2.imencode(".png", to_bgr_uint8(result.frame.image))
-        ok2, overlay = cv2.imencode(".jpg", annotate_frame(result), [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        ok2, overlay = cv2.imencode(".jpg", capped_overlay(result, self.overlay_max_side),
+                                    [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
         buf = io.BytesIO()
         np.save(buf, amap.astype(np.float32), allow_pickle=False)
         lo, hi = map_display_range(result.threshold, amap)
@@ -223,7 +265,8 @@ class FlaggedFrameSink(SinkBase):
                 "map.png": map_png.tobytes()}
 
     def write(self, result: FrameResult) -> None:
-        """Save the result's files if it is anomalous (or a sampled normal one), evicting old frames as needed."""
+        """Save the result's files if it is anomalous (or a sampled normal one), evicting old frames as needed:
+        here or, with a queue, on the writer thread."""
         if self._closed:
             raise RuntimeError(f"FlaggedFrameSink({self.folder}) is closed")
         if not result.is_anomalous:
@@ -232,6 +275,31 @@ class FlaggedFrameSink(SinkBase):
             self._normal_seen += 1
             if self._normal_seen % self.save_normal_every:
                 return
+        if self._background is None:
+            self._save(result)
+            return
+        run_key = self._run_key(result)
+        with self._cond:
+            self._pending[run_key] += 1
+        if not self._background.submit(result):
+            self._unpend(run_key)
+
+    def _save_queued(self, result: FrameResult) -> None:
+        """The writer thread's work: save the frame, then let a refined mask waiting for it go on."""
+        try:
+            self._save(result)
+        finally:
+            self._unpend(self._run_key(result))
+
+    def _unpend(self, run_key: tuple[str, str]) -> None:
+        with self._cond:
+            self._pending[run_key] -= 1
+            if self._pending[run_key] <= 0:
+                del self._pending[run_key]
+            self._cond.notify_all()
+
+    def _save(self, result: FrameResult) -> None:
+        """Encode and write one frame's files within the disk budget."""
         try:
             payload = self._encode(result)
         except (ValueError, cv2.error) as e:
@@ -264,7 +332,8 @@ class FlaggedFrameSink(SinkBase):
         Eviction for one frame stops once it freed twice the frame's size without making room: then something
         else fills the disk (another writer, deleted files still held open, a snapshot), and deleting the whole
         archive would not save this frame either."""
-        freed, budget = 0, 2 * sum(len(b) for b in payload.values())
+        freed, budget, recreated = 0, 2 * sum(len(b) for b in payload.values()), False
+        self._writes += 1
         while True:
             try:
                 for kind in _KINDS:
@@ -273,9 +342,13 @@ class FlaggedFrameSink(SinkBase):
                 # a frame missing its map is useless and would hold disk outside the index: none of its files stay
                 # (all kinds: when the frame is written again in this run, its old files are unindexed already)
                 self._remove_files(key, _ALL_KINDS)
+                if e.errno == errno.ENOENT and not recreated and self._recreate_folder(keep=key):
+                    recreated = True
+                    continue
                 if e.errno not in _DISK_FULL:
-                    self.errors += 1
-                    log.error("flagged frame %d not saved to %s: %s", frame_id, self.folder, e)
+                    self.errors += 1  # once per streak, then once a minute: a camera loop would log every NG frame
+                    self._failure.failed(f"NG frames are not saved (frame {frame_id}: {e.strerror or e})",
+                                         self._writes)
                     return False
                 more = self._evict_for_full_disk(e, freed, budget)  # the README: the newest frames survive
                 if more is not None:
@@ -288,6 +361,7 @@ class FlaggedFrameSink(SinkBase):
                               "are not saved until space is freed", self.folder, e.strerror or e,
                               "every saved frame" if not self._index else f"{freed} bytes of the oldest frames")
                 return False
+            self._failure.delivered(self._writes)
             if freed == 0:  # written without evicting: a later full disk is announced again
                 self._full_evict_logged = False
             if self._lost_to_full_disk:
@@ -313,8 +387,11 @@ class FlaggedFrameSink(SinkBase):
             self.errors += 1
             log.error("refined mask of frame %d not saved: %s", frame_id, e)
             return files
-        with self._lock:
-            key = self._run_keys.get((source, self._base_key(frame_id, name, source)))
+        run_key = (source, self._base_key(frame_id, name, source))
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._pending[run_key], REFINED_WAIT_S):
+                log.debug("refined mask of frame %d: its frame is still queued after %.0f s", frame_id, REFINED_WAIT_S)
+            key = self._run_keys.get(run_key)
             if key is None or key not in self._index:
                 log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
                 return files
@@ -349,7 +426,8 @@ class FlaggedFrameSink(SinkBase):
                     freed = more
                     continue
                 self.errors += 1
-                log.error("refined file %s not saved: %s", path, e)
+                self._failure.failed(f"refined file {path.name} not saved ({e.strerror or e})", self._writes,
+                                     lost=0)  # a file, not a frame: the frame itself is saved
                 return False
 
     def _evict_for_full_disk(self, error: OSError, freed: int, budget: int, keep: str | None = None) -> int | None:
@@ -374,15 +452,55 @@ class FlaggedFrameSink(SinkBase):
             self._evict_one()
         return self.total_bytes + extra <= self.max_bytes
 
+    def _recreate_folder(self, keep: str) -> bool:
+        """The folder was removed during the run (an operator, a clean-up job): create it again and forget the
+        frames that went with it, but ``keep`` (the frame being written). False when the folder is there (the write
+        failed for another reason) or cannot be created (the caller reports the write's error)."""
+        if self.folder.is_dir():
+            return False
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return False
+        gone = sum(k != keep and k in self._index for k in self._base_of)  # this run's frames that were saved
+        self.deleted += gone
+        log.warning("flagged-frame folder %s was removed during the run, with %d frame(s) this run had saved: "
+                    "created it again", self.folder, gone)
+        run_key = self._base_of.get(keep)
+        self._index.clear()
+        self._run_keys.clear()
+        self._base_of.clear()
+        self.total_bytes = 0
+        if run_key is not None:
+            self._run_keys[run_key], self._base_of[keep] = keep, run_key
+        return True
+
+    @property
+    def frames_lost(self) -> int:
+        """Frames of this run that are not in the folder, evictions (the budget, by design) aside."""
+        return self.errors + self.skipped + self.dropped + self.deleted
+
+    def delivery_report(self) -> dict[str, dict[str, Any]]:
+        """``{"flagged_folder": {...}}`` for the run summary: target, saved, failed, skipped (too big), dropped (a
+        full queue), deleted (with the folder, removed during the run), evicted (the budget: by design, not lost),
+        ``records_lost`` (:attr:`frames_lost`) and ``complete``."""
+        lost = self.frames_lost
+        return {"flagged_folder": {"target": str(self.folder), "saved": self.saved, "failed": self.errors,
+                                   "skipped": self.skipped, "dropped": self.dropped, "deleted": self.deleted,
+                                   "evicted": self.evicted, "records_lost": lost, "complete": lost == 0}}
+
     def close(self) -> None:
-        """Nothing is buffered (every write is complete on return); logs a summary. Idempotent."""
+        """Write the frames still queued; logs a summary (the run's ``done:`` line warns when frames were lost).
+        Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        log.info("flagged-frame folder %s: %d saved, %d evicted, %d skipped, %d errors (%d frames, %.1f MB)",
-                 self.folder, self.saved, self.evicted, self.skipped, self.errors, len(self._index),
-                 self.total_bytes / 1e6)
+        if self._background is not None:
+            self._background.close()
+        log.info("flagged-frame folder %s: %d saved, %d evicted, %d skipped, %d errors, %d dropped, %d deleted with "
+                 "the folder (%d frames, %.1f MB)", self.folder, self.saved, self.evicted, self.skipped, self.errors,
+                 self.dropped, self.deleted, len(self._index), self.total_bytes / 1e6)
 
 
 def _encode_refined(mask: np.ndarray, repaired: np.ndarray | None) -> dict[str, bytes]:

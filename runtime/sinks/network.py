@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 
 from gradad.errors import GradError
+from gradad.runtime.outage import OUTAGE_LOG_EVERY_S, Outage
 from gradad.runtime.sinks.base import SinkBase, _passes_filter, record_to_json
 from gradad.runtime.types import FrameResult
 from gradad.urls import redact_url, redact_secrets_in, userinfo_end
@@ -95,50 +96,13 @@ def _redacted_error(exc: BaseException, url: str | None = None, label: str = "")
     return redact_secrets_in(text.replace(url, label) if url else text)
 
 
-#: Seconds between two log lines of one delivery outage (its first failure is logged at once).
-OUTAGE_LOG_EVERY_S = 60.0
-
-
-class _Outage:
-    """A network sink's failure streak, logged without flooding a 24/7 line's log: its first failure at once
-    (WARNING, with the reason), then at most one line per :data:`OUTAGE_LOG_EVERY_S` with the records lost so far,
-    and one INFO line when delivery works again. Records are numbered in the order they were queued: the streak
-    ends when a record queued after its last failure is delivered (a slow endpoint that succeeds while its full
-    queue keeps dropping stays one streak). Thread-safe (paho's thread and the sink's writer both report)."""
+class _Outage(Outage):
+    """A network sink's delivery outage (:class:`~gradad.runtime.outage.Outage`), logged as the sinks log, at most
+    every :data:`OUTAGE_LOG_EVERY_S` (read when the sink starts). Records are numbered in the order they were
+    queued: the outage ends when a record queued after its last failure is delivered."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self._lock = threading.Lock()
-        self._since: float | None = None  # monotonic start of the streak in progress
-        self._logged_at = 0.0
-        self._lost = 0
-        self._mark = -1  # the newest record number concerned by the last failure
-
-    def failed(self, reason: str, seq: int, lost: int = 1) -> None:
-        """A failure concerning the records up to number ``seq``; ``lost`` records given up on (0 for a lost
-        connection whose records are still queued)."""
-        now = time.monotonic()
-        with self._lock:
-            self._lost += lost
-            self._mark = max(self._mark, seq)
-            if self._since is None:
-                self._since, self._logged_at = now, now
-                log.warning("%s: %s (logged again at most every %.0f s while it lasts; the run goes on)",
-                            self.name, reason, OUTAGE_LOG_EVERY_S)
-            elif now - self._logged_at >= OUTAGE_LOG_EVERY_S:
-                self._logged_at = now
-                log.warning("%s: still not delivering after %.0f s, %d records lost so far (last: %s)", self.name,
-                            now - self._since, self._lost, reason)
-
-    def delivered(self, seq: int) -> None:
-        """Record number ``seq`` was delivered: ends the streak (one INFO line) if it was queued after its last
-        failure."""
-        with self._lock:
-            if self._since is None or seq <= self._mark:
-                return
-            log.info("%s: delivering again after %.0f s, %d records lost meanwhile", self.name,
-                     time.monotonic() - self._since, self._lost)
-            self._since, self._lost = None, 0
+        super().__init__(name, log, OUTAGE_LOG_EVERY_S)
 
 
 class _RecordSink(SinkBase):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -9,6 +10,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from gradad.errors import GradError
 from gradad.imaging import heatmap_overlay, to_bgr_uint8
+from gradad.runtime.sinks.background import OffloadedSink
 from gradad.runtime.sinks.base import NG_COLOR_BGR, OK_COLOR_BGR, SinkBase, _CONTOUR_COLOR_BGR, _TEXT_COLOR_BGR, _fmt, _map2d, map_display_range
 from gradad.runtime.types import FrameResult
 
@@ -81,6 +84,59 @@ def annotate_frame(result: FrameResult, image_rgb: np.ndarray | None = None, alp
     return out
 
 
+#: Longest side of the annotated pictures the video and the flagged folder's overlay get by default (a 12 MP
+#: camera's full-size overlay took seconds per frame to draw and encode; the flagged folder keeps the original).
+OVERLAY_MAX_SIDE = 1920
+
+
+def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` scaled down (area interpolation) so that its longer side is at most ``max_side`` (0: as it is)."""
+    h, w = image.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return image
+    scale = max_side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
+_Drawing = tuple["weakref.ref[FrameResult]", threading.Event, list[np.ndarray]]  # whose, drawn yet, the picture
+
+
+class _OverlayCache:
+    """The annotated pictures of the newest few results: with both ``--video`` and ``--save-flagged`` (each on its
+    own writer thread) a frame's overlay is drawn once; the second sink waits for the first's drawing instead of
+    drawing it again. Keyed by the result object's id, checked through a weak reference (the cache never keeps a
+    multi-megapixel frame alive; a reused id of a dead result is a miss)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[tuple[int, int], _Drawing] = collections.OrderedDict()
+
+    def get(self, result: FrameResult, max_side: int) -> np.ndarray:
+        """:func:`annotate_frame` of ``result`` on its image scaled by :func:`fit_within` (do not modify it)."""
+        key = (id(result), int(max_side))
+        with self._lock:
+            entry = self._entries.get(key)
+            drawer = entry is None or entry[0]() is not result
+            if drawer:
+                entry = self._entries[key] = (weakref.ref(result), threading.Event(), [])
+                while len(self._entries) > self._size:
+                    self._entries.popitem(last=False)
+        _, ready, picture = entry
+        if drawer:
+            try:
+                picture.append(annotate_frame(result, fit_within(result.frame.image, max_side)))
+            finally:
+                ready.set()
+        else:
+            ready.wait()
+        # the drawer failed: draw here too, so this sink gets (and reports) the error itself
+        return picture[0] if picture else annotate_frame(result, fit_within(result.frame.image, max_side))
+
+
+capped_overlay = _OverlayCache().get
+
+
 #: Default FOURCC per video container; others get "mp4v".
 _FOURCC_BY_SUFFIX = {".avi": "MJPG", ".mkv": "MJPG", ".mp4": "mp4v", ".mov": "mp4v"}
 
@@ -101,7 +157,7 @@ def _readable_frames(path: Path) -> int:
         cap.release()
 
 
-class VideoSink(SinkBase):
+class VideoSink(OffloadedSink):
     """Writes :func:`annotated <annotate_frame>` frames to video **segments** that survive a crash.
 
     ``path`` ``run.mp4`` is written as ``run.000.mp4``, ``run.001.mp4``, ...: a new segment starts every
@@ -114,14 +170,21 @@ class VideoSink(SinkBase):
     Each finished segment is reopened and its frame count checked: a segment the disk could not hold, a writer
     that fails or a segment that cannot be started is logged as an error, the video is reported incomplete
     (:meth:`report`) and the run goes on without video. The folder and codec are checked when the sink is created.
-    The writer size is the first frame's; later frames of another size (several sources) are resized to it.
+    The writer size is the first frame's, scaled down to ``max_side`` pixels on its longer side (0: full size);
+    later frames of another size (several sources) are resized to it. With ``queue_size > 0`` the frames are drawn,
+    encoded and written on a thread of the sink's own (a :class:`~gradad.runtime.sinks.background.BackgroundWriter`):
+    :meth:`write` never waits, a full queue drops the frame (``dropped``, reported), :meth:`close` writes every
+    queued frame first.
     Nothing is overwritten: segments of an earlier run with the same name stay, this run's numbering continues
     after them (``run.005.mp4`` after ``run.004.mp4``); a single file (``segment_s=0``) that exists is refused.
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, fourcc: str | None = None,
-                 segment_s: float = 60.0) -> None:
+                 segment_s: float = 60.0, max_side: int = OVERLAY_MAX_SIDE, queue_size: int = 0) -> None:
         self.path = Path(path)
+        if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 0:
+            raise GradError(f"video max side must be a number of pixels >= 0 (0 = full size), got {max_side!r}")
+        self.max_side = max_side
         fourcc = fourcc or _FOURCC_BY_SUFFIX.get(self.path.suffix.lower(), "mp4v")
         if not isinstance(fourcc, str) or len(fourcc) != 4:
             raise GradError(f"video codec must be a 4-character FOURCC such as 'mp4v' or 'MJPG', got {fourcc!r}")
@@ -140,7 +203,8 @@ class VideoSink(SinkBase):
         self._segment_start = 0.0
         self._failed = False
         self._lock = threading.Lock()
-        self._closed = False
+        self._closed = False  # write() refuses
+        self._finished = False  # the last segment is closed (set after the queued frames are written)
         if self.segment_s <= 0 and self.path.exists():
             raise GradError(f"--video {self.path} exists: choose another name (or segments, --video-segment > 0, "
                             f"which continue after earlier ones)")
@@ -149,6 +213,7 @@ class VideoSink(SinkBase):
         self._idle_stop = threading.Event()
         if self.segment_s > 0:  # an idle camera writes nothing: this thread still closes a segment when it is due
             threading.Thread(target=self._close_due_segments, name="gradad-video-segments", daemon=True).start()
+        self._offload(f"video {self.path}", self._write_now, queue_size)
 
     def _close_due_segments(self) -> None:
         """Finish the segment in progress once it is ``segment_s`` old even when no frame comes (a camera
@@ -208,7 +273,7 @@ class VideoSink(SinkBase):
         try:
             self._writer = self._new_writer(path, width, height)
         except GradError as exc:
-            if not self.files:
+            if not self.files and self._background is None:  # on the writer thread it would be one error per frame
                 raise
             self._fail(f"cannot start video segment {path}: {exc}")
             return
@@ -247,10 +312,19 @@ class VideoSink(SinkBase):
             self._start_segment(width, height)
 
     def write(self, result: FrameResult) -> None:
-        """Annotate and append one frame (to a new segment when the current one is ``segment_s`` old)."""
-        frame = annotate_frame(result)
+        """Annotate and append one frame (to a new segment when the current one is ``segment_s`` old), here or,
+        with a queue, on the writer thread."""
+        if self._closed:
+            raise RuntimeError(f"VideoSink({self.path}) is closed")
+        if self._background is not None:
+            self._background.submit(result)
+        else:
+            self._write_now(result)
+
+    def _write_now(self, result: FrameResult) -> None:
+        frame = capped_overlay(result, self.max_side)
         with self._lock:
-            if self._closed:
+            if self._finished:  # a write racing close() from another thread: never a segment after the last
                 raise RuntimeError(f"VideoSink({self.path}) is closed")
             h, w = frame.shape[:2]
             self.size = self.size or (w, h)
@@ -271,18 +345,26 @@ class VideoSink(SinkBase):
             self.frames_written += 1
 
     def report(self) -> dict[str, Any]:
-        """Files, frames written and lost, and whether every segment was verified complete (for the summary)."""
+        """Files, frames written, lost (writer failures) and dropped (a full queue), and whether every segment was
+        verified complete and no frame dropped (for the summary)."""
         return {"files": [str(f) for f in self.files], "frames": self.frames_written,
-                "frames_lost": self.frames_lost, "complete": not self.incomplete, "problems": list(self.incomplete)}
+                "frames_lost": self.frames_lost, "dropped": self.dropped,
+                "complete": not self.incomplete and not self.dropped, "problems": list(self.incomplete)}
 
     def close(self) -> None:
-        """Finish the segment in progress and log what the video holds. Idempotent."""
+        """Write the queued frames, finish the segment in progress and log what the video holds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True  # write() refuses from now on; the queued frames are still written
+        if self._background is not None:
+            self._background.close()
         self._idle_stop.set()
         with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+            self._finished = True
             self._finish_segment()
+        if self.dropped:
+            self.incomplete.append(f"{self.dropped} frames dropped: writing the video did not keep up with the "
+                                   f"camera (a smaller --video-max-side costs less)")
         if self.incomplete:
             log.error("video INCOMPLETE: %d frames written to %d file(s), %d frames not written; %s",
                       self.frames_written, len(self.files), self.frames_lost, "; ".join(self.incomplete))

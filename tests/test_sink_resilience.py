@@ -1,0 +1,332 @@
+"""Sinks on a production line whose outputs are tampered with or too slow: a JSONL file or flagged folder deleted
+mid-run, a read-only flagged folder, 12 MP frames whose encoding must not delay the verdicts, degenerate 1-pixel
+frames, and the run summary that says what the record of truth lacks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import gradad.runtime.sinks.flagged as flagged
+import gradad.runtime.sinks.jsonl as jsonl
+import gradad.runtime.sinks.video as video
+from gradad.errors import GradError
+from gradad.runtime.cli import main as run_main
+from gradad.runtime.sinks import FlaggedFrameSink, JsonlSink, MultiSink, VideoSink
+from test_sinks import make_result
+
+SINKS_LOG = "gradad.runtime.sinks"
+
+
+def _messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == SINKS_LOG and r.levelno == level]
+
+
+def _frame_ids(path: Path) -> list[int]:
+    return [json.loads(line)["frame_id"] for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. JSONL: a file deleted or moved during the run
+
+
+def test_jsonl_deleted_with_its_folder_is_created_again_and_the_loss_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)  # check before every line
+    path = tmp_path / "out" / "run.jsonl"
+    sink = JsonlSink(path)
+    with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
+        for i in range(3):
+            sink.write(make_result(i, False))
+        shutil.rmtree(path.parent)  # an operator's clean-up
+        for i in range(3, 5):
+            sink.write(make_result(i, False))
+        sink.close()
+    # the line written since the last check (frame 2) is written again; frames 0 and 1 went with the file
+    assert _frame_ids(path) == [2, 3, 4]
+    assert sink.delivery_report() == {"jsonl": {"target": str(path), "written": 5, "reopened": 1,
+                                                "records_lost": 2, "complete": False}}
+    (warning,) = _messages(caplog, logging.WARNING)
+    assert str(path) in warning and "deleted" in warning and "2 line(s)" in warning
+
+
+def test_jsonl_deleted_since_the_last_check_loses_nothing_at_close(tmp_path: Path) -> None:
+    path = tmp_path / "out" / "run.jsonl"
+    sink = JsonlSink(path)  # the first check is a second away: close() makes it
+    for i in range(4):
+        sink.write(make_result(i, False))
+    shutil.rmtree(path.parent)
+    sink.close()
+    assert _frame_ids(path) == [0, 1, 2, 3]
+    assert sink.delivery_report()["jsonl"]["records_lost"] == 0
+    assert sink.delivery_report()["jsonl"]["reopened"] == 1
+
+
+def test_jsonl_moved_away_by_log_rotation_goes_on_in_a_new_file(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)
+    path = tmp_path / "run.jsonl"
+    sink = JsonlSink(path)
+    sink.write(make_result(0, False))
+    path.rename(tmp_path / "run.jsonl.1")
+    sink.write(make_result(1, False))
+    sink.close()
+    assert _frame_ids(tmp_path / "run.jsonl.1") == [0] and _frame_ids(path) == [1]  # nothing twice, nothing lost
+    assert sink.delivery_report()["jsonl"]["complete"]
+
+
+def test_jsonl_that_cannot_be_created_again_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)
+    path = tmp_path / "out" / "run.jsonl"
+    sink = JsonlSink(path)
+    sink.write(make_result(0, False))
+    shutil.rmtree(path.parent)
+    path.parent.write_text("a file where the folder was")
+    with pytest.raises(GradError, match=r"run\.jsonl was deleted during the run and cannot be created again"):
+        sink.write(make_result(1, False))
+    sink.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2./3. the flagged folder: deleted mid-run, not writable
+
+
+def test_flagged_folder_deleted_mid_run_is_created_again(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "out" / "ng"
+    sink = FlaggedFrameSink(folder)
+    with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
+        sink.write(make_result(0, True))
+        shutil.rmtree(folder.parent)
+        for i in range(1, 4):
+            sink.write(make_result(i, True))
+        sink.close()
+    assert sorted(p.name[:8] for p in folder.glob("*_orig.png")) == ["00000001", "00000002", "00000003"]
+    assert sink.frames_on_disk == 3 and sink.total_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    report = sink.delivery_report()["flagged_folder"]
+    assert (report["saved"], report["deleted"], report["failed"], report["records_lost"]) == (4, 1, 0, 1)
+    assert not report["complete"]
+    (warning,) = _messages(caplog, logging.WARNING)
+    assert "was removed during the run, with 1 frame(s)" in warning and "created it again" in warning
+
+
+def test_flagged_folder_that_cannot_be_created_again_logs_once_per_outage(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "out" / "ng"
+    sink = FlaggedFrameSink(folder)
+    with caplog.at_level(logging.INFO, logger=SINKS_LOG):
+        shutil.rmtree(folder.parent)
+        folder.parent.write_text("a file where the folder was")
+        for i in range(5):
+            sink.write(make_result(i, True))
+        assert len(_messages(caplog, logging.WARNING)) == 1  # not one per NG frame
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        folder.parent.unlink()
+        sink.write(make_result(5, True))
+        sink.close()
+    assert sink.errors == 5 and sink.saved == 1 and (folder / "00000005_cam0_orig.png").is_file()
+    assert any("saving again" in m and "5 frames lost" in m for m in _messages(caplog, logging.INFO))
+    assert sink.delivery_report()["flagged_folder"]["records_lost"] == 5
+
+
+def test_flagged_folder_that_takes_no_file_is_refused_at_start(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(path: Path, data: bytes, fsync: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(flagged, "atomic_write_bytes", read_only)
+    with pytest.raises(GradError, match=r"flagged-frame folder .*ng: cannot write there \(Read-only file system\)"):
+        FlaggedFrameSink(tmp_path / "ng")
+
+
+def test_a_failed_frame_warns_about_no_file_it_never_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    sink = FlaggedFrameSink(tmp_path / "ng")
+
+    def refused(path: Path, data: bytes, fsync: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def remove(path: str | os.PathLike[str]) -> None:  # a read-only file system refuses even a missing file
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(flagged, "atomic_write_bytes", refused)
+    monkeypatch.setattr(os, "remove", remove)
+    with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
+        sink.write(make_result(0, True))
+        sink.write(make_result(1, True))
+    monkeypatch.undo()
+    sink.close()
+    assert not any("cannot delete" in m for m in _messages(caplog, logging.WARNING))
+    assert len(_messages(caplog, logging.WARNING)) == 1 and sink.errors == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. slow file sinks on threads of their own
+
+
+class _Gate:
+    """Wraps a function so that its calls wait until :meth:`open` (``entered`` is set by the first)."""
+
+    def __init__(self, func) -> None:
+        self.func, self.entered, self.opened, self.calls = func, threading.Event(), threading.Event(), 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.entered.set()
+        assert self.opened.wait(10)
+        return self.func(*args, **kwargs)
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+def test_a_slow_flagged_folder_never_delays_write_and_drops_when_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    gate = _Gate(FlaggedFrameSink._save)
+    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result: gate(self, result))
+    sink = FlaggedFrameSink(tmp_path / "ng", queue_size=2)
+    with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
+        sink.write(make_result(0, True))
+        assert gate.entered.wait(5)  # the writer thread holds frame 0
+        started = time.perf_counter()
+        for i in range(1, 6):
+            sink.write(make_result(i, True))  # 1 and 2 queued, 3-5 dropped
+        assert time.perf_counter() - started < 0.5
+        gate.open()
+        sink.close()  # writes every queued frame
+    assert (sink.saved, sink.dropped) == (3, 3)
+    assert sorted(p.name[:8] for p in (tmp_path / "ng").glob("*_orig.png")) == ["00000000", "00000001", "00000002"]
+    report = sink.delivery_report()["flagged_folder"]
+    assert report["dropped"] == 3 and report["records_lost"] == 3 and not report["complete"]
+    (warning,) = _messages(caplog, logging.WARNING)
+    assert "dropping new ones" in warning
+
+
+def test_a_refined_mask_waits_for_its_queued_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _Gate(FlaggedFrameSink._save)
+    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result: gate(self, result))
+    sink = FlaggedFrameSink(tmp_path / "ng", queue_size=2)
+    sink.write(make_result(7, True))
+    assert gate.entered.wait(5)
+    threading.Timer(0.2, gate.open).start()
+    files = sink.write_refined(7, None, "cam0", np.ones((16, 16), np.uint8))
+    sink.close()
+    assert files["mask_file"] is not None and Path(files["mask_file"]).is_file()
+
+
+def test_video_and_flagged_overlay_draw_a_frame_once_and_the_video_is_capped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[tuple[int, int]] = []
+    real = video.annotate_frame
+
+    def counting(result, image_rgb=None, alpha=0.5):
+        out = real(result, image_rgb, alpha)
+        drawn.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(video, "annotate_frame", counting)
+    hw = (120, 160)
+    vid = VideoSink(tmp_path / "v.avi", fps=5.0, segment_s=0, max_side=80, queue_size=4)
+    ng = FlaggedFrameSink(tmp_path / "ng", overlay_max_side=80, queue_size=4)
+    sink = MultiSink([vid, ng])
+    for i in range(3):
+        sink.write(make_result(i, True, hw=hw))
+    sink.close()
+    assert drawn == [(60, 80)] * 3  # once per frame, at the capped size
+    orig = cv2.imread(str(tmp_path / "ng" / "00000000_cam0_orig.png"))
+    assert orig.shape[:2] == hw  # the evidence keeps its full size
+    cap = cv2.VideoCapture(str(tmp_path / "v.avi"))
+    try:
+        ok, frame = cap.read()
+    finally:
+        cap.release()
+    assert ok and frame.shape[:2] == (60, 80) and vid.report()["complete"] and vid.report()["dropped"] == 0
+
+
+def test_video_max_side_0_keeps_the_full_size_and_a_slow_video_drops(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = _Gate(video.capped_overlay)
+    monkeypatch.setattr(video, "capped_overlay", gate)
+    vid = VideoSink(tmp_path / "v.avi", fps=5.0, segment_s=0, max_side=0, queue_size=1)
+    vid.write(make_result(0, True))
+    assert gate.entered.wait(5)
+    for i in range(1, 4):
+        vid.write(make_result(i, True))  # 1 queued, 2 and 3 dropped
+    gate.open()
+    vid.close()
+    report = vid.report()
+    assert report["frames"] == 2 and report["dropped"] == 2 and not report["complete"]
+    assert vid.size == (64, 48)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. one-pixel, one-row and one-column frames
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (1, 9), (9, 1)])
+def test_a_one_pixel_row_or_column_frame_is_saved(tmp_path: Path, hw: tuple[int, int]) -> None:
+    result = make_result(0, True, hw=hw)
+    result.anomaly_map = np.full(hw, 2.0, np.float32)  # a map as small as the frame
+    sink = FlaggedFrameSink(tmp_path / "ng")
+    sink.write(result)
+    sink.write(make_result(1, True, hw=hw))  # the model-size map, drawn over the tiny frame
+    sink.close()
+    assert sink.saved == 2 and sink.errors == 0
+    assert np.load(tmp_path / "ng" / "00000000_cam0_map.npy").shape == hw
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grad-run: the summary's flagged_folder block, the closing line, --benchmark with --jsonl
+
+
+def _summary(result) -> dict:
+    return json.loads(result.stderr.strip().splitlines()[-1])["summary"]
+
+
+def test_grad_run_summary_counts_flagged_frames_lost(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    real = flagged.atomic_write_bytes
+
+    def no_frames(path: Path, data: bytes, fsync: bool = False) -> None:  # the start-up probe passes
+        if Path(path).name.startswith("0"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real(path, data, fsync)
+
+    monkeypatch.setattr(flagged, "atomic_write_bytes", no_frames)
+    ng = tmp_path / "ng"
+    with caplog.at_level(logging.INFO):
+        result = CliRunner().invoke(run_main, [str(bundle), "--source", str(tiny_demo_root / "nut" / "test" / "good"),
+                                               "--backend", "onnxruntime", "--threshold", "1e-9", "--jsonl", "",
+                                               "--save-flagged", str(ng), "--stats-every", "0"])
+    assert result.exit_code == 0, result.output
+    summary = _summary(result)
+    frames = summary["frames"]
+    assert frames > 0 and summary["flagged"] == frames  # the NG count stays where it was
+    block = summary["flagged_folder"]
+    assert (block["saved"], block["failed"], block["records_lost"], block["complete"]) == (0, frames, frames, False)
+    done = [r for r in caplog.records if r.getMessage().startswith("done:")]
+    assert len(done) == 1 and done[0].levelno == logging.WARNING
+    assert f"flagged_folder {ng} lost {frames} (0 saved, {frames} failed" in done[0].getMessage()
+
+
+def test_grad_run_benchmark_says_it_does_not_write_the_jsonl(bundle: Path, tiny_demo_root: Path, tmp_path: Path,
+                                                             caplog) -> None:
+    out = tmp_path / "results.jsonl"
+    with caplog.at_level(logging.WARNING):
+        result = CliRunner().invoke(run_main, [str(bundle), "--source", str(tiny_demo_root / "nut" / "test" / "good"),
+                                               "--backend", "onnxruntime", "--threshold", "1.0", "--benchmark", "2",
+                                               "--warmup", "0", "--jsonl", str(out), "--stats-every", "0"])
+    assert result.exit_code == 0, result.output
+    said = [r.getMessage() for r in caplog.records if "--jsonl" in r.getMessage()]
+    assert len(said) == 1 and str(out) in said[0] and "--benchmark" in said[0]
+    assert not out.exists()
