@@ -54,8 +54,10 @@ from gradad.runtime.tensorrt_device import (  # noqa: F401 - re-exported: the de
     TensorRTUnavailable,
     engine_matches_device,
     gpu_identity,
+    MIN_TENSORRT_VERSION,
     import_tensorrt,
     rebuild_command,
+    tensorrt_too_old,
 )
 
 log = logging.getLogger(__name__)
@@ -66,9 +68,6 @@ BUILD_MODE_FP32 = "fp32"
 BUILD_MODE_INT8_FLAGS = "int8-qdq-flags"
 BUILD_MODE_INT8_STRONGLY_TYPED = "int8-qdq-strongly-typed"
 
-#: Oldest TensorRT an engine is built with: the runtime uses only the name-based tensor API (``execute_async_v3``),
-#: new in TensorRT 8.5 (JetPack 5.1), so an engine from an older one could never run.
-MIN_TENSORRT_VERSION: tuple[int, int] = (8, 5)
 #: Newest TensorRT major version gradad is tested on; a newer one builds with a warning (README "Supported TensorRT").
 NEWEST_TESTED_TENSORRT_MAJOR = 10
 
@@ -182,9 +181,7 @@ def check_tensorrt_version(trt: Any) -> str:
     version = str(getattr(trt, "__version__", "?"))
     major, minor = trt_version_tuple(trt)
     if (major, minor) < MIN_TENSORRT_VERSION:
-        oldest = ".".join(map(str, MIN_TENSORRT_VERSION))
-        raise TensorRTUnavailable(f"TensorRT {version} has no name-based tensor API (execute_async_v3): gradad "
-                                  f"needs TensorRT {oldest} or newer (JetPack 5.1+)")
+        raise TensorRTUnavailable(tensorrt_too_old(version))
     if major > NEWEST_TESTED_TENSORRT_MAJOR:
         _warn_untested_tensorrt(version)
     return version

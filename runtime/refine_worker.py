@@ -26,6 +26,7 @@ import numpy as np
 
 from gradad.data.images import resize_hw
 from gradad.errors import GradError
+from gradad.imaging import map_2d
 from gradad.runtime.refine_result import STATUS_COARSE_KEPT, RefineResult
 
 if TYPE_CHECKING:
@@ -451,7 +452,7 @@ class RefineStage:
         self._emit(self.worker.poll(), sink)
         for model_input, result in zip(inputs, results):
             if result.is_anomalous:
-                frame, amap = result.frame, np.squeeze(np.asarray(result.anomaly_map, dtype=np.float32))
+                frame, amap = result.frame, map_2d(result.anomaly_map)  # a 1x1 frame's map stays 2-D
                 queued = self.worker.submit(frame.frame_id, model_image(model_input, frame.image, amap.shape), amap,
                                             {"source": frame.source, "name": frame.name})
                 result.extra["refine"] = "queued" if queued else "dropped"

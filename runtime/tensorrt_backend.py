@@ -38,7 +38,7 @@ from gradad.engine_trust import is_trusted, untrusted_message
 from gradad.runtime.backend import BackendError, UntrustedEngineError
 from gradad.runtime.preprocess import as_input_dtype
 from gradad.runtime.tensorrt_device import (TensorRTUnavailable, engine_matches_device, gpu_identity,
-                                            import_cudart, import_tensorrt, rebuild_command)
+                                            import_cudart, import_tensorrt, rebuild_command, tensorrt_too_old)
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,7 @@ class TensorRTBackend:
             )
         context = self._context = self._new_context(1)
         if not (hasattr(self._engine, "num_io_tensors") and hasattr(context, "execute_async_v3")):
-            raise BackendError(f"TensorRT {getattr(trt, '__version__', '?')} has no name-based tensor API "
-                               f"(execute_async_v3): gradad needs TensorRT 8.5 or newer (JetPack 5.1+)")
+            raise BackendError(tensorrt_too_old(getattr(trt, "__version__", "?")))
         self._describe_tensors(context)
         self._fit_in_flight_to_profiles()
         self.input_dtype = self._input.dtype

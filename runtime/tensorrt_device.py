@@ -11,6 +11,17 @@ from typing import Any
 from gradad.bundle import EngineStamp, Precision
 from gradad.errors import GradError
 
+#: Oldest TensorRT gradad drives: only the name-based tensor API (``execute_async_v3``), new in TensorRT 8.5.
+MIN_TENSORRT_VERSION: tuple[int, int] = (8, 5)
+
+
+def tensorrt_too_old(version: str) -> str:
+    """The one message for a TensorRT older than :data:`MIN_TENSORRT_VERSION`, met at build or at load time."""
+    oldest = ".".join(map(str, MIN_TENSORRT_VERSION))
+    return (f"TensorRT {version} has no name-based tensor API (execute_async_v3): gradad needs TensorRT {oldest} "
+            f"or newer (JetPack 5.1+)")
+
+
 
 def rebuild_command(bundle: str, precision: str = "fp16") -> str:
     """The command that builds a bundle's engine on the device at hand (quoted in every stale-engine error)."""

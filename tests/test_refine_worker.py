@@ -319,3 +319,26 @@ def test_jobs_cut_off_by_a_stop_say_how_long_the_drain_was() -> None:
     outcomes = worker.close(drain_timeout_s=30.0, stopping=lambda: True, stop_drain_s=0.3)
     assert outcomes[0].status == STATUS_UNFINISHED and "cut short by a stop signal" in outcomes[0].reason
     assert "30 s" not in outcomes[0].reason
+
+
+def test_a_one_pixel_frame_reaches_the_worker_with_a_2d_map() -> None:
+    """A 1x1 frame's (1, 1) map was squeezed to a scalar before it was sent: its refinement failed."""
+    from gradad.runtime.refine_worker import RefineStage
+    from gradad.runtime.types import Frame, FrameResult
+
+    class SubmittingWorker:
+        def __init__(self) -> None:
+            self.jobs: list[tuple] = []
+
+        def poll(self) -> list:
+            return []
+
+        def submit(self, frame_id, image, coarse_map, meta) -> bool:
+            self.jobs.append((image.shape, coarse_map.shape))
+            return True
+
+    worker = SubmittingWorker()
+    frame = Frame(0, 0.0, "cam", np.zeros((1, 1, 3), np.uint8))
+    result = FrameResult(frame, 9.0, 0.9, True, 5.0, np.ones((1, 1), np.float32))
+    RefineStage(worker=worker).step([result], np.zeros((1, 3, 1, 1), np.float32), sink=None)  # type: ignore[arg-type]
+    assert worker.jobs and worker.jobs[0][1] == (1, 1) and result.extra["refine"] == "queued"
