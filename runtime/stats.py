@@ -12,6 +12,38 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+class NgRateWatch:
+    """Warns once when most recent frames are NG: on a running line that is rarely the parts. A camera, lighting,
+    framing or part that differs from the calibration images (a grey camera on a colour model, a moved camera)
+    makes every frame NG, and without this line an operator only sees a reject bin filling up.
+
+    Warns when at least ``share`` of the last ``window`` verdicts (after ``window`` frames) are NG; re-arms once
+    the share falls below half of that, so a second episode is reported too."""
+
+    def __init__(self, window: int = 50, share: float = 0.8) -> None:
+        self.window = window
+        self.share = share
+        self._recent: deque[bool] = deque(maxlen=window)
+        self._armed = True
+        self.warnings = 0
+
+    def add(self, flagged: bool) -> None:
+        """Record one verdict; log the warning when the recent NG share crosses ``share``."""
+        self._recent.append(flagged)
+        if len(self._recent) < self.window:
+            return
+        ng = sum(self._recent)
+        if self._armed and ng >= self.share * self.window:
+            self._armed = False
+            self.warnings += 1
+            log.warning("%d of the last %d frames are NG: if these parts are good, the camera, lighting, framing "
+                        "or part differs from the images the thresholds were calibrated on (e.g. a grey camera on "
+                        "a colour model, a moved or refocused camera); check the view, then recalibrate with "
+                        "grad-calibrate if the line has changed", ng, self.window)
+        elif not self._armed and ng < self.share * self.window / 2:
+            self._armed = True
+
+
 class LatencyStats:
     """Keeps the last ``window`` samples of each stage (ms) and counts frames for FPS.
 
@@ -31,6 +63,7 @@ class LatencyStats:
         self.ended: float | None = None  # set by mark_end(): overall FPS stops counting there
         self._recent: deque[float] = deque(maxlen=window)  # completion times for rolling FPS
         self._logged = time.perf_counter()
+        self.ng_watch = NgRateWatch()
 
     def add(self, latency_ms: dict[str, float], flagged: bool = False) -> None:
         """Record one frame's per-stage latencies."""
@@ -39,6 +72,7 @@ class LatencyStats:
             self.all_samples.setdefault(stage, deque(maxlen=self.history)).append(value)
         self.frames += 1
         self.flagged += int(flagged)
+        self.ng_watch.add(flagged)
         self._recent.append(time.perf_counter())
 
     def restart_clock(self) -> None:

@@ -272,3 +272,32 @@ def test_the_final_log_line_reports_the_summary_fps_not_the_rolling_one() -> Non
     assert summary["fps"] < 0.31 and stats.rolling_fps() > 1.0
     assert f"{summary['fps']:.1f} FPS" in stats.format_line(rolling=False)
     assert f"{stats.summary(rolling=True)['fps']:.1f} FPS" in stats.format_line()  # the rolling window's, rounded
+
+
+def test_a_line_where_most_frames_are_ng_is_warned_about_once(ort, images, caplog: pytest.LogCaptureFixture) -> None:
+    """A grey or moved camera makes every frame NG: one warning says what to check (not one per frame), none when
+    the share stays low."""
+    import logging
+
+    def run(threshold: float) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gradad.runtime.stats"):
+            run_pipeline(frames(images, 120), ort, Thresholds(threshold, None), [ListSink()],
+                         RunOptions(stats_every_s=0))
+        return [r.getMessage() for r in caplog.records if "frames are NG" in r.getMessage()]
+
+    warned = run(1e-9)  # every frame NG
+    assert len(warned) == 1 and "50 of the last 50 frames are NG" in warned[0] and "grad-calibrate" in warned[0]
+    assert run(1e9) == []  # every frame OK
+
+
+def test_the_ng_rate_watch_rearms_after_the_share_falls() -> None:
+    from gradad.runtime.stats import NgRateWatch
+
+    watch = NgRateWatch(window=10, share=0.8)
+    for flagged in [True] * 9:
+        watch.add(flagged)
+    assert watch.warnings == 0  # fewer verdicts than the window: no judgement yet
+    for flagged in [True] * 20 + [False] * 10 + [True] * 10:
+        watch.add(flagged)
+    assert watch.warnings == 2  # once per episode: the OK run in between re-armed it
