@@ -31,12 +31,29 @@ def read_held_out(path: str | Path) -> set[str]:
         raise DatasetError(f"cannot read the tuning split {path}: {exc}") from exc
 
 
-def partition_by_paths(samples: Sequence[Sample], paths: set[str]) -> tuple[list[Sample], list[Sample]]:
-    """(samples whose resolved image path is not in ``paths``, those whose path is), each in the given order."""
+#: Prefix of a content-digest entry among recorded image paths: a model file copied into a bundle names its
+#: labelled defects by content (``digest:<image_digest>``), never by the training machine's paths.
+DIGEST_PREFIX = "digest:"
+
+
+def names_sample(sample: Sample, keys: Set[str]) -> bool:
+    """Whether ``keys`` (resolved paths and/or ``digest:`` entries) name ``sample``'s image."""
+    if str(sample.image_path.resolve()) in keys:
+        return True
+    if not any(k.startswith(DIGEST_PREFIX) for k in keys):
+        return False  # no file read when nothing is recorded by content
+    from gradad.bundle import image_digest
+
+    return DIGEST_PREFIX + image_digest(sample.image_path) in keys
+
+
+def partition_by_paths(samples: Sequence[Sample], paths: Set[str]) -> tuple[list[Sample], list[Sample]]:
+    """(samples ``paths`` does not name, those it names: by resolved image path or ``digest:`` content entry),
+    each in the given order."""
     kept: list[Sample] = []
     matched: list[Sample] = []
     for s in samples:
-        (matched if str(s.image_path.resolve()) in paths else kept).append(s)
+        (matched if names_sample(s, paths) else kept).append(s)
     return kept, matched
 
 
@@ -73,7 +90,7 @@ def scoring_selection(samples: Sequence[Sample], split: str | Path | None, train
         n_split = len(samples) - len(kept)
         log.info("tuning split %s: %d test images left out of scoring", split, n_split)
     kept, used = partition_by_paths(kept, set(trained) | set(tuned))
-    n_tuned = sum(str(s.image_path.resolve()) in tuned for s in used)
+    n_tuned = sum(names_sample(s, tuned) for s in used)
     if used:  # the model learnt or was tuned on these: scoring them would flatter it
         log.warning("%d test images left out of scoring: the model's training used them (%d trained stage 1, %d "
                     "picked its epoch and fitted the fusion weight)", len(used), len(used) - n_tuned, n_tuned)

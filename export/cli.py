@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, user_errors_as_exit
+from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, printable, user_errors_as_exit
 from gradad.errors import GradError
 
 log = logging.getLogger("gradad.export")
@@ -38,6 +38,12 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
         h, w = (int(v) for v in value.lower().split("x"))
     except ValueError as exc:
         raise click.BadParameter(f"{value!r}: expected HEIGHTxWIDTH, e.g. 480x640") from exc
+    from gradad.bundle import MAX_INPUT_SIDE
+
+    if not (16 <= h <= MAX_INPUT_SIDE and 16 <= w <= MAX_INPUT_SIDE):  # bundle.json's schema bounds: refuse now,
+        # not after the export when the manifest is validated
+        raise click.BadParameter(f"{value!r}: each side must be 16 to {MAX_INPUT_SIDE} pixels",
+                                 param_hint="'--input-size'")
     return h, w
 
 
@@ -174,7 +180,8 @@ def inspect_command(bundle_dir, as_json, no_verify) -> None:
             bundle.verify([name])
         except BundleError as exc:
             problems[name] = str(exc)
-    click.echo(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir, problems))
+    # json.dumps escapes control characters itself; printable() keeps the rule in one place for both forms
+    click.echo(printable(json.dumps(bundle.to_dict(), indent=2) if as_json else summary_text(bundle_dir, problems)))
     if problems:
         raise GradError(f"{len(problems)} of {len(names)} bundle files failed verification: "
                         + "; ".join(problems.values()))
@@ -201,13 +208,19 @@ def trust_command(bundle_dir) -> None:
     bundle.verify([e.file for e in bundle.engines])
     for engine in bundle.engines:
         trust(bundle.files[engine.file].sha256, bundle.file(engine.file), "engine")
-        click.echo(f"trusted {engine.file} ({engine.precision}, TensorRT {engine.tensorrt_version}, "
-                   f"{engine.gpu_name}) sha256 {bundle.files[engine.file].sha256}")
-    click.echo(f"trust list: {trust_file()}")
+        # the engine's file name and stamp come from the bundle's author: escape what a terminal would act on
+        click.echo(printable(f"trusted {engine.file} ({engine.precision}, TensorRT {engine.tensorrt_version}, "
+                             f"{engine.gpu_name}) sha256 {bundle.files[engine.file].sha256}", newlines=False))
+    click.echo(printable(f"trust list: {trust_file()}", newlines=False))
 
 
 def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None) -> str:
-    """Human-readable summary of a bundle; ``problems``: files that failed verification (marked)."""
+    """Human-readable summary of a bundle; ``problems``: files that failed verification (marked).
+
+    Terminal-safe (:func:`~gradad.cli_utils.printable`): every string in it but the folder comes from bundle.json,
+    whose author could otherwise hide escape sequences in a name that rewrite the lines a user checks before
+    ``grad-export trust``.
+    """
     from gradad.bundle import Bundle
 
     m = Bundle.load(bundle_dir)
@@ -248,7 +261,8 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
                      f"sm{e.compute_capability}){mark}")
     if not m.engines:
         lines.append("  engines: none (build one on the target with grad-export build --fp16 BUNDLE --parity-images DIR)")
-    return "\n".join(lines + calibration_lines(m.calibration))
+    # line by line: a newline inside a bundle string would otherwise forge a summary line of its own
+    return "\n".join(printable(line, newlines=False) for line in lines + calibration_lines(m.calibration))
 
 
 def _thr(value: Any) -> str:

@@ -20,7 +20,7 @@ import torch
 from gradad import __version__
 from gradad.bundle import (BUNDLE_SCHEMA_VERSION, FP16_ONNX, FP32_ONNX, INPUT_DTYPE_BY_VERSION, MANIFEST_NAME,
                            Backbone, Bundle, BundleError, FileEntry, InputSpec, Normalisation, OnnxInfo,
-                           foreign_entries, image_digest, read_manifest)
+                           foreign_entries, read_manifest)
 from gradad.data.datasets import Sample, list_image_files, load_samples
 from gradad.data.images import read_image_rgb
 from gradad.errors import DatasetError
@@ -175,13 +175,12 @@ def _swap_in(work: Path, out_dir: Path) -> None:
 def training_data_section(payload: dict[str, Any]) -> dict[str, Any]:
     """bundle.json's ``training_data``: the model's data summary plus what grad-calibrate's input check reads.
 
-    Content digests of the training goods where they can be had: they find copies of a training image on any
-    machine, and a bundle that travels to a line or a customer names none of the training images. Models that
-    record no digests get them here from their recorded trained goods when every file is still where training
-    read it; otherwise the bundle carries the model's training roots, trained goods (by folder) and held-out
-    goods, checked by path."""
+    Content digests of the training goods: they find copies of a training image on any machine, and a bundle that
+    travels to a line or a customer names none of the training images. A model file from before digests carries
+    its training roots, trained goods (by folder) and held-out goods, checked by path. Files a model file names
+    are never read here (a hostile one could name any file of the user's and learn its digest from the bundle)."""
     section = dict(payload.get("data_summary", {}))
-    digests = payload.get("trained_good_digests") or _digests_of_recorded_goods(payload.get("trained_goods"))
+    digests = payload.get("trained_good_digests")
     if digests is not None:
         section["trained_good_digests"] = list(digests)
         return section
@@ -189,19 +188,6 @@ def training_data_section(payload: dict[str, Any]) -> dict[str, Any]:
         if key in payload:
             section[key] = dict(payload[key]) if isinstance(payload[key], dict) else list(payload[key])
     return section
-
-
-def _digests_of_recorded_goods(recorded: dict[str, list[str]] | None) -> list[str] | None:
-    """Digests of the trained goods an older model file lists by folder, or None when it lists none or one of
-    them is no longer readable here (exported on another machine)."""
-    if not recorded:
-        return None
-    files = [Path(folder) / name for folder, names in recorded.items() for name in names]
-    if not all(f.is_file() for f in files):
-        log.info("training images not all found here (e.g. under %s): the bundle records them by path",
-                 next(iter(recorded)))
-        return None
-    return sorted({image_digest(f) for f in files})
 
 
 def score_meaning(detector: GRADDetector) -> str:

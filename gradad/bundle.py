@@ -31,6 +31,10 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Input dtype of the graph per schema version.
 INPUT_DTYPE_BY_VERSION = {1: "float32", 2: "uint8"}
 MANIFEST_NAME = "bundle.json"
+#: Largest input side bundle.json may give (input.height/width and the model's): every frame is resized to this
+#: size and batched, so without a bound a handed-over bundle could make each frame allocate GBs. 8192 covers
+#: full-frame inputs of the largest industrial cameras (--input-size) and is far beyond any model input size.
+MAX_INPUT_SIDE = 8192
 FP32_ONNX = "model.onnx"
 FP16_ONNX = "model.fp16.onnx"
 INT8_ONNX = "model.int8.onnx"
@@ -102,10 +106,10 @@ BUNDLE_SCHEMA: dict[str, Any] = {
                 "dtype": {"enum": sorted(set(INPUT_DTYPE_BY_VERSION.values()))},
                 "color": {"const": "RGB"},
                 "value_range": {"type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2},
-                "height": {"type": "integer", "minimum": 16},
-                "width": {"type": "integer", "minimum": 16},
-                "model_height": {"type": "integer", "minimum": 16},
-                "model_width": {"type": "integer", "minimum": 16},
+                "height": {"type": "integer", "minimum": 16, "maximum": MAX_INPUT_SIDE},
+                "width": {"type": "integer", "minimum": 16, "maximum": MAX_INPUT_SIDE},
+                "model_height": {"type": "integer", "minimum": 16, "maximum": MAX_INPUT_SIDE},
+                "model_width": {"type": "integer", "minimum": 16, "maximum": MAX_INPUT_SIDE},
                 "normalisation": {
                     "type": "object",
                     "required": ["mean", "std", "in_graph"],
@@ -316,6 +320,9 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    except ValueError as exc:  # int(): an integer longer than sys.get_int_max_str_digits() (4300) digits
+        raise BundleError(f"{path} is not a usable bundle manifest: it holds a number too long to read "
+                          f"({str(exc).split(':')[0]})") from None
     validate_manifest(manifest, str(path))
     return manifest
 

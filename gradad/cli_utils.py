@@ -6,6 +6,7 @@ import errno
 import functools
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +27,38 @@ def verbose_option(func: F) -> F:
     return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(func)  # type: ignore[return-value]
 
 
+#: C0 controls but newline and tab, DEL and the C1 controls: ESC and CSI (0x9b) start terminal sequences that move
+#: the cursor, erase or rewrite lines, and OSC 52 writes the clipboard; BEL, backspace and carriage return overprint.
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: The same and newline: for a text meant to be one line, where a newline could forge a line of its own.
+_CONTROL_CHARS_AND_NEWLINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, newlines: bool = True) -> str:
+    """``text`` safe to write to a terminal: every control character but newline and tab as a visible escape
+    (ESC -> ``\\x1b``), other characters unchanged; ``newlines=False`` escapes newlines too (``\\n``), for a
+    text that must stay one line.
+
+    Strings from a bundle.json (its name, classes, file names, calibration folders) are someone else's: printed as
+    they are, an escape sequence in them could rewrite the summary lines a user reads before ``grad-export trust``
+    or put commands on the clipboard.
+    """
+    pattern = _CONTROL_CHARS if newlines else _CONTROL_CHARS_AND_NEWLINE
+    return pattern.sub(lambda m: ascii(m.group())[1:-1], str(text))
+
+
+class PrintableFormatter(logging.Formatter):
+    """A log formatter whose lines pass through :func:`printable` (log lines quote bundle names and paths)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def setup_logging(verbose: bool = False) -> None:
-    """Configure root logging once for a CLI process."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    """Configure root logging once for a CLI process (lines made terminal-safe by :class:`PrintableFormatter`)."""
+    handler = logging.StreamHandler()  # stderr, as basicConfig's own
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 #: OSErrors that are the machine's state, not a bug: one line for the user, no traceback.
@@ -62,15 +88,15 @@ def user_errors_as_exit(func: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted (Ctrl-C)", err=True)
             sys.exit(130)
-        except GradError as exc:
-            click.echo(f"error: {exc}", err=True)
+        except GradError as exc:  # its message may quote a bundle's strings
+            click.echo(f"error: {printable(exc)}", err=True)
             sys.exit(2)
         except OSError as exc:
             if exc.errno not in _ENVIRONMENT_ERRNOS:
                 raise
             # a missing file can also be a wrong internal path: -v keeps the traceback for that case
             logging.getLogger("gradad").debug("the error's traceback", exc_info=True)
-            click.echo(f"error: {os_error_line(exc)}", err=True)
+            click.echo(f"error: {printable(os_error_line(exc))}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

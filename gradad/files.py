@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
+from gradad.errors import GradError
+
 
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], fsync: bool = False) -> Iterator[BinaryIO]:
@@ -66,3 +68,56 @@ def looks_like_onnx(path: str | os.PathLike[str]) -> bool:
     with path.open("rb") as f:
         first = f.read(1)
     return first == b"\x08" and not zipfile.is_zipfile(path)
+
+
+#: Bytes a zip archive may hold beyond what its members' stored data and the file size account for: torch.save
+#: pads records to 64-byte boundaries in extra fields and writes small bookkeeping records (version, byteorder).
+ZIP_SLACK_BYTES = 64 * 1024
+
+
+def check_zip_expansion(path: str | os.PathLike[str], what: str, max_bytes: int | None = None,
+                        max_ratio: float = 1.0, slack: int = ZIP_SLACK_BYTES,
+                        error: type[GradError] = GradError) -> None:
+    """Refuse, with one line naming ``what`` and ``path``, a zip archive whose members inflate to more memory than
+    the file can honestly hold, before a loader (``np.load`` of an ``.npz``, ``torch.load``) decompresses them.
+
+    Both ``np.load`` and ``torch.load`` allocate and inflate each member whole, as large as the archive's central
+    directory says: a deflated record of zeros shrinks ~1000:1, so a few MB of file become GBs of memory (and an
+    out-of-memory kill on a Jetson). Only the central directory is read here (no member is decompressed), which is
+    what both loaders use for the sizes.
+
+    * a member is refused when its uncompressed size exceeds ``max_ratio`` times its compressed size plus
+      ``slack`` (``max_ratio`` 1: stored records only, which is how torch.save and np.savez write);
+    * the archive is refused when the members' uncompressed total exceeds ``max_bytes`` (default: the file's own
+      size plus ``slack``, all stored records can hold; it also defeats members that share one stored record).
+
+    A file that is no zip archive passes (a legacy torch file stores its tensors raw, a loader reports any other
+    file); a file that starts like a zip but whose directory cannot be read is refused, as its loader's own zip
+    reader might read it differently. ``error``: the GradError subclass to raise.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            starts_like_zip = fh.read(4) == b"PK\x03\x04"  # how torch.load tells a zip checkpoint from a legacy one
+        file_bytes = path.stat().st_size
+    except OSError:
+        return  # missing, a folder, no permission: the loader names the file in its own words
+    if not starts_like_zip and not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise error(f"cannot read {what} {path}: not a readable zip archive ({exc})") from None
+    limit = file_bytes + slack if max_bytes is None else max_bytes
+    rule = "torch.save stores members uncompressed" if max_ratio <= 1 else f"at most {max_ratio:g}:1 is accepted"
+    for info in members:
+        if info.file_size > info.compress_size * max_ratio + slack:
+            raise error(f"refusing {what} {path}: member {info.filename!r} would inflate from "
+                        f"{info.compress_size} to {info.file_size} bytes, a compression bomb ({rule})")
+    total = sum(info.file_size for info in members)
+    if total > limit:
+        raise error(f"refusing {what} {path}: its members would inflate to {total} bytes from a "
+                    f"{file_bytes}-byte file (at most {limit} bytes are accepted)")

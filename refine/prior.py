@@ -11,9 +11,18 @@ from pathlib import Path
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.files import atomic_file
+from gradad.files import atomic_file, check_zip_expansion
 
 PRIOR_FILE = "pixel_prior.npz"
+
+#: Largest pixel prior :meth:`PixelPrior.load` inflates. A prior costs 96 bytes per component (a float64 mean and
+#: 3x3 covariance) plus ~1 KB of headers: the default 5 components are 1.3 KB, and 64 MiB allow ~700 000 components,
+#: far beyond what EM can fit (its responsibilities are a pixels x components float64 array). A bundle's prior is
+#: someone else's file: without a cap, a few MB of deflated zeros inflate to GBs in ``np.load``.
+PRIOR_MAX_BYTES = 64 * 2**20
+#: Largest expansion of one member: :meth:`PixelPrior.save` stores members uncompressed (1:1); float64 statistics
+#: compressed by another writer shrink by well under 2:1, only runs of zeros (a bomb) reach ~1000:1.
+PRIOR_MAX_RATIO = 100.0
 
 
 @dataclass(frozen=True)
@@ -42,9 +51,12 @@ class PixelPrior:
                      mean_log_likelihood=np.float64(self.mean_log_likelihood))
 
     @classmethod
-    def load(cls, path: str | Path) -> "PixelPrior":
-        """Read a prior written by :meth:`save`, with a clear error naming the file."""
+    def load(cls, path: str | Path, max_bytes: int = PRIOR_MAX_BYTES) -> "PixelPrior":
+        """Read a prior written by :meth:`save`, with a clear error naming the file; one whose arrays would
+        inflate beyond ``max_bytes`` (or a member beyond :data:`PRIOR_MAX_RATIO` times its compressed size) is
+        refused before anything is decompressed."""
         path = Path(path)
+        check_zip_expansion(path, "pixel prior", max_bytes=max_bytes, max_ratio=PRIOR_MAX_RATIO)
         try:
             with np.load(path, allow_pickle=False) as data:
                 prior = cls(np.asarray(data["means"], np.float64), np.asarray(data["covariances"], np.float64),

@@ -183,10 +183,10 @@ def test_a_split_written_over_an_earlier_one_keeps_no_stale_links(tmp_path: Path
     assert real.read_bytes() == b"not a link"
 
 
-def test_bundles_of_older_models_get_digests_where_their_training_images_still_are(tmp_path: Path) -> None:
-    """A model file from before the digests lists its trained goods by folder: exported where those files are,
-    the bundle carries their digests and no path; exported where one is gone, the path lists as before."""
-    from gradad.bundle import image_digest
+def test_bundles_of_older_models_carry_their_path_lists_and_never_read_the_files_named(tmp_path: Path) -> None:
+    """A model file from before the digests lists its trained goods by folder: the bundle carries those lists as
+    they are. Exporting never reads a file a model file names: a hostile one naming /etc/passwd would otherwise
+    get its digest written into the bundle (and learn whether it exists)."""
     from gradad.export.onnx_export import training_data_section
 
     goods = _images(tmp_path / "parts" / "good", [10, 20, 30])
@@ -194,8 +194,7 @@ def test_bundles_of_older_models_get_digests_where_their_training_images_still_a
                "trained_goods": {str(goods[0].parent): [p.name for p in goods[:2]]},
                "held_out_goods": [str(goods[2])]}
     section = training_data_section(payload)
-    assert section == {"total": 3, "trained_good_digests": sorted(image_digest(p) for p in goods[:2])}
-    goods[1].unlink()
-    section = training_data_section(payload)
     assert "trained_good_digests" not in section and section["trained_goods"] == payload["trained_goods"]
     assert section["held_out_goods"] == payload["held_out_goods"]
+    hostile = {"data_summary": {}, "trained_goods": {"/etc": ["passwd", "hostname"]}}
+    assert "trained_good_digests" not in training_data_section(hostile)

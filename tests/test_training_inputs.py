@@ -165,6 +165,17 @@ def test_defects_held_out_for_the_self_check_are_recorded_and_never_scored(tiny_
     meta = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (meta["n_trained_defects_left_out"], meta["n_tuned_defects_left_out"]) == (len(trained), len(tuned))
     assert meta["n_test_images"] == len(test) - len(linked)
+    # the copy a bundle carries (grad-refine prepare) names no training-machine path: its defects by content,
+    # and the tuning/scoring selection leaves out the same images by content
+    from gradad.training.checkpoint import self_contained_payload
+
+    copy = self_contained_payload(model_path)
+    text = repr({k: v for k, v in copy.items() if k not in ("state_dict", "extractor_state_dict")})
+    assert str(tiny_demo_root.resolve()) not in text and str(tmp_path) not in text
+    assert not {"data_roots", "trained_goods", "held_out_goods"} & set(copy)
+    assert all(d.startswith("digest:") for d in copy["trained_defects"] + copy["tuned_defects"])
+    from_copy = scoring_selection(test, None, trained_defect_paths(copy), tuned_defect_paths(copy))
+    assert from_copy.kept == sel.kept and (from_copy.n_trained, from_copy.n_tuned) == (sel.n_trained, sel.n_tuned)
 
 
 # ------------------------------------------------------------------- 3. feature cache key of a weights file
@@ -200,6 +211,46 @@ def test_the_feature_cache_key_tells_weights_files_of_one_name_and_size_apart(ti
     twin.write_bytes(files[1].read_bytes())
     os.utime(twin, ns=(twin.stat().st_atime_ns, twin.stat().st_mtime_ns + 10**9))
     assert weights_fingerprint(twin) != before
+
+
+def test_a_model_file_never_makes_gradad_read_a_weights_file_it_names(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """Trained on a weights file, the model file holds the extractor; a model file that names a file instead (a
+    hostile one naming any file of the user's) is refused without reading it."""
+    import shutil
+
+    import torch
+
+    from gradad.errors import CheckpointError
+    from gradad.training.backbone import packaged_weights_path
+    from gradad.training.checkpoint import atomic_torch_save, load_detector, read_checkpoint
+    from gradad.training.trainer import train
+
+    weights = tmp_path / "finetuned" / "backbone.pth"
+    weights.parent.mkdir()
+    shutil.copy(packaged_weights_path("tf_efficientnet_lite0"), weights)
+    cfg = _tiny_cfg(tiny_demo_root, tmp_path, ["nut"])
+    cfg.backbone.weights = str(weights)
+    cfg.train.stage1_epochs = cfg.train.stage2_epochs = 1
+    model_path = train(cfg)
+    weights.unlink()  # the model file travels without it
+    detector, payload = load_detector(model_path)
+    assert "extractor_state_dict" in payload and detector.extractor.channels == payload["channels"]
+
+    hostile = read_checkpoint(model_path)
+    del hostile["extractor_state_dict"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not weights")
+    hostile["config"]["backbone"]["weights"] = str(secret)
+    atomic_torch_save(hostile, tmp_path / "hostile.pt")
+    opened = []
+    real_load = torch.load
+    torch.load = lambda f, *a, **k: (opened.append(str(f)), real_load(f, *a, **k))[1]  # type: ignore[assignment]
+    try:
+        with pytest.raises(CheckpointError, match="never reads a file it names"):
+            load_detector(tmp_path / "hostile.pt")
+    finally:
+        torch.load = real_load  # type: ignore[assignment]
+    assert str(secret) not in opened
 
 
 # --------------------------------------------------------------------------------------- 4. 0/1 label masks

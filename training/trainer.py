@@ -27,7 +27,7 @@ from gradad.bundle import image_digest
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, DatasetError, GradError
-from gradad.training.backbone import FeatureExtractor
+from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
 from gradad.training.fbp import synthesize_anomalies
@@ -479,6 +479,10 @@ class Trainer:
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         normalisation = {"mean": list(extractor.mean), "std": list(extractor.std)}
+        # a model file never names a file to read when it is opened (training/checkpoint.py): weights from a
+        # file travel inside it
+        embedded = None if cfg.backbone.weights in NAMED_WEIGHTS else {
+            k: v.detach().cpu() for k, v in extractor.state_dict().items()}
         del extractor  # features are cached; free the backbone during training
         _, c, h, w = data.features.shape
         model = GRADModel(c, (h, w), cfg.model).to(self.device)
@@ -509,6 +513,7 @@ class Trainer:
             "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
             "held_out_goods": data.val_files,
             "trained_good_digests": digests,
+            **({} if embedded is None else {"extractor_state_dict": embedded}),
             "normalisation": normalisation,
             "normal_branch_from": normal_from,
             # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
@@ -548,7 +553,7 @@ class Trainer:
         if not self.state_path.is_file():
             return f"training interrupted before the first checkpoint; nothing to resume in {self.run_dir}"
         if self.position is None:  # stopped before this run read or wrote it (e.g. while extracting features)
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            state = read_checkpoint(self.state_path)  # safe_torch_load's checks: the run folder may be handed over
             self.position = (int(state["stage_index"]), int(state["next_epoch"]))
         stage, epoch = self.position
         where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "end of training"
