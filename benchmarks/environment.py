@@ -89,18 +89,6 @@ def gpu_name() -> str | None:
     return info["name"] if info else None
 
 
-def cuda_python_version() -> str | None:
-    """Version of the installed cuda-python bindings (``cuda-python`` or, from 12.6 on, ``cuda-bindings``)."""
-    from importlib import metadata
-
-    for dist in ("cuda-python", "cuda-bindings"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
 def tensorrt_engine_record(backend: Any, bundle: Any) -> dict[str, Any] | None:
     """What a TensorRT row ran on, for its result row: the ``bundle.json`` stamp of the engine file ``backend``
     loaded (file, hash, the TensorRT version, GPU, compute capability and precision it was built for, its
@@ -111,6 +99,7 @@ def tensorrt_engine_record(backend: Any, bundle: Any) -> dict[str, Any] | None:
     # "tensorrt", or "tensorrt:<precision>:<engine file>" where the loader names the precision
     if str(getattr(backend, "name", "")).split(":", 1)[0] != "tensorrt" or not hasattr(backend, "engine_path"):
         return None
+    from gradad.runtime.tensorrt_device import cuda_python_version  # as the runtime names it: "cuda-python 12.6.0"
     path = Path(backend.engine_path)
     stamp = next((s for s in getattr(bundle, "engines", []) if Path(s.file).name == path.name), None)
     record: dict[str, Any] = {"file": path.name}
@@ -137,7 +126,7 @@ def engine_note(row: dict[str, Any]) -> str | None:
              f"{eng.get('compute_capability')}), {str(eng.get('precision')).upper()}" if eng.get("gpu_name")
              else "no stamp in bundle.json")
     return (f"{row['label']}: engine `{eng['file']}`, {built}; batch {eng.get('min_batch')}..{eng.get('max_batch')}; "
-            f"run with TensorRT {eng.get('tensorrt')}, cuda-python {eng.get('cuda_python')}")
+            f"run with TensorRT {eng.get('tensorrt')}, {eng.get('cuda_python') or 'cuda-python (version unknown)'}")
 
 
 def environment() -> dict[str, Any]:

@@ -25,6 +25,7 @@ from gradad.bundle import check_refine_class, warn_refine_settings
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
 from gradad.process_memory import peak_rss_mb
+from gradad.runtime.outage import GIVE_UP_TIMEOUT, MIN_BACKOFF_S
 from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
 if TYPE_CHECKING:
@@ -199,9 +200,9 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
 @click.option("--reconnect-give-up", type=click.FloatRange(min=0), default=0.0,
               help="Seconds a lost camera/stream may stay down (since its last frame) before grad-run gives up: "
               "the run stops (every source), writes its summary and exits with code 2 (0 = keep trying for ever).")
-@click.option("--reconnect-backoff-max", type=click.FloatRange(min=0), default=2.0,
+@click.option("--reconnect-backoff-max", type=click.FloatRange(min=MIN_BACKOFF_S), default=2.0,
               help="Longest wait in seconds between two reconnect attempts of a lost camera/stream (the wait "
-              "starts at 0.5 s and doubles).")
+              f"starts at 0.5 s and doubles; at least {MIN_BACKOFF_S:g} s).")
 @click.option("--benchmark", "benchmark_frames", type=click.IntRange(min=1),
               help="Run N frames (looping the source, no JSON lines) "
               "and write a latency summary.")
@@ -443,6 +444,7 @@ def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
             out.append(kinds.DisplaySink())
         if opts.flagged_dir:
             out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20,
+                                              overlay_max_side=opts.video_max_side,  # as the video: drawn once
                                               queue_size=kinds.FILE_QUEUE_FRAMES))
         if opts.mqtt:
             tls = opts.mqtt_tls or opts.mqtt_ca is not None
@@ -502,8 +504,7 @@ def run(settings: RunSettings) -> None:
         _run(settings, stop)
     except KeyboardInterrupt:
         log.warning("stopped at once by a second signal")
-        signalled = stop.signal_name if stop.signal_name in ("SIGINT", "SIGTERM") else "SIGINT"  # not "quit key"
-        sys.exit(128 + signal.Signals[signalled].value)
+        sys.exit(128 + signal.Signals[stop.signalled or "SIGINT"].value)
     finally:
         restore()
 
@@ -593,11 +594,19 @@ def _open_sources(settings: RunSettings, stop: "StopFlag", opened: list[Any]) ->
 
 
 def _refuse_lost_sources(source_stats: dict[str, dict[str, Any]], give_up_s: float) -> None:
-    """Exit code 2, one line, when a live source was given up on (the summary and the log said the rest)."""
-    lost = [f"{label} (down {s.get('down_seconds', 0):.0f} s)" for label, s in source_stats.items() if s["gave_up"]]
+    """Exit code 2, one line, when a live source was given up on, each with why (the summary and the log said the
+    rest)."""
+    lost = [f"{label} (down {s.get('down_seconds', 0):.0f} s: {_give_up_words(s.get('gave_up_reason'), give_up_s)})"
+            for label, s in source_stats.items() if s["gave_up"]]
     if lost:
-        why = f"no frame for longer than --reconnect-give-up {give_up_s:g} s" if give_up_s else "see the log"
-        raise GradError(f"lost for good, the run stopped: {', '.join(lost)} ({why})")
+        raise GradError(f"lost for good, the run stopped: {'; '.join(lost)}")
+
+
+def _give_up_words(reason: str | None, give_up_s: float) -> str:
+    """Why a source was given up on, in the option's words where an option decided it."""
+    if reason == GIVE_UP_TIMEOUT:
+        return f"no frame for longer than --reconnect-give-up {give_up_s:g} s"
+    return reason or "see the log"
 
 
 def _run_loop(settings: RunSettings, frames: Any, engine: Any, thresholds: "Thresholds", sinks: list["SinkBase"],

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 
 #: Seconds between two log lines of one outage (its first failure is logged at once).
 OUTAGE_LOG_EVERY_S = 60.0
+#: The shortest longest wait between two reconnect attempts of a live source (--reconnect-backoff-max, a line
+#: file's reconnect.backoff_max_s, SourceConfig.reconnect_max_s): 0 reopened a lost camera hundreds of times a second.
+MIN_BACKOFF_S = 0.1
+#: A live source's ``gave_up_reason`` when it was down for longer than its give-up time (the others say theirs).
+GIVE_UP_TIMEOUT = "give-up time"
 
 
 @dataclass(frozen=True)

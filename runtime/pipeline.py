@@ -102,22 +102,37 @@ class RunOptions:
 
 
 class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes the batch in hand, then shuts down cleanly."""
+    """Set by SIGINT/SIGTERM (or the quit key, a source given up on); the loop finishes the batch in hand, then
+    shuts down cleanly. The first reason stays (``signal_name``: a source given up on during a Ctrl-C drain does
+    not turn the run's exit code from 130 into 2); only a signal arms the "second signal stops at once" path."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the first reason the flag was set for
+        self.signalled: str | None = None  # the first signal (SIGINT/SIGTERM) received, whatever set the flag first
         self.on_stop: list[Callable[[], None]] = []  # e.g. FrameSource.interrupt, to unblock a waiting source
-        self._signalled_at = -float("inf")  # time.monotonic() of the signal that set the flag
+        self._signalled_at = -float("inf")  # time.monotonic() of that signal
 
     def set(self, name: str = "stop") -> None:
-        self.signal_name = name
+        if self.signal_name is None:
+            self.signal_name = name
         self._event.set()
-        for callback in self.on_stop:
+        for callback in list(self.on_stop):
             callback()
 
     def __bool__(self) -> bool:
         return self._event.is_set()
+
+    def signal(self, name: str, now: float | None = None) -> None:
+        """What the handler does with signal ``name``: set the flag; a repeat of the first signal within
+        ``REPEAT_SIGNAL_S`` is ignored, any later signal raises KeyboardInterrupt (stop now)."""
+        now = time.monotonic() if now is None else now
+        if self.signalled is not None:
+            if name == self.signalled and now - self._signalled_at < REPEAT_SIGNAL_S:
+                return  # the same request delivered twice (timeout(1): to the process, then to its group)
+            raise KeyboardInterrupt  # second signal: the user insists, stop now (sinks still close in `finally`)
+        self.signalled, self._signalled_at = name, now
+        self.set(name)
 
     def install(self) -> Callable[[], None]:
         """Route SIGINT and SIGTERM to this flag (main thread only); returns a function restoring the old ones."""
@@ -126,13 +141,7 @@ class StopFlag:
         previous = {}
 
         def handler(signum: int, _frame: object) -> None:
-            name, now = signal.Signals(signum).name, time.monotonic()
-            if self and name == self.signal_name and now - self._signalled_at < REPEAT_SIGNAL_S:
-                return  # the same request delivered twice (timeout(1): to the process, then to its group)
-            if self:  # second signal: the user insists, stop now (sinks still close in `finally` blocks)
-                raise KeyboardInterrupt
-            self._signalled_at = now
-            self.set(name)
+            self.signal(signal.Signals(signum).name)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.getsignal(sig)
@@ -469,18 +478,18 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                         drop_oldest=options.live, stop=abort)
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
                       max(2, options.in_flight + 1), "grad-inference", stop=abort)
-    done, dropped_before = 0, stats.dropped
+    done, dropped_before, finished = 0, stats.dropped, False
     try:
         for item in scored:
             stats.dropped = dropped_before + captured.dropped  # live drops, visible while the loop runs
             done += write(_first(item, limit - done) if limit else item, sink, stats, options, stop)
             if limit and done >= limit:
                 break
-    except BaseException:
-        for interrupt in stop.on_stop:  # an error: unblock a source waiting for a frame an idle camera never sends
-            interrupt()
-        raise
+        else:
+            finished = True  # the frames ended (or the stop flag): the capture thread is not waiting for one
     finally:
+        if not finished:  # --max-frames or an error: unblock a source waiting for a frame a camera never sends
+            _interrupt_sources(frames, stop)
         abort.set()
         for stage in (scored, captured):
             if not stage.close(5.0):
@@ -490,14 +499,31 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     return done
 
 
+def _interrupt_sources(frames: Iterable[Frame], stop: StopFlag) -> None:
+    """End the reads of the live sources of a loop that ends before they do: grad-run registers every source in
+    ``stop.on_stop``; a lone source handed in directly (``iter(source)``) is interrupted itself."""
+    for interrupt in [*stop.on_stop, getattr(frames, "interrupt", None)]:
+        if callable(interrupt):
+            interrupt()
+
+
 def _first(scored: Scored, n: int) -> Scored:
     """The first ``n`` results of a batch (the rest was scored past ``max_frames``)."""
     return scored if len(scored.results) <= n else Scored(scored.results[:n], scored.inputs[:n])
 
 
 def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: LatencyStats, done: int) -> None:
-    """Stop the FPS clock, drain the refinement worker, close every sink (even when one fails)."""
+    """Stop the FPS clock, drain the refinement worker, close every sink (even when one fails). After a signal
+    (also one arriving during the drain) the file sinks' writer threads get ``SIGNAL_DRAIN_S`` for their queued
+    frames, so the network sinks and the summary still go out before a supervisor kills the process."""
     stats.mark_end()  # frame rate of the loop itself, without the refinement drain
+
+    def cap_drain() -> None:
+        if stop.signalled:
+            sink.limit_drain(SIGNAL_DRAIN_S)
+
+    stop.on_stop.append(cap_drain)
+    cap_drain()
     errors: list[Exception] = []
     try:
         if options.refine is not None:
@@ -512,6 +538,8 @@ def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: Latenc
             sink.close()  # every sink, even when one fails (MultiSink logs each failure)
         except Exception as exc:
             errors.append(exc)
+        finally:
+            stop.on_stop.remove(cap_drain)
     if stop.signal_name:
         log.info("stopped by %s after %d frames", stop.signal_name, done)
     if errors:

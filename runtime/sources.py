@@ -46,7 +46,7 @@ from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.buffered import Buffered
-from gradad.runtime.outage import Outage, OutageWords
+from gradad.runtime.outage import GIVE_UP_TIMEOUT, MIN_BACKOFF_S, Outage, OutageWords
 from gradad.runtime.types import Frame
 from gradad.urls import redact_url, redact_secrets_in
 
@@ -123,8 +123,10 @@ class SourceConfig:
     close_timeout_s: float = 2.0  # how long close() waits for the reader thread
 
     def __post_init__(self) -> None:
-        if self.reconnect_initial_s < 0 or self.reconnect_max_s < 0:
-            raise SourceError("reconnect back-off times must be >= 0 seconds")
+        if not self.reconnect_initial_s > 0 or not self.reconnect_max_s >= MIN_BACKOFF_S:  # NaN too
+            raise SourceError(f"reconnect back-off: the first wait must be > 0 and the longest >= {MIN_BACKOFF_S:g} "
+                              f"seconds (0 reopens a lost source hundreds of times a second), got "
+                              f"{self.reconnect_initial_s} and {self.reconnect_max_s}")
         if self.reconnect_attempts < 0:
             raise SourceError(f"reconnect_attempts must be >= 0 (0 = forever), got {self.reconnect_attempts}")
         if not self.reconnect_give_up_s >= 0:  # NaN too
@@ -334,9 +336,9 @@ class FrameSource:
         ``dropped`` (live frames overwritten before they were read), ``skipped`` (unreadable image files or video
         frames; live: failed reads passed over on a connection that went on delivering), ``ignored`` (files of a
         folder or glob that are not images of a known type, never read), ``reconnects`` (successful reopens of a
-        live source), ``gave_up`` (a live source was lost for good). Live sources add ``outages`` (times it was
-        lost), ``down_seconds`` (time without a connection delivering, counted from the last good frame) and
-        ``connected`` (False while it is down, also when the run ended during an outage)."""
+        live source), ``gave_up`` (a live source was lost for good; ``gave_up_reason`` then says why). Live sources
+        add ``outages`` (times it was lost), ``down_seconds`` (time without a connection delivering, counted from the
+        last good frame) and ``connected`` (False while it is down, also when the run ended during an outage)."""
         with self._lock:
             return dict(self._stats)
 
@@ -849,10 +851,12 @@ class _LiveSource(FrameSource):
         for event in self._watchers:
             event.set()
 
-    def _end(self, gave_up: bool = False) -> None:
+    def _end(self, gave_up: str = "") -> None:
+        """The capture thread is done; ``gave_up``: why the source was given up on (``stats()["gave_up_reason"]``)."""
         with self._cond:
             self._ended = True
-            self._stats["gave_up"] |= gave_up
+            if gave_up and not self._stats["gave_up"]:
+                self._stats["gave_up"], self._stats["gave_up_reason"] = True, gave_up
             self._wake()
         if gave_up and self._on_give_up is not None:
             self._on_give_up()
@@ -869,11 +873,11 @@ class _LiveSource(FrameSource):
                     cap = None
                     if not self.config.reconnect:
                         logger.error("%s: lost and reconnect is off; stopping", self.label)
-                        self._end(gave_up=True)
+                        self._end(gave_up="lost, and reconnecting is off")
                         return
         except BaseException as exc:  # pragma: no cover - unexpected; never leave the consumer waiting
             logger.exception("%s: capture thread failed: %s", self.label, exc)
-            self._end(gave_up=True)
+            self._end(gave_up=f"its capture thread failed ({type(exc).__name__}: {redact_secrets_in(str(exc))})")
         finally:
             _release(cap)
             self._end()
@@ -916,7 +920,7 @@ class _LiveSource(FrameSource):
         while not self._stop.is_set():
             left = give_up_at - time.monotonic()
             if left <= 0 or 0 < cfg.reconnect_attempts <= tries:
-                self._give_up(tries, last)
+                self._give_up(tries, last, GIVE_UP_TIMEOUT if left <= 0 else f"{tries} reconnect attempts failed")
                 return None
             if self._stop.wait(min(delay, left)) or delay > left:
                 continue  # closed, or the give-up time came during the wait: the loop's test decides
@@ -937,11 +941,11 @@ class _LiveSource(FrameSource):
             delay = min(max(delay * 2, cfg.reconnect_initial_s), cfg.reconnect_max_s)
         return None
 
-    def _give_up(self, tries: int, last: str) -> None:
+    def _give_up(self, tries: int, last: str, reason: str) -> None:
         down = time.monotonic() - self._last_good
         logger.error("%s: giving up: no frame for %.0f s, %d reconnect attempt(s) failed (last: %s)", self.label,
                      down, tries, last)
-        self._end(gave_up=True)
+        self._end(gave_up=reason)
 
     def _reconnected(self) -> None:
         """End the outage (one INFO line saying how long it lasted)."""

@@ -77,7 +77,7 @@ class _Capture:
 
 
 def _fast(**kw: Any) -> SourceConfig:
-    return SourceConfig(**{"reconnect_initial_s": 0.02, "reconnect_max_s": 0.05, "open_timeout_s": 2.0, **kw})
+    return SourceConfig(**{"reconnect_initial_s": 0.02, "reconnect_max_s": 0.1, "open_timeout_s": 2.0, **kw})
 
 
 def _collect(frames: Any, seconds: float) -> list[Frame]:
@@ -275,7 +275,7 @@ def test_a_truncated_mp4_stops_after_failures_in_a_row(tmp_path: Path, caplog: p
 
 
 def test_live_latency_does_not_count_the_wait_for_the_next_frame() -> None:
-    camera = _Camera(interval=0.2)  # grab() waits 200 ms for each frame; retrieve() is quick
+    camera = _Camera(interval=0.5)  # grab() waits 500 ms for each frame; retrieve() is quick
     decodes, ages = [], []
     with open_source(0, _fast(), capture_factory=camera) as src:
         next(src)
@@ -283,8 +283,8 @@ def test_live_latency_does_not_count_the_wait_for_the_next_frame() -> None:
             frame = next(src)  # taken as soon as it arrives
             decodes.append(frame.decode_ms)
             ages.append(frame.age_ms())
-    assert all(ms < 50 for ms in decodes), decodes  # old: ~200 ms, the wait for the frame
-    assert all(ms < 50 for ms in ages), ages
+    assert all(ms < 250 for ms in decodes), decodes  # old: ~500 ms, the wait for the frame
+    assert all(ms < 250 for ms in ages), ages
 
 
 # -------------------------------------------------------------------------------- 5. Ctrl-C while opening
@@ -298,7 +298,7 @@ def test_the_stop_flag_ends_an_open_at_once() -> None:
     with pytest.raises(OpenInterrupted):
         open_source("http://cam.local/s.mjpg", _fast(open_timeout_s=10.0), capture_factory=camera,
                     stopping=stop.__bool__)
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 3.0  # old: 5 s, the first frame's wait
 
 
 def _stalled_server() -> tuple[socket.socket, str]:
@@ -333,7 +333,7 @@ def test_ctrl_c_while_a_stream_opens_exits_130_at_once(tmp_path: Path) -> None:
     finally:
         proc.kill()
         server.close()
-    assert proc.returncode == 130 and took < 3.0, (proc.returncode, took, err)  # old: ~10 s, then exit 2
+    assert proc.returncode == 130 and took < 6.0, (proc.returncode, took, err)  # old: ~10 s, then exit 2
     assert "error:" not in err, err
 
 
@@ -407,7 +407,7 @@ def test_grad_run_gives_up_on_a_lost_stream_with_exit_2_and_no_ffmpeg_noise(tmp_
 
 
 def test_a_repeat_of_the_stopping_signal_at_once_is_the_same_request(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "REPEAT_SIGNAL_S", 0.3, raising=False)
+    monkeypatch.setattr(pipeline, "REPEAT_SIGNAL_S", 30.0)  # a loaded machine may take long between the two
     stop = StopFlag()
     restore = stop.install()
     try:
@@ -418,7 +418,7 @@ def test_a_repeat_of_the_stopping_signal_at_once_is_the_same_request(monkeypatch
         except KeyboardInterrupt:  # old: the repeat stopped the run at once, losing its summary
             pytest.fail("a repeat of the stopping signal within REPEAT_SIGNAL_S stopped the run at once")
         assert stop and stop.signal_name == "SIGTERM"
-        time.sleep(0.35)
+        monkeypatch.setattr(pipeline, "REPEAT_SIGNAL_S", 0.0)  # "later": past the window
         with pytest.raises(KeyboardInterrupt):  # later, a second signal still stops at once
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
@@ -470,3 +470,95 @@ def test_max_frames_0_is_no_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                                            "--jsonl", str(out), "--stats-every", "0"])
     assert result.exit_code == 0, result.output
     assert len(out.read_text().splitlines()) == 4  # old: none
+
+
+# -------------------------------------------------------------------------------- review fixes
+
+
+def test_max_frames_on_a_camera_that_then_sends_nothing_ends_at_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The loop stops at --max-frames while the capture thread waits for a frame that never comes: the source is
+    interrupted, not waited for (old: 5 s, then 'the grad-capture thread did not stop within 5 s')."""
+    camera = _Camera(interval=0.01)
+    sink = _Sink()
+
+    def on_result(result: Any) -> None:
+        if len(sink.results) >= 10:
+            camera.up = False  # the line stops as the 10th record is written
+
+    with caplog.at_level(logging.WARNING, logger="gradad.runtime.pipeline"):
+        with open_source(0, _fast(), capture_factory=camera) as src:
+            t0 = time.monotonic()
+            run_pipeline(iter(src), _Backend(), Thresholds(1.0), [sink],
+                         RunOptions(max_frames=10, live=True, stats_every_s=0, warmup=False, on_result=on_result))
+            took = time.monotonic() - t0
+    assert len(sink.results) == 10
+    assert took < 4.0 and "did not stop" not in caplog.text, (took, caplog.text)
+
+
+def test_a_source_given_up_during_a_ctrl_c_drain_keeps_the_signal_as_the_reason() -> None:
+    """First reason wins: SIGINT, then a source gives up: still SIGINT (exit 130, not 2); no second-signal path."""
+    stop = StopFlag()
+    restore = stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        stop.set("a lost source")  # from the capture thread, during the drain
+        assert stop.signal_name == "SIGINT" and stop.signalled == "SIGINT"  # old: "a lost source"
+    finally:
+        restore()
+
+
+def test_the_first_signal_after_a_source_gave_up_is_not_a_second_signal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "REPEAT_SIGNAL_S", 0.0)
+    stop = StopFlag()
+    restore = stop.install()
+    try:
+        stop.set("a lost source")
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the operator's first SIGTERM during the shutdown
+            time.sleep(0.05)
+        except KeyboardInterrupt:  # old: counted as a second signal, stopped at once
+            pytest.fail("the first signal after a give-up was taken as a second signal")
+        assert stop.signal_name == "a lost source" and stop.signalled == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second signal still stops at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+    finally:
+        restore()
+
+
+def test_a_reconnect_back_off_of_0_is_refused_everywhere(tmp_path: Path) -> None:
+    """0 s reopened a lost camera hundreds of times a second (old: accepted by the flag, the file and the config)."""
+    with pytest.raises(SourceError, match="at least|>= 0.1"):
+        SourceConfig(reconnect_max_s=0.0)
+    runner = CliRunner()
+    flag = runner.invoke(cli.main, [str(tmp_path), "--source", "0", "--reconnect-backoff-max", "0",
+                                    "--print-config"])
+    assert flag.exit_code == 2 and "--reconnect-backoff-max" in flag.output, flag.output
+    line = tmp_path / "line.yaml"
+    line.write_text("sources: ['0']\nreconnect: {backoff_max_s: 0}\n")
+    from_file = runner.invoke(cli.main, [str(tmp_path), "--config", str(line), "--print-config"])
+    assert from_file.exit_code == 2 and "0.1" in from_file.output, from_file.output
+    ok = runner.invoke(cli.main, [str(tmp_path), "--source", "0", "--reconnect-backoff-max", "0.1",
+                                  "--print-config"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_a_crashed_capture_thread_is_named_as_the_reason_the_run_stopped() -> None:
+    """Old: 'no frame for longer than --reconnect-give-up 30 s' for a capture thread that failed at once."""
+    gave_up = threading.Event()
+    src = open_source(0, _fast(), capture_factory=_Camera(), on_give_up=gave_up.set)
+
+    def crash(cap: Any) -> bool:
+        raise RuntimeError("a bug in the capture code")
+
+    try:
+        src._read_next = crash  # type: ignore[attr-defined]  # the capture thread's next read fails
+        assert gave_up.wait(10)
+    finally:
+        src.close()
+    stats = src.stats()
+    assert stats["gave_up"] and "capture thread failed" in stats["gave_up_reason"], stats
+    with pytest.raises(cli.GradError) as err:
+        cli._refuse_lost_sources({src.label: stats}, 30.0)
+    assert "a bug in the capture code" in str(err.value) and "--reconnect-give-up" not in str(err.value)

@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -19,11 +20,12 @@ import pytest
 from click.testing import CliRunner
 
 import gradad.runtime.sinks.flagged as flagged
-import gradad.runtime.sinks.jsonl as jsonl
 import gradad.runtime.sinks.video as video
 from gradad.errors import GradError
 from gradad.runtime.cli import main as run_main
 from gradad.runtime.sinks import FlaggedFrameSink, JsonlSink, MultiSink, VideoSink
+from gradad.runtime.sinks.background import BackgroundWriter
+from gradad.runtime.sinks.base import SinkBase
 from test_sinks import make_result
 
 SINKS_LOG = "gradad.runtime.sinks"
@@ -43,7 +45,6 @@ def _frame_ids(path: Path) -> list[int]:
 
 def test_jsonl_deleted_with_its_folder_is_created_again_and_the_loss_reported(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)  # check before every line
     path = tmp_path / "out" / "run.jsonl"
     sink = JsonlSink(path)
     with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
@@ -53,29 +54,28 @@ def test_jsonl_deleted_with_its_folder_is_created_again_and_the_loss_reported(
         for i in range(3, 5):
             sink.write(make_result(i, False))
         sink.close()
-    # the line written since the last check (frame 2) is written again; frames 0 and 1 went with the file
-    assert _frame_ids(path) == [2, 3, 4]
+    # checked before every line: frames 0-2 went with the file, none is written twice
+    assert _frame_ids(path) == [3, 4]
     assert sink.delivery_report() == {"jsonl": {"target": str(path), "written": 5, "reopened": 1,
-                                                "records_lost": 2, "complete": False}}
+                                                "records_lost": 3, "complete": False}}
     (warning,) = _messages(caplog, logging.WARNING)
-    assert str(path) in warning and "deleted" in warning and "2 line(s)" in warning
+    assert str(path) in warning and "deleted" in warning and "3 line(s)" in warning
 
 
-def test_jsonl_deleted_since_the_last_check_loses_nothing_at_close(tmp_path: Path) -> None:
+def test_jsonl_deleted_after_the_last_line_is_counted_at_close(tmp_path: Path) -> None:
     path = tmp_path / "out" / "run.jsonl"
-    sink = JsonlSink(path)  # the first check is a second away: close() makes it
+    sink = JsonlSink(path)
     for i in range(4):
         sink.write(make_result(i, False))
     shutil.rmtree(path.parent)
     sink.close()
-    assert _frame_ids(path) == [0, 1, 2, 3]
-    assert sink.delivery_report()["jsonl"]["records_lost"] == 0
+    assert path.is_file() and _frame_ids(path) == []
+    assert sink.delivery_report()["jsonl"]["records_lost"] == 4
     assert sink.delivery_report()["jsonl"]["reopened"] == 1
 
 
 def test_jsonl_moved_away_by_log_rotation_goes_on_in_a_new_file(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)
     path = tmp_path / "run.jsonl"
     sink = JsonlSink(path)
     sink.write(make_result(0, False))
@@ -87,7 +87,6 @@ def test_jsonl_moved_away_by_log_rotation_goes_on_in_a_new_file(tmp_path: Path,
 
 
 def test_jsonl_that_cannot_be_created_again_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jsonl, "CHECK_EVERY_S", 0.0)
     path = tmp_path / "out" / "run.jsonl"
     sink = JsonlSink(path)
     sink.write(make_result(0, False))
@@ -193,7 +192,7 @@ class _Gate:
 def test_a_slow_flagged_folder_never_delays_write_and_drops_when_full(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     gate = _Gate(FlaggedFrameSink._save)
-    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result: gate(self, result))
+    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result, *key: gate(self, result, *key))
     sink = FlaggedFrameSink(tmp_path / "ng", queue_size=2)
     with caplog.at_level(logging.WARNING, logger=SINKS_LOG):
         sink.write(make_result(0, True))
@@ -212,16 +211,29 @@ def test_a_slow_flagged_folder_never_delays_write_and_drops_when_full(
     assert "dropping new ones" in warning
 
 
-def test_a_refined_mask_waits_for_its_queued_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refined_mask_never_waits_for_its_queued_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refined write goes on the writer's FIFO after its frame: the verdict thread gets the file names at once
+    (the old code waited up to 10 s for the frame, on the verdict thread)."""
     gate = _Gate(FlaggedFrameSink._save)
-    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result: gate(self, result))
+    monkeypatch.setattr(FlaggedFrameSink, "_save", lambda self, result, *key: gate(self, result, *key))
     sink = FlaggedFrameSink(tmp_path / "ng", queue_size=2)
     sink.write(make_result(7, True))
-    assert gate.entered.wait(5)
-    threading.Timer(0.2, gate.open).start()
-    files = sink.write_refined(7, None, "cam0", np.ones((16, 16), np.uint8))
+    assert gate.entered.wait(5)  # the writer thread holds frame 7
+    got: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: got.update(sink.write_refined(
+        7, None, "cam0", np.ones((16, 16), np.uint8), np.zeros((16, 16, 3), np.uint8))), daemon=True)
+    caller.start()
+    caller.join(3.0)  # the frame is still held: old code waited for it (10 s) on the verdict thread
+    returned = not caller.is_alive()
+    gate.open()
+    caller.join(15)
     sink.close()
-    assert files["mask_file"] is not None and Path(files["mask_file"]).is_file()
+    files = got
+    assert returned
+    assert files == {"mask_file": str(tmp_path / "ng" / "00000007_cam0_refined_mask.png"),
+                     "repaired_file": str(tmp_path / "ng" / "00000007_cam0_repaired.png")}
+    assert Path(files["mask_file"]).is_file() and Path(files["repaired_file"]).is_file()
+    assert (sink.refined_failed, sink.refined_skipped) == (0, 0)
 
 
 def test_video_and_flagged_overlay_draw_a_frame_once_and_the_video_is_capped(
@@ -330,3 +342,91 @@ def test_grad_run_benchmark_says_it_does_not_write_the_jsonl(bundle: Path, tiny_
     said = [r.getMessage() for r in caplog.records if "--jsonl" in r.getMessage()]
     assert len(said) == 1 and str(out) in said[0] and "--benchmark" in said[0]
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# review fixes
+
+
+def test_a_queued_ng_frame_never_waits_for_the_writer_inside_a_frame(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer thread is inside a frame's disk writes (a slow SD card): write() of the next NG frame returns at
+    once (old: it waited on the lock the writer held for the whole frame)."""
+    gate = _Gate(flagged.atomic_write_bytes)
+    sink = FlaggedFrameSink(tmp_path / "ng", queue_size=4)
+    monkeypatch.setattr(flagged, "atomic_write_bytes", gate)
+    sink.write(make_result(0, True))
+    assert gate.entered.wait(5)  # the writer thread is writing frame 0's first file
+    caller = threading.Thread(target=lambda: sink.write(make_result(1, True)), daemon=True)
+    caller.start()
+    caller.join(3.0)
+    returned = not caller.is_alive()
+    gate.open()
+    caller.join(15)
+    sink.close()
+    assert returned
+    assert sink.saved == 2 and sink.frames_lost == 0
+
+
+def test_a_refined_mask_without_room_is_not_a_lost_frame(tmp_path: Path) -> None:
+    sink = FlaggedFrameSink(tmp_path / "ng")
+    sink.write(make_result(0, True))
+    sink.max_bytes = sink.total_bytes + 10  # the frame fits, its refined mask does not
+    noisy = np.random.default_rng(0).random((64, 64)) > 0.5
+    assert sink.write_refined(0, None, "cam0", noisy)["mask_file"] is None
+    sink.close()
+    report = sink.delivery_report()["flagged_folder"]
+    assert report["records_lost"] == 0 and report["complete"]  # old: 1 frame lost, incomplete
+    assert (report["skipped"], report["refined_skipped"], report["refined_failed"]) == (0, 1, 0)
+
+
+def test_jsonl_rotated_compressed_and_removed_between_two_lines_writes_no_line_twice(tmp_path: Path) -> None:
+    """logrotate without delaycompress: rename, compress, unlink. Old: the lines since the last check (a second)
+    were written again into the new file, beside their copies in the .gz."""
+    import gzip
+
+    path = tmp_path / "run.jsonl"
+    sink = JsonlSink(path)
+    for i in range(3):
+        sink.write(make_result(i, False))
+    rotated = tmp_path / "run.jsonl.1"
+    path.rename(rotated)
+    with gzip.open(tmp_path / "run.jsonl.1.gz", "wb") as gz:
+        gz.write(rotated.read_bytes())
+    rotated.unlink()
+    sink.write(make_result(3, False))
+    sink.close()
+    kept = [json.loads(line)["frame_id"] for line in gzip.open(tmp_path / "run.jsonl.1.gz").read().splitlines()]
+    assert sorted(kept + _frame_ids(path)) == [0, 1, 2, 3]  # each line once
+
+
+def test_a_signal_caps_the_file_writers_drain_and_network_sinks_close_first(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    class Network(SinkBase):
+        def close(self) -> None:
+            order.append("network")
+
+    def slow(item: int) -> None:
+        time.sleep(0.3)
+
+    writer = BackgroundWriter("video test", slow, queue_size=20)
+    for i in range(20):
+        writer.submit(i)  # 6 s of writing
+
+    class Files(SinkBase):
+        slow_close = True
+
+        def limit_drain(self, seconds: float) -> None:
+            writer.limit(seconds)
+
+        def close(self) -> None:
+            writer.close()
+            order.append("files")
+
+    sink = MultiSink([Files(), Network()])
+    t0 = time.monotonic()
+    sink.limit_drain(0.5)
+    sink.close()
+    assert time.monotonic() - t0 < 3.0 and order == ["network", "files"]
+    assert writer.dropped >= 10 and writer.failed == 0

@@ -296,7 +296,7 @@ class _FakeCap:
 
 
 def _fast(**kw: Any) -> SourceConfig:
-    base: dict[str, Any] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.04, "open_timeout_s": 2.0}
+    base: dict[str, Any] = {"reconnect_initial_s": 0.01, "reconnect_max_s": 0.1, "open_timeout_s": 2.0}
     base.update(kw)
     return SourceConfig(**base)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
+import time
 from typing import Callable, Generic, TypeVar
 
 from gradad.runtime.outage import Outage, OutageWords
@@ -29,8 +31,11 @@ class BackgroundWriter(Generic[_T]):
     that delayed every verdict behind them, JSONL / MQTT / webhook included. Here :meth:`submit` never blocks: a
     full queue drops the new item (``dropped``, logged once per streak of drops, then at most once a minute, and
     once when items are written again: :class:`~gradad.runtime.outage.Outage`). Items are handled in order;
-    :meth:`close` writes every item queued before it (a normal stop loses nothing) and ends the thread.
-    ``work`` handles its own errors; one that escapes is logged and counted in ``failed``, and the thread goes on.
+    :meth:`close` writes every item queued before it (a normal stop loses nothing) and ends the thread, unless
+    :meth:`limit` set a deadline (a stop signal): items still queued then are dropped, not written. An interrupted
+    :meth:`close` (a second Ctrl-C) drops the rest too. ``work`` handles its own errors; one that escapes is logged
+    and counted in ``failed``, and the thread goes on. Items submitted with ``counted=False`` (follow-ups of a
+    frame, such as a refined mask) are not frames: their drops count in ``dropped_other``.
     """
 
     def __init__(self, name: str, work: Callable[[_T], None], queue_size: int) -> None:
@@ -38,59 +43,73 @@ class BackgroundWriter(Generic[_T]):
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.name = name
         self.dropped = 0
+        self.dropped_other = 0
         self.failed = 0
         self._work = work
-        self._queue: queue.Queue[tuple[int, object]] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[int, object, bool]] = queue.Queue(maxsize=queue_size)
         self._outage = Outage(name, log, words=_DROPPING)
         self._seq = 0  # items submitted (dropped ones too): their numbers for the outage log
-        self._done = 0  # the number of the newest item handled (FIFO: every older one is handled or dropped)
-        self._done_cond = threading.Condition()
+        self._deadline = math.inf  # time.monotonic() after which queued items are dropped, not written
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"gradad-{name.split()[0]}-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: _T) -> int:
+    def submit(self, item: _T, counted: bool = True) -> int:
         """Queue ``item`` for the worker; its number, or 0 when the queue was full and it was dropped."""
         if self._closed:
             raise RuntimeError(f"{self.name}: the background writer is closed")
         self._seq += 1
         try:
-            self._queue.put_nowait((self._seq, item))
+            self._queue.put_nowait((self._seq, item, counted))
             return self._seq
         except queue.Full:
-            self.dropped += 1
-            self._outage.failed(f"not keeping up: {self._queue.maxsize} frames already wait to be written, dropping "
-                                f"new ones", self._seq)
+            self._drop(counted)
+            if counted:
+                self._outage.failed(f"not keeping up: {self._queue.maxsize} frames already wait to be written, "
+                                    f"dropping new ones", self._seq)
             return 0
 
-    def wait_done(self, number: int, timeout_s: float) -> bool:
-        """Wait (at most ``timeout_s``) until item ``number`` is handled; True when it is."""
-        with self._done_cond:
-            return self._done_cond.wait_for(lambda: self._done >= number, timeout_s)
+    def _drop(self, counted: bool) -> None:
+        if counted:
+            self.dropped += 1
+        else:
+            self.dropped_other += 1
+
+    def limit(self, seconds: float) -> None:
+        """Write queued items for at most ``seconds`` more (an earlier limit stays); the rest is dropped."""
+        self._deadline = min(self._deadline, time.monotonic() + seconds)
 
     def _run(self) -> None:
+        late = 0  # items dropped at the deadline
         while True:
-            seq, item = self._queue.get()
+            seq, item, counted = self._queue.get()
             if item is _STOP:
-                return
+                break
+            if time.monotonic() > self._deadline:
+                self._drop(counted)
+                late += counted
+                continue
             try:
                 self._work(item)  # type: ignore[arg-type]
                 self._outage.delivered(seq)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the writer (and its sink)
                 self.failed += 1
                 log.error("%s: writing a frame failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            finally:
-                with self._done_cond:
-                    self._done = seq
-                    self._done_cond.notify_all()
+        if late:
+            log.warning("%s: %d queued frame(s) dropped, not written: the run was stopped by a signal and the "
+                        "writer had no more time", self.name, late)
 
     def close(self) -> None:
-        """Write everything queued, then end the thread. Idempotent."""
+        """Write everything queued (until the :meth:`limit` deadline, if any), then end the thread. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put((0, _STOP))  # blocks while the queue is full: behind every frame still to be written
-        self._thread.join()
+        try:
+            self._queue.put((0, _STOP, False))  # blocks while the queue is full: behind every frame to be written
+            self._thread.join()
+        except BaseException:
+            self._deadline = -math.inf  # interrupted (a second Ctrl-C): what is still queued is dropped
+            raise
 
 
 class OffloadedSink(SinkBase):
@@ -105,5 +124,13 @@ class OffloadedSink(SinkBase):
 
     @property
     def dropped(self) -> int:
-        """Frames dropped because the writer thread's queue was full."""
+        """Frames dropped because the writer thread's queue was full (or the drain after a signal ran out)."""
         return self._background.dropped if self._background is not None else 0
+
+    @property
+    def slow_close(self) -> bool:
+        return self._background is not None
+
+    def limit_drain(self, seconds: float) -> None:
+        if self._background is not None:
+            self._background.limit(seconds)

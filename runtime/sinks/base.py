@@ -62,6 +62,16 @@ class SinkBase:
         records delivered, failed, dropped, ``records_lost``, ``complete``); the other sinks report nothing."""
         return {}
 
+    @property
+    def slow_close(self) -> bool:
+        """True when :meth:`close` may take seconds (a file sink's writer thread still writing queued frames): the
+        fan-out closes such sinks last."""
+        return False
+
+    def limit_drain(self, seconds: float) -> None:
+        """Have :meth:`close` write queued frames for at most ``seconds`` from now (a stop signal: a supervisor
+        kills soon), the rest counted as dropped (default: nothing queued, nothing to do)."""
+
     def close(self) -> None:
         """Flush and release everything; called once at shutdown."""
         self._closed = True
@@ -189,13 +199,18 @@ class MultiSink(SinkBase):
         self._fan_out("write_refined", save, self.sinks)
         return files
 
+    def limit_drain(self, seconds: float) -> None:
+        """``limit_drain`` on every sink."""
+        self._fan_out("limit_drain", lambda s: s.limit_drain(seconds), self.sinks)
+
     def close(self) -> None:
-        """Close every sink (even if one raises: the error is logged, the first re-raised at the end)."""
+        """Close every sink, the quick ones (JSONL, MQTT, webhook) before those with frames still to write (video,
+        flagged folder), even if one raises: the error is logged, the first re-raised at the end."""
         if self._closed:
             return
         self._closed = True
         first: BaseException | None = None
-        for sink in self.sinks:
+        for sink in sorted(self.sinks, key=lambda s: s.slow_close):  # stable: same order otherwise
             try:
                 sink.close()
             except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt during close must not skip the rest

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import io
 import logging
 import os
 import re
 import threading
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import cv2
 import numpy as np
@@ -38,8 +39,6 @@ _TMP_RE = re.compile(r"^\.(?P<final>.+)\.tmp(?P<pid>\d*)$")  # gradad.files.atom
 _DISK_FULL = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
 _NOT_SAVING = OutageWords(still="still not saving after {seconds:.0f} s, {lost} frames lost so far (last: {reason})",
                           again="saving again after {seconds:.0f} s, {lost} frames lost meanwhile")
-#: Seconds a refined mask waits for its frame's own files, still queued for the writer thread.
-REFINED_WAIT_S = 10.0
 
 
 def _safe_name(name: str | None, source: str) -> str:
@@ -101,12 +100,16 @@ class FlaggedFrameSink(OffloadedSink):
       held are counted in ``deleted``).
     * ``queue_size > 0``: frames are encoded and written on a thread of the sink's own (a
       :class:`~gradad.runtime.sinks.background.BackgroundWriter`), so :meth:`write` never waits for a multi-megapixel
-      PNG; a full queue drops the frame (``dropped``), :meth:`close` writes every queued frame first.
+      PNG; a full queue drops the frame (``dropped``), :meth:`close` writes every queued frame first (within
+      :meth:`limit_drain`'s time after a stop signal, the rest ``dropped``).
       :meth:`delivery_report` gives the counts for the run summary (``flagged_folder``: ``complete`` when no frame
       of this run was lost).
     * :meth:`write_refined` adds a refined mask (``refined_mask.png``, 0/255 at model resolution) and the repaired
       image (``repaired.png``) to a frame saved earlier in this run (``grad-run --refine``); they share the frame's
-      disk budget and are evicted with it.
+      disk budget and are evicted with it. With a queue they are written on the writer thread, after their frame
+      (the queue is FIFO): a frame's file names are decided when it is queued, so :meth:`write_refined` returns the
+      refined files' names at once, and one that is then not saved is counted in ``refined_skipped`` (its frame
+      is not in the folder, or no room) or ``refined_failed`` (a disk error), apart from the frames' counts.
     """
 
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = 1 << 30, max_files: int | None = None,
@@ -129,12 +132,13 @@ class FlaggedFrameSink(OffloadedSink):
         self.evicted = 0
         self.skipped = 0
         self.errors = 0
+        self.refined_failed = 0  # refined masks not saved: a disk (or encoding) error
+        self._refined_skipped = 0  # refined masks not saved: their frame is not in the folder, or no room
         self._normal_seen = 0
         self._full_evict_logged = False  # the first eviction for a full disk is logged, later ones are counted
         self._lost_to_full_disk = 0  # frames lost in a row because the disk is full and nothing is left to evict
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)  # notified when a queued frame is written (write_refined waits)
-        self._pending: collections.Counter[tuple[str, str]] = collections.Counter()  # run keys queued, not written
+        self._lock = threading.Lock()  # the index and the files: held by whoever writes (the writer thread, if any)
+        self._keys_lock = threading.Lock()  # _run_keys and _base_of only, held briefly (write() takes it)
         self._failure = Outage(f"flagged-frame folder {self.folder}", log, words=_NOT_SAVING)
         self._writes = 0  # frame writes attempted: their numbers for the failure log
         self._closed = False
@@ -153,7 +157,7 @@ class FlaggedFrameSink(OffloadedSink):
             raise GradError(f"flagged-frame folder {self.folder} is not a directory")
         self._probe()
         self._scan()
-        self._offload(f"flagged-frame folder {self.folder}", self._save_queued, queue_size)
+        self._offload(f"flagged-frame folder {self.folder}", _call, queue_size)
 
     def _probe(self) -> None:
         """Fail at start, not at every NG frame, when the folder takes no file (read-only file system, no
@@ -163,6 +167,10 @@ class FlaggedFrameSink(OffloadedSink):
             atomic_write_bytes(probe, b"")  # what a frame's file takes: a temporary file, renamed into place
             probe.unlink()
         except OSError as e:
+            if e.errno in _DISK_FULL:  # writable, but full: evicting the oldest frames makes room (see the class)
+                log.warning("flagged-frame folder %s: the disk is full at start (%s); the oldest saved frames are "
+                            "evicted to make room for new ones", self.folder, e.strerror or e)
+                return
             raise GradError(f"flagged-frame folder {self.folder}: cannot write there ({e.strerror or e})") from None
 
     # -- index ---------------------------------------------------------------------------------------------------
@@ -210,18 +218,28 @@ class FlaggedFrameSink(OffloadedSink):
         """(source, base key): a frame of this run, whatever suffix its files got on disk."""
         return result.frame.source, self._base_key(result.frame.frame_id, result.frame.name, result.frame.source)
 
-    def _key_for(self, result: FrameResult) -> str:
-        run_key = self._run_key(result)
-        base = run_key[1]
-        if run_key in self._run_keys:
-            return self._run_keys[run_key]
-        key, n = base, 1
-        while key in self._index or any((self.folder / f"{key}_{k}").exists() for k in _ALL_KINDS):
-            n += 1
-            key = f"{base}-{n}"
-        self._run_keys[run_key] = key
-        self._base_of[key] = run_key
-        return key
+    def _reserve(self, run_key: tuple[str, str]) -> tuple[str, bool]:
+        """The key (file-name stem) of a frame of this run, decided the first time it is written (queued): the base
+        key, or ``-2``, ``-3``, ... after it when files of an earlier run (or of another source's frame of that
+        name in this run) hold it. Returns (key, whether it was decided now)."""
+        with self._keys_lock:
+            if run_key in self._run_keys:
+                return self._run_keys[run_key], False
+            base = run_key[1]
+            key, n = base, 1
+            while key in self._base_of or any((self.folder / f"{key}_{k}").exists() for k in _ALL_KINDS):
+                n += 1
+                key = f"{base}-{n}"
+            self._run_keys[run_key] = key
+            self._base_of[key] = run_key
+            return key, True
+
+    def _forget(self, key: str) -> None:
+        """Drop ``key``'s reservation (its frame is evicted, gone with the folder or never queued)."""
+        with self._keys_lock:
+            run_key = self._base_of.pop(key, None)
+            if run_key is not None:
+                self._run_keys.pop(run_key, None)
 
     def _remove_files(self, key: str, kinds: Iterable[str]) -> None:
         for kind in kinds:
@@ -237,9 +255,7 @@ class FlaggedFrameSink(OffloadedSink):
 
     def _evict_one(self) -> None:
         key, files = self._index.popitem(last=False)
-        run_key = self._base_of.pop(key, None)
-        if run_key is not None:
-            self._run_keys.pop(run_key, None)
+        self._forget(key)
         self._remove_files(key, files)
         self.total_bytes -= sum(files.values())
         self.evicted += 1
@@ -278,28 +294,12 @@ class FlaggedFrameSink(OffloadedSink):
         if self._background is None:
             self._save(result)
             return
-        run_key = self._run_key(result)
-        with self._cond:
-            self._pending[run_key] += 1
-        if not self._background.submit(result):
-            self._unpend(run_key)
+        key, new = self._reserve(self._run_key(result))  # now: a refined mask's record names its files at once
+        if not self._background.submit(functools.partial(self._save, result, key)) and new:
+            self._forget(key)  # dropped: not in the folder, a refined mask is not promised a place
 
-    def _save_queued(self, result: FrameResult) -> None:
-        """The writer thread's work: save the frame, then let a refined mask waiting for it go on."""
-        try:
-            self._save(result)
-        finally:
-            self._unpend(self._run_key(result))
-
-    def _unpend(self, run_key: tuple[str, str]) -> None:
-        with self._cond:
-            self._pending[run_key] -= 1
-            if self._pending[run_key] <= 0:
-                del self._pending[run_key]
-            self._cond.notify_all()
-
-    def _save(self, result: FrameResult) -> None:
-        """Encode and write one frame's files within the disk budget."""
+    def _save(self, result: FrameResult, key: str | None = None) -> None:
+        """Encode and write one frame's files (under ``key``, decided when it was queued) within the disk budget."""
         try:
             payload = self._encode(result)
         except (ValueError, cv2.error) as e:
@@ -313,7 +313,7 @@ class FlaggedFrameSink(OffloadedSink):
                 log.warning("flagged frame %d (%d bytes) is larger than max_bytes=%d: not saved",
                             result.frame.frame_id, size, self.max_bytes)
                 return
-            key = self._key_for(result)
+            key = key or self._reserve(self._run_key(result))[0]
             old = self._index.pop(key, None)  # same frame written again in this run: replaced
             if old is not None:
                 self.total_bytes -= sum(old.values())
@@ -374,29 +374,50 @@ class FlaggedFrameSink(OffloadedSink):
                       repaired: np.ndarray | None = None) -> dict[str, str | None]:
         """Save a refined mask (and the repaired RGB image) next to the frame this run saved with these ids.
 
-        Returns ``{"mask_file": path or None, "repaired_file": path or None}`` for the follow-up record: None when
-        the frame is not on disk (never flagged here, skipped or already evicted), the disk budget has no room
-        left once every older frame is evicted, or writing failed.
+        Returns ``{"mask_file": path or None, "repaired_file": path or None}`` for the follow-up record. Without a
+        queue the files are written here: None when the frame is not on disk (never flagged here, skipped or
+        already evicted), the disk budget has no room left once every older frame is evicted, or writing failed.
+        With a queue they are written on the writer thread after their frame and this never waits: the paths are
+        those they will have, None only when the frame was never queued, is evicted already or the queue is full;
+        one then not saved is counted in ``refined_skipped`` / ``refined_failed``.
         """
-        files: dict[str, str | None] = dict.fromkeys(_REFINED_KINDS)
         if self._closed:
             raise RuntimeError(f"FlaggedFrameSink({self.folder}) is closed")
+        run_key = (source, self._base_key(frame_id, name, source))
+        if self._background is None:
+            return self._save_refined(self._run_keys.get(run_key), frame_id, mask, repaired)
+        with self._keys_lock:
+            key = self._run_keys.get(run_key)
+        files: dict[str, str | None] = dict.fromkeys(_REFINED_KINDS)
+        if key is None:
+            self._refined_skipped += 1
+            log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
+            return files
+        if not self._background.submit(functools.partial(self._save_refined, key, frame_id, mask, repaired),
+                                       counted=False):
+            return files  # a full queue: counted in refined_skipped (dropped_other)
+        for field_name, kind in _REFINED_KINDS.items():
+            if field_name == "mask_file" or repaired is not None:
+                files[field_name] = str(self.folder / f"{key}_{kind}")
+        return files
+
+    def _save_refined(self, key: str | None, frame_id: int, mask: np.ndarray,
+                      repaired: np.ndarray | None) -> dict[str, str | None]:
+        """Encode and write a refined mask (and repaired image) of frame ``key``; the files saved, by field."""
+        files: dict[str, str | None] = dict.fromkeys(_REFINED_KINDS)
         try:
             payload = _encode_refined(mask, repaired)
         except (ValueError, cv2.error) as e:
-            self.errors += 1
+            self.refined_failed += 1
             log.error("refined mask of frame %d not saved: %s", frame_id, e)
             return files
-        run_key = (source, self._base_key(frame_id, name, source))
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._pending[run_key], REFINED_WAIT_S):
-                log.debug("refined mask of frame %d: its frame is still queued after %.0f s", frame_id, REFINED_WAIT_S)
-            key = self._run_keys.get(run_key)
+        with self._lock:
             if key is None or key not in self._index:
+                self._refined_skipped += 1
                 log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
                 return files
             if not self._make_room(key, payload):
-                self.skipped += 1
+                self._refined_skipped += 1
                 log.warning("refined mask of frame %d not saved: no room within max_bytes=%d", frame_id,
                             self.max_bytes)
                 return files
@@ -425,7 +446,7 @@ class FlaggedFrameSink(OffloadedSink):
                 if more is not None:
                     freed = more
                     continue
-                self.errors += 1
+                self.refined_failed += 1
                 self._failure.failed(f"refined file {path.name} not saved ({e.strerror or e})", self._writes,
                                      lost=0)  # a file, not a frame: the frame itself is saved
                 return False
@@ -462,45 +483,56 @@ class FlaggedFrameSink(OffloadedSink):
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             return False
-        gone = sum(k != keep and k in self._index for k in self._base_of)  # this run's frames that were saved
+        with self._keys_lock:
+            gone = sum(k != keep and k in self._index for k in self._base_of)  # this run's frames that were saved
         self.deleted += gone
         log.warning("flagged-frame folder %s was removed during the run, with %d frame(s) this run had saved: "
                     "created it again", self.folder, gone)
-        run_key = self._base_of.get(keep)
+        for key in self._index:  # the frames still queued keep their keys (their refined masks were promised them)
+            if key != keep:
+                self._forget(key)
         self._index.clear()
-        self._run_keys.clear()
-        self._base_of.clear()
         self.total_bytes = 0
-        if run_key is not None:
-            self._run_keys[run_key], self._base_of[keep] = keep, run_key
         return True
 
     @property
     def frames_lost(self) -> int:
-        """Frames of this run that are not in the folder, evictions (the budget, by design) aside."""
+        """Frames of this run that are not in the folder, evictions (the budget, by design) aside; refined masks
+        not saved are not frames (``refined_failed``, ``refined_skipped``)."""
         return self.errors + self.skipped + self.dropped + self.deleted
+
+    @property
+    def refined_skipped(self) -> int:
+        """Refined masks not saved: their frame is not in the folder (never saved, evicted), no room, a full queue."""
+        return self._refined_skipped + (self._background.dropped_other if self._background is not None else 0)
 
     def delivery_report(self) -> dict[str, dict[str, Any]]:
         """``{"flagged_folder": {...}}`` for the run summary: target, saved, failed, skipped (too big), dropped (a
         full queue), deleted (with the folder, removed during the run), evicted (the budget: by design, not lost),
-        ``records_lost`` (:attr:`frames_lost`) and ``complete``."""
+        ``records_lost`` (:attr:`frames_lost`), ``complete``, and the refined masks not saved (``refined_failed``,
+        ``refined_skipped``; not frames, so not in ``records_lost``)."""
         lost = self.frames_lost
         return {"flagged_folder": {"target": str(self.folder), "saved": self.saved, "failed": self.errors,
                                    "skipped": self.skipped, "dropped": self.dropped, "deleted": self.deleted,
-                                   "evicted": self.evicted, "records_lost": lost, "complete": lost == 0}}
+                                   "evicted": self.evicted, "records_lost": lost, "complete": lost == 0,
+                                   "refined_failed": self.refined_failed, "refined_skipped": self.refined_skipped}}
 
     def close(self) -> None:
         """Write the frames still queued; logs a summary (the run's ``done:`` line warns when frames were lost).
         Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
         if self._background is not None:
             self._background.close()
         log.info("flagged-frame folder %s: %d saved, %d evicted, %d skipped, %d errors, %d dropped, %d deleted with "
                  "the folder (%d frames, %.1f MB)", self.folder, self.saved, self.evicted, self.skipped, self.errors,
                  self.dropped, self.deleted, len(self._index), self.total_bytes / 1e6)
+
+
+def _call(job: Callable[[], Any]) -> None:
+    """The writer thread's work: a frame's or a refined mask's save, bound with its arguments."""
+    job()
 
 
 def _encode_refined(mask: np.ndarray, repaired: np.ndarray | None) -> dict[str, bytes]:

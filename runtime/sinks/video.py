@@ -174,7 +174,8 @@ class VideoSink(OffloadedSink):
     later frames of another size (several sources) are resized to it. With ``queue_size > 0`` the frames are drawn,
     encoded and written on a thread of the sink's own (a :class:`~gradad.runtime.sinks.background.BackgroundWriter`):
     :meth:`write` never waits, a full queue drops the frame (``dropped``, reported), :meth:`close` writes every
-    queued frame first.
+    queued frame first (within :meth:`limit_drain`'s time after a stop signal) and finishes the segment in
+    progress even when interrupted.
     Nothing is overwritten: segments of an earlier run with the same name stay, this run's numbering continues
     after them (``run.005.mp4`` after ``run.004.mp4``); a single file (``segment_s=0``) that exists is refused.
     """
@@ -356,12 +357,14 @@ class VideoSink(OffloadedSink):
         if self._closed:
             return
         self._closed = True  # write() refuses from now on; the queued frames are still written
-        if self._background is not None:
-            self._background.close()
-        self._idle_stop.set()
-        with self._lock:
-            self._finished = True
-            self._finish_segment()
+        try:
+            if self._background is not None:
+                self._background.close()
+        finally:  # also after a second Ctrl-C during the drain: the segment in progress stays playable
+            self._idle_stop.set()
+            with self._lock:
+                self._finished = True
+                self._finish_segment()
         if self.dropped:
             self.incomplete.append(f"{self.dropped} frames dropped: writing the video did not keep up with the "
                                    f"camera (a smaller --video-max-side costs less)")
