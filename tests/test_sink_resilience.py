@@ -265,20 +265,38 @@ def test_video_and_flagged_overlay_draw_a_frame_once_and_the_video_is_capped(
     assert ok and frame.shape[:2] == (60, 80) and vid.report()["complete"] and vid.report()["dropped"] == 0
 
 
-def test_video_max_side_0_keeps_the_full_size_and_a_slow_video_drops(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def _video_with_a_held_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, queue_size: int):
+    """A full-size VideoSink whose writer holds frame 0 (until ``gate.open()``) while frames 1-3 are written."""
     gate = _Gate(video.capped_overlay)
     monkeypatch.setattr(video, "capped_overlay", gate)
-    vid = VideoSink(tmp_path / "v.avi", fps=5.0, segment_s=0, max_side=0, queue_size=1)
+    vid = VideoSink(tmp_path / "v.avi", fps=5.0, segment_s=0, max_side=0, queue_size=queue_size)
     vid.write(make_result(0, True))
     assert gate.entered.wait(5)
     for i in range(1, 4):
-        vid.write(make_result(i, True))  # 1 queued, 2 and 3 dropped
+        vid.write(make_result(i, True))
+    return vid, gate
+
+
+def test_video_max_side_0_keeps_the_full_size_and_a_slow_video_drops(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    vid, gate = _video_with_a_held_frame(tmp_path, monkeypatch, queue_size=1)  # frames 1 queued, 2 and 3 dropped
     gate.open()
     vid.close()
     report = vid.report()
     assert report["frames"] == 2 and report["dropped"] == 2 and not report["complete"]
     assert vid.size == (64, 48)
+
+
+def test_video_frames_left_at_a_signals_deadline_are_not_blamed_on_the_camera(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    vid, gate = _video_with_a_held_frame(tmp_path, monkeypatch, queue_size=4)  # 1-3 queued, none dropped
+    vid.limit_drain(0.0)  # a stop signal with no drain time left
+    gate.open()
+    vid.close()
+    report = vid.report()
+    assert report["dropped"] == 3 and vid.dropped_at_stop == 3 and not report["complete"]
+    assert any("stopped by a signal" in p for p in report["problems"])
+    assert not any("did not keep up" in p for p in report["problems"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ class BackgroundWriter(Generic[_T]):
         self.name = name
         self.dropped = 0
         self.dropped_other = 0
+        self.dropped_at_stop = 0  # of ``dropped``: queued frames the capped drain after a stop signal left unwritten
         self.failed = 0
         self._work = work
         self._queue: queue.Queue[tuple[int, object, bool]] = queue.Queue(maxsize=queue_size)
@@ -95,6 +96,7 @@ class BackgroundWriter(Generic[_T]):
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the writer (and its sink)
                 self.failed += 1
                 log.error("%s: writing a frame failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        self.dropped_at_stop = late
         if late:
             log.warning("%s: %d queued frame(s) dropped, not written: the run was stopped by a signal and the "
                         "writer had no more time", self.name, late)
@@ -126,6 +128,11 @@ class OffloadedSink(SinkBase):
     def dropped(self) -> int:
         """Frames dropped because the writer thread's queue was full (or the drain after a signal ran out)."""
         return self._background.dropped if self._background is not None else 0
+
+    @property
+    def dropped_at_stop(self) -> int:
+        """Of :attr:`dropped`: frames still queued when the drain after a stop signal ran out of time."""
+        return self._background.dropped_at_stop if self._background is not None else 0
 
     @property
     def slow_close(self) -> bool:

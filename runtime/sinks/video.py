@@ -365,9 +365,13 @@ class VideoSink(OffloadedSink):
             with self._lock:
                 self._finished = True
                 self._finish_segment()
-        if self.dropped:
-            self.incomplete.append(f"{self.dropped} frames dropped: writing the video did not keep up with the "
+        slow = self.dropped - self.dropped_at_stop
+        if slow:
+            self.incomplete.append(f"{slow} frames dropped: writing the video did not keep up with the "
                                    f"camera (a smaller --video-max-side costs less)")
+        if self.dropped_at_stop:
+            self.incomplete.append(f"{self.dropped_at_stop} queued frames not written: the run was stopped by a "
+                                   f"signal and the drain's time ran out")
         if self.incomplete:
             log.error("video INCOMPLETE: %d frames written to %d file(s), %d frames not written; %s",
                       self.frames_written, len(self.files), self.frames_lost, "; ".join(self.incomplete))
