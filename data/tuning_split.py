@@ -9,7 +9,7 @@ import logging
 from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gradad.data.datasets import Sample
 from gradad.errors import DatasetError
@@ -36,24 +36,31 @@ def read_held_out(path: str | Path) -> set[str]:
 DIGEST_PREFIX = "digest:"
 
 
-def names_sample(sample: Sample, keys: Set[str]) -> bool:
-    """Whether ``keys`` (resolved paths and/or ``digest:`` entries) name ``sample``'s image."""
-    if str(sample.image_path.resolve()) in keys:
-        return True
-    if not any(k.startswith(DIGEST_PREFIX) for k in keys):
-        return False  # no file read when nothing is recorded by content
-    from gradad.bundle import image_digest
+def sample_matcher(keys: Set[str]) -> Callable[[Sample], bool]:
+    """Whether ``keys`` (resolved paths and/or ``digest:`` entries) name a sample's image; an image file is read
+    (for its digest) only when some key names one by content."""
+    by_content = any(k.startswith(DIGEST_PREFIX) for k in keys)
 
-    return DIGEST_PREFIX + image_digest(sample.image_path) in keys
+    def names(sample: Sample) -> bool:
+        if str(Path(sample.image_path).resolve()) in keys:
+            return True
+        if not by_content:
+            return False
+        from gradad.bundle import image_digest
+
+        return DIGEST_PREFIX + image_digest(sample.image_path) in keys
+
+    return names
 
 
 def partition_by_paths(samples: Sequence[Sample], paths: Set[str]) -> tuple[list[Sample], list[Sample]]:
     """(samples ``paths`` does not name, those it names: by resolved image path or ``digest:`` content entry),
     each in the given order."""
+    names = sample_matcher(paths)
     kept: list[Sample] = []
     matched: list[Sample] = []
     for s in samples:
-        (matched if names_sample(s, paths) else kept).append(s)
+        (matched if names(s) else kept).append(s)
     return kept, matched
 
 
@@ -90,7 +97,7 @@ def scoring_selection(samples: Sequence[Sample], split: str | Path | None, train
         n_split = len(samples) - len(kept)
         log.info("tuning split %s: %d test images left out of scoring", split, n_split)
     kept, used = partition_by_paths(kept, set(trained) | set(tuned))
-    n_tuned = sum(names_sample(s, tuned) for s in used)
+    n_tuned = sum(map(sample_matcher(tuned), used))
     if used:  # the model learnt or was tuned on these: scoring them would flatter it
         log.warning("%d test images left out of scoring: the model's training used them (%d trained stage 1, %d "
                     "picked its epoch and fitted the fusion weight)", len(used), len(used) - n_tuned, n_tuned)

@@ -48,11 +48,14 @@ TUNING_SEED = 1234  # the tuning split's own seed (benchmarks pick their images 
 
 def pick_samples(samples: list, per_defect: int, seed: int = 0, exclude: set[str] | None = None) -> list:
     """Up to ``per_defect`` labelled defect samples per (class, defect type), seeded, in a stable order, leaving
-    out images whose resolved path is in ``exclude`` (0 = all of them): however the data root is spelled."""
-    exclude = exclude or set()
+    out images ``exclude`` names (0 = all of them): by resolved path, however the data root is spelled, or by a
+    ``digest:`` content entry (a bundle's model copy names its defects so)."""
+    from gradad.data.tuning_split import sample_matcher
+
+    excluded = sample_matcher(exclude or set())
     groups: dict[tuple[str, str], list] = defaultdict(list)
     for s in samples:
-        if s.label == 1 and s.mask_path is not None and str(Path(s.image_path).resolve()) not in exclude:
+        if s.label == 1 and s.mask_path is not None and not excluded(s):
             groups[(s.class_name, s.defect_type)].append(s)
     rng = np.random.default_rng(seed)
     out = []

@@ -325,6 +325,11 @@ def test_tuning_images_are_left_out_however_the_data_root_is_spelled(tiny_demo_r
     monkeypatch.chdir(tiny_demo_root.parent)
     relative = load_samples(Path(tiny_demo_root.name), "test")  # the same images, spelled from here
     assert not pick_samples(relative, 0, exclude=tuned)
+    # a bundle's model copy names them by content: left out alike
+    from gradad.bundle import image_digest
+    from gradad.data.tuning_split import DIGEST_PREFIX
+
+    assert not pick_samples(relative, 0, exclude={DIGEST_PREFIX + image_digest(p) for p in tuned})
 
 
 def test_a_bundle_s_threshold_is_not_applied_to_another_model(bundle: Path, trained_tiny: Path, tiny_demo_root: Path,
