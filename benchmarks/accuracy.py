@@ -322,28 +322,21 @@ def _exported_from(bundle: Bundle | None, checkpoint: str) -> bool:
     return same
 
 
-def _trained_defects(cfg: AccuracyConfig, bundle: Bundle | None) -> set[str]:
-    """The labelled defects any compared model's stage 1 trained on (recorded in its model file; a bundle's in its
-    refinement copy): no row scores them, so rows stay comparable and none scores images it learnt."""
+def _trained_images(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[set[str], frozenset[str]]:
+    """What any compared model trained on, each model file read once: the labelled defects its stage 1 used
+    (recorded in its model file; a bundle's in its refinement copy) and the content digests of its good images
+    (model files and the bundle's ``training_data``, as grad-eval leaves them out). No row scores either, so rows
+    stay comparable and none scores images it learnt."""
     from gradad.training.checkpoint import read_checkpoint, trained_defect_paths
 
-    files = [p for p in (cfg.checkpoint, cfg.normal_only) if p]
+    checkpoints = [read_checkpoint(p) for p in (cfg.checkpoint, cfg.normal_only) if p]
+    defects = set().union(*(trained_defect_paths(c) for c in checkpoints))
     if bundle is not None and bundle.refine is not None and bundle.refine.model:
-        files.append(str(bundle.file(bundle.refine.model)))
-    return set().union(*(trained_defect_paths(read_checkpoint(f)) for f in files))
-
-
-def _trained_goods(cfg: AccuracyConfig, bundle: Bundle | None) -> frozenset[str]:
-    """Content digests of the good images any compared model trained on (as grad-eval leaves them out): a test
-    good that is a copy of a training good would flatter every row that learnt it."""
-    from gradad.training.checkpoint import read_checkpoint
-
-    digests: set[str] = set()
-    for f in (p for p in (cfg.checkpoint, cfg.normal_only) if p):
-        digests.update(read_checkpoint(f).get("trained_good_digests") or ())
+        defects |= trained_defect_paths(read_checkpoint(bundle.file(bundle.refine.model)))
+    goods = {d for c in checkpoints for d in c.get("trained_good_digests") or ()}
     if bundle is not None:
-        digests.update(bundle.training_data.get("trained_good_digests") or ())
-    return frozenset(digests)
+        goods.update(bundle.training_data.get("trained_good_digests") or ())
+    return defects, frozenset(goods)
 
 
 def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
@@ -355,8 +348,9 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
     if bundle is not None and calibration is None:
         log.info("bundle %s is not calibrated: F1 is the oracle best F1", cfg.bundle)
     classes = _default_classes(cfg, bundle)
+    trained_defects, trained_goods = _trained_images(cfg, bundle)
     selection = scoring_selection(load_samples_from_roots(cfg.data_roots, "test", classes, cfg.layout),
-                                  cfg.exclude, _trained_defects(cfg, bundle), trained_goods=_trained_goods(cfg, bundle))
+                                  cfg.exclude, trained_defects, trained_goods=trained_goods)
     samples, n_excluded = selection.kept, selection.n_split
     n_trained = selection.n_trained + selection.n_tuned
     rows: list[dict[str, Any]] = []

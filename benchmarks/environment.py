@@ -56,18 +56,14 @@ def torch_gpu() -> dict[str, str] | None:
     return {"name": torch.cuda.get_device_name(0), "compute_capability": f"{major}.{minor}"}
 
 
-def cuda_python_gpu() -> dict[str, str] | None:
-    """GPU 0 as cuda-python sees it (what TensorRT builds for and runs on), or None without cuda-python or a GPU.
+def cuda_python_gpu() -> dict[str, str]:
+    """GPU 0 as cuda-python sees it (what TensorRT builds for and runs on); raises without cuda-python or a GPU.
 
     A Jetson's TensorRT rows run without torch, or with a CPU-only torch wheel: torch alone would call that
     machine GPU-less."""
     from gradad.runtime import tensorrt_device  # the module, not the function: tests replace what it imports
 
-    try:
-        return tensorrt_device.gpu_identity()
-    except Exception as exc:  # noqa: BLE001 - TensorRTUnavailable, or a broken CUDA install: no GPU to report
-        log.debug("cuda-python sees no GPU: %s", exc)
-        return None
+    return tensorrt_device.gpu_identity()  # raises without cuda-python or a GPU: gpu_info reads that as None
 
 
 def gpu_info() -> dict[str, str] | None:
@@ -75,18 +71,12 @@ def gpu_info() -> dict[str, str] | None:
     for source, probe in (("torch", torch_gpu), ("cuda-python", cuda_python_gpu)):
         try:
             found = probe()
-        except Exception as exc:  # noqa: BLE001 - a broken torch CUDA build reads as no GPU from it
+        except Exception as exc:  # noqa: BLE001 - no cuda-python or GPU, a broken CUDA build: no GPU from it
             log.debug("%s GPU probe failed: %s", source, exc)
             found = None
         if found:
             return {**found, "source": source}
     return None
-
-
-def gpu_name() -> str | None:
-    """Name of CUDA device 0 when torch or cuda-python sees a GPU."""
-    info = gpu_info()
-    return info["name"] if info else None
 
 
 def tensorrt_engine_record(backend: Any, bundle: Any) -> dict[str, Any] | None:

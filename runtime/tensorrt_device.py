@@ -22,7 +22,6 @@ def tensorrt_too_old(version: str) -> str:
             f"or newer (JetPack 5.1+)")
 
 
-
 def rebuild_command(bundle: str, precision: str = "fp16") -> str:
     """The command that builds a bundle's engine on the device at hand (quoted in every stale-engine error)."""
     return f"grad-export build --{precision} {bundle} --parity-images DIR"
