@@ -404,14 +404,12 @@ def run_pipeline(
 
 
 def _run_serial(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
-                options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
-    """Decode, preprocess, inference and sinks one after another in this thread. Returns the frames done."""
+                options: RunOptions, stop: StopFlag, stats: LatencyStats) -> None:
+    """Decode, preprocess, inference and sinks one after another in this thread (``stats`` counts the frames)."""
     hw = backend.input_hw
     captured = (prepare(f, hw) for f in until(frames, stop, options.max_frames))  # nothing drops: read = scored
-    done = 0
     for scored in scored_batches(batched(captured, options.batch_for(backend)), backend, thresholds):
-        done += write(scored, sink, stats, options, stop)
-    return done
+        write(scored, sink, stats, options, stop)
 
 
 def _paced(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
@@ -460,8 +458,8 @@ def _batches(captured: Buffered[Captured], size: int, live: bool) -> Iterator[li
 
 
 def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresholds, sink: SinkBase,
-                   options: RunOptions, stop: StopFlag, stats: LatencyStats) -> int:
-    """Capture + preprocess, inference and sinks on three threads with bounded queues; returns the frames done.
+                   options: RunOptions, stop: StopFlag, stats: LatencyStats) -> None:
+    """Capture + preprocess, inference and sinks on three threads with bounded queues (``stats`` counts the frames).
 
     The frame rate approaches 1 / the slowest stage. Files never drop (a full queue blocks the stage before it) and
     keep capture order; live sources drop the oldest queued frame instead (``LatencyStats.dropped``). An error in
@@ -496,7 +494,6 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                 log.warning("the %s thread did not stop within 5 s (a source read that does not return?)",
                             stage.name)
         stats.dropped = dropped_before + captured.dropped
-    return done
 
 
 def _interrupt_sources(frames: Iterable[Frame], stop: StopFlag) -> None:

@@ -714,7 +714,7 @@ class _LiveSource(FrameSource):
         self._watchers: list[threading.Event] = []
         self._failures = 0  # failed reads in a row on the current connection (capture thread only)
         self._last_good = time.monotonic()
-        self._down_since: float | None = None  # monotonic time of the last good frame while the source is down
+        self._down = False  # in an outage: down since _last_good (no frame is stored until it ends)
         self._down_s = 0.0  # seconds of the outages that ended
         self._closed_at: float | None = None
         self._events = 0  # numbers losses, failed tries and recoveries for the outage log
@@ -905,7 +905,7 @@ class _LiveSource(FrameSource):
         """Start an outage (logged once; it counts as down from the last good frame)."""
         with self._lock:
             self._failures = 0
-            self._down_since = self._last_good
+            self._down = True
             self._stats["outages"] += 1
             self._events += 1
             seq = self._events
@@ -951,8 +951,8 @@ class _LiveSource(FrameSource):
         """End the outage (one INFO line saying how long it lasted)."""
         with self._lock:
             self._stats["reconnects"] += 1
-            self._down_s += time.monotonic() - (self._down_since if self._down_since is not None else self._last_good)
-            self._down_since = None
+            self._down_s += time.monotonic() - self._last_good
+            self._down = False
             self._events += 1
             seq = self._events
         self._outage.delivered(seq)
@@ -1001,9 +1001,9 @@ class _LiveSource(FrameSource):
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         with self._lock:
-            since, now = self._down_since, self._closed_at or time.monotonic()
-            out["down_seconds"] = round(self._down_s + (now - since if since is not None else 0.0), 3)
-            out["connected"] = since is None and not out["gave_up"]
+            now = self._closed_at or time.monotonic()
+            out["down_seconds"] = round(self._down_s + (now - self._last_good if self._down else 0.0), 3)
+            out["connected"] = not self._down and not out["gave_up"]
         return out
 
     def _close_impl(self) -> None:

@@ -9,7 +9,6 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from gradad.imaging import map_2d as _map2d  # noqa: F401 - the sinks' (h, w) map, re-exported for them
 from gradad.plain import plain_leaf
 from gradad.runtime.types import FrameResult
 

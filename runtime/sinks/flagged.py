@@ -19,10 +19,10 @@ import numpy as np
 from gradad.data.datasets import IMAGE_EXTENSIONS
 from gradad.errors import GradError
 from gradad.files import atomic_write_bytes
-from gradad.imaging import map_to_uint8, to_bgr_uint8
+from gradad.imaging import map_2d, map_to_uint8, to_bgr_uint8
 from gradad.runtime.outage import Outage, OutageWords
 from gradad.runtime.sinks.background import OffloadedSink
-from gradad.runtime.sinks.base import _map2d, map_display_range
+from gradad.runtime.sinks.base import map_display_range
 from gradad.runtime.sinks.video import OVERLAY_MAX_SIDE, capped_overlay
 from gradad.runtime.types import FrameResult
 
@@ -264,7 +264,7 @@ class FlaggedFrameSink(OffloadedSink):
     # -- writing -------------------------------------------------------------------------------------------------
 
     def _encode(self, result: FrameResult) -> dict[str, bytes]:
-        amap = _map2d(result.anomaly_map)
+        amap = map_2d(result.anomaly_map)
         ok1, orig = cv2.imencode(".png", to_bgr_uint8(result.frame.image))
         ok2, overlay = cv2.imencode(".jpg", capped_overlay(result, self.overlay_max_side),
                                     [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])

@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 
 from gradad.errors import GradError
-from gradad.imaging import heatmap_overlay, to_bgr_uint8
+from gradad.imaging import heatmap_overlay, map_2d, to_bgr_uint8
 from gradad.runtime.sinks.background import OffloadedSink
-from gradad.runtime.sinks.base import NG_COLOR_BGR, OK_COLOR_BGR, SinkBase, _CONTOUR_COLOR_BGR, _TEXT_COLOR_BGR, _fmt, _map2d, map_display_range
+from gradad.runtime.sinks.base import NG_COLOR_BGR, OK_COLOR_BGR, SinkBase, _CONTOUR_COLOR_BGR, _TEXT_COLOR_BGR, _fmt, map_display_range
 from gradad.runtime.types import FrameResult
 
 log = logging.getLogger("gradad.runtime.sinks")
@@ -61,7 +61,7 @@ def annotate_frame(result: FrameResult, image_rgb: np.ndarray | None = None, alp
     image = result.frame.image if image_rgb is None else image_rgb
     bgr = to_bgr_uint8(image)
     h, w = bgr.shape[:2]
-    amap = _map2d(result.anomaly_map)
+    amap = map_2d(result.anomaly_map)
     if amap.shape != (h, w):
         amap = cv2.resize(amap, (w, h), interpolation=cv2.INTER_LINEAR)
     vmin, vmax = map_display_range(result.threshold, amap)
