@@ -425,9 +425,10 @@ def load_engine(settings: RunSettings) -> tuple[Any, "Bundle", "Thresholds"]:
     return engine, bundle, thresholds
 
 
-def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
+def build_sinks(opts: SinkOptions, benchmark: bool, live: bool = True) -> list["SinkBase"]:
     """The sinks the options ask for (no JSON lines in benchmark mode); the video and the flagged folder write on
-    threads of their own, so the JSONL and the network sinks never wait for their encoding."""
+    threads of their own, so the JSONL and the network sinks never wait for their encoding. ``live``: a full
+    writer queue drops the frame; over files nothing is dropped (the loop waits, as its own queues do)."""
     from gradad.runtime import sinks as kinds  # looked up at call time: tests swap the network sinks
 
     if benchmark and opts.jsonl_path not in ("", "-"):  # '-' is the default (stdout holds the benchmark JSON)
@@ -439,13 +440,14 @@ def build_sinks(opts: SinkOptions, benchmark: bool) -> list["SinkBase"]:
             out.append(kinds.JsonlSink(opts.jsonl_path))
         if opts.video_path:
             out.append(kinds.VideoSink(opts.video_path, fps=opts.video_fps, segment_s=opts.video_segment,
-                                       max_side=opts.video_max_side, queue_size=kinds.FILE_QUEUE_FRAMES))
+                                       max_side=opts.video_max_side, queue_size=kinds.FILE_QUEUE_FRAMES,
+                                       drop_when_full=live))
         if opts.display:
             out.append(kinds.DisplaySink())
         if opts.flagged_dir:
             out.append(kinds.FlaggedFrameSink(opts.flagged_dir, max_bytes=opts.flagged_max_mb * 2**20,
                                               overlay_max_side=opts.video_max_side,  # as the video: drawn once
-                                              queue_size=kinds.FILE_QUEUE_FRAMES))
+                                              queue_size=kinds.FILE_QUEUE_FRAMES, drop_when_full=live))
         if opts.mqtt:
             tls = opts.mqtt_tls or opts.mqtt_ca is not None
             host, port = parse_mqtt(opts.mqtt, 8883 if tls else 1883)
@@ -541,10 +543,10 @@ def _run(settings: RunSettings, stop: "StopFlag") -> None:
             refine_stage = start_refine(settings.bundle_dir, bundle, settings.refine, stopping=stop.__bool__)
         _open_sources(settings, stop, opened)
         if not stop:
-            sinks = build_sinks(settings.sinks, bench.enabled)
+            live = any(src.live for src in opened)
+            sinks = build_sinks(settings.sinks, bench.enabled, live)
             frames = iter(opened[0]) if len(opened) == 1 else interleave(opened)
-            stats, wall = _run_loop(settings, frames, engine, thresholds, sinks, refine_stage, stop,
-                                    live=any(src.live for src in opened))
+            stats, wall = _run_loop(settings, frames, engine, thresholds, sinks, refine_stage, stop, live=live)
     except OSError as exc:  # e.g. disk full while writing JSONL/video: one line, sinks already closed
         raise GradError(f"output failed: {exc}") from exc
     finally:

@@ -418,6 +418,22 @@ def test_jsonl_rotated_compressed_and_removed_between_two_lines_writes_no_line_t
     assert sorted(kept + _frame_ids(path)) == [0, 1, 2, 3]  # each line once
 
 
+def test_over_files_a_full_writer_queue_waits_and_drops_nothing() -> None:
+    """A run over files drops no frame anywhere (the loop's queues block): a slow file sink makes it wait too (a
+    fast folder run once lost an NG frame, and its refined mask, to a full flagged-folder queue)."""
+    written: list[int] = []
+    writer = BackgroundWriter("flagged test", lambda i: (time.sleep(0.01), written.append(i)), queue_size=2,
+                              drop_when_full=False)
+    for i in range(20):
+        assert writer.submit(i)
+    writer.close()
+    assert written == list(range(20)) and writer.dropped == 0
+    live = BackgroundWriter("video test", lambda i: time.sleep(0.05), queue_size=1)  # live: drops, never waits
+    dropped = [live.submit(i) for i in range(10)].count(0)
+    live.close()
+    assert dropped > 0 and live.dropped == dropped
+
+
 def test_a_signal_caps_the_file_writers_drain_and_network_sinks_close_first(tmp_path: Path) -> None:
     order: list[str] = []
 

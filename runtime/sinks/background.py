@@ -28,20 +28,22 @@ class BackgroundWriter(Generic[_T]):
     """Hands items (frames) to ``work`` on one worker thread through a bounded FIFO queue of ``queue_size``.
 
     The video and flagged-frame sinks encode multi-megapixel images (PNG, overlay, video frame): on the sink thread
-    that delayed every verdict behind them, JSONL / MQTT / webhook included. Here :meth:`submit` never blocks: a
-    full queue drops the new item (``dropped``, logged once per streak of drops, then at most once a minute, and
+    that delayed every verdict behind them, JSONL / MQTT / webhook included. Here :meth:`submit` never blocks a
+    live run (``drop_when_full``): a full queue drops the new item (``dropped``, logged once per streak of drops, then at most once a minute, and
     once when items are written again: :class:`~gradad.runtime.outage.Outage`). Items are handled in order;
     :meth:`close` writes every item queued before it (a normal stop loses nothing) and ends the thread, unless
     :meth:`limit` set a deadline (a stop signal): items still queued then are dropped, not written. An interrupted
     :meth:`close` (a second Ctrl-C) drops the rest too. ``work`` handles its own errors; one that escapes is logged
     and counted in ``failed``, and the thread goes on. Items submitted with ``counted=False`` (follow-ups of a
-    frame, such as a refined mask) are not frames: their drops count in ``dropped_other``.
+    frame, such as a refined mask) are not frames: their drops count in ``dropped_other``. Without
+    ``drop_when_full`` (files: nothing is dropped, the loop waits as its own queues do) :meth:`submit` waits for room.
     """
 
-    def __init__(self, name: str, work: Callable[[_T], None], queue_size: int) -> None:
+    def __init__(self, name: str, work: Callable[[_T], None], queue_size: int, drop_when_full: bool = True) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.name = name
+        self.drop_when_full = drop_when_full
         self.dropped = 0
         self.dropped_other = 0
         self.dropped_at_stop = 0  # of ``dropped``: queued frames the capped drain after a stop signal left unwritten
@@ -61,7 +63,7 @@ class BackgroundWriter(Generic[_T]):
             raise RuntimeError(f"{self.name}: the background writer is closed")
         self._seq += 1
         try:
-            self._queue.put_nowait((self._seq, item, counted))
+            self._queue.put((self._seq, item, counted), block=not self.drop_when_full)
             return self._seq
         except queue.Full:
             self._drop(counted)
@@ -120,9 +122,10 @@ class OffloadedSink(SinkBase):
 
     _background: BackgroundWriter | None = None
 
-    def _offload(self, name: str, work: Callable[[_T], None], queue_size: int) -> None:
-        """With ``queue_size > 0``, hand ``work`` to a writer thread of this sink's own."""
-        self._background = BackgroundWriter(name, work, queue_size) if queue_size else None
+    def _offload(self, name: str, work: Callable[[_T], None], queue_size: int, drop_when_full: bool) -> None:
+        """With ``queue_size > 0``, hand ``work`` to a writer thread of this sink's own (a full queue drops the
+        frame with ``drop_when_full``, a live run's rule; else the caller waits, as a run over files does)."""
+        self._background = BackgroundWriter(name, work, queue_size, drop_when_full) if queue_size else None
 
     @property
     def dropped(self) -> int:

@@ -114,7 +114,7 @@ class FlaggedFrameSink(OffloadedSink):
 
     def __init__(self, folder: str | os.PathLike[str], max_bytes: int = 1 << 30, max_files: int | None = None,
                  save_normal_every: int = 0, jpeg_quality: int = 90, overlay_max_side: int = OVERLAY_MAX_SIDE,
-                 queue_size: int = 0) -> None:
+                 queue_size: int = 0, drop_when_full: bool = True) -> None:
         if int(max_bytes) <= 0:
             raise GradError(f"flagged-frame max_bytes must be > 0, got {max_bytes}")
         if max_files is not None and int(max_files) < 1:
@@ -157,7 +157,7 @@ class FlaggedFrameSink(OffloadedSink):
             raise GradError(f"flagged-frame folder {self.folder} is not a directory")
         self._probe()
         self._scan()
-        self._offload(f"flagged-frame folder {self.folder}", _call, queue_size)
+        self._offload(f"flagged-frame folder {self.folder}", _call, queue_size, drop_when_full)
 
     def _probe(self) -> None:
         """Fail at start, not at every NG frame, when the folder takes no file (read-only file system, no

@@ -181,7 +181,8 @@ class VideoSink(OffloadedSink):
     """
 
     def __init__(self, path: str | os.PathLike[str], fps: float = 10.0, fourcc: str | None = None,
-                 segment_s: float = 60.0, max_side: int = OVERLAY_MAX_SIDE, queue_size: int = 0) -> None:
+                 segment_s: float = 60.0, max_side: int = OVERLAY_MAX_SIDE, queue_size: int = 0,
+                 drop_when_full: bool = True) -> None:
         self.path = Path(path)
         if isinstance(max_side, bool) or not isinstance(max_side, int) or max_side < 0:
             raise GradError(f"video max side must be a number of pixels >= 0 (0 = full size), got {max_side!r}")
@@ -214,7 +215,7 @@ class VideoSink(OffloadedSink):
         self._idle_stop = threading.Event()
         if self.segment_s > 0:  # an idle camera writes nothing: this thread still closes a segment when it is due
             threading.Thread(target=self._close_due_segments, name="gradad-video-segments", daemon=True).start()
-        self._offload(f"video {self.path}", self._write_now, queue_size)
+        self._offload(f"video {self.path}", self._write_now, queue_size, drop_when_full)
 
     def _close_due_segments(self) -> None:
         """Finish the segment in progress once it is ``segment_s`` old even when no frame comes (a camera
