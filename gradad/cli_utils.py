@@ -29,9 +29,12 @@ def verbose_option(func: F) -> F:
 
 #: C0 controls but newline and tab, DEL and the C1 controls: ESC and CSI (0x9b) start terminal sequences that move
 #: the cursor, erase or rewrite lines, and OSC 52 writes the clipboard; BEL, backspace and carriage return overprint.
-_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: Also the Unicode bidirectional controls (ALM, LRM/RLM, LRE..RLO, LRI..PDI): a terminal that honours them shows
+#: text in another order than it is ("Trojan Source"), so a name could display as a different file or hash.
+_BIDI_CONTROLS = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL_CHARS = re.compile(f"[\\x00-\\x08\\x0b-\\x1f\\x7f-\\x9f{_BIDI_CONTROLS}]")
 #: The same and newline: for a text meant to be one line, where a newline could forge a line of its own.
-_CONTROL_CHARS_AND_NEWLINE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_CHARS_AND_NEWLINE = re.compile(f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{_BIDI_CONTROLS}]")
 
 
 def printable(text: object, newlines: bool = True) -> str:

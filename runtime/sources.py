@@ -717,6 +717,7 @@ class _LiveSource(FrameSource):
         self._down = False  # in an outage: down since _last_good (no frame is stored until it ends)
         self._down_s = 0.0  # seconds of the outages that ended
         self._closed_at: float | None = None
+        self._open_waited_s = config.open_timeout_s  # how long the last failed open waited (for its message)
         self._events = 0  # numbers losses, failed tries and recoveries for the outage log
         self._outage = Outage(self.label, logger, words=_SOURCE_OUTAGE)
         self._stats["outages"] = 0
@@ -752,6 +753,7 @@ class _LiveSource(FrameSource):
                     cap = None  # handed over
                 else:
                     result["failure"] = "read" if opened else ("timeout" if slow else "open")
+                    result["waited_s"] = time.monotonic() - started
             except Exception as exc:
                 result["failure"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             with lock:
@@ -770,10 +772,13 @@ class _LiveSource(FrameSource):
                 with lock:
                     if not finished.is_set():
                         box["abandoned"] = True
+                        self._open_waited_s = self.config.open_timeout_s
                         return None, None, "stopped" if stopped else "timeout"
                 break
         if "cap" in box:
             return box["cap"], box["first"], ""
+        # FFmpeg gives up on a silent stream at _SLOW_OPEN_SHARE of the timeout: the message says how long it was
+        self._open_waited_s = box.get("waited_s", self.config.open_timeout_s)
         return None, None, box.get("failure", "open")
 
     def _first_frame(self, cap: Capture, box: dict[str, Any]) -> tuple[np.ndarray, float, float] | None:
@@ -797,7 +802,8 @@ class _LiveSource(FrameSource):
         return SourceError(f"{err} ({redact_secrets_in(failure)})")  # an exception's text may quote the URL
 
     def _open_error(self, failure: str) -> SourceError:
-        kind, label, t = self.spec.kind, self.label, self.config.open_timeout_s
+        kind, label = self.spec.kind, self.label
+        t = round(self._open_waited_s, 1)
         if kind == "camera":
             if failure == "open":
                 hint = (f"check `ls /dev/video*` and the index" if isinstance(self.spec.value, int)

@@ -269,6 +269,12 @@ def test_printable_keeps_ordinary_text() -> None:
     assert printable("\x00\x7f\x85\x9f") == r"\x00\x7f\x85\x9f"
 
 
+def test_printable_escapes_bidi_controls() -> None:
+    """Old code passed U+202E through: a bundle named "model\u202egnp.exe" showed as "modelexe.png" in a terminal."""
+    assert printable("model\u202egnp.exe") == r"model\u202egnp.exe"
+    assert printable("\u2066a\u2069\u200f\u061c", newlines=False) == r"\u2066a\u2069\u200f\u061c"
+
+
 # ------------------------------------------------------------------------------- 3. numbers in bundle.json
 
 

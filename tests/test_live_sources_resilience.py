@@ -562,3 +562,22 @@ def test_a_crashed_capture_thread_is_named_as_the_reason_the_run_stopped() -> No
     with pytest.raises(cli.GradError) as err:
         cli._refuse_lost_sources({src.label: stats}, 30.0)
     assert "a bug in the capture code" in str(err.value) and "--reconnect-give-up" not in str(err.value)
+
+
+def test_a_stream_that_times_out_in_ffmpeg_says_how_long_it_waited() -> None:
+    """FFmpeg gives up opening a silent stream at 70 % of open_timeout_s; the message said the full timeout (old code:
+    "no frame within 1s" after 0.75 s). A watchdog timeout still names the full time."""
+
+    def silent(kind: str, value: Any, config: SourceConfig) -> _Capture:
+        time.sleep(0.75)  # what FFmpeg's own open timeout (0.7 x open_timeout_s) does before it returns
+        return _Capture(_Camera(), opened=False)
+
+    with pytest.raises(SourceError, match=r"stream gave no frame within 0\.[78]s \(unreachable or stalled\)"):
+        open_source("rtsp://127.0.0.1:9/x", _fast(open_timeout_s=1.0), capture_factory=silent)
+
+    def hung(kind: str, value: Any, config: SourceConfig) -> _Capture:
+        time.sleep(1.5)
+        return _Capture(_Camera(), opened=False)
+
+    with pytest.raises(SourceError, match=r"stream gave no frame within 1s"):
+        open_source("rtsp://127.0.0.1:9/x", _fast(open_timeout_s=1.0), capture_factory=hung)
