@@ -25,7 +25,7 @@ from gradad.calibration.thresholds import (
 )
 from gradad.calibration.duplicates import distinct_images, duplicates_warning
 from gradad.data.datasets import is_image_file, list_image_files
-from gradad.data.images import read_image_rgb, read_mask, resize_mask
+from gradad.data.images import MASK_THRESHOLD, read_image_rgb, read_mask, resize_mask
 from gradad.errors import DatasetError, GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import to_model_input
@@ -50,6 +50,42 @@ def find_mask(masks_dir: Path, image: Path) -> Path | None:
         if hits:
             return hits[0]
     return None
+
+
+#: How a mask file is binarised (gradad.data.images.read_mask), for the messages about masks that read empty.
+MASK_RULE = (f"a pixel is defect when its value is > {MASK_THRESHOLD} on the 0-255 scale (16-bit and float masks "
+             "rescaled; a 0/1 label mask reads > 0)")
+
+
+def _read_masks(masks_dir: Path, defect_files: Sequence[Path], sizes: Sequence[tuple[int, int]],
+                hw: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """(masks at model size, one per defect image: all False where no mask file matches; how many matched)."""
+    masks = np.zeros((len(defect_files), *hw), bool)
+    found = 0
+    for i, (f, size) in enumerate(zip(defect_files, sizes)):
+        mp = find_mask(masks_dir, f)
+        if mp is not None:
+            masks[i] = resize_mask(read_mask(mp, size), hw[0], hw[1])
+            found += 1
+    return masks, found
+
+
+def _check_masks_mark_pixels(masks_dir: Path, masks: np.ndarray, found: int) -> list[str]:
+    """Refuse masks that mark no pixel at all (binarised away, e.g. a mask drawn in values <= 127, or defects
+    thinner than a model-size cell): the pixel F1 would have no defect pixel to find, and its threshold comes out
+    NaN, blamed on the good images. Some empty masks among others: a warning with their count.
+
+    Raises:
+        DatasetError: no mask marks a pixel, naming the folder and the binarisation rule.
+    """
+    marked = int(masks.any(axis=(1, 2)).sum())
+    if marked == 0:
+        raise DatasetError(f"--masks {masks_dir}: none of the {found} matched mask(s) marks a defect pixel at the "
+                           f"model's input size ({MASK_RULE}): check that the masks are white (255) on black")
+    if marked < found:
+        return [f"--masks {masks_dir}: {found - marked} of {found} matched mask(s) mark no defect pixel at the "
+                f"model's input size ({MASK_RULE}); their pixels count as good in the pixel F1"]
+    return []
 
 
 def score_images(backend: Backend, files: Sequence[Path], batch_size: int = 8,
@@ -302,19 +338,16 @@ def calibrate(
         rules["image_auroc"] = auroc(labels, all_scores)
         if masks_dir:
             hw = backend.input_hw
-            masks = np.zeros((n_defect, *hw), bool)
-            found = 0
-            for i, (f, size) in enumerate(zip(defect_files, sizes)):
-                mp = find_mask(Path(masks_dir), f)
-                if mp is not None:
-                    masks[i] = resize_mask(read_mask(mp, size), hw[0], hw[1])
-                    found += 1
+            masks, found = _read_masks(Path(masks_dir), defect_files, sizes, hw)
             if not found:
                 raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")
             if found < n_defect:
                 warnings_list.append(f"--masks {masks_dir}: {n_defect - found} of {n_defect} defect images have no "
                                      f"mask; their pixels count as good in the pixel F1")
                 log.warning(warnings_list[-1])
+            for msg in _check_masks_mark_pixels(Path(masks_dir), masks, found):
+                warnings_list.append(msg)
+                log.warning(msg)
             maps = np.concatenate([good_maps, defect_maps])
             gt = np.concatenate([np.zeros_like(good_maps, bool), masks])
             t_px, f1_px = pixel_threshold_f1(maps, gt)

@@ -23,8 +23,11 @@ Supported layouts (``layout=`` argument; ``"auto"`` detects it, see :func:`detec
     files of ``good/`` sorted by name are split deterministically: every 5th file (1-based positions 5, 10,
     15, ...) goes to test, the rest to train; all of ``defect/`` is test.
 
-Image files: ``.png .jpg .jpeg .bmp .tif .tiff`` (any case); hidden files and folders (name starting with ``.``)
-are ignored; files are sorted by name so the order is deterministic. A defect image without a mask file is not
+Image files: ``.png .jpg .jpeg .bmp .tif .tiff`` (any case), read directly inside their folder; hidden files and
+folders (name starting with ``.``) are ignored; files are sorted by name so the order is deterministic. Other
+files (``.webp``, ``.txt``, ...), broken links and images in subfolders of an image folder (``train/good/day1/``)
+are not read, with one warning per folder naming them (see :func:`scan_image_folder`), and a class left without
+training images is refused with what its folder held instead. A defect image without a mask file is not
 an error: its ``mask_path`` is ``None`` (one warning per class). Every other problem raises
 :class:`gradad.errors.DatasetError` with a one-line message.
 """
@@ -114,28 +117,140 @@ def _subdirs(d: Path) -> list[Path]:
     return [p for p in _entries(d) if p.is_dir()]
 
 
-def _images(d: Path) -> list[Path]:
-    return [p for p in _entries(d) if is_image_file(p)]
+@dataclass(frozen=True)
+class FolderListing:
+    """What one image folder holds as the readers see it: the images they read and what they pass over.
+
+    Attributes:
+        images: visible image files of a known type, sorted by name (what is read).
+        other_types: visible files of no known image type (``.webp``, ``.txt``, no extension, a FIFO ...).
+        broken_links: visible links whose target does not exist.
+        nested: names of visible subfolders that hold images somewhere below (only when subfolders are not
+            expected there: ``train/good``, ``good``, one defect type's folder).
+    """
+
+    images: list[Path]
+    other_types: list[Path]
+    broken_links: list[Path]
+    nested: list[str]
+
+    def ignored_summary(self) -> str | None:
+        """One clause per kind of thing the readers pass over (``None`` when nothing is): what a warning about the
+        folder, or an empty-class error, says was there instead of readable images."""
+        parts = []
+        if self.other_types:
+            kinds = sorted({_kind(p) for p in self.other_types})
+            parts.append(f"ignored {len(self.other_types)} file(s) that are not images of a known type "
+                         f"({', '.join(kinds)}; known: {' '.join(IMAGE_EXTENSIONS)})")
+        if self.broken_links:
+            names = ", ".join(p.name for p in self.broken_links[:3]) + (" ..." if len(self.broken_links) > 3 else "")
+            parts.append(f"ignored {len(self.broken_links)} broken link(s) whose target does not exist ({names})")
+        if self.nested:
+            names = ", ".join(f"{n}/" for n in self.nested[:4]) + (" ..." if len(self.nested) > 4 else "")
+            parts.append(f"images in subfolders {names} are not read: move them up or use one class per folder")
+        return "; ".join(parts) or None
+
+
+def _kind(p: Path) -> str:
+    """How a passed-over file is named in a warning: its extension, or why it has none that counts."""
+    if not p.is_file():
+        return "(not a regular file)"
+    return p.suffix.lower() or "(no extension)"
+
+
+def _holds_images(d: Path) -> bool:
+    """Whether a visible image file lies anywhere below ``d`` (stops at the first; hidden folders skipped)."""
+    for top, dirs, files in os.walk(d):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        if any(not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS and (Path(top) / f).is_file()
+               for f in files):
+            return True
+    return False
+
+
+def scan_image_folder(d: str | Path, nested_expected: bool = False) -> FolderListing:
+    """List the image files directly inside ``d`` and what else it holds (see :class:`FolderListing`).
+
+    ``nested_expected``: the folder holds subfolders by design (``defect/<type>``, ``masks/<type>``); they are then
+    not searched for images. A folder that does not exist gives an empty listing.
+    """
+    images: list[Path] = []
+    other: list[Path] = []
+    broken: list[Path] = []
+    nested: list[str] = []
+    for p in _entries(Path(d)):
+        if p.is_symlink() and not p.exists():
+            broken.append(p)
+        elif p.is_dir():
+            if not nested_expected and _holds_images(p):
+                nested.append(p.name)
+        elif is_image_file(p):
+            images.append(p)
+        else:
+            other.append(p)
+    return FolderListing(images, other, broken, nested)
+
+
+#: (folder, message) pairs already warned about in this process: training, evaluation and calibration list the
+#: same folders more than once, and one warning per folder is what is useful
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_ignored(d: Path, listing: FolderListing) -> None:
+    """Log, once per folder and process, what the readers pass over in ``d`` (nothing when nothing is)."""
+    summary = listing.ignored_summary()
+    if summary is None:
+        return
+    key = (str(d.resolve()), summary)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    logger.warning("folder %s: %s", d, summary)
+
+
+def _images(d: Path, warn: bool = True, nested_expected: bool = False) -> list[Path]:
+    """The image files read from ``d``; with ``warn``, one warning about the files and subfolders passed over."""
+    listing = scan_image_folder(d, nested_expected=nested_expected or not warn)
+    if warn:
+        _warn_ignored(d, listing)
+    return listing.images
+
+
+def _instead(d: Path) -> str:
+    """What a folder without readable images holds instead, as a parenthesis for an error message."""
+    if not d.exists():
+        return " (the folder does not exist)"
+    if not d.is_dir():
+        return " (it is not a folder)"
+    summary = scan_image_folder(d).ignored_summary()
+    return f" ({summary})" if summary else " (the folder is empty)"
 
 
 def list_image_files(folder: str | Path, what: str = "image") -> list[Path]:
-    """Sorted visible image files directly inside ``folder``; DatasetError naming ``what`` when there are none."""
+    """Sorted visible image files directly inside ``folder``; DatasetError naming ``what`` when there are none.
+
+    Files of other types, broken links and images in subfolders are passed over with one warning per folder.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{what} folder not found: {folder}")
-    files = _images(folder)
-    if not files:
-        nested = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and _images(d))
+    listing = scan_image_folder(folder)
+    if not listing.images:
+        nested = listing.nested
         hint = (f" (subfolders are not searched; {', '.join(nested[:4])}{' ...' if len(nested) > 4 else ''} "
                 f"hold images: give one of them)" if nested else "")
+        if not hint and (listing.other_types or listing.broken_links):
+            hint = f" ({listing.ignored_summary()})"
         raise DatasetError(f"{what} folder {folder} holds no images{hint}")
-    return files
+    _warn_ignored(folder, listing)
+    return listing.images
 
 
-def _mask_index(d: Path) -> dict[str, Path]:
-    """Map file stem -> mask file for the image files of a folder (``.png`` wins over other extensions)."""
+def _mask_index(d: Path, nested_expected: bool = False) -> dict[str, Path]:
+    """Map file stem -> mask file for the image files of a folder (``.png`` wins over other extensions);
+    ``nested_expected`` for a masks folder that also holds one subfolder per defect type."""
     index: dict[str, Path] = {}
-    for p in _images(d):
+    for p in _images(d, nested_expected=nested_expected):
         if p.stem not in index or p.suffix.lower() == ".png":
             index[p.stem] = p
     return index
@@ -234,7 +349,7 @@ def _mvtec_or_goodsad(class_dirs: Iterable[Path]) -> str:
     saw_plain = False
     for cdir in class_dirs:
         for ddir in _subdirs(cdir / "ground_truth"):
-            for p in _images(ddir):
+            for p in _images(ddir, warn=False):  # only names matter here; the test split warns when it reads them
                 if p.stem.endswith("_mask"):
                     return "mvtec"
                 saw_plain = True
@@ -257,12 +372,7 @@ def detect_layout(root: str | Path) -> str:
     root = _check_root(root)
     if (root / VISA_CSV).is_file():
         return "visa"
-    if root.name in ("train", "test", "ground_truth") and _is_single_mvtec_class(root.parent):
-        # e.g. <cls>/test has good/ and would otherwise pass for a generic folder class named "test"
-        raise DatasetError(
-            f"dataset root points inside the class folder {root.parent}: {root} (pass the class folder or the "
-            "dataset root)"
-        )
+    _check_not_inside_class(root, depth=1)  # <cls>/test has good/: it would pass for a folder class "test"
     if _is_single_mvtec_class(root):
         return _mvtec_or_goodsad([root])
     subdirs = _subdirs(root)
@@ -272,7 +382,35 @@ def detect_layout(root: str | Path) -> str:
         return "folder"
     if any((d / "test").is_dir() for d in subdirs):
         return _mvtec_or_goodsad(_mvtec_class_dirs(root).values())
+    _check_not_inside_class(root, depth=_INSIDE_DEPTH)  # checked last: a root any layout reads stays readable
     raise DatasetError(f"not a recognised dataset layout: {root} (tried {_TRIED})")
+
+
+#: Folders of an MVTec-style class folder a dataset root can wrongly point into (at any depth below them).
+_MVTEC_PARTS = ("train", "test", "ground_truth")
+#: Folders of a generic-folder class.
+_FOLDER_PARTS = ("good", "defect", "masks")
+#: How many levels above a root are searched for the class folder it lies in (<cls>/ground_truth/<type>: 2).
+_INSIDE_DEPTH = 2
+
+
+def _inside_class_error(root: Path, cdir: Path) -> DatasetError:
+    return DatasetError(f"dataset root points inside the class folder {cdir}: {root} (pass the class folder or "
+                        "the dataset root)")
+
+
+def _check_not_inside_class(root: Path, depth: int) -> None:
+    """Refuse a root inside a class folder, naming the class folder to pass instead: up to ``depth`` levels into
+    an MVTec-style one (``<cls>/train``, ``<cls>/train/good``, ``<cls>/test/<type>``, ``<cls>/ground_truth/...``)
+    or, at the full depth, one level into a generic-folder one (``<cls>/good``, ``<cls>/defect``, ``<cls>/masks``)."""
+    child = root
+    for parent in list(root.parents)[:depth]:
+        if child.name in _MVTEC_PARTS and _is_single_mvtec_class(parent):
+            raise _inside_class_error(root, parent)
+        child = parent
+    # after the MVTec check: <cls>/train/good is also "good/ of a folder class named train"
+    if depth >= _INSIDE_DEPTH and root.name in _FOLDER_PARTS and _is_folder_class(root.parent):
+        raise _inside_class_error(root, root.parent)
 
 
 def _resolve_layout(root: Path, layout: str) -> str:
@@ -394,10 +532,29 @@ def _visa_samples(root: Path, split: str, classes: list[str]) -> list[Sample]:
 # ------------------------------------------------------------------------------------------ MVTec / GoodsAD
 
 
-def _raise_empty(cls: str, split: str, where: Path) -> None:
+def _raise_empty(cls: str, split: str, where: Path, why: str | None = None) -> None:
+    """Refuse a class without images of ``split``, saying what ``where`` holds instead (or ``why``)."""
+    if why is None:
+        why = "" if where.is_file() else _instead(where)  # a VisA split file: nothing to describe
     if split == "train":
-        raise DatasetError(f"empty class '{cls}': no training images in {where}")
-    raise DatasetError(f"class '{cls}' has no test images in {where}")
+        raise DatasetError(f"empty class '{cls}': no training images in {where}{why}")
+    raise DatasetError(f"class '{cls}' has no test images in {where}{why}")
+
+
+def _no_test_subfolder_images(test_dir: Path) -> str:
+    """Why a ``test/`` folder gave no images (it is read one subfolder per label: good/ and each defect type)."""
+    if not test_dir.is_dir():
+        return " (the folder does not exist)"
+    return " (its images are read from one subfolder per label, test/good/ and test/<defect type>/: none holds " \
+           "images of a known type)"
+
+
+def _hold_out_rule(cdir: Path, n_good: int) -> str:
+    """Why a generic-folder class without ``test/`` has no test images: the hold-out rule, and what would give some."""
+    return (f": without a test/ folder, every {FOLDER_TEST_EVERY}th good image (sorted by name) is held out for "
+            f"testing, so its {n_good} good image(s) give none, and {cdir / 'defect'} holds no images; add good "
+            f"images (at least {FOLDER_TEST_EVERY}), defect images in defect/, or a test/ folder "
+            f"(test/good/, test/<defect type>/)")
 
 
 def _test_dir_samples(
@@ -411,7 +568,7 @@ def _test_dir_samples(
         label = 0 if ddir.name == _GOOD else 1
         indexes = [_mask_index(m / ddir.name) for m in mask_dirs] if label else []
         if label and loose:
-            indexes += [_mask_index(m) for m in mask_dirs]
+            indexes += [_mask_index(m, nested_expected=True) for m in mask_dirs]
         found += [(img, ddir.name, indexes) for img in _images(ddir)]
     defects = [(img, indexes) for img, dtype, indexes in found if dtype != _GOOD]
     masks = iter(_match_masks(defects, loose))
@@ -435,7 +592,7 @@ def _mvtec_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
     missing: list[Path] = []
     out = _test_dir_samples(cls, cdir, [cdir / "ground_truth"], missing, loose=False)
     if not out:
-        _raise_empty(cls, split, cdir / "test")
+        _raise_empty(cls, split, cdir / "test", _no_test_subfolder_images(cdir / "test"))
     _warn_missing_masks(cls, missing, sum(s.label for s in out))
     return out
 
@@ -464,9 +621,9 @@ def _folder_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
         out = [Sample(p, cls, "test", 0, _GOOD, None) for p in test_good]
         defect_root = cdir / "defect"
         masks_root = cdir / "masks"
-        root_index = _mask_index(masks_root)
+        root_index = _mask_index(masks_root, nested_expected=True)
         groups: list[tuple[str, list[Path], list[dict[str, Path]]]] = [
-            ("defect", _images(defect_root), [root_index])
+            ("defect", _images(defect_root, nested_expected=True), [root_index])
         ]
         for sub in _subdirs(defect_root):
             groups.append((sub.name, _images(sub), [_mask_index(masks_root / sub.name), root_index]))
@@ -476,8 +633,10 @@ def _folder_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
             if mask_path is None:
                 missing.append(img)
             out.append(Sample(img, cls, "test", 1, dtype, mask_path))
+    if not out and has_test_dir:
+        _raise_empty(cls, split, cdir / "test", _no_test_subfolder_images(cdir / "test"))
     if not out:
-        _raise_empty(cls, split, cdir / ("test" if has_test_dir else _GOOD))
+        _raise_empty(cls, split, cdir, _hold_out_rule(cdir, len(good)))
     _warn_missing_masks(cls, missing, sum(s.label for s in out))
     return out
 
@@ -501,6 +660,7 @@ def list_classes(root: str | Path, layout: str = "auto") -> list[str]:
     layout = _resolve_layout(root, layout)
     names = _visa_classes(root) if layout == "visa" else sorted(_class_dirs(root, layout))
     if not names:
+        _check_not_inside_class(root, depth=_INSIDE_DEPTH)
         raise DatasetError(f"no classes found in {root} for layout '{layout}' (tried {_TRIED})")
     return names
 
@@ -566,6 +726,7 @@ def load_samples_from_roots(
     Classes keep their own names; a name found in two roots is refused, since the model and its metrics could
     not tell the two apart. ``classes`` selects by name across the roots; unknown names list what exists.
     """
+    roots = _distinct_roots(roots)
     if len(roots) == 1:
         return load_samples(roots[0], split, classes, layout)
     owner: dict[str, Path] = {}
@@ -573,8 +734,9 @@ def load_samples_from_roots(
         checked = _check_root(root)
         for cls in list_classes(checked, layout):
             if cls in owner:
-                raise DatasetError(f"class {cls!r} exists in both {owner[cls]} and {checked}: rename one so the "
-                                   "unified model can keep them apart")
+                raise DatasetError(f"class {cls!r} exists in both {owner[cls]} and {checked}"
+                                   f"{_nesting(owner[cls], checked)}: rename one so the unified model can keep "
+                                   "them apart")
             owner[cls] = checked
     if classes is not None:
         unknown = [c for c in classes if c not in owner]
@@ -583,6 +745,29 @@ def load_samples_from_roots(
                                f"{', '.join(map(str, roots))}; available: {', '.join(owner)}")
     wanted = list(owner) if classes is None else list(dict.fromkeys(classes))
     return [s for cls in wanted for s in load_samples(owner[cls], split, [cls], layout)]
+
+
+def _distinct_roots(roots: Sequence[str | Path]) -> list[str | Path]:
+    """``roots`` with any root given a second time (the same folder, however spelled: ``mv``, ``./mv/``, a link to
+    it) left out with a warning: reading it twice would make every class clash with itself."""
+    kept: dict[Path, str | Path] = {}
+    for root in roots:
+        key = _check_root(root).resolve()
+        if key in kept:
+            logger.warning("dataset root %s is given twice (as %s and %s): reading it once", key, kept[key], root)
+            continue
+        kept[key] = root
+    return list(kept.values())
+
+
+def _nesting(a: Path, b: Path) -> str:
+    """`` (b lies inside a)`` when one root lies inside the other, the likely cause of a class found in both."""
+    ra, rb = a.resolve(), b.resolve()
+    if ra in rb.parents:
+        return f" ({b} lies inside {a}: give one of them)"
+    if rb in ra.parents:
+        return f" ({a} lies inside {b}: give one of them)"
+    return ""
 
 
 def summarize(samples: Iterable[Sample]) -> dict[str, Any]:

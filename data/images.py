@@ -49,6 +49,65 @@ def _max_pixels() -> str:
     return os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "2^30")
 
 
+def _refuse_empty_file(buf: np.ndarray, path: Path, what: str) -> None:
+    """A zero-byte file (an interrupted copy, a placeholder) is named as such, not as a corrupt image."""
+    if buf.size == 0:
+        raise DatasetError(f"{what} file is empty (0 bytes): {path}")
+
+
+def _undecodable(buf: np.ndarray, path: Path, what: str) -> DatasetError:
+    """The error for a file the colour decode refused: a pixel type OpenCV reads but the product does not (float
+    or 32-bit TIFF) is named as such; anything else is corrupt, not an image, or too large."""
+    # only TIFF holds float / 32-bit samples among the types read: no second decode (and libpng's second complaint
+    # on stderr) for a truncated PNG or JPEG
+    raw = _decode(buf, cv2.IMREAD_UNCHANGED) if bytes(buf[:4]) in _TIFF else None
+    if raw is not None and raw.size and raw.dtype not in (np.uint8, np.uint16):
+        channels = 1 if raw.ndim == 2 else raw.shape[2]
+        return DatasetError(f"unsupported pixel type {raw.dtype} ({channels} channel(s)): {what}s are read as 8- or "
+                            f"16-bit integers; convert it to 8-bit PNG: {path}")
+    return DatasetError(f"cannot decode {what} (corrupt, not an image, or over {_max_pixels()} pixels: raise "
+                        f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {path}")
+
+
+#: The largest 8-bit value a 16-bit image holding only its low 12 bits gives (4095 >> 8).
+_LOW_12_BIT_MAX_8 = 4095 >> 8
+#: File signatures: PNG, and TIFF little and big endian (the formats read here that hold 16-bit images).
+_PNG = b"\x89PNG"
+_TIFF = (b"II*\x00", b"MM\x00*")
+#: Byte offset of a PNG's bit depth (signature 8 + IHDR length 4 + type 4 + width 4 + height 4).
+_PNG_BIT_DEPTH_AT = 24
+#: Whether the 12-bit-in-16 warning was given in this process (a camera loop over a folder reads every frame
+#: through read_image_rgb: one warning, not one per frame).
+_warned_low_bits = False
+
+
+def _may_be_16_bit(buf: np.ndarray) -> bool:
+    """Cheap pre-check on the file header: a 16-bit PNG (its IHDR says so) or any TIFF (its depth needs parsing)."""
+    head = bytes(buf[:4])
+    if head == _PNG:
+        return buf.size > _PNG_BIT_DEPTH_AT and int(buf[_PNG_BIT_DEPTH_AT]) == 16
+    return head in _TIFF
+
+
+def _warn_if_low_12_bits(buf: np.ndarray, img: np.ndarray, path: Path) -> None:
+    """Warn once per process about a 16-bit image that uses only its low 12 bits (max <= 4095, what a 12-bit
+    camera writes): it is scaled as 16-bit (/ 256, the rule training, calibration and grad-run share and must
+    keep sharing) and so reads nearly black. The extra decode runs only for a near-black result of a 16-bit PNG
+    or a TIFF file, and no check at all after the warning or for an 8-bit PNG or a JPEG (grad-run reads every
+    frame of a folder source through here)."""
+    global _warned_low_bits
+    if _warned_low_bits or not _may_be_16_bit(buf) or int(img.max()) > _LOW_12_BIT_MAX_8:
+        return
+    raw = _decode(buf, cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.dtype != np.uint16 or int(raw.max()) > 4095:
+        return
+    _warned_low_bits = True
+    logger.warning("16-bit image uses only its low 12 bits (max %d of 65535): it is scaled as 16-bit (value / 256) "
+                   "and reads nearly black (max %d of 255); convert such images to 8 bit (value / 16) or scale "
+                   "them to the full 16-bit range (value * 16) (warned once per process): %s",
+                   int(raw.max()), int(img.max()), path)
+
+
 def _decode(buf: np.ndarray, flags: int) -> np.ndarray | None:
     if buf.size == 0:
         return None
@@ -62,13 +121,16 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
     """Read an image file as an ``(H, W, 3)`` uint8 RGB array.
 
     Grayscale images are expanded to three channels, an alpha channel is dropped and 16-bit images are scaled to
-    8 bits (OpenCV ``IMREAD_COLOR`` semantics).
+    8 bits (OpenCV ``IMREAD_COLOR`` semantics: value / 256, so 12-bit data in a 16-bit file reads nearly black,
+    with one warning per process).
 
     Raises:
-        DatasetError: the file is missing, unreadable, or cannot be decoded as an image.
+        DatasetError: the file is missing, unreadable, empty (0 bytes), of an unsupported pixel type (float or
+            32-bit), or cannot be decoded as an image.
     """
     path = Path(path)
     buf = _read_bytes(path, "image")
+    _refuse_empty_file(buf, path, "image")
     if _IMREAD_RGB is not None:
         img = _decode(buf, _IMREAD_RGB)
     else:  # older OpenCV: decode BGR then swap
@@ -76,10 +138,10 @@ def read_image_rgb(path: str | Path) -> np.ndarray:
         if img is not None:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
-        raise DatasetError(f"cannot decode image (corrupt, not an image, or over {_max_pixels()} pixels: raise "
-                           f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {path}")
+        raise _undecodable(buf, path, "image")
     if img.dtype != np.uint8:  # defensive; IMREAD_COLOR already yields uint8
         img = cv2.convertScaleAbs(img)
+    _warn_if_low_12_bits(buf, img, path)
     return np.ascontiguousarray(img)
 
 
@@ -106,6 +168,7 @@ def read_mask(
     """
     path = Path(path)
     buf = _read_bytes(path, "mask")
+    _refuse_empty_file(buf, path, "mask")
     raw = _decode(buf, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0 or raw.ndim not in (2, 3):
         raise DatasetError(f"cannot decode mask (corrupt, not an image, or over {_max_pixels()} pixels: raise "

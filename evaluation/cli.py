@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, grad_command
+from gradad.cli_utils import CLI_CONTEXT, check_output_folder, grad_command
+from gradad.errors import GradError
 
 log = logging.getLogger("gradad.eval")
 
@@ -45,6 +46,9 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     from gradad.training.inference import predict
     from gradad.devices import resolve_torch_device
 
+    out = Path(out_dir) if out_dir else Path(model_path).parent / "eval"
+    # the results are written after minutes of inference: find out now that they cannot be
+    check_output_folder(out, "--output" if out_dir else "--output (default <model dir>/eval)")
     dev = resolve_torch_device(device, "--device")
     detector, payload = load_detector(model_path, dev)
     cfg = payload["resolved_config"]
@@ -60,7 +64,6 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
     preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)
     seconds = time.perf_counter() - t0
     metrics = evaluate_predictions(samples, preds.scores, preds.maps, preds.masks)
-    out = Path(out_dir) if out_dir else Path(model_path).parent / "eval"
     meta = {
         "model": str(model_path),
         "data_root": ", ".join(map(str, roots)),

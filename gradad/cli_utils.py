@@ -144,3 +144,20 @@ def check_folder_writable(folder: str | os.PathLike[str], what: str) -> Path:
     except OSError as exc:
         raise GradError(f"{what} {folder}: cannot write there ({exc.strerror or exc})") from None
     return folder
+
+
+def check_output_folder(folder: str | os.PathLike[str], what: str) -> Path:
+    """Fail before the work starts (minutes of feature extraction or inference), with one line naming ``what``
+    and the folder, when results cannot be written into ``folder``: a folder that does not exist yet is not made
+    here (a run refused later leaves none); its nearest existing parent must take a new file, and no part of the
+    path may be a file or a broken link."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise GradError(f"{what} {folder}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise GradError(f"{what} {folder}: {existing} is a file, not a folder")
+    check_folder_writable(existing, what if existing == folder else f"{what} {folder}: its parent")
+    return folder

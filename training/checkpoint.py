@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from gradad import __version__
-from gradad.errors import CheckpointError, ConfigError
+from gradad.errors import CheckpointError, ConfigError, GradError
 from gradad.files import atomic_file, check_zip_expansion, looks_like_onnx
 from gradad.plain import plain_leaf
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
@@ -32,8 +32,46 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     ``weights_only=True``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as fh:  # a failed write (disk full) leaves neither half a file nor its temporary
-        torch.save(obj, fh)
+    try:
+        with atomic_file(path) as fh:  # a failed write (disk full) leaves neither half a file nor its temporary
+            torch.save(obj, fh)
+    except (OSError, RuntimeError) as exc:
+        cause = _write_failure(exc)
+        if cause is None:
+            raise
+        error = CheckpointWriteError(f"cannot write {path}: {_reason(cause)} (disk full?)")
+        error.errno = getattr(cause, "errno", None)
+        raise error from None
+
+
+#: how torch's zip writer reports a write that wrote less than asked (it wraps the OSError of a full disk)
+_TORCH_WRITE_FAILURE = re.compile(r"unexpected pos|PytorchStreamWriter failed writing|file write failed", re.I)
+
+
+def _write_failure(exc: BaseException) -> BaseException | None:
+    """The error that says why a torch.save failed for want of room (or another OSError of the file system), or
+    None for a failure of another kind (a bug, which keeps its traceback). torch raises either the OSError of the
+    file object's write itself or a RuntimeError "[enforce fail at inline_container.cc] . unexpected pos ..." whose
+    cause or context is that OSError (or that shows it only in its message)."""
+    if isinstance(exc, OSError):
+        return exc
+    for inner in (exc.__cause__, exc.__context__):
+        if isinstance(inner, OSError):
+            return inner
+    return exc if _TORCH_WRITE_FAILURE.search(str(exc)) else None
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's reason in a few words: an OSError's strerror, else the first line of its message."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
+class CheckpointWriteError(GradError, OSError):
+    """A model or checkpoint file that could not be written (full disk): one line naming the file, as every
+    GradError; an OSError still, for callers that clean up after a failed write."""
 
 
 def plain(obj: Any) -> Any:

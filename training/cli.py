@@ -7,10 +7,11 @@ from pathlib import Path
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, grad_command
+from gradad.cli_utils import CLI_CONTEXT, grad_command, printable
 from gradad.errors import GradError
 from gradad.training.config import (PRESETS, RunConfig, apply_set_options, config_text, load_config,
                                    preset_config)
+from gradad.training.run_folder import holds_text
 
 log = logging.getLogger("gradad.train")
 
@@ -87,8 +88,8 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
 
     try:
         model_path = train(cfg, resume=resume)
-    except TrainingInterrupted as exc:
-        click.echo(f"error: {exc}", err=True)
+    except TrainingInterrupted as exc:  # every command's Ctrl-C line (cli_utils), with what can be resumed
+        click.echo(f"interrupted (Ctrl-C): {printable(exc, newlines=False)}", err=True)
         raise SystemExit(130) from None
     click.echo(f"model: {model_path}")
     click.echo(f"evaluate with: grad-eval {model_path}")
@@ -101,20 +102,12 @@ def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
     stopped before its first checkpoint) and its log may go."""
     kept = [name for name in ("model.pt", "checkpoint.pt") if (run_dir / name).is_file()]
     if not kept:  # grad-train writes config.yaml first: a log without this run's config.yaml is not this run's
-        ours = _holds_text(run_dir / "config.yaml", config_text(cfg))
+        ours = holds_text(run_dir / "config.yaml", config_text(cfg))
         kept = [name for name in ("config.yaml", "train_log.jsonl") if (run_dir / name).is_file() and not ours]
     if kept:
         resumable = "continue it with --resume, " if (run_dir / "checkpoint.pt").is_file() else ""
         raise GradError(f"{run_dir} already holds {' and '.join(kept)}: {resumable}train afresh into it with "
                         f"--overwrite (replacing them), or choose another -o")
-
-
-def _holds_text(path: Path, text: str) -> bool:
-    """True when the file at ``path`` reads exactly ``text`` (False when missing or unreadable)."""
-    try:
-        return path.read_text() == text
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def _resume_dir(config_path: Path, named: Path) -> str:

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gradad.data.datasets import Sample, is_image_file
+from gradad.data.images import MASK_THRESHOLD, read_mask
 from gradad.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -103,7 +106,9 @@ def cell_masks(pixel_masks: torch.Tensor, feat_hw: tuple[int, int], has_mask: li
     """(N, H, W) bool pixel masks -> (N, 1, h, w) cell labels; images without a mask file are all defective.
 
     A cell is defective when at least CELL_FRACTION of its pixels are; a thin or small defect that reaches that
-    fraction in no cell still marks the cell it covers most, so a labelled defect never trains as all normal."""
+    fraction in no cell still marks the cell it covers most, so a labelled defect never trains as all normal. An
+    empty mask gives no cell: :func:`drop_empty_masks` leaves such defects out before (an empty mask here stays all
+    normal)."""
     frac = F.adaptive_avg_pool2d(pixel_masks.float()[:, None], feat_hw)
     cells = (frac >= CELL_FRACTION).float()
     thin = 0
@@ -118,3 +123,52 @@ def cell_masks(pixel_masks: torch.Tensor, feat_hw: tuple[int, int], has_mask: li
         log.info("%d labelled defect(s) cover less than %.0f%% of every feature cell: each marks its most covered "
                  "cell", thin, 100 * CELL_FRACTION)
     return cells
+
+
+_NAMES_SHOWN = 3  # files named in a message; a large labelled set would flood it
+
+
+def _named(samples: list[Sample]) -> str:
+    """The first few files of ``samples``, and how many more there are."""
+    shown = ", ".join(str(s.image_path) for s in samples[:_NAMES_SHOWN])
+    return shown + (f", ... ({len(samples) - _NAMES_SHOWN} more)" if len(samples) > _NAMES_SHOWN else "")
+
+
+def _full_size_cover(sample: Sample, size: int) -> np.ndarray | None:
+    """The mask of ``sample`` at ``size`` marking every pixel a defect pixel of the full-size mask falls in (area
+    interpolation, not nearest-neighbour: a defect thinner than the sampling step stays), or None when the mask
+    file has no defect pixel at all."""
+    full = read_mask(sample.mask_path, threshold=getattr(sample, "mask_threshold", MASK_THRESHOLD))
+    if not full.any():
+        return None
+    return cv2.resize(full.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 0
+
+
+def drop_empty_masks(samples: list[Sample], masks: np.ndarray, masks_dir: str | Path | None
+                     ) -> tuple[list[Sample], np.ndarray]:
+    """The labelled defects whose masks mark a defect, and their (N, size, size) bool masks.
+
+    A mask with no pixel above the binarisation threshold would teach stage 1 that its defect is normal: such a
+    defect is left out, with one warning naming how many and the first few (MTD has tiny defects whose masks
+    vanish when binarised). A mask that only lost its defect when shrunk to the working size (nearest-neighbour
+    drops thin lines) is redrawn from the full-size file instead. None left: one error naming ``masks_dir``."""
+    keep, empty = [], []
+    masks = masks.copy()
+    for i, sample in enumerate(samples):
+        if sample.mask_path is None or masks[i].any():
+            keep.append(i)
+            continue
+        cover = _full_size_cover(sample, masks.shape[-1])
+        if cover is None:
+            empty.append(sample)
+        else:
+            masks[i] = cover
+            keep.append(i)
+    if empty and not keep:
+        raise DatasetError(f"--masks {masks_dir}: every mask of the {len(samples)} labelled defect(s) is empty (no "
+                           f"pixel above the threshold), so none could train as a defect: {_named(empty)}")
+    if empty:
+        log.warning("%d labelled defect(s) left out of stage 1: their masks in %s mark no defect pixel (a tiny "
+                    "defect lost when binarised?), so they would train as normal: %s", len(empty), masks_dir,
+                    _named(empty))
+    return [samples[i] for i in keep], masks[keep]

@@ -6,6 +6,7 @@ image files) and stored as float16 .npy; every training epoch then costs only th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,10 +113,23 @@ class FeatureCache:
                 log.warning("ignoring unreadable feature cache %s (%s)", path, exc)
         log.info("feature cache miss: extracting %d images -> %s", len(samples), path)
         feats = extract_features(extractor, samples, image_size, device)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path) as fh:
-            np.save(fh, feats)
         meta = {"backbone": extractor.spec.name, "image_size": image_size, "n": len(samples),
                 "shape": list(feats.shape), "first_file": str(samples[0].image_path) if samples else None}
-        path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        self._store(path, feats, meta)
         return feats, False
+
+    def _store(self, path: Path, feats: np.ndarray, meta: dict) -> None:
+        """Write a cache entry; a failed write (full disk, read-only cache folder) is a warning, not the end of
+        the run: the features are in memory, only the next run extracts them again. No partial file is left
+        (numpy's own "Not enough free space" OSError carries no errno, so it would otherwise be a traceback)."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path) as fh:  # removes its temporary file when the write fails
+                np.save(fh, feats)
+            path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        except OSError as exc:
+            for leftover in (path, path.with_suffix(".json")):
+                with contextlib.suppress(OSError):  # a .npy without its .json (or half a .json) helps no one
+                    leftover.unlink(missing_ok=True)
+            log.warning("could not write the feature cache %s (%s; disk full?): training goes on with the "
+                        "features in memory; the next run extracts them again", path, exc.strerror or exc)

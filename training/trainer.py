@@ -10,8 +10,10 @@ read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from gradad.bundle import image_digest
+from gradad.cli_utils import check_output_folder
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, DatasetError, GradError
@@ -31,11 +34,12 @@ from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
 from gradad.training.fbp import synthesize_anomalies
-from gradad.training.defects import DefectSet, cell_masks, defect_samples
+from gradad.training.defects import DefectSet, cell_masks, defect_samples, drop_empty_masks
 from gradad.training.features import FeatureCache, load_images
 from gradad.training.image_gaussian import fit_image_gaussian, require_training_images
 from gradad.training.losses import reconstruction_mse, truncated_l1_contrastive
 from gradad.training.model import AnomalyHead, GRADModel, similarity_refine
+from gradad.training.run_folder import previous_run_files
 from gradad.training.validation import (
     ValidationSet,
     detection_score,
@@ -175,13 +179,120 @@ class TrainingData:
         return float(self.channel_std.pow(2).mean().sqrt())
 
 
+@dataclass
+class TrainingImages:
+    """The images a run trains on, chosen and checked before any feature is extracted (minutes on real data)."""
+
+    samples: list[Sample]  # every good training image (train + validation)
+    val_idx: np.ndarray  # indices into ``samples`` of the validation images
+    digests: list[str]  # content digest of every image of ``samples``
+    defects: list[Sample] | None  # labelled defects with a mask that marks a defect (or no mask file)
+    defect_masks: np.ndarray | None  # their (N, size, size) bool pixel masks
+
+    @property
+    def val_files(self) -> list[str]:
+        """Resolved paths of the validation images, sorted."""
+        return sorted(str(self.samples[i].image_path.resolve()) for i in self.val_idx)
+
+    @property
+    def trained_digests(self) -> list[str]:
+        """Content digests of the good images the model trains on (:func:`trained_good_digests`)."""
+        held = set(int(i) for i in self.val_idx)
+        return sorted({d for i, d in enumerate(self.digests) if i not in held})
+
+    @property
+    def train_classes(self) -> list[str]:
+        """Class name of every good image the stages train on (validation images left out)."""
+        held = set(int(i) for i in self.val_idx)
+        return [s.class_name for i, s in enumerate(self.samples) if i not in held]
+
+    def names_by_digest(self) -> dict[str, str]:
+        """A file (as the dataset root names it) for every digest, to name new images in messages."""
+        return {d: str(s.image_path) for s, d in zip(self.samples, self.digests)}
+
+
+def _check_roots(cfg: RunConfig) -> None:
+    """A relative dataset root that does not exist is read from the current folder: say so (a run's config.yaml
+    used from another folder names its roots as they were typed where it started)."""
+    for root in cfg.data.roots:
+        path = Path(root).expanduser()
+        if not path.is_absolute() and not path.exists():
+            raise DatasetError(f"dataset root does not exist: {root} (a relative path, read from the current folder "
+                               f"{Path.cwd()}: pass --data with its path from here)")
+
+
+def select_training_images(cfg: RunConfig) -> TrainingImages:
+    """The good training images of every root, the validation split, their digests and the labelled defects,
+    checked (a defect that is a copy of a good image, empty defect masks) before any feature is extracted."""
+    _check_roots(cfg)
+    roots = cfg.data.roots
+    samples = [s for s in load_samples_from_roots(roots, "train", cfg.data.classes, cfg.data.layout) if s.label == 0]
+    if len(samples) < 2:
+        raise DatasetError(f"need at least 2 good training images under {', '.join(roots)}, found {len(samples)}")
+    val_idx = validation_indices(samples, cfg.data.val_fraction)
+    if len(samples) - len(val_idx) < 2:
+        raise DatasetError(f"data.val_fraction = {cfg.data.val_fraction} leaves fewer than 2 training images")
+    _warn_classes_without_validation(samples, val_idx, cfg.data.val_fraction)
+    digests = [image_digest(s.image_path) for s in tqdm(samples, desc="training-image digests", leave=False)]
+    defects = masks = None
+    if cfg.data.defects:
+        defects = defect_samples(cfg.data.defects, cfg.data.defect_masks, {s.class_name for s in samples})
+        refuse_goods_as_defects(defects, dict(zip(digests, samples)), cfg.data.defects)
+        _, masks = load_images(defects, cfg.data.image_size, desc="reading defect masks")
+        defects, masks = drop_empty_masks(defects, masks, cfg.data.defect_masks)
+    return TrainingImages(samples, val_idx, digests, defects, masks)
+
+
+def refuse_goods_as_defects(defects: Sequence[Sample], goods: dict[str, Sample], folder: str) -> None:
+    """Refuse labelled defects that are copies (by content) of good images this run trains or validates on
+    (``goods``: digest -> sample): stage 1 would learn them as defective and stage 2 as good."""
+    same = [(d, goods[dig]) for d in defects if (dig := image_digest(d.image_path)) in goods]
+    if same:
+        shown = ", ".join(f"{d.image_path} (= {g.image_path})" for d, g in same[:3])
+        raise DatasetError(f"--defects {folder}: {len(same)} of its {len(defects)} image(s) are copies of good "
+                           f"images this run trains or validates on; a part cannot be both good and defective: "
+                           f"{shown}{' ...' if len(same) > 3 else ''}")
+
+
+#: the fewest good images of a class that give it a validation image at data.val_fraction (validation_indices)
+def _fewest_for_validation(fraction: float) -> int:
+    return max(2, int(round(1.0 / fraction))) // 2 + 1
+
+
+def _warn_classes_without_validation(samples: Sequence[Sample], val_idx: np.ndarray, fraction: float) -> None:
+    """Warn once about the classes that hold out no validation image: what it costs and how many images they
+    need. A class without one plays no part in model selection or the fusion fit; with none at all, no stage
+    picks its best epoch, stage 3 gives the abnormal branch no weight and the image score is normalised on
+    training images."""
+    if fraction <= 0:
+        return  # asked for: data.val_fraction = 0
+    counts: dict[str, int] = {}
+    for s in samples:
+        counts[s.class_name] = counts.get(s.class_name, 0) + 1
+    held = {samples[int(i)].class_name for i in val_idx}
+    none = {c: n for c, n in sorted(counts.items()) if c not in held}
+    if not none:
+        return
+    listed = ", ".join(f"{c} ({n})" for c, n in none.items())
+    need = _fewest_for_validation(fraction)
+    if not held:
+        log.warning("no validation images: every class has too few good images (%s) for data.val_fraction = %s: "
+                    "no stage picks its best epoch (each keeps its last), stage 3 fits no fusion weight (w = 0: the "
+                    "abnormal branch is unused) and the image score is normalised on training images; a class "
+                    "needs at least %d good images", listed, fraction, need)
+    else:
+        log.warning("class(es) %s hold out no validation image (too few good images for data.val_fraction = %s): "
+                    "they take no part in the choice of each stage's epoch or in the fusion weight, and their "
+                    "image score is normalised on training images; a class needs at least %d good images",
+                    listed, fraction, need)
+
+
 def _load_defects(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device,
-                  feat_hw: tuple[int, int], classes: set[str]) -> DefectSet | None:
-    if not cfg.data.defects:
+                  feat_hw: tuple[int, int], images: TrainingImages) -> DefectSet | None:
+    if images.defects is None or images.defect_masks is None:
         return None
-    samples = defect_samples(cfg.data.defects, cfg.data.defect_masks, classes)
+    samples, masks = images.defects, images.defect_masks
     feats, _ = FeatureCache(cfg.data.cache_dir).load_or_compute(extractor, samples, cfg.data.image_size, device)
-    _, masks = load_images(samples, cfg.data.image_size, desc="reading defect masks")
     cells = cell_masks(torch.from_numpy(masks), feat_hw, [s.mask_path is not None for s in samples])
     log.info("real-defect supervision: %d images from %s (%.1f%% defective cells)", len(samples), cfg.data.defects,
              100 * float(cells.mean()))
@@ -198,15 +309,6 @@ def trained_goods_by_folder(samples: Sequence[Sample], held_out: Sequence[str]) 
         if str(path) not in skip:
             out.setdefault(str(path.parent), []).append(path.name)
     return {folder: sorted(names) for folder, names in sorted(out.items())}
-
-
-def trained_good_digests(samples: Sequence[Sample], held_out: Sequence[str]) -> list[str]:
-    """Content digests (:func:`gradad.bundle.image_digest`) of the good images the model trains on, sorted:
-    grad-calibrate recognises copies of them on any machine, under any name, and the bundle names no files."""
-    skip = set(held_out)
-    digests = {image_digest(s.image_path) for s in tqdm(samples, desc="training-image digests", leave=False)
-               if str(s.image_path.resolve()) not in skip}
-    return sorted(digests)
 
 
 def trained_defect_files(defects: DefectSet | None) -> list[str]:
@@ -230,30 +332,25 @@ def _split_defects(defects: DefectSet | None, holdout: float) -> tuple[DefectSet
     return train, held
 
 
-def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device) -> TrainingData:
-    """Load the good training images of every root, their cached (or freshly extracted) features, the validation
-    split and the optional labelled defects."""
-    roots = cfg.data.roots
-    samples = [s for s in load_samples_from_roots(roots, "train", cfg.data.classes, cfg.data.layout) if s.label == 0]
-    if len(samples) < 2:
-        raise DatasetError(f"need at least 2 good training images under {', '.join(roots)}, found {len(samples)}")
+def prepare_training_data(cfg: RunConfig, extractor: FeatureExtractor, device: torch.device,
+                          images: TrainingImages | None = None) -> TrainingData:
+    """The cached (or freshly extracted) features of the good training images (``images``, chosen by
+    :func:`select_training_images` when not given), the validation split and the optional labelled defects."""
+    images = images if images is not None else select_training_images(cfg)
+    samples, val_idx = images.samples, images.val_idx
     feats, hit = FeatureCache(cfg.data.cache_dir).load_or_compute(extractor, samples, cfg.data.image_size, device)
     features = torch.from_numpy(feats)
-    val_idx = validation_indices(samples, cfg.data.val_fraction)
     keep = np.setdiff1d(np.arange(len(samples)), val_idx)
-    if len(keep) < 2:
-        raise DatasetError(f"data.val_fraction = {cfg.data.val_fraction} leaves fewer than 2 training images")
     train_feats = features[torch.from_numpy(keep)]
     sub = train_feats[:: max(1, len(train_feats) // 64)].float()
     channel_std = sub.transpose(0, 1).reshape(sub.shape[1], -1).std(dim=1).clamp_min(1e-6)
-    defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:]),
-                                                    {s.class_name for s in samples}),
+    defects, heldout = _split_defects(_load_defects(cfg, extractor, device, tuple(features.shape[-2:]), images),
                                       cfg.data.defect_holdout)
     log.info("training on %d good images, %d held out for validation", len(keep), len(val_idx))
     return TrainingData(train_feats, samples, features[torch.from_numpy(val_idx)],
                         [samples[i].class_name for i in val_idx], [samples[i].class_name for i in keep],
                         channel_std, defects, heldout, hit,
-                        val_files=sorted(str(samples[i].image_path.resolve()) for i in val_idx))
+                        val_files=images.val_files)
 
 
 def coordinate_spread(model: GRADModel, x: torch.Tensor) -> dict[str, list[float]]:
@@ -309,17 +406,22 @@ ABNORMAL_ONLY_SETTINGS = {"fusion_form", "abnormal_branch", "fusion_weight_init"
 NORMAL_BRANCH_PREFIXES = ("mapper.", "normal_grid.", "normal_cnn.")
 
 
-def refuse_other_goods(payload: dict[str, Any], digests: Sequence[str], what: str) -> None:
+def refuse_other_goods(payload: dict[str, Any], digests: Sequence[str], what: str,
+                       names: dict[str, str] | None = None) -> None:
     """A model or checkpoint recorded the content digests of the good images it trained on: refuse to continue it
-    on other images (the same ``data.root`` text can name other files, e.g. a relative root from another folder)."""
+    on other images (the same ``data.root`` text can name other files, e.g. a relative root from another folder).
+    ``names`` (digest -> file name of this run's images) names the first images it never saw."""
     recorded = payload.get("trained_good_digests")
     if recorded is None:  # from before digests were recorded: the settings comparison is all there is
         return
     theirs, mine = set(recorded), set(digests)
     if theirs != mine:
+        new = sorted((names or {}).get(d, d) for d in mine - theirs)
+        added = (f"; {len(new)} of this run's are new to it ({', '.join(new[:3])}{' ...' if len(new) > 3 else ''})"
+                 if new else "")
         raise ConfigError(f"{what} was trained on other good images: {len(theirs - mine)} of its {len(theirs)} are "
-                          f"not among this run's {len(mine)} (same data settings, other files: check --data and the "
-                          f"folder you run from)")
+                          f"not among this run's {len(mine)}{added} (same data settings, other files: check --data "
+                          f"and the folder you run from)")
 
 
 def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str]) -> str:
@@ -353,6 +455,14 @@ def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str])
     return str(path)
 
 
+#: settings a run may be resumed with other values of, as they leave the model the same: the dataset roots (the
+#: same images by another path, e.g. from another folder; the content digests guard that the images are the same),
+#: the feature cache folder (a cold and a warm cache train the same model), how often a checkpoint is written (no
+#: randomness or selection depends on it) and the run folder (a run folder moved or copied resumes where it is)
+RESUME_FREE_SETTINGS = frozenset({"data.root", "data.extra_roots", "data.cache_dir", "train.checkpoint_every",
+                                  "output_dir"})
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during training; its message says which checkpoint exists and how to resume."""
 
@@ -384,6 +494,11 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         # (stage index, next epoch) of the newest checkpoint; None until this run restored or wrote one
         self.position: tuple[int, int] | None = None
+        self._resuming = False
+        # files of another run in the run folder that this fresh run replaces at its first checkpoint, not before
+        self._previous: list[str] = []
+        # where this run logs while the previous run's train_log.jsonl is kept (None: train_log.jsonl itself)
+        self._pending_log: Path | None = None
 
     @property
     def state_path(self) -> Path:
@@ -395,30 +510,46 @@ class Trainer:
 
     @property
     def log_path(self) -> Path:
-        return self.run_dir / "train_log.jsonl"
+        return self._pending_log or self.run_dir / "train_log.jsonl"
 
     def _log(self, record: dict[str, Any]) -> None:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _restore(self, model: GRADModel, gen: torch.Generator, digests: Sequence[str]) -> tuple[int, int, Any, _Best]:
-        """Load checkpoint.pt into model/gen; refuse a changed config naming the settings, or other good images
-        (``digests``: this run's); drop log lines that the resumed epochs will write again."""
-        state = read_checkpoint(self.state_path)
+    def _resume_refusals(self, state: dict[str, Any], images: TrainingImages) -> list[SettingDifference]:
+        """Refuse to resume checkpoint ``state`` with changed settings (naming them) or on other good images, before
+        any feature is extracted; returns the map-head settings a finished run refits (changed, but allowed)."""
         diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
-                 if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS]
+                 if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS and d.key not in RESUME_FREE_SETTINGS]
+        refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
+        head_only = [d for d in diffs if d.key in refittable]
+        diffs = [d for d in diffs if d.key not in refittable]
+        if head_only and int(state["stage_index"]) < len(STAGES):
+            # mid-run, the stage's best epoch so far was chosen with the old head: keep the head of the run
+            diffs, head_only = diffs + head_only, []
+        if diffs:
+            raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
+                              f"{'; '.join(map(str, diffs[:5]))}{' ...' if len(diffs) > 5 else ''} (to resume it as "
+                              f"it was: {' '.join(d.restoring_option for d in diffs)})")
+        # after the settings: they say why. The data roots are no setting to compare (the same images may be
+        # reached by another path); the digests are what must match
+        what = f"cannot resume {self.state_path}: it"
+        refuse_other_goods(state, images.trained_digests, what, images.names_by_digest())
+        classes = sorted({s.class_name for s in images.samples})
+        if state.get("classes") is not None and list(state["classes"]) != classes:
+            raise ConfigError(f"{what} was trained on classes {', '.join(state['classes'])}; the same images give "
+                              f"this run the classes {', '.join(classes)} (check --data)")
+        return head_only
+
+    def _restore(self, model: GRADModel, gen: torch.Generator, state: dict[str, Any],
+                 head_only: list[SettingDifference]) -> tuple[int, int, Any, _Best]:
+        """Load checkpoint ``state`` (checked by :meth:`_resume_refusals`) into model/gen; drop log lines that the
+        resumed epochs will write again."""
         if model.image_gaussian is None:  # switched off: the statistics in the file have no module to go to
             for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
                 for key in [k for k in (weights or {}) if k.startswith("image_gaussian.")]:
                     del weights[key]
-        refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
-        head_only = [d for d in diffs if d.key in refittable]
-        # output_dir: a run directory that was moved or copied resumes where it now is
-        diffs = [d for d in diffs if d.key not in refittable and d.key != "output_dir"]
-        if head_only and int(state["stage_index"]) < len(STAGES):
-            # mid-run, the stage's best epoch so far was chosen with the old head: keep the head of the run
-            diffs += head_only
-        elif head_only:  # a finished run: the head is fitted after stage 2, what the stages learnt does not use it
+        if head_only:  # a finished run: the head is fitted after stage 2, what the stages learnt does not use it
             log.info("resuming a finished run with a changed map head: %s", "; ".join(map(str, head_only)))
             if any(d.key.removeprefix("model.") in REFINE_SETTINGS for d in head_only):
                 log.warning("the refinement changed after training: the branches keep what they learnt under the "
@@ -427,11 +558,6 @@ class Trainer:
             for weights in (state["state_dict"], (state.get("best") or {}).get("state")):
                 if weights is not None:
                     weights["map_scale_gain"] = model.map_scale_gain.clone()  # refitted before stage 3
-        if diffs:
-            raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
-                              f"{'; '.join(map(str, diffs[:5]))}{' ...' if len(diffs) > 5 else ''} (to resume it as "
-                              f"it was: {' '.join(d.restoring_option for d in diffs)})")
-        refuse_other_goods(state, digests, f"cannot resume {self.state_path}: it")  # after the settings: they say why
         model.load_state_dict(state["state_dict"])
         stage, epoch = int(state["stage_index"]), int(state["next_epoch"])
         gen.set_state(state["generator"])
@@ -453,31 +579,83 @@ class Trainer:
                 kept.append(line)
         self.log_path.write_text("".join(f"{line}\n" for line in kept))
 
+    def _start_files(self, restored: bool) -> None:
+        """Write config.yaml and start the log. A fresh run in a folder holding another run's files keeps them as
+        they are until its own first checkpoint (:meth:`_replace_previous_run`): Ctrl-C, an error or a crash
+        before it leaves that run whole (its model, checkpoint, config.yaml and log agree)."""
+        if self._previous and not restored:
+            self._pending_log = self.run_dir / ".train_log.jsonl.pending"
+            self._pending_log.unlink(missing_ok=True)  # a crashed run's
+            log.info("%s holds another run's %s: kept until this run's first checkpoint replaces them", self.run_dir,
+                     ", ".join(self._previous))
+            return
+        save_config(self.cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps it
+        if not restored and self.log_path.exists():
+            self.log_path.unlink()
+
+    def _replace_previous_run(self) -> None:
+        """This run wrote its first checkpoint (or, training no epoch, its model file): the previous run's files go
+        now, so the folder holds one run, never a mix: its config.yaml and log are replaced, its model file (and
+        its checkpoint, when this run keeps none) removed."""
+        pending, self._pending_log = self._pending_log, None
+        if pending is None:
+            return
+        if self.position is None:  # no checkpoint of this run: the one there is the previous run's
+            self.state_path.unlink(missing_ok=True)
+        else:
+            self.model_path.unlink(missing_ok=True)  # a model this run has not written yet
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        if pending.exists():
+            os.replace(pending, self.log_path)
+        else:
+            self.log_path.unlink(missing_ok=True)
+        log.info("the previous run's %s in %s replaced by this run's", ", ".join(self._previous), self.run_dir)
+        self._previous = []
+
+    def _drop_pending_log(self) -> None:
+        """A run that ends before replacing the previous one leaves no log of its own beside it."""
+        if self._pending_log is not None:
+            with contextlib.suppress(OSError):
+                self._pending_log.unlink(missing_ok=True)
+            self._pending_log = None
+
     def run(self, resume: bool = False) -> Path:
         """Train and return the path of the final model file; Ctrl-C anywhere (feature extraction, a stage, the
         fits after the stages) raises :class:`TrainingInterrupted` saying what can be resumed."""
+        self._resuming = resume
         try:
             return self._run(resume)
         except TrainingInterrupted:
             raise
         except KeyboardInterrupt:
+            if self.position is not None:  # stopped between writing the first checkpoint and replacing the rest
+                self._replace_previous_run()
             raise TrainingInterrupted(self._interrupt_message()) from None
+        finally:
+            self._drop_pending_log()
 
     def _run(self, resume: bool) -> Path:
         cfg = self.cfg
+        restoring = resume and self.state_path.is_file()
+        self._previous = [] if restoring else previous_run_files(self.run_dir, cfg)
         seed_everything(cfg.train.seed)
         cfg.validate()
         if resume:
             self._check_resumable()
         t0 = time.perf_counter()
-        extractor = FeatureExtractor(cfg.backbone)
-        data = prepare_training_data(cfg, extractor, self.device)
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a refused run leaves no folder
+        # everything that can refuse the run comes before the features are extracted (minutes on real data)
+        images = select_training_images(cfg)
+        state = read_checkpoint(self.state_path) if restoring else None
+        head_only = self._resume_refusals(state, images) if state is not None else []
+        check_output_folder(self.run_dir, "output folder (-o / output_dir)")
         if cfg.model.image_gaussian:  # before the stages, not after an hour of training
             try:
-                require_training_images(data.train_classes)
+                require_training_images(images.train_classes)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        extractor = FeatureExtractor(cfg.backbone)
+        data = prepare_training_data(cfg, extractor, self.device, images)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # after the data checks: a refused run leaves no folder
         normalisation = {"mean": list(extractor.mean), "std": list(extractor.std)}
         # a model file never names a file to read when it is opened (training/checkpoint.py): weights from a
         # file travel inside it
@@ -486,17 +664,15 @@ class Trainer:
         del extractor  # features are cached; free the backbone during training
         _, c, h, w = data.features.shape
         model = GRADModel(c, (h, w), cfg.model).to(self.device)
-        digests = trained_good_digests(data.samples, data.val_files)
+        digests = images.trained_digests
         normal_from = load_normal_branch(model, cfg, digests) if cfg.train.normal_from else None
         gen = torch.Generator().manual_seed(cfg.train.seed)
         start_stage, start_epoch, opt_state, best = 0, 0, None, _Best()
-        if resume and self.state_path.is_file():
-            start_stage, start_epoch, opt_state, best = self._restore(model, gen, digests)
+        if state is not None:
+            start_stage, start_epoch, opt_state, best = self._restore(model, gen, state, head_only)
         elif resume:  # nothing of a finished run is lost (checked above): nothing trained yet, or no epoch to train
             log.warning("--resume: no checkpoint at %s: starting from scratch", self.state_path)
-        save_config(cfg, self.run_dir / "config.yaml")  # after the resume check: a refused resume keeps the old one
-        if start_stage == 0 and start_epoch == 0 and self.log_path.exists():
-            self.log_path.unlink()
+        self._start_files(restored=state is not None)
         val = ValidationSet.build(data.val_features, cfg.fbp, data.channel_std,
                                   data.heldout_defects or data.defects,
                                   defects_trained=data.heldout_defects is None,
@@ -537,6 +713,7 @@ class Trainer:
                 "validation": {"n_images": int(len(data.val_features)), **fusion}, "map_scale_gain": gains,
                 "image_gaussian": image_gaussian}
         atomic_torch_save(model_payload(cfg, model.cpu(), meta), self.model_path)
+        self._replace_previous_run()  # a run that trained no epoch wrote no checkpoint: the model is its first file
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
 
@@ -550,14 +727,20 @@ class Trainer:
                               "fresh run would replace); --overwrite to train afresh")
 
     def _interrupt_message(self) -> str:
-        if not self.state_path.is_file():
-            return f"training interrupted before the first checkpoint; nothing to resume in {self.run_dir}"
+        """What a Ctrl-C leaves: --resume is offered only for a checkpoint of this run (one it restored or wrote);
+        another run's files in the folder are untouched until this run's first checkpoint."""
+        ours = self.position is not None or (self._resuming and self.state_path.is_file())
+        if not ours and self._previous:
+            return (f"stopped before the first checkpoint: nothing saved; the files already in {self.run_dir} "
+                    f"({', '.join(self._previous)}) are untouched")
+        if not ours:
+            return f"stopped before the first checkpoint: nothing to resume in {self.run_dir}"
         if self.position is None:  # stopped before this run read or wrote it (e.g. while extracting features)
             state = read_checkpoint(self.state_path)  # safe_torch_load's checks: the run folder may be handed over
             self.position = (int(state["stage_index"]), int(state["next_epoch"]))
         stage, epoch = self.position
         where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "end of training"
-        return (f"training interrupted; checkpoint {self.state_path} holds {where}. Continue with: "
+        return (f"checkpoint {self.state_path} holds {where}; continue with: "
                 f"grad-train --config {self.run_dir / 'config.yaml'} --resume")
 
     def _stage_epochs(self, stage: str) -> int:
@@ -707,6 +890,7 @@ class Trainer:
         })
         atomic_torch_save(payload, self.state_path)
         self.position = nxt
+        self._replace_previous_run()  # the folder now holds this run's checkpoint: the previous run's files go
 
 
 @dataclass
