@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from gradad.errors import DatasetError
+from gradad.text import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +144,10 @@ class FolderListing:
             parts.append(f"ignored {len(self.other_types)} file(s) that are not images of a known type "
                          f"({', '.join(kinds)}; known: {' '.join(IMAGE_EXTENSIONS)})")
         if self.broken_links:
-            names = ", ".join(p.name for p in self.broken_links[:3]) + (" ..." if len(self.broken_links) > 3 else "")
+            names = first_few(p.name for p in self.broken_links)
             parts.append(f"ignored {len(self.broken_links)} broken link(s) whose target does not exist ({names})")
         if self.nested:
-            names = ", ".join(f"{n}/" for n in self.nested[:4]) + (" ..." if len(self.nested) > 4 else "")
+            names = first_few((f"{n}/" for n in self.nested), 4)
             parts.append(f"images in subfolders {names} are not read: move them up or use one class per folder")
         return "; ".join(parts) or None
 
@@ -237,7 +238,7 @@ def list_image_files(folder: str | Path, what: str = "image") -> list[Path]:
     listing = scan_image_folder(folder)
     if not listing.images:
         nested = listing.nested
-        hint = (f" (subfolders are not searched; {', '.join(nested[:4])}{' ...' if len(nested) > 4 else ''} "
+        hint = (f" (subfolders are not searched; {first_few(nested, 4)} "
                 f"hold images: give one of them)" if nested else "")
         if not hint and (listing.other_types or listing.broken_links):
             hint = f" ({listing.ignored_summary()})"

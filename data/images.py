@@ -69,8 +69,9 @@ def _undecodable(buf: np.ndarray, path: Path, what: str) -> DatasetError:
                         f"OPENCV_IO_MAX_IMAGE_PIXELS for larger ones): {path}")
 
 
-#: The largest 8-bit value a 16-bit image holding only its low 12 bits gives (4095 >> 8).
-_LOW_12_BIT_MAX_8 = 4095 >> 8
+#: The largest 8-bit value a 16-bit image holding only its low 12 bits gives: 4095 / 256 is 15 when truncated (PNG)
+#: and 16 when rounded (OpenCV's TIFF conversion); the raw maximum then decides.
+_LOW_12_BIT_MAX_8 = 16
 #: File signatures: PNG, and TIFF little and big endian (the formats read here that hold 16-bit images).
 _PNG = b"\x89PNG"
 _TIFF = (b"II*\x00", b"MM\x00*")

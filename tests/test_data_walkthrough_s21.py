@@ -270,3 +270,15 @@ def test_a_generic_class_too_small_for_a_test_image_explains_the_hold_out_rule(t
                                            r"every 5th good image \(sorted by name\) is held out for testing, so "
                                            r"its 3 good image\(s\) give none"):
         load_samples(tmp_path, "test")
+
+
+def test_twelve_bit_data_in_a_16_bit_tiff_near_full_range_is_warned_about(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenCV rounds a TIFF's 16-bit values to 8 bits (4095 -> 16), a PNG's it truncates (-> 15): the first check
+    skipped a saturated 12-bit TIFF (reviewer's find)."""
+    monkeypatch.setattr(images_module, "_warned_low_bits", False)
+    path = tmp_path / "sat.tif"
+    assert cv2.imwrite(str(path), np.full((8, 8, 3), 4095, np.uint16))
+    with caplog.at_level(logging.WARNING):
+        read_image_rgb(path)
+    assert len(_warnings(caplog, "low 12 bits")) == 1

@@ -403,7 +403,7 @@ def test_a_users_config_and_log_in_the_run_directory_are_refused(tiny_demo_root:
     result = CliRunner().invoke(main, ["--config", str(fresh / "config.yaml"), "--resume"])
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 2 and "already holds model.pt and checkpoint.pt" in result.output
+    assert result.exit_code == 2 and "already holds model.pt, checkpoint.pt and train_log.jsonl" in result.output
     assert result.output.startswith("error: ") and "Usage:" not in result.output  # one line, like every refusal
 
 

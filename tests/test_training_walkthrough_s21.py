@@ -261,6 +261,47 @@ def test_resume_accepts_the_same_images_by_another_path(finished_run: Path, tiny
     assert run.is_dir()
 
 
+def test_a_checkpoint_without_digests_still_refuses_another_root(finished_run: Path, tiny_demo_root: Path,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reviewer: a checkpoint from before the content digests has nothing but the root text to tell the images
+    apart, so there the root stays a setting a resume must keep (the digest rule made it resume on other data)."""
+    run = _copy_run(finished_run, tmp_path / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["trained_good_digests"]
+    torch.save(state, run / "checkpoint.pt")
+    _no_features(monkeypatch)
+    cfg = _cfg(tiny_demo_root, tmp_path)
+    other = tmp_path / "other_root"
+    shutil.copytree(tiny_demo_root, other)
+    cfg.data.root = str(other)
+    with pytest.raises(ConfigError, match=r"settings differ from the interrupted run: data\.root"):
+        train(cfg, resume=True)
+
+
+def test_a_failure_while_replacing_the_old_run_loses_none_of_it(finished_run: Path, tiny_demo_root: Path,
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Reviewer: a full disk while the first checkpoint replaced the old run's files deleted its model.pt first and
+    then failed on config.yaml, leaving a mix and an orphaned pending log. The old model now goes last, config.yaml
+    is written atomically, and the failed run's log is kept and named."""
+    run = _copy_run(finished_run, tmp_path / "run")
+    old_model = (run / "model.pt").read_bytes()
+    old_config = (run / "config.yaml").read_text()
+    cfg = _cfg(tiny_demo_root, tmp_path)
+    cfg.train.seed = 7
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_config", full)
+    with caplog.at_level(logging.WARNING, logger="gradad.training.trainer"), pytest.raises(OSError, match="No space"):
+        train(cfg)
+    assert (run / "model.pt").read_bytes() == old_model and (run / "config.yaml").read_text() == old_config
+    pending = run / ".train_log.jsonl.pending"
+    assert pending.is_file() and str(pending) in caplog.text
+
+
 # ---------------------------------------------------------------------------------- 6. new images on resume
 
 
@@ -275,8 +316,8 @@ def test_a_resume_refused_for_new_good_images_names_them(tiny_demo_root: Path, t
     image = cv2.imread(str(good / "000.png"))
     cv2.imwrite(str(good / "100.png"), 255 - image)  # sorts last: the validation split keeps its image
     _no_features(monkeypatch)
-    with pytest.raises(ConfigError, match=r"other good images: 0 of its 7 are not among this run's 8; 1 of this "
-                                          r"run's are new to it \(.*100\.png\)"):
+    with pytest.raises(ConfigError, match=r"other good images: 0 of its 7 are not among this run's 8; 1 image\(s\) "
+                                          r"of this run are new to it \(.*100\.png\)"):
         train(cfg, resume=True)
 
 

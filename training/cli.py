@@ -9,9 +9,9 @@ import click
 
 from gradad.cli_utils import CLI_CONTEXT, grad_command, printable
 from gradad.errors import GradError
-from gradad.training.config import (PRESETS, RunConfig, apply_set_options, config_text, load_config,
+from gradad.training.config import (PRESETS, RunConfig, apply_set_options, load_config,
                                    preset_config)
-from gradad.training.run_folder import holds_text
+from gradad.training.run_folder import previous_run_files
 
 log = logging.getLogger("gradad.train")
 
@@ -97,16 +97,14 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
 
 
 def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:
-    """A fresh run would replace a finished model and a resumable checkpoint at its first epoch, rewrite config.yaml
-    and delete train_log.jsonl: say so first. A config.yaml this very run would write (an earlier start of it that
-    stopped before its first checkpoint) and its log may go."""
-    kept = [name for name in ("model.pt", "checkpoint.pt") if (run_dir / name).is_file()]
-    if not kept:  # grad-train writes config.yaml first: a log without this run's config.yaml is not this run's
-        ours = holds_text(run_dir / "config.yaml", config_text(cfg))
-        kept = [name for name in ("config.yaml", "train_log.jsonl") if (run_dir / name).is_file() and not ours]
+    """A fresh run replaces a finished model, a resumable checkpoint, another run's config.yaml and its log (at its
+    first checkpoint): say so first. A config.yaml this very run would write (an earlier start of it that stopped
+    before its first checkpoint) and its log may go."""
+    kept = previous_run_files(run_dir, cfg)
     if kept:
+        listed = " and ".join(kept) if len(kept) < 3 else f"{', '.join(kept[:-1])} and {kept[-1]}"
         resumable = "continue it with --resume, " if (run_dir / "checkpoint.pt").is_file() else ""
-        raise GradError(f"{run_dir} already holds {' and '.join(kept)}: {resumable}train afresh into it with "
+        raise GradError(f"{run_dir} already holds {listed}: {resumable}train afresh into it with "
                         f"--overwrite (replacing them), or choose another -o")
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from gradad.config_values import coerce_setting, load_settings_file
 from gradad.errors import ConfigError
+from gradad.files import atomic_write_text
 
 
 #: The anomaly kinds Feature Block Paste can synthesise (training/fbp.py draws them).
@@ -322,8 +323,8 @@ def config_text(cfg: RunConfig) -> str:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    Path(path).write_text(config_text(cfg))
+    """Write the resolved config as YAML, atomically (a full disk leaves the old file, never half a new one)."""
+    atomic_write_text(path, config_text(cfg))
 
 
 def apply_set_options(cfg: RunConfig, assignments: list[str]) -> RunConfig:

@@ -30,6 +30,7 @@ from gradad.cli_utils import check_output_folder
 from gradad.data.datasets import Sample, load_samples_from_roots, summarize
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, DatasetError, GradError
+from gradad.text import first_few
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
@@ -248,14 +249,14 @@ def refuse_goods_as_defects(defects: Sequence[Sample], goods: dict[str, Sample],
     (``goods``: digest -> sample): stage 1 would learn them as defective and stage 2 as good."""
     same = [(d, goods[dig]) for d in defects if (dig := image_digest(d.image_path)) in goods]
     if same:
-        shown = ", ".join(f"{d.image_path} (= {g.image_path})" for d, g in same[:3])
+        shown = first_few(f"{d.image_path} (= {g.image_path})" for d, g in same)
         raise DatasetError(f"--defects {folder}: {len(same)} of its {len(defects)} image(s) are copies of good "
                            f"images this run trains or validates on; a part cannot be both good and defective: "
-                           f"{shown}{' ...' if len(same) > 3 else ''}")
+                           f"{shown}")
 
 
-#: the fewest good images of a class that give it a validation image at data.val_fraction (validation_indices)
 def _fewest_for_validation(fraction: float) -> int:
+    """The fewest good images of a class that give it a validation image at ``fraction`` (validation_indices)."""
     return max(2, int(round(1.0 / fraction))) // 2 + 1
 
 
@@ -417,8 +418,7 @@ def refuse_other_goods(payload: dict[str, Any], digests: Sequence[str], what: st
     theirs, mine = set(recorded), set(digests)
     if theirs != mine:
         new = sorted((names or {}).get(d, d) for d in mine - theirs)
-        added = (f"; {len(new)} of this run's are new to it ({', '.join(new[:3])}{' ...' if len(new) > 3 else ''})"
-                 if new else "")
+        added = f"; {len(new)} image(s) of this run are new to it ({first_few(new)})" if new else ""
         raise ConfigError(f"{what} was trained on other good images: {len(theirs - mine)} of its {len(theirs)} are "
                           f"not among this run's {len(mine)}{added} (same data settings, other files: check --data "
                           f"and the folder you run from)")
@@ -461,6 +461,8 @@ def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str])
 #: randomness or selection depends on it) and the run folder (a run folder moved or copied resumes where it is)
 RESUME_FREE_SETTINGS = frozenset({"data.root", "data.extra_roots", "data.cache_dir", "train.checkpoint_every",
                                   "output_dir"})
+#: the same for a checkpoint from before the content digests were recorded: its roots must be the same text
+RESUME_FREE_WITHOUT_DIGESTS = RESUME_FREE_SETTINGS - {"data.root", "data.extra_roots"}
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -519,8 +521,10 @@ class Trainer:
     def _resume_refusals(self, state: dict[str, Any], images: TrainingImages) -> list[SettingDifference]:
         """Refuse to resume checkpoint ``state`` with changed settings (naming them) or on other good images, before
         any feature is extracted; returns the map-head settings a finished run refits (changed, but allowed)."""
+        # the roots may differ only where the content digests can tell the images apart (not in older checkpoints)
+        free = RESUME_FREE_SETTINGS if state.get("trained_good_digests") is not None else RESUME_FREE_WITHOUT_DIGESTS
         diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
-                 if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS and d.key not in RESUME_FREE_SETTINGS]
+                 if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS and d.key not in free]
         refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
         head_only = [d for d in diffs if d.key in refittable]
         diffs = [d for d in diffs if d.key not in refittable]
@@ -529,7 +533,7 @@ class Trainer:
             diffs, head_only = diffs + head_only, []
         if diffs:
             raise ConfigError(f"cannot resume {self.state_path}: settings differ from the interrupted run: "
-                              f"{'; '.join(map(str, diffs[:5]))}{' ...' if len(diffs) > 5 else ''} (to resume it as "
+                              f"{first_few(diffs, 5, '; ')} (to resume it as "
                               f"it was: {' '.join(d.restoring_option for d in diffs)})")
         # after the settings: they say why. The data roots are no setting to compare (the same images may be
         # reached by another path); the digests are what must match
@@ -595,25 +599,27 @@ class Trainer:
 
     def _replace_previous_run(self) -> None:
         """This run wrote its first checkpoint (or, training no epoch, its model file): the previous run's files go
-        now, so the folder holds one run, never a mix: its config.yaml and log are replaced, its model file (and
-        its checkpoint, when this run keeps none) removed."""
-        pending, self._pending_log = self._pending_log, None
+        now, so the folder holds one run, never a mix: its config.yaml and log are replaced first (atomically), its
+        model file (and its checkpoint, when this run keeps none) removed last, so the checkpoint always has its
+        config.yaml beside it."""
+        pending = self._pending_log
         if pending is None:
             return
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        if pending.exists():
+            os.replace(pending, self.run_dir / "train_log.jsonl")
+        else:
+            (self.run_dir / "train_log.jsonl").unlink(missing_ok=True)
+        self._pending_log = None
         if self.position is None:  # no checkpoint of this run: the one there is the previous run's
             self.state_path.unlink(missing_ok=True)
         else:
             self.model_path.unlink(missing_ok=True)  # a model this run has not written yet
-        save_config(self.cfg, self.run_dir / "config.yaml")
-        if pending.exists():
-            os.replace(pending, self.log_path)
-        else:
-            self.log_path.unlink(missing_ok=True)
         log.info("the previous run's %s in %s replaced by this run's", ", ".join(self._previous), self.run_dir)
         self._previous = []
 
     def _drop_pending_log(self) -> None:
-        """A run that ends before replacing the previous one leaves no log of its own beside it."""
+        """A run stopped by Ctrl-C before replacing the previous one leaves no log of its own beside it."""
         if self._pending_log is not None:
             with contextlib.suppress(OSError):
                 self._pending_log.unlink(missing_ok=True)
@@ -625,19 +631,24 @@ class Trainer:
         self._resuming = resume
         try:
             return self._run(resume)
-        except TrainingInterrupted:
-            raise
-        except KeyboardInterrupt:
-            if self.position is not None:  # stopped between writing the first checkpoint and replacing the rest
-                self._replace_previous_run()
-            raise TrainingInterrupted(self._interrupt_message()) from None
-        finally:
+        except KeyboardInterrupt as exc:
+            if not isinstance(exc, TrainingInterrupted) and self.position is not None:
+                self._replace_previous_run()  # stopped between writing the first checkpoint and replacing the rest
             self._drop_pending_log()
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            raise TrainingInterrupted(self._interrupt_message()) from None
+        except BaseException:
+            # a failed run's log is its only diagnostic: kept (a later fresh run in the folder starts a new one)
+            if self._pending_log is not None and self._pending_log.exists():
+                log.warning("this run's log until it failed: %s", self._pending_log)
+            raise
 
     def _run(self, resume: bool) -> Path:
         cfg = self.cfg
         restoring = resume and self.state_path.is_file()
-        self._previous = [] if restoring else previous_run_files(self.run_dir, cfg)
+        # a resume continues the run in the folder: its files are not another run's
+        self._previous = [] if resume else previous_run_files(self.run_dir, cfg)
         seed_everything(cfg.train.seed)
         cfg.validate()
         if resume:
