@@ -369,3 +369,20 @@ def test_an_unwritable_output_folder_is_refused_before_features(tiny_demo_root: 
     with pytest.raises(GradError, match=r"cannot write there \(Read-only file system\)"):
         train(cfg)
     assert not (tmp_path / "new").exists()
+
+
+def test_normal_from_is_checked_before_features_and_takes_the_same_images_by_another_path(
+        finished_run: Path, tiny_demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old: --normal-from compared data.root as text (as resume did) and refused only after the features were
+    extracted (minutes on real data)."""
+    cfg = _cfg(tiny_demo_root, tmp_path)
+    cfg.train.normal_from = str(finished_run / "model.pt")
+    cfg.data.root = str(tiny_demo_root) + "/."  # the same images, spelled otherwise
+    cfg.train.stage1_epochs = 1
+    assert train(cfg).is_file()
+    _no_features(monkeypatch)
+    other = _cfg(tiny_demo_root, tmp_path / "other")
+    other.train.normal_from = str(finished_run / "model.pt")
+    other.model.fusion_depth = 2
+    with pytest.raises(ConfigError, match=r"train.normal_from = .* was trained with other settings: model.fusion_depth"):
+        train(other)

@@ -315,9 +315,11 @@ def refuse_other_goods(payload: dict[str, Any], digests: Sequence[str], what: st
                           f"and the folder you run from)")
 
 
-def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str]) -> str:
-    """Copy the normal branch of ``cfg.train.normal_from`` into ``model``; refuse a model trained otherwise, by
-    settings or on other good images (``digests``: this run's)."""
+def check_normal_source(cfg: RunConfig, digests: Sequence[str]) -> dict[str, Any]:
+    """Read ``cfg.train.normal_from`` and refuse a model trained otherwise, by settings or on other good images
+    (``digests``: this run's), before any feature is extracted; returns its payload for :func:`load_normal_branch`.
+    Its dataset roots may be spelled otherwise (another path to the same images) when it records the content
+    digests that decide whether the images are the same."""
     path = cfg.train.normal_from
     payload = read_checkpoint(path)
     source = payload["config"]
@@ -330,13 +332,25 @@ def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str])
                           "NORMAL-only model can lend its normal branch")
     diffs = config_differences({k: v for k, v in source["model"].items() if k not in ABNORMAL_ONLY_SETTINGS},
                                {k: v for k, v in mine["model"].items() if k not in ABNORMAL_ONLY_SETTINGS}, "model.")
-    for section, skip in (("data", {"defects", "defect_masks", "cache_dir"}), ("backbone", set())):
+    data_free = {"defects", "defect_masks", "cache_dir"}
+    if payload.get("trained_good_digests") is not None:
+        data_free |= {"root", "extra_roots"}
+    for section, skip in (("data", data_free), ("backbone", set())):
         diffs += config_differences({k: v for k, v in source[section].items() if k not in skip},
                                     {k: v for k, v in mine[section].items() if k not in skip}, f"{section}.")
     if diffs:
         raise ConfigError(f"train.normal_from = {path} was trained with other settings: "
                           f"{'; '.join(map(str, diffs[:5]))}")
     refuse_other_goods(payload, digests, f"train.normal_from = {path}")
+    return payload
+
+
+def load_normal_branch(model: GRADModel, cfg: RunConfig, digests: Sequence[str],
+                       payload: dict[str, Any] | None = None) -> str:
+    """Copy the normal branch of ``cfg.train.normal_from`` into ``model`` (``payload``: its file as
+    :func:`check_normal_source` read and checked it; read and checked here when not given)."""
+    path = cfg.train.normal_from
+    payload = payload if payload is not None else check_normal_source(cfg, digests)
     state = {k: v for k, v in payload["state_dict"].items() if k.startswith(NORMAL_BRANCH_PREFIXES)}
     missing = [k for k in model.state_dict() if k.startswith(NORMAL_BRANCH_PREFIXES) and k not in state]
     if missing or tuple(payload["feat_hw"]) != model.feat_hw or payload["channels"] != model.channels:
@@ -549,6 +563,8 @@ class Trainer:
         images = select_training_images(cfg)
         state = read_checkpoint(self.state_path) if restoring else None
         head_only = self._resume_refusals(state, images) if state is not None else []
+        normal_source = (check_normal_source(cfg, images.trained_digests) if cfg.train.normal_from
+                         else None)
         check_output_folder(self.run_dir, "output folder (-o / output_dir)")
         if cfg.model.image_gaussian:  # before the stages, not after an hour of training
             try:
@@ -567,7 +583,8 @@ class Trainer:
         _, c, h, w = data.features.shape
         model = GRADModel(c, (h, w), cfg.model).to(self.device)
         digests = images.trained_digests
-        normal_from = load_normal_branch(model, cfg, digests) if cfg.train.normal_from else None
+        normal_from = (load_normal_branch(model, cfg, digests, normal_source) if normal_source is not None
+                       else None)
         gen = torch.Generator().manual_seed(cfg.train.seed)
         start_stage, start_epoch, opt_state, best = 0, 0, None, _Best()
         if state is not None:
