@@ -386,3 +386,23 @@ def test_normal_from_is_checked_before_features_and_takes_the_same_images_by_ano
     other.model.fusion_depth = 2
     with pytest.raises(ConfigError, match=r"train.normal_from = .* was trained with other settings: model.fusion_depth"):
         train(other)
+
+
+def test_ctrl_c_inside_a_checkpoint_write_is_an_interrupt_not_a_full_disk(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verifier: a SIGINT while torch.save wrote came back as RuntimeError "unexpected pos" (its context the
+    KeyboardInterrupt), which the full-disk rule reported as "cannot write ... (disk full?)", exit 2."""
+    import gradad.training.checkpoint as checkpoint_module
+
+    def interrupted(obj, fh):
+        fh.write(b"PK")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", interrupted)
+    target = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module.atomic_torch_save({"a": 1}, target)
+    assert not list(tmp_path.iterdir())  # neither the file nor its temporary

@@ -36,12 +36,26 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         with atomic_file(path) as fh:  # a failed write (disk full) leaves neither half a file nor its temporary
             torch.save(obj, fh)
     except (OSError, RuntimeError) as exc:
+        if _interrupted(exc):  # Ctrl-C inside the write: torch reports it as a short write ("unexpected pos")
+            raise KeyboardInterrupt from None
         cause = _write_failure(exc)
         if cause is None:
             raise
         error = CheckpointWriteError(f"cannot write {path}: {_reason(cause)} (disk full?)")
         error.errno = getattr(cause, "errno", None)
         raise error from None
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt raised inside torch.save's file writes lies behind ``exc``."""
+    seen: set[int] = set()
+    inner: BaseException | None = exc
+    while inner is not None and id(inner) not in seen:
+        if isinstance(inner, KeyboardInterrupt):
+            return True
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return False
 
 
 #: how torch's zip writer reports a write that wrote less than asked (it wraps the OSError of a full disk)
