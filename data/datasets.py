@@ -140,9 +140,7 @@ class FolderListing:
         folder, or an empty-class error, says was there instead of readable images."""
         parts = []
         if self.other_types:
-            kinds = sorted({_kind(p) for p in self.other_types})
-            parts.append(f"ignored {len(self.other_types)} file(s) that are not images of a known type "
-                         f"({', '.join(kinds)}; known: {' '.join(IMAGE_EXTENSIONS)})")
+            parts.append(unknown_types_summary(self.other_types))
         if self.broken_links:
             names = first_few(p.name for p in self.broken_links)
             parts.append(f"ignored {len(self.broken_links)} broken link(s) whose target does not exist ({names})")
@@ -157,6 +155,14 @@ def _kind(p: Path) -> str:
     if not p.is_file():
         return "(not a regular file)"
     return p.suffix.lower() or "(no extension)"
+
+
+def unknown_types_summary(files: Sequence[Path]) -> str:
+    """``ignored N file(s) that are not images of a known type (kinds; known: ...)``: how every reader (training,
+    evaluation, calibration, grad-run's file sources) says what it passed over."""
+    kinds = sorted({_kind(p) for p in files})
+    return (f"ignored {len(files)} file(s) that are not images of a known type ({', '.join(kinds)}; known: "
+            f"{' '.join(IMAGE_EXTENSIONS)})")
 
 
 def _holds_images(d: Path) -> bool:

@@ -42,7 +42,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file
+from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file, unknown_types_summary
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.buffered import Buffered
@@ -510,9 +510,7 @@ def _log_ignored(where: str, paths: Iterable[Path]) -> int:
     Subfolders and hidden files (``.DS_Store``) are passed over by design and not counted."""
     others = sorted(p for p in paths if not p.name.startswith(".") and not is_image_file(p) and p.is_file())
     if others:
-        kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
-        logger.warning("%s: ignored %d file(s) that are not images of a known type (%s; known: %s)", where,
-                       len(others), ", ".join(kinds), " ".join(IMAGE_EXTENSIONS))
+        logger.warning("%s: %s", where, unknown_types_summary(others))
     return len(others)
 
 

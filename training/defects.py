@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gradad.data.datasets import Sample, is_image_file
-from gradad.data.images import MASK_THRESHOLD, read_mask
+from gradad.data.images import read_mask
 from gradad.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ def _full_size_cover(sample: Sample, size: int) -> np.ndarray | None:
     """The mask of ``sample`` at ``size`` marking every pixel a defect pixel of the full-size mask falls in (area
     interpolation, not nearest-neighbour: a defect thinner than the sampling step stays), or None when the mask
     file has no defect pixel at all."""
-    full = read_mask(sample.mask_path, threshold=getattr(sample, "mask_threshold", MASK_THRESHOLD))
+    full = read_mask(sample.mask_path, threshold=sample.mask_threshold)
     if not full.any():
         return None
     return cv2.resize(full.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA) > 0

@@ -1,4 +1,4 @@
-"""The run folder of ``grad-train``: what an earlier run left in it, and whether this run can write there.
+"""The run folder of ``grad-train``: what an earlier run left in it.
 
 Light imports only: the command line checks a run folder before it imports torch.
 """
@@ -7,11 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradad.errors import GradError
 from gradad.training.config import RunConfig, config_text
-
-#: the files of a run folder that belong to one run, in the order they are named in messages
-RUN_FILES = ("model.pt", "checkpoint.pt", "config.yaml", "train_log.jsonl")
 
 
 def holds_text(path: Path, text: str) -> bool:
@@ -31,8 +27,8 @@ def previous_run_files(run_dir: Path, cfg: RunConfig) -> list[str]:
     ours = holds_text(run_dir / "config.yaml", config_text(cfg))
     if not ours and (run_dir / "config.yaml").is_file():
         kept.append("config.yaml")
-    if kept and (run_dir / "train_log.jsonl").is_file():
+    # a log beside another run's files is that run's; without them it is this run's only when config.yaml is this
+    # run's (grad-train writes config.yaml first)
+    if (kept or not ours) and (run_dir / "train_log.jsonl").is_file():
         kept.append("train_log.jsonl")
-    if not kept and not ours and (run_dir / "train_log.jsonl").is_file():
-        kept.append("train_log.jsonl")  # grad-train writes config.yaml first: a log without it is not this run's
     return kept
