@@ -96,6 +96,8 @@ class Calibration:
     images: frozenset[str] | None = None
     # classes calibrated on their own (grad-calibrate, one --good DIR per class): the threshold grad-run --class uses
     class_thresholds: dict[str, float] | None = None
+    # the false-alarm rate grad-calibrate aimed at on the good images (its config), for the operating-point table
+    target_false_alarm_rate: float | None = None
 
 
 def calibration_of(bundle: Bundle) -> Calibration | None:
@@ -115,7 +117,8 @@ def calibration_of(bundle: Bundle) -> Calibration | None:
     return Calibration(float(cal.image_threshold), str(cal.method or ""),
                        {k: data.get(k) for k in ("good_dirs", "n_good", "defect_dir", "n_defect")},
                        frozenset(str(p) for p in recorded) if isinstance(recorded, list) else None,
-                       cal.class_values("image_threshold") or None)
+                       cal.class_values("image_threshold") or None,
+                       (cal.config or {}).get("false_alarm_rate"))
 
 
 def calibration_f1_images(samples: Sequence[Sample], calibration: Calibration | None) -> np.ndarray | None:
@@ -386,8 +389,9 @@ def run_accuracy(cfg: AccuracyConfig) -> dict[str, Any]:
                     "classes": sorted({s.class_name for s in samples}), "n_test_images": len(samples),
                     "n_anomalous": n_anomalous},
         "protocol": "unified: one model for all classes, metrics class by class, mean over classes",
-        "calibration": None if calibration is None else {"threshold": calibration.threshold,
-                                                         "method": calibration.method, "data": calibration.data},
+        "calibration": None if calibration is None else {
+            "threshold": calibration.threshold, "method": calibration.method, "data": calibration.data,
+            "target_false_alarm_rate": calibration.target_false_alarm_rate},
         "threads": cfg.threads,
         "environment": environment(),
         "rows": rows,
@@ -465,6 +469,43 @@ def _class_threshold_note(rows: list[dict[str, Any]]) -> list[str]:
     return [f"F1 at the calibrated threshold: each class at its own ({listed}), as `grad-run --class` runs.", ""]
 
 
+def _rate_with_bound(k: int, n: int, lower: bool) -> str:
+    """``k / n = r %`` with its one-sided 95 % Clopper-Pearson bound (upper for a false-alarm rate, lower for a
+    recall, as grad-calibrate states them)."""
+    from gradad.calibration.thresholds import binomial_upper_bound
+
+    if n == 0:
+        return "–"
+    bound = 1.0 - binomial_upper_bound(n - k, n) if lower else binomial_upper_bound(k, n)
+    return f"{k} / {n} = {100 * k / n:.1f}% ({'≥' if lower else '≤'} {100 * bound:.1f}%)"
+
+
+def operating_point_table(result: dict[str, Any]) -> list[str]:
+    """Markdown: what the calibrated threshold does on the test images, per class of every calibrated row (the
+    runtime's decision: good parts flagged, defective parts passed), with 95 % bounds; nothing without a
+    calibration."""
+    cal = result.get("calibration")
+    rows = [r for r in result["rows"] if (r.get("f1") or {}).get("kind") == F1_CALIBRATED]
+    if not cal or not rows:
+        return []
+    target = cal.get("target_false_alarm_rate")
+    aim = f", aimed at {100 * target:g}% false alarms on the calibration images" if target and \
+        cal.get("method") == "far" else ""
+    lines = [f"At the calibrated threshold (method `{cal.get('method')}`{aim}), on the test images it was not "
+             "calibrated on: good parts flagged and defective parts found, with one-sided 95% bounds:", "",
+             "| row | class | threshold | false alarms (good) | recall (defective) |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        own = row["f1"].get("class_thresholds") or {}
+        for cls, m in row["per_class"].items():
+            if cls == "mean" or "n_good_scored" not in m:
+                continue
+            t = own.get(cls, row["f1"]["threshold"])
+            lines.append(f"| {row['label']} | {cls} | {t:.4g} | "
+                         f"{_rate_with_bound(m['n_false_alarms'], m['n_good_scored'], lower=False)} | "
+                         f"{_rate_with_bound(m['n_detected'], m['n_defective_scored'], lower=True)} |")
+    return lines + [""]
+
+
 def accuracy_markdown(result: dict[str, Any]) -> str:
     """The markdown report of one accuracy result: command, summary table, skips, per-class tables."""
     ds = result["dataset"]
@@ -472,7 +513,8 @@ def accuracy_markdown(result: dict[str, Any]) -> str:
              f"`{result.get('command', '')}`", "",
              f"Dataset `{ds['root']}`: {ds['n_test_images']} test images ({ds['n_anomalous']} anomalous), "
              f"classes {', '.join(ds['classes'])}. {result['protocol']}.", "",
-             *_calibration_note(ds), *_class_threshold_note(result["rows"]), summary_table(result["rows"])]
+             *_calibration_note(ds), *_class_threshold_note(result["rows"]), summary_table(result["rows"]),
+             *operating_point_table(result)]
     table = comparison_table(result["rows"])
     if table:
         parts += [table]

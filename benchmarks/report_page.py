@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
-                                        comparison_table, summary_table)
+                                        comparison_table, operating_point_table, summary_table)
 from gradad.benchmarks.environment import engine_note
 from gradad.benchmarks.gpu_check import KIND_GPU, gpu_device_line, gpu_row_groups
 from gradad.benchmarks.latency import latency_table, row_notes
@@ -232,7 +232,7 @@ def accuracy_block(name: str, result: dict[str, Any]) -> list[str]:
            "s / image: wall time of this accuracy run per test image (PyTorch rows include reading the images; "
            "PatchCore's excludes its fit) — the Latency section has the controlled timings.", ""]
     paired = comparison_table(result["rows"])
-    out += [f"- {n}" for n in accuracy_notes(result)] + [""]
+    out += [f"- {n}" for n in accuracy_notes(result)] + [""] + operating_point_table(result)
     return out + ([paired] if paired else []) + defect_table(result) + [""]
 
 

@@ -15,8 +15,10 @@ from gradad.bundle import Bundle, Calibration, image_digest
 from gradad.calibration.thresholds import (
     CalibrationConfig,
     binomial_upper_bound,
+    far_alternatives,
     far_threshold,
     min_images_for_rate,
+    outlying_goods,
     pixel_threshold_f1,
     pixel_threshold_good_only,
     check_target_recall,
@@ -29,6 +31,7 @@ from gradad.data.images import MASK_THRESHOLD, read_image_rgb, read_mask, resize
 from gradad.errors import DatasetError, GradError
 from gradad.runtime.backend import Backend
 from gradad.runtime.preprocess import to_model_input
+from gradad.text import first_few
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +180,36 @@ def class_thresholds(good_classes: Sequence[str], good_scores: np.ndarray, good_
                             f"check its --good images")
         out[cls] = {"image_threshold": float(threshold), "pixel_threshold": float(pixel), "n_good": int(mine.sum()),
                     "good_above": k, "false_alarm_rate_upper": binomial_upper_bound(k, int(mine.sum()),
-                                                                                    config.confidence)}
+                                                                                    config.confidence),
+                    "other_targets": _other_targets(good_scores[mine], config.false_alarm_rate, None)}
     return out
+
+
+def _other_targets(good_scores: np.ndarray, rate: float, defect_scores: np.ndarray | None) -> list[dict[str, Any]]:
+    """The far rule at the other usual targets (threshold, good images above, recall with defects): the trade-off
+    a user weighs before choosing --false-alarm-rate."""
+    return [{"target": other, "threshold": t, "good_above": k, **rates_at(t, good_scores, defect_scores)}
+            for other, (t, k) in far_alternatives(good_scores, rate).items()]
+
+
+def outlier_warning(files: Sequence[Path], good_scores: np.ndarray, threshold: float, rate: float,
+                    what: str = "the image threshold") -> str | None:
+    """A warning naming the good images a far threshold rests on when they score far above the others
+    (:func:`~gradad.calibration.thresholds.outlying_goods`), with the threshold the rest would give; None when
+    the threshold is set by the good parts' spread."""
+    idx = outlying_goods(good_scores, threshold)
+    if not idx.size:
+        return None
+    rest = np.ones(len(good_scores), bool)
+    rest[idx] = False
+    without, _ = far_threshold(good_scores[rest], rate)
+    median, p90 = np.quantile(good_scores, [0.5, 0.9])
+    named = first_few(f"{files[i]} ({good_scores[i]:.4g})" for i in idx)
+    return (f"{what} {threshold:.4f} rests on {idx.size} good image(s) scoring far above the others (median "
+            f"{median:.4g}, 90th percentile {p90:.4g}): {named}. Look at them: a defect among the goods, or an "
+            f"exposure or part the line rarely makes? Without them the threshold would be {without:.4f}; if the "
+            "line does make such parts, keep them and add more good images like them")
+
 
 
 def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]]) -> list[str]:
@@ -307,6 +338,7 @@ def calibrate(
         "far": {"threshold": threshold, "good_above": k, **rates_at(threshold, good_scores, None),
                 "false_alarm_rate_upper": upper},
     }
+    rate = config.false_alarm_rate
     pixel = {"threshold": pixel_threshold_good_only(good_maps, config.pixel_false_positive_rate),
              "method": f"good pixels above: {config.pixel_false_positive_rate}"}
     defect_scores = None
@@ -332,6 +364,7 @@ def calibrate(
         t_f1, gap_f1 = inside_gap(t_f1, all_scores)
         t_rec, gap_rec = inside_gap(recall_threshold(defect_scores, config.target_recall), all_scores)
         rules["far"].update(rates_at(threshold, good_scores, defect_scores))
+        rules["far"]["other_targets"] = _other_targets(good_scores, rate, defect_scores)
         rules["f1"] = {"threshold": t_f1, "f1": f1, "gap": gap_f1, **rates_at(t_f1, good_scores, defect_scores)}
         rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall, "gap": gap_rec,
                            **rates_at(t_rec, good_scores, defect_scores)}
@@ -355,6 +388,8 @@ def calibrate(
                      "good_only_threshold": pixel["threshold"], "masks_found": found}
     elif config.method != "far":
         raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
+    if defect_scores is None:
+        rules["far"]["other_targets"] = _other_targets(good_scores, rate, None)
     per_class = None
     good_classes = _classes_of(bundle, per_dir, good_files)
     if good_classes is not None and config.method == "far" and not masks_dir:
@@ -366,6 +401,18 @@ def calibrate(
             log.warning(warnings_list[-1])
     elif good_classes is not None:
         log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
+    # a far threshold set by a few unusual good images: name them (per class where the classes have their own)
+    labels = np.asarray(good_classes if per_class else [""] * n)
+    for cls in dict.fromkeys(labels.tolist()):
+        if config.method != "far" and not cls:
+            break
+        mine = np.flatnonzero(labels == cls)
+        t = per_class[cls]["image_threshold"] if cls else threshold
+        msg = outlier_warning([good_files[i] for i in mine], good_scores[mine], t, rate,
+                              f"class {cls}: the image threshold" if cls else "the image threshold")
+        if msg:
+            warnings_list.append(msg)
+            log.warning(msg)
     active = rules[config.method]["threshold"]
     flagged = float(np.mean(good_scores > active))
     if config.method != "far" and flagged > max(GOOD_FLAGGED_WARNING, config.false_alarm_rate):
@@ -426,9 +473,21 @@ def calibration_table(cal: Calibration) -> str:
             note += f"; middle of the gap {r['gap'][0]:.4f} - {r['gap'][1]:.4f}"
         lines.append(f"| {name}{active} | {r['threshold']:.4f} | {pct(r['false_alarm_rate'])} | "
                      f"{pct(r['recall'])} | {note} |")
+    others = ((cal.rules or {}).get("far") or {}).get("other_targets")
+    if others:
+        lines.append(f"\nother false-alarm targets (--false-alarm-rate): {_targets_text(others)}")
     lines.append(f"\npixel threshold {cal.pixel_threshold:.4f} ({(cal.pixel or {}).get('method')})")
     for cls, t in (cal.classes or {}).items():
         lines.append(f"class {cls}: image threshold {t['image_threshold']:.4f}, pixel {t['pixel_threshold']:.4f} "
                      f"({t['n_good']} good images, {t['good_above']} above; 95% upper bound of its false-alarm rate "
-                     f"{pct(t['false_alarm_rate_upper'])})")
+                     f"{pct(t['false_alarm_rate_upper'])})"
+                     + (f"; other targets: {_targets_text(t['other_targets'])}" if t.get("other_targets") else ""))
     return "\n".join(lines)
+
+
+def _targets_text(others: Sequence[dict[str, Any]]) -> str:
+    """``5% -> 37.2817 (3 good above, recall 91.0%)`` per other target, comma-separated."""
+    def one(o: dict[str, Any]) -> str:
+        recall = "" if o.get("recall") is None else f", recall {100 * o['recall']:.1f}%"
+        return f"{100 * o['target']:g}% -> {o['threshold']:.4f} ({o['good_above']} good above{recall})"
+    return ", ".join(one(o) for o in others)

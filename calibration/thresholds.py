@@ -70,6 +70,45 @@ def far_threshold(good_scores: np.ndarray, rate: float) -> tuple[float, int]:
     return threshold, int((s > threshold).sum())
 
 
+#: other false-alarm targets grad-calibrate prints beside the chosen one, so the trade-off is seen before a line runs
+OTHER_RATES = (0.01, 0.02, 0.05, 0.1)
+#: a good score lies far above the rest when it exceeds median + this many times (90th percentile - median)
+OUTLIER_SPREADS = 3.0
+#: fewest good scores the outlier rule looks at (a 90th percentile of fewer says little)
+OUTLIER_MIN_IMAGES = 20
+
+
+def far_alternatives(good_scores: np.ndarray, rate: float) -> dict[float, tuple[float, int]]:
+    """``{rate: (threshold, good scores above)}`` of :func:`far_threshold` at the other targets of
+    :data:`OTHER_RATES` that the set can tell apart from ``rate`` and from each other (a different number of goods
+    allowed above)."""
+    n = np.asarray(good_scores).size
+    seen = {min(int(math.floor(rate * n)), n - 1)}
+    out: dict[float, tuple[float, int]] = {}
+    for other in OTHER_RATES:
+        allowed = min(int(math.floor(other * n)), n - 1)
+        if allowed not in seen:  # the first target of each count of goods allowed above
+            seen.add(allowed)
+            out[other] = far_threshold(good_scores, other)
+    return out
+
+
+def outlying_goods(good_scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (highest first) of the good scores a ``threshold`` rests on when it lies far above the rest: the
+    scores at or above it, when it exceeds median + :data:`OUTLIER_SPREADS` x (90th percentile - median). Empty
+    when the threshold lies within that spread (outliers it leaves above do not set it) and for fewer than
+    :data:`OUTLIER_MIN_IMAGES` scores. Such a threshold is set by a few unusual images (an exposure the line
+    rarely makes, a defect among the goods), not by the good parts' spread."""
+    s = np.asarray(good_scores, dtype=np.float64)
+    if s.size < OUTLIER_MIN_IMAGES:
+        return np.zeros(0, np.int64)
+    median, p90 = np.quantile(s, [0.5, 0.9])
+    if not threshold > median + OUTLIER_SPREADS * max(p90 - median, 0.0):
+        return np.zeros(0, np.int64)
+    idx = np.flatnonzero(s >= threshold)
+    return idx[np.argsort(-s[idx])]
+
+
 def check_target_recall(target: float) -> float:
     """``target`` when it is a recall in (0, 1]; a percentage (95) or 0 would silently give the lowest or the
     highest defect score as threshold."""

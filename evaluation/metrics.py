@@ -225,6 +225,21 @@ def pro_auc(masks: Any, maps: Any, fpr_limit: float = 0.3, num_thresholds: int =
 # --------------------------------------------------------------------------------------------------------------
 # aggregates
 # --------------------------------------------------------------------------------------------------------------
+def operating_point(labels: Any, scores: Any, threshold: float) -> dict[str, float | int]:
+    """What the rule ``score >= threshold`` does to these images: the share of good images it flags
+    (``image_false_alarm_rate``, of ``n_good_scored``: ``n_false_alarms``) and of defective images it flags
+    (``image_recall``, of ``n_defective_scored``: ``n_detected``); a rate is nan without images of its kind."""
+    s = _as_scores(scores)
+    y = _as_labels(labels, s.size)
+    flagged = s >= threshold
+    n_good, n_bad = int((~y).sum()), int(y.sum())
+    false_alarms, detected = int((flagged & ~y).sum()), int((flagged & y).sum())
+    return {"image_false_alarm_rate": false_alarms / n_good if n_good else _NAN,
+            "image_recall": detected / n_bad if n_bad else _NAN,
+            "n_false_alarms": false_alarms, "n_good_scored": n_good,
+            "n_detected": detected, "n_defective_scored": n_bad}
+
+
 def compute_metrics(
     labels: Any,
     scores: Any,
@@ -239,7 +254,7 @@ def compute_metrics(
     """All metrics of one image set.
 
     Keys: ``image_auroc``, ``image_aupr``, ``image_best_f1``, ``n_images``, ``n_anomalous``; with ``threshold``
-    (e.g. the calibrated one) also ``image_f1``; with both ``masks`` and ``maps`` also ``pixel_auroc``,
+    (e.g. the calibrated one) also ``image_f1`` and the :func:`operating_point` keys; with both ``masks`` and ``maps`` also ``pixel_auroc``,
     ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan. ``f1_images`` (bool per
     image): the images ``image_f1`` may score (not those the threshold was fitted on); the others are counted in
     ``n_left_out_of_f1``.
@@ -257,6 +272,7 @@ def compute_metrics(
     if threshold is not None:
         keep = np.ones(s.size, bool) if f1_images is None else np.asarray(f1_images, bool)
         out["image_f1"] = f1_at_threshold(y[keep], s[keep], threshold) if keep.any() else _NAN
+        out.update(operating_point(y[keep], s[keep], threshold))
         if f1_images is not None:
             out["n_left_out_of_f1"] = int((~keep).sum())
     if masks is not None and maps is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from cli_helpers import one_error_line
 from gradad.benchmarks.cli import main
+from gradad.benchmarks.report_page import write_report
 from gradad.bundle import read_manifest, write_manifest
 from gradad.data.datasets import load_samples
 
@@ -123,6 +125,42 @@ def test_f1_at_calibrated_threshold(tiny_demo_root: Path, bundle: Path, tmp_path
         anomalous = sum(s.label for s in samples if s.class_name == cls)
         good = sum(1 - s.label for s in samples if s.class_name == cls)
         assert row["per_class"][cls]["image_f1"] == pytest.approx(2 * anomalous / (2 * anomalous + good))
+        # every image flagged: every good one a false alarm, every defective one found
+        m = row["per_class"][cls]
+        assert (m["n_false_alarms"], m["n_good_scored"], m["n_detected"], m["n_defective_scored"]) == (
+            good, good, anomalous, anomalous)
+        assert m["image_false_alarm_rate"] == 1.0 and m["image_recall"] == 1.0
+    # the operating-point table: one line per class with counts and 95 % bounds, in the report and the page
+    report = (tmp_path / "cal.md").read_text()
+    assert "At the calibrated threshold (method `far`" in report
+    nut_good = sum(1 - s.label for s in samples if s.class_name == "nut")
+    assert f"| nut | 1e-12 | {nut_good} / {nut_good} = 100.0% (≤ 100.0%) |" in report
+    page = write_report(tmp_path)[0].read_text()
+    assert "At the calibrated threshold (method `far`" in page
+
+
+def test_operating_point_table_bounds_and_own_class_thresholds() -> None:
+    """Counts, rates and one-sided 95 % Clopper-Pearson bounds (upper for false alarms, lower for recall); a class
+    calibrated on its own shows its own threshold; no calibrated row, no table."""
+    from gradad.benchmarks.accuracy import operating_point_table
+    from gradad.calibration.thresholds import binomial_upper_bound
+
+    per_class = {"a": {"n_false_alarms": 1, "n_good_scored": 50, "n_detected": 18, "n_defective_scored": 20},
+                 "b": {"n_false_alarms": 0, "n_good_scored": 30, "n_detected": 0, "n_defective_scored": 0},
+                 "mean": {"n_false_alarms": 1, "n_good_scored": 80}}
+    row = {"label": "GRAD edge", "per_class": per_class,
+           "f1": {"kind": "calibrated threshold", "threshold": 5.0, "class_thresholds": {"b": 7.25}}}
+    result = {"calibration": {"method": "far", "target_false_alarm_rate": 0.01}, "rows": [row]}
+    text = "\n".join(operating_point_table(result))
+    assert "aimed at 1% false alarms" in text
+    upper = 100 * binomial_upper_bound(1, 50)
+    lower = 100 * (1 - binomial_upper_bound(2, 20))
+    assert f"| GRAD edge | a | 5 | 1 / 50 = 2.0% (≤ {upper:.1f}%) | 18 / 20 = 90.0% (≥ {lower:.1f}%) |" in text
+    assert "| GRAD edge | b | 7.25 | 0 / 30 = 0.0% (≤" in text and text.rstrip().endswith("| – |")
+    assert "| mean |" not in text
+    assert operating_point_table({"calibration": None, "rows": [row]}) == []
+    oracle = {**row, "f1": {"kind": "oracle best F1"}}
+    assert operating_point_table({"calibration": result["calibration"], "rows": [oracle]}) == []
 
 
 def test_f1_at_calibrated_threshold_leaves_out_the_calibration_images(tiny_demo_root: Path, bundle: Path,
@@ -146,6 +184,9 @@ def test_f1_at_calibrated_threshold_leaves_out_the_calibration_images(tiny_demo_
     assert result["dataset"]["n_calibration_images_left_out_of_f1"] == len(calibration_goods)
     assert result["dataset"]["n_test_images"] == len(samples)  # every other metric still scores them
     assert row["per_class"]["nut"]["image_f1"] == pytest.approx(1.0)
+    # the operating point leaves the calibration images out too: no nut good image is counted as a false alarm
+    assert row["per_class"]["nut"]["n_good_scored"] == 0
+    assert math.isnan(row["per_class"]["nut"]["image_false_alarm_rate"])
     for cls in ("fabric", "capsule"):
         anomalous = sum(s.label for s in samples if s.class_name == cls)
         good = sum(1 - s.label for s in samples if s.class_name == cls)

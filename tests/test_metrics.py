@@ -333,3 +333,19 @@ def test_f1_images_leave_images_out_of_the_threshold_f1_only() -> None:
     assert out["mean"]["n_left_out_of_f1"] == 1 and out["mean"]["image_f1"] == pytest.approx(1.0)
     assert compute_metrics(labels[:4], scores[:4], threshold=0.5)["image_f1"] == pytest.approx(0.8)
     assert np.isnan(compute_metrics(labels[:1], scores[:1], threshold=0.5, f1_images=[False])["image_f1"])
+
+
+def test_operating_point_counts_rates_and_left_out_images() -> None:
+    """score >= threshold flags: 1 of 3 goods and 2 of 3 defects here; images outside ``f1_images`` are not
+    counted; a rate without images of its kind is nan."""
+    from gradad.evaluation.metrics import operating_point
+
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.6, 0.2, 0.5, 0.9, 0.3])
+    op = operating_point(labels, scores, 0.5)
+    assert (op["n_false_alarms"], op["n_good_scored"], op["n_detected"], op["n_defective_scored"]) == (1, 3, 2, 3)
+    assert op["image_false_alarm_rate"] == pytest.approx(1 / 3) and op["image_recall"] == pytest.approx(2 / 3)
+    out = compute_metrics(labels, scores, threshold=0.5, f1_images=np.array([1, 0, 1, 1, 1, 1], bool))
+    assert (out["n_false_alarms"], out["n_good_scored"]) == (0, 2) and out["image_false_alarm_rate"] == 0.0
+    assert math.isnan(operating_point(labels[:3], scores[:3], 0.5)["image_recall"])
+    assert "image_recall" not in compute_metrics(labels, scores)  # no threshold, no operating point

@@ -1,0 +1,88 @@
+"""grad-calibrate's view of the trade-off it makes: the far rule at the other usual false-alarm targets, and a
+warning naming the good images a threshold rests on when they score far above the others (on MTD one over-exposed
+good tile set its class threshold 34 % above the next good score: recall at that threshold 29 %)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from fakes.calibration import MeanBackend, grey_images
+from gradad.calibration.calibrate import calibrate, calibration_table
+from gradad.calibration.thresholds import (OUTLIER_MIN_IMAGES, CalibrationConfig, far_alternatives, far_threshold,
+                                           outlying_goods)
+
+SPREAD = list(range(20, 120, 4))  # 25 good parts scoring 20 ... 116
+
+
+def test_far_alternatives_list_only_targets_that_change_the_threshold() -> None:
+    scores = np.arange(1.0, 32.0)  # 31 scores: 1 % and 2 % both allow 0 above, 5 % one, 10 % three
+    alts = far_alternatives(scores, 0.01)
+    assert list(alts) == [0.05, 0.1]
+    assert alts[0.05] == far_threshold(scores, 0.05) == (30.0, 1)
+    assert alts[0.1] == (28.0, 3)
+    assert list(far_alternatives(scores, 0.1)) == [0.01, 0.05]  # 2 % allows as many above as 1 %: listed once
+
+
+def test_outlying_goods_are_the_few_far_above_the_spread() -> None:
+    scores = np.r_[np.arange(1.0, 31.0), 100.0, 90.0]
+    assert outlying_goods(scores, 90.0).tolist() == [30, 31]  # highest first
+    assert outlying_goods(scores, 100.0).tolist() == [30]
+    assert outlying_goods(scores, 25.0).size == 0  # set by the spread: the outliers above it do not set it
+    assert outlying_goods(np.arange(1.0, 31.0), 30.0).size == 0  # a threshold set by the spread itself
+    few = np.r_[np.arange(1.0, OUTLIER_MIN_IMAGES - 1.0), 100.0]
+    assert outlying_goods(few, 100.0).size == 0  # too few scores to tell an outlier
+
+
+def test_a_threshold_set_by_one_unusual_good_image_names_it(tmp_path: Path) -> None:
+    files = grey_images(tmp_path / "good", [*SPREAD, 250])
+    cal = calibrate(MeanBackend(), tmp_path / "good")
+    hits = [w for w in cal.warnings if "scoring far above the others" in w]
+    assert len(hits) == 1
+    assert str(files[-1]) in hits[0] and "rests on 1 good image(s)" in hits[0]
+    # the threshold the rest give: their highest score (1 % of 25 allows none above)
+    from gradad.calibration.calibrate import score_images
+
+    without = score_images(MeanBackend(), files[:-1])[0].max()
+    assert f"Without them the threshold would be {without:.4f}" in hits[0]
+    # the other targets are in the table, with how many good images each lets above
+    table = calibration_table(cal)
+    assert "other false-alarm targets (--false-alarm-rate): 5% -> " in table and "(1 good above)" in table
+    assert [o["target"] for o in cal.rules["far"]["other_targets"]] == [0.05, 0.1]
+
+
+def test_no_warning_when_the_goods_spread_sets_the_threshold(tmp_path: Path) -> None:
+    grey_images(tmp_path / "good", SPREAD)
+    cal = calibrate(MeanBackend(), tmp_path / "good")
+    assert not any("scoring far above" in w for w in cal.warnings)
+
+
+def test_with_defects_the_other_targets_carry_their_recall(tmp_path: Path) -> None:
+    grey_images(tmp_path / "good", SPREAD)
+    grey_images(tmp_path / "bad", [100, 110, 200, 210])
+    cal = calibrate(MeanBackend(), tmp_path / "good", tmp_path / "bad")
+    others = cal.rules["far"]["other_targets"]
+    assert all(o["recall"] is not None for o in others)
+    assert "recall 100.0%" in calibration_table(cal) or "recall 75.0%" in calibration_table(cal)
+
+
+def test_per_class_thresholds_name_their_own_outliers(tmp_path: Path) -> None:
+    outlier = grey_images(tmp_path / "a", [*SPREAD, 250])[-1]
+    grey_images(tmp_path / "b", [v + 102 for v in SPREAD])  # other levels: not dropped as copies of a's
+    bundle = SimpleNamespace(classes=["a", "b"], data_root=None, training_data={}, calibration=None)
+    cal = calibrate(MeanBackend(), [tmp_path / "a", tmp_path / "b"], bundle=bundle)
+    hits = [w for w in cal.warnings if "scoring far above the others" in w]
+    assert len(hits) == 1 and hits[0].startswith("class a: the image threshold") and str(outlier) in hits[0]
+    assert cal.classes["a"]["other_targets"] and cal.classes["b"]["other_targets"]
+    assert "class a: image threshold" in calibration_table(cal) and "; other targets: 5% -> " in calibration_table(cal)
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.1])
+def test_a_target_that_leaves_the_outlier_above_is_not_warned_about(tmp_path: Path, rate: float) -> None:
+    grey_images(tmp_path / "good", [*SPREAD, 250])
+    cal = calibrate(MeanBackend(), tmp_path / "good", config=CalibrationConfig(false_alarm_rate=rate))
+    assert cal.rules["far"]["good_above"] >= 1
+    assert not any("scoring far above" in w for w in cal.warnings)
