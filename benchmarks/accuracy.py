@@ -491,9 +491,7 @@ def operating_point_table(result: dict[str, Any]) -> list[str]:
     target = cal.get("target_false_alarm_rate")
     aim = f", aimed at {100 * target:g}% false alarms on the calibration images" if target and \
         cal.get("method") == "far" else ""
-    lines = [f"At the calibrated threshold (method `{cal.get('method')}`{aim}), on the test images it was not "
-             "calibrated on: good parts flagged and defective parts found, with one-sided 95% bounds:", "",
-             "| row | class | threshold | false alarms (good) | recall (defective) |", "|---|---|---:|---:|---:|"]
+    lines = []
     for row in rows:
         own = row["f1"].get("class_thresholds") or {}
         for cls, m in row["per_class"].items():
@@ -503,7 +501,12 @@ def operating_point_table(result: dict[str, Any]) -> list[str]:
             lines.append(f"| {row['label']} | {cls} | {t:.4g} | "
                          f"{_rate_with_bound(m['n_false_alarms'], m['n_good_scored'], lower=False)} | "
                          f"{_rate_with_bound(m['n_detected'], m['n_defective_scored'], lower=True)} |")
-    return lines + [""]
+    if not lines:  # a result file written before the operating point was recorded
+        return []
+    return [f"At the calibrated threshold (method `{cal.get('method')}`{aim}), on the test images it was not "
+            "calibrated on: good parts flagged and defective parts found, with one-sided 95% bounds:", "",
+            "| row | class | threshold | false alarms (good) | recall (defective) |", "|---|---|---:|---:|---:|",
+            *lines, ""]
 
 
 def accuracy_markdown(result: dict[str, Any]) -> str:

@@ -143,9 +143,12 @@ def accuracy_notes(result: dict[str, Any]) -> list[str]:
     if cal:
         data = cal.get("data") or {}
         dirs = ", ".join(data.get("good_dirs") or []) or "?"
-        notes.append(f"F1 of GRAD rows is at the bundle's calibrated threshold {cal['threshold']:.4g} (method "
-                     f"`{cal['method']}`, {data.get('n_good')} good images from {dirs}); rule score > threshold. "
-                     "Rows marked (oracle) have no calibration and report the best F1 over thresholds.")
+        own = next((r["f1"]["class_thresholds"] for r in rows if (r.get("f1") or {}).get("class_thresholds")), None)
+        at = (f"each class's own calibrated threshold ({', '.join(f'{c} {t:.4g}' for c, t in sorted(own.items()))}, "
+              "as `grad-run --class` runs)" if own else f"the bundle's calibrated threshold {cal['threshold']:.4g}")
+        notes.append(f"F1 of GRAD rows is at {at} (method `{cal['method']}`, {data.get('n_good')} good images from "
+                     f"{dirs}); rule score > threshold. Rows marked (oracle) have no calibration and report the best "
+                     "F1 over thresholds.")
     else:
         notes.append("No calibrated bundle: F1 is the oracle best F1 over thresholds (marked).")
     ref = grad_reference(rows)

@@ -159,6 +159,8 @@ def test_operating_point_table_bounds_and_own_class_thresholds() -> None:
     assert "| GRAD edge | b | 7.25 | 0 / 30 = 0.0% (≤" in text and text.rstrip().endswith("| – |")
     assert "| mean |" not in text
     assert operating_point_table({"calibration": None, "rows": [row]}) == []
+    older = {**row, "per_class": {"a": {"image_f1": 0.5}, "mean": {"image_f1": 0.5}}}  # written before the counts
+    assert operating_point_table({"calibration": result["calibration"], "rows": [older]}) == []
     oracle = {**row, "f1": {"kind": "oracle best F1"}}
     assert operating_point_table({"calibration": result["calibration"], "rows": [oracle]}) == []
 

@@ -86,3 +86,19 @@ def test_a_target_that_leaves_the_outlier_above_is_not_warned_about(tmp_path: Pa
     cal = calibrate(MeanBackend(), tmp_path / "good", config=CalibrationConfig(false_alarm_rate=rate))
     assert cal.rules["far"]["good_above"] >= 1
     assert not any("scoring far above" in w for w in cal.warnings)
+
+
+def test_results_page_names_each_class_threshold_the_f1_is_at() -> None:
+    """A bundle calibrated class by class: the page's F1 note names the class thresholds, not the one threshold
+    the bundle also holds (which grad-bench does not score at then)."""
+    from gradad.benchmarks.report_page import accuracy_notes
+
+    row = {"label": "GRAD edge · ONNX Runtime CPU FP32", "method": "grad", "backend": "onnxruntime",
+           "precision": "fp32", "per_class": {"mean": {"image_auroc": 0.9}},
+           "f1": {"kind": "calibrated threshold", "threshold": 46.79, "class_thresholds": {"b": 30.34, "a": 62.82}}}
+    result = {"rows": [row], "calibration": {"threshold": 46.79, "method": "far",
+                                             "data": {"n_good": 102, "good_dirs": ["ga", "gb"]}}}
+    note = accuracy_notes(result)[0]
+    assert "each class's own calibrated threshold (a 62.82, b 30.34" in note and "46.79" not in note
+    del row["f1"]["class_thresholds"]
+    assert "the bundle's calibrated threshold 46.79" in accuracy_notes(result)[0]
