@@ -482,8 +482,8 @@ def _rate_with_bound(k: int, n: int, lower: bool) -> str:
 
 def operating_point_table(result: dict[str, Any]) -> list[str]:
     """Markdown: what the calibrated threshold does on the test images, per class of every calibrated row (the
-    runtime's decision: good parts flagged, defective parts passed), with 95 % bounds; nothing without a
-    calibration."""
+    runtime's decision: good parts flagged, defective parts found), with 95 % bounds; nothing without a calibration
+    or for a result file written before the counts were recorded."""
     cal = result.get("calibration")
     rows = [r for r in result["rows"] if (r.get("f1") or {}).get("kind") == F1_CALIBRATED]
     if not cal or not rows:
@@ -503,8 +503,11 @@ def operating_point_table(result: dict[str, Any]) -> list[str]:
                          f"{_rate_with_bound(m['n_detected'], m['n_defective_scored'], lower=True)} |")
     if not lines:  # a result file written before the operating point was recorded
         return []
-    return [f"At the calibrated threshold (method `{cal.get('method')}`{aim}), on the test images it was not "
-            "calibrated on: good parts flagged and defective parts found, with one-sided 95% bounds:", "",
+    unrecorded = result.get("dataset", {}).get("n_calibration_images_left_out_of_f1", 0) is None
+    which = ("on the test images (the bundle does not record its calibration images: they may be among them)"
+             if unrecorded else "on the test images it was not calibrated on")
+    return [f"At the calibrated threshold (method `{cal.get('method')}`{aim}), {which}: good parts flagged and "
+            "defective parts found, with one-sided 95% bounds:", "",
             "| row | class | threshold | false alarms (good) | recall (defective) |", "|---|---|---:|---:|---:|",
             *lines, ""]
 

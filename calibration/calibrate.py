@@ -18,6 +18,7 @@ from gradad.calibration.thresholds import (
     far_alternatives,
     far_threshold,
     min_images_for_rate,
+    outlier_limit,
     outlying_goods,
     pixel_threshold_f1,
     pixel_threshold_good_only,
@@ -194,9 +195,9 @@ def _other_targets(good_scores: np.ndarray, rate: float, defect_scores: np.ndarr
 
 def outlier_warning(files: Sequence[Path], good_scores: np.ndarray, threshold: float, rate: float,
                     what: str = "the image threshold") -> str | None:
-    """A warning naming the good images a far threshold rests on when they score far above the others
-    (:func:`~gradad.calibration.thresholds.outlying_goods`), with the threshold the rest would give; None when
-    the threshold is set by the good parts' spread."""
+    """A warning naming the good images that set a far threshold because they score far above the others
+    (:func:`~gradad.calibration.thresholds.outlying_goods`: every good score above the outlier limit), with the
+    threshold the rest would give at the same rate; None when the threshold is set by the good parts' spread."""
     idx = outlying_goods(good_scores, threshold)
     if not idx.size:
         return None
@@ -204,12 +205,12 @@ def outlier_warning(files: Sequence[Path], good_scores: np.ndarray, threshold: f
     rest[idx] = False
     without, _ = far_threshold(good_scores[rest], rate)
     median, p90 = np.quantile(good_scores, [0.5, 0.9])
-    named = first_few(f"{files[i]} ({good_scores[i]:.4g})" for i in idx)
-    return (f"{what} {threshold:.4f} rests on {idx.size} good image(s) scoring far above the others (median "
-            f"{median:.4g}, 90th percentile {p90:.4g}): {named}. Look at them: a defect among the goods, or an "
-            f"exposure or part the line rarely makes? Without them the threshold would be {without:.4f}; if the "
-            "line does make such parts, keep them and add more good images like them")
-
+    named = first_few(f"{files[i]} ({good_scores[i]:.4f})" for i in idx)
+    return (f"{what} {threshold:.4f} is set by {idx.size} good image(s) scoring far above the others (above "
+            f"{outlier_limit(good_scores):.4f} = median {median:.4f} + 3 x (90th percentile {p90:.4f} - median)): "
+            f"{named}. Look at them: a defect among the goods, or an exposure or part the line rarely makes? Without "
+            f"them the threshold would be {without:.4f}; if the line does make such parts, keep them and add more "
+            "good images like them")
 
 
 def _input_warnings(bundle: Bundle, good_files: Sequence[tuple[Path, list[Path]]]) -> list[str]:
@@ -364,7 +365,6 @@ def calibrate(
         t_f1, gap_f1 = inside_gap(t_f1, all_scores)
         t_rec, gap_rec = inside_gap(recall_threshold(defect_scores, config.target_recall), all_scores)
         rules["far"].update(rates_at(threshold, good_scores, defect_scores))
-        rules["far"]["other_targets"] = _other_targets(good_scores, rate, defect_scores)
         rules["f1"] = {"threshold": t_f1, "f1": f1, "gap": gap_f1, **rates_at(t_f1, good_scores, defect_scores)}
         rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall, "gap": gap_rec,
                            **rates_at(t_rec, good_scores, defect_scores)}
@@ -388,8 +388,7 @@ def calibrate(
                      "good_only_threshold": pixel["threshold"], "masks_found": found}
     elif config.method != "far":
         raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
-    if defect_scores is None:
-        rules["far"]["other_targets"] = _other_targets(good_scores, rate, None)
+    rules["far"]["other_targets"] = _other_targets(good_scores, rate, defect_scores)
     per_class = None
     good_classes = _classes_of(bundle, per_dir, good_files)
     if good_classes is not None and config.method == "far" and not masks_dir:
@@ -401,15 +400,16 @@ def calibrate(
             log.warning(warnings_list[-1])
     elif good_classes is not None:
         log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
-    # a far threshold set by a few unusual good images: name them (per class where the classes have their own)
-    labels = np.asarray(good_classes if per_class else [""] * n)
-    for cls in dict.fromkeys(labels.tolist()):
-        if config.method != "far" and not cls:
-            break
-        mine = np.flatnonzero(labels == cls)
-        t = per_class[cls]["image_threshold"] if cls else threshold
-        msg = outlier_warning([good_files[i] for i in mine], good_scores[mine], t, rate,
-                              f"class {cls}: the image threshold" if cls else "the image threshold")
+    # a far threshold set by a few unusual good images: name them, for the bundle's threshold (grad-run without
+    # --class) and for each class's own
+    groups: list[tuple[str, np.ndarray, float]] = []
+    if config.method == "far":
+        groups.append(("the image threshold", np.arange(n), threshold))
+        labels = np.asarray(good_classes) if per_class else None
+        groups += [(f"class {cls}: the image threshold", np.flatnonzero(labels == cls), entry["image_threshold"])
+                   for cls, entry in (per_class or {}).items()]
+    for what, mine, t in groups:
+        msg = outlier_warning([good_files[i] for i in mine], good_scores[mine], t, rate, what)
         if msg:
             warnings_list.append(msg)
             log.warning(msg)

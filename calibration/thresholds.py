@@ -80,32 +80,38 @@ OUTLIER_MIN_IMAGES = 20
 
 def far_alternatives(good_scores: np.ndarray, rate: float) -> dict[float, tuple[float, int]]:
     """``{rate: (threshold, good scores above)}`` of :func:`far_threshold` at the other targets of
-    :data:`OTHER_RATES` that the set can tell apart from ``rate`` and from each other (a different number of goods
-    allowed above)."""
-    n = np.asarray(good_scores).size
-    seen = {min(int(math.floor(rate * n)), n - 1)}
+    :data:`OTHER_RATES` whose threshold differs from ``rate``'s and from each other's."""
+    seen = {far_threshold(good_scores, rate)[0]}
     out: dict[float, tuple[float, int]] = {}
     for other in OTHER_RATES:
-        allowed = min(int(math.floor(other * n)), n - 1)
-        if allowed not in seen:  # the first target of each count of goods allowed above
-            seen.add(allowed)
-            out[other] = far_threshold(good_scores, other)
+        threshold, above = far_threshold(good_scores, other)
+        if threshold not in seen:  # the first target of each threshold (tied scores give one for several)
+            seen.add(threshold)
+            out[other] = (threshold, above)
     return out
 
 
-def outlying_goods(good_scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Indices (highest first) of the good scores a ``threshold`` rests on when it lies far above the rest: the
-    scores at or above it, when it exceeds median + :data:`OUTLIER_SPREADS` x (90th percentile - median). Empty
-    when the threshold lies within that spread (outliers it leaves above do not set it) and for fewer than
-    :data:`OUTLIER_MIN_IMAGES` scores. Such a threshold is set by a few unusual images (an exposure the line
-    rarely makes, a defect among the goods), not by the good parts' spread."""
+def outlier_limit(good_scores: np.ndarray) -> float:
+    """median + :data:`OUTLIER_SPREADS` x (90th percentile - median) of the good scores (the spread floored at 0.1 %
+    of the median, so tied scores do not make every higher one an outlier); inf for fewer than
+    :data:`OUTLIER_MIN_IMAGES` scores, whose 90th percentile says little."""
     s = np.asarray(good_scores, dtype=np.float64)
     if s.size < OUTLIER_MIN_IMAGES:
-        return np.zeros(0, np.int64)
+        return math.inf
     median, p90 = np.quantile(s, [0.5, 0.9])
-    if not threshold > median + OUTLIER_SPREADS * max(p90 - median, 0.0):
+    return float(median + OUTLIER_SPREADS * max(p90 - median, 1e-3 * abs(median)))
+
+
+def outlying_goods(good_scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices (highest first) of every good score above :func:`outlier_limit` when ``threshold`` lies above it
+    too (it is then set by a few unusual images: an exposure the line rarely makes, a defect among the goods, not
+    by the good parts' spread); empty when the threshold lies within the spread (outliers it leaves above do not
+    set it)."""
+    s = np.asarray(good_scores, dtype=np.float64)
+    limit = outlier_limit(s)
+    if not threshold > limit:
         return np.zeros(0, np.int64)
-    idx = np.flatnonzero(s >= threshold)
+    idx = np.flatnonzero(s > limit)
     return idx[np.argsort(-s[idx])]
 
 

@@ -225,10 +225,15 @@ def pro_auc(masks: Any, maps: Any, fpr_limit: float = 0.3, num_thresholds: int =
 # --------------------------------------------------------------------------------------------------------------
 # aggregates
 # --------------------------------------------------------------------------------------------------------------
+#: rates of :func:`operating_point`, per class only (the class mean holds the summed counts instead)
+OPERATING_RATES = ("image_false_alarm_rate", "image_recall")
+
+
 def operating_point(labels: Any, scores: Any, threshold: float) -> dict[str, float | int]:
-    """What the rule ``score >= threshold`` does to these images: the share of good images it flags
-    (``image_false_alarm_rate``, of ``n_good_scored``: ``n_false_alarms``) and of defective images it flags
-    (``image_recall``, of ``n_defective_scored``: ``n_detected``); a rate is nan without images of its kind."""
+    """What the rule ``score >= threshold`` does to these images (the runtime flags ``score > t``: pass the next
+    float above ``t``, as grad-bench does): the share of good images it flags (``image_false_alarm_rate``, of
+    ``n_good_scored``: ``n_false_alarms``) and of defective images (``image_recall``, of ``n_defective_scored``:
+    ``n_detected``); a rate is nan without images of its kind."""
     s = _as_scores(scores)
     y = _as_labels(labels, s.size)
     flagged = s >= threshold
@@ -254,10 +259,10 @@ def compute_metrics(
     """All metrics of one image set.
 
     Keys: ``image_auroc``, ``image_aupr``, ``image_best_f1``, ``n_images``, ``n_anomalous``; with ``threshold``
-    (e.g. the calibrated one) also ``image_f1`` and the :func:`operating_point` keys; with both ``masks`` and ``maps`` also ``pixel_auroc``,
-    ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan. ``f1_images`` (bool per
-    image): the images ``image_f1`` may score (not those the threshold was fitted on); the others are counted in
-    ``n_left_out_of_f1``.
+    (e.g. the calibrated one) also ``image_f1`` and the :func:`operating_point` keys; with both ``masks`` and
+    ``maps`` also ``pixel_auroc``, ``pixel_aupr`` and ``pro`` (AUPRO to ``fpr_limit``). Undefined metrics are nan.
+    ``f1_images`` (bool per image): the images ``image_f1`` and the operating point may score (not those the
+    threshold was fitted on); the others are counted in ``n_left_out_of_f1``.
     """
     s = _as_scores(scores)
     y = _as_labels(labels, s.size)
@@ -368,6 +373,8 @@ def per_class_metrics(
             entry["by_defect"] = per_def
         result[str(cls)] = entry
     mean = _nanmean_dicts(list(result.values()))
+    for rate in OPERATING_RATES:  # the counts are summed over classes: a rate of the mean would contradict them
+        mean.pop(rate, None)
     mean["n_classes"] = len(result)
     result["mean"] = mean
     return result

@@ -516,7 +516,8 @@ class Calibration(_Record):
     data: dict[str, Any] | None = None
     warnings: list[str] | None = None
     # per class of a unified bundle (grad-run --class): image_threshold, pixel_threshold, n_good, good_above,
-    # false_alarm_rate_upper, set by the good-only rules on that class's --good images
+    # false_alarm_rate_upper, other_targets (the far rule at the other usual targets), set by the good-only rules on
+    # that class's --good images
     classes: dict[str, dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -29,9 +29,11 @@ def _full_bundle(directory: Path) -> Bundle:
                                   profiles=2, build_mode="strongly_typed", workspace_mib=1024, build_seconds=1.5,
                                   timing_cache="t.cache", fp32_layers=["grid"], parity_vs_onnxruntime={"x": 1.0},
                                   built_from={"model.onnx": "ab" * 32}, extra={"note": "n"})]
-    bundle.calibration = Calibration(2.5, 0.7, "far", "n", "d", {"far": {}}, {"method": "p"}, {"c": 1}, "ort",
-                                     "2026-01-01", {"n_good": 3}, ["w"],
-                                     {"nut": {"image_threshold": 2.0, "pixel_threshold": 0.5}}, extra={"new": True})
+    other = [{"target": 0.05, "threshold": 1.5, "good_above": 1, "false_alarm_rate": 0.05, "recall": None}]
+    bundle.calibration = Calibration(2.5, 0.7, "far", "n", "d", {"far": {"other_targets": other}}, {"method": "p"},
+                                     {"c": 1}, "ort", "2026-01-01", {"n_good": 3}, ["w"],
+                                     {"nut": {"image_threshold": 2.0, "pixel_threshold": 0.5, "other_targets": other}},
+                                     extra={"new": True})
     bundle.refine = RefineSection("r.pt", "p.npz", "ck.pt", "2026", 1e-4, 0.1, "rule", 0.7, "rule2",
                                   {"components": 2}, {"lambda0": 0.1}, {"nut": {"lambda0": 0.5}},
                                   {"nut": {"images": ["a.png"]}}, extra={"more": [1]})

@@ -30,11 +30,13 @@ def test_far_alternatives_list_only_targets_that_change_the_threshold() -> None:
 def test_outlying_goods_are_the_few_far_above_the_spread() -> None:
     scores = np.r_[np.arange(1.0, 31.0), 100.0, 90.0]
     assert outlying_goods(scores, 90.0).tolist() == [30, 31]  # highest first
-    assert outlying_goods(scores, 100.0).tolist() == [30]
+    assert outlying_goods(scores, 100.0).tolist() == [30, 31]  # every outlier: the rest must be free of them
     assert outlying_goods(scores, 25.0).size == 0  # set by the spread: the outliers above it do not set it
     assert outlying_goods(np.arange(1.0, 31.0), 30.0).size == 0  # a threshold set by the spread itself
     few = np.r_[np.arange(1.0, OUTLIER_MIN_IMAGES - 1.0), 100.0]
     assert outlying_goods(few, 100.0).size == 0  # too few scores to tell an outlier
+    tied = np.r_[np.ones(23), 1.0001, 1.0002]
+    assert outlying_goods(tied, 1.0002).size == 0  # tied scores: a hair above the median is no outlier
 
 
 def test_a_threshold_set_by_one_unusual_good_image_names_it(tmp_path: Path) -> None:
@@ -42,7 +44,7 @@ def test_a_threshold_set_by_one_unusual_good_image_names_it(tmp_path: Path) -> N
     cal = calibrate(MeanBackend(), tmp_path / "good")
     hits = [w for w in cal.warnings if "scoring far above the others" in w]
     assert len(hits) == 1
-    assert str(files[-1]) in hits[0] and "rests on 1 good image(s)" in hits[0]
+    assert str(files[-1]) in hits[0] and "is set by 1 good image(s)" in hits[0]
     # the threshold the rest give: their highest score (1 % of 25 allows none above)
     from gradad.calibration.calibrate import score_images
 
@@ -102,3 +104,35 @@ def test_results_page_names_each_class_threshold_the_f1_is_at() -> None:
     assert "each class's own calibrated threshold (a 62.82, b 30.34" in note and "46.79" not in note
     del row["f1"]["class_thresholds"]
     assert "the bundle's calibrated threshold 46.79" in accuracy_notes(result)[0]
+
+
+def test_several_outliers_are_all_named_and_the_rest_is_free_of_them(tmp_path: Path) -> None:
+    """Three unusual goods among 63 and a 1 % target: the threshold is the highest; all three are named and the
+    threshold without them comes from the ordinary goods (naming only those at the threshold left the others in
+    'the rest', whose threshold was again an outlier's)."""
+    from gradad.calibration.calibrate import score_images
+
+    ordinary = list(range(20, 140, 2))
+    files = grey_images(tmp_path / "good", [*ordinary, 236, 244, 252])
+    cal = calibrate(MeanBackend(), tmp_path / "good")
+    (hit,) = [w for w in cal.warnings if "far above the others" in w]
+    assert "is set by 3 good image(s)" in hit
+    without = score_images(MeanBackend(), files[:len(ordinary)])[0].max()
+    assert f"Without them the threshold would be {without:.4f}" in hit
+
+
+def test_tied_top_scores_give_one_other_target_per_threshold() -> None:
+    scores = np.r_[np.arange(1.0, 91.0), np.full(10, 95.0)]  # 100 scores, the top ten tied
+    assert far_threshold(scores, 0.01) == (95.0, 0)
+    assert list(far_alternatives(scores, 0.01)) == [0.1]  # 2 % and 5 % would repeat 95.0
+
+
+def test_the_bundle_threshold_of_a_unified_calibration_is_checked_too(tmp_path: Path) -> None:
+    """grad-run without --class runs at the bundle's one threshold: an outlier that sets it is named for it too."""
+    grey_images(tmp_path / "a", [*SPREAD, 250])
+    grey_images(tmp_path / "b", [v + 2 for v in SPREAD])  # the same spread: the outlier stands out of both
+    bundle = SimpleNamespace(classes=["a", "b"], data_root=None, training_data={}, calibration=None)
+    cal = calibrate(MeanBackend(), [tmp_path / "a", tmp_path / "b"], bundle=bundle)
+    assert cal.classes["b"]["n_good"] == len(SPREAD)
+    hits = [w for w in cal.warnings if "far above the others" in w]
+    assert [h.split(" 2")[0] for h in hits] == ["the image threshold", "class a: the image threshold"]
