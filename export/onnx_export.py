@@ -276,7 +276,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             name=opts.name or target.name,
             preset=cfg.preset,
-            backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights),
+            backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights,
+                              cfg.backbone.exposure),
             input=InputSpec(
                 name=INPUT_NAME, layout="NCHW", dtype=INPUT_DTYPE_BY_VERSION[BUNDLE_SCHEMA_VERSION], color="RGB",
                 value_range=[0, 255], height=h, width=w, model_height=module.model_hw[0],

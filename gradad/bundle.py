@@ -420,6 +420,7 @@ class Backbone(_Record):
     name: str
     out_indices: list[int]
     weights: str
+    exposure: str = "none"  # backbone.exposure: applied inside the exported graph; recorded for PatchCore rows
 
 
 @dataclass

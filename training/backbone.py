@@ -177,11 +177,17 @@ def weights_fingerprint(path: Path) -> str:
     return _FINGERPRINTS[memo]
 
 
+#: mean grey level (of 0..1) every image is brought to by backbone.exposure = "gain"
+EXPOSURE_LEVEL = 128.0 / 255.0
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning x = concat(stage_s8, upsample(stage_s16)) at stride 8 (DESIGN.md section 2).
 
     Input: images normalised with ``self.mean``/``self.std`` (the backbone's own pretrained config unless the
-    config overrides it), (B, 3, H, W) with H, W multiples of 16.
+    config overrides it), (B, 3, H, W) with H, W multiples of 16. With ``spec.exposure == "gain"`` each image is
+    first brought to the same mean grey level (:meth:`normalise_exposure`), inside the module so every consumer
+    (feature cache, export, F2PAD) sees the same input.
     Output: (B, C, H/8, W/8), C = channels(stage_s8) + channels(stage_s16).
     """
 
@@ -237,7 +243,18 @@ class FeatureExtractor(nn.Module):
         # Always frozen: BN statistics must stay ImageNet's.
         return super().train(False)
 
+    def normalise_exposure(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> the same images with their mean grey level (over channels and pixels, of 0..1 RGB)
+        scaled to 128/255, clipped to 0..1 as a saturated pixel would be, normalised again."""
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        rgb = images * std + mean
+        level = rgb.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1.0 / 255.0)  # a black frame stays black
+        return ((rgb * (EXPOSURE_LEVEL / level)).clamp(0.0, 1.0) - mean) / std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.spec.exposure == "gain":
+            images = self.normalise_exposure(images)
         f8, f16 = self.body(images)
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([f8, f16], dim=1)

@@ -33,6 +33,14 @@ class BackboneConfig:
     # Normalisation; None = the backbone's own pretrained config (0.5/0.5 for the TF EfficientNet-Lite family).
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    # Per-image exposure before the extractor: "none", or "gain" = every image scaled to the same mean grey level
+    # (128 of 255), inside the model (training, export, runtime and F2PAD alike). For parts photographed under
+    # varying exposure (MTD's capture groups); it also hides a defect that is only a global brightness change.
+    exposure: str = "none"
+
+
+#: the values of BackboneConfig.exposure
+EXPOSURE_RULES = ("none", "gain")
 
 
 @dataclass
@@ -207,6 +215,8 @@ class RunConfig:
             ("model.fusion_depth", self.model.fusion_depth >= 1, "must be >= 1"),
             ("model.image_gaussian_stats", self.model.image_gaussian_stats in ("mean", "mean_std"),
              "must be 'mean' or 'mean_std'"),
+            ("backbone.exposure", self.backbone.exposure in EXPOSURE_RULES,
+             f"must be one of {', '.join(EXPOSURE_RULES)}"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),

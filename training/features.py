@@ -56,6 +56,8 @@ def cache_key(extractor: FeatureExtractor, image_size: int, samples: Sequence[Sa
         "backbone": extractor.spec.name,
         "out_indices": list(extractor.spec.out_indices),
         "weights": extractor.weights_fingerprint,
+        # only when set: the keys of caches written before the option stay valid
+        **({"exposure": extractor.spec.exposure} if extractor.spec.exposure != "none" else {}),
         "mean": list(extractor.mean),
         "std": list(extractor.std),
         "image_size": image_size,

@@ -13,6 +13,11 @@ so the texture's scale differs by up to 2.8x between the axes and from image to 
 Every variant's map is brought back to the stretched 256 x 256 frame, so all are scored against the same masks.
 
     python benchmarks/experiments/issue11_s22_aspect_screen.py stretch tiles letterbox
+
+A second screen on the same footing normalises each stretched image's exposure (``gain``: mean grey 128) or
+exposure and contrast (``standardize``: mean 128, std 40) before the extractor:
+
+    python benchmarks/experiments/issue11_s22_aspect_screen.py gain standardize
 """
 import json
 import math
@@ -36,11 +41,29 @@ SIZE = 256
 torch.set_num_threads(2)
 
 
+def _gain(img: np.ndarray) -> np.ndarray:
+    """Exposure normalised: every image scaled to the same mean grey level (128)."""
+    x = img.astype(np.float32)
+    return np.clip(x * (128.0 / max(float(x.mean()), 1.0)), 0, 255).astype(np.uint8)
+
+
+def _standardize(img: np.ndarray) -> np.ndarray:
+    """Exposure and contrast normalised: every image to mean 128, standard deviation 40 (all channels together)."""
+    x = img.astype(np.float32)
+    return np.clip((x - x.mean()) / max(float(x.std()), 1.0) * 40.0 + 128.0, 0, 255).astype(np.uint8)
+
+
+#: photometric variants (session 22, second screen): the stretched image, then normalised per image
+PHOTOMETRIC = {"gain": _gain, "standardize": _standardize}
+
+
 def windows(img: np.ndarray, variant: str) -> tuple[list[np.ndarray], dict]:
     """The square model inputs of one image and how to put their maps back together."""
     h, w = img.shape[:2]
     if variant == "stretch":
         return [resize_hw(img, SIZE, SIZE)], {"kind": "stretch"}
+    if variant in PHOTOMETRIC:
+        return [PHOTOMETRIC[variant](resize_hw(img, SIZE, SIZE))], {"kind": "stretch"}
     tall = h > w
     short, long_ = (w, h) if tall else (h, w)
     if variant == "tiles":

@@ -1,0 +1,95 @@
+"""backbone.exposure = "gain": every image brought to the same mean grey level inside the extractor, so training,
+the exported graph and F2PAD see the same input (session 22's screen: MTD's capture groups differ in exposure)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gradad.errors import ConfigError
+from gradad.training.backbone import EXPOSURE_LEVEL, FeatureExtractor
+from gradad.training.config import BackboneConfig, preset_config
+from gradad.training.features import cache_key, to_tensor
+
+
+def _texture(level: float, seed: int = 0) -> np.ndarray:
+    """A 64x64 RGB texture of mean grey ``level`` that stays within 0..255 when darkened."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(0, 1, (64, 64, 3)).cumsum(axis=0).cumsum(axis=1)
+    noise = (noise - noise.mean()) / noise.std()
+    return np.clip(level + 25 * noise, 0, 255)
+
+
+@pytest.fixture(scope="module")
+def extractors() -> tuple[FeatureExtractor, FeatureExtractor]:
+    return FeatureExtractor(BackboneConfig(exposure="gain")), FeatureExtractor(BackboneConfig())
+
+
+def test_gain_makes_the_features_blind_to_a_global_exposure_change(extractors) -> None:
+    gain, none = extractors
+    bright = _texture(140.0)
+    images = np.stack([bright, bright * 0.6]).round().astype(np.uint8)
+    x = to_tensor(images, gain.mean, gain.std)
+    with torch.no_grad():
+        g, n = gain(x), none(x)
+    rel = lambda f: float((f[0] - f[1]).norm() / f[0].norm())  # noqa: E731
+    assert rel(g) < 0.1 and rel(n) > 3 * rel(g)  # uint8 rounding of the darkened image stays
+    # the normalised input has the target mean grey level; a black frame stays black and finite
+    std, mean = x.new_tensor(gain.std).view(1, 3, 1, 1), x.new_tensor(gain.mean).view(1, 3, 1, 1)
+    rgb = gain.normalise_exposure(x) * std + mean
+    assert rgb.mean(dim=(1, 2, 3)) == pytest.approx([EXPOSURE_LEVEL] * 2, abs=2e-3)
+    black = to_tensor(np.zeros((1, 64, 64, 3), np.uint8), gain.mean, gain.std)
+    with torch.no_grad():
+        assert torch.isfinite(gain(black)).all()
+
+
+def test_unknown_exposure_rule_is_refused_naming_the_setting() -> None:
+    cfg = preset_config("edge")
+    cfg.backbone.exposure = "auto"
+    with pytest.raises(ConfigError, match="backbone.exposure"):
+        cfg.validate()
+
+
+def test_cache_key_tells_the_rules_apart_and_keeps_old_keys(extractors, tmp_path: Path) -> None:
+    from gradad.data.datasets import Sample
+
+    gain, none = extractors
+    image = tmp_path / "a.png"
+    image.write_bytes(b"x")
+    samples = [Sample(image_path=image, class_name="c", split="train", label=0, defect_type="good", mask_path=None)]
+    assert cache_key(gain, 64, samples) != cache_key(none, 64, samples)
+    # "none" keeps the identity of caches written before the option existed (no 'exposure' key in it)
+    import gradad.training.features as features
+
+    source = Path(features.__file__).read_text()
+    assert '**({"exposure": extractor.spec.exposure} if extractor.spec.exposure != "none" else {})' in source
+
+
+def test_a_gain_model_exports_with_parity_and_records_its_rule(tiny_demo_root: Path, tmp_path: Path) -> None:
+    """Train a tiny model with exposure gain, export it (the export's parity gate compares ONNX Runtime with
+    PyTorch), and check the bundle records the rule and the graph scores a darkened good image like the original."""
+    from gradad.bundle import Bundle
+    from gradad.export.onnx_export import ExportOptions, export_bundle
+    from gradad.runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from gradad.training.trainer import train
+
+    cfg = preset_config("tiny")
+    cfg.backbone.exposure = "gain"
+    cfg.data.root = str(tiny_demo_root)
+    cfg.data.cache_dir = str(tmp_path / "cache")
+    cfg.output_dir = str(tmp_path / "run")
+    cfg.train.stage1_epochs, cfg.train.stage2_epochs = 0, 2
+    cfg.model.abnormal_branch = False
+    bundle_dir = export_bundle(train(cfg), tmp_path / "bundle", ExportOptions(parity_max_images=8))
+    assert Bundle.load(bundle_dir).backbone.exposure == "gain"
+    backend = OnnxRuntimeBackend(bundle_dir / "model.onnx", ["cpu"], threads=1)
+    h, w = backend.input_hw
+    good = _texture(120.0, seed=3)[:h, :w]
+    batch = np.stack([good, good * 0.7]).round().astype(np.uint8)
+    from gradad.runtime.preprocess import to_model_input
+
+    scores, _ = backend.infer(to_model_input(list(batch), h, w))
+    assert scores[1] == pytest.approx(scores[0], rel=0.1)
