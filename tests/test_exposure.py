@@ -93,3 +93,20 @@ def test_a_gain_model_exports_with_parity_and_records_its_rule(tiny_demo_root: P
 
     scores, _ = backend.infer(to_model_input(list(batch), h, w))
     assert scores[1] == pytest.approx(scores[0], rel=0.1)
+
+
+def test_a_model_saved_before_the_option_resumes_and_lends_its_branch_unrefused() -> None:
+    """Stored configs of older models lack backbone.exposure: it reads as its default, so --resume and
+    --normal-from of such a model are not refused for a setting that did not exist (they were, as None -> 'none');
+    a real change of the rule is still named."""
+    from gradad.training.config import config_to_dict, with_missing_settings
+    from gradad.training.trainer import config_differences
+
+    cfg = preset_config("edge")
+    stored = config_to_dict(cfg)
+    del stored["backbone"]["exposure"]
+    assert config_differences(with_missing_settings(stored), config_to_dict(cfg)) == []
+    cfg.backbone.exposure = "gain"
+    diffs = config_differences(with_missing_settings(stored), config_to_dict(cfg))
+    assert [d.key for d in diffs] == ["backbone.exposure"]
+    assert "backbone" in with_missing_settings({"preset": "tiny"})  # a whole missing section is filled too

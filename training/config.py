@@ -303,6 +303,21 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     return obj
 
 
+def with_missing_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict with the settings added since it was written set to their preset defaults (which keep
+    the behaviour of the code that wrote it), so comparing it with a current config names only real changes."""
+    def fill(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+        out = dict(stored)
+        for key, value in defaults.items():
+            if key not in out:
+                out[key] = value
+            elif isinstance(out[key], dict) and isinstance(value, dict):
+                out[key] = fill(out[key], value)
+        return out
+
+    return fill(data, config_to_dict(preset_config(data.get("preset", "edge"))))
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig: start from ``data['preset']`` (default edge) and apply every other key on top."""
     data = dict(data)
