@@ -230,7 +230,9 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
     lines = [
         f"bundle {m.name} at {bundle_dir} (schema {m.schema_version}, gradad {m.gradad_version}, "
         f"created {m.created})",
-        f"  model: preset {m.preset}, backbone {m.backbone.name}, classes {', '.join(m.classes)}",
+        f"  model: preset {m.preset}, backbone {m.backbone.name}"
+        f"{'' if m.backbone.exposure == 'none' else f' (exposure {m.backbone.exposure})'}, "
+        f"classes {', '.join(m.classes)}",
         f"  input: {inp.name} {inp.layout} {inp.dtype} {inp.color} {inp.value_range} at "
         f"{inp.height}x{inp.width} (model {inp.model_height}x{inp.model_width})",
         f"  onnx: opset {m.onnx.opset}, {grid_nodes} GridSample nodes, simplified {m.onnx.simplified}",

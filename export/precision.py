@@ -59,8 +59,10 @@ EARLY_EXTRACTOR = ("/extractor/body/conv_stem", "/extractor/body/bn1", "/extract
                    "/extractor/body/blocks.1/", "/extractor/body/blocks.2/")
 #: The whole extractor, kept out of INT8 (:func:`keeps_fp32_in_int8`).
 EXTRACTOR = "/extractor/"
+#: backbone.exposure's per-image gain before the stem (an image mean over 196k values, in FP16 near its limit).
+EXPOSURE = "/extractor/exposure/"
 #: Every name fragment kept FP32 (TensorRT pins match these as substrings of layer names).
-FP32_NAME_PATTERNS = (COORDINATE_BRANCH, GRID_MODULES, *GRAD_ARITHMETIC, MAP_HEAD, *EARLY_EXTRACTOR)
+FP32_NAME_PATTERNS = (COORDINATE_BRANCH, GRID_MODULES, *GRAD_ARITHMETIC, MAP_HEAD, EXPOSURE, *EARLY_EXTRACTOR)
 
 DETECTOR_SCOPE = "detector"
 MODEL_SCOPE = "model"

@@ -94,7 +94,7 @@ BUNDLE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["name", "out_indices", "weights"],
             "properties": {"name": {"type": "string"}, "out_indices": {"type": "array"},
-                           "weights": {"type": "string"}},
+                           "weights": {"type": "string"}, "exposure": {"enum": ["none", "gain"]}},
         },
         "input": {
             "type": "object",

@@ -20,7 +20,7 @@ from torch import nn
 
 from gradad.errors import CheckpointError, ConfigError
 from gradad.files import check_zip_expansion
-from gradad.training.config import BackboneConfig
+from gradad.training.config import EXPOSURE_RULES, BackboneConfig
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,23 @@ def weights_fingerprint(path: Path) -> str:
 EXPOSURE_LEVEL = 128.0 / 255.0
 
 
+class ExposureGain(nn.Module):
+    """Normalised images -> the same images with their mean grey level (over channels and pixels, of 0..1 RGB)
+    scaled to :data:`EXPOSURE_LEVEL`, clipped to 0..1 as a saturated pixel would be, normalised again. A named,
+    parameterless module, so its ONNX nodes (``/extractor/exposure/``) stay FP32 in FP16 graphs and engines."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)  # plain floats: no state_dict entries
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = images.new_tensor(self.std).view(1, 3, 1, 1)
+        rgb = images * std + mean
+        level = rgb.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1.0 / 255.0)  # a black frame stays black
+        return ((rgb * (EXPOSURE_LEVEL / level)).clamp(0.0, 1.0) - mean) / std
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning x = concat(stage_s8, upsample(stage_s16)) at stride 8 (DESIGN.md section 2).
 
@@ -204,6 +221,9 @@ class FeatureExtractor(nn.Module):
         cfg_std = classifier.pretrained_cfg.get("std", IMAGENET_STD)
         self.mean = tuple(float(v) for v in (spec.mean or cfg_mean))
         self.std = tuple(float(v) for v in (spec.std or cfg_std))
+        if spec.exposure not in EXPOSURE_RULES:
+            raise ConfigError(f"backbone.exposure {spec.exposure!r}: must be one of {', '.join(EXPOSURE_RULES)}")
+        self.exposure = ExposureGain(self.mean, self.std) if spec.exposure == "gain" else None
         self.body = timm.create_model(spec.name, pretrained=False, features_only=True, out_indices=spec.out_indices)
         # features_only models keep the same parameter names minus the head; copy what fits.
         missing, _ = self.body.load_state_dict(classifier.state_dict(), strict=False)
@@ -244,17 +264,11 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def normalise_exposure(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> the same images with their mean grey level (over channels and pixels, of 0..1 RGB)
-        scaled to 128/255, clipped to 0..1 as a saturated pixel would be, normalised again."""
-        mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
-        std = images.new_tensor(self.std).view(1, 3, 1, 1)
-        rgb = images * std + mean
-        level = rgb.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1.0 / 255.0)  # a black frame stays black
-        return ((rgb * (EXPOSURE_LEVEL / level)).clamp(0.0, 1.0) - mean) / std
+        """The input the backbone sees: ``images`` through :class:`ExposureGain` when backbone.exposure is
+        "gain", else unchanged."""
+        return images if self.exposure is None else self.exposure(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.spec.exposure == "gain":
-            images = self.normalise_exposure(images)
-        f8, f16 = self.body(images)
+        f8, f16 = self.body(self.normalise_exposure(images))
         f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
         return torch.cat([f8, f16], dim=1)

@@ -303,19 +303,21 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     return obj
 
 
-def with_missing_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """A stored config dict with the settings added since it was written set to their preset defaults (which keep
-    the behaviour of the code that wrote it), so comparing it with a current config names only real changes."""
-    def fill(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-        out = dict(stored)
-        for key, value in defaults.items():
-            if key not in out:
-                out[key] = value
-            elif isinstance(out[key], dict) and isinstance(value, dict):
-                out[key] = fill(out[key], value)
-        return out
+#: Settings added after models were saved without them, with the value that gives the behaviour of the code that
+#: saved them: a stored config lacking one compares as this value (:func:`with_missing_settings`). A setting whose
+#: current default changed the behaviour (e.g. data.defect_holdout) stays out, so such a model is still refused.
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"backbone": {"exposure": "none"}}
 
-    return fill(data, config_to_dict(preset_config(data.get("preset", "edge"))))
+
+def with_missing_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored config dict (as :func:`~gradad.training.checkpoint.read_checkpoint` returns it, older model
+    settings already upgraded) with the :data:`LEGACY_SETTINGS` it lacks added, so comparing it with a current
+    config names only real changes."""
+    out = dict(data)
+    for section, values in LEGACY_SETTINGS.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**values, **out[section]}
+    return out
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

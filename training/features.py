@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -47,11 +47,17 @@ def load_images(samples: Sequence[Sample], size: int, desc: str = "reading image
 
 def cache_key(extractor: FeatureExtractor, image_size: int, samples: Sequence[Sample]) -> str:
     """Hash of everything that changes the features: backbone, weights, normalisation, size, the image files."""
+    identity = cache_identity(extractor, image_size, samples)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_identity(extractor: FeatureExtractor, image_size: int, samples: Sequence[Sample]) -> dict[str, Any]:
+    """What :func:`cache_key` hashes."""
     files = []
     for s in samples:
         st = s.image_path.stat()
         files.append([str(s.image_path.resolve()), st.st_size, st.st_mtime_ns])
-    identity = {
+    return {
         "version": CACHE_FORMAT_VERSION,
         "backbone": extractor.spec.name,
         "out_indices": list(extractor.spec.out_indices),
@@ -63,7 +69,6 @@ def cache_key(extractor: FeatureExtractor, image_size: int, samples: Sequence[Sa
         "image_size": image_size,
         "files": files,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
