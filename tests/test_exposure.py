@@ -102,23 +102,29 @@ def test_a_gain_model_exports_with_parity_and_records_its_rule(tiny_demo_root: P
     assert scores[1] == pytest.approx(scores[0], rel=0.1)
 
 
-def test_a_model_saved_before_the_option_resumes_and_lends_its_branch_unrefused() -> None:
-    """Stored configs of older models lack backbone.exposure: it reads as its default, so --resume and
-    --normal-from of such a model are not refused for a setting that did not exist (they were, as None -> 'none');
-    a real change of the rule is still named."""
-    from gradad.training.config import config_to_dict, with_missing_settings
+def test_a_model_saved_before_the_option_resumes_and_lends_its_branch_unrefused(trained_tiny: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Stored configs of older models lack backbone.exposure: read_checkpoint gives it its old value, so --resume
+    and --normal-from of such a model are not refused for a setting that did not exist (they were, as None ->
+    'none'); a real change of the rule is still named, and a setting whose default changed the behaviour is not
+    filled (such a model is still refused)."""
+    from gradad.training.checkpoint import read_checkpoint
+    from gradad.training.config import config_to_dict
     from gradad.training.trainer import config_differences
 
-    cfg = preset_config("edge")
-    stored = config_to_dict(cfg)
-    del stored["backbone"]["exposure"]
-    assert config_differences(with_missing_settings(stored), config_to_dict(cfg)) == []
-    cfg.backbone.exposure = "gain"
-    diffs = config_differences(with_missing_settings(stored), config_to_dict(cfg))
-    assert [d.key for d in diffs] == ["backbone.exposure"]
-    # a setting whose default changed the behaviour is not filled: such a model is still refused
-    del stored["data"]["defect_holdout"]
-    assert "defect_holdout" not in with_missing_settings(stored)["data"]
+    payload = torch.load(trained_tiny, weights_only=True)
+    del payload["config"]["backbone"]["exposure"]
+    del payload["config"]["data"]["defect_holdout"]
+    old = tmp_path / "old_model.pt"
+    torch.save(payload, old)
+    stored = read_checkpoint(old)["config"]
+    assert stored["backbone"]["exposure"] == "none"
+    assert "defect_holdout" not in stored["data"]
+    current = config_to_dict(preset_config("tiny"))
+    assert not [d for d in config_differences(stored, current) if d.key.startswith("backbone.")]
+    current["backbone"]["exposure"] = "gain"
+    assert [d.key for d in config_differences(stored, current) if d.key.startswith("backbone.")] == \
+        ["backbone.exposure"]
 
 
 def test_the_exported_gain_matches_torch_at_full_size(tmp_path: Path) -> None:

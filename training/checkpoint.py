@@ -228,12 +228,19 @@ def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> Checkpoin
 #: model settings added after the first checkpoints, with the value that reproduces what those models were
 _LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channel0", "map_scales": [1],
                           "image_gaussian": False, "image_gaussian_stats": "mean_std"}
+#: the same for the backbone section (backbone.exposure, session 22): without it, --resume and --normal-from of an
+#: older model were refused as "backbone.exposure (None -> 'none')"
+_LEGACY_BACKBONE_SETTINGS = {"exposure": "none"}
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
-    """Make a model file written before the separate abnormal mapper, the multi-scale map or the map's own
-    refinement setting load as the model it was: the settings it predates get their old values, and a NORMAL-only
+    """Make a model file written before the separate abnormal mapper, the multi-scale map, the map's own
+    refinement setting or the exposure rule load as the model it was: the settings it predates get their old values, and a NORMAL-only
     file drops the unused abnormal weights."""
+    backbone_cfg = payload.get("config", {}).get("backbone")
+    if isinstance(backbone_cfg, dict):
+        for key, old in _LEGACY_BACKBONE_SETTINGS.items():
+            backbone_cfg.setdefault(key, old)
     model_cfg = payload.get("config", {}).get("model")
     if isinstance(model_cfg, dict):
         for key, old in _LEGACY_MODEL_SETTINGS.items():

@@ -303,23 +303,6 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     return obj
 
 
-#: Settings added after models were saved without them, with the value that gives the behaviour of the code that
-#: saved them: a stored config lacking one compares as this value (:func:`with_missing_settings`). A setting whose
-#: current default changed the behaviour (e.g. data.defect_holdout) stays out, so such a model is still refused.
-LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"backbone": {"exposure": "none"}}
-
-
-def with_missing_settings(data: dict[str, Any]) -> dict[str, Any]:
-    """A stored config dict (as :func:`~gradad.training.checkpoint.read_checkpoint` returns it, older model
-    settings already upgraded) with the :data:`LEGACY_SETTINGS` it lacks added, so comparing it with a current
-    config names only real changes."""
-    out = dict(data)
-    for section, values in LEGACY_SETTINGS.items():
-        if isinstance(out.get(section), dict):
-            out[section] = {**values, **out[section]}
-    return out
-
-
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build a RunConfig: start from ``data['preset']`` (default edge) and apply every other key on top."""
     data = dict(data)

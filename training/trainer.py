@@ -32,7 +32,7 @@ from gradad.errors import ConfigError, GradError
 from gradad.text import first_few
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
-from gradad.training.config import RunConfig, config_to_dict, save_config, with_missing_settings
+from gradad.training.config import RunConfig, config_to_dict, save_config
 from gradad.training.fbp import synthesize_anomalies
 from gradad.training.defects import DefectSet, cell_masks
 from gradad.training.features import FeatureCache
@@ -322,7 +322,7 @@ def check_normal_source(cfg: RunConfig, digests: Sequence[str]) -> dict[str, Any
     digests that decide whether the images are the same."""
     path = cfg.train.normal_from
     payload = read_checkpoint(path)
-    source = with_missing_settings(payload["config"])
+    source = payload["config"]
     mine = config_to_dict(cfg)
     source_model = source["model"]
     if source_model.get("abnormal_branch", True) and (source_model.get("fusion_form") != "map"
@@ -428,7 +428,7 @@ class Trainer:
         any feature is extracted; returns the map-head settings a finished run refits (changed, but allowed)."""
         # the roots may differ only where the content digests can tell the images apart (not in older checkpoints)
         free = RESUME_FREE_SETTINGS if state.get("trained_good_digests") is not None else RESUME_FREE_WITHOUT_DIGESTS
-        diffs = [d for d in config_differences(with_missing_settings(state["config"]), config_to_dict(self.cfg))
+        diffs = [d for d in config_differences(state["config"], config_to_dict(self.cfg))
                  if d.key.removeprefix("model.") not in POST_TRAINING_SETTINGS and d.key not in free]
         refittable = {f"model.{name}" for name in HEAD_SETTINGS | REFINE_SETTINGS}
         head_only = [d for d in diffs if d.key in refittable]
