@@ -31,6 +31,9 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Input dtype of the graph per schema version.
 INPUT_DTYPE_BY_VERSION = {1: "float32", 2: "uint8"}
 MANIFEST_NAME = "bundle.json"
+#: Largest bundle.json read. A real one is ~50 KB (a calibrated two-class bundle); JSON of many small objects takes
+#: ~25x its size in memory once parsed, so an unbounded file from someone else could exhaust a Jetson's RAM.
+MANIFEST_MAX_BYTES = 16 * 2**20
 #: Largest input side bundle.json may give (input.height/width and the model's): every frame is resized to this
 #: size and batched, so without a bound a handed-over bundle could make each frame allocate GBs. 8192 covers
 #: full-frame inputs of the largest industrial cameras (--input-size) and is far beyond any model input size.
@@ -316,6 +319,10 @@ def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:
         raise BundleError(f"model bundle not found: {bundle_dir} (create it with grad-export onnx CHECKPOINT -o DIR)")
     if not path.is_file():
         raise BundleError(f"{path} is missing: {bundle_dir} is not a model bundle")
+    size = path.stat().st_size
+    if size > MANIFEST_MAX_BYTES:
+        raise BundleError(f"{path} is {size} bytes: a bundle manifest is read only up to {MANIFEST_MAX_BYTES} bytes "
+                          "(a real one is ~50 KB); not a manifest grad-export wrote")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:

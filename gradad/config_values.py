@@ -47,6 +47,20 @@ def load_settings_file(text: str) -> Any:
     return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """What is wrong with a settings file and where (line, column), without PyYAML's quote of the offending line:
+    that line may hold a password or a webhook token, and the message goes to stderr and service logs."""
+    problem = getattr(exc, "problem", None)
+    if problem is None:  # raised without marks (e.g. our duplicate-key check): the message quotes no line
+        return str(exc).split("\n", 1)[0]
+    def at(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+    context = getattr(exc, "context", None)
+    opening = f"{context}{at(getattr(exc, 'context_mark', None))}: " if context else ""
+    return f"{opening}{problem}{at(getattr(exc, 'problem_mark', None))}"
+
+
 def _is_optional(hint: Any) -> bool:
     return type(None) in get_args(hint)
 

@@ -17,6 +17,10 @@ from gradad.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
 ADAN_SCALES = ("image", "pixel", "floored")
+#: Most mixture components a pixel prior may have (refine.mog_components, and any prior file a bundle brings). The
+#: prior term allocates components x 3 x H x W floats per image (objective.mog_penalty): a prior within the file's
+#: byte cap but with 200 000 components would ask for ~150 GB at 256 x 256; grad-refine prepare fits 5.
+PRIOR_MAX_COMPONENTS = 64
 # Settings grad-refine tune may set per class (bundle.json refine.classes.<class>).
 CLASS_SETTINGS = ("lambda0", "mask_tau", "mask_relative", "keep_interior_px", "mask_trim_px", "inpaint",
                   "coarse_threshold", "start_peak_fraction", "use_f2pad")
@@ -217,6 +221,9 @@ class RefineConfig:
         for name in ("max_iterations", "max_batch", "mog_components", "stop_window"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.mog_components > PRIOR_MAX_COMPONENTS:
+            problems.append(f"mog_components={self.mog_components} (at most {PRIOR_MAX_COMPONENTS}: the prior "
+                            "term's memory grows with it)")
         for name in ("lambda0", "gamma_mog", "gamma_tv", "validity_weight", "feature_weight", "time_budget_s",
                      "region_dilation_px", "mask_tau", "start_dilation_px", "shift_search_px", "mask_tau_images",
                      "lambda0_breakeven_factor", "lambda0_min", "core_threshold_factor", "norm_smoothing",

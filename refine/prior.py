@@ -12,13 +12,14 @@ import numpy as np
 
 from gradad.errors import GradError
 from gradad.files import atomic_file, check_zip_expansion
+from gradad.refine.config import PRIOR_MAX_COMPONENTS
 
 PRIOR_FILE = "pixel_prior.npz"
 
 #: Largest pixel prior :meth:`PixelPrior.load` inflates. A prior costs 96 bytes per component (a float64 mean and
-#: 3x3 covariance) plus ~1 KB of headers: the default 5 components are 1.3 KB, and 64 MiB allow ~700 000 components,
-#: far beyond what EM can fit (its responsibilities are a pixels x components float64 array). A bundle's prior is
-#: someone else's file: without a cap, a few MB of deflated zeros inflate to GBs in ``np.load``.
+#: 3x3 covariance) plus ~1 KB of headers: the default 5 components are 1.3 KB. A bundle's prior is someone else's
+#: file: without a cap, a few MB of deflated zeros inflate to GBs in ``np.load``; the component count has its own
+#: cap (PRIOR_MAX_COMPONENTS) checked after loading, as 64 MiB of stored floats still hold ~700 000 components.
 PRIOR_MAX_BYTES = 64 * 2**20
 #: Largest expansion of one member: :meth:`PixelPrior.save` stores members uncompressed (1:1); float64 statistics
 #: compressed by another writer shrink by well under 2:1, only runs of zeros (a bomb) reach ~1000:1.
@@ -68,6 +69,10 @@ class PixelPrior:
         if prior.means.ndim != 2 or prior.means.shape[1] != 3 or prior.covariances.shape != (len(prior.means), 3, 3):
             raise GradError(f"pixel prior {path} has shapes {prior.means.shape} / {prior.covariances.shape}, "
                             "expected (K, 3) / (K, 3, 3)")
+        if not 1 <= len(prior.means) <= PRIOR_MAX_COMPONENTS:
+            raise GradError(f"pixel prior {path} has {len(prior.means)} components: between 1 and "
+                            f"{PRIOR_MAX_COMPONENTS} are accepted (grad-refine prepare fits 5); prepare the bundle "
+                            "again")
         return prior
 
 

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from gradad.config_values import coerce_setting, load_settings_file
+from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
 from gradad.errors import ConfigError, GradError
 from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
@@ -95,8 +95,10 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     where = f"--config {path}"
     try:
         data = load_settings_file(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise GradError(f"{where}: cannot read it ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise GradError(f"{where}: not valid YAML ({yaml_error_text(exc)})") from None
     if not isinstance(data, dict):
         raise GradError(f"{where}: expected a mapping of settings")
     defaults: dict[str, Any] = {}

@@ -19,6 +19,10 @@ unreadable image or video frame is logged, counted as ``skipped`` and passed ove
 index in the file (``clip.avi#12``), also after frames lost to corruption where the reader knows the index (OpenCV's
 MJPEG AVI reader; other containers count decoded frames).
 
+Video and stream frames get the still-image decode cap (``OPENCV_IO_MAX_IMAGE_PIXELS``, ``gradad.MAX_IMAGE_PIXELS``
+by default), which OpenCV does not apply to ``VideoCapture``: a source announcing larger frames is refused at open
+(SourceError) and a larger decoded frame is passed over like an unreadable one (``skipped``), before it is queued.
+
 A source that cannot be opened raises :class:`SourceError` (one line, no traceback); :class:`OpenInterrupted` when
 the run's stop flag ends the open. Only numpy, OpenCV and the standard library (and :mod:`gradad.runtime.outage`)
 are used here.
@@ -42,6 +46,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+import gradad
 from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file, unknown_types_summary
 from gradad.data.images import read_image_rgb
 from gradad.errors import GradError
@@ -302,6 +307,59 @@ def _release(cap: Capture | None) -> None:
         logger.debug("releasing capture failed: %s", exc)
 
 
+#: The environment variable holding the pixel limit (gradad sets it to ``gradad.MAX_IMAGE_PIXELS`` on import).
+PIXEL_LIMIT_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+_PIXEL_LIMIT_VALUE = re.compile(r"([0-9]+)(KB|Kb|kb|MB|Mb|mb)?")  # what OpenCV accepts there
+
+
+def _max_frame_pixels() -> int:
+    """The most pixels a video or stream frame may have: the still-image decode cap, i.e. :data:`PIXEL_LIMIT_ENV` as
+    OpenCV reads it (``KB`` / ``MB``: times 1024 / 1024**2), else ``gradad.MAX_IMAGE_PIXELS``."""
+    match = _PIXEL_LIMIT_VALUE.fullmatch(os.environ.get(PIXEL_LIMIT_ENV, ""))
+    if match is None:
+        return int(gradad.MAX_IMAGE_PIXELS)
+    return int(match[1]) * {"": 1, "kb": 1024, "mb": 1024 * 1024}[(match[2] or "").lower()]
+
+
+class _FramesTooLarge(SourceError):
+    """A source announcing or sending frames over the pixel limit."""
+
+
+class _PixelGuard:
+    """The pixel limit for one source's frames. OpenCV caps decoded still images but not ``VideoCapture`` frames: a
+    small hostile video or stream can announce or send frames of up to ~268M pixels (~800 MB each, several queued by
+    the file prefetch), so a source is refused when it announces such frames and a larger decoded frame is passed
+    over before it is converted or queued (a stream may change size mid-way)."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.limit = label, _max_frame_pixels()  # read once, when the source opens
+        self.refused = self.passed = 0  # decoded frames over / within the limit
+        self.last = (0, 0)  # width and height of the last frame refused
+
+    def refusal(self, width: int, height: int, verb: str = "announces") -> _FramesTooLarge:
+        return _FramesTooLarge(
+            f"refusing {self.label}: it {verb} {width}x{height} frames ({width * height} pixels), over the limit of "
+            f"{self.limit} pixels a frame (set {PIXEL_LIMIT_ENV} higher before starting to allow larger frames)")
+
+    def announced(self, cap: Capture) -> _FramesTooLarge | None:
+        """The error for a capture announcing frames over the limit, else None (an unknown size: frames are checked)."""
+        width, height = _capture_prop(cap, cv2.CAP_PROP_FRAME_WIDTH), _capture_prop(cap, cv2.CAP_PROP_FRAME_HEIGHT)
+        return self.refusal(width, height) if width and height and width * height > self.limit else None
+
+    def fits(self, img: np.ndarray) -> bool:
+        """True for a decoded frame within the limit; False (the source's first one logged) for one over it."""
+        height, width = img.shape[:2]
+        if height * width <= self.limit:
+            self.passed += 1
+            return True
+        self.refused, self.last = self.refused + 1, (width, height)
+        if self.refused == 1:
+            logger.warning("%s: passing over frames over the limit of %d pixels (first: %dx%d); counted as skipped, "
+                           "logged once; set %s higher to allow them", self.label, self.limit, width, height,
+                           PIXEL_LIMIT_ENV)
+        return False
+
+
 # ---------------------------------------------------------------------------------------------- base class
 
 
@@ -553,7 +611,7 @@ def _image_pass(source: _FileSource, files: list[tuple[Path, str]]) -> Iterator[
 VIDEO_FAILURES_IN_A_ROW = 25
 
 
-def _video_pass(source: _FileSource, caps: list[Capture | None], factory: CaptureFactory
+def _video_pass(source: _FileSource, caps: list[Capture | None], factory: CaptureFactory, guard: _PixelGuard
                 ) -> Iterator[tuple[np.ndarray, str]]:
     """One pass through a video file: the capture opened by :func:`open_source` first, a reopened one when looping
     (``caps`` holds the open capture so the source can release it when closed early).
@@ -566,6 +624,8 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
         caps[0] = factory("video", path, source.config)
         if not caps[0].isOpened():
             raise SourceError(f"cannot reopen video file: {path}")
+        if (refused := guard.announced(caps[0])) is not None:
+            raise refused
     cap, index, failed = caps[0], -1, 0  # index: the last frame's index in the file; failed: failed reads in a row
     unreadable: list[int] = []  # their indices (index-based reader), else the index of the frame before each
     announced = _capture_prop(cap, cv2.CAP_PROP_FRAME_COUNT)
@@ -588,7 +648,10 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
                 unreadable += [index] * failed  # frames passed over since the last decoded one (untrusted)
                 source._count("skipped", failed)
                 index, failed = (at if at is not None else index + 1), 0
-                yield _to_rgb(img), f"{Path(path).name}#{index}"
+                if guard.fits(img):
+                    yield _to_rgb(img), f"{Path(path).name}#{index}"
+                else:
+                    source._count("skipped")  # over the pixel limit: passed over like an unreadable frame
             elif at is not None and announced is not None and at < announced:
                 index = at  # a damaged frame an index-based reader stepped over: go on after it
                 unreadable.append(at)
@@ -598,6 +661,8 @@ def _video_pass(source: _FileSource, caps: list[Capture | None], factory: Captur
                 failed += 1  # damaged: the next read may decode again (failures at the very end are not skipped)
             else:
                 break
+        if guard.refused and not guard.passed:  # say why nothing came, not "corrupt or unsupported codec"
+            raise guard.refusal(*guard.last, "sends")
         _warn_if_short(path, index + 1 + (0 if trusted else len(unreadable)), announced, unreadable, trusted)
     finally:
         caps[0] = None
@@ -719,6 +784,8 @@ class _LiveSource(FrameSource):
         self._events = 0  # numbers losses, failed tries and recoveries for the outage log
         self._outage = Outage(self.label, logger, words=_SOURCE_OUTAGE)
         self._stats["outages"] = 0
+        self._guard = _PixelGuard(self.label)
+        self._refusal = ""  # why the last open was refused as "too large" (see _PixelGuard)
         cap, first, failure = self._try_open()
         if failure:
             raise self._open_failure(failure)
@@ -752,6 +819,8 @@ class _LiveSource(FrameSource):
                 else:
                     result["failure"] = "read" if opened else ("timeout" if slow else "open")
                     result["waited_s"] = time.monotonic() - started
+            except _FramesTooLarge as exc:
+                result.update(failure="too large", refusal=str(exc))
             except Exception as exc:
                 result["failure"] = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             with lock:
@@ -777,23 +846,39 @@ class _LiveSource(FrameSource):
             return box["cap"], box["first"], ""
         # FFmpeg gives up on a silent stream at _SLOW_OPEN_SHARE of the timeout: the message says how long it was
         self._open_waited_s = box.get("waited_s", self.config.open_timeout_s)
+        self._refusal = box.get("refusal", "")
         return None, None, box.get("failure", "open")
 
     def _first_frame(self, cap: Capture, box: dict[str, Any]) -> tuple[np.ndarray, float, float] | None:
         """The first good frame of a new connection, passing over up to ``read_failures - 1`` unreadable ones (a
-        stream may start on a corrupt frame); None when none came or the open was abandoned meanwhile."""
+        stream may start on a corrupt frame); None when none came or the open was abandoned meanwhile. Raises
+        _FramesTooLarge when the capture announces, or only sends, frames over the pixel limit."""
+        if (refused := self._guard.announced(cap)) is not None:
+            raise refused
+        before = self._guard.refused
         for _ in range(self.config.read_failures):
-            img, began, decode_ms = _grab(cap, self.label)
+            img, began, decode_ms = self._read(cap)
             if img is not None:
                 return img, began, decode_ms
             if box.get("abandoned"):
                 break
+        if self._guard.refused > before:  # frames came, too large: say so, not "undecodable"
+            raise self._guard.refusal(*self._guard.last, "sends")
         return None
+
+    def _read(self, cap: Capture) -> tuple[np.ndarray | None, float, float]:
+        """:func:`_grab`; a frame over the pixel limit is passed over like an unreadable one, before it is stored."""
+        img, began, decode_ms = _grab(cap, self.label)
+        if img is not None and not self._guard.fits(img):
+            img = None
+        return img, began, decode_ms
 
     def _open_failure(self, failure: str) -> SourceError:
         """The error of a first open that failed with ``failure`` (see :meth:`_try_open`)."""
         if failure == "stopped":
             return OpenInterrupted(f"opening {self.label} was interrupted")
+        if failure == "too large":
+            return SourceError(self._refusal)
         err = self._open_error(failure)
         if failure in _TRY_FAILURES:
             return err
@@ -890,7 +975,7 @@ class _LiveSource(FrameSource):
         """Read one frame into the slot. An unreadable one (a corrupt JPEG) is passed over on the same connection;
         False when the connection counts as lost: ``read_failures`` failed reads in a row, or a failed read
         ``read_stall_s`` after the last good frame (reopening a stream costs seconds and the frames meanwhile)."""
-        img, began, decode_ms = _grab(cap, self.label)
+        img, began, decode_ms = self._read(cap)
         if self._stop.is_set():
             return True  # closing: the loop ends
         if img is not None:
@@ -902,7 +987,7 @@ class _LiveSource(FrameSource):
             return True
         then = "reconnecting" if self.config.reconnect else "reconnect is off"
         self._lost(f"lost: {self._failures} read(s) in a row gave no frame, the last good one {quiet:.1f} s ago "
-                   f"(the source ended, stalled or sends undecodable frames); {then}")
+                   f"(the source ended, stalled or sends undecodable or too large frames); {then}")
         return False
 
     def _lost(self, reason: str) -> None:
@@ -936,7 +1021,7 @@ class _LiveSource(FrameSource):
                 self._reconnected()
                 self._store(*first)
                 return cap
-            last = _TRY_FAILURES.get(failure, redact_secrets_in(failure))
+            last = self._refusal if failure == "too large" else _TRY_FAILURES.get(failure, redact_secrets_in(failure))
             logger.debug("%s: reconnect attempt %d failed (%s)", self.label, tries, last)
             with self._lock:
                 self._events += 1
@@ -1056,10 +1141,14 @@ def open_source(
         if cap is None or not cap.isOpened():
             _release(cap)
             raise SourceError(f"cannot open video file (corrupt or unsupported format): {path}")
+        guard = _PixelGuard(f"video file {path}")
+        if (refused := guard.announced(cap)) is not None:
+            _release(cap)
+            raise refused
         caps: list[Capture | None] = [cap]
         nothing = f"cannot decode any frame of video file (corrupt or unsupported codec): {path}"
-        return _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _video_pass(src, caps, factory),
-                                                                       nothing), on_close=lambda: _release(caps[0]))
+        return _FileSource(parsed, cfg, lambda src, stop: _file_frames(
+            src, stop, lambda: _video_pass(src, caps, factory, guard), nothing), on_close=lambda: _release(caps[0]))
     files, ignored = _list_images(parsed)
     nothing = f"no readable image in {parsed.label} ({len(files)} file(s) skipped as unreadable)"
     source = _FileSource(parsed, cfg, lambda src, stop: _file_frames(src, stop, lambda: _image_pass(src, files),

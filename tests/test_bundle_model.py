@@ -176,3 +176,19 @@ def test_verify_finds_modified_files(bundle: Path, tmp_path: Path) -> None:
         typed.verify([FP32_ONNX])
     typed.add_file(FP32_ONNX)
     typed.verify([FP32_ONNX])
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_parsed(tmp_path: Path, monkeypatch) -> None:
+    """json.loads of many small objects takes ~25x the file's size in memory: a bundle.json from someone else is
+    read only up to a cap, far above a real one."""
+    import gradad.bundle as bundle_module
+    from gradad.bundle import BundleError
+
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    minimal_bundle(directory).save()
+    size = (directory / MANIFEST_NAME).stat().st_size
+    assert bundle_module.read_manifest(directory)["name"] == "bundle"
+    monkeypatch.setattr(bundle_module, "MANIFEST_MAX_BYTES", size - 1)
+    with pytest.raises(BundleError, match=f"bundle.json is {size} bytes: a bundle manifest is read only up to"):
+        bundle_module.read_manifest(directory)

@@ -152,6 +152,24 @@ def test_a_pixel_prior_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
         PixelPrior.load(path, max_bytes=512)
 
 
+def test_a_prior_with_more_components_than_the_cap_is_refused(tmp_path: Path) -> None:
+    """Within the byte cap a prior can still hold ~700 000 components, and the prior term allocates components x 3
+    x H x W floats per image (150 GB for 200 000 at 256 x 256): the count is capped when the file is read, and a
+    config cannot ask grad-refine prepare for more."""
+    from gradad.errors import ConfigError
+    from gradad.refine.config import PRIOR_MAX_COMPONENTS, RefineConfig
+
+    rng = np.random.default_rng(2)
+    path = tmp_path / "pixel_prior.npz"
+    k = PRIOR_MAX_COMPONENTS + 1
+    PixelPrior(rng.normal(size=(k, 3)), np.repeat(np.eye(3)[None], k, axis=0), -1.5).save(path)
+    with pytest.raises(GradError, match=f"pixel prior .*pixel_prior.npz has {k} components: between 1 and "
+                                        f"{PRIOR_MAX_COMPONENTS}"):
+        PixelPrior.load(path)
+    with pytest.raises(ConfigError, match=f"mog_components={k} \\(at most {PRIOR_MAX_COMPONENTS}"):
+        RefineConfig(mog_components=k).validate()
+
+
 def test_a_compressed_but_honest_prior_still_loads(tmp_path: Path) -> None:
     """np.savez_compressed of real statistics shrinks far less than the 100:1 refused."""
     rng = np.random.default_rng(1)

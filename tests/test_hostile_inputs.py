@@ -468,11 +468,28 @@ def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
     bomb = tmp_path / "line.yaml"
     bomb.write_text("\n".join(levels) + "\nsources: *a8\n")
     started = time.perf_counter()
-    with pytest.raises(GradError, match=f"--config {bomb}: cannot read it .*aliases"):
+    with pytest.raises(GradError, match=f"--config {bomb}: not valid YAML .*aliases"):
         read_line_config(bomb)
     with pytest.raises(ConfigError, match=f"config file {bomb} is not valid YAML/JSON: .*aliases"):
         load_config(bomb)
     assert time.perf_counter() - started < 5
+
+
+@pytest.mark.parametrize("line", ["    password: S3cr3t:P@ss: word", "    password: [S3cr3t:P@ss",
+                                  "    password: \"S3cr3t:P@ss"])
+def test_a_yaml_error_in_a_line_file_does_not_quote_the_secret(tmp_path: Path, line: str) -> None:
+    """PyYAML's own error text quotes the offending line; on a line file that line can be the MQTT password, and
+    grad-run's message goes to stderr and the service log: the error says where (line, column), not what."""
+    from gradad.errors import GradError
+    from gradad.runtime.line_config import read_line_config
+
+    path = tmp_path / "line.yaml"
+    path.write_text(f"sinks:\n  mqtt:\n{line}\n    user: station\n")
+    with pytest.raises(GradError) as info:
+        read_line_config(path)
+    message = str(info.value)
+    assert f"--config {path}: not valid YAML" in message and "at line 3, column" in message
+    assert "S3cr3t" not in message and "P@ss" not in message
 
 
 def test_only_names_gradad_gives_engines_are_ever_deleted() -> None:

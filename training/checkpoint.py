@@ -17,7 +17,7 @@ from gradad.errors import CheckpointError, ConfigError, GradError
 from gradad.files import atomic_file, check_zip_expansion, looks_like_onnx
 from gradad.plain import plain_leaf
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
-from gradad.training.config import RunConfig, config_from_dict, config_to_dict
+from gradad.training.config import RunConfig, config_from_dict, config_to_dict, shown_value
 from gradad.training.model import GRADDetector, GRADModel
 
 log = logging.getLogger(__name__)
@@ -135,16 +135,76 @@ def _refusal(path: Path, exc: Exception) -> CheckpointError:
 
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load(weights_only=True)`` on CPU: a pickle that would import or call anything is refused with one
-    :class:`CheckpointError` line naming the file (its code never runs)."""
+    :class:`CheckpointError` line naming the file (its code never runs), and so is one too large to print or
+    holding a tensor larger than its data (:func:`check_payload_size`)."""
     path = Path(path)
     check_zip_expansion(path, "checkpoint", error=CheckpointError)  # torch.load inflates deflated records whole
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise _refusal(path, exc) from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc)[:4000].strip()
+        first = text.splitlines()[0][:300] if text else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {first}") from None
+    check_payload_size(path, payload)
+    return payload
+
+
+#: Most entries (container items, dict keys and values) and characters of text a model or checkpoint file may hold,
+#: counting a shared object each time it is reached, as printing it would. torch.load(weights_only=True) keeps
+#: pickle's shared references: a 1.4 KB file can hold a list of 10 references to a list of 10 references ... 6 deep
+#: that prints as 14 million characters, and an error message quoting it (or a value inside it) would grow to
+#: gigabytes. Real files hold far less: the MTD + tyre unified model (run s21) 2,500 entries and 41,000 characters
+#: (state dict ~100 tensors, config ~100 values, 873 trained-image digests, 97 held-out image paths), its
+#: resumable checkpoint with optimizer state 2,900 and 45,000; a run on 100,000 images would record ~200,000
+#: entries and ~10 million characters. The caps leave that room and stop a file that prints 100x larger.
+MAX_PAYLOAD_ENTRIES = 1_000_000
+MAX_PAYLOAD_TEXT = 64_000_000
+
+
+def check_payload_size(path: Path, payload: Any) -> None:
+    """Refuse (one CheckpointError naming ``path``) a loaded payload that would print as more than
+    :data:`MAX_PAYLOAD_ENTRIES` entries or :data:`MAX_PAYLOAD_TEXT` characters (shared references counted each
+    time they are reached; a cycle runs into the cap), or that holds a tensor claiming more elements than its
+    stored data (a stride-0 view such as ``torch.zeros(1).expand(10**6, 10**6)``: loading it into a model or
+    copying it would allocate the size it claims, not the bytes the file holds) or one of another layout than
+    dense (sparse)."""
+    entries, text = 1, 0
+    stack = [payload]
+    while stack:  # iterative: a deeply nested payload cannot exhaust the recursion limit
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            entries += 2 * len(obj)
+            children: Any = (*obj.keys(), *obj.values()) if entries <= MAX_PAYLOAD_ENTRIES else ()
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            entries += len(obj)
+            children = obj if entries <= MAX_PAYLOAD_ENTRIES else ()
+        else:
+            if isinstance(obj, (str, bytes, bytearray)):
+                text += len(obj)
+            elif isinstance(obj, torch.Tensor):
+                _check_tensor_data(path, obj)
+            children = ()
+        if entries > MAX_PAYLOAD_ENTRIES or text > MAX_PAYLOAD_TEXT:
+            what = (f"more than {MAX_PAYLOAD_ENTRIES:,} entries" if entries > MAX_PAYLOAD_ENTRIES
+                    else f"more than {MAX_PAYLOAD_TEXT:,} characters of text")
+            raise CheckpointError(f"refusing to load {path}: it holds {what} (counting shared references each time "
+                                  f"they are reached, as printing does); a gradad model file holds a few thousand")
+        stack.extend(children)  # counted before they are pushed: the stack never outgrows the cap
+
+
+def _check_tensor_data(path: Path, tensor: torch.Tensor) -> None:
+    """A dense tensor whose stored data holds every element it claims, else one CheckpointError naming ``path``."""
+    if tensor.layout != torch.strided:
+        raise CheckpointError(f"refusing to load {path}: it holds a {tensor.layout} tensor; gradad files hold dense "
+                              f"tensors only")
+    claimed = tensor.numel() * tensor.element_size()
+    stored = tensor.untyped_storage().nbytes()
+    if claimed > stored:
+        raise CheckpointError(f"refusing to load {path}: it holds a tensor of shape {list(tensor.shape)} "
+                              f"({claimed:,} bytes) whose stored data is {stored:,} bytes (a broadcast view, "
+                              f"never written by gradad)")
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -193,7 +253,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path} is not a gradad checkpoint of format {CHECKPOINT_FORMAT} "
-            f"(found {payload.get('format') if isinstance(payload, dict) else type(payload).__name__})"
+            f"(found {shown_value(payload.get('format')) if isinstance(payload, dict) else type(payload).__name__})"
         )
     for key in ("config", "state_dict"):
         if not isinstance(payload.get(key), dict):
@@ -220,7 +280,8 @@ def tuned_defect_paths(payload: dict[str, Any]) -> set[str]:
 
 def _misfit(path: str | Path, payload: dict[str, Any], reason: str) -> CheckpointError:
     """The one error for a model file another gradad version wrote, or one damaged or edited by hand."""
-    written_by = payload.get("gradad_version") or "of unknown version"
+    version = payload.get("gradad_version")
+    written_by = shown_value(version) if version else "of unknown version"
     return CheckpointError(f"{path} (written by gradad {written_by}) does not fit this gradad {__version__}: "
                            f"{reason}")
 
@@ -267,25 +328,29 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     try:
         detector = _build_detector(path, payload)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, ConfigError) as exc:
-        raise _misfit(path, payload, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+        raise _misfit(path, payload, f"{type(exc).__name__}: {' '.join(str(exc)[:4000].split())[:300]}") from None
     return detector.to(device).eval(), payload
 
 
 def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
     """The detector a checkpoint's payload describes, on the CPU (sets ``payload["resolved_config"]``)."""
     cfg = config_from_dict(payload["config"])
+    try:  # before anything is built: these settings size what the model allocates
+        cfg.check_sizes()
+    except ConfigError as exc:
+        raise CheckpointError(f"refusing to load {path}: {exc}") from None
     embedded = payload.get("extractor_state_dict")
     if ":" in cfg.backbone.name:
         # a model file is data: opening one never fetches a repository or folder it names (hf-hub:OWNER/REPO,
         # local-dir:PATH); a plain timm name with weights "hub" (the paper preset) loads timm's own weights
-        raise CheckpointError(f"{path} names its backbone {cfg.backbone.name!r}, a location rather than a timm "
-                              f"model: loading a model file never downloads from a repository it names")
+        raise CheckpointError(f"{path} names its backbone {shown_value(cfg.backbone.name)}, a location rather than "
+                              f"a timm model: loading a model file never downloads from a repository it names")
     if embedded is None:
         if cfg.backbone.weights not in NAMED_WEIGHTS:
             # a model file is data: opening one never reads another file it names (a hostile one could name any
             # file of the user's; the error would even tell whether it exists)
             raise CheckpointError(
-                f"{path} names a backbone weights file ({cfg.backbone.weights!r}) instead of holding the "
+                f"{path} names a backbone weights file ({shown_value(cfg.backbone.weights)}) instead of holding the "
                 f"extractor: loading a model file never reads a file it names. grad-train now writes the extractor "
                 f"into models trained on a weights file: re-write this one where it was trained with `grad-train "
                 f"--config RUN/config.yaml --resume` (refits only the last stage)")
@@ -301,10 +366,13 @@ def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
         extractor.load_state_dict(embedded)
     if extractor.channels != payload["channels"]:
         raise CheckpointError(
-            f"{path}: model was trained on {payload['channels']} feature channels but backbone "
-            f"{cfg.backbone.name} gives {extractor.channels}"
+            f"{path}: model was trained on {shown_value(payload['channels'])} feature channels but backbone "
+            f"{shown_value(cfg.backbone.name)} gives {extractor.channels}"
         )
-    model = GRADModel(payload["channels"], tuple(payload["feat_hw"]), cfg.model)
+    feat_hw = tuple(payload["feat_hw"])
+    _check_feature_size(path, cfg, extractor, feat_hw)
+    _check_weight_shapes(path, payload, cfg, feat_hw)
+    model = GRADModel(payload["channels"], feat_hw, cfg.model)
     model.load_state_dict(payload["state_dict"])
     gaussian = model.image_gaussian
     if gaussian is not None and gaussian.fitted and gaussian.dims(payload["channels"]) != gaussian.mean.shape[1]:
@@ -317,6 +385,53 @@ def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
     size = cfg.data.image_size
     payload["resolved_config"] = cfg
     return GRADDetector(extractor, model, (size, size))
+
+
+def _check_feature_size(path: str | Path, cfg: RunConfig, extractor: FeatureExtractor,
+                        feat_hw: tuple[Any, ...]) -> None:
+    """The file's ``feat_hw`` is the feature map its backbone gives at ``data.image_size`` (the grids are sized by
+    it), else one CheckpointError naming both."""
+    stride = min(extractor.body.feature_info.reduction())  # the output's stride: its coarser level is up-sampled
+    side = -(-cfg.data.image_size // stride)  # "same" padding: ceil(size / stride) (data.image_size % 16 == 0)
+    if feat_hw != (side, side):
+        raise CheckpointError(f"refusing to load {path}: its feat_hw {shown_value(list(feat_hw))} is not the "
+                              f"feature map of data.image_size = {cfg.data.image_size} at backbone "
+                              f"{shown_value(cfg.backbone.name)}'s stride {stride} ([{side}, {side}])")
+
+
+#: weights whose shapes the file sets itself: the image Gaussian takes its classes and dimensions from the file
+#: (its buffers are sized like the file's tensors, which check_payload_size found to hold their data)
+_FILE_SIZED_WEIGHTS = ("image_gaussian.",)
+
+
+def _check_weight_shapes(path: str | Path, payload: dict[str, Any], cfg: RunConfig, feat_hw: tuple[int, ...]) -> None:
+    """Every weight of the model the file's settings describe is in its state dict with the same shape, before the
+    model is built: the model allocates (and initialises) its grids at the size the settings ask for, and only
+    ``load_state_dict`` compared them with the file's, after the allocation. The file's tensors hold their data
+    (:func:`check_payload_size`), so the model then allocates no more than the file already holds. The expected
+    shapes come from the same model built on the meta device (no memory); a weight missing or of another shape
+    fails ``load_state_dict`` anyway, so this refuses no file that loaded before, only sooner."""
+    with torch.device("meta"):
+        expected = GRADModel(payload["channels"], feat_hw, cfg.model).state_dict()
+    state = payload["state_dict"]
+    for key, want in expected.items():
+        if key.startswith(_FILE_SIZED_WEIGHTS):
+            continue
+        have = state.get(key)
+        if not isinstance(have, torch.Tensor):
+            raise _misfit(path, payload, f"its state_dict lacks the weight {key} that its settings give the model")
+        if tuple(have.shape) != tuple(want.shape):
+            raise _misfit(path, payload, f"its weight {key} has shape {list(have.shape)}, but its settings "
+                                         f"({_settings_of(key)}) give {list(want.shape)}")
+
+
+def _settings_of(key: str) -> str:
+    """The settings a weight's shape follows, for the message of :func:`_check_weight_shapes`."""
+    if key.endswith(".local_grid"):
+        return "model.local_grid_size, channels"
+    if key.endswith(".global_grid"):
+        return "model.global_grid_size, feat_hw from data.image_size, channels"
+    return "channels and model settings"
 
 
 #: What a model file records about the training machine's files by path: a copy that travels in a bundle keeps

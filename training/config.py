@@ -6,6 +6,7 @@ A run's resolved config is saved next to its checkpoints (``config.yaml``) and f
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -185,6 +186,55 @@ class DataConfig:
         return [self.root, *self.extra_roots]
 
 
+#: Upper bounds of the settings that size what a model allocates (RunConfig.validate, and every model file before
+#: its model is built: training/checkpoint.py). Far above any preset (edge: 256 px, grids 8 and 4, fusion depth 2;
+#: paper: grids 8 and 8, depth 9), low enough that a value edited into a model file cannot ask for a terabyte: the
+#: global grid holds C*(S/8)^2*R_g^2 values (lite0, 4096 px, R_g 64: 160 GB, so the loader also checks every
+#: weight tensor of a file against the shape its settings give before allocating anything).
+MAX_IMAGE_SIZE = 4096
+MAX_GRID_SIZE = 64
+MAX_FUSION_DEPTH = 64
+MAX_FUSION_EXPAND = 16.0
+#: the map head's kernels (presets: Gaussian sigma 4, box 21, residual scales up to 7 cells, pool 16): a sigma of
+#: 1e12 from a file would make the first inference allocate a kernel of 8e12 taps
+MAX_SMOOTHING_SIGMA = 64.0
+MAX_KERNEL_SIZE = 255
+MAX_MAP_SCALES = 8
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with small limits, and a huge integer as its size (its repr would raise ValueError past 4300
+    digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 2, 4, 6, 6, 6
+        self.maxfrozenset, self.maxdeque, self.maxarray = 6, 6, 6
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:
+            return f"<integer of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def shown_value(value: Any) -> str:
+    """``repr(value)`` shortened for a message (at most :data:`SHOWN_CHARS` characters, whatever the value): every
+    value read from a file that an error message quotes goes through this."""
+    try:
+        text = _SHORT_REPR.repr(value)
+    except Exception:  # a repr that fails: the type is still worth naming
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+#: the longest :func:`shown_value`
+SHOWN_CHARS = 200
+
+
 @dataclass
 class RunConfig:
     """Everything a training run needs; saved as config.yaml in the run directory."""
@@ -196,6 +246,32 @@ class RunConfig:
     fbp: FBPConfig = field(default_factory=FBPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output_dir: str = "runs/edge"
+
+    def size_checks(self) -> list[tuple[str, bool, str]]:
+        """(setting, ok, why) of the settings that size what a model allocates (see :data:`MAX_IMAGE_SIZE`)."""
+        model = self.model
+        return [
+            ("data.image_size", self.data.image_size <= MAX_IMAGE_SIZE, f"must be at most {MAX_IMAGE_SIZE}"),
+            ("model.local_grid_size", 1 <= model.local_grid_size <= MAX_GRID_SIZE,
+             f"must be between 1 and {MAX_GRID_SIZE}"),
+            ("model.global_grid_size", 1 <= model.global_grid_size <= MAX_GRID_SIZE,
+             f"must be between 1 and {MAX_GRID_SIZE}"),
+            ("model.fusion_depth", model.fusion_depth <= MAX_FUSION_DEPTH, f"must be at most {MAX_FUSION_DEPTH}"),
+            ("model.fusion_expand", model.fusion_expand <= MAX_FUSION_EXPAND,
+             f"must be at most {MAX_FUSION_EXPAND:g}"),
+            ("model.smoothing_sigma", 0 <= model.smoothing_sigma <= MAX_SMOOTHING_SIGMA,
+             f"must be between 0 and {MAX_SMOOTHING_SIGMA:g}"),
+            ("model.smoothing_size", model.smoothing_size <= MAX_KERNEL_SIZE, f"must be at most {MAX_KERNEL_SIZE}"),
+            ("model.score_pool", model.score_pool <= MAX_IMAGE_SIZE, f"must be at most {MAX_IMAGE_SIZE}"),
+            ("model.map_scales", len(model.map_scales) <= MAX_MAP_SCALES
+             and all(k <= MAX_KERNEL_SIZE for k in model.map_scales),
+             f"at most {MAX_MAP_SCALES} sizes, each at most {MAX_KERNEL_SIZE}"),
+        ]
+
+    def check_sizes(self) -> None:
+        """Only :meth:`size_checks` (a model file's settings, before its model is built); ConfigError naming the
+        setting."""
+        self._raise_first(self.size_checks())
 
     def validate(self) -> None:
         """Range checks that types alone cannot express; raises ConfigError naming the setting."""
@@ -244,9 +320,12 @@ class RunConfig:
             ("data.defect_masks", not self.data.defect_masks or bool(self.data.defects),
              "needs data.defects (--masks needs --defects: the masks belong to the defect images)"),
         ]
+        self._raise_first(checks + self.size_checks())
+
+    def _raise_first(self, checks: list[tuple[str, bool, str]]) -> None:
         for name, ok, why in checks:
             if not ok:
-                raise ConfigError(f"setting {name} = {_value_of(self, name)!r}: {why}")
+                raise ConfigError(f"setting {name} = {shown_value(_value_of(self, name))}: {why}")
 
 
 def _value_of(cfg: Any, dotted: str) -> Any:
