@@ -13,7 +13,7 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from gradad.config_values import coerce_setting, load_settings_file
+from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
 from gradad.errors import ConfigError
 from gradad.files import atomic_write_text
 
@@ -397,7 +397,7 @@ def load_config(path: str | Path) -> RunConfig:
     try:
         data = load_settings_file(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML/JSON: {exc}") from exc
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {yaml_error_text(exc)}") from None
     return config_from_dict(data)
 
 
