@@ -200,3 +200,13 @@ def test_a_real_small_model_file_still_loads(tmp_path: Path, channels: int) -> N
         assert torch.equal(detector.model.state_dict()[key], value)
     score, amap = detector(torch.zeros(1, 3, 64, 64))
     assert score.shape == (1,) and amap.shape == (1, 1, 64, 64)
+
+
+def test_map_scales_that_are_no_list_are_one_clear_error(tmp_path: Path, channels: int) -> None:
+    """A file written before the multi-scale map gets gains of 1 per scale; a map_scales that is no list made that
+    upgrade raise a bare TypeError (a traceback) before the config could name the setting."""
+    payload = _small_model(channels)
+    payload["config"]["model"]["map_scales"] = 7
+    del payload["state_dict"]["map_scale_gain"]
+    message = _refusal(load_detector, _save(payload, tmp_path))
+    assert "map_scale" in message

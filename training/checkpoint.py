@@ -309,9 +309,10 @@ def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
         # before the map had its own refinement setting, it used the loss's
         model_cfg.setdefault("map_refine_mask_weight", model_cfg.get("refine_mask_weight", 0.3))
         best = payload.get("best")  # a resumable checkpoint's best epoch so far
+        scales = model_cfg.get("map_scales")  # anything but a list is refused with the config, by name
         for state in (payload.get("state_dict"), best.get("state") if isinstance(best, dict) else None):
-            if isinstance(state, dict) and "map_scale_gain" not in state:  # written before the multi-scale map
-                state["map_scale_gain"] = torch.ones(len(model_cfg["map_scales"]))
+            if isinstance(state, dict) and "map_scale_gain" not in state and isinstance(scales, (list, tuple)):
+                state["map_scale_gain"] = torch.ones(len(scales))  # written before the multi-scale map
         if model_cfg.get("abnormal_branch") is False and isinstance(payload.get("state_dict"), dict):
             payload["state_dict"] = {k: v for k, v in payload["state_dict"].items()
                                      if not k.startswith(("abnormal_grid.", "abnormal_cnn.", "abnormal_mapper."))}
