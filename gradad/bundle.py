@@ -307,7 +307,11 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Validate and write bundle.json atomically."""
     path = Path(bundle_dir) / MANIFEST_NAME
     validate_manifest(manifest, str(path))
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    if len(text.encode()) > MANIFEST_MAX_BYTES:  # refused here, not by every reader after deployment
+        raise BundleError(f"{path} would be {len(text.encode())} bytes, more than the {MANIFEST_MAX_BYTES} a "
+                          "bundle manifest is read up to (a real one is ~50 KB): nothing written")
+    atomic_write_text(path, text)
     return path
 
 

@@ -9,6 +9,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from gradad.errors import ConfigError
+from gradad.text import shown_value
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -36,7 +37,7 @@ class _NoAliasLoader(yaml.SafeLoader):
                 continue
             if first is not None:
                 lines = f"twice on line {line}" if first == line else f"on lines {first} and {line}"
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} {lines}: keep one")
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown_value(key)} {lines}: keep one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -44,7 +45,10 @@ class _NoAliasLoader(yaml.SafeLoader):
 def load_settings_file(text: str) -> Any:
     """A YAML or JSON settings file's content (plain values only, no aliases, no key twice in one mapping); errors
     are ``yaml.YAMLError``."""
-    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except ValueError as exc:  # an integer of more than 4300 digits: int() refuses it (CVE-2020-10735)
+        raise yaml.YAMLError(f"a value cannot be read ({str(exc).split(':')[0]})") from None
 
 
 def yaml_error_text(exc: yaml.YAMLError) -> str:
@@ -84,7 +88,7 @@ def coerce_setting(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"setting {where} is empty: it needs a value (only optional settings may be empty)")
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"setting {where} = {value!r}: must be one of {', '.join(map(str, args))}")
+            raise ConfigError(f"setting {where} = {shown_value(value)}: must be one of {', '.join(map(str, args))}")
         return value
     if origin is tuple:
         items = _split_items(value) if isinstance(value, str) else value  # "--set model.map_scales=1,3,5"
@@ -94,7 +98,7 @@ def coerce_setting(value: Any, hint: Any, where: str) -> Any:
             types = [args[0]] * len(items)
         elif args:
             if len(items) != len(args):
-                raise ConfigError(f"setting {where} = {value!r}: expected {len(args)} values, got {len(items)}")
+                raise ConfigError(f"setting {where} = {shown_value(value)}: expected {len(args)} values, got {len(items)}")
             types = list(args)
         else:
             types = [Any] * len(items)
@@ -106,7 +110,7 @@ def coerce_setting(value: Any, hint: Any, where: str) -> Any:
         elif isinstance(value, (list, tuple)):
             items = list(value)
         elif isinstance(value, dict):
-            raise ConfigError(f"setting {where} = {value!r}: expected a list")
+            raise ConfigError(f"setting {where} = {shown_value(value)}: expected a list")
         else:
             items = [value]
         return [coerce_setting(v, args[0] if args else Any, where) for v in items]
@@ -118,12 +122,12 @@ def coerce_setting(value: Any, hint: Any, where: str) -> Any:
             try:
                 value = float(value.strip())
             except ValueError:
-                raise ConfigError(f"setting {where} = {value!r}: expected a finite number") from None
+                raise ConfigError(f"setting {where} = {shown_value(value)}: expected a finite number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"setting {where} = {value!r}: expected a finite number")
+            raise ConfigError(f"setting {where} = {shown_value(value)}: expected a finite number")
         return float(value)
     if hint is int and isinstance(value, bool):
-        raise ConfigError(f"setting {where} = {value!r}: expected an integer")
+        raise ConfigError(f"setting {where} = {shown_value(value)}: expected an integer")
     if hint in (int, str, bool) and not isinstance(value, hint):
-        raise ConfigError(f"setting {where} = {value!r}: expected {hint.__name__}")
+        raise ConfigError(f"setting {where} = {shown_value(value)}: expected {hint.__name__}")
     return value

@@ -987,7 +987,8 @@ class _LiveSource(FrameSource):
             return True
         then = "reconnecting" if self.config.reconnect else "reconnect is off"
         self._lost(f"lost: {self._failures} read(s) in a row gave no frame, the last good one {quiet:.1f} s ago "
-                   f"(the source ended, stalled or sends undecodable or too large frames); {then}")
+                   f"(the source ended, stalled or sends {'too large' if self._guard.refused else 'undecodable'} "
+                   f"frames); {then}")
         return False
 
     def _lost(self, reason: str) -> None:

@@ -192,3 +192,17 @@ def test_an_oversized_manifest_is_refused_before_it_is_parsed(tmp_path: Path, mo
     monkeypatch.setattr(bundle_module, "MANIFEST_MAX_BYTES", size - 1)
     with pytest.raises(BundleError, match=f"bundle.json is {size} bytes: a bundle manifest is read only up to"):
         bundle_module.read_manifest(directory)
+
+
+def test_a_manifest_larger_than_readers_accept_is_not_written(tmp_path: Path, monkeypatch) -> None:
+    """The cap is checked when the manifest is written too: an export fails (the model file untouched) rather than
+    every reader after deployment."""
+    import gradad.bundle as bundle_module
+    from gradad.bundle import BundleError
+
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    monkeypatch.setattr(bundle_module, "MANIFEST_MAX_BYTES", 100)
+    with pytest.raises(BundleError, match="more than the 100 a bundle manifest is read up to"):
+        minimal_bundle(directory).save()
+    assert not (directory / MANIFEST_NAME).exists()

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from gradad.errors import CheckpointError, ConfigError
+import gradad.training.checkpoint as checkpoint_module
 from gradad.training.checkpoint import load_detector, model_payload, read_checkpoint
-from gradad.training.config import MAX_GRID_SIZE, MAX_IMAGE_SIZE, preset_config, shown_value
+from gradad.text import shown_value
+from gradad.training.config import MAX_GRID_SIZE, MAX_IMAGE_SIZE, preset_config
 from gradad.training.model import GRADModel
 
 #: what an error line may take: a few hundred characters of message plus the file's path
@@ -60,7 +62,8 @@ def _refusal(call, path: Path, *args: Any) -> str:
 
 def _bomb(depth: int = 6, width: int = 10) -> list:
     """A list of ``width`` references to a list of ``width`` references ... ``depth`` deep: 1.4 KB as a pickle,
-    ~14 million characters printed."""
+    ~14 million characters printed (the tests lower the entry cap to 1,000,000 so the walk stays short; depth 7
+    against the real cap takes ~5 s per refusal on 2 cores)."""
     node: Any = "shared-leaf"
     for _ in range(depth):
         node = [node] * width
@@ -71,7 +74,9 @@ def _bomb(depth: int = 6, width: int = 10) -> list:
 
 
 @pytest.mark.parametrize("where", ["format", "gradad_version", "config"])
-def test_a_shared_reference_bomb_is_refused_fast_in_one_short_line(tmp_path: Path, where: str) -> None:
+def test_a_shared_reference_bomb_is_refused_fast_in_one_short_line(tmp_path: Path, where: str,
+                                                                  monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint_module, "MAX_PAYLOAD_ENTRIES", 1_000_000)
     payload: dict[str, Any] = {"format": 1, "config": {}, "state_dict": {}}
     if where == "format":
         payload["format"] = _bomb()  # quoted by the format check
@@ -86,7 +91,8 @@ def test_a_shared_reference_bomb_is_refused_fast_in_one_short_line(tmp_path: Pat
         assert "more than 1,000,000 entries" in message
 
 
-def test_a_payload_that_holds_itself_is_refused(tmp_path: Path) -> None:
+def test_a_payload_that_holds_itself_is_refused(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(checkpoint_module, "MAX_PAYLOAD_ENTRIES", 1_000_000)
     loop: list = []
     loop.append(loop)
     path = _save({"format": 1, "config": {}, "state_dict": {}, "held_out_goods": loop}, tmp_path)
@@ -103,7 +109,6 @@ def test_values_from_the_file_are_shortened_in_messages(tmp_path: Path, value: A
 
 
 def test_the_shortened_form_of_any_value_is_short() -> None:
-    from gradad.training.config import shown_value
 
     assert shown_value("edge") == "'edge'" and shown_value([1, 3, 5, 7]) == "[1, 3, 5, 7]"
     for value in ("x" * 100_000, _bomb(), {str(i): "v" * 1000 for i in range(1000)}, 10**5000, torch.zeros(10**6)):
@@ -210,3 +215,32 @@ def test_map_scales_that_are_no_list_are_one_clear_error(tmp_path: Path, channel
     del payload["state_dict"]["map_scale_gain"]
     message = _refusal(load_detector, _save(payload, tmp_path))
     assert "map_scale" in message
+
+
+def test_a_plain_state_without_batch_counters_still_loads(tmp_path: Path, channels: int) -> None:
+    """BatchNorm's num_batches_tracked is no size the settings give: load_state_dict fills it in for a plain-dict
+    state (a NORMAL-only file after the legacy upgrade, a converted one), so the shape check must not refuse it."""
+    payload = _small_model(channels)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.endswith("num_batches_tracked")}
+    detector, _ = load_detector(_save(payload, tmp_path))
+    assert any(k.endswith("num_batches_tracked") for k in detector.model.state_dict())
+
+
+def test_a_training_config_yaml_error_does_not_quote_the_line(tmp_path: Path) -> None:
+    from gradad.training.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  root: /data/secret:token: x\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "at line 2, column" in str(info.value) and "secret" not in str(info.value)
+
+
+def test_an_integer_too_long_to_read_is_one_yaml_error(tmp_path: Path) -> None:
+    """PyYAML's int() of a 5000-digit value raised a bare ValueError (a traceback) out of the settings reader."""
+    from gradad.training.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  seed: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="not valid YAML/JSON: a value cannot be read"):
+        load_config(path)

@@ -17,7 +17,8 @@ from gradad.errors import CheckpointError, ConfigError, GradError
 from gradad.files import atomic_file, check_zip_expansion, looks_like_onnx
 from gradad.plain import plain_leaf
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
-from gradad.training.config import RunConfig, config_from_dict, config_to_dict, shown_value
+from gradad.text import one_line, shown_value
+from gradad.training.config import RunConfig, config_from_dict, config_to_dict
 from gradad.training.model import GRADDetector, GRADModel
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def safe_torch_load(path: str | Path) -> Any:
         raise _refusal(path, exc) from None
     except Exception as exc:
         text = str(exc)[:4000].strip()
-        first = text.splitlines()[0][:300] if text else type(exc).__name__
+        first = one_line(text.splitlines()[0]) if text else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a gradad checkpoint): {first}") from None
     check_payload_size(path, payload)
     return payload
@@ -157,10 +158,11 @@ def safe_torch_load(path: str | Path) -> Any:
 #: that prints as 14 million characters, and an error message quoting it (or a value inside it) would grow to
 #: gigabytes. Real files hold far less: the MTD + tyre unified model (run s21) 2,500 entries and 41,000 characters
 #: (state dict ~100 tensors, config ~100 values, 873 trained-image digests, 97 held-out image paths), its
-#: resumable checkpoint with optimizer state 2,900 and 45,000; a run on 100,000 images would record ~200,000
-#: entries and ~10 million characters. The caps leave that room and stop a file that prints 100x larger.
-MAX_PAYLOAD_ENTRIES = 1_000_000
-MAX_PAYLOAD_TEXT = 64_000_000
+#: resumable checkpoint with optimizer state 2,900 and 45,000; a run on 1,000,000 images would record ~2 million
+#: entries and ~100 million characters. The caps leave that room (a file gradad wrote must load again), walk in a few
+#: seconds at most, and stop the files that print as gigabytes.
+MAX_PAYLOAD_ENTRIES = 10_000_000
+MAX_PAYLOAD_TEXT = 256_000_000
 
 
 def check_payload_size(path: Path, payload: Any) -> None:
@@ -329,7 +331,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
     try:
         detector = _build_detector(path, payload)
     except (KeyError, TypeError, AttributeError, ValueError, RuntimeError, ConfigError) as exc:
-        raise _misfit(path, payload, f"{type(exc).__name__}: {' '.join(str(exc)[:4000].split())[:300]}") from None
+        raise _misfit(path, payload, f"{type(exc).__name__}: {one_line(str(exc))}") from None
     return detector.to(device).eval(), payload
 
 
@@ -416,7 +418,9 @@ def _check_weight_shapes(path: str | Path, payload: dict[str, Any], cfg: RunConf
         expected = GRADModel(payload["channels"], feat_hw, cfg.model).state_dict()
     state = payload["state_dict"]
     for key, want in expected.items():
-        if key.startswith(_FILE_SIZED_WEIGHTS):
+        # num_batches_tracked: a scalar the settings do not size, which load_state_dict fills in when a plain-dict
+        # state (no _metadata: a NORMAL-only file after _upgrade, a converted one) lacks it
+        if key.startswith(_FILE_SIZED_WEIGHTS) or key.endswith("num_batches_tracked"):
             continue
         have = state.get(key)
         if not isinstance(have, torch.Tensor):

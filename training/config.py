@@ -6,7 +6,6 @@ A run's resolved config is saved next to its checkpoints (``config.yaml``) and f
 from __future__ import annotations
 
 import json
-import reprlib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
@@ -14,6 +13,7 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
+from gradad.text import shown_value
 from gradad.errors import ConfigError
 from gradad.files import atomic_write_text
 
@@ -200,39 +200,6 @@ MAX_FUSION_EXPAND = 16.0
 MAX_SMOOTHING_SIGMA = 64.0
 MAX_KERNEL_SIZE = 255
 MAX_MAP_SCALES = 8
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib with small limits, and a huge integer as its size (its repr would raise ValueError past 4300
-    digits)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 2, 4, 6, 6, 6
-        self.maxfrozenset, self.maxdeque, self.maxarray = 6, 6, 6
-        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
-
-    def repr_int(self, x: int, level: int) -> str:
-        if x.bit_length() > 128:
-            return f"<integer of {x.bit_length()} bits>"
-        return super().repr_int(x, level)
-
-
-_SHORT_REPR = _ShortRepr()
-
-
-def shown_value(value: Any) -> str:
-    """``repr(value)`` shortened for a message (at most :data:`SHOWN_CHARS` characters, whatever the value): every
-    value read from a file that an error message quotes goes through this."""
-    try:
-        text = _SHORT_REPR.repr(value)
-    except Exception:  # a repr that fails: the type is still worth naming
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
-
-
-#: the longest :func:`shown_value`
-SHOWN_CHARS = 200
 
 
 @dataclass
