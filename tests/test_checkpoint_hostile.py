@@ -141,6 +141,34 @@ def test_a_setting_asking_for_a_huge_model_is_refused_before_allocating(tmp_path
     assert f"{section}.{key} = {value}" in message
 
 
+@pytest.fixture
+def real_model_builds(monkeypatch) -> list[str]:
+    """The devices GRADModel is built on while a model file is loaded: a refusal must come before any build that
+    allocates (the weight-shape check's build on the meta device allocates nothing)."""
+    devices: list[str] = []
+    original = GRADModel.__init__
+
+    def spy(self, *args: Any, **kwargs: Any) -> None:
+        devices.append(torch.empty(0).device.type)  # the default device the build allocates on
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRADModel, "__init__", spy)
+    return devices
+
+
+def test_a_grid_the_bounds_allow_but_the_file_lacks_is_refused_without_a_real_build(
+        tmp_path: Path, channels: int, real_model_builds: list[str]) -> None:
+    """Settings within the bounds (global grid 64: C * 64 * 64^2 floats per grid, ~1.5 GB at lite0's 152
+    channels) whose weights the file does not hold: only the meta-device build happens before the refusal."""
+    payload = _small_model(channels)
+    payload["config"]["model"]["global_grid_size"] = MAX_GRID_SIZE
+    path = _save(payload, tmp_path)
+    real_model_builds.clear()  # _small_model built the file's own model
+    message = _refusal(load_detector, path)
+    assert "global_grid" in message
+    assert real_model_builds and set(real_model_builds) == {"meta"}
+
+
 def test_feat_hw_must_be_what_the_image_size_gives(tmp_path: Path, channels: int) -> None:
     payload = _small_model(channels)
     payload["feat_hw"] = [100_000, 100_000]  # a global grid of C * 10^10 * R_g^2 values
