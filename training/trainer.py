@@ -29,7 +29,7 @@ from gradad.cli_utils import check_output_folder
 from gradad.data.datasets import Sample, summarize
 from gradad.devices import resolve_torch_device
 from gradad.errors import ConfigError, GradError
-from gradad.text import first_few
+from gradad.text import first_few, one_line, shown_value
 from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.checkpoint import atomic_torch_save, model_payload, read_checkpoint
 from gradad.training.config import RunConfig, config_to_dict, save_config
@@ -269,15 +269,15 @@ class SettingDifference:
     old: Any
     new: Any
 
-    def __str__(self) -> str:
-        return f"{self.key} ({self.old!r} -> {self.new!r})"
+    def __str__(self) -> str:  # values may come from someone else's model file: shortened
+        return f"{self.key} ({shown_value(self.old)} -> {shown_value(self.new)})"
 
     @property
     def restoring_option(self) -> str:
         """``--set key=old``: the option that gives the setting its old value back (a config.yaml from before a
         setting existed loads its new default, while a checkpoint keeps the value its run had)."""
         old = ",".join(map(str, self.old)) if isinstance(self.old, (list, tuple)) else str(self.old)
-        return f"--set {self.key}={old}"
+        return f"--set {self.key}={one_line(old, 200)}"
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[SettingDifference]:
