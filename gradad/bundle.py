@@ -21,6 +21,7 @@ import jsonschema
 
 from gradad.errors import GradError
 from gradad.files import atomic_write_text
+from gradad.text import one_line, shown_value
 
 log = logging.getLogger(__name__)
 
@@ -282,22 +283,25 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     if version not in READABLE_SCHEMA_VERSIONS:
         newer = isinstance(version, int) and not isinstance(version, bool) and version > max(READABLE_SCHEMA_VERSIONS)
         made_by = manifest.get("gradad_version") if isinstance(manifest, dict) else None
-        remedy = (f"it was written by a newer gradad ({made_by or 'version unknown'}): upgrade gradad on this "
+        written_by = one_line(str(made_by), 60) if made_by else "version unknown"
+        remedy = (f"it was written by a newer gradad ({written_by}): upgrade gradad on this "
                   f"machine to that version, or re-export the model with this one ({REEXPORT_COMMAND})" if newer
                   else f"re-export the model with this version ({REEXPORT_COMMAND})")
         raise BundleError(
-            f"{where}: bundle schema version {version!r}, this gradad reads versions "
+            f"{where}: bundle schema version {shown_value(version)}, this gradad reads versions "
             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; {remedy}"
         )
     try:
         jsonschema.validate(manifest, BUNDLE_SCHEMA)
     except jsonschema.ValidationError as exc:
         path = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
-        raise BundleError(f"{where}: invalid bundle manifest at {path}: {exc.message}") from exc
+        # jsonschema quotes the offending value whole: a bundle from someone else can make it megabytes
+        raise BundleError(f"{where}: invalid bundle manifest at {one_line(path, 200)}: "
+                          f"{one_line(exc.message)}") from None
     dtype = manifest["input"]["dtype"]
     if dtype != INPUT_DTYPE_BY_VERSION[version]:
-        raise BundleError(f"{where}: input dtype {dtype!r} does not belong to schema version {version} (expects "
-                          f"{INPUT_DTYPE_BY_VERSION[version]!r}); re-export the bundle ({REEXPORT_COMMAND})")
+        raise BundleError(f"{where}: input dtype {shown_value(dtype)} does not belong to schema version {version} "
+                          f"(expects {INPUT_DTYPE_BY_VERSION[version]!r}); re-export the bundle ({REEXPORT_COMMAND})")
     for key, name in referenced_files(manifest):
         check_file_name(name, f"{where}: {key}")
     check_calibration(manifest, where)

@@ -206,3 +206,24 @@ def test_a_manifest_larger_than_readers_accept_is_not_written(tmp_path: Path, mo
     with pytest.raises(BundleError, match="more than the 100 a bundle manifest is read up to"):
         minimal_bundle(directory).save()
     assert not (directory / MANIFEST_NAME).exists()
+
+
+def test_a_huge_value_in_a_manifest_is_quoted_short(tmp_path: Path) -> None:
+    """jsonschema quotes the offending value whole; a bundle from someone else could make the message megabytes."""
+    import gradad.bundle as bundle_module
+    from gradad.bundle import BundleError
+
+    directory = tmp_path / "bundle"
+    directory.mkdir()
+    minimal_bundle(directory).save()
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["preset"] = ["x" * 1000] * 1000
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as info:
+        bundle_module.read_manifest(directory)
+    assert "invalid bundle manifest at preset" in str(info.value) and len(str(info.value)) < 600
+    manifest["schema_version"] = "9" * 100_000
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="bundle schema version") as info:
+        bundle_module.read_manifest(directory)
+    assert len(str(info.value)) < 600
