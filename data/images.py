@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
+import gradad
 from gradad.errors import DatasetError
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -44,9 +46,25 @@ def _read_bytes(path: Path, what: str) -> np.ndarray:
         raise DatasetError(f"cannot read {what} file ({exc.strerror or exc}): {path}") from None
 
 
+#: The environment variable holding OpenCV's decode cap (gradad sets it to ``gradad.MAX_IMAGE_PIXELS`` on import
+#: unless the user did).
+PIXEL_LIMIT_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+_PIXEL_LIMIT_VALUE = re.compile(r"([0-9]+)(KB|Kb|kb|MB|Mb|mb)?")  # what OpenCV accepts there
+
+
 def _max_pixels() -> str:
-    """The decode cap in force (gradad sets OPENCV_IO_MAX_IMAGE_PIXELS on import unless the user did)."""
-    return os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "2^30")
+    """The decode cap in force, as written in the environment (for messages)."""
+    return os.environ.get(PIXEL_LIMIT_ENV, "2^30")
+
+
+def pixel_cap() -> int:
+    """The decode cap as a number of pixels: :data:`PIXEL_LIMIT_ENV` as OpenCV reads it (``KB`` / ``MB``: times
+    1024 / 1024**2), else ``gradad.MAX_IMAGE_PIXELS``. OpenCV applies it to still images only; the runtime's video
+    and stream sources hold their frames to it themselves."""
+    match = _PIXEL_LIMIT_VALUE.fullmatch(os.environ.get(PIXEL_LIMIT_ENV, ""))
+    if match is None:
+        return int(gradad.MAX_IMAGE_PIXELS)
+    return int(match[1]) * {"": 1, "kb": 1024, "mb": 1024 * 1024}[(match[2] or "").lower()]
 
 
 def _refuse_empty_file(buf: np.ndarray, path: Path, what: str) -> None:

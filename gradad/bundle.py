@@ -32,6 +32,8 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 #: Input dtype of the graph per schema version.
 INPUT_DTYPE_BY_VERSION = {1: "float32", 2: "uint8"}
 MANIFEST_NAME = "bundle.json"
+#: The values of backbone.exposure (training's BackboneConfig and the bundle's Backbone record)
+EXPOSURE_RULES = ("none", "gain")
 #: Largest bundle.json read. A real one is ~50 KB (a calibrated two-class bundle); JSON of many small objects takes
 #: ~25x its size in memory once parsed, so an unbounded file from someone else could exhaust a Jetson's RAM.
 MANIFEST_MAX_BYTES = 16 * 2**20
@@ -98,7 +100,7 @@ BUNDLE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["name", "out_indices", "weights"],
             "properties": {"name": {"type": "string"}, "out_indices": {"type": "array"},
-                           "weights": {"type": "string"}, "exposure": {"enum": ["none", "gain"]}},
+                           "weights": {"type": "string"}, "exposure": {"enum": list(EXPOSURE_RULES)}},
         },
         "input": {
             "type": "object",
@@ -312,9 +314,10 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(bundle_dir) / MANIFEST_NAME
     validate_manifest(manifest, str(path))
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    if len(text.encode()) > MANIFEST_MAX_BYTES:  # refused here, not by every reader after deployment
-        raise BundleError(f"{path} would be {len(text.encode())} bytes, more than the {MANIFEST_MAX_BYTES} a "
-                          "bundle manifest is read up to (a real one is ~50 KB): nothing written")
+    size = len(text.encode())
+    if size > MANIFEST_MAX_BYTES:  # refused here, not by every reader after deployment
+        raise BundleError(f"{path} would be {size} bytes, more than the {MANIFEST_MAX_BYTES} a bundle manifest is "
+                          "read up to (a real one is ~50 KB): nothing written")
     atomic_write_text(path, text)
     return path
 

@@ -37,7 +37,8 @@ class _NoAliasLoader(yaml.SafeLoader):
                 continue
             if first is not None:
                 lines = f"twice on line {line}" if first == line else f"on lines {first} and {line}"
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {shown_value(key)} {lines}: keep one")
+                raise yaml.constructor.ConstructorError(None, None,
+                                                        f"duplicate key {shown_value(key)} {lines}: keep one")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -57,6 +58,7 @@ def yaml_error_text(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None)
     if problem is None:  # raised without marks (e.g. our duplicate-key check): the message quotes no line
         return str(exc).split("\n", 1)[0]
+
     def at(mark: Any) -> str:
         return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
 
@@ -98,7 +100,8 @@ def coerce_setting(value: Any, hint: Any, where: str) -> Any:
             types = [args[0]] * len(items)
         elif args:
             if len(items) != len(args):
-                raise ConfigError(f"setting {where} = {shown_value(value)}: expected {len(args)} values, got {len(items)}")
+                raise ConfigError(f"setting {where} = {shown_value(value)}: expected {len(args)} values, "
+                                  f"got {len(items)}")
             types = list(args)
         else:
             types = [Any] * len(items)

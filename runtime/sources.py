@@ -46,9 +46,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-import gradad
 from gradad.data.datasets import IMAGE_EXTENSIONS, is_image_file, unknown_types_summary
-from gradad.data.images import read_image_rgb
+from gradad.data.images import PIXEL_LIMIT_ENV, pixel_cap, read_image_rgb
 from gradad.errors import GradError
 from gradad.runtime.buffered import Buffered
 from gradad.runtime.outage import GIVE_UP_TIMEOUT, MIN_BACKOFF_S, Outage, OutageWords
@@ -307,20 +306,6 @@ def _release(cap: Capture | None) -> None:
         logger.debug("releasing capture failed: %s", exc)
 
 
-#: The environment variable holding the pixel limit (gradad sets it to ``gradad.MAX_IMAGE_PIXELS`` on import).
-PIXEL_LIMIT_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
-_PIXEL_LIMIT_VALUE = re.compile(r"([0-9]+)(KB|Kb|kb|MB|Mb|mb)?")  # what OpenCV accepts there
-
-
-def _max_frame_pixels() -> int:
-    """The most pixels a video or stream frame may have: the still-image decode cap, i.e. :data:`PIXEL_LIMIT_ENV` as
-    OpenCV reads it (``KB`` / ``MB``: times 1024 / 1024**2), else ``gradad.MAX_IMAGE_PIXELS``."""
-    match = _PIXEL_LIMIT_VALUE.fullmatch(os.environ.get(PIXEL_LIMIT_ENV, ""))
-    if match is None:
-        return int(gradad.MAX_IMAGE_PIXELS)
-    return int(match[1]) * {"": 1, "kb": 1024, "mb": 1024 * 1024}[(match[2] or "").lower()]
-
-
 class _FramesTooLarge(SourceError):
     """A source announcing or sending frames over the pixel limit."""
 
@@ -332,7 +317,7 @@ class _PixelGuard:
     over before it is converted or queued (a stream may change size mid-way)."""
 
     def __init__(self, label: str) -> None:
-        self.label, self.limit = label, _max_frame_pixels()  # read once, when the source opens
+        self.label, self.limit = label, pixel_cap()  # read once, when the source opens
         self.refused = self.passed = 0  # decoded frames over / within the limit
         self.last = (0, 0)  # width and height of the last frame refused
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import gradad
-from gradad.runtime import sources
+from gradad.data import images
 from gradad.runtime.sources import SourceConfig, SourceError, open_source
 
 LIMIT = 64 * 64
@@ -43,14 +43,14 @@ def _write_video(path: Path, fourcc: str, size: int, n: int = 3) -> None:
 
 
 def test_the_limit_is_the_decode_cap_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(sources.PIXEL_LIMIT_ENV, "4096")
-    assert sources._max_frame_pixels() == 4096
-    monkeypatch.setenv(sources.PIXEL_LIMIT_ENV, "2MB")  # OpenCV's own suffixes
-    assert sources._max_frame_pixels() == 2 * 1024 * 1024
-    monkeypatch.delenv(sources.PIXEL_LIMIT_ENV)
-    assert sources._max_frame_pixels() == gradad.MAX_IMAGE_PIXELS == 100_000_000
+    monkeypatch.setenv(images.PIXEL_LIMIT_ENV, "4096")
+    assert images.pixel_cap() == 4096
+    monkeypatch.setenv(images.PIXEL_LIMIT_ENV, "2MB")  # OpenCV's own suffixes
+    assert images.pixel_cap() == 2 * 1024 * 1024
+    monkeypatch.delenv(images.PIXEL_LIMIT_ENV)
+    assert images.pixel_cap() == gradad.MAX_IMAGE_PIXELS == 100_000_000
     monkeypatch.setattr(gradad, "MAX_IMAGE_PIXELS", 1234)
-    assert sources._max_frame_pixels() == 1234
+    assert images.pixel_cap() == 1234
 
 
 # ------------------------------------------------------------------------------------------ real video files

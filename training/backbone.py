@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradad.bundle import EXPOSURE_RULES
 from gradad.errors import CheckpointError, ConfigError
 from gradad.files import check_zip_expansion
-from gradad.training.config import EXPOSURE_RULES, BackboneConfig
+from gradad.training.config import BackboneConfig
 
 log = logging.getLogger(__name__)
 

@@ -298,8 +298,8 @@ _LEGACY_BACKBONE_SETTINGS = {"exposure": "none"}
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
     """Make a model file written before the separate abnormal mapper, the multi-scale map, the map's own
-    refinement setting or the exposure rule load as the model it was: the settings it predates get their old values, and a NORMAL-only
-    file drops the unused abnormal weights."""
+    refinement setting or the exposure rule load as the model it was: the settings it predates get their old
+    values, and a NORMAL-only file drops the unused abnormal weights."""
     backbone_cfg = payload.get("config", {}).get("backbone")
     if isinstance(backbone_cfg, dict):
         for key, old in _LEGACY_BACKBONE_SETTINGS.items():

@@ -12,10 +12,11 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from gradad.bundle import EXPOSURE_RULES
 from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
-from gradad.text import shown_value
 from gradad.errors import ConfigError
 from gradad.files import atomic_write_text
+from gradad.text import shown_value
 
 
 #: The anomaly kinds Feature Block Paste can synthesise (training/fbp.py draws them).
@@ -39,9 +40,6 @@ class BackboneConfig:
     # varying exposure (MTD's capture groups); it also hides a defect that is only a global brightness change.
     exposure: str = "none"
 
-
-#: the values of BackboneConfig.exposure
-EXPOSURE_RULES = ("none", "gain")
 
 
 @dataclass
