@@ -298,7 +298,8 @@ def patchcore_reference(cfg: AccuracyConfig, bundle: Bundle | None) -> tuple[int
         norm = bundle.input.normalisation
         return int(bundle.input.model_height), BackboneConfig(
             name=spec.name, out_indices=tuple(spec.out_indices), weights=spec.weights,
-            mean=tuple(norm.mean), std=tuple(norm.std), exposure=spec.exposure)
+            mean=tuple(norm.mean), std=tuple(norm.std), exposure=spec.exposure,
+            exposure_max_gain=spec.exposure_max_gain)
     return 256, None
 
 

@@ -167,7 +167,8 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
             "memory_bank": list(model.bank.shape), "config": asdict(cfg), "n_train": len(train),
             "backbone": {"name": extractor.spec.name, "out_indices": list(extractor.spec.out_indices),
                          "weights": extractor.weights_fingerprint, "mean": list(extractor.mean),
-                         "std": list(extractor.std)}}
+                         "std": list(extractor.std), "exposure": extractor.spec.exposure,
+                         **({"exposure_max_gain": extractor.exposure.max_gain} if extractor.exposure else {})}}
 
 
 @click.command(context_settings=CLI_CONTEXT)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from gradad.bundle import exposure_text
 from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, printable, user_errors_as_exit
 from gradad.errors import GradError
 
@@ -221,7 +222,7 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
     whose author could otherwise hide escape sequences in a name that rewrite the lines a user checks before
     ``grad-export trust``.
     """
-    from gradad.bundle import Bundle
+    from gradad.bundle import Bundle, exposure_text
 
     m = Bundle.load(bundle_dir)
     inp = m.input
@@ -231,7 +232,7 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
         f"bundle {m.name} at {bundle_dir} (schema {m.schema_version}, gradad {m.gradad_version}, "
         f"created {m.created})",
         f"  model: preset {m.preset}, backbone {m.backbone.name}"
-        f"{'' if m.backbone.exposure == 'none' else f' (exposure {m.backbone.exposure})'}, "
+        f"{exposure_text(m.backbone.exposure, m.backbone.exposure_max_gain)}, "
         f"classes {', '.join(m.classes)}",
         f"  input: {inp.name} {inp.layout} {inp.dtype} {inp.color} {inp.value_range} at "
         f"{inp.height}x{inp.width} (model {inp.model_height}x{inp.model_width})",

@@ -277,7 +277,8 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
             name=opts.name or target.name,
             preset=cfg.preset,
             backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights,
-                              cfg.backbone.exposure),
+                              cfg.backbone.exposure,
+                              cfg.backbone.exposure_max_gain if cfg.backbone.exposure == "gain" else None),
             input=InputSpec(
                 name=INPUT_NAME, layout="NCHW", dtype=INPUT_DTYPE_BY_VERSION[BUNDLE_SCHEMA_VERSION], color="RGB",
                 value_range=[0, 255], height=h, width=w, model_height=module.model_hw[0],

@@ -34,6 +34,21 @@ INPUT_DTYPE_BY_VERSION = {1: "float32", 2: "uint8"}
 MANIFEST_NAME = "bundle.json"
 #: The values of backbone.exposure (training's BackboneConfig and the bundle's Backbone record)
 EXPOSURE_RULES = ("none", "gain")
+#: Largest backbone.exposure_max_gain: a full-scale step on an 8-bit input; more is "unlimited" (null)
+EXPOSURE_MAX_GAIN_LIMIT = 255.0
+
+
+def exposure_text(rule: str, max_gain: float | None) -> str:
+    """`` (exposure gain, at most 2x)`` for a description line; empty for "none"."""
+    if rule == "none":
+        return ""
+    return f" (exposure {rule}{'' if max_gain is None else f', at most {max_gain:g}x'})"
+
+
+def exposure_gain_limit_ok(value: object) -> bool:
+    """Whether ``value`` is a valid backbone.exposure_max_gain: None (unlimited) or a number in [1, 255]."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                             and 1.0 <= value <= EXPOSURE_MAX_GAIN_LIMIT)
 #: Largest bundle.json read. A real one is ~50 KB (a calibrated two-class bundle); JSON of many small objects takes
 #: ~25x its size in memory once parsed, so an unbounded file from someone else could exhaust a Jetson's RAM.
 MANIFEST_MAX_BYTES = 16 * 2**20
@@ -100,7 +115,9 @@ BUNDLE_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["name", "out_indices", "weights"],
             "properties": {"name": {"type": "string"}, "out_indices": {"type": "array"},
-                           "weights": {"type": "string"}, "exposure": {"enum": list(EXPOSURE_RULES)}},
+                           "weights": {"type": "string"}, "exposure": {"enum": list(EXPOSURE_RULES)},
+                           "exposure_max_gain": {"anyOf": [{"type": "null"}, {
+                               "type": "number", "minimum": 1, "maximum": EXPOSURE_MAX_GAIN_LIMIT}]}},
         },
         "input": {
             "type": "object",
@@ -439,6 +456,7 @@ class Backbone(_Record):
     out_indices: list[int]
     weights: str
     exposure: str = "none"  # backbone.exposure: applied inside the exported graph; recorded for PatchCore rows
+    exposure_max_gain: float | None = None  # backbone.exposure_max_gain; absent in older bundles: unlimited
 
 
 @dataclass

@@ -57,6 +57,7 @@ def test_peer_columns_are_measured_in_the_same_run(full_run) -> None:
     assert patchcore["memory_bank"][1] == 152  # same extractor as GRAD edge/tiny
     assert patchcore["backbone"]["name"] == "tf_efficientnet_lite0" and patchcore["image_size"] == 64
     assert patchcore["backbone"]["mean"] == patchcore["backbone"]["std"] == [0.5, 0.5, 0.5]  # the model's own
+    assert patchcore["backbone"]["exposure"] == "none" and "exposure_max_gain" not in patchcore["backbone"]
     for cls in data["dataset"]["classes"]:
         assert 0.0 <= patchcore["per_class"][cls]["image_auroc"] <= 1.0
     # --normal-only got the same checkpoint here: identical model, identical numbers.

@@ -23,6 +23,7 @@ RECORDS = (Bundle, Backbone, InputSpec, Normalisation, OnnxInfo, EngineStamp, Fi
 def _full_bundle(directory: Path) -> Bundle:
     """A bundle with every field of every record set to a non-default value."""
     bundle = minimal_bundle(directory, 96, 128, {FP32_ONNX: FileEntry("a" * 64, 10), FP16_ONNX: FileEntry("b" * 64, 5)})
+    bundle.backbone.exposure, bundle.backbone.exposure_max_gain = "gain", 3.0
     bundle.onnx = OnnxInfo(17, "torch", True, True, gridsample_nodes=2,
                            gridsample={"mode": "bilinear"}, extra={"future_key": 1})
     bundle.engines = [EngineStamp("m.plan", "10.3.0", "Orin", "8.7", "fp16", profile={"min": [1, 3, 96, 128]},

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradad.bundle import EXPOSURE_RULES
+from gradad.bundle import EXPOSURE_MAX_GAIN_LIMIT, EXPOSURE_RULES, exposure_gain_limit_ok
 from gradad.errors import CheckpointError, ConfigError
 from gradad.files import check_zip_expansion
+from gradad.text import shown_value
 from gradad.training.config import BackboneConfig
 
 log = logging.getLogger(__name__)
@@ -184,12 +185,14 @@ EXPOSURE_LEVEL = 128.0 / 255.0
 
 class ExposureGain(nn.Module):
     """Normalised images -> the same images with their mean grey level (over channels and pixels, of 0..1 RGB)
-    scaled to :data:`EXPOSURE_LEVEL`, clipped to 0..1 as a saturated pixel would be, normalised again. A named,
-    parameterless module, so its ONNX nodes (``/extractor/exposure/``) stay FP32 in FP16 graphs and engines."""
+    scaled to :data:`EXPOSURE_LEVEL` (the factor held to 1/``max_gain`` .. ``max_gain`` unless that is None),
+    clipped to 0..1 as a saturated pixel would be, normalised again. A named, parameterless module, so its ONNX
+    nodes (``/extractor/exposure/``) stay FP32 in FP16 graphs and engines."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], max_gain: float | None = None) -> None:
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)  # plain floats: no state_dict entries
+        self.max_gain = None if max_gain is None else float(max_gain)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         mean = images.new_tensor(self.mean).view(1, 3, 1, 1)
@@ -199,7 +202,10 @@ class ExposureGain(nn.Module):
         # float32 rounding in ONNX Runtime to fail the export's parity gate (1.1e-4 of the map scale vs 1e-4)
         level = rgb.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True).mean(dim=1, keepdim=True)
         level = level.clamp_min(1.0 / 255.0)  # a black frame stays black
-        return ((rgb * (EXPOSURE_LEVEL / level)).clamp(0.0, 1.0) - mean) / std
+        factor = EXPOSURE_LEVEL / level
+        if self.max_gain is not None:
+            factor = factor.clamp(1.0 / self.max_gain, self.max_gain)
+        return ((rgb * factor).clamp(0.0, 1.0) - mean) / std
 
 
 class FeatureExtractor(nn.Module):
@@ -227,7 +233,11 @@ class FeatureExtractor(nn.Module):
         self.std = tuple(float(v) for v in (spec.std or cfg_std))
         if spec.exposure not in EXPOSURE_RULES:
             raise ConfigError(f"backbone.exposure {spec.exposure!r}: must be one of {', '.join(EXPOSURE_RULES)}")
-        self.exposure = ExposureGain(self.mean, self.std) if spec.exposure == "gain" else None
+        if not exposure_gain_limit_ok(spec.exposure_max_gain):
+            raise ConfigError(f"backbone.exposure_max_gain {shown_value(spec.exposure_max_gain)}: must be null "
+                              f"(unlimited) or a number in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]")
+        self.exposure = (ExposureGain(self.mean, self.std, spec.exposure_max_gain) if spec.exposure == "gain"
+                         else None)
         self.body = timm.create_model(spec.name, pretrained=False, features_only=True, out_indices=spec.out_indices)
         # features_only models keep the same parameter names minus the head; copy what fits.
         missing, _ = self.body.load_state_dict(classifier.state_dict(), strict=False)

@@ -293,7 +293,7 @@ _LEGACY_MODEL_SETTINGS = {"abnormal_mapper": "shared", "abnormal_score": "channe
                           "image_gaussian": False, "image_gaussian_stats": "mean_std"}
 #: the same for the backbone section (backbone.exposure, session 22): without it, --resume and --normal-from of an
 #: older model were refused as "backbone.exposure (None -> 'none')"
-_LEGACY_BACKBONE_SETTINGS = {"exposure": "none"}
+_LEGACY_BACKBONE_SETTINGS = {"exposure": "none", "exposure_max_gain": None}  # gain was unlimited before session 24
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:

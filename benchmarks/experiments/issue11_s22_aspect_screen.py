@@ -18,6 +18,11 @@ A second screen on the same footing normalises each stretched image's exposure (
 exposure and contrast (``standardize``: mean 128, std 40) before the extractor:
 
     python benchmarks/experiments/issue11_s22_aspect_screen.py gain standardize
+
+Session 24 (a third screen): the gain held to 1/c .. c, so a class far from mid-grey (the tyre, ~0.078) is not
+brightened several times over:
+
+    python benchmarks/experiments/issue11_s22_aspect_screen.py gain_cap1.5 gain_cap2 gain_cap3
 """
 import json
 import math
@@ -53,8 +58,19 @@ def _standardize(img: np.ndarray) -> np.ndarray:
     return np.clip((x - x.mean()) / max(float(x.std()), 1.0) * 40.0 + 128.0, 0, 255).astype(np.uint8)
 
 
+def _capped_gain(limit: float):
+    """Session 24: the gain held to 1/limit .. limit (MVTec 3D's tyres are ~0.078 of full grey: `gain` brightens
+    them 6.4x, clipping their highlights; a cap leaves a dark class almost as it was and still evens MTD's groups)."""
+    def gain(img: np.ndarray) -> np.ndarray:
+        x = img.astype(np.float32)
+        factor = min(max(128.0 / max(float(x.mean()), 1.0), 1.0 / limit), limit)
+        return np.clip(x * factor, 0, 255).astype(np.uint8)
+    return gain
+
+
 #: photometric variants (session 22, second screen): the stretched image, then normalised per image
-PHOTOMETRIC = {"gain": _gain, "standardize": _standardize}
+PHOTOMETRIC = {"gain": _gain, "standardize": _standardize,
+               "gain_cap1.5": _capped_gain(1.5), "gain_cap2": _capped_gain(2.0), "gain_cap3": _capped_gain(3.0)}
 
 
 def windows(img: np.ndarray, variant: str) -> tuple[list[np.ndarray], dict]:
