@@ -18,16 +18,20 @@ import sys
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import numpy as np
 from tqdm import tqdm
 
 from gradad.cli_utils import grad_command
-from gradad.data.datasets import load_samples
+from gradad.data.datasets import Sample, load_samples
 from gradad.errors import GradError
 from gradad.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_RESAMPLES, format_interval, paired_mean_difference
+from gradad.runtime.refine_result import RefineResult
+
+if TYPE_CHECKING:
+    from gradad.refine.refiner import Refiner
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,33 @@ def iou_gain_intervals(rows: list[dict[str, Any]], resamples: int = DEFAULT_RESA
                            for b, key in BASELINES.items()} for g, members in groups.items()}}
 
 
+def _image_row(i: int, sample: Sample, image: np.ndarray, amap: np.ndarray, truth: np.ndarray,
+               result: RefineResult, refiner: Refiner, oracle_threshold: float, seconds: tuple[float, float],
+               panels_dir: Path | None) -> dict[str, Any]:
+    """One refined image's row: IoU / DICE of the calibrated coarse mask, the oracle coarse mask and F2PAD's, their
+    areas, the timing (wall, CPU seconds per image) and its panel in ``panels_dir`` (None: no picture)."""
+    # the runtime's coarse mask without F2PAD (grad-run --class): the class's calibrated pixel threshold, else the
+    # bundle's (or the one given); a class's tuned coarse threshold is an F2PAD setting, part of what F2PAD is
+    # measured on
+    coarse = amap > refiner.calibrated_pixel(sample.class_name)
+    c_iou, c_dice = iou_dice(coarse, truth)
+    o_iou, o_dice = iou_dice(amap >= oracle_threshold, truth)  # best_f1 picks t for map >= t
+    f_iou, f_dice = iou_dice(result.mask, truth)
+    row = {"image": str(sample.image_path), "class": sample.class_name, "defect": sample.defect_type,
+           "coarse_iou": c_iou, "coarse_dice": c_dice, "oracle_iou": o_iou, "oracle_dice": o_dice,
+           "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": result.iterations, "status": result.status,
+           "seconds_per_image": seconds[0], "cpu_seconds_per_image": seconds[1],
+           "f2pad_coarse_threshold": float(refiner.coarse_threshold(sample.class_name)),
+           "truth_area_px": int(truth.sum()), "coarse_area_px": int(coarse.sum()),
+           "start_area_px": int(result.coarse_mask.sum()),
+           "f2pad_area_px": int(result.mask.sum())}
+    if panels_dir is not None:
+        panel = panels_dir / f"{i:03d}_{sample.class_name}_{sample.defect_type}_{Path(sample.image_path).stem}.png"
+        write_panel(panel, image, truth, coarse, result.mask, result.repaired, (c_iou, f_iou))
+        row["panel"] = f"{panels_dir.name}/{panel.name}"
+    return row
+
+
 def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, per_defect: int,
                   pixel_threshold: float | None, assignments: tuple[str, ...], device: str | None,
                   threads: int, panels_dir: Path | None = None, exclude: str | None = None) -> dict[str, Any]:
@@ -175,28 +206,9 @@ def run_benchmark(bundle_dir: str, data_root: str, classes: list[str] | None, pe
         per_image = (time.perf_counter() - t0) / len(idx)
         cpu_per_image = (time.process_time() - c0) / len(idx)
         for i, r in zip(idx, results):
-            # the runtime's coarse mask without F2PAD (grad-run --class): the class's calibrated pixel threshold, else
-            # the bundle's (or the one given); a class's tuned coarse threshold is an F2PAD setting, part of what
-            # F2PAD is measured on
-            coarse = maps[i] > refiner.calibrated_pixel(samples[i].class_name)
-            c_iou, c_dice = iou_dice(coarse, truths[i])
-            o_iou, o_dice = iou_dice(maps[i] >= oracle_threshold, truths[i])  # best_f1 picks t for map >= t
-            f_iou, f_dice = iou_dice(r.mask, truths[i])
             statuses[r.status] += 1
-            s = samples[i]
-            row = {"image": str(s.image_path), "class": s.class_name, "defect": s.defect_type,
-                   "coarse_iou": c_iou, "coarse_dice": c_dice, "oracle_iou": o_iou, "oracle_dice": o_dice,
-                   "f2pad_iou": f_iou, "f2pad_dice": f_dice, "iterations": r.iterations, "status": r.status,
-                   "seconds_per_image": per_image, "cpu_seconds_per_image": cpu_per_image,
-                   "f2pad_coarse_threshold": float(refiner.coarse_threshold(s.class_name)),
-                   "truth_area_px": int(truths[i].sum()), "coarse_area_px": int(coarse.sum()),
-                   "start_area_px": int(r.coarse_mask.sum()),
-                   "f2pad_area_px": int(r.mask.sum())}
-            if panels_dir is not None:
-                panel = panels_dir / f"{i:03d}_{s.class_name}_{s.defect_type}_{Path(s.image_path).stem}.png"
-                write_panel(panel, images[i], truths[i], coarse, r.mask, r.repaired, (c_iou, f_iou))
-                row["panel"] = f"{panels_dir.name}/{panel.name}"
-            rows.append(row)
+            rows.append(_image_row(i, samples[i], images[i], maps[i], truths[i], r, refiner, oracle_threshold,
+                                   (per_image, cpu_per_image), panels_dir))
         bar.update(len(idx))
         bar.set_postfix(iou=f"{np.mean([r['coarse_iou'] for r in rows]):.3f}->"
                             f"{np.mean([r['f2pad_iou'] for r in rows]):.3f}")

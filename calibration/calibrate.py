@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -288,6 +288,120 @@ def _training_image_check(bundle: Bundle) -> Callable[[Path], bool]:
     return lambda f: str(f) not in held_out and any(f.is_relative_to(t) for t in dirs)
 
 
+class _Warnings(list):
+    """The warnings of one calibration, each logged when added; all are stored in bundle.json."""
+
+    def add(self, message: str | None) -> None:
+        if message:
+            self.append(message)
+            log.warning(message)
+
+
+@dataclass
+class _Scored:
+    """Images scored by the backend: their files, image scores, maps at model size and original sizes."""
+
+    files: list[Path]
+    scores: np.ndarray
+    maps: np.ndarray
+    sizes: list[tuple[int, int]]
+
+
+def _check_options(config: CalibrationConfig, defect_dir: str | Path | None, masks_dir: str | Path | None) -> None:
+    """Refuse settings that contradict each other before any image is read."""
+    if config.method not in ("far", "f1", "recall"):
+        raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
+    if not 0 < config.false_alarm_rate < 1:
+        raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
+    check_target_recall(config.target_recall)
+    if masks_dir and not defect_dir:
+        raise GradError("--masks needs --defect: the masks belong to the defect images")
+    if masks_dir and Path(masks_dir).resolve() == Path(defect_dir).resolve():
+        # every mask file would be scored as a defect image and found as its own mask
+        raise GradError(f"--masks {masks_dir} is the --defect folder: keep the masks in a folder of their own")
+    if config.method != "far" and not defect_dir:
+        raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
+
+
+def _score(backend: Backend, files: list[Path], option: str, desc: str) -> _Scored:
+    """Score ``files``; a non-finite score or map is refused naming ``option``."""
+    scores, maps, sizes = score_images(backend, files, desc=desc)
+    _refuse_non_finite(files, scores, maps, option)
+    return _Scored(files, scores, maps, sizes)
+
+
+def _defect_rules(backend: Backend, config: CalibrationConfig, defect_dir: str | Path, good: _Scored,
+                  rules: dict[str, Any], warn: _Warnings, bundle: Bundle | None,
+                  per_dir: Sequence[tuple[Path, list[Path]]]) -> _Scored:
+    """Score the labelled defects; add the f1 and recall rules, the far rule's recall and the image AUROC."""
+    from gradad.ranking import auroc, best_f1
+
+    defects = _score(backend, list_image_files(defect_dir, "--defect"), "--defect", "defect images")
+    for msg in _defect_warnings(bundle, per_dir, good.files, Path(defect_dir), defects.files):
+        warn.add(msg)
+    if len(defects.files) < FEW_DEFECTS and config.method in ("f1", "recall"):
+        warn.add(f"--method {config.method} rests on {len(defects.files)} defect image(s) (fewer than "
+                 f"{FEW_DEFECTS}): the threshold may not hold for other defects")
+    labels = np.r_[np.zeros(len(good.scores), int), np.ones(len(defects.scores), int)]
+    all_scores = np.r_[good.scores, defects.scores]
+    f1, t_f1 = best_f1(labels, all_scores)
+    t_f1, gap_f1 = inside_gap(t_f1, all_scores)
+    t_rec, gap_rec = inside_gap(recall_threshold(defects.scores, config.target_recall), all_scores)
+    rules["far"].update(rates_at(rules["far"]["threshold"], good.scores, defects.scores))
+    rules["f1"] = {"threshold": t_f1, "f1": f1, "gap": gap_f1, **rates_at(t_f1, good.scores, defects.scores)}
+    rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall, "gap": gap_rec,
+                       **rates_at(t_rec, good.scores, defects.scores)}
+    rules["image_auroc"] = auroc(labels, all_scores)
+    return defects
+
+
+def _mask_pixel_rule(backend: Backend, masks_dir: str | Path, good: _Scored, defects: _Scored,
+                     good_only_threshold: float, warn: _Warnings) -> dict[str, Any]:
+    """The pixel threshold with the best pixel F1 over the good maps and the defects' masks."""
+    n_defect = len(defects.files)
+    masks, found = _read_masks(Path(masks_dir), defects.files, defects.sizes, backend.input_hw)
+    if not found:
+        raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")
+    if found < n_defect:
+        warn.add(f"--masks {masks_dir}: {n_defect - found} of {n_defect} defect images have no mask; their pixels "
+                 f"count as good in the pixel F1")
+    for msg in _check_masks_mark_pixels(Path(masks_dir), masks, found):
+        warn.add(msg)
+    maps = np.concatenate([good.maps, defects.maps])
+    gt = np.concatenate([np.zeros_like(good.maps, bool), masks])
+    t_px, f1_px = pixel_threshold_f1(maps, gt)
+    return {"threshold": _strictly_below(t_px), "method": "pixel F1-optimal", "pixel_f1": f1_px,
+            "good_only_threshold": good_only_threshold, "masks_found": found}
+
+
+def _class_rules(good_classes: list[str] | None, good: _Scored, config: CalibrationConfig, with_masks: bool,
+                 needed: int, warn: _Warnings) -> dict[str, Any] | None:
+    """Each class's own thresholds (a unified bundle's --good folders by class), for the good-only rules."""
+    if good_classes is None:
+        return None
+    if config.method != "far" or with_masks:
+        log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
+        return None
+    per_class = class_thresholds(good_classes, good.scores, good.maps, config)
+    few = [f"{c} {v['n_good']}" for c, v in per_class.items() if v["n_good"] < needed]
+    if few:
+        warn.add(f"per-class thresholds rest on few good images ({', '.join(few)}; >= {needed} bound a "
+                 f"{config.false_alarm_rate:.1%} rate at {config.confidence:.0%} confidence)")
+    return per_class
+
+
+def _warn_outliers(good: _Scored, threshold: float, good_classes: list[str] | None,
+                   per_class: dict[str, Any] | None, rate: float, warn: _Warnings) -> None:
+    """A far threshold set by a few unusual good images: name them, for the bundle's threshold (grad-run without
+    --class) and for each class's own."""
+    groups: list[tuple[str, np.ndarray, float]] = [("the image threshold", np.arange(len(good.scores)), threshold)]
+    labels = np.asarray(good_classes) if per_class else None
+    groups += [(f"class {cls}: the image threshold", np.flatnonzero(labels == cls), entry["image_threshold"])
+               for cls, entry in (per_class or {}).items()]
+    for what, mine, t in groups:
+        warn.add(outlier_warning([good.files[i] for i in mine], good.scores[mine], t, rate, what))
+
+
 def calibrate(
     backend: Backend,
     good_dir: str | Path | Sequence[str | Path],
@@ -302,129 +416,50 @@ def calibrate(
     are checked against (warnings only). The resolved paths of every calibration image are recorded in
     ``data`` so benchmarks can leave them out of the F1 at the calibrated threshold.
     """
-    if config.method not in ("far", "f1", "recall"):
-        raise GradError(f"--method {config.method!r}: choose far, f1 or recall")
-    if not 0 < config.false_alarm_rate < 1:
-        raise GradError(f"--false-alarm-rate {config.false_alarm_rate}: must be between 0 and 1")
-    check_target_recall(config.target_recall)
-    if masks_dir and not defect_dir:
-        raise GradError("--masks needs --defect: the masks belong to the defect images")
-    if masks_dir and Path(masks_dir).resolve() == Path(defect_dir).resolve():
-        # every mask file would be scored as a defect image and found as its own mask
-        raise GradError(f"--masks {masks_dir} is the --defect folder: keep the masks in a folder of their own")
+    _check_options(config, defect_dir, masks_dir)
     good_dirs = [good_dir] if isinstance(good_dir, (str, Path)) else list(good_dir)
     per_dir = [(Path(d), list_image_files(d, "--good")) for d in good_dirs]
     listed = [f for _, files in per_dir for f in files]
     good_files, copies = distinct_images(listed)
-    warnings_list = []
-    if bundle is not None:
-        for msg in _input_warnings(bundle, per_dir):
-            warnings_list.append(msg)
-            log.warning(msg)
+    warn = _Warnings()
+    for msg in _input_warnings(bundle, per_dir) if bundle is not None else ():
+        warn.add(msg)
     if copies:
-        warnings_list.append(duplicates_warning(len(listed), copies))
-        log.warning(warnings_list[-1])
-    good_scores, good_maps, _ = score_images(backend, good_files, desc="good images")
-    _refuse_non_finite(good_files, good_scores, good_maps, "--good")
-    n = len(good_scores)
-    threshold, k = far_threshold(good_scores, config.false_alarm_rate)
+        warn.add(duplicates_warning(len(listed), copies))
+    good = _score(backend, good_files, "--good", "good images")
+    n, rate = len(good.scores), config.false_alarm_rate
+    threshold, k = far_threshold(good.scores, rate)
     upper = binomial_upper_bound(k, n, config.confidence)
-    needed = min_images_for_rate(config.false_alarm_rate, config.confidence)
+    needed = min_images_for_rate(rate, config.confidence)
     if n < needed:
-        msg = (f"calibration set too small for a {config.false_alarm_rate:.1%} false-alarm rate: {n} good images "
-               f"bound it only to <= {upper:.1%} at {config.confidence:.0%} confidence; use >= {needed} images")
-        warnings_list.append(msg)
-        log.warning(msg)
-    rules: dict[str, Any] = {
-        "far": {"threshold": threshold, "good_above": k, **rates_at(threshold, good_scores, None),
-                "false_alarm_rate_upper": upper},
-    }
-    rate = config.false_alarm_rate
-    pixel = {"threshold": pixel_threshold_good_only(good_maps, config.pixel_false_positive_rate),
+        warn.add(f"calibration set too small for a {rate:.1%} false-alarm rate: {n} good images bound it only to "
+                 f"<= {upper:.1%} at {config.confidence:.0%} confidence; use >= {needed} images")
+    rules: dict[str, Any] = {"far": {"threshold": threshold, "good_above": k, **rates_at(threshold, good.scores, None),
+                                     "false_alarm_rate_upper": upper}}
+    pixel = {"threshold": pixel_threshold_good_only(good.maps, config.pixel_false_positive_rate),
              "method": f"good pixels above: {config.pixel_false_positive_rate}"}
-    defect_scores = None
-    n_defect = 0
-    defect_files: list[Path] = []
+    defects = None
     if defect_dir:
-        defect_files = list_image_files(defect_dir, "--defect")
-        defect_scores, defect_maps, sizes = score_images(backend, defect_files, desc="defect images")
-        _refuse_non_finite(defect_files, defect_scores, defect_maps, "--defect")
-        n_defect = len(defect_files)
-        labels = np.r_[np.zeros(n, int), np.ones(n_defect, int)]
-        all_scores = np.r_[good_scores, defect_scores]
-        from gradad.ranking import auroc, best_f1
-
-        for msg in _defect_warnings(bundle, per_dir, good_files, Path(defect_dir), defect_files):
-            warnings_list.append(msg)
-            log.warning(msg)
-        if n_defect < FEW_DEFECTS and config.method in ("f1", "recall"):
-            warnings_list.append(f"--method {config.method} rests on {n_defect} defect image(s) (fewer than "
-                                 f"{FEW_DEFECTS}): the threshold may not hold for other defects")
-            log.warning(warnings_list[-1])
-        f1, t_f1 = best_f1(labels, all_scores)
-        t_f1, gap_f1 = inside_gap(t_f1, all_scores)
-        t_rec, gap_rec = inside_gap(recall_threshold(defect_scores, config.target_recall), all_scores)
-        rules["far"].update(rates_at(threshold, good_scores, defect_scores))
-        rules["f1"] = {"threshold": t_f1, "f1": f1, "gap": gap_f1, **rates_at(t_f1, good_scores, defect_scores)}
-        rules["recall"] = {"threshold": t_rec, "target_recall": config.target_recall, "gap": gap_rec,
-                           **rates_at(t_rec, good_scores, defect_scores)}
-        rules["image_auroc"] = auroc(labels, all_scores)
+        defects = _defect_rules(backend, config, defect_dir, good, rules, warn, bundle, per_dir)
         if masks_dir:
-            hw = backend.input_hw
-            masks, found = _read_masks(Path(masks_dir), defect_files, sizes, hw)
-            if not found:
-                raise DatasetError(f"--masks {masks_dir}: no mask matches any defect image (<stem>_mask.png)")
-            if found < n_defect:
-                warnings_list.append(f"--masks {masks_dir}: {n_defect - found} of {n_defect} defect images have no "
-                                     f"mask; their pixels count as good in the pixel F1")
-                log.warning(warnings_list[-1])
-            for msg in _check_masks_mark_pixels(Path(masks_dir), masks, found):
-                warnings_list.append(msg)
-                log.warning(msg)
-            maps = np.concatenate([good_maps, defect_maps])
-            gt = np.concatenate([np.zeros_like(good_maps, bool), masks])
-            t_px, f1_px = pixel_threshold_f1(maps, gt)
-            pixel = {"threshold": _strictly_below(t_px), "method": "pixel F1-optimal", "pixel_f1": f1_px,
-                     "good_only_threshold": pixel["threshold"], "masks_found": found}
-    elif config.method != "far":
-        raise GradError(f"--method {config.method} needs labelled defects (--defect DIR)")
-    rules["far"]["other_targets"] = _other_targets(good_scores, rate, defect_scores)
-    per_class = None
+            pixel = _mask_pixel_rule(backend, masks_dir, good, defects, pixel["threshold"], warn)
+    rules["far"]["other_targets"] = _other_targets(good.scores, rate, defects.scores if defects else None)
     good_classes = _classes_of(bundle, per_dir, good_files)
-    if good_classes is not None and config.method == "far" and not masks_dir:
-        per_class = class_thresholds(good_classes, good_scores, good_maps, config)
-        few = [f"{c} {v['n_good']}" for c, v in per_class.items() if v["n_good"] < needed]
-        if few:
-            warnings_list.append(f"per-class thresholds rest on few good images ({', '.join(few)}; >= {needed} "
-                                 f"bound a {config.false_alarm_rate:.1%} rate at {config.confidence:.0%} confidence)")
-            log.warning(warnings_list[-1])
-    elif good_classes is not None:
-        log.info("no per-class thresholds: they use the good-only rules (--method far, no --masks)")
-    # a far threshold set by a few unusual good images: name them, for the bundle's threshold (grad-run without
-    # --class) and for each class's own
-    groups: list[tuple[str, np.ndarray, float]] = []
+    per_class = _class_rules(good_classes, good, config, bool(masks_dir), needed, warn)
     if config.method == "far":
-        groups.append(("the image threshold", np.arange(n), threshold))
-        labels = np.asarray(good_classes) if per_class else None
-        groups += [(f"class {cls}: the image threshold", np.flatnonzero(labels == cls), entry["image_threshold"])
-                   for cls, entry in (per_class or {}).items()]
-    for what, mine, t in groups:
-        msg = outlier_warning([good_files[i] for i in mine], good_scores[mine], t, rate, what)
-        if msg:
-            warnings_list.append(msg)
-            log.warning(msg)
+        _warn_outliers(good, threshold, good_classes, per_class, rate, warn)
     active = rules[config.method]["threshold"]
-    flagged = float(np.mean(good_scores > active))
-    if config.method != "far" and flagged > max(GOOD_FLAGGED_WARNING, config.false_alarm_rate):
-        warnings_list.append(f"--method {config.method}: the threshold {active:.4f} flags {flagged:.0%} of the good "
-                             f"calibration images (--method far: {rules['far']['threshold']:.4f}); check that "
-                             f"--defect holds defects of the parts in --good")
-        log.warning(warnings_list[-1])
+    flagged = float(np.mean(good.scores > active))
+    if config.method != "far" and flagged > max(GOOD_FLAGGED_WARNING, rate):
+        warn.add(f"--method {config.method}: the threshold {active:.4f} flags {flagged:.0%} of the good calibration "
+                 f"images (--method far: {rules['far']['threshold']:.4f}); check that --defect holds defects of the "
+                 f"parts in --good")
     if not active > 0:
         raise GradError(f"calibrated image threshold {active} is not positive: check the --good images")
     if not pixel["threshold"] > 0:
         raise GradError(f"calibrated pixel threshold {pixel['threshold']} is not positive (every good map is 0 "
                         f"there?): check the --good images")
+    defect_files = defects.files if defects else []
     return Calibration(
         image_threshold=float(active),
         pixel_threshold=float(pixel["threshold"]),
@@ -438,11 +473,11 @@ def calibrate(
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         data={"good_dirs": [str(d) for d in good_dirs], "n_good": n, "n_good_copies_ignored": len(copies),
               "defect_dir": str(defect_dir) if defect_dir else None,
-              "n_defect": n_defect, "masks_dir": str(masks_dir) if masks_dir else None,
-              "good_score_quantiles": {q: float(np.quantile(good_scores, q)) for q in (0.5, 0.9, 0.99, 1.0)},
+              "n_defect": len(defect_files), "masks_dir": str(masks_dir) if masks_dir else None,
+              "good_score_quantiles": {q: float(np.quantile(good.scores, q)) for q in (0.5, 0.9, 0.99, 1.0)},
               # resolved, so grad-bench accuracy can leave them out of the F1 at this threshold from any folder
               CALIBRATION_IMAGES: [str(f.resolve()) for f in listed] + [str(f.resolve()) for f in defect_files]},
-        warnings=warnings_list,
+        warnings=list(warn),
         classes=per_class,
     )
 

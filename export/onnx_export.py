@@ -202,6 +202,108 @@ def score_meaning(detector: GRADDetector) -> str:
             "score's mean")
 
 
+def _write_fp32(module: ExportModule, work: Path, sample: np.ndarray, opts: ExportOptions,
+                grid_settings: GridSampleSettings) -> tuple[onnx.ModelProto, int]:
+    """Export, simplify, shape-declare, check and lint the FP32 graph into ``work``; (model, GridSample nodes)."""
+    log.info("exporting ONNX (opset %d, TorchScript exporter)", OPSET)
+    model = export_onnx_fp32(module, work / "raw.onnx")
+    if opts.simplify:
+        model = simplify(model)
+    with torch.no_grad():
+        declare_output_shapes(model, tuple(module(torch.from_numpy(sample))[1].shape[1:]))
+    onnx.checker.check_model(model)
+    n_grid = lint_or_raise(model, "FP32 ONNX", grid_settings)
+    onnx.save(model, work / FP32_ONNX)
+    (work / "raw.onnx").unlink()
+    return model, n_grid
+
+
+def _parity_report(module: ExportModule, model: onnx.ModelProto, work: Path, batch: np.ndarray, labels: Any,
+                   parity_source: Any, opts: ExportOptions, grid_settings: GridSampleSettings,
+                   checkpoint: str | Path) -> dict[str, Any]:
+    """FP32 ONNX Runtime vs PyTorch and (with ``opts.fp16``) the FP16 graph, written into ``work``, vs FP32;
+    raises :class:`ParityError` when a gate fails."""
+    fp32 = OnnxRuntimeBackend(work / FP32_ONNX, ["cpu"], opts.threads)
+    n_pt = min(opts.torch_parity_images, len(batch))
+    with torch.no_grad():
+        pt_scores, pt_maps = module(torch.from_numpy(batch[:n_pt]))
+    ort_scores, ort_maps = fp32.infer_all(batch, batch_size=8)
+    parity: dict[str, Any] = {
+        "images": parity_source,
+        "onnx_fp32_vs_pytorch": compare_fp32(pt_scores.numpy(), pt_maps[:, 0].numpy(),
+                                             ort_scores[:n_pt], ort_maps[:n_pt]),
+        "gates": gates_dict(opts.gates),
+    }
+    fp16_report = None
+    if opts.fp16:
+        log.info("converting to FP16 (the FP32 rule of gradad.export.precision kept FP32)")
+        model16, kept = convert_to_fp16(model, default_fp32_nodes)
+        lint_or_raise(model16, "FP16 ONNX", grid_settings)
+        leaked = fp32_tensor_check(model16)
+        if leaked:
+            raise ParityError(f"FP16 conversion left FP16 tensors on block-listed nodes: {leaked[:5]}")
+        onnx.save(model16, work / FP16_ONNX)
+        fp16 = OnnxRuntimeBackend(work / FP16_ONNX, ["cpu"], opts.threads)
+        s16, m16 = fp16.infer_all(batch, batch_size=8)
+        fp16_report = compare_fp16(ort_scores, ort_maps, s16, m16, labels)
+        fp16_report["fp32_nodes"] = kept
+        parity["onnx_fp16_vs_fp32"] = fp16_report
+    failed = check_gates(parity["onnx_fp32_vs_pytorch"], fp16_report, opts.gates)
+    parity["passed"] = not failed
+    if failed:
+        raise ParityError(f"export of {checkpoint} rejected: " + "; ".join(failed))
+    return parity
+
+
+def _manifest(module: ExportModule, detector: GRADDetector, payload: dict[str, Any], work: Path, parity: dict[str, Any],
+              n_grid: int, grid_settings: GridSampleSettings, name: str, checkpoint: str | Path,
+              opts: ExportOptions, t0: float) -> Bundle:
+    """bundle.json's record of the graphs just written into ``work``."""
+    cfg, norm = payload["resolved_config"], payload["normalisation"]
+    h, w = module.input_hw
+    files = {FP32_ONNX: FileEntry.of(work / FP32_ONNX)}
+    if opts.fp16:
+        files[FP16_ONNX] = FileEntry.of(work / FP16_ONNX)
+    resize = ("caller, per axis: cv2.INTER_AREA where it shrinks, INTER_LINEAR where it grows "
+              "(gradad.data.images.resize_hw)"
+              if (h, w) == module.model_hw else
+              f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
+    return Bundle(
+        schema_version=BUNDLE_SCHEMA_VERSION,
+        gradad_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        name=name,
+        preset=cfg.preset,
+        backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights,
+                          cfg.backbone.exposure,
+                          cfg.backbone.exposure_max_gain if cfg.backbone.exposure == "gain" else None),
+        input=InputSpec(
+            name=INPUT_NAME, layout="NCHW", dtype=INPUT_DTYPE_BY_VERSION[BUNDLE_SCHEMA_VERSION], color="RGB",
+            value_range=[0, 255], height=h, width=w, model_height=module.model_hw[0],
+            model_width=module.model_hw[1],
+            normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
+        outputs={
+            "score": {"shape": ["batch"], "meaning": score_meaning(detector)},
+            "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
+                            "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales),
+                            "refine_mask_weight": cfg.model.map_refine_mask_weight},
+        },
+        classes=payload["classes"],
+        training_data=training_data_section(payload),
+        onnx=OnnxInfo(opset=OPSET, exporter=f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
+                      dynamic_batch=True, simplified=opts.simplify, gridsample_nodes=n_grid,
+                      gridsample={"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,
+                                  "align_corners": grid_settings.align_corners}),
+        files=files,
+        parity=parity,
+        engines=[],
+        calibration=None,
+        source_checkpoint=str(checkpoint),
+        data_root=str(opts.data_root or cfg.data.root),
+        export_seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
 def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptions | None = None) -> Path:
     """Export ``checkpoint`` into a bundle folder; nothing is written unless every gate passes."""
     opts = opts or ExportOptions()
@@ -210,7 +312,6 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
     _prepare_target(target, opts.overwrite)
     t0 = time.perf_counter()
     detector, payload = load_detector(checkpoint, "cpu")
-    cfg = payload["resolved_config"]
     norm = payload["normalisation"]
     module = ExportModule(detector, norm["mean"], norm["std"], opts.input_size).eval()
     h, w = module.input_hw
@@ -221,90 +322,11 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, opts: ExportOptio
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        log.info("exporting ONNX (opset %d, TorchScript exporter)", OPSET)
-        model = export_onnx_fp32(module, work / "raw.onnx")
-        if opts.simplify:
-            model = simplify(model)
-        with torch.no_grad():
-            declare_output_shapes(model, tuple(module(torch.from_numpy(batch[:1]))[1].shape[1:]))
-        onnx.checker.check_model(model)
         grid_settings = GridSampleSettings()
-        n_grid = lint_or_raise(model, "FP32 ONNX", grid_settings)
-        onnx.save(model, work / FP32_ONNX)
-        (work / "raw.onnx").unlink()
-
-        fp32 = OnnxRuntimeBackend(work / FP32_ONNX, ["cpu"], opts.threads)
-        n_pt = min(opts.torch_parity_images, len(batch))
-        with torch.no_grad():
-            pt_scores, pt_maps = module(torch.from_numpy(batch[:n_pt]))
-        ort_scores, ort_maps = fp32.infer_all(batch, batch_size=8)
-        parity: dict[str, Any] = {
-            "images": parity_source,
-            "onnx_fp32_vs_pytorch": compare_fp32(pt_scores.numpy(), pt_maps[:, 0].numpy(),
-                                                 ort_scores[:n_pt], ort_maps[:n_pt]),
-            "gates": gates_dict(opts.gates),
-        }
-        fp16_report = None
-        if opts.fp16:
-            log.info("converting to FP16 (the FP32 rule of gradad.export.precision kept FP32)")
-            model16, kept = convert_to_fp16(model, default_fp32_nodes)
-            lint_or_raise(model16, "FP16 ONNX", grid_settings)
-            leaked = fp32_tensor_check(model16)
-            if leaked:
-                raise ParityError(f"FP16 conversion left FP16 tensors on block-listed nodes: {leaked[:5]}")
-            onnx.save(model16, work / FP16_ONNX)
-            fp16 = OnnxRuntimeBackend(work / FP16_ONNX, ["cpu"], opts.threads)
-            s16, m16 = fp16.infer_all(batch, batch_size=8)
-            fp16_report = compare_fp16(ort_scores, ort_maps, s16, m16, labels)
-            fp16_report["fp32_nodes"] = kept
-            parity["onnx_fp16_vs_fp32"] = fp16_report
-        failed = check_gates(parity["onnx_fp32_vs_pytorch"], fp16_report, opts.gates)
-        parity["passed"] = not failed
-        if failed:
-            raise ParityError(f"export of {checkpoint} rejected: " + "; ".join(failed))
-
-        files = {FP32_ONNX: FileEntry.of(work / FP32_ONNX)}
-        if opts.fp16:
-            files[FP16_ONNX] = FileEntry.of(work / FP16_ONNX)
-        resize = ("caller, per axis: cv2.INTER_AREA where it shrinks, INTER_LINEAR where it grows "
-                  "(gradad.data.images.resize_hw)"
-                  if (h, w) == module.model_hw else
-                  f"caller to {h}x{w}; graph: bilinear to {module.model_hw[0]}x{module.model_hw[1]}")
-        bundle = Bundle(
-            schema_version=BUNDLE_SCHEMA_VERSION,
-            gradad_version=__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            name=opts.name or target.name,
-            preset=cfg.preset,
-            backbone=Backbone(cfg.backbone.name, list(cfg.backbone.out_indices), cfg.backbone.weights,
-                              cfg.backbone.exposure,
-                              cfg.backbone.exposure_max_gain if cfg.backbone.exposure == "gain" else None),
-            input=InputSpec(
-                name=INPUT_NAME, layout="NCHW", dtype=INPUT_DTYPE_BY_VERSION[BUNDLE_SCHEMA_VERSION], color="RGB",
-                value_range=[0, 255], height=h, width=w, model_height=module.model_hw[0],
-                model_width=module.model_hw[1],
-                normalisation=Normalisation(list(norm["mean"]), list(norm["std"]), in_graph=True), resize=resize),
-            outputs={
-                "score": {"shape": ["batch"], "meaning": score_meaning(detector)},
-                "anomaly_map": {"shape": ["batch", 1, h, w], "meaning": "per-pixel anomaly, smoothed",
-                                "smoothing": cfg.model.smoothing, "map_scales": list(cfg.model.map_scales),
-                                "refine_mask_weight": cfg.model.map_refine_mask_weight},
-            },
-            classes=payload["classes"],
-            training_data=training_data_section(payload),
-            onnx=OnnxInfo(opset=OPSET, exporter=f"torch.onnx TorchScript (dynamo=False), torch {torch.__version__}",
-                          dynamic_batch=True, simplified=opts.simplify, gridsample_nodes=n_grid,
-                          gridsample={"mode": grid_settings.mode, "padding_mode": grid_settings.padding_mode,
-                                      "align_corners": grid_settings.align_corners}),
-            files=files,
-            parity=parity,
-            engines=[],
-            calibration=None,
-            source_checkpoint=str(checkpoint),
-            data_root=str(opts.data_root or cfg.data.root),
-            export_seconds=round(time.perf_counter() - t0, 1),
-        )
-        bundle.save(work)
+        model, n_grid = _write_fp32(module, work, batch[:1], opts, grid_settings)
+        parity = _parity_report(module, model, work, batch, labels, parity_source, opts, grid_settings, checkpoint)
+        _manifest(module, detector, payload, work, parity, n_grid, grid_settings, opts.name or target.name,
+                  checkpoint, opts, t0).save(work)
         _swap_in(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

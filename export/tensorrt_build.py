@@ -396,6 +396,31 @@ def _setup_timing_cache(config: Any, path: Path | None) -> Any:
     return cache
 
 
+def _add_profiles(builder: Any, config: Any, input_name: str, chw: tuple[int, int, int],
+                  cfg: EngineBuildConfig) -> dict[str, list[int]]:
+    """Add ``cfg.profiles`` identical optimisation profiles over the batch axis; returns their min/opt/max shapes."""
+    shapes = {key: [batch, *chw] for key, batch in
+              (("min", cfg.min_batch), ("opt", cfg.opt_batch), ("max", cfg.max_batch))}
+    for _ in range(cfg.profiles):
+        profile = builder.create_optimization_profile()
+        profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
+        config.add_optimization_profile(profile)
+    return shapes
+
+
+def _save_timing_cache(config: Any, cache_path: Path) -> None:
+    """Write the builder's timing cache (atomically) and add its hash to the trust list: the next build reads it
+    only if it is the file this build wrote."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    data = bytes(memoryview(cache.serialize()))
+    atomic_write_bytes(cache_path, data, fsync=True)
+    trust(hashlib.sha256(data).hexdigest(), cache_path, "timing cache")
+    log.info("Saved TensorRT timing cache %s", cache_path)
+
+
 def build_engine(
     onnx_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -462,16 +487,7 @@ def build_engine(
 
     forced = _set_precision_flags(trt, config, network, mode, cfg, source)
 
-    shapes = {
-        "min": [cfg.min_batch, c, h, w],
-        "opt": [cfg.opt_batch, c, h, w],
-        "max": [cfg.max_batch, c, h, w],
-    }
-    for _ in range(cfg.profiles):
-        profile = builder.create_optimization_profile()
-        profile.set_shape(input_name, tuple(shapes["min"]), tuple(shapes["opt"]), tuple(shapes["max"]))
-        config.add_optimization_profile(profile)
-
+    shapes = _add_profiles(builder, config, input_name, (c, h, w), cfg)
     cache_path = Path(cfg.timing_cache) if cfg.timing_cache else None
     _setup_timing_cache(config, cache_path)
 
@@ -490,13 +506,7 @@ def build_engine(
     log.info("Wrote %s (%.1f s build)", out_dir / name, build_seconds)
 
     if cache_path is not None:
-        cache = config.get_timing_cache()
-        if cache is not None:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            data = bytes(memoryview(cache.serialize()))
-            atomic_write_bytes(cache_path, data, fsync=True)
-            trust(hashlib.sha256(data).hexdigest(), cache_path, "timing cache")
-            log.info("Saved TensorRT timing cache %s", cache_path)
+        _save_timing_cache(config, cache_path)
 
     return {
         "file": name,
