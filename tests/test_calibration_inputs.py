@@ -41,6 +41,18 @@ def test_masks_in_the_defect_folder_are_refused_and_no_image_is_its_own_mask(tmp
     assert find_mask(both, images[0]) == masks[0]
 
 
+@pytest.mark.parametrize("method", ["f1", "recall"])
+def test_a_defect_rule_without_defects_is_refused_before_any_image_is_scored(tmp_path: Path, method: str) -> None:
+    _images(tmp_path / "good", [10, 20, 30])
+
+    class _Unused(_MeanBackend):
+        def infer(self, batch):  # noqa: ANN001, ANN201 - the fake's signature
+            raise AssertionError("scored before the options were checked")
+
+    with pytest.raises(GradError, match=f"--method {method} needs labelled defects"):
+        calibrate(_Unused(), tmp_path / "good", config=CalibrationConfig(method=method))
+
+
 def test_unified_bundle_without_good_images_of_a_class_is_warned_about(tmp_path: Path) -> None:
     _images(tmp_path / "nut" / "test" / "good", [10, 20, 30])
     bundle = SimpleNamespace(classes=["fabric", "nut", "capsule"], data_root=None, training_data={})
