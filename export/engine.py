@@ -77,6 +77,37 @@ def engine_parity(bundle: Bundle, engine: Backend, images: ParityImages | str | 
     return report
 
 
+def _checked_bundle(bundle_dir: Path, int8: bool, parity_images: str | Path) -> Bundle:
+    """The bundle, its ONNX files verified against bundle.json (external data inside the bundle), and the parity
+    folder present; an INT8 build of a uint8-activation QDQ model is refused."""
+    bundle = Bundle.load(bundle_dir)
+    if int8 and bundle.parity.get("onnx_int8_vs_fp32", {}).get("activations") == "uint8":
+        raise GradError(f"{bundle_dir / INT8_ONNX} has asymmetric uint8 activations (grad-export quantize "
+                        "--activations uint8, for ONNX Runtime on x86 CPUs); TensorRT's explicit quantisation needs "
+                        f"symmetric int8: grad-export quantize {bundle_dir} --activations int8 ... first")
+    optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]
+    bundle.verify([FP32_ONNX] + optional)
+    for name in [FP32_ONNX] + optional:  # TensorRT's parser reads external data itself, symlinks followed
+        check_external_data(bundle.file(name), bundle_dir)
+    if not Path(parity_images).is_dir():
+        raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
+    return bundle
+
+
+def _tensorrt_and_gpu(bundle: Bundle, trt: Any, gpu: dict[str, str] | None) -> tuple[Any, dict[str, str]]:
+    """The tensorrt module (8.5 or newer) and the GPU's identity; without them a one-line error naming the ONNX
+    files the bundle still offers ONNX Runtime."""
+    try:
+        trt = trt or import_tensorrt()
+        check_tensorrt_version(trt)  # right after the import: an 8.4 build would be refused only once it is done
+        return trt, gpu or gpu_identity()
+    except TensorRTUnavailable as exc:
+        # only what ONNX Runtime can run: not the engines, the refinement weights or the pixel prior
+        onnx_files = ", ".join(sorted(n for n in bundle.files if n.endswith(".onnx")))
+        raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle.directory} still holds {onnx_files} "
+                                  f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
+
+
 def build_bundle_engine(
     bundle_dir: str | Path,
     parity_images: str | Path,
@@ -100,17 +131,7 @@ def build_bundle_engine(
     ``int8`` builds from the bundle's QDQ model (explicit quantisation) and gates the engine with the INT8
     map/score errors against ONNX Runtime FP32."""
     bundle_dir = Path(bundle_dir)
-    bundle = Bundle.load(bundle_dir)
-    if int8 and bundle.parity.get("onnx_int8_vs_fp32", {}).get("activations") == "uint8":
-        raise GradError(f"{bundle_dir / INT8_ONNX} has asymmetric uint8 activations (grad-export quantize "
-                        "--activations uint8, for ONNX Runtime on x86 CPUs); TensorRT's explicit quantisation needs "
-                        f"symmetric int8: grad-export quantize {bundle_dir} --activations int8 ... first")
-    optional = [n for n in (FP16_ONNX, INT8_ONNX) if n in bundle.files]
-    bundle.verify([FP32_ONNX] + optional)
-    for name in [FP32_ONNX] + optional:  # TensorRT's parser reads external data itself, symlinks followed
-        check_external_data(bundle.file(name), bundle_dir)
-    if not Path(parity_images).is_dir():
-        raise DatasetError(f"--parity-images {parity_images}: folder not found (real images gate the engine)")
+    bundle = _checked_bundle(bundle_dir, int8, parity_images)
     # Everything that can be checked is checked before the build, which takes minutes on a Jetson.
     cfg = EngineBuildConfig(fp16=fp16, opt_batch=opt_batch, max_batch=max_batch, workspace_mib=workspace_mib,
                             timing_cache=timing_cache or str(bundle_file(bundle_dir, TIMING_CACHE)),
@@ -119,15 +140,7 @@ def build_bundle_engine(
     cfg.validate()
     if timing_cache:  # the default lives in the bundle folder, whose writability the CLI has checked
         check_writable(timing_cache, "--timing-cache")
-    try:
-        trt = trt or import_tensorrt()
-        check_tensorrt_version(trt)  # right after the import: an 8.4 build would be refused only once it is done
-        gpu = gpu or gpu_identity()
-    except TensorRTUnavailable as exc:
-        # only what ONNX Runtime can run: not the engines, the refinement weights or the pixel prior
-        onnx_files = ", ".join(sorted(n for n in bundle.files if n.endswith(".onnx")))
-        raise TensorRTUnavailable(f"{exc}; no engine built. The bundle {bundle_dir} still holds {onnx_files} "
-                                  f"for ONNX Runtime (grad-run --backend onnxruntime)") from exc
+    trt, gpu = _tensorrt_and_gpu(bundle, trt, gpu)
     # after the TensorRT check (no TensorRT is the first thing to say) and before the build
     images = load_parity_images(bundle, parity_images)
     log.info("parity gate: %s, decoded before the build", images.description)
