@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from gradad.bundle import exposure_text
 from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, printable, user_errors_as_exit
 from gradad.errors import GradError
 

@@ -324,6 +324,10 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     for key, name in referenced_files(manifest):
         check_file_name(name, f"{where}: {key}")
     check_calibration(manifest, where)
+    max_gain = manifest["backbone"].get("exposure_max_gain")
+    if not exposure_gain_limit_ok(max_gain):  # the schema's bounds let NaN through
+        raise BundleError(f"{where}: backbone.exposure_max_gain {shown_value(max_gain)} must be null or a number "
+                          f"in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]; re-export the bundle ({REEXPORT_COMMAND})")
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:

@@ -235,6 +235,11 @@ def test_patchcore_takes_the_compared_models_extractor_and_input_size(trained_ti
     size, backbone = patchcore_reference(AccuracyConfig([]), loaded)
     assert size == loaded.input.model_height and backbone.name == loaded.backbone.name
     assert list(backbone.mean) == loaded.input.normalisation.mean
+    assert (backbone.exposure, backbone.exposure_max_gain) == ("none", None)
+    # ... and its exposure rule with its limit (a gain model's PatchCore row sees the images the model saw)
+    loaded.backbone.exposure, loaded.backbone.exposure_max_gain = "gain", 2.5
+    _, backbone = patchcore_reference(AccuracyConfig([]), loaded)
+    assert (backbone.exposure, backbone.exposure_max_gain) == ("gain", 2.5)
     assert patchcore_reference(AccuracyConfig([]), None) == (256, None)
 
 

@@ -192,6 +192,9 @@ class ExposureGain(nn.Module):
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], max_gain: float | None = None) -> None:
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)  # plain floats: no state_dict entries
+        if not exposure_gain_limit_ok(max_gain):
+            raise ConfigError(f"exposure max_gain {shown_value(max_gain)}: must be None or a number in "
+                              f"[1, {EXPOSURE_MAX_GAIN_LIMIT:g}]")
         self.max_gain = None if max_gain is None else float(max_gain)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

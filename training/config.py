@@ -267,6 +267,9 @@ class RunConfig:
              f"must be one of {', '.join(EXPOSURE_RULES)}"),
             ("backbone.exposure_max_gain", exposure_gain_limit_ok(self.backbone.exposure_max_gain),
              f"must be null (unlimited) or a number in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]"),
+            # a limit without the gain would be stored in the model file and change nothing: say so
+            ("backbone.exposure_max_gain", self.backbone.exposure_max_gain is None or self.backbone.exposure == "gain",
+             "limits backbone.exposure=gain only: set that too, or leave the limit null"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),
