@@ -361,17 +361,31 @@ def short_label(row: dict[str, Any]) -> str:
     return f"{prefix}{row['preset']} {engine} {row['precision'].upper()}"
 
 
+def latency_of(row: dict[str, Any], lat_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latency row of an accuracy row: its own bundle's measurement (``grad-bench latency --bundle``) where one
+    exists, else the preset's on the same engine and precision (a row of no bundle; never another bundle's, whose
+    weights, quantisation or input path may differ, nor a bundle file's "today" comparison row)."""
+    same = {key: row[key] for key in ("method", "preset", "backend", "precision", "device")}
+    own = find(lat_rows, bundle=row["model"], **same) if row.get("model") else None
+    if own and batch1_ms(own):
+        return own
+    return find((r for r in lat_rows if not r.get("bundle") and not r.get("path")), **same)
+
+
 def plot_points(res: Results) -> list[dict[str, Any]]:
-    """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row."""
+    """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row; a point
+    already plotted (the same bundle scored in two result files) is plotted once."""
     lat_rows = [r for data in res.latency.values() for r in data["rows"]]
-    points = []
+    points: list[dict[str, Any]] = []
     for result in res.accuracy.values():
         for row in result["rows"]:
-            match = find(lat_rows, method=row["method"], preset=row["preset"], backend=row["backend"],
-                         precision=row["precision"], device=row["device"])
-            if match and batch1_ms(match):
-                points.append({"dataset": result["dataset"]["name"], "label": short_label(row), "method": row["method"],
-                               "ms": batch1_ms(match), "auroc": row["per_class"]["mean"]["image_auroc"]})
+            match = latency_of(row, lat_rows)
+            if not (match and batch1_ms(match)):
+                continue
+            point = {"dataset": result["dataset"]["name"], "label": short_label(row), "method": row["method"],
+                     "ms": batch1_ms(match), "auroc": row["per_class"]["mean"]["image_auroc"]}
+            if point not in points:
+                points.append(point)
     return points
 
 

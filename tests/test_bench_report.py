@@ -145,3 +145,26 @@ def test_refine_sentence_names_each_class_threshold_and_says_when_f2pad_is_off()
     assert "F2PAD's own coarse threshold per class: tire 21.21" in text
     text = " ".join(refine_block("tyre", _refine_result({"tire": {}}, {})))
     assert "F2PAD raises the mean IoU" in text and "the bundle's calibrated pixel threshold = 31.45" in text
+
+
+def test_a_bundles_accuracy_is_plotted_at_its_own_latency_once(tmp_path: Path) -> None:
+    """An accuracy row of a bundle pairs with that bundle's latency row (an INT8 bundle with uint8 activations is
+    not plotted at another INT8 bundle's speed); without one, the preset's row of the same engine; the same bundle
+    scored in two files is one point."""
+    from gradad.benchmarks.report_page import classify, plot_points
+
+    _write(tmp_path)
+    files = {name: json.loads((tmp_path / name).read_text()) for name in ("tiles.json", "cpu.json")}
+    int8 = {**_acc_row("GRAD edge · ORT INT8", "grad", "onnxruntime", 0.91, 0.7), "precision": "int8",
+            "model": "models/u8"}
+    files["tiles.json"]["rows"] += [int8, {**files["tiles.json"]["rows"][0], "model": "models/a"}]
+    files["again.json"] = {**files["tiles.json"], "rows": [{**files["tiles.json"]["rows"][0], "model": "models/a"}]}
+    files["bundles.json"] = {**files["cpu.json"], "rows": [
+        {**_lat_row("INT8 of another bundle", "grad", "onnxruntime", "int8", 40.0), "bundle": "models/other"},
+        {**_lat_row("INT8, uint8 activations", "grad", "onnxruntime", "int8", 20.0), "bundle": "models/u8"},
+        {**_lat_row("today: float input", "grad", "onnxruntime", "fp32", 99.0), "path": "today"}]}
+    points = plot_points(classify(files))
+    ms = {(p["label"], p["auroc"]): p["ms"] for p in points}
+    assert ms[("edge ORT INT8", 0.91)] == 20.0  # its own bundle's row, not the first INT8 row
+    assert ms[("edge ORT FP32", 0.90)] == 10.0  # no own row: the preset's, never the "today" comparison row
+    assert sum(p["label"] == "edge ORT FP32" for p in points) == 1  # models/a in two files, and no-bundle: one
