@@ -598,26 +598,8 @@ class Trainer:
                                   clean_classes=data.val_classes).to(self.device) \
             if len(data.val_features) else None
         head = AnomalyHead(cfg.model, (cfg.data.image_size, cfg.data.image_size))
-        meta_base = {
-            "classes": sorted({s.class_name for s in data.samples}),
-            "feature_std": data.feature_std,
-            "data_summary": summarize(data.samples),
-            # the training roots, the good images trained on (by folder, whatever the dataset layout) and the ones
-            # held out for validation, so grad-calibrate can tell a folder of held-out goods from training images
-            "data_roots": [str(Path(r).resolve()) for r in cfg.data.roots],
-            "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
-            "held_out_goods": data.val_files,
-            "trained_good_digests": digests,
-            **({} if embedded is None else {"extractor_state_dict": embedded}),
-            "normalisation": normalisation,
-            "normal_branch_from": normal_from,
-            # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
-            # unseen defect's, so grad-refine tune leaves them out of its tuning images
-            "trained_defects": trained_defect_files(data.defects) if self._stage_epochs("abnormal") else [],
-            # the labelled defects held out of stage 1 (data.defect_holdout) chose its epoch and fitted the fusion
-            # weight: scoring them would flatter the model too, so grad-eval and grad-bench leave them out as well
-            "tuned_defects": trained_defect_files(data.heldout_defects) if val is not None else [],
-        }
+        meta_base = self._model_metadata(data, digests, embedded, normalisation, normal_from,
+                                         validated=val is not None)
         ctx = _StageContext(model, data, val, head, gen, meta_base, t0)
         for stage_index in range(start_stage, len(STAGES)):
             first = start_epoch if stage_index == start_stage else 0
@@ -635,6 +617,32 @@ class Trainer:
         self._replace_previous_run()  # a run that trained no epoch wrote no checkpoint: the model is its first file
         log.info("model written to %s (%.1f s)", self.model_path, meta["train_seconds"])
         return self.model_path
+
+    def _model_metadata(self, data: TrainingData, digests: Sequence[str], embedded: dict[str, torch.Tensor] | None,
+                        normalisation: dict[str, list[float]], normal_from: Any, validated: bool) -> dict[str, Any]:
+        """What the model file records besides its weights and settings: classes, feature statistics, the images
+        it trained on and held out (by folder and by content digest), the labelled defects stage 1 trained on and
+        those that chose its epochs (``validated``), the extractor's weights when they came from a file."""
+        return {
+            "classes": sorted({s.class_name for s in data.samples}),
+            "feature_std": data.feature_std,
+            "data_summary": summarize(data.samples),
+            # the training roots, the good images trained on (by folder, whatever the dataset layout) and the ones
+            # held out for validation, so grad-calibrate can tell a folder of held-out goods from training images
+            "data_roots": [str(Path(r).resolve()) for r in self.cfg.data.roots],
+            "trained_goods": trained_goods_by_folder(data.samples, data.val_files),
+            "held_out_goods": data.val_files,
+            "trained_good_digests": digests,
+            **({} if embedded is None else {"extractor_state_dict": embedded}),
+            "normalisation": normalisation,
+            "normal_branch_from": normal_from,
+            # the labelled defects stage 1 trained on, as the files they link to: their maps are better than an
+            # unseen defect's, so grad-refine tune leaves them out of its tuning images
+            "trained_defects": trained_defect_files(data.defects) if self._stage_epochs("abnormal") else [],
+            # the labelled defects held out of stage 1 (data.defect_holdout) chose its epoch and fitted the fusion
+            # weight: scoring them would flatter the model too, so grad-eval and grad-bench leave them out as well
+            "tuned_defects": trained_defect_files(data.heldout_defects) if validated else [],
+        }
 
     def _check_resumable(self) -> None:
         """A resume without checkpoint.pt would train from scratch and replace the run's model.pt: refuse it,
