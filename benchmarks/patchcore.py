@@ -168,8 +168,8 @@ def run_patchcore(data_roots: str | Sequence[str], classes: list[str] | None, cf
             "backbone": {"name": extractor.spec.name, "out_indices": list(extractor.spec.out_indices),
                          "weights": extractor.weights_fingerprint, "mean": list(extractor.mean),
                          "std": list(extractor.std), "exposure": extractor.spec.exposure,
-                         **({"exposure_max_gain": extractor.exposure.max_gain}
-                            if extractor.exposure is not None and extractor.exposure.max_gain is not None else {})}}
+                         **({"exposure_max_gain": extractor.exposure_max_gain}
+                            if extractor.exposure_max_gain is not None else {})}}
 
 
 @click.command(context_settings=CLI_CONTEXT)

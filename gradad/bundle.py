@@ -36,6 +36,8 @@ MANIFEST_NAME = "bundle.json"
 EXPOSURE_RULES = ("none", "gain")
 #: Largest backbone.exposure_max_gain: a full-scale step on an 8-bit input; more is "unlimited" (null)
 EXPOSURE_MAX_GAIN_LIMIT = 255.0
+#: What backbone.exposure_max_gain accepts, as every refusal of it says (see :func:`exposure_gain_limit_ok`)
+EXPOSURE_MAX_GAIN_RULE = f"must be null (unlimited) or a number in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]"
 
 
 def exposure_text(rule: str, max_gain: float | None) -> str:
@@ -49,6 +51,8 @@ def exposure_gain_limit_ok(value: object) -> bool:
     """Whether ``value`` is a valid backbone.exposure_max_gain: None (unlimited) or a number in [1, 255]."""
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
                              and 1.0 <= value <= EXPOSURE_MAX_GAIN_LIMIT)
+
+
 #: Largest bundle.json read. A real one is ~50 KB (a calibrated two-class bundle); JSON of many small objects takes
 #: ~25x its size in memory once parsed, so an unbounded file from someone else could exhaust a Jetson's RAM.
 MANIFEST_MAX_BYTES = 16 * 2**20
@@ -326,8 +330,8 @@ def validate_manifest(manifest: dict[str, Any], where: str = MANIFEST_NAME) -> N
     check_calibration(manifest, where)
     max_gain = manifest["backbone"].get("exposure_max_gain")
     if not exposure_gain_limit_ok(max_gain):  # the schema's bounds let NaN through
-        raise BundleError(f"{where}: backbone.exposure_max_gain {shown_value(max_gain)} must be null or a number "
-                          f"in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]; re-export the bundle ({REEXPORT_COMMAND})")
+        raise BundleError(f"{where}: backbone.exposure_max_gain {shown_value(max_gain)} {EXPOSURE_MAX_GAIN_RULE}; "
+                          f"re-export the bundle ({REEXPORT_COMMAND})")
 
 
 def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:

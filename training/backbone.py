@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradad.bundle import EXPOSURE_MAX_GAIN_LIMIT, EXPOSURE_RULES, exposure_gain_limit_ok
+from gradad.bundle import EXPOSURE_MAX_GAIN_RULE, EXPOSURE_RULES, exposure_gain_limit_ok
 from gradad.errors import CheckpointError, ConfigError
 from gradad.files import check_zip_expansion
 from gradad.text import shown_value
@@ -193,8 +193,7 @@ class ExposureGain(nn.Module):
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)  # plain floats: no state_dict entries
         if not exposure_gain_limit_ok(max_gain):
-            raise ConfigError(f"exposure max_gain {shown_value(max_gain)}: must be None or a number in "
-                              f"[1, {EXPOSURE_MAX_GAIN_LIMIT:g}]")
+            raise ConfigError(f"exposure max_gain {shown_value(max_gain)}: {EXPOSURE_MAX_GAIN_RULE}")
         self.max_gain = None if max_gain is None else float(max_gain)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -237,8 +236,8 @@ class FeatureExtractor(nn.Module):
         if spec.exposure not in EXPOSURE_RULES:
             raise ConfigError(f"backbone.exposure {spec.exposure!r}: must be one of {', '.join(EXPOSURE_RULES)}")
         if not exposure_gain_limit_ok(spec.exposure_max_gain):
-            raise ConfigError(f"backbone.exposure_max_gain {shown_value(spec.exposure_max_gain)}: must be null "
-                              f"(unlimited) or a number in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]")
+            raise ConfigError(f"backbone.exposure_max_gain {shown_value(spec.exposure_max_gain)}: "
+                              f"{EXPOSURE_MAX_GAIN_RULE}")
         self.exposure = (ExposureGain(self.mean, self.std, spec.exposure_max_gain) if spec.exposure == "gain"
                          else None)
         self.body = timm.create_model(spec.name, pretrained=False, features_only=True, out_indices=spec.out_indices)
@@ -279,6 +278,11 @@ class FeatureExtractor(nn.Module):
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always frozen: BN statistics must stay ImageNet's.
         return super().train(False)
+
+    @property
+    def exposure_max_gain(self) -> float | None:
+        """The exposure gain's limit in force: None without the gain or with an unlimited one."""
+        return None if self.exposure is None else self.exposure.max_gain
 
     def normalise_exposure(self, images: torch.Tensor) -> torch.Tensor:
         """The input the backbone sees: ``images`` through :class:`ExposureGain` when backbone.exposure is

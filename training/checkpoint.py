@@ -16,8 +16,8 @@ from gradad import __version__
 from gradad.errors import CheckpointError, ConfigError, GradError
 from gradad.files import atomic_file, check_zip_expansion, looks_like_onnx
 from gradad.plain import plain_leaf
-from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.text import one_line, shown_value
+from gradad.training.backbone import NAMED_WEIGHTS, FeatureExtractor
 from gradad.training.config import RunConfig, config_from_dict, config_to_dict
 from gradad.training.model import GRADDetector, GRADModel
 

@@ -12,7 +12,7 @@ from typing import Any, Literal, get_type_hints
 
 import yaml
 
-from gradad.bundle import EXPOSURE_MAX_GAIN_LIMIT, EXPOSURE_RULES, exposure_gain_limit_ok
+from gradad.bundle import EXPOSURE_MAX_GAIN_RULE, EXPOSURE_RULES, exposure_gain_limit_ok
 from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
 from gradad.errors import ConfigError
 from gradad.files import atomic_write_text
@@ -46,7 +46,6 @@ class BackboneConfig:
     # the unlimited one (MTD 95.5 vs 96.4 image AUROC, pixel AUPR MTD 33.7 vs 36.0, tyre 28.2 vs 36.2), so the
     # default stays unlimited: measure both on your own parts.
     exposure_max_gain: float | None = None
-
 
 
 @dataclass
@@ -266,7 +265,7 @@ class RunConfig:
             ("backbone.exposure", self.backbone.exposure in EXPOSURE_RULES,
              f"must be one of {', '.join(EXPOSURE_RULES)}"),
             ("backbone.exposure_max_gain", exposure_gain_limit_ok(self.backbone.exposure_max_gain),
-             f"must be null (unlimited) or a number in [1, {EXPOSURE_MAX_GAIN_LIMIT:g}]"),
+             EXPOSURE_MAX_GAIN_RULE),
             # a limit without the gain would be stored in the model file and change nothing: say so
             ("backbone.exposure_max_gain", self.backbone.exposure_max_gain is None or self.backbone.exposure == "gain",
              "limits backbone.exposure=gain only: set that too, or leave the limit null"),

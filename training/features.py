@@ -65,8 +65,7 @@ def cache_identity(extractor: FeatureExtractor, image_size: int, samples: Sequen
         # only when set: the keys of caches written before the option stay valid
         **({"exposure": extractor.spec.exposure} if extractor.spec.exposure != "none" else {}),
         # only for a limited gain: the keys of unlimited-gain caches (session 22) stay valid
-        **({"exposure_max_gain": extractor.exposure.max_gain}
-           if extractor.exposure is not None and extractor.exposure.max_gain is not None else {}),
+        **({"exposure_max_gain": extractor.exposure_max_gain} if extractor.exposure_max_gain is not None else {}),
         "mean": list(extractor.mean),
         "std": list(extractor.std),
         "image_size": image_size,
