@@ -235,6 +235,26 @@ def test_a_real_small_model_file_still_loads(tmp_path: Path, channels: int) -> N
     assert score.shape == (1,) and amap.shape == (1, 1, 64, 64)
 
 
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("model", "smoothing_size", 4),  # an even box shifts every map by half a pixel, silently
+    ("model", "score_pool", 0),  # loaded, then failed at the first frame
+    ("data", "image_size", 72),  # not a multiple of 16
+    ("backbone", "exposure_max_gain", 3.0),  # a limit without the gain it limits
+])
+def test_model_settings_a_training_run_refuses_are_refused_in_a_model_file(tmp_path: Path, channels: int,
+                                                                            section: str, key: str,
+                                                                            value: Any) -> None:
+    """A model file edited by hand (or written by a tool that skipped the checks) is held to the same rules as the
+    training run for what shapes its model and maps; its training-only settings no longer matter."""
+    payload = _small_model(channels)
+    payload["config"][section][key] = value
+    message = _refusal(load_detector, _save(payload, tmp_path))
+    assert f"{section}.{key}" in message
+    payload = _small_model(channels)
+    payload["config"]["train"]["batch_size"] = 1  # a training-only setting: the model still loads
+    load_detector(_save(payload, tmp_path, "training_only.pt"))
+
+
 def test_map_scales_that_are_no_list_are_one_clear_error(tmp_path: Path, channels: int) -> None:
     """A file written before the multi-scale map gets gains of 1 per scale; a map_scales that is no list made that
     upgrade raise a bare TypeError (a traceback) before the config could name the setting."""

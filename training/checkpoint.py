@@ -338,8 +338,8 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> tuple
 def _build_detector(path: str | Path, payload: dict[str, Any]) -> GRADDetector:
     """The detector a checkpoint's payload describes, on the CPU (sets ``payload["resolved_config"]``)."""
     cfg = config_from_dict(payload["config"])
-    try:  # before anything is built: these settings size what the model allocates
-        cfg.check_sizes()
+    try:  # before anything is built: these settings size what the model allocates and shape its maps
+        cfg.check_model_settings()
     except ConfigError as exc:
         raise CheckpointError(f"refusing to load {path}: {exc}") from None
     embedded = payload.get("extractor_state_dict")

@@ -239,17 +239,15 @@ class RunConfig:
              f"at most {MAX_MAP_SCALES} sizes, each at most {MAX_KERNEL_SIZE}"),
         ]
 
-    def check_sizes(self) -> None:
-        """Only :meth:`size_checks` (a model file's settings, before its model is built); ConfigError naming the
-        setting."""
-        self._raise_first(self.size_checks())
+    def check_model_settings(self) -> None:
+        """:meth:`model_checks` and :meth:`size_checks` only: what a model file's settings must pass before its model
+        is built (its training settings no longer matter); ConfigError naming the setting."""
+        self._raise_first(self.model_checks() + self.size_checks())
 
-    def validate(self) -> None:
-        """Range checks that types alone cannot express; raises ConfigError naming the setting."""
-        checks = [
-            ("train.batch_size", self.train.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
-            ("train.stage1_epochs", self.train.stage1_epochs >= 0, "must be >= 0"),
-            ("train.stage2_epochs", self.train.stage2_epochs >= 1, "must be >= 1"),
+    def model_checks(self) -> list[tuple[str, bool, str]]:
+        """(setting, ok, why) of the settings that shape the model and its inference (input, extractor, map head):
+        a model file edited by hand or written elsewhere is held to them too, not only a training run."""
+        return [
             ("data.image_size", self.data.image_size >= 32 and self.data.image_size % 16 == 0,
              "must be a multiple of 16, at least 32"),
             ("model.smoothing_size", self.model.smoothing_size % 2 == 1 and self.model.smoothing_size > 0,
@@ -269,6 +267,14 @@ class RunConfig:
             # a limit without the gain would be stored in the model file and change nothing: say so
             ("backbone.exposure_max_gain", self.backbone.exposure_max_gain is None or self.backbone.exposure == "gain",
              "limits backbone.exposure=gain only: set that too, or leave the limit null"),
+        ]
+
+    def validate(self) -> None:
+        """Range checks that types alone cannot express; raises ConfigError naming the setting."""
+        checks = [
+            ("train.batch_size", self.train.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
+            ("train.stage1_epochs", self.train.stage1_epochs >= 0, "must be >= 0"),
+            ("train.stage2_epochs", self.train.stage2_epochs >= 1, "must be >= 1"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),
@@ -296,7 +302,7 @@ class RunConfig:
             ("data.defect_masks", not self.data.defect_masks or bool(self.data.defects),
              "needs data.defects (--masks needs --defects: the masks belong to the defect images)"),
         ]
-        self._raise_first(checks + self.size_checks())
+        self._raise_first(self.model_checks() + checks + self.size_checks())
 
     def _raise_first(self, checks: list[tuple[str, bool, str]]) -> None:
         for name, ok, why in checks:
