@@ -15,8 +15,11 @@ from gradad.config_values import coerce_setting
 from gradad.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift")
+INPAINT_METHODS = ("telea", "navier_stokes", "mean", "shift", "median")
 ADAN_SCALES = ("image", "pixel", "floored")
+#: largest "median" inpainting window: OpenCV's uint8 median is exact for any odd size; beyond ~1/4 of the 256-px
+#: input the window holds more of the next structure than of the background around a defect
+MAX_MEDIAN_PX = 99
 #: Most mixture components a pixel prior may have (refine.mog_components, and any prior file a bundle brings). The
 #: prior term allocates components x 3 x H x W floats per image (objective.mog_penalty): a prior within the file's
 #: byte cap but with 200 000 components would ask for ~150 GB at 256 x 256; grad-refine prepare fits 5.
@@ -90,6 +93,7 @@ class RefineConfig:
     inpaint: str = "telea"
     inpaint_radius_px: int = 5
     shift_search_px: int = 24  # "shift" inpainting: largest offset searched (pixels, both axes)
+    median_px: int = 15  # "median" inpainting: window side (odd, pixels at the model input)
     # --- local gradient sharing (bilateral 5x5) ----------------------------------------------------------------
     share_kernel: int = 5
     share_sigma_space: float = 1.0  # pixels
@@ -214,6 +218,8 @@ class RefineConfig:
                 problems.append(f"{name}={getattr(self, name)} (must be in [0, 1])")
         if self.share_kernel < 1 or self.share_kernel % 2 == 0:
             problems.append(f"share_kernel={self.share_kernel} (must be odd and >= 1)")
+        if not 3 <= self.median_px <= MAX_MEDIAN_PX or self.median_px % 2 == 0:
+            problems.append(f"median_px={self.median_px} (must be odd, 3 to {MAX_MEDIAN_PX})")
         if not 1.0 <= self.step_min <= self.step_max:
             problems.append(f"step_min/step_max={self.step_min}/{self.step_max} (need 1 <= min <= max)")
         if len(self.betas) != 3 or not all(0.0 <= b < 1.0 for b in self.betas):

@@ -319,7 +319,7 @@ class Refiner:
         cores = list(cores) if cores is not None else [None] * len(images)
         starts_masks = [dilate(c, cfg.start_dilation_px) for c, cfg in zip(coarse, configs)]
         regions = [dilate(m, self.config.region_dilation_px) for m in starts_masks]
-        starts = [inpaint(img, m, cfg.inpaint, cfg.inpaint_radius_px, cfg.shift_search_px)
+        starts = [inpaint(img, m, cfg.inpaint, cfg.inpaint_radius_px, cfg.shift_search_px, cfg.median_px)
                   for img, m, cfg in zip(images, starts_masks, configs)]
         x = self._normalise(np.stack(images))
         region = torch.from_numpy(np.stack(regions)[:, None].astype(np.float32)).to(self.device)

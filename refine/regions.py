@@ -81,16 +81,24 @@ def trim_spurs(mask: np.ndarray, radius_px: int) -> np.ndarray:
     return np.where(trimmed[labels], opened, mask)
 
 
-def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int, search_px: int = 24) -> np.ndarray:
+def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int, search_px: int = 24,
+            median_px: int = 15) -> np.ndarray:
     """Fill ``mask`` of an (H, W, 3) uint8 RGB image from its surroundings (x_n initialisation).
 
     ``mean`` fills with the mean colour of a ring just outside the mask: a fallback that makes no texture claims.
     ``shift`` copies the image's own texture (see :func:`shift_fill`); ``search_px`` is its search range.
+    ``median`` takes each masked pixel from the image's ``median_px`` x ``median_px`` median: spots and lines
+    narrower than half the window vanish while the background's edges and brightness gradients stay where they
+    are (a diffusion fill smears a gradient across the whole mask, so x - x_n is large everywhere in it).
     """
     if not mask.any():
         return image.copy()
     if method == "shift":
         return shift_fill(image, mask, radius_px, search_px)
+    if method == "median":
+        out = image.copy()
+        out[mask] = cv2.medianBlur(np.ascontiguousarray(image), median_px)[mask]
+        return out
     if method == "mean":
         ring = dilate(mask, max(1, radius_px)) & ~mask
         source = image[ring] if ring.any() else image[~mask] if (~mask).any() else image.reshape(-1, 3)

@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from gradad.data.datasets import load_samples
+from gradad.errors import ConfigError
 from gradad.refine.bundle_files import load_refine_parts, prepare_bundle, tuning_images, write_class_settings
 from gradad.refine.config import RefineConfig
 from gradad.refine.prior import fit_pixel_prior
 from gradad.refine.refiner import Refiner, finish_mask, mask_from_norm, pixel_mask
-from gradad.refine.regions import confident_core, dilate, interior, shift_fill, start_mask, trim_spurs
+from gradad.refine.regions import (confident_core, dilate, inpaint, interior, shift_fill, start_mask,
+                                    trim_spurs)
 from gradad.refine.tuning import best_tau, breakeven_lambda0, calibrate_tau
 from gradad.training.features import load_images
 
@@ -328,6 +330,25 @@ def test_shift_fill_copies_texture_from_a_matching_offset():
     filled = shift_fill(damaged, mask, ring_px=3, search_px=16)
     assert np.array_equal(filled[mask], stripes[mask])  # texture restored exactly (offset multiple of 4 in x)
     assert np.array_equal(filled[~mask], damaged[~mask])
+
+
+def test_median_fill_removes_a_spot_and_keeps_the_gradient_under_it():
+    ramp = np.repeat(np.linspace(40, 220, 64).round().astype(np.uint8)[None, :, None], 64, axis=0).repeat(3, axis=2)
+    spotted = ramp.copy()
+    spotted[30:34, 40:44] = 0  # a 4x4 dark spot on a brightness gradient
+    mask = np.zeros((64, 64), bool)
+    mask[22:42, 32:52] = True  # an over-covering start mask, as the coarse map gives
+    filled = inpaint(spotted, mask, "median", radius_px=5, median_px=9)
+    assert np.array_equal(filled[~mask], spotted[~mask])
+    residual = np.abs(spotted.astype(int) - filled.astype(int)).max(axis=2)
+    assert residual[30:34, 40:44].min() > 100  # the spot is what x - x_n holds...
+    residual[30:34, 40:44] = 0
+    assert residual.max() <= 6  # ...and little else: the ramp (2.9 grey levels a pixel) stays where it is
+    telea = np.abs(spotted.astype(int) - inpaint(spotted, mask, "telea", radius_px=5).astype(int)).max(axis=2)
+    telea[30:34, 40:44] = 0
+    assert telea[mask].mean() > 10 * residual[mask].mean()  # a diffusion fill flattens the ramp over the mask
+    with pytest.raises(ConfigError, match="median_px"):
+        RefineConfig(median_px=8)
 
 
 def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny_demo_root, tmp_path):
