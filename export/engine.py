@@ -55,11 +55,11 @@ def load_parity_images(bundle: Bundle, images_dir: str | Path, max_images: int =
         DatasetError: the folder is missing or holds no images, or an image cannot be decoded.
     """
     files = list_image_files(images_dir, "--parity-images")[:max_images]
-    try:
-        images = [read_image_rgb(f) for f in files]
+    try:  # each image made the model input as it is read: 32 large photographs held whole would take gigabytes
+        batch = np.concatenate([to_model_input([read_image_rgb(f)], *bundle.input.hw) for f in files])
     except DatasetError as exc:  # name the option: the message alone names a file, not what it was given for
         raise DatasetError(f"--parity-images {images_dir}: {exc}") from None
-    return ParityImages(to_model_input(images, *bundle.input.hw), f"{len(files)} images from {images_dir}")
+    return ParityImages(batch, f"{len(files)} images from {images_dir}")
 
 
 def engine_parity(bundle: Bundle, engine: Backend, images: ParityImages | str | Path,

@@ -4,6 +4,7 @@ RefineConfig): the same ``--set`` string means the same value in every command."
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
@@ -43,6 +44,25 @@ class _NoAliasLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+#: largest settings file read (a run config or a line file is a few KB; PyYAML's pure-Python reader takes seconds
+#: a megabyte, so a huge file would hang a command before any check could name it)
+SETTINGS_FILE_MAX_BYTES = 1 << 20
+
+
+def read_settings_text(path: str | Path) -> str:
+    """A settings file's text: at most :data:`SETTINGS_FILE_MAX_BYTES`, UTF-8. ``OSError`` when it cannot be read,
+    ``yaml.YAMLError`` saying what is wrong otherwise (the callers report both naming the file)."""
+    with open(path, "rb") as f:
+        raw = f.read(SETTINGS_FILE_MAX_BYTES + 1)
+    if len(raw) > SETTINGS_FILE_MAX_BYTES:
+        raise yaml.YAMLError(f"larger than {SETTINGS_FILE_MAX_BYTES // 1024} KB: not a settings file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise yaml.YAMLError(f"not UTF-8 text (a byte that is not UTF-8 on line {line})") from None
+
+
 def load_settings_file(text: str) -> Any:
     """A YAML or JSON settings file's content (plain values only, no aliases, no key twice in one mapping); errors
     are ``yaml.YAMLError``."""
@@ -50,6 +70,8 @@ def load_settings_file(text: str) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except ValueError as exc:  # an integer of more than 4300 digits: int() refuses it (CVE-2020-10735)
         raise yaml.YAMLError(f"a value cannot be read ({str(exc).split(':')[0]})") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise yaml.YAMLError("nested too deeply (hundreds of levels of lists or mappings)") from None
 
 
 def yaml_error_text(exc: yaml.YAMLError) -> str:

@@ -37,12 +37,37 @@ def _redact_query(tail: str) -> str:
     return query + (f"#{REDACTED}" if hash_mark else "")
 
 
+#: A path segment that may be a token (Slack, Teams and Discord webhooks carry theirs in the path, UniFi Protect's
+#: RTSP streams a 16-character one): 16 or more URL-safe characters ...
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{16,}")
+
+
+def looks_like_token(segment: str) -> bool:
+    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name; a
+    camera's ``h264Preview_01_main`` is hidden too: hiding a name costs less than showing a token)."""
+    return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
+                                                         or (segment.lower() != segment != segment.upper()))
+
+
+def _redact_path(path: str) -> str:
+    """A URL path with token-like segments and the values of ``;name=value`` parameters (``;jsessionid=...``)
+    hidden."""
+    parts = []
+    for segment in path.split("/"):
+        name, *params = segment.split(";")
+        name = REDACTED if looks_like_token(name) else name
+        parts.append(";".join([name, *(f"{k}={REDACTED}" if sep else REDACTED
+                                       for k, sep, _v in (q.partition("=") for q in params))]))
+    return "/".join(parts)
+
+
 def redact_url(url: str, hide_path: bool = False) -> str:
     """``url`` with user name, password, token-only user part, query values and fragment replaced by ``***``.
 
     ``rtsp://admin:p@ss/w0rd@10.0.0.5/live?token=abc`` -> ``rtsp://admin:***@10.0.0.5/live?token=***``. The user
     name is kept when a password follows it (it helps to tell cameras apart); a user part without ``:`` is
-    treated as a token and hidden. ``hide_path`` hides the path too, for webhook URLs, which often carry their
+    treated as a token and hidden. Path segments that look like tokens (:func:`looks_like_token`) and ``;name=``
+    parameter values are hidden; ``hide_path`` hides the whole path, for webhook URLs, which often carry their
     token there (``https://hooks.slack.com/services/T/B/SECRET`` -> ``https://hooks.slack.com/***``). Text that
     is not a URL (no ``scheme://``) is returned unchanged.
     """
@@ -58,10 +83,15 @@ def redact_url(url: str, hide_path: bool = False) -> str:
     head = rest[:cut]
     if hide_path and "/" in head and head.partition("/")[2]:
         head = head.partition("/")[0] + "/" + REDACTED
+    elif "/" in head:
+        host, _, path = head.partition("/")
+        head = host + "/" + _redact_path(path)
     return scheme + head + _redact_query(rest[cut:])
 
 
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+#: a URL in text: a quoted one up to its closing quote (its password may hold a space), else up to white space
+_URL_IN_TEXT = re.compile(r"(?<=\")[a-zA-Z][a-zA-Z0-9+.-]*://[^\"]*(?=\")|(?<=')[a-zA-Z][a-zA-Z0-9+.-]*://[^']*(?=')"
+                          r"|[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
 #: ``name=value`` properties whose value is a secret: the name, or its last ``-``/``_``/``.`` part, is a secret word
@@ -69,13 +99,12 @@ _URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 #: kept, the value (quoted or not) hidden. ``bypass=``, ``passthrough=`` or ``key-int-max=`` are left alone.
 _SECRET_PROPERTY = re.compile(
     r"(?i)(?<![\w.-])((?:[a-z0-9]+[-_.])*(?:pw|pass|passwd|password|passphrase|secret|token|cookies?|key|apikey|"
-    r"auth|authorization|credentials?))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
+    r"auth|authorization|credentials?|headers?))(\s*=\s*)(\"[^\"]*\"|'[^']*'|[^\s!]+)")
 
 
 def redact_secrets_in(text: str) -> str:
     """``text`` (a source, an error message) with every URL in it (e.g. ``rtspsrc location=rtsp://u:p@cam/live !
     ...``) passed through :func:`redact_url`, and the values of secret-looking properties (``user-pw=...``,
-    ``proxy-pw=...``; ``extra-headers="Authorization: ..."`` is not matched by name, so keep headers out of
-    pipelines) hidden."""
+    ``proxy-pw=...``, ``extra-headers="Authorization: ..."``) hidden."""
     text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
     return _SECRET_PROPERTY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)

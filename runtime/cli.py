@@ -24,6 +24,7 @@ import click
 from gradad.bundle import check_refine_class, warn_refine_settings
 from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
 from gradad.errors import GradError
+from gradad.files import atomic_write_text
 from gradad.process_memory import peak_rss_mb
 from gradad.runtime.outage import GIVE_UP_TIMEOUT, MIN_BACKOFF_S
 from gradad.urls import REDACTED, redact_url, redact_secrets_in
@@ -651,7 +652,7 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
     text = json.dumps(summary, indent=2)
     if bench.benchmark_out:
         Path(bench.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(bench.benchmark_out).write_text(text + "\n")
+        atomic_write_text(bench.benchmark_out, text + "\n")  # a link at the name is replaced, never written through
         click.echo(f"benchmark summary: {bench.benchmark_out}", err=True)
     else:
         click.echo(text)

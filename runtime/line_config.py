@@ -35,9 +35,9 @@ from typing import Any, Literal
 
 import yaml
 
-from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
+from gradad.config_values import coerce_setting, load_settings_file, read_settings_text, yaml_error_text
 from gradad.errors import ConfigError, GradError
-from gradad.urls import REDACTED, redact_url, redact_secrets_in
+from gradad.urls import REDACTED, looks_like_token, redact_url, redact_secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(grad-run parameter defaults, extra webhook settings) from a line file; unknown keys are an error."""
     where = f"--config {path}"
     try:
-        data = load_settings_file(Path(path).read_text()) or {}
+        data = load_settings_file(read_settings_text(path)) or {}
     except OSError as exc:
         raise GradError(f"{where}: cannot read it ({exc})") from None
     except yaml.YAMLError as exc:
@@ -118,7 +118,9 @@ def read_line_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if section == "sinks.webhook":
             webhook = {k: _webhook_option(k, node[k], where) for k in WEBHOOK_OPTIONS if k in node}
     secrets = [what for what, held in (("the MQTT password", defaults.get("mqtt_password") not in (None, REDACTED)),
-                                       ("webhook credentials (sinks.webhook.url)", _webhook_secret(defaults)))
+                                       ("webhook credentials (sinks.webhook.url)", _webhook_secret(defaults)),
+                                       ("source credentials", any(redact_secrets_in(str(source)) != str(source)
+                                                                  for source in defaults.get("sources") or ())))
                if held]
     if secrets:
         _warn_if_others_can_read(Path(path), " and ".join(secrets))
@@ -134,17 +136,6 @@ def _warn_if_others_can_read(path: Path, what: str) -> None:
                     path)
 
 
-#: A path segment that may be a token (Slack, Teams and Discord webhooks carry theirs in the path): 20 or more
-#: URL-safe characters ...
-_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
-
-
-def _looks_like_token(segment: str) -> bool:
-    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name)."""
-    return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
-                                                         or (segment.lower() != segment != segment.upper()))
-
-
 def _webhook_secret(defaults: dict[str, Any]) -> bool:
     """True when the file's webhook URL carries a secret: ``user:password@``, a query or fragment (``?key=``), or
     a token-like path segment."""
@@ -152,7 +143,7 @@ def _webhook_secret(defaults: dict[str, Any]) -> bool:
     if not url:
         return False
     path = urllib.parse.urlsplit(url).path
-    return redact_url(url) != url or any(_looks_like_token(part) for part in path.split("/"))
+    return redact_url(url) != url or any(looks_like_token(part) for part in path.split("/"))
 
 
 #: grad-run parameters whose values --print-config may write with ``***`` in place of a secret.
@@ -180,7 +171,8 @@ def holds_placeholder(param: str, value: Any) -> bool:
 #: Where --print-config's redaction puts ``***`` (gradad.urls): ``user:***@`` / ``//***@``, a query or property
 #: value ``=***`` or a bare query item, a fragment ``#***``, a hidden webhook path ``host/***``; a real value that
 #: merely contains ``***`` (a password ``Pa***word``) is not one.
-_PLACEHOLDER = re.compile(r"(?:^|[/:])\*\*\*@|=\*\*\*(?=$|[&#\s!\"'])|[?&]\*\*\*(?=$|[&#])|#\*\*\*$|/\*\*\*(?=$|[?#\s])")
+_PLACEHOLDER = re.compile(r"(?:^|[/:])\*\*\*@|=\*\*\*(?=$|[&#\s!\"'/;])|[?&;]\*\*\*(?=$|[&#/;])|#\*\*\*$"
+                          r"|/\*\*\*(?=$|[/?#;\s])")
 
 
 def placeholder_error(where: str, param: str) -> GradError:

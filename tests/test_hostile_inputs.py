@@ -415,6 +415,27 @@ def test_one_redaction_for_every_url() -> None:
     assert "secret" not in redact_secrets_in("rtspsrc location=rtsp://u:secret@cam/x ! appsink")
 
 
+@pytest.mark.parametrize(("source", "secret", "kept"), [
+    ("rtsps://nvr.local:7441/ABCdef1234567890XYZabc?enableSrtp", "ABCdef1234567890", "/***?"),  # a path token
+    ("rtsp://cam.local/live;jsessionid=SESSION42", "SESSION42", "/live;jsessionid=***"),
+    ('rtspsrc location="rtsp://adm:pa ss@cam/x" ! appsink', "pa ss", 'location="rtsp://adm:***@cam/x"'),
+    ("rtspsrc location=rtsp://cam/x extra-headers=\"Authorization: Bearer SUPERSECRET\" ! appsink", "SUPERSECRET",
+     "extra-headers=***"),
+    ("rtsp://cam.local/Streaming/Channels/101", None, "/Streaming/Channels/101"),  # names stay readable
+])
+def test_secrets_in_a_source_are_hidden_wherever_it_is_shown(source: str, secret: str | None, kept: str) -> None:
+    """A security review found a UniFi-style path token, a ;jsessionid, a quoted password with a space and an
+    Authorization header shown in full in --print-config, logs and every record's "source"."""
+    from gradad.runtime.line_config import holds_placeholder
+    from gradad.urls import redact_secrets_in
+
+    shown = redact_secrets_in(source)
+    assert kept in shown, shown
+    if secret is not None:
+        assert secret not in shown
+        assert holds_placeholder("sources", [shown])  # the redacted text fed back is refused, not run
+
+
 def test_webhook_logs_hide_credentials(caplog) -> None:
     from gradad.runtime.sinks import WebhookSink
 

@@ -165,6 +165,27 @@ def test_bad_line_file_values_are_one_clear_error(bundle: Path, tmp_path: Path, 
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"sources: " + b"[" * 2000 + b"]" * 2000 + b"\n", "nested too deeply"),
+    (b"threshold: 20\nsources: ['caf\xe9']\n", "not UTF-8 text (a byte that is not UTF-8 on line 2)"),
+    (b"# padding\n" * 200_000, "larger than 1024 KB"),
+])
+def test_a_hostile_settings_file_is_one_clear_error(bundle: Path, tmp_path: Path, content: bytes,
+                                                    message: str) -> None:
+    """Deep nesting made PyYAML's composer raise RecursionError, and a byte that is not UTF-8 a
+    UnicodeDecodeError: tracebacks, in grad-run --config and grad-train --config alike."""
+    from gradad.errors import ConfigError
+    from gradad.training.config import load_config
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    result = CliRunner().invoke(run_main, [str(bundle), "--config", str(bad), "--print-config"])
+    assert result.exit_code == 2 and message in result.output and str(bad) in result.output, result.output
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as info:
+        load_config(bad)
+    assert str(bad) in str(info.value)
+
+
 @pytest.mark.parametrize(("value", "parsed"), [("broker", ("broker", 1883)), ("broker:1884", ("broker", 1884)),
                                                ("[::1]:1884", ("::1", 1884)), ("[::1]", ("::1", 1883)),
                                                ("fe80::1", ("fe80::1", 1883))])

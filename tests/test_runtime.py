@@ -163,11 +163,15 @@ def test_wrong_input_size_to_backend_is_a_clear_error(line: dict[str, Path]) -> 
 
 def test_benchmark_mode_writes_summary(line: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    out.symlink_to(precious)  # a link at the output's name is replaced, not written through
     result = CliRunner().invoke(run_main, [str(line["bundle"]), "--source", str(line["good"]), "--benchmark", "12",
                                            "--warmup", "2", "--benchmark-out", str(out), "--backend",
                                            "onnxruntime", "--threads", "2"])
     assert result.exit_code == 0, result.output
     summary = json.loads(out.read_text())
+    assert not out.is_symlink() and precious.read_text() == "keep me"
     assert summary["frames"] == 12 and summary["fps"] > 0
     assert summary["latency_ms"]["inference"]["p50"] > 0 and summary["backend"].startswith("onnxruntime")
 

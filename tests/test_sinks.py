@@ -102,6 +102,26 @@ def test_jsonl_partial_last_line_and_non_finite_values(tmp_path: Path) -> None:
     assert rec["frame_id"] == 2 and rec["score"] is None and rec["area"] == 0.25 and rec["boxes"] == [[1, 2, 3, 4]]
 
 
+@pytest.mark.parametrize("content", ["export PATH=$PATH:/opt/bin\n", "[1, 2]\n", "not json at all", "#!/bin/sh\n{}\n"])
+def test_jsonl_refuses_to_append_to_a_file_that_holds_something_else(tmp_path: Path, content: str) -> None:
+    """A line file naming ~/.bashrc as its JSONL output would get records appended, and a record's "name" (a file
+    name someone else chose, e.g. '$(cmd).png') would run at the next shell start."""
+    path = tmp_path / "bashrc"
+    path.write_text(content)
+    with pytest.raises(GradError, match="refusing to append") as info:
+        JsonlSink(path)
+    assert str(path) in str(info.value)
+    assert path.read_text() == content  # untouched
+
+
+def test_jsonl_appends_after_a_first_line_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"frame_id": 0, "sco')  # the first run was killed while writing its first line
+    with JsonlSink(path) as sink:
+        sink.write(make_result(1, False))
+    assert strict_loads(path.read_text().splitlines()[1])["frame_id"] == 1
+
+
 def test_jsonl_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
     n, m = 300, 200
     path = tmp_path / "c.jsonl"
@@ -568,10 +588,47 @@ def test_webhook_refuses_a_url_whose_credentials_hide_its_host(url: str, caplog:
 
 
 @pytest.mark.parametrize("options", [{"timeout_s": 0}, {"timeout_s": "2s"}, {"queue_size": "lots"},
-                                     {"queue_size": 0}, {"timeout_s": True}])
+                                     {"queue_size": 0}, {"timeout_s": True},
+                                     {"timeout_s": 1e300}, {"queue_size": 10 ** 12}])  # from a line file
 def test_webhook_settings_are_checked(options: dict) -> None:
     with pytest.raises(GradError, match="webhook (timeout_s|queue_size)"):
         WebhookSink("http://127.0.0.1:9/x", **options)
+
+
+def test_webhook_reads_a_bounded_part_of_a_huge_reply() -> None:
+    """A hostile endpoint answering every POST with an endless body must not fill the station's memory."""
+    import gradad.runtime.sinks.network as network
+
+    served = []
+
+    class Endless(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.end_headers()  # no Content-Length: the body runs until the connection closes
+            chunk = b"x" * 65536
+            try:
+                for _ in range(4096):  # 256 MiB unless the client stops reading
+                    self.wfile.write(chunk)
+                    served.append(len(chunk))
+            except OSError:
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        sink = WebhookSink(f"http://127.0.0.1:{server.server_address[1]}/x", timeout_s=5.0, only_anomalous=False)
+        sink.write(make_result(0, True))
+        sink.close()
+        assert sink.sent == 1 and sink.failed == 0
+        # it stopped reading long before the 256 MiB (what the sockets' buffers took beside its read is the rest)
+        assert network.WEBHOOK_REPLY_BYTES <= sum(served) < 32 * 2 ** 20
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

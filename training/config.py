@@ -13,7 +13,7 @@ from typing import Any, Literal, get_type_hints
 import yaml
 
 from gradad.bundle import EXPOSURE_MAX_GAIN_RULE, EXPOSURE_RULES, exposure_gain_limit_ok
-from gradad.config_values import coerce_setting, load_settings_file, yaml_error_text
+from gradad.config_values import coerce_setting, load_settings_file, read_settings_text, yaml_error_text
 from gradad.errors import ConfigError
 from gradad.files import atomic_write_text
 from gradad.text import shown_value
@@ -377,7 +377,9 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = load_settings_file(path.read_text()) or {}
+        data = load_settings_file(read_settings_text(path)) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML/JSON: {yaml_error_text(exc)}") from None
     return config_from_dict(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import os
 import sys
@@ -19,11 +20,32 @@ from gradad.runtime.types import FrameResult
 log = logging.getLogger("gradad.runtime.sinks")
 
 
+#: how much of an existing file's start is read to see that it holds JSON lines (a record is ~1 KB)
+FIRST_LINE_BYTES = 1 << 20
+
+
+def _refuse_other_content(path: Path, head: bytes) -> None:
+    """Refuse to append to a file whose first line is not a JSON object: a line file (or a typo) naming a script,
+    a shell start-up file or any other document would otherwise get records appended to it, and a record's text
+    comes from file names and camera URLs that others choose. A first line cut short (a run killed while writing
+    it) still counts as JSON lines."""
+    first, newline, _ = head.partition(b"\n")
+    try:
+        ok = isinstance(json.loads(first), dict) if newline else first.lstrip().startswith(b"{")
+    except ValueError:
+        ok = False
+    if not ok:
+        raise GradError(f"JSONL output {path} already holds something other than gradad's JSON lines (its first "
+                        f"line is not a JSON record): refusing to append to it; name a new file or a .jsonl file "
+                        f"of an earlier run")
+
+
 class JsonlSink(SinkBase):
     """One JSON line per frame (``FrameResult.to_record()``), plus follow-up records via :meth:`write_record`.
 
     * The file is opened in **append** mode and never truncated: records of earlier runs are kept (data is never
-      lost); start a new file name per run if you want one file per run. If the existing file ends in a partial
+      lost); start a new file name per run if you want one file per run. An existing file that does not start
+      with a JSON record is refused, never appended to. If the existing file ends in a partial
       line (a previous run was killed mid-write), a newline is added first so every new line parses.
     * Every line is flushed as soon as it is written: SIGKILL or a power cut loses at most the line being
       written (plus whatever the OS had not yet written to disk, see ``fsync_every``); SIGTERM / Ctrl-C, which
@@ -64,6 +86,7 @@ class JsonlSink(SinkBase):
             needs_newline = False
             if p.is_file() and p.stat().st_size > 0:
                 with open(p, "rb") as f:
+                    _refuse_other_content(p, f.read(FIRST_LINE_BYTES))
                     f.seek(-1, os.SEEK_END)
                     needs_newline = f.read(1) != b"\n"
             self._fh = self._open()

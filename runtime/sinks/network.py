@@ -23,6 +23,15 @@ from gradad.urls import redact_url, redact_secrets_in, userinfo_end
 
 log = logging.getLogger("gradad.runtime.sinks")
 
+#: most of a webhook's reply that is read (the reply is not used; reading a little lets the connection close
+#: cleanly, and a hostile endpoint's endless or huge body cannot fill the memory)
+WEBHOOK_REPLY_BYTES = 64 * 1024
+#: longest webhook POST timeout: a larger one (1e300 from a line file) overflows the socket timeout, and a station
+#: that waits minutes for one record is better told that its endpoint is down
+WEBHOOK_MAX_TIMEOUT_S = 300.0
+#: most records a webhook keeps queued while its endpoint is down (each a few hundred bytes: 100 MB at most)
+WEBHOOK_MAX_QUEUE = 200_000
+
 
 def _is_loopback(host: str | None) -> bool:
     if not host:
@@ -156,10 +165,13 @@ class WebhookSink(_RecordSink):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
         _check_authority(url, parsed, self.label)
-        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise GradError(f"webhook queue_size must be an integer >= 1, got {queue_size!r}")
-        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
-            raise GradError(f"webhook timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+        if (isinstance(queue_size, bool) or not isinstance(queue_size, int)
+                or not 1 <= queue_size <= WEBHOOK_MAX_QUEUE):
+            raise GradError(f"webhook queue_size must be an integer from 1 to {WEBHOOK_MAX_QUEUE}, got {queue_size!r}")
+        if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                or not 0 < timeout_s <= WEBHOOK_MAX_TIMEOUT_S):
+            raise GradError(f"webhook timeout_s must be a number of seconds > 0 and at most "
+                            f"{WEBHOOK_MAX_TIMEOUT_S:g}, got {timeout_s!r}")
         self.url, self._headers = _split_credentials(parsed)
         if self._headers and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
             log.warning("webhook %s: user name and password go to %s unencrypted (http); use https", self.label,
@@ -215,7 +227,7 @@ class WebhookSink(_RecordSink):
         for name, value in self._headers.items():
             req.add_unredirected_header(name, value)  # never forwarded, even if a handler followed a redirect
         with self._opener.open(req, timeout=self.timeout_s) as resp:
-            resp.read()
+            resp.read(WEBHOOK_REPLY_BYTES)
 
     def _run(self) -> None:
         while True:
