@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
+from gradad.cli_utils import BUNDLE_FOLDER, CLI_CONTEXT, check_folder_writable, grad_command
 
 
 @click.command(context_settings=CLI_CONTEXT)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @click.option("--good", "good_dir", required=True, multiple=True, type=click.Path(),
               help="Folder of held-out GOOD images, repeatable (one per class for a unified model) "
               "(not used in training).")
@@ -44,8 +44,9 @@ def main(bundle_dir, good_dir, defect_dir, masks_dir, false_alarm_rate, target_r
     cfg = CalibrationConfig(false_alarm_rate=false_alarm_rate, target_recall=target_recall, method=method)
     cal = calibrate(engine, good_dir, defect_dir, masks_dir, cfg, bundle=bundle)
     click.echo(calibration_table(cal))
-    for w in cal.warnings or []:
-        click.echo(f"warning: {w}", err=True)
+    if cal.warnings:  # each was logged when found (above); repeating them doubled every warning in a log file
+        stored = "" if dry_run else ", stored with the thresholds (grad-export inspect shows them)"
+        click.echo(f"{len(cal.warnings)} warning(s) above{stored}", err=True)
     if not dry_run:
         path = store_calibration(bundle_dir, cal)
         click.echo(f"thresholds written to {path} (image {cal.image_threshold:.4f}, "

@@ -59,6 +59,15 @@ def main(model_path, data_roots, exclude, classes, layout, out_dir, name, figure
                                   exclude, trained_defect_paths(payload), tuned_defect_paths(payload),
                                   frozenset(payload.get("trained_good_digests") or ()))
     samples = selection.kept
+    if not samples:
+        raise GradError(f"no test images to evaluate on under {', '.join(map(str, roots))} (classes "
+                        f"{', '.join(wanted)}): grad-eval needs each class's test/ folder with good and defect images")
+    for class_name in sorted({s.class_name for s in samples}):
+        labels = {s.label for s in samples if s.class_name == class_name}
+        if labels != {0, 1}:
+            log.warning("class %s: its test images are all %s, so its image and pixel metrics cannot be computed "
+                        "(shown as -): they need good and defect images in its test split", class_name,
+                        "defects" if labels == {1} else "good")
     t0 = time.perf_counter()
     norm = payload["normalisation"]
     preds = predict(detector, samples, cfg.data.image_size, norm["mean"], norm["std"], dev, batch_size)

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command, printable, user_errors_as_exit
+from gradad.cli_utils import (BUNDLE_FOLDER, CLI_CONTEXT, check_folder_writable, grad_command, printable,
+                               user_errors_as_exit)
 from gradad.errors import GradError
 
 log = logging.getLogger("gradad.export")
@@ -19,7 +20,7 @@ _CTX = CLI_CONTEXT
 
 @click.group(context_settings=_CTX)
 def main() -> None:
-    """Export a trained GRAD model into a deployable bundle (DESIGN.md sections 5 and 6).
+    """Export a trained GRAD model into a deployable bundle (README: "Deploy: export, calibrate, run").
 
     \b
       grad-export onnx runs/demo/model.pt -o models/demo     # FP32 + FP16 ONNX, parity-checked
@@ -84,7 +85,7 @@ def onnx_command(checkpoint, out_dir, name, data_root, parity_images, parity_max
 
 
 @main.command("quantize", context_settings=_CTX)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @click.option("--calib", "calib", multiple=True, required=True, type=click.Path(file_okay=False),
               help="Folder of held-out good images to calibrate activation ranges on (repeatable).")
 @click.option("--calib-max-images", type=int, default=64, help="Calibration images, spread over the folders.")
@@ -127,7 +128,7 @@ def quantize_command(bundle_dir, calib, calib_max_images, data_roots, parity_max
 
 
 @main.command("build", context_settings=_CTX)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @click.option("--parity-images", required=True, type=click.Path(file_okay=False),
               help="Folder of real images: the engine must match ONNX Runtime FP32 on them or it is deleted.")
 @click.option("--fp16/--fp32", default=True, help="Engine precision.")
@@ -162,7 +163,7 @@ def build_command(bundle_dir, parity_images, fp16, int8, max_batch, opt_batch, p
 
 
 @main.command("inspect", context_settings=_CTX)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @click.option("--json", "as_json", is_flag=True, help="Print the whole bundle.json (the calibration's full record "
               "included: rules, image lists, score quantiles).")
 @click.option("--no-verify", is_flag=True, help="Skip re-hashing the files.")
@@ -188,7 +189,7 @@ def inspect_command(bundle_dir, as_json, no_verify) -> None:
 
 
 @main.command("trust", context_settings=_CTX)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @user_errors_as_exit
 def trust_command(bundle_dir) -> None:
     """Let this machine load BUNDLE_DIR's TensorRT engines although they were built elsewhere.

@@ -22,6 +22,23 @@ F = TypeVar("F", bound=Callable[..., Any])
 CLI_CONTEXT: dict[str, Any] = {"help_option_names": ["-h", "--help"], "show_default": True}
 
 
+class BundleFolder(click.Path):
+    """A bundle folder argument: a file given instead (model.pt, model.onnx) is refused saying what a bundle is
+    and which command writes one, not only click's "is a file"."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if os.path.isfile(value):
+            self.fail(f"{str(value)!r} is a file, not a bundle: a bundle is the folder grad-export writes "
+                      f"(grad-export onnx MODEL.pt -o models/NAME); pass that folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+BUNDLE_FOLDER = BundleFolder()
+
+
 def verbose_option(func: F) -> F:
     """The ``-v/--verbose`` flag (debug logging) of every grad-* command."""
     return click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(func)  # type: ignore[return-value]
@@ -76,6 +93,17 @@ def os_error_line(exc: OSError) -> str:
         name = Path(name).parent
     where = f"{name}: " if name is not None else ""
     return f"{where}{exc.strerror or exc}"
+
+
+class SettingsFileError(click.ClickException):
+    """A settings file's problem found while the command line is parsed (a callback, before
+    :func:`user_errors_as_exit` runs): the same one 'error: ...' line and exit code 2, without click's usage
+    banner (the message names the file and the setting; the usage says nothing about them)."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {printable(self.format_message())}", err=True)
 
 
 def user_errors_as_exit(func: F) -> F:

@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from gradad.bundle import check_bundle_class, warn_refine_settings
-from gradad.cli_utils import CLI_CONTEXT, check_folder_writable, grad_command
+from gradad.cli_utils import BUNDLE_FOLDER, CLI_CONTEXT, check_folder_writable, grad_command
 from gradad.errors import ConfigError, GradError
 from gradad.refine.config import RefineConfig, refine_config_from_dict
 from gradad.runtime.refine_result import STATUS_COARSE_KEPT
@@ -78,7 +78,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--bundle", "bundle_dir", required=True, type=BUNDLE_FOLDER,
               help="Model bundle (grad-export onnx) to prepare.")
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
               help="The model.pt the bundle was exported from (checked against the ONNX model).")
@@ -124,7 +124,7 @@ def prepare(bundle_dir, checkpoint, data_roots, classes, layout, max_images, ass
 
 
 @main.command()
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--bundle", "bundle_dir", required=True, type=BUNDLE_FOLDER,
               help="Calibrated bundle prepared with grad-refine prepare.")
 @click.option("--data", "data_root", required=True, type=click.Path(file_okay=False),
               help="Labelled dataset root (MVTec layout): the tuning split comes out of its test defects.")
@@ -306,7 +306,7 @@ def _save_outputs(out_dir: Path, stem: str, result: Any, original: np.ndarray) -
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--bundle", "bundle_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--bundle", "bundle_dir", required=True, type=BUNDLE_FOLDER,
               help="Bundle prepared with grad-refine prepare.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--pixel-threshold", type=float, help="Coarse-mask threshold [default: the bundle's calibrated one].")

@@ -262,5 +262,6 @@ def refine_config_from_dict(values: dict[str, Any]) -> RefineConfig:
     known = {f.name for f in fields(RefineConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)}")
+        raise ConfigError(f"refinement config: unknown setting(s) {', '.join(unknown)} (known: "
+                          f"{', '.join(sorted(known))})")
     return RefineConfig(**values)  # its __post_init__ coerces and checks every value

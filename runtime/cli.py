@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import click
 
 from gradad.bundle import check_refine_class, warn_refine_settings
-from gradad.cli_utils import CLI_CONTEXT, check_writable, setup_logging, user_errors_as_exit, verbose_option
+from gradad.cli_utils import (BUNDLE_FOLDER, CLI_CONTEXT, SettingsFileError, check_writable, setup_logging,
+                               user_errors_as_exit, verbose_option)
 from gradad.errors import GradError
 from gradad.files import atomic_write_text
 from gradad.process_memory import peak_rss_mb
@@ -117,21 +118,21 @@ def _load_line_config(ctx: click.Context, _param: click.Parameter, path: str | N
     try:
         defaults, webhook = read_line_config(path)
     except GradError as exc:  # the message names the file already: no "Invalid value for '--config'" before it
-        raise click.UsageError(str(exc), ctx) from None
+        raise SettingsFileError(str(exc)) from None
     by_name = {p.name: p for p in ctx.command.params}
     for name, value in defaults.items():  # ranges (threads >= 0, ...): click would blame a flag nobody gave
         if value is not None and name in by_name and name != "sources":
             try:
                 by_name[name].type.convert(value, by_name[name], ctx)
             except click.BadParameter as exc:
-                raise click.UsageError(f"--config {path}: setting {file_key(name)}: {exc.message}", ctx) from None
+                raise SettingsFileError(f"--config {path}: setting {file_key(name)}: {exc.message}") from None
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta["webhook_options"] = webhook
     ctx.meta["line_config"] = path
 
 
 @click.command(context_settings=CLI_CONTEXT, epilog=EPILOG)
-@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("bundle_dir", type=BUNDLE_FOLDER)
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
               callback=_load_line_config, help="Line file (YAML): sources, sinks incl. MQTT credentials and webhook "
               "settings, threshold, refinement, statistics; flags given here override it.")

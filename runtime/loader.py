@@ -67,13 +67,14 @@ def _log_tensorrt_fallback(bundle: Bundle, precision: str, exc: GradError) -> No
     A bundle problem (an engine whose hash does not match, one from elsewhere) and an engine of this precision
     that cannot run here (stamped for another TensorRT after a JetPack update, another GPU, TensorRT or cuda-python
     missing) are WARNINGs: the line silently runs on ONNX Runtime, often the CPU, at a fraction of the speed it was
-    set up for. A bundle without such an engine (a CPU box's bundle) is normal: INFO.
+    set up for. A bundle without such an engine (a CPU box's bundle) is normal: DEBUG (the backend's own INFO line
+    says what runs; a paragraph about TensorRT on every CPU run read like a problem).
     """
     from gradad.runtime.tensorrt_device import rebuild_command
 
     bundle_problem = isinstance(exc, (BundleError, UntrustedEngineError, TrustListError))
     if not (bundle_problem or bundle.engines_for(precision)):
-        log.info("TensorRT backend not used (%s); using ONNX Runtime", exc)
+        log.debug("TensorRT backend not used (%s); using ONNX Runtime", exc)
         return
     how = ""
     if "grad-export" not in str(exc):  # stamp, parity and trust refusals already name their fix

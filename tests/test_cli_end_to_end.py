@@ -49,6 +49,40 @@ def test_train_then_eval_writes_complete_metrics(tiny_demo_root: Path, tmp_path:
     assert cv2.imread(str(figures[0])).shape[1] == 3 * 64
 
 
+def test_good_images_only_get_the_right_next_step_not_a_table_of_dashes(tmp_path: Path, caplog) -> None:
+    """The README quick start's layout (mydata/<class>/good, no defects): grad-train pointed at grad-eval, which
+    printed every metric as '-' with exit 0 and no reason."""
+    folder = tmp_path / "mydata" / "widget" / "good"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(90, 110, (64, 64, 3), dtype=np.uint8))
+    result = CliRunner().invoke(train_main, _train_args(tmp_path / "mydata", tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "evaluate with" not in result.output
+    assert "no defect images in the data's test split" in result.output and "grad-calibrate" in result.output
+    result = CliRunner().invoke(eval_main, [str(tmp_path / "run" / "model.pt"), "-o", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert "class widget: its test images are all good" in caplog.text
+
+
+@pytest.mark.parametrize("command", ["grad-run", "grad-calibrate", "grad-export inspect", "grad-refine tune"])
+def test_a_model_file_where_a_bundle_folder_goes_says_what_a_bundle_is(tmp_path: Path, command: str) -> None:
+    from gradad.calibration.cli import main as calibrate_main
+    from gradad.export.cli import main as export_main
+    from gradad.refine.cli import main as refine_main
+    from gradad.runtime.cli import main as run_main
+
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"PK")
+    args = {"grad-run": (run_main, [str(model)]), "grad-calibrate": (calibrate_main, [str(model)]),
+            "grad-export inspect": (export_main, ["inspect", str(model)]),
+            "grad-refine tune": (refine_main, ["tune", "--bundle", str(model), "--data", str(tmp_path)])}[command]
+    result = CliRunner().invoke(*args)
+    assert result.exit_code == 2
+    assert "is a file, not a bundle" in result.output and "grad-export onnx MODEL.pt -o models/NAME" in result.output
+
+
 def test_wrong_root_is_one_clear_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(train_main, _train_args(tmp_path / "missing", tmp_path))
     assert "missing" in one_error_line(result)

@@ -585,7 +585,7 @@ def test_duplicate_calibration_images_count_once(tmp_path: Path, frames: Path) -
     assert any(c.name == "reencoded.jpg" or o.name == "reencoded.jpg" for c, o in copies)
 
 
-def test_calibrate_warns_and_counts_distinct(calibrated: Path, frames: Path, tmp_path: Path) -> None:
+def test_calibrate_warns_and_counts_distinct(calibrated: Path, frames: Path, tmp_path: Path, caplog) -> None:
     from gradad.calibration.cli import main as calibrate_main
 
     good = tmp_path / "good"
@@ -595,7 +595,9 @@ def test_calibrate_warns_and_counts_distinct(calibrated: Path, frames: Path, tmp
     b = _copy(calibrated, tmp_path)
     result = CliRunner().invoke(calibrate_main, [str(b), "--good", str(good), "--backend", "onnxruntime"])
     assert result.exit_code == 0, result.output
-    assert "11 of 12 good images are duplicates" in result.output
+    assert "11 of 12 good images are duplicates" in caplog.text  # logged once, when found
+    assert "warning(s) above, stored with the thresholds" in result.output
+    assert any("11 of 12 good images are duplicates" in w for w in read_manifest(b)["calibration"]["warnings"])
     assert read_manifest(b)["calibration"]["data"]["n_good"] == 1
 
 

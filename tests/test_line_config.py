@@ -105,6 +105,8 @@ def test_unknown_setting_is_one_clear_error(bundle: Path, tmp_path: Path) -> Non
     bad.write_text("sinks:\n  mqtt:\n    pasword: x\n")
     result = CliRunner().invoke(run_main, [str(bundle), "--config", str(bad), "--print-config"])
     assert result.exit_code == 2 and "unknown setting(s) pasword in sinks.mqtt" in result.output
+    # one 'error:' line, as the README promises for a bad setting (it was click's usage banner and three more)
+    assert result.output.startswith(f"error: --config {bad}: ") and result.output.count("\n") == 1, result.output
 
 
 def test_print_config_hides_credentials_of_sources_and_mqtt_host(bundle: Path, tmp_path: Path) -> None:

@@ -168,6 +168,6 @@ def test_prior_load_names_the_bad_file(tmp_path):
 def test_config_validation_names_the_setting():
     with pytest.raises(ConfigError, match="share_kernel"):
         RefineConfig(share_kernel=4)
-    with pytest.raises(ConfigError, match="unknown setting.*lamda"):
+    with pytest.raises(ConfigError, match=r"unknown setting.*lamda \(known: .*lambda0"):
         refine_config_from_dict({"lamda": 1})
     assert refine_config_from_dict(RefineConfig().to_dict()) == RefineConfig()

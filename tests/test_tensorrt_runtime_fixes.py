@@ -380,15 +380,18 @@ def test_auto_with_an_engine_but_no_tensorrt_warns_with_the_fix(tmp_path: Path, 
     assert f"rebuild it on this device with `grad-export build --fp16 {bundle}" in warning
 
 
-def test_auto_without_any_engine_stays_info(tmp_path: Path, monkeypatch, caplog, ort_stub) -> None:
-    """A CPU box's bundle (no engine at all) running on ONNX Runtime is normal: no warning."""
+def test_auto_without_any_engine_says_only_what_runs(tmp_path: Path, monkeypatch, caplog, ort_stub) -> None:
+    """A CPU box's bundle (no engine at all) running on ONNX Runtime is normal: no warning, and at INFO only the
+    backend that runs (the reason TensorRT was not used is there at DEBUG, for -v)."""
     bundle, _ = make_bundle(tmp_path, [])
     monkeypatch.setattr(tensorrt_backend, "import_tensorrt",
                         lambda: (_ for _ in ()).throw(TensorRTUnavailable("TensorRT not installed")))
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         loader.load_backend(bundle, "auto")
     assert _loader_records(caplog, logging.WARNING) == []
-    assert any("TensorRT backend not used" in m for m in _loader_records(caplog, logging.INFO))
+    assert not any("TensorRT" in m for m in _loader_records(caplog, logging.INFO))
+    assert any(m.startswith("backend ") for m in _loader_records(caplog, logging.INFO))
+    assert any("TensorRT backend not used" in m for m in _loader_records(caplog, logging.DEBUG))
 
 
 def test_backend_tensorrt_without_engine_or_tensorrt_does_not_suggest_a_build_that_fails(tmp_path: Path,

@@ -306,6 +306,8 @@ def test_config_errors_name_the_setting(tmp_path: Path) -> None:
         apply_set_options(cfg, ["model.fusion_block=transformer"])
     with pytest.raises(ConfigError, match="unknown setting 'model.nope'"):
         apply_set_options(cfg, ["model.nope=1"])
+    with pytest.raises(ConfigError, match="unknown setting 'batch_size', did you mean train.batch_size"):
+        apply_set_options(cfg, ["batch_size=8"])  # the section left out
     for bad in ("train.grad_clip=abc", "model.smoothing_sigma=abc", "train.lr_net=.nan", "train.lr_grid=.inf",
                 "fbp.intensity_std_range=[1, abc]", "train.fusion_weight=true"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.") + ".*finite number"):

@@ -92,8 +92,25 @@ def main(config_path, preset, data_roots, classes, output_dir, device, epochs, a
         click.echo(f"interrupted (Ctrl-C): {printable(exc, newlines=False)}", err=True)
         raise SystemExit(130) from None
     click.echo(f"model: {model_path}")
-    click.echo(f"evaluate with: grad-eval {model_path}")
+    click.echo(_next_step(cfg, model_path))
     log.debug("run dir %s", Path(cfg.output_dir).resolve())
+
+
+def _next_step(cfg: RunConfig, model_path: Path) -> str:
+    """What to run next: grad-eval where the data has labelled defects in its test split, else export and calibrate
+    (grad-eval would print a table of dashes: its metrics need good and defect test images)."""
+    from gradad.data.datasets import load_samples_from_roots
+
+    try:
+        has_defects = any(s.label == 1 for s in load_samples_from_roots(cfg.data.roots, "test", None,
+                                                                          cfg.data.layout))
+    except GradError:
+        has_defects = False
+    if has_defects:
+        return f"evaluate with: grad-eval {model_path}"
+    return (f"no defect images in the data's test split, so nothing for grad-eval to measure: export with "
+            f"grad-export onnx {model_path} -o models/NAME, then set its threshold on held-out good images with "
+            f"grad-calibrate models/NAME --good FOLDER")
 
 
 def _refuse_existing_run(run_dir: Path, cfg: RunConfig) -> None:

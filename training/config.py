@@ -347,6 +347,13 @@ def preset_config(name: str) -> RunConfig:
     return cfg
 
 
+def _did_you_mean(obj: Any, key: str, prefix: str) -> str:
+    """', did you mean train.batch_size?' for a bare ``batch_size`` that is a setting of a section of ``obj``."""
+    matches = [f"{prefix}{f.name}.{key}" for f in fields(obj)
+               if is_dataclass(getattr(obj, f.name)) and key in {g.name for g in fields(getattr(obj, f.name))}]
+    return f", did you mean {' or '.join(matches)}?" if matches else ""
+
+
 def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     if not isinstance(overrides, dict):
         raise ConfigError(f"setting {prefix.rstrip('.') or 'config'} must be a mapping")
@@ -355,7 +362,8 @@ def _apply(obj: Any, overrides: dict[str, Any], prefix: str) -> Any:
     for key, value in overrides.items():
         where = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"unknown setting {where!r} (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"unknown setting {where!r}{_did_you_mean(obj, key, prefix)} (known: "
+                              f"{', '.join(sorted(names))})")
         current = getattr(obj, key)
         if is_dataclass(current):
             _apply(current, value, where + ".")
