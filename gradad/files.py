@@ -46,6 +46,12 @@ def _create_exclusive(tmp: Path) -> int:
         return os.open(tmp, flags, 0o666)
 
 
+def is_stream_path(path: str | os.PathLike[str]) -> bool:
+    """``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``: the process's own stream, whatever file it was
+    redirected to; written through, never replaced by a file of its own nor read as a document."""
+    return str(Path(path).absolute()).startswith(("/dev/", "/proc/"))
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: Any, fsync: bool = False) -> None:
     """Write ``data`` (bytes or any buffer, e.g. a TensorRT IHostMemory) to ``path`` atomically."""
     with atomic_file(path, fsync) as fh:

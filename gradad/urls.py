@@ -37,25 +37,28 @@ def _redact_query(tail: str) -> str:
     return query + (f"#{REDACTED}" if hash_mark else "")
 
 
-#: A path segment that may be a token (Slack, Teams and Discord webhooks carry theirs in the path, UniFi Protect's
-#: RTSP streams a 16-character one): 16 or more URL-safe characters ...
-_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{16,}")
+#: A webhook path segment that may be a token (Slack, Teams and Discord carry theirs in the path): 20 or more
+#: URL-safe characters ...
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
+#: A stream path segment that is a token (UniFi Protect's RTSP streams: 16 letters and digits): 16 or more letters
+#: and digits, no separators, both kinds in it; a camera's stream name (``h264Preview_01_main``,
+#: ``Streaming/Channels/101``, ``ThisIsLongCameraName``) stays readable, so two channels can be told apart
+_STREAM_TOKEN = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
 
 
 def looks_like_token(segment: str) -> bool:
-    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name; a
-    camera's ``h264Preview_01_main`` is hidden too: hiding a name costs less than showing a token)."""
+    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name)."""
     return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
                                                          or (segment.lower() != segment != segment.upper()))
 
 
 def _redact_path(path: str) -> str:
-    """A URL path with token-like segments and the values of ``;name=value`` parameters (``;jsessionid=...``)
-    hidden."""
+    """A URL path with token segments (:data:`_STREAM_TOKEN`) and the values of ``;name=value`` parameters
+    (``;jsessionid=...``) hidden."""
     parts = []
     for segment in path.split("/"):
         name, *params = segment.split(";")
-        name = REDACTED if looks_like_token(name) else name
+        name = REDACTED if _STREAM_TOKEN.fullmatch(name) else name
         parts.append(";".join([name, *(f"{k}={REDACTED}" if sep else REDACTED
                                        for k, sep, _v in (q.partition("=") for q in params))]))
     return "/".join(parts)
@@ -66,8 +69,8 @@ def redact_url(url: str, hide_path: bool = False) -> str:
 
     ``rtsp://admin:p@ss/w0rd@10.0.0.5/live?token=abc`` -> ``rtsp://admin:***@10.0.0.5/live?token=***``. The user
     name is kept when a password follows it (it helps to tell cameras apart); a user part without ``:`` is
-    treated as a token and hidden. Path segments that look like tokens (:func:`looks_like_token`) and ``;name=``
-    parameter values are hidden; ``hide_path`` hides the whole path, for webhook URLs, which often carry their
+    treated as a token and hidden. Path segments that are tokens (16+ letters and digits, both kinds) and
+    ``;name=`` parameter values are hidden; ``hide_path`` hides the whole path, for webhook URLs, which often carry their
     token there (``https://hooks.slack.com/services/T/B/SECRET`` -> ``https://hooks.slack.com/***``). Text that
     is not a URL (no ``scheme://``) is returned unchanged.
     """
@@ -89,9 +92,10 @@ def redact_url(url: str, hide_path: bool = False) -> str:
     return scheme + head + _redact_query(rest[cut:])
 
 
-#: a URL in text: a quoted one up to its closing quote (its password may hold a space), else up to white space
-_URL_IN_TEXT = re.compile(r"(?<=\")[a-zA-Z][a-zA-Z0-9+.-]*://[^\"]*(?=\")|(?<=')[a-zA-Z][a-zA-Z0-9+.-]*://[^']*(?=')"
-                          r"|[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+#: a quoted URL up to its closing quote (its password may hold a space) ...
+_QUOTED_URL = re.compile(r"(?<=\")[a-zA-Z][a-zA-Z0-9+.-]*://[^\"]*(?=\")|(?<=')[a-zA-Z][a-zA-Z0-9+.-]*://[^']*(?=')")
+#: ... and any URL up to white space (a password may hold a quote: the quoted pass alone would stop at it)
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 
 #: ``name=value`` properties whose value is a secret: the name, or its last ``-``/``_``/``.`` part, is a secret word
@@ -106,5 +110,6 @@ def redact_secrets_in(text: str) -> str:
     """``text`` (a source, an error message) with every URL in it (e.g. ``rtspsrc location=rtsp://u:p@cam/live !
     ...``) passed through :func:`redact_url`, and the values of secret-looking properties (``user-pw=...``,
     ``proxy-pw=...``, ``extra-headers="Authorization: ..."``) hidden."""
-    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), str(text))
+    text = _QUOTED_URL.sub(lambda m: redact_url(m.group(0)), str(text))  # redacting twice changes nothing
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
     return _SECRET_PROPERTY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)

@@ -87,9 +87,10 @@ class RefineConfig:
     start_dilation_px: int = 4
     # optimisation region = start mask dilated by this radius (room to grow beyond the start)
     region_dilation_px: int = 6
-    # x_n init over the start mask: OpenCV Telea / Navier-Stokes, mean of the ring around the mask, or "shift":
-    # the mask filled with the image's own texture copied from the nearby offset whose surroundings match best
-    # (textured surfaces, where Telea's smooth fill looks more anomalous to GRAD than the defect).
+    # x_n init over the start mask: OpenCV Telea / Navier-Stokes, mean of the ring around the mask, "shift": the
+    # mask filled with the image's own texture copied from the nearby offset whose surroundings match best
+    # (textured surfaces, where Telea's smooth fill looks more anomalous to GRAD than the defect), or "median":
+    # the image's median over median_px (not compared by grad-refine tune; benchmarks/experiments, session 25).
     inpaint: str = "telea"
     inpaint_radius_px: int = 5
     shift_search_px: int = 24  # "shift" inpainting: largest offset searched (pixels, both axes)

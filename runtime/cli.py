@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 import click
 
 from gradad.bundle import check_refine_class, warn_refine_settings
-from gradad.cli_utils import (BUNDLE_FOLDER, CLI_CONTEXT, SettingsFileError, check_writable, setup_logging,
-                               user_errors_as_exit, verbose_option)
+from gradad.cli_utils import (BUNDLE_FOLDER, CLI_CONTEXT, SettingsFileError, check_folder_writable,
+                               check_writable, setup_logging, user_errors_as_exit, verbose_option)
 from gradad.errors import GradError
-from gradad.files import atomic_write_text
+from gradad.files import atomic_write_text, is_stream_path
 from gradad.process_memory import peak_rss_mb
 from gradad.runtime.outage import GIVE_UP_TIMEOUT, MIN_BACKOFF_S
 from gradad.urls import REDACTED, redact_url, redact_secrets_in
@@ -538,6 +538,8 @@ def _run(settings: RunSettings, stop: "StopFlag") -> None:
     bench = settings.benchmark
     if bench.benchmark_out:
         check_writable(bench.benchmark_out, "--benchmark-out")
+        if not is_stream_path(bench.benchmark_out):  # replaced atomically: a file is made beside it
+            check_folder_writable(Path(bench.benchmark_out).parent, "--benchmark-out: folder")
     opened, sinks, refine_stage = [], [], None
     stats, wall = LatencyStats(), 0.0
     try:
@@ -653,7 +655,10 @@ def _report(settings: RunSettings, summary: dict[str, Any], bundle: "Bundle", en
     text = json.dumps(summary, indent=2)
     if bench.benchmark_out:
         Path(bench.benchmark_out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(bench.benchmark_out, text + "\n")  # a link at the name is replaced, never written through
+        if is_stream_path(bench.benchmark_out):  # /dev/stdout: written through
+            Path(bench.benchmark_out).write_text(text + "\n")
+        else:  # a link at the name is replaced, never written through
+            atomic_write_text(bench.benchmark_out, text + "\n")
         click.echo(f"benchmark summary: {bench.benchmark_out}", err=True)
     else:
         click.echo(text)

@@ -37,6 +37,7 @@ import yaml
 
 from gradad.config_values import coerce_setting, load_settings_file, read_settings_text, yaml_error_text
 from gradad.errors import ConfigError, GradError
+from gradad.runtime.sinks.network import WEBHOOK_MAX_QUEUE, WEBHOOK_MAX_TIMEOUT_S
 from gradad.urls import REDACTED, looks_like_token, redact_url, redact_secrets_in
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,12 @@ def _webhook_option(key: str, value: Any, where: str) -> Any:
     if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
         wanted = " or ".join("true/false" if t is bool else t.__name__ for t in types)
         raise GradError(f"{where}: sinks.webhook.{key} must be {wanted}, got {value!r}")
+    # the sink's own limits, checked here so the error names the file and the key, before the bundle loads
+    if key == "timeout_s" and not 0 < value <= WEBHOOK_MAX_TIMEOUT_S:
+        raise GradError(f"{where}: sinks.webhook.timeout_s must be > 0 and at most {WEBHOOK_MAX_TIMEOUT_S:g} "
+                        f"seconds, got {value!r}")
+    if key == "queue_size" and not 1 <= value <= WEBHOOK_MAX_QUEUE:
+        raise GradError(f"{where}: sinks.webhook.queue_size must be from 1 to {WEBHOOK_MAX_QUEUE}, got {value!r}")
     return value
 
 

@@ -239,7 +239,7 @@ def test_a_real_small_model_file_still_loads(tmp_path: Path, channels: int) -> N
     ("model", "smoothing_size", 4),  # an even box shifts every map by half a pixel, silently
     ("model", "score_pool", 0),  # loaded, then failed at the first frame
     ("data", "image_size", 72),  # not a multiple of 16
-    ("backbone", "exposure_max_gain", 3.0),  # a limit without the gain it limits
+    ("backbone", "exposure_max_gain", 0.5),  # a gain limit below 1
 ])
 def test_model_settings_a_training_run_refuses_are_refused_in_a_model_file(tmp_path: Path, channels: int,
                                                                             section: str, key: str,

@@ -64,6 +64,11 @@ def test_good_images_only_get_the_right_next_step_not_a_table_of_dashes(tmp_path
     result = CliRunner().invoke(eval_main, [str(tmp_path / "run" / "model.pt"), "-o", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     assert "class widget: its test images are all good" in caplog.text
+    split = tmp_path / "split.json"  # every test image left out of scoring
+    split.write_text(json.dumps({"held_out": [str(p.resolve()) for p in sorted(folder.iterdir())]}))
+    result = CliRunner().invoke(eval_main, [str(tmp_path / "run" / "model.pt"), "--exclude", str(split),
+                                            "-o", str(tmp_path / "eval2")])
+    assert result.exit_code == 2 and "no test images to evaluate on" in result.output, result.output
 
 
 @pytest.mark.parametrize("command", ["grad-run", "grad-calibrate", "grad-export inspect", "grad-refine tune"])

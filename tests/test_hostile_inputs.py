@@ -422,6 +422,9 @@ def test_one_redaction_for_every_url() -> None:
     ("rtspsrc location=rtsp://cam/x extra-headers=\"Authorization: Bearer SUPERSECRET\" ! appsink", "SUPERSECRET",
      "extra-headers=***"),
     ("rtsp://cam.local/Streaming/Channels/101", None, "/Streaming/Channels/101"),  # names stay readable
+    ("rtsp://nvr:554/h264Preview_01_main", None, "/h264Preview_01_main"),  # two channels stay apart
+    ("rtsp://cam.local/live;SESSION42", "SESSION42", "/live;***"),
+    ("cannot open 'rtsp://u:pa'ss@cam/x'", "pa'ss", "'rtsp://u:***@cam/x'"),  # a quote inside the password
 ])
 def test_secrets_in_a_source_are_hidden_wherever_it_is_shown(source: str, secret: str | None, kept: str) -> None:
     """A security review found a UniFi-style path token, a ;jsessionid, a quoted password with a space and an

@@ -158,6 +158,10 @@ def test_a_line_file_with_the_mqtt_password_readable_by_others_is_warned_about(t
     ("sinks:\n  webhook: {url: 'http://h/x', queue_size: lots}\n", "sinks.webhook.queue_size must be int"),
     ("sinks:\n  webhook: {url: 'http://h/x', only_anomalous: 'false'}\n",
      "sinks.webhook.only_anomalous must be true/false"),
+    ("sinks:\n  webhook: {url: 'http://h/x', timeout_s: 1.0e+300}\n",
+     "sinks.webhook.timeout_s must be > 0 and at most 300 seconds"),
+    ("sinks:\n  webhook: {url: 'http://h/x', queue_size: 1000000000000}\n",
+     "sinks.webhook.queue_size must be from 1 to 200000"),
 ])
 def test_bad_line_file_values_are_one_clear_error(bundle: Path, tmp_path: Path, text: str, message: str) -> None:
     bad = tmp_path / "bad.yaml"

@@ -147,3 +147,21 @@ def test_the_format_reference_sets_no_threshold_and_says_its_units(tmp_path: Pat
     assert "calibration.image_threshold" in template and "grad-export inspect" in template
     assert "inspect" in export_main.commands  # the command the comment cites exists
     assert yaml.safe_load(template)  # plain YAML too
+
+
+def test_the_readme_line_file_is_valid_and_shows_every_key(tmp_path: Path) -> None:
+    """README's line-file example says it shows every key: it loads, and no key of the format is missing from it
+    (it had left out 15 when a review compared them)."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```yaml", readme.index("Every key (an unknown one is refused"))
+    block = readme[start + len("```yaml\n"):readme.index("```\n", start + 7)]
+    path = tmp_path / "line.yaml"
+    path.write_text(block.replace("password: ...", "password: s3cret"))
+    path.chmod(0o600)
+    defaults, webhook = line_config.read_line_config(path)
+    assert "threshold" not in defaults and set(webhook) == set(line_config.WEBHOOK_OPTIONS)
+    written = {*defaults, *(f"webhook_{k}" for k in webhook)}
+    expected = {*(name for keys in line_config.KEYS.values() for name in keys.values()),
+                *(f"webhook_{k}" for k in line_config.WEBHOOK_OPTIONS)} - {"threshold"}
+    assert expected - written == set()
+    assert "# threshold:" in block  # shown, commented out: a value there overrides the calibration

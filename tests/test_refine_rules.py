@@ -347,8 +347,9 @@ def test_median_fill_removes_a_spot_and_keeps_the_gradient_under_it():
     telea = np.abs(spotted.astype(int) - inpaint(spotted, mask, "telea", radius_px=5).astype(int)).max(axis=2)
     telea[30:34, 40:44] = 0
     assert telea[mask].mean() > 10 * residual[mask].mean()  # a diffusion fill flattens the ramp over the mask
-    with pytest.raises(ConfigError, match="median_px"):
-        RefineConfig(median_px=8)
+    for bad in (8, 1, 101):  # even, too small, beyond MAX_MEDIAN_PX
+        with pytest.raises(ConfigError, match="median_px"):
+            RefineConfig(median_px=bad)
 
 
 def test_class_settings_are_stored_and_used_per_image(bundle, trained_tiny, tiny_demo_root, tmp_path):

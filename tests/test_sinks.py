@@ -117,9 +117,14 @@ def test_jsonl_refuses_to_append_to_a_file_that_holds_something_else(tmp_path: P
 def test_jsonl_appends_after_a_first_line_cut_short(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     path.write_text('{"frame_id": 0, "sco')  # the first run was killed while writing its first line
-    with JsonlSink(path) as sink:
-        sink.write(make_result(1, False))
-    assert strict_loads(path.read_text().splitlines()[1])["frame_id"] == 1
+    for frame_id in (1, 2):  # the second run and the third (which finds the cut line followed by a record)
+        with JsonlSink(path) as sink:
+            sink.write(make_result(frame_id, False))
+    assert [strict_loads(line)["frame_id"] for line in path.read_text().splitlines()[1:]] == [1, 2]
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text("[" * 200_000 + "\n")
+    with pytest.raises(GradError, match="refusing to append"):  # not a RecursionError traceback
+        JsonlSink(nested)
 
 
 def test_jsonl_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
@@ -589,10 +594,15 @@ def test_webhook_refuses_a_url_whose_credentials_hide_its_host(url: str, caplog:
 
 @pytest.mark.parametrize("options", [{"timeout_s": 0}, {"timeout_s": "2s"}, {"queue_size": "lots"},
                                      {"queue_size": 0}, {"timeout_s": True},
-                                     {"timeout_s": 1e300}, {"queue_size": 10 ** 12}])  # from a line file
+                                     {"timeout_s": 1e300}, {"timeout_s": 300.001},
+                                     {"queue_size": 10 ** 12}])  # from a line file
 def test_webhook_settings_are_checked(options: dict) -> None:
     with pytest.raises(GradError, match="webhook (timeout_s|queue_size)"):
         WebhookSink("http://127.0.0.1:9/x", **options)
+
+
+def test_webhook_limits_are_inclusive() -> None:
+    WebhookSink("http://127.0.0.1:9/x", timeout_s=300, queue_size=200_000).close()
 
 
 def test_webhook_reads_a_bounded_part_of_a_huge_reply() -> None:

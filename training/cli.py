@@ -102,7 +102,7 @@ def _next_step(cfg: RunConfig, model_path: Path) -> str:
     from gradad.data.datasets import load_samples_from_roots
 
     try:
-        has_defects = any(s.label == 1 for s in load_samples_from_roots(cfg.data.roots, "test", None,
+        has_defects = any(s.label == 1 for s in load_samples_from_roots(cfg.data.roots, "test", cfg.data.classes,
                                                                           cfg.data.layout))
     except GradError:
         has_defects = False

@@ -264,9 +264,6 @@ class RunConfig:
              f"must be one of {', '.join(EXPOSURE_RULES)}"),
             ("backbone.exposure_max_gain", exposure_gain_limit_ok(self.backbone.exposure_max_gain),
              EXPOSURE_MAX_GAIN_RULE),
-            # a limit without the gain would be stored in the model file and change nothing: say so
-            ("backbone.exposure_max_gain", self.backbone.exposure_max_gain is None or self.backbone.exposure == "gain",
-             "limits backbone.exposure=gain only: set that too, or leave the limit null"),
         ]
 
     def validate(self) -> None:
@@ -275,6 +272,10 @@ class RunConfig:
             ("train.batch_size", self.train.batch_size >= 2, "must be >= 2 (BatchNorm needs two samples)"),
             ("train.stage1_epochs", self.train.stage1_epochs >= 0, "must be >= 0"),
             ("train.stage2_epochs", self.train.stage2_epochs >= 1, "must be >= 1"),
+            # a limit without the gain would be stored in the model file and change nothing: say so (a training
+            # run's check only: a model file that holds one still loads, the limit unused)
+            ("backbone.exposure_max_gain", self.backbone.exposure_max_gain is None or self.backbone.exposure == "gain",
+             "limits backbone.exposure=gain only: set that too, or leave the limit null"),
             ("fbp.probability", 0.0 <= self.fbp.probability <= 1.0, "must be in [0, 1]"),
             ("data.defect_holdout", 0.0 <= self.data.defect_holdout < 1.0, "must be in [0, 1)"),
             ("train.lr_step_fraction", 0.0 < self.train.lr_step_fraction <= 1.0, "must be in (0, 1]"),

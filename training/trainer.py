@@ -473,7 +473,9 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         best = _Best(**state["best"]) if state.get("best") else _Best()
         self._truncate_log(stage, epoch)
-        where = f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else "the end of stage 2 (fusion fit)"
+        where = (f"stage {STAGES[stage]} epoch {epoch}" if stage < len(STAGES) else
+                 "the end of stage 2: both stages are trained, so only the fits after them run again (map scales, "
+                 "fusion weight, image Gaussian) and model.pt is written again")
         log.info("resuming %s at %s", self.state_path, where)
         self.position = (stage, epoch)
         return stage, epoch, state["optimizer"], best

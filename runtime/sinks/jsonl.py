@@ -14,6 +14,7 @@ from typing import IO, Any
 
 
 from gradad.errors import GradError
+from gradad.files import is_stream_path
 from gradad.runtime.sinks.base import SinkBase, record_to_json
 from gradad.runtime.types import FrameResult
 
@@ -24,16 +25,23 @@ log = logging.getLogger("gradad.runtime.sinks")
 FIRST_LINE_BYTES = 1 << 20
 
 
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):  # RecursionError: '[' nested a hundred thousand deep
+        return False
+
+
 def _refuse_other_content(path: Path, head: bytes) -> None:
-    """Refuse to append to a file whose first line is not a JSON object: a line file (or a typo) naming a script,
+    """Refuse to append to a file that does not start with a JSON record: a line file (or a typo) naming a script,
     a shell start-up file or any other document would otherwise get records appended to it, and a record's text
     comes from file names and camera URLs that others choose. A first line cut short (a run killed while writing
-    it) still counts as JSON lines."""
-    first, newline, _ = head.partition(b"\n")
-    try:
-        ok = isinstance(json.loads(first), dict) if newline else first.lstrip().startswith(b"{")
-    except ValueError:
-        ok = False
+    it) still counts when it starts like a record and the line after it, if any, is one (the next run started on
+    a new line)."""
+    first, newline, rest = head.partition(b"\n")
+    second = rest.partition(b"\n")[0]
+    starts_like_one = first.lstrip(b"\xef\xbb\xbf \t").startswith(b"{")
+    ok = _is_record(first) or (starts_like_one and (not newline or _is_record(second)))
     if not ok:
         raise GradError(f"JSONL output {path} already holds something other than gradad's JSON lines (its first "
                         f"line is not a JSON record): refusing to append to it; name a new file or a .jsonl file "
@@ -86,7 +94,8 @@ class JsonlSink(SinkBase):
             needs_newline = False
             if p.is_file() and p.stat().st_size > 0:
                 with open(p, "rb") as f:
-                    _refuse_other_content(p, f.read(FIRST_LINE_BYTES))
+                    if not is_stream_path(p):  # /dev/stdout redirected to a log file: a stream, not a JSONL file
+                        _refuse_other_content(p, f.read(FIRST_LINE_BYTES))
                     f.seek(-1, os.SEEK_END)
                     needs_newline = f.read(1) != b"\n"
             self._fh = self._open()
