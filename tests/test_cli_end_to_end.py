@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -57,8 +58,10 @@ def test_good_images_only_get_the_right_next_step_not_a_table_of_dashes(tmp_path
     rng = np.random.default_rng(0)
     for i in range(10):
         cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(90, 110, (64, 64, 3), dtype=np.uint8))
-    result = CliRunner().invoke(train_main, _train_args(tmp_path / "mydata", tmp_path))
+    with caplog.at_level(logging.INFO, logger="gradad.data.datasets"):
+        result = CliRunner().invoke(train_main, _train_args(tmp_path / "mydata", tmp_path))
     assert result.exit_code == 0, result.output
+    assert "class widget: 2 of its 10 good images (every 5th) are kept out of training" in caplog.text
     assert "evaluate with" not in result.output
     assert "no defect images in the data's test split" in result.output and "grad-calibrate" in result.output
     result = CliRunner().invoke(eval_main, [str(tmp_path / "run" / "model.pt"), "-o", str(tmp_path / "eval")])
