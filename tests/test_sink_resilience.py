@@ -434,6 +434,32 @@ def test_over_files_a_full_writer_queue_waits_and_drops_nothing() -> None:
     assert dropped > 0 and live.dropped == dropped
 
 
+def test_a_writer_queue_is_bounded_in_bytes_too() -> None:
+    """Eight queued frames at the 100 MP decode cap would hold 2.4 GB per file sink: a live writer drops a frame
+    that would take its queue past ``max_bytes``, a writer over files waits for room, and one frame of any size
+    is taken into an empty queue."""
+    gate = threading.Event()
+    done: list[int] = []
+    live = BackgroundWriter("video test", lambda i: (gate.wait(5), done.append(i)), queue_size=8, max_bytes=100)
+    numbers = [live.submit(i, nbytes=40) for i in range(4)]  # 0 goes to the worker; 1 and 2 fill 80 of 100 bytes
+    assert numbers.count(0) >= 1 and live.dropped == numbers.count(0)
+    gate.set()
+    live.close()
+    assert live._bytes == 0 and sorted(done) == [i for i, n in enumerate(numbers) if n]
+    huge = BackgroundWriter("video test", lambda i: done.append(i), queue_size=8, max_bytes=100)
+    assert huge.submit(99, nbytes=10 ** 9)  # larger than the budget: taken, the queue was empty
+    huge.close()
+    assert done[-1] == 99
+
+    written: list[int] = []
+    files = BackgroundWriter("flagged test", lambda i: (time.sleep(0.01), written.append(i)), queue_size=8,
+                             drop_when_full=False, max_bytes=100)
+    for i in range(10):
+        assert files.submit(i, nbytes=60)  # two never fit together: each waits for the one before
+    files.close()
+    assert written == list(range(10)) and files.dropped == 0 and files._bytes == 0
+
+
 def test_a_signal_caps_the_file_writers_drain_and_network_sinks_close_first(tmp_path: Path) -> None:
     order: list[str] = []
 

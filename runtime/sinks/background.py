@@ -17,6 +17,9 @@ log = logging.getLogger("gradad.runtime.sinks")
 #: Frames the video and the flagged folder may hold for their writer threads in grad-run (a 12 MP RGB frame is
 #: 36 MB; 8 absorb a burst of NG frames without dropping and bound the memory).
 FILE_QUEUE_FRAMES = 8
+#: ... and the bytes those frames may take (8 frames of a 20 MP camera fit): at the 100 MP decode cap 8 frames would
+#: be 2.4 GB per writer, more than a Jetson has to spare; one frame of any size is always taken into an empty queue
+FILE_QUEUE_BYTES = 512 * 2 ** 20
 
 _T = TypeVar("_T")
 _STOP = object()  # the sentinel that ends the worker once everything queued before it is written
@@ -39,10 +42,14 @@ class BackgroundWriter(Generic[_T]):
     ``drop_when_full`` (files: nothing is dropped, the loop waits as its own queues do) :meth:`submit` waits for room.
     """
 
-    def __init__(self, name: str, work: Callable[[_T], None], queue_size: int, drop_when_full: bool = True) -> None:
+    def __init__(self, name: str, work: Callable[[_T], None], queue_size: int, drop_when_full: bool = True,
+                 max_bytes: int = FILE_QUEUE_BYTES) -> None:
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
         self.name = name
+        self.max_bytes = int(max_bytes)
+        self._bytes = 0  # what the queued items hold (as given to submit)
+        self._room = threading.Condition()
         self.drop_when_full = drop_when_full
         self.dropped = 0
         self.dropped_other = 0
@@ -57,20 +64,38 @@ class BackgroundWriter(Generic[_T]):
         self._thread = threading.Thread(target=self._run, name=f"gradad-{name.split()[0]}-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, item: _T, counted: bool = True) -> int:
-        """Queue ``item`` for the worker; its number, or 0 when the queue was full and it was dropped."""
+    def submit(self, item: _T, counted: bool = True, nbytes: int = 0) -> int:
+        """Queue ``item`` (holding ``nbytes`` of frame data) for the worker; its number, or 0 when the queue was
+        full (``queue_size`` items, or ``max_bytes`` with this one) and it was dropped."""
         if self._closed:
             raise RuntimeError(f"{self.name}: the background writer is closed")
         self._seq += 1
+        with self._room:
+            if not self.drop_when_full:  # files: wait for room, as the loop's own queues do
+                self._room.wait_for(lambda: not self._over_budget(nbytes))
+            elif self._over_budget(nbytes):
+                return self._dropped_now(counted, f"its queue holds {self._bytes / 2 ** 20:.0f} MB of frames")
+            self._bytes += nbytes
         try:
-            self._queue.put((self._seq, item, counted), block=not self.drop_when_full)
+            self._queue.put((self._seq, item, counted, nbytes), block=not self.drop_when_full)
             return self._seq
         except queue.Full:
-            self._drop(counted)
-            if counted:
-                self._outage.failed(f"not keeping up: {self._queue.maxsize} frames already wait to be written, "
-                                    f"dropping new ones", self._seq)
-            return 0
+            self._release(nbytes)
+            return self._dropped_now(counted, f"{self._queue.maxsize} frames already wait to be written")
+
+    def _over_budget(self, nbytes: int) -> bool:
+        return self._bytes > 0 and self._bytes + nbytes > self.max_bytes
+
+    def _release(self, nbytes: int) -> None:
+        with self._room:
+            self._bytes -= nbytes
+            self._room.notify_all()
+
+    def _dropped_now(self, counted: bool, why: str) -> int:
+        self._drop(counted)
+        if counted:
+            self._outage.failed(f"not keeping up: {why}, dropping new ones", self._seq)
+        return 0
 
     def _drop(self, counted: bool) -> None:
         if counted:
@@ -85,19 +110,21 @@ class BackgroundWriter(Generic[_T]):
     def _run(self) -> None:
         late = 0  # items dropped at the deadline
         while True:
-            seq, item, counted = self._queue.get()
+            seq, item, counted, nbytes = self._queue.get()
             if item is _STOP:
                 break
-            if time.monotonic() > self._deadline:
-                self._drop(counted)
-                late += counted
-                continue
             try:
+                if time.monotonic() > self._deadline:
+                    self._drop(counted)
+                    late += counted
+                    continue
                 self._work(item)  # type: ignore[arg-type]
                 self._outage.delivered(seq)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not end the writer (and its sink)
                 self.failed += 1
                 log.error("%s: writing a frame failed: %s", self.name, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            finally:
+                self._release(nbytes)
         self.dropped_at_stop = late
         if late:
             log.warning("%s: %d queued frame(s) dropped, not written: the run was stopped by a signal and the "
@@ -109,7 +136,7 @@ class BackgroundWriter(Generic[_T]):
             return
         self._closed = True
         try:
-            self._queue.put((0, _STOP, False))  # blocks while the queue is full: behind every frame to be written
+            self._queue.put((0, _STOP, False, 0))  # blocks while the queue is full: behind every frame to be written
             self._thread.join()
         except BaseException:
             self._deadline = -math.inf  # interrupted (a second Ctrl-C): what is still queued is dropped

@@ -295,7 +295,8 @@ class FlaggedFrameSink(OffloadedSink):
             self._save(result)
             return
         key, new = self._reserve(self._run_key(result))  # now: a refined mask's record names its files at once
-        if not self._background.submit(functools.partial(self._save, result, key)) and new:
+        if not self._background.submit(functools.partial(self._save, result, key),
+                                       nbytes=result.frame.image.nbytes) and new:
             self._forget(key)  # dropped: not in the folder, a refined mask is not promised a place
 
     def _save(self, result: FrameResult, key: str | None = None) -> None:
@@ -393,8 +394,9 @@ class FlaggedFrameSink(OffloadedSink):
             self._refined_skipped += 1
             log.debug("refined mask of frame %d not saved: the frame is not in %s", frame_id, self.folder)
             return files
+        held = np.asarray(mask).nbytes + (np.asarray(repaired).nbytes if repaired is not None else 0)
         if not self._background.submit(functools.partial(self._save_refined, key, frame_id, mask, repaired),
-                                       counted=False):
+                                       counted=False, nbytes=held):
             return files  # a full queue: counted in refined_skipped (dropped_other)
         for field_name, kind in _REFINED_KINDS.items():
             if field_name == "mask_file" or repaired is not None:

@@ -319,7 +319,7 @@ class VideoSink(OffloadedSink):
         if self._closed:
             raise RuntimeError(f"VideoSink({self.path}) is closed")
         if self._background is not None:
-            self._background.submit(result)
+            self._background.submit(result, nbytes=result.frame.image.nbytes)
         else:
             self._write_now(result)
 
