@@ -215,6 +215,17 @@ def trust_command(bundle_dir) -> None:
     click.echo(printable(f"trust list: {trust_file()}", newlines=False))
 
 
+def _size_on_disk(bundle_dir: Path, name: str) -> str:
+    """The size of a bundle file that failed verification, as it is now ("missing" when it is not there)."""
+    from gradad.bundle import BundleError, bundle_file
+
+    try:
+        path = bundle_file(bundle_dir, name)
+        return f"{path.stat().st_size / 2**20:.1f} MiB" if path.is_file() else "missing"
+    except (BundleError, OSError):
+        return "missing"
+
+
 def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None) -> str:
     """Human-readable summary of a bundle; ``problems``: files that failed verification (marked).
 
@@ -242,7 +253,9 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
     width = max([24, *(len(name) for name in m.files)])
     for name, entry in m.files.items():
         mark = "  FAILED VERIFICATION" if name in problems else ""
-        lines.append(f"    {name:{width}s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}")
+        size = _size_on_disk(Path(bundle_dir), name) if name in problems else None
+        held = f" (recorded; {size} on disk)" if size is not None else ""  # a corrupt file's own size, not the record's
+        lines.append(f"    {name:{width}s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}{held}")
     p32 = m.parity["onnx_fp32_vs_pytorch"]
     lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "
                  f"mean {p32['map_mean_abs']:.2e}; score max abs {p32['score_max_abs']:.2e}")
