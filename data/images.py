@@ -34,13 +34,26 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _INTER_NEAREST = getattr(cv2, "INTER_NEAREST_EXACT", cv2.INTER_NEAREST)
 
 
+#: bytes a pixel can take in any image file OpenCV decodes (16-bit RGBA, uncompressed), and the room for headers,
+#: metadata and an embedded thumbnail: a larger file cannot be an image within the decode cap
+_MAX_BYTES_PER_PIXEL = 8
+_FILE_OVERHEAD_BYTES = 64 * 2 ** 20
+
+
 def _read_bytes(path: Path, what: str) -> np.ndarray:
-    """Read a whole file into a uint8 buffer (works with non-ASCII paths on every OS)."""
+    """Read a whole file into a uint8 buffer (works with non-ASCII paths on every OS); a file larger than any image
+    within the decode cap can be is refused before it is read (a many-gigabyte file named .png would be read whole
+    before the cap applies)."""
     if not path.exists():
         raise DatasetError(f"{what} file not found: {path}")
     if not path.is_file():
         raise DatasetError(f"{what} path is not a file: {path}")
     try:
+        size = path.stat().st_size
+        largest = pixel_cap() * _MAX_BYTES_PER_PIXEL + _FILE_OVERHEAD_BYTES
+        if size > largest:
+            raise DatasetError(f"{what} file {path} is {size / 2 ** 20:.0f} MB: larger than any image of at most "
+                               f"{pixel_cap()} pixels can be ({PIXEL_LIMIT_ENV}); not read")
         return np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise DatasetError(f"cannot read {what} file ({exc.strerror or exc}): {path}") from None

@@ -381,6 +381,24 @@ def test_bad_output_paths_fail_before_the_run(calibrated: Path, frames: Path, tm
     assert "--video" in line and str(blocker) in line
 
 
+def test_an_image_file_larger_than_any_image_within_the_cap_is_not_read(tmp_path: Path, monkeypatch) -> None:
+    """A many-gigabyte file named .png was read whole into memory before OpenCV's pixel cap could refuse it."""
+    from gradad.data.images import read_image_rgb
+    from gradad.errors import DatasetError
+
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000000")  # 1 MP: 8 MB + 64 MB of room
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as f:
+        f.truncate(100 * 2 ** 20)  # sparse: 100 MB on paper, nothing on disk
+    t0 = time.perf_counter()
+    with pytest.raises(DatasetError, match=r"huge.png is 100 MB: larger than any image of at most 1000000 pixels"):
+        read_image_rgb(huge)
+    assert time.perf_counter() - t0 < 1.0  # refused from its size, not read
+    fine = tmp_path / "fine.png"
+    cv2.imwrite(str(fine), np.zeros((8, 8, 3), np.uint8))
+    assert read_image_rgb(fine).shape == (8, 8, 3)
+
+
 def test_truncated_video_source_warns(tmp_path: Path, caplog) -> None:
     from gradad.runtime.sources import open_source
 
