@@ -34,16 +34,18 @@ _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _INTER_NEAREST = getattr(cv2, "INTER_NEAREST_EXACT", cv2.INTER_NEAREST)
 
 
-#: bytes a pixel can take in any image file OpenCV decodes (16-bit RGBA, uncompressed), and the room for headers,
-#: metadata and an embedded thumbnail: a larger file cannot be an image within the decode cap
-_MAX_BYTES_PER_PIXEL = 8
+#: bytes a pixel can take in an image file OpenCV decodes (float64 RGBA, uncompressed; ASCII PNM stays below), and
+#: the room for headers, metadata and an embedded thumbnail: a larger file cannot be one image within the decode
+#: cap. TIFF is not held to it: a multi-page stack is decoded as its first page, whatever the pages after it hold.
+_MAX_BYTES_PER_PIXEL = 32
 _FILE_OVERHEAD_BYTES = 64 * 2 ** 20
+_MULTI_PAGE_SUFFIXES = (".tif", ".tiff")
 
 
 def _read_bytes(path: Path, what: str) -> np.ndarray:
-    """Read a whole file into a uint8 buffer (works with non-ASCII paths on every OS); a file larger than any image
-    within the decode cap can be is refused before it is read (a many-gigabyte file named .png would be read whole
-    before the cap applies)."""
+    """Read a whole file into a uint8 buffer (works with non-ASCII paths on every OS); a file (but a TIFF) larger
+    than any image within the decode cap can be is refused before it is read (a many-gigabyte file named .png
+    would be read whole before the cap applies)."""
     if not path.exists():
         raise DatasetError(f"{what} file not found: {path}")
     if not path.is_file():
@@ -51,9 +53,10 @@ def _read_bytes(path: Path, what: str) -> np.ndarray:
     try:
         size = path.stat().st_size
         largest = pixel_cap() * _MAX_BYTES_PER_PIXEL + _FILE_OVERHEAD_BYTES
-        if size > largest:
-            raise DatasetError(f"{what} file {path} is {size / 2 ** 20:.0f} MB: larger than any image of at most "
-                               f"{pixel_cap()} pixels can be ({PIXEL_LIMIT_ENV}); not read")
+        if size > largest and path.suffix.lower() not in _MULTI_PAGE_SUFFIXES:
+            raise DatasetError(f"{what} file {path} is {size / 2 ** 20:.0f} MiB: larger than any image of at most "
+                               f"{pixel_cap()} pixels can be, so it was not read (raise {PIXEL_LIMIT_ENV} for "
+                               f"larger images)")
         return np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise DatasetError(f"cannot read {what} file ({exc.strerror or exc}): {path}") from None

@@ -216,14 +216,20 @@ def trust_command(bundle_dir) -> None:
 
 
 def _size_on_disk(bundle_dir: Path, name: str) -> str:
-    """The size of a bundle file that failed verification, as it is now ("missing" when it is not there)."""
+    """What a bundle file that failed verification is now: its size on disk, or why it has none."""
     from gradad.bundle import BundleError, bundle_file
 
     try:
         path = bundle_file(bundle_dir, name)
-        return f"{path.stat().st_size / 2**20:.1f} MiB" if path.is_file() else "missing"
-    except (BundleError, OSError):
-        return "missing"
+    except BundleError:
+        return "outside the bundle"
+    try:
+        if not path.is_file():
+            return "missing" if not path.exists() else "not a file"
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    return f"{size} bytes on disk" if size < 2 ** 20 else f"{size / 2**20:.1f} MiB on disk"
 
 
 def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None) -> str:
@@ -253,8 +259,7 @@ def summary_text(bundle_dir: str | Path, problems: dict[str, str] | None = None)
     width = max([24, *(len(name) for name in m.files)])
     for name, entry in m.files.items():
         mark = "  FAILED VERIFICATION" if name in problems else ""
-        size = _size_on_disk(Path(bundle_dir), name) if name in problems else None
-        held = f" (recorded; {size} on disk)" if size is not None else ""  # a corrupt file's own size, not the record's
+        held = f" ({_size_on_disk(Path(bundle_dir), name)})" if name in problems else ""  # not the recorded size
         lines.append(f"    {name:{width}s} {entry.bytes / 2**20:8.1f} MiB  sha256 {entry.sha256[:16]}…{mark}{held}")
     p32 = m.parity["onnx_fp32_vs_pytorch"]
     lines.append(f"  parity ONNX FP32 vs PyTorch ({p32['n_images']} images): map max abs {p32['map_max_abs']:.2e}, "

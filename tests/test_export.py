@@ -242,12 +242,12 @@ def test_inspect_shows_the_bundle_when_one_file_fails_and_trust_needs_an_engine(
     assert result.exit_code == 2, result.output
     assert "parity FP16" in result.stdout and "opset 17" in result.stdout
     marked = [line for line in result.stdout.splitlines() if "FAILED VERIFICATION" in line]
-    assert len(marked) == 1 and "model.fp16.onnx" in marked[0] and "(recorded; missing on disk)" in marked[0]
+    assert len(marked) == 1 and "model.fp16.onnx" in marked[0] and "FAILED VERIFICATION (missing)" in marked[0]
     assert result.stderr.startswith("error: 1 of ") and "bundle file missing" in result.stderr
     (copy / "model.onnx").write_bytes(b"garbage\n")  # a corrupt file: its own size beside the recorded one
     result = CliRunner().invoke(export_main, ["inspect", str(copy)])
     (corrupt,) = [line for line in result.stdout.splitlines() if "FAILED VERIFICATION" in line and "model.onnx " in line]
-    assert "(recorded; 0.0 MiB on disk)" in corrupt
+    assert "FAILED VERIFICATION (8 bytes on disk)" in corrupt
     result = CliRunner().invoke(export_main, ["trust", str(bundle)])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "no TensorRT engine" in result.stderr
 

@@ -386,17 +386,23 @@ def test_an_image_file_larger_than_any_image_within_the_cap_is_not_read(tmp_path
     from gradad.data.images import read_image_rgb
     from gradad.errors import DatasetError
 
-    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000000")  # 1 MP: 8 MB + 64 MB of room
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "1000000")  # 1 MP: 32 MB + 64 MB of room
     huge = tmp_path / "huge.png"
     with huge.open("wb") as f:
-        f.truncate(100 * 2 ** 20)  # sparse: 100 MB on paper, nothing on disk
+        f.truncate(100 * 2 ** 20)  # sparse: 100 MiB on paper, nothing on disk
     t0 = time.perf_counter()
-    with pytest.raises(DatasetError, match=r"huge.png is 100 MB: larger than any image of at most 1000000 pixels"):
+    with pytest.raises(DatasetError, match=r"huge.png is 100 MiB: larger than any image of at most 1000000 pixels "
+                                           r"can be, so it was not read \(raise OPENCV_IO_MAX_IMAGE_PIXELS"):
         read_image_rgb(huge)
     assert time.perf_counter() - t0 < 1.0  # refused from its size, not read
     fine = tmp_path / "fine.png"
     cv2.imwrite(str(fine), np.zeros((8, 8, 3), np.uint8))
     assert read_image_rgb(fine).shape == (8, 8, 3)
+    stack = tmp_path / "stack.tif"  # a multi-page TIFF is decoded as its first page: no size says it is too big
+    assert cv2.imwritemulti(str(stack), [np.zeros((8, 8, 3), np.uint8)] * 2)
+    with stack.open("ab") as f:
+        f.truncate(100 * 2 ** 20)
+    assert read_image_rgb(stack).shape == (8, 8, 3)
 
 
 def test_truncated_video_source_warns(tmp_path: Path, caplog) -> None:

@@ -441,7 +441,7 @@ def test_a_writer_queue_is_bounded_in_bytes_too() -> None:
     gate = threading.Event()
     done: list[int] = []
     live = BackgroundWriter("video test", lambda i: (gate.wait(5), done.append(i)), queue_size=8, max_bytes=100)
-    numbers = [live.submit(i, nbytes=40) for i in range(4)]  # 0 goes to the worker; 1 and 2 fill 80 of 100 bytes
+    numbers = [live.submit(i, nbytes=40) for i in range(4)]  # 0 (being written) and 1 hold 80 of 100 bytes
     assert numbers.count(0) >= 1 and live.dropped == numbers.count(0)
     gate.set()
     live.close()
@@ -458,6 +458,16 @@ def test_a_writer_queue_is_bounded_in_bytes_too() -> None:
         assert files.submit(i, nbytes=60)  # two never fit together: each waits for the one before
     files.close()
     assert written == list(range(10)) and files.dropped == 0 and files._bytes == 0
+
+    interrupted = BackgroundWriter("flagged test", lambda i: None, queue_size=8, drop_when_full=False, max_bytes=100)
+
+    def second_ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    interrupted._queue.put = second_ctrl_c  # type: ignore[method-assign]  # the blocking put interrupted
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.submit(0, nbytes=60)
+    assert interrupted._bytes == 0  # not queued: its bytes are free (a leak made later submits wait for ever)
 
 
 def test_a_signal_caps_the_file_writers_drain_and_network_sinks_close_first(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class BackgroundWriter(Generic[_T]):
         self.dropped_at_stop = 0  # of ``dropped``: queued frames the capped drain after a stop signal left unwritten
         self.failed = 0
         self._work = work
-        self._queue: queue.Queue[tuple[int, object, bool]] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[tuple[int, object, bool, int]] = queue.Queue(maxsize=queue_size)
         self._outage = Outage(name, log, words=_DROPPING)
         self._seq = 0  # items submitted (dropped ones too): their numbers for the outage log
         self._deadline = math.inf  # time.monotonic() after which queued items are dropped, not written
@@ -74,7 +74,8 @@ class BackgroundWriter(Generic[_T]):
             if not self.drop_when_full:  # files: wait for room, as the loop's own queues do
                 self._room.wait_for(lambda: not self._over_budget(nbytes))
             elif self._over_budget(nbytes):
-                return self._dropped_now(counted, f"its queue holds {self._bytes / 2 ** 20:.0f} MB of frames")
+                return self._dropped_now(counted, f"its queue and the frame being written hold "
+                                                  f"{self._bytes / 2 ** 20:.0f} MiB")
             self._bytes += nbytes
         try:
             self._queue.put((self._seq, item, counted, nbytes), block=not self.drop_when_full)
@@ -82,6 +83,9 @@ class BackgroundWriter(Generic[_T]):
         except queue.Full:
             self._release(nbytes)
             return self._dropped_now(counted, f"{self._queue.maxsize} frames already wait to be written")
+        except BaseException:  # a second Ctrl-C in the blocking put: the item is not queued, its bytes are free
+            self._release(nbytes)
+            raise
 
     def _over_budget(self, nbytes: int) -> bool:
         return self._bytes > 0 and self._bytes + nbytes > self.max_bytes
