@@ -621,8 +621,8 @@ def _folder_samples(cls: str, cdir: Path, split: str) -> list[Sample]:
     if split == "train":
         if test_good:  # said where it happens: the quick start's layout trains on 80 % of the photos it was given
             logger.info("class %s: %d of its %d good images (every %dth) are kept out of training as its test split "
-                     "(folder layout without a test/ folder; with %s/test/ all of good/ is trained on)", cls,
-                     len(test_good), len(good), FOLDER_TEST_EVERY, cdir)
+                        "(folder layout without a test/ folder; with %s/test/ all of good/ is trained on)", cls,
+                        len(test_good), len(good), FOLDER_TEST_EVERY, cdir)
         return [Sample(p, cls, "train", 0, _GOOD, None) for p in train_good]
 
     missing: list[Path] = []

@@ -51,12 +51,10 @@ def _read_bytes(path: Path, what: str) -> np.ndarray:
     if not path.is_file():
         raise DatasetError(f"{what} path is not a file: {path}")
     try:
-        size = path.stat().st_size
-        largest = pixel_cap() * _MAX_BYTES_PER_PIXEL + _FILE_OVERHEAD_BYTES
-        if size > largest and path.suffix.lower() not in _MULTI_PAGE_SUFFIXES:
+        size, cap = path.stat().st_size, pixel_cap()
+        if size > cap * _MAX_BYTES_PER_PIXEL + _FILE_OVERHEAD_BYTES and path.suffix.lower() not in _MULTI_PAGE_SUFFIXES:
             raise DatasetError(f"{what} file {path} is {size / 2 ** 20:.0f} MiB: larger than any image of at most "
-                               f"{pixel_cap()} pixels can be, so it was not read (raise {PIXEL_LIMIT_ENV} for "
-                               f"larger images)")
+                               f"{cap} pixels can be, so it was not read (raise {PIXEL_LIMIT_ENV} for larger images)")
         return np.fromfile(str(path), dtype=np.uint8)
     except OSError as exc:
         raise DatasetError(f"cannot read {what} file ({exc.strerror or exc}): {path}") from None

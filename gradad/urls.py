@@ -10,7 +10,8 @@ import re
 
 REDACTED = "***"
 
-_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)(.*)$", re.DOTALL)
+_SCHEME_TEXT = r"[a-zA-Z][a-zA-Z0-9+.-]*://"  # RFC 3986 scheme, then "://"
+_SCHEME = re.compile(rf"^({_SCHEME_TEXT})(.*)$", re.DOTALL)
 
 
 def userinfo_end(rest: str) -> int:
@@ -37,19 +38,10 @@ def _redact_query(tail: str) -> str:
     return query + (f"#{REDACTED}" if hash_mark else "")
 
 
-#: A webhook path segment that may be a token (Slack, Teams and Discord carry theirs in the path): 20 or more
-#: URL-safe characters ...
-_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
 #: A stream path segment that is a token (UniFi Protect's RTSP streams: 16 letters and digits): 16 or more letters
 #: and digits, no separators, both kinds in it; a camera's stream name (``h264Preview_01_main``,
 #: ``Streaming/Channels/101``, ``ThisIsLongCameraName``) stays readable, so two channels can be told apart
 _STREAM_TOKEN = re.compile(r"(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{16,}")
-
-
-def looks_like_token(segment: str) -> bool:
-    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name)."""
-    return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
-                                                         or (segment.lower() != segment != segment.upper()))
 
 
 def _redact_path(path: str) -> str:
@@ -70,9 +62,9 @@ def redact_url(url: str, hide_path: bool = False) -> str:
     ``rtsp://admin:p@ss/w0rd@10.0.0.5/live?token=abc`` -> ``rtsp://admin:***@10.0.0.5/live?token=***``. The user
     name is kept when a password follows it (it helps to tell cameras apart); a user part without ``:`` is
     treated as a token and hidden. Path segments that are tokens (16+ letters and digits, both kinds) and
-    ``;name=`` parameter values are hidden; ``hide_path`` hides the whole path, for webhook URLs, which often carry their
-    token there (``https://hooks.slack.com/services/T/B/SECRET`` -> ``https://hooks.slack.com/***``). Text that
-    is not a URL (no ``scheme://``) is returned unchanged.
+    ``;name=`` parameter values are hidden; ``hide_path`` hides the whole path, for webhook URLs, which often
+    carry their token there (``https://hooks.slack.com/services/T/B/SECRET`` -> ``https://hooks.slack.com/***``).
+    Text that is not a URL (no ``scheme://``) is returned unchanged.
     """
     match = _SCHEME.match(str(url))
     if not match:
@@ -93,9 +85,9 @@ def redact_url(url: str, hide_path: bool = False) -> str:
 
 
 #: a quoted URL up to its closing quote (its password may hold a space) ...
-_QUOTED_URL = re.compile(r"(?<=\")[a-zA-Z][a-zA-Z0-9+.-]*://[^\"]*(?=\")|(?<=')[a-zA-Z][a-zA-Z0-9+.-]*://[^']*(?=')")
+_QUOTED_URL = re.compile(rf"(?<=\"){_SCHEME_TEXT}[^\"]*(?=\")|(?<='){_SCHEME_TEXT}[^']*(?=')")
 #: ... and any URL up to white space (a password may hold a quote: the quoted pass alone would stop at it)
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+_URL_IN_TEXT = re.compile(rf"{_SCHEME_TEXT}\S+")
 
 
 #: ``name=value`` properties whose value is a secret: the name, or its last ``-``/``_``/``.`` part, is a secret word

@@ -24,8 +24,8 @@ from gradad.errors import ConfigError, GradError
 from gradad.bundle import tuned_class_for
 from gradad.refine.config import CLASS_SETTINGS, RefineConfig
 from gradad.refine.prior import PixelPrior
-from gradad.refine.regions import (coarse_mask, dilate, drop_small_components, inpaint, interior, start_and_core,
-                                   trim_spurs)
+from gradad.refine.regions import (coarse_mask, dilate, drop_small_components, inpaint_start, interior,
+                                   start_and_core, trim_spurs)
 from gradad.runtime.refine_result import (STATUS_COARSE_KEPT, STATUS_CONVERGED, STATUS_EMPTY_REGION,
                                           STATUS_MAX_ITERATIONS, STATUS_TIME_BUDGET, RefineResult)
 
@@ -319,8 +319,7 @@ class Refiner:
         cores = list(cores) if cores is not None else [None] * len(images)
         starts_masks = [dilate(c, cfg.start_dilation_px) for c, cfg in zip(coarse, configs)]
         regions = [dilate(m, self.config.region_dilation_px) for m in starts_masks]
-        starts = [inpaint(img, m, cfg.inpaint, cfg.inpaint_radius_px, cfg.shift_search_px, cfg.median_px)
-                  for img, m, cfg in zip(images, starts_masks, configs)]
+        starts = [inpaint_start(img, m, cfg) for img, m, cfg in zip(images, starts_masks, configs)]
         x = self._normalise(np.stack(images))
         region = torch.from_numpy(np.stack(regions)[:, None].astype(np.float32)).to(self.device)
         lam = torch.tensor([self.lambda_for(c, cfg) for c, cfg in zip(coarse, configs)], dtype=torch.float32,

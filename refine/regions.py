@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from gradad.refine.config import RefineConfig
 
 _INPAINT_FLAGS = {"telea": cv2.INPAINT_TELEA, "navier_stokes": cv2.INPAINT_NS}
 
@@ -106,6 +111,11 @@ def inpaint(image: np.ndarray, mask: np.ndarray, method: str, radius_px: int, se
         out[mask] = source.mean(axis=0).round().astype(np.uint8)
         return out
     return cv2.inpaint(np.ascontiguousarray(image), mask.astype(np.uint8), radius_px, _INPAINT_FLAGS[method])
+
+
+def inpaint_start(image: np.ndarray, mask: np.ndarray, config: RefineConfig) -> np.ndarray:
+    """:func:`inpaint` with the start fill ``config`` sets (method, ring, shift search, median window)."""
+    return inpaint(image, mask, config.inpaint, config.inpaint_radius_px, config.shift_search_px, config.median_px)
 
 
 def drop_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:

@@ -36,7 +36,7 @@ import torch
 
 from gradad.refine.config import RefineConfig
 from gradad.refine.refiner import Refiner, finish_mask, pixel_mask
-from gradad.refine.regions import coarse_mask, dilate, inpaint, interior, start_and_core, start_mask
+from gradad.refine.regions import coarse_mask, dilate, inpaint_start, interior, start_and_core, start_mask
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ def breakeven_lambda0(refiner: Refiner, image: np.ndarray, truth: np.ndarray, co
     """
     start = dilate(coarse, config.start_dilation_px) | dilate(truth, 1)
     region = dilate(start, refiner.config.region_dilation_px)
-    true_x_n = inpaint(image, dilate(truth, 1), config.inpaint, config.inpaint_radius_px, config.shift_search_px,
-                      config.median_px)
+    true_x_n = inpaint_start(image, dilate(truth, 1), config)
     none = _terms(refiner, image, image, region)
     true = _terms(refiner, image, true_x_n, region)
     lam_per_lambda0 = refiner.lambda_for(coarse, dataclasses.replace(config, lambda0=1.0))
@@ -145,8 +144,7 @@ def start_feature_loss(refiner: Refiner, image: np.ndarray, coarse: np.ndarray, 
     """Feature loss of the solver's start (the start mask inpainted with ``config.inpaint``): lower = the fill
     looks more normal to GRAD."""
     start = dilate(coarse, config.start_dilation_px)
-    x_n = inpaint(image, start, config.inpaint, config.inpaint_radius_px, config.shift_search_px,
-                      config.median_px)
+    x_n = inpaint_start(image, start, config)
     return _terms(refiner, image, x_n, dilate(start, refiner.config.region_dilation_px))["feature"]
 
 

@@ -37,8 +37,8 @@ import yaml
 
 from gradad.config_values import coerce_setting, load_settings_file, read_settings_text, yaml_error_text
 from gradad.errors import ConfigError, GradError
-from gradad.runtime.sinks.network import WEBHOOK_MAX_QUEUE, WEBHOOK_MAX_TIMEOUT_S
-from gradad.urls import REDACTED, looks_like_token, redact_url, redact_secrets_in
+from gradad.runtime.sinks.network import webhook_limit_problem
+from gradad.urls import REDACTED, redact_url, redact_secrets_in
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,17 @@ def _warn_if_others_can_read(path: Path, what: str) -> None:
                     path)
 
 
+#: A path segment that may be a token (Slack, Teams and Discord webhooks carry theirs in the path): 20 or more
+#: URL-safe characters ...
+_TOKEN_SEGMENT = re.compile(r"[A-Za-z0-9_-]{20,}")
+
+
+def _looks_like_token(segment: str) -> bool:
+    """... with digits or mixed case in them, as random tokens have (``anomaly_detection_results`` is a name)."""
+    return bool(_TOKEN_SEGMENT.fullmatch(segment)) and (any(c.isdigit() for c in segment)
+                                                         or (segment.lower() != segment != segment.upper()))
+
+
 def _webhook_secret(defaults: dict[str, Any]) -> bool:
     """True when the file's webhook URL carries a secret: ``user:password@``, a query or fragment (``?key=``), or
     a token-like path segment."""
@@ -144,7 +155,7 @@ def _webhook_secret(defaults: dict[str, Any]) -> bool:
     if not url:
         return False
     path = urllib.parse.urlsplit(url).path
-    return redact_url(url) != url or any(looks_like_token(part) for part in path.split("/"))
+    return redact_url(url) != url or any(_looks_like_token(part) for part in path.split("/"))
 
 
 #: grad-run parameters whose values --print-config may write with ``***`` in place of a secret.
@@ -220,11 +231,9 @@ def _webhook_option(key: str, value: Any, where: str) -> Any:
         wanted = " or ".join("true/false" if t is bool else t.__name__ for t in types)
         raise GradError(f"{where}: sinks.webhook.{key} must be {wanted}, got {value!r}")
     # the sink's own limits, checked here so the error names the file and the key, before the bundle loads
-    if key == "timeout_s" and not 0 < value <= WEBHOOK_MAX_TIMEOUT_S:
-        raise GradError(f"{where}: sinks.webhook.timeout_s must be > 0 and at most {WEBHOOK_MAX_TIMEOUT_S:g} "
-                        f"seconds, got {value!r}")
-    if key == "queue_size" and not 1 <= value <= WEBHOOK_MAX_QUEUE:
-        raise GradError(f"{where}: sinks.webhook.queue_size must be from 1 to {WEBHOOK_MAX_QUEUE}, got {value!r}")
+    problem = webhook_limit_problem(key, value)  # None for only_anomalous (a bool)
+    if problem:
+        raise GradError(f"{where}: sinks.webhook.{key} {problem}, got {value!r}")
     return value
 
 

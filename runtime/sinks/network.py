@@ -33,6 +33,16 @@ WEBHOOK_MAX_TIMEOUT_S = 300.0
 WEBHOOK_MAX_QUEUE = 200_000
 
 
+def webhook_limit_problem(key: str, value: Any) -> str | None:
+    """What is wrong with a number given as webhook ``timeout_s`` or ``queue_size`` (``must be ...``), or None: the
+    one rule of :class:`WebhookSink` and of a line file's ``sinks.webhook`` section."""
+    if key == "timeout_s" and not 0 < value <= WEBHOOK_MAX_TIMEOUT_S:
+        return f"must be > 0 and at most {WEBHOOK_MAX_TIMEOUT_S:g} seconds"
+    if key == "queue_size" and not 1 <= value <= WEBHOOK_MAX_QUEUE:
+        return f"must be from 1 to {WEBHOOK_MAX_QUEUE}"
+    return None
+
+
 def _is_loopback(host: str | None) -> bool:
     if not host:
         return False
@@ -165,13 +175,14 @@ class WebhookSink(_RecordSink):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise GradError(f"webhook URL must be http(s)://host[:port]/path, got {self.label!r}")
         _check_authority(url, parsed, self.label)
-        if (isinstance(queue_size, bool) or not isinstance(queue_size, int)
-                or not 1 <= queue_size <= WEBHOOK_MAX_QUEUE):
-            raise GradError(f"webhook queue_size must be an integer from 1 to {WEBHOOK_MAX_QUEUE}, got {queue_size!r}")
-        if (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
-                or not 0 < timeout_s <= WEBHOOK_MAX_TIMEOUT_S):
-            raise GradError(f"webhook timeout_s must be a number of seconds > 0 and at most "
-                            f"{WEBHOOK_MAX_TIMEOUT_S:g}, got {timeout_s!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int):
+            raise GradError(f"webhook queue_size must be an integer, got {queue_size!r}")
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):
+            raise GradError(f"webhook timeout_s must be a number of seconds, got {timeout_s!r}")
+        for key, value in (("queue_size", queue_size), ("timeout_s", timeout_s)):
+            problem = webhook_limit_problem(key, value)
+            if problem:
+                raise GradError(f"webhook {key} {problem}, got {value!r}")
         self.url, self._headers = _split_credentials(parsed)
         if self._headers and parsed.scheme == "http" and not _is_loopback(parsed.hostname or ""):
             log.warning("webhook %s: user name and password go to %s unencrypted (http); use https", self.label,
