@@ -44,13 +44,25 @@ FEW_DEFECTS = 5
 GOOD_FLAGGED_WARNING = 0.1
 
 
-def find_mask(masks_dir: Path, image: Path) -> Path | None:
+def mask_index(masks_dir: Path) -> dict[str, list[Path]]:
+    """The image files of ``masks_dir`` by stem, each list sorted: one listing of the folder serves every defect
+    image (a listing per image made calibration with a thousand defects list the folder a thousand times)."""
+    index: dict[str, list[Path]] = {}
+    for path in sorted(masks_dir.iterdir()):
+        if is_image_file(path):
+            index.setdefault(path.stem, []).append(path)
+    return index
+
+
+def find_mask(masks_dir: Path, image: Path, index: dict[str, list[Path]] | None = None) -> Path | None:
     """<stem>_mask.<ext> or <stem>.<ext> inside masks_dir, stems matched exactly (a glob would give 001.png the
     mask of 001.5.png, and read [ ] in a name as a pattern). Never the image itself (masks kept beside the images,
-    or a link to it): an image as its own mask would mark its every bright pixel as defect."""
+    or a link to it): an image as its own mask would mark its every bright pixel as defect. ``index``:
+    :func:`mask_index` of masks_dir, when several images are matched."""
+    index = mask_index(masks_dir) if index is None else index
     itself = image.resolve()
     for stem in (f"{image.stem}_mask", image.stem):
-        hits = sorted(p for p in masks_dir.iterdir() if p.stem == stem and is_image_file(p) and p.resolve() != itself)
+        hits = [p for p in index.get(stem, ()) if p.resolve() != itself]
         if hits:
             return hits[0]
     return None
@@ -66,8 +78,9 @@ def _read_masks(masks_dir: Path, defect_files: Sequence[Path], sizes: Sequence[t
     """(masks at model size, one per defect image: all False where no mask file matches; how many matched)."""
     masks = np.zeros((len(defect_files), *hw), bool)
     found = 0
+    index = mask_index(masks_dir)
     for i, (f, size) in enumerate(zip(defect_files, sizes)):
-        mp = find_mask(masks_dir, f)
+        mp = find_mask(masks_dir, f, index)
         if mp is not None:
             masks[i] = resize_mask(read_mask(mp, size), hw[0], hw[1])
             found += 1

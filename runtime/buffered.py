@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 _T = TypeVar("_T")
 _END = object()  # end of the items, passed down the queue
 _POLL_S = 0.05  # how often a blocked put/get looks at the stop flag
+#: the bytes of frame data one queue may hold besides its count limit. The loop's queues hold decoded frames: at the
+#: 100 MP decode cap (300 MB a frame) the file prefetch, capture and inference queues would hold ~3 GB at batch 1,
+#: more than an edge device spares. One item of any size always fits an empty queue.
+QUEUE_BYTES = 512 * 2 ** 20
 
 
 class _Raised:
@@ -19,16 +23,22 @@ class _Raised:
 class Buffered(Generic[_T]):
     """``items`` produced on a thread up to ``size`` ahead; the consumer's ``next`` re-raises what they raised.
 
-    A full queue blocks the producer, or with ``drop_oldest`` (live cameras) drops its oldest item, counted in
-    ``dropped``. ``stop`` (shared by the stages of one loop) makes both sides give up: the producer stops putting,
-    the consumer's iteration ends. The producer closes ``items`` (a generator) on its own thread when it ends.
+    A full queue (``size`` items, or with ``size_of`` more than ``max_bytes`` with the new item) blocks the
+    producer, or with ``drop_oldest`` (live cameras) drops its oldest item, counted in ``dropped``. ``stop``
+    (shared by the stages of one loop) makes both sides give up: the producer stops putting, the consumer's
+    iteration ends. The producer closes ``items`` (a generator) on its own thread when it ends.
     """
 
     def __init__(self, items: Iterator[_T], size: int, name: str, drop_oldest: bool = False,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, size_of: Callable[[_T], int] | None = None,
+                 max_bytes: int = QUEUE_BYTES) -> None:
         self._items = items
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max(1, size))
+        self._queue: queue.Queue[tuple[object, int]] = queue.Queue(maxsize=max(1, size))
         self._drop_oldest = drop_oldest
+        self._size_of = size_of
+        self.max_bytes = int(max_bytes)
+        self._held = 0  # bytes of the queued items (by size_of)
+        self._room = threading.Condition()  # notified whenever an item leaves the queue
         self.stop = stop or threading.Event()
         self.dropped = 0
         self._ended = False
@@ -50,18 +60,40 @@ class Buffered(Generic[_T]):
                 close()
 
     def _put(self, item: object, drop_oldest: bool = False) -> bool:
+        real = item is not _END and not isinstance(item, _Raised)
+        nbytes = int(self._size_of(item)) if real and self._size_of is not None else 0  # type: ignore[arg-type]
         while not self.stop.is_set():
-            try:
-                self._queue.put(item, block=not drop_oldest, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                if drop_oldest:
+            with self._room:
+                if self._held == 0 or self._held + nbytes <= self.max_bytes:
                     try:
-                        self._queue.get_nowait()
-                        self.dropped += 1
-                    except queue.Empty:
+                        self._queue.put_nowait((item, nbytes))
+                        self._held += nbytes
+                        return True
+                    except queue.Full:
                         pass
+                if not drop_oldest:
+                    self._room.wait(_POLL_S)
+                    continue
+                try:
+                    _, old = self._queue.get_nowait()
+                except queue.Empty:  # the consumer took it meanwhile
+                    continue
+                self._held -= old
+                self.dropped += 1
         return False
+
+    def _taken(self, entry: tuple[object, int]) -> object:
+        """An entry the consumer took: its bytes leave the budget, a waiting producer wakes."""
+        item, nbytes = entry
+        with self._room:
+            self._held -= nbytes
+            self._room.notify_all()
+        return item
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the items queued now (by ``size_of``; 0 without it)."""
+        return self._held
 
     @property
     def ended(self) -> bool:
@@ -74,7 +106,7 @@ class Buffered(Generic[_T]):
     def __next__(self) -> _T:
         while not self._ended:
             try:
-                return self._unpack(self._queue.get(timeout=_POLL_S))
+                return self._unpack(self._taken(self._queue.get(timeout=_POLL_S)))
             except queue.Empty:
                 self._ended = self.stop.is_set() or (not self._thread.is_alive() and self._queue.empty())
         raise StopIteration
@@ -82,7 +114,7 @@ class Buffered(Generic[_T]):
     def get_nowait(self) -> _T | None:
         """The next item if one is queued now, else None (also at the end, after which iteration stops)."""
         try:
-            return None if self._ended else self._unpack(self._queue.get_nowait())
+            return None if self._ended else self._unpack(self._taken(self._queue.get_nowait()))
         except (queue.Empty, StopIteration):
             return None
 

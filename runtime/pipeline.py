@@ -267,6 +267,11 @@ class Captured:
     model_input: np.ndarray
     preprocess_s: float
 
+    @property
+    def nbytes(self) -> int:
+        """The frame data it holds (a loop queue's byte budget)."""
+        return self.frame.image.nbytes + self.model_input.nbytes
+
 
 def prepare(frame: Frame, hw: tuple[int, int]) -> Captured:
     """Resize a frame by the training rule into its own model input."""
@@ -282,6 +287,11 @@ class Scored:
 
     results: list[FrameResult]
     inputs: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """The frame data it holds (a loop queue's byte budget)."""
+        return self.inputs.nbytes + sum(r.frame.image.nbytes + r.anomaly_map.nbytes for r in self.results)
 
 
 def scored_batches(batches: Iterable[list[Captured]], backend: Backend, thresholds: Thresholds,
@@ -473,9 +483,9 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     read_limit = None if limit else options.max_frames
     captured = Buffered((prepare(f, hw) for f in _paced(until(frames, stop, read_limit), options.pace_fps)),
                         size if options.live else max(2, 2 * size), "grad-capture",
-                        drop_oldest=options.live, stop=abort)
+                        drop_oldest=options.live, stop=abort, size_of=_nbytes)
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
-                      max(2, options.in_flight + 1), "grad-inference", stop=abort)
+                      max(2, options.in_flight + 1), "grad-inference", stop=abort, size_of=_nbytes)
     done, dropped_before, finished = 0, stats.dropped, False
     try:
         for item in scored:
@@ -494,6 +504,10 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                 log.warning("the %s thread did not stop within 5 s (a source read that does not return?)",
                             stage.name)
         stats.dropped = dropped_before + captured.dropped
+
+
+def _nbytes(item: Captured | Scored) -> int:
+    return item.nbytes
 
 
 def _interrupt_sources(frames: Iterable[Frame], stop: StopFlag) -> None:

@@ -476,7 +476,8 @@ class _FileSource(FrameSource):
         self._on_close = on_close
         gen = produce(self, self._stop)  # a generator: its body first runs on the first next()
         self._frames: Iterator[Frame] = (Buffered(gen, config.prefetch, f"gradad-prefetch-{self.label}",
-                                                  stop=self._stop) if config.prefetch > 0 else gen)
+                                                  stop=self._stop, size_of=_image_bytes)
+                                         if config.prefetch > 0 else gen)
 
     def _next_frame(self) -> Frame | None:
         return next(self._frames, None)
@@ -490,6 +491,10 @@ class _FileSource(FrameSource):
             return  # the thread still uses the capture; it releases it when it ends
         if self._on_close is not None:
             self._on_close()  # e.g. the video capture of a source closed before its first frame
+
+
+def _image_bytes(frame: Frame) -> int:
+    return frame.image.nbytes
 
 
 def _glob_root(pattern: str) -> Path:

@@ -41,6 +41,21 @@ def test_masks_in_the_defect_folder_are_refused_and_no_image_is_its_own_mask(tmp
     assert find_mask(both, images[0]) == masks[0]
 
 
+def test_the_masks_folder_is_listed_once_for_all_defect_images(tmp_path: Path, monkeypatch) -> None:
+    """A listing per defect image made calibration quadratic in the number of defects (a thousand defects: a
+    million directory entries read)."""
+    good = _images(tmp_path / "good", [10, 20, 30])
+    defects = _images(tmp_path / "bad", [200, 210, 220, 230])
+    masks = _images(tmp_path / "masks", [255, 255, 255, 255], suffix="_mask")
+    listings: list[Path] = []
+    real_iterdir = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listings.append(self) or real_iterdir(self))
+    cal = calibrate(_MeanBackend(), tmp_path / "good", tmp_path / "bad", tmp_path / "masks")
+    assert listings.count(tmp_path / "masks") == 1
+    assert len(masks) == len(defects) == 4 and len(good) == 3
+    assert cal.pixel_threshold is not None  # the masks were found and used
+
+
 @pytest.mark.parametrize("method", ["f1", "recall"])
 def test_a_defect_rule_without_defects_is_refused_before_any_image_is_scored(tmp_path: Path, method: str) -> None:
     _images(tmp_path / "good", [10, 20, 30])
