@@ -8,9 +8,10 @@ re-run that changes a conclusion changes the sentence too.
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable
 
 from gradad.benchmarks.accuracy import (F1_CALIBRATED, METHOD_GRAD, METHOD_NORMAL_ONLY, METHOD_PATCHCORE,
@@ -30,7 +31,6 @@ README = "README.md"
 TITLE = "# Benchmark results"  # the first line of every page this module writes
 PLOT = "accuracy_vs_latency.png"
 PLOT_DPI = 120
-LABEL_OFFSETS = (4, -11, 12)  # vertical label offsets (points) cycled over the plotted points
 #: metrics compared in the prose: (key, name)
 COMPARED = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("pixel_aupr", "pixel AUPR"),
             ("pro", "PRO"))
@@ -361,6 +361,16 @@ def short_label(row: dict[str, Any]) -> str:
     return f"{prefix}{row['preset']} {engine} {row['precision'].upper()}"
 
 
+def model_name(row: dict[str, Any]) -> str | None:
+    """The short name of an accuracy row's model: a bundle's folder name, or the run folder of a ``.pt`` checkpoint
+    (``runs/demo/model.pt`` -> ``demo``); None for a row of no model file (PatchCore)."""
+    model = row.get("model")
+    if not model:
+        return None
+    path = PurePosixPath(str(model).replace("\\", "/"))
+    return (path.parent.name if path.suffix else path.name) or str(model)
+
+
 def latency_of(row: dict[str, Any], lat_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The latency row of an accuracy row: its own bundle's measurement (``grad-bench latency --bundle``) where one
     exists, else the preset's on the same engine and precision (a row of no bundle; never another bundle's, whose
@@ -372,58 +382,308 @@ def latency_of(row: dict[str, Any], lat_rows: list[dict[str, Any]]) -> dict[str,
     return find((r for r in lat_rows if not r.get("bundle") and not r.get("path")), **same)
 
 
+def _distinct_tags(keys: list[tuple[Any, ...]], sources: dict[tuple[Any, ...], dict[str, list[str]]]) -> list[str]:
+    """Tags telling apart points of one dataset that share a label: their models' names, else (models alike or
+    unnamed) their result files' names; empty tags when neither tells them apart."""
+    for kind in ("models", "files"):
+        tags = [", ".join(sources[key][kind]) for key in keys]
+        if all(tags) and len(set(tags)) == len(tags):
+            return tags
+    return [""] * len(keys)
+
+
 def plot_points(res: Results) -> list[dict[str, Any]]:
-    """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row; a point
-    already plotted (the same bundle scored in two result files) is plotted once."""
+    """(dataset, label, method, ms/img, image AUROC) for accuracy rows that have a matching latency row.
+
+    A point already plotted (the same bundle scored in two result files, or two bundles that score and time alike)
+    is plotted once. Points of one dataset whose labels would read the same (two INT8 bundles quantised
+    differently, say) get their models' names after the label, so the plot tells them apart."""
     lat_rows = [r for data in res.latency.values() for r in data["rows"]]
-    points: list[dict[str, Any]] = []
-    for result in res.accuracy.values():
+    # point -> the models and result files it stands for, in the order met
+    sources: dict[tuple[Any, ...], dict[str, list[str]]] = {}
+    for name, result in res.accuracy.items():
         for row in result["rows"]:
             match = latency_of(row, lat_rows)
-            if not (match and batch1_ms(match)):
+            ms = batch1_ms(match) if match else None
+            if not ms:
                 continue
-            point = {"dataset": result["dataset"]["name"], "label": short_label(row), "method": row["method"],
-                     "ms": batch1_ms(match), "auroc": row["per_class"]["mean"]["image_auroc"]}
-            if point not in points:
-                points.append(point)
+            key = (result["dataset"]["name"], short_label(row), row["method"], ms,
+                   row["per_class"]["mean"]["image_auroc"])
+            seen = sources.setdefault(key, {"models": [], "files": []})
+            for kind, value in (("models", model_name(row)), ("files", Path(name).stem)):
+                if value and value not in seen[kind]:
+                    seen[kind].append(value)
+    groups: dict[tuple[str, str], list[tuple[Any, ...]]] = {}
+    for key in sources:
+        groups.setdefault(key[:2], []).append(key)
+    tag_of = {key: "" for key in sources}
+    for keys in groups.values():
+        if len(keys) > 1:
+            tag_of.update(zip(keys, _distinct_tags(keys, sources)))
+    points = []
+    for key, tag in tag_of.items():
+        dataset, label, method, ms, auroc = key
+        points.append({"dataset": dataset, "label": f"{label} · {tag}" if tag else label, "method": method,
+                       "ms": ms, "auroc": auroc})
     return points
 
 
-def write_plot(points: list[dict[str, Any]], path: Path) -> Path | None:
-    """Scatter of image AUROC vs ms per image (log x); None when nothing can be plotted."""
-    if not points:
-        return None
-    import matplotlib
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in display pixels (y up)
+PLOT_FONT = 7  # label font size, points
+MARKER_AREA = 50  # scatter marker size, points²
+LABEL_GAP_PX = 2.0  # clear space kept around every label and marker
+#: label offsets tried around each point, nearest first: radii (points) x directions (degrees, right first)
+LABEL_RADII = (6, 12, 20, 30, 42, 56, 72, 90, 110, 135, 165, 200)
+LABEL_ANGLES = (0, 180, 90, 270, 45, 315, 135, 225, 30, 330, 150, 210, 60, 300, 120, 240)
+LEADER_MIN_PX = 14.0  # a label further than this from its point gets a thin line to it
+CROWD_PX = 80.0  # points with more neighbours within this distance are labelled first
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+
+@dataclass
+class LabelSpot:
+    """Where one label went: its offset from the point (pixels), alignment, box and leader line (or None), and what
+    it could not avoid: ``hidden`` (text overlapped or struck through, in pixels² or 100 a line) and ``crossings``
+    (its line crossing another line or passing a marker); both 0 for a clear label."""
+
+    offset: tuple[float, float]
+    ha: str
+    va: str
+    box: Box
+    leader: tuple[tuple[float, float], tuple[float, float]] | None
+    hidden: float = 0.0
+    crossings: float = 0.0
+
+
+def _grow(box: Box, pad: float) -> Box:
+    """The box with ``pad`` pixels added on every side."""
+    return box[0] - pad, box[1] - pad, box[2] + pad, box[3] + pad
+
+
+def _overlap(a: Box, b: Box) -> float:
+    """Area the two boxes share (0 when they are apart or only touch)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _segment_hits_box(p: tuple[float, float], q: tuple[float, float], box: Box) -> bool:
+    """Whether the segment p-q passes through the box's interior (Liang-Barsky clipping)."""
+    t0, t1 = 0.0, 1.0
+    dx, dy = q[0] - p[0], q[1] - p[1]
+    for d, lo, hi in ((dx, box[0] - p[0], box[2] - p[0]), (dy, box[1] - p[1], box[3] - p[1])):
+        if abs(d) < 1e-12:
+            if not lo < 0 < hi:
+                return False
+            continue
+        a, b = sorted((lo / d, hi / d))
+        t0, t1 = max(t0, a), min(t1, b)
+        if t0 >= t1:
+            return False
+    return True
+
+
+def _segments_cross(p1: tuple[float, float], p2: tuple[float, float], q1: tuple[float, float],
+                    q2: tuple[float, float]) -> bool:
+    """Whether two segments cross at a point inside both (touching ends do not count)."""
+    def side(a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]) -> float:
+        return (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+
+    return side(p1, p2, q1) * side(p1, p2, q2) < 0 and side(q1, q2, p1) * side(q1, q2, p2) < 0
+
+
+def _candidates(point: tuple[float, float], size: tuple[float, float], px_per_pt: float, marker_px: float
+                ) -> Iterable[LabelSpot]:
+    """Label spots around a point, nearest first: the text is aligned away from the point in each direction so
+    that it grows outwards, never back over its own marker."""
+    w, h = size
+    for radius in LABEL_RADII:
+        r = radius * px_per_pt
+        for angle in LABEL_ANGLES:
+            dx, dy = round(r * math.cos(math.radians(angle)), 6), round(r * math.sin(math.radians(angle)), 6)
+            ha = "left" if dx > 0.5 else "right" if dx < -0.5 else "center"
+            va = "bottom" if dy > 0.5 else "top" if dy < -0.5 else "center"
+            x = point[0] + dx - {"left": 0.0, "right": w, "center": w / 2}[ha]
+            y = point[1] + dy - {"bottom": 0.0, "top": h, "center": h / 2}[va]
+            box = (x, y, x + w, y + h)
+            near = (min(max(point[0], box[0]), box[2]), min(max(point[1], box[1]), box[3]))
+            dist = math.hypot(near[0] - point[0], near[1] - point[1])
+            leader = None
+            if dist > LEADER_MIN_PX:  # the line starts at the marker's edge, not under it
+                start = (point[0] + (near[0] - point[0]) * marker_px / dist,
+                         point[1] + (near[1] - point[1]) * marker_px / dist)
+                leader = (start, near)
+            yield LabelSpot((dx, dy), ha, va, box, leader)
+
+
+def _place_in_order(order: list[int], points: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                    area: Box, px_per_pt: float, marker_px: float) -> list[LabelSpot]:
+    """One greedy pass of ``place_labels``, labelling the points in ``order``."""
+    markers = [_grow((x - marker_px, y - marker_px, x + marker_px, y + marker_px), LABEL_GAP_PX) for x, y in points]
+    inside = _grow(area, -LABEL_GAP_PX)
+    placed: dict[int, LabelSpot] = {}
+    for i in order:
+        # markers drawn on this point's own spot are passed through by its line anyway
+        others = [m for j, m in enumerate(markers) if math.dist(points[i], points[j]) > 1.0]
+        boxes = [_grow(s.box, LABEL_GAP_PX) for s in placed.values()]
+        lines = [s.leader for s in placed.values() if s.leader]
+        best: LabelSpot | None = None
+        for spot in _candidates(points[i], sizes[i], px_per_pt, marker_px):
+            if not (inside[0] <= spot.box[0] and spot.box[2] <= inside[2] and inside[1] <= spot.box[1]
+                    and spot.box[3] <= inside[3]):
+                continue
+            box = _grow(spot.box, LABEL_GAP_PX)
+            # text hidden (overlapped, or struck through by a line) is worse than lines that cross
+            spot.hidden = sum(_overlap(box, b) for b in boxes + markers) + sum(100.0 for a, b in lines
+                                                                              if _segment_hits_box(a, b, box))
+            if spot.leader:
+                a, b = spot.leader
+                spot.hidden += sum(100.0 for other in boxes if _segment_hits_box(a, b, other))
+                spot.crossings = sum(1.0 for m in others if _segment_hits_box(a, b, m)) + sum(
+                    1.0 for c, d in lines if math.dist(a, c) > 1.0 and _segments_cross(a, b, c, d))
+            if best is None or (spot.hidden, spot.crossings) < (best.hidden, best.crossings):
+                best = spot
+            if spot.hidden == spot.crossings == 0.0:
+                break
+        # no spot inside the axes at all (a label wider than the plot): the first one, counted as hidden
+        placed[i] = best or replace(next(iter(_candidates(points[i], sizes[i], px_per_pt, marker_px))),
+                                    hidden=math.inf)
+    return [placed[i] for i in range(len(points))]
+
+
+def place_labels(points: list[tuple[float, float]], sizes: list[tuple[float, float]], area: Box,
+                 px_per_pt: float = 1.0, marker_px: float = 6.0) -> list[LabelSpot]:
+    """Greedy label placement, in display pixels: each point in turn takes the nearest spot (``_candidates``) whose
+    box stays inside ``area`` and clears every marker, the labels placed so far and their leader lines, and whose
+    own leader line passes through no label or other marker and crosses no other line; where none is that clear,
+    a spot whose text is clear (only lines cross) beats one whose text is hidden.
+
+    Greedy placement depends on the order, so the points are taken most crowded first, then left to right, then
+    right to left, and the first clear result (else the least hidden) is returned; ``hidden``/``crossings`` on the
+    spots say what could not be avoided."""
+    crowd = [sum(math.dist(p, q) < CROWD_PX for q in points) for p in points]
+    orders = [sorted(range(len(points)), key=lambda i: (-crowd[i], i)),
+              sorted(range(len(points)), key=lambda i: (points[i][0], i)),
+              sorted(range(len(points)), key=lambda i: (-points[i][0], i))]
+    best: list[LabelSpot] = []
+    for order in orders:
+        spots = _place_in_order(order, points, sizes, area, px_per_pt, marker_px)
+        cost = (sum(s.hidden for s in spots), sum(s.crossings for s in spots))
+        if not best or cost < (sum(s.hidden for s in best), sum(s.crossings for s in best)):
+            best = spots
+        if cost == (0.0, 0.0):
+            break
+    return best
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Round tick values (1, 2, 5, ... x 10^k) between lo and hi: at least four where the range allows, and finer
+    steps (1.1, 1.2, ... x 10^k) for a range too narrow to hold any whole step."""
+    ticks: list[float] = []
+    for subs in ((1,), (1, 2, 5), (1, 2, 3, 5), tuple(range(1, 10)), tuple(m / 10 for m in range(10, 100))):
+        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in subs if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) >= 4:
+            break
+    return ticks
+
+
+def _label_points(ax: Any, renderer: Any, points: list[dict[str, Any]], groups: list[list[int]], texts: list[str],
+                  colours: list[Any]) -> tuple[list[Any], list[LabelSpot]]:
+    """Write one of ``texts`` beside each group of points (drawn at one spot) where ``place_labels`` puts it, with a
+    thin leader line to a label set away from its point; returns the artists drawn (texts and lines) and the
+    spots."""
+    anchors = [(points[g[0]]["ms"], 100 * points[g[0]]["auroc"]) for g in groups]
+    artists = [ax.annotate(text, xy, xytext=(0, 0), textcoords="offset points", fontsize=PLOT_FONT,
+                           color=colours[g[0]], ha="left", va="bottom", zorder=4)
+               for text, xy, g in zip(texts, anchors, groups)]
+    sizes = [tuple(a.get_window_extent(renderer).size) for a in artists]
+    at = [tuple(xy) for xy in ax.transData.transform(anchors)]
+    px_per_pt = PLOT_DPI / 72
+    spots = place_labels(at, sizes, tuple(ax.bbox.extents), px_per_pt, math.sqrt(MARKER_AREA) / 2 * px_per_pt)
+    to_data = ax.transData.inverted()
+    drawn = list(artists)
+    for artist, spot in zip(artists, spots):
+        artist.xyann = (spot.offset[0] / px_per_pt, spot.offset[1] / px_per_pt)
+        artist.set_horizontalalignment(spot.ha)
+        artist.set_verticalalignment(spot.va)
+        if spot.leader:
+            (x0, y0), (x1, y1) = to_data.transform(spot.leader)
+            drawn += ax.plot([x0, x1], [y0, y1], color=artist.get_color(), linewidth=0.6, alpha=0.8, zorder=2)
+    return drawn, spots
+
+
+def plot_figure(points: list[dict[str, Any]]) -> Any:
+    """The accuracy-vs-latency figure (an Agg ``Figure``): image AUROC vs ms per image on a log x axis fitted to the
+    points. Each point is labelled where its label clears every other label and marker; where the points are too
+    crowded for that, they are numbered instead and a key beside the axes names them."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     markers = {METHOD_GRAD: "o", METHOD_PATCHCORE: "s", METHOD_NORMAL_ONLY: "^"}
     datasets = list(dict.fromkeys(p["dataset"] for p in points))
-    colours = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, p in enumerate(points):
-        colour = colours(datasets.index(p["dataset"]) % 10)
-        ax.scatter(p["ms"], 100 * p["auroc"], marker=markers.get(p["method"], "x"), color=colour, s=50)
-        ax.annotate(p["label"], (p["ms"], 100 * p["auroc"]), textcoords="offset points", fontsize=7, color=colour,
-                    xytext=(5, LABEL_OFFSETS[i % len(LABEL_OFFSETS)]))  # staggered: neighbours do not overlap
+    palette = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(9, 5.4), dpi=PLOT_DPI)  # the dpi it is saved at: labels are measured in its pixels
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colours = [palette(datasets.index(p["dataset"]) % 10) for p in points]
+    for p, colour in zip(points, colours):
+        ax.scatter(p["ms"], 100 * p["auroc"], marker=markers.get(p["method"], "x"), color=colour, s=MARKER_AREA,
+                   zorder=3)
     for i, d in enumerate(datasets):
-        ax.scatter([], [], color=colours(i % 10), label=d)
+        ax.scatter([], [], color=palette(i % 10), label=d)
     ax.set_xscale("log")
     ms = [p["ms"] for p in points]
-    ax.set_xlim(min(ms) / 1.5, max(ms) * 6)  # room for the labels on the right
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    pad = 10 ** max(0.05, 0.06 * math.log10(max(ms) / min(ms)))  # a small margin, as a factor on the log axis
+    ax.set_xlim(min(ms) / pad, max(ms) * pad)
+    ax.xaxis.set_major_locator(FixedLocator(_log_ticks(min(ms) / pad, max(ms) * pad)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
     aurocs = [100 * p["auroc"] for p in points]
-    ax.set_ylim(min(aurocs) - 2, min(100.5, max(aurocs) + 2))
+    y_pad = max(0.5, 0.06 * (max(aurocs) - min(aurocs)))
+    ax.set_ylim(min(aurocs) - y_pad, max(aurocs) + y_pad)
     ax.set_xlabel("latency, ms per image (total p50, batch 1, CPU)")
     ax.set_ylabel("image AUROC, mean over classes (%)")
     ax.set_title("Accuracy vs latency (circle: GRAD, square: PatchCore, triangle: NORMAL-only)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="dataset", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
+    ax.grid(True, alpha=0.3)
+    # beside the axes, so that it never sits on a point or a label
+    datasets_legend = ax.legend(title="dataset", fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                                borderaxespad=0)
+    fig.tight_layout()  # before measuring: it moves the axes
+    renderer = canvas.get_renderer()
+    # points of one dataset at one spot (rows alike in speed and accuracy) share one label, a line each: their
+    # markers are one, and separate labels would need lines crossing each other's to reach it
+    by_spot: dict[tuple[Any, ...], list[int]] = {}
+    for i, p in enumerate(points):
+        by_spot.setdefault((p["ms"], p["auroc"], p["dataset"]), []).append(i)
+    groups = list(by_spot.values())
+    drawn, spots = _label_points(ax, renderer, points, groups,
+                                 ["\n".join(points[i]["label"] for i in g) for g in groups], colours)
+    if any(s.hidden or s.crossings for s in spots):
+        log.info("plot: the points are too crowded to label clearly; numbering them with a key beside the plot")
+        for artist in drawn:
+            artist.remove()
+        # kept beside the key (a second ax.legend replaces the first) and, unclipped, still counted by the layout
+        ax.add_artist(datasets_legend).set_clip_on(False)
+        # numbered dataset by dataset, left to right, so that the key reads in the order the eye finds them
+        order = sorted(range(len(points)), key=lambda i: (datasets.index(points[i]["dataset"]), points[i]["ms"],
+                                                          -points[i]["auroc"], i))
+        numbers = [""] * len(points)
+        for n, i in enumerate(order, 1):
+            numbers[i] = str(n)
+        ax.legend([Line2D([], [], marker=markers.get(points[i]["method"], "x"), color=colours[i], linestyle="none",
+                          markersize=5) for i in order], [f"{numbers[i]}  {points[i]['label']}" for i in order],
+                  title="points", fontsize=7, loc="lower left", bbox_to_anchor=(1.02, 0.0), borderaxespad=0)
+        fig.tight_layout()  # the key narrows the axes: lay out again before measuring
+        _label_points(ax, renderer, points, groups, [", ".join(numbers[i] for i in g) for g in groups], colours)
+    return fig
+
+
+def write_plot(points: list[dict[str, Any]], path: Path) -> Path | None:
+    """Scatter of image AUROC vs ms per image (log x), every point labelled; None when nothing can be plotted."""
+    if not points:
+        return None
+    plot_figure(points).savefig(path, dpi=PLOT_DPI)
     return path
 
 
