@@ -106,11 +106,28 @@ class SettingsFileError(click.ClickException):
         click.echo(f"error: {printable(self.format_message())}", err=True)
 
 
+#: top-level module -> the pyproject extra that installs it: a command run on an install without that extra (a
+#: Jetson with the lean runtime only, then grad-train) says what to install instead of a traceback
+EXTRA_OF_MODULE = {"torch": "train", "torchvision": "train", "timm": "train", "onnx": "export", "onnxslim": "export",
+                   "onnxruntime": "runtime", "paho": "mqtt", "matplotlib": "bench"}
+
+
+def missing_extra_line(exc: ModuleNotFoundError) -> str | None:
+    """The one-line error for a missing optional dependency, or None when ``exc`` is about another module."""
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return (f"this command needs the Python package {module!r}, which is not installed here: "
+            f"pip install 'gradad[{extra}]' (from the repository: pip install -e '.[{extra}]')")
+
+
 def user_errors_as_exit(func: F) -> F:
     """Turn a GradError, or an OSError of the machine's state (read-only or full disk, no permission, missing
-    file), into a single 'error: ...' line on stderr and exit code 2 (no traceback); Ctrl-C into one line and exit
-    code 130, as a shell reports a process stopped by SIGINT (click's own handling says 'Aborted!' and exits 1,
-    which scripts and service managers read as a failure of the command)."""
+    file), into a single 'error: ...' line on stderr and exit code 2 (no traceback); likewise a missing optional
+    dependency (naming the extra to install); Ctrl-C into one line and exit code 130, as a shell reports a process
+    stopped by SIGINT (click's own handling says 'Aborted!' and exits 1, which scripts and service managers read
+    as a failure of the command)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -121,6 +138,13 @@ def user_errors_as_exit(func: F) -> F:
             sys.exit(130)
         except GradError as exc:  # its message may quote a bundle's strings
             click.echo(f"error: {printable(exc)}", err=True)
+            sys.exit(2)
+        except ModuleNotFoundError as exc:
+            line = missing_extra_line(exc)
+            if line is None:
+                raise
+            logging.getLogger("gradad").debug("the error's traceback", exc_info=True)
+            click.echo(f"error: {line}", err=True)
             sys.exit(2)
         except OSError as exc:
             if exc.errno not in _ENVIRONMENT_ERRNOS:
