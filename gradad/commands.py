@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import click
 
-from gradad.cli_utils import CLI_CONTEXT
+from gradad.cli_utils import CLI_CONTEXT, missing_extra_line
 
 
 class CommandEntry(NamedTuple):
@@ -48,7 +48,16 @@ class _LazyGroup(click.Group):
         return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return load_command(cmd_name) if cmd_name in COMMANDS else None
+        if cmd_name not in COMMANDS:
+            return None
+        try:
+            return load_command(cmd_name)
+        except ModuleNotFoundError as exc:  # a command module that imports an optional package when loaded
+            line = missing_extra_line(exc)
+            if line is None:
+                raise
+            click.echo(f"error: {line}", err=True)
+            ctx.exit(2)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         with formatter.section("Commands"):

@@ -10,8 +10,9 @@ _T = TypeVar("_T")
 _END = object()  # end of the items, passed down the queue
 _POLL_S = 0.05  # how often a blocked put/get looks at the stop flag
 #: the bytes of frame data one queue may hold besides its count limit. The loop's queues hold decoded frames: at the
-#: 100 MP decode cap (300 MB a frame) the file prefetch, capture and inference queues would hold ~3 GB at batch 1,
-#: more than an edge device spares. One item of any size always fits an empty queue.
+#: 100 MP decode cap (300 MB a frame) the file prefetch, capture and inference queues held ~12 frames (3.6 GB) at
+#: batch 1, more than an edge device spares. One item of any size always fits an empty queue, and the producer holds
+#: the item it waits to put, so a stage holds at most this plus two items (at 100 MP, ~7 frames in all at batch 1).
 QUEUE_BYTES = 512 * 2 ** 20
 
 
@@ -61,10 +62,11 @@ class Buffered(Generic[_T]):
 
     def _put(self, item: object, drop_oldest: bool = False) -> bool:
         real = item is not _END and not isinstance(item, _Raised)
-        nbytes = int(self._size_of(item)) if real and self._size_of is not None else 0  # type: ignore[arg-type]
+        sized = real and self._size_of is not None
+        nbytes = max(0, int(self._size_of(item))) if sized else 0  # type: ignore[arg-type,misc]
         while not self.stop.is_set():
             with self._room:
-                if self._held == 0 or self._held + nbytes <= self.max_bytes:
+                if self._queue.empty() or self._held + nbytes <= self.max_bytes:
                     try:
                         self._queue.put_nowait((item, nbytes))
                         self._held += nbytes
@@ -76,7 +78,8 @@ class Buffered(Generic[_T]):
                     continue
                 try:
                     _, old = self._queue.get_nowait()
-                except queue.Empty:  # the consumer took it meanwhile
+                except queue.Empty:  # the consumer took it and has not yet released its bytes: wait for that
+                    self._room.wait(_POLL_S)
                     continue
                 self._held -= old
                 self.dropped += 1

@@ -88,3 +88,16 @@ def test_a_blocked_producer_gives_up_on_stop():
     buf = Buffered(_items(10, 100, produced), size=8, name="t", stop=stop, size_of=lambda a: a.nbytes, max_bytes=100)
     _settled(produced)
     assert buf.close(2.0)  # the producer waiting for room sees the stop flag and ends
+
+
+def test_empty_means_no_item_queued_not_no_bytes_held():
+    """Zero-byte items (or a size_of that says less than nothing) do not let an oversized item past the budget."""
+    sizes = [0, -300, 1000]
+    buf = Buffered(iter(sizes), size=8, name="t", size_of=lambda n: n, max_bytes=100)
+    try:
+        _wait_until(lambda: buf._queue.qsize() == 2)
+        time.sleep(0.3)
+        assert buf._queue.qsize() == 2 and buf.held_bytes == 0  # the 1000-byte item waits for an empty queue
+        assert list(buf) == [0, -300, 1000]
+    finally:
+        buf.close(2.0)

@@ -61,3 +61,25 @@ def test_every_named_extra_installs_its_package() -> None:
     for module, extra in EXTRA_OF_MODULE.items():
         wanted = distribution.get(module, module)
         assert any(req.split("==")[0] == wanted for req in extras[extra]), (module, extra)
+
+
+def test_only_a_missing_optional_package_itself_gets_the_install_line() -> None:
+    from gradad.cli_utils import missing_extra_line
+
+    assert "gradad[train]" in missing_extra_line(ModuleNotFoundError("No module named 'torch'", name="torch"))
+    # a missing submodule of an installed package is a version or code bug: its traceback stays
+    assert missing_extra_line(ModuleNotFoundError("x", name="torchvision.tranforms")) is None
+    assert missing_extra_line(ModuleNotFoundError("x", name="gradad.trainning")) is None
+
+
+def test_a_subcommand_module_that_needs_a_missing_package_when_loaded_names_the_extra(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    from gradad import commands
+
+    (tmp_path / "needs_plots.py").write_text("import matplotlib\nmain = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(commands.COMMANDS, "plots", commands.CommandEntry("needs_plots", "main", "Plots."))
+    result = CliRunner().invoke(main, ["plots"])
+    assert result.exit_code == 2
+    assert "needs the Python package 'matplotlib'" in result.output and "gradad[bench]" in result.output
