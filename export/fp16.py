@@ -54,98 +54,118 @@ def convert_to_fp16(
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     graph.ClearField("value_info")
-    inferred = shape_inference.infer_shapes(model)
-    elem: dict[str, int] = {}
-    for vi in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
-        elem[vi.name] = vi.type.tensor_type.elem_type
-    for init in graph.initializer:
-        elem[init.name] = init.data_type
-
     # The coordinate path is FP32 only from the mapper on; before it (the extractor) FP16 is wanted.
     path = coordinate_path(model)
     fp32_nodes = [n.name for n in graph.node if keep_fp32(n) or (n.name in path and _after_mapper(n, graph))]
-    fp32_set = set(fp32_nodes)
-    # Current precision of every float tensor: graph inputs are FP32, initializers decided by consumers.
-    current: dict[str, int] = {i.name: FLOAT for i in graph.input if elem.get(i.name) == FLOAT}
-    init_by_name = {i.name: i for i in graph.initializer}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for idx, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, idx))
-
-    def wanted(node: onnx.NodeProto, idx: int) -> int:
-        if node.name in fp32_set or idx in _FP32_ONLY_INPUTS.get(node.op_type, ()):
-            return FLOAT
-        return HALF
-
-    new_inits = []
-    for name, init in init_by_name.items():
-        if init.data_type != FLOAT:
-            continue
-        needs = {wanted(n, i) for n, i in consumers.get(name, [])}
-        if needs == {HALF}:
-            init.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(init)), name))
-            current[name] = HALF
-        elif needs == {FLOAT, HALF}:
-            half = numpy_helper.from_array(_to_half(numpy_helper.to_array(init)), name + "_fp16")
-            new_inits.append(half)
-            current[name] = FLOAT
-            current[half.name] = HALF
-        else:
-            current[name] = FLOAT
-    graph.initializer.extend(new_inits)
-
-    casts: dict[tuple[str, int], str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-
-    def cast_to(name: str, to: int) -> str:
-        if name + "_fp16" in current and to == HALF:
-            return name + "_fp16"
-        key = (name, to)
-        if key not in casts:
-            out = f"{name}_as_{'fp16' if to == HALF else 'fp32'}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{out}_cast"))
-            current[out] = to
-            casts[key] = out
-        return casts[key]
-
-    for node in graph.node:
-        half_node = node.name not in fp32_set
-        for idx, name in enumerate(node.input):
-            if name and current.get(name) is not None:
-                need = wanted(node, idx)
-                if current[name] != need:
-                    node.input[idx] = cast_to(name, need)
-        if half_node and node.op_type == "Cast":
-            for attr in node.attribute:
-                if attr.name == "to" and attr.i == FLOAT:
-                    attr.i = HALF
-        if half_node and node.op_type in ("Constant", "ConstantOfShape"):
-            for attr in node.attribute:
-                if attr.name == "value" and attr.t.data_type == FLOAT:
-                    attr.t.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(attr.t)), attr.t.name))
-        for out in node.output:
-            if elem.get(out) == FLOAT:
-                current[out] = HALF if half_node else FLOAT
-        new_nodes.append(node)
-
-    # Graph outputs stay FP32.
-    for out in graph.output:
-        if current.get(out.name) == HALF:
-            internal = out.name + "_fp16_internal"
-            for node in new_nodes:
-                for i, name in enumerate(node.output):
-                    if name == out.name:
-                        node.output[i] = internal
-                for i, name in enumerate(node.input):
-                    if name == out.name:
-                        node.input[i] = internal
-            new_nodes.append(helper.make_node("Cast", [internal], [out.name], to=FLOAT, name=f"{out.name}_to_fp32"))
+    conversion = _Conversion(model, set(fp32_nodes))
+    conversion.convert_initializers()
+    nodes = conversion.rewrite_nodes()
+    conversion.keep_outputs_fp32(nodes)
     graph.ClearField("node")
-    graph.node.extend(_topological(new_nodes, [i.name for i in graph.input] + [i.name for i in graph.initializer]))
+    graph.node.extend(_topological(nodes, [i.name for i in graph.input] + [i.name for i in graph.initializer]))
     model = shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
     return model, fp32_nodes
+
+
+class _Conversion:
+    """The state of one FP16 conversion: every float tensor's precision as the nodes are rewritten in order
+    (graph inputs FP32, initializers as their consumers need them) and the Cast nodes added on the way."""
+
+    def __init__(self, model: onnx.ModelProto, fp32_nodes: set[str]) -> None:
+        self.graph = model.graph
+        self.fp32_nodes = fp32_nodes
+        inferred = shape_inference.infer_shapes(model)
+        self.elem: dict[str, int] = {vi.name: vi.type.tensor_type.elem_type for vi in
+                                     [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+        self.elem.update({init.name: init.data_type for init in self.graph.initializer})
+        self.current: dict[str, int] = {i.name: FLOAT for i in self.graph.input if self.elem.get(i.name) == FLOAT}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in self.graph.node:
+            for idx, name in enumerate(node.input):
+                self.consumers.setdefault(name, []).append((node, idx))
+        self.casts: dict[tuple[str, int], str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+
+    def wanted(self, node: onnx.NodeProto, idx: int) -> int:
+        """The precision input ``idx`` of ``node`` must have."""
+        if node.name in self.fp32_nodes or idx in _FP32_ONLY_INPUTS.get(node.op_type, ()):
+            return FLOAT
+        return HALF
+
+    def convert_initializers(self) -> None:
+        """FP16 initializers where every consumer wants FP16; an FP16 twin (``<name>_fp16``) where both do."""
+        twins = []
+        for init in list(self.graph.initializer):
+            if init.data_type != FLOAT:
+                continue
+            needs = {self.wanted(n, i) for n, i in self.consumers.get(init.name, [])}
+            if needs == {HALF}:
+                init.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(init)), init.name))
+                self.current[init.name] = HALF
+            elif needs == {FLOAT, HALF}:
+                half = numpy_helper.from_array(_to_half(numpy_helper.to_array(init)), init.name + "_fp16")
+                twins.append(half)
+                self.current[init.name] = FLOAT
+                self.current[half.name] = HALF
+            else:
+                self.current[init.name] = FLOAT
+        self.graph.initializer.extend(twins)
+
+    def cast_to(self, name: str, to: int) -> str:
+        """``name`` in precision ``to``: its FP16 twin, or one shared Cast node per (tensor, precision)."""
+        if name + "_fp16" in self.current and to == HALF:
+            return name + "_fp16"
+        key = (name, to)
+        if key not in self.casts:
+            out = f"{name}_as_{'fp16' if to == HALF else 'fp32'}"
+            self.new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"{out}_cast"))
+            self.current[out] = to
+            self.casts[key] = out
+        return self.casts[key]
+
+    def rewrite_nodes(self) -> list[onnx.NodeProto]:
+        """Every node with its inputs cast to the precision it wants and its float constants and Cast targets in
+        FP16 where it runs in FP16; the Cast nodes added are in the list too (out of order: sorted later)."""
+        for node in self.graph.node:
+            half_node = node.name not in self.fp32_nodes
+            for idx, name in enumerate(node.input):
+                if name and self.current.get(name) is not None:
+                    need = self.wanted(node, idx)
+                    if self.current[name] != need:
+                        node.input[idx] = self.cast_to(name, need)
+            if half_node:
+                _constants_to_half(node)
+            for out in node.output:
+                if self.elem.get(out) == FLOAT:
+                    self.current[out] = HALF if half_node else FLOAT
+            self.new_nodes.append(node)
+        return self.new_nodes
+
+    def keep_outputs_fp32(self, nodes: list[onnx.NodeProto]) -> None:
+        """Graph outputs computed in FP16 are renamed inside the graph and cast back to FP32 under their name."""
+        for out in self.graph.output:
+            if self.current.get(out.name) != HALF:
+                continue
+            internal = out.name + "_fp16_internal"
+            for node in nodes:
+                for names in (node.output, node.input):
+                    for i, name in enumerate(names):
+                        if name == out.name:
+                            names[i] = internal
+            nodes.append(helper.make_node("Cast", [internal], [out.name], to=FLOAT, name=f"{out.name}_to_fp32"))
+
+
+def _constants_to_half(node: onnx.NodeProto) -> None:
+    """A node running in FP16: a Cast to FP32 casts to FP16, a float Constant(OfShape) value becomes FP16."""
+    if node.op_type == "Cast":
+        for attr in node.attribute:
+            if attr.name == "to" and attr.i == FLOAT:
+                attr.i = HALF
+    if node.op_type in ("Constant", "ConstantOfShape"):
+        for attr in node.attribute:
+            if attr.name == "value" and attr.t.data_type == FLOAT:
+                attr.t.CopyFrom(numpy_helper.from_array(_to_half(numpy_helper.to_array(attr.t)), attr.t.name))
 
 
 def _topological(nodes: list[onnx.NodeProto], available: Iterable[str]) -> list[onnx.NodeProto]:
