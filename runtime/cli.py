@@ -457,6 +457,8 @@ def build_sinks(opts: SinkOptions, benchmark: bool, live: bool = True) -> list["
                                       password=opts.mqtt_password, tls=tls, ca_certs=opts.mqtt_ca))
         if opts.webhook:
             out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
+        if (address := kinds.notify_address()) is not None:  # a systemd Type=notify service
+            out.append(kinds.ServiceNotifySink(address, kinds.watchdog_period_s()))
     except BaseException:
         for sink in out:  # e.g. the MQTT broker is unreachable: the files opened before it are closed cleanly
             sink.close()

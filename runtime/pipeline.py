@@ -406,6 +406,7 @@ def run_pipeline(
             # live + pipelined: batches take what is queued, so any size up to the batch size comes up
             warm_up(backend, options.batch_for(backend), every_size=options.live and options.pipelined)
             stats.restart_clock()
+        sink.started()
         run = _run_pipelined if options.pipelined else _run_serial
         run(frames, backend, thresholds, sink, options, stop, stats)
     finally:

@@ -14,7 +14,8 @@ run with the same calibration.
 
 Package layout: :mod:`.base` (the ``SinkBase`` interface with no-op defaults, JSON helpers, ``MultiSink``),
 :mod:`.jsonl`, :mod:`.video` (overlay drawing, video file, display window), :mod:`.flagged` (the flagged-frame
-folder), :mod:`.network` (webhook, MQTT) and :mod:`.background` (the video and flagged folder's writer thread).
+folder), :mod:`.network` (webhook, MQTT), :mod:`.service` (systemd's READY/STATUS/WATCHDOG notifications) and
+:mod:`.background` (the video and flagged folder's writer thread).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gradad.runtime.sinks.base import (NG_COLOR_BGR, OK_COLOR_BGR, MultiSink, Si
 from gradad.runtime.sinks.flagged import FlaggedFrameSink
 from gradad.runtime.sinks.jsonl import JsonlSink
 from gradad.runtime.sinks.network import MqttSink, WebhookSink
+from gradad.runtime.sinks.service import ServiceNotifySink, notify_address, watchdog_period_s
 from gradad.runtime.sinks.video import DisplaySink, VideoSink, annotate_frame
 
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "FlaggedFrameSink",
     "WebhookSink",
     "MqttSink",
+    "ServiceNotifySink",
+    "notify_address",
+    "watchdog_period_s",
     "MultiSink",
     "annotate_frame",
     "map_display_range",

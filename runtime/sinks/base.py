@@ -45,6 +45,9 @@ class SinkBase:
         """True when the sink asks the run to stop (the display window); False for the others."""
         return False
 
+    def started(self) -> None:
+        """The loop starts scoring: the backend is warmed up and the sources are open (default: nothing)."""
+
     def write(self, result: FrameResult) -> None:
         """Take one frame's result (default: ignore it)."""
 
@@ -176,6 +179,10 @@ class MultiSink(SinkBase):
                     log.error("%s of %s failed: %s", what, type(sink).__name__, e)
         if first is not None:
             raise first
+
+    def started(self) -> None:
+        """``started`` on every sink."""
+        self._fan_out("started", lambda s: s.started(), self.sinks)
 
     def write(self, result: FrameResult) -> None:
         """``write`` on every sink."""
