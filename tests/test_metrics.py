@@ -349,3 +349,42 @@ def test_operating_point_counts_rates_and_left_out_images() -> None:
     assert (out["n_false_alarms"], out["n_good_scored"]) == (0, 2) and out["image_false_alarm_rate"] == 0.0
     assert math.isnan(operating_point(labels[:3], scores[:3], 0.5)["image_recall"])
     assert "image_recall" not in compute_metrics(labels, scores)  # no threshold, no operating point
+
+
+def _brute_force_pro(masks: np.ndarray, maps: np.ndarray, limit: float) -> float:
+    """PRO by definition: every distinct map value a threshold, each region counted on its own."""
+    regions = []  # (image, region mask)
+    for i, m in enumerate(masks):
+        n, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+        regions += [(i, lab == r) for r in range(1, n)]
+    normal = ~masks
+    points = [(0.0, 0.0)]
+    for t in np.unique(maps)[::-1]:
+        fpr = (maps[normal] >= t).sum() / normal.sum()
+        pro = np.mean([(maps[i][r] >= t).mean() for i, r in regions])
+        points.append((fpr, pro))
+    points.append((1.0, 1.0))
+    x, y = np.array(points).T
+    k = np.searchsorted(x, limit)
+    y_limit = y[k - 1] + (y[k] - y[k - 1]) * (limit - x[k - 1]) / (x[k] - x[k - 1])
+    xs, ys = np.r_[x[:k], limit], np.r_[y[:k], y_limit]
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2) / limit)
+
+
+def test_pro_is_exact_where_an_evenly_spaced_grid_of_thresholds_is_not():
+    """One hot spot far above every other value left the 200-threshold grid a single step below FPR 0.3, so
+    PRO came out far too low; the exact curve does not care."""
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 24, 24), bool)
+    masks[1, 4:9, 5:12] = True
+    masks[3, 15:20, 2:6] = True
+    masks[3, 2:4, 18:22] = True
+    masks[5, 10:13, 10:13] = True
+    maps = (rng.random(masks.shape) + 1.5 * masks).astype(np.float32)
+    maps[2, 12, 12] = 1000.0  # a hot spot on a good image
+    exact = _brute_force_pro(masks, maps, 0.3)
+    assert pro_auc(masks, maps) == pytest.approx(exact, abs=1e-12)
+    assert pro_auc(masks, maps, num_thresholds=200) < exact - 0.2  # the grid's error this replaces
+    fpr, pro = metrics.pro_points(masks, maps)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
+    assert fpr[-1] == pytest.approx(1.0) and pro[-1] == pytest.approx(1.0)
