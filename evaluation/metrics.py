@@ -371,7 +371,7 @@ def per_class_metrics(
     by_defect: bool = True,
     f1_images: Any = None,
     fpr_limit: float = 0.3,
-    num_thresholds: int = 200,
+    num_thresholds: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per class (unified protocol: one model, scores of all classes evaluated class by class).
 

@@ -385,6 +385,9 @@ def test_pro_is_exact_where_an_evenly_spaced_grid_of_thresholds_is_not():
     exact = _brute_force_pro(masks, maps, 0.3)
     assert pro_auc(masks, maps) == pytest.approx(exact, abs=1e-12)
     assert pro_auc(masks, maps, num_thresholds=200) < exact - 0.2  # the grid's error this replaces
+    labels = masks.any(axis=(1, 2)).astype(int)  # what every report computes is the exact one too
+    reported = per_class_metrics(["part"] * 6, None, labels, maps.max(axis=(1, 2)), masks, maps)
+    assert reported["part"]["pro"] == pytest.approx(exact, abs=1e-12)
     fpr, pro = metrics.pro_points(masks, maps)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
     assert fpr[-1] == pytest.approx(1.0) and pro[-1] == pytest.approx(1.0)
