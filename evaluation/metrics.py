@@ -201,44 +201,57 @@ def _area_to_limit(fpr: np.ndarray, pro: np.ndarray, limit: float) -> float:
     return area
 
 
-def pro_points(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
+def pro_points(masks: Any, maps: Any, fpr_limit: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The exact PRO curve: ``(fpr, pro)`` at every distinct map value as the threshold, thresholds descending
-    (so both non-decreasing, ending at (1, 1)); nan arrays without normal pixels or without regions.
+    (so both non-decreasing, ending at (1, 1)); nan arrays without normal pixels or without regions. With
+    ``fpr_limit``, the curve up to its first point at or beyond that FPR (all an area to the limit needs).
 
     PRO is a weighted true-positive rate: a defect pixel counts 1 / (its region's size x the number of regions),
     a normal pixel 1 / (the number of normal pixels) towards the FPR, so one sort of all pixels gives the whole
-    curve (MVTec AD's definition; regions 8-connected as in :func:`pro_curve`)."""
+    curve (MVTec AD's definition; regions 8-connected as in :func:`pro_curve`). Only the defect pixels carry
+    weights (the normal ones are counted by position), so the memory is a few bytes a pixel beyond the sort."""
     pairs = _pixel_pairs(masks, maps)
     if not pairs:
         raise ValueError("no images")
-    values, region_weights, normal = [], [], []
-    n_regions = 0
+    values, defect_at, defect_weights = [], [], []
+    n_regions = offset = 0
     for m, a in pairs:
         flat, mf = a.reshape(-1), m.reshape(-1)
         if not np.isfinite(flat).all():
             raise ValueError("maps contain NaN or infinite values")
-        weight = np.zeros(flat.size, np.float64)
         if mf.any():
             n_lab, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
             region = lab.reshape(-1)[mf]
-            weight[mf] = 1.0 / np.bincount(region, minlength=n_lab)[region]
+            defect_weights.append(1.0 / np.bincount(region, minlength=n_lab)[region])
+            defect_at.append(offset + np.flatnonzero(mf))
             n_regions += n_lab - 1
         values.append(flat)
-        region_weights.append(weight)
-        normal.append(~mf)
-    if not n_regions:
+        offset += flat.size
+    n_defect = sum(len(d) for d in defect_at)
+    n_normal = offset - n_defect
+    if not n_regions or not n_normal:
         return np.full(1, _NAN), np.full(1, _NAN)
     pooled = np.concatenate(values)  # the maps' own dtype: ties are decided as they were computed
     order = np.argsort(pooled)[::-1]  # descending (ties share one threshold below, so their order is free)
     sorted_values = pooled[order]
-    is_normal = np.concatenate(normal)[order]
-    n_normal = int(is_normal.sum())
-    if not n_normal:
-        return np.full(1, _NAN), np.full(1, _NAN)
+    del pooled
+    defect_index = np.concatenate(defect_at)  # ascending pixel indices
+    is_defect = np.zeros(offset, bool)
+    is_defect[defect_index] = True
+    defect_rank = np.flatnonzero(is_defect[order])  # where the defect pixels sit in the descending order
+    weight = np.concatenate(defect_weights)[np.searchsorted(defect_index, order[defect_rank])]
+    del order, is_defect
+    if fpr_limit is not None:  # keep the tie group holding the first normal pixel at or beyond the limit
+        m = min(n_normal, max(1, math.ceil(fpr_limit * n_normal)))
+        last = m - 1 + int(np.searchsorted(defect_rank - np.arange(n_defect), m - 1, side="right"))
+        last += int(np.argmax(np.append(sorted_values[last:] != sorted_values[last], True))) - 1
+        sorted_values = sorted_values[:last + 1]
+        defect_rank = defect_rank[defect_rank <= last]
     ends = np.append(np.flatnonzero(sorted_values[1:] != sorted_values[:-1]), sorted_values.size - 1)
-    fpr = np.cumsum(is_normal)[ends] / n_normal
-    pro = np.cumsum(np.concatenate(region_weights)[order])[ends] / n_regions
-    return fpr, pro
+    defects_to = np.searchsorted(defect_rank, ends, side="right")  # defect pixels at or above each threshold
+    fpr = (ends + 1 - defects_to) / n_normal
+    cumulative = np.concatenate([[0.0], np.cumsum(weight[:len(defect_rank)])])
+    return fpr, cumulative[defects_to] / n_regions
 
 
 def pro_auc(masks: Any, maps: Any, fpr_limit: float = 0.3, num_thresholds: int | None = None) -> float:
@@ -257,7 +270,7 @@ def pro_auc(masks: Any, maps: Any, fpr_limit: float = 0.3, num_thresholds: int |
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError("fpr_limit must be in (0, 1]")
     if num_thresholds is None:
-        fpr, pro = pro_points(masks, maps)
+        fpr, pro = pro_points(masks, maps, fpr_limit)
     else:
         _, fpr, pro = pro_curve(masks, maps, num_thresholds)
         fpr, pro = fpr[::-1], pro[::-1]  # decreasing threshold -> non-decreasing fpr and pro

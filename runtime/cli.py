@@ -459,6 +459,8 @@ def build_sinks(opts: SinkOptions, benchmark: bool, live: bool = True) -> list["
             out.append(kinds.WebhookSink(opts.webhook, **opts.webhook_options))
         if (address := kinds.notify_address()) is not None:  # a systemd Type=notify service
             out.append(kinds.ServiceNotifySink(address, kinds.watchdog_period_s()))
+            for name in kinds.SERVICE_VARIABLES:  # children (the refinement worker) do not speak for the service
+                os.environ.pop(name, None)
     except BaseException:
         for sink in out:  # e.g. the MQTT broker is unreachable: the files opened before it are closed cleanly
             sink.close()

@@ -529,6 +529,10 @@ def _shutdown(sink: SinkBase, options: RunOptions, stop: StopFlag, stats: Latenc
     (also one arriving during the drain) the file sinks' writer threads get ``SIGNAL_DRAIN_S`` for their queued
     frames, so the network sinks and the summary still go out before a supervisor kills the process."""
     stats.mark_end()  # frame rate of the loop itself, without the refinement drain
+    try:
+        sink.stopping()  # before the drains, which may take longer than a service watchdog's period
+    except Exception as exc:  # noqa: BLE001 - the sinks must still be closed
+        log.error("telling the sinks the run stops failed: %s", exc)
 
     def cap_drain() -> None:
         if stop.signalled:

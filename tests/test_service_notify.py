@@ -128,5 +128,36 @@ def test_grad_run_notifies_only_under_systemd(monkeypatch, listener) -> None:
     sinks = build_sinks(SinkOptions(jsonl_path=""), False)
     notify = [s for s in sinks if isinstance(s, ServiceNotifySink)]
     assert len(notify) == 1 and notify[0].watchdog_s == 20.0
+    assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ  # not for the worker process
     for sink in sinks:
         sink.close()
+
+
+def test_stopping_goes_out_before_the_sinks_drain_and_close(listener) -> None:
+    """The refinement worker's and file writers' drains may outlast a watchdog period: systemd must know the
+    service is stopping before them, or it kills the draining process."""
+    path, sock = listener
+    seen_at_close: list[str] = []
+
+    class SlowToClose(SinkBase):
+        def close(self) -> None:
+            seen_at_close.extend(received(sock))
+            super().close()
+
+    run_pipeline(frames(2), CountingBackend(), Thresholds(100.0), [SlowToClose(), ServiceNotifySink(path)],
+                 RunOptions())
+    assert seen_at_close and seen_at_close[-1].startswith("STOPPING=1")
+    assert received(sock) == []  # nothing after it
+
+
+def test_a_busy_socket_drops_a_notification_and_never_blocks_the_loop(listener) -> None:
+    path, sock = listener
+    notify = ServiceNotifySink(path, watchdog_s=1e-6)
+    started = time.monotonic()
+    for _ in range(5000):  # far more than a datagram socket's queue holds unread
+        notify.send("WATCHDOG=1")
+    assert time.monotonic() - started < 5.0
+    assert received(sock)  # the queued ones arrive...
+    notify.send("STATUS=still here")
+    assert received(sock) == ["STATUS=still here"]  # ...and the socket was kept for later messages
+    notify.close()

@@ -26,7 +26,7 @@ from gradad.runtime.sinks.base import (NG_COLOR_BGR, OK_COLOR_BGR, MultiSink, Si
 from gradad.runtime.sinks.flagged import FlaggedFrameSink
 from gradad.runtime.sinks.jsonl import JsonlSink
 from gradad.runtime.sinks.network import MqttSink, WebhookSink
-from gradad.runtime.sinks.service import ServiceNotifySink, notify_address, watchdog_period_s
+from gradad.runtime.sinks.service import SERVICE_VARIABLES, ServiceNotifySink, notify_address, watchdog_period_s
 from gradad.runtime.sinks.video import DisplaySink, VideoSink, annotate_frame
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "WebhookSink",
     "MqttSink",
     "ServiceNotifySink",
+    "SERVICE_VARIABLES",
     "notify_address",
     "watchdog_period_s",
     "MultiSink",

@@ -48,6 +48,9 @@ class SinkBase:
     def started(self) -> None:
         """The loop starts scoring: the backend is warmed up and the sources are open (default: nothing)."""
 
+    def stopping(self) -> None:
+        """The loop has scored its last frame; drains and :meth:`close` follow (default: nothing)."""
+
     def write(self, result: FrameResult) -> None:
         """Take one frame's result (default: ignore it)."""
 
@@ -183,6 +186,10 @@ class MultiSink(SinkBase):
     def started(self) -> None:
         """``started`` on every sink."""
         self._fan_out("started", lambda s: s.started(), self.sinks)
+
+    def stopping(self) -> None:
+        """``stopping`` on every sink."""
+        self._fan_out("stopping", lambda s: s.stopping(), self.sinks)
 
     def write(self, result: FrameResult) -> None:
         """``write`` on every sink."""

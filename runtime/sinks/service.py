@@ -5,12 +5,14 @@ started (units ordered after it, ``systemctl start`` itself). :class:`ServiceNot
 starts scoring (the model loaded and warmed up, the sources open), keeps ``systemctl status`` showing the frames
 scored, NG parts and frame rate (``STATUS=``), feeds the watchdog when the unit sets ``WatchdogSec=`` (one
 ``WATCHDOG=1`` per half period while frames are scored: a free-running camera's line is restarted when no frame has
-been scored for that long; a triggered camera's unit should not set it) and says ``STOPPING=1`` at shutdown.
+been scored for that long; a triggered camera's unit should not set it) and says ``STOPPING=1`` as the loop ends,
+before the drains of the refinement worker and the file writers (which may outlast a watchdog period).
 The protocol is one datagram per message on a Unix socket (sd_notify(3)); no systemd library is needed.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -24,6 +26,11 @@ log = logging.getLogger("gradad.runtime.sinks")
 
 #: seconds between two STATUS= updates (systemctl status shows the latest)
 STATUS_EVERY_S = 5.0
+#: what systemd sets for the service's main process; the refinement worker must not inherit it (sd_notify's
+#: unset_environment): only grad-run itself speaks for the service
+SERVICE_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+#: a full socket buffer (systemd busy): this message is dropped, the next one tried; other errors end notifying
+_BUSY = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS}
 
 
 def notify_address(environ: Mapping[str, str] | None = None) -> str | bytes | None:
@@ -57,14 +64,18 @@ class ServiceNotifySink(SinkBase):
         self._frames = self._flagged = 0
         self._last_ping = self._last_status = -float("inf")
         self._window = (time.monotonic(), 0)  # (start, frames) of the current frame-rate window
+        self._stopping_sent = False
 
     def send(self, message: str) -> None:
-        """One notification (``KEY=VALUE`` lines)."""
+        """One notification (``KEY=VALUE`` lines); never blocks the loop (the sinks run on its thread)."""
         if self._socket is None:
             return
         try:
-            self._socket.sendto(message.encode(), self.address)
+            self._socket.sendto(message.encode(), socket.MSG_DONTWAIT, self.address)
         except OSError as exc:
+            if exc.errno in _BUSY:
+                log.debug("systemd notification dropped (socket busy): %s", message.splitlines()[0])
+                return
             log.warning("systemd notification socket %s: %s; no more notifications this run",
                         self.address.decode(errors="replace") if isinstance(self.address, bytes) else self.address,
                         exc.strerror or exc)
@@ -74,6 +85,11 @@ class ServiceNotifySink(SinkBase):
     def started(self) -> None:
         self.send("READY=1\nSTATUS=scoring frames")
         self._last_ping = time.monotonic()
+        self._window = (self._last_ping, self._frames)  # the frame rate from here, not from before the warm-up
+
+    def stopping(self) -> None:
+        self.send(f"STOPPING=1\nSTATUS=stopping after {self._frames} frames, {self._flagged} NG")
+        self._stopping_sent = True
 
     def write(self, result: FrameResult) -> None:
         self._frames += 1
@@ -90,7 +106,8 @@ class ServiceNotifySink(SinkBase):
 
     def close(self) -> None:
         if not self.closed:
-            self.send(f"STOPPING=1\nSTATUS=stopping after {self._frames} frames, {self._flagged} NG")
+            if not self._stopping_sent:  # closed without the loop (an error before it started, library use)
+                self.stopping()
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
