@@ -95,7 +95,8 @@ def _pixel_pairs(masks: Any, maps: Any) -> list[tuple[np.ndarray, np.ndarray]]:
 
 def _flat_pixels(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     """(labels bool 1-D, scores 1-D) over all pixels; avoids copies for a contiguous (N,H,W) array."""
-    if isinstance(maps, np.ndarray) and isinstance(masks, np.ndarray) and masks.size == maps.size:
+    if (isinstance(maps, np.ndarray) and isinstance(masks, np.ndarray)
+            and _per_image(masks).shape == _per_image(maps).shape):  # equal sizes alone let (H, W) vs (W, H) pass
         m = masks.reshape(-1)
         labels = m if m.dtype == np.bool_ else m.astype(bool)
         return labels, _as_scores(maps, "maps")

@@ -391,3 +391,12 @@ def test_pro_is_exact_where_an_evenly_spaced_grid_of_thresholds_is_not():
     fpr, pro = metrics.pro_points(masks, maps)
     assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(pro) >= 0)
     assert fpr[-1] == pytest.approx(1.0) and pro[-1] == pytest.approx(1.0)
+
+
+def test_pixel_metrics_refuse_maps_transposed_against_their_masks():
+    masks = np.zeros((3, 8, 16), bool)
+    masks[:, 2:4, 5:9] = True
+    maps = np.random.default_rng(0).random((3, 16, 8)).astype(np.float32)  # same pixel count, other shape
+    with pytest.raises(ValueError, match="shape"):
+        metrics.pixel_auroc_aupr(masks, maps)
+    assert metrics.pixel_auroc_aupr(masks, masks.astype(np.float32)[:, None]) == (1.0, 1.0)  # (N,1,H,W) maps ok
