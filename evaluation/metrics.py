@@ -137,6 +137,13 @@ def pixel_aupr(masks: Any, maps: Any) -> float:
 # --------------------------------------------------------------------------------------------------------------
 # PRO
 # --------------------------------------------------------------------------------------------------------------
+def _defect_regions(mask: np.ndarray) -> tuple[int, np.ndarray]:
+    """(number of ground-truth regions, each defect pixel's region label 1..n in flat order) of one image's mask:
+    8-connected components, as MVTec AD's PRO counts them."""
+    n_lab, lab = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    return n_lab - 1, lab.reshape(-1)[mask.reshape(-1)]
+
+
 def pro_curve(masks: Any, maps: Any, num_thresholds: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-region-overlap curve at ``num_thresholds`` thresholds evenly spaced in [min(maps), max(maps)].
 
@@ -171,10 +178,9 @@ def pro_curve(masks: Any, maps: Any, num_thresholds: int = 200) -> tuple[np.ndar
             normal_hist += np.bincount(b, minlength=nb)
             continue
         normal_hist += np.bincount(b[~mf], minlength=nb)
-        n_lab, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-        region = lab.reshape(-1)[mf].astype(np.int64) - 1 + n_regions
-        region_keys.append(region * nb + b[mf])
-        n_regions += n_lab - 1
+        n_here, region = _defect_regions(m)
+        region_keys.append((region.astype(np.int64) - 1 + n_regions) * nb + b[mf])
+        n_regions += n_here
     n_normal = int(normal_hist.sum())
     # count >= th[j] = sum_{k > j} hist[k]
     normal_ge = np.cumsum(normal_hist[::-1])[::-1][1:]
@@ -221,11 +227,10 @@ def pro_points(masks: Any, maps: Any, fpr_limit: float | None = None) -> tuple[n
         if not np.isfinite(flat).all():
             raise ValueError("maps contain NaN or infinite values")
         if mf.any():
-            n_lab, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8, ltype=cv2.CV_32S)
-            region = lab.reshape(-1)[mf]
-            defect_weights.append(1.0 / np.bincount(region, minlength=n_lab)[region])
+            n_here, region = _defect_regions(m)
+            defect_weights.append(1.0 / np.bincount(region)[region])
             defect_at.append(offset + np.flatnonzero(mf))
-            n_regions += n_lab - 1
+            n_regions += n_here
         values.append(flat)
         offset += flat.size
     n_defect = sum(len(d) for d in defect_at)

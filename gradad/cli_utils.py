@@ -114,9 +114,9 @@ EXTRA_OF_MODULE = {"torch": "train", "torchvision": "train", "timm": "train", "o
 
 def missing_extra_line(exc: ModuleNotFoundError) -> str | None:
     """The one-line error for a missing optional dependency, or None when ``exc`` is about another module."""
-    module = (exc.name or "").split(".")[0]
-    extra = EXTRA_OF_MODULE.get(module)
-    if extra is None or exc.name != module:  # a missing submodule of an installed package: a version or code bug
+    module = exc.name or ""
+    extra = EXTRA_OF_MODULE.get(module)  # a missing submodule of an installed package (a version or code bug) has a
+    if extra is None:                    # dotted name: not in the table, its traceback stays
         return None
     return (f"this command needs the Python package {module!r}, which is not installed here: "
             f"pip install 'gradad[{extra}]' (from the repository: pip install -e '.[{extra}]')")

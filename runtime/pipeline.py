@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
@@ -270,7 +271,7 @@ class Captured:
     @property
     def nbytes(self) -> int:
         """The frame data it holds (a loop queue's byte budget)."""
-        return self.frame.image.nbytes + self.model_input.nbytes
+        return self.frame.nbytes + self.model_input.nbytes
 
 
 def prepare(frame: Frame, hw: tuple[int, int]) -> Captured:
@@ -291,7 +292,7 @@ class Scored:
     @property
     def nbytes(self) -> int:
         """The frame data it holds (a loop queue's byte budget)."""
-        return self.inputs.nbytes + sum(r.frame.image.nbytes + r.anomaly_map.nbytes for r in self.results)
+        return self.inputs.nbytes + sum(r.frame.nbytes + r.anomaly_map.nbytes for r in self.results)
 
 
 def scored_batches(batches: Iterable[list[Captured]], backend: Backend, thresholds: Thresholds,
@@ -484,9 +485,9 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
     read_limit = None if limit else options.max_frames
     captured = Buffered((prepare(f, hw) for f in _paced(until(frames, stop, read_limit), options.pace_fps)),
                         size if options.live else max(2, 2 * size), "grad-capture",
-                        drop_oldest=options.live, stop=abort, size_of=_nbytes)
+                        drop_oldest=options.live, stop=abort, size_of=attrgetter("nbytes"))
     scored = Buffered(scored_batches(_batches(captured, size, options.live), backend, thresholds, options.in_flight),
-                      max(2, options.in_flight + 1), "grad-inference", stop=abort, size_of=_nbytes)
+                      max(2, options.in_flight + 1), "grad-inference", stop=abort, size_of=attrgetter("nbytes"))
     done, dropped_before, finished = 0, stats.dropped, False
     try:
         for item in scored:
@@ -505,10 +506,6 @@ def _run_pipelined(frames: Iterable[Frame], backend: Backend, thresholds: Thresh
                 log.warning("the %s thread did not stop within 5 s (a source read that does not return?)",
                             stage.name)
         stats.dropped = dropped_before + captured.dropped
-
-
-def _nbytes(item: Captured | Scored) -> int:
-    return item.nbytes
 
 
 def _interrupt_sources(frames: Iterable[Frame], stop: StopFlag) -> None:

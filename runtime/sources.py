@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -476,7 +477,7 @@ class _FileSource(FrameSource):
         self._on_close = on_close
         gen = produce(self, self._stop)  # a generator: its body first runs on the first next()
         self._frames: Iterator[Frame] = (Buffered(gen, config.prefetch, f"gradad-prefetch-{self.label}",
-                                                  stop=self._stop, size_of=_image_bytes)
+                                                  stop=self._stop, size_of=attrgetter("nbytes"))
                                          if config.prefetch > 0 else gen)
 
     def _next_frame(self) -> Frame | None:
@@ -491,10 +492,6 @@ class _FileSource(FrameSource):
             return  # the thread still uses the capture; it releases it when it ends
         if self._on_close is not None:
             self._on_close()  # e.g. the video capture of a source closed before its first frame
-
-
-def _image_bytes(frame: Frame) -> int:
-    return frame.image.nbytes
 
 
 def _glob_root(pattern: str) -> Path:

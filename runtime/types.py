@@ -21,6 +21,12 @@ class Frame:
     decode_ms: float = 0.0  # time spent reading/decoding this frame
     created: float = field(default_factory=time.perf_counter)  # perf_counter when decoded (capture end)
 
+    @property
+    def nbytes(self) -> int:
+        """The decoded image's bytes (what a queue of frames holds: the byte budgets of runtime/buffered.py and the
+        file sinks' writers)."""
+        return self.image.nbytes
+
     def age_ms(self) -> float:
         """Milliseconds since capture began (decode included): the end-to-end latency when a record is written."""
         return (time.perf_counter() - self.created) * 1e3 + self.decode_ms

@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Callable, Generic, TypeVar
 
+from gradad.runtime.buffered import QUEUE_BYTES
 from gradad.runtime.outage import Outage, OutageWords
 from gradad.runtime.sinks.base import SinkBase
 
@@ -18,8 +19,9 @@ log = logging.getLogger("gradad.runtime.sinks")
 #: 36 MB; 8 absorb a burst of NG frames without dropping and bound the memory).
 FILE_QUEUE_FRAMES = 8
 #: ... and the bytes those frames may take (8 frames of a 20 MP camera fit): at the 100 MP decode cap 8 frames would
-#: be 2.4 GB per writer, more than a Jetson has to spare; one frame of any size is always taken into an empty queue
-FILE_QUEUE_BYTES = 512 * 2 ** 20
+#: be 2.4 GB per writer, more than a Jetson has to spare; one frame of any size is always taken into an empty queue.
+#: The loop's own queues' budget: one figure for every queue of frames in grad-run.
+FILE_QUEUE_BYTES = QUEUE_BYTES
 
 _T = TypeVar("_T")
 _STOP = object()  # the sentinel that ends the worker once everything queued before it is written

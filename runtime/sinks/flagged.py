@@ -296,7 +296,7 @@ class FlaggedFrameSink(OffloadedSink):
             return
         key, new = self._reserve(self._run_key(result))  # now: a refined mask's record names its files at once
         if not self._background.submit(functools.partial(self._save, result, key),
-                                       nbytes=result.frame.image.nbytes) and new:
+                                       nbytes=result.frame.nbytes) and new:
             self._forget(key)  # dropped: not in the folder, a refined mask is not promised a place
 
     def _save(self, result: FrameResult, key: str | None = None) -> None:

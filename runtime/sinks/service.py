@@ -54,7 +54,7 @@ def watchdog_period_s(environ: Mapping[str, str] | None = None) -> float | None:
 
 class ServiceNotifySink(SinkBase):
     """sd_notify messages for the run's life: READY at :meth:`started`, STATUS and WATCHDOG as frames are scored,
-    STOPPING at :meth:`close`. A socket that stops answering is warned about once and then left alone: the line
+    STOPPING at :meth:`stopping` (or at :meth:`close` when the loop never ran). A socket that stops answering is warned about once and then left alone: the line
     keeps running."""
 
     def __init__(self, address: str | bytes, watchdog_s: float | None = None) -> None:

@@ -319,7 +319,7 @@ class VideoSink(OffloadedSink):
         if self._closed:
             raise RuntimeError(f"VideoSink({self.path}) is closed")
         if self._background is not None:
-            self._background.submit(result, nbytes=result.frame.image.nbytes)
+            self._background.submit(result, nbytes=result.frame.nbytes)
         else:
             self._write_now(result)
 
